@@ -1,0 +1,1 @@
+"""Data preparation for lungdet: DICOM reading, RSNA labels, COCO conversion, synthetic data, pictures."""

@@ -1,0 +1,1 @@
+"""Kaggle submission format and the official RSNA metric."""
