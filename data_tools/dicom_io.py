@@ -1,0 +1,202 @@
+"""The one place lungdet reads DICOM files.
+
+``read_dicom`` gives the pixels as a 2-D uint8 array ready for a detector plus the metadata the
+RSNA work needs; ``read_dicom_metadata`` reads the tags only (no pixel decoding), for when the
+pixels are not needed. Real RSNA files are JPEG Baseline, decoded by pylibjpeg through pydicom.
+
+Every failure is a :class:`~data_tools.errors.DicomReadError` naming the file and the reason, so
+a caller converting thousands of files can skip one bad file and list it at the end.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from data_tools.errors import DicomReadError, LungdetError
+
+# DICOM age strings are 'nnnY', 'nnnM', 'nnnW' or 'nnnD'; RSNA files store a plain integer ('51').
+_AGE_PATTERN = re.compile(r"^\s*(\d{1,3})\s*([YMWD]?)\s*$", re.IGNORECASE)
+_UNITS_PER_YEAR = {"": 1.0, "Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
+
+
+@dataclass(frozen=True)
+class DicomMeta:
+    """Metadata of one DICOM file. Strings are '' and numbers None when a tag is absent.
+
+    ``patient_id`` is the file stem, which is how RSNA labels and submissions name an image;
+    ``patient_id_tag`` is the PatientID tag as stored (equal to the stem in RSNA files).
+    ``pixel_spacing`` is (row spacing, column spacing) in mm.
+    """
+
+    path: Path
+    patient_id: str
+    patient_id_tag: str
+    age: int | None
+    sex: str
+    view_position: str
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, float] | None
+    modality: str
+    photometric_interpretation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (path as a string, spacing as a list)."""
+        record = asdict(self)
+        record["path"] = str(self.path)
+        record["pixel_spacing"] = list(self.pixel_spacing) if self.pixel_spacing else None
+        return record
+
+
+@dataclass(frozen=True)
+class DicomImage:
+    """A decoded DICOM: ``pixels`` is uint8 ``[rows, columns]``, bright = dense (MONOCHROME2 sense)."""
+
+    pixels: np.ndarray
+    meta: DicomMeta
+
+
+def parse_age(value: object) -> int | None:
+    """Patient age in whole years from '51', '051Y', '006M', '010W' or '003D'; None if absent or unreadable."""
+    if value is None:
+        return None
+    match = _AGE_PATTERN.match(str(value))
+    if match is None:
+        return None
+    number, unit = int(match.group(1)), match.group(2).upper()
+    return int(number / _UNITS_PER_YEAR[unit])
+
+
+def find_dicoms(folder: Path) -> list[Path]:
+    """All ``*.dcm`` files under ``folder`` (recursive), sorted so that every run sees the same order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LungdetError(f"{folder}: not a folder; pass the folder that holds the .dcm files (e.g. stage_2_train_images/)")
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() == ".dcm" and path.is_file())
+
+
+def _open_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise DicomReadError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise DicomReadError(path, "file is empty (0 bytes); copy or download it again")
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        raise DicomReadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble); remove it from the folder") from None
+    except Exception as error:  # pydicom raises many types on damaged files; all mean the same to the user
+        raise DicomReadError(path, f"cannot be parsed ({type(error).__name__}: {error}); the file is probably truncated or damaged, copy it again") from None
+
+
+def _metadata_from_dataset(path: Path, dataset: Dataset) -> DicomMeta:
+    if "Rows" not in dataset or "Columns" not in dataset:
+        raise DicomReadError(path, "has no Rows/Columns tags, so it is not an image; remove it from the folder")
+    spacing = dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing")
+    pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
+    return DicomMeta(
+        path=Path(path),
+        patient_id=Path(path).stem,
+        patient_id_tag=str(dataset.get("PatientID", "") or ""),
+        age=parse_age(dataset.get("PatientAge")),
+        sex=str(dataset.get("PatientSex", "") or ""),
+        view_position=str(dataset.get("ViewPosition", "") or ""),
+        rows=int(dataset.Rows),
+        columns=int(dataset.Columns),
+        pixel_spacing=pixel_spacing,
+        modality=str(dataset.get("Modality", "") or ""),
+        photometric_interpretation=str(dataset.get("PhotometricInterpretation", "") or ""),
+    )
+
+
+def read_dicom_metadata(path: Path) -> DicomMeta:
+    """Read the metadata of one DICOM without decoding its pixels.
+
+    Raises
+    ------
+    DicomReadError
+        The file is missing, empty, not DICOM, damaged, or not an image.
+    """
+    dataset = _open_dataset(path, stop_before_pixels=True)
+    return _metadata_from_dataset(Path(path), dataset)
+
+
+def window_to_uint8(values: np.ndarray, *, lower: float, upper: float) -> np.ndarray:
+    """Map ``values`` linearly from ``[lower, upper]`` to ``[0, 255]`` (clipped) as uint8."""
+    if upper <= lower:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values.astype(np.float64) - lower) * (255.0 / (upper - lower))
+    return np.rint(scaled.clip(0, 255)).astype(np.uint8)
+
+
+def pixels_to_uint8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
+    """Turn stored pixel values into 8-bit display values, bright = dense.
+
+    8-bit data passes through unchanged (so real RSNA pixels are untouched). Deeper data gets
+    RescaleSlope/Intercept, then the first Window Center/Width if present, else its own min..max.
+    MONOCHROME1 (bright = air) is inverted last, so every image reaches the model the same way up.
+    """
+    bits_stored = int(dataset.get("BitsStored", 8) or 8)
+    if pixels.dtype == np.uint8 and bits_stored <= 8:
+        display = pixels
+    else:
+        values = pixels.astype(np.float64)
+        slope = float(dataset.get("RescaleSlope", 1) or 1)
+        intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+        values = values * slope + intercept
+        center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
+        if center is not None and width is not None:
+            # Multi-valued windows list alternatives; the first is the modality's preferred one.
+            center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+            width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+            display = window_to_uint8(values, lower=center - width / 2, upper=center + width / 2)
+        else:
+            display = window_to_uint8(values, lower=float(values.min()), upper=float(values.max()))
+    if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        display = 255 - display
+    return np.ascontiguousarray(display, dtype=np.uint8)
+
+
+def read_dicom(path: Path) -> DicomImage:
+    """Read one DICOM: pixels as uint8 ``[rows, columns]`` (see :func:`pixels_to_uint8`) and metadata.
+
+    Raises
+    ------
+    DicomReadError
+        The file is missing, empty, not DICOM, damaged, has no pixel data, cannot be decoded,
+        or is not a single-frame image.
+    """
+    path = Path(path)
+    dataset = _open_dataset(path, stop_before_pixels=False)
+    meta = _metadata_from_dataset(path, dataset)
+    if "PixelData" not in dataset:
+        raise DicomReadError(path, "has no pixel data (7FE0,0010), so there is no image to read; remove it from the folder")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DicomReadError(path, f"is multi-frame ({frames} frames); a chest radiograph has one frame, remove it or split it first")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # decoder plugins raise their own types; the user needs the reason and the syntax
+        syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
+        syntax_name = getattr(syntax, "name", str(syntax))
+        raise DicomReadError(
+            path,
+            f"pixel data cannot be decoded (transfer syntax {syntax_name}: {type(error).__name__}: {error}); "
+            "the file may be truncated, or needs a decoder plugin that is not installed",
+        ) from None
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        # Colour X-rays exist (secondary captures); the detector wants one channel, so use luma.
+        pixels = np.rint(pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])).astype(pixels.dtype)
+    if pixels.ndim != 2:
+        raise DicomReadError(path, f"pixel array has shape {pixels.shape}; expected a 2-D grey image")
+    if pixels.shape != (meta.rows, meta.columns):
+        raise DicomReadError(path, f"pixel array is {pixels.shape} but Rows/Columns say {(meta.rows, meta.columns)}; the file is inconsistent")
+    return DicomImage(pixels=pixels_to_uint8(pixels, dataset), meta=meta)

@@ -1,0 +1,255 @@
+"""``lungdet convert``: RSNA DICOMs + labels -> a COCO dataset with PNG images and patient-level folds.
+
+Output folder layout::
+
+    OUT/annotations.json        COCO: images (negatives kept, zero annotations), annotations, 1 category
+    OUT/images/{patientId}.png  8-bit grey, at --image-size (default: the DICOM's own size)
+    OUT/folds.csv               patientId,fold,target,n_boxes (seeded, stratified, patient-level)
+    OUT/conversion_report.json  what was converted, skipped and why
+
+Annotation ``bbox`` is COCO ``[x, y, w, h]`` (XYWH_ABS) in the *written PNG's* pixels; each image
+record keeps ``original_width``/``original_height`` so predictions can be mapped back.
+Run: ``lungdet convert --dicom-dir stage_2_train_images --labels stage_2_train_labels.csv --out data/coco``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from data_tools.atomic import atomic_open, write_bytes_atomic, write_text_atomic
+from data_tools.boxes import clip_xywh, scale_xywh
+from data_tools.dicom_io import find_dicoms, read_dicom
+from data_tools.errors import DicomReadError, LungdetError
+from data_tools.labels import PatientLabels, read_labels
+
+CATEGORY = {"id": 1, "name": "lung_opacity", "supercategory": "lung"}
+ANNOTATIONS_FILE = "annotations.json"
+FOLDS_FILE = "folds.csv"
+REPORT_FILE = "conversion_report.json"
+IMAGES_DIR = "images"
+# A box clipped to the image that keeps less than this many pixels of width or height is no box.
+MIN_BOX_SIDE = 1.0
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert_dataset`` did: counts plus every skipped file with its reason."""
+
+    converted: int = 0
+    positives: int = 0
+    boxes: int = 0
+    bad_files: list[dict[str, str]] = field(default_factory=list)
+    unlabelled_files: list[str] = field(default_factory=list)
+    duplicate_files: list[str] = field(default_factory=list)
+    dropped_boxes: list[dict[str, object]] = field(default_factory=list)
+    labelled_without_dicom: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def assign_folds(strata: Mapping[str, int], *, k: int, seed: int) -> dict[str, int]:
+    """Assign each patient a fold in ``0..k-1``, balanced within each stratum.
+
+    ``strata`` maps patientId -> stratum (e.g. number of boxes, capped). Patients are sorted
+    before the seeded shuffle, so the result depends only on the set of patients and the seed,
+    not on file order. Patient-level by construction: one patient, one fold.
+    """
+    if k < 2:
+        raise LungdetError(f"--folds {k}: need at least 2 folds (one to validate on, the rest to train on)")
+    rng = np.random.default_rng(seed)
+    folds: dict[str, int] = {}
+    offset = 0
+    for stratum in sorted(set(strata.values())):
+        members = sorted(patient for patient, value in strata.items() if value == stratum)
+        order = rng.permutation(len(members))
+        for position, index in enumerate(order):
+            folds[members[index]] = (position + offset) % k
+        # Rotating the start keeps fold sizes even when strata sizes are not multiples of k.
+        offset = (offset + len(members)) % k
+    return folds
+
+
+def box_stratum(labels: PatientLabels) -> int:
+    """Stratum for fold balancing: 0 negative, 1 one box, 2 two or more boxes."""
+    return min(int(labels.boxes.shape[0]), 2)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 ``[H, W]`` image."""
+    ok, encoded = cv2.imencode(".png", pixels)
+    if not ok:
+        raise LungdetError("PNG encoding failed")
+    return encoded.tobytes()
+
+
+def convert_dataset(
+    dicom_dir: Path,
+    labels: Mapping[str, PatientLabels],
+    out_dir: Path,
+    *,
+    image_size: int | None = None,
+    folds: int = 5,
+    seed: int = 42,
+    progress: bool = True,
+) -> ConversionReport:
+    """Convert every labelled DICOM under ``dicom_dir`` into a COCO dataset in ``out_dir``.
+
+    Bad DICOMs are skipped and recorded in the report, never fatal; DICOMs the labels do not
+    name are skipped too (their truth is unknown, and writing them with no annotations would
+    claim they are negative).
+    """
+    out_dir = Path(out_dir)
+    (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    report = ConversionReport()
+    images: list[dict[str, object]] = []
+    annotations: list[dict[str, object]] = []
+    seen: set[str] = set()
+    paths = find_dicoms(dicom_dir)
+    found = {path.stem for path in paths}
+    for path in tqdm(paths, desc="convert", unit="file", disable=not progress):
+        patient_id = path.stem
+        if patient_id not in labels:
+            report.unlabelled_files.append(str(path))
+            continue
+        if patient_id in seen:
+            report.duplicate_files.append(str(path))
+            continue
+        try:
+            image = read_dicom(path)
+        except DicomReadError as error:
+            report.bad_files.append({"file": str(path), "reason": error.reason})
+            continue
+        seen.add(patient_id)
+        pixels = image.pixels
+        if image_size is not None and pixels.shape != (image_size, image_size):
+            # INTER_AREA averages source pixels when shrinking, which keeps faint opacities visible.
+            pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
+        height, width = pixels.shape
+        write_bytes_atomic(out_dir / IMAGES_DIR / f"{patient_id}.png", encode_png(pixels))
+
+        truth = labels[patient_id]
+        scaled = scale_xywh(truth.boxes, scale_x=width / image.meta.columns, scale_y=height / image.meta.rows)
+        clipped = clip_xywh(scaled, width=width, height=height)
+        image_id = len(images) + 1
+        kept = 0
+        for original, box in zip(truth.boxes.tolist(), clipped.tolist()):
+            if box[2] < MIN_BOX_SIDE or box[3] < MIN_BOX_SIDE:
+                report.dropped_boxes.append({"patientId": patient_id, "box": original, "reason": "outside the image"})
+                continue
+            kept += 1
+            annotations.append({
+                # Ids start at 1: pycocotools treats id 0 as "no match" in its evaluation.
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": CATEGORY["id"],
+                "bbox": [round(value, 3) for value in box],
+                "area": round(box[2] * box[3], 3),
+                "iscrowd": 0,
+            })
+        images.append({
+            "id": image_id,
+            "file_name": f"{IMAGES_DIR}/{patient_id}.png",
+            "width": width,
+            "height": height,
+            "patient_id": patient_id,
+            "original_width": image.meta.columns,
+            "original_height": image.meta.rows,
+            "age": image.meta.age,
+            "sex": image.meta.sex,
+            "view_position": image.meta.view_position,
+            "pixel_spacing": list(image.meta.pixel_spacing) if image.meta.pixel_spacing else None,
+            "target": truth.target,
+            "class_name": truth.class_name,
+            "n_boxes": kept,
+        })
+        report.converted += 1
+        report.positives += int(kept > 0)
+        report.boxes += kept
+
+    report.labelled_without_dicom = len(set(labels) - found)
+    if images:
+        fold_of = assign_folds({str(record["patient_id"]): box_stratum(labels[str(record["patient_id"])]) for record in images}, k=folds, seed=seed)
+        for record in images:
+            record["fold"] = fold_of[str(record["patient_id"])]
+    coco = {
+        "info": {"description": "RSNA lung opacity, written by lungdet convert", "image_size": image_size, "folds": folds, "fold_seed": seed},
+        "images": images,
+        "annotations": annotations,
+        "categories": [CATEGORY],
+    }
+    write_folds_csv(out_dir / FOLDS_FILE, images)
+    write_text_atomic(out_dir / ANNOTATIONS_FILE, json.dumps(coco))
+    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def write_folds_csv(path: Path, images: list[dict[str, object]]) -> None:
+    """Write ``patientId,fold,target,n_boxes`` for every converted image, atomically."""
+    with atomic_open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["patientId", "fold", "target", "n_boxes"])
+        for record in images:
+            writer.writerow([record["patient_id"], record["fold"], record["target"], record["n_boxes"]])
+
+
+def format_report(report: ConversionReport, out_dir: Path) -> str:
+    """Human summary of a conversion: counts, then every skipped file with its reason."""
+    lines = [
+        f"converted {report.converted} images ({report.positives} with opacities, {report.boxes} boxes) into {out_dir}",
+        f"  COCO: {out_dir / ANNOTATIONS_FILE}   folds: {out_dir / FOLDS_FILE}   report: {out_dir / REPORT_FILE}",
+    ]
+    if report.labelled_without_dicom:
+        lines.append(f"  {report.labelled_without_dicom} labelled patients have no DICOM in this folder (fine for a subset)")
+    if report.unlabelled_files:
+        lines.append(f"  skipped {len(report.unlabelled_files)} DICOMs the labels do not name (truth unknown), e.g. {report.unlabelled_files[0]}")
+    for duplicate in report.duplicate_files:
+        lines.append(f"  skipped duplicate patientId: {duplicate}")
+    for dropped in report.dropped_boxes:
+        lines.append(f"  dropped box {dropped['box']} of {dropped['patientId']}: {dropped['reason']}")
+    if report.bad_files:
+        lines.append(f"  skipped {len(report.bad_files)} unreadable DICOMs:")
+        lines.extend(f"    {bad['file']}: {bad['reason']}" for bad in report.bad_files)
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lungdet convert",
+        description="Convert RSNA DICOMs and labels into a COCO dataset (PNG images, negatives kept) with patient-level folds.",
+        epilog="example: lungdet convert --dicom-dir stage_2_train_images --labels stage_2_train_labels.csv "
+        "--class-info stage_2_detailed_class_info.csv --out data/coco --image-size 512",
+    )
+    parser.add_argument("--dicom-dir", type=Path, required=True, help="folder with the .dcm files (searched recursively)")
+    parser.add_argument("--labels", type=Path, required=True, help="stage_2_train_labels.csv (patientId,x,y,width,height,Target)")
+    parser.add_argument("--class-info", type=Path, default=None, help="optional stage_2_detailed_class_info.csv (patientId,class)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for annotations.json, images/, folds.csv")
+    parser.add_argument("--image-size", type=int, default=None, help="write square N x N PNGs (boxes scaled to match); default: the DICOM's own size")
+    parser.add_argument("--folds", type=int, default=5, help="number of patient-level folds, stratified by box count (default 5)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the fold assignment (default 42)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 if any DICOM could not be read")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.image_size is not None and not 32 <= args.image_size <= 4096:
+        raise LungdetError(f"--image-size {args.image_size}: must be between 32 and 4096 pixels")
+    if args.folds < 2:
+        raise LungdetError(f"--folds {args.folds}: need at least 2 folds (one to validate on, the rest to train on)")
+    labels = read_labels(args.labels, args.class_info)
+    report = convert_dataset(args.dicom_dir, labels, args.out, image_size=args.image_size, folds=args.folds, seed=args.seed)
+    print(format_report(report, args.out))
+    if report.converted == 0:
+        print(f"lungdet convert: no image was converted; check that {args.dicom_dir} holds .dcm files named by patientId", file=sys.stderr)
+        return 1
+    return 1 if args.strict and report.bad_files else 0

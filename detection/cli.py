@@ -1,0 +1,62 @@
+"""``lungdet``: one command, one subcommand per pipeline stage.
+
+Each stage lives in its own module with ``get_args_parser()`` and ``main(args)``; this file only
+dispatches, imports the chosen module lazily (so ``lungdet score`` does not pay for importing
+torch) and turns domain errors into a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+
+from data_tools.errors import LungdetError
+
+# subcommand -> (module, one-line summary)
+SUBCOMMANDS = {
+    "demo": ("detection.demo", "run the whole pipeline on synthetic + sample data on CPU (a few minutes)"),
+    "synth": ("data_tools.synth", "write synthetic RSNA-shaped DICOMs and a labels CSV"),
+    "convert": ("data_tools.to_coco", "DICOMs + RSNA labels -> COCO dataset with PNGs and patient-level folds"),
+    "train": ("detection.train", "train a torchvision detector on a converted dataset"),
+    "predict": ("detection.predict", "run a checkpoint on DICOMs and write a Kaggle submission.csv"),
+    "score": ("submission.score", "score a submission.csv against RSNA labels with the official metric"),
+    "visualize": ("data_tools.visualize", "draw truth and predicted boxes over the X-rays as PNGs"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in SUBCOMMANDS.items())
+    return (
+        "usage: lungdet SUBCOMMAND [options]   (lungdet SUBCOMMAND --help for its options)\n\n"
+        f"subcommands:\n{rows}\n\n"
+        "lungdet is a research tool, not a diagnostic device."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"lungdet: unknown subcommand '{name}'.{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    args = module.get_args_parser().parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except LungdetError as error:
+        print(f"lungdet {name}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lungdet {name}: interrupted; finished outputs are complete, nothing half-written was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
