@@ -1,0 +1,313 @@
+"""The RSNA metric on hand-computed cases, and the ``lungdet score`` command line.
+
+Boxes are XYWH_ABS. Most cases use the truth box ``[0, 0, 10, 10]`` (area 100), so IoUs are
+easy to check by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_tools.errors import SubmissionError
+from submission.prediction_string import Prediction
+from submission.score import (
+    RSNA_IOU_THRESHOLDS,
+    Match,
+    ThresholdResult,
+    get_args_parser,
+    main,
+    match_predictions,
+    score_dataset,
+    score_image,
+)
+
+SQUARE = [0.0, 0.0, 10.0, 10.0]
+NO_TRUTH = np.zeros((0, 4))
+
+
+def truth(*boxes: list[float]) -> np.ndarray:
+    return np.array(boxes, dtype=np.float64).reshape(-1, 4)
+
+
+def predict(*groups: tuple[float, list[float]]) -> Prediction:
+    """A Prediction from ``(confidence, [x, y, width, height])`` pairs."""
+    return Prediction.from_arrays([score for score, _ in groups], [box for _, box in groups])
+
+
+def counts(result: ThresholdResult) -> tuple[int, int, int]:
+    return result.true_positives, result.false_positives, result.false_negatives
+
+
+# --- one image ----------------------------------------------------------------------------------
+
+
+def test_no_truth_and_no_prediction_is_left_out() -> None:
+    assert score_image(NO_TRUTH, Prediction.empty()) is None
+
+
+def test_prediction_on_a_negative_scores_zero() -> None:
+    image = score_image(NO_TRUTH, predict((0.9, SQUARE)))
+    assert image is not None
+    assert image.score == 0.0
+    assert [counts(result) for result in image.per_threshold] == [(0, 1, 0)] * 8
+
+
+def test_truth_without_prediction_scores_zero() -> None:
+    image = score_image(truth(SQUARE, [20, 20, 10, 10]), Prediction.empty())
+    assert image is not None
+    assert image.score == 0.0
+    assert [counts(result) for result in image.per_threshold] == [(0, 0, 2)] * 8
+
+
+def test_two_truths_one_perfect_prediction_scores_half() -> None:
+    image = score_image(truth(SQUARE, [20, 20, 10, 10]), predict((0.9, SQUARE)))
+    assert image is not None
+    # TP 1, FP 0, FN 1 at every threshold: 1 / 2.
+    assert [counts(result) for result in image.per_threshold] == [(1, 0, 1)] * 8
+    assert [result.precision for result in image.per_threshold] == [0.5] * 8
+    assert image.score == 0.5
+
+
+def test_iou_exactly_at_a_threshold_is_not_a_hit() -> None:
+    # Intersection 50, union 100: IoU is exactly 0.5, a hit only when strictly greater than t.
+    image = score_image(truth(SQUARE), predict((0.9, [0, 0, 10, 5])))
+    assert image is not None
+    assert [result.iou_threshold for result in image.per_threshold] == [0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75]
+    assert [result.precision for result in image.per_threshold] == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert image.score == 0.25  # 2 / 8
+
+
+def test_iou_exactly_065_is_not_a_hit_at_065() -> None:
+    # The prediction lies inside the truth: IoU = 130 / 200 = 0.65 exactly, a hit at 0.40 .. 0.60.
+    # With np.arange thresholds (whose 0.65 is 0.6499999999999999) it would also hit at 0.65.
+    image = score_image(truth([0, 0, 20, 10]), predict((0.9, [0, 0, 13, 10])))
+    assert image is not None
+    assert image.score == 0.625  # 5 / 8
+
+
+# Two truth boxes side by side and two predictions. WIDE covers all of T1 and part of T2:
+# IoU(WIDE, T1) = 100 / 186 = 0.538, IoU(WIDE, T2) = 86 / 200 = 0.43. EXACT is T1 itself.
+T1, T2 = SQUARE, [10.0, 0.0, 10.0, 10.0]
+WIDE, EXACT = [0.0, 0.0, 18.6, 10.0], SQUARE
+
+
+def test_higher_confidence_matches_first_even_when_listed_second() -> None:
+    prediction = predict((0.3, WIDE), (0.9, EXACT))
+    # EXACT (0.9) takes T1, leaving WIDE only T2 at IoU 0.43: a hit at t = 0.40 only.
+    # t = 0.40: TP 2, FP 0, FN 0 -> 1.  Other 7 thresholds: TP 1, FP 1, FN 1 -> 1/3.
+    image = score_image(truth(T1, T2), prediction)
+    assert image is not None
+    assert [counts(result) for result in image.per_threshold] == [(2, 0, 0)] + [(1, 1, 1)] * 7
+    assert image.score == pytest.approx((1 + 7 / 3) / 8)  # 5/12
+
+    matches = match_predictions(truth(T1, T2), prediction, iou_threshold=0.40)
+    assert [(match.prediction_index, match.truth_index) for match in matches] == [(1, 0), (0, 1)]
+    assert [match.iou for match in matches] == pytest.approx([1.0, 0.43])
+
+
+def test_lower_iou_prediction_matching_first_changes_the_score() -> None:
+    # Same boxes, confidences swapped: WIDE now takes T1 (its best IoU, 0.538) at t <= 0.50
+    # and EXACT is left with T2 (IoU 0): TP 1, FP 1, FN 1. At t >= 0.55 WIDE misses and
+    # EXACT takes T1: TP 1, FP 1, FN 1 again. 1/3 everywhere, not 5/12.
+    image = score_image(truth(T1, T2), predict((0.9, WIDE), (0.3, EXACT)))
+    assert image is not None
+    assert [counts(result) for result in image.per_threshold] == [(1, 1, 1)] * 8
+    assert image.score == pytest.approx(1 / 3)
+
+
+def test_prediction_takes_the_unmatched_truth_with_highest_iou() -> None:
+    # [2, 0, 18, 10] overlaps T1 by 80 (IoU 80 / 200 = 0.4) and T2 by 100 (IoU 100 / 180): T2 wins
+    # although T1 is listed first.
+    matches = match_predictions(truth(T1, T2), predict((0.9, [2, 0, 18, 10])), iou_threshold=0.0)
+    assert matches == [Match(prediction_index=0, truth_index=1, iou=pytest.approx(100 / 180))]
+
+
+def test_score_image_rejects_empty_thresholds() -> None:
+    with pytest.raises(ValueError, match="thresholds must not be empty"):
+        score_image(truth(SQUARE), Prediction.empty(), thresholds=())
+
+
+# --- dataset ------------------------------------------------------------------------------------
+
+
+def test_dataset_map_averages_scored_images_only() -> None:
+    report = score_dataset(
+        {
+            "perfect": truth(SQUARE),  # 1
+            "false-alarm": NO_TRUTH,  # 0
+            "half": truth(SQUARE, [20, 20, 10, 10]),  # 1/2
+            "left-out": NO_TRUTH,  # neither truth nor prediction
+        },
+        {
+            "perfect": predict((0.9, SQUARE)),
+            "false-alarm": predict((0.9, SQUARE)),
+            "half": predict((0.9, SQUARE)),
+            "left-out": Prediction.empty(),
+        },
+    )
+    assert report.map == 0.5  # (1 + 0 + 0.5) / 3
+    assert (report.n_images, report.n_scored, report.n_positive, report.n_negative) == (4, 3, 2, 2)
+    assert report.n_predicted_boxes == 3
+    assert [summary.mean_precision for summary in report.per_threshold] == [0.5] * 8
+    # TP: perfect 1 + half 1; FP: false-alarm 1; FN: half 1.
+    assert [(s.true_positives, s.false_positives, s.false_negatives) for s in report.per_threshold] == [(2, 1, 1)] * 8
+    assert (report.sensitivity, report.specificity) == (1.0, 0.5)
+
+
+def test_prediction_on_negative_is_included_in_the_mean() -> None:
+    report = score_dataset(
+        {"negative": NO_TRUTH, "positive": truth(SQUARE)},
+        {"negative": predict((0.1, SQUARE)), "positive": predict((0.9, SQUARE))},
+    )
+    assert (report.map, report.n_scored) == (0.5, 2)
+
+
+def test_patient_missing_from_submission_counts_as_no_predictions() -> None:
+    report = score_dataset({"found": truth(SQUARE), "missing": truth(SQUARE)}, {"found": predict((0.9, SQUARE))})
+    assert report.map == 0.5  # (1 + 0) / 2
+    assert (report.n_scored, report.n_missing_predictions, report.sensitivity) == (2, 1, 0.5)
+
+
+def test_predictions_for_unknown_patients_are_counted_not_scored() -> None:
+    report = score_dataset({"known": truth(SQUARE)}, {"known": predict((0.9, SQUARE)), "stranger": predict((0.9, SQUARE))})
+    assert (report.map, report.n_images, report.n_unknown_predictions, report.n_predicted_boxes) == (1.0, 1, 1, 1)
+
+
+def test_min_confidence_drops_boxes_before_scoring() -> None:
+    labels = {"positive": truth(SQUARE), "negative": NO_TRUTH}
+    predictions = {
+        "positive": predict((0.9, SQUARE), (0.3, [50, 50, 10, 10])),  # a hit and a false positive
+        "negative": predict((0.2, SQUARE)),
+    }
+    everything = score_dataset(labels, predictions)
+    assert (everything.map, everything.n_scored, everything.specificity) == (0.25, 2, 0.0)  # (1/2 + 0) / 2
+
+    confident = score_dataset(labels, predictions, min_confidence=0.5)
+    # Only the hit is left; the negative has no box any more and is left out.
+    assert (confident.map, confident.n_scored, confident.n_predicted_boxes, confident.specificity) == (1.0, 1, 1, 1.0)
+    assert confident.min_confidence == 0.5
+
+    at_boundary = score_dataset(labels, predictions, min_confidence=0.3)  # a box at exactly 0.3 is kept
+    assert (at_boundary.map, at_boundary.n_predicted_boxes) == (0.5, 2)
+
+
+def test_min_confidence_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"min_confidence must be in \[0, 1\], got 1.5"):
+        score_dataset({}, {}, min_confidence=1.5)
+
+
+def test_mean_iou_over_pairs_matched_at_any_overlap() -> None:
+    report = score_dataset(
+        {"a": truth(SQUARE), "b": truth(SQUARE), "c": NO_TRUTH},
+        {
+            "a": predict((0.9, [0, 0, 10, 5])),  # IoU 50 / 100 = 0.5
+            # The 0.95 box (IoU 20 / 100 = 0.2) comes first and takes the truth, so the better
+            # 0.5 box (IoU 50 / 150) is unmatched; the box far away overlaps nothing.
+            "b": predict((0.5, [5, 0, 10, 10]), (0.95, [0, 0, 10, 2]), (0.4, [50, 50, 10, 10])),
+            "c": predict((0.9, SQUARE)),  # no truth, no pair
+        },
+    )
+    assert report.mean_iou == pytest.approx((0.5 + 0.2) / 2)
+
+
+def test_sensitivity_and_specificity_on_a_mixed_set() -> None:
+    report = score_dataset(
+        {"p1": truth(SQUARE), "p2": truth(SQUARE), "n1": NO_TRUTH, "n2": NO_TRUTH, "n3": NO_TRUTH},
+        # Image level: a box anywhere on a positive image counts, even one that misses.
+        {"p1": predict((0.9, [500, 500, 10, 10])), "n1": predict((0.9, SQUARE))},
+    )
+    assert report.sensitivity == 0.5  # 1 of 2 positives has a box
+    assert report.specificity == pytest.approx(2 / 3)  # 2 of 3 negatives have none
+    assert report.map == 0.0
+    assert report.mean_iou is None
+
+
+def test_nothing_to_score() -> None:
+    report = score_dataset({"n1": NO_TRUTH}, {})
+    assert (report.map, report.n_scored, report.n_images) == (0.0, 0, 1)
+    assert (report.mean_iou, report.sensitivity, report.specificity) == (None, None, 1.0)
+    assert [summary.mean_precision for summary in report.per_threshold] == [0.0] * 8
+
+
+def test_thresholds_are_the_exact_literals() -> None:
+    assert RSNA_IOU_THRESHOLDS == (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_files(tmp_path: Path) -> tuple[Path, Path]:
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "patientId,x,y,width,height,Target\n"
+        "pos,0,0,10,10,1\n"
+        "pos,20,0,10,10,1\n"
+        "neg,,,,,0\n"
+        "quiet,,,,,0\n",
+        encoding="utf-8",
+    )
+    submission = tmp_path / "submission.csv"
+    submission.write_text(
+        "patientId,PredictionString\n"
+        "pos,0.9 0 0 10 10 0.2 500 500 10 10\n"  # a perfect box, and a false positive that --min-confidence drops
+        "neg,0.8 0 0 5 5\n"
+        "stranger,0.5 1 1 1 1\n",
+        encoding="utf-8",
+    )
+    return labels, submission
+
+
+def test_cli_json(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    labels, submission = cli_files
+    args = get_args_parser().parse_args(
+        ["--submission", str(submission), "--labels", str(labels), "--min-confidence", "0.5", "--json"]
+    )
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    # pos: TP 1, FN 1 -> 1/2; neg: a false positive -> 0; quiet: missing from the submission, left out.
+    assert result["map"] == 0.25
+    assert result["mean_iou"] == 1.0
+    assert (result["n_images"], result["n_scored"], result["n_positive"], result["n_negative"]) == (3, 2, 1, 2)
+    assert (result["sensitivity"], result["specificity"]) == (1.0, 0.5)
+    assert (result["n_unknown_predictions"], result["n_missing_predictions"], result["n_predicted_boxes"]) == (1, 1, 2)
+    assert result["min_confidence"] == 0.5
+    assert [row["iou_threshold"] for row in result["per_threshold"]] == list(RSNA_IOU_THRESHOLDS)
+    assert result["per_threshold"][0] == {
+        "iou_threshold": 0.4,
+        "mean_precision": 0.25,
+        "true_positives": 1,
+        "false_positives": 1,
+        "false_negatives": 1,
+    }
+    assert "1 patient(s) in" in captured.err and "are not in" in captured.err
+    assert "1 of 3 labelled patient(s) have no row" in captured.err
+
+
+def test_cli_table(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    labels, submission = cli_files
+    assert main(get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels)])) == 0
+    out = capsys.readouterr().out
+    # Without the filter pos has TP 1, FP 1, FN 1 at every threshold: 1/3; neg 0 -> mAP 1/6.
+    assert "mAP          0.1667   images scored 2 / 3" in out
+    assert "specificity  0.5000" in out
+    assert "0.40      0.1667        1        2        1" in out  # FP: pos 1 + neg 1
+
+
+def test_cli_rejects_min_confidence_out_of_range(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    labels, submission = cli_files
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--min-confidence", "1.5"])
+    assert "argument --min-confidence: must be in [0, 1] (a confidence), got 1.5" in capsys.readouterr().err
+
+
+def test_cli_raises_domain_error_for_bad_submission(cli_files: tuple[Path, Path], tmp_path: Path) -> None:
+    labels, _ = cli_files
+    args = get_args_parser().parse_args(["--submission", str(tmp_path / "missing.csv"), "--labels", str(labels)])
+    with pytest.raises(SubmissionError, match=r"missing\.csv: file not found"):
+        main(args)
