@@ -1,0 +1,169 @@
+"""Tests of data_tools.visualize: box colours, scaling, the CLI, and skipping a corrupt DICOM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from data_tools import synth, visualize
+from data_tools.errors import LungdetError
+from data_tools.labels import read_labels
+from submission.prediction_string import Prediction, write_submission
+
+
+def _outline_pixels(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The RGB values at the middle of each of the four edges of an XYWH box, ``[4, 3]``."""
+    x, y, width, height = box
+    x2, y2 = x + width - 1, y + height - 1
+    return np.array([image[y, x + width // 2], image[y2, x + width // 2], image[y + height // 2, x], image[y + height // 2, x2]])
+
+
+def test_draw_overlay_draws_truth_green_and_prediction_orange() -> None:
+    pixels = np.full((512, 512), 90, dtype=np.uint8)
+    truth_box = (100, 200, 120, 160)
+    predicted_box = (300, 220, 100, 150)
+    prediction = Prediction.from_arrays([0.87], [predicted_box])
+
+    image = visualize.draw_overlay(pixels, truth=np.array([truth_box], dtype=float), prediction=prediction, title="patient-1")
+
+    assert image.shape == (512, 512, 3) and image.dtype == np.uint8
+    assert (_outline_pixels(image, truth_box) == visualize.TRUTH_COLOR).all()
+    # The confidence tag sits on the top edge; the other three edges are plain outline.
+    assert (_outline_pixels(image, predicted_box)[1:] == visualize.PREDICTION_COLOR).all()
+    # The tag is a filled prediction-coloured patch right above the box.
+    assert (image[predicted_box[1] - 3, predicted_box[0] + 2] == visualize.PREDICTION_COLOR).all()
+    # Far from boxes and legend, the grey pixel is untouched and grey in all three channels.
+    assert (image[300, 260] == (90, 90, 90)).all()
+
+
+def test_draw_overlay_without_sources_still_has_legend_and_notice() -> None:
+    pixels = np.full((256, 256), 128, dtype=np.uint8)
+    image = visualize.draw_overlay(pixels, truth=None, prediction=None, title="abc")
+    assert image.shape == (256, 256, 3)
+    # The legend panel darkens the top-left corner, the notice the bottom-left one.
+    assert image[3:10, 3:10].mean() < 128 * 0.5
+    assert image[-10:-3, 3:10].mean() < 128 * 0.5
+    # The legend's colour swatches are the only coloured pixels: nothing between legend and notice.
+    assert (image[:60] == visualize.TRUTH_COLOR).all(axis=2).any()
+    assert not (image[60:-30] == visualize.TRUTH_COLOR).all(axis=2).any()
+    assert not (image[60:-30] == visualize.PREDICTION_COLOR).all(axis=2).any()
+    assert (image[60:-30] == 128).all()
+
+
+def test_legend_moves_away_from_a_box_in_the_top_left_corner() -> None:
+    pixels = np.full((512, 512), 128, dtype=np.uint8)
+    corner_box = np.array([[5.0, 5.0, 200.0, 100.0]])
+    image = visualize.draw_overlay(pixels, truth=corner_box, prediction=None, title="abc")
+    assert (_outline_pixels(image, (5, 5, 200, 100)) == visualize.TRUTH_COLOR).all()
+    assert image[8:14, -14:-8].mean() < 128 * 0.5  # legend went top-right
+
+
+def test_draw_overlay_rejects_colour_input() -> None:
+    with pytest.raises(ValueError, match=r"uint8 \[H, W\] grey image, got uint8 \(4, 4, 3\)"):
+        visualize.draw_overlay(np.zeros((4, 4, 3), np.uint8), truth=None, prediction=None, title="x")
+
+
+def test_fit_for_display_scales_boxes_with_the_image() -> None:
+    pixels = np.zeros((1024, 2048), dtype=np.uint8)
+    truth = np.array([[100.0, 200.0, 300.0, 400.0]])
+    prediction = Prediction.from_arrays([0.5], [[1000.0, 500.0, 200.0, 100.0]])
+    small, small_truth, small_prediction = visualize.fit_for_display(pixels, truth, prediction, max_size=512)
+    assert small.shape == (256, 512)
+    np.testing.assert_allclose(small_truth, [[25.0, 50.0, 75.0, 100.0]])
+    np.testing.assert_allclose(small_prediction.boxes, [[250.0, 125.0, 50.0, 25.0]])
+    np.testing.assert_allclose(small_prediction.scores, [0.5])
+    # Never enlarged.
+    same, same_truth, _ = visualize.fit_for_display(pixels, truth, None, max_size=4096)
+    assert same is pixels and same_truth is truth
+
+
+def test_keep_confident_drops_low_scores() -> None:
+    prediction = Prediction.from_arrays([0.9, 0.2, 0.5], [[0, 0, 1, 1], [1, 1, 1, 1], [2, 2, 1, 1]])
+    kept = visualize.keep_confident(prediction, min_confidence=0.5)
+    np.testing.assert_allclose(kept.scores, [0.9, 0.5])
+    np.testing.assert_allclose(kept.boxes[:, 0], [0, 2])
+
+
+@pytest.fixture()
+def dataset_with_corrupt_file(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Three synthetic 256x256 DICOMs (one positive), a corrupt .dcm beside them, labels and a submission."""
+    summary = synth.write_synthetic_dataset(tmp_path / "data", count=3, seed=1, positive_fraction=0.34, size=(256, 256))
+    (summary.images_dir / "corrupt.dcm").write_bytes(np.random.default_rng(0).bytes(100))
+    labels = read_labels(summary.labels_csv)
+    predictions = {}
+    for index, (patient_id, patient) in enumerate(labels.items()):
+        # Predict each truth box shifted by 5 px, plus one false positive on the first image.
+        boxes = patient.boxes + [5.0, 5.0, 0.0, 0.0]
+        scores = np.linspace(0.9, 0.6, len(boxes))
+        if index == 0:
+            boxes = np.vstack([boxes, [[20.0, 20.0, 30.0, 30.0]]])
+            scores = np.append(scores, 0.33)
+        predictions[patient_id] = Prediction.from_arrays(scores, boxes)
+    submission = tmp_path / "submission.csv"
+    write_submission(submission, predictions)
+    return summary.images_dir, summary.labels_csv, submission
+
+
+def test_cli_writes_pngs_and_index_and_skips_the_corrupt_file(
+    dataset_with_corrupt_file: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images_dir, labels_csv, submission = dataset_with_corrupt_file
+    out = tmp_path / "overlays"
+    args = visualize.get_args_parser().parse_args(
+        ["--dicom-dir", str(images_dir), "--labels", str(labels_csv), "--submission", str(submission), "--out", str(out)]
+    )
+    assert visualize.main(args) == 0
+
+    labels = read_labels(labels_csv)
+    pngs = sorted(path.stem for path in out.glob("*.png"))
+    assert pngs == sorted(labels)
+    for patient_id in labels:
+        image = cv2.imread(str(out / f"{patient_id}.png"))
+        assert image.shape == (256, 256, 3)
+    printed = capsys.readouterr()
+    assert "wrote 3 overlay PNGs" in printed.out
+    assert "skipped 1 unreadable DICOM(s)" in printed.out
+    assert "corrupt.dcm" in printed.out and "not a DICOM file" in printed.out
+
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "Not a diagnostic device" in page
+    for patient_id, patient in labels.items():
+        assert f'src="{patient_id}.png"' in page
+        assert f"<b>{patient_id}</b><br>truth: {len(patient.boxes)} · predicted:" in page
+    assert "max confidence: 0.90" in page
+    assert "corrupt.dcm" in page
+    # Atomic writes leave no temporary files behind.
+    assert sorted(path.name for path in out.iterdir()) == sorted([f"{patient_id}.png" for patient_id in labels] + ["index.html"])
+
+
+def test_cli_only_positive_and_limit(dataset_with_corrupt_file: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    images_dir, labels_csv, _ = dataset_with_corrupt_file
+    labels = read_labels(labels_csv)
+    positives = [patient_id for patient_id, patient in labels.items() if patient.target == 1]
+    out = tmp_path / "positives"
+    args = visualize.get_args_parser().parse_args(
+        ["--dicom-dir", str(images_dir), "--labels", str(labels_csv), "--out", str(out), "--only-positive", "--limit", "5", "--max-size", "128"]
+    )
+    assert visualize.main(args) == 0
+    assert sorted(path.stem for path in out.glob("*.png")) == sorted(positives) and len(positives) == 1
+    assert cv2.imread(str(out / f"{positives[0]}.png")).shape == (128, 128, 3)
+
+
+def test_cli_rejects_only_positive_without_a_box_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = visualize.get_args_parser()
+    args = parser.parse_args(["--dicom-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--only-positive"])
+    with pytest.raises(LungdetError, match="--only-positive needs --labels or --submission"):
+        visualize.main(args)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dicom-dir", "d", "--out", "o", "--limit", "0"])
+    assert "--limit must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_reports_an_empty_folder(tmp_path: Path) -> None:
+    args = visualize.get_args_parser().parse_args(["--dicom-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    with pytest.raises(LungdetError, match=r"no \.dcm files found"):
+        visualize.main(args)
