@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import IO
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` if the block succeeds.
@@ -25,6 +31,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temporary = Path(temporary_name)
+    # mkstemp creates files readable by the owner only; give the result the usual permissions.
+    os.chmod(temporary, 0o666 & ~_current_umask())
     try:
         yield temporary
         os.replace(temporary, path)

@@ -11,6 +11,7 @@ a caller converting thousands of files can skip one bad file and list it at the 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,15 @@ def _open_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
     if path.stat().st_size == 0:
         raise DicomReadError(path, "file is empty (0 bytes); copy or download it again")
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        with warnings.catch_warnings():
+            # On a file that ends early pydicom only warns and returns a dataset with *no* elements,
+            # which would later read as "no Rows/Columns"; make it an error while the cause is known.
+            warnings.filterwarnings("error", message="(End of file reached|Unexpected end of file)", category=UserWarning)
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         raise DicomReadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble); remove it from the folder") from None
+    except UserWarning as warning:
+        raise DicomReadError(path, f"file is truncated ({str(warning).split(' in file ')[0]}); copy or download it again") from None
     except Exception as error:  # pydicom raises many types on damaged files; all mean the same to the user
         raise DicomReadError(path, f"cannot be parsed ({type(error).__name__}: {error}); the file is probably truncated or damaged, copy it again") from None
 

@@ -1,0 +1,150 @@
+"""Shared fixtures: where the real sample data lives, and a synthetic DICOM built in code.
+
+The real data (13 RSNA DICOMs, the full label CSVs, a SIIM DICOM and its MONOCHROME1 twin) sits in
+``shared/data`` beside the clone; set ``LUNGDET_SHARED_DATA`` to point elsewhere. Without it the
+tests that need it are skipped, except under CI (``CI`` set), where a skip would hide a broken path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LUNGDET_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+
+
+def _shared_path(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        reason = f"real sample data not found at {path}; put shared/data beside the clone or set LUNGDET_SHARED_DATA"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def rsna_sample_dir() -> Path:
+    """Folder of the 13 real RSNA training DICOMs (JPEG Baseline, 1024x1024, MONOCHROME2)."""
+    return _shared_path("rsna_sample/stage_2_train_images")
+
+
+@pytest.fixture(scope="session")
+def rsna_labels_csv() -> Path:
+    """The complete stage_2_train_labels.csv (30,227 rows, 26,684 patients)."""
+    return _shared_path("rsna_sample/stage_2_train_labels.csv")
+
+
+@pytest.fixture(scope="session")
+def rsna_class_info_csv() -> Path:
+    """The complete stage_2_detailed_class_info.csv, same row order as the labels."""
+    return _shared_path("rsna_sample/stage_2_detailed_class_info.csv")
+
+
+@pytest.fixture(scope="session")
+def siim_dicom() -> Path:
+    """A real SIIM chest radiograph (MONOCHROME2) that the RSNA labels do not name."""
+    return _shared_path("other/siim_pneumothorax_PA.dcm")
+
+
+@pytest.fixture(scope="session")
+def siim_monochrome1_dicom() -> Path:
+    """The same stored pixels as ``siim_dicom`` with PhotometricInterpretation MONOCHROME1."""
+    return _shared_path("other/siim_pneumothorax_PA_MONOCHROME1.dcm")
+
+
+@pytest.fixture
+def make_dicom(tmp_path: Path) -> Callable[..., Path]:
+    """Return ``build(patient_id, **tags) -> Path`` writing an uncompressed (Explicit VR LE) DICOM.
+
+    ``pixels`` defaults to a ramp ``0, 1, 2, ...`` of shape ``[rows, columns]`` (``[frames, rows,
+    columns]`` with ``number_of_frames``, ``[..., 3]`` with ``samples_per_pixel=3``). Optional tags
+    passed as None are left out. ``pixel_data`` replaces the encoded pixels with raw bytes (to
+    build a file whose pixels cannot be decoded). The file is ``{folder or tmp_path}/{patient_id}.dcm``.
+    """
+
+    def build(
+        patient_id: str = "synthetic-0001",
+        *,
+        folder: Path | None = None,
+        rows: int = 4,
+        columns: int = 6,
+        pixels: np.ndarray | None = None,
+        bits: int = 8,
+        photometric: str | None = None,
+        samples_per_pixel: int = 1,
+        number_of_frames: int | None = None,
+        patient_age: str | None = "045Y",
+        patient_sex: str | None = "F",
+        view_position: str | None = "PA",
+        pixel_spacing: tuple[float, float] | None = (0.168, 0.168),
+        window_center: float | None = None,
+        window_width: float | None = None,
+        rescale_slope: float | None = None,
+        rescale_intercept: float | None = None,
+        with_pixels: bool = True,
+        pixel_data: bytes | None = None,
+    ) -> Path:
+        if bits not in (8, 16):
+            raise ValueError(f"bits must be 8 or 16, got {bits}")
+        dtype = np.uint8 if bits == 8 else np.uint16
+        shape = (rows, columns) if number_of_frames is None else (number_of_frames, rows, columns)
+        if samples_per_pixel == 3:
+            shape = (*shape, 3)
+        if pixels is None:
+            pixels = (np.arange(int(np.prod(shape))) % (2**bits)).reshape(shape)
+        pixels = np.asarray(pixels).astype(dtype)
+        if pixels.shape != shape:
+            raise ValueError(f"pixels have shape {pixels.shape}, expected {shape}")
+
+        file_meta = FileMetaDataset()
+        file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[patient_id])
+        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = file_meta
+        ds.SOPClassUID = file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CR"
+        ds.PatientID = patient_id
+        optional = {
+            "PatientAge": patient_age,
+            "PatientSex": patient_sex,
+            "ViewPosition": view_position,
+            "PixelSpacing": list(pixel_spacing) if pixel_spacing is not None else None,
+            "WindowCenter": window_center,
+            "WindowWidth": window_width,
+            "RescaleSlope": rescale_slope,
+            "RescaleIntercept": rescale_intercept,
+        }
+        for keyword, value in optional.items():
+            if value is not None:
+                setattr(ds, keyword, value)
+        ds.Rows, ds.Columns = rows, columns
+        ds.SamplesPerPixel = samples_per_pixel
+        ds.PhotometricInterpretation = photometric or ("RGB" if samples_per_pixel == 3 else "MONOCHROME2")
+        if samples_per_pixel == 3:
+            ds.PlanarConfiguration = 0
+        if number_of_frames is not None:
+            ds.NumberOfFrames = number_of_frames
+        ds.BitsAllocated = ds.BitsStored = bits
+        ds.HighBit = bits - 1
+        ds.PixelRepresentation = 0
+        if with_pixels:
+            ds.PixelData = pixel_data if pixel_data is not None else pixels.tobytes()
+            ds["PixelData"].VR = "OB" if bits == 8 else "OW"
+
+        path = Path(folder or tmp_path) / f"{patient_id}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    return build

@@ -1,0 +1,389 @@
+"""Tests for data_tools/to_coco.py: folds, conversion of the real sample, synthetic geometry, bad input, CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from data_tools.dicom_io import read_dicom
+from data_tools.errors import LungdetError
+from data_tools.labels import PatientLabels, read_labels
+from data_tools.to_coco import ConversionReport, assign_folds, box_stratum, convert_dataset
+from detection.cli import main as cli_main
+
+POSITIVE_SAMPLE = "00436515-870c-4b36-a041-de91049b9ab4"
+NEGATIVE_SAMPLE = "0004cfab-14fd-4e49-80ba-63a80b6bddd6"
+# Patients in the labels whose DICOMs are not in the sample: names for the broken files.
+LABELLED_NOT_IN_SAMPLE = (
+    "00d7c36e-3cdf-4df6-ac03-6c30cdc8e85b",
+    "00f08de1-517e-4652-a04f-d1dc9ee48593",
+    "00f87de5-5fe0-4921-93ea-914d7e683266",
+)
+LABEL_HEADER = "patientId,x,y,width,height,Target\n"
+
+
+def read_folds_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+def temporary_files(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.name.endswith(".tmp")]
+
+
+def evaluate_bbox_ap(coco: COCO, detections: list[dict[str, object]]) -> np.ndarray:
+    """COCO bbox stats of ``detections`` against ``coco`` (pycocotools prints its table; keep it quiet)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluation = COCOeval(coco, coco.loadRes(detections), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return evaluation.stats
+
+
+@pytest.fixture(scope="module")
+def real_labels(rsna_labels_csv: Path) -> dict[str, PatientLabels]:
+    return read_labels(rsna_labels_csv)
+
+
+# --- assign_folds ----------------------------------------------------------------------------
+
+
+def example_strata() -> dict[str, int]:
+    # 13 negatives, 6 with one box, 4 with two: strata sizes that are not multiples of k=5.
+    strata = {f"neg-{index:02d}": 0 for index in range(13)}
+    strata.update({f"one-{index:02d}": 1 for index in range(6)})
+    strata.update({f"two-{index:02d}": 2 for index in range(4)})
+    return strata
+
+
+def fold_sizes(folds: dict[str, int], k: int, members: list[str] | None = None) -> list[int]:
+    counts = Counter(folds[patient] for patient in (members if members is not None else folds))
+    return [counts.get(fold, 0) for fold in range(k)]
+
+
+def test_assign_folds_is_deterministic_per_seed() -> None:
+    strata = example_strata()
+    first = assign_folds(strata, k=5, seed=42)
+    assert assign_folds(strata, k=5, seed=42) == first
+    assert assign_folds(strata, k=5, seed=7) != first
+
+
+def test_assign_folds_ignores_input_order() -> None:
+    strata = example_strata()
+    reversed_strata = dict(reversed(list(strata.items())))
+    assert assign_folds(reversed_strata, k=5, seed=3) == assign_folds(strata, k=5, seed=3)
+
+
+def test_assign_folds_is_patient_level_and_balanced() -> None:
+    strata = example_strata()
+    k = 5
+    folds = assign_folds(strata, k=k, seed=0)
+    assert set(folds) == set(strata)
+    assert set(folds.values()) <= set(range(k))
+    sizes = fold_sizes(folds, k)
+    assert sum(sizes) == 23 and max(sizes) - min(sizes) <= 1  # 23 = 4*5 + 3 -> sizes 5,5,5,4,4
+    for stratum in (0, 1, 2):
+        members = [patient for patient, value in strata.items() if value == stratum]
+        per_stratum = fold_sizes(folds, k, members)
+        assert max(per_stratum) - min(per_stratum) <= 1, f"stratum {stratum}: {per_stratum}"
+
+
+def test_assign_folds_two_patients_two_folds() -> None:
+    assert sorted(assign_folds({"a": 0, "b": 0}, k=2, seed=1).values()) == [0, 1]
+
+
+@pytest.mark.parametrize("k", [1, 0, -3])
+def test_assign_folds_needs_two_folds(k: int) -> None:
+    with pytest.raises(LungdetError, match=rf"--folds {k}: need at least 2 folds"):
+        assign_folds({"a": 0}, k=k, seed=0)
+
+
+def test_box_stratum_caps_at_two() -> None:
+    assert [box_stratum(PatientLabels("p", np.zeros((n, 4)), int(n > 0))) for n in (0, 1, 2, 3)] == [0, 1, 2, 2]
+
+
+# --- the real sample at 256 x 256 ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted_sample(rsna_sample_dir: Path, real_labels, tmp_path_factory) -> tuple[Path, ConversionReport]:
+    out_dir = tmp_path_factory.mktemp("coco256")
+    report = convert_dataset(rsna_sample_dir, real_labels, out_dir, image_size=256, progress=False)
+    return out_dir, report
+
+
+def test_real_conversion_report(converted_sample) -> None:
+    out_dir, report = converted_sample
+    assert (report.converted, report.positives, report.boxes) == (13, 4, 8)
+    assert report.bad_files == [] and report.unlabelled_files == [] and report.dropped_boxes == []
+    assert report.labelled_without_dicom == 26_684 - 13
+    assert json.loads((out_dir / "conversion_report.json").read_text())["converted"] == 13
+
+
+def test_real_conversion_coco_file(converted_sample) -> None:
+    out_dir, _ = converted_sample
+    coco = COCO(str(out_dir / "annotations.json"))
+    assert len(coco.getImgIds()) == 13
+    assert len(coco.getAnnIds()) == 8
+    assert sorted(coco.getImgIds()) == list(range(1, 14))
+    assert sorted(coco.getAnnIds()) == list(range(1, 9))
+    assert coco.loadCats(coco.getCatIds()) == [{"id": 1, "name": "lung_opacity", "supercategory": "lung"}]
+    # Negatives are kept: 9 images with no annotation at all.
+    assert sum(1 for image_id in coco.getImgIds() if not coco.getAnnIds(imgIds=image_id)) == 9
+    for image in coco.dataset["images"]:
+        assert (image["width"], image["height"]) == (256, 256)
+        assert (image["original_width"], image["original_height"]) == (1024, 1024)
+        assert image["file_name"] == f"images/{image['patient_id']}.png"
+
+
+def test_real_conversion_boxes_are_scaled_to_256(converted_sample, real_labels) -> None:
+    out_dir, _ = converted_sample
+    coco = COCO(str(out_dir / "annotations.json"))
+    image_of = {image["patient_id"]: image for image in coco.dataset["images"]}
+    # By hand: line 6 of the labels, 264,152,213,379 at 1024 -> x 0.25 = 66, 38, 53.25, 94.75.
+    first = coco.loadAnns(coco.getAnnIds(imgIds=image_of[POSITIVE_SAMPLE]["id"]))
+    assert first[0]["bbox"] == [66.0, 38.0, 53.25, 94.75]
+    assert first[0]["area"] == pytest.approx(53.25 * 94.75, abs=1e-3)
+    for patient_id, image in image_of.items():
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+        expected = real_labels[patient_id].boxes * 256 / 1024
+        written = np.array([annotation["bbox"] for annotation in annotations], dtype=np.float64).reshape(-1, 4)
+        np.testing.assert_allclose(written, expected, atol=1e-3)
+        assert image["target"] == real_labels[patient_id].target
+        assert image["n_boxes"] == len(annotations)
+        for annotation in annotations:
+            assert annotation["category_id"] == 1 and annotation["iscrowd"] == 0
+            assert annotation["area"] == pytest.approx(annotation["bbox"][2] * annotation["bbox"][3], abs=1e-3)
+
+
+def test_real_conversion_pngs(converted_sample, rsna_sample_dir: Path) -> None:
+    out_dir, _ = converted_sample
+    pngs = sorted((out_dir / "images").glob("*.png"))
+    assert [path.stem for path in pngs] == sorted(path.stem for path in rsna_sample_dir.glob("*.dcm"))
+    for path in pngs:
+        pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert pixels.shape == (256, 256) and pixels.dtype == np.uint8
+    # Area averaging keeps the mean grey level of the 1024 x 1024 original.
+    original = read_dicom(rsna_sample_dir / f"{POSITIVE_SAMPLE}.dcm").pixels
+    written = cv2.imread(str(out_dir / "images" / f"{POSITIVE_SAMPLE}.png"), cv2.IMREAD_UNCHANGED)
+    assert abs(float(written.mean()) - float(original.mean())) < 1.0
+    assert temporary_files(out_dir) == []
+
+
+def test_real_conversion_folds_csv(converted_sample) -> None:
+    out_dir, _ = converted_sample
+    rows = read_folds_csv(out_dir / "folds.csv")
+    assert len(rows) == 13
+    assert len({row["patientId"] for row in rows}) == 13
+    assert {int(row["fold"]) for row in rows} <= set(range(5))
+    assert sum(int(row["target"]) for row in rows) == 4
+    assert sum(int(row["n_boxes"]) for row in rows) == 8
+    coco = json.loads((out_dir / "annotations.json").read_text())
+    assert {row["patientId"]: int(row["fold"]) for row in rows} == {image["patient_id"]: image["fold"] for image in coco["images"]}
+
+
+def test_cocoeval_truth_as_detections_scores_one(converted_sample) -> None:
+    out_dir, _ = converted_sample
+    coco = COCO(str(out_dir / "annotations.json"))
+    truth = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 1.0} for a in coco.dataset["annotations"]]
+    assert evaluate_bbox_ap(coco, truth)[0] == pytest.approx(1.0)
+
+
+def test_cocoeval_shifted_detections_score_lower(converted_sample) -> None:
+    out_dir, _ = converted_sample
+    coco = COCO(str(out_dir / "annotations.json"))
+    shifted = []
+    for annotation in coco.dataset["annotations"]:
+        x, y, width, height = annotation["bbox"]
+        shifted.append({"image_id": annotation["image_id"], "category_id": 1, "bbox": [x + 0.2 * width, y, width, height], "score": 1.0})
+    # A shift of 0.2 widths leaves IoU 0.8 / 1.2 = 0.667: a match at thresholds .50 .55 .60 .65 only -> AP 4/10.
+    stats = evaluate_bbox_ap(coco, shifted)
+    assert stats[0] == pytest.approx(0.4)
+    assert stats[1] == pytest.approx(1.0)  # AP at IoU 0.5
+
+
+# --- synthetic geometry ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def wide_dataset(make_dicom, tmp_path: Path) -> tuple[Path, dict[str, PatientLabels]]:
+    """Two 800-row x 1200-column DICOMs: one positive with inside / partly outside / outside boxes, one negative."""
+    dicom_dir = tmp_path / "dicoms"
+    make_dicom("wide-pos", folder=dicom_dir, rows=800, columns=1200)
+    make_dicom("wide-neg", folder=dicom_dir, rows=800, columns=1200)
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text(
+        LABEL_HEADER
+        + "wide-pos,600,400,300,200,1\n"  # inside
+        + "wide-pos,1100,700,200,200,1\n"  # right and bottom halves outside
+        + "wide-pos,1300,100,50,50,1\n"  # entirely right of the image
+        + "wide-neg,,,,,0\n"
+    )
+    return dicom_dir, read_labels(labels_csv)
+
+
+def load_boxes(out_dir: Path) -> dict[str, list[list[float]]]:
+    coco = json.loads((out_dir / "annotations.json").read_text())
+    patient_of = {image["id"]: image["patient_id"] for image in coco["images"]}
+    boxes: dict[str, list[list[float]]] = {patient: [] for patient in patient_of.values()}
+    for annotation in coco["annotations"]:
+        boxes[patient_of[annotation["image_id"]]].append(annotation["bbox"])
+    return boxes
+
+
+def test_non_square_image_boxes_scale_per_axis(wide_dataset, tmp_path: Path) -> None:
+    dicom_dir, labels = wide_dataset
+    out_dir = tmp_path / "out400"
+    report = convert_dataset(dicom_dir, labels, out_dir, image_size=400, progress=False)
+    boxes = load_boxes(out_dir)
+    # x, width * 400/1200 = 1/3; y, height * 400/800 = 1/2.
+    # 600,400,300,200 -> 200,200,100,100.  1100,700,200,200 -> 366.667,350,66.667,100, clipped at 400 -> 33.333 x 50.
+    np.testing.assert_allclose(boxes["wide-pos"], [[200, 200, 100, 100], [366.667, 350, 33.333, 50]], atol=1e-3)
+    assert boxes["wide-neg"] == []
+    assert cv2.imread(str(out_dir / "images" / "wide-pos.png"), cv2.IMREAD_UNCHANGED).shape == (400, 400)
+    images = {image["patient_id"]: image for image in json.loads((out_dir / "annotations.json").read_text())["images"]}
+    assert (images["wide-pos"]["width"], images["wide-pos"]["height"]) == (400, 400)
+    assert (images["wide-pos"]["original_width"], images["wide-pos"]["original_height"]) == (1200, 800)
+    assert report.dropped_boxes == [{"patientId": "wide-pos", "box": [1300.0, 100.0, 50.0, 50.0], "reason": "outside the image"}]
+    assert (report.converted, report.positives, report.boxes) == (2, 1, 2)
+
+
+def test_default_size_keeps_original_pixels(wide_dataset, tmp_path: Path) -> None:
+    dicom_dir, labels = wide_dataset
+    out_dir = tmp_path / "out-native"
+    report = convert_dataset(dicom_dir, labels, out_dir, progress=False)
+    boxes = load_boxes(out_dir)
+    np.testing.assert_allclose(boxes["wide-pos"], [[600, 400, 300, 200], [1100, 700, 100, 100]])
+    written = cv2.imread(str(out_dir / "images" / "wide-pos.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(written, read_dicom(dicom_dir / "wide-pos.dcm").pixels)
+    assert written.shape == (800, 1200)
+    assert [dropped["box"] for dropped in report.dropped_boxes] == [[1300.0, 100.0, 50.0, 50.0]]
+    assert {row["patientId"]: row["n_boxes"] for row in read_folds_csv(out_dir / "folds.csv")} == {"wide-neg": "0", "wide-pos": "2"}
+
+
+def test_duplicate_patient_ids_are_converted_once(make_dicom, tmp_path: Path) -> None:
+    dicom_dir = tmp_path / "dicoms"
+    make_dicom("twin", folder=dicom_dir / "a")
+    make_dicom("twin", folder=dicom_dir / "b")
+    labels = {"twin": PatientLabels("twin", np.zeros((0, 4)), 0)}
+    report = convert_dataset(dicom_dir, labels, tmp_path / "out", progress=False)
+    assert report.converted == 1
+    assert report.duplicate_files == [str(dicom_dir / "b" / "twin.dcm")]
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def messy_dir(rsna_sample_dir: Path, siim_dicom: Path, make_dicom, tmp_path: Path) -> Path:
+    """Two good real files, three broken files named by labelled patients, one unlabelled real file."""
+    folder = tmp_path / "messy"
+    folder.mkdir()
+    for stem in (POSITIVE_SAMPLE, NEGATIVE_SAMPLE):
+        shutil.copy(rsna_sample_dir / f"{stem}.dcm", folder)
+    empty, truncated, no_pixels = LABELLED_NOT_IN_SAMPLE
+    (folder / f"{empty}.dcm").write_bytes(b"")
+    data = (rsna_sample_dir / f"{POSITIVE_SAMPLE}.dcm").read_bytes()
+    (folder / f"{truncated}.dcm").write_bytes(data[: len(data) // 2])
+    make_dicom(no_pixels, folder=folder, with_pixels=False)
+    shutil.copy(siim_dicom, folder)
+    return folder
+
+
+def test_bad_files_are_skipped_and_reported(messy_dir: Path, real_labels, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    report = convert_dataset(messy_dir, real_labels, out_dir, image_size=64, progress=False)
+    assert report.converted == 2
+    assert (report.positives, report.boxes) == (1, 2)
+    empty, truncated, no_pixels = LABELLED_NOT_IN_SAMPLE
+    reasons = {Path(bad["file"]).stem: bad["reason"] for bad in report.bad_files}
+    assert set(reasons) == {empty, truncated, no_pixels}
+    assert reasons[empty].startswith("file is empty")
+    assert reasons[truncated].startswith("file is truncated")
+    assert reasons[no_pixels].startswith("has no pixel data")
+    assert report.unlabelled_files == [str(messy_dir / "siim_pneumothorax_PA.dcm")]
+    coco = json.loads((out_dir / "annotations.json").read_text())
+    assert sorted(image["patient_id"] for image in coco["images"]) == sorted([POSITIVE_SAMPLE, NEGATIVE_SAMPLE])
+    assert sorted(path.stem for path in (out_dir / "images").iterdir()) == sorted([POSITIVE_SAMPLE, NEGATIVE_SAMPLE])
+    saved = json.loads((out_dir / "conversion_report.json").read_text())
+    assert len(saved["bad_files"]) == 3
+    assert temporary_files(out_dir) == [] and temporary_files(messy_dir) == []
+
+
+def convert_args(dicom_dir: Path, labels_csv: Path, out_dir: Path, *extra: str) -> list[str]:
+    return ["convert", "--dicom-dir", str(dicom_dir), "--labels", str(labels_csv), "--out", str(out_dir), "--image-size", "64", *extra]
+
+
+def test_cli_lists_bad_files_and_strict_fails(messy_dir: Path, rsna_labels_csv: Path, tmp_path: Path, capsys) -> None:
+    assert cli_main(convert_args(messy_dir, rsna_labels_csv, tmp_path / "out")) == 0
+    printed = capsys.readouterr().out
+    assert "converted 2 images (1 with opacities, 2 boxes)" in printed
+    assert "skipped 3 unreadable DICOMs" in printed
+    for stem in LABELLED_NOT_IN_SAMPLE:
+        assert f"{stem}.dcm" in printed
+    assert "siim_pneumothorax_PA.dcm" in printed
+
+    assert cli_main(convert_args(messy_dir, rsna_labels_csv, tmp_path / "strict", "--strict")) == 1
+    assert "skipped 3 unreadable DICOMs" in capsys.readouterr().out
+    assert temporary_files(tmp_path) == []
+
+
+def test_cli_strict_passes_on_clean_input(rsna_sample_dir: Path, rsna_labels_csv: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "clean"
+    folder.mkdir()
+    shutil.copy(rsna_sample_dir / f"{NEGATIVE_SAMPLE}.dcm", folder)
+    assert cli_main(convert_args(folder, rsna_labels_csv, tmp_path / "out", "--strict")) == 0
+    assert "converted 1 images (0 with opacities, 0 boxes)" in capsys.readouterr().out
+
+
+def test_cli_labels_missing_column(rsna_sample_dir: Path, tmp_path: Path, capsys) -> None:
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("patientId,x,y,width,Target\nneg,,,,0\n")
+    assert cli_main(convert_args(rsna_sample_dir, labels_csv, tmp_path / "out")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("lungdet convert: error: ")
+    assert str(labels_csv) in error
+    assert "missing column(s) height" in error
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--image-size", "16"), "--image-size 16: must be between 32 and 4096 pixels"),
+        (("--folds", "1"), "--folds 1: need at least 2 folds"),
+    ],
+)
+def test_cli_rejects_bad_options_before_any_work(tmp_path: Path, capsys, extra, message) -> None:
+    # Neither input exists: reading anything would fail with a different message.
+    out_dir = tmp_path / "out"
+    assert cli_main([*convert_args(tmp_path / "absent", tmp_path / "absent.csv", out_dir), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out_dir.exists()
+
+
+def test_cli_folder_without_dicoms(tmp_path: Path, capsys) -> None:
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text(LABEL_HEADER + "neg,,,,,0\n")
+    (tmp_path / "empty").mkdir()
+    assert cli_main(convert_args(tmp_path / "empty", labels_csv, tmp_path / "out")) == 1
+    assert re.search(r"no image was converted; check that .*empty holds \.dcm files", capsys.readouterr().err)
+
+
+def test_cli_missing_dicom_folder(tmp_path: Path, capsys) -> None:
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text(LABEL_HEADER + "neg,,,,,0\n")
+    assert cli_main(convert_args(tmp_path / "absent", labels_csv, tmp_path / "out")) == 2
+    assert "absent: not a folder" in capsys.readouterr().err

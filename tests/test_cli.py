@@ -1,0 +1,62 @@
+"""Tests for detection/cli.py: the ``lungdet`` dispatcher (usage, unknown subcommands)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from detection.cli import main as cli_main
+
+SUBCOMMANDS = ("demo", "synth", "convert", "train", "predict", "score", "visualize")
+
+
+def test_no_arguments_prints_usage(capsys) -> None:
+    assert cli_main([]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: lungdet SUBCOMMAND [options]")
+    listed = [line.split()[0] for line in printed.split("subcommands:\n")[1].split("\n\n")[0].splitlines()]
+    assert listed == list(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_usage(capsys, flag: str) -> None:
+    assert cli_main([flag]) == 0
+    assert "convert" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("typo", "suggestion"), [("covnert", "convert"), ("scroe", "score"), ("trian", "train")])
+def test_unknown_subcommand_suggests_the_closest(capsys, typo: str, suggestion: str) -> None:
+    assert cli_main([typo, "--out", "x"]) == 2
+    captured = capsys.readouterr()
+    assert f"lungdet: unknown subcommand '{typo}'. Did you mean '{suggestion}'?" in captured.err
+    assert "usage: lungdet" in captured.err
+    assert captured.out == ""
+
+
+def test_unknown_subcommand_without_a_close_match(capsys) -> None:
+    assert cli_main(["xyzzy"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown subcommand 'xyzzy'." in error
+    assert "Did you mean" not in error
+
+
+def test_subcommand_argument_errors_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli_main(["convert", "--dicom-dir", "x"])
+    assert caught.value.code == 2
+    assert "the following arguments are required: --labels, --out" in capsys.readouterr().err
+
+
+def test_installed_console_script() -> None:
+    script = Path(sys.executable).parent / "lungdet"
+    if not script.exists():
+        pytest.skip(f"no console script at {script}; install the package with pip install -e .")
+    finished = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0
+    assert all(name in finished.stdout for name in SUBCOMMANDS)
+    typo = subprocess.run([str(script), "covnert"], capture_output=True, text=True, timeout=60)
+    assert typo.returncode == 2
+    assert "Did you mean 'convert'" in typo.stderr
