@@ -1,0 +1,228 @@
+"""Typed training configs, loaded from YAML in ``configs/``.
+
+A config is a tree of dataclasses. Loading rejects unknown keys (naming the closest valid key),
+wrong types and out-of-range values before any work starts; ``key=value`` overrides from the
+command line use dotted paths (``optim.lr=0.005``). The resolved config is saved in the run
+folder and in every checkpoint, so a checkpoint always says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_tools.atomic import write_text_atomic
+from data_tools.errors import ConfigError
+
+MODEL_ARCHITECTURES = ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = "fasterrcnn_resnet50_fpn"  # one of MODEL_ARCHITECTURES
+    num_classes: int = 2  # background + lung_opacity
+    image_size: int = 512  # images are resized to this square side for training and prediction (pixels)
+    pretrained: str = "auto"  # 'auto': torchvision COCO weights if cached or downloadable, else from scratch; 'none'; or a path to a .pth state dict
+    trainable_backbone_layers: int = 3  # with pretrained weights: how many backbone stages train (0..5 resnet, 0..6 mobilenet)
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # anchor side lengths (pixels at image_size)
+    anchor_aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height/width; RSNA boxes are tall (median ~1.4)
+    rpn_pre_nms_top_n_train: int = 2000  # proposals kept before NMS per FPN level, training
+    rpn_post_nms_top_n_train: int = 2000  # proposals kept after NMS, training
+    rpn_pre_nms_top_n_test: int = 1000  # same at inference
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256  # anchors sampled per image for the RPN loss
+    box_batch_size_per_image: int = 512  # proposals sampled per image for the box-head loss
+    box_detections_per_img: int = 10  # RSNA images have at most 4 boxes; a few spares help recall
+    box_score_thresh: float = 0.01  # the model drops detections below this; the submission threshold is tuned later
+    box_nms_thresh: float = 0.5  # IoU above which overlapping detections are merged
+
+
+@dataclass
+class DataConfig:
+    fold: int = 0  # which fold of folds.csv validates; the others train
+    batch_size: int = 4  # images per optimizer step
+    num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+    hflip: float = 0.5  # probability of a horizontal flip (lungs are roughly mirror images)
+    brightness_contrast: float = 0.3  # probability of a random brightness/contrast change
+    shift_scale_rotate: float = 0.3  # probability of a small affine jitter (boxes follow, clipped to the image)
+    max_train_images: int = 0  # use only the first N training images (0 = all); for quick runs
+    max_val_images: int = 0  # likewise for validation (0 = all)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"  # 'sgd' or 'adamw'
+    lr: float = 0.01  # peak learning rate
+    momentum: float = 0.9  # SGD momentum (ignored by adamw)
+    weight_decay: float = 1e-4  # L2 penalty
+    epochs: int = 12  # passes over the training images
+    warmup_iters: int = 200  # linear warm-up steps from lr/100 to lr; then cosine decay to 0
+    grad_clip_norm: float = 10.0  # clip the global gradient norm (0 = off); scratch training spikes early
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0  # seeds torch, numpy and augmentation
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'
+    max_minutes: float = 0.0  # stop training after this wall time and validate (0 = no limit)
+    val_score_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])  # confidence cut-offs tried at validation; the best is stored for predict
+
+
+# (dotted key, check, message) for every range rule; checked after loading and overrides.
+_RANGE_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+    ("model.architecture", lambda v: v in MODEL_ARCHITECTURES, f"one of {', '.join(MODEL_ARCHITECTURES)}"),
+    ("model.num_classes", lambda v: v >= 2, ">= 2 (background + at least one class)"),
+    ("model.image_size", lambda v: 64 <= v <= 2048, "between 64 and 2048"),
+    ("model.trainable_backbone_layers", lambda v: 0 <= v <= 6, "between 0 and 6"),
+    ("model.anchor_sizes", lambda v: len(v) > 0 and all(s > 0 for s in v), "a non-empty list of positive sizes"),
+    ("model.anchor_aspect_ratios", lambda v: len(v) > 0 and all(r > 0 for r in v), "a non-empty list of positive ratios"),
+    ("model.box_detections_per_img", lambda v: v >= 1, ">= 1"),
+    ("model.box_score_thresh", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("model.box_nms_thresh", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    ("data.fold", lambda v: v >= 0, ">= 0"),
+    ("data.batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.hflip", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    ("data.brightness_contrast", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    ("data.shift_scale_rotate", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    ("data.max_train_images", lambda v: v >= 0, ">= 0"),
+    ("data.max_val_images", lambda v: v >= 0, ">= 0"),
+    ("optim.optimizer", lambda v: v in ("sgd", "adamw"), "'sgd' or 'adamw'"),
+    ("optim.lr", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    ("optim.momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0.0, ">= 0"),
+    ("optim.epochs", lambda v: v >= 1, ">= 1"),
+    ("optim.warmup_iters", lambda v: v >= 0, ">= 0"),
+    ("optim.grad_clip_norm", lambda v: v >= 0.0, ">= 0 (0 = off)"),
+    ("max_minutes", lambda v: v >= 0.0, ">= 0 (0 = no limit)"),
+    ("val_score_thresholds", lambda v: len(v) > 0 and all(0.0 <= t <= 1.0 for t in v), "a non-empty list of values in [0, 1]"),
+]
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return f" Did you mean '{prefix}{close[0]}'?"
+    return f" Valid keys here: {', '.join(prefix + name for name in valid)}."
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field's type, allowing int where float is expected."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(item, item_type, f"{where}[{index}]") for index, item in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and (type(value) is not annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'.{_suggest(key, names, f'{where}.' if where else '')}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value, path)
+        else:
+            kwargs[key] = _coerce(value, annotation, path)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from nested dicts (missing keys take defaults)."""
+    config = _build(TrainConfig, values or {}, "")
+    validate_config(config)
+    return config
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first out-of-range value and its valid range."""
+    for key, check, allowed in _RANGE_RULES:
+        value = get_dotted(config, key)
+        if not check(value):
+            raise ConfigError(f"config {key}={value!r} is out of range: must be {allowed}")
+
+
+def get_dotted(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to nested dicts; values are parsed as YAML (``0.01``, ``[1, 2]``, ``true``)."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r}: expected key=value, e.g. optim.lr=0.005")
+        key, raw = override.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return values
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path as given, or a bare name looked up in the repository's ``configs/`` folder."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.parent != Path("."):
+        # A path with a folder that does not exist must not silently fall back to a built-in config of the same name.
+        raise ConfigError(f"config {name_or_path}: no such file")
+    candidate = CONFIGS_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")) if CONFIGS_DIR.is_dir() else []
+    raise ConfigError(f"config {name_or_path}: no such file. Known configs: {', '.join(known) or 'none found'}")
+
+
+def load_config(name_or_path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML config (or the defaults when ``None``), apply overrides, validate."""
+    values: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, optim:)")
+    try:
+        return config_from_dict(apply_overrides(values, overrides or []))
+    except ConfigError as error:
+        where = f"{name_or_path}: " if name_or_path is not None else ""
+        raise ConfigError(f"{where}{error}") from None
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

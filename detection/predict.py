@@ -1,0 +1,142 @@
+"""``lungdet predict``: run a trained checkpoint on DICOMs and write a Kaggle ``submission.csv``.
+
+One row per DICOM (``patientId`` = file stem), rows sorted by patientId; PredictionString groups
+``confidence x y width height`` in the DICOM's *original* pixels (boxes are predicted at
+``model.image_size`` and scaled back per axis), empty when nothing passes the cut-off.
+Run: ``lungdet predict --checkpoint runs/r50/best.pt --dicom-dir stage_2_test_images --out submission.csv``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data_tools.boxes import scale_xywh, xyxy_to_xywh
+from data_tools.dicom_io import DicomImage, find_dicoms, read_dicom
+from data_tools.errors import DicomReadError, LungdetError
+from detection.config import TrainConfig, config_from_dict
+from detection.data import to_model_input
+from detection.model import build_model
+from detection.train import load_checkpoint, resolve_device
+from submission.prediction_string import Prediction, write_submission
+
+
+def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[nn.Module, TrainConfig, dict]:
+    """Rebuild the model a checkpoint was saved from and load its weights; returns (model in eval mode, config, checkpoint)."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    for key in ("model", "config"):
+        if key not in checkpoint:
+            raise LungdetError(f"{checkpoint_path}: has no '{key}' entry; is it a lungdet checkpoint (RUN/best.pt)?")
+    config = config_from_dict(checkpoint["config"])
+    model = build_model(config.model, frozen_batch_norm=bool(checkpoint.get("frozen_batch_norm", False)))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), config, checkpoint
+
+
+def model_input_for(image: DicomImage, *, image_size: int) -> torch.Tensor:
+    """Resize a decoded DICOM to the model's square input, as ``lungdet convert --image-size`` does."""
+    pixels = image.pixels
+    if pixels.shape != (image_size, image_size):
+        pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    return to_model_input(pixels)
+
+
+def to_original_space(output: dict[str, torch.Tensor], *, image_size: int, rows: int, columns: int, score_threshold: float) -> Prediction:
+    """torchvision output (XYXY_ABS at ``image_size``) -> Prediction (XYWH_ABS in the DICOM's original pixels)."""
+    scores = output["scores"].detach().cpu().numpy().astype(np.float64)
+    keep = scores >= score_threshold
+    boxes = xyxy_to_xywh(output["boxes"].detach().cpu().numpy()[keep])
+    boxes = scale_xywh(boxes, scale_x=columns / image_size, scale_y=rows / image_size)
+    return Prediction.from_arrays(scores[keep], boxes)
+
+
+@torch.no_grad()
+def predict_dicoms(
+    model: nn.Module,
+    paths: Sequence[Path],
+    *,
+    image_size: int,
+    device: torch.device,
+    score_threshold: float,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> tuple[dict[str, Prediction], list[tuple[Path, str]]]:
+    """Predict every DICOM in ``paths``: ``({patientId: Prediction}, [(bad file, reason)])``.
+
+    An unreadable file gets an empty prediction (Kaggle wants a row per image) and is listed.
+    """
+    predictions: dict[str, Prediction] = {}
+    bad: list[tuple[Path, str]] = []
+    batch: list[DicomImage] = []
+
+    def flush() -> None:
+        outputs = model([model_input_for(image, image_size=image_size).to(device) for image in batch])
+        for image, output in zip(batch, outputs):
+            predictions[image.meta.patient_id] = to_original_space(
+                output, image_size=image_size, rows=image.meta.rows, columns=image.meta.columns, score_threshold=score_threshold
+            )
+        batch.clear()
+
+    for path in tqdm(paths, desc="predict", unit="file", disable=not progress):
+        try:
+            batch.append(read_dicom(path))
+        except DicomReadError as error:
+            bad.append((path, error.reason))
+            predictions[path.stem] = Prediction.empty()
+            continue
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return predictions, bad
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lungdet predict",
+        description="Predict lung-opacity boxes for every DICOM in a folder and write a Kaggle submission.csv "
+        "(patientId,PredictionString; boxes in original DICOM pixels).",
+        epilog="example: lungdet predict --checkpoint runs/mobilenet/best.pt --dicom-dir stage_2_test_images --out submission.csv",
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint from lungdet train (RUN/best.pt)")
+    parser.add_argument("--dicom-dir", type=Path, required=True, help="folder with .dcm files (searched recursively)")
+    parser.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    parser.add_argument(
+        "--score-threshold", type=float, default=None,
+        help="keep boxes with at least this confidence; default: the cut-off tuned on validation and stored in the checkpoint",
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
+        raise LungdetError(f"--score-threshold {args.score_threshold}: must be a confidence in [0, 1]")
+    if args.batch_size < 1:
+        raise LungdetError(f"--batch-size {args.batch_size}: must be at least 1")
+    paths = find_dicoms(args.dicom_dir)
+    if not paths:
+        raise LungdetError(f"{args.dicom_dir}: no .dcm files found")
+    device = resolve_device(args.device)
+    model, config, checkpoint = load_trained_model(args.checkpoint, device=device)
+    threshold = args.score_threshold if args.score_threshold is not None else float(checkpoint.get("score_threshold", 0.5))
+    predictions, bad = predict_dicoms(
+        model, paths, image_size=config.model.image_size, device=device, score_threshold=threshold,
+        batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
+    with_boxes = sum(prediction.boxes.shape[0] > 0 for prediction in predictions.values())
+    print(f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes (confidence >= {threshold:g})")
+    for path, reason in bad:
+        print(f"  unreadable, written with no boxes: {path}: {reason}", file=sys.stderr)
+    return 0
