@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from data_tools.atomic import write_bytes_atomic, write_text_atomic
 from data_tools.boxes import as_box_array, iou_matrix_xywh
+from data_tools.cli_types import fraction, int_in_range
 from data_tools.errors import LungdetError
 
 # ---------------------------------------------------------------------------------------------
@@ -674,44 +675,6 @@ def write_synthetic_dataset(
     )
 
 
-def _parse_count(text: str) -> int:
-    value = _parse_int(text, "--count")
-    if not 1 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"--count must be between 1 and 1000000, got {value}")
-    return value
-
-
-def _parse_seed(text: str) -> int:
-    value = _parse_int(text, "--seed")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--seed must be >= 0, got {value}")
-    return value
-
-
-def _parse_quality(text: str) -> int:
-    value = _parse_int(text, "--jpeg-quality")
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"--jpeg-quality must be between 1 and 100, got {value}")
-    return value
-
-
-def _parse_int(text: str, flag: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{flag} must be a whole number, got {text!r}") from None
-
-
-def _parse_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--positive-fraction must be a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"--positive-fraction must be between 0 and 1, got {value}")
-    return value
-
-
 def parse_size(text: str) -> tuple[int, int]:
     """``'1024'`` -> (1024, 1024); ``'800x1200'`` -> (800, 1200) as (rows, columns)."""
     parts = text.lower().split("x")
@@ -738,16 +701,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         add_help=add_help,
     )
     parser.add_argument("--out", type=Path, required=True, help="folder to write stage_2_train_images/ and the two labels CSVs into")
-    parser.add_argument("--count", type=_parse_count, default=200, help="number of images, 1..1000000 (default: 200)")
-    parser.add_argument("--seed", type=_parse_seed, default=0, help="random seed >= 0; the same seed writes byte-identical files (default: 0)")
+    parser.add_argument("--count", type=int_in_range(1, 1_000_000), default=200, help="number of images, 1..1000000 (default: 200)")
+    parser.add_argument("--seed", type=int_in_range(0), default=0, help="random seed >= 0; the same seed writes byte-identical files (default: 0)")
     parser.add_argument(
         "--positive-fraction",
-        type=_parse_fraction,
+        type=fraction,
         default=REAL_POSITIVE_FRACTION,
         help=f"fraction of images with opacities, 0..1 (default: {REAL_POSITIVE_FRACTION}, as in the real training set)",
     )
     parser.add_argument("--size", type=parse_size, default=(1024, 1024), help="image size as 1024 or ROWSxCOLUMNS like 800x1200 (default: 1024)")
-    parser.add_argument("--jpeg-quality", type=_parse_quality, default=_DEFAULT_JPEG_QUALITY, help=f"JPEG quality 1..100 (default: {_DEFAULT_JPEG_QUALITY})")
+    parser.add_argument("--jpeg-quality", type=int_in_range(1, 100), default=_DEFAULT_JPEG_QUALITY, help=f"JPEG quality 1..100 (default: {_DEFAULT_JPEG_QUALITY})")
     parser.add_argument("--overwrite", action="store_true", help="delete .dcm files already in OUT/stage_2_train_images before writing")
     return parser
 

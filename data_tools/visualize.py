@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import html
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from data_tools.atomic import write_bytes_atomic, write_text_atomic
 from data_tools.boxes import as_box_array, scale_xywh
+from data_tools.cli_types import fraction, int_in_range
 from data_tools.dicom_io import find_dicoms, read_dicom
 from data_tools.errors import DicomReadError, LungdetError
 from data_tools.labels import PatientLabels, read_labels
@@ -361,31 +362,6 @@ def select_dicoms(
     return selected[:limit] if limit is not None else selected
 
 
-def _positive_int(minimum: int, flag: str) -> Callable[[str], int]:
-    """An argparse ``type`` accepting whole numbers >= ``minimum``, with a message naming ``flag``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{flag} must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _parse_confidence(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--min-confidence must be a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"--min-confidence must be between 0 and 1, got {value}")
-    return value
-
-
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Arguments of ``lungdet visualize``."""
     parser = argparse.ArgumentParser(
@@ -401,12 +377,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--labels", type=Path, help="RSNA labels CSV (patientId,x,y,width,height,Target) for the truth boxes")
     parser.add_argument("--submission", type=Path, help="Kaggle submission CSV (patientId,PredictionString) for the predicted boxes")
     parser.add_argument("--out", type=Path, required=True, help="folder to write {patientId}.png and index.html into")
-    parser.add_argument("--limit", type=_positive_int(1, "--limit"), help="draw at most this many images (after --only-positive); default: all")
+    parser.add_argument("--limit", type=int_in_range(1), help="draw at most this many images (after --only-positive); default: all")
     parser.add_argument("--only-positive", action="store_true", help="only images with at least one truth or predicted box (needs --labels or --submission)")
     parser.add_argument(
-        "--max-size", type=_positive_int(64, "--max-size"), default=DEFAULT_MAX_SIZE, help=f"shrink images so the longer side is at most this many pixels (default: {DEFAULT_MAX_SIZE})"
+        "--max-size", type=int_in_range(64), default=DEFAULT_MAX_SIZE, help=f"shrink images so the longer side is at most this many pixels (default: {DEFAULT_MAX_SIZE})"
     )
-    parser.add_argument("--min-confidence", type=_parse_confidence, default=0.0, help="hide predicted boxes below this confidence, 0..1 (default: 0, show all)")
+    parser.add_argument("--min-confidence", type=fraction, default=0.0, help="hide predicted boxes below this confidence, 0..1 (default: 0, show all)")
     return parser
 
 

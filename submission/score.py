@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from data_tools.boxes import as_box_array, iou_matrix_xywh
+from data_tools.cli_types import fraction
 from data_tools.labels import read_labels
 from submission.prediction_string import Prediction, read_submission
 
@@ -262,17 +263,6 @@ def format_report(report: ScoreReport) -> str:
     return "\n".join(lines)
 
 
-def parse_fraction(text: str) -> float:
-    """argparse type for a number in [0, 1]; the message gives the valid range."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (a confidence), got {text}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """The ``lungdet score`` command line; parsing does no work, so tests can call it alone."""
     parser = argparse.ArgumentParser(
@@ -295,7 +285,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--min-confidence",
-        type=parse_fraction,
+        type=fraction,
         default=0.0,
         metavar="FLOAT",
         help="drop predicted boxes with a lower confidence before scoring, in [0, 1] (default: 0, keep all)",

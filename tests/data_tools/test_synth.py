@@ -229,8 +229,8 @@ def test_cli_parses_and_checks_arguments(capsys: pytest.CaptureFixture[str]) -> 
     for bad, message in [
         (["--size", "800by1200"], "--size must look like 1024 or 800x1200"),
         (["--size", "10"], "--size: image rows must be between 64 and 8192"),
-        (["--positive-fraction", "2"], "--positive-fraction must be between 0 and 1, got 2.0"),
-        (["--count", "0"], "--count must be between 1 and 1000000, got 0"),
+        (["--positive-fraction", "2"], "argument --positive-fraction: must be in [0, 1], got 2"),
+        (["--count", "0"], "argument --count: must be between 1 and 1000000, got 0"),
     ]:
         with pytest.raises(SystemExit):
             parser.parse_args(["--out", "x", *bad])

@@ -160,7 +160,7 @@ def test_cli_rejects_only_positive_without_a_box_source(tmp_path: Path, capsys: 
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         parser.parse_args(["--dicom-dir", "d", "--out", "o", "--limit", "0"])
-    assert "--limit must be at least 1, got 0" in capsys.readouterr().err
+    assert "argument --limit: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_cli_reports_an_empty_folder(tmp_path: Path) -> None:

@@ -303,7 +303,7 @@ def test_cli_rejects_min_confidence_out_of_range(cli_files: tuple[Path, Path], c
     labels, submission = cli_files
     with pytest.raises(SystemExit):
         get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--min-confidence", "1.5"])
-    assert "argument --min-confidence: must be in [0, 1] (a confidence), got 1.5" in capsys.readouterr().err
+    assert "argument --min-confidence: must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_cli_raises_domain_error_for_bad_submission(cli_files: tuple[Path, Path], tmp_path: Path) -> None:

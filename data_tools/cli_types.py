@@ -1,0 +1,38 @@
+"""argparse ``type=`` callables shared by every subcommand, so a range error reads the same everywhere.
+
+argparse prefixes the message with the flag (``argument --count: ...``), so messages here give
+only the valid range and the value received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (a probability or a confidence)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def int_in_range(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """A whole number >= ``minimum`` (and <= ``maximum`` when given)."""
+    allowed = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number {allowed}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+
+    return parse

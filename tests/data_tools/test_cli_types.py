@@ -1,0 +1,27 @@
+import argparse
+
+import pytest
+
+from data_tools.cli_types import fraction, int_in_range
+
+
+@pytest.mark.parametrize("text, value", [("0", 0.0), ("1", 1.0), ("0.25", 0.25)])
+def test_fraction_accepts_the_closed_unit_interval(text, value):
+    assert fraction(text) == value
+
+
+@pytest.mark.parametrize("text, message", [("1.5", r"must be in \[0, 1\], got 1.5"), ("-0.1", "got -0.1"), ("nan", "got nan"), ("half", "expected a number")])
+def test_fraction_rejects_the_rest_with_the_range(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        fraction(text)
+
+
+def test_int_in_range_checks_both_bounds_and_type():
+    parse = int_in_range(1, 100)
+    assert parse("1") == 1 and parse("100") == 100
+    with pytest.raises(argparse.ArgumentTypeError, match="must be between 1 and 100, got 101"):
+        parse("101")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a whole number between 1 and 100, got '2.5'"):
+        parse("2.5")
+    with pytest.raises(argparse.ArgumentTypeError, match="must be at least 0, got -1"):
+        int_in_range(0)("-1")
