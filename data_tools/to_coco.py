@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from data_tools.atomic import atomic_open, write_bytes_atomic, write_text_atomic
 from data_tools.boxes import clip_xywh, scale_xywh
+from data_tools.cli_types import int_in_range
 from data_tools.dicom_io import find_dicoms, read_dicom
 from data_tools.errors import DicomReadError, LungdetError
 from data_tools.labels import PatientLabels, read_labels
@@ -234,18 +235,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", type=Path, required=True, help="stage_2_train_labels.csv (patientId,x,y,width,height,Target)")
     parser.add_argument("--class-info", type=Path, default=None, help="optional stage_2_detailed_class_info.csv (patientId,class)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for annotations.json, images/, folds.csv")
-    parser.add_argument("--image-size", type=int, default=None, help="write square N x N PNGs (boxes scaled to match); default: the DICOM's own size")
-    parser.add_argument("--folds", type=int, default=5, help="number of patient-level folds, stratified by box count (default 5)")
+    parser.add_argument("--image-size", type=int_in_range(32, 4096), default=None, help="write square N x N PNGs (boxes scaled to match); default: the DICOM's own size")
+    parser.add_argument("--folds", type=int_in_range(2), default=5, help="number of patient-level folds, stratified by box count (default 5)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the fold assignment (default 42)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any DICOM could not be read")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.image_size is not None and not 32 <= args.image_size <= 4096:
-        raise LungdetError(f"--image-size {args.image_size}: must be between 32 and 4096 pixels")
-    if args.folds < 2:
-        raise LungdetError(f"--folds {args.folds}: need at least 2 folds (one to validate on, the rest to train on)")
     labels = read_labels(args.labels, args.class_info)
     report = convert_dataset(args.dicom_dir, labels, args.out, image_size=args.image_size, folds=args.folds, seed=args.seed)
     print(format_report(report, args.out))

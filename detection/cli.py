@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lungdet: unknown subcommand '{name}'.{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    args = module.get_args_parser().parse_args(rest)
+    # Intermixed, so KEY=VALUE overrides may stand before or after flags (train optim.lr=0.1 --fold 2 seed=3).
+    args = module.get_args_parser().parse_intermixed_args(rest)
     try:
         return int(module.main(args) or 0)
     except LungdetError as error:

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data_tools.boxes import scale_xywh, xyxy_to_xywh
+from data_tools.cli_types import fraction, int_in_range
 from data_tools.dicom_io import DicomImage, find_dicoms, read_dicom
 from data_tools.errors import DicomReadError, LungdetError
 from detection.config import TrainConfig, config_from_dict
@@ -110,20 +111,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dicom-dir", type=Path, required=True, help="folder with .dcm files (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="submission CSV to write")
     parser.add_argument(
-        "--score-threshold", type=float, default=None,
+        "--score-threshold", type=fraction, default=None,
         help="keep boxes with at least this confidence; default: the cut-off tuned on validation and stored in the checkpoint",
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    parser.add_argument("--batch-size", type=int_in_range(1), default=4, help="images per forward pass (default 4)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
-        raise LungdetError(f"--score-threshold {args.score_threshold}: must be a confidence in [0, 1]")
-    if args.batch_size < 1:
-        raise LungdetError(f"--batch-size {args.batch_size}: must be at least 1")
     paths = find_dicoms(args.dicom_dir)
     if not paths:
         raise LungdetError(f"{args.dicom_dir}: no .dcm files found")

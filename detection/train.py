@@ -86,7 +86,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a lungdet checkpoint (plain tensors and dicts only: ``weights_only``, nothing executable)."""
     if not Path(path).is_file():
-        raise LungdetError(f"{path}: checkpoint not found; train first (lungdet train ... --out RUN) and pass RUN/best.pt")
+        raise LungdetError(f"{path}: checkpoint not found; was this run folder trained with 'lungdet train ... --out RUN'? (RUN/last.pt to resume, RUN/best.pt to predict)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -118,6 +118,12 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
     train_loader, val_loader = build_dataloaders(data_dir, config.data, image_size=config.model.image_size, seed=config.seed)
 
     checkpoint = load_checkpoint(out_dir / LAST_CHECKPOINT) if resume else None
+    if checkpoint is not None and int(checkpoint["epoch"]) >= config.optim.epochs:
+        # Checked here, not by the empty-history check after the loop: a resumed history is never empty.
+        raise LungdetError(
+            f"{out_dir}: nothing to train: the run already finished {checkpoint['epoch']} epochs of optim.epochs={config.optim.epochs} "
+            "(raise optim.epochs to continue, e.g. optim.epochs=20)"
+        )
     if checkpoint is not None:
         frozen = bool(checkpoint["frozen_batch_norm"])
         model = build_model(config.model, frozen_batch_norm=frozen)
@@ -139,12 +145,6 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
         scheduler.load_state_dict(checkpoint["scheduler"])
         history = list(checkpoint["history"])
         start_epoch = int(checkpoint["epoch"]) + 1
-        if start_epoch > config.optim.epochs:
-            # The loaded history is not empty, so the check after the loop would never fire.
-            raise LungdetError(
-                f"{out_dir}: nothing to train: the run already finished {checkpoint['epoch']} of optim.epochs={config.optim.epochs} "
-                "epochs (raise optim.epochs to continue, e.g. optim.epochs=20)"
-            )
         best_map = max((row["val_map"] for row in history), default=-1.0)
         torch.set_rng_state(checkpoint["torch_rng_state"])
 
@@ -155,12 +155,13 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
     )
     deadline = time.monotonic() + config.max_minutes * 60 if config.max_minutes > 0 else None
     for epoch in range(start_epoch, config.optim.epochs + 1):
+        epoch_lr = optimizer.param_groups[0]["lr"]
         train_metrics = train_one_epoch(
             model, optimizer, scheduler, train_loader, device,
             epoch=epoch, grad_clip_norm=config.optim.grad_clip_norm, deadline=deadline, progress=progress,
         )
         val_metrics = evaluate(model, val_loader, device, score_thresholds=config.val_score_thresholds, progress=progress)
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **train_metrics, **val_metrics}
+        row = {"epoch": epoch, "lr": epoch_lr, **train_metrics, **val_metrics}
         history.append(row)
         state = {
             "model": model.state_dict(),
@@ -188,8 +189,6 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
         if train_metrics["stopped_early"]:
             print(f"lungdet train: stopped after max_minutes={config.max_minutes:g}; the last epoch was partial")
             break
-    if not history:
-        raise LungdetError(f"{out_dir}: nothing to train: the run already finished {config.optim.epochs} epochs (raise optim.epochs to continue)")
     best = max(history, key=lambda row: row["val_map"])
     print(f"lungdet train: best val mAP {best['val_map']:.4f} (epoch {best['epoch']}); checkpoints in {out_dir}")
     return best

@@ -60,3 +60,15 @@ def test_installed_console_script() -> None:
     typo = subprocess.run([str(script), "covnert"], capture_output=True, text=True, timeout=60)
     assert typo.returncode == 2
     assert "Did you mean 'convert'" in typo.stderr
+
+
+def test_overrides_may_follow_flags(monkeypatch):
+    """KEY=VALUE overrides and flags intermix: `train optim.lr=0.1 --fold 2 seed=3` reaches main as one list."""
+    import detection.train
+
+    seen = {}
+    monkeypatch.setattr(detection.train, "main", lambda args: seen.update(vars(args)) or 0)
+    from detection.cli import main as cli_main
+
+    assert cli_main(["train", "--data", "d", "--out", "o", "optim.lr=0.1", "--fold", "2", "seed=3"]) == 0
+    assert seen["overrides"] == ["optim.lr=0.1", "seed=3"] and seen["fold"] == 2

@@ -362,14 +362,16 @@ def test_cli_labels_missing_column(rsna_sample_dir: Path, tmp_path: Path, capsys
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (("--image-size", "16"), "--image-size 16: must be between 32 and 4096 pixels"),
-        (("--folds", "1"), "--folds 1: need at least 2 folds"),
+        (("--image-size", "16"), "argument --image-size: must be between 32 and 4096, got 16"),
+        (("--folds", "1"), "argument --folds: must be at least 2, got 1"),
     ],
 )
 def test_cli_rejects_bad_options_before_any_work(tmp_path: Path, capsys, extra, message) -> None:
     # Neither input exists: reading anything would fail with a different message.
     out_dir = tmp_path / "out"
-    assert cli_main([*convert_args(tmp_path / "absent", tmp_path / "absent.csv", out_dir), *extra]) == 2
+    with pytest.raises(SystemExit) as stopped:
+        cli_main([*convert_args(tmp_path / "absent", tmp_path / "absent.csv", out_dir), *extra])
+    assert stopped.value.code == 2
     assert message in capsys.readouterr().err
     assert not out_dir.exists()
 

@@ -1,0 +1,102 @@
+"""``lungdet demo``: the whole pipeline on an embedded default, on CPU, in a few minutes.
+
+1. ``synth``: synthetic RSNA-shaped DICOMs (JPEG Baseline, 1024x1024) with known opacity boxes;
+2. ``convert``: COCO dataset at 256 px with patient-level folds;
+3. ``train``: MobileNetV3-FPN Faster R-CNN (``configs/fasterrcnn_mobilenet_cpu.yaml``), time-boxed;
+4. ``predict`` + ``score``: on a held-out synthetic set, and on the real RSNA sample DICOMs when
+   ``../shared/data/rsna_sample`` (or ``--sample-dir``) is there;
+5. ``visualize``: overlays of truth and predicted boxes, with an index.html.
+
+Everything goes under ``--out`` (default ``demo_output/`` in the current folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from data_tools.atomic import write_text_atomic
+from data_tools.dicom_io import find_dicoms
+from data_tools.labels import read_labels
+from data_tools.synth import write_synthetic_dataset
+from data_tools.to_coco import convert_dataset, format_report
+from data_tools.visualize import write_overlays
+from detection.config import load_config
+from detection.predict import load_trained_model, predict_dicoms
+from detection.train import BEST_CHECKPOINT, train
+from submission.prediction_string import write_submission
+from submission.score import ScoreReport, score_dataset
+
+DEMO_CONFIG = "fasterrcnn_mobilenet_cpu"
+REPO_SAMPLE_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "rsna_sample"
+# Half positives instead of the real 23%: a few CPU minutes need enough boxes to learn from.
+DEMO_POSITIVE_FRACTION = 0.5
+
+
+def predict_and_score(
+    model: torch.nn.Module, dicom_dir: Path, labels_csv: Path, out_dir: Path, *, name: str, image_size: int, score_threshold: float
+) -> ScoreReport:
+    """Predict every DICOM in ``dicom_dir``, write ``submission_{name}.csv``, score it, draw overlays."""
+    paths = find_dicoms(dicom_dir)
+    predictions, _ = predict_dicoms(model, paths, image_size=image_size, device=torch.device("cpu"), score_threshold=score_threshold, progress=False)
+    write_submission(out_dir / f"submission_{name}.csv", {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
+    # Score only the patients whose DICOMs are here: the sample labels file lists 26,684 patients.
+    labels = {patient_id: value for patient_id, value in read_labels(labels_csv).items() if patient_id in predictions}
+    report = score_dataset({patient_id: value.boxes for patient_id, value in labels.items()}, predictions)
+    write_text_atomic(out_dir / f"score_{name}.json", json.dumps(report.to_dict(), indent=2))
+    write_overlays(paths, out_dir / f"overlays_{name}", labels=labels, predictions=predictions)
+    return report
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lungdet demo",
+        description="Run synth -> convert -> train -> predict -> score -> visualize on CPU in a few minutes.",
+        epilog="example: lungdet demo --out demo_output --minutes 3",
+    )
+    parser.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for everything the demo writes (default: ./demo_output)")
+    parser.add_argument("--count", type=int, default=300, help="synthetic training DICOMs to generate (default 300)")
+    parser.add_argument("--minutes", type=float, default=3.0, help="training time budget in minutes (default 3)")
+    parser.add_argument("--sample-dir", type=Path, default=REPO_SAMPLE_DIR, help="real RSNA sample folder (stage_2_train_images/ + stage_2_train_labels.csv)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data, folds and training (default 0)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    print("lungdet demo: a research tool, not a diagnostic device.")
+    print(f"[1/5] synth: {args.count} synthetic DICOMs -> {out / 'synth_train'}")
+    synth = write_synthetic_dataset(out / "synth_train", count=args.count, seed=args.seed, positive_fraction=DEMO_POSITIVE_FRACTION, overwrite=True, progress=True)
+    print(f"[2/5] convert -> {out / 'coco'}")
+    conversion = convert_dataset(synth.images_dir, read_labels(synth.labels_csv, synth.class_info_csv), out / "coco", image_size=256, seed=args.seed)
+    print(format_report(conversion, out / "coco"))
+    print(f"[3/5] train ({DEMO_CONFIG}, at most {args.minutes:g} min) -> {out / 'run'}")
+    config = load_config(DEMO_CONFIG, [f"max_minutes={args.minutes}", f"seed={args.seed}"])
+    train(config, out / "coco", out / "run")
+
+    print("[4/5] predict + score on held-out synthetic DICOMs" + (" and the real RSNA sample" if args.sample_dir.is_dir() else ""))
+    model, config, checkpoint = load_trained_model(out / "run" / BEST_CHECKPOINT, device=torch.device("cpu"))
+    threshold = float(checkpoint["score_threshold"])
+    held_out = write_synthetic_dataset(out / "synth_test", count=40, seed=args.seed + 1, positive_fraction=DEMO_POSITIVE_FRACTION, overwrite=True)
+    results = {"synthetic held-out": predict_and_score(model, held_out.images_dir, held_out.labels_csv, out, name="synth", image_size=config.model.image_size, score_threshold=threshold)}
+    sample_images, sample_labels = args.sample_dir / "stage_2_train_images", args.sample_dir / "stage_2_train_labels.csv"
+    if sample_images.is_dir() and sample_labels.is_file():
+        results["real RSNA sample"] = predict_and_score(model, sample_images, sample_labels, out, name="real", image_size=config.model.image_size, score_threshold=threshold)
+    else:
+        print(f"  (no real sample at {args.sample_dir}; pass --sample-dir to include one)")
+
+    print("[5/5] overlays written")
+    print(f"\nResults (confidence >= {threshold:g}, tuned on validation):")
+    for name, report in results.items():
+        iou = f"{report.mean_iou:.3f}" if report.mean_iou is not None else "n/a"
+        print(f"  {name:<20} RSNA mAP {report.map:.4f}  mean IoU {iou}  images {report.n_images}")
+    if "real RSNA sample" in results:
+        print("  (a model trained minutes on synthetic images is not expected to find real opacities; train on the real set for that)")
+    print(f"\nWhere things are:\n  run:         {out / 'run'} (best.pt, metrics.csv, config.yaml)")
+    for name in ("synth", "real"):
+        if (out / f"submission_{name}.csv").is_file():
+            print(f"  {name:<12} {out / f'submission_{name}.csv'}, {out / f'score_{name}.json'}, {out / f'overlays_{name}' / 'index.html'}")
+    return 0

@@ -1,0 +1,260 @@
+"""Tests for detection/data.py: records from a converted synthetic dataset, folds, targets, augmentation, loaders."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from data_tools.errors import LungdetError
+from data_tools.labels import read_labels
+from data_tools.synth import write_synthetic_dataset
+from data_tools.to_coco import convert_dataset
+from detection.config import DataConfig
+from detection.data import (
+    DetectionDataset,
+    ImageRecord,
+    build_augmentation,
+    build_dataloaders,
+    collate,
+    load_png,
+    load_records,
+    split_records,
+    to_model_input,
+)
+
+IMAGE_COUNT = 8
+PNG_SIZE = 64  # convert_dataset(image_size=...): the PNGs and the COCO boxes are in this space
+DICOM_SIZE = 128
+NO_AUGMENTATION = dict(hflip=0.0, brightness_contrast=0.0, shift_scale_rotate=0.0)
+
+
+def write_tiny_dataset(root: Path, *, count: int = IMAGE_COUNT) -> Path:
+    """Synthetic 128 px DICOMs (half positive) converted to 64 px PNGs in two patient-level folds."""
+    synth = write_synthetic_dataset(root / "synth", count=count, seed=3, positive_fraction=0.5, size=(DICOM_SIZE, DICOM_SIZE))
+    report = convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=PNG_SIZE, folds=2, seed=0, progress=False)
+    assert report.converted == count and report.bad_files == []
+    return root / "coco"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def coco(data_dir: Path) -> dict:
+    return json.loads((data_dir / "annotations.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def records(data_dir: Path) -> list[ImageRecord]:
+    return load_records(data_dir)
+
+
+def first_positive(records: list[ImageRecord]) -> ImageRecord:
+    return next(record for record in records if record.boxes.shape[0] > 0)
+
+
+def first_negative(records: list[ImageRecord]) -> ImageRecord:
+    return next(record for record in records if record.boxes.shape[0] == 0)
+
+
+# --- records and folds --------------------------------------------------------------------------
+
+
+def test_load_records_reads_every_image_in_file_order_with_its_coco_boxes(data_dir: Path, coco: dict, records: list[ImageRecord]) -> None:
+    assert [record.image_id for record in records] == [image["id"] for image in coco["images"]]
+    for record, image in zip(records, coco["images"]):
+        expected = [a["bbox"] for a in coco["annotations"] if a["image_id"] == image["id"]]
+        np.testing.assert_array_equal(record.boxes, np.array(expected, dtype=np.float64).reshape(-1, 4))
+        assert record.path == data_dir / image["file_name"] and record.path.is_file()
+        assert record.patient_id == image["patient_id"]
+        assert record.fold == image["fold"]
+        assert (record.width, record.height) == (PNG_SIZE, PNG_SIZE)
+        assert (record.original_width, record.original_height) == (DICOM_SIZE, DICOM_SIZE)
+
+
+def test_negatives_are_kept_with_empty_boxes(records: list[ImageRecord]) -> None:
+    negatives = [record for record in records if record.boxes.shape[0] == 0]
+    positives = [record for record in records if record.boxes.shape[0] > 0]
+    assert len(negatives) == len(positives) == IMAGE_COUNT // 2
+    assert all(record.boxes.shape == (0, 4) for record in negatives)
+
+
+def test_split_is_patient_disjoint_and_covers_every_image(records: list[ImageRecord]) -> None:
+    train, val = split_records(records, fold=1)
+    assert {r.fold for r in val} == {1}
+    assert {r.fold for r in train} == {0}
+    assert not {r.patient_id for r in train} & {r.patient_id for r in val}
+    assert sorted(r.image_id for r in train + val) == sorted(r.image_id for r in records)
+
+
+def test_a_missing_fold_is_an_error_listing_the_folds(records: list[ImageRecord]) -> None:
+    with pytest.raises(LungdetError, match=re.escape("fold 5 does not exist in this dataset; its folds are [0, 1]")):
+        split_records(records, fold=5)
+
+
+def test_missing_annotations_tells_to_run_convert(tmp_path: Path) -> None:
+    with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'annotations.json'}: not found; run 'lungdet convert ... --out {tmp_path}' first")):
+        load_records(tmp_path)
+
+
+def test_an_image_without_fold_tells_to_rerun_convert(tmp_path: Path) -> None:
+    (tmp_path / "annotations.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "images/a.png", "width": 4, "height": 4}], "annotations": []}))
+    with pytest.raises(LungdetError, match=re.escape("image images/a.png has no 'fold'; re-run lungdet convert")):
+        load_records(tmp_path)
+
+
+def test_an_unreadable_png_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"not a png")
+    with pytest.raises(LungdetError, match=re.escape(f"{path}: cannot read this PNG; re-run lungdet convert")):
+        load_png(path)
+
+
+# --- one sample ---------------------------------------------------------------------------------
+
+
+def test_to_model_input_repeats_grey_into_three_channels_in_unit_range() -> None:
+    tensor = to_model_input(np.array([[0, 51, 255]], dtype=np.uint8))
+    assert tensor.dtype == torch.float32 and tensor.shape == (3, 1, 3)
+    torch.testing.assert_close(tensor, torch.tensor([[[0.0, 0.2, 1.0]]] * 3))
+
+
+def test_sample_is_a_unit_range_image_and_boxes_scaled_to_the_model_size(records: list[ImageRecord]) -> None:
+    record = first_positive(records)
+    image, target = DetectionDataset([record], image_size=96, augmentation=None)[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 96, 96)
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    torch.testing.assert_close(image[0], image[2])
+    # COCO bbox [x, y, w, h] at 64 px -> XYXY at 96 px: every coordinate times 96 / 64 = 1.5.
+    x, y, w, h = record.boxes[0]
+    expected_first = torch.tensor([x * 1.5, y * 1.5, (x + w) * 1.5, (y + h) * 1.5], dtype=torch.float32)
+    torch.testing.assert_close(target["boxes"][0], expected_first)
+    assert target["boxes"].dtype == torch.float32 and target["boxes"].shape == (record.boxes.shape[0], 4)
+    assert target["labels"].dtype == torch.int64 and target["labels"].tolist() == [1] * record.boxes.shape[0]
+    assert int(target["image_id"]) == record.image_id
+
+
+def test_at_the_png_size_pixels_and_boxes_pass_through(records: list[ImageRecord]) -> None:
+    record = first_positive(records)
+    image, target = DetectionDataset([record], image_size=PNG_SIZE, augmentation=None)[0]
+    torch.testing.assert_close(image[0], torch.from_numpy(cv2.imread(str(record.path), cv2.IMREAD_GRAYSCALE)).float() / 255.0)
+    xywh = torch.tensor(record.boxes, dtype=torch.float32)
+    torch.testing.assert_close(target["boxes"], torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_negative_image_has_no_boxes_and_no_labels(records: list[ImageRecord], augment: bool) -> None:
+    config = DataConfig(hflip=1.0, brightness_contrast=1.0, shift_scale_rotate=1.0)
+    augmentation = build_augmentation(config, train=True, seed=0) if augment else None
+    _, target = DetectionDataset([first_negative(records)], image_size=PNG_SIZE, augmentation=augmentation)[0]
+    assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
+    assert target["labels"].shape == (0,) and target["labels"].dtype == torch.int64
+
+
+# --- augmentation -------------------------------------------------------------------------------
+
+
+def test_validation_has_no_augmentation() -> None:
+    assert build_augmentation(DataConfig(hflip=1.0), train=False) is None
+
+
+def test_horizontal_flip_mirrors_image_and_boxes_exactly(records: list[ImageRecord]) -> None:
+    record = first_positive(records)
+    size = 96
+    plain_image, plain = DetectionDataset([record], image_size=size, augmentation=None)[0]
+    flip = build_augmentation(DataConfig(**{**NO_AUGMENTATION, "hflip": 1.0}), train=True, seed=0)
+    flipped_image, flipped = DetectionDataset([record], image_size=size, augmentation=flip)[0]
+    torch.testing.assert_close(flipped_image, plain_image.flip(-1))
+    boxes, mirrored = plain["boxes"], flipped["boxes"]
+    torch.testing.assert_close(mirrored[:, 0], size - boxes[:, 2])
+    torch.testing.assert_close(mirrored[:, 2], size - boxes[:, 0])
+    torch.testing.assert_close(mirrored[:, [1, 3]], boxes[:, [1, 3]])
+
+
+def test_every_augmentation_keeps_boxes_valid_and_inside_the_image(records: list[ImageRecord]) -> None:
+    size = PNG_SIZE
+    positives = [record for record in records if record.boxes.shape[0] > 0]
+    augmentation = build_augmentation(DataConfig(hflip=0.5, brightness_contrast=1.0, shift_scale_rotate=1.0), train=True, seed=1)
+    dataset = DetectionDataset(positives * 5, image_size=size, augmentation=augmentation)
+    box_counts = []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        boxes = target["boxes"]
+        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert boxes.shape[0] <= positives[index % len(positives)].boxes.shape[0]
+        assert target["labels"].shape == (boxes.shape[0],)
+        assert bool((boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all())
+        assert bool((boxes >= 0).all() and (boxes <= size).all())
+        box_counts.append(boxes.shape[0])
+    assert sum(box_counts) > 0  # the affine jitter must not throw every box away
+
+
+def test_the_same_seed_gives_the_same_augmentation(records: list[ImageRecord]) -> None:
+    record = first_positive(records)
+    config = DataConfig(hflip=0.5, brightness_contrast=1.0, shift_scale_rotate=1.0)
+    first = DetectionDataset([record], image_size=PNG_SIZE, augmentation=build_augmentation(config, train=True, seed=4))[0]
+    second = DetectionDataset([record], image_size=PNG_SIZE, augmentation=build_augmentation(config, train=True, seed=4))[0]
+    torch.testing.assert_close(first[0], second[0])
+    torch.testing.assert_close(first[1]["boxes"], second[1]["boxes"])
+
+
+# --- loaders ------------------------------------------------------------------------------------
+
+
+def test_collate_keeps_lists_of_images_and_targets() -> None:
+    images, targets = collate([(torch.zeros(3, 2, 2), {"a": 1}), (torch.ones(3, 4, 4), {"a": 2})])
+    assert [image.shape[-1] for image in images] == [2, 4]
+    assert targets == [{"a": 1}, {"a": 2}]
+
+
+def test_build_dataloaders_splits_by_fold_and_respects_the_image_limits(data_dir: Path, records: list[ImageRecord]) -> None:
+    config = DataConfig(fold=0, batch_size=2, max_train_images=3, max_val_images=2, **NO_AUGMENTATION)
+    train_loader, val_loader = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0)
+    train_expected, val_expected = split_records(records, fold=0)
+    assert [r.image_id for r in train_loader.dataset.records] == [r.image_id for r in train_expected[:3]]
+    assert [r.image_id for r in val_loader.dataset.records] == [r.image_id for r in val_expected[:2]]
+    assert val_loader.dataset.augmentation is None and train_loader.dataset.augmentation is not None
+    # Validation keeps its order; training drops the incomplete last batch (3 images, batches of 2).
+    assert [int(target["image_id"]) for _, targets in val_loader for target in targets] == [r.image_id for r in val_expected[:2]]
+    assert [len(images) for images, _ in train_loader] == [2]
+
+
+def test_a_training_set_smaller_than_a_batch_still_gives_one_batch(data_dir: Path) -> None:
+    config = DataConfig(fold=0, batch_size=8, max_train_images=3, **NO_AUGMENTATION)
+    train_loader, _ = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0)
+    assert [len(images) for images, _ in train_loader] == [3]
+
+
+def test_an_empty_split_is_a_clear_error(tmp_path: Path, data_dir: Path, coco: dict) -> None:
+    # A one-image dataset has a single fold: validating on it leaves nothing to train on.
+    only = {**coco, "images": coco["images"][:1], "annotations": [a for a in coco["annotations"] if a["image_id"] == coco["images"][0]["id"]]}
+    (tmp_path / "annotations.json").write_text(json.dumps(only))
+    shutil.copytree(data_dir / "images", tmp_path / "images")
+    fold = coco["images"][0]["fold"]
+    with pytest.raises(LungdetError, match=re.escape(f"{tmp_path}: fold {fold} leaves 0 training and 1 validation images; need at least one of each")):
+        build_dataloaders(tmp_path, DataConfig(fold=fold), image_size=PNG_SIZE, seed=0)
+
+
+def test_loader_workers_do_not_repeat_each_others_augmentation(data_dir: Path, records: list[ImageRecord]) -> None:
+    # Each worker holds a copy of the seeded pipeline; unless reseeded per worker, worker 0 and
+    # worker 1 would draw the same brightness change for their first images.
+    config = DataConfig(fold=0, batch_size=1, num_workers=2, hflip=0.0, brightness_contrast=1.0, shift_scale_rotate=0.0)
+
+    def augmented_means() -> list[float]:
+        train_loader, _ = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0)
+        train_loader.dataset.records[:] = [first_positive(records)] * 4
+        return [float(images[0].mean()) for images, _ in train_loader]
+
+    means = augmented_means()
+    assert len(means) == 4
+    assert len(set(means)) == 4
+    assert augmented_means() == means  # still reproducible from the seed

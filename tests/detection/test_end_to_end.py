@@ -1,0 +1,65 @@
+"""The pipeline learns: synth -> convert -> train on CPU -> predict DICOMs -> RSNA score.
+
+A MobileNetV3-FPN Faster R-CNN trained from scratch for a fixed number of steps (about two
+minutes on a 2-core CPU) must beat the same architecture untrained, on held-out synthetic
+DICOMs scored with the official metric through ``predict_dicoms`` (original pixel space).
+Measured on the reference machine (2 cores, torch 2.14.1, 2026-11-22): untrained mAP 0.0035,
+trained mAP 0.290 (validation mAP 0.248). The assertions leave a wide margin below the trained
+figure while still failing if training stops learning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.dicom_io import find_dicoms
+from data_tools.labels import read_labels
+from data_tools.synth import write_synthetic_dataset
+from data_tools.to_coco import convert_dataset
+from detection.config import load_config
+from detection.model import build_model
+from detection.predict import load_trained_model, predict_dicoms
+from detection.train import BEST_CHECKPOINT, seed_everything, train
+from submission.score import score_dataset
+
+TRAIN_OVERRIDES = [
+    "model.pretrained=none",  # tests never depend on downloads
+    "optim.epochs=6",  # fixed steps, not max_minutes: the result must not depend on machine speed
+    "max_minutes=0",
+    "seed=0",
+]
+
+
+def held_out_map(model: torch.nn.Module, images_dir, labels_csv, *, image_size: int, score_threshold: float) -> float:
+    predictions, bad = predict_dicoms(
+        model, find_dicoms(images_dir), image_size=image_size, device=torch.device("cpu"), score_threshold=score_threshold, progress=False
+    )
+    assert bad == []
+    truth = {patient_id: labels.boxes for patient_id, labels in read_labels(labels_csv).items()}
+    return score_dataset(truth, predictions).map
+
+
+@pytest.mark.slow
+def test_training_beats_an_untrained_model_on_held_out_dicoms(tmp_path):
+    train_set = write_synthetic_dataset(tmp_path / "synth_train", count=200, seed=11, positive_fraction=0.5)
+    held_out = write_synthetic_dataset(tmp_path / "synth_test", count=40, seed=12, positive_fraction=0.5)
+    labels = read_labels(train_set.labels_csv)
+    report = convert_dataset(train_set.images_dir, labels, tmp_path / "coco", image_size=256, folds=5, seed=0, progress=False)
+    assert report.converted == 200 and report.bad_files == []
+
+    config = load_config("fasterrcnn_mobilenet_cpu", TRAIN_OVERRIDES)
+    seed_everything(0)
+    untrained = build_model(config.model).eval()
+    untrained_map = held_out_map(untrained, held_out.images_dir, held_out.labels_csv, image_size=256, score_threshold=0.5)
+
+    best = train(config, tmp_path / "coco", tmp_path / "run", progress=False)
+    model, _, checkpoint = load_trained_model(tmp_path / "run" / BEST_CHECKPOINT, device=torch.device("cpu"))
+    trained_map = held_out_map(model, held_out.images_dir, held_out.labels_csv, image_size=256, score_threshold=checkpoint["score_threshold"])
+    print(f"untrained mAP {untrained_map:.4f}, trained mAP {trained_map:.4f}, validation mAP {best['val_map']:.4f}")
+
+    assert untrained_map < 0.05
+    assert trained_map > 0.10
+    assert trained_map > untrained_map + 0.08
+    assert np.isfinite(best["loss"])

@@ -1,0 +1,194 @@
+"""Tests for detection/engine.py: one training epoch, the NaN guard, prediction over a loader and the tuned validation mAP."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from data_tools.boxes import xyxy_to_xywh
+from data_tools.errors import LungdetError
+from data_tools.labels import read_labels
+from data_tools.synth import write_synthetic_dataset
+from data_tools.to_coco import convert_dataset
+from detection.config import DataConfig, load_config
+from detection.data import build_dataloaders, collate
+from detection.engine import NonFiniteLossError, evaluate, predict_loader, train_one_epoch
+from detection.model import build_model
+
+IMAGE_SIZE = 64
+CPU = torch.device("cpu")
+TINY_MODEL = [
+    "model.architecture=fasterrcnn_mobilenet_v3_large_fpn",
+    "model.pretrained=none",
+    f"model.image_size={IMAGE_SIZE}",
+    "model.rpn_pre_nms_top_n_train=50",
+    "model.rpn_post_nms_top_n_train=20",
+    "model.rpn_pre_nms_top_n_test=50",
+    "model.rpn_post_nms_top_n_test=20",
+    "model.rpn_batch_size_per_image=32",
+    "model.box_batch_size_per_image=16",
+]
+TORCHVISION_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine, thread contention made them tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def loaders(tmp_path_factory: pytest.TempPathFactory) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders of 4 + 4 synthetic 64 px images (half positive), batches of 2, no augmentation."""
+    root = tmp_path_factory.mktemp("engine")
+    synth = write_synthetic_dataset(root / "synth", count=8, seed=3, positive_fraction=0.5, size=(128, 128))
+    convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=IMAGE_SIZE, folds=2, seed=0, progress=False)
+    config = DataConfig(fold=0, batch_size=2, hflip=0.0, brightness_contrast=0.0, shift_scale_rotate=0.0)
+    train_loader, val_loader = build_dataloaders(root / "coco", config, image_size=IMAGE_SIZE, seed=0)
+    assert len(train_loader.dataset) == len(val_loader.dataset) == 4
+    return train_loader, val_loader
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(load_config(None, TINY_MODEL).model)
+
+
+def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def test_train_one_epoch_returns_finite_mean_losses_and_counts(loaders: tuple[DataLoader, DataLoader]) -> None:
+    train_loader, _ = loaders
+    model = tiny_model()
+    before = model.roi_heads.box_predictor.cls_score.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    scheduler = constant_schedule(optimizer)
+
+    metrics = train_one_epoch(model, optimizer, scheduler, train_loader, CPU, epoch=1, grad_clip_norm=10.0, progress=False)
+
+    assert set(metrics) == {"loss", *TORCHVISION_LOSSES, "images", "seconds", "images_per_second", "stopped_early"}
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert metrics["images"] == 4.0
+    assert metrics["stopped_early"] == 0.0
+    # The mean of the summed loss is the sum of the mean components.
+    assert metrics["loss"] == pytest.approx(sum(metrics[name] for name in TORCHVISION_LOSSES))
+    assert scheduler.last_epoch == 2  # stepped once per batch
+    assert model.training
+    assert not torch.equal(model.roi_heads.box_predictor.cls_score.weight, before)
+
+
+def test_train_one_epoch_stops_after_the_step_that_passes_the_deadline(loaders: tuple[DataLoader, DataLoader]) -> None:
+    train_loader, _ = loaders
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
+    metrics = train_one_epoch(model, optimizer, constant_schedule(optimizer), train_loader, CPU, epoch=1, deadline=time.monotonic() - 1.0, progress=False)
+    assert metrics["images"] == 2.0
+    assert metrics["stopped_early"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_loss_stops_training_naming_epoch_and_step(loaders: tuple[DataLoader, DataLoader], monkeypatch: pytest.MonkeyPatch, bad: float) -> None:
+    train_loader, _ = loaders
+    model = tiny_model()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    monkeypatch.setattr(model, "forward", lambda images, targets=None: {"loss": torch.tensor(bad)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
+
+    with pytest.raises(NonFiniteLossError, match=re.escape(f"epoch 3 step 1: loss is {bad} (loss={bad}); lower optim.lr or raise optim.warmup_iters")):
+        train_one_epoch(model, optimizer, constant_schedule(optimizer), train_loader, CPU, epoch=3, progress=False)
+
+    assert issubclass(NonFiniteLossError, LungdetError)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# --- prediction and validation ------------------------------------------------------------------
+
+
+def test_predict_loader_truth_is_the_dataset_boxes_in_xywh(loaders: tuple[DataLoader, DataLoader]) -> None:
+    _, val_loader = loaders
+    model = tiny_model()
+    truth, predictions = predict_loader(model, val_loader, CPU)
+    assert not model.training
+    dataset = val_loader.dataset
+    assert list(truth) == [str(record.image_id) for record in dataset.records]
+    assert set(predictions) == set(truth)
+    for index, record in enumerate(dataset.records):
+        _, target = dataset[index]
+        np.testing.assert_allclose(truth[str(record.image_id)], xyxy_to_xywh(target["boxes"].numpy()))
+    for prediction in predictions.values():
+        assert prediction.boxes.shape == (prediction.scores.shape[0], 4)
+        assert (prediction.boxes[:, 2:] >= 0).all()
+
+
+def test_evaluate_reports_the_best_threshold_and_a_map_per_threshold(loaders: tuple[DataLoader, DataLoader]) -> None:
+    _, val_loader = loaders
+    thresholds = [0.05, 0.5, 0.9]
+    metrics = evaluate(tiny_model(), val_loader, CPU, score_thresholds=thresholds)
+    assert 0.0 <= metrics["val_map"] <= 1.0
+    assert metrics["val_score_threshold"] in thresholds
+    per_threshold = [metrics["val_map@0.05"], metrics["val_map@0.5"], metrics["val_map@0.9"]]
+    assert all(0.0 <= value <= 1.0 for value in per_threshold)
+    assert metrics["val_map"] == max(per_threshold)
+    assert metrics["val_map"] == metrics[f"val_map@{metrics['val_score_threshold']:g}"]
+    assert metrics["val_images"] == 4.0
+
+
+class OracleModel(nn.Module):
+    """Predicts the truth box on the positive image (marked by a bright top-left pixel) at 0.9, and a 0.2 false alarm on the negative one."""
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        outputs = []
+        for image in images:
+            if image[0, 0, 0] == 1.0:
+                outputs.append({"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])})
+            else:
+                outputs.append({"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "scores": torch.tensor([0.2]), "labels": torch.tensor([1])})
+        return outputs
+
+
+def oracle_loader() -> DataLoader:
+    positive = torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE)
+    positive[:, 0, 0] = 1.0
+    samples = [
+        (positive, {"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "labels": torch.tensor([1]), "image_id": torch.tensor(1)}),
+        (torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": torch.tensor(2)}),
+    ]
+    return DataLoader(samples, batch_size=2, collate_fn=collate)
+
+
+def test_evaluate_hand_computed_on_one_positive_and_one_negative() -> None:
+    # Cut-off 0.1: positive matched at IoU 1 (score 1), the negative's false alarm scores 0 -> mAP 0.5.
+    # Cut-off 0.3: the false alarm is gone and a clean negative is not scored -> mAP 1.0.
+    # Cut-off 0.95: the positive has no box (score 0), the negative is not scored -> mAP 0.0.
+    metrics = evaluate(OracleModel(), oracle_loader(), CPU, score_thresholds=[0.1, 0.3, 0.95])
+    assert metrics["val_map@0.1"] == 0.5
+    assert metrics["val_map@0.3"] == 1.0
+    assert metrics["val_map@0.95"] == 0.0
+    assert metrics["val_map"] == 1.0
+    assert metrics["val_score_threshold"] == 0.3
+    assert metrics["val_sensitivity"] == 1.0
+    assert metrics["val_specificity"] == 1.0
+    assert metrics["val_mean_iou"] == 1.0
+    assert metrics["val_images"] == 2.0
+
+
+def test_evaluate_breaks_ties_the_same_way_whatever_the_threshold_order() -> None:
+    forward = evaluate(OracleModel(), oracle_loader(), CPU, score_thresholds=[0.3, 0.25])
+    backward = evaluate(OracleModel(), oracle_loader(), CPU, score_thresholds=[0.25, 0.3])
+    assert forward["val_map"] == backward["val_map"] == 1.0
+    assert forward["val_score_threshold"] == backward["val_score_threshold"] == 0.25

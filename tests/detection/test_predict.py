@@ -1,0 +1,186 @@
+"""Tests for detection/predict.py: rebuilding a trained model, mapping boxes back to DICOM pixels, folders with bad files, the CLI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.errors import LungdetError
+from data_tools.labels import read_labels
+from data_tools.synth import write_synthetic_dataset
+from data_tools.to_coco import convert_dataset
+from detection.config import config_to_dict, load_config
+from detection.predict import get_args_parser, load_trained_model, main, predict_dicoms, to_original_space
+from detection.train import BEST_CHECKPOINT, train
+from submission.prediction_string import read_submission
+
+IMAGE_SIZE = 64
+CPU = torch.device("cpu")
+DICOM_ROWS, DICOM_COLUMNS = 128, 256  # not square, so a swapped axis shows
+TINY_RUN = [
+    "model.architecture=fasterrcnn_mobilenet_v3_large_fpn",
+    "model.pretrained=none",
+    f"model.image_size={IMAGE_SIZE}",
+    "model.rpn_pre_nms_top_n_train=50",
+    "model.rpn_post_nms_top_n_train=20",
+    "model.rpn_pre_nms_top_n_test=50",
+    "model.rpn_post_nms_top_n_test=20",
+    "model.rpn_batch_size_per_image=32",
+    "model.box_batch_size_per_image=16",
+    "data.batch_size=2",
+    "optim.epochs=1",
+    "max_minutes=0",
+    "device=cpu",  # the same numbers on any machine
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine, thread contention made them tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A 1-epoch run on 8 synthetic images at 64 px: its config and best checkpoint."""
+    root = tmp_path_factory.mktemp("predict_run")
+    synth = write_synthetic_dataset(root / "synth", count=8, seed=3, positive_fraction=0.5, size=(128, 128))
+    convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=IMAGE_SIZE, folds=2, seed=0, progress=False)
+    config = load_config(None, TINY_RUN)
+    train(config, root / "coco", root / "run", progress=False)
+    return {"config": config, "checkpoint": root / "run" / BEST_CHECKPOINT}
+
+
+@pytest.fixture(scope="module")
+def dicom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 synthetic 128 x 256 DICOMs and one corrupt .dcm."""
+    synth = write_synthetic_dataset(tmp_path_factory.mktemp("predict_dicoms"), count=3, seed=5, positive_fraction=0.67, size=(DICOM_ROWS, DICOM_COLUMNS))
+    (synth.images_dir / "corrupt-0000.dcm").write_bytes(b"this is not a DICOM file" * 10)
+    return synth.images_dir
+
+
+def good_stems(dicom_dir: Path) -> list[str]:
+    return sorted(path.stem for path in dicom_dir.glob("*.dcm") if path.stem != "corrupt-0000")
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+def test_load_trained_model_rebuilds_the_saved_model(trained: dict[str, Any]) -> None:
+    model, config, checkpoint = load_trained_model(trained["checkpoint"], device=CPU)
+    assert not model.training
+    assert config == trained["config"]
+    assert checkpoint["config"] == config_to_dict(trained["config"])
+    state = model.state_dict()
+    assert set(state) == set(checkpoint["model"])
+    for key, value in checkpoint["model"].items():
+        assert torch.equal(state[key], value), key
+
+
+def test_a_checkpoint_without_config_is_refused(trained: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "weights_only.pt"
+    torch.save({"model": torch.load(trained["checkpoint"], weights_only=True)["model"]}, path)
+    with pytest.raises(LungdetError, match=re.escape(f"{path}: has no 'config' entry; is it a lungdet checkpoint (RUN/best.pt)?")):
+        load_trained_model(path, device=CPU)
+
+
+def test_a_missing_checkpoint_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'best.pt'}: checkpoint not found")):
+        load_trained_model(tmp_path / "best.pt", device=CPU)
+
+
+# --- boxes back to DICOM pixels -----------------------------------------------------------------
+
+
+def test_to_original_space_scales_each_axis_and_filters_by_score() -> None:
+    # XYXY [8, 8, 24, 40] at 64 px is XYWH [8, 8, 16, 32]; a 128-row x 256-column DICOM scales
+    # x by 256 / 64 = 4 and y by 128 / 64 = 2: [32, 16, 64, 64]. The 0.3 box is below the cut-off.
+    output = {"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0], [0.0, 0.0, 32.0, 32.0]]), "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([1, 1])}
+    prediction = to_original_space(output, image_size=64, rows=128, columns=256, score_threshold=0.5)
+    np.testing.assert_allclose(prediction.scores, [0.9], rtol=1e-6)
+    np.testing.assert_allclose(prediction.boxes, [[32.0, 16.0, 64.0, 64.0]])
+
+
+def test_to_original_space_keeps_a_score_equal_to_the_threshold() -> None:
+    output = {"boxes": torch.tensor([[0.0, 0.0, 32.0, 16.0]]), "scores": torch.tensor([0.25]), "labels": torch.tensor([1])}
+    prediction = to_original_space(output, image_size=64, rows=128, columns=256, score_threshold=0.25)
+    np.testing.assert_allclose(prediction.boxes, [[0.0, 0.0, 128.0, 32.0]])
+    assert to_original_space(output, image_size=64, rows=128, columns=256, score_threshold=0.26).boxes.shape == (0, 4)
+
+
+# --- a folder of DICOMs -------------------------------------------------------------------------
+
+
+def test_predict_dicoms_gives_every_file_a_row_and_lists_the_bad_one(trained: dict[str, Any], dicom_dir: Path) -> None:
+    model, config, _ = load_trained_model(trained["checkpoint"], device=CPU)
+    paths = sorted(dicom_dir.glob("*.dcm"))
+    predictions, bad = predict_dicoms(model, paths, image_size=config.model.image_size, device=CPU, score_threshold=0.0, batch_size=2, progress=False)
+
+    assert sorted(predictions) == sorted(["corrupt-0000", *good_stems(dicom_dir)])
+    assert [path.name for path, _ in bad] == ["corrupt-0000.dcm"]
+    assert "not a DICOM file" in bad[0][1]
+    assert predictions["corrupt-0000"].boxes.shape == (0, 4)
+    for stem in good_stems(dicom_dir):
+        boxes = predictions[stem].boxes
+        # torchvision clips boxes to its 64 px input; scaled back, they must lie inside the DICOM.
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+        assert (boxes[:, 0] + boxes[:, 2] <= DICOM_COLUMNS + 1e-3).all()
+        assert (boxes[:, 1] + boxes[:, 3] <= DICOM_ROWS + 1e-3).all()
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def run_cli(*argv: str) -> int:
+    return main(get_args_parser().parse_args([*argv, "--no-progress"]))
+
+
+def test_cli_writes_a_sorted_submission_with_a_row_per_dicom(trained: dict[str, Any], dicom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "submission.csv"
+    assert run_cli("--checkpoint", str(trained["checkpoint"]), "--dicom-dir", str(dicom_dir), "--out", str(out), "--batch-size", "3") == 0
+
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "patientId,PredictionString"
+    expected_ids = sorted(["corrupt-0000", *good_stems(dicom_dir)])
+    assert [line.split(",")[0] for line in lines[1:]] == expected_ids
+    assert "corrupt-0000," in lines
+    submission = read_submission(out)
+    assert list(submission) == expected_ids
+
+    # With no --score-threshold the cut-off tuned on validation is used.
+    threshold = torch.load(trained["checkpoint"], weights_only=True)["score_threshold"]
+    captured = capsys.readouterr()
+    assert f"wrote {out}: 4 rows" in captured.out
+    assert f"(confidence >= {threshold:g})" in captured.out
+    assert all((prediction.scores >= threshold).all() for prediction in submission.values())
+    assert "unreadable, written with no boxes:" in captured.err and "corrupt-0000.dcm" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--score-threshold", "1.5"], "argument --score-threshold: must be in [0, 1], got 1.5"),
+        (["--score-threshold", "-0.1"], "argument --score-threshold: must be in [0, 1], got -0.1"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    ],
+)
+def test_cli_rejects_bad_options_before_any_work(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    # The checkpoint and folder do not exist: the option check must come first.
+    with pytest.raises(SystemExit):
+        run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(tmp_path / "none"), "--out", str(tmp_path / "s.csv"), *extra)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_cli_with_no_dicoms_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'empty'}: no .dcm files found")):
+        run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "s.csv"))

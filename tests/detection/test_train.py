@@ -1,0 +1,313 @@
+"""Tests for detection/train.py: schedule, run folder, checkpoints, resume, CLI, devices, broken checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from data_tools.errors import LungdetError
+from data_tools.labels import read_labels
+from data_tools.synth import write_synthetic_dataset
+from data_tools.to_coco import convert_dataset
+from detection.config import TrainConfig, config_to_dict, load_config
+from detection.model import build_model
+from detection.train import (
+    BEST_CHECKPOINT,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    build_optimizer,
+    build_scheduler,
+    get_args_parser,
+    load_checkpoint,
+    main,
+    resolve_device,
+    train,
+    write_metrics_csv,
+)
+
+IMAGE_SIZE = 64
+TINY_MODEL = [
+    "model.pretrained=none",
+    f"model.image_size={IMAGE_SIZE}",
+    "model.rpn_pre_nms_top_n_train=50",
+    "model.rpn_post_nms_top_n_train=20",
+    "model.rpn_pre_nms_top_n_test=50",
+    "model.rpn_post_nms_top_n_test=20",
+    "model.rpn_batch_size_per_image=32",
+    "model.box_batch_size_per_image=16",
+]
+# 4 training images in batches of 2: two optimizer steps per epoch; on the CPU even where a GPU is, so runs repeat exactly.
+TINY_RUN = [*TINY_MODEL, "device=cpu", "data.batch_size=2", "optim.epochs=1", "optim.warmup_iters=1", "max_minutes=0", "val_score_thresholds=[0.1, 0.5]"]
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "config", "frozen_batch_norm", "score_threshold", "val_map", "history", "torch_rng_state"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine, thread contention made them tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(*overrides: str) -> TrainConfig:
+    return load_config(None, ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *TINY_RUN, *overrides])
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / METRICS_FILE, newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 synthetic images (half positive) at 64 px in two folds: 4 train, 4 validate."""
+    root = tmp_path_factory.mktemp("train_data")
+    synth = write_synthetic_dataset(root / "synth", count=8, seed=3, positive_fraction=0.5, size=(128, 128))
+    convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=IMAGE_SIZE, folds=2, seed=0, progress=False)
+    return root / "coco"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Any]:
+    """One finished 1-epoch run; tests that change it work on a copy."""
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    config = tiny_config()
+    best = train(config, data_dir, run_dir, progress=False)
+    return {"config": config, "run_dir": run_dir, "best": best}
+
+
+def copy_run(finished_run: dict[str, Any], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished_run["run_dir"], tmp_path / "run"))
+
+
+# --- schedule and optimizer ---------------------------------------------------------------------
+
+
+def scheduled_lrs(*, warmup_iters: int, total_iters: int, steps: list[int]) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(optimizer, warmup_iters=warmup_iters, total_iters=total_iters)
+    lrs = []
+    for step in range(max(steps) + 1):
+        if step in steps:
+            lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_schedule_warms_up_from_one_percent_then_decays_to_zero() -> None:
+    # lr 0.1, 10 warm-up steps of 110: 1% at 0; half-way up at 5 (0.01 + 0.99 / 2 = 0.505);
+    # peak at 10; cosine half-way at 60 (0.5); zero at 110.
+    lrs = scheduled_lrs(warmup_iters=10, total_iters=110, steps=[0, 5, 10, 60, 110])
+    assert lrs == pytest.approx([0.001, 0.0505, 0.1, 0.05, 0.0], abs=1e-12)
+
+
+def test_schedule_shortens_a_warm_up_longer_than_the_run() -> None:
+    # warm-up 50 of 10 steps becomes 9: the peak is reached at step 9, zero at 10.
+    lrs = scheduled_lrs(warmup_iters=50, total_iters=10, steps=[0, 9, 10])
+    assert lrs == pytest.approx([0.001, 0.1, 0.0], abs=1e-12)
+
+
+def test_build_optimizer_follows_the_config_and_skips_frozen_parameters() -> None:
+    config = tiny_config("optim.optimizer=adamw", "optim.lr=0.002", "model.trainable_backbone_layers=0")
+    model = build_model(config.model, frozen_batch_norm=True)
+    optimizer = build_optimizer(model, config)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["lr"] == 0.002
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert 0 < len(optimizer.param_groups[0]["params"]) == len(trainable) < len(list(model.parameters()))
+    sgd = build_optimizer(model, tiny_config("optim.momentum=0.5"))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
+
+
+# --- one run ------------------------------------------------------------------------------------
+
+
+def test_train_writes_config_metrics_and_both_checkpoints(finished_run: dict[str, Any]) -> None:
+    run_dir = finished_run["run_dir"]
+    assert sorted(path.name for path in run_dir.iterdir()) == sorted([CONFIG_FILE, METRICS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT])
+    assert load_config(run_dir / CONFIG_FILE) == finished_run["config"]
+
+    rows = read_metrics(run_dir)
+    assert len(rows) == 1
+    row = rows[0]
+    for column in ("epoch", "lr", "loss", "loss_classifier", "images", "val_map", "val_score_threshold", "val_map@0.1", "val_map@0.5"):
+        assert column in row
+    assert row["epoch"] == "1"
+    assert row["images"] == "4"
+    assert row["lr"] == "0.0001"  # the rate the epoch started at: warm-up begins at 1% of the default optim.lr=0.01
+    assert 0.0 <= float(row["val_map"]) <= 1.0
+    assert float(row["val_score_threshold"]) in (0.1, 0.5)
+    assert finished_run["best"]["epoch"] == 1
+    assert finished_run["best"]["val_map"] == pytest.approx(float(row["val_map"]), abs=1e-6)
+
+
+def test_checkpoints_hold_everything_needed_to_resume_and_predict(finished_run: dict[str, Any]) -> None:
+    run_dir, config = finished_run["run_dir"], finished_run["config"]
+    last = load_checkpoint(run_dir / LAST_CHECKPOINT)
+    best = load_checkpoint(run_dir / BEST_CHECKPOINT)
+    assert set(last) == set(best) == CHECKPOINT_KEYS
+    assert last["epoch"] == best["epoch"] == 1
+    assert last["config"] == config_to_dict(config)
+    assert last["frozen_batch_norm"] is False
+    assert set(last["model"]) == set(build_model(config.model).state_dict())
+    assert last["optimizer"]["param_groups"][0]["lr"] == 0.0
+    assert last["scheduler"]["last_epoch"] == 2
+    assert len(last["history"]) == 1
+    assert last["score_threshold"] == last["history"][0]["val_score_threshold"]
+    assert last["val_map"] == last["history"][0]["val_map"]
+    for key in ("backbone.body.0.0.weight", "roi_heads.box_predictor.cls_score.weight"):
+        assert torch.equal(last["model"][key], best["model"][key])
+
+
+def test_the_same_seed_gives_the_same_run(finished_run: dict[str, Any], data_dir: Path, tmp_path: Path) -> None:
+    train(finished_run["config"], data_dir, tmp_path / "again", progress=False)
+    first, second = read_metrics(finished_run["run_dir"])[0], read_metrics(tmp_path / "again")[0]
+    for column in ("loss", "loss_classifier", "loss_objectness", "val_map", "val_score_threshold"):
+        assert first[column] == second[column], column
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+
+def test_resume_continues_at_the_next_epoch_and_keeps_the_first_row(finished_run: dict[str, Any], data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = copy_run(finished_run, tmp_path)
+    first_lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    capsys.readouterr()
+
+    train(tiny_config("optim.epochs=2"), data_dir, run_dir, resume=True, progress=False)
+
+    assert f"resumed from {run_dir / LAST_CHECKPOINT} after epoch 1" in capsys.readouterr().out
+    lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    assert lines[:2] == first_lines
+    assert [row["epoch"] for row in read_metrics(run_dir)] == ["1", "2"]
+    last = load_checkpoint(run_dir / LAST_CHECKPOINT)
+    assert last["epoch"] == 2
+    assert len(last["history"]) == 2
+    assert last["scheduler"]["last_epoch"] == 4  # 2 steps per epoch, continued rather than restarted
+    assert load_config(run_dir / CONFIG_FILE).optim.epochs == 2
+
+
+def test_resume_of_a_finished_run_is_an_error_and_changes_nothing(finished_run: dict[str, Any], data_dir: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(finished_run, tmp_path)
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    with pytest.raises(LungdetError, match=re.escape(f"{run_dir}: nothing to train: the run already finished 1 epochs of optim.epochs=1 (raise optim.epochs")):
+        train(finished_run["config"], data_dir, run_dir, resume=True, progress=False)
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before
+
+
+def test_resume_without_a_checkpoint_is_an_error(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'empty' / LAST_CHECKPOINT}: checkpoint not found")):
+        train(tiny_config(), data_dir, tmp_path / "empty", resume=True, progress=False)
+
+
+# --- broken checkpoints -------------------------------------------------------------------------
+
+
+def test_a_corrupt_checkpoint_is_a_lungdet_error(finished_run: dict[str, Any], data_dir: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(finished_run, tmp_path)
+    last = run_dir / LAST_CHECKPOINT
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as after a full disk
+    with pytest.raises(LungdetError, match=re.escape(f"{last}: not a readable checkpoint (")):
+        load_checkpoint(last)
+    with pytest.raises(LungdetError, match=re.escape(f"{last}: not a readable checkpoint (")):
+        train(finished_run["config"], data_dir, run_dir, resume=True, progress=False)
+
+
+class Executable:
+    """Stands for an arbitrary pickled object: a checkpoint holding one must not be unpickled."""
+
+
+def test_a_checkpoint_with_pickled_objects_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "object.pt"
+    torch.save({"model": Executable()}, path)
+    with pytest.raises(LungdetError, match=re.escape(f"{path}: not a readable checkpoint (")):
+        load_checkpoint(path)
+
+
+# --- metrics file -------------------------------------------------------------------------------
+
+
+def test_metrics_csv_has_the_union_of_columns_in_first_seen_order(tmp_path: Path) -> None:
+    path = tmp_path / METRICS_FILE
+    write_metrics_csv(path, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25, "val_map": 1 / 3}])
+    assert path.read_text(encoding="utf-8") == "epoch,loss,val_map\n1,0.5,\n2,0.25,0.333333\n"
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+def test_resolve_device_auto_and_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:0"])
+def test_resolve_device_cuda_without_cuda_is_an_error(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LungdetError, match=re.escape(f"device='{name}' but this machine has no CUDA GPU; use device=cpu or device=auto")):
+        resolve_device(name)
+
+
+def test_resolve_device_rejects_a_name_torch_does_not_know() -> None:
+    with pytest.raises(LungdetError, match=re.escape("device='gpu' is not a device name; use device=auto, cpu, cuda or cuda:N")):
+        resolve_device("gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resolve_device_picks_cuda_when_present() -> None:
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def test_parser_separates_flags_from_overrides() -> None:
+    args = get_args_parser().parse_args(["--data", "d", "--fold", "2", "--out", "o", "optim.lr=0.1", "seed=3"])
+    assert (args.data, args.out, args.fold, args.config, args.resume) == (Path("d"), Path("o"), 2, None, False)
+    assert args.overrides == ["optim.lr=0.1", "seed=3"]
+
+
+def test_parser_requires_data_and_out(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--data", "d"])
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_cli_trains_with_a_named_config_overrides_and_fold(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli_run"
+    args = get_args_parser().parse_args(["--config", "fasterrcnn_mobilenet_cpu", "--data", str(data_dir), "--out", str(out), "--fold", "1", "--no-progress", *TINY_RUN])
+    assert main(args) == 0
+    saved = load_config(out / CONFIG_FILE)
+    assert saved.data.fold == 1
+    assert saved.model.architecture == "fasterrcnn_mobilenet_v3_large_fpn"  # from the named config
+    assert saved.optim.optimizer == "adamw"  # from the named config
+    assert saved.model.image_size == IMAGE_SIZE  # from an override
+    assert len(read_metrics(out)) == 1
+
+
+def test_cli_resume_uses_the_config_stored_in_the_checkpoint(finished_run: dict[str, Any], data_dir: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(finished_run, tmp_path)
+    args = get_args_parser().parse_args(["--data", str(data_dir), "--out", str(run_dir), "--resume", "--no-progress", "optim.epochs=2"])
+    assert main(args) == 0
+    saved = load_config(run_dir / CONFIG_FILE)
+    assert saved.model.image_size == IMAGE_SIZE and saved.optim.epochs == 2
+    assert [row["epoch"] for row in read_metrics(run_dir)] == ["1", "2"]
+
+
+def test_cli_rejects_resume_with_config_before_any_work(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    args = get_args_parser().parse_args(["--config", "fasterrcnn_mobilenet_cpu", "--data", str(data_dir), "--out", str(out), "--resume"])
+    with pytest.raises(LungdetError, match=re.escape("--resume takes the config stored in OUT/last.pt; drop --config")):
+        main(args)
+    assert not out.exists()
