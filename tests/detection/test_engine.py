@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +16,6 @@ from torch.utils.data import DataLoader
 
 from data_tools.boxes import xyxy_to_xywh
 from data_tools.errors import LungdetError
-from data_tools.labels import read_labels
-from data_tools.synth import write_synthetic_dataset
-from data_tools.to_coco import convert_dataset
 from detection.config import DataConfig, load_config
 from detection.data import build_dataloaders, collate
 from detection.engine import NonFiniteLossError, evaluate, predict_loader, train_one_epoch
@@ -24,44 +23,29 @@ from detection.model import build_model
 
 IMAGE_SIZE = 64
 CPU = torch.device("cpu")
-TINY_MODEL = [
-    "model.architecture=fasterrcnn_mobilenet_v3_large_fpn",
-    "model.pretrained=none",
-    f"model.image_size={IMAGE_SIZE}",
-    "model.rpn_pre_nms_top_n_train=50",
-    "model.rpn_post_nms_top_n_train=20",
-    "model.rpn_pre_nms_top_n_test=50",
-    "model.rpn_post_nms_top_n_test=20",
-    "model.rpn_batch_size_per_image=32",
-    "model.box_batch_size_per_image=16",
-]
+MOBILENET = "model.architecture=fasterrcnn_mobilenet_v3_large_fpn"
 TORCHVISION_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine, thread contention made them tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def loaders(tmp_path_factory: pytest.TempPathFactory) -> tuple[DataLoader, DataLoader]:
+def loaders(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable[[Path], Path]) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders of 4 + 4 synthetic 64 px images (half positive), batches of 2, no augmentation."""
-    root = tmp_path_factory.mktemp("engine")
-    synth = write_synthetic_dataset(root / "synth", count=8, seed=3, positive_fraction=0.5, size=(128, 128))
-    convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=IMAGE_SIZE, folds=2, seed=0, progress=False)
+    coco = make_tiny_dataset(tmp_path_factory.mktemp("engine"))
     config = DataConfig(fold=0, batch_size=2, hflip=0.0, brightness_contrast=0.0, shift_scale_rotate=0.0)
-    train_loader, val_loader = build_dataloaders(root / "coco", config, image_size=IMAGE_SIZE, seed=0)
+    train_loader, val_loader = build_dataloaders(coco, config, image_size=IMAGE_SIZE, seed=0)
     assert len(train_loader.dataset) == len(val_loader.dataset) == 4
     return train_loader, val_loader
 
 
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(load_config(None, TINY_MODEL).model)
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_overrides: tuple[str, ...]) -> Callable[..., nn.Module]:
+    """Return ``build(seed=0)``: a tiny MobileNetV3-FPN Faster R-CNN, its weights drawn after ``torch.manual_seed(seed)``."""
+
+    def build(seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_model(load_config(None, [MOBILENET, *tiny_model_overrides]).model)
+
+    return build
 
 
 def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -71,7 +55,7 @@ def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_schedu
 # --- training -----------------------------------------------------------------------------------
 
 
-def test_train_one_epoch_returns_finite_mean_losses_and_counts(loaders: tuple[DataLoader, DataLoader]) -> None:
+def test_train_one_epoch_returns_finite_mean_losses_and_counts(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]) -> None:
     train_loader, _ = loaders
     model = tiny_model()
     before = model.roi_heads.box_predictor.cls_score.weight.detach().clone()
@@ -91,7 +75,7 @@ def test_train_one_epoch_returns_finite_mean_losses_and_counts(loaders: tuple[Da
     assert not torch.equal(model.roi_heads.box_predictor.cls_score.weight, before)
 
 
-def test_train_one_epoch_stops_after_the_step_that_passes_the_deadline(loaders: tuple[DataLoader, DataLoader]) -> None:
+def test_train_one_epoch_stops_after_the_step_that_passes_the_deadline(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]) -> None:
     train_loader, _ = loaders
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
@@ -101,7 +85,7 @@ def test_train_one_epoch_stops_after_the_step_that_passes_the_deadline(loaders: 
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_non_finite_loss_stops_training_naming_epoch_and_step(loaders: tuple[DataLoader, DataLoader], monkeypatch: pytest.MonkeyPatch, bad: float) -> None:
+def test_a_non_finite_loss_stops_training_naming_epoch_and_step(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module], monkeypatch: pytest.MonkeyPatch, bad: float) -> None:
     train_loader, _ = loaders
     model = tiny_model()
     before = {key: value.clone() for key, value in model.state_dict().items()}
@@ -119,7 +103,7 @@ def test_a_non_finite_loss_stops_training_naming_epoch_and_step(loaders: tuple[D
 # --- prediction and validation ------------------------------------------------------------------
 
 
-def test_predict_loader_truth_is_the_dataset_boxes_in_xywh(loaders: tuple[DataLoader, DataLoader]) -> None:
+def test_predict_loader_truth_is_the_dataset_boxes_in_xywh(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]) -> None:
     _, val_loader = loaders
     model = tiny_model()
     truth, predictions = predict_loader(model, val_loader, CPU)
@@ -135,7 +119,7 @@ def test_predict_loader_truth_is_the_dataset_boxes_in_xywh(loaders: tuple[DataLo
         assert (prediction.boxes[:, 2:] >= 0).all()
 
 
-def test_evaluate_reports_the_best_threshold_and_a_map_per_threshold(loaders: tuple[DataLoader, DataLoader]) -> None:
+def test_evaluate_reports_the_best_threshold_and_a_map_per_threshold(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]) -> None:
     _, val_loader = loaders
     thresholds = [0.05, 0.5, 0.9]
     metrics = evaluate(tiny_model(), val_loader, CPU, score_thresholds=thresholds)

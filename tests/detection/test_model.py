@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,31 +18,18 @@ from detection.config import MODEL_ARCHITECTURES, ModelConfig, load_config
 from detection.model import MODELS, anchor_generator, build_model, load_matching_weights, load_pretrained_state
 
 IMAGE_SIZE = 64
-TINY_MODEL = [
-    "model.pretrained=none",
-    f"model.image_size={IMAGE_SIZE}",
-    "model.rpn_pre_nms_top_n_train=50",
-    "model.rpn_post_nms_top_n_train=20",
-    "model.rpn_pre_nms_top_n_test=50",
-    "model.rpn_post_nms_top_n_test=20",
-    "model.rpn_batch_size_per_image=32",
-    "model.box_batch_size_per_image=16",
-]
 MOBILENET = "fasterrcnn_mobilenet_v3_large_fpn"
 TORCHVISION_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine, thread contention made them tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def tiny_config(tiny_model_overrides: tuple[str, ...]) -> Callable[..., ModelConfig]:
+    """Return ``build(*overrides, architecture=MOBILENET)``: the model section of a tiny config."""
 
+    def build(*overrides: str, architecture: str = MOBILENET) -> ModelConfig:
+        return load_config(None, [*tiny_model_overrides, f"model.architecture={architecture}", *overrides]).model
 
-def tiny_config(*overrides: str, architecture: str = MOBILENET) -> ModelConfig:
-    return load_config(None, [*TINY_MODEL, f"model.architecture={architecture}", *overrides]).model
+    return build
 
 
 def tiny_batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -63,7 +51,7 @@ def test_every_configurable_architecture_has_a_builder() -> None:
 
 
 @pytest.mark.parametrize("architecture", MODEL_ARCHITECTURES)
-def test_model_trains_and_predicts_at_a_tiny_size(architecture: str) -> None:
+def test_model_trains_and_predicts_at_a_tiny_size(tiny_config: Callable[..., ModelConfig], architecture: str) -> None:
     torch.manual_seed(0)
     config = tiny_config("model.box_detections_per_img=5", architecture=architecture)
     model = build_model(config)
@@ -88,13 +76,13 @@ def test_model_trains_and_predicts_at_a_tiny_size(architecture: str) -> None:
         assert set(output["labels"].tolist()) <= {1}
 
 
-def test_from_scratch_every_layer_trains_with_ordinary_batch_norm() -> None:
+def test_from_scratch_every_layer_trains_with_ordinary_batch_norm(tiny_config: Callable[..., ModelConfig]) -> None:
     model = build_model(tiny_config())
     assert not any(isinstance(module, FrozenBatchNorm2d) for module in model.modules())
     assert all(parameter.requires_grad for parameter in model.parameters())
 
 
-def test_with_pretrained_weights_batch_norm_is_frozen_and_early_stages_do_not_train() -> None:
+def test_with_pretrained_weights_batch_norm_is_frozen_and_early_stages_do_not_train(tiny_config: Callable[..., ModelConfig]) -> None:
     config = tiny_config("model.trainable_backbone_layers=0")
     model = build_model(config, frozen_batch_norm=True)
     assert any(isinstance(module, FrozenBatchNorm2d) for module in model.modules())
@@ -106,21 +94,21 @@ def test_with_pretrained_weights_batch_norm_is_frozen_and_early_stages_do_not_tr
 # --- anchors ------------------------------------------------------------------------------------
 
 
-def test_anchor_sizes_are_spread_one_per_feature_map_when_the_counts_match() -> None:
+def test_anchor_sizes_are_spread_one_per_feature_map_when_the_counts_match(tiny_config: Callable[..., ModelConfig]) -> None:
     generator = anchor_generator(tiny_config("model.anchor_sizes=[16, 32, 64]", "model.anchor_aspect_ratios=[1.0, 1.5]"), 3)
     assert generator.sizes == ((16,), (32,), (64,))
     assert generator.aspect_ratios == ((1.0, 1.5),) * 3
     assert generator.num_anchors_per_location() == [2, 2, 2]
 
 
-def test_every_anchor_size_goes_on_every_map_when_the_counts_differ() -> None:
+def test_every_anchor_size_goes_on_every_map_when_the_counts_differ(tiny_config: Callable[..., ModelConfig]) -> None:
     generator = anchor_generator(tiny_config("model.anchor_sizes=[16, 32, 64]", "model.anchor_aspect_ratios=[1.0, 1.5]"), 5)
     assert generator.sizes == ((16, 32, 64),) * 5
     assert generator.aspect_ratios == ((1.0, 1.5),) * 5
     assert generator.num_anchors_per_location() == [6] * 5
 
 
-def test_build_model_uses_the_architecture_feature_map_count_for_anchors() -> None:
+def test_build_model_uses_the_architecture_feature_map_count_for_anchors(tiny_config: Callable[..., ModelConfig]) -> None:
     sizes = "model.anchor_sizes=[32, 64, 128, 256, 512]"
     assert build_model(tiny_config(sizes, architecture="fasterrcnn_resnet50_fpn")).rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
     assert build_model(tiny_config(sizes, architecture=MOBILENET)).rpn.anchor_generator.sizes == ((32, 64, 128, 256, 512),) * 3
@@ -129,13 +117,13 @@ def test_build_model_uses_the_architecture_feature_map_count_for_anchors() -> No
 # --- pretrained weights -------------------------------------------------------------------------
 
 
-def test_pretrained_none_trains_from_scratch() -> None:
+def test_pretrained_none_trains_from_scratch(tiny_config: Callable[..., ModelConfig]) -> None:
     state, notice = load_pretrained_state(tiny_config("model.pretrained=none"))
     assert state is None
     assert notice == "training from scratch (model.pretrained: none)"
 
 
-def test_pretrained_auto_offline_falls_back_to_scratch_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_pretrained_auto_offline_falls_back_to_scratch_quietly(tiny_config: Callable[..., ModelConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     # An empty torch cache and no network, whatever the machine running the test has.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
 
@@ -151,7 +139,7 @@ def test_pretrained_auto_offline_falls_back_to_scratch_quietly(tmp_path: Path, m
     assert (captured.out, captured.err) == ("", "")
 
 
-def test_pretrained_auto_uses_torchvision_weights_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pretrained_auto_uses_torchvision_weights_when_available(tiny_config: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch) -> None:
     fake_state = {"roi_heads.box_head.fc6.bias": torch.zeros(1024)}
     monkeypatch.setattr(FasterRCNN_MobileNet_V3_Large_FPN_Weights, "get_state_dict", lambda self, **kwargs: fake_state)
     state, notice = load_pretrained_state(tiny_config("model.pretrained=auto"))
@@ -160,7 +148,7 @@ def test_pretrained_auto_uses_torchvision_weights_when_available(monkeypatch: py
 
 
 @pytest.mark.parametrize("as_checkpoint", [False, True], ids=["state_dict", "lungdet_checkpoint"])
-def test_pretrained_local_file_is_loaded_into_the_model(tmp_path: Path, as_checkpoint: bool) -> None:
+def test_pretrained_local_file_is_loaded_into_the_model(tiny_config: Callable[..., ModelConfig], tmp_path: Path, as_checkpoint: bool) -> None:
     torch.manual_seed(1)
     source = build_model(tiny_config())
     path = tmp_path / "weights.pth"
@@ -178,20 +166,20 @@ def test_pretrained_local_file_is_loaded_into_the_model(tmp_path: Path, as_check
         assert not torch.equal(fresh.state_dict()[key], source.state_dict()[key])
 
 
-def test_pretrained_missing_file_is_a_config_error(tmp_path: Path) -> None:
+def test_pretrained_missing_file_is_a_config_error(tiny_config: Callable[..., ModelConfig], tmp_path: Path) -> None:
     missing = tmp_path / "missing.pth"
     with pytest.raises(ConfigError, match=re.escape(f"model.pretrained='{missing}': no such file; use 'auto', 'none' or the path of a .pth state dict")):
         load_pretrained_state(tiny_config(f"model.pretrained={missing}"))
 
 
-def test_pretrained_file_that_is_not_a_state_dict_is_a_config_error(tmp_path: Path) -> None:
+def test_pretrained_file_that_is_not_a_state_dict_is_a_config_error(tiny_config: Callable[..., ModelConfig], tmp_path: Path) -> None:
     path = tmp_path / "notes.pth"
     path.write_text("not torch")
     with pytest.raises(ConfigError, match=re.escape(f"model.pretrained={path}: cannot be loaded as a torch state dict")):
         load_pretrained_state(tiny_config(f"model.pretrained={path}"))
 
 
-def test_load_matching_weights_skips_shape_mismatches_and_counts_them() -> None:
+def test_load_matching_weights_skips_shape_mismatches_and_counts_them(tiny_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(3)
     three_classes = build_model(tiny_config("model.num_classes=3"))
     two_classes = build_model(tiny_config("model.num_classes=2"))

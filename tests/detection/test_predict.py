@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,51 +12,25 @@ import pytest
 import torch
 
 from data_tools.errors import LungdetError
-from data_tools.labels import read_labels
 from data_tools.synth import write_synthetic_dataset
-from data_tools.to_coco import convert_dataset
 from detection.config import config_to_dict, load_config
 from detection.predict import get_args_parser, load_trained_model, main, predict_dicoms, to_original_space
 from detection.train import BEST_CHECKPOINT, train
 from submission.prediction_string import read_submission
 
-IMAGE_SIZE = 64
 CPU = torch.device("cpu")
 DICOM_ROWS, DICOM_COLUMNS = 128, 256  # not square, so a swapped axis shows
-TINY_RUN = [
-    "model.architecture=fasterrcnn_mobilenet_v3_large_fpn",
-    "model.pretrained=none",
-    f"model.image_size={IMAGE_SIZE}",
-    "model.rpn_pre_nms_top_n_train=50",
-    "model.rpn_post_nms_top_n_train=20",
-    "model.rpn_pre_nms_top_n_test=50",
-    "model.rpn_post_nms_top_n_test=20",
-    "model.rpn_batch_size_per_image=32",
-    "model.box_batch_size_per_image=16",
-    "data.batch_size=2",
-    "optim.epochs=1",
-    "max_minutes=0",
-    "device=cpu",  # the same numbers on any machine
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine, thread contention made them tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Besides the tiny model: one epoch in batches of 2 on the CPU, the same numbers on any machine.
+RUN_EXTRAS = ["data.batch_size=2", "optim.epochs=1", "max_minutes=0", "device=cpu"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def trained(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable[[Path], Path], tiny_model_overrides: tuple[str, ...]) -> dict[str, Any]:
     """A 1-epoch run on 8 synthetic images at 64 px: its config and best checkpoint."""
     root = tmp_path_factory.mktemp("predict_run")
-    synth = write_synthetic_dataset(root / "synth", count=8, seed=3, positive_fraction=0.5, size=(128, 128))
-    convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=IMAGE_SIZE, folds=2, seed=0, progress=False)
-    config = load_config(None, TINY_RUN)
-    train(config, root / "coco", root / "run", progress=False)
+    coco = make_tiny_dataset(root)
+    config = load_config(None, ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *tiny_model_overrides, *RUN_EXTRAS])
+    train(config, coco, root / "run", progress=False)
     return {"config": config, "checkpoint": root / "run" / BEST_CHECKPOINT}
 
 

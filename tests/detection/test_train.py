@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,6 @@ import pytest
 import torch
 
 from data_tools.errors import LungdetError
-from data_tools.labels import read_labels
-from data_tools.synth import write_synthetic_dataset
-from data_tools.to_coco import convert_dataset
 from detection.config import TrainConfig, config_to_dict, load_config
 from detection.model import build_model
 from detection.train import (
@@ -33,32 +31,25 @@ from detection.train import (
 )
 
 IMAGE_SIZE = 64
-TINY_MODEL = [
-    "model.pretrained=none",
-    f"model.image_size={IMAGE_SIZE}",
-    "model.rpn_pre_nms_top_n_train=50",
-    "model.rpn_post_nms_top_n_train=20",
-    "model.rpn_pre_nms_top_n_test=50",
-    "model.rpn_post_nms_top_n_test=20",
-    "model.rpn_batch_size_per_image=32",
-    "model.box_batch_size_per_image=16",
-]
-# 4 training images in batches of 2: two optimizer steps per epoch; on the CPU even where a GPU is, so runs repeat exactly.
-TINY_RUN = [*TINY_MODEL, "device=cpu", "data.batch_size=2", "optim.epochs=1", "optim.warmup_iters=1", "max_minutes=0", "val_score_thresholds=[0.1, 0.5]"]
+# Besides the tiny model: 4 training images in batches of 2, two optimizer steps per epoch; on the CPU even where a GPU is, so runs repeat exactly.
+RUN_EXTRAS = ["device=cpu", "data.batch_size=2", "optim.epochs=1", "optim.warmup_iters=1", "max_minutes=0", "val_score_thresholds=[0.1, 0.5]"]
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "config", "frozen_batch_norm", "score_threshold", "val_map", "history", "torch_rng_state"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine, thread contention made them tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_overrides: tuple[str, ...]) -> list[str]:
+    """The overrides of a tiny 1-epoch run, architecture left to the config they go on top of."""
+    return [*tiny_model_overrides, *RUN_EXTRAS]
 
 
-def tiny_config(*overrides: str) -> TrainConfig:
-    return load_config(None, ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *TINY_RUN, *overrides])
+@pytest.fixture(scope="module")
+def tiny_config(tiny_run: list[str]) -> Callable[..., TrainConfig]:
+    """Return ``build(*overrides)``: the tiny run's config for MobileNetV3-FPN."""
+
+    def build(*overrides: str) -> TrainConfig:
+        return load_config(None, ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *tiny_run, *overrides])
+
+    return build
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -67,16 +58,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_dir(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable[[Path], Path]) -> Path:
     """8 synthetic images (half positive) at 64 px in two folds: 4 train, 4 validate."""
-    root = tmp_path_factory.mktemp("train_data")
-    synth = write_synthetic_dataset(root / "synth", count=8, seed=3, positive_fraction=0.5, size=(128, 128))
-    convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=IMAGE_SIZE, folds=2, seed=0, progress=False)
-    return root / "coco"
+    return make_tiny_dataset(tmp_path_factory.mktemp("train_data"))
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Any]:
+def finished_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, tiny_config: Callable[..., TrainConfig]) -> dict[str, Any]:
     """One finished 1-epoch run; tests that change it work on a copy."""
     run_dir = tmp_path_factory.mktemp("run") / "run"
     config = tiny_config()
@@ -116,7 +104,7 @@ def test_schedule_shortens_a_warm_up_longer_than_the_run() -> None:
     assert lrs == pytest.approx([0.001, 0.1, 0.0], abs=1e-12)
 
 
-def test_build_optimizer_follows_the_config_and_skips_frozen_parameters() -> None:
+def test_build_optimizer_follows_the_config_and_skips_frozen_parameters(tiny_config: Callable[..., TrainConfig]) -> None:
     config = tiny_config("optim.optimizer=adamw", "optim.lr=0.002", "model.trainable_backbone_layers=0")
     model = build_model(config.model, frozen_batch_norm=True)
     optimizer = build_optimizer(model, config)
@@ -178,7 +166,7 @@ def test_the_same_seed_gives_the_same_run(finished_run: dict[str, Any], data_dir
 # --- resume -------------------------------------------------------------------------------------
 
 
-def test_resume_continues_at_the_next_epoch_and_keeps_the_first_row(finished_run: dict[str, Any], data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_continues_at_the_next_epoch_and_keeps_the_first_row(tiny_config: Callable[..., TrainConfig], finished_run: dict[str, Any], data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = copy_run(finished_run, tmp_path)
     first_lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
     capsys.readouterr()
@@ -204,7 +192,7 @@ def test_resume_of_a_finished_run_is_an_error_and_changes_nothing(finished_run: 
     assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before
 
 
-def test_resume_without_a_checkpoint_is_an_error(data_dir: Path, tmp_path: Path) -> None:
+def test_resume_without_a_checkpoint_is_an_error(tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'empty' / LAST_CHECKPOINT}: checkpoint not found")):
         train(tiny_config(), data_dir, tmp_path / "empty", resume=True, progress=False)
 
@@ -284,9 +272,9 @@ def test_parser_requires_data_and_out(capsys: pytest.CaptureFixture) -> None:
     assert "the following arguments are required: --out" in capsys.readouterr().err
 
 
-def test_cli_trains_with_a_named_config_overrides_and_fold(data_dir: Path, tmp_path: Path) -> None:
+def test_cli_trains_with_a_named_config_overrides_and_fold(tiny_run: list[str], data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli_run"
-    args = get_args_parser().parse_args(["--config", "fasterrcnn_mobilenet_cpu", "--data", str(data_dir), "--out", str(out), "--fold", "1", "--no-progress", *TINY_RUN])
+    args = get_args_parser().parse_args(["--config", "fasterrcnn_mobilenet_cpu", "--data", str(data_dir), "--out", str(out), "--fold", "1", "--no-progress", *tiny_run])
     assert main(args) == 0
     saved = load_config(out / CONFIG_FILE)
     assert saved.data.fold == 1

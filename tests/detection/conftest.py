@@ -1,0 +1,74 @@
+"""Shared scaffolding for the detection tests: one torch thread, a tiny Faster R-CNN, a tiny synthetic COCO folder.
+
+Under ``--import-mode=importlib`` this file cannot be imported by name, so everything is handed
+out as fixtures; module-scoped fixtures in the test files request the session-scoped ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.labels import read_labels
+from data_tools.synth import write_synthetic_dataset
+from data_tools.to_coco import convert_dataset
+
+TINY_IMAGE_SIZE = 64
+# A small model that still trains: 64 px input, few RPN proposals, small sampling batches.
+# No architecture: each module says where (and whether) it adds one.
+TINY_MODEL_OVERRIDES = (
+    "model.pretrained=none",
+    f"model.image_size={TINY_IMAGE_SIZE}",
+    "model.rpn_pre_nms_top_n_train=50",
+    "model.rpn_post_nms_top_n_train=20",
+    "model.rpn_pre_nms_top_n_test=50",
+    "model.rpn_post_nms_top_n_test=20",
+    "model.rpn_batch_size_per_image=32",
+    "model.box_batch_size_per_image=16",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[int]:
+    """Tiny models gain nothing from threads; on a busy 2-core machine, thread contention made them tens of times slower.
+
+    Module-scoped so that module-scoped fixtures that build or train a model, which pytest sets
+    up before any function-scoped fixture, run on one thread too. Yields the thread count it replaced.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield threads
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def all_torch_threads_when_slow(request: pytest.FixtureRequest, one_torch_thread: int) -> Iterator[None]:
+    """Tests marked ``slow`` train a real model for minutes: they get every thread back."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    torch.set_num_threads(one_torch_thread)
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_overrides() -> tuple[str, ...]:
+    """Config overrides for a tiny model (see ``TINY_MODEL_OVERRIDES``); a tuple, so no test can change it for the others."""
+    return TINY_MODEL_OVERRIDES
+
+
+def write_tiny_coco(root: Path) -> Path:
+    """8 synthetic 128 px DICOMs (half positive) under ``root/synth``, converted at 64 px in two folds to ``root/coco``: 4 train, 4 validate."""
+    synth = write_synthetic_dataset(root / "synth", count=8, seed=3, positive_fraction=0.5, size=(128, 128))
+    convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=TINY_IMAGE_SIZE, folds=2, seed=0, progress=False)
+    return root / "coco"
+
+
+@pytest.fixture(scope="session")
+def make_tiny_dataset() -> Callable[[Path], Path]:
+    """Return ``write_tiny_coco(root) -> root / "coco"``, for module-scoped fixtures to call with their own folder."""
+    return write_tiny_coco
