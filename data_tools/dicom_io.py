@@ -139,7 +139,8 @@ def read_dicom_metadata(path: Path) -> DicomMeta:
 def window_to_uint8(values: np.ndarray, *, lower: float, upper: float) -> np.ndarray:
     """Map ``values`` linearly from ``[lower, upper]`` to ``[0, 255]`` (clipped) as uint8."""
     if upper <= lower:
-        return np.zeros(values.shape, dtype=np.uint8)
+        # A window of width 1 is a threshold (and a constant image has nothing to stretch).
+        return np.where(values > lower, 255, 0).astype(np.uint8)
     scaled = (values.astype(np.float64) - lower) * (255.0 / (upper - lower))
     return np.rint(scaled.clip(0, 255)).astype(np.uint8)
 
@@ -164,7 +165,8 @@ def pixels_to_uint8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
             # Multi-valued windows list alternatives; the first is the modality's preferred one.
             center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
             width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-            display = window_to_uint8(values, lower=center - width / 2, upper=center + width / 2)
+            # DICOM PS3.3 C.11.2.1.2: the linear window maps c - 0.5 -/+ (w - 1) / 2 to the output's ends.
+            display = window_to_uint8(values, lower=center - 0.5 - (width - 1) / 2, upper=center - 0.5 + (width - 1) / 2)
         else:
             display = window_to_uint8(values, lower=float(values.min()), upper=float(values.max()))
     if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":

@@ -653,7 +653,7 @@ def write_synthetic_dataset(
 
     positives = plan_positives(count=count, seed=seed, positive_fraction=positive_fraction)
     cases = []
-    for index in tqdm(range(count), desc="synth", unit="img", disable=not progress):
+    for index in tqdm(range(count), desc="synth", unit="img", disable=None if progress else True):
         # One independent stream per image: image i does not depend on how many came before.
         rng = np.random.default_rng(np.random.SeedSequence([seed, 1, index]))
         case = generate_case(rng, size=size, positive=bool(positives[index]))

@@ -81,9 +81,9 @@ def assign_folds(strata: Mapping[str, int], *, k: int, seed: int) -> dict[str, i
     return folds
 
 
-def box_stratum(labels: PatientLabels) -> int:
+def box_stratum(n_boxes: int) -> int:
     """Stratum for fold balancing: 0 negative, 1 one box, 2 two or more boxes."""
-    return min(int(labels.boxes.shape[0]), 2)
+    return min(n_boxes, 2)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -118,7 +118,8 @@ def convert_dataset(
     seen: set[str] = set()
     paths = find_dicoms(dicom_dir)
     found = {path.stem for path in paths}
-    for path in tqdm(paths, desc="convert", unit="file", disable=not progress):
+    # disable=None lets tqdm switch itself off when stderr is not a terminal (CI logs, pipes).
+    for path in tqdm(paths, desc="convert", unit="file", disable=None if progress else True):
         patient_id = path.stem
         if patient_id not in labels:
             report.unlabelled_files.append(str(path))
@@ -180,7 +181,8 @@ def convert_dataset(
 
     report.labelled_without_dicom = len(set(labels) - found)
     if images:
-        fold_of = assign_folds({str(record["patient_id"]): box_stratum(labels[str(record["patient_id"])]) for record in images}, k=folds, seed=seed)
+        # Stratify on the boxes actually written: a positive whose boxes all fell outside is a negative image here.
+        fold_of = assign_folds({str(record["patient_id"]): box_stratum(int(record["n_boxes"])) for record in images}, k=folds, seed=seed)
         for record in images:
             record["fold"] = fold_of[str(record["patient_id"])]
     coco = {

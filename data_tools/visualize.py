@@ -305,7 +305,7 @@ def write_overlays(
     out_dir.mkdir(parents=True, exist_ok=True)
     entries: list[OverlayEntry] = []
     skipped: list[tuple[Path, str]] = []
-    for path in tqdm(paths, desc="visualize", unit="img", disable=not progress):
+    for path in tqdm(paths, desc="visualize", unit="img", disable=None if progress else True):
         try:
             image = read_dicom(path)
         except DicomReadError as error:

@@ -60,7 +60,7 @@ def train_one_epoch(
     images_seen = steps = 0
     stopped_early = False
     start = time.monotonic()
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=None if progress else True, leave=False)
     for step, (images, targets) in enumerate(bar, start=1):
         images, targets = move_to_device(images, targets, device)
         losses = model(images, targets)
@@ -103,7 +103,7 @@ def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, *
     model.eval()
     truth: dict[str, np.ndarray] = {}
     predictions: dict[str, Prediction] = {}
-    for images, targets in tqdm(loader, desc="validate", unit="batch", disable=not progress, leave=False):
+    for images, targets in tqdm(loader, desc="validate", unit="batch", disable=None if progress else True, leave=False):
         outputs = model([image.to(device) for image in images])
         for target, output in zip(targets, outputs):
             key = str(int(target["image_id"]))

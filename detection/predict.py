@@ -86,7 +86,7 @@ def predict_dicoms(
             )
         batch.clear()
 
-    for path in tqdm(paths, desc="predict", unit="file", disable=not progress):
+    for path in tqdm(paths, desc="predict", unit="file", disable=None if progress else True):
         try:
             batch.append(read_dicom(path))
         except DicomReadError as error:
@@ -98,6 +98,18 @@ def predict_dicoms(
     if batch:
         flush()
     return predictions, bad
+
+
+def check_unique_patient_ids(paths: Sequence[Path]) -> None:
+    """A submission has one row per patientId (the file stem); two files with one stem would be ambiguous."""
+    first_seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in first_seen:
+            raise LungdetError(
+                f"{first_seen[path.stem]} and {path} have the same patientId '{path.stem}'; "
+                "a submission needs one row per patient, so keep one of them (or predict the folders separately)"
+            )
+        first_seen[path.stem] = path
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -124,6 +136,7 @@ def main(args: argparse.Namespace) -> int:
     paths = find_dicoms(args.dicom_dir)
     if not paths:
         raise LungdetError(f"{args.dicom_dir}: no .dcm files found")
+    check_unique_patient_ids(paths)
     device = resolve_device(args.device)
     model, config, checkpoint = load_trained_model(args.checkpoint, device=device)
     threshold = args.score_threshold if args.score_threshold is not None else float(checkpoint.get("score_threshold", 0.5))

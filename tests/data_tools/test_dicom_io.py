@@ -114,14 +114,17 @@ def test_8_bit_monochrome1_is_inverted(make_dicom) -> None:
 
 
 def test_16_bit_window_maps_linearly(make_dicom) -> None:
-    # Window centre 150, width 100 -> [100, 200], 2.55 grey levels per stored unit.
-    stored = np.array([[0, 100, 125, 150, 175, 200, 300]])
+    # DICOM linear window, centre 150, width 100: [149.5 - 49.5, 149.5 + 49.5] = [100, 199] -> [0, 255], 255/99 per unit.
+    stored = np.array([[0, 100, 125, 150, 175, 199, 300]])
     path = make_dicom(rows=1, columns=7, pixels=stored, bits=16, window_center=150, window_width=100)
-    pixels = read_dicom(path).pixels
-    # below -> 0, lower bound -> 0, 25*2.55 = 63.75 -> 64, 75*2.55 = 191.25 -> 191, upper bound and above -> 255
-    np.testing.assert_array_equal(pixels[0, [0, 1, 2, 4, 5, 6]], [0, 0, 64, 191, 255, 255])
-    # The centre lands on 127.5 exactly; which way it rounds is floating-point noise.
-    assert pixels[0, 3] in (127, 128)
+    # below -> 0; 25 * 255/99 = 64.39 -> 64; 50 * 255/99 = 128.79 -> 129; 75 * 255/99 = 193.18 -> 193; 199 and above -> 255
+    np.testing.assert_array_equal(read_dicom(path).pixels, [[0, 0, 64, 129, 193, 255, 255]])
+
+
+def test_window_of_width_one_is_a_threshold(make_dicom) -> None:
+    # Width 1: values above c - 0.5 are white, the rest black (PS3.3 C.11.2.1.2).
+    path = make_dicom(rows=1, columns=3, pixels=np.array([[99, 100, 101]]), bits=16, window_center=100, window_width=1)
+    np.testing.assert_array_equal(read_dicom(path).pixels, [[0, 255, 255]])
 
 
 def test_16_bit_without_window_uses_min_max(make_dicom) -> None:
@@ -137,7 +140,7 @@ def test_16_bit_rescale_is_applied_before_the_window(make_dicom) -> None:
         rows=1, columns=3, pixels=stored, bits=16,
         rescale_slope=2, rescale_intercept=-1000, window_center=1000, window_width=2000,
     )
-    # 2*v - 1000 = 0, 400, 2000 over the window [0, 2000] -> 0, 51, 255 (without rescale: 64, 89, 191).
+    # 2*v - 1000 = 0, 400, 2000 over the window [0, 1999] -> 0, 51, 255 (without rescale the values would differ).
     np.testing.assert_array_equal(read_dicom(path).pixels, [[0, 51, 255]])
 
 

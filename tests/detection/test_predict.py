@@ -159,3 +159,12 @@ def test_cli_with_no_dicoms_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'empty'}: no .dcm files found")):
         run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "s.csv"))
+
+
+def test_cli_refuses_two_dicoms_with_one_patient_id(tmp_path: Path) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / "dicoms" / folder).mkdir(parents=True)
+        (tmp_path / "dicoms" / folder / "same-id.dcm").write_bytes(b"not read: the check comes first")
+    with pytest.raises(LungdetError, match=r"dicoms/a/same-id\.dcm and .*dicoms/b/same-id\.dcm have the same patientId 'same-id'"):
+        run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(tmp_path / "dicoms"), "--out", str(tmp_path / "s.csv"))
+    assert not (tmp_path / "s.csv").exists()
