@@ -23,7 +23,9 @@ from data_tools.errors import LabelError
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 CLASS_INFO_COLUMNS = ("patientId", "class")
 POSITIVE_CLASS = "Lung Opacity"
-KNOWN_CLASSES = (POSITIVE_CLASS, "No Lung Opacity / Not Normal", "Normal")
+NOT_NORMAL_CLASS = "No Lung Opacity / Not Normal"
+NORMAL_CLASS = "Normal"
+KNOWN_CLASSES = (POSITIVE_CLASS, NOT_NORMAL_CLASS, NORMAL_CLASS)
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,3 @@ def _read_class_info(path: Path, targets: dict[str, int]) -> dict[str, str]:
         classes[patient_id] = class_name
     return classes
 
-
-def box_rows(labels: PatientLabels) -> list[dict[str, object]]:
-    """RSNA CSV rows for one patient (one per box, or one empty negative row), for writers of label files."""
-    if labels.boxes.shape[0] == 0:
-        return [{"patientId": labels.patient_id, "x": "", "y": "", "width": "", "height": "", "Target": 0}]
-    return [
-        {"patientId": labels.patient_id, "x": x, "y": y, "width": width, "height": height, "Target": 1}
-        for x, y, width, height in labels.boxes.tolist()
-    ]

@@ -38,10 +38,11 @@ from data_tools.atomic import write_bytes_atomic, write_text_atomic
 from data_tools.boxes import as_box_array, iou_matrix_xywh
 from data_tools.cli_types import fraction, int_in_range
 from data_tools.errors import LungdetError
+from data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS
 
 # ---------------------------------------------------------------------------------------------
 # Statistics of the real data.
-# Derived once with pandas from /work/shared/data/rsna_sample/stage_2_train_labels.csv (the full
+# Derived once with pandas from the real stage_2_train_labels.csv (the full
 # RSNA stage 2 training labels: 26,684 patients, 9,555 boxes, 1024x1024 pixel space) and
 # stage_2_detailed_class_info.csv, unless a comment says otherwise.
 # ---------------------------------------------------------------------------------------------
@@ -88,9 +89,7 @@ AGE_MEAN_YEARS = 47.0
 AGE_STD_YEARS = 17.0
 AGE_RANGE_YEARS = (1, 92)
 
-CLASS_OPACITY = "Lung Opacity"
-CLASS_NORMAL = "Normal"
-CLASS_NOT_NORMAL = "No Lung Opacity / Not Normal"
+CLASS_OPACITY, CLASS_NORMAL, CLASS_NOT_NORMAL = POSITIVE_CLASS, NORMAL_CLASS, NOT_NORMAL_CLASS
 
 # Tuning of the drawing (not real statistics).
 # The label box is where the patch's strength is at least this fraction of full strength.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_tools.errors import LabelError
-from data_tools.labels import PatientLabels, box_rows, read_labels
+from data_tools.labels import PatientLabels, read_labels
 
 HEADER = "patientId,x,y,width,height,Target\n"
 CLASS_HEADER = "patientId,class\n"
@@ -102,24 +102,6 @@ def test_class_info_is_attached(tmp_path: Path) -> None:
     class_csv = write_csv(tmp_path, "classes.csv", CLASS_HEADER + "a,Normal\nb,No Lung Opacity / Not Normal\nc,Lung Opacity\n")
     labels = read_labels(labels_csv, class_csv)
     assert [labels[name].class_name for name in "abc"] == ["Normal", "No Lung Opacity / Not Normal", "Lung Opacity"]
-
-
-def test_box_rows_round_trip(tmp_path: Path) -> None:
-    negative = PatientLabels("neg", np.zeros((0, 4)), 0)
-    positive = PatientLabels("pos", np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]), 1)
-    assert box_rows(negative) == [{"patientId": "neg", "x": "", "y": "", "width": "", "height": "", "Target": 0}]
-    rows = box_rows(positive)
-    assert [row["x"] for row in rows] == [1.0, 5.0]
-    text = HEADER + "".join(
-        ",".join(str(row[column]) for column in ("patientId", "x", "y", "width", "height", "Target")) + "\n"
-        for row in box_rows(negative) + rows
-    )
-    again = read_labels(write_csv(tmp_path, "labels.csv", text))
-    np.testing.assert_array_equal(again["pos"].boxes, positive.boxes)
-    assert again["neg"].boxes.shape == (0, 4)
-
-
-# --- tiny files: bad input -------------------------------------------------------------------
 
 
 def test_missing_column_lists_missing_and_found(tmp_path: Path) -> None:
