@@ -87,9 +87,9 @@ def find_dicoms(folder: Path) -> list[Path]:
 def _open_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
     path = Path(path)
     if not path.is_file():
-        raise DicomReadError(path, "file not found")
+        raise DicomReadError(path, "file not found", kind="missing")
     if path.stat().st_size == 0:
-        raise DicomReadError(path, "file is empty (0 bytes); copy or download it again")
+        raise DicomReadError(path, "file is empty (0 bytes); copy or download it again", kind="empty")
     try:
         with warnings.catch_warnings():
             # On a file that ends early pydicom only warns and returns a dataset with *no* elements,
@@ -97,16 +97,16 @@ def _open_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
             warnings.filterwarnings("error", message="(End of file reached|Unexpected end of file)", category=UserWarning)
             return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
-        raise DicomReadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble); remove it from the folder") from None
+        raise DicomReadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble); remove it from the folder", kind="not_dicom") from None
     except UserWarning as warning:
-        raise DicomReadError(path, f"file is truncated ({str(warning).split(' in file ')[0]}); copy or download it again") from None
+        raise DicomReadError(path, f"file is truncated ({str(warning).split(' in file ')[0]}); copy or download it again", kind="truncated") from None
     except Exception as error:  # pydicom raises many types on damaged files; all mean the same to the user
-        raise DicomReadError(path, f"cannot be parsed ({type(error).__name__}: {error}); the file is probably truncated or damaged, copy it again") from None
+        raise DicomReadError(path, f"cannot be parsed ({type(error).__name__}: {error}); the file is probably truncated or damaged, copy it again", kind="damaged") from None
 
 
 def _metadata_from_dataset(path: Path, dataset: Dataset) -> DicomMeta:
     if "Rows" not in dataset or "Columns" not in dataset:
-        raise DicomReadError(path, "has no Rows/Columns tags, so it is not an image; remove it from the folder")
+        raise DicomReadError(path, "has no Rows/Columns tags, so it is not an image; remove it from the folder", kind="not_image")
     spacing = dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing")
     pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
     return DicomMeta(
@@ -187,10 +187,10 @@ def read_dicom(path: Path) -> DicomImage:
     dataset = _open_dataset(path, stop_before_pixels=False)
     meta = _metadata_from_dataset(path, dataset)
     if "PixelData" not in dataset:
-        raise DicomReadError(path, "has no pixel data (7FE0,0010), so there is no image to read; remove it from the folder")
+        raise DicomReadError(path, "has no pixel data (7FE0,0010), so there is no image to read; remove it from the folder", kind="no_pixels")
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frames > 1:
-        raise DicomReadError(path, f"is multi-frame ({frames} frames); a chest radiograph has one frame, remove it or split it first")
+        raise DicomReadError(path, f"is multi-frame ({frames} frames); a chest radiograph has one frame, remove it or split it first", kind="multi_frame")
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # decoder plugins raise their own types; the user needs the reason and the syntax
@@ -200,12 +200,13 @@ def read_dicom(path: Path) -> DicomImage:
             path,
             f"pixel data cannot be decoded (transfer syntax {syntax_name}: {type(error).__name__}: {error}); "
             "the file may be truncated, or needs a decoder plugin that is not installed",
+            kind="undecodable",
         ) from None
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
         # Colour X-rays exist (secondary captures); the detector wants one channel, so use luma.
         pixels = np.rint(pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])).astype(pixels.dtype)
     if pixels.ndim != 2:
-        raise DicomReadError(path, f"pixel array has shape {pixels.shape}; expected a 2-D grey image")
+        raise DicomReadError(path, f"pixel array has shape {pixels.shape}; expected a 2-D grey image", kind="bad_shape")
     if pixels.shape != (meta.rows, meta.columns):
-        raise DicomReadError(path, f"pixel array is {pixels.shape} but Rows/Columns say {(meta.rows, meta.columns)}; the file is inconsistent")
+        raise DicomReadError(path, f"pixel array is {pixels.shape} but Rows/Columns say {(meta.rows, meta.columns)}; the file is inconsistent", kind="bad_shape")
     return DicomImage(pixels=pixels_to_uint8(pixels, dataset), meta=meta)

@@ -14,9 +14,10 @@ class LungdetError(Exception):
 class DicomReadError(LungdetError, ValueError):
     """A DICOM file cannot be read or has no usable pixels."""
 
-    def __init__(self, path: object, reason: str) -> None:
+    def __init__(self, path: object, reason: str, *, kind: str = "unreadable") -> None:
         self.path = path
         self.reason = reason
+        self.kind = kind  # a short category ('empty', 'truncated', 'no_pixels', ...) for summaries that count kinds
         super().__init__(f"{path}: {reason}")
 
 

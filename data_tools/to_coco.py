@@ -17,10 +17,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
+import os
 import sys
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -37,6 +41,9 @@ CATEGORY = {"id": 1, "name": "lung_opacity", "supercategory": "lung"}
 ANNOTATIONS_FILE = "annotations.json"
 FOLDS_FILE = "folds.csv"
 REPORT_FILE = "conversion_report.json"
+# Progress of conversions, so that a rerun skips finished files and a killed run can resume.
+JOURNAL_FILE = ".convert_journal.jsonl"
+NORMALIZATIONS = ("none", "clahe", "equalize")
 IMAGES_DIR = "images"
 # A box clipped to the image that keeps less than this many pixels of width or height is no box.
 MIN_BOX_SIDE = 1.0
@@ -54,6 +61,7 @@ class ConversionReport:
     duplicate_files: list[str] = field(default_factory=list)
     dropped_boxes: list[dict[str, object]] = field(default_factory=list)
     labelled_without_dicom: int = 0
+    reused: int = 0  # files whose PNG from an earlier run with the same settings was kept
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -94,54 +102,223 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return encoded.tobytes()
 
 
+def normalize_pixels(pixels: np.ndarray, *, method: str) -> np.ndarray:
+    """Contrast normalisation of a uint8 ``[H, W]`` image: ``'none'``, ``'clahe'`` or ``'equalize'``."""
+    if method == "none":
+        return pixels
+    if method == "clahe":
+        # Tiles of 1/8 of the image and a clip of 2 are OpenCV's usual chest X-ray settings:
+        # local contrast rises without amplifying the noise of flat regions.
+        return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(pixels)
+    if method == "equalize":
+        return cv2.equalizeHist(pixels)
+    raise LungdetError(f"normalization {method!r}: must be one of {', '.join(NORMALIZATIONS)}")
+
+
+def prepare_pixels(pixels: np.ndarray, *, image_size: int | None, normalization: str) -> np.ndarray:
+    """What ``convert`` writes for one DICOM: resized to ``image_size`` square (if given), then normalised.
+
+    ``predict`` calls this too, with the dataset's settings, so a model sees the same pixels at
+    prediction as in training.
+    """
+    if image_size is not None and pixels.shape != (image_size, image_size):
+        # INTER_AREA averages source pixels when shrinking, which keeps faint opacities visible.
+        pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    return normalize_pixels(pixels, method=normalization)
+
+
+def file_signature(path: Path) -> list[int]:
+    """``[size, mtime_ns]``: a changed or replaced source file gets a new signature and is converted again."""
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def convert_file(task: tuple[str, list[int], str, int | None, str]) -> dict[str, Any]:
+    """Worker: read one DICOM and write its PNG (atomically). Returns a journal entry.
+
+    The entry holds the image's metadata and sizes (``"image"``) or why it could not be read
+    (``"bad"``). Boxes are not in it: they come from the labels when the dataset is assembled,
+    so a changed labels file never needs the images converted again.
+    """
+    path, signature, out_dir, image_size, normalization = task
+    try:
+        image = read_dicom(Path(path))
+    except DicomReadError as error:
+        return {"file": path, "signature": signature, "bad": {"reason": error.reason, "kind": error.kind}}
+    pixels = prepare_pixels(image.pixels, image_size=image_size, normalization=normalization)
+    height, width = pixels.shape
+    write_bytes_atomic(Path(out_dir) / IMAGES_DIR / f"{image.meta.patient_id}.png", encode_png(pixels))
+    meta = image.meta
+    return {
+        "file": path,
+        "signature": signature,
+        "image": {
+            "patient_id": meta.patient_id,
+            "width": width,
+            "height": height,
+            "original_width": meta.columns,
+            "original_height": meta.rows,
+            "age": meta.age,
+            "sex": meta.sex,
+            "view_position": meta.view_position,
+            "pixel_spacing": list(meta.pixel_spacing) if meta.pixel_spacing else None,
+        },
+    }
+
+
+def _init_worker() -> None:
+    # Each process converts one file at a time; OpenCV's own threads would only fight the other workers.
+    cv2.setNumThreads(1)
+
+
+def load_journal(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Entries of an earlier (possibly killed) run with the same settings, keyed by file; ``{}`` otherwise.
+
+    The journal is JSON lines: a settings header, then one line per finished file, appended only
+    after that file's PNG is in place. A kill can cut the last line short; it is ignored.
+    """
+    if not path.is_file():
+        return {}
+    entries: dict[str, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as stream:
+        lines = stream.read().splitlines()
+    try:
+        if not lines or json.loads(lines[0]) != {"settings": settings}:
+            return {}
+    except json.JSONDecodeError:
+        return {}
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line being written when a run was killed
+        entries[entry["file"]] = entry
+    return entries
+
+
+def _still_valid(entry: dict[str, Any] | None, path: Path, out_dir: Path) -> bool:
+    if entry is None or entry["signature"] != file_signature(path):
+        return False
+    return "bad" in entry or (out_dir / IMAGES_DIR / f"{entry['image']['patient_id']}.png").is_file()
+
+
 def convert_dataset(
     dicom_dir: Path,
     labels: Mapping[str, PatientLabels],
     out_dir: Path,
     *,
     image_size: int | None = None,
+    normalization: str = "none",
     folds: int = 5,
     seed: int = 42,
+    workers: int = 1,
     progress: bool = True,
 ) -> ConversionReport:
     """Convert every labelled DICOM under ``dicom_dir`` into a COCO dataset in ``out_dir``.
 
     Bad DICOMs are skipped and recorded in the report, never fatal; DICOMs the labels do not
     name are skipped too (their truth is unknown, and writing them with no annotations would
-    claim they are negative).
+    claim they are negative). ``workers`` processes convert in parallel; the output is the same
+    for any number. A rerun converts only new or changed files, and a run killed at any moment
+    and started again ends with the same output as an uninterrupted one.
     """
+    if normalization not in NORMALIZATIONS:
+        raise LungdetError(f"normalization {normalization!r}: must be one of {', '.join(NORMALIZATIONS)}")
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    # A SIGKILL during a write leaves its temporary file (never a half PNG under the real name).
+    for stale in (out_dir / IMAGES_DIR).glob(".*.tmp"):
+        stale.unlink()
     report = ConversionReport()
-    images: list[dict[str, object]] = []
-    annotations: list[dict[str, object]] = []
-    seen: set[str] = set()
     paths = find_dicoms(dicom_dir)
     found = {path.stem for path in paths}
-    # disable=None lets tqdm switch itself off when stderr is not a terminal (CI logs, pipes).
-    for path in tqdm(paths, desc="convert", unit="file", disable=None if progress else True):
-        patient_id = path.stem
-        if patient_id not in labels:
+    candidates: list[Path] = []
+    seen: set[str] = set()
+    for path in paths:
+        if path.stem not in labels:
             report.unlabelled_files.append(str(path))
-            continue
-        if patient_id in seen:
+        elif path.stem in seen:
             report.duplicate_files.append(str(path))
-            continue
-        try:
-            image = read_dicom(path)
-        except DicomReadError as error:
-            report.bad_files.append({"file": str(path), "reason": error.reason})
-            continue
-        seen.add(patient_id)
-        pixels = image.pixels
-        if image_size is not None and pixels.shape != (image_size, image_size):
-            # INTER_AREA averages source pixels when shrinking, which keeps faint opacities visible.
-            pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
-        height, width = pixels.shape
-        write_bytes_atomic(out_dir / IMAGES_DIR / f"{patient_id}.png", encode_png(pixels))
+        else:
+            seen.add(path.stem)
+            candidates.append(path)
 
+    settings = {"image_size": image_size, "normalization": normalization}
+    journal_path = out_dir / JOURNAL_FILE
+    previous = load_journal(journal_path, settings)
+    entries: dict[str, dict[str, Any]] = {}
+    todo = []
+    for path in candidates:
+        entry = previous.get(str(path))
+        if _still_valid(entry, path, out_dir):
+            entries[str(path)] = entry
+        else:
+            todo.append((str(path), file_signature(path), str(out_dir), image_size, normalization))
+    report.reused = len(entries)
+
+    fresh_journal = not previous
+    with open(journal_path, "w" if fresh_journal else "a", encoding="utf-8") as journal:
+        if fresh_journal:
+            journal.write(json.dumps({"settings": settings}) + "\n")
+        if workers > 1 and len(todo) > 1:
+            # spawn, not fork: a forked child inherits OpenCV's thread pool mid-use and can hang on its first resize.
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+            results = pool.imap(convert_file, todo, chunksize=4)
+        else:
+            pool, results = None, map(convert_file, todo)
+        try:
+            # disable=None lets tqdm switch itself off when stderr is not a terminal (CI logs, pipes).
+            for entry in tqdm(results, total=len(todo), desc="convert", unit="file", disable=None if progress else True):
+                journal.write(json.dumps(entry) + "\n")
+                journal.flush()
+                entries[entry["file"]] = entry
+        finally:
+            if pool is not None:
+                pool.terminate()
+
+    images, annotations = assemble_coco([entries[str(path)] for path in candidates], labels, report)
+    report.labelled_without_dicom = len(set(labels) - found)
+    if images:
+        # Stratify on the boxes actually written: a positive whose boxes all fell outside is a negative image here.
+        fold_of = assign_folds({str(record["patient_id"]): box_stratum(int(record["n_boxes"])) for record in images}, k=folds, seed=seed)
+        for record in images:
+            record["fold"] = fold_of[str(record["patient_id"])]
+    coco = {
+        "info": {
+            "description": "RSNA lung opacity, written by lungdet convert",
+            "image_size": image_size,
+            "normalization": normalization,
+            "folds": folds,
+            "fold_seed": seed,
+        },
+        "images": images,
+        "annotations": annotations,
+        "categories": [CATEGORY],
+    }
+    write_folds_csv(out_dir / FOLDS_FILE, images)
+    write_text_atomic(out_dir / ANNOTATIONS_FILE, json.dumps(coco))
+    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def assemble_coco(
+    entries: list[dict[str, Any]], labels: Mapping[str, PatientLabels], report: ConversionReport
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """COCO image and annotation records from journal entries (in file order) and the labels.
+
+    Boxes are scaled from original DICOM pixels to the written PNG's pixels per axis and clipped
+    to it; a box left thinner than ``MIN_BOX_SIDE`` is dropped and reported. Bad files go to the report.
+    """
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for entry in entries:
+        if "bad" in entry:
+            report.bad_files.append({"file": entry["file"], "reason": entry["bad"]["reason"], "kind": entry["bad"]["kind"]})
+            continue
+        image = entry["image"]
+        patient_id, width, height = image["patient_id"], image["width"], image["height"]
         truth = labels[patient_id]
-        scaled = scale_xywh(truth.boxes, scale_x=width / image.meta.columns, scale_y=height / image.meta.rows)
+        scaled = scale_xywh(truth.boxes, scale_x=width / image["original_width"], scale_y=height / image["original_height"])
         clipped = clip_xywh(scaled, width=width, height=height)
         image_id = len(images) + 1
         kept = 0
@@ -162,15 +339,7 @@ def convert_dataset(
         images.append({
             "id": image_id,
             "file_name": f"{IMAGES_DIR}/{patient_id}.png",
-            "width": width,
-            "height": height,
-            "patient_id": patient_id,
-            "original_width": image.meta.columns,
-            "original_height": image.meta.rows,
-            "age": image.meta.age,
-            "sex": image.meta.sex,
-            "view_position": image.meta.view_position,
-            "pixel_spacing": list(image.meta.pixel_spacing) if image.meta.pixel_spacing else None,
+            **image,
             "target": truth.target,
             "class_name": truth.class_name,
             "n_boxes": kept,
@@ -178,23 +347,7 @@ def convert_dataset(
         report.converted += 1
         report.positives += int(kept > 0)
         report.boxes += kept
-
-    report.labelled_without_dicom = len(set(labels) - found)
-    if images:
-        # Stratify on the boxes actually written: a positive whose boxes all fell outside is a negative image here.
-        fold_of = assign_folds({str(record["patient_id"]): box_stratum(int(record["n_boxes"])) for record in images}, k=folds, seed=seed)
-        for record in images:
-            record["fold"] = fold_of[str(record["patient_id"])]
-    coco = {
-        "info": {"description": "RSNA lung opacity, written by lungdet convert", "image_size": image_size, "folds": folds, "fold_seed": seed},
-        "images": images,
-        "annotations": annotations,
-        "categories": [CATEGORY],
-    }
-    write_folds_csv(out_dir / FOLDS_FILE, images)
-    write_text_atomic(out_dir / ANNOTATIONS_FILE, json.dumps(coco))
-    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
-    return report
+    return images, annotations
 
 
 def write_folds_csv(path: Path, images: list[dict[str, object]]) -> None:
@@ -220,8 +373,11 @@ def format_report(report: ConversionReport, out_dir: Path) -> str:
         lines.append(f"  skipped duplicate patientId: {duplicate}")
     for dropped in report.dropped_boxes:
         lines.append(f"  dropped box {dropped['box']} of {dropped['patientId']}: {dropped['reason']}")
+    if report.reused:
+        lines.append(f"  {report.reused} images were already converted with these settings and kept")
     if report.bad_files:
-        lines.append(f"  skipped {len(report.bad_files)} unreadable DICOMs:")
+        kinds = Counter(bad["kind"] for bad in report.bad_files)
+        lines.append(f"  skipped {len(report.bad_files)} unreadable DICOMs ({', '.join(f'{kind}: {count}' for kind, count in sorted(kinds.items()))}):")
         lines.extend(f"    {bad['file']}: {bad['reason']}" for bad in report.bad_files)
     return "\n".join(lines)
 
@@ -240,13 +396,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int_in_range(32, 4096), default=None, help="write square N x N PNGs (boxes scaled to match); default: the DICOM's own size")
     parser.add_argument("--folds", type=int_in_range(2), default=5, help="number of patient-level folds, stratified by box count (default 5)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the fold assignment (default 42)")
+    parser.add_argument(
+        "--normalize", choices=NORMALIZATIONS, default="none",
+        help="contrast normalisation of the written images (recorded in annotations.json; predict applies the same): "
+        "none, clahe (local contrast) or equalize (global histogram); default none",
+    )
+    parser.add_argument("--workers", type=int_in_range(1), default=os.cpu_count() or 1, help="parallel processes (default: all cores); the output is the same for any number")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any DICOM could not be read")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     labels = read_labels(args.labels, args.class_info)
-    report = convert_dataset(args.dicom_dir, labels, args.out, image_size=args.image_size, folds=args.folds, seed=args.seed)
+    report = convert_dataset(
+        args.dicom_dir, labels, args.out,
+        image_size=args.image_size, normalization=args.normalize, folds=args.folds, seed=args.seed, workers=args.workers,
+    )
     print(format_report(report, args.out))
     if report.converted == 0:
         print(f"lungdet convert: no image was converted; check that {args.dicom_dir} holds .dcm files named by patientId", file=sys.stderr)

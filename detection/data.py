@@ -73,6 +73,18 @@ def load_records(data_dir: Path) -> list[ImageRecord]:
     return records
 
 
+def load_preprocessing(data_dir: Path) -> dict[str, object]:
+    """How ``lungdet convert`` prepared the images (``image_size``, ``normalization``), for predict to repeat.
+
+    Datasets written before normalisation existed have no such entry: they are un-normalised.
+    """
+    annotations_path = Path(data_dir) / ANNOTATIONS_FILE
+    if not annotations_path.is_file():
+        raise LungdetError(f"{annotations_path}: not found; run 'lungdet convert ... --out {data_dir}' first")
+    info = json.loads(annotations_path.read_text(encoding="utf-8")).get("info", {})
+    return {"image_size": info.get("image_size"), "normalization": info.get("normalization", "none")}
+
+
 def split_records(records: list[ImageRecord], *, fold: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """``(train, validation)``: validation is fold ``fold``, training every other fold."""
     folds = sorted({record.fold for record in records})

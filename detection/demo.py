@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -37,11 +38,14 @@ DEMO_POSITIVE_FRACTION = 0.5
 
 
 def predict_and_score(
-    model: torch.nn.Module, dicom_dir: Path, labels_csv: Path, out_dir: Path, *, name: str, image_size: int, score_threshold: float
+    model: torch.nn.Module, checkpoint: dict, dicom_dir: Path, labels_csv: Path, out_dir: Path, *, name: str, image_size: int
 ) -> ScoreReport:
-    """Predict every DICOM in ``dicom_dir``, write ``submission_{name}.csv``, score it, draw overlays."""
+    """Predict every DICOM in ``dicom_dir`` at the checkpoint's tuned cut-off, write ``submission_{name}.csv``, score it, draw overlays."""
     paths = find_dicoms(dicom_dir)
-    predictions, _ = predict_dicoms(model, paths, image_size=image_size, device=torch.device("cpu"), score_threshold=score_threshold, progress=False)
+    predictions, _ = predict_dicoms(
+        model, paths, image_size=image_size, device=torch.device("cpu"), score_threshold=float(checkpoint["score_threshold"]),
+        preprocessing=checkpoint.get("preprocessing"), progress=False,
+    )
     write_submission(out_dir / f"submission_{name}.csv", {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
     # Score only the patients whose DICOMs are here: the sample labels file lists 26,684 patients.
     labels = {patient_id: value for patient_id, value in read_labels(labels_csv).items() if patient_id in predictions}
@@ -71,7 +75,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"[1/5] synth: {args.count} synthetic DICOMs -> {out / 'synth_train'}")
     synth = write_synthetic_dataset(out / "synth_train", count=args.count, seed=args.seed, positive_fraction=DEMO_POSITIVE_FRACTION, overwrite=True, progress=True)
     print(f"[2/5] convert -> {out / 'coco'}")
-    conversion = convert_dataset(synth.images_dir, read_labels(synth.labels_csv, synth.class_info_csv), out / "coco", image_size=256, seed=args.seed)
+    conversion = convert_dataset(
+        synth.images_dir, read_labels(synth.labels_csv, synth.class_info_csv), out / "coco", image_size=256, seed=args.seed, workers=os.cpu_count() or 1
+    )
     print(format_report(conversion, out / "coco"))
     print(f"[3/5] train ({DEMO_CONFIG}, at most {args.minutes:g} min) -> {out / 'run'}")
     config = load_config(DEMO_CONFIG, [f"max_minutes={args.minutes}", f"seed={args.seed}"])
@@ -81,10 +87,10 @@ def main(args: argparse.Namespace) -> int:
     model, config, checkpoint = load_trained_model(out / "run" / BEST_CHECKPOINT, device=torch.device("cpu"))
     threshold = float(checkpoint["score_threshold"])
     held_out = write_synthetic_dataset(out / "synth_test", count=40, seed=args.seed + 1, positive_fraction=DEMO_POSITIVE_FRACTION, overwrite=True)
-    results = {"synthetic held-out": predict_and_score(model, held_out.images_dir, held_out.labels_csv, out, name="synth", image_size=config.model.image_size, score_threshold=threshold)}
+    results = {"synthetic held-out": predict_and_score(model, checkpoint, held_out.images_dir, held_out.labels_csv, out, name="synth", image_size=config.model.image_size)}
     sample_images, sample_labels = args.sample_dir / "stage_2_train_images", args.sample_dir / "stage_2_train_labels.csv"
     if sample_images.is_dir() and sample_labels.is_file():
-        results["real RSNA sample"] = predict_and_score(model, sample_images, sample_labels, out, name="real", image_size=config.model.image_size, score_threshold=threshold)
+        results["real RSNA sample"] = predict_and_score(model, checkpoint, sample_images, sample_labels, out, name="real", image_size=config.model.image_size)
     else:
         print(f"  (no real sample at {args.sample_dir}; pass --sample-dir to include one)")
 

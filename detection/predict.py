@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,6 +24,7 @@ from data_tools.boxes import scale_xywh, xyxy_to_xywh
 from data_tools.cli_types import fraction, int_in_range
 from data_tools.dicom_io import DicomImage, find_dicoms, read_dicom
 from data_tools.errors import DicomReadError, LungdetError
+from data_tools.to_coco import prepare_pixels
 from detection.config import TrainConfig, config_from_dict
 from detection.data import to_model_input
 from detection.model import build_model
@@ -42,9 +44,16 @@ def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[
     return model.to(device).eval(), config, checkpoint
 
 
-def model_input_for(image: DicomImage, *, image_size: int) -> torch.Tensor:
-    """Resize a decoded DICOM to the model's square input, as ``lungdet convert --image-size`` does."""
-    pixels = image.pixels
+def model_input_for(image: DicomImage, *, image_size: int, preprocessing: Mapping[str, Any]) -> torch.Tensor:
+    """The model's input for a decoded DICOM, prepared exactly as training images were.
+
+    ``preprocessing`` is what ``lungdet convert`` did (``image_size``, ``normalization``, stored in
+    the checkpoint); the result is then resized to the model's square ``image_size``, as the
+    training loader does with the converted PNGs.
+    """
+    pixels = prepare_pixels(
+        image.pixels, image_size=preprocessing.get("image_size"), normalization=str(preprocessing.get("normalization", "none"))
+    )
     if pixels.shape != (image_size, image_size):
         pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
     return to_model_input(pixels)
@@ -67,6 +76,7 @@ def predict_dicoms(
     image_size: int,
     device: torch.device,
     score_threshold: float,
+    preprocessing: Mapping[str, Any] | None = None,
     batch_size: int = 4,
     progress: bool = True,
 ) -> tuple[dict[str, Prediction], list[tuple[Path, str]]]:
@@ -79,7 +89,8 @@ def predict_dicoms(
     batch: list[DicomImage] = []
 
     def flush() -> None:
-        outputs = model([model_input_for(image, image_size=image_size).to(device) for image in batch])
+        inputs = [model_input_for(image, image_size=image_size, preprocessing=preprocessing or {}) for image in batch]
+        outputs = model([tensor.to(device) for tensor in inputs])
         for image, output in zip(batch, outputs):
             predictions[image.meta.patient_id] = to_original_space(
                 output, image_size=image_size, rows=image.meta.rows, columns=image.meta.columns, score_threshold=score_threshold
@@ -142,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     threshold = args.score_threshold if args.score_threshold is not None else float(checkpoint.get("score_threshold", 0.5))
     predictions, bad = predict_dicoms(
         model, paths, image_size=config.model.image_size, device=device, score_threshold=threshold,
-        batch_size=args.batch_size, progress=not args.no_progress,
+        preprocessing=checkpoint.get("preprocessing"), batch_size=args.batch_size, progress=not args.no_progress,
     )
     write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
     with_boxes = sum(prediction.boxes.shape[0] > 0 for prediction in predictions.values())

@@ -28,7 +28,7 @@ import torch
 from data_tools.atomic import atomic_path, write_text_atomic
 from data_tools.errors import LungdetError
 from detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
-from detection.data import build_dataloaders
+from detection.data import build_dataloaders, load_preprocessing
 from detection.engine import evaluate, train_one_epoch
 from detection.model import build_model, load_pretrained_state
 
@@ -116,6 +116,7 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
     seed_everything(config.seed)
     device = resolve_device(config.device)
     train_loader, val_loader = build_dataloaders(data_dir, config.data, image_size=config.model.image_size, seed=config.seed)
+    preprocessing = load_preprocessing(data_dir)
 
     checkpoint = load_checkpoint(out_dir / LAST_CHECKPOINT) if resume else None
     if checkpoint is not None and int(checkpoint["epoch"]) >= config.optim.epochs:
@@ -170,6 +171,8 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
             "epoch": epoch,
             "config": config_to_dict(config),
             "frozen_batch_norm": frozen,
+            # How convert prepared the training images; predict repeats it on raw DICOMs.
+            "preprocessing": preprocessing,
             "score_threshold": row["val_score_threshold"],
             "val_map": row["val_map"],
             "history": history,

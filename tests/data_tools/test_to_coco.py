@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import re
 import shutil
 from collections import Counter
@@ -20,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from data_tools.dicom_io import read_dicom
 from data_tools.errors import LungdetError
 from data_tools.labels import PatientLabels, read_labels
-from data_tools.to_coco import ConversionReport, assign_folds, box_stratum, convert_dataset
+from data_tools.to_coco import ConversionReport, assign_folds, box_stratum, convert_dataset, format_report, normalize_pixels
 from detection.cli import main as cli_main
 
 POSITIVE_SAMPLE = "00436515-870c-4b36-a041-de91049b9ab4"
@@ -389,3 +390,99 @@ def test_cli_missing_dicom_folder(tmp_path: Path, capsys) -> None:
     labels_csv.write_text(LABEL_HEADER + "neg,,,,,0\n")
     assert cli_main(convert_args(tmp_path / "absent", labels_csv, tmp_path / "out")) == 2
     assert "absent: not a folder" in capsys.readouterr().err
+
+
+# --- scale: workers, incremental reruns, resuming a killed run, normalisation --------------------
+
+
+@pytest.fixture(scope="module")
+def synth_set(tmp_path_factory: pytest.TempPathFactory):
+    from data_tools.synth import write_synthetic_dataset
+
+    synth = write_synthetic_dataset(tmp_path_factory.mktemp("scale") / "synth", count=12, seed=5, positive_fraction=0.5, size=(256, 256))
+    return synth, read_labels(synth.labels_csv)
+
+
+def dataset_bytes(out_dir: Path) -> dict[str, bytes]:
+    """Every output file's bytes (the journal aside: it records how the output was reached, not what it is)."""
+    return {
+        str(path.relative_to(out_dir)): path.read_bytes()
+        for path in sorted(out_dir.rglob("*"))
+        if path.is_file() and path.name not in (".convert_journal.jsonl", "conversion_report.json")
+    }
+
+
+def test_two_workers_write_exactly_what_one_writes(synth_set, tmp_path: Path) -> None:
+    synth, labels = synth_set
+    convert_dataset(synth.images_dir, labels, tmp_path / "one", image_size=128, workers=1, progress=False)
+    convert_dataset(synth.images_dir, labels, tmp_path / "two", image_size=128, workers=2, progress=False)
+    one, two = dataset_bytes(tmp_path / "one"), dataset_bytes(tmp_path / "two")
+    assert len(one) == 12 + 2  # 12 PNGs, annotations.json, folds.csv
+    assert one == two
+
+
+def test_a_rerun_converts_only_new_or_changed_files(synth_set, tmp_path: Path) -> None:
+    synth, labels = synth_set
+    dicoms = tmp_path / "dicoms"
+    shutil.copytree(synth.images_dir, dicoms)
+    first = convert_dataset(dicoms, labels, tmp_path / "out", image_size=128, progress=False)
+    assert (first.converted, first.reused) == (12, 0)
+    again = convert_dataset(dicoms, labels, tmp_path / "out", image_size=128, progress=False)
+    assert (again.converted, again.reused) == (12, 12)
+    changed = sorted(dicoms.glob("*.dcm"))[0]
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    after_touch = convert_dataset(dicoms, labels, tmp_path / "out", image_size=128, progress=False)
+    assert after_touch.reused == 11
+    resized = convert_dataset(dicoms, labels, tmp_path / "out", image_size=96, progress=False)
+    assert resized.reused == 0  # new settings: every image is converted again
+    assert json.loads((tmp_path / "out" / "annotations.json").read_text())["images"][0]["width"] == 96
+
+
+def test_a_killed_run_resumes_to_the_same_output(synth_set, tmp_path: Path) -> None:
+    synth, labels = synth_set
+    convert_dataset(synth.images_dir, labels, tmp_path / "clean", image_size=128, progress=False)
+    killed = tmp_path / "killed"
+    convert_dataset(synth.images_dir, labels, killed, image_size=128, progress=False)
+    # Simulate a SIGKILL after 5 files: the journal ends in a cut-off line, later PNGs and the
+    # final files were never written, and a temporary file was left mid-write.
+    journal = killed / ".convert_journal.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:6]) + "\n" + lines[6][:25])
+    for line in lines[6:]:
+        (killed / "images" / f"{json.loads(line)['image']['patient_id']}.png").unlink()
+    for name in ("annotations.json", "folds.csv"):
+        (killed / name).unlink()
+    (killed / "images" / ".half.png.abc.tmp").write_bytes(b"half")
+
+    report = convert_dataset(synth.images_dir, labels, killed, image_size=128, progress=False)
+    assert report.reused == 5
+    assert dataset_bytes(killed) == dataset_bytes(tmp_path / "clean")
+
+
+def test_normalisation_is_applied_and_recorded(synth_set, tmp_path: Path) -> None:
+    synth, labels = synth_set
+    for method in ("none", "clahe", "equalize"):
+        convert_dataset(synth.images_dir, labels, tmp_path / method, image_size=128, normalization=method, progress=False)
+    coco = {method: json.loads((tmp_path / method / "annotations.json").read_text()) for method in ("none", "clahe", "equalize")}
+    assert [coco[m]["info"]["normalization"] for m in coco] == ["none", "clahe", "equalize"]
+    name = coco["none"]["images"][0]["file_name"]
+    plain = cv2.imread(str(tmp_path / "none" / name), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "equalize" / name), cv2.IMREAD_GRAYSCALE), cv2.equalizeHist(plain))
+    clahe = cv2.imread(str(tmp_path / "clahe" / name), cv2.IMREAD_GRAYSCALE)
+    assert not np.array_equal(clahe, plain)
+    np.testing.assert_array_equal(clahe, normalize_pixels(plain, method="clahe"))
+    with pytest.raises(LungdetError, match="normalization 'gamma': must be one of none, clahe, equalize"):
+        convert_dataset(synth.images_dir, labels, tmp_path / "bad", normalization="gamma", progress=False)
+
+
+def test_bad_files_are_counted_by_kind(synth_set, tmp_path: Path, capsys) -> None:
+    synth, labels = synth_set
+    dicoms = tmp_path / "dicoms"
+    shutil.copytree(synth.images_dir, dicoms)
+    victims = sorted(dicoms.glob("*.dcm"))[:3]
+    victims[0].write_bytes(b"")
+    victims[1].write_bytes(b"plain text, not DICOM" * 10)
+    victims[2].write_bytes(victims[2].read_bytes()[:2000])
+    report = convert_dataset(dicoms, labels, tmp_path / "out", image_size=64, progress=False)
+    assert sorted(bad["kind"] for bad in report.bad_files) == ["empty", "not_dicom", "truncated"]
+    assert "(empty: 1, not_dicom: 1, truncated: 1)" in format_report(report, tmp_path / "out")

@@ -32,9 +32,10 @@ TRAIN_OVERRIDES = [
 ]
 
 
-def held_out_map(model: torch.nn.Module, images_dir, labels_csv, *, image_size: int, score_threshold: float) -> float:
+def held_out_map(model: torch.nn.Module, images_dir, labels_csv, *, image_size: int, score_threshold: float, preprocessing=None) -> float:
     predictions, bad = predict_dicoms(
-        model, find_dicoms(images_dir), image_size=image_size, device=torch.device("cpu"), score_threshold=score_threshold, progress=False
+        model, find_dicoms(images_dir), image_size=image_size, device=torch.device("cpu"), score_threshold=score_threshold,
+        preprocessing=preprocessing, progress=False,
     )
     assert bad == []
     truth = {patient_id: labels.boxes for patient_id, labels in read_labels(labels_csv).items()}
@@ -56,7 +57,10 @@ def test_training_beats_an_untrained_model_on_held_out_dicoms(tmp_path):
 
     best = train(config, tmp_path / "coco", tmp_path / "run", progress=False)
     model, _, checkpoint = load_trained_model(tmp_path / "run" / BEST_CHECKPOINT, device=torch.device("cpu"))
-    trained_map = held_out_map(model, held_out.images_dir, held_out.labels_csv, image_size=256, score_threshold=checkpoint["score_threshold"])
+    trained_map = held_out_map(
+        model, held_out.images_dir, held_out.labels_csv, image_size=256,
+        score_threshold=checkpoint["score_threshold"], preprocessing=checkpoint["preprocessing"],
+    )
     print(f"untrained mAP {untrained_map:.4f}, trained mAP {trained_map:.4f}, validation mAP {best['val_map']:.4f}")
 
     assert untrained_map < 0.05

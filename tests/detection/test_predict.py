@@ -168,3 +168,24 @@ def test_cli_refuses_two_dicoms_with_one_patient_id(tmp_path: Path) -> None:
     with pytest.raises(LungdetError, match=r"dicoms/a/same-id\.dcm and .*dicoms/b/same-id\.dcm have the same patientId 'same-id'"):
         run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(tmp_path / "dicoms"), "--out", str(tmp_path / "s.csv"))
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_model_input_repeats_the_conversion_then_resizes_to_the_model(tmp_path: Path) -> None:
+    """A dataset converted at 128 px with histogram equalisation: predict must equalise at 128 px, then shrink to 64."""
+    import cv2
+
+    from data_tools.dicom_io import find_dicoms, read_dicom
+    from data_tools.to_coco import prepare_pixels
+    from detection.data import to_model_input
+    from detection.predict import model_input_for
+
+    synth = write_synthetic_dataset(tmp_path / "synth", count=1, seed=4, positive_fraction=1.0, size=(200, 300))
+    image = read_dicom(find_dicoms(synth.images_dir)[0])
+    tensor = model_input_for(image, image_size=64, preprocessing={"image_size": 128, "normalization": "equalize"})
+    equalised_at_128 = cv2.equalizeHist(cv2.resize(image.pixels, (128, 128), interpolation=cv2.INTER_AREA))
+    expected = to_model_input(cv2.resize(equalised_at_128, (64, 64), interpolation=cv2.INTER_AREA))
+    assert torch.equal(tensor, expected)
+    # Without normalisation the input differs, so the test would notice a predict that skipped it.
+    plain = model_input_for(image, image_size=64, preprocessing={"image_size": 128, "normalization": "none"})
+    assert not torch.equal(plain, expected)
+    assert torch.equal(plain, to_model_input(cv2.resize(prepare_pixels(image.pixels, image_size=128, normalization="none"), (64, 64), interpolation=cv2.INTER_AREA)))

@@ -33,7 +33,9 @@ from detection.train import (
 IMAGE_SIZE = 64
 # Besides the tiny model: 4 training images in batches of 2, two optimizer steps per epoch; on the CPU even where a GPU is, so runs repeat exactly.
 RUN_EXTRAS = ["device=cpu", "data.batch_size=2", "optim.epochs=1", "optim.warmup_iters=1", "max_minutes=0", "val_score_thresholds=[0.1, 0.5]"]
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "config", "frozen_batch_norm", "score_threshold", "val_map", "history", "torch_rng_state"}
+CHECKPOINT_KEYS = {
+    "model", "optimizer", "scheduler", "epoch", "config", "frozen_batch_norm", "score_threshold", "val_map", "history", "torch_rng_state", "preprocessing",
+}
 
 
 @pytest.fixture(scope="module")
