@@ -17,6 +17,7 @@ from data_tools.errors import LungdetError
 SUBCOMMANDS = {
     "demo": ("detection.demo", "run the whole pipeline on synthetic + sample data on CPU (a few minutes)"),
     "synth": ("data_tools.synth", "write synthetic RSNA-shaped DICOMs and a labels CSV"),
+    "eda": ("data_tools.eda", "one HTML page of figures about the labels and DICOM tags, to read before training"),
     "convert": ("data_tools.to_coco", "DICOMs + RSNA labels -> COCO dataset with PNGs and patient-level folds"),
     "train": ("detection.train", "train a torchvision detector on a converted dataset"),
     "predict": ("detection.predict", "run a checkpoint on DICOMs and write a Kaggle submission.csv"),
