@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
 
 from data_tools.errors import DicomReadError, LungdetError
 
+# Length field of an element whose end is marked by a delimiter instead (sequences, compressed pixel data).
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 # DICOM age strings are 'nnnY', 'nnnM', 'nnnW' or 'nnnD'; RSNA files store a plain integer ('51').
 _AGE_PATTERN = re.compile(r"^\s*(\d{1,3})\s*([YMWD]?)\s*$", re.IGNORECASE)
 _UNITS_PER_YEAR = {"": 1.0, "Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
@@ -34,7 +40,9 @@ class DicomMeta:
 
     ``patient_id`` is the file stem, which is how RSNA labels and submissions name an image;
     ``patient_id_tag`` is the PatientID tag as stored (equal to the stem in RSNA files).
-    ``pixel_spacing`` is (row spacing, column spacing) in mm.
+    ``pixel_spacing`` is (row spacing, column spacing) in mm. ``bits_stored``, ``samples_per_pixel``
+    and ``number_of_frames`` default to what the reader assumes when the tag is absent (8 bits, one
+    channel, one frame); ``transfer_syntax`` is the UID from the file meta ('' if absent).
     """
 
     path: Path
@@ -48,6 +56,10 @@ class DicomMeta:
     pixel_spacing: tuple[float, float] | None
     modality: str
     photometric_interpretation: str
+    bits_stored: int = 8
+    samples_per_pixel: int = 1
+    number_of_frames: int = 1
+    transfer_syntax: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (path as a string, spacing as a list)."""
@@ -84,6 +96,23 @@ def find_dicoms(folder: Path) -> list[Path]:
     return sorted(path for path in folder.rglob("*") if path.suffix.lower() == ".dcm" and path.is_file())
 
 
+def find_cut_element(dataset: Dataset) -> str | None:
+    """Describe the element the file ends inside (its value shorter than its declared length), or None.
+
+    pydicom reads a value cut short by the end of the file without a word, so a truncated file
+    would otherwise show up later as missing tags, odd values or undecodable pixels.
+    """
+    for group in (getattr(dataset, "file_meta", None) or Dataset(), dataset):
+        for tag in group.keys():
+            # get_item gives the element as read (raw, not yet converted), so this costs no parsing.
+            element = group.get_item(tag, keep_deferred=True)
+            if not isinstance(element, RawDataElement) or element.value is None or element.length == _UNDEFINED_LENGTH:
+                continue
+            if len(element.value) < element.length:
+                return f"the file ends inside element {element.tag}, after {len(element.value)} of its {element.length} bytes"
+    return None
+
+
 def _open_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
     path = Path(path)
     if not path.is_file():
@@ -95,20 +124,36 @@ def _open_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
             # On a file that ends early pydicom only warns and returns a dataset with *no* elements,
             # which would later read as "no Rows/Columns"; make it an error while the cause is known.
             warnings.filterwarnings("error", message="(End of file reached|Unexpected end of file)", category=UserWarning)
-            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+            dataset = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         raise DicomReadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble); remove it from the folder", kind="not_dicom") from None
     except UserWarning as warning:
         raise DicomReadError(path, f"file is truncated ({str(warning).split(' in file ')[0]}); copy or download it again", kind="truncated") from None
     except Exception as error:  # pydicom raises many types on damaged files; all mean the same to the user
         raise DicomReadError(path, f"cannot be parsed ({type(error).__name__}: {error}); the file is probably truncated or damaged, copy it again", kind="damaged") from None
+    cut_element = find_cut_element(dataset)
+    if cut_element is not None:
+        raise DicomReadError(path, f"file is truncated ({cut_element}); copy or download it again", kind="truncated")
+    return dataset
+
+
+def _numeric_tag(path: Path, dataset: Dataset, keyword: str, convert: Callable[[Any], Any], default: Any) -> Any:
+    """``convert(value)`` of a number tag, ``default`` when it is absent or empty; a malformed value is a DicomReadError."""
+    try:
+        value = dataset.get(keyword)
+        return convert(value) if value else default
+    except Exception as error:  # pydicom parses values when first read, so a malformed DS/IS string fails here
+        raise DicomReadError(path, f"tag {keyword} has an unreadable value ({type(error).__name__}: {error}); fix the tag or remove the file", kind="bad_tag") from None
+
+
+def _spacing_pair(value: Any) -> tuple[float, float] | None:
+    return (float(value[0]), float(value[1])) if isinstance(value, pydicom.multival.MultiValue) and len(value) == 2 else None
 
 
 def _metadata_from_dataset(path: Path, dataset: Dataset) -> DicomMeta:
     if "Rows" not in dataset or "Columns" not in dataset:
         raise DicomReadError(path, "has no Rows/Columns tags, so it is not an image; remove it from the folder", kind="not_image")
-    spacing = dataset.get("PixelSpacing") or dataset.get("ImagerPixelSpacing")
-    pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
+    pixel_spacing = _numeric_tag(path, dataset, "PixelSpacing", _spacing_pair, None) or _numeric_tag(path, dataset, "ImagerPixelSpacing", _spacing_pair, None)
     return DicomMeta(
         path=Path(path),
         patient_id=Path(path).stem,
@@ -121,7 +166,35 @@ def _metadata_from_dataset(path: Path, dataset: Dataset) -> DicomMeta:
         pixel_spacing=pixel_spacing,
         modality=str(dataset.get("Modality", "") or ""),
         photometric_interpretation=str(dataset.get("PhotometricInterpretation", "") or ""),
+        bits_stored=_numeric_tag(path, dataset, "BitsStored", int, 8),
+        samples_per_pixel=_numeric_tag(path, dataset, "SamplesPerPixel", int, 1),
+        number_of_frames=_numeric_tag(path, dataset, "NumberOfFrames", int, 1),
+        transfer_syntax=str((getattr(dataset, "file_meta", None) or {}).get("TransferSyntaxUID", "") or ""),
     )
+
+
+def find_missing_decoder(transfer_syntax: str) -> str | None:
+    """Why pixels in ``transfer_syntax`` cannot be decoded in this environment, or None if they can.
+
+    Checked before decoding so that "install a plugin" is told apart from "the file is damaged".
+    An empty syntax (no file meta) is left to the decoder, which guesses the encoding.
+    """
+    if not transfer_syntax:
+        return None
+    name = UID(transfer_syntax).name
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError:
+        return (
+            f"pixel data uses transfer syntax {name}, which no pydicom decoder supports (a private or retired compression); "
+            "export the image again as uncompressed or JPEG Baseline"
+        )
+    if not decoder.is_available:
+        return (
+            f"pixel data is {name} and no decoder for it is installed ({'; '.join(decoder.missing_dependencies)}); "
+            "install one of those plugins and convert again"
+        )
+    return None
 
 
 def read_dicom_metadata(path: Path) -> DicomMeta:
@@ -180,25 +253,30 @@ def read_dicom(path: Path) -> DicomImage:
     Raises
     ------
     DicomReadError
-        The file is missing, empty, not DICOM, damaged, has no pixel data, cannot be decoded,
-        or is not a single-frame image.
+        The file is missing, empty, not DICOM, damaged, has no pixel data, uses a compression no
+        installed decoder supports, cannot be decoded, or is not a single-frame image.
     """
     path = Path(path)
     dataset = _open_dataset(path, stop_before_pixels=False)
     meta = _metadata_from_dataset(path, dataset)
     if "PixelData" not in dataset:
         raise DicomReadError(path, "has no pixel data (7FE0,0010), so there is no image to read; remove it from the folder", kind="no_pixels")
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise DicomReadError(path, f"is multi-frame ({frames} frames); a chest radiograph has one frame, remove it or split it first", kind="multi_frame")
+    if meta.number_of_frames > 1:
+        raise DicomReadError(
+            path, f"is multi-frame ({meta.number_of_frames} frames); a chest radiograph has one frame, remove it or split it first", kind="multi_frame"
+        )
+    missing_decoder = find_missing_decoder(meta.transfer_syntax)
+    if missing_decoder is not None:
+        raise DicomReadError(path, missing_decoder, kind="unsupported_compression")
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # decoder plugins raise their own types; the user needs the reason and the syntax
-        syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
-        syntax_name = getattr(syntax, "name", str(syntax))
+        syntax_name = UID(meta.transfer_syntax).name if meta.transfer_syntax else "unknown"
+        # Plugin messages can span lines; one line per file keeps the summary and the report readable.
+        detail = " ".join(str(error).split())
         raise DicomReadError(
             path,
-            f"pixel data cannot be decoded (transfer syntax {syntax_name}: {type(error).__name__}: {error}); "
+            f"pixel data cannot be decoded (transfer syntax {syntax_name}: {type(error).__name__}: {detail}); "
             "the file may be truncated, or needs a decoder plugin that is not installed",
             kind="undecodable",
         ) from None
@@ -209,4 +287,10 @@ def read_dicom(path: Path) -> DicomImage:
         raise DicomReadError(path, f"pixel array has shape {pixels.shape}; expected a 2-D grey image", kind="bad_shape")
     if pixels.shape != (meta.rows, meta.columns):
         raise DicomReadError(path, f"pixel array is {pixels.shape} but Rows/Columns say {(meta.rows, meta.columns)}; the file is inconsistent", kind="bad_shape")
-    return DicomImage(pixels=pixels_to_uint8(pixels, dataset), meta=meta)
+    try:
+        display = pixels_to_uint8(pixels, dataset)
+    except Exception as error:  # a malformed Rescale or Window value (DS strings) only fails when it is read here
+        raise DicomReadError(
+            path, f"pixels cannot be mapped to 8 bits ({type(error).__name__}: {error}); check Rescale Slope/Intercept and Window Center/Width", kind="bad_tag"
+        ) from None
+    return DicomImage(pixels=display, meta=meta)

@@ -5,7 +5,7 @@ Output folder layout::
     OUT/annotations.json        COCO: images (negatives kept, zero annotations), annotations, 1 category
     OUT/images/{patientId}.png  8-bit grey, at --image-size (default: the DICOM's own size)
     OUT/folds.csv               patientId,fold,target,n_boxes (seeded, stratified, patient-level)
-    OUT/conversion_report.json  what was converted, skipped and why
+    OUT/conversion_report.json  what was converted, skipped and why, and notes on odd inputs
 
 Annotation ``bbox`` is COCO ``[x, y, w, h]`` (XYWH_ABS) in the *written PNG's* pixels; each image
 record keeps ``original_width``/``original_height`` so predictions can be mapped back.
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from data_tools.atomic import atomic_open, write_bytes_atomic, write_text_atomic
 from data_tools.boxes import clip_xywh, scale_xywh
 from data_tools.cli_types import int_in_range
-from data_tools.dicom_io import find_dicoms, read_dicom
+from data_tools.dicom_io import DicomMeta, find_dicoms, read_dicom
 from data_tools.errors import DicomReadError, LungdetError
 from data_tools.labels import PatientLabels, read_labels
 
@@ -43,15 +43,29 @@ FOLDS_FILE = "folds.csv"
 REPORT_FILE = "conversion_report.json"
 # Progress of conversions, so that a rerun skips finished files and a killed run can resume.
 JOURNAL_FILE = ".convert_journal.jsonl"
+# Bumped when journal entries gain a field: entries of an older run lack it and are converted again.
+JOURNAL_VERSION = 2
 NORMALIZATIONS = ("none", "clahe", "equalize")
 IMAGES_DIR = "images"
 # A box clipped to the image that keeps less than this many pixels of width or height is no box.
 MIN_BOX_SIDE = 1.0
+# Chest radiographs are about 1000-4000 pixels a side; outside these bounds an image is probably a
+# thumbnail or a localiser (tiny) or a stitched or oversampled scan (huge). Converted, but noted.
+TINY_IMAGE_SIDE = 256
+HUGE_IMAGE_SIDE = 4096
+# No patient is older than this; a larger PatientAge is a typing error.
+MAX_PLAUSIBLE_AGE = 120
+# The printed summary names at most this many files per kind; conversion_report.json lists them all.
+SUMMARY_EXAMPLES = 5
 
 
 @dataclass
 class ConversionReport:
-    """What ``convert_dataset`` did: counts plus every skipped file with its reason."""
+    """What ``convert_dataset`` did: counts plus every skipped file with its reason.
+
+    ``notes`` lists inputs that were converted but are odd (``{"file", "kind", "reason"}``, see
+    :func:`input_notes`); a file can have several.
+    """
 
     converted: int = 0
     positives: int = 0
@@ -61,6 +75,8 @@ class ConversionReport:
     duplicate_files: list[str] = field(default_factory=list)
     dropped_boxes: list[dict[str, object]] = field(default_factory=list)
     labelled_without_dicom: int = 0
+    labelled_without_dicom_ids: list[str] = field(default_factory=list)  # sorted patientIds
+    notes: list[dict[str, str]] = field(default_factory=list)
     reused: int = 0  # files whose PNG from an earlier run with the same settings was kept
 
     def to_dict(self) -> dict[str, object]:
@@ -133,12 +149,44 @@ def file_signature(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def input_notes(meta: DicomMeta) -> list[dict[str, str]]:
+    """Notes on a readable DICOM that is odd for a chest radiograph: ``[{"kind", "reason"}, ...]``, [] if none.
+
+    Each is converted anyway (colour to grey, MONOCHROME1 inverted, deep pixels windowed to 8
+    bits, any size resized), but a user should know: the oddity may mean a wrong file or bad tags.
+    """
+    notes = []
+    if meta.samples_per_pixel == 3:
+        notes.append({"kind": "rgb_converted", "reason": f"colour image ({meta.photometric_interpretation}) converted to grey (luma)"})
+    if meta.photometric_interpretation.upper() == "MONOCHROME1":
+        notes.append({"kind": "monochrome1_inverted", "reason": "MONOCHROME1 (bright = air) inverted so that bright = dense"})
+    if meta.bits_stored > 8:
+        notes.append({
+            "kind": "high_bit_depth_rescaled",
+            "reason": f"{meta.bits_stored}-bit pixels mapped to 8 bits (Window Center/Width if present, else the image's own min..max)",
+        })
+    if meta.age is None:
+        notes.append({"kind": "missing_age", "reason": "PatientAge is missing or unreadable; age left empty"})
+    elif meta.age == 0:
+        # '000Y' is how some systems fill an unknown age; an infant's radiograph in this set would be a surprise too.
+        notes.append({"kind": "age_zero", "reason": "PatientAge reads as 0 years (often a placeholder for unknown); check it before using ages"})
+    elif meta.age > MAX_PLAUSIBLE_AGE:
+        notes.append({"kind": "age_implausible", "reason": f"PatientAge reads as {meta.age} years, over {MAX_PLAUSIBLE_AGE}; probably a typing error"})
+    size = f"{meta.rows} rows x {meta.columns} columns"
+    if min(meta.rows, meta.columns) < TINY_IMAGE_SIDE:
+        notes.append({"kind": "tiny_image", "reason": f"{size}, under {TINY_IMAGE_SIDE} on a side: a thumbnail or localiser rather than a radiograph?"})
+    if max(meta.rows, meta.columns) > HUGE_IMAGE_SIDE:
+        notes.append({"kind": "huge_image", "reason": f"{size}, over {HUGE_IMAGE_SIDE} on a side: check that its labels use the same pixels"})
+    return notes
+
+
 def convert_file(task: tuple[str, list[int], str, int | None, str]) -> dict[str, Any]:
     """Worker: read one DICOM and write its PNG (atomically). Returns a journal entry.
 
-    The entry holds the image's metadata and sizes (``"image"``) or why it could not be read
-    (``"bad"``). Boxes are not in it: they come from the labels when the dataset is assembled,
-    so a changed labels file never needs the images converted again.
+    The entry holds the image's metadata and sizes (``"image"``) and its :func:`input_notes`
+    (``"notes"``), or why it could not be read (``"bad"``). Boxes are not in it: they come from
+    the labels when the dataset is assembled, so a changed labels file never needs the images
+    converted again; the notes are in it, so a rerun that keeps the PNG still reports them.
     """
     path, signature, out_dir, image_size, normalization = task
     try:
@@ -163,6 +211,7 @@ def convert_file(task: tuple[str, list[int], str, int | None, str]) -> dict[str,
             "view_position": meta.view_position,
             "pixel_spacing": list(meta.pixel_spacing) if meta.pixel_spacing else None,
         },
+        "notes": input_notes(meta),
     }
 
 
@@ -243,7 +292,7 @@ def convert_dataset(
             seen.add(path.stem)
             candidates.append(path)
 
-    settings = {"image_size": image_size, "normalization": normalization}
+    settings = {"image_size": image_size, "normalization": normalization, "journal_version": JOURNAL_VERSION}
     journal_path = out_dir / JOURNAL_FILE
     previous = load_journal(journal_path, settings)
     entries: dict[str, dict[str, Any]] = {}
@@ -254,7 +303,8 @@ def convert_dataset(
             entries[str(path)] = entry
         else:
             todo.append((str(path), file_signature(path), str(out_dir), image_size, normalization))
-    report.reused = len(entries)
+    # Unreadable files are not read again either (same signature), but only images count as kept.
+    report.reused = sum("image" in entry for entry in entries.values())
 
     fresh_journal = not previous
     with open(journal_path, "w" if fresh_journal else "a", encoding="utf-8") as journal:
@@ -277,7 +327,8 @@ def convert_dataset(
                 pool.terminate()
 
     images, annotations = assemble_coco([entries[str(path)] for path in candidates], labels, report)
-    report.labelled_without_dicom = len(set(labels) - found)
+    report.labelled_without_dicom_ids = sorted(set(labels) - found)
+    report.labelled_without_dicom = len(report.labelled_without_dicom_ids)
     if images:
         # Stratify on the boxes actually written: a positive whose boxes all fell outside is a negative image here.
         fold_of = assign_folds({str(record["patient_id"]): box_stratum(int(record["n_boxes"])) for record in images}, k=folds, seed=seed)
@@ -307,7 +358,8 @@ def assemble_coco(
     """COCO image and annotation records from journal entries (in file order) and the labels.
 
     Boxes are scaled from original DICOM pixels to the written PNG's pixels per axis and clipped
-    to it; a box left thinner than ``MIN_BOX_SIDE`` is dropped and reported. Bad files go to the report.
+    to it; a box left thinner than ``MIN_BOX_SIDE`` is dropped and reported. Bad files and the
+    notes on converted files go to the report.
     """
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
@@ -315,6 +367,7 @@ def assemble_coco(
         if "bad" in entry:
             report.bad_files.append({"file": entry["file"], "reason": entry["bad"]["reason"], "kind": entry["bad"]["kind"]})
             continue
+        report.notes.extend({"file": entry["file"], **note} for note in entry["notes"])
         image = entry["image"]
         patient_id, width, height = image["patient_id"], image["width"], image["height"]
         truth = labels[patient_id]
@@ -359,26 +412,53 @@ def write_folds_csv(path: Path, images: list[dict[str, object]]) -> None:
             writer.writerow([record["patient_id"], record["fold"], record["target"], record["n_boxes"]])
 
 
+def _examples(items: list[str]) -> list[str]:
+    """Up to ``SUMMARY_EXAMPLES`` of ``items`` as indented lines, then how many more the JSON report has."""
+    lines = [f"    {item}" for item in items[:SUMMARY_EXAMPLES]]
+    if len(items) > SUMMARY_EXAMPLES:
+        lines.append(f"    ... and {len(items) - SUMMARY_EXAMPLES} more in {REPORT_FILE}")
+    return lines
+
+
+def _count_kinds(records: list[dict[str, str]]) -> str:
+    return ", ".join(f"{kind}: {count}" for kind, count in sorted(Counter(record["kind"] for record in records).items()))
+
+
 def format_report(report: ConversionReport, out_dir: Path) -> str:
-    """Human summary of a conversion: counts, then every skipped file with its reason."""
+    """Human summary of a conversion: counts, then each kind of problem with a few example files.
+
+    The length does not grow with the dataset (at most ``SUMMARY_EXAMPLES`` files per kind), so
+    26k files with one systematic problem print a screenful; conversion_report.json has every file.
+    """
     lines = [
         f"converted {report.converted} images ({report.positives} with opacities, {report.boxes} boxes) into {out_dir}",
         f"  COCO: {out_dir / ANNOTATIONS_FILE}   folds: {out_dir / FOLDS_FILE}   report: {out_dir / REPORT_FILE}",
     ]
     if report.labelled_without_dicom:
-        lines.append(f"  {report.labelled_without_dicom} labelled patients have no DICOM in this folder (fine for a subset)")
+        # Usual when converting a subset, so only counted here; the patientIds are in the JSON report.
+        lines.append(
+            f"  {report.labelled_without_dicom} labelled patients have no DICOM in this folder "
+            f"(fine for a subset; their patientIds are in {REPORT_FILE})"
+        )
     if report.unlabelled_files:
-        lines.append(f"  skipped {len(report.unlabelled_files)} DICOMs the labels do not name (truth unknown), e.g. {report.unlabelled_files[0]}")
-    for duplicate in report.duplicate_files:
-        lines.append(f"  skipped duplicate patientId: {duplicate}")
-    for dropped in report.dropped_boxes:
-        lines.append(f"  dropped box {dropped['box']} of {dropped['patientId']}: {dropped['reason']}")
+        lines.append(f"  skipped {len(report.unlabelled_files)} DICOMs the labels do not name (truth unknown):")
+        lines.extend(_examples(report.unlabelled_files))
+    if report.duplicate_files:
+        lines.append(f"  skipped {len(report.duplicate_files)} DICOMs whose patientId (file name) was already found in another folder:")
+        lines.extend(_examples(report.duplicate_files))
+    if report.dropped_boxes:
+        lines.append(f"  dropped {len(report.dropped_boxes)} boxes outside the image:")
+        lines.extend(_examples([f"{dropped['patientId']} {dropped['box']}: {dropped['reason']}" for dropped in report.dropped_boxes]))
     if report.reused:
         lines.append(f"  {report.reused} images were already converted with these settings and kept")
     if report.bad_files:
-        kinds = Counter(bad["kind"] for bad in report.bad_files)
-        lines.append(f"  skipped {len(report.bad_files)} unreadable DICOMs ({', '.join(f'{kind}: {count}' for kind, count in sorted(kinds.items()))}):")
-        lines.extend(f"    {bad['file']}: {bad['reason']}" for bad in report.bad_files)
+        lines.append(f"  skipped {len(report.bad_files)} unreadable DICOMs ({_count_kinds(report.bad_files)}):")
+        for kind in sorted({bad["kind"] for bad in report.bad_files}):
+            lines.extend(_examples([f"{bad['file']}: {bad['reason']}" for bad in report.bad_files if bad["kind"] == kind]))
+    if report.notes:
+        lines.append(f"  converted with notes ({_count_kinds(report.notes)}):")
+        for kind in sorted({note["kind"] for note in report.notes}):
+            lines.extend(_examples([f"{note['file']}: {note['reason']}" for note in report.notes if note["kind"] == kind]))
     return "\n".join(lines)
 
 

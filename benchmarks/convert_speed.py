@@ -1,0 +1,65 @@
+"""How close ``lungdet convert`` comes to the decoding floor (a benchmark, not a test).
+
+On the same synthetic RSNA-shaped DICOMs (1024x1024 JPEG Baseline) it times, in one run:
+(a) the floor: a bare ``pydicom.dcmread(f).pixel_array`` loop in one process;
+(b) ``convert`` with one worker at the original size;
+(c) ``convert`` with all cores.
+and prints the ratios against the targets (b <= 1.25 x a; c >= 0.8 x cores faster than b).
+
+Run: ``.venv/bin/python benchmarks/convert_speed.py [--count 300] [--image-size N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+
+from data_tools.dicom_io import find_dicoms
+from data_tools.labels import read_labels
+from data_tools.synth import write_synthetic_dataset
+from data_tools.to_coco import convert_dataset
+
+
+def seconds_of(function, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    function(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def decode_all(paths: list[Path]) -> None:
+    for path in paths:
+        pydicom.dcmread(path).pixel_array
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=300, help="synthetic DICOMs (default 300)")
+    parser.add_argument("--image-size", type=int, default=None, help="convert to N x N (default: original 1024)")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        synth = write_synthetic_dataset(root / "synth", count=args.count, seed=0)
+        labels = read_labels(synth.labels_csv)
+        paths = find_dicoms(synth.images_dir)
+        decode_all(paths[:10])  # warm the decoder and the page cache
+        floor = seconds_of(decode_all, paths)
+        one = seconds_of(convert_dataset, synth.images_dir, labels, root / "one", image_size=args.image_size, workers=1, progress=False)
+        many = seconds_of(convert_dataset, synth.images_dir, labels, root / "many", image_size=args.image_size, workers=cores, progress=False)
+    size = f"{args.image_size} px" if args.image_size else "original size"
+    print(f"\n{datetime.date.today()} | {platform.machine()} | {cores} cores | {args.count} files, {size}\n")
+    print("| run | seconds | files/s |\n| --- | --- | --- |")
+    for name, seconds in (("(a) floor: dcmread().pixel_array, 1 process", floor), ("(b) convert, 1 worker", one), (f"(c) convert, {cores} workers", many)):
+        print(f"| {name} | {seconds:.2f} | {args.count / seconds:.1f} |")
+    print(f"\n(b)/(a) = {one / floor:.2f} (target <= 1.25)   (b)/(c) = {one / many:.2f} (target >= {0.8 * cores:.1f})")
+
+
+if __name__ == "__main__":
+    main()
