@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +245,15 @@ def load_journal(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, An
     return entries
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        stream.seek(0, os.SEEK_END)
+        if stream.tell() == 0:
+            return True
+        stream.seek(-1, os.SEEK_END)
+        return stream.read(1) == b"\n"
+
+
 def _still_valid(entry: dict[str, Any] | None, path: Path, out_dir: Path) -> bool:
     if entry is None or entry["signature"] != file_signature(path):
         return False
@@ -295,38 +304,50 @@ def convert_dataset(
     settings = {"image_size": image_size, "normalization": normalization, "journal_version": JOURNAL_VERSION}
     journal_path = out_dir / JOURNAL_FILE
     previous = load_journal(journal_path, settings)
-    entries: dict[str, dict[str, Any]] = {}
+    reusable: dict[str, dict[str, Any]] = {}
     todo = []
     for path in candidates:
         entry = previous.get(str(path))
         if _still_valid(entry, path, out_dir):
-            entries[str(path)] = entry
+            reusable[str(path)] = entry
         else:
             todo.append((str(path), file_signature(path), str(out_dir), image_size, normalization))
-    # Unreadable files are not read again either (same signature), but only images count as kept.
-    report.reused = sum("image" in entry for entry in entries.values())
-
     fresh_journal = not previous
+    del previous  # entries of files no longer here need not stay in memory
+    # Unreadable files are not read again either (same signature), but only images count as kept.
+    report.reused = sum("image" in entry for entry in reusable.values())
+
     with open(journal_path, "w" if fresh_journal else "a", encoding="utf-8") as journal:
         if fresh_journal:
             journal.write(json.dumps({"settings": settings}) + "\n")
+        elif not _ends_with_newline(journal_path):
+            journal.write("\n")  # close the line a killed run cut short, so the next entry starts clean
         if workers > 1 and len(todo) > 1:
             # spawn, not fork: a forked child inherits OpenCV's thread pool mid-use and can hang on its first resize.
             pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
             results = pool.imap(convert_file, todo, chunksize=4)
         else:
             pool, results = None, map(convert_file, todo)
+        # disable=None lets tqdm switch itself off when stderr is not a terminal (CI logs, pipes).
+        fresh = iter(tqdm(results, total=len(todo), desc="convert", unit="file", disable=None if progress else True))
+
+        def entries_in_file_order() -> Iterator[dict[str, Any]]:
+            # todo is in file order and imap keeps order, so new results interleave with kept ones
+            # without holding every entry in memory.
+            for path in candidates:
+                entry = reusable.pop(str(path), None)
+                if entry is None:
+                    entry = next(fresh)
+                    journal.write(json.dumps(entry) + "\n")
+                    journal.flush()
+                yield entry
+
         try:
-            # disable=None lets tqdm switch itself off when stderr is not a terminal (CI logs, pipes).
-            for entry in tqdm(results, total=len(todo), desc="convert", unit="file", disable=None if progress else True):
-                journal.write(json.dumps(entry) + "\n")
-                journal.flush()
-                entries[entry["file"]] = entry
+            images, annotations = assemble_coco(entries_in_file_order(), labels, report)
         finally:
             if pool is not None:
                 pool.terminate()
 
-    images, annotations = assemble_coco([entries[str(path)] for path in candidates], labels, report)
     report.labelled_without_dicom_ids = sorted(set(labels) - found)
     report.labelled_without_dicom = len(report.labelled_without_dicom_ids)
     if images:
@@ -347,13 +368,14 @@ def convert_dataset(
         "categories": [CATEGORY],
     }
     write_folds_csv(out_dir / FOLDS_FILE, images)
-    write_text_atomic(out_dir / ANNOTATIONS_FILE, json.dumps(coco))
+    with atomic_open(out_dir / ANNOTATIONS_FILE, "w", encoding="utf-8") as stream:
+        json.dump(coco, stream)  # streamed in chunks: the whole text never sits in memory
     write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
     return report
 
 
 def assemble_coco(
-    entries: list[dict[str, Any]], labels: Mapping[str, PatientLabels], report: ConversionReport
+    entries: Iterable[dict[str, Any]], labels: Mapping[str, PatientLabels], report: ConversionReport
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """COCO image and annotation records from journal entries (in file order) and the labels.
 

@@ -457,6 +457,8 @@ def test_a_killed_run_resumes_to_the_same_output(synth_set, tmp_path: Path) -> N
     report = convert_dataset(synth.images_dir, labels, killed, image_size=128, progress=False)
     assert report.reused == 5
     assert dataset_bytes(killed) == dataset_bytes(tmp_path / "clean")
+    # The cut-off line was closed before appending, so every file converted since is on record.
+    assert convert_dataset(synth.images_dir, labels, killed, image_size=128, progress=False).reused == 12
 
 
 def test_normalisation_is_applied_and_recorded(synth_set, tmp_path: Path) -> None:
