@@ -56,7 +56,7 @@ def test_the_cpu_config_takes_its_values_from_the_file() -> None:
     assert config.model.anchor_sizes == [32, 64, 128]
     assert config.model.anchor_aspect_ratios == [1.0, 1.5, 2.0]
     assert config.optim.optimizer == "adamw"
-    assert config.max_minutes == 3.0
+    assert config.optim.epochs == 7 and config.max_minutes == 0.0  # fixed steps, so results do not depend on machine load
     # Keys the file leaves out keep their defaults.
     assert config.data.hflip == TrainConfig().data.hflip
 
