@@ -488,3 +488,19 @@ def test_bad_files_are_counted_by_kind(synth_set, tmp_path: Path, capsys) -> Non
     report = convert_dataset(dicoms, labels, tmp_path / "out", image_size=64, progress=False)
     assert sorted(bad["kind"] for bad in report.bad_files) == ["empty", "not_dicom", "truncated"]
     assert "(empty: 1, not_dicom: 1, truncated: 1)" in format_report(report, tmp_path / "out")
+
+
+@pytest.mark.parametrize("n_images, n_annotations", [(0, 0), (1, 0), (3, 2)])
+def test_streamed_coco_json_is_the_text_json_dumps_gives(tmp_path: Path, n_images: int, n_annotations: int) -> None:
+    import tempfile
+
+    from data_tools.to_coco import CATEGORY, write_coco_json
+
+    info = {"description": "x", "image_size": None, "folds": 5}
+    images = [{"id": index + 1, "patient_id": f"p{index}", "fold": index % 2} for index in range(n_images)]
+    annotations = [{"id": index + 1, "image_id": 1, "bbox": [1.5, 2.0, 3.0, 4.25]} for index in range(n_annotations)]
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+        spool.writelines(json.dumps(annotation) + "\n" for annotation in annotations)
+        write_coco_json(tmp_path / "a.json", info, iter(images), spool)
+    expected = json.dumps({"info": info, "images": images, "annotations": annotations, "categories": [CATEGORY]})
+    assert (tmp_path / "a.json").read_text(encoding="utf-8") == expected
