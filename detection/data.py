@@ -45,13 +45,19 @@ class ImageRecord:
     boxes: np.ndarray
 
 
+def read_annotations(data_dir: Path) -> dict:
+    """The parsed ``annotations.json`` of a ``lungdet convert`` output folder."""
+    annotations_path = Path(data_dir) / ANNOTATIONS_FILE
+    if not annotations_path.is_file():
+        raise LungdetError(f"{annotations_path}: not found; run 'lungdet convert ... --out {data_dir}' first")
+    return json.loads(annotations_path.read_text(encoding="utf-8"))
+
+
 def load_records(data_dir: Path) -> list[ImageRecord]:
     """Read ``annotations.json`` written by ``lungdet convert`` into image records (file order)."""
     data_dir = Path(data_dir)
     annotations_path = data_dir / ANNOTATIONS_FILE
-    if not annotations_path.is_file():
-        raise LungdetError(f"{annotations_path}: not found; run 'lungdet convert ... --out {data_dir}' first")
-    coco = json.loads(annotations_path.read_text(encoding="utf-8"))
+    coco = read_annotations(data_dir)
     boxes: dict[int, list[list[float]]] = {}
     for annotation in coco["annotations"]:
         boxes.setdefault(annotation["image_id"], []).append(annotation["bbox"])
@@ -78,10 +84,7 @@ def load_preprocessing(data_dir: Path) -> dict[str, object]:
 
     Datasets written before normalisation existed have no such entry: they are un-normalised.
     """
-    annotations_path = Path(data_dir) / ANNOTATIONS_FILE
-    if not annotations_path.is_file():
-        raise LungdetError(f"{annotations_path}: not found; run 'lungdet convert ... --out {data_dir}' first")
-    info = json.loads(annotations_path.read_text(encoding="utf-8")).get("info", {})
+    info = read_annotations(data_dir).get("info", {})
     return {"image_size": info.get("image_size"), "normalization": info.get("normalization", "none")}
 
 
