@@ -121,15 +121,20 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def normalize_pixels(pixels: np.ndarray, *, method: str) -> np.ndarray:
     """Contrast normalisation of a uint8 ``[H, W]`` image: ``'none'``, ``'clahe'`` or ``'equalize'``."""
+    check_normalization(method)
     if method == "none":
         return pixels
     if method == "clahe":
         # Tiles of 1/8 of the image and a clip of 2 are OpenCV's usual chest X-ray settings:
         # local contrast rises without amplifying the noise of flat regions.
         return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(pixels)
-    if method == "equalize":
-        return cv2.equalizeHist(pixels)
-    raise LungdetError(f"normalization {method!r}: must be one of {', '.join(NORMALIZATIONS)}")
+    return cv2.equalizeHist(pixels)
+
+
+def check_normalization(method: str) -> None:
+    """Raise :class:`LungdetError` unless ``method`` is one of ``NORMALIZATIONS``."""
+    if method not in NORMALIZATIONS:
+        raise LungdetError(f"normalization {method!r}: must be one of {', '.join(NORMALIZATIONS)}")
 
 
 def prepare_pixels(pixels: np.ndarray, *, image_size: int | None, normalization: str) -> np.ndarray:
@@ -281,8 +286,7 @@ def convert_dataset(
     for any number. A rerun converts only new or changed files, and a run killed at any moment
     and started again ends with the same output as an uninterrupted one.
     """
-    if normalization not in NORMALIZATIONS:
-        raise LungdetError(f"normalization {normalization!r}: must be one of {', '.join(NORMALIZATIONS)}")
+    check_normalization(normalization)  # before any work, not in the first worker
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     # A SIGKILL during a write leaves its temporary file (never a half PNG under the real name).
