@@ -31,7 +31,7 @@ from data_tools.cli_types import fraction, int_in_range
 from data_tools.dicom_io import find_dicoms, read_dicom
 from data_tools.errors import DicomReadError, LungdetError
 from data_tools.labels import PatientLabels, read_labels
-from submission.prediction_string import Prediction, read_submission
+from submission.prediction_string import Prediction, keep_confident, read_submission
 
 # RGB. Green and orange stay apart for the common red-green colour blindness (they differ in
 # lightness and blue), and neither is a grey that could be mistaken for anatomy.
@@ -229,12 +229,6 @@ def fit_for_display(
     if prediction is not None:
         prediction = Prediction(prediction.scores, scale_xywh(prediction.boxes, scale_x=scale_x, scale_y=scale_y))
     return resized, truth, prediction
-
-
-def keep_confident(prediction: Prediction, *, min_confidence: float) -> Prediction:
-    """The boxes of ``prediction`` whose score is at least ``min_confidence``."""
-    keep = prediction.scores >= min_confidence
-    return Prediction(prediction.scores[keep], as_box_array(prediction.boxes)[keep])
 
 
 def render_index_html(entries: Sequence[OverlayEntry], skipped: Sequence[tuple[Path, str]]) -> str:

@@ -71,6 +71,12 @@ def _location(where: str) -> str:
     return f"{where}: " if where else ""
 
 
+def keep_confident(prediction: Prediction, *, min_confidence: float) -> Prediction:
+    """The boxes of ``prediction`` whose confidence is at least ``min_confidence`` (a box exactly at it is kept)."""
+    keep = prediction.scores >= min_confidence
+    return Prediction(prediction.scores[keep], prediction.boxes[keep])
+
+
 def check_prediction(prediction: Prediction, *, where: str = "") -> None:
     """Raise ``SubmissionError`` unless every confidence is in [0, 1] and every box is finite with width, height >= 0.
 

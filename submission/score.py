@@ -41,7 +41,7 @@ import numpy as np
 from data_tools.boxes import as_box_array, iou_matrix_xywh
 from data_tools.cli_types import fraction
 from data_tools.labels import read_labels
-from submission.prediction_string import Prediction, read_submission
+from submission.prediction_string import Prediction, keep_confident, read_submission
 
 # Exact literals, not np.arange(0.4, 0.8, 0.05): arange accumulates float error (its 0.65 is
 # 0.6499999999999999), which would make an IoU of exactly 0.65 a hit at t = 0.65.
@@ -173,11 +173,6 @@ def score_image(
     return ImageScore(score=float(np.mean([result.precision for result in results])), per_threshold=tuple(results))
 
 
-def _keep_confident(prediction: Prediction, *, min_confidence: float) -> Prediction:
-    keep = prediction.scores >= min_confidence
-    return Prediction(prediction.scores[keep], prediction.boxes[keep])
-
-
 def _fraction_or_none(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
@@ -200,7 +195,7 @@ def score_dataset(
     n_positive = n_detected_positive = n_clear_negative = n_predicted_boxes = 0
     for patient_id, truth_boxes in truth.items():
         boxes = as_box_array(truth_boxes)
-        prediction = _keep_confident(predictions.get(patient_id, Prediction.empty()), min_confidence=min_confidence)
+        prediction = keep_confident(predictions.get(patient_id, Prediction.empty()), min_confidence=min_confidence)
         n_predicted = prediction.boxes.shape[0]
         n_predicted_boxes += n_predicted
         if boxes.shape[0]:

@@ -80,13 +80,6 @@ def test_fit_for_display_scales_boxes_with_the_image() -> None:
     assert same is pixels and same_truth is truth
 
 
-def test_keep_confident_drops_low_scores() -> None:
-    prediction = Prediction.from_arrays([0.9, 0.2, 0.5], [[0, 0, 1, 1], [1, 1, 1, 1], [2, 2, 1, 1]])
-    kept = visualize.keep_confident(prediction, min_confidence=0.5)
-    np.testing.assert_allclose(kept.scores, [0.9, 0.5])
-    np.testing.assert_allclose(kept.boxes[:, 0], [0, 2])
-
-
 @pytest.fixture()
 def dataset_with_corrupt_file(tmp_path: Path) -> tuple[Path, Path, Path]:
     """Three synthetic 256x256 DICOMs (one positive), a corrupt .dcm beside them, labels and a submission."""

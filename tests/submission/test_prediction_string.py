@@ -13,6 +13,7 @@ from data_tools.errors import SubmissionError
 from submission.prediction_string import (
     Prediction,
     format_prediction_string,
+    keep_confident,
     parse_prediction_string,
     read_submission,
     write_submission,
@@ -186,3 +187,10 @@ def test_read_rejects_comma_separated_boxes(tmp_path: Path) -> None:
 def test_read_rejects_empty_patient_id(tmp_path: Path) -> None:
     with pytest.raises(SubmissionError, match=r"submission\.csv line 2: empty patientId"):
         read_submission(write_csv(tmp_path, "patientId,PredictionString\n,0.5 1 2 3 4\n"))
+
+
+def test_keep_confident_drops_low_scores() -> None:
+    prediction = Prediction.from_arrays([0.9, 0.2, 0.5], [[0, 0, 1, 1], [1, 1, 1, 1], [2, 2, 1, 1]])
+    kept = keep_confident(prediction, min_confidence=0.5)
+    np.testing.assert_allclose(kept.scores, [0.9, 0.5])
+    np.testing.assert_allclose(kept.boxes[:, 0], [0, 2])
