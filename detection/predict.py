@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -29,7 +28,7 @@ from detection.config import TrainConfig, config_from_dict
 from detection.data import to_model_input
 from detection.model import build_model
 from detection.train import load_checkpoint, resolve_device
-from submission.prediction_string import Prediction, write_submission
+from submission.prediction_string import Prediction, keep_confident, write_submission
 
 
 def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[nn.Module, TrainConfig, dict]:
@@ -61,11 +60,9 @@ def model_input_for(image: DicomImage, *, image_size: int, preprocessing: Mappin
 
 def to_original_space(output: dict[str, torch.Tensor], *, image_size: int, rows: int, columns: int, score_threshold: float) -> Prediction:
     """torchvision output (XYXY_ABS at ``image_size``) -> Prediction (XYWH_ABS in the DICOM's original pixels)."""
-    scores = output["scores"].detach().cpu().numpy().astype(np.float64)
-    keep = scores >= score_threshold
-    boxes = xyxy_to_xywh(output["boxes"].detach().cpu().numpy()[keep])
-    boxes = scale_xywh(boxes, scale_x=columns / image_size, scale_y=rows / image_size)
-    return Prediction.from_arrays(scores[keep], boxes)
+    boxes = scale_xywh(xyxy_to_xywh(output["boxes"].detach().cpu().numpy()), scale_x=columns / image_size, scale_y=rows / image_size)
+    prediction = Prediction.from_arrays(output["scores"].detach().cpu().numpy(), boxes)
+    return keep_confident(prediction, min_confidence=score_threshold)
 
 
 @torch.no_grad()
