@@ -1,6 +1,6 @@
 """Training data: the COCO output of ``lungdet convert`` as torch datasets, negatives included.
 
-Images are read from the converted PNGs, resized to ``model.image_size`` and augmented with
+Images are read from the converted files (PNG, or the DICOM's own JPEG stream), resized to ``model.image_size`` and augmented with
 albumentations; boxes follow every geometric change. Targets follow torchvision's detection
 convention: ``boxes`` FloatTensor[N, 4] XYXY_ABS in the resized image's pixels, ``labels``
 Int64Tensor[N]; a negative image has ``boxes`` of shape [0, 4], which torchvision trains on as
@@ -32,7 +32,7 @@ MIN_VISIBILITY = 0.3
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One converted image: its PNG, size, fold and truth boxes (XYWH_ABS, PNG pixels)."""
+    """One converted image: its file, size, fold and truth boxes (XYWH_ABS, in that file's pixels)."""
 
     image_id: int
     patient_id: str
@@ -111,11 +111,11 @@ def build_augmentation(config: DataConfig, *, train: bool, seed: int | None = No
     )
 
 
-def load_png(path: Path) -> np.ndarray:
-    """uint8 [H, W] grey image from a converted PNG."""
+def load_image(path: Path) -> np.ndarray:
+    """uint8 [H, W] grey image from a converted PNG or JPEG."""
     pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if pixels is None:
-        raise LungdetError(f"{path}: cannot read this PNG; re-run lungdet convert for this dataset")
+        raise LungdetError(f"{path}: missing or unreadable image; re-run lungdet convert for this dataset")
     return pixels
 
 
@@ -138,7 +138,7 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         record = self.records[index]
-        pixels = load_png(record.path)
+        pixels = load_image(record.path)
         height, width = pixels.shape
         boxes = record.boxes
         if (height, width) != (self.image_size, self.image_size):

@@ -275,6 +275,46 @@ def test_default_size_keeps_original_pixels(wide_dataset, tmp_path: Path) -> Non
     assert {row["patientId"]: row["n_boxes"] for row in read_folds_csv(out_dir / "folds.csv")} == {"wide-neg": "0", "wide-pos": "2"}
 
 
+def test_original_size_keeps_each_real_dicoms_own_jpeg_stream(rsna_sample_dir: Path, real_labels, tmp_path: Path) -> None:
+    out_dir = tmp_path / "native"
+    convert_dataset(rsna_sample_dir, real_labels, out_dir, progress=False)
+    images = json.loads((out_dir / "annotations.json").read_text())["images"]
+    assert len(images) == 13
+    for image in images:
+        assert image["file_name"] == f"images/{image['patient_id']}.jpg"
+        assert (image["width"], image["height"]) == (1024, 1024)
+        dicom = read_dicom(rsna_sample_dir / f"{image['patient_id']}.dcm")
+        written = out_dir / image["file_name"]
+        # Byte for byte the DICOM's stream, so no loss and no encoding; and it decodes to the very pixels predict sees.
+        assert written.read_bytes() == dicom.source_jpeg
+        np.testing.assert_array_equal(cv2.imread(str(written), cv2.IMREAD_UNCHANGED), dicom.pixels)
+    assert sorted(path.suffix for path in (out_dir / "images").iterdir()) == [".jpg"] * 13
+
+
+def test_changed_settings_leave_one_image_per_patient(rsna_sample_dir: Path, real_labels, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    convert_dataset(rsna_sample_dir, real_labels, out_dir, progress=False)
+    convert_dataset(rsna_sample_dir, real_labels, out_dir, normalization="clahe", progress=False)
+    # CLAHE changes the pixels, so the stream cannot be kept: PNGs replace the JPEGs.
+    assert sorted(path.suffix for path in (out_dir / "images").iterdir()) == [".png"] * 13
+    assert all(image["file_name"].endswith(".png") for image in json.loads((out_dir / "annotations.json").read_text())["images"])
+    report = convert_dataset(rsna_sample_dir, real_labels, out_dir, progress=False)
+    assert report.reused == 0
+    assert sorted(path.suffix for path in (out_dir / "images").iterdir()) == [".jpg"] * 13
+
+
+def test_uncompressed_or_monochrome1_dicoms_are_written_as_png(make_dicom, siim_monochrome1_dicom: Path, tmp_path: Path) -> None:
+    dicom_dir = tmp_path / "dicoms"
+    make_dicom("raw", folder=dicom_dir, rows=8, columns=8)
+    shutil.copy(siim_monochrome1_dicom, dicom_dir / "inverted.dcm")
+    labels = {name: PatientLabels(name, np.zeros((0, 4)), 0) for name in ("raw", "inverted")}
+    convert_dataset(dicom_dir, labels, tmp_path / "out", progress=False)
+    assert sorted(path.name for path in (tmp_path / "out" / "images").iterdir()) == ["inverted.png", "raw.png"]
+    # MONOCHROME1 is inverted, so its stored stream is not the image.
+    written = cv2.imread(str(tmp_path / "out" / "images" / "inverted.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(written, read_dicom(siim_monochrome1_dicom).pixels)
+
+
 def test_duplicate_patient_ids_are_converted_once(make_dicom, tmp_path: Path) -> None:
     dicom_dir = tmp_path / "dicoms"
     make_dicom("twin", folder=dicom_dir / "a")

@@ -23,7 +23,7 @@ from detection.data import (
     build_augmentation,
     build_dataloaders,
     collate,
-    load_png,
+    load_image,
     load_records,
     split_records,
     to_model_input,
@@ -115,8 +115,8 @@ def test_an_image_without_fold_tells_to_rerun_convert(tmp_path: Path) -> None:
 def test_an_unreadable_png_is_an_error_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "broken.png"
     path.write_bytes(b"not a png")
-    with pytest.raises(LungdetError, match=re.escape(f"{path}: cannot read this PNG; re-run lungdet convert")):
-        load_png(path)
+    with pytest.raises(LungdetError, match=re.escape(f"{path}: missing or unreadable image; re-run lungdet convert")):
+        load_image(path)
 
 
 # --- one sample ---------------------------------------------------------------------------------
