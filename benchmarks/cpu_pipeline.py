@@ -42,14 +42,15 @@ def training_throughput(config_name: str, data_dir: Path, *, steps: int) -> tupl
     """(training images/s over ``steps`` batches after one warm-up batch, inference images/s on the same model)."""
     config = load_config(config_name, ["model.pretrained=none", "data.max_train_images=0"])
     seed_everything(0)
-    train_loader, _ = build_dataloaders(data_dir, config.data, image_size=config.model.image_size, seed=0)
+    train_loader, _ = build_dataloaders(data_dir, config.data, image_size=config.model.image_size, seed=0, augment=config.augment)
+    train_loader.sampler.set_epoch(1)
     model = build_model(config.model)
     optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, warmup_iters=0, total_iters=10_000)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=10_000)
     batches = [next(iter(train_loader)) for _ in range(steps + 1)]
     # One warm-up step so that allocator and kernel selection are not timed.
     train_one_epoch(model, optimizer, scheduler, batches[:1], torch.device("cpu"), epoch=0, progress=False)
-    metrics = train_one_epoch(model, optimizer, scheduler, batches[1:], torch.device("cpu"), epoch=1, progress=False)
+    metrics = train_one_epoch(model, optimizer, scheduler, batches[1:], torch.device("cpu"), epoch=1, progress=False).metrics()
     model.eval()
     images = [image for batch_images, _ in batches[1:] for image in batch_images]
     with torch.no_grad():

@@ -8,6 +8,7 @@ folder and in every checkpoint, so a checkpoint always says how it was made.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -20,7 +21,16 @@ import yaml
 from data_tools.atomic import write_text_atomic
 from data_tools.errors import ConfigError
 
-MODEL_ARCHITECTURES = ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
+MODEL_ARCHITECTURES = (
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "retinanet_resnet50_fpn",
+    "maskrcnn_resnet50_fpn",
+)
+MASK_SHAPES = ("ellipse", "rectangle")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+SCHEDULES = ("cosine", "step")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -41,6 +51,7 @@ class ModelConfig:
     box_batch_size_per_image: int = 512  # proposals sampled per image for the box-head loss
     box_detections_per_img: int = 10  # RSNA images have at most 4 boxes; a few spares help recall
     box_score_thresh: float = 0.01  # the model drops detections below this; the submission threshold is tuned later
+    mask_shape: str = "ellipse"  # maskrcnn only: the training mask drawn from each box, 'ellipse' (inscribed; opacities are rounded) or 'rectangle' (filled box)
     box_nms_thresh: float = 0.2  # IoU above which overlapping detections are merged; RSNA boxes rarely overlap, and every duplicate is a false positive (0.5 -> 0.2 lifted held-out synthetic mAP 0.34 -> 0.46)
 
 
@@ -49,11 +60,32 @@ class DataConfig:
     fold: int = 0  # which fold of folds.csv validates; the others train
     batch_size: int = 4  # images per optimizer step
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
-    hflip: float = 0.5  # probability of a horizontal flip (lungs are roughly mirror images)
-    brightness_contrast: float = 0.3  # probability of a random brightness/contrast change
-    shift_scale_rotate: float = 0.3  # probability of a small affine jitter (boxes follow, clipped to the image)
+    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (CUDA only)
     max_train_images: int = 0  # use only the first N training images (0 = all); for quick runs
     max_val_images: int = 0  # likewise for validation (0 = all)
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (albumentations); each transform's probability, 0 = off. Boxes follow every geometric change."""
+
+    hflip: float = 0.5  # horizontal flip (lungs are roughly mirror images)
+    shift_scale_rotate: float = 0.3  # small affine jitter; boxes follow and are clipped to the image
+    shift_limit: float = 0.05  # largest shift, as a fraction of the image side
+    scale_limit: float = 0.1  # largest zoom in or out, as a fraction (0.1 = 0.9x..1.1x)
+    rotate_limit: float = 7.0  # largest rotation in degrees (patients are positioned upright)
+    brightness_contrast: float = 0.3  # random brightness and contrast change
+    brightness_limit: float = 0.15  # largest brightness change, as a fraction of the range
+    contrast_limit: float = 0.15  # largest contrast change, as a fraction
+    gamma: float = 0.0  # random gamma (exposure differs between machines)
+    gamma_limit: list[float] = field(default_factory=lambda: [80.0, 120.0])  # gamma range in percent (100 = unchanged)
+    blur: float = 0.0  # Gaussian blur (detectors and reconstruction kernels differ in sharpness)
+    blur_limit: int = 5  # largest blur kernel in pixels (odd, >= 3)
+    noise: float = 0.0  # Gaussian noise
+    noise_std: float = 0.03  # noise standard deviation as a fraction of the 0..255 range
+    clahe: float = 0.0  # local contrast equalisation (CLAHE)
+    min_visibility: float = 0.3  # a box keeping less than this fraction of its area after augmentation is dropped
+    min_box_side: float = 2.0  # a box left thinner than this (pixels) after augmentation is dropped
 
 
 @dataclass
@@ -63,17 +95,27 @@ class OptimConfig:
     momentum: float = 0.9  # SGD momentum (ignored by adamw)
     weight_decay: float = 1e-4  # L2 penalty
     epochs: int = 12  # passes over the training images
-    warmup_iters: int = 200  # linear warm-up steps from lr/100 to lr; then cosine decay to 0
+    warmup_iters: int = 200  # linear warm-up (optimizer steps) from lr/100 to lr, then the schedule
+    schedule: str = "cosine"  # 'cosine' (decay to 0 at the last step) or 'step' (multiply by step_gamma at each milestone)
+    step_milestones: list[int] = field(default_factory=lambda: [8, 11])  # 'step' schedule: epochs after which the lr drops
+    step_gamma: float = 0.1  # 'step' schedule: the factor at each milestone
     grad_clip_norm: float = 10.0  # clip the global gradient norm (0 = off); scratch training spikes early
+    accumulate_steps: int = 1  # batches whose gradients are summed per optimizer step (effective batch = batch_size x this x GPUs)
+    ema_decay: float = 0.0  # exponential moving average of the weights, validated and saved for predict (0 = off; 0.999 is usual)
 
 
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0  # seeds torch, numpy and augmentation
-    device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'; under torchrun each process takes cuda:LOCAL_RANK
+    amp: str = "auto"  # mixed precision on CUDA: 'auto' (bf16 where supported, else fp16), 'bf16', 'fp16' or 'none'; CPU runs in fp32
+    channels_last: bool = True  # NHWC memory layout for the convolutions (CUDA only, where tensor cores want it)
+    checkpoint_every_steps: int = 0  # also write last.pt every N optimizer steps, so a kill loses at most N steps (0 = at epoch ends only)
+    tensorboard: bool = True  # also log metrics to RUN/tensorboard (when the tensorboard package is installed)
     max_minutes: float = 0.0  # stop training after this wall time and validate (0 = no limit)
     val_score_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])  # confidence cut-offs tried at validation; the best is stored for predict
 
@@ -95,12 +137,21 @@ _RANGE_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("model.box_detections_per_img", lambda v: v >= 1, ">= 1"),
     ("model.box_score_thresh", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("model.box_nms_thresh", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    ("model.mask_shape", lambda v: v in MASK_SHAPES, f"one of {', '.join(MASK_SHAPES)}"),
     ("data.fold", lambda v: v >= 0, ">= 0"),
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
-    ("data.hflip", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
-    ("data.brightness_contrast", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
-    ("data.shift_scale_rotate", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    *((f"augment.{name}", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]")
+      for name in ("hflip", "shift_scale_rotate", "brightness_contrast", "gamma", "blur", "noise", "clahe", "min_visibility")),
+    ("augment.shift_limit", lambda v: 0.0 <= v <= 0.5, "in [0, 0.5]"),
+    ("augment.scale_limit", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("augment.rotate_limit", lambda v: 0.0 <= v <= 45.0, "in [0, 45] degrees"),
+    ("augment.brightness_limit", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("augment.contrast_limit", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("augment.gamma_limit", lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] percent with 0 < low <= high"),
+    ("augment.blur_limit", lambda v: v >= 3 and v % 2 == 1, "an odd number >= 3"),
+    ("augment.noise_std", lambda v: 0.0 <= v <= 0.5, "in [0, 0.5]"),
+    ("augment.min_box_side", lambda v: v >= 0.0, ">= 0"),
     ("data.max_train_images", lambda v: v >= 0, ">= 0"),
     ("data.max_val_images", lambda v: v >= 0, ">= 0"),
     ("optim.optimizer", lambda v: v in ("sgd", "adamw"), "'sgd' or 'adamw'"),
@@ -109,9 +160,16 @@ _RANGE_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("optim.weight_decay", lambda v: v >= 0.0, ">= 0"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"),
     ("optim.warmup_iters", lambda v: v >= 0, ">= 0"),
+    ("optim.schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+    ("optim.step_milestones", lambda v: all(m >= 1 for m in v) and list(v) == sorted(set(v)), "increasing epoch numbers >= 1"),
+    ("optim.step_gamma", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     ("optim.grad_clip_norm", lambda v: v >= 0.0, ">= 0 (0 = off)"),
+    ("optim.accumulate_steps", lambda v: v >= 1, ">= 1"),
+    ("optim.ema_decay", lambda v: v == 0.0 or 0.5 <= v < 1.0, "0 (off) or in [0.5, 1)"),
     ("seed", lambda v: v >= 0, ">= 0"),
     ("max_minutes", lambda v: v >= 0.0, ">= 0 (0 = no limit)"),
+    ("amp", lambda v: v in AMP_MODES, f"one of {', '.join(AMP_MODES)}"),
+    ("checkpoint_every_steps", lambda v: v >= 0, ">= 0 (0 = at epoch ends only)"),
     ("val_score_thresholds", lambda v: len(v) > 0 and all(0.0 <= t <= 1.0 for t in v), "a non-empty list of values in [0, 1]"),
 ]
 
@@ -156,9 +214,24 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+# Keys that moved between sections: (old section, new section, names). Configs stored in older
+# checkpoints still load, so their runs can be resumed and their models predicted with.
+_MOVED_KEYS = [("data", "augment", ("hflip", "brightness_contrast", "shift_scale_rotate"))]
+
+
+def _migrate(values: dict[str, Any]) -> dict[str, Any]:
+    for old, new, names in _MOVED_KEYS:
+        section = values.get(old)
+        if isinstance(section, dict):
+            for name in names:
+                if name in section:
+                    values.setdefault(new, {}).setdefault(name, section.pop(name))
+    return values
+
+
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from nested dicts (missing keys take defaults)."""
-    config = _build(TrainConfig, values or {}, "")
+    config = _build(TrainConfig, _migrate(copy.deepcopy(values or {})), "")
     validate_config(config)
     return config
 

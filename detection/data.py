@@ -1,7 +1,8 @@
 """Training data: the COCO output of ``lungdet convert`` as torch datasets, negatives included.
 
-Images are read from the converted files (PNG, or the DICOM's own JPEG stream), resized to ``model.image_size`` and augmented with
-albumentations; boxes follow every geometric change. Targets follow torchvision's detection
+Images are read from the converted files (PNG, or the DICOM's own JPEG stream), resized to
+``model.image_size`` and augmented (see :mod:`detection.augment`); boxes follow every geometric
+change. Targets follow torchvision's detection
 convention: ``boxes`` FloatTensor[N, 4] XYXY_ABS in the resized image's pixels, ``labels``
 Int64Tensor[N]; a negative image has ``boxes`` of shape [0, 4], which torchvision trains on as
 pure background. That is how the model learns to say "nothing here" (77% of RSNA images).
@@ -10,6 +11,7 @@ pure background. That is how the model learns to say "nothing here" (77% of RSNA
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from data_tools.boxes import scale_xywh, xywh_to_xyxy
 from data_tools.errors import LungdetError
 from data_tools.to_coco import ANNOTATIONS_FILE
-from detection.config import DataConfig
-
-# Boxes that augmentation shrinks below this side (pixels) or visible fraction are dropped,
-# since a sliver at the border is no longer an opacity a reader would mark.
-MIN_BOX_SIDE = 2.0
-MIN_VISIBILITY = 0.3
-
+from detection.augment import augment_sample, build_augmentation
+from detection.config import AugmentConfig, DataConfig
+from detection.masks import box_masks
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -96,21 +94,6 @@ def split_records(records: list[ImageRecord], *, fold: int) -> tuple[list[ImageR
     return [r for r in records if r.fold != fold], [r for r in records if r.fold == fold]
 
 
-def build_augmentation(config: DataConfig, *, train: bool, seed: int | None = None) -> A.Compose | None:
-    """Albumentations pipeline on uint8 [H, W] images with pascal_voc (XYXY_ABS) boxes; None for validation."""
-    if not train:
-        return None
-    return A.Compose(
-        [
-            A.HorizontalFlip(p=config.hflip),
-            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-7, 7), border_mode=cv2.BORDER_CONSTANT, fill=0, p=config.shift_scale_rotate),
-            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=config.brightness_contrast),
-        ],
-        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=MIN_VISIBILITY, min_width=MIN_BOX_SIDE, min_height=MIN_BOX_SIDE, clip=True),
-        seed=seed,
-    )
-
-
 def load_image(path: Path) -> np.ndarray:
     """uint8 [H, W] grey image from a converted PNG or JPEG."""
     pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
@@ -119,41 +102,111 @@ def load_image(path: Path) -> np.ndarray:
     return pixels
 
 
+def load_sample(record: ImageRecord, *, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A record's image resized to ``image_size`` square (uint8 [H, W]) and its boxes there (XYXY_ABS)."""
+    pixels = load_image(record.path)
+    height, width = pixels.shape
+    boxes = record.boxes
+    if (height, width) != (image_size, image_size):
+        pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
+        boxes = scale_xywh(boxes, scale_x=image_size / width, scale_y=image_size / height)
+    return pixels, xywh_to_xyxy(boxes)
+
+
 def to_model_input(pixels: np.ndarray) -> torch.Tensor:
     """uint8 [H, W] -> FloatTensor[3, H, W] in [0, 1]; grey is repeated because the backbones expect RGB."""
     tensor = torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(255.0)
     return tensor.unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
-class DetectionDataset(Dataset):
-    """Converted images resized to ``image_size`` square, with torchvision detection targets."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one training sample: a function of (run seed, epoch, image index) only.
 
-    def __init__(self, records: list[ImageRecord], *, image_size: int, augmentation: A.Compose | None) -> None:
+    Drawing augmentations from a stream shared by a worker would tie them to which worker loads
+    which image, and to what came before in the epoch: a resumed run or a run with another
+    number of workers (or GPUs) would see different augmentations. Seeding per sample makes them
+    all identical. SeedSequence mixes the three numbers so neighbouring seeds are unrelated.
+    """
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Training order for one epoch: a seeded shuffle, this process's shard of it, and a resume point.
+
+    Yields ``(image index, augmentation seed)``. The order depends only on ``(seed, epoch)``;
+    with ``world_size`` processes, process ``rank`` takes every ``world_size``-th image of it
+    (the order is first padded by repeating its head, as DistributedSampler does, so every
+    process gets the same number of batches and none waits for the others at the end). After
+    :meth:`resume_at`, the first batches of the epoch are skipped without loading them.
+    """
+
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if size < 1:
+            raise LungdetError("cannot sample from an empty training set")
+        self.size = size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 1
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start = 0
+
+    def resume_at(self, samples_done: int) -> None:
+        """Skip this process's first ``samples_done`` samples of the current epoch (they were trained before a kill)."""
+        self.start = samples_done
+
+    def shard(self) -> list[int]:
+        """This process's image indices for the current epoch, in training order."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        per_rank = -(-self.size // self.world_size)
+        order = (order * self.world_size)[: per_rank * self.world_size]  # pad by repeating the head
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.shard()[self.start :]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world_size) - self.start
+
+
+class DetectionDataset(Dataset):
+    """Converted images resized to ``image_size`` square, with torchvision detection targets.
+
+    Indexed by an image index (no augmentation) or, from :class:`EpochSampler`, by
+    ``(index, augmentation seed)``. With ``mask_shape`` set (Mask R-CNN), targets also carry
+    ``masks`` drawn from the final boxes.
+    """
+
+    def __init__(
+        self, records: list[ImageRecord], *, image_size: int, augmentation: A.Compose | None, mask_shape: str | None = None
+    ) -> None:
         self.records = records
         self.image_size = image_size
         self.augmentation = augmentation
+        self.mask_shape = mask_shape
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
         record = self.records[index]
-        pixels = load_image(record.path)
-        height, width = pixels.shape
-        boxes = record.boxes
-        if (height, width) != (self.image_size, self.image_size):
-            pixels = cv2.resize(pixels, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
-            boxes = scale_xywh(boxes, scale_x=self.image_size / width, scale_y=self.image_size / height)
-        boxes_xyxy = xywh_to_xyxy(boxes)
-        if self.augmentation is not None:
-            augmented = self.augmentation(image=pixels, bboxes=boxes_xyxy, labels=[1] * len(boxes_xyxy))
-            pixels, boxes_xyxy = augmented["image"], augmented["bboxes"]
+        pixels, boxes_xyxy = load_sample(record, image_size=self.image_size)
+        if self.augmentation is not None and seed is not None:
+            pixels, boxes_xyxy = augment_sample(self.augmentation, pixels, boxes_xyxy, sample_seed=seed)
         box_tensor = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
         target = {
             "boxes": box_tensor,
             "labels": torch.ones(box_tensor.shape[0], dtype=torch.int64),
             "image_id": torch.tensor(record.image_id),
         }
+        if self.mask_shape is not None:
+            target["masks"] = box_masks(box_tensor, height=self.image_size, width=self.image_size, shape=self.mask_shape)
         return to_model_input(pixels), target
 
 
@@ -163,21 +216,24 @@ def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor],
     return list(images), list(targets)
 
 
-def seed_augmentation_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: give each worker's augmentation its own seed.
+def build_dataloaders(
+    data_dir: Path,
+    config: DataConfig,
+    *,
+    image_size: int,
+    seed: int,
+    augment: AugmentConfig | None = None,
+    mask_shape: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders for ``config.fold``; validation is never augmented or shuffled.
 
-    Every worker gets a copy of the seeded pipeline, so without this all workers would draw the
-    same flips and jitters in lock-step. ``info.seed`` differs per worker and per epoch and follows
-    the loader's generator, so runs stay reproducible.
+    The training loader's sampler is an :class:`EpochSampler` (call its ``set_epoch`` each epoch).
+    With ``world_size`` processes, each gets its shard of both: training via the sampler,
+    validation as every ``world_size``-th image (unpadded, so no image is scored twice).
     """
-    info = torch.utils.data.get_worker_info()
-    augmentation = getattr(info.dataset, "augmentation", None)
-    if augmentation is not None:
-        augmentation.set_random_seed(info.seed % 2**32)
-
-
-def build_dataloaders(data_dir: Path, config: DataConfig, *, image_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
-    """Train and validation loaders for ``config.fold``; validation is never augmented or shuffled."""
     train_records, val_records = split_records(load_records(data_dir), fold=config.fold)
     if config.max_train_images:
         train_records = train_records[: config.max_train_images]
@@ -185,24 +241,26 @@ def build_dataloaders(data_dir: Path, config: DataConfig, *, image_size: int, se
         val_records = val_records[: config.max_val_images]
     if not train_records or not val_records:
         raise LungdetError(f"{data_dir}: fold {config.fold} leaves {len(train_records)} training and {len(val_records)} validation images; need at least one of each")
-    generator = torch.Generator().manual_seed(seed)
+    augmentation = build_augmentation(augment or AugmentConfig(), seed=seed)
+    workers = {
+        "num_workers": config.num_workers,
+        "collate_fn": collate,
+        "pin_memory": pin_memory,
+        # Workers that outlive the epoch skip re-importing torch and re-reading the records each epoch.
+        "persistent_workers": config.num_workers > 0,
+        # The loader draws a base seed per epoch; from its own generator, not the global one, so
+        # that the global stream (used by the model) is the same whether or not a run was resumed.
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    sampler = EpochSampler(len(train_records), seed=seed, rank=rank, world_size=world_size)
+    # Dropping the last incomplete batch avoids a tiny, noisy final step, except when one batch is all there is.
+    drop_last = len(sampler) > config.batch_size
     train_loader = DataLoader(
-        DetectionDataset(train_records, image_size=image_size, augmentation=build_augmentation(config, train=True, seed=seed)),
-        batch_size=config.batch_size,
-        shuffle=True,
-        num_workers=config.num_workers,
-        collate_fn=collate,
-        generator=generator,
-        worker_init_fn=seed_augmentation_worker,
-        persistent_workers=config.num_workers > 0,
-        drop_last=len(train_records) > config.batch_size,
+        DetectionDataset(train_records, image_size=image_size, augmentation=augmentation, mask_shape=mask_shape),
+        batch_size=config.batch_size, sampler=sampler, drop_last=drop_last, **workers,
     )
     val_loader = DataLoader(
-        DetectionDataset(val_records, image_size=image_size, augmentation=build_augmentation(config, train=False)),
-        batch_size=config.batch_size,
-        shuffle=False,
-        num_workers=config.num_workers,
-        collate_fn=collate,
-        persistent_workers=config.num_workers > 0,
+        DetectionDataset(val_records[rank::world_size], image_size=image_size, augmentation=None),
+        batch_size=config.batch_size, shuffle=False, **workers,
     )
     return train_loader, val_loader

@@ -6,10 +6,11 @@ can be reused by any driver: ``lungdet train``, the demo, tests and benchmarks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from data_tools.boxes import xyxy_to_xywh
 from data_tools.errors import LungdetError
+from detection.distributed import Distributed, gather_to_main, share_from_main
 from submission.prediction_string import Prediction
 from submission.score import score_dataset
 
@@ -33,68 +35,168 @@ def move_to_device(images: list[torch.Tensor], targets: list[dict], device: torc
     ]
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How the forward pass runs: ``dtype`` None is float32; bf16/fp16 run under autocast, fp16 with a gradient scaler."""
+
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """The precision ``amp`` ('auto', 'none', 'bf16', 'fp16') means on ``device``.
+
+    'auto' is bf16 on GPUs that have it (Ampere and later: no scaler needed, same range as fp32),
+    fp16 on older GPUs, and fp32 on CPU, where autocast is slower than it saves.
+    """
+    if device.type != "cuda":
+        if amp in ("bf16", "fp16"):
+            raise LungdetError(f"amp={amp} needs a CUDA GPU, but this run is on {device}; use amp=auto or amp=none")
+        return Precision(device.type, None)
+    if amp == "none":
+        return Precision("cuda", None)
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        if not torch.cuda.is_bf16_supported():
+            raise LungdetError(f"amp=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16; use amp=fp16 or amp=auto")
+        return Precision("cuda", torch.bfloat16)
+    return Precision("cuda", torch.float16)
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch has got; saved in mid-epoch checkpoints so that a resumed run carries on exactly.
+
+    ``totals`` sums each loss over batches; ``data_seconds`` is time spent waiting for the loader.
+    """
+
+    batches: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+    stopped_early: bool = False
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """Mean losses, ``images``, ``seconds``, ``images_per_second``, ``data_wait_fraction`` and ``stopped_early`` (1.0/0.0)."""
+        metrics = {name: total / max(self.batches, 1) for name, total in self.totals.items()}
+        metrics.update(
+            images=float(self.images),
+            seconds=self.seconds,
+            images_per_second=self.images / max(self.seconds, 1e-9),
+            data_wait_fraction=self.data_seconds / max(self.seconds, 1e-9),
+            stopped_early=float(self.stopped_early),
+        )
+        return metrics
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: DataLoader,
+    loader: Iterable[tuple[list[torch.Tensor], list[dict]]],
     device: torch.device,
     *,
     epoch: int,
+    precision: Precision | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    accumulate_steps: int = 1,
     grad_clip_norm: float = 0.0,
-    deadline: float | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    state: EpochProgress | None = None,
+    on_optimizer_step: Callable[[EpochProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
-) -> dict[str, float]:
-    """Train one pass over ``loader``; stop early once ``time.monotonic()`` passes ``deadline``.
+) -> EpochProgress:
+    """Train one pass over ``loader`` (or what is left of it after a resume); returns the epoch's progress.
 
-    Returns mean losses (``loss`` and each torchvision component), ``images``, ``seconds``,
-    ``images_per_second`` and ``stopped_early`` (1.0 or 0.0).
+    Gradients of ``accumulate_steps`` batches are summed per optimizer step (the loss is divided
+    so the step equals one of a batch that many times larger); under DistributedDataParallel the
+    gradient all-reduce runs only on the step's last batch. ``state`` continues an epoch that a
+    mid-epoch checkpoint recorded. ``on_optimizer_step`` is called after every optimizer step
+    (the caller writes checkpoints there). Training stops early, at a step boundary, when
+    ``should_stop()`` says so (a time limit; under DDP every rank must get the same answer).
 
     Raises
     ------
     NonFiniteLossError
-        A loss was NaN or infinite; the message names the epoch, the step and each component.
+        A loss was NaN or infinite; the message names the epoch, the batch and each loss.
     """
+    precision = precision or Precision(device.type, None)
+    state = state if state is not None else EpochProgress()
     model.train()
-    totals: dict[str, float] = defaultdict(float)
-    images_seen = steps = 0
-    stopped_early = False
-    start = time.monotonic()
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=None if progress else True, leave=False)
-    for step, (images, targets) in enumerate(bar, start=1):
+    optimizer.zero_grad(set_to_none=True)
+    remaining = len(loader) if hasattr(loader, "__len__") else None
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", total=remaining, disable=None if progress else True, leave=False)
+    clock = time.perf_counter()
+    for position, (images, targets) in enumerate(bar, start=1):
+        data_seconds = time.perf_counter() - clock
+        batch = state.batches + 1
         images, targets = move_to_device(images, targets, device)
-        losses = model(images, targets)
+        with precision.autocast():
+            losses = model(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             parts = ", ".join(f"{name}={value.item():.4g}" for name, value in losses.items())
             raise NonFiniteLossError(
-                f"epoch {epoch} step {step}: loss is {loss.item()} ({parts}); lower optim.lr or raise optim.warmup_iters, "
-                "and check the boxes in the dataset"
+                f"epoch {epoch}, batch {batch} (optimizer step {scheduler.last_epoch + 1}): loss is {loss.item()} ({parts}); "
+                "lower optim.lr or raise optim.warmup_iters, and check the boxes in the dataset"
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        optimizer.step()
-        scheduler.step()
-        steps += 1
-        images_seen += len(images)
-        totals["loss"] += loss.item()
+        steps_now = batch % accumulate_steps == 0 or position == remaining
+        # Only the step's last backward needs DDP's all-reduce; the others just add to local gradients.
+        syncing = model.no_sync() if (not steps_now and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with syncing:
+            scaled = loss / accumulate_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if steps_now:
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            if grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model.module if hasattr(model, "module") else model)
+        state.batches = batch
+        state.images += len(images)
+        state.totals["loss"] = state.totals.get("loss", 0.0) + loss.item()
         for name, value in losses.items():
-            totals[name] += value.item()
-        elapsed = time.monotonic() - start
-        bar.set_postfix(loss=f"{totals['loss'] / steps:.3f}", img_s=f"{images_seen / max(elapsed, 1e-9):.1f}")
-        if deadline is not None and time.monotonic() >= deadline:
-            stopped_early = True
-            break
-    seconds = time.monotonic() - start
-    metrics = {name: total / max(steps, 1) for name, total in totals.items()}
-    metrics.update(images=float(images_seen), seconds=seconds, images_per_second=images_seen / max(seconds, 1e-9), stopped_early=float(stopped_early))
-    return metrics
+            state.totals[name] = state.totals.get(name, 0.0) + value.item()
+        now = time.perf_counter()
+        state.seconds += now - clock  # the whole step, its data wait included
+        state.data_seconds += data_seconds
+        clock = now
+        bar.set_postfix(
+            loss=f"{state.totals['loss'] / state.batches:.3f}",
+            img_s=f"{state.images / max(state.seconds, 1e-9):.1f}",
+            data=f"{state.data_seconds / max(state.seconds, 1e-9):.0%}",
+        )
+        if steps_now:
+            if on_optimizer_step is not None:
+                on_optimizer_step(state)
+            if should_stop is not None and should_stop():
+                state.stopped_early = True
+                break
+    return state
 
 
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Prediction]]:
+def predict_loader(
+    model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool = False, precision: Precision | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Prediction]]:
     """Run ``model`` over a validation loader: ``(truth, predictions)`` keyed by image id.
 
     Both are XYWH_ABS in the loader's image pixels (the model's input size). Truth comes from the
@@ -104,23 +206,46 @@ def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, *
     truth: dict[str, np.ndarray] = {}
     predictions: dict[str, Prediction] = {}
     for images, targets in tqdm(loader, desc="validate", unit="batch", disable=None if progress else True, leave=False):
-        outputs = model([image.to(device) for image in images])
+        with (precision or Precision(device.type, None)).autocast():
+            outputs = model([image.to(device, non_blocking=True) for image in images])
         for target, output in zip(targets, outputs):
             key = str(int(target["image_id"]))
             truth[key] = xyxy_to_xywh(target["boxes"].numpy())
-            predictions[key] = Prediction.from_arrays(output["scores"].cpu().numpy(), xyxy_to_xywh(output["boxes"].cpu().numpy()))
+            # .float(): under bf16 autocast the heads may hand back half-precision scores.
+            predictions[key] = Prediction.from_arrays(output["scores"].float().cpu().numpy(), xyxy_to_xywh(output["boxes"].float().cpu().numpy()))
     return truth, predictions
 
 
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, *, score_thresholds: Sequence[float], progress: bool = False
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    score_thresholds: Sequence[float],
+    progress: bool = False,
+    precision: Precision | None = None,
+    job: Distributed | None = None,
 ) -> dict[str, float]:
     """Validation RSNA mAP at each confidence cut-off; report the best cut-off and its mAP.
 
     The RSNA metric punishes any box on a negative image with a 0, so the cut-off matters as much
     as the model; tuning it on validation and storing it with the checkpoint is what users need.
+    Under ``job`` with several processes, each predicts its shard of the loader, rank 0 scores
+    them all, and every rank returns rank 0's metrics.
     """
-    truth, predictions = predict_loader(model, loader, device, progress=progress)
+    job = job or Distributed()
+    truth, predictions = predict_loader(model, loader, device, progress=progress and job.is_main, precision=precision)
+    shards = gather_to_main(job, (truth, predictions))
+    if not job.is_main:
+        return share_from_main(job, {})
+    for shard_truth, shard_predictions in shards[1:]:
+        truth.update(shard_truth)
+        predictions.update(shard_predictions)
+    return share_from_main(job, score_predictions(truth, predictions, score_thresholds))
+
+
+def score_predictions(truth: dict[str, np.ndarray], predictions: dict[str, Prediction], score_thresholds: Sequence[float]) -> dict[str, float]:
+    """The validation metrics of ``predictions`` against ``truth`` (see :func:`evaluate`)."""
     reports = {threshold: score_dataset(truth, predictions, min_confidence=threshold) for threshold in score_thresholds}
     best = max(reports, key=lambda threshold: (reports[threshold].map, -threshold))
     report = reports[best]

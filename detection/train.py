@@ -3,11 +3,15 @@
 Run folder layout::
 
     RUN/config.yaml   the resolved config (every default filled in)
-    RUN/metrics.csv   one row per epoch: losses, images/s, validation RSNA mAP and its tuned cut-off
-    RUN/last.pt       checkpoint after the latest epoch (model, optimizer, scheduler, epoch, config)
-    RUN/best.pt       the checkpoint with the best validation mAP so far
+    RUN/metrics.csv   one row per epoch: losses, images/s, data-wait fraction, validation RSNA mAP and its tuned cut-off
+    RUN/tensorboard/  the same metrics for TensorBoard (``tensorboard --logdir RUN``)
+    RUN/last.pt       the latest checkpoint: after each epoch, and every ``checkpoint_every_steps`` optimizer steps
+    RUN/best.pt       the end-of-epoch checkpoint with the best validation mAP so far
 
-Checkpoints are written to a temporary name and renamed, so a kill never leaves a broken one.
+Checkpoints are written to a temporary name and renamed, so a kill never leaves a broken one,
+and ``--resume`` continues from last.pt exactly where it was written, mid-epoch included.
+Under ``torchrun --nproc_per_node=N --no-python lungdet train ...`` each process trains on its
+shard with DistributedDataParallel; rank 0 scores validation and writes every file.
 Run: ``lungdet train --config fasterrcnn_resnet50_fpn --data data/coco --out runs/r50 --fold 0``
 """
 
@@ -15,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import functools
 import io
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,18 +35,29 @@ import torch
 from data_tools.atomic import atomic_path, write_text_atomic
 from data_tools.errors import LungdetError
 from detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
-from detection.data import build_dataloaders, load_preprocessing
-from detection.engine import evaluate, train_one_epoch
-from detection.model import build_model, load_pretrained_state
+from detection.augment import write_augmentation_samples
+from detection.data import build_dataloaders, load_preprocessing, load_records, load_sample, split_records
+from detection.distributed import Distributed, from_environment, gather_to_main, share_from_main, start, stop, sum_over_ranks
+from detection.engine import EpochProgress, evaluate, resolve_precision, train_one_epoch
+from detection.model import build_model, load_pretrained_state, needs_masks
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.yaml"
+TENSORBOARD_DIR = "tensorboard"
+AUGMENTATIONS_DIR = "augmentations"
 
 
-def resolve_device(name: str) -> torch.device:
-    """``'auto'`` picks CUDA when present; an explicit CUDA device without CUDA is an error, not a silent CPU run."""
+def resolve_device(name: str, job: Distributed | None = None) -> torch.device:
+    """``'auto'`` picks CUDA when present; an explicit CUDA device without CUDA is an error, not a silent CPU run.
+
+    Under torchrun, a CUDA run uses one GPU per process: ``cuda:LOCAL_RANK``.
+    """
+    if job is not None and job.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", job.local_rank)
+        torch.cuda.set_device(device)  # NCCL collectives and gather_object use the current device
+        return device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -64,16 +82,31 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.SGD(parameters, lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_iters: int, total_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 1% of the learning rate, then cosine decay to 0 at ``total_iters``."""
-    warmup_iters = min(warmup_iters, max(total_iters - 1, 0))
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, milestone_steps: list[int], gamma: float) -> float:
+    """The learning-rate multiplier at optimizer step ``step``.
 
-    def factor(step: int) -> float:
-        if step < warmup_iters:
-            return 0.01 + 0.99 * step / warmup_iters
-        progress = (step - warmup_iters) / max(total_iters - warmup_iters, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    Linear warm-up from 1% over ``warmup_steps``, then either cosine decay to 0 at ``total_steps``
+    or a multiplication by ``gamma`` at each of ``milestone_steps``.
+    """
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    if step < warmup_steps:
+        return 0.01 + 0.99 * step / warmup_steps
+    if schedule == "step":
+        return gamma ** sum(step >= milestone for milestone in milestone_steps)
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, *, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of ``config.optim`` in optimizer steps (milestones are given in epochs)."""
+    factor = functools.partial(
+        lr_factor,
+        warmup_steps=config.optim.warmup_iters,
+        total_steps=config.optim.epochs * steps_per_epoch,
+        schedule=config.optim.schedule,
+        milestone_steps=[milestone * steps_per_epoch for milestone in config.optim.step_milestones],
+        gamma=config.optim.step_gamma,
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -106,18 +139,162 @@ def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """This process's random streams that training draws from (the model samples proposals from torch's)."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def open_tensorboard(out_dir: Path, enabled: bool) -> Any:
+    """A SummaryWriter on ``RUN/tensorboard``, or None (disabled, or the package is missing: said once)."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("lungdet train: tensorboard is not installed, so metrics go to metrics.csv only (pip install tensorboard, or tensorboard=false)")
+        return None
+    return SummaryWriter(str(out_dir / TENSORBOARD_DIR))
+
+
+class Run:
+    """One training run's state: what it trains, how far it got, and how to save and restore all of it.
+
+    A checkpoint holds everything needed to carry on exactly where it was written: the weights
+    (and their EMA), optimizer, schedule, gradient scaler, completed epochs and metrics history;
+    a mid-epoch checkpoint adds each process's progress through the epoch and its random state.
+    ``model`` in a checkpoint is always the weights to predict with (the EMA when there is one).
+    """
+
+    def __init__(
+        self, config: TrainConfig, *, job: Distributed, device: torch.device, steps_per_epoch: int, checkpoint: dict[str, Any] | None, source: Path | None = None
+    ) -> None:
+        self.config, self.job, self.device = config, job, device
+        if checkpoint is not None:
+            self.frozen = bool(checkpoint["frozen_batch_norm"])
+            self.model = build_model(config.model, frozen_batch_norm=self.frozen)
+            self.model.load_state_dict(checkpoint.get("train_model") or checkpoint["model"])
+            if checkpoint.get("epoch_progress") is None:
+                where = f"after epoch {checkpoint['epoch']}"
+            else:
+                where = f"in epoch {checkpoint['epoch'] + 1}, after batch {checkpoint['epoch_progress'][0]['progress']['batches']}"
+            self.notice = f"resumed from {source} {where}"
+        else:
+            pretrained_state, self.notice = load_pretrained_state(config.model)
+            self.frozen = pretrained_state is not None
+            self.model = build_model(config.model, pretrained_state=pretrained_state)
+        self.precision = resolve_precision(config.amp, device)
+        if device.type == "cuda" and config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.to(device)
+        self.ema = None
+        if config.optim.ema_decay > 0:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True
+            )
+        # DDP after the EMA copy: the EMA follows the plain module, and the wrapper only adds gradient averaging.
+        self.trained = self.model
+        if job.enabled:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.trained = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, steps_per_epoch=steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.dtype == torch.float16 else None
+        self.history: list[dict[str, Any]] = []
+        self.completed_epochs = 0
+        self.epoch_progress: EpochProgress | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The weights that are validated and saved for predict: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None:
+            if checkpoint.get("ema") is not None:
+                self.ema.load_state_dict(checkpoint["ema"])
+            else:
+                self.ema.module.load_state_dict(self.model.state_dict())  # EMA switched on at resume: it starts here
+        self.history = list(checkpoint["history"])
+        self.completed_epochs = int(checkpoint["epoch"])
+        per_rank = checkpoint.get("epoch_progress")
+        if per_rank is not None:
+            if len(per_rank) == self.job.world_size:
+                mine = per_rank[self.job.rank]
+                self.epoch_progress = EpochProgress(**mine["progress"])
+                restore_rng_states(mine["rng"], self.device)
+            else:
+                self.notice += f"; it was saved by {len(per_rank)} processes, not {self.job.world_size}, so epoch {self.completed_epochs + 1} starts again"
+                restore_rng_states(checkpoint["rng"], self.device)
+        else:
+            restore_rng_states(checkpoint["rng"], self.device)
+
+    def state(self, *, preprocessing: dict[str, Any], epoch_progress: list[dict[str, Any]] | None, rng: dict[str, Any]) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "model": self.evaluated.state_dict(),
+            "train_model": self.model.state_dict() if self.ema is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.completed_epochs,
+            "epoch_progress": epoch_progress,
+            "config": config_to_dict(self.config),
+            "frozen_batch_norm": self.frozen,
+            # How convert prepared the training images; predict repeats it on raw DICOMs.
+            "preprocessing": preprocessing,
+            "score_threshold": last.get("val_score_threshold", 0.5),
+            "val_map": last.get("val_map", -1.0),
+            "history": self.history,
+            "rng": rng,
+        }
+
+
 def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train per ``config`` on ``data_dir`` (a ``lungdet convert`` output); write the run into ``out_dir``.
 
-    Returns the best epoch's metrics row. With ``resume``, continues from ``out_dir/last.pt``.
+    Returns the best epoch's metrics row. With ``resume``, continues from ``out_dir/last.pt``,
+    mid-epoch if that is where it was written. Under ``torchrun`` each process trains its shard
+    and only rank 0 prints and writes.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    train_loader, val_loader = build_dataloaders(data_dir, config.data, image_size=config.model.image_size, seed=config.seed)
-    preprocessing = load_preprocessing(data_dir)
+    job = from_environment()
+    device = resolve_device(config.device, job)
+    start(job, device)
+    try:
+        return _train(config, Path(data_dir), Path(out_dir), job=job, device=device, resume=resume, progress=progress)
+    finally:
+        stop(job)
 
+
+def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distributed, device: torch.device, resume: bool, progress: bool) -> dict[str, Any]:
+    say = print if job.is_main else (lambda *args, **kwargs: None)
+    if job.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A SIGKILL during a save leaves its temporary file (never a broken checkpoint under the real name).
+        for stale in out_dir.glob(".*.tmp"):
+            stale.unlink()
+    seed_everything(config.seed)
+    train_loader, val_loader = build_dataloaders(
+        data_dir, config.data, image_size=config.model.image_size, seed=config.seed, augment=config.augment,
+        mask_shape=config.model.mask_shape if needs_masks(config.model.architecture) else None,
+        rank=job.rank, world_size=job.world_size, pin_memory=config.data.pin_memory and device.type == "cuda",
+    )
+    preprocessing = load_preprocessing(data_dir)
     checkpoint = load_checkpoint(out_dir / LAST_CHECKPOINT) if resume else None
     if checkpoint is not None and int(checkpoint["epoch"]) >= config.optim.epochs:
         # Checked here, not by the empty-history check after the loop: a resumed history is never empty.
@@ -125,76 +302,107 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
             f"{out_dir}: nothing to train: the run already finished {checkpoint['epoch']} epochs of optim.epochs={config.optim.epochs} "
             "(raise optim.epochs to continue, e.g. optim.epochs=20)"
         )
-    if checkpoint is not None:
-        frozen = bool(checkpoint["frozen_batch_norm"])
-        model = build_model(config.model, frozen_batch_norm=frozen)
-        model.load_state_dict(checkpoint["model"])
-        notice = f"resumed from {out_dir / LAST_CHECKPOINT} after epoch {checkpoint['epoch']}"
-    else:
-        pretrained_state, notice = load_pretrained_state(config.model)
-        frozen = pretrained_state is not None
-        model = build_model(config.model, pretrained_state=pretrained_state)
-    print(f"lungdet train: {notice}")
-    model.to(device)
-
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, warmup_iters=config.optim.warmup_iters, total_iters=config.optim.epochs * len(train_loader))
-    history: list[dict[str, Any]] = []
-    start_epoch, best_map = 1, -1.0
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        history = list(checkpoint["history"])
-        start_epoch = int(checkpoint["epoch"]) + 1
-        best_map = max((row["val_map"] for row in history), default=-1.0)
-        torch.set_rng_state(checkpoint["torch_rng_state"])
-
-    save_config(config, out_dir / CONFIG_FILE)
-    print(
-        f"lungdet train: {config.model.architecture} at {config.model.image_size}px on {device}; "
-        f"{len(train_loader.dataset)} training / {len(val_loader.dataset)} validation images (fold {config.data.fold})"
+    steps_per_epoch = -(-len(train_loader) // config.optim.accumulate_steps)
+    run = Run(config, job=job, device=device, steps_per_epoch=steps_per_epoch, checkpoint=checkpoint, source=out_dir / LAST_CHECKPOINT)
+    del checkpoint
+    say(f"lungdet train: {run.notice}")
+    if job.is_main:
+        save_config(config, out_dir / CONFIG_FILE)
+    tensorboard = open_tensorboard(out_dir, config.tensorboard) if job.is_main else None
+    processes = f" x {job.world_size} processes" if job.enabled else ""
+    say(
+        f"lungdet train: {config.model.architecture} at {config.model.image_size}px on {device}{processes}, {run.precision.name}; "
+        f"{len(train_loader.dataset)} training / {len(val_loader.dataset) * job.world_size if job.enabled else len(val_loader.dataset)} "
+        f"validation images (fold {config.data.fold})"
     )
-    deadline = time.monotonic() + config.max_minutes * 60 if config.max_minutes > 0 else None
-    for epoch in range(start_epoch, config.optim.epochs + 1):
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        train_metrics = train_one_epoch(
-            model, optimizer, scheduler, train_loader, device,
-            epoch=epoch, grad_clip_norm=config.optim.grad_clip_norm, deadline=deadline, progress=progress,
+
+    def save_last(epoch_progress: EpochProgress | None) -> None:
+        """Write last.pt; mid-epoch, with every process's progress and random state (collected on rank 0)."""
+        rng = rng_states(device)
+        per_rank = None
+        if epoch_progress is not None:
+            per_rank = gather_to_main(job, {"progress": dataclasses.asdict(epoch_progress), "rng": rng})
+        if job.is_main:
+            save_checkpoint(out_dir / LAST_CHECKPOINT, run.state(preprocessing=preprocessing, epoch_progress=per_rank, rng=rng))
+
+    def after_optimizer_step(epoch_progress: EpochProgress) -> None:
+        every = config.checkpoint_every_steps
+        if every and run.scheduler.last_epoch % every == 0:
+            save_last(epoch_progress)
+
+    should_stop = None
+    if config.max_minutes > 0:
+        deadline = time.monotonic() + config.max_minutes * 60
+        # Rank 0's clock decides for all: ranks that stopped at different steps would wait on each other for ever.
+        should_stop = lambda: share_from_main(job, time.monotonic() >= deadline)  # noqa: E731
+    best_map = max((row["val_map"] for row in run.history), default=-1.0)
+    sampler = train_loader.sampler
+    for epoch in range(run.completed_epochs + 1, config.optim.epochs + 1):
+        sampler.set_epoch(epoch)
+        epoch_progress, run.epoch_progress = run.epoch_progress, None
+        if epoch_progress is not None:
+            sampler.resume_at(epoch_progress.batches * config.data.batch_size)
+        epoch_lr = run.optimizer.param_groups[0]["lr"]
+        epoch_progress = train_one_epoch(
+            run.trained, run.optimizer, run.scheduler, train_loader, device,
+            epoch=epoch, precision=run.precision, scaler=run.scaler, accumulate_steps=config.optim.accumulate_steps,
+            grad_clip_norm=config.optim.grad_clip_norm, ema=run.ema, state=epoch_progress,
+            on_optimizer_step=after_optimizer_step, should_stop=should_stop, progress=progress and job.is_main,
         )
-        val_metrics = evaluate(model, val_loader, device, score_thresholds=config.val_score_thresholds, progress=progress)
+        train_metrics = epoch_metrics(job, epoch_progress)
+        val_metrics = evaluate(
+            run.evaluated, val_loader, device, score_thresholds=config.val_score_thresholds, progress=progress, precision=run.precision, job=job
+        )
         row = {"epoch": epoch, "lr": epoch_lr, **train_metrics, **val_metrics}
-        history.append(row)
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "config": config_to_dict(config),
-            "frozen_batch_norm": frozen,
-            # How convert prepared the training images; predict repeats it on raw DICOMs.
-            "preprocessing": preprocessing,
-            "score_threshold": row["val_score_threshold"],
-            "val_map": row["val_map"],
-            "history": history,
-            "torch_rng_state": torch.get_rng_state(),
-        }
-        save_checkpoint(out_dir / LAST_CHECKPOINT, state)
+        run.history.append(row)
+        run.completed_epochs = epoch
+        save_last(None)
         improved = row["val_map"] > best_map
         if improved:
             best_map = row["val_map"]
-            save_checkpoint(out_dir / BEST_CHECKPOINT, state)
-        write_metrics_csv(out_dir / METRICS_FILE, history)
-        print(
-            f"epoch {epoch}/{config.optim.epochs}: loss {row['loss']:.3f}, {row['images_per_second']:.1f} img/s, "
-            f"val mAP {row['val_map']:.4f} at confidence >= {row['val_score_threshold']:g}"
+            if job.is_main:
+                with atomic_path(out_dir / BEST_CHECKPOINT) as temporary:
+                    shutil.copyfile(out_dir / LAST_CHECKPOINT, temporary)
+        if job.is_main:
+            write_metrics_csv(out_dir / METRICS_FILE, run.history)
+            log_to_tensorboard(tensorboard, row)
+        say(
+            f"epoch {epoch}/{config.optim.epochs}: loss {row['loss']:.3f}, {row['images_per_second']:.1f} img/s "
+            f"({row['data_wait_fraction']:.0%} waiting for data), val mAP {row['val_map']:.4f} at confidence >= {row['val_score_threshold']:g}"
             f"{' (best)' if improved else ''}"
         )
         if train_metrics["stopped_early"]:
-            print(f"lungdet train: stopped after max_minutes={config.max_minutes:g}; the last epoch was partial")
+            say(f"lungdet train: stopped after max_minutes={config.max_minutes:g}; the last epoch was partial")
             break
-    best = max(history, key=lambda row: row["val_map"])
-    print(f"lungdet train: best val mAP {best['val_map']:.4f} (epoch {best['epoch']}); checkpoints in {out_dir}")
+    if tensorboard is not None:
+        tensorboard.close()
+    best = max(run.history, key=lambda row: row["val_map"])
+    say(f"lungdet train: best val mAP {best['val_map']:.4f} (epoch {best['epoch']}); checkpoints in {out_dir}")
     return best
+
+
+def epoch_metrics(job: Distributed, progress: EpochProgress) -> dict[str, float]:
+    """The epoch's training metrics over every process: losses averaged, images summed, time from the slowest."""
+    names = sorted(progress.totals)
+    summed = sum_over_ranks(job, [progress.totals[name] for name in names] + [float(progress.batches), float(progress.images), progress.data_seconds])
+    totals, (batches, images, data_seconds) = dict(zip(names, summed[: len(names)])), summed[len(names) :]
+    # Every process trains for the same wall time; throughput is all images over that time.
+    combined = EpochProgress(
+        batches=int(batches), images=int(images), seconds=progress.seconds, data_seconds=data_seconds / job.world_size,
+        stopped_early=progress.stopped_early, totals=totals,
+    )
+    return combined.metrics()
+
+
+def log_to_tensorboard(writer: Any, row: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+            # 'val_map@0.3' -> 'val/map@0.3': TensorBoard groups charts by the part before the slash.
+            group, _, name = key.partition("_")
+            writer.add_scalar(f"{group}/{name}" if name else key, value, row["epoch"])
+    writer.flush()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -210,6 +418,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold", type=int, default=None, help="validation fold (overrides data.fold)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the config stored in it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    parser.add_argument(
+        "--show-augmentations", type=int, default=0, metavar="N",
+        help="write N training images beside an augmentation of each, boxes drawn, to OUT/augmentations/ and stop (check them before a long run)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.005 model.image_size=384")
     return parser
 
@@ -223,5 +435,17 @@ def main(args: argparse.Namespace) -> int:
         config = config_from_dict(apply_overrides(stored, overrides))
     else:
         config = load_config(args.config, overrides)
+    if args.show_augmentations:
+        paths = show_augmentations(config, args.data, args.out / AUGMENTATIONS_DIR, count=args.show_augmentations)
+        print(f"lungdet train: wrote {len(paths)} augmentation samples (original | augmented) to {args.out / AUGMENTATIONS_DIR}; nothing was trained")
+        return 0
     train(config, args.data, args.out, resume=args.resume, progress=not args.no_progress)
     return 0
+
+
+def show_augmentations(config: TrainConfig, data_dir: Path, out_dir: Path, *, count: int) -> list[Path]:
+    """Write ``count`` training images of ``config.data.fold``'s split beside their augmentation (positives first: they have boxes to follow)."""
+    train_records, _ = split_records(load_records(data_dir), fold=config.data.fold)
+    chosen = sorted(train_records, key=lambda record: record.boxes.shape[0] == 0)[:count]
+    samples = [(record.patient_id, *load_sample(record, image_size=config.model.image_size)) for record in chosen]
+    return write_augmentation_samples(samples, config.augment, out_dir, count=count, seed=config.seed)

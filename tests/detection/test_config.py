@@ -58,7 +58,7 @@ def test_the_cpu_config_takes_its_values_from_the_file() -> None:
     assert config.optim.optimizer == "adamw"
     assert config.optim.epochs == 7 and config.max_minutes == 0.0  # fixed steps, so results do not depend on machine load
     # Keys the file leaves out keep their defaults.
-    assert config.data.hflip == TrainConfig().data.hflip
+    assert config.augment.hflip == TrainConfig().augment.hflip
 
 
 def test_an_empty_yaml_file_gives_the_defaults(tmp_path: Path) -> None:
@@ -125,11 +125,12 @@ def test_an_int_is_accepted_where_a_float_is_expected() -> None:
     [
         ("optim.lr=3", "config optim.lr=3.0 is out of range: must be in (0, 1]"),
         ("optim.lr=0", "config optim.lr=0.0 is out of range: must be in (0, 1]"),
-        ("data.hflip=1.5", "config data.hflip=1.5 is out of range: must be a probability in [0, 1]"),
-        ("data.shift_scale_rotate=-0.1", "config data.shift_scale_rotate=-0.1 is out of range: must be a probability in [0, 1]"),
+        ("augment.hflip=1.5", "config augment.hflip=1.5 is out of range: must be a probability in [0, 1]"),
+        ("augment.shift_scale_rotate=-0.1", "config augment.shift_scale_rotate=-0.1 is out of range: must be a probability in [0, 1]"),
         (
             "model.architecture=fasterrcnn_resnet50",
-            "config model.architecture='fasterrcnn_resnet50' is out of range: must be one of fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn",
+            "config model.architecture='fasterrcnn_resnet50' is out of range: must be one of fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, "
+            "fasterrcnn_mobilenet_v3_large_fpn, retinanet_resnet50_fpn, maskrcnn_resnet50_fpn",
         ),
         ("model.image_size=32", "config model.image_size=32 is out of range: must be between 64 and 2048"),
         ("model.num_classes=1", "config model.num_classes=1 is out of range: must be >= 2"),
@@ -145,8 +146,8 @@ def test_out_of_range_value_is_an_error_giving_the_valid_range(override: str, me
 
 
 def test_range_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
-    path = write_yaml(tmp_path, "data:\n  hflip: 2\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: config data.hflip=2.0 is out of range")):
+    path = write_yaml(tmp_path, "augment:\n  hflip: 2\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: config augment.hflip=2.0 is out of range")):
         load_config(path)
 
 
@@ -156,12 +157,12 @@ def test_range_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
 def test_overrides_apply_on_top_of_the_file_including_lists_and_nested_keys() -> None:
     config = load_config(
         "fasterrcnn_mobilenet_cpu",
-        ["optim.lr=0.005", "model.anchor_sizes=[16, 32]", "val_score_thresholds=[0.3, 0.5]", "data.hflip=0", "seed=7"],
+        ["optim.lr=0.005", "model.anchor_sizes=[16, 32]", "val_score_thresholds=[0.3, 0.5]", "augment.hflip=0", "seed=7"],
     )
     assert config.optim.lr == 0.005
     assert config.model.anchor_sizes == [16, 32]
     assert config.val_score_thresholds == [0.3, 0.5]
-    assert config.data.hflip == 0.0
+    assert config.augment.hflip == 0.0
     assert config.seed == 7
     # Untouched file values survive.
     assert config.model.image_size == 256
@@ -224,3 +225,10 @@ def test_a_yaml_file_that_is_not_a_mapping_is_an_error(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "- model\n- data\n")
     with pytest.raises(ConfigError, match=re.escape(f"{path}: the top level must be a mapping of sections")):
         load_config(path)
+
+
+def test_configs_stored_before_augment_had_its_own_section_still_load() -> None:
+    stored = {"data": {"batch_size": 2, "hflip": 0.1, "shift_scale_rotate": 0.0}}
+    config = config_from_dict(stored)
+    assert (config.augment.hflip, config.augment.shift_scale_rotate, config.data.batch_size) == (0.1, 0.0, 2)
+    assert stored == {"data": {"batch_size": 2, "hflip": 0.1, "shift_scale_rotate": 0.0}}  # the caller's dict is untouched

@@ -16,11 +16,11 @@ from data_tools.errors import LungdetError
 from data_tools.labels import read_labels
 from data_tools.synth import write_synthetic_dataset
 from data_tools.to_coco import convert_dataset
-from detection.config import DataConfig
+from detection.augment import build_augmentation
+from detection.config import AugmentConfig, DataConfig
 from detection.data import (
     DetectionDataset,
     ImageRecord,
-    build_augmentation,
     build_dataloaders,
     collate,
     load_image,
@@ -151,60 +151,41 @@ def test_at_the_png_size_pixels_and_boxes_pass_through(records: list[ImageRecord
     torch.testing.assert_close(target["boxes"], torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1))
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_a_negative_image_has_no_boxes_and_no_labels(records: list[ImageRecord], augment: bool) -> None:
-    config = DataConfig(hflip=1.0, brightness_contrast=1.0, shift_scale_rotate=1.0)
-    augmentation = build_augmentation(config, train=True, seed=0) if augment else None
-    _, target = DetectionDataset([first_negative(records)], image_size=PNG_SIZE, augmentation=augmentation)[0]
+@pytest.mark.parametrize("item", [0, (0, 7)])
+def test_a_negative_image_has_no_boxes_and_no_labels(records: list[ImageRecord], item: int | tuple[int, int]) -> None:
+    augmentation = build_augmentation(AugmentConfig(hflip=1.0, brightness_contrast=1.0, shift_scale_rotate=1.0))
+    _, target = DetectionDataset([first_negative(records)], image_size=PNG_SIZE, augmentation=augmentation)[item]
     assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
     assert target["labels"].shape == (0,) and target["labels"].dtype == torch.int64
 
 
-# --- augmentation -------------------------------------------------------------------------------
+# --- augmentation in the dataset -----------------------------------------------------------------
 
 
-def test_validation_has_no_augmentation() -> None:
-    assert build_augmentation(DataConfig(hflip=1.0), train=False) is None
-
-
-def test_horizontal_flip_mirrors_image_and_boxes_exactly(records: list[ImageRecord]) -> None:
+def test_a_plain_index_is_never_augmented_and_a_seeded_one_always_the_same_way(records: list[ImageRecord]) -> None:
     record = first_positive(records)
-    size = 96
-    plain_image, plain = DetectionDataset([record], image_size=size, augmentation=None)[0]
-    flip = build_augmentation(DataConfig(**{**NO_AUGMENTATION, "hflip": 1.0}), train=True, seed=0)
-    flipped_image, flipped = DetectionDataset([record], image_size=size, augmentation=flip)[0]
-    torch.testing.assert_close(flipped_image, plain_image.flip(-1))
-    boxes, mirrored = plain["boxes"], flipped["boxes"]
-    torch.testing.assert_close(mirrored[:, 0], size - boxes[:, 2])
-    torch.testing.assert_close(mirrored[:, 2], size - boxes[:, 0])
-    torch.testing.assert_close(mirrored[:, [1, 3]], boxes[:, [1, 3]])
+    flip = build_augmentation(AugmentConfig(**{**NO_AUGMENTATION, "hflip": 1.0}))
+    dataset = DetectionDataset([record], image_size=PNG_SIZE, augmentation=flip)
+    plain, _ = DetectionDataset([record], image_size=PNG_SIZE, augmentation=None)[0]
+    torch.testing.assert_close(dataset[0][0], plain)  # validation indexes by plain int
+    torch.testing.assert_close(dataset[(0, 11)][0], plain.flip(-1))
+    jitter = DetectionDataset([record] * 2, image_size=PNG_SIZE, augmentation=build_augmentation(AugmentConfig(brightness_contrast=1.0, shift_scale_rotate=1.0)))
+    first = jitter[(0, 11)]
+    jitter[(1, 12)]  # other samples in between change nothing
+    again = jitter[(0, 11)]
+    torch.testing.assert_close(first[0], again[0])
+    torch.testing.assert_close(first[1]["boxes"], again[1]["boxes"])
+    assert not torch.equal(jitter[(0, 13)][0], first[0])
 
 
-def test_every_augmentation_keeps_boxes_valid_and_inside_the_image(records: list[ImageRecord]) -> None:
-    size = PNG_SIZE
-    positives = [record for record in records if record.boxes.shape[0] > 0]
-    augmentation = build_augmentation(DataConfig(hflip=0.5, brightness_contrast=1.0, shift_scale_rotate=1.0), train=True, seed=1)
-    dataset = DetectionDataset(positives * 5, image_size=size, augmentation=augmentation)
-    box_counts = []
-    for index in range(len(dataset)):
-        image, target = dataset[index]
-        boxes = target["boxes"]
-        assert 0.0 <= image.min() and image.max() <= 1.0
-        assert boxes.shape[0] <= positives[index % len(positives)].boxes.shape[0]
-        assert target["labels"].shape == (boxes.shape[0],)
-        assert bool((boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all())
-        assert bool((boxes >= 0).all() and (boxes <= size).all())
-        box_counts.append(boxes.shape[0])
-    assert sum(box_counts) > 0  # the affine jitter must not throw every box away
-
-
-def test_the_same_seed_gives_the_same_augmentation(records: list[ImageRecord]) -> None:
+def test_masks_are_drawn_from_the_final_boxes_when_asked_for(records: list[ImageRecord]) -> None:
     record = first_positive(records)
-    config = DataConfig(hflip=0.5, brightness_contrast=1.0, shift_scale_rotate=1.0)
-    first = DetectionDataset([record], image_size=PNG_SIZE, augmentation=build_augmentation(config, train=True, seed=4))[0]
-    second = DetectionDataset([record], image_size=PNG_SIZE, augmentation=build_augmentation(config, train=True, seed=4))[0]
-    torch.testing.assert_close(first[0], second[0])
-    torch.testing.assert_close(first[1]["boxes"], second[1]["boxes"])
+    _, target = DetectionDataset([record], image_size=PNG_SIZE, augmentation=None, mask_shape="rectangle")[0]
+    masks = target["masks"]
+    assert masks.shape == (record.boxes.shape[0], PNG_SIZE, PNG_SIZE) and masks.dtype == torch.uint8
+    x1, y1, x2, y2 = (int(round(float(v))) for v in target["boxes"][0])
+    assert masks[0, (y1 + y2) // 2, (x1 + x2) // 2] == 1 and masks[0].sum() > 0
+    assert "masks" not in DetectionDataset([record], image_size=PNG_SIZE, augmentation=None)[0][1]
 
 
 # --- loaders ------------------------------------------------------------------------------------
@@ -217,20 +198,22 @@ def test_collate_keeps_lists_of_images_and_targets() -> None:
 
 
 def test_build_dataloaders_splits_by_fold_and_respects_the_image_limits(data_dir: Path, records: list[ImageRecord]) -> None:
-    config = DataConfig(fold=0, batch_size=2, max_train_images=3, max_val_images=2, **NO_AUGMENTATION)
-    train_loader, val_loader = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0)
+    config = DataConfig(fold=0, batch_size=2, max_train_images=3, max_val_images=2)
+    train_loader, val_loader = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0, augment=AugmentConfig(**NO_AUGMENTATION))
     train_expected, val_expected = split_records(records, fold=0)
     assert [r.image_id for r in train_loader.dataset.records] == [r.image_id for r in train_expected[:3]]
     assert [r.image_id for r in val_loader.dataset.records] == [r.image_id for r in val_expected[:2]]
     assert val_loader.dataset.augmentation is None and train_loader.dataset.augmentation is not None
     # Validation keeps its order; training drops the incomplete last batch (3 images, batches of 2).
     assert [int(target["image_id"]) for _, targets in val_loader for target in targets] == [r.image_id for r in val_expected[:2]]
+    train_loader.sampler.set_epoch(1)
     assert [len(images) for images, _ in train_loader] == [2]
 
 
 def test_a_training_set_smaller_than_a_batch_still_gives_one_batch(data_dir: Path) -> None:
-    config = DataConfig(fold=0, batch_size=8, max_train_images=3, **NO_AUGMENTATION)
-    train_loader, _ = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0)
+    config = DataConfig(fold=0, batch_size=8, max_train_images=3)
+    train_loader, _ = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0, augment=AugmentConfig(**NO_AUGMENTATION))
+    train_loader.sampler.set_epoch(1)
     assert [len(images) for images, _ in train_loader] == [3]
 
 
@@ -244,17 +227,23 @@ def test_an_empty_split_is_a_clear_error(tmp_path: Path, data_dir: Path, coco: d
         build_dataloaders(tmp_path, DataConfig(fold=fold), image_size=PNG_SIZE, seed=0)
 
 
-def test_loader_workers_do_not_repeat_each_others_augmentation(data_dir: Path, records: list[ImageRecord]) -> None:
-    # Each worker holds a copy of the seeded pipeline; unless reseeded per worker, worker 0 and
-    # worker 1 would draw the same brightness change for their first images.
-    config = DataConfig(fold=0, batch_size=1, num_workers=2, hflip=0.0, brightness_contrast=1.0, shift_scale_rotate=0.0)
+def test_training_batches_are_the_same_with_any_number_of_workers(data_dir: Path) -> None:
+    # Augmentation is seeded per sample from (seed, epoch, index), so which worker loads an image
+    # changes nothing; and two epochs differ in both order and augmentation.
+    augment = AugmentConfig(hflip=0.5, brightness_contrast=1.0, shift_scale_rotate=1.0)
 
-    def augmented_means() -> list[float]:
-        train_loader, _ = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0)
-        train_loader.dataset.records[:] = [first_positive(records)] * 4
-        return [float(images[0].mean()) for images, _ in train_loader]
+    def epochs(workers: int) -> list[list[torch.Tensor]]:
+        config = DataConfig(fold=0, batch_size=1, num_workers=workers)
+        train_loader, _ = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0, augment=augment)
+        result = []
+        for epoch in (1, 2):
+            train_loader.sampler.set_epoch(epoch)
+            result.append([images[0] for images, _ in train_loader])
+        return result
 
-    means = augmented_means()
-    assert len(means) == 4
-    assert len(set(means)) == 4
-    assert augmented_means() == means  # still reproducible from the seed
+    in_process, with_workers = epochs(0), epochs(2)
+    assert len(in_process[0]) == 4
+    for mine, theirs in zip(in_process, with_workers):
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(*in_process))

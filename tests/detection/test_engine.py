@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from data_tools.boxes import xyxy_to_xywh
 from data_tools.errors import LungdetError
-from detection.config import DataConfig, load_config
+from detection.config import AugmentConfig, DataConfig, load_config
 from detection.data import build_dataloaders, collate
 from detection.engine import NonFiniteLossError, evaluate, predict_loader, train_one_epoch
 from detection.model import build_model
@@ -31,8 +30,9 @@ TORCHVISION_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "los
 def loaders(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable[[Path], Path]) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders of 4 + 4 synthetic 64 px images (half positive), batches of 2, no augmentation."""
     coco = make_tiny_dataset(tmp_path_factory.mktemp("engine"))
-    config = DataConfig(fold=0, batch_size=2, hflip=0.0, brightness_contrast=0.0, shift_scale_rotate=0.0)
-    train_loader, val_loader = build_dataloaders(coco, config, image_size=IMAGE_SIZE, seed=0)
+    config = DataConfig(fold=0, batch_size=2)
+    no_augmentation = AugmentConfig(hflip=0.0, brightness_contrast=0.0, shift_scale_rotate=0.0)
+    train_loader, val_loader = build_dataloaders(coco, config, image_size=IMAGE_SIZE, seed=0, augment=no_augmentation)
     assert len(train_loader.dataset) == len(val_loader.dataset) == 4
     return train_loader, val_loader
 
@@ -62,9 +62,12 @@ def test_train_one_epoch_returns_finite_mean_losses_and_counts(loaders: tuple[Da
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     scheduler = constant_schedule(optimizer)
 
-    metrics = train_one_epoch(model, optimizer, scheduler, train_loader, CPU, epoch=1, grad_clip_norm=10.0, progress=False)
+    progress = train_one_epoch(model, optimizer, scheduler, train_loader, CPU, epoch=1, grad_clip_norm=10.0, progress=False)
+    metrics = progress.metrics()
 
-    assert set(metrics) == {"loss", *TORCHVISION_LOSSES, "images", "seconds", "images_per_second", "stopped_early"}
+    assert set(metrics) == {"loss", *TORCHVISION_LOSSES, "images", "seconds", "images_per_second", "data_wait_fraction", "stopped_early"}
+    assert progress.batches == 2
+    assert 0.0 < metrics["data_wait_fraction"] < 1.0
     assert all(math.isfinite(value) for value in metrics.values())
     assert metrics["images"] == 4.0
     assert metrics["stopped_early"] == 0.0
@@ -75,13 +78,58 @@ def test_train_one_epoch_returns_finite_mean_losses_and_counts(loaders: tuple[Da
     assert not torch.equal(model.roi_heads.box_predictor.cls_score.weight, before)
 
 
-def test_train_one_epoch_stops_after_the_step_that_passes_the_deadline(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]) -> None:
+def test_train_one_epoch_stops_after_the_step_at_which_it_is_told_to(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]) -> None:
     train_loader, _ = loaders
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
-    metrics = train_one_epoch(model, optimizer, constant_schedule(optimizer), train_loader, CPU, epoch=1, deadline=time.monotonic() - 1.0, progress=False)
+    metrics = train_one_epoch(model, optimizer, constant_schedule(optimizer), train_loader, CPU, epoch=1, should_stop=lambda: True, progress=False).metrics()
     assert metrics["images"] == 2.0
     assert metrics["stopped_early"] == 1.0
+
+
+def test_accumulation_steps_the_optimizer_once_per_group_and_calls_back_after_each_step(
+    loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]
+) -> None:
+    train_loader, _ = loaders
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
+    scheduler = constant_schedule(optimizer)
+    seen: list[int] = []
+    progress = train_one_epoch(
+        model, optimizer, scheduler, train_loader, CPU, epoch=1, accumulate_steps=2, on_optimizer_step=lambda state: seen.append(state.batches), progress=False
+    )
+    assert (progress.batches, scheduler.last_epoch, seen) == (2, 1, [2])
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a copy of the gradients it stepped with (train_one_epoch zeroes them afterwards)."""
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        self.stepped_with = [p.grad.clone() if p.grad is not None else None for group in self.param_groups for p in group["params"]]
+        return super().step(closure)
+
+
+def test_accumulated_gradients_are_the_mean_of_the_batches_gradients(tiny_model: Callable[..., nn.Module], loaders: tuple[DataLoader, DataLoader]) -> None:
+    train_loader, _ = loaders
+    images, targets = next(iter(train_loader))
+    singles = [([images[index]], [targets[index]]) for index in range(2)]
+    model = tiny_model(seed=1)
+    optimizer = RecordingSGD(model.parameters(), lr=0.0)
+    torch.manual_seed(5)  # the RPN and box heads sample proposals from torch's stream
+    train_one_epoch(model, optimizer, constant_schedule(optimizer), singles, CPU, epoch=1, accumulate_steps=2, progress=False)
+
+    reference = tiny_model(seed=1)
+    reference.train()
+    torch.manual_seed(5)
+    for batch_images, batch_targets in singles:
+        (sum(reference(batch_images, batch_targets).values()) / 2).backward()
+    expected = [p.grad for p in reference.parameters()]
+    assert sum(grad is not None for grad in expected) > 10
+    for got, want in zip(optimizer.stepped_with, expected):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -92,7 +140,7 @@ def test_a_non_finite_loss_stops_training_naming_epoch_and_step(loaders: tuple[D
     monkeypatch.setattr(model, "forward", lambda images, targets=None: {"loss": torch.tensor(bad)})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
 
-    with pytest.raises(NonFiniteLossError, match=re.escape(f"epoch 3 step 1: loss is {bad} (loss={bad}); lower optim.lr or raise optim.warmup_iters")):
+    with pytest.raises(NonFiniteLossError, match=re.escape(f"epoch 3, batch 1 (optimizer step 1): loss is {bad} (loss={bad}); lower optim.lr or raise optim.warmup_iters")):
         train_one_epoch(model, optimizer, constant_schedule(optimizer), train_loader, CPU, epoch=3, progress=False)
 
     assert issubclass(NonFiniteLossError, LungdetError)

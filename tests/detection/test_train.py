@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +19,7 @@ import torch
 
 from data_tools.errors import LungdetError
 from detection.config import TrainConfig, config_to_dict, load_config
+import detection.train
 from detection.model import build_model
 from detection.train import (
     BEST_CHECKPOINT,
@@ -21,8 +27,10 @@ from detection.train import (
     LAST_CHECKPOINT,
     METRICS_FILE,
     build_optimizer,
+    TENSORBOARD_DIR,
     build_scheduler,
     get_args_parser,
+    lr_factor,
     load_checkpoint,
     main,
     resolve_device,
@@ -34,7 +42,8 @@ IMAGE_SIZE = 64
 # Besides the tiny model: 4 training images in batches of 2, two optimizer steps per epoch; on the CPU even where a GPU is, so runs repeat exactly.
 RUN_EXTRAS = ["device=cpu", "data.batch_size=2", "optim.epochs=1", "optim.warmup_iters=1", "max_minutes=0", "val_score_thresholds=[0.1, 0.5]"]
 CHECKPOINT_KEYS = {
-    "model", "optimizer", "scheduler", "epoch", "config", "frozen_batch_norm", "score_threshold", "val_map", "history", "torch_rng_state", "preprocessing",
+    "model", "train_model", "ema", "optimizer", "scheduler", "scaler", "epoch", "epoch_progress", "config", "frozen_batch_norm",
+    "score_threshold", "val_map", "history", "rng", "preprocessing",
 }
 
 
@@ -81,29 +90,39 @@ def copy_run(finished_run: dict[str, Any], tmp_path: Path) -> Path:
 # --- schedule and optimizer ---------------------------------------------------------------------
 
 
-def scheduled_lrs(*, warmup_iters: int, total_iters: int, steps: list[int]) -> list[float]:
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    scheduler = build_scheduler(optimizer, warmup_iters=warmup_iters, total_iters=total_iters)
-    lrs = []
-    for step in range(max(steps) + 1):
-        if step in steps:
-            lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return lrs
+def scheduled_factors(steps: list[int], **schedule: Any) -> list[float]:
+    settings = {"warmup_steps": 0, "total_steps": 100, "schedule": "cosine", "milestone_steps": [], "gamma": 0.1, **schedule}
+    return [lr_factor(step, **settings) for step in steps]
 
 
 def test_schedule_warms_up_from_one_percent_then_decays_to_zero() -> None:
-    # lr 0.1, 10 warm-up steps of 110: 1% at 0; half-way up at 5 (0.01 + 0.99 / 2 = 0.505);
-    # peak at 10; cosine half-way at 60 (0.5); zero at 110.
-    lrs = scheduled_lrs(warmup_iters=10, total_iters=110, steps=[0, 5, 10, 60, 110])
-    assert lrs == pytest.approx([0.001, 0.0505, 0.1, 0.05, 0.0], abs=1e-12)
+    # 10 warm-up steps of 110: 1% at 0; half-way up at 5 (0.01 + 0.99 / 2 = 0.505);
+    # peak at 10; cosine half-way at 60 (0.5); zero at 110 and after.
+    factors = scheduled_factors([0, 5, 10, 60, 110, 200], warmup_steps=10, total_steps=110)
+    assert factors == pytest.approx([0.01, 0.505, 1.0, 0.5, 0.0, 0.0], abs=1e-12)
 
 
 def test_schedule_shortens_a_warm_up_longer_than_the_run() -> None:
     # warm-up 50 of 10 steps becomes 9: the peak is reached at step 9, zero at 10.
-    lrs = scheduled_lrs(warmup_iters=50, total_iters=10, steps=[0, 9, 10])
-    assert lrs == pytest.approx([0.001, 0.1, 0.0], abs=1e-12)
+    assert scheduled_factors([0, 9, 10], warmup_steps=50, total_steps=10) == pytest.approx([0.01, 1.0, 0.0], abs=1e-12)
+
+
+def test_step_schedule_drops_by_gamma_at_each_milestone_after_warm_up() -> None:
+    factors = scheduled_factors([0, 5, 79, 80, 109, 110, 500], warmup_steps=5, schedule="step", milestone_steps=[80, 110], gamma=0.1)
+    assert factors == pytest.approx([0.01, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01], abs=1e-12)
+
+
+def test_build_scheduler_counts_milestones_in_epochs_and_steps_in_optimizer_steps(tiny_config: Callable[..., TrainConfig]) -> None:
+    config = tiny_config("optim.schedule=step", "optim.step_milestones=[2]", "optim.warmup_iters=0", "optim.lr=0.1")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=3)
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # Epoch 2 ends after optimizer step 6: from there the rate is a tenth.
+    assert lrs == pytest.approx([0.1] * 6 + [0.01] * 2)
 
 
 def test_build_optimizer_follows_the_config_and_skips_frozen_parameters(tiny_config: Callable[..., TrainConfig]) -> None:
@@ -123,7 +142,8 @@ def test_build_optimizer_follows_the_config_and_skips_frozen_parameters(tiny_con
 
 def test_train_writes_config_metrics_and_both_checkpoints(finished_run: dict[str, Any]) -> None:
     run_dir = finished_run["run_dir"]
-    assert sorted(path.name for path in run_dir.iterdir()) == sorted([CONFIG_FILE, METRICS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT])
+    assert sorted(path.name for path in run_dir.iterdir()) == sorted([CONFIG_FILE, METRICS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT, TENSORBOARD_DIR])
+    assert list((run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     assert load_config(run_dir / CONFIG_FILE) == finished_run["config"]
 
     rows = read_metrics(run_dir)
@@ -148,6 +168,9 @@ def test_checkpoints_hold_everything_needed_to_resume_and_predict(finished_run: 
     assert last["epoch"] == best["epoch"] == 1
     assert last["config"] == config_to_dict(config)
     assert last["frozen_batch_norm"] is False
+    # No EMA, no fp16 scaler, and written at an epoch's end: nothing of those in it.
+    assert (last["train_model"], last["ema"], last["scaler"], last["epoch_progress"]) == (None, None, None, None)
+    assert set(last["rng"]) == {"torch"}
     assert set(last["model"]) == set(build_model(config.model).state_dict())
     assert last["optimizer"]["param_groups"][0]["lr"] == 0.0
     assert last["scheduler"]["last_epoch"] == 2
@@ -188,15 +211,99 @@ def test_resume_continues_at_the_next_epoch_and_keeps_the_first_row(tiny_config:
 
 def test_resume_of_a_finished_run_is_an_error_and_changes_nothing(finished_run: dict[str, Any], data_dir: Path, tmp_path: Path) -> None:
     run_dir = copy_run(finished_run, tmp_path)
-    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    before = {path.relative_to(run_dir): path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
     with pytest.raises(LungdetError, match=re.escape(f"{run_dir}: nothing to train: the run already finished 1 epochs of optim.epochs=1 (raise optim.epochs")):
         train(finished_run["config"], data_dir, run_dir, resume=True, progress=False)
-    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before
+    assert {path.relative_to(run_dir): path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
 
 
 def test_resume_without_a_checkpoint_is_an_error(tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'empty' / LAST_CHECKPOINT}: checkpoint not found")):
         train(tiny_config(), data_dir, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_resume_after_a_crash_mid_epoch_continues_exactly(
+    tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    config = tiny_config("optim.epochs=2", "checkpoint_every_steps=1")
+    train(config, data_dir, tmp_path / "whole", progress=False)
+
+    real_save = detection.train.save_checkpoint
+
+    def save_then_crash_after_step_3(path: Path, state: dict[str, Any]) -> None:
+        real_save(path, state)
+        if state["scheduler"]["last_epoch"] == 3:  # the first step of epoch 2, its checkpoint safely written
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(detection.train, "save_checkpoint", save_then_crash_after_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, data_dir, tmp_path / "crashed", progress=False)
+    monkeypatch.setattr(detection.train, "save_checkpoint", real_save)
+    saved = load_checkpoint(tmp_path / "crashed" / LAST_CHECKPOINT)
+    assert saved["epoch"] == 1 and saved["epoch_progress"][0]["progress"]["batches"] == 1
+    capsys.readouterr()
+
+    train(config, data_dir, tmp_path / "crashed", resume=True, progress=False)
+
+    assert f"resumed from {tmp_path / 'crashed' / LAST_CHECKPOINT} in epoch 2, after batch 1" in capsys.readouterr().out
+    whole, resumed = load_checkpoint(tmp_path / "whole" / LAST_CHECKPOINT), load_checkpoint(tmp_path / "crashed" / LAST_CHECKPOINT)
+    for key, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for column in ("loss", "loss_classifier", "loss_objectness", "images", "val_map"):
+        assert [row[column] for row in read_metrics(tmp_path / "whole")] == [row[column] for row in read_metrics(tmp_path / "crashed")], column
+
+
+def test_ema_weights_are_validated_and_saved_for_predict_and_raw_weights_for_resume(tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path) -> None:
+    train(tiny_config("optim.ema_decay=0.5", "optim.lr=0.05"), data_dir, tmp_path / "ema", progress=False)
+    last = load_checkpoint(tmp_path / "ema" / LAST_CHECKPOINT)
+    assert last["ema"] is not None and int(last["ema"]["n_averaged"]) == 2  # one update per optimizer step
+    key = "roi_heads.box_predictor.cls_score.weight"
+    assert not torch.equal(last["model"][key], last["train_model"][key])
+    torch.testing.assert_close(last["model"][key], last["ema"][f"module.{key}"])
+
+
+def test_accumulation_counts_optimizer_steps_not_batches(tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path) -> None:
+    train(tiny_config("optim.accumulate_steps=2", "data.batch_size=1"), data_dir, tmp_path / "accumulate", progress=False)
+    last = load_checkpoint(tmp_path / "accumulate" / LAST_CHECKPOINT)
+    assert last["scheduler"]["last_epoch"] == 2  # 4 batches of 1, two per optimizer step
+    assert read_metrics(tmp_path / "accumulate")[0]["images"] == "4"
+
+
+def run_cli_in_subprocess(*arguments: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    # One thread, as in the test process: the same arithmetic in the same order, so runs agree to the bit.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "detection.cli", *arguments], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_result(tiny_run: list[str], data_dir: Path, tmp_path: Path) -> None:
+    overrides = ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *tiny_run, "optim.epochs=3", "checkpoint_every_steps=1", "tensorboard=false"]
+
+    def command(out: Path, *extra: str) -> list[str]:
+        return ["train", "--data", str(data_dir), "--out", str(out), "--no-progress", *extra, *overrides]
+
+    whole = run_cli_in_subprocess(*command(tmp_path / "whole"))
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()
+
+    killed = run_cli_in_subprocess(*command(tmp_path / "killed"))
+    last = tmp_path / "killed" / LAST_CHECKPOINT
+    deadline = time.monotonic() + 300
+    while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)  # wherever it is: mid-step, mid-validation or mid-save
+    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    saved = load_checkpoint(last)  # the latest checkpoint is whole, whatever the kill interrupted
+    assert saved["epoch"] < 3
+
+    resumed = run_cli_in_subprocess(*command(tmp_path / "killed", "--resume"))
+    output = resumed.stdout.read()
+    assert resumed.wait(timeout=300) == 0, output
+    assert "resumed from" in output
+    expected, got = load_checkpoint(tmp_path / "whole" / LAST_CHECKPOINT), load_checkpoint(last)
+    assert got["epoch"] == 3 and [row["epoch"] for row in got["history"]] == [1, 2, 3]
+    for key, value in expected["model"].items():
+        assert torch.equal(value, got["model"][key]), key
+    assert [row["val_map"] for row in expected["history"]] == [row["val_map"] for row in got["history"]]
+    assert not [path for path in (tmp_path / "killed").iterdir() if path.name.startswith(".")]  # no stray temporary files
 
 
 # --- broken checkpoints -------------------------------------------------------------------------
