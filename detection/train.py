@@ -310,10 +310,10 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
         save_config(config, out_dir / CONFIG_FILE)
     tensorboard = open_tensorboard(out_dir, config.tensorboard) if job.is_main else None
     processes = f" x {job.world_size} processes" if job.enabled else ""
+    (validation_images,) = sum_over_ranks(job, [float(len(val_loader.dataset))])  # each process holds its shard
     say(
         f"lungdet train: {config.model.architecture} at {config.model.image_size}px on {device}{processes}, {run.precision.name}; "
-        f"{len(train_loader.dataset)} training / {len(val_loader.dataset) * job.world_size if job.enabled else len(val_loader.dataset)} "
-        f"validation images (fold {config.data.fold})"
+        f"{len(train_loader.dataset)} training / {validation_images:.0f} validation images (fold {config.data.fold})"
     )
 
     def save_last(epoch_progress: EpochProgress | None) -> None:

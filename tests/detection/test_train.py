@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ from detection.config import TrainConfig, config_to_dict, load_config
 import detection.train
 from detection.model import build_model
 from detection.train import (
+    AUGMENTATIONS_DIR,
     BEST_CHECKPOINT,
     CONFIG_FILE,
     LAST_CHECKPOINT,
@@ -408,3 +410,15 @@ def test_cli_rejects_resume_with_config_before_any_work(data_dir: Path, tmp_path
     with pytest.raises(LungdetError, match=re.escape("--resume takes the config stored in OUT/last.pt; drop --config")):
         main(args)
     assert not out.exists()
+
+
+def test_cli_show_augmentations_writes_pairs_and_trains_nothing(tiny_run: list[str], data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "look"
+    args = get_args_parser().parse_args(["--data", str(data_dir), "--out", str(out), "--show-augmentations", "3", *tiny_run, "augment.hflip=1.0"])
+    assert main(args) == 0
+    written = sorted((out / AUGMENTATIONS_DIR).glob("augment_*.png"))
+    assert len(written) == 3
+    pair = cv2.imread(str(written[0]))
+    assert pair.shape[0] >= IMAGE_SIZE and pair.shape[1] > 2 * IMAGE_SIZE  # original beside augmented
+    assert sorted(path.name for path in out.iterdir()) == [AUGMENTATIONS_DIR]  # no checkpoint, no metrics
+    assert f"wrote 3 augmentation samples (original | augmented) to {out / AUGMENTATIONS_DIR}; nothing was trained" in capsys.readouterr().out
