@@ -24,6 +24,10 @@ T = TypeVar("T")
 # A rank that dies mid-epoch would leave the others waiting in a collective for NCCL's default
 # 10 minutes, or for ever with gloo; half an hour covers the longest validation of a real run.
 _COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# NCCL refuses two ranks on one GPU; gloo allows it, which is how one GPU hosts a 2-process smoke
+# test. Real multi-GPU runs leave this unset and get NCCL.
+BACKEND_VARIABLE = "LUNGDET_DIST_BACKEND"
+BACKENDS = ("nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -58,13 +62,39 @@ def from_environment(environ: dict[str, str] | None = None) -> Distributed:
     return job
 
 
+def choose_backend(device_type: str, environ: dict[str, str] | None = None) -> str:
+    """NCCL between GPUs, gloo on CPU, unless ``LUNGDET_DIST_BACKEND`` names one of them."""
+    environ = os.environ if environ is None else environ
+    chosen = environ.get(BACKEND_VARIABLE, "").strip().lower()
+    if not chosen:
+        return "nccl" if device_type == "cuda" else "gloo"
+    if chosen not in BACKENDS:
+        raise LungdetError(f"{BACKEND_VARIABLE}={environ[BACKEND_VARIABLE]!r} is not a backend; use one of {', '.join(BACKENDS)} or leave it unset")
+    if chosen == "nccl" and device_type != "cuda":
+        raise LungdetError(f"{BACKEND_VARIABLE}=nccl needs CUDA GPUs but this run is on {device_type}; unset it or use gloo")
+    return chosen
+
+
+def cuda_device_for(job: Distributed, gpu_count: int, backend: str) -> torch.device:
+    """This rank's GPU: ``cuda:LOCAL_RANK``; with gloo, ranks beyond the GPU count share them round-robin."""
+    if job.local_rank < gpu_count:
+        return torch.device("cuda", job.local_rank)
+    if backend == "gloo":
+        return torch.device("cuda", job.local_rank % gpu_count)
+    raise LungdetError(
+        f"LOCAL_RANK={job.local_rank} but this machine has {gpu_count} CUDA GPU{'s' if gpu_count != 1 else ''}: "
+        f"start torchrun with --nproc_per_node={gpu_count} or fewer (NCCL needs one GPU per process; "
+        f"{BACKEND_VARIABLE}=gloo lets processes share a GPU, for smoke tests)"
+    )
+
+
 def start(job: Distributed, device: torch.device) -> None:
-    """Join the process group: NCCL between GPUs, gloo on CPU (what the tests use)."""
+    """Join the process group with :func:`choose_backend`'s backend."""
     if not job.enabled or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = choose_backend(device.type)
     kwargs: dict[str, Any] = {"backend": backend, "timeout": _COLLECTIVE_TIMEOUT}
-    if device.type == "cuda":
+    if backend == "nccl":
         kwargs["device_id"] = device  # binds NCCL to this rank's GPU up front
     dist.init_process_group(**kwargs)
 

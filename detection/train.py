@@ -37,7 +37,7 @@ from data_tools.errors import LungdetError
 from detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
 from detection.augment import write_augmentation_samples
 from detection.data import build_dataloaders, load_preprocessing, load_records, load_sample, split_records
-from detection.distributed import Distributed, from_environment, gather_to_main, share_from_main, start, stop, sum_over_ranks
+from detection.distributed import Distributed, choose_backend, cuda_device_for, from_environment, gather_to_main, share_from_main, start, stop, sum_over_ranks
 from detection.engine import EpochProgress, evaluate, resolve_precision, train_one_epoch
 from detection.model import build_model, load_pretrained_state, needs_masks
 
@@ -52,10 +52,10 @@ AUGMENTATIONS_DIR = "augmentations"
 def resolve_device(name: str, job: Distributed | None = None) -> torch.device:
     """``'auto'`` picks CUDA when present; an explicit CUDA device without CUDA is an error, not a silent CPU run.
 
-    Under torchrun, a CUDA run uses one GPU per process: ``cuda:LOCAL_RANK``.
+    Under torchrun, a CUDA run uses one GPU per process: ``cuda:LOCAL_RANK`` (see :func:`cuda_device_for`).
     """
     if job is not None and job.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", job.local_rank)
+        device = cuda_device_for(job, torch.cuda.device_count(), choose_backend("cuda"))
         torch.cuda.set_device(device)  # NCCL collectives and gather_object use the current device
         return device
     if name == "auto":

@@ -16,7 +16,16 @@ import torch
 from data_tools.errors import LungdetError
 from detection.config import load_config
 from detection.data import EpochSampler, sample_seed
-from detection.distributed import Distributed, from_environment, gather_to_main, share_from_main, sum_over_ranks
+from detection.distributed import (
+    BACKEND_VARIABLE,
+    Distributed,
+    choose_backend,
+    cuda_device_for,
+    from_environment,
+    gather_to_main,
+    share_from_main,
+    sum_over_ranks,
+)
 from detection.model import build_model
 from detection.train import LAST_CHECKPOINT, METRICS_FILE, load_checkpoint
 
@@ -51,6 +60,31 @@ def test_collectives_are_identities_for_one_process() -> None:
     assert gather_to_main(job, {"a": 1}) == [{"a": 1}]
     assert share_from_main(job, 5) == 5
     assert sum_over_ranks(job, [1.0, 2.5]) == [1.0, 2.5]
+
+
+@pytest.mark.parametrize(
+    ("device_type", "chosen", "backend"),
+    [("cuda", "", "nccl"), ("cpu", "", "gloo"), ("cuda", "gloo", "gloo"), ("cuda", " NCCL ", "nccl"), ("cpu", "gloo", "gloo")],
+)
+def test_backend_is_nccl_on_gpus_gloo_on_cpu_unless_the_variable_says(device_type: str, chosen: str, backend: str) -> None:
+    assert choose_backend(device_type, {BACKEND_VARIABLE: chosen}) == backend
+
+
+@pytest.mark.parametrize(
+    ("device_type", "chosen", "message"),
+    [("cuda", "mpi", "LUNGDET_DIST_BACKEND='mpi' is not a backend; use one of nccl, gloo"), ("cpu", "nccl", "LUNGDET_DIST_BACKEND=nccl needs CUDA GPUs but this run is on cpu")],
+)
+def test_a_wrong_backend_variable_is_a_clear_error(device_type: str, chosen: str, message: str) -> None:
+    with pytest.raises(LungdetError, match=re.escape(message)):
+        choose_backend(device_type, {BACKEND_VARIABLE: chosen})
+
+
+def test_each_rank_gets_its_own_gpu_and_gloo_ranks_share_when_there_are_too_few() -> None:
+    ranks = [Distributed(rank=r, world_size=4, local_rank=r) for r in range(4)]
+    assert [cuda_device_for(job, 4, "nccl").index for job in ranks] == [0, 1, 2, 3]
+    assert [cuda_device_for(job, 2, "gloo").index for job in ranks] == [0, 1, 0, 1]
+    with pytest.raises(LungdetError, match=re.escape("LOCAL_RANK=2 but this machine has 2 CUDA GPUs: start torchrun with --nproc_per_node=2 or fewer")):
+        cuda_device_for(ranks[2], 2, "nccl")
 
 
 # --- the sampler's shards -----------------------------------------------------------------------
