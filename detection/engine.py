@@ -144,10 +144,13 @@ def train_one_epoch(
         with precision.autocast():
             losses = model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            parts = ", ".join(f"{name}={value.item():.4g}" for name, value in losses.items())
+        # One copy to the host per step, not one per loss: each copy waits for the GPU to catch up,
+        # and the values must be checked before the weights are touched.
+        loss_value, *part_values = torch.stack([loss.detach(), *(value.detach() for value in losses.values())]).float().tolist()
+        if not math.isfinite(loss_value):
+            parts = ", ".join(f"{name}={value:.4g}" for name, value in zip(losses, part_values))
             raise NonFiniteLossError(
-                f"epoch {epoch}, batch {batch} (optimizer step {scheduler.last_epoch + 1}): loss is {loss.item()} ({parts}); "
+                f"epoch {epoch}, batch {batch} (optimizer step {scheduler.last_epoch + 1}): loss is {loss_value} ({parts}); "
                 "lower optim.lr or raise optim.warmup_iters, and check the boxes in the dataset"
             )
         steps_now = batch % accumulate_steps == 0 or position == remaining
@@ -172,9 +175,9 @@ def train_one_epoch(
                 ema.update_parameters(model.module if hasattr(model, "module") else model)
         state.batches = batch
         state.images += len(images)
-        state.totals["loss"] = state.totals.get("loss", 0.0) + loss.item()
-        for name, value in losses.items():
-            state.totals[name] = state.totals.get(name, 0.0) + value.item()
+        state.totals["loss"] = state.totals.get("loss", 0.0) + loss_value
+        for name, value in zip(losses, part_values):
+            state.totals[name] = state.totals.get(name, 0.0) + value
         now = time.perf_counter()
         state.seconds += now - clock  # the whole step, its data wait included
         state.data_seconds += data_seconds

@@ -97,6 +97,20 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, 
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def warmup_warning(warmup_steps: int, *, total_steps: int) -> str | None:
+    """A note when the warm-up takes over a quarter of the run: the learning rate peaks late or never.
+
+    A config written for the full RSNA set (fasterrcnn_resnet50_fpn warms up over 500 steps) run on a
+    few hundred images would otherwise train at a fraction of its learning rate without a word.
+    """
+    if total_steps <= 0 or warmup_steps * 4 <= total_steps:
+        return None
+    return (
+        f"optim.warmup_iters={warmup_steps} is {min(warmup_steps / total_steps, 1):.0%} of this run's {total_steps} optimizer steps, "
+        f"so the learning rate peaks late or never; for a run this short try optim.warmup_iters={max(total_steps // 10, 1)}"
+    )
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, *, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule of ``config.optim`` in optimizer steps (milestones are given in epochs)."""
     factor = functools.partial(
@@ -315,6 +329,9 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
         f"lungdet train: {config.model.architecture} at {config.model.image_size}px on {device}{processes}, {run.precision.name}; "
         f"{len(train_loader.dataset)} training / {validation_images:.0f} validation images (fold {config.data.fold})"
     )
+    warning = warmup_warning(config.optim.warmup_iters, total_steps=steps_per_epoch * config.optim.epochs)
+    if warning:
+        say(f"lungdet train: note: {warning}")
 
     def save_last(epoch_progress: EpochProgress | None) -> None:
         """Write last.pt; mid-epoch, with every process's progress and random state (collected on rank 0)."""

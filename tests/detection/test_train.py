@@ -37,6 +37,7 @@ from detection.train import (
     main,
     resolve_device,
     train,
+    warmup_warning,
     write_metrics_csv,
 )
 
@@ -107,6 +108,17 @@ def test_schedule_warms_up_from_one_percent_then_decays_to_zero() -> None:
 def test_schedule_shortens_a_warm_up_longer_than_the_run() -> None:
     # warm-up 50 of 10 steps becomes 9: the peak is reached at step 9, zero at 10.
     assert scheduled_factors([0, 9, 10], warmup_steps=50, total_steps=10) == pytest.approx([0.01, 1.0, 0.0], abs=1e-12)
+
+
+def test_a_warm_up_over_a_quarter_of_the_run_is_pointed_out_with_a_shorter_one() -> None:
+    assert warmup_warning(25, total_steps=100) is None
+    assert warmup_warning(0, total_steps=0) is None
+    assert warmup_warning(26, total_steps=100) == (
+        "optim.warmup_iters=26 is 26% of this run's 100 optimizer steps, so the learning rate peaks late or never; "
+        "for a run this short try optim.warmup_iters=10"
+    )
+    # The benchmark's case: 500 warm-up steps in a 4-epoch run of 48 steps each.
+    assert warmup_warning(500, total_steps=192).startswith("optim.warmup_iters=500 is 100% of this run's 192 optimizer steps")
 
 
 def test_step_schedule_drops_by_gamma_at_each_milestone_after_warm_up() -> None:
