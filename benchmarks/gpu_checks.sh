@@ -3,8 +3,9 @@
 # with channels_last for each model family, resume, predict + score on the GPU, two processes
 # under torchrun sharing one GPU, and benchmarks/train_vs_reference.py on the GPU.
 #
-#   bash benchmarks/gpu_checks.sh OUT_DIR                 # on a CUDA machine: everything, ~12 minutes
-#   PARTS="smoke bench" bash benchmarks/gpu_checks.sh OUT_DIR   # some parts: smoke (~4 min), bench (~4 min), ablation (~4 min)
+#   bash benchmarks/gpu_checks.sh OUT_DIR                 # on a CUDA machine: everything, ~13 minutes
+#   PARTS="breakdown ablation" bash benchmarks/gpu_checks.sh OUT_DIR   # some parts: smoke (~4 min),
+#                                                        # bench (~4 min), ablation (~4 min), breakdown (~1 min)
 #   DEVICE=cpu SCALE=small bash benchmarks/gpu_checks.sh /tmp/dry   # a dry run of the script on CPU
 #
 # The ablation trains our side of the ResNet-50 benchmark with one part of our recipe changed at a
@@ -17,7 +18,7 @@ set -u
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}
 device=${DEVICE:-cuda}
 scale=${SCALE:-full}
-parts=" ${PARTS:-smoke bench ablation} "
+parts=" ${PARTS:-smoke bench ablation breakdown} "
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -93,6 +94,14 @@ if [[ $parts == *" ablation "* ]]; then
     step ablation_flip_only 240 lungdet train "${ours[@]}" --out "$work/a_flip_only" augment.shift_scale_rotate=0 augment.brightness_contrast=0
     step ablation_constant_lr 240 lungdet train "${ours[@]}" --out "$work/a_constant_lr" optim.schedule=step "optim.step_milestones=[1000]"
     grep "best val mAP" "$out"/ablation_*.log
+fi
+
+if [[ $parts == *" breakdown "* ]]; then
+    # Where the step's time goes (benchmarks/step_breakdown.py), at 512 px for both configs and at
+    # the RSNA's own 1024 px for ResNet-50, where the convolutions weigh four times more.
+    step breakdown_r50 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size"
+    step breakdown_mobilenet 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_mobilenet_cpu --device "$device" "model.image_size=$bench_size"
+    step breakdown_r50_1024 180 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$(( bench_size * 2 ))"
 fi
 
 rm -rf "$work"

@@ -54,6 +54,7 @@ import csv
 import datetime
 import math
 import os
+import sys
 import platform
 import tempfile
 import time
@@ -74,7 +75,7 @@ from data_tools.to_coco import convert_dataset
 from detection.config import TrainConfig, load_config
 from detection.data import ImageRecord, build_dataloaders, load_preprocessing, load_records, split_records
 from detection.engine import evaluate, predict_loader, resolve_precision
-from detection.model import build_model
+from detection.model import build_model, needs_masks
 from detection.predict import load_trained_model
 from detection.train import LAST_CHECKPOINT, METRICS_FILE, build_optimizer, resolve_device, seed_everything, train
 
@@ -348,6 +349,11 @@ def main(args: argparse.Namespace) -> None:
             raise LungdetError(f"override {override!r}: this script sets {key} itself ({RESERVED_KEYS[key]})")
     fixed = ["model.pretrained=none", "tensorboard=false", f"device={args.device}", *args.overrides, f"optim.epochs={args.epochs}"]
     config = load_config(args.config, fixed)
+    if needs_masks(config.model.architecture):
+        raise LungdetError(
+            f"model.architecture={config.model.architecture} trains on masks, which the reference loop does not build; "
+            "compare a box detector (fasterrcnn_* or retinanet_resnet50_fpn)"
+        )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="train_vs_reference_") as folder:
         root = Path(folder)
@@ -367,4 +373,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except LungdetError as error:
+        sys.exit(f"train_vs_reference: error: {error}")
