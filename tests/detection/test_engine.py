@@ -180,6 +180,26 @@ def test_evaluate_reports_the_best_threshold_and_a_map_per_threshold(loaders: tu
     assert metrics["val_images"] == 4.0
 
 
+class MixedPrecisionLossModel(nn.Module):
+    """Returns one loss in bfloat16 and one in float32, as a detector under autocast can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {"loss_half": (self.weight * 0.75).to(torch.bfloat16), "loss_full": self.weight * 0.5}
+
+
+def test_losses_in_different_precisions_are_summed_and_recorded_exactly() -> None:
+    model = MixedPrecisionLossModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: every batch gives the same losses
+    progress = train_one_epoch(model, optimizer, constant_schedule(optimizer), oracle_loader(), CPU, epoch=1, grad_clip_norm=0.0, progress=False)
+    metrics = progress.metrics()
+    # 2.0 * 0.75 = 1.5 is exact in bfloat16; the total is float32's 1.0 plus it.
+    assert (metrics["loss_half"], metrics["loss_full"], metrics["loss"]) == (1.5, 1.0, 2.5)
+
+
 class OracleModel(nn.Module):
     """Predicts the truth box on the positive image (marked by a bright top-left pixel) at 0.9, and a 0.2 false alarm on the negative one."""
 
