@@ -33,14 +33,13 @@ from typing import Any
 import torch
 
 from data_tools.errors import LungdetError
-from data_tools.labels import read_labels
-from data_tools.synth import write_synthetic_dataset
-from data_tools.to_coco import convert_dataset
 from detection.config import load_config
 from detection.data import build_dataloaders
 from detection.engine import move_to_device, resolve_precision
 from detection.model import build_model, needs_masks
 from detection.train import build_optimizer, resolve_device, seed_everything
+# The same synthetic set as the reference comparison (this folder is on sys.path when a script in it runs).
+from train_vs_reference import prepare_dataset
 
 # (label, path from the model to the object, method): the parts worth telling apart. Missing ones
 # (RetinaNet has no RPN; only Mask R-CNN has a mask head) are skipped.
@@ -110,12 +109,6 @@ class PartTimer:
         self.sync()
         self.seconds[label] += time.perf_counter() - start
         return result
-
-
-def prepare_dataset(root: Path, *, count: int, image_size: int) -> Path:
-    synth = write_synthetic_dataset(root / "synth", count=count, seed=0, positive_fraction=0.5)
-    convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=image_size, seed=0, workers=os.cpu_count() or 1, progress=False)
-    return root / "coco"
 
 
 def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, Any]:
