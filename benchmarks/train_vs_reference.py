@@ -73,7 +73,7 @@ from data_tools.labels import read_labels
 from data_tools.synth import write_synthetic_dataset
 from data_tools.to_coco import convert_dataset
 from detection.config import TrainConfig, load_config
-from detection.data import ImageRecord, build_dataloaders, load_preprocessing, load_records, split_records
+from detection.data import ImageRecord, build_dataloaders, load_preprocessing, select_records
 from detection.engine import evaluate, predict_loader, resolve_precision
 from detection.model import build_model, needs_masks
 from detection.predict import load_trained_model
@@ -147,11 +147,7 @@ def collate_as_tuples(batch: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, ..
 
 def build_reference_loaders(data_dir: Path, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
     """The reference's loaders over exactly our training and validation images (fold, ``max_*_images``)."""
-    train_records, val_records = split_records(load_records(data_dir), fold=config.data.fold)
-    if config.data.max_train_images:
-        train_records = train_records[: config.data.max_train_images]
-    if config.data.max_val_images:
-        val_records = val_records[: config.data.max_val_images]
+    train_records, val_records = select_records(data_dir, config.data)
     common = {"batch_size": config.data.batch_size, "num_workers": config.data.num_workers, "collate_fn": collate_as_tuples}
     train_loader = DataLoader(
         ReferenceDataset(train_records, hflip=0.5), shuffle=True, generator=torch.Generator().manual_seed(config.seed), **common
@@ -162,9 +158,7 @@ def build_reference_loaders(data_dir: Path, config: TrainConfig) -> tuple[DataLo
 
 def reference_warmup_steps(data_dir: Path, config: TrainConfig) -> int:
     """The reference's warm-up length: min(1000, batches in an epoch - 1)."""
-    train_records, _ = split_records(load_records(data_dir), fold=config.data.fold)
-    if config.data.max_train_images:
-        train_records = train_records[: config.data.max_train_images]
+    train_records, _ = select_records(data_dir, config.data)
     return max(min(1000, math.ceil(len(train_records) / config.data.batch_size) - 1), 0)
 
 

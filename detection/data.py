@@ -94,6 +94,16 @@ def split_records(records: list[ImageRecord], *, fold: int) -> tuple[list[ImageR
     return [r for r in records if r.fold != fold], [r for r in records if r.fold == fold]
 
 
+def select_records(data_dir: Path, config: DataConfig) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """``(train, validation)`` records of ``data_dir`` for ``config.fold``, cut to ``max_train_images`` / ``max_val_images``."""
+    train_records, val_records = split_records(load_records(data_dir), fold=config.fold)
+    if config.max_train_images:
+        train_records = train_records[: config.max_train_images]
+    if config.max_val_images:
+        val_records = val_records[: config.max_val_images]
+    return train_records, val_records
+
+
 def load_image(path: Path) -> np.ndarray:
     """uint8 [H, W] grey image from a converted PNG or JPEG."""
     pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
@@ -234,11 +244,7 @@ def build_dataloaders(
     With ``world_size`` processes, each gets its shard of both: training via the sampler,
     validation as every ``world_size``-th image (unpadded, so no image is scored twice).
     """
-    train_records, val_records = split_records(load_records(data_dir), fold=config.fold)
-    if config.max_train_images:
-        train_records = train_records[: config.max_train_images]
-    if config.max_val_images:
-        val_records = val_records[: config.max_val_images]
+    train_records, val_records = select_records(data_dir, config)
     if not train_records or not val_records:
         raise LungdetError(f"{data_dir}: fold {config.fold} leaves {len(train_records)} training and {len(val_records)} validation images; need at least one of each")
     augmentation = build_augmentation(augment or AugmentConfig(), seed=seed)
