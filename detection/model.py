@@ -42,6 +42,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from data_tools.errors import ConfigError
+from detection.batched_heads import use_batched_heads
 from detection.config import MODEL_ARCHITECTURES, ModelConfig
 
 # RetinaNet puts three anchor scales an octave apart on each FPN level (the paper, and torchvision).
@@ -269,6 +270,8 @@ def build_model(
         backbone = architecture.build_backbone(nn.BatchNorm2d, architecture.all_layers)
     anchors = anchor_generator(config, architecture.feature_maps, scales=architecture.anchor_scales)
     model = architecture.build_detector(backbone, config, anchors)
+    if config.batched_heads:
+        use_batched_heads(model)
     if pretrained_state is not None:
         load_matching_weights(model, pretrained_state)
     return model

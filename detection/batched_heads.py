@@ -1,0 +1,309 @@
+"""Torchvision's detector bookkeeping done for the whole batch at once instead of image by image.
+
+On a GPU, a Faster R-CNN training step is bound by the host, not by the convolutions: on an
+H100, ResNet-50 and MobileNetV3 both trained at about 90 images/s at 512 px (docs/benchmarks.md).
+Most of the operations a step launches are torchvision's per-image Python loops around the
+network: normalising and "resizing" each image, building each image's anchors, matching anchors
+and proposals to the ground truth, sampling them for the losses, filtering proposals. Each loop
+turn launches a few dozen tiny kernels and, through ``torch.where`` and boolean indexing, waits
+for the GPU several times, so the GPU idles while the host catches up.
+
+The classes here replace those loops with batched tensor operations. They compute what
+torchvision computes: the same anchors, matches, labels, regression targets, proposals and
+losses (tests/detection/test_batched_heads.py compares them with torchvision's own methods),
+except that the random subsets sampled for the losses are drawn differently (as uniformly).
+Every one of them falls back to torchvision's code for inputs it does not cover (images of
+different sizes, resizing, tracing). They add no parameters or buffers, so checkpoints do not
+depend on whether they are used (``model.batched_heads``).
+
+Batched layout: ground-truth boxes and proposals are padded to ``[images, most per image, 4]``
+with a validity mask; invalid ground-truth rows get IoU -1 so they never win a match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection._utils import Matcher
+from torchvision.ops import boxes as box_ops
+
+# The key a candidate can never be sampled with: torch.rand draws from [0, 1).
+_NOT_A_CANDIDATE = 2.0
+
+
+def pad_boxes(boxes: list[Tensor], *, min_length: int = 0) -> tuple[Tensor, Tensor]:
+    """``[n_i, 4]`` per image -> ``[images, max(n_i, min_length), 4]`` zero-padded, and the ``[images, ...]`` mask of real rows."""
+    padded = pad_sequence(boxes, batch_first=True)
+    # One small fill per image rather than a host list copied to the device, which would wait for the GPU.
+    valid = pad_sequence([torch.ones(len(b), dtype=torch.bool, device=b.device) for b in boxes], batch_first=True)
+    if padded.shape[1] < min_length:
+        padded = F.pad(padded, (0, 0, 0, min_length - padded.shape[1]))
+        valid = F.pad(valid, (0, min_length - valid.shape[1]))
+    return padded, valid
+
+
+def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of ``[B, N, 4]`` with ``[B or 1, M, 4]`` XYXY boxes: ``[B, N, M]``, with torchvision's ``box_iou`` arithmetic."""
+    area1 = box_ops.box_area(boxes1)
+    area2 = box_ops.box_area(boxes2)
+    lt = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
+    rb = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[:, :, None] + area2[:, None, :] - inter
+    return inter / union
+
+
+def batched_match(quality: Tensor, gt_valid: Tensor, matcher: Matcher) -> Tensor:
+    """torchvision's ``Matcher`` on ``[B, G, N]`` quality: ``[B, N]`` ground-truth index or its negative codes.
+
+    Rows of invalid (padding) ground truth never match; an image without ground truth is all
+    ``BELOW_LOW_THRESHOLD``, as the per-image code treats it (background everywhere).
+    """
+    quality = quality.masked_fill(~gt_valid[:, :, None], -1.0)
+    matched_vals, matches = quality.max(dim=1)
+    all_matches = matches
+    matches = torch.where(matched_vals < matcher.low_threshold, matcher.BELOW_LOW_THRESHOLD, matches)
+    between = (matched_vals >= matcher.low_threshold) & (matched_vals < matcher.high_threshold)
+    matches = torch.where(between, matcher.BETWEEN_THRESHOLDS, matches)
+    if matcher.allow_low_quality_matches:
+        # Each ground truth's best candidates (ties included) keep their best match, however poor.
+        highest = quality.max(dim=2, keepdim=True).values
+        best_for_some_gt = ((quality == highest) & gt_valid[:, :, None]).any(dim=1)
+        matches = torch.where(best_for_some_gt, all_matches, matches)
+    return matches
+
+
+def balanced_sample(labels: Tensor, batch_size_per_image: int, positive_fraction: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per image, a uniformly random subset as torchvision's ``BalancedPositiveNegativeSampler`` draws it, for ``[B, N]`` labels.
+
+    Positives are labels >= 1, negatives labels == 0, anything else is never drawn. Up to
+    ``batch_size_per_image * positive_fraction`` positives, then negatives up to
+    ``batch_size_per_image`` in all. Instead of a permutation per image, every candidate gets a
+    random key and the smallest keys win: the same distribution, with fixed shapes and no wait
+    for the GPU. Returns ``(positive index [B, P], positive valid, negative index [B, Q],
+    negative valid)``; invalid slots hold arbitrary indices.
+    """
+    keys = torch.rand(labels.shape, device=labels.device)
+    candidates = labels.shape[1]
+    wanted_positives = min(int(batch_size_per_image * positive_fraction), candidates)
+    positive_keys, positive_index = torch.where(labels >= 1, keys, _NOT_A_CANDIDATE).topk(wanted_positives, dim=1, largest=False)
+    positive_valid = positive_keys < _NOT_A_CANDIDATE
+    wanted_negatives = min(batch_size_per_image, candidates)
+    negative_keys, negative_index = torch.where(labels == 0, keys, _NOT_A_CANDIDATE).topk(wanted_negatives, dim=1, largest=False)
+    room = batch_size_per_image - positive_valid.sum(dim=1, keepdim=True)
+    rank = torch.arange(wanted_negatives, device=labels.device)  # topk sorts ascending: slot j holds the j-th smallest key
+    negative_valid = (negative_keys < _NOT_A_CANDIDATE) & (rank < room)
+    return positive_index, positive_valid, negative_index, negative_valid
+
+
+def sampled_mask(shape: torch.Size, *index_valid: tuple[Tensor, Tensor]) -> Tensor:
+    """``[B, N]`` mask of the valid slots of each ``(index, valid)`` pair from :func:`balanced_sample`."""
+    mask = torch.zeros((shape[0], shape[1] + 1), dtype=torch.bool, device=index_valid[0][0].device)
+    for index, valid in index_valid:
+        # Invalid slots point anywhere, possibly at a sampled candidate: send them to a spare column instead.
+        mask.scatter_(1, torch.where(valid, index, shape[1]), True)
+    return mask[:, :-1]
+
+
+class SharedAnchorGenerator(AnchorGenerator):
+    """Anchors computed once per feature-map layout and shared by every image of the batch.
+
+    torchvision concatenates the same anchors again for each image and recomputes them every
+    step, although they depend only on the padded batch size and the feature-map sizes.
+    """
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        grid_sizes = tuple(tuple(feature_map.shape[-2:]) for feature_map in feature_maps)
+        image_size = tuple(image_list.tensors.shape[-2:])
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        key = (grid_sizes, image_size, dtype, device)
+        cached = getattr(self, "_shared_anchors", None)
+        if cached is None or cached[0] != key:
+            strides = [
+                [torch.empty((), dtype=torch.int64, device=device).fill_(image_size[0] // g[0]),
+                 torch.empty((), dtype=torch.int64, device=device).fill_(image_size[1] // g[1])]
+                for g in grid_sizes
+            ]
+            self.set_cell_anchors(dtype, device)
+            anchors = torch.cat(self.grid_anchors([list(g) for g in grid_sizes], strides))
+            cached = (key, anchors)
+            self._shared_anchors = cached  # not a buffer: derived, and must stay out of state dicts
+        return [cached[1]] * len(image_list.image_sizes)
+
+
+class BatchedTransform(GeneralizedRCNNTransform):
+    """Normalises a batch of same-sized images in one operation when no resizing is needed.
+
+    Our loaders already deliver images at ``model.image_size``, where torchvision's per-image
+    resize is an identity (scale 1); anything else goes through torchvision's own code.
+    """
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
+        if not self._is_identity_resize(images, targets):
+            return super().forward(images, targets)
+        batch = torch.stack(images)
+        mean, std = self._mean_std(batch.dtype, batch.device)
+        batch = (batch - mean) / std
+        height, width = batch.shape[-2:]
+        stride = self.size_divisible
+        padded_height, padded_width = -(-height // stride) * stride, -(-width // stride) * stride
+        if (padded_height, padded_width) != (height, width):
+            batch = F.pad(batch, (0, padded_width - width, 0, padded_height - height))
+        if targets is not None:
+            # A shallow copy, as torchvision makes; its resize turns masks into uint8.
+            targets = [{key: (value.float().byte() if key == "masks" else value) for key, value in target.items()} for target in targets]
+        return ImageList(batch, [(height, width)] * len(images)), targets
+
+    def _is_identity_resize(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None) -> bool:
+        if torchvision._is_tracing() or torch.jit.is_scripting() or self.fixed_size is not None or not images:
+            return False
+        shape = images[0].shape
+        if len(shape) != 3 or not images[0].is_floating_point() or any(image.shape != shape or image.dtype != images[0].dtype for image in images):
+            return False
+        if targets is not None and any("keypoints" in target for target in targets):
+            return False
+        height, width = shape[-2:]
+        sizes = self.min_size if self.training else self.min_size[-1:]
+        return all(min(float(size) / min(height, width), float(self.max_size) / max(height, width)) == 1.0 for size in sizes)
+
+    def _mean_std(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (dtype, device)
+        cached = getattr(self, "_cached_mean_std", None)
+        if cached is None or cached[0] != key:
+            # Made once: a tensor from a Python list on a GPU is a host copy that waits for the device.
+            mean = torch.as_tensor(self.image_mean, dtype=dtype, device=device)[:, None, None]
+            std = torch.as_tensor(self.image_std, dtype=dtype, device=device)[:, None, None]
+            cached = (key, (mean, std))
+            self._cached_mean_std = cached
+        return cached[1]
+
+
+class BatchedRegionProposalNetwork(RegionProposalNetwork):
+    """The RPN with batched anchor matching, sampling, loss and proposal filtering (NMS stays per image)."""
+
+    def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+        shared = all(a is anchors[0] for a in anchors)
+        batch_anchors = anchors[0][None] if shared else torch.stack(anchors)
+        gt_boxes, gt_valid = pad_boxes([target["boxes"] for target in targets], min_length=1)
+        matches = batched_match(batched_box_iou(gt_boxes, batch_anchors), gt_valid, self.proposal_matcher)
+        matched_gt_boxes = gt_boxes.gather(1, matches.clamp(min=0)[:, :, None].expand(-1, -1, 4))
+        labels = (matches >= 0).to(torch.float32)
+        labels = labels.masked_fill(matches == self.proposal_matcher.BETWEEN_THRESHOLDS, -1.0)
+        return list(labels.unbind(0)), list(matched_gt_boxes.to(torch.float32).unbind(0))
+
+    def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]) -> tuple[Tensor, Tensor]:
+        labels_batch = torch.stack(labels)
+        images = labels_batch.shape[0]
+        sampler = self.fg_bg_sampler
+        positive_index, positive_valid, negative_index, negative_valid = balanced_sample(labels_batch, sampler.batch_size_per_image, sampler.positive_fraction)
+        index = torch.cat([positive_index, negative_index], dim=1)
+        valid = torch.cat([positive_valid, negative_valid], dim=1)
+        sampled = valid.sum()  # torchvision divides by the number of sampled anchors
+
+        logits = objectness.reshape(images, -1).gather(1, index)
+        objectness_loss = F.binary_cross_entropy_with_logits(logits, labels_batch.gather(1, index), reduction="none")
+        objectness_loss = torch.where(valid, objectness_loss, 0.0).sum() / sampled
+
+        gather_boxes = positive_index[:, :, None].expand(-1, -1, 4)
+        deltas = pred_bbox_deltas.reshape(images, -1, 4).gather(1, gather_boxes)
+        # Unsampled slots may hold an image's dummy target, whose encoding is infinite; zero it before the loss.
+        targets = torch.where(positive_valid[:, :, None], torch.stack(regression_targets).gather(1, gather_boxes), 0.0)
+        box_loss = F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="none")
+        box_loss = torch.where(positive_valid[:, :, None], box_loss, 0.0).sum() / sampled
+        return objectness_loss, box_loss
+
+    def filter_proposals(
+        self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]], num_anchors_per_level: list[int]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        if any(shape != image_shapes[0] for shape in image_shapes):
+            return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        images, device = proposals.shape[0], proposals.device
+        objectness = objectness.detach().reshape(images, -1)
+        levels = torch.cat([torch.full((n,), level, dtype=torch.int64, device=device) for level, n in enumerate(num_anchors_per_level)])
+        top_n = self._get_top_n_idx(objectness, num_anchors_per_level)
+        rows = torch.arange(images, device=device)[:, None]
+        scores = torch.sigmoid(objectness[rows, top_n])
+        levels = levels[top_n]
+        boxes = box_ops.clip_boxes_to_image(proposals[rows, top_n], image_shapes[0])
+        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        keep = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
+        # The one wait for the GPU: how many proposals each image keeps before its NMS.
+        counts = keep.sum(dim=1).tolist()
+        per_image = zip(boxes[keep].split(counts), scores[keep].split(counts), levels[keep].split(counts))
+        final_boxes, final_scores = [], []
+        for image_boxes, image_scores, image_levels in per_image:
+            kept = box_ops.batched_nms(image_boxes, image_scores, image_levels, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(image_boxes[kept])
+            final_scores.append(image_scores[kept])
+        return final_boxes, final_scores
+
+
+class BatchedRoIHeads(RoIHeads):
+    """Box heads whose training proposals are matched and sampled for the whole batch at once."""
+
+    def select_training_samples(
+        self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        self.check_targets(targets)
+        if targets is None:
+            raise ValueError("targets should not be None")
+        dtype = proposals[0].dtype
+        gt_boxes = [target["boxes"].to(dtype) for target in targets]
+        gt_box_batch, gt_valid = pad_boxes(gt_boxes, min_length=1)
+        gt_labels = pad_sequence([target["labels"] for target in targets], batch_first=True)
+        gt_labels = F.pad(gt_labels, (0, gt_box_batch.shape[1] - gt_labels.shape[1]))
+        candidates, candidate_valid = pad_boxes(self.add_gt_proposals(proposals, gt_boxes))
+
+        matches = batched_match(batched_box_iou(gt_box_batch, candidates), gt_valid, self.proposal_matcher)
+        matched_idxs = matches.clamp(min=0)
+        labels = gt_labels.gather(1, matched_idxs).to(torch.int64)
+        labels = labels.masked_fill(matches == self.proposal_matcher.BELOW_LOW_THRESHOLD, 0)
+        labels = labels.masked_fill(matches == self.proposal_matcher.BETWEEN_THRESHOLDS, -1)
+        labels = labels.masked_fill(~candidate_valid, -2)  # padding: neither positive nor negative, never sampled
+
+        sampler = self.fg_bg_sampler
+        positive_index, positive_valid, negative_index, negative_valid = balanced_sample(labels, sampler.batch_size_per_image, sampler.positive_fraction)
+        sampled = sampled_mask(labels.shape, (positive_index, positive_valid), (negative_index, negative_valid))
+        # The one wait for the GPU: each image's sample count, to hand torchvision its per-image lists.
+        counts = sampled.sum(dim=1).tolist()
+        matched_gt_boxes = gt_box_batch.gather(1, matched_idxs[:, :, None].expand(-1, -1, 4))[sampled]
+        sampled_proposals = candidates[sampled]
+        regression_targets = self.box_coder.encode_single(matched_gt_boxes, sampled_proposals)
+        return (
+            list(sampled_proposals.split(counts)),
+            list(matched_idxs[sampled].split(counts)),
+            list(labels[sampled].split(counts)),
+            list(regression_targets.split(counts)),
+        )
+
+
+def use_batched_heads(model: nn.Module) -> nn.Module:
+    """Switch ``model``'s transform, anchors, RPN and box heads (where it has them) to the batched classes, in place.
+
+    torchvision's detector constructors build these parts themselves; the batched classes only
+    override methods and add no state, so changing an instance's class keeps every weight and
+    setting. Parts already switched, or of other classes, are left alone.
+    """
+    swaps = (
+        ("transform", GeneralizedRCNNTransform, BatchedTransform),
+        ("rpn", RegionProposalNetwork, BatchedRegionProposalNetwork),
+        ("roi_heads", RoIHeads, BatchedRoIHeads),
+        ("anchor_generator", AnchorGenerator, SharedAnchorGenerator),  # RetinaNet's
+    )
+    for name, original, batched in swaps:
+        part = getattr(model, name, None)
+        if type(part) is original:
+            part.__class__ = batched
+    rpn = getattr(model, "rpn", None)
+    if rpn is not None and type(rpn.anchor_generator) is AnchorGenerator:
+        rpn.anchor_generator.__class__ = SharedAnchorGenerator
+    return model
