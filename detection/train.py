@@ -75,11 +75,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, *, fused: bool | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s trainable parameters.
+
+    ``fused`` (by default: when every parameter is on a GPU) updates all parameters in one kernel
+    instead of several per tensor: the same arithmetic, far fewer launches for a host-bound step.
+    On the CPU the default stays torch's own, so CPU runs are unchanged.
+    """
     parameters = [p for p in model.parameters() if p.requires_grad]
+    if fused is None:
+        fused = bool(parameters) and all(p.is_cuda for p in parameters)
+    options = {"fused": True} if fused else {}
     if config.optim.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    return torch.optim.SGD(parameters, lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay)
+        return torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay, **options)
+    return torch.optim.SGD(parameters, lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay, **options)
+
+
+def with_implementation_of(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (an optimizer state dict) set to run with ``optimizer``'s implementation (fused, foreach).
+
+    A state dict carries the implementation flags it was saved with, and loading it would bring
+    them back: a run started on the CPU would resume on a GPU without the fused update, and one
+    started on a GPU would ask for it on the CPU. How to update is this machine's choice; set
+    before loading, so torch places the saved state where that implementation wants it.
+    """
+    implementation = {key: optimizer.defaults[key] for key in ("fused", "foreach") if key in optimizer.defaults}
+    return {**saved, "param_groups": [{**group, **implementation} for group in saved["param_groups"]]}
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, milestone_steps: list[int], gamma: float) -> float:
@@ -234,7 +255,7 @@ class Run:
         return self.ema.module if self.ema is not None else self.model
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.optimizer.load_state_dict(with_implementation_of(self.optimizer, checkpoint["optimizer"]))
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])

@@ -29,6 +29,7 @@ from detection.train import (
     LAST_CHECKPOINT,
     METRICS_FILE,
     build_optimizer,
+    with_implementation_of,
     TENSORBOARD_DIR,
     build_scheduler,
     get_args_parser,
@@ -149,6 +150,38 @@ def test_build_optimizer_follows_the_config_and_skips_frozen_parameters(tiny_con
     assert 0 < len(optimizer.param_groups[0]["params"]) == len(trainable) < len(list(model.parameters()))
     sgd = build_optimizer(model, tiny_config("optim.momentum=0.5"))
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
+    # CPU parameters keep torch's default implementation; fused is asked for explicitly or by GPU parameters.
+    assert not optimizer.defaults["fused"] and not sgd.defaults["fused"]
+    assert build_optimizer(model, config, fused=True).defaults["fused"] is True
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_resume_takes_the_update_implementation_of_this_machine_not_the_checkpoint(tiny_config: Callable[..., TrainConfig], optimizer_name: str) -> None:
+    config = tiny_config(f"optim.optimizer={optimizer_name}")
+    model = torch.nn.Linear(3, 2)
+    fused = build_optimizer(model, config, fused=True)  # as saved on a GPU
+    model(torch.ones(1, 3)).sum().backward()
+    fused.step()
+    plain = build_optimizer(model, config)  # resumed on the CPU
+    plain.load_state_dict(with_implementation_of(plain, fused.state_dict()))
+    assert not plain.param_groups[0]["fused"]
+    assert plain.state_dict()["state"].keys() == fused.state_dict()["state"].keys()  # the moments come along
+    plain.step()  # and the unfused update runs on them
+    # The other way round: a CPU checkpoint resumed where the fused update is chosen.
+    fused_again = build_optimizer(model, config, fused=True)
+    fused_again.load_state_dict(with_implementation_of(fused_again, plain.state_dict()))
+    assert fused_again.param_groups[0]["fused"] is True
+    fused_again.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_build_optimizer_fuses_the_update_of_gpu_parameters(tiny_config: Callable[..., TrainConfig]) -> None:
+    config = tiny_config()
+    model = build_model(config.model).cuda()
+    optimizer = build_optimizer(model, config)
+    assert optimizer.defaults["fused"] is True
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()  # the fused kernel runs on these parameters
 
 
 # --- one run ------------------------------------------------------------------------------------
