@@ -98,8 +98,10 @@ fi
 
 if [[ $parts == *" breakdown "* ]]; then
     # Where the step's time goes (benchmarks/step_breakdown.py), at 512 px for both configs and at
-    # the RSNA's own 1024 px for ResNet-50, where the convolutions weigh four times more.
+    # the RSNA's own 1024 px for ResNet-50, where the convolutions weigh four times more; and
+    # ResNet-50 with torchvision's per-image heads, to measure what the batched ones save.
     step breakdown_r50 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size"
+    step breakdown_r50_stock_heads 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size" model.batched_heads=false
     step breakdown_mobilenet 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_mobilenet_cpu --device "$device" "model.image_size=$bench_size"
     step breakdown_r50_1024 180 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$(( bench_size * 2 ))"
 fi

@@ -64,6 +64,37 @@ PARTS = (
 )
 
 
+# Profiler ranges named after the parts start with this, to tell them from operators.
+PART_MARK = "part: "
+
+
+def count_operations(events: Any) -> tuple[int, dict[str, int]]:
+    """Operators dispatched in a profiled step: the total and, per part, those inside it (sub-parts included).
+
+    An operator called by another operator (a convolution's own calls, say) is not counted again:
+    each counted one is roughly one kernel launch, the host's work on a GPU, whatever the device.
+    """
+    per_part: dict[str, int] = defaultdict(int)
+    total = 0
+
+    def walk(event: Any, parts: tuple[str, ...]) -> None:
+        nonlocal total
+        if event.name.startswith(PART_MARK):
+            parts = (*parts, event.name[len(PART_MARK):])
+        elif "::" in event.name and not event.name.startswith(("autograd::", "Optimizer.")):
+            total += 1
+            for part in set(parts):
+                per_part[part] += 1
+            return
+        for child in event.cpu_children:
+            walk(child, parts)
+
+    for event in events:
+        if event.cpu_parent is None:
+            walk(event, ())
+    return total, dict(per_part)
+
+
 def resolve_path(root: Any, path: str) -> Any:
     """The object at a dotted attribute ``path`` under ``root`` ('' is root), or None."""
     target = root
@@ -75,12 +106,16 @@ def resolve_path(root: Any, path: str) -> Any:
 
 
 class PartTimer:
-    """Wraps methods so each call is timed between two device synchronisations, while ``enabled``."""
+    """Wraps methods so each call is timed between two device synchronisations, while ``enabled``.
+
+    While ``labelling``, each call is instead marked for the profiler (see :func:`count_operations`).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
         self.enabled = False
+        self.labelling = False
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -90,6 +125,9 @@ class PartTimer:
         original: Callable[..., Any] = getattr(owner, method)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.labelling:
+                with torch.profiler.record_function(PART_MARK + label.strip()):
+                    return original(*args, **kwargs)
             if not self.enabled:
                 return original(*args, **kwargs)
             self.sync()
@@ -103,6 +141,9 @@ class PartTimer:
 
     def time(self, label: str, function: Callable[[], Any]) -> Any:
         """Time a phase of the step that is not a model method (copy, backward, optimizer)."""
+        if self.labelling:
+            with torch.profiler.record_function(PART_MARK + label.strip()):
+                return function()
         self.sync()
         start = time.perf_counter()
         result = function()
@@ -166,12 +207,18 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
     for images, targets in batches[warmup:]:
         step(images, targets, timed=True)
     synced = (time.perf_counter() - start) / steps
+
+    timer.enabled, timer.labelling = False, True
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step(*batches[warmup], timed=True)
+    timer.labelling = False
+    operations, part_operations = count_operations(profile.events())
     per_batch = {label: seconds / steps for label, seconds in timer.seconds.items()}
     order = ["copy to device", *labels, "backward", "gradient clipping", "optimizer step"]
     return {
         "device": device, "precision": precision.name, "plain": plain, "synced": synced,
         "parts": [(label, per_batch[label]) for label in order if label in per_batch],
-        "batch": config.data.batch_size,
+        "batch": config.data.batch_size, "operations": operations, "part_operations": part_operations,
     }
 
 
@@ -183,12 +230,14 @@ def print_table(config, result: dict[str, Any], *, config_name: str) -> None:
         f"{config.model.image_size} px, batch {result['batch']}, {result['precision']}\n"
     )
     print(f"step without added synchronisation: {result['plain'] * 1000:.1f} ms/batch = {result['batch'] / result['plain']:.1f} images/s")
-    print(f"step with synchronisation around each part: {result['synced'] * 1000:.1f} ms/batch\n")
-    print("| part (indented: inside the one above) | ms per batch | share of the synchronised step |")
-    print("| --- | --- | --- |")
+    print(f"step with synchronisation around each part: {result['synced'] * 1000:.1f} ms/batch")
+    print(f"operators dispatched by the host in one step: {result['operations']} (model.batched_heads={config.model.batched_heads})\n")
+    print("| part (indented: inside the one above) | ms per batch | share of the synchronised step | operators |")
+    print("| --- | --- | --- | --- |")
     for label, seconds in result["parts"]:
         shown = label.replace("  ", "&nbsp;&nbsp;", 1) if label.startswith("  ") else label
-        print(f"| {shown} | {seconds * 1000:.1f} | {seconds / result['synced']:.0%} |")
+        operations = result["part_operations"].get(label.strip(), 0)
+        print(f"| {shown} | {seconds * 1000:.1f} | {seconds / result['synced']:.0%} | {operations} |")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

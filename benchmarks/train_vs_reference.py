@@ -28,10 +28,12 @@ a shuffled DataLoader that collates to tuples, no pinned memory, workers restart
 (its aspect-ratio grouping is a no-op here: every image is square); fp32 (its ``--amp`` is off by
 default); its first-epoch linear warm-up (LinearLR from 1/1000 over min(1000, batches - 1) steps)
 and then a constant learning rate (its MultiStepLR drops at epochs 16 and 22, beyond this run); no
-gradient clipping. Ours: everything ``lungdet train`` does with the config (OpenCV reading,
-per-sample seeded albumentations, persistent workers, pinned memory, AMP and channels_last on
-CUDA, warm-up and cosine schedule over ``--epochs``, gradient clipping, per-epoch validation and
-checkpoints, which are not timed).
+gradient clipping; torchvision's detector code as it is (``model.batched_heads=false``) and
+torch's default optimizer update. Ours: everything ``lungdet train`` does with the config (OpenCV
+reading, per-sample seeded albumentations, persistent workers, pinned memory, AMP and
+channels_last on CUDA, the batched RPN and box-head bookkeeping of detection/batched_heads.py,
+the fused optimizer update on CUDA, warm-up and cosine schedule over ``--epochs``, gradient
+clipping, per-epoch validation and checkpoints, which are not timed).
 
 Timing. Training images/s is all images over all seconds of epochs 2..E on each side; epoch 1 is
 left out of both (allocator, kernel selection, worker start-up, caches). With ``--epochs 1`` the
@@ -59,7 +61,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -252,10 +254,11 @@ def compare(config: TrainConfig, data_dir: Path, run_dir: Path, *, epochs: int, 
     our_rows = read_our_epochs(run_dir)
     ours = [EpochTiming(int(row["images"]), row["seconds"], row["data_wait_fraction"] * row["seconds"]) for row in our_rows]
 
-    # The reference: same seed, so build_model draws the same initial weights as train() did.
+    # The reference: same seed, so build_model draws the same initial weights as train() did
+    # (the batched heads draw no random numbers), with torchvision's own heads and optimizer update.
     seed_everything(config.seed)
-    reference_model = build_model(config.model).to(device)
-    optimizer = build_optimizer(reference_model, config)
+    reference_model = build_model(replace(config.model, batched_heads=False)).to(device)
+    optimizer = build_optimizer(reference_model, config, fused=False)
     reference_train, reference_val = build_reference_loaders(data_dir, config)
     reference: list[EpochTiming] = []
     for epoch in range(epochs):
