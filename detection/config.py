@@ -115,6 +115,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'; under torchrun each process takes cuda:LOCAL_RANK
     amp: str = "auto"  # mixed precision on CUDA: 'auto' (bf16 where supported, else fp16), 'bf16', 'fp16' or 'none'; CPU runs in fp32
     channels_last: bool = True  # NHWC memory layout for the convolutions (CUDA only, where tensor cores want it)
+    compile: bool = False  # torch.compile the fixed-shape parts (backbone, RPN or RetinaNet head) of the trained model: fewer, fused kernels for a host-bound GPU step; compiling takes a minute or more at the start and at the first validation
     checkpoint_every_steps: int = 0  # also write last.pt every N optimizer steps, so a kill loses at most N steps (0 = at epoch ends only)
     tensorboard: bool = True  # also log metrics to RUN/tensorboard (when the tensorboard package is installed)
     max_minutes: float = 0.0  # stop training after this wall time and validate (0 = no limit)

@@ -91,6 +91,25 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, *, fused: bool 
     return torch.optim.SGD(parameters, lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay, **options)
 
 
+# torch.compile's backend; the tests swap in "eager", which traces the same way without generating code.
+COMPILE_BACKEND = "inductor"
+
+
+def compile_fixed_shape_parts(model: torch.nn.Module) -> list[str]:
+    """Compile, in place, the parts of ``model`` whose input shapes never change within a run; returns their names.
+
+    The backbone with its FPN sees the same padded batch every step, and so do the RPN and
+    RetinaNet heads on its feature maps; the box heads see a different number of proposals each
+    step and would recompile, so they stay as they are. ``Module.compile`` keeps parameter names,
+    so checkpoints are the same as without. A smaller last batch, and eval mode, compile once more.
+    """
+    modules = dict(model.named_modules())
+    names = [name for name in ("backbone", "rpn.head", "head") if name in modules]
+    for name in names:
+        modules[name].compile(dynamic=False, backend=COMPILE_BACKEND)
+    return names
+
+
 def with_implementation_of(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
     """``saved`` (an optimizer state dict) set to run with ``optimizer``'s implementation (fused, foreach).
 
@@ -235,6 +254,9 @@ class Run:
             self.ema = torch.optim.swa_utils.AveragedModel(
                 self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True
             )
+        if config.compile:
+            # Only the trained model: the EMA copy just validates, and compiling it would cost another minute.
+            compile_fixed_shape_parts(self.model)
         # DDP after the EMA copy: the EMA follows the plain module, and the wrapper only adds gradient averaging.
         self.trained = self.model
         if job.enabled:

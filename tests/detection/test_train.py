@@ -20,6 +20,7 @@ import torch
 
 from data_tools.errors import LungdetError
 from detection.config import TrainConfig, config_to_dict, load_config
+from detection.distributed import Distributed
 import detection.train
 from detection.model import build_model
 from detection.train import (
@@ -28,10 +29,11 @@ from detection.train import (
     CONFIG_FILE,
     LAST_CHECKPOINT,
     METRICS_FILE,
-    build_optimizer,
-    with_implementation_of,
     TENSORBOARD_DIR,
+    Run,
+    build_optimizer,
     build_scheduler,
+    compile_fixed_shape_parts,
     get_args_parser,
     lr_factor,
     load_checkpoint,
@@ -39,6 +41,7 @@ from detection.train import (
     resolve_device,
     train,
     warmup_warning,
+    with_implementation_of,
     write_metrics_csv,
 )
 
@@ -172,6 +175,56 @@ def test_resume_takes_the_update_implementation_of_this_machine_not_the_checkpoi
     fused_again.load_state_dict(with_implementation_of(fused_again, plain.state_dict()))
     assert fused_again.param_groups[0]["fused"] is True
     fused_again.step()
+
+
+# --- compiling the fixed-shape parts -------------------------------------------------------------
+
+
+@pytest.fixture
+def eager_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile traces as it would, without inductor's code generation (a minute per model on this CPU)."""
+    monkeypatch.setattr(detection.train, "COMPILE_BACKEND", "eager")
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+@pytest.mark.parametrize(("architecture", "parts"), [("fasterrcnn_mobilenet_v3_large_fpn", ["backbone", "rpn.head"]), ("retinanet_resnet50_fpn", ["backbone", "head"])])
+def test_compile_takes_the_fixed_shape_parts_and_keeps_names_and_outputs(
+    tiny_config: Callable[..., TrainConfig], eager_compile: None, architecture: str, parts: list[str]
+) -> None:
+    config = tiny_config(f"model.architecture={architecture}")
+    torch.manual_seed(0)
+    plain = build_model(config.model).eval()
+    compiled = build_model(config.model).eval()
+    compiled.load_state_dict(plain.state_dict())
+    assert compile_fixed_shape_parts(compiled) == parts
+    assert all(is_compiled(compiled.get_submodule(name)) for name in parts)
+    assert compiled.state_dict().keys() == plain.state_dict().keys()  # checkpoints do not change
+    images = [torch.rand(3, IMAGE_SIZE, IMAGE_SIZE) for _ in range(2)]
+    with torch.no_grad():
+        for got, expected in zip(compiled(images), plain(images)):
+            assert torch.equal(got["boxes"], expected["boxes"]) and torch.equal(got["scores"], expected["scores"])
+
+
+def test_compile_takes_the_trained_model_not_the_ema_copy(tiny_config: Callable[..., TrainConfig], eager_compile: None) -> None:
+    config = tiny_config("compile=true", "optim.ema_decay=0.9")
+    run = Run(config, job=Distributed(), device=torch.device("cpu"), steps_per_epoch=2, checkpoint=None)
+    assert is_compiled(run.model.backbone) and is_compiled(run.model.rpn.head)
+    assert not is_compiled(run.ema.module.backbone)  # it only validates: no minute of compiling for it
+    plain = Run(tiny_config(), job=Distributed(), device=torch.device("cpu"), steps_per_epoch=2, checkpoint=None)
+    assert not is_compiled(plain.model.backbone)
+
+
+def test_training_with_compile_writes_an_ordinary_checkpoint(
+    tiny_config: Callable[..., TrainConfig], eager_compile: None, data_dir: Path, finished_run: dict[str, Any], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "compiled"
+    train(tiny_config("compile=true"), data_dir, run_dir, progress=False)
+    assert len(read_metrics(run_dir)) == 1
+    checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
+    assert checkpoint["model"].keys() == load_checkpoint(finished_run["run_dir"] / LAST_CHECKPOINT)["model"].keys()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
