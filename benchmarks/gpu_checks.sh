@@ -3,9 +3,9 @@
 # with channels_last for each model family, resume, predict + score on the GPU, two processes
 # under torchrun sharing one GPU, and benchmarks/train_vs_reference.py on the GPU.
 #
-#   bash benchmarks/gpu_checks.sh OUT_DIR                 # on a CUDA machine: everything, ~13 minutes
+#   bash benchmarks/gpu_checks.sh OUT_DIR                 # on a CUDA machine: everything, ~17 minutes
 #   PARTS="breakdown ablation" bash benchmarks/gpu_checks.sh OUT_DIR   # some parts: smoke (~4 min),
-#                                                        # bench (~4 min), ablation (~4 min), breakdown (~1 min)
+#                                                        # bench (~4 min), ablation (~4 min), breakdown (~5 min)
 #   DEVICE=cpu SCALE=small bash benchmarks/gpu_checks.sh /tmp/dry   # a dry run of the script on CPU
 #
 # The ablation trains our side of the ResNet-50 benchmark with one part of our recipe changed at a
@@ -99,11 +99,13 @@ fi
 if [[ $parts == *" breakdown "* ]]; then
     # Where the step's time goes (benchmarks/step_breakdown.py), at 512 px for both configs and at
     # the RSNA's own 1024 px for ResNet-50, where the convolutions weigh four times more; and
-    # ResNet-50 with torchvision's per-image heads, to measure what the batched ones save.
+    # ResNet-50 with torchvision's per-image heads, to measure what the batched ones save, and with
+    # its backbone and RPN head compiled (compile=true).
     step breakdown_r50 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size"
     step breakdown_r50_stock_heads 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size" model.batched_heads=false
     step breakdown_mobilenet 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_mobilenet_cpu --device "$device" "model.image_size=$bench_size"
     step breakdown_r50_1024 180 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$(( bench_size * 2 ))"
+    step breakdown_r50_compiled 300 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size" compile=true
 fi
 
 rm -rf "$work"

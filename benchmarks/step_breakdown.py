@@ -37,7 +37,7 @@ from detection.config import load_config
 from detection.data import build_dataloaders
 from detection.engine import move_to_device, resolve_precision
 from detection.model import build_model, needs_masks
-from detection.train import build_optimizer, resolve_device, seed_everything
+from detection.train import build_optimizer, compile_fixed_shape_parts, resolve_device, seed_everything
 # The same synthetic set as the reference comparison (this folder is on sys.path when a script in it runs).
 from train_vs_reference import prepare_dataset
 
@@ -73,6 +73,8 @@ def count_operations(events: Any) -> tuple[int, dict[str, int]]:
 
     An operator called by another operator (a convolution's own calls, say) is not counted again:
     each counted one is roughly one kernel launch, the host's work on a GPU, whatever the device.
+    With ``compile=true`` the compiled parts' generated kernels are counted only where the profiler
+    names them as Triton kernels (on a GPU); there, compare the step times rather than the counts.
     """
     per_part: dict[str, int] = defaultdict(int)
     total = 0
@@ -81,7 +83,7 @@ def count_operations(events: Any) -> tuple[int, dict[str, int]]:
         nonlocal total
         if event.name.startswith(PART_MARK):
             parts = (*parts, event.name[len(PART_MARK):])
-        elif "::" in event.name and not event.name.startswith(("autograd::", "Optimizer.")):
+        elif ("::" in event.name and not event.name.startswith(("autograd::", "Optimizer."))) or event.name.startswith("triton_"):
             total += 1
             for part in set(parts):
                 per_part[part] += 1
@@ -160,6 +162,8 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
     if device.type == "cuda" and config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(device).train()
+    # Compiled parts are not split further: a timing wrapper inside them would break the compiled graph.
+    compiled = compile_fixed_shape_parts(model) if config.compile else []
     optimizer = build_optimizer(model, config)
     loader, _ = build_dataloaders(
         data_dir, config.data, image_size=config.model.image_size, seed=config.seed, pin_memory=config.data.pin_memory and device.type == "cuda",
@@ -176,6 +180,8 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
     timer = PartTimer(device)
     labels = []
     for label, path, method in PARTS:
+        if any(path == name or path.startswith(name + ".") for name in compiled):
+            continue
         owner = resolve_path(model, path)
         if owner is not None and hasattr(owner, method):
             timer.wrap(owner, method, label)
@@ -231,7 +237,7 @@ def print_table(config, result: dict[str, Any], *, config_name: str) -> None:
     )
     print(f"step without added synchronisation: {result['plain'] * 1000:.1f} ms/batch = {result['batch'] / result['plain']:.1f} images/s")
     print(f"step with synchronisation around each part: {result['synced'] * 1000:.1f} ms/batch")
-    print(f"operators dispatched by the host in one step: {result['operations']} (model.batched_heads={config.model.batched_heads})\n")
+    print(f"operators dispatched by the host in one step: {result['operations']} (model.batched_heads={config.model.batched_heads}, compile={config.compile})\n")
     print("| part (indented: inside the one above) | ms per batch | share of the synchronised step | operators |")
     print("| --- | --- | --- | --- |")
     for label, seconds in result["parts"]:
