@@ -29,11 +29,13 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.detection._utils import Matcher
 from torchvision.ops import boxes as box_ops
+from torchvision.ops import sigmoid_focal_loss
 
 # The key a candidate can never be sampled with: torch.rand draws from [0, 1).
 _NOT_A_CANDIDATE = 2.0
@@ -286,12 +288,59 @@ class BatchedRoIHeads(RoIHeads):
         )
 
 
+class BatchedRetinaNetLoss(RetinaNet):
+    """RetinaNet's anchor matching and losses for the whole batch at once (mixed into our RetinaNet in detection/model.py).
+
+    torchvision matches and scores each image in turn, with boolean indexing that waits for the
+    GPU each time; here every anchor of every image is scored and the ones torchvision leaves out
+    (ignored anchors for the classification, non-foreground ones for the regression) are masked
+    out of the sums. Same losses: each image's sums over its foreground count (at least 1),
+    averaged over the images. Box losses other than torchvision's default l1 and smooth_l1 go
+    through torchvision's code.
+    """
+
+    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor]) -> dict[str, Tensor]:
+        loss_type = self.head.regression_head._loss_type
+        if loss_type not in ("l1", "smooth_l1"):
+            return super().compute_loss(targets, head_outputs, anchors)
+        shared = all(a is anchors[0] for a in anchors)
+        batch_anchors = anchors[0][None] if shared else torch.stack(anchors)
+        gt_boxes, gt_valid = pad_boxes([target["boxes"] for target in targets], min_length=1)
+        matches = batched_match(batched_box_iou(gt_boxes, batch_anchors), gt_valid, self.proposal_matcher)
+        foreground = matches >= 0
+        images = len(targets)
+        per_image_foreground = foreground.sum(dim=1).clamp(min=1)  # torchvision's max(1, num_foreground)
+        matched = matches.clamp(min=0)
+
+        cls_logits = head_outputs["cls_logits"]
+        gt_labels = pad_sequence([target["labels"] for target in targets], batch_first=True)
+        gt_labels = F.pad(gt_labels, (0, gt_boxes.shape[1] - gt_labels.shape[1]))
+        classes = F.one_hot(gt_labels.gather(1, matched), cls_logits.shape[-1]).to(cls_logits.dtype)
+        classes = classes * foreground[:, :, None]
+        focal = sigmoid_focal_loss(cls_logits, classes, reduction="none")
+        scored = (matches != self.head.classification_head.BETWEEN_THRESHOLDS)[:, :, None]
+        classification = (torch.where(scored, focal, 0.0).sum(dim=(1, 2)) / per_image_foreground).sum() / images
+
+        regression = head_outputs["bbox_regression"]
+        matched_boxes = gt_boxes.gather(1, matched[:, :, None].expand(-1, -1, 4))
+        encoded = self.head.regression_head.box_coder.encode_single(matched_boxes.reshape(-1, 4), batch_anchors.expand(images, -1, -1).reshape(-1, 4))
+        # Anchors matched to nothing encode against a dummy box (infinite); zero them before the loss.
+        encoded = torch.where(foreground[:, :, None], encoded.reshape(images, -1, 4), 0.0)
+        if loss_type == "l1":
+            box_loss = F.l1_loss(regression, encoded, reduction="none")
+        else:
+            box_loss = F.smooth_l1_loss(regression, encoded, reduction="none", beta=1.0)
+        box_regression = (torch.where(foreground[:, :, None], box_loss, 0.0).sum(dim=(1, 2)) / per_image_foreground).sum() / max(1, images)
+        return {"classification": classification, "bbox_regression": box_regression}
+
+
 def use_batched_heads(model: nn.Module) -> nn.Module:
     """Switch ``model``'s transform, anchors, RPN and box heads (where it has them) to the batched classes, in place.
 
     torchvision's detector constructors build these parts themselves; the batched classes only
     override methods and add no state, so changing an instance's class keeps every weight and
-    setting. Parts already switched, or of other classes, are left alone.
+    setting. Parts already switched, or of other classes, are left alone. (RetinaNet's batched
+    loss is a class of its own, :class:`BatchedRetinaNetLoss`, chosen when the model is built.)
     """
     swaps = (
         ("transform", GeneralizedRCNNTransform, BatchedTransform),

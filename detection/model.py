@@ -42,7 +42,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from data_tools.errors import ConfigError
-from detection.batched_heads import use_batched_heads
+from detection.batched_heads import BatchedRetinaNetLoss, use_batched_heads
 from detection.config import MODEL_ARCHITECTURES, ModelConfig
 
 # RetinaNet puts three anchor scales an octave apart on each FPN level (the paper, and torchvision).
@@ -124,14 +124,17 @@ class ForegroundRetinaNet(RetinaNet):
 
     def compute_loss(self, targets: list[dict[str, torch.Tensor]], head_outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         num_classes = self.head.classification_head.num_classes
-        for index, target in enumerate(targets):
-            labels = target["labels"]
-            # After the shift, a label outside 1..num_classes would index a wrong output, or wrap around to the last, silently.
-            if labels.numel() and bool(((labels < 1) | (labels > num_classes)).any()):
-                raise ValueError(
-                    f"RetinaNet target {index}: labels {labels.tolist()} outside 1..{num_classes}; "
-                    f"0 is the background and is never a target, and model.num_classes={num_classes + 1} counts it"
-                )
+        every_label = torch.cat([target["labels"] for target in targets])
+        # After the shift, a label outside 1..num_classes would index a wrong output, or wrap around
+        # to the last, silently. One check for the whole batch, since every check waits for the GPU.
+        if every_label.numel() and bool(((every_label < 1) | (every_label > num_classes)).any()):
+            for index, target in enumerate(targets):
+                labels = target["labels"]
+                if bool(((labels < 1) | (labels > num_classes)).any()):
+                    raise ValueError(
+                        f"RetinaNet target {index}: labels {labels.tolist()} outside 1..{num_classes}; "
+                        f"0 is the background and is never a target, and model.num_classes={num_classes + 1} counts it"
+                    )
         shifted = [{**target, "labels": target["labels"] - 1} for target in targets]
         return super().compute_loss(shifted, head_outputs, anchors)
 
@@ -142,10 +145,18 @@ class ForegroundRetinaNet(RetinaNet):
         return [{**detection, "labels": detection["labels"] + 1} for detection in detections]
 
 
+class BatchedForegroundRetinaNet(ForegroundRetinaNet, BatchedRetinaNetLoss):
+    """:class:`ForegroundRetinaNet` whose loss is computed for the whole batch at once (``model.batched_heads``).
+
+    The label shift runs first, then its ``super().compute_loss`` reaches the batched loss.
+    """
+
+
 def _retinanet(backbone: nn.Module, config: ModelConfig, anchors: AnchorGenerator) -> nn.Module:
     # The rpn_* and box_batch_size_per_image settings have no RetinaNet counterpart: it has no
     # proposals and scores every anchor (the focal loss copes with the imbalance).
-    return ForegroundRetinaNet(
+    detector = BatchedForegroundRetinaNet if config.batched_heads else ForegroundRetinaNet
+    return detector(
         backbone,
         num_classes=config.num_classes - 1,
         min_size=config.image_size,
