@@ -3,9 +3,9 @@
 # with channels_last for each model family, resume, predict + score on the GPU, two processes
 # under torchrun sharing one GPU, and benchmarks/train_vs_reference.py on the GPU.
 #
-#   bash benchmarks/gpu_checks.sh OUT_DIR                 # on a CUDA machine: everything, ~17 minutes
+#   bash benchmarks/gpu_checks.sh OUT_DIR                 # on a CUDA machine: everything, ~19 minutes
 #   PARTS="breakdown ablation" bash benchmarks/gpu_checks.sh OUT_DIR   # some parts: smoke (~4 min),
-#                                                        # bench (~4 min), ablation (~4 min), breakdown (~5 min)
+#                                                        # bench (~6 min), ablation (~4 min), breakdown (~5 min)
 #   DEVICE=cpu SCALE=small bash benchmarks/gpu_checks.sh /tmp/dry   # a dry run of the script on CPU
 #
 # The ablation trains our side of the ResNet-50 benchmark with one part of our recipe changed at a
@@ -80,6 +80,7 @@ fi
 bench_args=(--count "$bench_count" --epochs "$bench_epochs" --device "$device" "data.num_workers=$workers" "model.image_size=$bench_size")
 if [[ $parts == *" bench "* ]]; then
     step bench_r50 300 "$py" -W ignore benchmarks/train_vs_reference.py --config fasterrcnn_resnet50_fpn "${bench_args[@]}"
+    step bench_r50_reference_recipe 300 "$py" -W ignore benchmarks/train_vs_reference.py --config fasterrcnn_resnet50_fpn --recipe reference "${bench_args[@]}"
     step bench_mobilenet 300 "$py" -W ignore benchmarks/train_vs_reference.py --config fasterrcnn_mobilenet_cpu "${bench_args[@]}"
 fi
 
