@@ -13,7 +13,9 @@ torchvision computes: the same anchors, matches, labels, regression targets, pro
 losses (tests/detection/test_batched_heads.py compares them with torchvision's own methods),
 except that the random subsets sampled for the losses are drawn differently (as uniformly).
 Every one of them falls back to torchvision's code for inputs it does not cover (images of
-different sizes, resizing, tracing). They add no parameters or buffers, so checkpoints do not
+different sizes, resizing, tracing). One deliberate difference under mixed precision: anchors,
+proposals and detections stay in float32 (:class:`Float32BoxCoder`), where torchvision rounds
+them to bf16 or fp16 with the network's outputs. They add no parameters or buffers, so checkpoints do not
 depend on whether they are used (``model.batched_heads``).
 
 Batched layout: ground-truth boxes and proposals are padded to ``[images, most per image, 4]``
@@ -33,7 +35,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import sigmoid_focal_loss
 
@@ -116,6 +118,19 @@ def sampled_mask(shape: torch.Size, *index_valid: tuple[Tensor, Tensor]) -> Tens
     return mask[:, :-1]
 
 
+class Float32BoxCoder(BoxCoder):
+    """Decodes boxes in float32 even when the network's outputs are bf16 or fp16 (autocast).
+
+    torchvision decodes in the dtype of the predicted offsets, so under bf16 autocast proposals and
+    detections are rounded to 8 significant bits: to multiples of 2 pixels between 256 and 512, of
+    4 between 512 and 1024; the box heads' training targets are then built from such proposals and
+    from ground truth cast to their dtype. In float32 (the CPU) nothing changes.
+    """
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        return super().decode_single(rel_codes.float(), boxes.float())
+
+
 class SharedAnchorGenerator(AnchorGenerator):
     """Anchors computed once per feature-map layout and shared by every image of the batch.
 
@@ -126,7 +141,9 @@ class SharedAnchorGenerator(AnchorGenerator):
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         grid_sizes = tuple(tuple(feature_map.shape[-2:]) for feature_map in feature_maps)
         image_size = tuple(image_list.tensors.shape[-2:])
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        # float32 whatever the features' dtype: torchvision follows them, so under bf16 autocast
+        # its anchor corners land on a 2-pixel grid above 256 px and a 4-pixel one above 512.
+        dtype, device = torch.float32, feature_maps[0].device
         key = (grid_sizes, image_size, dtype, device)
         cached = getattr(self, "_shared_anchors", None)
         if cached is None or cached[0] != key:
@@ -337,11 +354,17 @@ class BatchedRetinaNetLoss(RetinaNet):
 def use_batched_heads(model: nn.Module) -> nn.Module:
     """Switch ``model``'s transform, anchors, RPN and box heads (where it has them) to the batched classes, in place.
 
+    Its box coders and anchors also move to float32 coordinates (:class:`Float32BoxCoder`), which
+    changes nothing in float32 and keeps boxes exact under autocast.
+
     torchvision's detector constructors build these parts themselves; the batched classes only
     override methods and add no state, so changing an instance's class keeps every weight and
     setting. Parts already switched, or of other classes, are left alone. (RetinaNet's batched
     loss is a class of its own, :class:`BatchedRetinaNetLoss`, chosen when the model is built.)
     """
+    for module in model.modules():
+        if type(getattr(module, "box_coder", None)) is BoxCoder:
+            module.box_coder.__class__ = Float32BoxCoder
     swaps = (
         ("transform", GeneralizedRCNNTransform, BatchedTransform),
         ("rpn", RegionProposalNetwork, BatchedRegionProposalNetwork),

@@ -18,6 +18,7 @@ from detection.batched_heads import (
     BatchedRegionProposalNetwork,
     BatchedRoIHeads,
     BatchedTransform,
+    Float32BoxCoder,
     SharedAnchorGenerator,
     balanced_sample,
     batched_box_iou,
@@ -363,3 +364,34 @@ def test_retinanet_loss_of_a_batch_without_boxes_is_finite() -> None:
     losses = model(random_images(2), empty)
     assert torch.isfinite(losses["classification"]) and losses["classification"] > 0
     assert losses["bbox_regression"] == 0
+
+
+def test_box_coordinates_stay_float32_under_bf16_autocast(untouched_model: torch.nn.Module) -> None:
+    stock = copy.deepcopy(untouched_model).eval()
+    batched = use_batched_heads(copy.deepcopy(untouched_model)).eval()
+    assert type(batched.rpn.box_coder) is Float32BoxCoder and type(batched.roi_heads.box_coder) is Float32BoxCoder
+    seen: dict[str, torch.dtype] = {}
+
+    def record(model: torch.nn.Module, name: str) -> None:
+        original = model.rpn.filter_proposals
+
+        def filter_proposals(proposals: torch.Tensor, *args: object) -> object:
+            seen[name] = proposals.dtype
+            return original(proposals, *args)
+
+        model.rpn.filter_proposals = filter_proposals
+
+    record(stock, "stock")
+    record(batched, "batched")
+    images = random_images(2, size=SIZE)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        stock_boxes = torch.cat([d["boxes"] for d in stock(images)])
+        batched_boxes = torch.cat([d["boxes"] for d in batched(images)])
+    # torchvision rounds proposals and detections to bf16 (8 significant bits: a 1-pixel grid
+    # above 64 px here); ours keep float32 corners, off that grid.
+    assert seen == {"stock": torch.bfloat16, "batched": torch.float32}
+    assert stock_boxes.dtype == torch.bfloat16 and batched_boxes.dtype == torch.float32
+    assert len(batched_boxes) and bool((batched_boxes != batched_boxes.round()).any())
+    image_list, _ = batched.transform(images)
+    features = [torch.zeros(2, 8, 4, 4, dtype=torch.bfloat16)]
+    assert SharedAnchorGenerator(((32,),), ((1.0,),))(image_list, features)[0].dtype == torch.float32
