@@ -1,8 +1,8 @@
 """Torchvision's detector bookkeeping done for the whole batch at once instead of image by image.
 
-On a GPU, a Faster R-CNN training step is bound by the host, not by the convolutions: on an
-H100, ResNet-50 and MobileNetV3 both trained at about 90 images/s at 512 px (docs/benchmarks.md).
-Most of the operations a step launches are torchvision's per-image Python loops around the
+On a GPU, a Faster R-CNN training step appears bound by the host rather than the convolutions:
+on an H100, ResNet-50 and MobileNetV3 both trained at about 90 images/s at 512 px
+(docs/benchmarks.md). Most of the operations a step launches are torchvision's per-image Python loops around the
 network: normalising and "resizing" each image, building each image's anchors, matching anchors
 and proposals to the ground truth, sampling them for the losses, filtering proposals. Each loop
 turn launches a few dozen tiny kernels and, through ``torch.where`` and boolean indexing, waits
@@ -15,8 +15,8 @@ except that the random subsets sampled for the losses are drawn differently (as 
 Every one of them falls back to torchvision's code for inputs it does not cover (images of
 different sizes, resizing, tracing). One deliberate difference under mixed precision: anchors,
 proposals and detections stay in float32 (:class:`Float32BoxCoder`), where torchvision rounds
-them to bf16 or fp16 with the network's outputs. They add no parameters or buffers, so checkpoints do not
-depend on whether they are used (``model.batched_heads``).
+them to bf16 or fp16 with the network's outputs. They add no parameters or buffers, so
+checkpoints do not depend on whether they are used (``model.batched_heads``).
 
 Batched layout: ground-truth boxes and proposals are padded to ``[images, most per image, 4]``
 with a validity mask; invalid ground-truth rows get IoU -1 so they never win a match.
@@ -52,6 +52,17 @@ def pad_boxes(boxes: list[Tensor], *, min_length: int = 0) -> tuple[Tensor, Tens
         padded = F.pad(padded, (0, 0, 0, min_length - padded.shape[1]))
         valid = F.pad(valid, (0, min_length - valid.shape[1]))
     return padded, valid
+
+
+def pad_labels(targets: list[dict[str, Tensor]], length: int) -> Tensor:
+    """Each target's ``labels``, zero-padded to ``[images, length]`` (``length`` from :func:`pad_boxes` of the same targets)."""
+    labels = pad_sequence([target["labels"] for target in targets], batch_first=True)
+    return F.pad(labels, (0, length - labels.shape[1]))
+
+
+def anchor_batch(anchors: list[Tensor]) -> Tensor:
+    """Per-image anchors as ``[1, A, 4]`` when every image shares one tensor (:class:`SharedAnchorGenerator`), else ``[B, A, 4]``."""
+    return anchors[0][None] if all(a is anchors[0] for a in anchors) else torch.stack(anchors)
 
 
 def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -144,7 +155,7 @@ class SharedAnchorGenerator(AnchorGenerator):
         # float32 whatever the features' dtype: torchvision follows them, so under bf16 autocast
         # its anchor corners land on a 2-pixel grid above 256 px and a 4-pixel one above 512.
         dtype, device = torch.float32, feature_maps[0].device
-        key = (grid_sizes, image_size, dtype, device)
+        key = (grid_sizes, image_size, device)
         cached = getattr(self, "_shared_anchors", None)
         if cached is None or cached[0] != key:
             strides = [
@@ -210,8 +221,7 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
     """The RPN with batched anchor matching, sampling, loss and proposal filtering (NMS stays per image)."""
 
     def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
-        shared = all(a is anchors[0] for a in anchors)
-        batch_anchors = anchors[0][None] if shared else torch.stack(anchors)
+        batch_anchors = anchor_batch(anchors)
         gt_boxes, gt_valid = pad_boxes([target["boxes"] for target in targets], min_length=1)
         matches = batched_match(batched_box_iou(gt_boxes, batch_anchors), gt_valid, self.proposal_matcher)
         matched_gt_boxes = gt_boxes.gather(1, matches.clamp(min=0)[:, :, None].expand(-1, -1, 4))
@@ -278,8 +288,7 @@ class BatchedRoIHeads(RoIHeads):
         dtype = proposals[0].dtype
         gt_boxes = [target["boxes"].to(dtype) for target in targets]
         gt_box_batch, gt_valid = pad_boxes(gt_boxes, min_length=1)
-        gt_labels = pad_sequence([target["labels"] for target in targets], batch_first=True)
-        gt_labels = F.pad(gt_labels, (0, gt_box_batch.shape[1] - gt_labels.shape[1]))
+        gt_labels = pad_labels(targets, gt_box_batch.shape[1])
         candidates, candidate_valid = pad_boxes(self.add_gt_proposals(proposals, gt_boxes))
 
         matches = batched_match(batched_box_iou(gt_box_batch, candidates), gt_valid, self.proposal_matcher)
@@ -320,8 +329,7 @@ class BatchedRetinaNetLoss(RetinaNet):
         loss_type = self.head.regression_head._loss_type
         if loss_type not in ("l1", "smooth_l1"):
             return super().compute_loss(targets, head_outputs, anchors)
-        shared = all(a is anchors[0] for a in anchors)
-        batch_anchors = anchors[0][None] if shared else torch.stack(anchors)
+        batch_anchors = anchor_batch(anchors)
         gt_boxes, gt_valid = pad_boxes([target["boxes"] for target in targets], min_length=1)
         matches = batched_match(batched_box_iou(gt_boxes, batch_anchors), gt_valid, self.proposal_matcher)
         foreground = matches >= 0
@@ -330,8 +338,7 @@ class BatchedRetinaNetLoss(RetinaNet):
         matched = matches.clamp(min=0)
 
         cls_logits = head_outputs["cls_logits"]
-        gt_labels = pad_sequence([target["labels"] for target in targets], batch_first=True)
-        gt_labels = F.pad(gt_labels, (0, gt_boxes.shape[1] - gt_labels.shape[1]))
+        gt_labels = pad_labels(targets, gt_boxes.shape[1])
         classes = F.one_hot(gt_labels.gather(1, matched), cls_logits.shape[-1]).to(cls_logits.dtype)
         classes = classes * foreground[:, :, None]
         focal = sigmoid_focal_loss(cls_logits, classes, reduction="none")
@@ -363,19 +370,18 @@ def use_batched_heads(model: nn.Module) -> nn.Module:
     loss is a class of its own, :class:`BatchedRetinaNetLoss`, chosen when the model is built.)
     """
     for module in model.modules():
+        batched = _BATCHED_CLASSES.get(type(module))
+        if batched is not None:
+            module.__class__ = batched
         if type(getattr(module, "box_coder", None)) is BoxCoder:
             module.box_coder.__class__ = Float32BoxCoder
-    swaps = (
-        ("transform", GeneralizedRCNNTransform, BatchedTransform),
-        ("rpn", RegionProposalNetwork, BatchedRegionProposalNetwork),
-        ("roi_heads", RoIHeads, BatchedRoIHeads),
-        ("anchor_generator", AnchorGenerator, SharedAnchorGenerator),  # RetinaNet's
-    )
-    for name, original, batched in swaps:
-        part = getattr(model, name, None)
-        if type(part) is original:
-            part.__class__ = batched
-    rpn = getattr(model, "rpn", None)
-    if rpn is not None and type(rpn.anchor_generator) is AnchorGenerator:
-        rpn.anchor_generator.__class__ = SharedAnchorGenerator
     return model
+
+
+# torchvision's class -> ours; exact types only, so subclasses with their own behaviour are left alone.
+_BATCHED_CLASSES: dict[type, type] = {
+    GeneralizedRCNNTransform: BatchedTransform,
+    AnchorGenerator: SharedAnchorGenerator,  # the RPN's or RetinaNet's
+    RegionProposalNetwork: BatchedRegionProposalNetwork,
+    RoIHeads: BatchedRoIHeads,
+}
