@@ -91,7 +91,6 @@ TARGET_RATIO = 1.3
 # Half the synthetic images are positive (as in the demo and the end-to-end test), so a few
 # epochs from scratch have enough boxes to learn from; the real 22.5% would leave mAP near noise.
 POSITIVE_FRACTION = 0.5
-# Keys this script sets itself; overriding them would break the comparison.
 # ``--recipe reference``: our loop with the reference's training recipe (flips only, constant
 # learning rate after the warm-up, no clipping, no EMA), so the two mAPs compare loops, not recipes.
 REFERENCE_RECIPE = (
@@ -99,6 +98,7 @@ REFERENCE_RECIPE = (
     "augment.noise=0", "augment.clahe=0", "optim.grad_clip_norm=0", "optim.schedule=step",
     "optim.step_milestones=[1000]", "optim.ema_decay=0",
 )
+# Keys this script sets itself; overriding them would break the comparison.
 RESERVED_KEYS = {"optim.epochs": "use --epochs", "model.pretrained": "both sides train from scratch", "device": "use --device"}
 
 
