@@ -68,25 +68,51 @@ PARTS = (
 PART_MARK = "part: "
 
 
-def count_operations(events: Any) -> tuple[int, dict[str, int]]:
-    """Operators dispatched in a profiled step: the total and, per part, those inside it (sub-parts included).
+# Operators whose result's size or value the host must read before it can go on: on a GPU each
+# waits until every kernel queued before it has run, and the GPU then idles while the host queues
+# the next ones. A boolean index goes through nonzero; .item() and .tolist() through
+# _local_scalar_dense; torchvision's CUDA NMS copies its overlap mask to the host.
+HOST_WAIT_OPERATORS = frozenset({
+    "aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+    "aten::unique_consecutive", "aten::repeat_interleave", "aten::is_nonzero", "aten::equal", "torchvision::nms",
+})
+
+OPTIMIZER_PART = "optimizer step"
+
+
+def count_operations(events: Any) -> dict[str, Any]:
+    """Operators dispatched in a profiled step and the host waits among them: totals and per part (sub-parts included).
 
     An operator called by another operator (a convolution's own calls, say) is not counted again:
     each counted one is roughly one kernel launch, the host's work on a GPU, whatever the device.
-    With ``compile=true`` the compiled parts' generated kernels are counted only where the profiler
-    names them as Triton kernels (on a GPU); there, compare the step times rather than the counts.
+    A host wait (:data:`HOST_WAIT_OPERATORS`) is counted where it happens, nested or not, once
+    per outermost waiting operator. Device-to-host copies cannot be told from other conversions
+    on a CPU, so they are not counted. With ``compile=true`` the compiled parts' generated kernels
+    are counted only where the profiler names them as Triton kernels (on a GPU); there, compare
+    the step times rather than the counts.
     """
-    per_part: dict[str, int] = defaultdict(int)
-    total = 0
+    counts = {"operations": 0, "waits": 0, "part_operations": defaultdict(int), "part_waits": defaultdict(int)}
+
+    def add(kind: str, parts: tuple[str, ...]) -> None:
+        counts[kind] += 1
+        for part in set(parts):
+            counts["part_" + kind][part] += 1
+
+    def count_waits(event: Any, parts: tuple[str, ...]) -> None:
+        if OPTIMIZER_PART in parts:
+            return  # its .item() calls read step counters kept on the CPU, or none when fused: no wait on a GPU
+        if event.name in HOST_WAIT_OPERATORS:
+            add("waits", parts)
+            return
+        for child in event.cpu_children:
+            count_waits(child, parts)
 
     def walk(event: Any, parts: tuple[str, ...]) -> None:
-        nonlocal total
         if event.name.startswith(PART_MARK):
             parts = (*parts, event.name[len(PART_MARK):])
         elif ("::" in event.name and not event.name.startswith(("autograd::", "Optimizer."))) or event.name.startswith("triton_"):
-            total += 1
-            for part in set(parts):
-                per_part[part] += 1
+            add("operations", parts)
+            count_waits(event, parts)
             return
         for child in event.cpu_children:
             walk(child, parts)
@@ -94,7 +120,7 @@ def count_operations(events: Any) -> tuple[int, dict[str, int]]:
     for event in events:
         if event.cpu_parent is None:
             walk(event, ())
-    return total, dict(per_part)
+    return {key: dict(value) if isinstance(value, defaultdict) else value for key, value in counts.items()}
 
 
 def resolve_path(root: Any, path: str) -> Any:
@@ -159,7 +185,7 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
     precision = resolve_precision(config.amp, device)
     seed_everything(config.seed)
     model = build_model(config.model)
-    if device.type == "cuda" and config.channels_last:
+    if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(device).train()
     # Compiled parts are not split further: a timing wrapper inside them would break the compiled graph.
@@ -197,7 +223,7 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
         phase("backward", loss.backward)
         if config.optim.grad_clip_norm > 0:
             phase("gradient clipping", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm))
-        phase("optimizer step", optimizer.step)
+        phase(OPTIMIZER_PART, optimizer.step)
 
     for images, targets in batches[:warmup]:
         step(images, targets, timed=False)
@@ -218,13 +244,13 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         step(*batches[warmup], timed=True)
     timer.labelling = False
-    operations, part_operations = count_operations(profile.events())
+    counts = count_operations(profile.events())
     per_batch = {label: seconds / steps for label, seconds in timer.seconds.items()}
-    order = ["copy to device", *labels, "backward", "gradient clipping", "optimizer step"]
+    order = ["copy to device", *labels, "backward", "gradient clipping", OPTIMIZER_PART]
     return {
         "device": device, "precision": precision.name, "plain": plain, "synced": synced,
         "parts": [(label, per_batch[label]) for label in order if label in per_batch],
-        "batch": config.data.batch_size, "operations": operations, "part_operations": part_operations,
+        "batch": config.data.batch_size, **counts,
     }
 
 
@@ -237,13 +263,17 @@ def print_table(config, result: dict[str, Any], *, config_name: str) -> None:
     )
     print(f"step without added synchronisation: {result['plain'] * 1000:.1f} ms/batch = {result['batch'] / result['plain']:.1f} images/s")
     print(f"step with synchronisation around each part: {result['synced'] * 1000:.1f} ms/batch")
-    print(f"operators dispatched by the host in one step: {result['operations']} (model.batched_heads={config.model.batched_heads}, compile={config.compile})\n")
-    print("| part (indented: inside the one above) | ms per batch | share of the synchronised step | operators |")
-    print("| --- | --- | --- | --- |")
+    print(
+        f"operators dispatched by the host in one step: {result['operations']}, of which waiting for the device: "
+        f"{result['waits']} (model.batched_heads={config.model.batched_heads}, compile={config.compile})\n"
+    )
+    print("| part (indented: inside the one above) | ms per batch | share of the synchronised step | operators | host waits |")
+    print("| --- | --- | --- | --- | --- |")
     for label, seconds in result["parts"]:
         shown = label.replace("  ", "&nbsp;&nbsp;", 1) if label.startswith("  ") else label
         operations = result["part_operations"].get(label.strip(), 0)
-        print(f"| {shown} | {seconds * 1000:.1f} | {seconds / result['synced']:.0%} | {operations} |")
+        waits = result["part_waits"].get(label.strip(), 0)
+        print(f"| {shown} | {seconds * 1000:.1f} | {seconds / result['synced']:.0%} | {operations} | {waits} |")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
