@@ -12,7 +12,7 @@ batch size, DataLoader workers and device, it measures:
   ours >= the reference;
 - inference images/s of both trained models in eval mode over the validation images: the
   reference as a plain fp32 ``model(images)`` under no_grad, ours through ``predict_loader``
-  with our precision (and channels_last on CUDA).
+  with our precision and memory layout.
 
 What is the same on both sides: ``build_model(config.model)`` from scratch (``model.pretrained=none``)
 after ``seed_everything(config.seed)``, so both start from identical weights; the optimizer and its
@@ -25,13 +25,13 @@ images without boxes, which would throw away most of RSNA).
 What differs, as it would in practice. The reference: PIL reading converted to RGB, PILToTensor and
 scaling to float in [0, 1], random horizontal flip p=0.5 (boxes flipped) as its only augmentation;
 a shuffled DataLoader that collates to tuples, no pinned memory, workers restarted every epoch
-(its aspect-ratio grouping is a no-op here: every image is square); fp32 (its ``--amp`` is off by
+(its aspect-ratio grouping is a no-op here: every image is square); fp32 (its ``--amp``, CUDA only, is off by
 default); its first-epoch linear warm-up (LinearLR from 1/1000 over min(1000, batches - 1) steps)
 and then a constant learning rate (its MultiStepLR drops at epochs 16 and 22, beyond this run); no
 gradient clipping; torchvision's detector code as it is (``model.batched_heads=false``) and
 torch's default optimizer update. Ours: everything ``lungdet train`` does with the config (OpenCV
 reading, per-sample seeded albumentations, persistent workers, pinned memory, AMP and
-channels_last on CUDA, the batched RPN and box-head bookkeeping of detection/batched_heads.py,
+channels_last, the batched RPN and box-head bookkeeping of detection/batched_heads.py,
 the fused optimizer update on CUDA, warm-up and cosine schedule over ``--epochs``, gradient
 clipping, per-epoch validation and checkpoints, which are not timed).
 
@@ -283,9 +283,7 @@ def compare(config: TrainConfig, data_dir: Path, run_dir: Path, *, epochs: int, 
     )
     reference_map = evaluate(reference_model, our_val, device, score_thresholds=config.val_score_thresholds)["val_map"]
 
-    our_model, _, _ = load_trained_model(run_dir / LAST_CHECKPOINT, device=device)
-    if device.type == "cuda" and config.channels_last:
-        our_model = our_model.to(memory_format=torch.channels_last)
+    our_model, _, _ = load_trained_model(run_dir / LAST_CHECKPOINT, device=device)  # in the layout it trained in
     val_images = len(our_val.dataset)
     our_inference = fastest_pass(lambda: predict_loader(our_model, our_val, device, precision=precision), images=val_images, repeats=inference_repeats)
     reference_inference = fastest_pass(lambda: forward_reference(reference_model, reference_val, device), images=val_images, repeats=inference_repeats)
@@ -304,7 +302,7 @@ def compare(config: TrainConfig, data_dir: Path, run_dir: Path, *, epochs: int, 
 
 def print_table(config: TrainConfig, result: dict[str, object], *, config_name: str, epochs: int, recipe: str = "ours") -> None:
     device = result["device"]
-    channels_last = device.type == "cuda" and config.channels_last
+    channels_last = config.channels_last
     our_train, reference_train = result["train"]
     ratio = our_train / reference_train
     our_map, reference_map = result["map"]

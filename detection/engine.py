@@ -52,16 +52,29 @@ class Precision:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX).
+
+    Elsewhere oneDNN emulates bfloat16, and autocast then costs more than it saves.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def resolve_precision(amp: str, device: torch.device) -> Precision:
     """The precision ``amp`` ('auto', 'none', 'bf16', 'fp16') means on ``device``.
 
     'auto' is bf16 on GPUs that have it (Ampere and later: no scaler needed, same range as fp32),
-    fp16 on older GPUs, and fp32 on CPU, where autocast is slower than it saves.
+    fp16 on older GPUs, bf16 on CPUs with bfloat16 instructions (a ResNet-50 step takes about half
+    the time of fp32's on an AMD EPYC with AVX512-BF16), and fp32 on other CPUs.
     """
     if device.type != "cuda":
-        if amp in ("bf16", "fp16"):
-            raise LungdetError(f"amp={amp} needs a CUDA GPU, but this run is on {device}; use amp=auto or amp=none")
-        return Precision(device.type, None)
+        if amp == "fp16":
+            raise LungdetError(f"amp=fp16 needs a CUDA GPU, but this run is on {device}; use amp=auto, amp=bf16 or amp=none")
+        if amp == "bf16" and not cpu_has_native_bf16():
+            raise LungdetError(f"amp=bf16 on {device}, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); use amp=auto or amp=none")
+        native = amp in ("bf16", "auto") and device.type == "cpu" and cpu_has_native_bf16()
+        return Precision(device.type, torch.bfloat16 if native else None)
     if amp == "none":
         return Precision("cuda", None)
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):

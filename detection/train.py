@@ -246,7 +246,7 @@ class Run:
             self.frozen = pretrained_state is not None
             self.model = build_model(config.model, pretrained_state=pretrained_state)
         self.precision = resolve_precision(config.amp, device)
-        if device.type == "cuda" and config.channels_last:
+        if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.to(device)
         self.ema = None
