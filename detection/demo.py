@@ -44,7 +44,7 @@ def predict_and_score(
     paths = find_dicoms(dicom_dir)
     predictions, _ = predict_dicoms(
         model, paths, image_size=image_size, device=torch.device("cpu"), score_threshold=float(checkpoint["score_threshold"]),
-        preprocessing=checkpoint.get("preprocessing"), progress=False,
+        preprocessing=checkpoint.get("preprocessing"), progress=False, precision=resolve_precision("auto", torch.device("cpu")),
     )
     write_submission(out_dir / f"submission_{name}.csv", {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
     # Score only the patients whose DICOMs are here: the sample labels file lists 26,684 patients.

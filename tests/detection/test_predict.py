@@ -14,6 +14,7 @@ import torch
 from data_tools.errors import LungdetError
 from data_tools.synth import write_synthetic_dataset
 from detection.config import config_to_dict, load_config
+from detection.engine import Precision, resolve_precision
 from detection.predict import get_args_parser, load_trained_model, main, predict_dicoms, to_original_space
 from detection.train import BEST_CHECKPOINT, train
 from submission.prediction_string import read_submission
@@ -60,6 +61,14 @@ def test_load_trained_model_rebuilds_the_saved_model(trained: dict[str, Any]) ->
         assert torch.equal(state[key], value), key
 
 
+def test_load_trained_model_uses_the_layout_it_trained_in(trained: dict[str, Any]) -> None:
+    model, config, _ = load_trained_model(trained["checkpoint"], device=CPU)
+    assert config.channels_last
+    convolution_weights = [parameter for parameter in model.parameters() if parameter.dim() == 4 and parameter.shape[-1] > 1]
+    assert convolution_weights and all(weight.is_contiguous(memory_format=torch.channels_last) for weight in convolution_weights)
+    assert not all(weight.is_contiguous() for weight in convolution_weights)
+
+
 def test_a_checkpoint_without_config_is_refused(trained: dict[str, Any], tmp_path: Path) -> None:
     path = tmp_path / "weights_only.pt"
     torch.save({"model": torch.load(trained["checkpoint"], weights_only=True)["model"]}, path)
@@ -91,6 +100,14 @@ def test_to_original_space_keeps_a_score_equal_to_the_threshold() -> None:
     assert to_original_space(output, image_size=64, rows=128, columns=256, score_threshold=0.26).boxes.shape == (0, 4)
 
 
+def test_to_original_space_takes_bf16_outputs() -> None:
+    """Under bf16 autocast the heads may return bf16 scores, which numpy cannot hold."""
+    output = {"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]], dtype=torch.bfloat16), "scores": torch.tensor([0.75], dtype=torch.bfloat16), "labels": torch.tensor([1])}
+    prediction = to_original_space(output, image_size=64, rows=128, columns=256, score_threshold=0.5)
+    np.testing.assert_allclose(prediction.scores, [0.75])
+    np.testing.assert_allclose(prediction.boxes, [[32.0, 16.0, 64.0, 64.0]])
+
+
 # --- a folder of DICOMs -------------------------------------------------------------------------
 
 
@@ -109,6 +126,22 @@ def test_predict_dicoms_gives_every_file_a_row_and_lists_the_bad_one(trained: di
         assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
         assert (boxes[:, 0] + boxes[:, 2] <= DICOM_COLUMNS + 1e-3).all()
         assert (boxes[:, 1] + boxes[:, 3] <= DICOM_ROWS + 1e-3).all()
+
+
+def test_predict_dicoms_runs_the_network_under_the_given_precision(trained: dict[str, Any], dicom_dir: Path) -> None:
+    model, config, _ = load_trained_model(trained["checkpoint"], device=CPU)
+    paths = [dicom_dir / f"{stem}.dcm" for stem in good_stems(dicom_dir)]
+    seen: list[torch.dtype] = []
+    hook = model.backbone.register_forward_hook(lambda _module, _inputs, features: seen.append(next(iter(features.values())).dtype))
+    try:
+        for precision in (None, Precision("cpu", torch.bfloat16)):
+            predictions, _ = predict_dicoms(
+                model, paths, image_size=config.model.image_size, device=CPU, score_threshold=0.0, batch_size=3, progress=False, precision=precision
+            )
+            assert sorted(predictions) == good_stems(dicom_dir)
+    finally:
+        hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -134,7 +167,7 @@ def test_cli_writes_a_sorted_submission_with_a_row_per_dicom(trained: dict[str, 
     threshold = torch.load(trained["checkpoint"], weights_only=True)["score_threshold"]
     captured = capsys.readouterr()
     assert f"wrote {out}: 4 rows" in captured.out
-    assert f"(confidence >= {threshold:g})" in captured.out
+    assert f"(confidence >= {threshold:g}; cpu, {resolve_precision('auto', CPU).name})" in captured.out
     assert all((prediction.scores >= threshold).all() for prediction in submission.values())
     assert "unreadable, written with no boxes:" in captured.err and "corrupt-0000.dcm" in captured.err
 
@@ -145,6 +178,7 @@ def test_cli_writes_a_sorted_submission_with_a_row_per_dicom(trained: dict[str, 
         (["--score-threshold", "1.5"], "argument --score-threshold: must be in [0, 1], got 1.5"),
         (["--score-threshold", "-0.1"], "argument --score-threshold: must be in [0, 1], got -0.1"),
         (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--amp", "bf32"], "argument --amp: invalid choice: 'bf32'"),
     ],
 )
 def test_cli_rejects_bad_options_before_any_work(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
@@ -159,6 +193,12 @@ def test_cli_with_no_dicoms_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'empty'}: no .dcm files found")):
         run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "s.csv"))
+
+
+def test_cli_refuses_fp16_on_the_cpu_before_loading_anything(tmp_path: Path, dicom_dir: Path) -> None:
+    with pytest.raises(LungdetError, match=re.escape("amp=fp16 needs a CUDA GPU, but this run is on cpu")):
+        run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(dicom_dir), "--out", str(tmp_path / "s.csv"), "--device", "cpu", "--amp", "fp16")
+    assert not (tmp_path / "s.csv").exists()
 
 
 def test_cli_refuses_two_dicoms_with_one_patient_id(tmp_path: Path) -> None:
