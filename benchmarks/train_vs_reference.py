@@ -32,7 +32,7 @@ gradient clipping; torchvision's detector code as it is (``model.batched_heads=f
 torch's default optimizer update. Ours: everything ``lungdet train`` does with the config (OpenCV
 reading, per-sample seeded albumentations, persistent workers, pinned memory, AMP and
 channels_last, the batched RPN and box-head bookkeeping of detection/batched_heads.py,
-the fused optimizer update on CUDA, warm-up and cosine schedule over ``--epochs``, gradient
+the fused optimizer update, warm-up and cosine schedule over ``--epochs``, gradient
 clipping, per-epoch validation and checkpoints, which are not timed).
 
 Timing. Training images/s is all images over all seconds of epochs 2..E on each side; epoch 1 is

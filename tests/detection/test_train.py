@@ -153,9 +153,29 @@ def test_build_optimizer_follows_the_config_and_skips_frozen_parameters(tiny_con
     assert 0 < len(optimizer.param_groups[0]["params"]) == len(trainable) < len(list(model.parameters()))
     sgd = build_optimizer(model, tiny_config("optim.momentum=0.5"))
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
-    # CPU parameters keep torch's default implementation; fused is asked for explicitly or by GPU parameters.
-    assert not optimizer.defaults["fused"] and not sgd.defaults["fused"]
-    assert build_optimizer(model, config, fused=True).defaults["fused"] is True
+    # Parameters all on the CPU (or all on a GPU) get the fused update unless told otherwise.
+    assert optimizer.defaults["fused"] is True and sgd.defaults["fused"] is True
+    assert not build_optimizer(model, config, fused=False).defaults["fused"]
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_the_fused_cpu_update_is_the_same_arithmetic(tiny_config: Callable[..., TrainConfig], optimizer_name: str) -> None:
+    config = tiny_config(f"optim.optimizer={optimizer_name}", "optim.lr=0.01", "optim.weight_decay=0.01")
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(64, 32) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    initial = models[0].weight.detach().clone()
+    optimizers = [build_optimizer(models[0], config), build_optimizer(models[1], config, fused=False)]
+    assert [bool(o.defaults["fused"]) for o in optimizers] == [True, False]
+    inputs = torch.randn(5, 8, 64)
+    for batch in inputs:
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            model(batch).square().mean().backward()
+            optimizer.step()
+    assert (models[0].weight - initial).abs().max() > 1e-3  # the updates did move the weights
+    for fused_parameter, plain_parameter in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(fused_parameter, plain_parameter, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
@@ -165,12 +185,12 @@ def test_resume_takes_the_update_implementation_of_this_machine_not_the_checkpoi
     fused = build_optimizer(model, config, fused=True)  # as saved on a GPU
     model(torch.ones(1, 3)).sum().backward()
     fused.step()
-    plain = build_optimizer(model, config)  # resumed on the CPU
+    plain = build_optimizer(model, config, fused=False)  # resumed where there is no fused kernel (or by an older lungdet)
     plain.load_state_dict(with_implementation_of(plain, fused.state_dict()))
     assert not plain.param_groups[0]["fused"]
     assert plain.state_dict()["state"].keys() == fused.state_dict()["state"].keys()  # the moments come along
     plain.step()  # and the unfused update runs on them
-    # The other way round: a CPU checkpoint resumed where the fused update is chosen.
+    # The other way round: an unfused checkpoint resumed where the fused update is chosen.
     fused_again = build_optimizer(model, config, fused=True)
     fused_again.load_state_dict(with_implementation_of(fused_again, plain.state_dict()))
     assert fused_again.param_groups[0]["fused"] is True
