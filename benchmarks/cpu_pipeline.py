@@ -26,10 +26,12 @@ from data_tools.synth import write_synthetic_dataset
 from data_tools.to_coco import convert_dataset
 from detection.config import load_config
 from detection.data import build_dataloaders
-from detection.engine import train_one_epoch
+from detection.engine import resolve_precision, train_one_epoch
 from detection.model import build_model
 from detection.predict import predict_dicoms
 from detection.train import build_optimizer, build_scheduler, seed_everything
+
+CPU = torch.device("cpu")
 
 
 def time_call(function, *args, **kwargs) -> tuple[object, float]:
@@ -39,21 +41,27 @@ def time_call(function, *args, **kwargs) -> tuple[object, float]:
 
 
 def training_throughput(config_name: str, data_dir: Path, *, steps: int) -> tuple[float, float]:
-    """(training images/s over ``steps`` batches after one warm-up batch, inference images/s on the same model)."""
+    """(training images/s over ``steps`` batches after one warm-up batch, inference images/s on the same model).
+
+    With the config's precision and memory layout on this CPU, as ``lungdet train`` has them.
+    """
     config = load_config(config_name, ["model.pretrained=none", "data.max_train_images=0"])
     seed_everything(0)
     train_loader, _ = build_dataloaders(data_dir, config.data, image_size=config.model.image_size, seed=0, augment=config.augment)
     train_loader.sampler.set_epoch(1)
+    precision = resolve_precision(config.amp, CPU)
     model = build_model(config.model)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=10_000)
     batches = [next(iter(train_loader)) for _ in range(steps + 1)]
     # One warm-up step so that allocator and kernel selection are not timed.
-    train_one_epoch(model, optimizer, scheduler, batches[:1], torch.device("cpu"), epoch=0, progress=False)
-    metrics = train_one_epoch(model, optimizer, scheduler, batches[1:], torch.device("cpu"), epoch=1, progress=False).metrics()
+    train_one_epoch(model, optimizer, scheduler, batches[:1], CPU, epoch=0, progress=False, precision=precision)
+    metrics = train_one_epoch(model, optimizer, scheduler, batches[1:], CPU, epoch=1, progress=False, precision=precision).metrics()
     model.eval()
     images = [image for batch_images, _ in batches[1:] for image in batch_images]
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast():
         start = time.perf_counter()
         for index in range(0, len(images), config.data.batch_size):
             model(images[index : index + config.data.batch_size])
@@ -82,14 +90,17 @@ def main() -> None:
             rows.append((f"model forward only {name}", f"{inference_rate:.2f} images/s"))
         config = load_config(configs[0], ["model.pretrained=none"])
         model = build_model(config.model).eval()
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         paths = find_dicoms(synth.images_dir)[:64]
         _, seconds = time_call(
-            predict_dicoms, model, paths, image_size=config.model.image_size, device=torch.device("cpu"), score_threshold=0.5, progress=False
+            predict_dicoms, model, paths, image_size=config.model.image_size, device=CPU, score_threshold=0.5, progress=False,
+            precision=resolve_precision("auto", CPU),
         )
         rows.append((f"predict {configs[0]} from DICOM (decode + resize + model)", f"{len(paths) / seconds:.2f} DICOMs/s"))
 
     print(f"\n{datetime.date.today()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | "
-          f"torch {torch.__version__} | {torch.get_num_threads()} threads | no GPU used\n")
+          f"torch {torch.__version__} | {torch.get_num_threads()} threads | {resolve_precision('auto', CPU).name} | no GPU used\n")
     print("| stage | throughput |\n| --- | --- |")
     for stage, value in rows:
         print(f"| {stage} | {value} |")
