@@ -26,6 +26,7 @@ from data_tools.synth import write_synthetic_dataset
 from data_tools.to_coco import convert_dataset, format_report
 from data_tools.visualize import write_overlays
 from detection.config import load_config
+from detection.engine import resolve_precision
 from detection.predict import load_trained_model, predict_dicoms
 from detection.train import BEST_CHECKPOINT, train
 from submission.prediction_string import write_submission
