@@ -4,8 +4,8 @@
 # under torchrun sharing one GPU, and benchmarks/train_vs_reference.py on the GPU.
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR                 # on a CUDA machine: everything, ~19 minutes
-#   PARTS="breakdown ablation" bash benchmarks/gpu_checks.sh OUT_DIR   # some parts: smoke (~4 min),
-#                                                        # bench (~6 min), ablation (~4 min), breakdown (~5 min)
+#   PARTS="breakdown ablation" bash benchmarks/gpu_checks.sh OUT_DIR   # some parts: tests (~1 min),
+#                                     # smoke (~4 min), bench (~6 min), ablation (~4 min), breakdown (~5 min)
 #   DEVICE=cpu SCALE=small bash benchmarks/gpu_checks.sh /tmp/dry   # a dry run of the script on CPU
 #
 # The ablation trains our side of the ResNet-50 benchmark with one part of our recipe changed at a
@@ -18,7 +18,7 @@ set -u
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}
 device=${DEVICE:-cuda}
 scale=${SCALE:-full}
-parts=" ${PARTS:-smoke bench ablation breakdown} "
+parts=" ${PARTS:-tests smoke bench ablation breakdown} "
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -58,8 +58,12 @@ step synth 120 lungdet synth --out "$work/synth" --count "$count" --seed 1 --pos
 step convert 120 lungdet convert --dicom-dir "$work/synth/stage_2_train_images" --labels "$work/synth/stage_2_train_labels.csv" --out "$work/coco" --image-size 256
 data=$work/coco
 
+if [[ $parts == *" tests "* ]]; then
+    # The tests the CPU suite skips (they need CUDA): the fused update on GPU weights, device choice.
+    step cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider -rs tests/detection/test_train.py -k "cuda or gpu or device"
+fi
+
 if [[ $parts == *" smoke "* ]]; then
-step cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider tests/detection/test_train.py -k "cuda or device"
 step train_bf16 180 lungdet train --config fasterrcnn_mobilenet_cpu --data "$data" --out "$work/bf16" "${tiny[@]}" optim.epochs=2 amp=bf16 channels_last=true checkpoint_every_steps=3
 step resume_bf16 120 lungdet train --data "$data" --out "$work/bf16" --resume --no-progress optim.epochs=3
 step train_fp16_maskrcnn 180 lungdet train --data "$data" --out "$work/mask" "${tiny[@]}" model.architecture=maskrcnn_resnet50_fpn optim.epochs=1 amp=fp16 data.batch_size=4
