@@ -70,7 +70,8 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     """
     if device.type != "cuda":
         if amp == "fp16":
-            raise LungdetError(f"amp=fp16 needs a CUDA GPU, but this run is on {device}; use amp=auto, amp=bf16 or amp=none")
+            choices = "amp=auto, amp=bf16 or amp=none" if cpu_has_native_bf16() else "amp=auto or amp=none"
+            raise LungdetError(f"amp=fp16 needs a CUDA GPU, but this run is on {device}; use {choices}")
         if amp == "bf16" and not cpu_has_native_bf16():
             raise LungdetError(f"amp=bf16 on {device}, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); use amp=auto or amp=none")
         native = amp in ("bf16", "auto") and device.type == "cpu" and cpu_has_native_bf16()

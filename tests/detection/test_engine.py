@@ -196,7 +196,7 @@ def test_cpu_precision_is_bf16_only_where_the_cpu_has_bfloat16_instructions(monk
 
 @pytest.mark.parametrize(("native", "amp", "message"), [
     (True, "fp16", "amp=fp16 needs a CUDA GPU, but this run is on cpu; use amp=auto, amp=bf16 or amp=none"),
-    (False, "fp16", "amp=fp16 needs a CUDA GPU"),
+    (False, "fp16", "amp=fp16 needs a CUDA GPU, but this run is on cpu; use amp=auto or amp=none"),
     (False, "bf16", "amp=bf16 on cpu, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); use amp=auto or amp=none"),
 ])
 def test_cpu_precision_rejects_what_the_cpu_cannot_do(monkeypatch, native: bool, amp: str, message: str) -> None:
