@@ -337,6 +337,7 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
     """
     job = from_environment()
     device = resolve_device(config.device, job)
+    resolve_precision(config.amp, device)  # an amp this device cannot run is refused before any work
     start(job, device)
     try:
         return _train(config, Path(data_dir), Path(out_dir), job=job, device=device, resume=resume, progress=progress)
@@ -346,11 +347,6 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
 
 def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distributed, device: torch.device, resume: bool, progress: bool) -> dict[str, Any]:
     say = print if job.is_main else (lambda *args, **kwargs: None)
-    if job.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # A SIGKILL during a save leaves its temporary file (never a broken checkpoint under the real name).
-        for stale in out_dir.glob(".*.tmp"):
-            stale.unlink()
     seed_everything(config.seed)
     train_loader, val_loader = build_dataloaders(
         data_dir, config.data, image_size=config.model.image_size, seed=config.seed, augment=config.augment,
@@ -365,6 +361,12 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
             f"{out_dir}: nothing to train: the run already finished {checkpoint['epoch']} epochs of optim.epochs={config.optim.epochs} "
             "(raise optim.epochs to continue, e.g. optim.epochs=20)"
         )
+    # The run folder only once the data and any checkpoint have been read: a mistake there leaves nothing behind.
+    if job.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A SIGKILL during a save leaves its temporary file (never a broken checkpoint under the real name).
+        for stale in out_dir.glob(".*.tmp"):
+            stale.unlink()
     steps_per_epoch = -(-len(train_loader) // config.optim.accumulate_steps)
     run = Run(config, job=job, device=device, steps_per_epoch=steps_per_epoch, checkpoint=checkpoint, source=out_dir / LAST_CHECKPOINT)
     del checkpoint

@@ -342,6 +342,16 @@ def test_resume_without_a_checkpoint_is_an_error(tiny_config: Callable[..., Trai
         train(tiny_config(), data_dir, tmp_path / "empty", resume=True, progress=False)
 
 
+def test_a_run_refused_at_the_start_leaves_no_run_folder(tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(LungdetError, match=re.escape("amp=fp16 needs a CUDA GPU, but this run is on cpu")):
+        train(tiny_config("amp=fp16"), data_dir, tmp_path / "fp16", progress=False)
+    with pytest.raises(LungdetError, match=re.escape(str(tmp_path / "no_data"))):
+        train(tiny_config(), tmp_path / "no_data", tmp_path / "missing_data", progress=False)
+    with pytest.raises(LungdetError, match="checkpoint not found"):
+        train(tiny_config(), data_dir, tmp_path / "nothing_to_resume", resume=True, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_resume_after_a_crash_mid_epoch_continues_exactly(
     tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
