@@ -14,8 +14,9 @@ losses (tests/detection/test_batched_heads.py compares them with torchvision's o
 except that the random subsets sampled for the losses are drawn differently (as uniformly).
 Every one of them falls back to torchvision's code for inputs it does not cover (images of
 different sizes, resizing, tracing). One deliberate difference under mixed precision: anchors,
-proposals and detections stay in float32 (:class:`Float32BoxCoder`), where torchvision rounds
-them to bf16 or fp16 with the network's outputs. They add no parameters or buffers, so
+proposals, detections and their scores stay in float32 (:class:`Float32BoxCoder`, the
+``postprocess_detections`` overrides), where torchvision rounds them to bf16 or fp16 with the
+network's outputs. They add no parameters or buffers, so
 checkpoints do not depend on whether they are used (``model.batched_heads``).
 
 Batched layout: ground-truth boxes and proposals are padded to ``[images, most per image, 4]``
@@ -276,8 +277,18 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
         return final_boxes, final_scores
 
 
+# Why detection scores are computed in float32: under bf16 autocast torchvision's softmax or
+# sigmoid gives confidences with 8 significant bits (steps of 1/256 near 1), and the RSNA metric,
+# which ranks an image's boxes by confidence, then breaks the ties by position.
+
+
 class BatchedRoIHeads(RoIHeads):
-    """Box heads whose training proposals are matched and sampled for the whole batch at once."""
+    """Box heads whose training proposals are matched and sampled for the whole batch at once, and whose scores are float32."""
+
+    def postprocess_detections(
+        self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        return super().postprocess_detections(class_logits.float(), box_regression.float(), proposals, image_shapes)
 
     def select_training_samples(
         self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
@@ -322,8 +333,15 @@ class BatchedRetinaNetLoss(RetinaNet):
     (ignored anchors for the classification, non-foreground ones for the regression) are masked
     out of the sums. Same losses: each image's sums over its foreground count (at least 1),
     averaged over the images. Box losses other than torchvision's default l1 and smooth_l1 go
-    through torchvision's code.
+    through torchvision's code. Its detection scores are float32 under autocast too.
     """
+
+    def postprocess_detections(
+        self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        # float32 scores, as the box heads' (see above BatchedRoIHeads).
+        as_float32 = {name: [level.float() for level in levels] for name, levels in head_outputs.items()}
+        return super().postprocess_detections(as_float32, anchors, image_shapes)
 
     def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor]) -> dict[str, Tensor]:
         loss_type = self.head.regression_head._loss_type

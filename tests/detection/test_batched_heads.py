@@ -358,6 +358,15 @@ def test_retinanet_losses_equal_torchvision(loss_type: str) -> None:
     assert batched.head.regression_head.bbox_reg.weight.grad.abs().sum() > 0
 
 
+def test_retinanet_scores_stay_float32_under_bf16_autocast() -> None:
+    model = model_for("retinanet_resnet50_fpn", "model.batched_heads=true").eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        detections = model(random_images(2))
+    scores = torch.cat([d["scores"] for d in detections])
+    assert scores.dtype == torch.float32 and len(scores)
+    assert bool((scores != scores.to(torch.bfloat16).float()).any())
+
+
 def test_retinanet_loss_of_a_batch_without_boxes_is_finite() -> None:
     model = model_for("retinanet_resnet50_fpn", "model.batched_heads=true").train()
     empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}] * 2
@@ -385,8 +394,13 @@ def test_box_coordinates_stay_float32_under_bf16_autocast(untouched_model: torch
     record(batched, "batched")
     images = random_images(2, size=SIZE)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        stock_boxes = torch.cat([d["boxes"] for d in stock(images)])
-        batched_boxes = torch.cat([d["boxes"] for d in batched(images)])
+        stock_detections, batched_detections = stock(images), batched(images)
+    stock_boxes = torch.cat([d["boxes"] for d in stock_detections])
+    batched_boxes = torch.cat([d["boxes"] for d in batched_detections])
+    # Scores too: torchvision's come out in bf16, ours in float32 with more than bf16's 8 bits.
+    stock_scores, batched_scores = (torch.cat([d["scores"] for d in detections]) for detections in (stock_detections, batched_detections))
+    assert stock_scores.dtype == torch.bfloat16 and batched_scores.dtype == torch.float32
+    assert bool((batched_scores != batched_scores.to(torch.bfloat16).float()).any())
     # torchvision rounds proposals and detections to bf16 (8 significant bits: a 1-pixel grid
     # above 64 px here); ours keep float32 corners, off that grid.
     assert seen == {"stock": torch.bfloat16, "batched": torch.float32}
