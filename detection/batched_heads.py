@@ -130,6 +130,30 @@ def sampled_mask(shape: torch.Size, *index_valid: tuple[Tensor, Tensor]) -> Tens
     return mask[:, :-1]
 
 
+# torchvision's batched_nms shifts the classes' boxes apart and runs one NMS for up to this many
+# boxes, and one NMS per class above it (one call's overlap mask grows with the square of its
+# boxes). nms_within_levels makes the same choice, so it calls the same NMS kernels.
+ONE_CALL_NMS_MAX_BOXES = {"cpu": 1000, "cuda": 5000}
+
+
+def nms_within_levels(boxes: Tensor, scores: Tensor, levels: Tensor, level_counts: list[int], iou_threshold: float) -> Tensor:
+    """torchvision's ``batched_nms`` with the FPN levels as classes, for boxes that come level by level in runs of ``level_counts``.
+
+    Returns the kept indices, highest score first, as ``batched_nms`` does. Where it would run one
+    NMS per level it first finds each level's boxes with ``unique`` and ``where``, each a wait for
+    the GPU; the runs' lengths, known here, make those unnecessary, and only the NMS calls wait.
+    """
+    if len(boxes) <= ONE_CALL_NMS_MAX_BOXES.get(boxes.device.type, ONE_CALL_NMS_MAX_BOXES["cuda"]):
+        return box_ops.batched_nms(boxes, scores, levels, iou_threshold)  # its one-call path
+    kept, start = [], 0
+    for count in level_counts:
+        if count:
+            kept.append(torchvision.ops.nms(boxes[start : start + count], scores[start : start + count], iou_threshold) + start)
+        start += count
+    keep = torch.cat(kept).sort().values  # in index order, as batched_nms has them before its sort by score
+    return keep[scores[keep].sort(descending=True)[1]]
+
+
 class Float32BoxCoder(BoxCoder):
     """Decodes boxes in float32 even when the network's outputs are bf16 or fp16 (autocast).
 
@@ -266,12 +290,19 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
         boxes = box_ops.clip_boxes_to_image(proposals[rows, top_n], image_shapes[0])
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         keep = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
-        # The one wait for the GPU: how many proposals each image keeps before its NMS.
-        counts = keep.sum(dim=1).tolist()
-        per_image = zip(boxes[keep].split(counts), scores[keep].split(counts), levels[keep].split(counts))
+        # The one wait for the GPU besides the NMS calls: how many proposals of each level each
+        # image keeps (top_n holds each level's best, level after level).
+        per_level = [min(self.pre_nms_top_n(), count) for count in num_anchors_per_level]
+        level_counts = torch.stack([part.sum(dim=1) for part in keep.split(per_level, dim=1)], dim=1).tolist()
+        counts = [sum(row) for row in level_counts]
+        # The kept positions in order without another wait (a boolean index would wait for each
+        # tensor it selects from): a stable sort puts the kept ones first, and their number is known.
+        kept_positions = torch.argsort(keep.flatten().logical_not().to(torch.int8), stable=True)[: sum(counts)]
+        boxes, scores, levels = boxes.flatten(0, 1)[kept_positions], scores.flatten()[kept_positions], levels.flatten()[kept_positions]
+        per_image = zip(boxes.split(counts), scores.split(counts), levels.split(counts), level_counts)
         final_boxes, final_scores = [], []
-        for image_boxes, image_scores, image_levels in per_image:
-            kept = box_ops.batched_nms(image_boxes, image_scores, image_levels, self.nms_thresh)[: self.post_nms_top_n()]
+        for image_boxes, image_scores, image_levels, image_level_counts in per_image:
+            kept = nms_within_levels(image_boxes, image_scores, image_levels, image_level_counts, self.nms_thresh)[: self.post_nms_top_n()]
             final_boxes.append(image_boxes[kept])
             final_scores.append(image_scores[kept])
         return final_boxes, final_scores

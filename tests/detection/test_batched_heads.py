@@ -13,6 +13,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_iou
+from torchvision.ops import boxes as box_ops
 
 from detection.batched_heads import (
     BatchedRegionProposalNetwork,
@@ -23,6 +24,7 @@ from detection.batched_heads import (
     balanced_sample,
     batched_box_iou,
     batched_match,
+    nms_within_levels,
     pad_boxes,
     sampled_mask,
     use_batched_heads,
@@ -169,6 +171,41 @@ def test_sampled_mask_ignores_invalid_slots_pointing_at_sampled_candidates() -> 
 # --- the detector parts, against torchvision's methods on the same instance -----------------------
 
 
+def boxes_in_level_runs(level_counts: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random overlapping boxes, level after level in runs of ``level_counts``, with distinct scores (no ties to order)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(level_counts)
+    corners = torch.rand(total, 2, generator=generator) * 200
+    boxes = torch.cat([corners, corners + 8 + torch.rand(total, 2, generator=generator) * 60], dim=1)
+    scores = torch.randperm(total, generator=generator).float() / total
+    levels = torch.cat([torch.full((count,), level) for level, count in enumerate(level_counts)])
+    return boxes, scores, levels
+
+
+@pytest.mark.parametrize("level_counts", [[300, 0, 200, 50], [900, 700, 0, 600, 12]])  # torchvision's one-call path, then its per-level one
+def test_nms_within_levels_equals_torchvision_batched_nms(level_counts: list[int]) -> None:
+    boxes, scores, levels = boxes_in_level_runs(level_counts)
+    kept = nms_within_levels(boxes, scores, levels, level_counts, 0.5)
+    expected = box_ops.batched_nms(boxes, scores, levels, 0.5)
+    assert torch.equal(kept, expected)
+    assert 0 < len(kept) < len(boxes)  # NMS did suppress, and kept some of every non-empty level
+    assert set(levels[kept].tolist()) == {level for level, count in enumerate(level_counts) if count}
+
+
+def test_nms_within_levels_waits_only_in_the_nms_calls() -> None:
+    level_counts = [900, 700, 0, 600, 12]
+    boxes, scores, levels = boxes_in_level_runs(level_counts)
+    calls: dict[str, int] = {}
+    for function in (nms_within_levels, lambda b, s, l, _counts, t: box_ops.batched_nms(b, s, l, t)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            function(boxes, scores, levels, level_counts, 0.5)
+        names = [event.name for event in profile.events()]
+        calls[function.__name__] = (names.count("torchvision::nms"), names.count("aten::nonzero") + names.count("aten::_unique2"))
+    # One NMS per non-empty level both ways; torchvision also finds each level with where() and unique().
+    assert calls["nms_within_levels"] == (4, 0)
+    assert calls["<lambda>"][0] == 4 and calls["<lambda>"][1] >= 5
+
+
 def test_shared_anchors_equal_torchvision_anchors(stock_model: torch.nn.Module, batched_model: torch.nn.Module) -> None:
     images = torch.rand(4, 3, SIZE, SIZE)
     image_list = ImageList(images, [(SIZE, SIZE)] * 4)
@@ -230,7 +267,15 @@ def test_rpn_anchor_targets_equal_torchvision(batched_model: torch.nn.Module) ->
     assert {-1.0, 0.0, 1.0} <= set(torch.cat(labels).unique().tolist())
 
 
-def test_rpn_proposals_equal_torchvision(batched_model: torch.nn.Module) -> None:
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.architecture=fasterrcnn_mobilenet_v3_large_fpn",),  # ~340 candidates per image: torchvision's one-NMS path
+        ("model.architecture=fasterrcnn_resnet50_fpn", "model.rpn_pre_nms_top_n_test=2000", "model.rpn_post_nms_top_n_test=2000"),  # ~1,800 in 5 levels: its NMS per level
+    ],
+)
+def test_rpn_proposals_equal_torchvision(overrides: tuple[str, ...]) -> None:
+    batched_model = use_batched_heads(model_for("fasterrcnn_mobilenet_v3_large_fpn", *overrides))
     rpn = batched_model.rpn
     image_list, features = rpn_inputs(batched_model)
     feature_list = list(features.values())
