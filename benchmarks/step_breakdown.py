@@ -20,13 +20,14 @@ Run: ``.venv/bin/python benchmarks/step_breakdown.py [--config NAME] [--count 64
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,33 @@ PARTS = (
 PART_MARK = "part: "
 
 
+# .tolist() copies to the host without dispatching an operator on a CPU, so the profiled step
+# marks each call with a range of this name (see count_tolist_calls).
+TOLIST_MARK = "host::tolist"
 # Operators whose result's size or value the host must read before it can go on: on a GPU each
 # waits until every kernel queued before it has run, and the GPU then idles while the host queues
-# the next ones. A boolean index goes through nonzero; .item() and .tolist() through
-# _local_scalar_dense; torchvision's CUDA NMS copies its overlap mask to the host.
+# the next ones. A boolean index goes through nonzero; .item() through _local_scalar_dense;
+# torchvision's CUDA NMS copies its overlap mask to the host.
 HOST_WAIT_OPERATORS = frozenset({
     "aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
-    "aten::unique_consecutive", "aten::repeat_interleave", "aten::is_nonzero", "aten::equal", "torchvision::nms",
+    "aten::unique_consecutive", "aten::repeat_interleave", "aten::is_nonzero", "aten::equal", "torchvision::nms", TOLIST_MARK,
 })
+
+
+@contextlib.contextmanager
+def count_tolist_calls() -> Iterator[None]:
+    """Mark every ``Tensor.tolist()`` for the profiler while inside, so that :func:`count_operations` sees it."""
+    original = torch.Tensor.tolist
+
+    def tolist(tensor: torch.Tensor) -> Any:
+        with torch.profiler.record_function(TOLIST_MARK):
+            return original(tensor)
+
+    torch.Tensor.tolist = tolist
+    try:
+        yield
+    finally:
+        torch.Tensor.tolist = original
 
 OPTIMIZER_PART = "optimizer step"
 
@@ -241,7 +261,7 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
     synced = (time.perf_counter() - start) / steps
 
     timer.enabled, timer.labelling = False, True
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, count_tolist_calls():
         step(*batches[warmup], timed=True)
     timer.labelling = False
     counts = count_operations(profile.events())
