@@ -69,6 +69,8 @@ PARTS = (
 PART_MARK = "part: "
 
 
+# The optimizer's phase of the step, whose .item() calls are not waits (see count_operations).
+OPTIMIZER_PART = "optimizer step"
 # .tolist() copies to the host without dispatching an operator on a CPU, so the profiled step
 # marks each call with a range of this name (see count_tolist_calls).
 TOLIST_MARK = "host::tolist"
@@ -96,8 +98,6 @@ def count_tolist_calls() -> Iterator[None]:
         yield
     finally:
         torch.Tensor.tolist = original
-
-OPTIMIZER_PART = "optimizer step"
 
 
 def count_operations(events: Any) -> dict[str, Any]:
