@@ -149,11 +149,13 @@ def warmup_warning(warmup_steps: int, *, total_steps: int) -> str | None:
     A config written for the full RSNA set (fasterrcnn_resnet50_fpn warms up over 500 steps) run on a
     few hundred images would otherwise train at a fraction of its learning rate without a word.
     """
-    if total_steps <= 0 or warmup_steps * 4 <= total_steps:
+    shorter = max(total_steps // 10, 1)
+    # A run of a few steps cannot warm up for less than one: nothing to suggest then.
+    if total_steps <= 0 or warmup_steps * 4 <= total_steps or warmup_steps <= shorter:
         return None
     return (
         f"optim.warmup_iters={warmup_steps} is {min(warmup_steps / total_steps, 1):.0%} of this run's {total_steps} optimizer steps, "
-        f"so the learning rate peaks late or never; for a run this short try optim.warmup_iters={max(total_steps // 10, 1)}"
+        f"so the learning rate peaks late or never; for a run this short try optim.warmup_iters={shorter}"
     )
 
 

@@ -121,6 +121,12 @@ def test_a_warm_up_over_a_quarter_of_the_run_is_pointed_out_with_a_shorter_one()
         "optim.warmup_iters=26 is 26% of this run's 100 optimizer steps, so the learning rate peaks late or never; "
         "for a run this short try optim.warmup_iters=10"
     )
+    # A 3-step run with a 1-step warm-up: the shortest there is, so no note suggesting the same value.
+    assert warmup_warning(1, total_steps=3) is None
+    assert warmup_warning(2, total_steps=3) == (
+        "optim.warmup_iters=2 is 67% of this run's 3 optimizer steps, so the learning rate peaks late or never; "
+        "for a run this short try optim.warmup_iters=1"
+    )
     # The benchmark's case: 500 warm-up steps in a 4-epoch run of 48 steps each.
     assert warmup_warning(500, total_steps=192).startswith("optim.warmup_iters=500 is 100% of this run's 192 optimizer steps")
 
