@@ -27,7 +27,7 @@ from data_tools.to_coco import convert_dataset
 from detection.config import load_config
 from detection.data import build_dataloaders
 from detection.engine import resolve_precision, train_one_epoch
-from detection.model import build_model
+from detection.model import build_model, in_memory_layout
 from detection.predict import predict_dicoms
 from detection.train import build_optimizer, build_scheduler, seed_everything
 
@@ -50,9 +50,7 @@ def training_throughput(config_name: str, data_dir: Path, *, steps: int) -> tupl
     train_loader, _ = build_dataloaders(data_dir, config.data, image_size=config.model.image_size, seed=0, augment=config.augment)
     train_loader.sampler.set_epoch(1)
     precision = resolve_precision(config.amp, CPU)
-    model = build_model(config.model)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = in_memory_layout(build_model(config.model), channels_last=config.channels_last)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=10_000)
     batches = [next(iter(train_loader)) for _ in range(steps + 1)]
@@ -89,9 +87,7 @@ def main() -> None:
             rows.append((f"train {name}", f"{train_rate:.2f} images/s"))
             rows.append((f"model forward only {name}", f"{inference_rate:.2f} images/s"))
         config = load_config(configs[0], ["model.pretrained=none"])
-        model = build_model(config.model).eval()
-        if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = in_memory_layout(build_model(config.model).eval(), channels_last=config.channels_last)
         paths = find_dicoms(synth.images_dir)[:64]
         _, seconds = time_call(
             predict_dicoms, model, paths, image_size=config.model.image_size, device=CPU, score_threshold=0.5, progress=False,

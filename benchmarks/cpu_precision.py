@@ -24,7 +24,7 @@ import torch
 from data_tools.errors import LungdetError
 from detection.config import load_config
 from detection.engine import cpu_has_native_bf16
-from detection.model import build_model
+from detection.model import build_model, in_memory_layout
 
 SETTINGS = (("fp32, NCHW", False, False), ("fp32, channels_last", False, True), ("bf16, NCHW", True, False), ("bf16, channels_last", True, True))
 
@@ -48,9 +48,7 @@ def synthetic_batch(image_size: int, batch: int) -> tuple[list[torch.Tensor], li
 
 def step_seconds(config, *, bf16: bool, channels_last: bool, steps: int) -> float:
     torch.manual_seed(0)
-    model = build_model(config.model).train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = in_memory_layout(build_model(config.model).train(), channels_last=channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     images, targets = synthetic_batch(config.model.image_size, config.data.batch_size)
 

@@ -37,7 +37,7 @@ from data_tools.errors import LungdetError
 from detection.config import load_config
 from detection.data import build_dataloaders
 from detection.engine import move_to_device, resolve_precision
-from detection.model import build_model, needs_masks
+from detection.model import build_model, in_memory_layout, needs_masks
 from detection.train import build_optimizer, compile_fixed_shape_parts, resolve_device, seed_everything
 # The same synthetic set as the reference comparison (this folder is on sys.path when a script in it runs).
 from train_vs_reference import prepare_dataset
@@ -204,9 +204,7 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
     device = resolve_device(config.device)
     precision = resolve_precision(config.amp, device)
     seed_everything(config.seed)
-    model = build_model(config.model)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = in_memory_layout(build_model(config.model), channels_last=config.channels_last)
     model.to(device).train()
     # Compiled parts are not split further: a timing wrapper inside them would break the compiled graph.
     compiled = compile_fixed_shape_parts(model) if config.compile else []

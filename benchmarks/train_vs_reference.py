@@ -302,7 +302,6 @@ def compare(config: TrainConfig, data_dir: Path, run_dir: Path, *, epochs: int, 
 
 def print_table(config: TrainConfig, result: dict[str, object], *, config_name: str, epochs: int, recipe: str = "ours") -> None:
     device = result["device"]
-    channels_last = config.channels_last
     our_train, reference_train = result["train"]
     ratio = our_train / reference_train
     our_map, reference_map = result["map"]
@@ -315,7 +314,7 @@ def print_table(config: TrainConfig, result: dict[str, object], *, config_name: 
         f"{result['train_images']} training / {result['val_images']} validation images, {epochs} epoch{'s' if epochs > 1 else ''} from scratch | "
         f"our side with {'the config' if recipe == 'ours' else 'the reference'}'s recipe\n"
     )
-    print(f"| measure | lungdet train ({result['precision']}{', channels_last' if channels_last else ''}) | reference recipe (fp32) | ours / reference |")
+    print(f"| measure | lungdet train ({result['precision']}{', channels_last' if config.channels_last else ''}) | reference recipe (fp32) | ours / reference |")
     print("| --- | --- | --- | --- |")
     met = "met" if ratio >= TARGET_RATIO else "missed"
     print(f"| training images/s ({result['which']}) | {our_train:.2f} | {reference_train:.2f} | **{ratio:.2f}x** (target >= {TARGET_RATIO}: {met}) |")

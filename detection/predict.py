@@ -27,7 +27,7 @@ from data_tools.to_coco import prepare_pixels
 from detection.config import AMP_MODES, TrainConfig, config_from_dict
 from detection.data import to_model_input
 from detection.engine import Precision, resolve_precision
-from detection.model import build_model
+from detection.model import build_model, in_memory_layout
 from detection.train import load_checkpoint, resolve_device
 from submission.prediction_string import Prediction, keep_confident, write_submission
 
@@ -44,9 +44,7 @@ def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[
     config = config_from_dict(checkpoint["config"])
     model = build_model(config.model, frozen_batch_norm=bool(checkpoint.get("frozen_batch_norm", False)))
     model.load_state_dict(checkpoint["model"])
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model.to(device).eval(), config, checkpoint
+    return in_memory_layout(model, channels_last=config.channels_last).to(device).eval(), config, checkpoint
 
 
 def model_input_for(image: DicomImage, *, image_size: int, preprocessing: Mapping[str, Any]) -> torch.Tensor:

@@ -39,7 +39,7 @@ from detection.augment import write_augmentation_samples
 from detection.data import build_dataloaders, load_preprocessing, load_records, load_sample, split_records
 from detection.distributed import Distributed, choose_backend, cuda_device_for, from_environment, gather_to_main, share_from_main, start, stop, sum_over_ranks
 from detection.engine import EpochProgress, evaluate, resolve_precision, train_one_epoch
-from detection.model import build_model, load_pretrained_state, needs_masks
+from detection.model import build_model, in_memory_layout, load_pretrained_state, needs_masks
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -254,8 +254,7 @@ class Run:
             self.frozen = pretrained_state is not None
             self.model = build_model(config.model, pretrained_state=pretrained_state)
         self.precision = resolve_precision(config.amp, device)
-        if config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        in_memory_layout(self.model, channels_last=config.channels_last)
         self.model.to(device)
         self.ema = None
         if config.optim.ema_decay > 0:

@@ -25,6 +25,7 @@ from detection.model import (
     RETINANET_ANCHOR_SCALES,
     anchor_generator,
     build_model,
+    in_memory_layout,
     load_matching_weights,
     load_pretrained_state,
     needs_masks,
@@ -105,6 +106,17 @@ def tiny_batch(*, mask_shape: str | None = None) -> tuple[list[torch.Tensor], li
 
 def test_every_configurable_architecture_has_a_builder() -> None:
     assert set(MODELS) == set(MODEL_ARCHITECTURES)
+
+
+def test_in_memory_layout_moves_the_convolutions_to_channels_last_only_when_asked(tiny_model: Callable[[str], nn.Module]) -> None:
+    model = copy.deepcopy(tiny_model(MOBILENET))
+    # Kernels wider than 1x1 over more than one input channel: the others are laid out alike either way.
+    spatial_weights = lambda: [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # noqa: E731
+    assert spatial_weights() and all(weight.is_contiguous() for weight in spatial_weights())
+    assert in_memory_layout(model, channels_last=False) is model
+    assert all(weight.is_contiguous() for weight in spatial_weights())
+    assert in_memory_layout(model, channels_last=True) is model
+    assert all(weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous() for weight in spatial_weights())
 
 
 def test_only_mask_rcnn_needs_masks() -> None:
