@@ -38,7 +38,9 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import boxes as box_ops
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
+
+from detection.sparse_roi_align import SparseMultiScaleRoIAlign
 
 # The key a candidate can never be sampled with: torch.rand draws from [0, 1).
 _NOT_A_CANDIDATE = 2.0
@@ -410,6 +412,9 @@ class BatchedRetinaNetLoss(RetinaNet):
 def use_batched_heads(model: nn.Module) -> nn.Module:
     """Switch ``model``'s transform, anchors, RPN and box heads (where it has them) to the batched classes, in place.
 
+    The RoI pooling of the box and mask heads becomes :class:`SparseMultiScaleRoIAlign`, which
+    pools every box of the batch in one sparse product on a CPU.
+
     Its box coders and anchors also move to float32 coordinates (:class:`Float32BoxCoder`), which
     changes nothing in float32 and keeps boxes exact under autocast.
 
@@ -433,4 +438,5 @@ _BATCHED_CLASSES: dict[type, type] = {
     AnchorGenerator: SharedAnchorGenerator,  # the RPN's or RetinaNet's
     RegionProposalNetwork: BatchedRegionProposalNetwork,
     RoIHeads: BatchedRoIHeads,
+    MultiScaleRoIAlign: SparseMultiScaleRoIAlign,  # the box and mask heads' RoI pooling, on a CPU
 }

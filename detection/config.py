@@ -53,7 +53,7 @@ class ModelConfig:
     box_score_thresh: float = 0.01  # the model drops detections below this; the submission threshold is tuned later
     mask_shape: str = "ellipse"  # maskrcnn only: the training mask drawn from each box, 'ellipse' (inscribed; opacities are rounded) or 'rectangle' (filled box)
     box_nms_thresh: float = 0.2  # IoU above which overlapping detections are merged; RSNA boxes rarely overlap, and every duplicate is a false positive (0.5 -> 0.2 lifted held-out synthetic mAP 0.34 -> 0.46)
-    batched_heads: bool = True  # match, sample and filter for the whole batch at once (detection/batched_heads.py): torchvision's results with far fewer GPU waits; false = torchvision's per-image loops
+    batched_heads: bool = True  # match, sample and filter for the whole batch at once (detection/batched_heads.py): torchvision's results with far fewer GPU waits, and RoI pooling as one sparse product on a CPU (detection/sparse_roi_align.py); false = torchvision's per-image loops and kernels
 
 
 @dataclass

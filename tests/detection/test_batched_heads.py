@@ -32,6 +32,7 @@ from detection.batched_heads import (
 from detection.config import load_config
 from detection.masks import box_masks
 from detection.model import build_model
+from detection.sparse_roi_align import SparseMultiScaleRoIAlign
 
 SIZE = 128
 # Boxes per image, positives and negatives mixed, including an image with none (RSNA's 77% negatives).
@@ -379,6 +380,9 @@ def test_batched_heads_config_switches_classes_and_keeps_the_state_dict() -> Non
     assert type(batched.transform) is BatchedTransform and type(batched.rpn.anchor_generator) is SharedAnchorGenerator
     assert type(stock.rpn) is RegionProposalNetwork
     assert stock.state_dict().keys() == batched.state_dict().keys()
+    assert type(batched.roi_heads.box_roi_pool) is SparseMultiScaleRoIAlign
+    mask_rcnn = model_for("maskrcnn_resnet50_fpn", "model.batched_heads=true")
+    assert type(mask_rcnn.roi_heads.mask_roi_pool) is SparseMultiScaleRoIAlign
     retinanet = model_for("retinanet_resnet50_fpn", "model.batched_heads=true")
     assert type(retinanet.transform) is BatchedTransform and type(retinanet.anchor_generator) is SharedAnchorGenerator
 
