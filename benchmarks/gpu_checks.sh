@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR                 # on a CUDA machine: everything, ~19 minutes
 #   PARTS="breakdown ablation" bash benchmarks/gpu_checks.sh OUT_DIR   # some parts: tests (~1 min),
-#                                     # smoke (~4 min), bench (~6 min), ablation (~4 min), breakdown (~5 min)
+#                                     # smoke (~4 min), bench (~6 min), ablation (~4 min), breakdown (~6 min)
 #   DEVICE=cpu SCALE=small bash benchmarks/gpu_checks.sh /tmp/dry   # a dry run of the script on CPU
 #
 # The ablation trains our side of the ResNet-50 benchmark with one part of our recipe changed at a
@@ -111,6 +111,9 @@ if [[ $parts == *" breakdown "* ]]; then
     step breakdown_mobilenet 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_mobilenet_cpu --device "$device" "model.image_size=$bench_size"
     step breakdown_r50_1024 180 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$(( bench_size * 2 ))"
     step breakdown_r50_compiled 300 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size" compile=true
+    # RoI pooling alone, torchvision's kernels against the sparse product the CPU uses: whether it
+    # should run on the GPU too (detection/sparse_roi_align.py, SPARSE_DEVICE_TYPES).
+    step roi_align_speed 120 "$py" -W ignore benchmarks/roi_align_speed.py --device "$device" --image-size "$bench_size"
 fi
 
 rm -rf "$work"
