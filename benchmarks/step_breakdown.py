@@ -13,6 +13,9 @@ converted set and times, per batch:
   backward pass and the optimizer step. Synchronising costs a little, so the parts add up to
   slightly more than the unsynchronised step.
 
+One part is not the GPU's on a CPU: RoI pooling there is one sparse product
+(detection/sparse_roi_align.py), where a GPU runs torchvision's kernels level by level.
+
 Run: ``.venv/bin/python benchmarks/step_breakdown.py [--config NAME] [--count 64] [--steps 5] [--device auto] [KEY=VALUE ...]``
 (about a minute on 2 CPU cores with the CPU config; on a CUDA machine it uses the GPU).
 """
