@@ -9,7 +9,8 @@ Yet RoI Align is linear in the feature maps: each output value is a fixed weight
 ``4 * sampling_ratio**2`` feature pixels of one channel, and the weights are the same for every
 channel. So all of it is one sparse matrix ``M`` (a row per RoI bin, a column per feature pixel of
 any level and image) times the feature maps laid out as ``[pixels, channels]``, which is the
-memory order of channels_last maps, so no copy is needed to get there. Its gradient is ``M^T``
+memory order of channels_last maps (a view of them; the only copy is the cast to float32 and the
+joining of the levels). Its gradient is ``M^T``
 times the output's gradient: another sparse product, with no scattered additions. torch runs both
 with MKL's sparse routines on all cores.
 
