@@ -89,6 +89,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
                 outputs[name] = pool(maps)
 
         def forward_backward() -> None:
+            for leaf in leaves.values():
+                leaf.grad = None  # as a training step's zero_grad: otherwise each repeat also adds into the last one's gradient
             with torch.autocast(device.type, dtype=dtype, enabled=args.bf16):
                 pooled = pool(leaves)
             pooled.float().square().mean().backward()
