@@ -12,7 +12,9 @@ a caller converting thousands of files can skip one bad file and list it at the 
 
 from __future__ import annotations
 
+import io
 import re
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,7 +29,8 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, JPEGBaseline8Bit
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
 from data_tools.errors import DicomReadError, LungdetError
 
@@ -36,6 +39,12 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 # DICOM age strings are 'nnnY', 'nnnM', 'nnnW' or 'nnnD'; RSNA files store a plain integer ('51').
 _AGE_PATTERN = re.compile(r"^\s*(\d{1,3})\s*([YMWD]?)\s*$", re.IGNORECASE)
 _UNITS_PER_YEAR = {"": 1.0, "Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
+# JPEG markers (ITU T.81 table B.1, T.87 for JPEG-LS). Frame headers: SOF0-SOF15 less DHT (C4),
+# JPG (C8) and DAC (CC), plus JPEG-LS's SOF55 (F7); each is length, precision, rows, columns.
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+_JPEG_STANDALONE_MARKERS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # TEM, SOI, RST0-7: no length field
+_JPEG_START_OF_SCAN = 0xDA
+_JP2_SIGNATURE_BOX = b"\x00\x00\x00\x0cjP  "
 
 
 @dataclass(frozen=True)
@@ -123,18 +132,23 @@ def find_cut_element(dataset: Dataset) -> str | None:
     return None
 
 
-def _open_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
+def _open_dataset(path: Path, *, stop_before_pixels: bool, data: bytes | None = None) -> Dataset:
+    """Parse a DICOM from the file at ``path``, or from ``data`` when given (``path`` then only names it in messages)."""
     path = Path(path)
-    if not path.is_file():
-        raise DicomReadError(path, "file not found", kind="missing")
-    if path.stat().st_size == 0:
+    if data is None:
+        if not path.is_file():
+            raise DicomReadError(path, "file not found", kind="missing")
+        size = path.stat().st_size
+    else:
+        size = len(data)
+    if size == 0:
         raise DicomReadError(path, "file is empty (0 bytes); copy or download it again", kind="empty")
     try:
         with warnings.catch_warnings():
             # On a file that ends early pydicom only warns and returns a dataset with *no* elements,
             # which would later read as "no Rows/Columns"; make it an error while the cause is known.
             warnings.filterwarnings("error", message="(End of file reached|Unexpected end of file)", category=UserWarning)
-            dataset = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+            dataset = pydicom.dcmread(path if data is None else io.BytesIO(data), stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         raise DicomReadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble); remove it from the folder", kind="not_dicom") from None
     except UserWarning as warning:
@@ -181,6 +195,25 @@ def _metadata_from_dataset(path: Path, dataset: Dataset) -> DicomMeta:
         number_of_frames=_numeric_tag(path, dataset, "NumberOfFrames", int, 1),
         transfer_syntax=str((getattr(dataset, "file_meta", None) or {}).get("TransferSyntaxUID", "") or ""),
     )
+
+
+def conversion_notes(meta: DicomMeta) -> list[dict[str, str]]:
+    """What :func:`read_dicom` does to this file's pixels beyond decoding: ``[{"kind", "reason"}, ...]``, [] for plain 8-bit grey.
+
+    Colour becomes grey (luma), MONOCHROME1 is inverted, deeper pixels are windowed to 8 bits.
+    ``convert`` reports these per file and ``lungdet serve`` returns them with each image.
+    """
+    notes = []
+    if meta.samples_per_pixel == 3:
+        notes.append({"kind": "rgb_converted", "reason": f"colour image ({meta.photometric_interpretation}) converted to grey (luma)"})
+    if meta.photometric_interpretation.upper() == "MONOCHROME1":
+        notes.append({"kind": "monochrome1_inverted", "reason": "MONOCHROME1 (bright = air) inverted so that bright = dense"})
+    if meta.bits_stored > 8:
+        notes.append({
+            "kind": "high_bit_depth_rescaled",
+            "reason": f"{meta.bits_stored}-bit pixels mapped to 8 bits (Window Center/Width if present, else the image's own min..max)",
+        })
+    return notes
 
 
 def find_missing_decoder(transfer_syntax: str) -> str | None:
@@ -257,6 +290,87 @@ def pixels_to_uint8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     return np.ascontiguousarray(display, dtype=np.uint8)
 
 
+def encoded_frame_size(stream: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` that a compressed frame declares in its own header, or None when none can be found.
+
+    Reads the frame header of JPEG (every SOF marker, lossless included), JPEG-LS (SOF55) and
+    JPEG 2000 (a raw codestream's SIZ marker, or a JP2 file's ``ihdr`` box) without decoding,
+    so an image can be refused for its size before a decoder allocates it.
+    """
+    if stream.startswith(b"\xff\x4f\xff\x51"):
+        # JPEG 2000 codestream: SOC, then SIZ = marker, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz.
+        if len(stream) < 24:
+            return None
+        xsiz, ysiz, x_offset, y_offset = struct.unpack(">IIII", stream[8:24])
+        return ysiz - y_offset, xsiz - x_offset
+    if stream.startswith(_JP2_SIGNATURE_BOX):
+        header = stream.find(b"ihdr")
+        if header < 0 or header + 12 > len(stream):
+            return None
+        height, width = struct.unpack(">II", stream[header + 4 : header + 12])
+        return height, width
+    if not stream.startswith(b"\xff\xd8"):
+        return None
+    position = 2
+    while position + 4 <= len(stream):
+        if stream[position] != 0xFF:
+            return None
+        marker = stream[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker in _JPEG_STANDALONE_MARKERS:
+            position += 2
+            continue
+        if marker == _JPEG_START_OF_SCAN:  # image data before any frame header: not a valid stream
+            return None
+        if marker in _JPEG_FRAME_MARKERS:
+            if position + 9 > len(stream):
+                return None
+            rows, columns = struct.unpack(">HH", stream[position + 5 : position + 9])
+            return rows, columns
+        position += 2 + int.from_bytes(stream[position + 2 : position + 4], "big")
+    return None
+
+
+def check_declared_size(path: Path, dataset: Dataset, meta: DicomMeta, *, max_pixels: int) -> None:
+    """Refuse, before any decoding, a DICOM whose image is larger than ``max_pixels`` or whose compressed frame disagrees with Rows/Columns.
+
+    A compressed frame carries its own size, and decoders allocate what the frame says, not what
+    Rows/Columns say; an upload could declare a small image in its tags and a huge one in its
+    stream (a decompression bomb). RLE frames carry no size: their decoder uses Rows/Columns.
+    """
+    declared = meta.rows * meta.columns * max(1, meta.number_of_frames)
+    if declared > max_pixels:
+        raise DicomReadError(
+            path,
+            f"declares {meta.rows} x {meta.columns} pixels{f' x {meta.number_of_frames} frames' if meta.number_of_frames > 1 else ''} "
+            f"({declared / 1e6:.1f} megapixels), over the limit of {max_pixels / 1e6:g}; send a smaller export of the image",
+            kind="too_many_pixels",
+        )
+    syntax = UID(meta.transfer_syntax) if meta.transfer_syntax else None
+    if syntax is None or not syntax.is_compressed or syntax == RLELossless or "PixelData" not in dataset:
+        return
+    try:
+        frame = next(generate_frames(dataset.PixelData, number_of_frames=max(1, meta.number_of_frames)))
+    except Exception:  # damaged encapsulation: the decoder reports it
+        return
+    size = encoded_frame_size(frame)
+    if size is None:
+        raise DicomReadError(path, f"the {syntax.name} frame has no readable header giving its size; the file is damaged, export it again", kind="undecodable")
+    if size[0] * size[1] > max_pixels:
+        raise DicomReadError(
+            path,
+            f"its compressed frame declares {size[0]} x {size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels), over the limit of "
+            f"{max_pixels / 1e6:g}; send a smaller export of the image",
+            kind="too_many_pixels",
+        )
+    if size != (meta.rows, meta.columns):
+        raise DicomReadError(
+            path, f"its compressed frame is {size[0]} x {size[1]} pixels but Rows/Columns say {meta.rows} x {meta.columns}; the file is inconsistent", kind="bad_shape"
+        )
+
+
 def grey_jpeg_baseline_stream(dataset: Dataset, meta: DicomMeta) -> bytes | None:
     """The complete JPEG stream of an 8-bit grey single-frame JPEG Baseline DICOM, or None for any other file.
 
@@ -288,23 +402,61 @@ def decode_grey_jpeg(stream: bytes, shape: tuple[int, int]) -> np.ndarray | None
     differently, so about 3% of pixels differ by one grey level; libjpeg-turbo is also what
     Pillow uses.
     """
+    # A stream that declares another size would be decoded in full only to be thrown away (or,
+    # declaring a huge one, to exhaust memory): its header says so before any decoding.
+    if encoded_frame_size(stream) != shape:
+        return None
     # libjpeg-turbo would only warn about a damaged stream and fill the rest grey; the End Of
     # Image check of grey_jpeg_baseline_stream catches the common case, a file cut short.
     pixels = cv2.imdecode(np.frombuffer(stream, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
     return pixels if pixels is not None and pixels.shape == shape else None
 
 
-def read_dicom(path: Path) -> DicomImage:
+def read_dicom(path: Path, *, max_pixels: int | None = None) -> DicomImage:
     """Read one DICOM: pixels as uint8 ``[rows, columns]`` (see :func:`pixels_to_uint8`) and metadata.
+
+    With ``max_pixels``, an image declaring more pixels (in its tags or its compressed frame) is
+    refused before decoding (see :func:`check_declared_size`).
 
     Raises
     ------
     DicomReadError
         The file is missing, empty, not DICOM, damaged, has no pixel data, uses a compression no
-        installed decoder supports, cannot be decoded, or is not a single-frame image.
+        installed decoder supports, cannot be decoded, is not a single-frame image, or is over ``max_pixels``.
     """
     path = Path(path)
-    dataset = _open_dataset(path, stop_before_pixels=False)
+    return _image_from_dataset(path, _open_dataset(path, stop_before_pixels=False), max_pixels=max_pixels)
+
+
+def read_dicom_bytes(data: bytes, *, name: str, max_pixels: int | None = None) -> DicomImage:
+    """:func:`read_dicom` for a DICOM held in memory (an upload); ``name`` stands for the file in messages and in ``meta.path``.
+
+    With ``max_pixels`` (untrusted input), a Deflated file is refused too: pydicom inflates the
+    whole dataset in memory before any tag can be checked, so a small upload could inflate to gigabytes.
+    """
+    path = Path(name)
+    if max_pixels is not None and _file_meta_transfer_syntax(data) == DeflatedExplicitVRLittleEndian:
+        raise DicomReadError(
+            path,
+            f"uses transfer syntax {DeflatedExplicitVRLittleEndian.name}, which is refused here: it inflates in memory before its size "
+            "can be checked; export the image uncompressed or as JPEG Baseline",
+            kind="unsupported_compression",
+        )
+    return _image_from_dataset(path, _open_dataset(path, stop_before_pixels=False, data=data), max_pixels=max_pixels)
+
+
+def _file_meta_transfer_syntax(data: bytes) -> str:
+    """The Transfer Syntax UID of a DICOM's file meta group, read without parsing the dataset ('' if unreadable)."""
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        # pydicom has no public reader of the file meta from a stream; this is what dcmread uses.
+        return str(_read_file_meta_info(stream).get("TransferSyntaxUID", "") or "")
+    except Exception:  # not DICOM or damaged: the full parse reports it properly
+        return ""
+
+
+def _image_from_dataset(path: Path, dataset: Dataset, *, max_pixels: int | None) -> DicomImage:
     meta = _metadata_from_dataset(path, dataset)
     if "PixelData" not in dataset:
         raise DicomReadError(path, "has no pixel data (7FE0,0010), so there is no image to read; remove it from the folder", kind="no_pixels")
@@ -315,6 +467,8 @@ def read_dicom(path: Path) -> DicomImage:
     missing_decoder = find_missing_decoder(meta.transfer_syntax)
     if missing_decoder is not None:
         raise DicomReadError(path, missing_decoder, kind="unsupported_compression")
+    if max_pixels is not None:
+        check_declared_size(path, dataset, meta, max_pixels=max_pixels)
     stream = grey_jpeg_baseline_stream(dataset, meta)
     pixels = decode_grey_jpeg(stream, (meta.rows, meta.columns)) if stream is not None else None
     if pixels is None:

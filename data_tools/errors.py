@@ -11,14 +11,23 @@ class LungdetError(Exception):
     """Base class: an input problem the user can fix. The CLI prints the message without a traceback."""
 
 
-class DicomReadError(LungdetError, ValueError):
-    """A DICOM file cannot be read or has no usable pixels."""
+class ImageReadError(LungdetError, ValueError):
+    """An image (DICOM, PNG or JPEG) cannot be read or has no usable pixels.
+
+    ``path`` names the source (a file, or an upload's hash), ``reason`` says what is wrong and
+    what to do, ``kind`` is a short category ('empty', 'truncated', 'no_pixels', ...) for
+    summaries that count kinds and for the server's status codes.
+    """
 
     def __init__(self, path: object, reason: str, *, kind: str = "unreadable") -> None:
         self.path = path
         self.reason = reason
-        self.kind = kind  # a short category ('empty', 'truncated', 'no_pixels', ...) for summaries that count kinds
+        self.kind = kind
         super().__init__(f"{path}: {reason}")
+
+
+class DicomReadError(ImageReadError):
+    """A DICOM file cannot be read or has no usable pixels."""
 
 
 class LabelError(LungdetError, ValueError):

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from data_tools.atomic import atomic_open, write_bytes_atomic, write_text_atomic
 from data_tools.boxes import clip_xywh, scale_xywh
 from data_tools.cli_types import int_in_range
-from data_tools.dicom_io import DicomImage, DicomMeta, find_dicoms, read_dicom
+from data_tools.dicom_io import conversion_notes, DicomImage, DicomMeta, find_dicoms, read_dicom
 from data_tools.errors import DicomReadError, LungdetError
 from data_tools.labels import PatientLabels, read_labels
 
@@ -168,16 +168,7 @@ def input_notes(meta: DicomMeta) -> list[dict[str, str]]:
     Each is converted anyway (colour to grey, MONOCHROME1 inverted, deep pixels windowed to 8
     bits, any size resized), but a user should know: the oddity may mean a wrong file or bad tags.
     """
-    notes = []
-    if meta.samples_per_pixel == 3:
-        notes.append({"kind": "rgb_converted", "reason": f"colour image ({meta.photometric_interpretation}) converted to grey (luma)"})
-    if meta.photometric_interpretation.upper() == "MONOCHROME1":
-        notes.append({"kind": "monochrome1_inverted", "reason": "MONOCHROME1 (bright = air) inverted so that bright = dense"})
-    if meta.bits_stored > 8:
-        notes.append({
-            "kind": "high_bit_depth_rescaled",
-            "reason": f"{meta.bits_stored}-bit pixels mapped to 8 bits (Window Center/Width if present, else the image's own min..max)",
-        })
+    notes = conversion_notes(meta)
     if meta.age is None:
         notes.append({"kind": "missing_age", "reason": "PatientAge is missing or unreadable; age left empty"})
     elif meta.age == 0:

@@ -142,7 +142,9 @@ def _draw_text_block(
     return corner
 
 
-def draw_overlay(pixels: np.ndarray, *, truth: np.ndarray | None, prediction: Prediction | None, title: str) -> np.ndarray:
+def draw_overlay(
+    pixels: np.ndarray, *, truth: np.ndarray | None, prediction: Prediction | None, title: str, truth_in_legend: bool = True
+) -> np.ndarray:
     """The X-ray with truth and predicted boxes and a legend, as RGB.
 
     Parameters
@@ -157,6 +159,8 @@ def draw_overlay(pixels: np.ndarray, *, truth: np.ndarray | None, prediction: Pr
         orange outlines labelled with the confidence (two decimals); the most confident on top.
     title
         First legend line, usually the patientId.
+    truth_in_legend
+        False leaves the truth line out of the legend, for an image that never has truth (an upload).
 
     Returns
     -------
@@ -201,6 +205,8 @@ def draw_overlay(pixels: np.ndarray, *, truth: np.ndarray | None, prediction: Pr
     drawn = [boxes for boxes in (truth_boxes, None if prediction is None else as_box_array(prediction.boxes)) if boxes is not None]
     avoid = np.concatenate(drawn) if drawn else as_box_array([])
     legend_lines = [(title, None), (truth_line, TRUTH_COLOR), (prediction_line, PREDICTION_COLOR)]
+    if not truth_in_legend:
+        legend_lines.pop(1)
     # The legend takes the corner that hides the fewest boxes; the notice the bottom corner left over.
     legend_corner = _draw_text_block(image, legend_lines, corners=("top-left", "top-right", "bottom-left", "bottom-right"), avoid=avoid, scale=scale)
     footer_corners = [corner for corner in ("bottom-left", "bottom-right") if corner != legend_corner]

@@ -7,6 +7,7 @@ import io
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -305,3 +306,62 @@ def test_find_dicoms_on_the_sample(rsna_sample_dir: Path) -> None:
 def test_find_dicoms_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(LungdetError, match=re.escape(str(tmp_path / "absent")) + ": not a folder"):
         find_dicoms(tmp_path / "absent")
+
+
+# --- sizes declared before decoding, and DICOMs held in memory ---------------------------------
+
+
+def test_encoded_frame_size_reads_jpeg_headers_without_decoding() -> None:
+    from data_tools.dicom_io import encoded_frame_size
+
+    baseline = cv2.imencode(".jpg", np.zeros((37, 53), dtype=np.uint8))[1].tobytes()
+    assert encoded_frame_size(baseline) == (37, 53)
+    # Progressive (SOF2) and a JPEG-LS frame (SOF55 = FFF7) after an APP segment, built by hand.
+    progressive = cv2.imencode(".jpg", np.zeros((20, 30), dtype=np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    assert encoded_frame_size(progressive) == (20, 30)
+    jpeg_ls = b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + b"\xff\xf7\x00\x0b\x08\x01\x00\x02\x00\x01\x01\x11\x00"
+    assert encoded_frame_size(jpeg_ls) == (256, 512)
+    # Scan data before any frame header, a cut stream, and something else entirely: no size.
+    assert encoded_frame_size(b"\xff\xd8\xff\xda\x00\x02") is None
+    assert encoded_frame_size(baseline[:4]) is None
+    assert encoded_frame_size(b"not a jpeg") is None
+
+
+def test_encoded_frame_size_reads_jpeg_2000_codestreams_and_jp2_files() -> None:
+    import struct
+
+    from data_tools.dicom_io import encoded_frame_size
+
+    # SOC, SIZ marker, Lsiz, Rsiz, Xsiz=700, Ysiz=500, XOsiz=100, YOsiz=50
+    codestream = b"\xff\x4f\xff\x51" + struct.pack(">HHIIII", 47, 0, 700, 500, 100, 50)
+    assert encoded_frame_size(codestream) == (450, 600)
+    jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00\x00\x00\x2djp2h\x00\x00\x00\x16ihdr" + struct.pack(">II", 480, 640) + b"\x00" * 8
+    assert encoded_frame_size(jp2) == (480, 640)
+
+
+def test_read_dicom_bytes_equals_read_dicom(rsna_sample_dir: Path) -> None:
+    from data_tools.dicom_io import read_dicom_bytes
+
+    path = rsna_files(rsna_sample_dir)[0]
+    from_file, from_bytes = read_dicom(path), read_dicom_bytes(path.read_bytes(), name="upload 0123")
+    assert np.array_equal(from_file.pixels, from_bytes.pixels)
+    assert from_bytes.meta.patient_id == "upload 0123"
+    assert from_bytes.meta.age == from_file.meta.age and from_bytes.meta.view_position == from_file.meta.view_position
+    with pytest.raises(DicomReadError, match="^upload 0123: file is empty"):
+        read_dicom_bytes(b"", name="upload 0123")
+
+
+def test_deflated_dicom_is_refused_only_when_limits_are_on(make_dicom) -> None:
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from data_tools.dicom_io import read_dicom_bytes
+
+    dataset = pydicom.dcmread(make_dicom("deflated", rows=40, columns=40))
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    assert read_dicom_bytes(buffer.getvalue(), name="trusted").pixels.shape == (40, 40)
+    with pytest.raises(DicomReadError, match="Deflated Explicit VR Little Endian, which is refused here: it inflates in memory") as caught:
+        read_dicom_bytes(buffer.getvalue(), name="upload", max_pixels=10**6)
+    assert caught.value.kind == "unsupported_compression"
