@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "predict": ("detection.predict", "run a checkpoint on DICOMs and write a Kaggle submission.csv"),
     "score": ("submission.score", "score a submission.csv against RSNA labels with the official metric"),
     "visualize": ("data_tools.visualize", "draw truth and predicted boxes over the X-rays as PNGs"),
+    "serve": ("server.cli", "a web page and a JSON API that find boxes on one uploaded X-ray (DICOM, PNG, JPEG)"),
 }
 
 

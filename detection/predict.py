@@ -9,12 +9,14 @@ Run: ``lungdet predict --checkpoint runs/r50/best.pt --dicom-dir stage_2_test_im
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -22,7 +24,7 @@ from tqdm import tqdm
 from data_tools.boxes import scale_xywh, xyxy_to_xywh
 from data_tools.cli_types import fraction, int_in_range
 from data_tools.dicom_io import DicomImage, find_dicoms, read_dicom
-from data_tools.errors import DicomReadError, LungdetError
+from data_tools.errors import DicomReadError, ImageReadError, LungdetError
 from data_tools.to_coco import prepare_pixels
 from detection.config import AMP_MODES, TrainConfig, config_from_dict
 from detection.data import to_model_input
@@ -47,15 +49,15 @@ def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[
     return in_memory_layout(model, channels_last=config.channels_last).to(device).eval(), config, checkpoint
 
 
-def model_input_for(image: DicomImage, *, image_size: int, preprocessing: Mapping[str, Any]) -> torch.Tensor:
-    """The model's input for a decoded DICOM, prepared exactly as training images were.
+def model_input_for(pixels: np.ndarray, *, image_size: int, preprocessing: Mapping[str, Any]) -> torch.Tensor:
+    """The model's input for a decoded X-ray (uint8 ``[H, W]``), prepared exactly as training images were.
 
     ``preprocessing`` is what ``lungdet convert`` did (``image_size``, ``normalization``, stored in
     the checkpoint); the result is then resized to the model's square ``image_size``, as the
     training loader does with the converted PNGs.
     """
     pixels = prepare_pixels(
-        image.pixels, image_size=preprocessing.get("image_size"), normalization=str(preprocessing.get("normalization", "none"))
+        pixels, image_size=preprocessing.get("image_size"), normalization=str(preprocessing.get("normalization", "none"))
     )
     if pixels.shape != (image_size, image_size):
         pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
@@ -71,6 +73,32 @@ def to_original_space(output: dict[str, torch.Tensor], *, image_size: int, rows:
 
 
 @torch.no_grad()
+def predict_pixels(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    *,
+    image_size: int,
+    device: torch.device,
+    score_threshold: float,
+    preprocessing: Mapping[str, Any] | None = None,
+    precision: Precision | None = None,
+) -> list[Prediction]:
+    """One forward pass over decoded X-rays (uint8 ``[H, W]`` each, any sizes); a Prediction per image, in order.
+
+    Boxes are XYWH_ABS in each image's own pixels, with confidence >= ``score_threshold``.
+    ``preprocessing`` is the checkpoint's (see :func:`model_input_for`); ``precision`` (default
+    fp32) is the autocast the forward pass runs under. ``lungdet predict`` and ``lungdet serve``
+    both come through here, so an image gets the same boxes from either.
+    """
+    inputs = [model_input_for(pixels, image_size=image_size, preprocessing=preprocessing or {}) for pixels in images]
+    with (precision or Precision(device.type, None)).autocast():
+        outputs = model([tensor.to(device) for tensor in inputs])
+    return [
+        to_original_space(output, image_size=image_size, rows=pixels.shape[0], columns=pixels.shape[1], score_threshold=score_threshold)
+        for pixels, output in zip(images, outputs, strict=True)
+    ]
+
+
 def predict_dicoms(
     model: nn.Module,
     paths: Sequence[Path],
@@ -93,13 +121,12 @@ def predict_dicoms(
     batch: list[DicomImage] = []
 
     def flush() -> None:
-        inputs = [model_input_for(image, image_size=image_size, preprocessing=preprocessing or {}) for image in batch]
-        with (precision or Precision(device.type, None)).autocast():
-            outputs = model([tensor.to(device) for tensor in inputs])
-        for image, output in zip(batch, outputs):
-            predictions[image.meta.patient_id] = to_original_space(
-                output, image_size=image_size, rows=image.meta.rows, columns=image.meta.columns, score_threshold=score_threshold
-            )
+        batch_predictions = predict_pixels(
+            model, [image.pixels for image in batch], image_size=image_size, device=device, score_threshold=score_threshold,
+            preprocessing=preprocessing, precision=precision,
+        )
+        for image, prediction in zip(batch, batch_predictions, strict=True):
+            predictions[image.meta.patient_id] = prediction
         batch.clear()
 
     for path in tqdm(paths, desc="predict", unit="file", disable=None if progress else True):
@@ -132,17 +159,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungdet predict",
         description="Predict lung-opacity boxes for every DICOM in a folder and write a Kaggle submission.csv "
-        "(patientId,PredictionString; boxes in original DICOM pixels).",
-        epilog="example: lungdet predict --checkpoint runs/mobilenet/best.pt --dicom-dir stage_2_test_images --out submission.csv",
+        "(patientId,PredictionString; boxes in original DICOM pixels), or print the JSON that lungdet serve returns "
+        "for each file (--json).",
+        epilog="examples:\n"
+        "  lungdet predict --checkpoint runs/mobilenet/best.pt --dicom-dir stage_2_test_images --out submission.csv\n"
+        "  lungdet predict --checkpoint runs/mobilenet/best.pt --input patient.dcm chest.png --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint from lungdet train (RUN/best.pt)")
-    parser.add_argument("--dicom-dir", type=Path, required=True, help="folder with .dcm files (searched recursively)")
-    parser.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dicom-dir", type=Path, help="folder with .dcm files (searched recursively)")
+    source.add_argument(
+        "--input", type=Path, nargs="+", metavar="FILE",
+        help="X-ray files: DICOM (any extension or none), PNG or JPEG, told apart by content; patientId is the file stem",
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="submission CSV to write")
+    target.add_argument(
+        "--json", action="store_true",
+        help="print one JSON object per file on its own line, in input order: what lungdet serve's /api/v1/detect returns "
+        "(a file that cannot be read gets {\"error\": {\"kind\", \"message\"}} in its place, and the exit status is 2)",
+    )
     parser.add_argument(
         "--score-threshold", type=fraction, default=None,
-        help="keep boxes with at least this confidence; default: the cut-off tuned on validation and stored in the checkpoint",
+        help="keep boxes with at least this confidence; default: the cut-off tuned on validation and stored in the checkpoint "
+        "(with --json the image's verdict still uses the stored cut-off)",
     )
-    parser.add_argument("--batch-size", type=int_in_range(1), default=4, help="images per forward pass (default 4)")
+    parser.add_argument("--batch-size", type=int_in_range(1), default=4, help="images per forward pass with --dicom-dir (default 4)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
     parser.add_argument(
         "--amp", choices=AMP_MODES, default="auto",
@@ -152,11 +195,57 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def predict_files(args: argparse.Namespace, paths: Sequence[Path]) -> int:
+    """``--input`` or ``--json``: one file at a time through :mod:`detection.detect`, the code ``lungdet serve`` runs."""
+    # Imported here: detect pulls in the image readers and drawing code that a folder submission does not need.
+    from detection.detect import detect_bytes, detection_json, error_json, load_detector
+
+    detector = load_detector(args.checkpoint, device=args.device, amp=args.amp)
+    threshold = args.score_threshold if args.score_threshold is not None else detector.score_threshold
+    predictions: dict[str, Prediction] = {}
+    failed: list[tuple[Path, str]] = []
+    for path in tqdm(paths, desc="predict", unit="file", disable=None if not args.no_progress else True):
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            reason = f"cannot be read ({error.strerror or error}); check the path"
+            failed.append((path, reason))
+            if args.json:
+                print(json.dumps({"error": {"kind": "missing", "message": f"{path}: {reason}"}}), flush=True)
+            continue
+        try:
+            detection = detect_bytes(detector, data, name=str(path))
+        except ImageReadError as error:
+            failed.append((path, error.reason))
+            if args.json:
+                print(json.dumps(error_json(error)), flush=True)
+            else:
+                predictions[Path(path).stem] = Prediction.empty()
+            continue
+        if args.json:
+            print(json.dumps(detection_json(detection, detector_info=detector.info, min_confidence=args.score_threshold)), flush=True)
+        else:
+            predictions[Path(path).stem] = keep_confident(detection.prediction, min_confidence=threshold)
+    if not args.json:
+        write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
+        with_boxes = sum(prediction.boxes.shape[0] > 0 for prediction in predictions.values())
+        print(f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes (confidence >= {threshold:g}; {detector.device}, {detector.precision.name})")
+    for path, reason in failed:
+        print(f"  unreadable{'' if args.json else ', written with no boxes'}: {path}: {reason}", file=sys.stderr)
+    return 2 if failed and args.json else 0
+
+
 def main(args: argparse.Namespace) -> int:
-    paths = find_dicoms(args.dicom_dir)
-    if not paths:
-        raise LungdetError(f"{args.dicom_dir}: no .dcm files found")
-    check_unique_patient_ids(paths)
+    if args.input is not None:
+        paths = list(args.input)
+    else:
+        paths = find_dicoms(args.dicom_dir)
+        if not paths:
+            raise LungdetError(f"{args.dicom_dir}: no .dcm files found")
+    if not args.json:
+        check_unique_patient_ids(paths)
+    if args.json or args.input is not None:
+        return predict_files(args, paths)
     device = resolve_device(args.device)
     precision = resolve_precision(args.amp, device)
     model, config, checkpoint = load_trained_model(args.checkpoint, device=device)

@@ -147,3 +147,75 @@ def make_dicom(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return build
+
+
+# A from-scratch MobileNetV3-FPN at 128 px. Untrained, its eval-mode batch norm (mean 0, variance 1)
+# shrinks the features to ~1e-9, so every box of every image gets the same confidence. Setting the
+# batch-norm statistics from a few synthetic X-rays and scaling the classifier gives boxes and
+# confidences that differ by image and by box (about 0.04-0.63 on the real sample DICOMs): what
+# a page with a confidence slider and an API need to be tested against. The boxes mean nothing.
+SERVING_IMAGE_SIZE = 128
+SERVING_SCORE_THRESHOLD = 0.3
+SERVING_CLASSIFIER_SCALE = 8.0
+
+
+def write_serving_checkpoint(path: Path) -> Path:
+    """Write the checkpoint described above to ``path`` (a lungdet checkpoint: model, config, preprocessing, score_threshold)."""
+    import torch
+
+    from data_tools.image_io import read_xray
+    from data_tools.synth import write_synthetic_dataset
+    from detection.config import config_to_dict, load_config
+    from detection.model import build_model
+    from detection.predict import model_input_for
+
+    torch.manual_seed(0)
+    config = load_config(
+        None,
+        [
+            "model.architecture=fasterrcnn_mobilenet_v3_large_fpn",
+            "model.pretrained=none",
+            f"model.image_size={SERVING_IMAGE_SIZE}",
+            "model.rpn_pre_nms_top_n_test=50",
+            "model.rpn_post_nms_top_n_test=20",
+        ],
+    )
+    model = build_model(config.model)
+    synth = write_synthetic_dataset(path.parent / f"{path.stem}_synth", count=8, seed=1, positive_fraction=0.5, size=(256, 256))
+    inputs = [
+        model_input_for(read_xray(dicom.read_bytes(), name=dicom.name).pixels, image_size=SERVING_IMAGE_SIZE, preprocessing={})
+        for dicom in sorted(synth.images_dir.glob("*.dcm"))
+    ]
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the batch, not a running one
+    with torch.no_grad():
+        model.backbone.train()
+        images, _ = model.transform(inputs)
+        model.backbone(images.tensors)
+        model.eval()
+        model.roi_heads.box_predictor.cls_score.weight.mul_(SERVING_CLASSIFIER_SCALE)
+    checkpoint = {
+        "model": model.state_dict(),
+        "config": config_to_dict(config),
+        "frozen_batch_norm": False,
+        "preprocessing": {"image_size": None, "normalization": "none"},
+        "score_threshold": SERVING_SCORE_THRESHOLD,
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def serving_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small checkpoint whose boxes and confidences vary by image (see ``write_serving_checkpoint``); cut-off 0.3."""
+    return write_serving_checkpoint(tmp_path_factory.mktemp("serving") / "serving.pt")
+
+
+@pytest.fixture(scope="session")
+def serving_detector(serving_checkpoint: Path):
+    """``serving_checkpoint`` loaded on the CPU in fp32, so results are the same on every CPU."""
+    from detection.detect import load_detector
+
+    return load_detector(serving_checkpoint, device="cpu", amp="none")

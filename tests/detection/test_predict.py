@@ -221,11 +221,11 @@ def test_model_input_repeats_the_conversion_then_resizes_to_the_model(tmp_path: 
 
     synth = write_synthetic_dataset(tmp_path / "synth", count=1, seed=4, positive_fraction=1.0, size=(200, 300))
     image = read_dicom(find_dicoms(synth.images_dir)[0])
-    tensor = model_input_for(image, image_size=64, preprocessing={"image_size": 128, "normalization": "equalize"})
+    tensor = model_input_for(image.pixels, image_size=64, preprocessing={"image_size": 128, "normalization": "equalize"})
     equalised_at_128 = cv2.equalizeHist(cv2.resize(image.pixels, (128, 128), interpolation=cv2.INTER_AREA))
     expected = to_model_input(cv2.resize(equalised_at_128, (64, 64), interpolation=cv2.INTER_AREA))
     assert torch.equal(tensor, expected)
     # Without normalisation the input differs, so the test would notice a predict that skipped it.
-    plain = model_input_for(image, image_size=64, preprocessing={"image_size": 128, "normalization": "none"})
+    plain = model_input_for(image.pixels, image_size=64, preprocessing={"image_size": 128, "normalization": "none"})
     assert not torch.equal(plain, expected)
     assert torch.equal(plain, to_model_input(cv2.resize(prepare_pixels(image.pixels, image_size=128, normalization="none"), (64, 64), interpolation=cv2.INTER_AREA)))

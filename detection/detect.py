@@ -1,0 +1,240 @@
+"""One X-ray in, one JSON-ready answer out: what ``lungdet serve`` returns and ``lungdet predict --json`` prints.
+
+A :class:`Detector` is a checkpoint loaded once. :func:`detect_bytes` reads one file's bytes
+(DICOM, PNG or JPEG, told apart by content), runs the model through the same
+:func:`~detection.predict.predict_pixels` as a submission, and keeps every box the model gives;
+:func:`detection_json` shapes that into the reply, with boxes in the image's original pixels::
+
+    {"id", "label": {"name", "confidence", "source"}, "custom_labels": [...], "boxes": [...],
+     "prediction_string", "image": {...}, "model": {...}, "min_confidence", "elapsed_ms", "notice"}
+
+Run: ``lungdet predict --checkpoint runs/r50/best.pt --input patient.dcm --json``
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
+from data_tools.visualize import DEFAULT_MAX_SIZE, draw_overlay, fit_for_display
+from data_tools.errors import ImageReadError, LungdetError
+from detection.config import TrainConfig
+from detection.engine import Precision, resolve_precision
+from detection.predict import load_trained_model, predict_pixels
+from detection.train import resolve_device
+from submission.prediction_string import Prediction, format_prediction_string, keep_confident, parse_prediction_string
+
+LABEL_POSITIVE = "Lung Opacity"
+LABEL_NEGATIVE = "No Lung Opacity"
+NOTICE = "lungdet is a research tool, not a diagnostic device: its output is not medical advice and must not be used to diagnose or treat anyone."
+# Percentages to two decimals keep the four decimals of a box confidence (0.8731 -> 87.31).
+PERCENT_DECIMALS = 2
+# Box fractions of the image: 6 decimals is a thousandth of a pixel on a 1024 px side.
+FRACTION_DECIMALS = 6
+PREVIEW_JPEG_QUALITY = 92
+UPLOAD_ID_HEX_DIGITS = 16
+
+
+@dataclass
+class Detector:
+    """A trained checkpoint, loaded once, ready for one image at a time.
+
+    ``score_threshold`` is the cut-off tuned on validation (stored in the checkpoint): the image
+    verdict and the default box filter use it. ``checkpoint_sha256`` names the exact weights in
+    every reply, so a result can be traced to the file that made it.
+    """
+
+    model: nn.Module
+    config: TrainConfig
+    device: torch.device
+    precision: Precision
+    preprocessing: dict[str, Any]
+    score_threshold: float
+    checkpoint_sha256: str
+    # One forward pass at a time: the model is shared, and parallel passes on one device only contend.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The ``model`` part of every reply."""
+        return {
+            "architecture": self.config.model.architecture,
+            "image_size": self.config.model.image_size,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "score_threshold": self.score_threshold,
+        }
+
+    def predict(self, pixels: np.ndarray) -> Prediction:
+        """Every box the model gives for uint8 ``[H, W]`` pixels (down to its own ``box_score_thresh``), XYWH_ABS in those pixels."""
+        return self.predict_batch([pixels])[0]
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]:
+        """:meth:`predict` for several images in one forward pass (any sizes), in order."""
+        with self.lock:
+            return predict_pixels(
+                self.model, images, image_size=self.config.model.image_size, device=self.device, score_threshold=0.0,
+                preprocessing=self.preprocessing, precision=self.precision,
+            )
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB pieces (a ResNet-50 checkpoint is 300 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for piece in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def load_detector(checkpoint_path: Path, *, device: str = "auto", amp: str = "auto") -> Detector:
+    """Load a ``lungdet train`` checkpoint for single-image detection on ``device`` ('auto', 'cpu', 'cuda:N') under ``amp``.
+
+    Raises ``LungdetError`` for a missing or foreign checkpoint, an unknown device or an amp the device cannot run.
+    """
+    torch_device = resolve_device(device)
+    precision = resolve_precision(amp, torch_device)
+    model, config, checkpoint = load_trained_model(Path(checkpoint_path), device=torch_device)
+    return Detector(
+        model=model,
+        config=config,
+        device=torch_device,
+        precision=precision,
+        preprocessing=dict(checkpoint.get("preprocessing") or {}),
+        score_threshold=float(checkpoint.get("score_threshold", 0.5)),
+        checkpoint_sha256=file_sha256(Path(checkpoint_path)),
+    )
+
+
+def upload_id(data: bytes) -> str:
+    """The first 16 hex digits of the SHA-256 of ``data``: names an upload in replies and logs instead of its file name."""
+    return hashlib.sha256(data).hexdigest()[:UPLOAD_ID_HEX_DIGITS]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One image's result: every box the model gave (XYWH_ABS, the image's original pixels), before any cut-off."""
+
+    upload_id: str
+    image: XrayImage
+    prediction: Prediction
+    elapsed_ms: float
+
+
+def detect_bytes(detector: Detector, data: bytes, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Detection:
+    """Decode one X-ray held in memory and run the detector on it.
+
+    ``name`` is what error messages call the file (default: ``upload <id>``). Raises
+    :class:`~data_tools.errors.ImageReadError` for anything that is not a readable X-ray (see
+    :func:`~data_tools.image_io.read_xray`), before the model runs.
+    """
+    started = time.perf_counter()
+    identifier = upload_id(data)
+    image = read_xray(data, name=name or f"upload {identifier}", max_pixels=max_pixels)
+    prediction = detector.predict(image.pixels)
+    return Detection(upload_id=identifier, image=image, prediction=prediction, elapsed_ms=(time.perf_counter() - started) * 1000)
+
+
+def error_json(error: ImageReadError) -> dict[str, Any]:
+    """The reply for a file that is not a readable X-ray: ``{"error": {"kind", "message"}}`` (the server adds ``status``)."""
+    return {"error": {"kind": error.kind, "message": str(error)}}
+
+
+def image_label(prediction: Prediction, *, score_threshold: float) -> dict[str, Any]:
+    """The image-level verdict, from the most confident box ('max_box'): positive when it reaches ``score_threshold``.
+
+    ``confidence`` is in percent and is the confidence *in the named label*: the best box's
+    confidence for "Lung Opacity", one minus it for "No Lung Opacity" (no box at all: 100).
+    That is the rule a submission follows too: an image gets boxes exactly when one reaches the cut-off.
+    """
+    best = float(prediction.scores.max()) if len(prediction.scores) else 0.0
+    positive = best >= score_threshold
+    return {
+        "name": LABEL_POSITIVE if positive else LABEL_NEGATIVE,
+        "confidence": round(100 * (best if positive else 1.0 - best), PERCENT_DECIMALS),
+        "source": "max_box",
+    }
+
+
+def detection_json(detection: Detection, *, detector_info: dict[str, Any], min_confidence: float | None = None) -> dict[str, Any]:
+    """The reply for one image (see the module docstring).
+
+    ``min_confidence`` (a fraction; default: the checkpoint's ``score_threshold``) filters
+    ``boxes``, ``custom_labels`` and ``prediction_string``; the verdict always uses the
+    checkpoint's cut-off. ``boxes`` are the PredictionString's groups read back, so both carry
+    the same rounding (4 decimals of confidence, 0.1 px) and order (most confident first).
+    """
+    score_threshold = float(detector_info["score_threshold"])
+    cut_off = score_threshold if min_confidence is None else min_confidence
+    prediction_string = format_prediction_string(keep_confident(detection.prediction, min_confidence=cut_off))
+    shown = parse_prediction_string(prediction_string)
+    width, height = detection.image.width, detection.image.height
+    boxes = [
+        {"x": x, "y": y, "width": box_width, "height": box_height, "confidence": confidence}
+        for confidence, (x, y, box_width, box_height) in zip(shown.scores.tolist(), shown.boxes.tolist(), strict=True)
+    ]
+    custom_labels = [
+        {
+            "name": LABEL_POSITIVE,
+            "confidence": round(100 * box["confidence"], PERCENT_DECIMALS),
+            "geometry": {
+                "bounding_box": {
+                    "left": round(box["x"] / width, FRACTION_DECIMALS),
+                    "top": round(box["y"] / height, FRACTION_DECIMALS),
+                    "width": round(box["width"] / width, FRACTION_DECIMALS),
+                    "height": round(box["height"] / height, FRACTION_DECIMALS),
+                }
+            },
+        }
+        for box in boxes
+    ]
+    return {
+        "id": detection.upload_id,
+        "label": image_label(detection.prediction, score_threshold=score_threshold),
+        "custom_labels": custom_labels,
+        "boxes": boxes,
+        "prediction_string": prediction_string,
+        "image": detection.image.describe(),
+        "model": dict(detector_info),
+        "min_confidence": round(100 * cut_off, PERCENT_DECIMALS),
+        "elapsed_ms": round(detection.elapsed_ms, 1),
+        "notice": NOTICE,
+    }
+
+
+def _encode(pixels: np.ndarray, extension: str, parameters: list[int] | None = None) -> bytes:
+    ok, encoded = cv2.imencode(extension, pixels, parameters or [])
+    if not ok:
+        raise LungdetError(f"OpenCV could not encode a {pixels.shape} image as {extension}; check the OpenCV install")
+    return encoded.tobytes()
+
+
+def preview_jpeg(image: XrayImage, *, max_size: int = DEFAULT_MAX_SIZE) -> dict[str, Any]:
+    """The X-ray as the model read it, for a page to draw boxes over: a JPEG of at most ``max_size`` on the longer side, base64.
+
+    Boxes stay in original pixels: a viewer stretches the preview over ``image.width`` x ``image.height``.
+    """
+    pixels, _, _ = fit_for_display(image.pixels, None, None, max_size=max_size)
+    data = _encode(pixels, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY])
+    return {"media_type": "image/jpeg", "width": int(pixels.shape[1]), "height": int(pixels.shape[0]), "data": base64.b64encode(data).decode("ascii")}
+
+
+def annotated_png(detection: Detection, *, min_confidence: float, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
+    """The X-ray with the boxes at or above ``min_confidence`` (a fraction) drawn by ``lungdet visualize``'s code, as PNG bytes.
+
+    The legend names the upload by its id, never by a patient tag; the not-a-diagnostic-device notice is drawn in.
+    """
+    kept = keep_confident(detection.prediction, min_confidence=min_confidence)
+    pixels, _, shown = fit_for_display(detection.image.pixels, None, kept, max_size=max_size)
+    rgb = draw_overlay(pixels, truth=None, prediction=shown, title=f"lungdet {detection.upload_id}", truth_in_legend=False)
+    return _encode(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), ".png")
