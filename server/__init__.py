@@ -1,0 +1,1 @@
+"""``lungdet serve``: a web page and a JSON API for one chest X-ray at a time (FastAPI + uvicorn; ``pip install 'lungdet[serve]'``)."""

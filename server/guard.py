@@ -1,0 +1,117 @@
+"""The server's outer gate: the API token and the upload size limit, checked before any body is read.
+
+A FastAPI dependency or route runs only after the whole multipart body has been received and
+parsed, so a check there would let a client without the token, or with a 10 GB upload, make
+the server read all of it first. :class:`RequestGuard` is plain ASGI around the app instead:
+
+- with a token set, a request under ``/api/`` without ``Authorization: Bearer TOKEN`` gets
+  401 before its body is touched (the page and its static files stay public: they carry no data);
+- a ``Content-Length`` over the limit gets 413 before the body is read; a body streamed without
+  one (chunked) is counted as it arrives and gets 413 as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+PROTECTED_PREFIX = "/api/"
+
+
+def token_matches(authorization: str | None, token: str) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <token>``, compared in constant time.
+
+    ``hmac.compare_digest`` takes as long for a wrong first character as for a wrong last one,
+    so response times do not reveal how much of a guess was right.
+    """
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        presented = ""
+    return hmac.compare_digest(presented.strip().encode("utf-8"), token.encode("utf-8"))
+
+
+def error_body(status: int, kind: str, message: str) -> bytes:
+    """The JSON every refusal of this server has: ``{"error": {"status", "kind", "message"}}``."""
+    return json.dumps({"error": {"status": status, "kind": kind, "message": message}}).encode("utf-8")
+
+
+class _BodyTooLarge(Exception):
+    """Raised from ``receive`` once the body passes the limit; the app's own error handling may swallow it, so a flag backs it up."""
+
+
+class RequestGuard:
+    """ASGI middleware: bearer token on ``/api/`` (when ``api_token`` is set) and at most ``max_body_bytes`` of request body."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, api_token: str | None = None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.api_token = api_token or None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
+        if self.api_token is not None and scope["path"].startswith(PROTECTED_PREFIX) and not token_matches(headers.get("authorization"), self.api_token):
+            await self._refuse(
+                send, 401, "unauthorized",
+                "this server needs an API token: send the header 'Authorization: Bearer TOKEN' (the token lungdet serve was started with)",
+                extra_headers=[(b"www-authenticate", b'Bearer realm="lungdet"')],
+            )
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._refuse(send, 413, "too_large", self._too_large_message(f"declares {int(declared):,} bytes"))
+            return
+        await self._guard_stream(scope, receive, send)
+
+    def _too_large_message(self, what: str) -> str:
+        return (
+            f"the upload {what}, over this server's limit of {self.max_body_bytes:,} bytes "
+            f"({self.max_body_bytes / 2**20:g} MB); send a smaller file, or start lungdet serve with a larger --max-upload-mb"
+        )
+
+    async def _guard_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        received = 0
+        exceeded = False
+        response_started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def checked_send(message: Message) -> None:
+            nonlocal response_started
+            if exceeded:
+                return  # the app's reply to a body it could not finish reading is replaced by the 413 below
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, checked_send)
+        except _BodyTooLarge:
+            pass
+        if exceeded and not response_started:
+            await self._refuse(send, 413, "too_large", self._too_large_message(f"passed {self.max_body_bytes:,} bytes while streaming in"))
+
+    @staticmethod
+    async def _refuse(send: Send, status: int, kind: str, message: str, *, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        body = error_body(status, kind, message)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close"), *(extra_headers or [])]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

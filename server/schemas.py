@@ -1,0 +1,114 @@
+"""The shapes of every reply, as Pydantic models, so that ``/docs`` shows them and a reply that drifts fails validation.
+
+The replies themselves are built by :func:`detection.detect.detection_json` (shared with
+``lungdet predict --json``); these models check them on the way out. ``extra="forbid"``
+makes a field added there and not here an error in the tests rather than a silent difference.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Label(_Strict):
+    name: Literal["Lung Opacity", "No Lung Opacity"]
+    confidence: float = Field(ge=0, le=100, description="confidence in the named label, percent")
+    source: Literal["image_head", "max_box"] = Field(
+        description="'image_head': the model's image-level output; 'max_box': the most confident box (checkpoints without an image head)"
+    )
+
+
+class BoundingBox(_Strict):
+    left: float = Field(description="fraction of the image width")
+    top: float = Field(description="fraction of the image height")
+    width: float = Field(description="fraction of the image width")
+    height: float = Field(description="fraction of the image height")
+
+
+class Geometry(_Strict):
+    bounding_box: BoundingBox
+
+
+class CustomLabel(_Strict):
+    name: Literal["Lung Opacity"]
+    confidence: float = Field(ge=0, le=100, description="percent")
+    geometry: Geometry
+
+
+class Box(_Strict):
+    x: float = Field(description="left edge, original image pixels")
+    y: float = Field(description="top edge, original image pixels")
+    width: float = Field(ge=0, description="original image pixels")
+    height: float = Field(ge=0, description="original image pixels")
+    confidence: float = Field(ge=0, le=1)
+
+
+class Note(_Strict):
+    kind: str = Field(description="'rgb_converted', 'monochrome1_inverted', 'high_bit_depth_rescaled' or 'exif_rotated', as convert reports them")
+    reason: str
+
+
+class ImageInfo(_Strict):
+    format: Literal["dicom", "png", "jpeg"]
+    width: int
+    height: int
+    view_position: str | None = Field(description="DICOM ViewPosition ('AP'/'PA'); null for PNG/JPEG or when absent")
+    sex: str | None = Field(description="DICOM PatientSex; null for PNG/JPEG or when absent")
+    age: int | None = Field(description="DICOM PatientAge in years; null for PNG/JPEG or when absent")
+    notes: list[Note] = Field(description="what was done to the image on the way, e.g. a colour image converted to grey")
+
+
+class ModelInfo(_Strict):
+    architecture: str
+    image_size: int = Field(description="the model's square input side, pixels")
+    checkpoint_sha256: str
+    score_threshold: float = Field(ge=0, le=1, description="the cut-off tuned on validation; the verdict uses it")
+
+
+class Preview(_Strict):
+    media_type: Literal["image/jpeg"]
+    width: int
+    height: int
+    data: str = Field(description="base64; stretch it over image.width x image.height to overlay the boxes")
+
+
+class DetectReply(_Strict):
+    id: str = Field(description="first 16 hex digits of the upload's SHA-256")
+    label: Label
+    custom_labels: list[CustomLabel] = Field(description="one per box, in the cloud custom-labels shape")
+    boxes: list[Box] = Field(description="most confident first; the same boxes as prediction_string")
+    prediction_string: str = Field(description="RSNA/Kaggle groups 'confidence x y width height', original pixels")
+    image: ImageInfo
+    model: ModelInfo
+    min_confidence: float = Field(ge=0, le=100, description="the box cut-off applied, percent")
+    elapsed_ms: float
+    notice: str
+    preview: Preview | None = Field(default=None, description="only with include_preview=true")
+
+
+class Health(_Strict):
+    status: Literal["ok"]
+    model_loaded: bool
+    device: str
+    precision: str
+    version: str
+    model: ModelInfo
+    max_upload_bytes: int
+    token_required: bool
+    notice: str
+
+
+class ErrorDetail(_Strict):
+    status: int
+    kind: str = Field(description="a short category: 'empty', 'not_an_image', 'multi_frame', 'too_large', 'unauthorized', ...")
+    message: str = Field(description="what is wrong and what to do")
+
+
+class ErrorReply(_Strict):
+    error: ErrorDetail
