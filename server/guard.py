@@ -5,13 +5,17 @@ parsed, so a check there would let a client without the token, or with a 10 GB u
 the server read all of it first. :class:`RequestGuard` is plain ASGI around the app instead:
 
 - with a token set, a request under ``/api/`` without ``Authorization: Bearer TOKEN`` gets
-  401 before its body is touched (the page and its static files stay public: they carry no data);
+  401 before the app sees it (the page and its static files stay public: they carry no data);
 - a ``Content-Length`` over the limit gets 413 before the body is read; a body streamed without
   one (chunked) is counted as it arrives and gets 413 as soon as it passes the limit.
+
+A refused body is never parsed or kept. What the client goes on sending after the refusal is
+read and dropped, within bounds, so that the refusal reaches it (see ``RequestGuard._refuse``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -24,6 +28,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROTECTED_PREFIX = "/api/"
+# How long a refused client may pause while the rest of its upload is read and dropped (see RequestGuard._refuse).
+DRAIN_IDLE_SECONDS = 2.0
 
 
 def token_matches(authorization: str | None, token: str) -> bool:
@@ -60,16 +66,18 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
+        # A client that asked to wait ('Expect: 100-continue') sends no body after a refusal: nothing to drain.
+        body_on_its_way = headers.get("expect", "").lower() != "100-continue" and (headers.get("content-length", "0") != "0" or "transfer-encoding" in headers)
         if self.api_token is not None and scope["path"].startswith(PROTECTED_PREFIX) and not token_matches(headers.get("authorization"), self.api_token):
             await self._refuse(
-                send, 401, "unauthorized",
+                send, receive if body_on_its_way else None, 401, "unauthorized",
                 "this server needs an API token: send the header 'Authorization: Bearer TOKEN' (the token lungdet serve was started with)",
                 extra_headers=[(b"www-authenticate", b'Bearer realm="lungdet"')],
             )
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._refuse(send, 413, "too_large", self._too_large_message(f"declares {int(declared):,} bytes"))
+            await self._refuse(send, receive if body_on_its_way else None, 413, "too_large", self._too_large_message(f"declares {int(declared):,} bytes"))
             return
         await self._guard_stream(scope, receive, send)
 
@@ -82,13 +90,15 @@ class RequestGuard:
     async def _guard_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = 0
         exceeded = False
+        body_complete = False
         response_started = False
 
         async def counted_receive() -> Message:
-            nonlocal received, exceeded
+            nonlocal received, exceeded, body_complete
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_complete = not message.get("more_body", False)
                 if received > self.max_body_bytes:
                     exceeded = True
                     raise _BodyTooLarge
@@ -107,11 +117,36 @@ class RequestGuard:
         except _BodyTooLarge:
             pass
         if exceeded and not response_started:
-            await self._refuse(send, 413, "too_large", self._too_large_message(f"passed {self.max_body_bytes:,} bytes while streaming in"))
+            await self._refuse(
+                send, None if body_complete else receive, 413, "too_large", self._too_large_message(f"passed {self.max_body_bytes:,} bytes while streaming in")
+            )
 
-    @staticmethod
-    async def _refuse(send: Send, status: int, kind: str, message: str, *, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def _refuse(
+        self, send: Send, drain_from: Receive | None, status: int, kind: str, message: str, *, extra_headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        """Send the refusal; with ``drain_from``, read and drop what the client is still sending before ending the reply.
+
+        The whole refusal goes out first, so the client can read it at once. Closing a connection
+        with unread data makes the kernel send a reset, which can destroy a reply the client has not
+        read yet: a client still uploading would see 'connection reset' instead of the 401 or 413. So
+        the rest of the body is read and thrown away (nothing is kept or parsed), at most another
+        ``max_body_bytes`` and until the client pauses for :data:`DRAIN_IDLE_SECONDS`.
+        """
         body = error_body(status, kind, message)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close"), *(extra_headers or [])]
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": body, "more_body": drain_from is not None})
+        if drain_from is None:
+            return
+        drained = 0
+        while drained <= self.max_body_bytes:
+            try:
+                piece = await asyncio.wait_for(drain_from(), DRAIN_IDLE_SECONDS)
+            except asyncio.TimeoutError:
+                break
+            if piece["type"] != "http.request":
+                break
+            drained += len(piece.get("body", b""))
+            if not piece.get("more_body", False):
+                break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -42,28 +42,46 @@ class SwallowingApp(EchoApp):
 
 
 def run(guard: RequestGuard, *, path: str = "/api/v1/detect", headers: dict[str, str] | None = None, chunks: list[bytes] | None = None):
-    """Drive ``guard`` with one request; returns (status, JSON or text body, chunks the app pulled)."""
+    """Drive ``guard`` with one request; returns (status, JSON or text body, timeline).
+
+    The timeline lists, in order, ``("pull", bytes)`` for every body chunk taken from the client
+    and ``("reply", body)`` for every piece of the response body sent.
+    """
     pending = list(chunks or [b""])
-    pulled: list[bytes] = []
+    timeline: list[tuple[str, bytes]] = []
     sent: list[dict] = []
 
     async def receive():
+        if not pending:
+            return {"type": "http.disconnect"}
         body = pending.pop(0)
-        pulled.append(body)
+        timeline.append(("pull", body))
         return {"type": "http.request", "body": body, "more_body": bool(pending)}
 
     async def send(message):
         sent.append(message)
+        if message["type"] == "http.response.body":
+            timeline.append(("reply", message.get("body", b"")))
 
     scope = {"type": "http", "path": path, "headers": [(key.lower().encode(), value.encode()) for key, value in (headers or {}).items()]}
     asyncio.run(guard(scope, receive, send))
     starts = [message for message in sent if message["type"] == "http.response.start"]
     assert len(starts) == 1, sent  # exactly one response, never the app's and the guard's both
+    assert not sent[-1].get("more_body", False)  # and it was finished
     body = b"".join(message.get("body", b"") for message in sent if message["type"] == "http.response.body")
     try:
-        return starts[0]["status"], json.loads(body), pulled
+        return starts[0]["status"], json.loads(body), timeline
     except ValueError:
-        return starts[0]["status"], body.decode(), pulled
+        return starts[0]["status"], body.decode(), timeline
+
+
+def pulled(timeline: list[tuple[str, bytes]]) -> list[bytes]:
+    return [data for kind, data in timeline if kind == "pull"]
+
+
+def refusal_position(timeline: list[tuple[str, bytes]]) -> int:
+    """Index in the timeline of the reply piece that carries the whole refusal."""
+    return next(index for index, (kind, data) in enumerate(timeline) if kind == "reply" and data.startswith(b'{"error"'))
 
 
 def test_token_matches_only_the_exact_bearer_token() -> None:
@@ -75,9 +93,17 @@ def test_token_matches_only_the_exact_bearer_token() -> None:
 
 def test_missing_token_is_refused_before_the_app_runs() -> None:
     app = EchoApp()
-    status, body, pulled = run(RequestGuard(app, max_body_bytes=LIMIT, api_token="tok"), chunks=[b"x" * 10])
+    status, body, timeline = run(RequestGuard(app, max_body_bytes=LIMIT, api_token="tok"), headers={"Content-Length": "10"}, chunks=[b"x" * 10])
     assert status == 401 and body["error"]["kind"] == "unauthorized"
-    assert not app.called and pulled == []
+    assert not app.called
+    # The whole refusal went out before the body the client was sending was read (and dropped).
+    assert refusal_position(timeline) == 0 and pulled(timeline) == [b"x" * 10]
+
+
+def test_a_client_waiting_for_100_continue_is_not_drained() -> None:
+    headers = {"Content-Length": "10", "Expect": "100-continue"}
+    status, _, timeline = run(RequestGuard(EchoApp(), max_body_bytes=LIMIT, api_token="tok"), headers=headers, chunks=[b"x" * 10])
+    assert status == 401 and pulled(timeline) == []
 
 
 def test_token_guards_the_api_only() -> None:
@@ -90,18 +116,22 @@ def test_token_guards_the_api_only() -> None:
 
 def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
     app = EchoApp()
-    status, body, pulled = run(RequestGuard(app, max_body_bytes=LIMIT), headers={"Content-Length": str(LIMIT + 1)}, chunks=[b"x" * (LIMIT + 1)])
+    chunks = [b"x" * 300] * 4
+    status, body, timeline = run(RequestGuard(app, max_body_bytes=LIMIT), headers={"Content-Length": str(LIMIT + 200)}, chunks=chunks)
     assert status == 413 and body["error"]["kind"] == "too_large"
-    assert "declares 1,001 bytes, over this server's limit of 1,000 bytes" in body["error"]["message"]
-    assert not app.called and pulled == []
+    assert "declares 1,200 bytes, over this server's limit of 1,000 bytes" in body["error"]["message"]
+    assert not app.called
+    assert refusal_position(timeline) == 0 and len(pulled(timeline)) == 4
 
 
 def test_streamed_body_is_cut_off_once_it_passes_the_limit() -> None:
     app = SwallowingApp()
     chunks = [b"x" * 400] * 10  # 4,000 bytes in all, without a Content-Length
-    status, body, pulled = run(RequestGuard(app, max_body_bytes=LIMIT), chunks=chunks)
+    status, body, timeline = run(RequestGuard(app, max_body_bytes=LIMIT), headers={"Transfer-Encoding": "chunked"}, chunks=chunks)
     assert status == 413 and "passed 1,000 bytes while streaming in" in body["error"]["message"]
-    assert len(pulled) == 3  # 1,200 bytes read, then stopped: the other 2,800 were never pulled
+    # The app got 1,200 bytes; the refusal went out right then; at most another limit's worth was drained, the rest never read.
+    assert refusal_position(timeline) == 3
+    assert len(pulled(timeline)) == 6
 
 
 def test_body_at_the_limit_passes() -> None:

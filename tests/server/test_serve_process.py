@@ -47,15 +47,19 @@ def host_port(url: str) -> tuple[str, int]:
 
 
 def read_response(connection: socket.socket) -> tuple[int, dict]:
-    """Status and JSON body of the one HTTP response on ``connection`` (the server closes it after a refusal)."""
+    """Status and JSON body of the one HTTP response on ``connection``, read up to its Content-Length."""
     received = b""
-    while True:
+    while b"\r\n\r\n" not in received:
         piece = connection.recv(65536)
-        if not piece:
-            break
+        assert piece, f"connection closed before a full response head: {received!r}"
         received += piece
     head, _, body = received.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        piece = connection.recv(65536)
+        assert piece, "connection closed before the whole response body"
+        body += piece
+    return int(head.split()[1]), json.loads(body[:length])
 
 
 # --- start-up -----------------------------------------------------------------------------------
@@ -111,10 +115,11 @@ def test_declared_oversize_gets_413_before_any_body_is_sent(serve_process) -> No
     assert "declares 52,428,800 bytes, over this server's limit of 1,048,576 bytes" in body["error"]["message"]
 
 
-def test_streamed_oversize_gets_413_before_the_upload_ends(serve_process, upload_limit_bytes: int) -> None:
-    """A chunked upload without Content-Length: the server answers once it has read past the limit, while the client is still sending."""
-    planned = 64 * upload_limit_bytes
-    sent = 0
+def test_streamed_oversize_gets_413_while_the_upload_is_unfinished(serve_process, upload_limit_bytes: int) -> None:
+    """A chunked upload (no Content-Length) that passes the limit, then pauses without ending: the 413 must come now.
+
+    A server that checked the size after reading the whole body would still be waiting for its end.
+    """
     with socket.create_connection(host_port(serve_process.url), timeout=30) as connection:
         connection.sendall(
             b"POST /api/v1/detect HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -123,15 +128,17 @@ def test_streamed_oversize_gets_413_before_the_upload_ends(serve_process, upload
         opening = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.dcm"\r\n\r\n'
         connection.sendall(f"{len(opening):x}\r\n".encode() + opening + b"\r\n")
         chunk = f"{CHUNK:x}\r\n".encode() + b"\x00" * CHUNK + b"\r\n"
-        while sent < planned and not select.select([connection], [], [], 0)[0]:
-            try:
-                connection.sendall(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                break  # the server answered and closed while this chunk was on its way
-            sent += CHUNK
+        for _ in range(upload_limit_bytes // CHUNK + 2):  # just past the limit; the terminating chunk is never sent
+            connection.sendall(chunk)
         status, body = read_response(connection)
     assert status == 413 and "passed 1,048,576 bytes while streaming in" in body["error"]["message"]
-    assert upload_limit_bytes < sent < planned
+
+
+def test_a_client_still_uploading_reads_its_413_rather_than_a_reset(serve_process, upload_limit_bytes: int) -> None:
+    """An ordinary client sends all of a too-large body before it reads the reply: the server drops the rest instead of resetting."""
+    for _ in range(3):
+        status, body = post(serve_process.url, "/api/v1/detect", b"\x00" * (upload_limit_bytes * 3 // 2))
+        assert status == 413 and json.loads(body)["error"]["kind"] == "too_large"
 
 
 def test_server_goes_on_after_refusals(serve_process, rsna_sample_dir: Path) -> None:
