@@ -155,7 +155,8 @@ async function copyText(textarea, button) {
 
 async function downloadAnnotated(file, card, reply, button) {
   const form = new FormData();
-  form.append("file", file);
+  // A neutral name: the server needs the content only, and a file's name may identify its patient.
+  form.append("file", file, "xray");
   form.append("min_confidence", card.querySelector(".min-confidence").value);
   button.disabled = true;
   try {
@@ -220,16 +221,19 @@ function showFailure(card, message) {
   card.setAttribute("aria-busy", "false");
 }
 
-function newCard(file) {
+// Titled by position and, once answered, by the upload's hash, never by the file's name: exports are
+// often named after the patient (RSNA's after the PatientID), and the page must not show identifiers.
+function newCard(position, count, group) {
   const card = document.getElementById("card-template").content.firstElementChild.cloneNode(true);
-  card.querySelector(".card-title").textContent = file.name || "upload";
-  document.getElementById("results").prepend(card);
+  card.querySelector(".card-title").textContent = `File ${position} of ${count}`;
+  group.appendChild(card);
   return card;
 }
 
 async function analyse(file, card) {
   const form = new FormData();
-  form.append("file", file);
+  // A neutral name: the server needs the content only, and a file's name may identify its patient.
+  form.append("file", file, "xray");
   // Every box the model gives, so the slider can show those below the tuned cut-off too.
   form.append("min_confidence", "0");
   form.append("include_preview", "true");
@@ -254,7 +258,10 @@ async function analyse(file, card) {
 }
 
 async function analyseAll(files) {
-  const queue = Array.from(files).map((file) => [file, newCard(file)]);
+  // The newest choice on top, its files in the order they were chosen.
+  const group = el("div", { class: "result-group" });
+  document.getElementById("results").prepend(group);
+  const queue = Array.from(files).map((file, index, all) => [file, newCard(index + 1, all.length, group)]);
   for (let index = 0; index < queue.length; index += 1) {
     setStatus(`Analysing ${index + 1} of ${queue.length}…`);
     await analyse(...queue[index]);

@@ -161,3 +161,21 @@ def test_page_asks_for_the_token_once(browser, serving_checkpoint: Path, rsna_sa
         WebDriverWait(browser, WAIT_S).until(lambda driver: "Model " in driver.find_element(By.ID, "model-info").text)
         assert not browser.find_element(By.ID, "token-panel").is_displayed()
     assert "page-test-token" not in server.log()
+
+
+def test_page_shows_files_in_order_and_no_identifier(browser, serve_process, phi_dicom: Path, phi_strings: list[str], rsna_sample_dir: Path) -> None:
+    """Two files chosen at once, one named after its patient and carrying fake identifying tags: neither its name nor a tag reaches the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    other = sorted(rsna_sample_dir.glob("*.dcm"))[2]
+    browser.get(serve_process.url)
+    browser.find_element(By.ID, "upload").send_keys(f"{phi_dicom}\n{other}")
+    WebDriverWait(browser, WAIT_S).until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".result[aria-busy='false']")) == 2)
+    titles = [title.text for title in browser.find_elements(By.CSS_SELECTOR, ".result .card-title")]
+    assert [title.split(" · ")[0] for title in titles] == ["File 1 of 2", "File 2 of 2"]
+    page = browser.page_source
+    for value in phi_strings + [other.stem]:
+        assert value.lower() not in page.lower(), value
+    log = serve_process.log()
+    assert phi_dicom.name not in log and other.stem not in log
