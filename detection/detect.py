@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_tools.errors import ImageReadError, LungdetError
 from data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
 from data_tools.visualize import DEFAULT_MAX_SIZE, draw_overlay, fit_for_display
-from data_tools.errors import ImageReadError, LungdetError
 from detection.config import TrainConfig
 from detection.engine import Precision, resolve_precision
 from detection.predict import load_trained_model, predict_pixels

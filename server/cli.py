@@ -17,8 +17,8 @@ from pathlib import Path
 from data_tools.cli_types import int_in_range
 from data_tools.errors import LungdetError
 from data_tools.image_io import DEFAULT_MAX_PIXELS
-from server.batcher import DEFAULT_MAX_BATCH
 from detection.config import AMP_MODES
+from server.batcher import DEFAULT_MAX_BATCH
 
 TOKEN_VARIABLE = "LUNGDET_API_TOKEN"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

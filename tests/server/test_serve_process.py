@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import select
 import socket
 import subprocess
 import sys
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.errors import LungdetError
 from detection.detect import upload_id
 from server.cli import get_args_parser, main
-from data_tools.errors import LungdetError
 
 CHUNK = 64 * 1024
 
