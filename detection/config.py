@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import yaml
 
 from data_tools.atomic import write_text_atomic
 from data_tools.errors import ConfigError
+from data_tools.typed_config import RangeRule, apply_overrides, build_dataclass, check_ranges, read_yaml_mapping
 
 MODEL_ARCHITECTURES = (
     "fasterrcnn_resnet50_fpn",
@@ -123,7 +122,7 @@ class TrainConfig:
 
 
 # (dotted key, check, message) for every range rule; checked after loading and overrides.
-_RANGE_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+_RANGE_RULES: list[RangeRule] = [
     ("model.architecture", lambda v: v in MODEL_ARCHITECTURES, f"one of {', '.join(MODEL_ARCHITECTURES)}"),
     ("model.num_classes", lambda v: v >= 2, ">= 2 (background + at least one class)"),
     ("model.image_size", lambda v: 64 <= v <= 2048, "between 64 and 2048"),
@@ -176,46 +175,6 @@ _RANGE_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 ]
 
 
-def _suggest(key: str, valid: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if close:
-        return f" Did you mean '{prefix}{close[0]}'?"
-    return f" Valid keys here: {', '.join(prefix + name for name in valid)}."
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check ``value`` against a field's type, allowing int where float is expected."""
-    origin = typing.get_origin(annotation)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation)
-        return [_coerce(item, item_type, f"{where}[{index}]") for index, item in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, float, str, bool) and (type(value) is not annotation):
-        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        path = f"{where}.{key}" if where else key
-        if key not in names:
-            raise ConfigError(f"unknown config key '{path}'.{_suggest(key, names, f'{where}.' if where else '')}")
-        annotation = hints[key]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[key] = _build(annotation, value, path)
-        else:
-            kwargs[key] = _coerce(value, annotation, path)
-    return cls(**kwargs)
-
-
 # Keys that moved between sections: (old section, new section, names). Configs stored in older
 # checkpoints still load, so their runs can be resumed and their models predicted with.
 _MOVED_KEYS = [("data", "augment", ("hflip", "brightness_contrast", "shift_scale_rotate"))]
@@ -233,39 +192,14 @@ def _migrate(values: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from nested dicts (missing keys take defaults)."""
-    config = _build(TrainConfig, _migrate(copy.deepcopy(values or {})), "")
+    config = build_dataclass(TrainConfig, _migrate(copy.deepcopy(values or {})))
     validate_config(config)
     return config
 
 
 def validate_config(config: TrainConfig) -> None:
     """Raise :class:`ConfigError` naming the first out-of-range value and its valid range."""
-    for key, check, allowed in _RANGE_RULES:
-        value = get_dotted(config, key)
-        if not check(value):
-            raise ConfigError(f"config {key}={value!r} is out of range: must be {allowed}")
-
-
-def get_dotted(config: Any, key: str) -> Any:
-    for part in key.split("."):
-        config = getattr(config, part)
-    return config
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings to nested dicts; values are parsed as YAML (``0.01``, ``[1, 2]``, ``true``)."""
-    for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"override {override!r}: expected key=value, e.g. optim.lr=0.005")
-        key, raw = override.split("=", 1)
-        node = values
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {override!r}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return values
+    check_ranges(config, _RANGE_RULES)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -287,13 +221,7 @@ def load_config(name_or_path: str | Path | None, overrides: list[str] | None = N
     """Load a YAML config (or the defaults when ``None``), apply overrides, validate."""
     values: dict[str, Any] = {}
     if name_or_path is not None:
-        path = resolve_config_path(name_or_path)
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, optim:)")
+        values = read_yaml_mapping(resolve_config_path(name_or_path), what="sections (model:, data:, optim:)")
     try:
         return config_from_dict(apply_overrides(values, overrides or []))
     except ConfigError as error:

@@ -1,0 +1,108 @@
+"""Typed configs from YAML: a tree of dataclasses, checked on the way in.
+
+Shared by the training configs (``detection/config.py``) and the post-processing file
+(``submission/postprocess.py``): an unknown key is refused with the closest valid one
+("Did you mean 'optim.lr'?"), a value of the wrong type is refused naming the key, and range
+rules name the value and what is allowed. ``key.sub=value`` overrides are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_tools.errors import ConfigError
+
+# (dotted key, check, what is allowed) for one range rule.
+RangeRule = tuple[str, Callable[[Any], bool], str]
+
+
+def suggest_key(key: str, valid: Sequence[str], prefix: str) -> str:
+    """' Did you mean 'prefix.closest'?' for a mistyped key, else the list of valid keys."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    if close:
+        return f" Did you mean '{prefix}{close[0]}'?"
+    return f" Valid keys here: {', '.join(prefix + name for name in valid)}."
+
+
+def coerce_value(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field's type, allowing int where float is expected."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [coerce_value(item, item_type, f"{where}[{index}]") for index, item in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and (type(value) is not annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """An instance of dataclass ``cls`` from nested dicts; missing keys take the defaults, nested dataclasses recurse."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'.{suggest_key(key, names, f'{where}.' if where else '')}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = build_dataclass(annotation, value, path)
+        else:
+            kwargs[key] = coerce_value(value, annotation, path)
+    return cls(**kwargs)
+
+
+def get_dotted(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def check_ranges(config: Any, rules: Sequence[RangeRule], *, name: str = "config") -> None:
+    """Raise :class:`ConfigError` naming the first value that breaks its rule and what is allowed."""
+    for key, check, allowed in rules:
+        value = get_dotted(config, key)
+        if not check(value):
+            raise ConfigError(f"{name} {key}={value!r} is out of range: must be {allowed}")
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to nested dicts; values are parsed as YAML (``0.01``, ``[1, 2]``, ``true``)."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r}: expected key=value, e.g. optim.lr=0.005")
+        key, raw = override.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return values
+
+
+def read_yaml_mapping(path: Path, *, what: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML file ({} for an empty one); ``what`` names the expected keys in the message."""
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of {what}")
+    return values
