@@ -15,24 +15,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
-import torch
-from torch import nn
 
 from data_tools.errors import ImageReadError, LungdetError
 from data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
 from data_tools.visualize import DEFAULT_MAX_SIZE, draw_overlay, fit_for_display
-from detection.config import TrainConfig
-from detection.engine import Precision, resolve_precision
-from detection.predict import load_trained_model, predict_pixels
-from detection.train import resolve_device
+from detection.predict import Detector
 from submission.prediction_string import Prediction, format_prediction_string, keep_confident, parse_prediction_string
 
 LABEL_POSITIVE = "Lung Opacity"
@@ -44,76 +37,6 @@ PERCENT_DECIMALS = 2
 FRACTION_DECIMALS = 6
 PREVIEW_JPEG_QUALITY = 92
 UPLOAD_ID_HEX_DIGITS = 16
-
-
-@dataclass
-class Detector:
-    """A trained checkpoint, loaded once, ready for one image at a time.
-
-    ``score_threshold`` is the cut-off tuned on validation (stored in the checkpoint): the image
-    verdict and the default box filter use it. ``checkpoint_sha256`` names the exact weights in
-    every reply, so a result can be traced to the file that made it.
-    """
-
-    model: nn.Module
-    config: TrainConfig
-    device: torch.device
-    precision: Precision
-    preprocessing: dict[str, Any]
-    score_threshold: float
-    checkpoint_sha256: str
-    # One forward pass at a time: the model is shared, and parallel passes on one device only contend.
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """The ``model`` part of every reply."""
-        return {
-            "architecture": self.config.model.architecture,
-            "image_size": self.config.model.image_size,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "score_threshold": self.score_threshold,
-        }
-
-    def predict(self, pixels: np.ndarray) -> Prediction:
-        """Every box the model gives for uint8 ``[H, W]`` pixels (down to its own ``box_score_thresh``), XYWH_ABS in those pixels."""
-        return self.predict_batch([pixels])[0]
-
-    def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]:
-        """:meth:`predict` for several images in one forward pass (any sizes), in order."""
-        with self.lock:
-            return predict_pixels(
-                self.model, images, image_size=self.config.model.image_size, device=self.device, score_threshold=0.0,
-                preprocessing=self.preprocessing, precision=self.precision,
-            )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB pieces (a ResNet-50 checkpoint is 300 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for piece in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
-def load_detector(checkpoint_path: Path, *, device: str = "auto", amp: str = "auto") -> Detector:
-    """Load a ``lungdet train`` checkpoint for single-image detection on ``device`` ('auto', 'cpu', 'cuda:N') under ``amp``.
-
-    Raises ``LungdetError`` for a missing or foreign checkpoint, an unknown device or an amp the device cannot run.
-    """
-    torch_device = resolve_device(device)
-    precision = resolve_precision(amp, torch_device)
-    model, config, checkpoint = load_trained_model(Path(checkpoint_path), device=torch_device)
-    return Detector(
-        model=model,
-        config=config,
-        device=torch_device,
-        precision=precision,
-        preprocessing=dict(checkpoint.get("preprocessing") or {}),
-        score_threshold=float(checkpoint.get("score_threshold", 0.5)),
-        checkpoint_sha256=file_sha256(Path(checkpoint_path)),
-    )
 
 
 def upload_id(data: bytes) -> str:

@@ -9,11 +9,14 @@ Run: ``lungdet predict --checkpoint runs/r50/best.pt --dicom-dir stage_2_test_im
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -23,15 +26,18 @@ from tqdm import tqdm
 
 from data_tools.boxes import scale_xywh, xyxy_to_xywh
 from data_tools.cli_types import fraction, int_in_range
-from data_tools.dicom_io import DicomImage, find_dicoms, read_dicom
-from data_tools.errors import DicomReadError, ImageReadError, LungdetError
+from data_tools.dicom_io import find_dicoms, read_dicom
+from data_tools.errors import ImageReadError, LungdetError
+from data_tools.image_io import read_xray
 from data_tools.to_coco import prepare_pixels
 from detection.config import AMP_MODES, TrainConfig, config_from_dict
 from detection.data import to_model_input
 from detection.engine import Precision, resolve_precision
 from detection.model import build_model, in_memory_layout
 from detection.train import load_checkpoint, resolve_device
+from submission.postprocess import PostprocessConfig, load_postprocess, postprocess
 from submission.prediction_string import Prediction, keep_confident, write_submission
+from submission.raw_predictions import RawPrediction, write_raw_predictions
 
 
 def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[nn.Module, TrainConfig, dict]:
@@ -99,6 +105,29 @@ def predict_pixels(
     ]
 
 
+class BatchPredictor(Protocol):
+    """What :func:`predict_raw` runs: a :class:`Detector`, or any model wrapped to answer the same way."""
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]: ...
+
+
+@dataclass
+class _ModelRunner:
+    """A bare model with its input size, preprocessing and precision, as a :class:`BatchPredictor`."""
+
+    model: nn.Module
+    image_size: int
+    device: torch.device
+    preprocessing: Mapping[str, Any] | None
+    precision: Precision | None
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]:
+        return predict_pixels(
+            self.model, images, image_size=self.image_size, device=self.device, score_threshold=0.0,
+            preprocessing=self.preprocessing, precision=self.precision,
+        )
+
+
 def predict_dicoms(
     model: nn.Module,
     paths: Sequence[Path],
@@ -111,36 +140,88 @@ def predict_dicoms(
     progress: bool = True,
     precision: Precision | None = None,
 ) -> tuple[dict[str, Prediction], list[tuple[Path, str]]]:
-    """Predict every DICOM in ``paths``: ``({patientId: Prediction}, [(bad file, reason)])``.
+    """Predict every DICOM in ``paths`` with one model: ``({patientId: Prediction}, [(bad file, reason)])``.
 
-    An unreadable file gets an empty prediction (Kaggle wants a row per image) and is listed.
-    ``precision`` (default fp32) is the autocast the forward pass runs under.
+    Boxes at or above ``score_threshold``. An unreadable file gets an empty prediction (Kaggle
+    wants a row per image) and is listed. ``precision`` (default fp32) is the autocast the
+    forward pass runs under.
     """
-    predictions: dict[str, Prediction] = {}
-    bad: list[tuple[Path, str]] = []
-    batch: list[DicomImage] = []
-
-    def flush() -> None:
-        batch_predictions = predict_pixels(
-            model, [image.pixels for image in batch], image_size=image_size, device=device, score_threshold=score_threshold,
-            preprocessing=preprocessing, precision=precision,
-        )
-        for image, prediction in zip(batch, batch_predictions, strict=True):
-            predictions[image.meta.patient_id] = prediction
-        batch.clear()
-
-    for path in tqdm(paths, desc="predict", unit="file", disable=None if progress else True):
-        try:
-            batch.append(read_dicom(path))
-        except DicomReadError as error:
-            bad.append((path, error.reason))
-            predictions[path.stem] = Prediction.empty()
-            continue
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    runner = _ModelRunner(model, image_size, device, preprocessing, precision)
+    rows, bad = predict_raw([runner], ["model"], paths, read=read_dicom_pixels, batch_size=batch_size, progress=progress)
+    predictions = {row.patient_id: keep_confident(row.prediction, min_confidence=score_threshold) for row in rows}
+    for path, _ in bad:
+        predictions[path.stem] = Prediction.empty()
     return predictions, bad
+
+
+@dataclass
+class Detector:
+    """A trained checkpoint, loaded once, ready for one image at a time.
+
+    ``score_threshold`` is the cut-off tuned on validation (stored in the checkpoint): the image
+    verdict and the default box filter use it. ``checkpoint_sha256`` names the exact weights in
+    every reply, so a result can be traced to the file that made it.
+    """
+
+    model: nn.Module
+    config: TrainConfig
+    device: torch.device
+    precision: Precision
+    preprocessing: dict[str, Any]
+    score_threshold: float
+    checkpoint_sha256: str
+    # One forward pass at a time: the model is shared, and parallel passes on one device only contend.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The ``model`` part of every reply."""
+        return {
+            "architecture": self.config.model.architecture,
+            "image_size": self.config.model.image_size,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "score_threshold": self.score_threshold,
+        }
+
+    def predict(self, pixels: np.ndarray) -> Prediction:
+        """Every box the model gives for uint8 ``[H, W]`` pixels (down to its own ``box_score_thresh``), XYWH_ABS in those pixels."""
+        return self.predict_batch([pixels])[0]
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]:
+        """:meth:`predict` for several images in one forward pass (any sizes), in order."""
+        with self.lock:
+            return predict_pixels(
+                self.model, images, image_size=self.config.model.image_size, device=self.device, score_threshold=0.0,
+                preprocessing=self.preprocessing, precision=self.precision,
+            )
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB pieces (a ResNet-50 checkpoint is 300 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for piece in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def load_detector(checkpoint_path: Path, *, device: str = "auto", amp: str = "auto") -> Detector:
+    """Load a ``lungdet train`` checkpoint for single-image detection on ``device`` ('auto', 'cpu', 'cuda:N') under ``amp``.
+
+    Raises ``LungdetError`` for a missing or foreign checkpoint, an unknown device or an amp the device cannot run.
+    """
+    torch_device = resolve_device(device)
+    precision = resolve_precision(amp, torch_device)
+    model, config, checkpoint = load_trained_model(Path(checkpoint_path), device=torch_device)
+    return Detector(
+        model=model,
+        config=config,
+        device=torch_device,
+        precision=precision,
+        preprocessing=dict(checkpoint.get("preprocessing") or {}),
+        score_threshold=float(checkpoint.get("score_threshold", 0.5)),
+        checkpoint_sha256=file_sha256(Path(checkpoint_path)),
+    )
 
 
 def check_unique_patient_ids(paths: Sequence[Path]) -> None:
@@ -155,37 +236,128 @@ def check_unique_patient_ids(paths: Sequence[Path]) -> None:
         first_seen[path.stem] = path
 
 
+TTA_MODES = ("none", "hflip")
+
+
+def hflip_back(prediction: Prediction, *, width: int) -> Prediction:
+    """Boxes predicted on a mirrored image, mapped back: XYWH_ABS ``x`` becomes ``width - x - w``."""
+    boxes = prediction.boxes.copy()
+    boxes[:, 0] = width - boxes[:, 0] - boxes[:, 2]
+    return Prediction(prediction.scores.copy(), boxes)
+
+
+def model_names(paths: Sequence[Path]) -> list[str]:
+    """A short, distinct name per checkpoint for raw predictions: its run folder ('fold0'), else the whole path."""
+    folders = [Path(path).parent.name or Path(path).stem for path in paths]
+    return folders if len(set(folders)) == len(folders) else [str(path) for path in paths]
+
+
+def predict_raw(
+    detectors: Sequence[BatchPredictor],
+    names: Sequence[str],
+    paths: Sequence[Path],
+    *,
+    read: Callable[[Path], np.ndarray],
+    tta: str = "none",
+    batch_size: int = 4,
+    progress: bool = True,
+) -> tuple[list[RawPrediction], list[tuple[Path, str]]]:
+    """Every model's every pass over every image: ``(raw predictions, [(unreadable file, reason)])``.
+
+    ``read(path)`` gives an image's uint8 ``[H, W]`` pixels or raises ``ImageReadError``; the
+    patientId is the file stem. Each image is read once and run through every model (each
+    prepares its input as it was trained), and with ``tta='hflip'`` also mirrored, its boxes
+    mapped back. Boxes are kept down to each model's own floor, in original pixels.
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    rows: list[RawPrediction] = []
+    bad: list[tuple[Path, str]] = []
+    batch: list[tuple[str, np.ndarray]] = []
+
+    def flush() -> None:
+        images = [pixels for _, pixels in batch]
+        mirrored = [np.ascontiguousarray(pixels[:, ::-1]) for pixels in images] if tta == "hflip" else []
+        for detector, name in zip(detectors, names, strict=True):
+            passes = [("plain", detector.predict_batch(images))]
+            if mirrored:
+                flipped = detector.predict_batch(mirrored)
+                passes.append(("hflip", [hflip_back(prediction, width=pixels.shape[1]) for prediction, pixels in zip(flipped, images, strict=True)]))
+            for pass_name, predictions in passes:
+                for (patient_id, pixels), prediction in zip(batch, predictions, strict=True):
+                    rows.append(RawPrediction(patient_id, name, pass_name, int(pixels.shape[1]), int(pixels.shape[0]), prediction))
+        batch.clear()
+
+    for path in tqdm(paths, desc="predict", unit="file", disable=None if progress else True):
+        try:
+            batch.append((Path(path).stem, read(Path(path))))
+        except ImageReadError as error:
+            bad.append((Path(path), error.reason))
+            continue
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return rows, bad
+
+
+def read_dicom_pixels(path: Path) -> np.ndarray:
+    return read_dicom(path).pixels
+
+
+def read_any_pixels(path: Path) -> np.ndarray:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageReadError(path, f"cannot be read ({error.strerror or error}); check the path", kind="missing") from None
+    return read_xray(data, name=str(path)).pixels
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungdet predict",
-        description="Predict lung-opacity boxes for every DICOM in a folder and write a Kaggle submission.csv "
-        "(patientId,PredictionString; boxes in original DICOM pixels), or print the JSON that lungdet serve returns "
-        "for each file (--json).",
+        description="Predict lung-opacity boxes for every DICOM in a folder (or given files) and write a Kaggle submission.csv "
+        "(patientId,PredictionString; boxes in original pixels), raw predictions for tuning (--raw), or the JSON that "
+        "lungdet serve returns for each file (--json). Several checkpoints are fused into one submission.",
         epilog="examples:\n"
         "  lungdet predict --checkpoint runs/mobilenet/best.pt --dicom-dir stage_2_test_images --out submission.csv\n"
+        "  lungdet predict --checkpoint runs/cv/fold*/best.pt --tta hflip --postprocess postprocess.yaml --dicom-dir test --out submission.csv\n"
         "  lungdet predict --checkpoint runs/mobilenet/best.pt --input patient.dcm chest.png --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint from lungdet train (RUN/best.pt)")
+    parser.add_argument(
+        "--checkpoint", type=Path, nargs="+", required=True,
+        help="one or more checkpoints from lungdet train (RUN/best.pt); several are fused with weighted boxes fusion",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dicom-dir", type=Path, help="folder with .dcm files (searched recursively)")
     source.add_argument(
         "--input", type=Path, nargs="+", metavar="FILE",
         help="X-ray files: DICOM (any extension or none), PNG or JPEG, told apart by content; patientId is the file stem",
     )
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--out", type=Path, help="submission CSV to write")
-    target.add_argument(
+    parser.add_argument("--out", type=Path, help="submission CSV to write")
+    parser.add_argument(
+        "--raw", type=Path,
+        help="also (or only) write raw predictions: every box of every model and pass, for lungdet tune (see submission/raw_predictions.py)",
+    )
+    parser.add_argument(
         "--json", action="store_true",
         help="print one JSON object per file on its own line, in input order: what lungdet serve's /api/v1/detect returns "
-        "(a file that cannot be read gets {\"error\": {\"kind\", \"message\"}} in its place, and the exit status is 2)",
+        "(a file that cannot be read gets {\"error\": {\"kind\", \"message\"}} in its place, and the exit status is 2); "
+        "one checkpoint, no --tta",
+    )
+    parser.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation: 'hflip' also runs each image mirrored and fuses both (default none)")
+    parser.add_argument(
+        "--postprocess", type=Path,
+        help="postprocess.yaml from lungdet tune: fusion, gating, cut-off, shrink, box cap; default: the checkpoints' tuned cut-off "
+        "(their mean for several) and nothing else",
     )
     parser.add_argument(
         "--score-threshold", type=fraction, default=None,
-        help="keep boxes with at least this confidence; default: the cut-off tuned on validation and stored in the checkpoint "
+        help="keep boxes with at least this confidence, over --postprocess and the checkpoints' cut-off "
         "(with --json the image's verdict still uses the stored cut-off)",
     )
-    parser.add_argument("--batch-size", type=int_in_range(1), default=4, help="images per forward pass with --dicom-dir (default 4)")
+    parser.add_argument("--batch-size", type=int_in_range(1), default=4, help="images per forward pass (default 4)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
     parser.add_argument(
         "--amp", choices=AMP_MODES, default="auto",
@@ -195,14 +367,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def predict_files(args: argparse.Namespace, paths: Sequence[Path]) -> int:
-    """``--input`` or ``--json``: one file at a time through :mod:`detection.detect`, the code ``lungdet serve`` runs."""
-    # Imported here: detect pulls in the image readers and drawing code that a folder submission does not need.
-    from detection.detect import detect_bytes, detection_json, error_json, load_detector
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse option combinations that cannot work, before any model is loaded."""
+    if args.json and (args.out or args.raw):
+        raise LungdetError("--json prints to the screen; drop --out/--raw, or drop --json to write files")
+    if not (args.json or args.out or args.raw):
+        raise LungdetError("nothing to write: give --out submission.csv, --raw raw.csv, or --json")
+    if args.json and (len(args.checkpoint) > 1 or args.tta != "none"):
+        raise LungdetError("--json answers as lungdet serve does, with one checkpoint and no --tta; write a submission (--out) to fuse several")
 
-    detector = load_detector(args.checkpoint, device=args.device, amp=args.amp)
-    threshold = args.score_threshold if args.score_threshold is not None else detector.score_threshold
-    predictions: dict[str, Prediction] = {}
+
+def predict_json(args: argparse.Namespace, paths: Sequence[Path]) -> int:
+    """``--json``: one file at a time through :mod:`detection.detect`, the code ``lungdet serve`` runs."""
+    # Imported here: detect pulls in the image readers and drawing code that a folder submission does not need.
+    from detection.detect import detect_bytes, detection_json, error_json
+
+    detector = load_detector(args.checkpoint[0], device=args.device, amp=args.amp)
     failed: list[tuple[Path, str]] = []
     for path in tqdm(paths, desc="predict", unit="file", disable=None if not args.no_progress else True):
         try:
@@ -210,53 +390,58 @@ def predict_files(args: argparse.Namespace, paths: Sequence[Path]) -> int:
         except OSError as error:
             reason = f"cannot be read ({error.strerror or error}); check the path"
             failed.append((path, reason))
-            if args.json:
-                print(json.dumps({"error": {"kind": "missing", "message": f"{path}: {reason}"}}), flush=True)
+            print(json.dumps({"error": {"kind": "missing", "message": f"{path}: {reason}"}}), flush=True)
             continue
         try:
             detection = detect_bytes(detector, data, name=str(path))
         except ImageReadError as error:
             failed.append((path, error.reason))
-            if args.json:
-                print(json.dumps(error_json(error)), flush=True)
-            else:
-                predictions[Path(path).stem] = Prediction.empty()
+            print(json.dumps(error_json(error)), flush=True)
             continue
-        if args.json:
-            print(json.dumps(detection_json(detection, detector_info=detector.info, min_confidence=args.score_threshold)), flush=True)
-        else:
-            predictions[Path(path).stem] = keep_confident(detection.prediction, min_confidence=threshold)
-    if not args.json:
-        write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
-        with_boxes = sum(prediction.boxes.shape[0] > 0 for prediction in predictions.values())
-        print(f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes (confidence >= {threshold:g}; {detector.device}, {detector.precision.name})")
+        print(json.dumps(detection_json(detection, detector_info=detector.info, min_confidence=args.score_threshold)), flush=True)
     for path, reason in failed:
-        print(f"  unreadable{'' if args.json else ', written with no boxes'}: {path}: {reason}", file=sys.stderr)
-    return 2 if failed and args.json else 0
+        print(f"  unreadable: {path}: {reason}", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def main(args: argparse.Namespace) -> int:
+    check_outputs(args)
     if args.input is not None:
         paths = list(args.input)
     else:
         paths = find_dicoms(args.dicom_dir)
         if not paths:
             raise LungdetError(f"{args.dicom_dir}: no .dcm files found")
-    if not args.json:
-        check_unique_patient_ids(paths)
-    if args.json or args.input is not None:
-        return predict_files(args, paths)
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.amp, device)
-    model, config, checkpoint = load_trained_model(args.checkpoint, device=device)
-    threshold = args.score_threshold if args.score_threshold is not None else float(checkpoint.get("score_threshold", 0.5))
-    predictions, bad = predict_dicoms(
-        model, paths, image_size=config.model.image_size, device=device, score_threshold=threshold,
-        preprocessing=checkpoint.get("preprocessing"), batch_size=args.batch_size, progress=not args.no_progress, precision=precision,
+    if args.json:
+        return predict_json(args, paths)
+    check_unique_patient_ids(paths)
+    # Read before the models load, so a bad file fails in a second.
+    postprocess_config = load_postprocess(args.postprocess) if args.postprocess is not None else None
+    detectors = [load_detector(path, device=args.device, amp=args.amp) for path in args.checkpoint]
+    if postprocess_config is None:
+        postprocess_config = PostprocessConfig(score_threshold=float(np.mean([detector.score_threshold for detector in detectors])))
+    if args.score_threshold is not None:
+        postprocess_config.score_threshold = args.score_threshold
+    rows, bad = predict_raw(
+        detectors, model_names(args.checkpoint), paths, read=read_dicom_pixels if args.input is None else read_any_pixels,
+        tta=args.tta, batch_size=args.batch_size, progress=not args.no_progress,
     )
-    write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
-    with_boxes = sum(prediction.boxes.shape[0] > 0 for prediction in predictions.values())
-    print(f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes (confidence >= {threshold:g}; {device}, {precision.name})")
+    device, precision = detectors[0].device, detectors[0].precision
+    if args.raw is not None:
+        written = write_raw_predictions(args.raw, rows)
+        print(f"wrote {args.raw}: {written} raw rows ({len(detectors)} model(s) x {1 + (args.tta == 'hflip')} pass(es) per image)")
+    if args.out is not None:
+        predictions = postprocess(rows, postprocess_config)
+        for path, _ in bad:  # Kaggle wants a row per image
+            predictions[Path(path).stem] = Prediction.empty()
+        write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
+        with_boxes = sum(prediction.boxes.shape[0] > 0 for prediction in predictions.values())
+        fused = f", {len(detectors)} models fused" if len(detectors) > 1 else ""
+        tta = ", hflip TTA" if args.tta == "hflip" else ""
+        print(
+            f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes "
+            f"(confidence >= {postprocess_config.score_threshold:g}{fused}{tta}; {device}, {precision.name})"
+        )
     for path, reason in bad:
-        print(f"  unreadable, written with no boxes: {path}: {reason}", file=sys.stderr)
+        print(f"  unreadable{', written with no boxes' if args.out else ''}: {path}: {reason}", file=sys.stderr)
     return 0

@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data_tools.errors import ImageReadError
 from data_tools.image_io import DEFAULT_MAX_PIXELS
-from detection.detect import NOTICE, Detection, Detector, annotated_png, detect_bytes, detection_json, preview_jpeg, upload_id
+from detection.detect import NOTICE, Detection, annotated_png, detect_bytes, detection_json, preview_jpeg, upload_id
+from detection.predict import Detector
 from server.batcher import DEFAULT_MAX_BATCH, Batcher
 from server.guard import RequestGuard, error_body
 from server.schemas import DetectReply, ErrorReply, Health

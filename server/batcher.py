@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from detection.detect import Detector
+from detection.predict import Detector
 from submission.prediction_string import Prediction
 
 DEFAULT_MAX_BATCH = 8

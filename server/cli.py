@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
             f"lungdet serve needs FastAPI and uvicorn, which are not installed ({error.name} is missing); "
             "install them with: pip install 'lungdet[serve]'"
         ) from None
-    from detection.detect import load_detector
+    from detection.predict import load_detector
 
     token = args.api_token or os.environ.get(TOKEN_VARIABLE) or None
     if not is_loopback(args.host) and token is None:

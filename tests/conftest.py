@@ -216,6 +216,6 @@ def serving_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def serving_detector(serving_checkpoint: Path):
     """``serving_checkpoint`` loaded on the CPU in fp32, so results are the same on every CPU."""
-    from detection.detect import load_detector
+    from detection.predict import load_detector
 
     return load_detector(serving_checkpoint, device="cpu", amp="none")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from data_tools.errors import LungdetError
 from data_tools.image_io import XrayImage
 from detection.detect import (
     LABEL_NEGATIVE,
@@ -19,12 +21,11 @@ from detection.detect import (
     annotated_png,
     detect_bytes,
     detection_json,
-    file_sha256,
     image_label,
     preview_jpeg,
     upload_id,
 )
-from detection.predict import get_args_parser, main
+from detection.predict import file_sha256, get_args_parser, main
 from submission.prediction_string import Prediction, format_prediction_string, read_submission
 
 INFO = {"architecture": "fasterrcnn_mobilenet_v3_large_fpn", "image_size": 128, "checkpoint_sha256": "ab" * 32, "score_threshold": 0.5}
@@ -174,15 +175,26 @@ def test_predict_input_writes_a_submission_from_any_format(serving_checkpoint: P
     assert list(read_submission(out)) == sorted([good.stem, "chest"])
 
 
+def test_predict_needs_one_source(capsys) -> None:
+    for extra, message in (
+        (["--out", "s.csv"], "one of the arguments --dicom-dir --input is required"),
+        (["--input", "a.dcm", "--dicom-dir", "d", "--json"], "argument --dicom-dir: not allowed with argument --input"),
+    ):
+        with pytest.raises(SystemExit):
+            get_args_parser().parse_args(["--checkpoint", "c.pt", *extra])
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--out", "s.csv"], "one of the arguments --dicom-dir --input is required"),
-        (["--input", "a.dcm"], "one of the arguments --out --json is required"),
-        (["--input", "a.dcm", "--dicom-dir", "d", "--json"], "argument --dicom-dir: not allowed with argument --input"),
+        ([], "nothing to write: give --out submission.csv, --raw raw.csv, or --json"),
+        (["--json", "--out", "s.csv"], "--json prints to the screen; drop --out/--raw"),
+        (["--json", "--tta", "hflip"], "--json answers as lungdet serve does, with one checkpoint and no --tta"),
+        (["--json", "--checkpoint", "a.pt", "b.pt"], "--json answers as lungdet serve does, with one checkpoint and no --tta"),
     ],
 )
-def test_predict_needs_one_source_and_one_target(extra: list[str], message: str, capsys) -> None:
-    with pytest.raises(SystemExit):
-        get_args_parser().parse_args(["--checkpoint", "c.pt", *extra])
-    assert message in capsys.readouterr().err
+def test_predict_refuses_outputs_that_cannot_work_before_loading(tmp_path: Path, extra: list[str], message: str) -> None:
+    args = get_args_parser().parse_args(["--checkpoint", str(tmp_path / "never-read.pt"), "--input", str(tmp_path / "x.dcm"), *extra])
+    with pytest.raises(LungdetError, match=re.escape(message)):
+        main(args)

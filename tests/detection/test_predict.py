@@ -17,7 +17,7 @@ from detection.config import config_to_dict, load_config
 from detection.engine import Precision, resolve_precision
 from detection.predict import get_args_parser, load_trained_model, main, predict_dicoms, to_original_space
 from detection.train import BEST_CHECKPOINT, train
-from submission.prediction_string import read_submission
+from submission.prediction_string import Prediction, keep_confident, read_submission
 
 CPU = torch.device("cpu")
 DICOM_ROWS, DICOM_COLUMNS = 128, 256  # not square, so a swapped axis shows
@@ -229,3 +229,104 @@ def test_model_input_repeats_the_conversion_then_resizes_to_the_model(tmp_path: 
     plain = model_input_for(image.pixels, image_size=64, preprocessing={"image_size": 128, "normalization": "none"})
     assert not torch.equal(plain, expected)
     assert torch.equal(plain, to_model_input(cv2.resize(prepare_pixels(image.pixels, image_size=128, normalization="none"), (64, 64), interpolation=cv2.INTER_AREA)))
+
+
+# --- TTA, several checkpoints, raw predictions, post-processing ---------------------------------
+
+
+def test_hflip_back_mirrors_x_only() -> None:
+    from detection.predict import hflip_back
+
+    back = hflip_back(Prediction.from_arrays([0.7], [[10, 20, 30, 40]]), width=100)
+    assert back.boxes.tolist() == [[60, 20, 30, 40]] and back.scores.tolist() == [0.7]
+
+
+@pytest.fixture(scope="module")
+def mirrored_pair(rsna_sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A real RSNA image as a lossless PNG, and its mirror image."""
+    import cv2
+
+    from data_tools.dicom_io import read_dicom
+
+    folder = tmp_path_factory.mktemp("mirror")
+    pixels = read_dicom(sorted(rsna_sample_dir.glob("*.dcm"))[0]).pixels
+    cv2.imwrite(str(folder / "upright.png"), pixels)
+    cv2.imwrite(str(folder / "mirrored.png"), np.ascontiguousarray(pixels[:, ::-1]))
+    return folder / "upright.png", folder / "mirrored.png"
+
+
+def test_tta_boxes_of_a_mirrored_image_map_back_to_the_original(serving_detector, mirrored_pair: tuple[Path, Path]) -> None:
+    """The hflip pass of an image is the plain pass of its mirror, mapped back; and the other way round."""
+    from detection.predict import hflip_back, predict_raw, read_any_pixels
+
+    rows, bad = predict_raw([serving_detector], ["m"], list(mirrored_pair), read=read_any_pixels, tta="hflip", progress=False)
+    assert bad == []
+    passes = {(row.patient_id, row.pass_name): row.prediction for row in rows}
+    assert set(passes) == {("upright", "plain"), ("upright", "hflip"), ("mirrored", "plain"), ("mirrored", "hflip")}
+    assert len(passes["upright", "plain"].scores) >= 2
+    for one, other in (("upright", "mirrored"), ("mirrored", "upright")):
+        expected = hflip_back(passes[other, "plain"], width=1024)
+        np.testing.assert_allclose(passes[one, "hflip"].boxes, expected.boxes, atol=1e-3)
+        np.testing.assert_allclose(passes[one, "hflip"].scores, expected.scores, atol=1e-6)
+
+
+def test_two_copies_of_a_checkpoint_fuse_to_the_single_model_submission(serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "dicoms"
+    folder.mkdir()
+    for path in sorted(rsna_sample_dir.glob("*.dcm"))[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    copies = []
+    for name in ("fold0", "fold1"):
+        (tmp_path / name).mkdir()
+        copies.append(tmp_path / name / "best.pt")
+        copies[-1].write_bytes(serving_checkpoint.read_bytes())
+    common = ["--dicom-dir", str(folder), "--device", "cpu", "--amp", "none"]
+    assert run_cli("--checkpoint", str(copies[0]), *common, "--out", str(tmp_path / "one.csv")) == 0
+    assert run_cli("--checkpoint", *map(str, copies), *common, "--out", str(tmp_path / "two.csv"), "--raw", str(tmp_path / "raw.csv")) == 0
+    single, fused = read_submission(tmp_path / "one.csv"), read_submission(tmp_path / "two.csv")
+    assert list(single) == list(fused)
+    assert sum(len(prediction.scores) for prediction in single.values()) > 0
+    for patient_id in single:
+        np.testing.assert_allclose(fused[patient_id].scores, single[patient_id].scores, atol=1e-4)
+        np.testing.assert_allclose(fused[patient_id].boxes, single[patient_id].boxes, atol=0.11)
+
+    from submission.raw_predictions import read_raw_predictions
+
+    raw = read_raw_predictions(tmp_path / "raw.csv")
+    assert len(raw) == 3 * 2 and {row.model for row in raw} == {"fold0", "fold1"}
+    assert all(row.width == row.height == 1024 and row.pass_name == "plain" for row in raw)
+    assert min(score for row in raw for score in row.prediction.scores) < 0.3  # raw keeps what the cut-off drops
+
+
+def test_postprocess_file_is_applied(serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path) -> None:
+    from submission.postprocess import PostprocessConfig, save_postprocess
+
+    save_postprocess(PostprocessConfig(score_threshold=0.05, max_boxes=1, shrink=0.5), tmp_path / "pp.yaml")
+    inputs = [str(path) for path in sorted(rsna_sample_dir.glob("*.dcm"))[:4]]
+    common = ["--checkpoint", str(serving_checkpoint), "--input", *inputs, "--device", "cpu", "--amp", "none"]
+    assert run_cli(*common, "--out", str(tmp_path / "plain.csv"), "--score-threshold", "0.05") == 0
+    assert run_cli(*common, "--out", str(tmp_path / "pp.csv"), "--postprocess", str(tmp_path / "pp.yaml")) == 0
+    plain, processed = read_submission(tmp_path / "plain.csv"), read_submission(tmp_path / "pp.csv")
+    assert any(len(prediction.scores) > 1 for prediction in plain.values())
+    for patient_id, prediction in processed.items():
+        assert len(prediction.scores) == min(1, len(plain[patient_id].scores))
+        if len(prediction.scores):
+            best = plain[patient_id]
+            np.testing.assert_allclose(prediction.boxes[0, 2:], best.boxes[0, 2:] * 0.5, atol=0.11)
+
+
+def test_tta_writes_both_passes_and_fuses_them(serving_checkpoint: Path, mirrored_pair: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    from submission.postprocess import PostprocessConfig, postprocess
+    from submission.raw_predictions import read_raw_predictions
+
+    args = ["--checkpoint", str(serving_checkpoint), "--input", str(mirrored_pair[0]), "--device", "cpu", "--amp", "none", "--tta", "hflip"]
+    assert run_cli(*args, "--out", str(tmp_path / "s.csv"), "--raw", str(tmp_path / "raw.csv"), "--score-threshold", "0.2") == 0
+    assert "(confidence >= 0.2, hflip TTA; cpu, fp32)" in capsys.readouterr().out
+    raw = read_raw_predictions(tmp_path / "raw.csv")
+    assert [row.pass_name for row in raw] == ["plain", "hflip"]
+    # The submission is the two passes fused, then cut at 0.2: the same as post-processing the raw file.
+    expected = postprocess(raw, PostprocessConfig(score_threshold=0.2))["upright"]
+    written = read_submission(tmp_path / "s.csv")["upright"]
+    np.testing.assert_allclose(written.scores, expected.scores, atol=1e-4)
+    plain_only = keep_confident(raw[0].prediction, min_confidence=0.2)
+    assert len(written.scores) != len(plain_only.scores) or not np.allclose(written.scores, plain_only.scores, atol=1e-4)  # fusion did something
