@@ -30,7 +30,7 @@ from detection.engine import resolve_precision
 from detection.predict import load_trained_model, predict_dicoms
 from detection.train import BEST_CHECKPOINT, train
 from submission.prediction_string import write_submission
-from submission.score import ScoreReport, score_dataset
+from submission.score import BOOTSTRAP_DRAWS, ScoreReport, score_dataset
 
 DEMO_CONFIG = "fasterrcnn_mobilenet_cpu"
 REPO_SAMPLE_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "rsna_sample"
@@ -50,7 +50,7 @@ def predict_and_score(
     write_submission(out_dir / f"submission_{name}.csv", {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
     # Score only the patients whose DICOMs are here: the sample labels file lists 26,684 patients.
     labels = {patient_id: value for patient_id, value in read_labels(labels_csv).items() if patient_id in predictions}
-    report = score_dataset({patient_id: value.boxes for patient_id, value in labels.items()}, predictions)
+    report = score_dataset({patient_id: value.boxes for patient_id, value in labels.items()}, predictions, bootstrap_draws=BOOTSTRAP_DRAWS)
     write_text_atomic(out_dir / f"score_{name}.json", json.dumps(report.to_dict(), indent=2))
     write_overlays(paths, out_dir / f"overlays_{name}", labels=labels, predictions=predictions)
     return report
@@ -101,10 +101,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"  (no real sample at {args.sample_dir}; pass --sample-dir to include one)")
 
     print("[5/5] overlays written")
-    print(f"\nResults (confidence >= {threshold:g}, tuned on validation):")
+    print(f"\nResults (confidence >= {threshold:g}, tuned on validation; mAP with its 95% bootstrap interval over patients):")
     for name, report in results.items():
         iou = f"{report.mean_iou:.3f}" if report.mean_iou is not None else "n/a"
-        print(f"  {name:<20} RSNA mAP {report.map:.4f}  mean IoU {iou}  images {report.n_images}")
+        low, high = report.map_interval
+        print(f"  {name:<20} RSNA mAP {report.map:.4f} [{low:.4f}, {high:.4f}]  mean IoU {iou}  images {report.n_images}")
     if "real RSNA sample" in results:
         print("  (a model trained minutes on synthetic images is not expected to find real opacities; train on the real set for that)")
     print(f"\nWhere things are:\n  run:         {out / 'run'} (best.pt, metrics.csv, config.yaml)")

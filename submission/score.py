@@ -39,13 +39,17 @@ from typing import NamedTuple
 import numpy as np
 
 from data_tools.boxes import as_box_array, iou_matrix_xywh
-from data_tools.cli_types import fraction
+from data_tools.cli_types import fraction, int_in_range
+from data_tools.errors import SubmissionError
 from data_tools.labels import read_labels
 from submission.prediction_string import Prediction, keep_confident, read_submission
 
 # Exact literals, not np.arange(0.4, 0.8, 0.05): arange accumulates float error (its 0.65 is
 # 0.6499999999999999), which would make an IoU of exactly 0.65 a hit at t = 0.65.
 RSNA_IOU_THRESHOLDS: tuple[float, ...] = (0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75)
+# Resamples of the patients for a score's 95% interval; 1,000 puts the interval's ends within
+# about 0.002 of their limit on a few thousand images.
+BOOTSTRAP_DRAWS = 1000
 
 
 class Match(NamedTuple):
@@ -106,6 +110,7 @@ class ScoreReport:
     n_unknown_predictions: int  # submission patients not in the labels (not scored)
     min_confidence: float
     per_threshold: tuple[ThresholdSummary, ...]
+    map_interval: tuple[float, float] | None = None  # 95% bootstrap interval of map over patients; None when not computed
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict with the same keys as the fields; ``per_threshold`` becomes a list of dicts."""
@@ -177,8 +182,41 @@ def _fraction_or_none(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
+def bootstrap_interval(
+    patient_scores: np.ndarray, *, draws: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mAP: resample patients with replacement ``draws`` times.
+
+    ``patient_scores`` has one entry per labelled patient, NaN for one left out of the mean
+    (neither truth nor predicted boxes), so a draw's mAP is the mean of its scored patients, as
+    the metric's (0.0 for a draw with none). Seeded: the same inputs give the same interval.
+    """
+    scores = np.asarray(patient_scores, dtype=np.float64)
+    if scores.size == 0:
+        return 0.0, 0.0
+    generator = np.random.default_rng(seed)
+    means = np.empty(draws, dtype=np.float64)
+    # Draws in chunks: all 1,000 draws of 26,684 patients at once would take 200 MB.
+    chunk = max(1, 4_000_000 // scores.size)
+    scored = ~np.isnan(scores)
+    filled = np.where(scored, scores, 0.0)
+    for start in range(0, draws, chunk):
+        rows = min(chunk, draws - start)
+        picks = generator.integers(0, scores.size, size=(rows, scores.size))
+        counts = scored[picks].sum(axis=1)
+        means[start : start + rows] = np.divide(filled[picks].sum(axis=1), counts, out=np.zeros(rows), where=counts > 0)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def score_dataset(
-    truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction], *, min_confidence: float = 0.0
+    truth: Mapping[str, np.ndarray],
+    predictions: Mapping[str, Prediction],
+    *,
+    min_confidence: float = 0.0,
+    bootstrap_draws: int = 0,
+    seed: int = 0,
 ) -> ScoreReport:
     """Score ``predictions`` against ``truth`` over every patient in ``truth``.
 
@@ -186,14 +224,16 @@ def score_dataset(
     ``predictions`` maps patientId to a :class:`Prediction` in the same pixel space. Predicted
     boxes with a confidence below ``min_confidence`` (in [0, 1]) are dropped first. A patient in
     ``truth`` but not in ``predictions`` has no predicted boxes; a patient only in ``predictions``
-    is counted in ``n_unknown_predictions`` and otherwise ignored.
+    is counted in ``n_unknown_predictions`` and otherwise ignored. With ``bootstrap_draws``, the
+    report carries a 95% interval of the mAP (see :func:`bootstrap_interval`, seeded by ``seed``).
     """
     if not 0.0 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+    patient_scores = np.full(len(truth), np.nan)
     image_scores: list[ImageScore] = []
     matched_ious: list[float] = []
     n_positive = n_detected_positive = n_clear_negative = n_predicted_boxes = 0
-    for patient_id, truth_boxes in truth.items():
+    for index, (patient_id, truth_boxes) in enumerate(truth.items()):
         boxes = as_box_array(truth_boxes)
         prediction = keep_confident(predictions.get(patient_id, Prediction.empty()), min_confidence=min_confidence)
         n_predicted = prediction.boxes.shape[0]
@@ -206,6 +246,7 @@ def score_dataset(
         image_score = score_image(boxes, prediction)
         if image_score is not None:
             image_scores.append(image_score)
+            patient_scores[index] = image_score.score
         matched_ious.extend(match.iou for match in match_predictions(boxes, prediction, iou_threshold=0.0))
 
     per_threshold = tuple(
@@ -233,7 +274,102 @@ def score_dataset(
         n_unknown_predictions=sum(patient_id not in truth for patient_id in predictions),
         min_confidence=min_confidence,
         per_threshold=per_threshold,
+        map_interval=bootstrap_interval(patient_scores, draws=bootstrap_draws, seed=seed) if bootstrap_draws else None,
     )
+
+
+# --- slices: the score by view position, sex and age ----------------------------------------------
+
+SLICE_KEYS = ("view_position", "sex", "age_band")
+# (first year, last year or None, label); "unknown" for a missing age.
+AGE_BANDS = ((0, 17, "0-17"), (18, 39, "18-39"), (40, 59, "40-59"), (60, None, "60+"))
+UNKNOWN = "unknown"
+
+
+def age_band(age: object) -> str:
+    """'0-17', '18-39', '40-59', '60+', or 'unknown' for a missing or unreadable age."""
+    if age is None or isinstance(age, bool) or not isinstance(age, (int, float)) or age < 0:
+        return UNKNOWN
+    for first, last, label in AGE_BANDS:
+        if age >= first and (last is None or age <= last):
+            return label
+    return UNKNOWN
+
+
+def read_slice_metadata(path: Path) -> dict[str, dict[str, str]]:
+    """``{patientId: {view_position, sex, age_band}}`` from a ``lungdet convert`` annotations.json (its image records)."""
+    path = Path(path)
+    try:
+        images = json.loads(path.read_text(encoding="utf-8"))["images"]
+        return {
+            str(image["patient_id"]): {
+                "view_position": str(image.get("view_position") or UNKNOWN),
+                "sex": str(image.get("sex") or UNKNOWN),
+                "age_band": age_band(image.get("age")),
+            }
+            for image in images
+        }
+    except FileNotFoundError:
+        raise SubmissionError(f"{path}: file not found; --metadata takes the annotations.json that lungdet convert wrote") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise SubmissionError(
+            f"{path}: not a lungdet convert annotations.json ({type(error).__name__}: {error}); its 'images' need patient_id, age, sex, view_position"
+        ) from None
+
+
+@dataclass(frozen=True)
+class SliceReport:
+    """The metric over the patients whose ``by`` is ``value`` (e.g. view_position = 'AP')."""
+
+    by: str
+    value: str
+    report: ScoreReport
+
+
+def score_slices(
+    truth: Mapping[str, np.ndarray],
+    predictions: Mapping[str, Prediction],
+    metadata: Mapping[str, Mapping[str, str]],
+    by: Sequence[str],
+    *,
+    min_confidence: float = 0.0,
+    bootstrap_draws: int = 0,
+    seed: int = 0,
+) -> list[SliceReport]:
+    """One :class:`SliceReport` per value of each key in ``by`` (of :data:`SLICE_KEYS`), values sorted.
+
+    Each slice is scored as a dataset of its own, so for every key the slices' patients add up to
+    ``truth`` and their scored images' mean is the whole mAP. A patient missing from
+    ``metadata`` falls in 'unknown'.
+    """
+    unknown = [key for key in by if key not in SLICE_KEYS]
+    if unknown:
+        raise SubmissionError(f"cannot slice by {', '.join(unknown)}; choose from {', '.join(SLICE_KEYS)}")
+    slices = []
+    for key in by:
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for patient_id, boxes in truth.items():
+            groups.setdefault(metadata.get(patient_id, {}).get(key, UNKNOWN), {})[patient_id] = boxes
+        for value in sorted(groups):
+            report = score_dataset(groups[value], predictions, min_confidence=min_confidence, bootstrap_draws=bootstrap_draws, seed=seed)
+            slices.append(SliceReport(key, value, report))
+    return slices
+
+
+def format_slices(slices: Sequence[SliceReport]) -> str:
+    """A table of slices: mAP with its interval, sensitivity, specificity, images."""
+
+    def show(value: float | None) -> str:
+        return "   n/a" if value is None else f"{value:6.3f}"
+
+    lines = [f"{'slice':<24} {'mAP':>6}  {'95% interval':<16} {'sens':>6} {'spec':>6} {'images':>7}"]
+    for item in slices:
+        report = item.report
+        interval = f"[{report.map_interval[0]:.3f}, {report.map_interval[1]:.3f}]" if report.map_interval else ""
+        lines.append(
+            f"{item.by + ' ' + item.value:<24} {report.map:6.3f}  {interval:<16} {show(report.sensitivity)} {show(report.specificity)} {report.n_images:7d}"
+        )
+    return "\n".join(lines)
 
 
 def format_report(report: ScoreReport) -> str:
@@ -242,8 +378,9 @@ def format_report(report: ScoreReport) -> str:
     def show(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
+    interval = f" [{report.map_interval[0]:.4f}, {report.map_interval[1]:.4f}]" if report.map_interval else ""
     lines = [
-        f"mAP          {show(report.map)}   images scored {report.n_scored} / {report.n_images}",
+        f"mAP          {show(report.map)}{interval}   images scored {report.n_scored} / {report.n_images}",
         f"mean IoU     {show(report.mean_iou)}",
         f"sensitivity  {show(report.sensitivity)}   positive images with a box ({report.n_positive} positive)",
         f"specificity  {show(report.specificity)}   negative images with no box ({report.n_negative} negative)",
@@ -285,18 +422,39 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="FLOAT",
         help="drop predicted boxes with a lower confidence before scoring, in [0, 1] (default: 0, keep all)",
     )
+    parser.add_argument(
+        "--bootstrap", type=int_in_range(0), default=BOOTSTRAP_DRAWS, metavar="N",
+        help=f"draws for the mAP's 95%% bootstrap interval, resampling patients (default {BOOTSTRAP_DRAWS}; 0 = none)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument(
+        "--by", type=_slice_keys, default=[], metavar="KEYS",
+        help=f"also score slices: a comma-separated list of {', '.join(SLICE_KEYS)} (needs --metadata)",
+    )
+    parser.add_argument("--metadata", type=Path, metavar="PATH", help="annotations.json from lungdet convert: age, sex and view position per patient")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
+def _slice_keys(text: str) -> list[str]:
+    keys = [key.strip() for key in text.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in SLICE_KEYS]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(SLICE_KEYS)}, got {text!r}")
+    return keys
+
+
 def main(args: argparse.Namespace) -> int:
     """Read the submission and labels, score, print the report; domain errors propagate to ``lungdet``."""
+    if args.by and args.metadata is None:
+        raise SubmissionError("--by needs --metadata, the annotations.json lungdet convert wrote (it has each patient's age, sex and view position)")
+    metadata = read_slice_metadata(args.metadata) if args.by else {}
     predictions = read_submission(args.submission)
     labels = read_labels(args.labels)
-    report = score_dataset(
-        {patient_id: patient.boxes for patient_id, patient in labels.items()},
-        predictions,
-        min_confidence=args.min_confidence,
+    truth = {patient_id: patient.boxes for patient_id, patient in labels.items()}
+    report = score_dataset(truth, predictions, min_confidence=args.min_confidence, bootstrap_draws=args.bootstrap, seed=args.seed)
+    slices = score_slices(
+        truth, predictions, metadata, args.by, min_confidence=args.min_confidence, bootstrap_draws=args.bootstrap, seed=args.seed
     )
     # Warnings go to stderr so that --json leaves exactly one JSON object on stdout.
     if report.n_unknown_predictions:
@@ -312,5 +470,12 @@ def main(args: argparse.Namespace) -> int:
             "pass a labels CSV with only those patients.",
             file=sys.stderr,
         )
-    print(json.dumps(report.to_dict()) if args.json else format_report(report))
+    if args.json:
+        slices_json = [{"by": item.by, "value": item.value, **item.report.to_dict()} for item in slices]
+        print(json.dumps({**report.to_dict(), **({"slices": slices_json} if args.by else {})}))
+    else:
+        print(format_report(report))
+        if slices:
+            print()
+            print(format_slices(slices))
     return 0

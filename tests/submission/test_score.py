@@ -294,7 +294,7 @@ def test_cli_table(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[s
     assert main(get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels)])) == 0
     out = capsys.readouterr().out
     # Without the filter pos has TP 1, FP 1, FN 1 at every threshold: 1/3; neg 0 -> mAP 1/6.
-    assert "mAP          0.1667   images scored 2 / 3" in out
+    assert "mAP          0.1667 [0.0000, 0.3333]   images scored 2 / 3" in out  # 3 patients resampled: 0 to 1/3
     assert "specificity  0.5000" in out
     assert "0.40      0.1667        1        2        1" in out  # FP: pos 1 + neg 1
 
@@ -311,3 +311,128 @@ def test_cli_raises_domain_error_for_bad_submission(cli_files: tuple[Path, Path]
     args = get_args_parser().parse_args(["--submission", str(tmp_path / "missing.csv"), "--labels", str(labels)])
     with pytest.raises(SubmissionError, match=r"missing\.csv: file not found"):
         main(args)
+
+
+# --- bootstrap intervals ------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_of_a_constant_score_is_that_score() -> None:
+    from submission.score import bootstrap_interval
+
+    assert bootstrap_interval(np.full(50, 0.25)) == (0.25, 0.25)
+    # Unscored patients never count, but a draw of only unscored ones scores 0, as the metric does (chance 8/27).
+    assert bootstrap_interval(np.array([0.4, np.nan, np.nan])) == pytest.approx((0.0, 0.4))
+    assert bootstrap_interval(np.array([np.nan, np.nan])) == (0.0, 0.0)
+    assert bootstrap_interval(np.array([])) == (0.0, 0.0)
+
+
+def test_bootstrap_interval_spans_the_resamples_and_repeats_with_its_seed() -> None:
+    from submission.score import bootstrap_interval
+
+    # Two patients scoring 1 and 0: a resample's mean is 0, 0.5 or 1 with chances 1/4, 1/2, 1/4.
+    assert bootstrap_interval(np.array([1.0, 0.0]), draws=1000, seed=3) == (0.0, 1.0)
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(size=400)
+    low, high = bootstrap_interval(scores, seed=1)
+    assert low < scores.mean() < high
+    # The standard error of a mean of 400 uniforms is 0.0144: a 95% interval about 0.057 wide.
+    assert 0.045 < high - low < 0.07
+    assert bootstrap_interval(scores, seed=1) == (low, high)
+    assert bootstrap_interval(scores, seed=2) != (low, high)
+
+
+def test_score_dataset_carries_the_interval_only_when_asked() -> None:
+    truths = {f"p{index}": truth(SQUARE) for index in range(20)}
+    predictions = {f"p{index}": predict((0.9, SQUARE)) for index in range(10)}  # half found exactly, half missed
+    assert score_dataset(truths, predictions).map_interval is None
+    report = score_dataset(truths, predictions, bootstrap_draws=500, seed=0)
+    assert report.map == 0.5
+    low, high = report.map_interval
+    assert low < 0.5 < high and report.to_dict()["map_interval"] == (low, high)
+
+
+# --- slices -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("age", "band"), [(0, "0-17"), (17, "0-17"), (18, "18-39"), (39, "18-39"), (40, "40-59"), (59, "40-59"), (60, "60+"), (92, "60+"), (None, "unknown"), (-1, "unknown")])
+def test_age_band(age, band: str) -> None:
+    from submission.score import age_band
+
+    assert age_band(age) == band
+
+
+def test_slices_add_up_to_the_whole() -> None:
+    from submission.score import score_slices
+
+    truths = {"a": truth(SQUARE), "b": NO_TRUTH, "c": truth(SQUARE), "d": NO_TRUTH, "e": truth(SQUARE)}
+    predictions = {"a": predict((0.9, SQUARE)), "b": predict((0.5, SQUARE)), "c": predict((0.8, [0, 0, 10, 14]))}
+    metadata = {
+        "a": {"view_position": "AP", "sex": "F", "age_band": "18-39"},
+        "b": {"view_position": "PA", "sex": "F", "age_band": "60+"},
+        "c": {"view_position": "AP", "sex": "M", "age_band": "60+"},
+        "d": {"view_position": "PA", "sex": "M", "age_band": "40-59"},
+    }  # "e" has no metadata: it falls in 'unknown'
+    whole = score_dataset(truths, predictions)
+    slices = score_slices(truths, predictions, metadata, ["view_position", "sex"])
+    assert [(item.by, item.value) for item in slices] == [
+        ("view_position", "AP"), ("view_position", "PA"), ("view_position", "unknown"), ("sex", "F"), ("sex", "M"), ("sex", "unknown")
+    ]
+    for key in ("view_position", "sex"):
+        parts = [item.report for item in slices if item.by == key]
+        assert sum(part.n_images for part in parts) == whole.n_images == 5
+        assert sum(part.n_scored for part in parts) == whole.n_scored
+        assert sum(part.map * part.n_scored for part in parts) == pytest.approx(whole.map * whole.n_scored)
+    ap = slices[0].report  # a: 1.0; c: IoU 100/140 = 0.714, a hit up to 0.70 -> 7/8
+    assert ap.map == pytest.approx((1.0 + 7 / 8) / 2)
+
+
+def test_slices_need_known_keys() -> None:
+    from submission.score import score_slices
+
+    with pytest.raises(SubmissionError, match="cannot slice by hospital; choose from view_position, sex, age_band"):
+        score_slices({}, {}, {}, ["hospital"])
+
+
+@pytest.fixture
+def annotations_json(tmp_path: Path) -> Path:
+    images = [
+        {"id": 1, "patient_id": "pos", "age": 33, "sex": "F", "view_position": "AP"},
+        {"id": 2, "patient_id": "neg", "age": 71, "sex": "M", "view_position": "PA"},
+        {"id": 3, "patient_id": "empty", "age": None, "sex": "", "view_position": ""},
+    ]
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    return path
+
+
+def test_read_slice_metadata(annotations_json: Path) -> None:
+    from submission.score import read_slice_metadata
+
+    assert read_slice_metadata(annotations_json) == {
+        "pos": {"view_position": "AP", "sex": "F", "age_band": "18-39"},
+        "neg": {"view_position": "PA", "sex": "M", "age_band": "60+"},
+        "empty": {"view_position": "unknown", "sex": "unknown", "age_band": "unknown"},
+    }
+
+
+def test_cli_slices_in_the_table_and_the_json(cli_files: tuple[Path, Path], annotations_json: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels, submission = cli_files
+    common = ["--submission", str(submission), "--labels", str(labels), "--by", "sex,age_band", "--metadata", str(annotations_json)]
+    assert main(get_args_parser().parse_args(common)) == 0
+    table = capsys.readouterr().out
+    assert "sex F" in table and "age_band 60+" in table and "95% interval" in table
+    assert main(get_args_parser().parse_args([*common, "--json"])) == 0
+    report = json.loads(capsys.readouterr().out)
+    by_sex = [item for item in report["slices"] if item["by"] == "sex"]
+    assert sum(item["n_images"] for item in by_sex) == report["n_images"]
+    assert report["map_interval"] is not None and all(item["map_interval"] is not None for item in report["slices"])
+
+
+def test_cli_by_needs_metadata_and_known_keys(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    labels, submission = cli_files
+    args = get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--by", "sex"])
+    with pytest.raises(SubmissionError, match="--by needs --metadata"):
+        main(args)
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--by", "sex,height"])
+    assert "expected a comma-separated list of view_position, sex, age_band, got 'sex,height'" in capsys.readouterr().err
