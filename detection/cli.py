@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "train": ("detection.train", "train a torchvision detector on a converted dataset"),
     "predict": ("detection.predict", "run a checkpoint on DICOMs and write a Kaggle submission.csv"),
     "score": ("submission.score", "score a submission.csv against RSNA labels with the official metric"),
+    "tune": ("submission.tune", "search the post-processing on out-of-fold raw predictions -> postprocess.yaml"),
     "visualize": ("data_tools.visualize", "draw truth and predicted boxes over the X-rays as PNGs"),
     "serve": ("server.cli", "a web page and a JSON API that find boxes on one uploaded X-ray (DICOM, PNG, JPEG)"),
 }

@@ -117,7 +117,7 @@ class ScoreReport:
         return {**asdict(self), "per_threshold": [asdict(summary) for summary in self.per_threshold]}
 
 
-def _match_by_iou(iou: np.ndarray, *, iou_threshold: float) -> list[tuple[int, int]]:
+def match_by_iou(iou: np.ndarray, *, iou_threshold: float) -> list[tuple[int, int]]:
     """Greedy matching on an ``[P, T]`` IoU matrix whose rows are already in descending confidence.
 
     Returns ``(row, truth_index)`` pairs. A row takes the unmatched truth with the highest IoU
@@ -151,7 +151,7 @@ def match_predictions(truth_boxes: np.ndarray, prediction: Prediction, *, iou_th
     """
     order = _confidence_order(prediction)
     iou = iou_matrix_xywh(prediction.boxes[order], as_box_array(truth_boxes))
-    pairs = _match_by_iou(iou, iou_threshold=iou_threshold)
+    pairs = match_by_iou(iou, iou_threshold=iou_threshold)
     return [Match(int(order[row]), truth, float(iou[row, truth])) for row, truth in pairs]
 
 
@@ -173,7 +173,7 @@ def score_image(
     iou = iou_matrix_xywh(prediction.boxes[_confidence_order(prediction)], truth)
     results = []
     for threshold in thresholds:
-        n_matched = len(_match_by_iou(iou, iou_threshold=threshold))
+        n_matched = len(match_by_iou(iou, iou_threshold=threshold))
         results.append(ThresholdResult(threshold, n_matched, n_predicted - n_matched, n_truth - n_matched))
     return ImageScore(score=float(np.mean([result.precision for result in results])), per_threshold=tuple(results))
 
