@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "eda": ("data_tools.eda", "one HTML page of figures about the labels and DICOM tags, to read before training"),
     "convert": ("data_tools.to_coco", "DICOMs + RSNA labels -> COCO dataset with PNGs and patient-level folds"),
     "train": ("detection.train", "train a torchvision detector on a converted dataset"),
+    "cv": ("detection.cv", "train every fold, predict each fold's patients out of fold, summarize (for lungdet tune)"),
     "predict": ("detection.predict", "run a checkpoint on DICOMs and write a Kaggle submission.csv"),
     "score": ("submission.score", "score a submission.csv against RSNA labels with the official metric"),
     "tune": ("submission.tune", "search the post-processing on out-of-fold raw predictions -> postprocess.yaml"),

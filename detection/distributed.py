@@ -88,15 +88,20 @@ def cuda_device_for(job: Distributed, gpu_count: int, backend: str) -> torch.dev
     )
 
 
-def start(job: Distributed, device: torch.device) -> None:
-    """Join the process group with :func:`choose_backend`'s backend."""
+def start(job: Distributed, device: torch.device) -> bool:
+    """Join the process group with :func:`choose_backend`'s backend; False when there is none to join or it is joined already.
+
+    A caller that got True owns the group and leaves it with :func:`stop`; ``lungdet cv`` joins
+    once and trains every fold inside it.
+    """
     if not job.enabled or dist.is_initialized():
-        return
+        return False
     backend = choose_backend(device.type)
     kwargs: dict[str, Any] = {"backend": backend, "timeout": _COLLECTIVE_TIMEOUT}
     if backend == "nccl":
         kwargs["device_id"] = device  # binds NCCL to this rank's GPU up front
     dist.init_process_group(**kwargs)
+    return True
 
 
 def stop(job: Distributed) -> None:

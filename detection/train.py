@@ -339,11 +339,12 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
     job = from_environment()
     device = resolve_device(config.device, job)
     resolve_precision(config.amp, device)  # an amp this device cannot run is refused before any work
-    start(job, device)
+    joined = start(job, device)
     try:
         return _train(config, Path(data_dir), Path(out_dir), job=job, device=device, resume=resume, progress=progress)
     finally:
-        stop(job)
+        if joined:
+            stop(job)
 
 
 def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distributed, device: torch.device, resume: bool, progress: bool) -> dict[str, Any]:

@@ -1,0 +1,248 @@
+"""``lungdet cv``: cross-validation in one command, and the out-of-fold predictions that tuning needs.
+
+Trains one run per fold into ``OUT/fold{k}/`` (as ``lungdet train --fold k``), then lets each
+fold's best model predict its own validation patients: ``OUT/oof.csv`` holds their raw
+predictions (every box down to the model's floor, in original pixels, with the fold), and
+``OUT/oof_labels.csv`` their truth in the RSNA format, so that ``lungdet tune`` needs nothing
+else. ``OUT/summary.json`` gives each fold's mAP on its patients at its tuned cut-off, their mean
+and standard deviation, and the pooled out-of-fold mAP with its 95% bootstrap interval.
+
+A killed run resumes: folds listed as done in ``OUT/cv_state.json`` are skipped, and the fold
+that was training continues from its ``last.pt``. Under ``torchrun`` every fold trains on all
+processes; rank 0 alone predicts and writes the out-of-fold files.
+
+Run: ``lungdet cv --config fasterrcnn_mobilenet_cpu --data data/coco256 --out runs/cv [--folds 0,1,2,3,4] [--tta hflip]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from data_tools.atomic import write_text_atomic
+from data_tools.boxes import scale_xywh
+from data_tools.errors import LungdetError
+from detection.config import apply_overrides, config_from_dict, load_config
+from detection.data import ImageRecord, load_records
+from detection.distributed import from_environment, start, stop
+from detection.engine import resolve_precision
+from detection.predict import TTA_MODES, _ModelRunner, load_trained_model, predict_raw
+from detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device, train
+from submission.prediction_string import Prediction, keep_confident
+from submission.raw_predictions import RawPrediction, write_raw_predictions
+from submission.score import BOOTSTRAP_DRAWS, score_dataset
+
+STATE_FILE = "cv_state.json"
+OOF_FILE = "oof.csv"
+OOF_LABELS_FILE = "oof_labels.csv"
+SUMMARY_FILE = "summary.json"
+
+
+def fold_dir(out_dir: Path, fold: int) -> Path:
+    return Path(out_dir) / f"fold{fold}"
+
+
+def read_done(out_dir: Path) -> list[int]:
+    path = Path(out_dir) / STATE_FILE
+    return json.loads(path.read_text(encoding="utf-8"))["done"] if path.is_file() else []
+
+
+def mark_done(out_dir: Path, fold: int) -> None:
+    done = sorted(set(read_done(out_dir)) | {fold})
+    write_text_atomic(Path(out_dir) / STATE_FILE, json.dumps({"done": done}) + "\n")
+
+
+def parse_folds(text: str) -> list[int]:
+    try:
+        folds = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fold numbers like 0,1,2, got {text!r}") from None
+    if not folds or folds[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected fold numbers >= 0, got {text!r}")
+    return folds
+
+
+def train_folds(
+    config_name: str | None, data_dir: Path, out_dir: Path, folds: Sequence[int], overrides: Sequence[str], *, progress: bool = True
+) -> None:
+    """Train every fold not yet done, resuming one that has a ``last.pt``; mark each done when it finishes."""
+    job = from_environment()
+    done = read_done(out_dir)
+    for fold in folds:
+        run_dir = fold_dir(out_dir, fold)
+        if fold in done:
+            if job.is_main:
+                print(f"lungdet cv: fold {fold} is done ({run_dir}); skipped")
+            continue
+        fold_overrides = [*overrides, f"data.fold={fold}"]
+        resume = (run_dir / LAST_CHECKPOINT).is_file()
+        if resume:
+            config = config_from_dict(apply_overrides(load_checkpoint(run_dir / LAST_CHECKPOINT)["config"], fold_overrides))
+            if job.is_main:
+                print(f"lungdet cv: fold {fold}: continuing from {run_dir / LAST_CHECKPOINT}")
+        else:
+            config = load_config(config_name, fold_overrides)
+        if job.is_main:
+            print(f"lungdet cv: fold {fold} of {', '.join(map(str, folds))} -> {run_dir}")
+        try:
+            train(config, data_dir, run_dir, resume=resume, progress=progress)
+        except LungdetError as error:
+            if resume and "nothing to train" in str(error):  # killed after its last epoch, before it was marked done
+                pass
+            else:
+                raise
+        if job.is_main:
+            mark_done(out_dir, fold)
+
+
+def read_converted(record: ImageRecord) -> np.ndarray:
+    pixels = cv2.imread(str(record.path), cv2.IMREAD_GRAYSCALE)
+    if pixels is None:
+        raise LungdetError(f"{record.path}: cannot be read as an image; convert the dataset again")
+    return pixels
+
+
+def predict_out_of_fold(
+    data_dir: Path, out_dir: Path, folds: Sequence[int], *, device: torch.device, tta: str = "none", batch_size: int = 4, progress: bool = True
+) -> tuple[list[RawPrediction], dict[str, np.ndarray], dict[int, float]]:
+    """Each fold's best model on its own validation images: (raw rows in original pixels, truth in original pixels, cut-off per fold).
+
+    The converted images are already at the dataset's size and normalised, as the training loader
+    reads them, so the model gets them only resized to its input; boxes go back to the DICOM's
+    original pixels with each record's own scale.
+    """
+    records = load_records(data_dir)
+    by_path = {record.path: record for record in records}
+    rows: list[RawPrediction] = []
+    truth: dict[str, np.ndarray] = {}
+    thresholds: dict[int, float] = {}
+    for fold in folds:
+        model, config, checkpoint = load_trained_model(fold_dir(out_dir, fold) / BEST_CHECKPOINT, device=device)
+        thresholds[fold] = float(checkpoint.get("score_threshold", 0.5))
+        runner = _ModelRunner(model, config.model.image_size, device, None, resolve_precision(config.amp, device))
+        fold_records = [record for record in records if record.fold == fold]
+        # predict_raw names a row by its file's stem, which convert makes the patientId.
+        by_stem = {record.path.stem: record for record in fold_records}
+        fold_rows, bad = predict_raw(
+            [runner], [f"fold{fold}"], [record.path for record in fold_records], read=lambda path: read_converted(by_path[path]),
+            tta=tta, batch_size=batch_size, progress=progress,
+        )
+        if bad:
+            raise LungdetError(f"{bad[0][0]}: {bad[0][1]}")
+        for row in fold_rows:
+            record = by_stem[row.patient_id]
+            scale_x, scale_y = record.original_width / record.width, record.original_height / record.height
+            boxes = scale_xywh(row.prediction.boxes, scale_x=scale_x, scale_y=scale_y)
+            rows.append(RawPrediction(
+                record.patient_id, row.model, row.pass_name, record.original_width, record.original_height,
+                Prediction(row.prediction.scores, boxes), row.probability, fold,
+            ))
+        for record in fold_records:
+            truth[record.patient_id] = scale_xywh(record.boxes, scale_x=record.original_width / record.width, scale_y=record.original_height / record.height)
+    return rows, truth, thresholds
+
+
+def write_rsna_labels(path: Path, truth: dict[str, np.ndarray]) -> None:
+    """Truth boxes as an RSNA labels CSV (``patientId,x,y,width,height,Target``), negatives as one empty row."""
+    lines = ["patientId,x,y,width,height,Target"]
+    for patient_id, boxes in truth.items():
+        if len(boxes):
+            lines += [f"{patient_id},{x:.2f},{y:.2f},{w:.2f},{h:.2f},1" for x, y, w, h in boxes]
+        else:
+            lines.append(f"{patient_id},,,,,0")
+    write_text_atomic(Path(path), "\n".join(lines) + "\n")
+
+
+def summarize(rows: Sequence[RawPrediction], truth: dict[str, np.ndarray], thresholds: dict[int, float]) -> dict[str, Any]:
+    """Each fold's mAP on its patients at its cut-off, their mean and sd, and the pooled OOF mAP with its interval.
+
+    With TTA rows, the plain pass is scored: fusing needs the post-processing that ``lungdet tune`` chooses.
+    """
+    plain = {row.patient_id: (row.fold, row.prediction) for row in rows if row.pass_name == "plain"}
+    per_fold = {}
+    pooled: dict[str, Prediction] = {}
+    for fold, threshold in thresholds.items():
+        patients = [patient for patient, (row_fold, _) in plain.items() if row_fold == fold]
+        predictions = {patient: keep_confident(plain[patient][1], min_confidence=threshold) for patient in patients}
+        pooled.update(predictions)
+        report = score_dataset({patient: truth[patient] for patient in patients}, predictions)
+        per_fold[fold] = {"map": report.map, "score_threshold": threshold, "n_images": report.n_images}
+    maps = [value["map"] for value in per_fold.values()]
+    overall = score_dataset(truth, pooled, bootstrap_draws=BOOTSTRAP_DRAWS)
+    return {
+        "folds": per_fold,
+        "map_mean": float(np.mean(maps)),
+        "map_sd": float(np.std(maps, ddof=1)) if len(maps) > 1 else 0.0,
+        "oof_map": overall.map,
+        "oof_map_interval": overall.map_interval,
+        "n_images": overall.n_images,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = ["fold   mAP      cut-off  images"]
+    for fold, values in summary["folds"].items():
+        lines.append(f"{fold:<6} {values['map']:.4f}   {values['score_threshold']:<7g}  {values['n_images']}")
+    low, high = summary["oof_map_interval"]
+    lines += [
+        f"mean   {summary['map_mean']:.4f} ± {summary['map_sd']:.4f} (sd over folds)",
+        f"pooled out-of-fold mAP {summary['oof_map']:.4f} [{low:.4f}, {high:.4f}] over {summary['n_images']} images, each fold at its own cut-off",
+    ]
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lungdet cv",
+        description="Cross-validation: train one run per fold, predict each fold's validation patients with its model "
+        "(out-of-fold raw predictions for lungdet tune), and summarize the folds' mAPs.",
+        epilog="example: lungdet cv --config fasterrcnn_mobilenet_cpu --data data/coco256 --out runs/cv --tta hflip optim.epochs=6\n"
+        "then:    lungdet tune --oof runs/cv/oof.csv --labels runs/cv/oof_labels.csv --out runs/cv/postprocess.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file or a name from configs/, as for lungdet train")
+    parser.add_argument("--data", type=Path, required=True, help="output folder of lungdet convert (its folds.csv decides the folds)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for fold{k}/ runs, oof.csv, oof_labels.csv and summary.json")
+    parser.add_argument("--folds", type=parse_folds, default=None, help="comma-separated folds to run (default: every fold in the dataset)")
+    parser.add_argument("--tta", choices=TTA_MODES, default="none", help="out-of-fold predictions also mirrored, for tuning the fusion (default none)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass for the out-of-fold predictions (default 4)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every fold, e.g. optim.epochs=6")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    available = sorted({record.fold for record in load_records(args.data)})
+    folds = args.folds if args.folds is not None else available
+    missing = [fold for fold in folds if fold not in available]
+    if missing:
+        raise LungdetError(f"{args.data} has folds {available}; there is no fold {', '.join(map(str, missing))}")
+    job = from_environment()
+    base = load_config(args.config, list(args.overrides))  # a bad config or override fails before any training
+    device = resolve_device(base.device, job)
+    joined = start(job, device)
+    try:
+        train_folds(args.config, args.data, args.out, folds, list(args.overrides), progress=not args.no_progress)
+    finally:
+        if joined:
+            stop(job)
+    if not job.is_main:
+        return 0
+    rows, truth, thresholds = predict_out_of_fold(
+        args.data, args.out, folds, device=device, tta=args.tta, batch_size=args.batch_size, progress=not args.no_progress
+    )
+    write_raw_predictions(args.out / OOF_FILE, rows)
+    write_rsna_labels(args.out / OOF_LABELS_FILE, truth)
+    summary = summarize(rows, truth, thresholds)
+    write_text_atomic(args.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    print(format_summary(summary))
+    print(f"wrote {args.out / OOF_FILE} ({len(rows)} raw rows), {args.out / OOF_LABELS_FILE}, {args.out / SUMMARY_FILE}")
+    print(f"next: lungdet tune --oof {args.out / OOF_FILE} --labels {args.out / OOF_LABELS_FILE} --out {args.out / 'postprocess.yaml'}")
+    return 0
