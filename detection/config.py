@@ -52,6 +52,7 @@ class ModelConfig:
     box_score_thresh: float = 0.01  # the model drops detections below this; the submission threshold is tuned later
     mask_shape: str = "ellipse"  # maskrcnn only: the training mask drawn from each box, 'ellipse' (inscribed; opacities are rounded) or 'rectangle' (filled box)
     box_nms_thresh: float = 0.2  # IoU above which overlapping detections are merged; RSNA boxes rarely overlap, and every duplicate is a false positive (0.5 -> 0.2 lifted held-out synthetic mAP 0.34 -> 0.46)
+    image_head: bool = False  # add a small image-level head (one logit: "has any opacity"), trained jointly; its probability gates boxes in post-processing and gives the serve API's verdict
     batched_heads: bool = True  # match, sample and filter for the whole batch at once (detection/batched_heads.py): torchvision's results with far fewer GPU waits, and RoI pooling as one sparse product on a CPU (detection/sparse_roi_align.py); false = torchvision's per-image loops and kernels
 
 
@@ -102,6 +103,7 @@ class OptimConfig:
     grad_clip_norm: float = 10.0  # clip the global gradient norm (0 = off); scratch training spikes early
     accumulate_steps: int = 1  # batches whose gradients are summed per optimizer step (effective batch = batch_size x this x GPUs)
     ema_decay: float = 0.0  # exponential moving average of the weights, validated and saved for predict (0 = off; 0.999 is usual)
+    image_loss_weight: float = 1.0  # with model.image_head: the weight of its binary cross-entropy in the total loss
 
 
 @dataclass
@@ -167,6 +169,7 @@ _RANGE_RULES: list[RangeRule] = [
     ("optim.grad_clip_norm", lambda v: v >= 0.0, ">= 0 (0 = off)"),
     ("optim.accumulate_steps", lambda v: v >= 1, ">= 1"),
     ("optim.ema_decay", lambda v: v == 0.0 or 0.5 <= v < 1.0, "0 (off) or in [0.5, 1)"),
+    ("optim.image_loss_weight", lambda v: v >= 0.0, ">= 0"),
     ("seed", lambda v: v >= 0, ">= 0"),
     ("max_minutes", lambda v: v >= 0.0, ">= 0 (0 = no limit)"),
     ("amp", lambda v: v in AMP_MODES, f"one of {', '.join(AMP_MODES)}"),

@@ -46,12 +46,14 @@ def upload_id(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Detection:
-    """One image's result: every box the model gave (XYWH_ABS, the image's original pixels), before any cut-off."""
+    """One image's result: every box the model gave (XYWH_ABS, the image's original pixels), before any cut-off,
+    and the image head's probability (None for a model without one)."""
 
     upload_id: str
     image: XrayImage
     prediction: Prediction
     elapsed_ms: float
+    probability: float | None = None
 
 
 def detect_bytes(detector: Detector, data: bytes, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Detection:
@@ -64,8 +66,10 @@ def detect_bytes(detector: Detector, data: bytes, *, name: str | None = None, ma
     started = time.perf_counter()
     identifier = upload_id(data)
     image = read_xray(data, name=name or f"upload {identifier}", max_pixels=max_pixels)
-    prediction = detector.predict(image.pixels)
-    return Detection(upload_id=identifier, image=image, prediction=prediction, elapsed_ms=(time.perf_counter() - started) * 1000)
+    result = detector.predict(image.pixels)
+    return Detection(
+        upload_id=identifier, image=image, prediction=result.prediction, elapsed_ms=(time.perf_counter() - started) * 1000, probability=result.probability
+    )
 
 
 def error_json(error: ImageReadError) -> dict[str, Any]:
@@ -73,19 +77,27 @@ def error_json(error: ImageReadError) -> dict[str, Any]:
     return {"error": {"kind": error.kind, "message": str(error)}}
 
 
-def image_label(prediction: Prediction, *, score_threshold: float) -> dict[str, Any]:
-    """The image-level verdict, from the most confident box ('max_box'): positive when it reaches ``score_threshold``.
+def image_label(
+    prediction: Prediction, *, score_threshold: float, probability: float | None = None, image_threshold: float | None = None
+) -> dict[str, Any]:
+    """The image-level verdict, ``{"name", "confidence" (percent), "source"}``.
 
-    ``confidence`` is in percent and is the confidence *in the named label*: the best box's
-    confidence for "Lung Opacity", one minus it for "No Lung Opacity" (no box at all: 100).
-    That is the rule a submission follows too: an image gets boxes exactly when one reaches the cut-off.
+    With an image head (``probability`` given), from its probability and its cut-off tuned on
+    validation (``image_threshold``; 0.5 without one): source 'image_head'. Otherwise from the most
+    confident box, positive when it reaches ``score_threshold`` (the rule a submission follows: an
+    image gets boxes exactly when one reaches the cut-off): source 'max_box'. ``confidence`` is the
+    confidence *in the named label*: the probability for "Lung Opacity", one minus it for "No Lung
+    Opacity" (no box at all: 100).
     """
-    best = float(prediction.scores.max()) if len(prediction.scores) else 0.0
-    positive = best >= score_threshold
+    if probability is not None:
+        value, cut_off, source = probability, 0.5 if image_threshold is None else image_threshold, "image_head"
+    else:
+        value, cut_off, source = (float(prediction.scores.max()) if len(prediction.scores) else 0.0), score_threshold, "max_box"
+    positive = value >= cut_off
     return {
         "name": LABEL_POSITIVE if positive else LABEL_NEGATIVE,
-        "confidence": round(100 * (best if positive else 1.0 - best), PERCENT_DECIMALS),
-        "source": "max_box",
+        "confidence": round(100 * (value if positive else 1.0 - value), PERCENT_DECIMALS),
+        "source": source,
     }
 
 
@@ -123,7 +135,9 @@ def detection_json(detection: Detection, *, detector_info: dict[str, Any], min_c
     ]
     return {
         "id": detection.upload_id,
-        "label": image_label(detection.prediction, score_threshold=score_threshold),
+        "label": image_label(
+            detection.prediction, score_threshold=score_threshold, probability=detection.probability, image_threshold=detector_info.get("image_threshold")
+        ),
         "custom_labels": custom_labels,
         "boxes": boxes,
         "prediction_string": prediction_string,

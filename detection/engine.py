@@ -21,8 +21,9 @@ from tqdm import tqdm
 from data_tools.boxes import xyxy_to_xywh
 from data_tools.errors import LungdetError
 from detection.distributed import Distributed, gather_to_main, share_from_main
+from detection.image_head import IMAGE_PROBABILITY
 from submission.prediction_string import Prediction
-from submission.score import score_dataset
+from submission.score import roc_auc, score_dataset, youden_threshold
 
 
 class NonFiniteLossError(LungdetError):
@@ -212,12 +213,14 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_loader(
-    model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool = False, precision: Precision | None = None
+    model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool = False, precision: Precision | None = None,
+    probabilities: dict[str, float] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Prediction]]:
     """Run ``model`` over a validation loader: ``(truth, predictions)`` keyed by image id.
 
     Both are XYWH_ABS in the loader's image pixels (the model's input size). Truth comes from the
-    same targets the loader yields, so it is in exactly the same space as the predictions.
+    same targets the loader yields, so it is in exactly the same space as the predictions. A
+    model with an image-level head also fills ``probabilities`` (image id -> probability), when given.
     """
     model.eval()
     truth: dict[str, np.ndarray] = {}
@@ -230,6 +233,8 @@ def predict_loader(
             truth[key] = xyxy_to_xywh(target["boxes"].numpy())
             # .float(): under bf16 autocast the heads may hand back half-precision scores.
             predictions[key] = Prediction.from_arrays(output["scores"].float().cpu().numpy(), xyxy_to_xywh(output["boxes"].float().cpu().numpy()))
+            if probabilities is not None and IMAGE_PROBABILITY in output:
+                probabilities[key] = float(output[IMAGE_PROBABILITY])
     return truth, predictions
 
 
@@ -247,22 +252,27 @@ def evaluate(
 
     The RSNA metric punishes any box on a negative image with a 0, so the cut-off matters as much
     as the model; tuning it on validation and storing it with the checkpoint is what users need.
-    Under ``job`` with several processes, each predicts its shard of the loader, rank 0 scores
-    them all, and every rank returns rank 0's metrics.
+    A model with an image-level head adds its AUC and the probability cut-off of best
+    sensitivity + specificity. Under ``job`` with several processes, each predicts its shard of
+    the loader, rank 0 scores them all, and every rank returns rank 0's metrics.
     """
     job = job or Distributed()
-    truth, predictions = predict_loader(model, loader, device, progress=progress and job.is_main, precision=precision)
-    shards = gather_to_main(job, (truth, predictions))
+    probabilities: dict[str, float] = {}
+    truth, predictions = predict_loader(model, loader, device, progress=progress and job.is_main, precision=precision, probabilities=probabilities)
+    shards = gather_to_main(job, (truth, predictions, probabilities))
     if not job.is_main:
         return share_from_main(job, {})
-    for shard_truth, shard_predictions in shards[1:]:
+    for shard_truth, shard_predictions, shard_probabilities in shards[1:]:
         truth.update(shard_truth)
         predictions.update(shard_predictions)
-    return share_from_main(job, score_predictions(truth, predictions, score_thresholds))
+        probabilities.update(shard_probabilities)
+    return share_from_main(job, score_predictions(truth, predictions, score_thresholds, probabilities=probabilities))
 
 
-def score_predictions(truth: dict[str, np.ndarray], predictions: dict[str, Prediction], score_thresholds: Sequence[float]) -> dict[str, float]:
-    """The validation metrics of ``predictions`` against ``truth`` (see :func:`evaluate`)."""
+def score_predictions(
+    truth: dict[str, np.ndarray], predictions: dict[str, Prediction], score_thresholds: Sequence[float], *, probabilities: dict[str, float] | None = None
+) -> dict[str, float]:
+    """The validation metrics of ``predictions`` (and image ``probabilities``, if any) against ``truth`` (see :func:`evaluate`)."""
     reports = {threshold: score_dataset(truth, predictions, min_confidence=threshold) for threshold in score_thresholds}
     best = max(reports, key=lambda threshold: (reports[threshold].map, -threshold))
     report = reports[best]
@@ -274,5 +284,12 @@ def score_predictions(truth: dict[str, np.ndarray], predictions: dict[str, Predi
         "val_specificity": report.specificity if report.specificity is not None else math.nan,
         "val_images": float(report.n_images),
     }
+    if probabilities:
+        keys = [key for key in truth if key in probabilities]
+        labels = [len(truth[key]) > 0 for key in keys]
+        values = [probabilities[key] for key in keys]
+        auc, cut_off = roc_auc(labels, values), youden_threshold(labels, values)
+        metrics["val_auc"] = auc if auc is not None else math.nan
+        metrics["val_image_threshold"] = cut_off if cut_off is not None else 0.5
     metrics.update({f"val_map@{threshold:g}": reports[threshold].map for threshold in score_thresholds})
     return metrics

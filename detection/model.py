@@ -44,6 +44,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from data_tools.errors import ConfigError
 from detection.batched_heads import BatchedRetinaNetLoss, use_batched_heads
 from detection.config import MODEL_ARCHITECTURES, ModelConfig
+from detection.image_head import attach_image_head
 
 # RetinaNet puts three anchor scales an octave apart on each FPN level (the paper, and torchvision).
 RETINANET_ANCHOR_SCALES = (1.0, 2.0 ** (1.0 / 3.0), 2.0 ** (2.0 / 3.0))
@@ -268,7 +269,11 @@ def in_memory_layout(model: nn.Module, *, channels_last: bool) -> nn.Module:
 
 
 def build_model(
-    config: ModelConfig, *, pretrained_state: dict[str, torch.Tensor] | None = None, frozen_batch_norm: bool | None = None
+    config: ModelConfig,
+    *,
+    pretrained_state: dict[str, torch.Tensor] | None = None,
+    frozen_batch_norm: bool | None = None,
+    image_loss_weight: float = 1.0,
 ) -> nn.Module:
     """The detector for ``config``; ``pretrained_state`` (from :func:`load_pretrained_state`) is loaded where shapes match.
 
@@ -277,6 +282,8 @@ def build_model(
     ``fasterrcnn_resnet50_fpn_v2``, as torchvision does). From scratch every layer trains with
     ordinary batch norm, since frozen random statistics would never be corrected.
     ``frozen_batch_norm`` forces the choice of recipe, so a checkpoint is rebuilt with the layers it was saved from.
+    With ``config.image_head`` the detector gets an image-level head (see :mod:`detection.image_head`)
+    whose loss counts ``image_loss_weight`` times.
     """
     architecture = _architecture(config.architecture)
     if frozen_batch_norm is None:
@@ -289,6 +296,8 @@ def build_model(
     model = architecture.build_detector(backbone, config, anchors)
     if config.batched_heads:
         use_batched_heads(model)
+    if config.image_head:
+        attach_image_head(model, loss_weight=image_loss_weight)
     if pretrained_state is not None:
         load_matching_weights(model, pretrained_state)
     return model

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import cv2
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data_tools.atomic import write_text_atomic
 from data_tools.boxes import scale_xywh, xyxy_to_xywh
 from data_tools.cli_types import fraction, int_in_range
 from data_tools.dicom_io import find_dicoms, read_dicom
@@ -33,11 +34,12 @@ from data_tools.to_coco import prepare_pixels
 from detection.config import AMP_MODES, TrainConfig, config_from_dict
 from detection.data import to_model_input
 from detection.engine import Precision, resolve_precision
+from detection.image_head import IMAGE_PROBABILITY, has_image_head
 from detection.model import build_model, in_memory_layout
 from detection.train import load_checkpoint, resolve_device
-from submission.postprocess import PostprocessConfig, load_postprocess, postprocess
+from submission.postprocess import PostprocessConfig, load_postprocess, mean_probability, postprocess
 from submission.prediction_string import Prediction, keep_confident, write_submission
-from submission.raw_predictions import RawPrediction, write_raw_predictions
+from submission.raw_predictions import RawPrediction, group_by_patient, write_raw_predictions
 
 
 def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[nn.Module, TrainConfig, dict]:
@@ -78,6 +80,13 @@ def to_original_space(output: dict[str, torch.Tensor], *, image_size: int, rows:
     return keep_confident(prediction, min_confidence=score_threshold)
 
 
+class ImageResult(NamedTuple):
+    """One image's answer: every box (XYWH_ABS, the image's own pixels) and, from a model with an image head, its probability."""
+
+    prediction: Prediction
+    probability: float | None = None
+
+
 @torch.no_grad()
 def predict_pixels(
     model: nn.Module,
@@ -88,10 +97,11 @@ def predict_pixels(
     score_threshold: float,
     preprocessing: Mapping[str, Any] | None = None,
     precision: Precision | None = None,
-) -> list[Prediction]:
-    """One forward pass over decoded X-rays (uint8 ``[H, W]`` each, any sizes); a Prediction per image, in order.
+) -> list[ImageResult]:
+    """One forward pass over decoded X-rays (uint8 ``[H, W]`` each, any sizes); an :class:`ImageResult` per image, in order.
 
-    Boxes are XYWH_ABS in each image's own pixels, with confidence >= ``score_threshold``.
+    Boxes are XYWH_ABS in each image's own pixels, with confidence >= ``score_threshold``; the
+    probability is the image head's, None for a model without one.
     ``preprocessing`` is the checkpoint's (see :func:`model_input_for`); ``precision`` (default
     fp32) is the autocast the forward pass runs under. ``lungdet predict`` and ``lungdet serve``
     both come through here, so an image gets the same boxes from either.
@@ -100,7 +110,10 @@ def predict_pixels(
     with (precision or Precision(device.type, None)).autocast():
         outputs = model([tensor.to(device) for tensor in inputs])
     return [
-        to_original_space(output, image_size=image_size, rows=pixels.shape[0], columns=pixels.shape[1], score_threshold=score_threshold)
+        ImageResult(
+            to_original_space(output, image_size=image_size, rows=pixels.shape[0], columns=pixels.shape[1], score_threshold=score_threshold),
+            float(output[IMAGE_PROBABILITY]) if IMAGE_PROBABILITY in output else None,
+        )
         for pixels, output in zip(images, outputs, strict=True)
     ]
 
@@ -108,7 +121,7 @@ def predict_pixels(
 class BatchPredictor(Protocol):
     """What :func:`predict_raw` runs: a :class:`Detector`, or any model wrapped to answer the same way."""
 
-    def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]: ...
+    def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]: ...
 
 
 @dataclass
@@ -121,7 +134,7 @@ class _ModelRunner:
     preprocessing: Mapping[str, Any] | None
     precision: Precision | None
 
-    def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]:
+    def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
         return predict_pixels(
             self.model, images, image_size=self.image_size, device=self.device, score_threshold=0.0,
             preprocessing=self.preprocessing, precision=self.precision,
@@ -170,6 +183,7 @@ class Detector:
     preprocessing: dict[str, Any]
     score_threshold: float
     checkpoint_sha256: str
+    image_threshold: float | None = None  # with an image head: its probability cut-off tuned on validation; None without one
     # One forward pass at a time: the model is shared, and parallel passes on one device only contend.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -181,13 +195,14 @@ class Detector:
             "image_size": self.config.model.image_size,
             "checkpoint_sha256": self.checkpoint_sha256,
             "score_threshold": self.score_threshold,
+            "image_threshold": self.image_threshold,
         }
 
-    def predict(self, pixels: np.ndarray) -> Prediction:
+    def predict(self, pixels: np.ndarray) -> ImageResult:
         """Every box the model gives for uint8 ``[H, W]`` pixels (down to its own ``box_score_thresh``), XYWH_ABS in those pixels."""
         return self.predict_batch([pixels])[0]
 
-    def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]:
+    def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
         """:meth:`predict` for several images in one forward pass (any sizes), in order."""
         with self.lock:
             return predict_pixels(
@@ -221,6 +236,7 @@ def load_detector(checkpoint_path: Path, *, device: str = "auto", amp: str = "au
         preprocessing=dict(checkpoint.get("preprocessing") or {}),
         score_threshold=float(checkpoint.get("score_threshold", 0.5)),
         checkpoint_sha256=file_sha256(Path(checkpoint_path)),
+        image_threshold=float(checkpoint.get("image_threshold", 0.5)) if has_image_head(model) else None,
     )
 
 
@@ -282,10 +298,12 @@ def predict_raw(
             passes = [("plain", detector.predict_batch(images))]
             if mirrored:
                 flipped = detector.predict_batch(mirrored)
-                passes.append(("hflip", [hflip_back(prediction, width=pixels.shape[1]) for prediction, pixels in zip(flipped, images, strict=True)]))
-            for pass_name, predictions in passes:
-                for (patient_id, pixels), prediction in zip(batch, predictions, strict=True):
-                    rows.append(RawPrediction(patient_id, name, pass_name, int(pixels.shape[1]), int(pixels.shape[0]), prediction))
+                passes.append(("hflip", [
+                    ImageResult(hflip_back(result.prediction, width=pixels.shape[1]), result.probability) for result, pixels in zip(flipped, images, strict=True)
+                ]))
+            for pass_name, results in passes:
+                for (patient_id, pixels), result in zip(batch, results, strict=True):
+                    rows.append(RawPrediction(patient_id, name, pass_name, int(pixels.shape[1]), int(pixels.shape[0]), result.prediction, result.probability))
         batch.clear()
 
     for path in tqdm(paths, desc="predict", unit="file", disable=None if progress else True):
@@ -346,6 +364,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(a file that cannot be read gets {\"error\": {\"kind\", \"message\"}} in its place, and the exit status is 2); "
         "one checkpoint, no --tta",
     )
+    parser.add_argument(
+        "--probabilities", type=Path,
+        help="also write patientId,probability: the image-level probability of checkpoints trained with model.image_head: true (the mean over models and passes)",
+    )
     parser.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation: 'hflip' also runs each image mirrored and fuses both (default none)")
     parser.add_argument(
         "--postprocess", type=Path,
@@ -371,8 +393,10 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Refuse option combinations that cannot work, before any model is loaded."""
     if args.json and (args.out or args.raw):
         raise LungdetError("--json prints to the screen; drop --out/--raw, or drop --json to write files")
-    if not (args.json or args.out or args.raw):
-        raise LungdetError("nothing to write: give --out submission.csv, --raw raw.csv, or --json")
+    if not (args.json or args.out or args.raw or args.probabilities):
+        raise LungdetError("nothing to write: give --out submission.csv, --raw raw.csv, --probabilities probs.csv, or --json")
+    if args.json and args.probabilities:
+        raise LungdetError("--json already gives each image's verdict; drop --probabilities, or drop --json to write files")
     if args.json and (len(args.checkpoint) > 1 or args.tta != "none"):
         raise LungdetError("--json answers as lungdet serve does, with one checkpoint and no --tta; write a submission (--out) to fuse several")
 
@@ -418,6 +442,11 @@ def main(args: argparse.Namespace) -> int:
     # Read before the models load, so a bad file fails in a second.
     postprocess_config = load_postprocess(args.postprocess) if args.postprocess is not None else None
     detectors = [load_detector(path, device=args.device, amp=args.amp) for path in args.checkpoint]
+    if args.probabilities is not None and all(detector.image_threshold is None for detector in detectors):
+        raise LungdetError(
+            f"{', '.join(map(str, args.checkpoint))}: no image-level head (trained without model.image_head: true), so there are no probabilities "
+            "to write; train with model.image_head=true, or drop --probabilities"
+        )
     if postprocess_config is None:
         postprocess_config = PostprocessConfig(score_threshold=float(np.mean([detector.score_threshold for detector in detectors])))
     if args.score_threshold is not None:
@@ -430,6 +459,11 @@ def main(args: argparse.Namespace) -> int:
     if args.raw is not None:
         written = write_raw_predictions(args.raw, rows)
         print(f"wrote {args.raw}: {written} raw rows ({len(detectors)} model(s) x {1 + (args.tta == 'hflip')} pass(es) per image)")
+    if args.probabilities is not None:
+        groups = group_by_patient(rows)
+        lines = ["patientId,probability"] + [f"{patient},{mean_probability(groups[patient]):.6f}" for patient in sorted(groups)]
+        write_text_atomic(args.probabilities, "\n".join(lines) + "\n")
+        print(f"wrote {args.probabilities}: {len(groups)} image probabilities")
     if args.out is not None:
         predictions = postprocess(rows, postprocess_config)
         for path, _ in bad:  # Kaggle wants a row per image

@@ -34,8 +34,8 @@ import torch
 
 from data_tools.atomic import atomic_path, write_text_atomic
 from data_tools.errors import LungdetError
-from detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
 from detection.augment import write_augmentation_samples
+from detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
 from detection.data import build_dataloaders, load_preprocessing, load_records, load_sample, split_records
 from detection.distributed import Distributed, choose_backend, cuda_device_for, from_environment, gather_to_main, share_from_main, start, stop, sum_over_ranks
 from detection.engine import EpochProgress, evaluate, resolve_precision, train_one_epoch
@@ -242,7 +242,7 @@ class Run:
         self.config, self.job, self.device = config, job, device
         if checkpoint is not None:
             self.frozen = bool(checkpoint["frozen_batch_norm"])
-            self.model = build_model(config.model, frozen_batch_norm=self.frozen)
+            self.model = build_model(config.model, frozen_batch_norm=self.frozen, image_loss_weight=config.optim.image_loss_weight)
             self.model.load_state_dict(checkpoint.get("train_model") or checkpoint["model"])
             if checkpoint.get("epoch_progress") is None:
                 where = f"after epoch {checkpoint['epoch']}"
@@ -252,7 +252,7 @@ class Run:
         else:
             pretrained_state, self.notice = load_pretrained_state(config.model)
             self.frozen = pretrained_state is not None
-            self.model = build_model(config.model, pretrained_state=pretrained_state)
+            self.model = build_model(config.model, pretrained_state=pretrained_state, image_loss_weight=config.optim.image_loss_weight)
         self.precision = resolve_precision(config.amp, device)
         in_memory_layout(self.model, channels_last=config.channels_last)
         self.model.to(device)
@@ -323,6 +323,8 @@ class Run:
             # How convert prepared the training images; predict repeats it on raw DICOMs.
             "preprocessing": preprocessing,
             "score_threshold": last.get("val_score_threshold", 0.5),
+            # With an image head: the probability cut-off of best sensitivity + specificity on validation.
+            **({"image_threshold": last["val_image_threshold"]} if "val_image_threshold" in last else {}),
             "val_map": last.get("val_map", -1.0),
             "history": self.history,
             "rng": rng,
@@ -439,7 +441,8 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
         say(
             f"epoch {epoch}/{config.optim.epochs}: loss {row['loss']:.3f}, {row['images_per_second']:.1f} img/s "
             f"({row['data_wait_fraction']:.0%} waiting for data), val mAP {row['val_map']:.4f} at confidence >= {row['val_score_threshold']:g}"
-            f"{' (best)' if improved else ''}"
+            + (f", image AUC {row['val_auc']:.3f}" if "val_auc" in row else "")
+            + f"{' (best)' if improved else ''}"
         )
         if train_metrics["stopped_early"]:
             say(f"lungdet train: stopped after max_minutes={config.max_minutes:g}; the last epoch was partial")

@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from detection.predict import Detector
-from submission.prediction_string import Prediction
+from detection.predict import Detector, ImageResult
 
 DEFAULT_MAX_BATCH = 8
 _STOP = None
@@ -43,8 +42,8 @@ class Batcher:
         # info, device, precision, score_threshold, config, model: the detector's own.
         return getattr(self.detector, name)
 
-    def predict(self, pixels: np.ndarray) -> Prediction:
-        """Queue ``pixels`` (uint8 ``[H, W]``) and wait for its boxes; raises what the model raised."""
+    def predict(self, pixels: np.ndarray) -> ImageResult:
+        """Queue ``pixels`` (uint8 ``[H, W]``) and wait for its boxes (and probability); raises what the model raised."""
         future: Future = Future()
         self._waiting.put((pixels, future))
         return future.result()
@@ -72,12 +71,12 @@ class Batcher:
                 batch.append(item)
             self.batch_sizes.append(len(batch))
             try:
-                predictions = self.detector.predict_batch([pixels for pixels, _ in batch])
+                results = self.detector.predict_batch([pixels for pixels, _ in batch])
             except BaseException as error:  # every waiting request gets the error rather than hanging
                 for _, future in batch:
                     future.set_exception(error)
             else:
-                for (_, future), prediction in zip(batch, predictions, strict=True):
-                    future.set_result(prediction)
+                for (_, future), result in zip(batch, results, strict=True):
+                    future.set_result(result)
             if stop:
                 return

@@ -68,7 +68,8 @@ class ModelInfo(_Strict):
     architecture: str
     image_size: int = Field(description="the model's square input side, pixels")
     checkpoint_sha256: str
-    score_threshold: float = Field(ge=0, le=1, description="the cut-off tuned on validation; the verdict uses it")
+    score_threshold: float = Field(ge=0, le=1, description="the box cut-off tuned on validation; without an image head the verdict uses it")
+    image_threshold: float | None = Field(ge=0, le=1, description="with an image head: its probability cut-off tuned on validation, which the verdict uses; null without one")
 
 
 class Preview(_Strict):

@@ -278,6 +278,48 @@ def score_dataset(
     )
 
 
+# --- the image-level head's probabilities ----------------------------------------------------------
+
+
+def roc_curve(labels: Sequence[bool], probabilities: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(false positive rates, true positive rates, thresholds)``, thresholds descending, from (0, 0) to (1, 1).
+
+    A point per distinct probability: calling positive every image at or above it.
+    """
+    truth = np.asarray(labels, dtype=bool)
+    scores = np.asarray(probabilities, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    truth, scores = truth[order], scores[order]
+    last_of_each = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1] if len(scores) else np.array([], dtype=int)
+    true_positives = np.cumsum(truth)[last_of_each]
+    false_positives = np.cumsum(~truth)[last_of_each]
+    positives, negatives = max(int(truth.sum()), 1), max(int((~truth).sum()), 1)
+    return (
+        np.r_[0.0, false_positives / negatives],
+        np.r_[0.0, true_positives / positives],
+        np.r_[np.inf, scores[last_of_each]],
+    )
+
+
+def roc_auc(labels: Sequence[bool], probabilities: Sequence[float]) -> float | None:
+    """Area under the ROC curve (ties count half); None unless there are both positive and negative images."""
+    truth = np.asarray(labels, dtype=bool)
+    if truth.all() or not truth.any():
+        return None
+    false_rates, true_rates, _ = roc_curve(labels, probabilities)
+    return float(np.trapezoid(true_rates, false_rates))
+
+
+def youden_threshold(labels: Sequence[bool], probabilities: Sequence[float]) -> float | None:
+    """The probability cut-off with the largest sensitivity + specificity - 1 (Youden's J); None without both classes."""
+    truth = np.asarray(labels, dtype=bool)
+    if truth.all() or not truth.any():
+        return None
+    false_rates, true_rates, thresholds = roc_curve(labels, probabilities)
+    best = int(np.argmax(true_rates[1:] - false_rates[1:])) + 1  # the first point calls nothing positive
+    return float(thresholds[best])
+
+
 # --- slices: the score by view position, sex and age ----------------------------------------------
 
 SLICE_KEYS = ("view_position", "sex", "age_band")

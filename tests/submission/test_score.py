@@ -436,3 +436,23 @@ def test_cli_by_needs_metadata_and_known_keys(cli_files: tuple[Path, Path], caps
     with pytest.raises(SystemExit):
         get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--by", "sex,height"])
     assert "expected a comma-separated list of view_position, sex, age_band, got 'sex,height'" in capsys.readouterr().err
+
+
+# --- image-level probabilities ------------------------------------------------------------------
+
+
+def test_roc_auc_by_hand() -> None:
+    from submission.score import roc_auc
+
+    assert roc_auc([True, False, True, False], [0.9, 0.1, 0.8, 0.3]) == 1.0
+    # Positives 0.2 and 0.9 against negatives 0.8 and 0.1: 3 of the 4 pairs ordered right.
+    assert roc_auc([True, True, False, False], [0.2, 0.9, 0.8, 0.1]) == pytest.approx(0.75)
+    assert roc_auc([True, False], [0.5, 0.5]) == pytest.approx(0.5)  # a tie counts half
+    assert roc_auc([True, True], [0.1, 0.2]) is None
+
+
+def test_youden_threshold_separates_where_it_can() -> None:
+    from submission.score import youden_threshold
+
+    assert youden_threshold([True, False, True, False], [0.9, 0.1, 0.8, 0.3]) == 0.8
+    assert youden_threshold([False, False], [0.1, 0.2]) is None
