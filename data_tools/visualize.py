@@ -32,12 +32,18 @@ from data_tools.dicom_io import find_dicoms, read_dicom
 from data_tools.errors import DicomReadError, LungdetError
 from data_tools.labels import PatientLabels, read_labels
 from submission.prediction_string import Prediction, keep_confident, read_submission
+from submission.score import match_predictions, score_image
 
 # RGB. Green and orange stay apart for the common red-green colour blindness (they differ in
 # lightness and blue), and neither is a grey that could be mistaken for anatomy.
 TRUTH_COLOR = (40, 220, 60)
 PREDICTION_COLOR = (255, 140, 0)
+# Errors are dashed as well as coloured, so they stand out without relying on colour alone.
+MISSED_COLOR = (255, 40, 255)  # a truth box no prediction found
+FALSE_ALARM_COLOR = (255, 40, 40)  # a prediction that found no truth box
 TEXT_COLOR = (255, 255, 255)
+# A prediction counts as finding a truth box above this IoU, the middle of the metric's 0.40-0.75.
+MATCH_IOU = 0.5
 DISCLAIMER = "Not a diagnostic device"
 INDEX_FILE = "index.html"
 DEFAULT_MAX_SIZE = 1024
@@ -52,6 +58,9 @@ class OverlayEntry:
     truth_count: int | None
     prediction_count: int | None
     max_confidence: float | None
+    score: float | None = None  # the image's RSNA score, when truth and predictions are both given and it is scored
+    missed: int = 0  # truth boxes no prediction found at IoU > MATCH_IOU
+    false_alarms: int = 0  # predictions that found no truth box at IoU > MATCH_IOU
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,32 @@ def _draw_text_block(
     return corner
 
 
+def _draw_box(image: np.ndarray, box: np.ndarray, color: tuple[int, int, int], thickness: int, *, dashed: bool) -> None:
+    """One XYWH_ABS box outline; ``dashed`` draws it as dashes a few line widths long."""
+    (x1, y1), (x2, y2) = _pixel_corners(box)
+    if not dashed:
+        cv2.rectangle(image, (x1, y1), (x2, y2), color, thickness, cv2.LINE_8)
+        return
+    dash = max(4, 4 * thickness)
+    for start, end in (((x1, y1), (x2, y1)), ((x2, y1), (x2, y2)), ((x2, y2), (x1, y2)), ((x1, y2), (x1, y1))):
+        length = max(abs(end[0] - start[0]), abs(end[1] - start[1]))
+        for offset in range(0, length + 1, 2 * dash):
+            stop = min(offset + dash, length)
+            a = (start[0] + (end[0] - start[0]) * offset // max(length, 1), start[1] + (end[1] - start[1]) * offset // max(length, 1))
+            b = (start[0] + (end[0] - start[0]) * stop // max(length, 1), start[1] + (end[1] - start[1]) * stop // max(length, 1))
+            cv2.line(image, a, b, color, thickness, cv2.LINE_8)
+
+
+def match_boxes(truth: np.ndarray, prediction: Prediction, *, iou_threshold: float = MATCH_IOU) -> tuple[np.ndarray, np.ndarray]:
+    """``(found, correct)``: which truth boxes a prediction matched, and which predictions matched one, by the metric's greedy rule."""
+    found = np.zeros(len(truth), dtype=bool)
+    correct = np.zeros(len(prediction.scores), dtype=bool)
+    for match in match_predictions(truth, prediction, iou_threshold=iou_threshold):
+        found[match.truth_index] = True
+        correct[match.prediction_index] = True
+    return found, correct
+
+
 def draw_overlay(
     pixels: np.ndarray, *, truth: np.ndarray | None, prediction: Prediction | None, title: str, truth_in_legend: bool = True
 ) -> np.ndarray:
@@ -157,6 +192,9 @@ def draw_overlay(
     prediction
         Scores ``[M]`` and ``[M, 4]`` XYWH_ABS boxes in the pixels of ``pixels``, or None. Drawn as
         orange outlines labelled with the confidence (two decimals); the most confident on top.
+        With truth too, each is judged by the metric's greedy matching at IoU > :data:`MATCH_IOU`:
+        truth no prediction found is drawn dashed magenta, a prediction that found no truth dashed
+        red, and the legend gives the counts and the image's RSNA score.
     title
         First legend line, usually the patientId.
     truth_in_legend
@@ -175,15 +213,20 @@ def draw_overlay(
     scale = _font_scale(rows, columns)
 
     truth_boxes = as_box_array(truth) if truth is not None else None
+    judged = truth_boxes is not None and prediction is not None
+    if judged:
+        found, correct = match_boxes(truth_boxes, prediction)
+    else:
+        found = np.ones(0 if truth_boxes is None else len(truth_boxes), dtype=bool)
+        correct = np.ones(0 if prediction is None else len(prediction.scores), dtype=bool)
     if prediction is not None:
         order = np.argsort(prediction.scores, kind="stable")  # least confident first, so the best ends on top
-        for box in as_box_array(prediction.boxes)[order]:
-            top_left, bottom_right = _pixel_corners(box)
-            cv2.rectangle(image, top_left, bottom_right, PREDICTION_COLOR, thickness, cv2.LINE_8)
+        for index in order:
+            color = PREDICTION_COLOR if correct[index] else FALSE_ALARM_COLOR
+            _draw_box(image, as_box_array(prediction.boxes)[index], color, thickness, dashed=not correct[index])
     if truth_boxes is not None:
-        for box in truth_boxes:
-            top_left, bottom_right = _pixel_corners(box)
-            cv2.rectangle(image, top_left, bottom_right, TRUTH_COLOR, thickness, cv2.LINE_8)
+        for box, was_found in zip(truth_boxes, found):
+            _draw_box(image, box, TRUTH_COLOR if was_found else MISSED_COLOR, thickness, dashed=not was_found)
     if prediction is not None:
         # Confidence tags last, so no outline crosses the digits.
         text_thickness = max(1, round(scale * 1.6))
@@ -200,18 +243,38 @@ def draw_overlay(
             cv2.rectangle(image, (left, top), (left + text_width + 2 * pad, top + tag_height), PREDICTION_COLOR, -1)
             cv2.putText(image, text, (left + pad, top + pad + text_height), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), text_thickness, cv2.LINE_AA)
 
-    truth_line = f"truth ({len(truth_boxes)})" if truth_boxes is not None else "truth: not given"
-    prediction_line = f"prediction (confidence) ({len(prediction.scores)})" if prediction is not None else "prediction: not given"
     drawn = [boxes for boxes in (truth_boxes, None if prediction is None else as_box_array(prediction.boxes)) if boxes is not None]
     avoid = np.concatenate(drawn) if drawn else as_box_array([])
-    legend_lines = [(title, None), (truth_line, TRUTH_COLOR), (prediction_line, PREDICTION_COLOR)]
-    if not truth_in_legend:
-        legend_lines.pop(1)
+    if judged:
+        image_score = score_image(truth_boxes, prediction)
+        legend_lines = [
+            (title + (f"   RSNA score {image_score.score:.2f}" if image_score is not None else "   not scored (no boxes)"), None),
+            (f"truth found ({int(found.sum())})", TRUTH_COLOR),
+            (f"truth missed, dashed ({int((~found).sum())})", MISSED_COLOR),
+            (f"prediction correct ({int(correct.sum())})", PREDICTION_COLOR),
+            (f"false alarm, dashed ({int((~correct).sum())})", FALSE_ALARM_COLOR),
+        ]
+    else:
+        truth_line = f"truth ({len(truth_boxes)})" if truth_boxes is not None else "truth: not given"
+        prediction_line = f"prediction (confidence) ({len(prediction.scores)})" if prediction is not None else "prediction: not given"
+        legend_lines = [(title, None), (truth_line, TRUTH_COLOR), (prediction_line, PREDICTION_COLOR)]
+        if not truth_in_legend:
+            legend_lines.pop(1)
     # The legend takes the corner that hides the fewest boxes; the notice the bottom corner left over.
     legend_corner = _draw_text_block(image, legend_lines, corners=("top-left", "top-right", "bottom-left", "bottom-right"), avoid=avoid, scale=scale)
     footer_corners = [corner for corner in ("bottom-left", "bottom-right") if corner != legend_corner]
     _draw_text_block(image, [(DISCLAIMER, None)], corners=footer_corners, avoid=avoid, scale=scale * 0.8)
     return image
+
+
+def judge_image(truth: np.ndarray | None, prediction: Prediction | None) -> dict[str, object]:
+    """``score``, ``missed`` and ``false_alarms`` of one image for the gallery (all empty unless truth and prediction are both given)."""
+    if truth is None or prediction is None:
+        return {"score": None, "missed": 0, "false_alarms": 0}
+    truth = as_box_array(truth)
+    found, correct = match_boxes(truth, prediction)
+    image_score = score_image(truth, prediction)
+    return {"score": None if image_score is None else image_score.score, "missed": int((~found).sum()), "false_alarms": int((~correct).sum())}
 
 
 def fit_for_display(
@@ -238,24 +301,65 @@ def fit_for_display(
 
 
 def render_index_html(entries: Sequence[OverlayEntry], skipped: Sequence[tuple[Path, str]]) -> str:
-    """An HTML page showing every overlay PNG in a grid with its caption, and the skipped files."""
+    """An HTML page showing every overlay PNG in a grid with its caption, and the skipped files.
+
+    With truth and predictions, the gallery can be sorted worst first (by RSNA score) and
+    filtered to images with misses or with false alarms (a few lines of inline script; the page
+    stays one file that opens from disk).
+    """
 
     def count(value: int | None) -> str:
         return "–" if value is None else str(value)
 
+    judged = any(entry.score is not None or entry.missed or entry.false_alarms for entry in entries)
     figures = []
-    for entry in entries:
+    for position, entry in enumerate(entries):
         confidence = "–" if entry.max_confidence is None else f"{entry.max_confidence:.2f}"
         caption = (
             f"<b>{html.escape(entry.patient_id)}</b><br>"
             f"truth: {count(entry.truth_count)} · predicted: {count(entry.prediction_count)} · max confidence: {confidence}"
         )
+        if judged:
+            score = "not scored" if entry.score is None else f"{entry.score:.2f}"
+            caption += f"<br>RSNA score: {score} · missed: {entry.missed} · false alarms: {entry.false_alarms}"
         source = html.escape(entry.png_name, quote=True)
-        figures.append(f'<figure><a href="{source}"><img src="{source}" loading="lazy" alt="{html.escape(entry.patient_id, quote=True)}"></a><figcaption>{caption}</figcaption></figure>')
+        # Unscored images (no truth, no box) sort after the worst, as 2: they cost nothing.
+        data = f' data-order="{position}" data-score="{2 if entry.score is None else entry.score:.6f}" data-missed="{entry.missed}" data-false-alarms="{entry.false_alarms}"'
+        figures.append(f'<figure{data}><a href="{source}"><img src="{source}" loading="lazy" alt="{html.escape(entry.patient_id, quote=True)}"></a><figcaption>{caption}</figcaption></figure>')
     skipped_html = ""
     if skipped:
         items = "".join(f"<li><code>{html.escape(str(path))}</code>: {html.escape(reason)}</li>" for path, reason in skipped)
         skipped_html = f"<h2>Skipped ({len(skipped)})</h2><ul>{items}</ul>"
+    controls = script = ""
+    legend = f'<span style="background: rgb{TRUTH_COLOR}"></span>truth<span style="background: rgb{PREDICTION_COLOR}"></span>prediction (confidence)'
+    if judged:
+        legend = (
+            f'<span style="background: rgb{TRUTH_COLOR}"></span>truth found<span style="background: rgb{MISSED_COLOR}"></span>truth missed (dashed)'
+            f'<span style="background: rgb{PREDICTION_COLOR}"></span>correct prediction<span style="background: rgb{FALSE_ALARM_COLOR}"></span>false alarm (dashed)'
+            f" · judged at IoU &gt; {MATCH_IOU:g}"
+        )
+        controls = """<p class="controls"><label>Order <select id="order"><option value="order">as listed</option><option value="score">worst RSNA score first</option></select></label>
+<label>Show <select id="show"><option value="all">all images</option><option value="missed">images with a missed box</option><option value="false-alarms">images with a false alarm</option></select></label>
+<span id="shown"></span></p>"""
+        script = """<script>
+const grid = document.querySelector(".grid");
+const figures = Array.from(grid.children);
+function update() {
+  const order = document.getElementById("order").value, show = document.getElementById("show").value;
+  const key = (figure) => Number(order === "score" ? figure.dataset.score : figure.dataset.order);
+  figures.sort((a, b) => key(a) - key(b) || Number(a.dataset.order) - Number(b.dataset.order)).forEach((figure) => grid.appendChild(figure));
+  let shown = 0;
+  for (const figure of figures) {
+    const visible = show === "all" || (show === "missed" && figure.dataset.missed !== "0") || (show === "false-alarms" && figure.dataset.falseAlarms !== "0");
+    figure.hidden = !visible;
+    shown += visible;
+  }
+  document.getElementById("shown").textContent = shown + " of " + figures.length + " images";
+}
+document.getElementById("order").addEventListener("change", update);
+document.getElementById("show").addEventListener("change", update);
+update();
+</script>"""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -265,8 +369,10 @@ def render_index_html(entries: Sequence[OverlayEntry], skipped: Sequence[tuple[P
 body {{ font-family: sans-serif; background: #111; color: #eee; margin: 1em; }}
 .notice {{ background: #5a1a1a; padding: 0.5em 1em; border-radius: 4px; }}
 .legend span {{ display: inline-block; width: 1.5em; height: 0.4em; vertical-align: middle; margin: 0 0.3em 0 1em; }}
+.controls label {{ margin-right: 1.5em; }}
 .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 1em; }}
 figure {{ margin: 0; }}
+figure[hidden] {{ display: none; }}
 img {{ width: 100%; height: auto; display: block; }}
 figcaption {{ font-size: 0.85em; padding-top: 0.3em; word-break: break-all; }}
 a {{ color: #9cf; }}
@@ -275,10 +381,12 @@ a {{ color: #9cf; }}
 <body>
 <h1>lungdet overlays ({len(entries)} images)</h1>
 <p class="notice"><b>{DISCLAIMER}.</b> These pictures show a model's output for research and debugging only; they are not for diagnosis or treatment.</p>
-<p class="legend"><span style="background: rgb{TRUTH_COLOR}"></span>truth<span style="background: rgb{PREDICTION_COLOR}"></span>prediction (confidence)</p>
+<p class="legend">{legend}</p>
+{controls}
 <div class="grid">
 {chr(10).join(figures)}
 </div>
+{script}
 {skipped_html}
 </body>
 </html>
@@ -324,6 +432,7 @@ def write_overlays(
             raise LungdetError(f"{path}: OpenCV could not PNG-encode the overlay ({rgb.shape}); check the OpenCV install")
         png_name = f"{patient_id}.png"
         write_bytes_atomic(out_dir / png_name, png.tobytes())
+        judged = judge_image(truth, prediction)
         entries.append(
             OverlayEntry(
                 patient_id=patient_id,
@@ -331,6 +440,7 @@ def write_overlays(
                 truth_count=None if truth is None else len(truth),
                 prediction_count=None if prediction is None else len(prediction.scores),
                 max_confidence=float(prediction.scores.max()) if prediction is not None and len(prediction.scores) else None,
+                **judged,
             )
         )
     index_html = out_dir / INDEX_FILE

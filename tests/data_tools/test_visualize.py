@@ -25,18 +25,35 @@ def test_draw_overlay_draws_truth_green_and_prediction_orange() -> None:
     pixels = np.full((512, 512), 90, dtype=np.uint8)
     truth_box = (100, 200, 120, 160)
     predicted_box = (300, 220, 100, 150)
-    prediction = Prediction.from_arrays([0.87], [predicted_box])
-
-    image = visualize.draw_overlay(pixels, truth=np.array([truth_box], dtype=float), prediction=prediction, title="patient-1")
-
+    image = visualize.draw_overlay(pixels, truth=np.array([truth_box], dtype=float), prediction=None, title="patient-1")
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8
     assert (_outline_pixels(image, truth_box) == visualize.TRUTH_COLOR).all()
+
+    image = visualize.draw_overlay(pixels, truth=None, prediction=Prediction.from_arrays([0.87], [predicted_box]), title="patient-1")
     # The confidence tag sits on the top edge; the other three edges are plain outline.
     assert (_outline_pixels(image, predicted_box)[1:] == visualize.PREDICTION_COLOR).all()
     # The tag is a filled prediction-coloured patch right above the box.
     assert (image[predicted_box[1] - 3, predicted_box[0] + 2] == visualize.PREDICTION_COLOR).all()
     # Far from boxes and legend, the grey pixel is untouched and grey in all three channels.
     assert (image[300, 260] == (90, 90, 90)).all()
+
+
+def test_with_truth_and_predictions_the_errors_are_dashed() -> None:
+    pixels = np.full((512, 512), 90, dtype=np.uint8)
+    found_box, missed_box = (60, 200, 120, 160), (300, 40, 100, 100)
+    hit_box, alarm_box = (64, 204, 120, 160), (300, 300, 120, 150)  # hit: IoU 0.91 with found_box
+    truth = np.array([found_box, missed_box], dtype=float)
+    prediction = Prediction.from_arrays([0.9, 0.6], [hit_box, alarm_box])
+    image = visualize.draw_overlay(pixels, truth=truth, prediction=prediction, title="p")
+    assert (_outline_pixels(image, found_box)[1:] == visualize.TRUTH_COLOR).all()
+    assert (_outline_pixels(image, hit_box)[1:] == visualize.PREDICTION_COLOR).all()
+    # Dashed: the missed truth box's left edge alternates between its colour and the background.
+    left_edge = image[missed_box[1] : missed_box[1] + missed_box[3], missed_box[0]]
+    assert (left_edge == visualize.MISSED_COLOR).all(axis=1).any() and (left_edge == 90).all(axis=1).any()
+    bottom_edge = image[alarm_box[1] + alarm_box[3] - 1, alarm_box[0] : alarm_box[0] + alarm_box[2]]
+    assert (bottom_edge == visualize.FALSE_ALARM_COLOR).all(axis=1).any() and (bottom_edge == 90).all(axis=1).any()
+    # One hit, one false alarm, one miss at every IoU threshold: 1 / (1 + 1 + 1).
+    assert visualize.judge_image(truth, prediction) == {"score": pytest.approx(1 / 3), "missed": 1, "false_alarms": 1}
 
 
 def test_draw_overlay_without_sources_still_has_legend_and_notice() -> None:
@@ -160,3 +177,20 @@ def test_cli_reports_an_empty_folder(tmp_path: Path) -> None:
     args = visualize.get_args_parser().parse_args(["--dicom-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(LungdetError, match=r"no \.dcm files found"):
         visualize.main(args)
+
+
+def test_gallery_can_sort_worst_first_and_filter_errors() -> None:
+    entries = [
+        visualize.OverlayEntry("good", "good.png", 1, 1, 0.9, score=1.0),
+        visualize.OverlayEntry("miss", "miss.png", 1, 0, None, score=0.0, missed=1),
+        visualize.OverlayEntry("alarm", "alarm.png", 0, 1, 0.7, score=0.0, false_alarms=1),
+        visualize.OverlayEntry("clear", "clear.png", 0, 0, None, score=None),
+    ]
+    page = visualize.render_index_html(entries, [])
+    assert 'data-order="0" data-score="1.000000" data-missed="0" data-false-alarms="0"' in page
+    assert 'data-order="1" data-score="0.000000" data-missed="1"' in page
+    assert 'data-order="3" data-score="2.000000"' in page  # unscored images sort after the worst
+    assert '<option value="score">worst RSNA score first</option>' in page and '<option value="missed">' in page
+    assert "RSNA score: not scored · missed: 0 · false alarms: 0" in page
+    plain = visualize.render_index_html([visualize.OverlayEntry("x", "x.png", None, 2, 0.5)], [])
+    assert 'id="order"' not in plain and "<script>" not in plain  # nothing to judge without truth
