@@ -373,7 +373,7 @@ class EdaReport:
         return [section.png_name for section in self.sections] + [sample.png_name for group in self.samples.values() for sample in group]
 
 
-def _new_figure(width_inches: float, height_inches: float) -> Figure:
+def new_figure(width_inches: float, height_inches: float) -> Figure:
     figure = Figure(figsize=(width_inches, height_inches), layout="constrained")
     # An explicit Agg canvas: no pyplot, so no global figure state and no display is ever needed.
     FigureCanvasAgg(figure)
@@ -404,7 +404,7 @@ def plot_class_balance(stats: EdaStats) -> bytes:
     else:
         counts = {"Target 0 (no box)": stats.negative_count, "Target 1 (box)": stats.positive_count}
         colors = [TARGET_COLORS[0], TARGET_COLORS[1]]
-    figure = _new_figure(6, 3.6)
+    figure = new_figure(6, 3.6)
     axes = figure.add_subplot()
     bars = axes.bar(range(len(counts)), list(counts.values()), color=colors)
     axes.set_xticks(range(len(counts)), [name.replace(" / ", " /\n") for name in counts], fontsize=9)
@@ -417,7 +417,7 @@ def plot_class_balance(stats: EdaStats) -> bytes:
 
 def plot_boxes_per_image(stats: EdaStats) -> bytes:
     """Bars of positive patients by their number of boxes."""
-    figure = _new_figure(5, 3.4)
+    figure = new_figure(5, 3.4)
     axes = figure.add_subplot()
     names, counts = list(stats.boxes_per_positive), list(stats.boxes_per_positive.values())
     bars = axes.bar(names, counts, color=TARGET_COLORS[1])
@@ -431,7 +431,7 @@ def plot_boxes_per_image(stats: EdaStats) -> bytes:
 
 def plot_box_sizes(stats: EdaStats) -> bytes:
     """2-D histogram of box width x height (original pixels) with marginal histograms and median lines."""
-    figure = _new_figure(6, 6)
+    figure = new_figure(6, 6)
     grid = figure.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))
     main = figure.add_subplot(grid[1, 0])
     top = figure.add_subplot(grid[0, 0], sharex=main)
@@ -476,7 +476,7 @@ def plot_box_sizes(stats: EdaStats) -> bytes:
 
 def plot_box_heatmap(stats: EdaStats) -> bytes:
     """Where boxes fall: boxes covering each grid cell per 100 positive images."""
-    figure = _new_figure(5.6, 4.8)
+    figure = new_figure(5.6, 4.8)
     axes = figure.add_subplot()
     per_hundred = stats.heatmap * (100 / stats.positive_count) if stats.positive_count else stats.heatmap
     image = axes.imshow(per_hundred, extent=(0, 1, 1, 0), cmap="magma", interpolation="nearest")
@@ -490,7 +490,7 @@ def plot_box_heatmap(stats: EdaStats) -> bytes:
 
 def plot_age_by_target(metadata: MetadataStats) -> bytes:
     """Histograms of patient age (years) for Target 0 and 1, each scaled to its own total."""
-    figure = _new_figure(6, 3.6)
+    figure = new_figure(6, 3.6)
     axes = figure.add_subplot()
     edges = np.arange(0, MAX_PLAUSIBLE_AGE_YEARS + 5, 5)
     for target, name in ((0, "Target 0 (no box)"), (1, "Target 1 (box)")):
@@ -510,7 +510,7 @@ def plot_age_by_target(metadata: MetadataStats) -> bytes:
 
 def plot_groups_by_target(groups: Mapping[str, GroupCounts], *, title: str, xlabel: str) -> bytes:
     """Side-by-side bars of negatives and positives per group, with each group's positive rate above."""
-    figure = _new_figure(5, 3.6)
+    figure = new_figure(5, 3.6)
     axes = figure.add_subplot()
     names = list(groups)
     positions = np.arange(len(names))
@@ -534,7 +534,7 @@ def plot_groups_by_target(groups: Mapping[str, GroupCounts], *, title: str, xlab
 
 def plot_pixel_spacing(metadata: MetadataStats) -> bytes:
     """Histogram of the row pixel spacing (mm)."""
-    figure = _new_figure(5, 3.4)
+    figure = new_figure(5, 3.4)
     axes = figure.add_subplot()
     spacing = metadata.pixel_spacings_mm[:, 0]
     if len(spacing):

@@ -29,6 +29,7 @@ rows for patients not in the labels are not scored, only counted.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -474,8 +475,38 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"also score slices: a comma-separated list of {', '.join(SLICE_KEYS)} (needs --metadata)",
     )
     parser.add_argument("--metadata", type=Path, metavar="PATH", help="annotations.json from lungdet convert: age, sex and view position per patient")
+    parser.add_argument(
+        "--html", type=Path, metavar="PATH",
+        help="also write one HTML page of figures: precision per IoU threshold, mAP against the cut-off, ROC and reliability "
+        "(with --probabilities), the slices, the 20 worst images",
+    )
+    parser.add_argument("--probabilities", type=Path, metavar="PATH", help="patientId,probability from lungdet predict --probabilities, for the ROC and reliability figures")
+    parser.add_argument("--overlays", type=Path, metavar="DIR", help="the folder lungdet visualize wrote, to link the worst images to their pictures")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
+
+
+def read_probabilities(path: Path) -> dict[str, float]:
+    """``{patientId: probability}`` from a ``patientId,probability`` CSV (``lungdet predict --probabilities``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: file not found; lungdet predict --probabilities writes it")
+    values: dict[str, float] = {}
+    with open(path, newline="", encoding="utf-8-sig") as stream:
+        reader = csv.reader(stream)
+        if next(reader, None) != ["patientId", "probability"]:
+            raise SubmissionError(f"{path}: the header must be 'patientId,probability'")
+        for fields in reader:
+            if not fields:
+                continue
+            try:
+                value = float(fields[1])
+            except (IndexError, ValueError):
+                raise SubmissionError(f"{path} line {reader.line_num}: expected 'patientId,probability' with a number, got {','.join(fields)!r}") from None
+            if not 0.0 <= value <= 1.0:
+                raise SubmissionError(f"{path} line {reader.line_num}: probability {value} is outside [0, 1]")
+            values[fields[0]] = value
+    return values
 
 
 def _slice_keys(text: str) -> list[str]:
@@ -491,6 +522,7 @@ def main(args: argparse.Namespace) -> int:
     if args.by and args.metadata is None:
         raise SubmissionError("--by needs --metadata, the annotations.json lungdet convert wrote (it has each patient's age, sex and view position)")
     metadata = read_slice_metadata(args.metadata) if args.by else {}
+    probabilities = read_probabilities(args.probabilities) if args.probabilities is not None else None
     predictions = read_submission(args.submission)
     labels = read_labels(args.labels)
     truth = {patient_id: patient.boxes for patient_id, patient in labels.items()}
@@ -512,6 +544,15 @@ def main(args: argparse.Namespace) -> int:
             "pass a labels CSV with only those patients.",
             file=sys.stderr,
         )
+    if args.html is not None:
+        from data_tools.score_report import write_score_report  # matplotlib, only for the page
+
+        write_score_report(
+            args.html, report=report, truth=truth, predictions=predictions, slices=slices, submission=args.submission, labels=args.labels,
+            min_confidence=args.min_confidence, probabilities=probabilities,
+            overlays=args.overlays,
+        )
+        print(f"wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         slices_json = [{"by": item.by, "value": item.value, **item.report.to_dict()} for item in slices]
         print(json.dumps({**report.to_dict(), **({"slices": slices_json} if args.by else {})}))

@@ -1,0 +1,260 @@
+"""One HTML page that shows where a submission's score is lost: ``lungdet score --html report.html``.
+
+Figures (matplotlib, embedded in the page as PNG, so the report is one file):
+
+- precision at each IoU threshold of the metric;
+- mAP against the confidence cut-off, marking the cut-off the submission was written with and the best one;
+- with image probabilities (``--probabilities``): the ROC curve with its AUC, and a reliability
+  diagram (predicted probability against the observed share of positive images, in ten bins);
+
+then the slice table (``--by``), and the 20 worst images with their score, misses and false
+alarms, each linked to its overlay PNG when ``--overlays`` names the folder ``lungdet
+visualize`` wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.atomic import write_text_atomic
+from data_tools.eda import figure_to_png, new_figure
+from data_tools.visualize import DISCLAIMER, judge_image
+from submission.postprocess import PostprocessConfig
+from submission.prediction_string import Prediction
+from submission.score import ScoreReport, SliceReport, roc_auc, roc_curve
+from submission.tune import build_table, image_scores, mean_score
+
+CUT_OFFS = tuple(round(float(value), 3) for value in np.arange(0.0, 0.951, 0.025))
+WORST_COUNT = 20
+RELIABILITY_BINS = 10
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One image in the worst-images table."""
+
+    patient_id: str
+    score: float
+    truth: int
+    predicted: int
+    missed: int
+    false_alarms: int
+
+
+def cut_off_curve(truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction], cut_offs: Sequence[float] = CUT_OFFS) -> list[tuple[float, float]]:
+    """``(cut-off, mAP)`` for each cut-off: the submission's boxes at or above it, scored (fast: see :mod:`submission.tune`)."""
+    patients = list(truth)
+    merged = {patient: predictions.get(patient, Prediction.empty()) for patient in patients}
+    table = build_table(merged, truth, dict.fromkeys(patients), patients, shrink=1.0)
+    return [(cut_off, mean_score(image_scores(table, PostprocessConfig(score_threshold=cut_off)))) for cut_off in cut_offs]
+
+
+def worst_images(truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction], *, count: int = WORST_COUNT) -> list[ImageRow]:
+    """The ``count`` scored images with the lowest RSNA score (ties: the most errors first, then patientId)."""
+    rows = []
+    for patient, boxes in truth.items():
+        prediction = predictions.get(patient, Prediction.empty())
+        judged = judge_image(boxes, prediction)
+        if judged["score"] is None:
+            continue
+        rows.append(ImageRow(patient, judged["score"], len(boxes), len(prediction.scores), judged["missed"], judged["false_alarms"]))
+    rows.sort(key=lambda row: (row.score, -(row.missed + row.false_alarms), row.patient_id))
+    return rows[:count]
+
+
+def _embed(png: bytes, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{html.escape(alt, quote=True)}">'
+
+
+def plot_precision_per_threshold(report: ScoreReport) -> bytes:
+    figure = new_figure(6.0, 3.2)
+    axes = figure.add_subplot()
+    thresholds = [summary.iou_threshold for summary in report.per_threshold]
+    precisions = [summary.mean_precision for summary in report.per_threshold]
+    axes.bar([f"{value:.2f}" for value in thresholds], precisions, color="#4a7fb5")
+    axes.axhline(report.map, color="#b35c00", linestyle="--", label=f"mAP {report.map:.3f}")
+    axes.set_xlabel("IoU threshold")
+    axes.set_ylabel("mean precision TP/(TP+FP+FN)")
+    axes.set_ylim(0, max(1e-3, max(precisions + [report.map]) * 1.15))
+    axes.legend(loc="upper right")
+    return figure_to_png(figure)
+
+
+def plot_cut_off_curve(curve: Sequence[tuple[float, float]], *, used: float) -> bytes:
+    figure = new_figure(6.0, 3.2)
+    axes = figure.add_subplot()
+    cut_offs, maps = zip(*curve)
+    axes.plot(cut_offs, maps, marker="o", markersize=3, color="#4a7fb5")
+    best = max(curve, key=lambda point: point[1])
+    axes.axvline(used, color="#b35c00", linestyle="--", label=f"this submission: >= {used:g}")
+    axes.plot([best[0]], [best[1]], marker="*", markersize=12, color="#1d6b34", linestyle="none", label=f"best: {best[0]:g} (mAP {best[1]:.3f})")
+    axes.set_xlabel("confidence cut-off")
+    axes.set_ylabel("mAP")
+    axes.legend(loc="best")
+    return figure_to_png(figure)
+
+
+def plot_roc(labels: Sequence[bool], probabilities: Sequence[float]) -> bytes:
+    figure = new_figure(4.2, 4.0)
+    axes = figure.add_subplot()
+    false_rates, true_rates, _ = roc_curve(labels, probabilities)
+    auc = roc_auc(labels, probabilities)
+    axes.plot(false_rates, true_rates, color="#4a7fb5", label=f"AUC {auc:.3f}" if auc is not None else "AUC n/a")
+    axes.plot([0, 1], [0, 1], color="#999999", linestyle=":")
+    axes.set_xlabel("false positive rate (1 - specificity)")
+    axes.set_ylabel("true positive rate (sensitivity)")
+    axes.legend(loc="lower right")
+    return figure_to_png(figure)
+
+
+def reliability_bins(labels: Sequence[bool], probabilities: Sequence[float], *, bins: int = RELIABILITY_BINS) -> list[tuple[float, float, int]]:
+    """``(mean probability, share of positive images, images)`` per non-empty bin of width 1/``bins``."""
+    truth = np.asarray(labels, dtype=float)
+    values = np.asarray(probabilities, dtype=float)
+    which = np.minimum((values * bins).astype(int), bins - 1)
+    return [(float(values[which == b].mean()), float(truth[which == b].mean()), int((which == b).sum())) for b in range(bins) if (which == b).any()]
+
+
+def plot_reliability(labels: Sequence[bool], probabilities: Sequence[float]) -> bytes:
+    figure = new_figure(4.2, 4.0)
+    axes = figure.add_subplot()
+    points = reliability_bins(labels, probabilities)
+    axes.plot([0, 1], [0, 1], color="#999999", linestyle=":", label="perfectly calibrated")
+    axes.plot([p for p, _, _ in points], [s for _, s, _ in points], marker="o", color="#4a7fb5", label="this model")
+    for predicted, observed, count in points:
+        axes.annotate(str(count), (predicted, observed), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    axes.set_xlabel("predicted probability (bin mean)")
+    axes.set_ylabel("share of images with an opacity")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.legend(loc="upper left")
+    return figure_to_png(figure)
+
+
+def _interval(report: ScoreReport) -> str:
+    return f" [{report.map_interval[0]:.3f}, {report.map_interval[1]:.3f}]" if report.map_interval else ""
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def render_score_report(
+    *,
+    report: ScoreReport,
+    curve: Sequence[tuple[float, float]],
+    used_cut_off: float,
+    slices: Sequence[SliceReport],
+    worst: Sequence[ImageRow],
+    submission: Path,
+    labels: Path,
+    probabilities: tuple[list[bool], list[float]] | None = None,
+    overlay_link: str | None = None,
+) -> str:
+    """The page; ``overlay_link`` is the overlays folder relative to the page (None: no links)."""
+    figures = [
+        ("Precision at each IoU threshold", plot_precision_per_threshold(report),
+         "The metric averages these eight; a drop at the high thresholds means boxes in the right place but of the wrong size."),
+        ("mAP against the confidence cut-off", plot_cut_off_curve(curve, used=used_cut_off),
+         "Boxes below a cut-off are dropped before scoring; the metric scores any box on a clear image 0, so the cut-off matters as much as the model."),
+    ]
+    if probabilities is not None:
+        figures += [
+            ("Image-level ROC", plot_roc(*probabilities), "How well the image-level probability separates images with an opacity from those without."),
+            ("Reliability", plot_reliability(*probabilities), "Predicted probability against how often it came true, in ten bins (counts beside the points)."),
+        ]
+    blocks = [
+        f'<section class="figure"><h2>{html.escape(title)}</h2>{_embed(png, title)}<p class="caption">{html.escape(caption)}</p></section>'
+        for title, png, caption in figures
+    ]
+    if slices:
+        rows = "".join(
+            f"<tr><td>{html.escape(item.by)}</td><td>{html.escape(item.value)}</td><td>{item.report.map:.3f}{_interval(item.report)}</td>"
+            f"<td>{_fraction(item.report.sensitivity)}</td><td>{_fraction(item.report.specificity)}</td><td>{item.report.n_images}</td></tr>"
+            for item in slices
+        )
+        blocks.append(
+            "<section><h2>By slice</h2><table><tr><th>by</th><th>value</th><th>mAP [95% interval]</th><th>sensitivity</th>"
+            f"<th>specificity</th><th>images</th></tr>{rows}</table>"
+            "<p class=\"caption\">Each slice scored as a dataset of its own; overlapping intervals do not tell slices apart.</p></section>"
+        )
+    worst_rows = []
+    for row in worst:
+        name = html.escape(row.patient_id)
+        if overlay_link is not None:
+            target = html.escape(f"{overlay_link}/{row.patient_id}.png", quote=True)
+            name = f'<a href="{target}">{name}</a>'
+        worst_rows.append(
+            f"<tr><td>{name}</td><td>{row.score:.3f}</td><td>{row.truth}</td><td>{row.predicted}</td><td>{row.missed}</td><td>{row.false_alarms}</td></tr>"
+        )
+    link_note = "" if overlay_link is not None else " Pass --overlays with the folder lungdet visualize wrote to link each to its picture."
+    blocks.append(
+        f"<section><h2>The {len(worst)} worst images</h2><table><tr><th>patientId</th><th>RSNA score</th><th>truth boxes</th>"
+        f"<th>predicted</th><th>missed</th><th>false alarms</th></tr>{''.join(worst_rows)}</table>"
+        f"<p class=\"caption\">Misses and false alarms judged at IoU &gt; 0.5.{html.escape(link_note)}</p></section>"
+    )
+    summary = (
+        f"mAP <b>{report.map:.4f}</b>{_interval(report)} over {report.n_scored:,} scored of {report.n_images:,} images · "
+        f"mean IoU {_fraction(report.mean_iou)} · sensitivity {_fraction(report.sensitivity)} · specificity {_fraction(report.specificity)}"
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>lungdet score report</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 1em auto; padding: 0 1em; color: #1b1f24; }}
+.notice {{ background: #fff4e5; border-left: 4px solid #b35c00; padding: 0.5em 1em; }}
+.figure img {{ max-width: 100%; height: auto; }}
+.caption {{ color: #57606a; font-size: 0.9em; }}
+table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; }}
+th, td {{ border-bottom: 1px solid #d0d7de; padding: 0.2em 0.6em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+</style>
+</head>
+<body>
+<h1>lungdet score report</h1>
+<p class="notice"><b>{html.escape(DISCLAIMER)}.</b> These figures describe a model on a data set, for research; they say nothing about any one patient.</p>
+<p>Submission <code>{html.escape(str(submission))}</code> against <code>{html.escape(str(labels))}</code>.</p>
+<p>{summary}</p>
+{chr(10).join(blocks)}
+</body>
+</html>
+"""
+
+
+def write_score_report(
+    path: Path,
+    *,
+    report: ScoreReport,
+    truth: Mapping[str, np.ndarray],
+    predictions: Mapping[str, Prediction],
+    slices: Sequence[SliceReport],
+    submission: Path,
+    labels: Path,
+    min_confidence: float = 0.0,
+    probabilities: Mapping[str, float] | None = None,
+    overlays: Path | None = None,
+) -> None:
+    """Compute the curve and the worst images and write the page atomically to ``path``."""
+    kept = [score for prediction in predictions.values() for score in prediction.scores.tolist()]
+    used = max(min_confidence, min(kept)) if kept else min_confidence
+    pairs = None
+    if probabilities:
+        known = [patient for patient in truth if patient in probabilities]
+        pairs = ([len(truth[patient]) > 0 for patient in known], [probabilities[patient] for patient in known])
+    overlay_link = None
+    if overlays is not None:
+        overlay_link = Path(os.path.relpath(Path(overlays).resolve(), Path(path).resolve().parent)).as_posix()
+    page = render_score_report(
+        report=report, curve=cut_off_curve(truth, predictions), used_cut_off=used, slices=slices, worst=worst_images(truth, predictions),
+        submission=submission, labels=labels, probabilities=pairs, overlay_link=overlay_link,
+    )
+    write_text_atomic(Path(path), page)

@@ -1,0 +1,84 @@
+"""Tests for data_tools/score_report.py: the page's numbers equal the metric's, the worst images, the links."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_tools.score_report import cut_off_curve, reliability_bins, worst_images
+from submission.prediction_string import Prediction, write_submission
+from submission.score import get_args_parser, main, score_dataset
+
+SQUARE = [0.0, 0.0, 10.0, 10.0]
+
+
+def case() -> tuple[dict[str, np.ndarray], dict[str, Prediction]]:
+    truth = {
+        "hit": np.array([SQUARE]),
+        "miss": np.array([SQUARE]),
+        "alarm": np.zeros((0, 4)),
+        "clear": np.zeros((0, 4)),
+        "half": np.array([SQUARE, [20.0, 20.0, 10.0, 10.0]]),
+    }
+    predictions = {
+        "hit": Prediction.from_arrays([0.9], [SQUARE]),
+        "alarm": Prediction.from_arrays([0.35], [SQUARE]),
+        "half": Prediction.from_arrays([0.8, 0.2], [SQUARE, [50.0, 50.0, 5.0, 5.0]]),
+    }
+    return truth, predictions
+
+
+def test_cut_off_curve_equals_scoring_at_each_cut_off() -> None:
+    truth, predictions = case()
+    for cut_off, value in cut_off_curve(truth, predictions, cut_offs=(0.0, 0.3, 0.4, 0.85, 0.95)):
+        assert value == pytest.approx(score_dataset(truth, predictions, min_confidence=cut_off).map), cut_off
+
+
+def test_worst_images_come_worst_first_with_their_errors() -> None:
+    truth, predictions = case()
+    rows = worst_images(truth, predictions, count=3)
+    # miss and alarm both score 0; the tie goes to patientId order (one error each).
+    assert [(row.patient_id, row.score, row.missed, row.false_alarms) for row in rows] == [
+        ("alarm", 0.0, 0, 1), ("miss", 0.0, 1, 0), ("half", pytest.approx(1 / 3), 1, 1)
+    ]
+    assert "clear" not in [row.patient_id for row in worst_images(truth, predictions)]  # not scored: nothing to show
+
+
+def test_reliability_bins_by_hand() -> None:
+    bins = reliability_bins([True, False, True, True], [0.05, 0.08, 0.92, 0.97], bins=10)
+    assert bins == [(pytest.approx(0.065), 0.5, 2), (pytest.approx(0.945), 1.0, 2)]
+
+
+def test_cli_writes_one_page_with_figures_and_links(tmp_path: Path, capsys) -> None:
+    truth, predictions = case()
+    labels = ["patientId,x,y,width,height,Target"]
+    for patient, boxes in truth.items():
+        labels += [f"{patient},{x},{y},{w},{h},1" for x, y, w, h in boxes] or [f"{patient},,,,,0"]
+    (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
+    write_submission(tmp_path / "s.csv", predictions)
+    (tmp_path / "p.csv").write_text("patientId,probability\nhit,0.9\nmiss,0.4\nalarm,0.6\nclear,0.1\nhalf,0.7\n")
+    (tmp_path / "overlays").mkdir()
+    args = get_args_parser().parse_args([
+        "--submission", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "labels.csv"), "--html", str(tmp_path / "out" / "report.html"),
+        "--probabilities", str(tmp_path / "p.csv"), "--overlays", str(tmp_path / "overlays"),
+    ])
+    assert main(args) == 0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 4  # precision, cut-off, ROC, reliability
+    for title in ("Precision at each IoU threshold", "mAP against the confidence cut-off", "Image-level ROC", "Reliability", "The 4 worst images"):  # 5 patients, one unscored
+        assert title in page
+    assert '<a href="../overlays/alarm.png">alarm</a>' in page
+    assert "Not a diagnostic device" in page
+    assert f"wrote {tmp_path / 'out' / 'report.html'}" in capsys.readouterr().out
+
+
+def test_bad_probabilities_file_fails_before_scoring(tmp_path: Path) -> None:
+    from data_tools.errors import SubmissionError
+
+    (tmp_path / "p.csv").write_text("patientId,probability\nx,1.7\n")
+    args = get_args_parser().parse_args(["--submission", str(tmp_path / "none.csv"), "--labels", str(tmp_path / "none.csv"), "--probabilities", str(tmp_path / "p.csv")])
+    with pytest.raises(SubmissionError, match=r"p.csv line 2: probability 1.7 is outside \[0, 1\]"):
+        main(args)
