@@ -172,7 +172,8 @@ class Tuner:
 
         When several values of a parameter score the same best, the middle one of them is taken:
         the centre of a plateau is the setting least likely to fall off it on new images. A gate
-        or a cap that does not help is left off instead.
+        or a cap that does not help is left off instead, and a parameter whose every value
+        scores the same keeps its value.
         """
         best = dataclasses.replace(start or NEUTRAL)
         best_score = self.score(best, subset)
@@ -184,7 +185,12 @@ class Tuner:
                 tied = [value for value, score in zip(GRIDS[name], scores, strict=True) if score >= top - 1e-12]
                 improved |= top > best_score + 1e-12
                 neutral = getattr(NEUTRAL, name)
-                choice = neutral if name in OFF_WHEN_TIED and neutral in tied else tied[len(tied) // 2]
+                if len(tied) == len(GRIDS[name]):  # the predictions say nothing about this parameter: leave it
+                    choice = getattr(best, name)
+                elif name in OFF_WHEN_TIED and neutral in tied:
+                    choice = neutral
+                else:
+                    choice = tied[len(tied) // 2]
                 best, best_score = dataclasses.replace(best, **{name: choice}), top
             if not improved:
                 break

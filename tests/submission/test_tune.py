@@ -129,3 +129,10 @@ def test_cli_writes_a_file_that_loads_back(tmp_path: Path, capsys) -> None:
     assert 0.75 <= loaded.shrink <= 0.9 and 0.6 < loaded.score_threshold <= 0.8
     assert (tmp_path / "pp.yaml").read_text().startswith("# lungdet tune on ")
     assert dataclasses.asdict(loaded)["max_boxes"] == 0
+
+
+def test_parameters_the_predictions_say_nothing_about_stay_neutral() -> None:
+    # No truth and no boxes anywhere: every setting scores the same, so none should move.
+    rows = [RawPrediction(f"p{index}", "m", "plain", SIZE, SIZE, Prediction.empty(), None, index % 2) for index in range(6)]
+    truth = {f"p{index}": np.zeros((0, 4)) for index in range(6)}
+    assert tune_postprocess(rows, truth, bootstrap_draws=0).config == PostprocessConfig()
