@@ -12,7 +12,10 @@ without mirroring, and scored at each step:
 4. + gating: drop the boxes of images whose mean image probability is below the mean of the
    checkpoints' image cut-offs;
 5. + tuned post-processing: the postprocess.yaml that lungdet tune chose on the out-of-fold
-   predictions (cut-off, gate, shrink, cap, fusion).
+   predictions (cut-off, gate, shrink, cap, fusion);
+
+and, as a control, step 1's single model with step 5's file, which tells what tuning gives
+from what the ensemble gives.
 
 Each held-out mAP comes with its 95% bootstrap interval. Prints a Markdown table for
 docs/benchmarks.md.
@@ -79,6 +82,8 @@ def run_seed(seed: int, workdir: Path, *, count: int, test_count: int, epochs: i
         "3 + 5-fold WBF": (rows, PostprocessConfig(score_threshold=float(np.mean(cut_offs)))),
         "4 + gating": (rows, PostprocessConfig(score_threshold=float(np.mean(cut_offs)), gate_threshold=float(np.mean(image_cut_offs)))),
         "5 + tuned post-processing": (rows, tuned.config),
+        # A control, not a step: the tuned file on the single model alone, to tell tuning from ensembling.
+        "control: single model + tuned post-processing": ([row for row in fold0 if row.pass_name == "plain"], tuned.config),
     }
     results = {}
     for name, (step_rows, config) in steps.items():
