@@ -188,3 +188,9 @@ def test_one_image_seen_at_two_sizes_is_refused() -> None:
     rows = [raw("a", TWO_BOXES, model="fold0", size=512), raw("a", TWO_BOXES, model="fold1", size=1024)]
     with pytest.raises(SubmissionError, match="patientId a: model fold1 saw a 1024 x 1024 image but model fold0 a 512 x 512 one"):
         postprocess(rows, PostprocessConfig())
+
+
+def test_a_gate_at_one_empties_the_whole_submission() -> None:
+    rows = [raw(f"p{index}", TWO_BOXES, probability=index / 10) for index in range(10)]
+    assert all(prediction.boxes.shape == (0, 4) for prediction in postprocess(rows, PostprocessConfig(score_threshold=0.0, gate_threshold=1.0)).values())
+    assert sum(len(p.scores) for p in postprocess(rows, PostprocessConfig(score_threshold=0.0, gate_threshold=0.0)).values()) == 20
