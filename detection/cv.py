@@ -33,7 +33,7 @@ from detection.config import apply_overrides, config_from_dict, load_config
 from detection.data import ImageRecord, load_records
 from detection.distributed import from_environment, start, stop
 from detection.engine import resolve_precision
-from detection.predict import TTA_MODES, _ModelRunner, load_trained_model, predict_raw
+from detection.predict import TTA_MODES, ModelRunner, load_trained_model, predict_raw
 from detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device, train
 from submission.prediction_string import Prediction, keep_confident
 from submission.raw_predictions import RawPrediction, write_raw_predictions
@@ -126,7 +126,7 @@ def predict_out_of_fold(
     for fold in folds:
         model, config, checkpoint = load_trained_model(fold_dir(out_dir, fold) / BEST_CHECKPOINT, device=device)
         thresholds[fold] = float(checkpoint.get("score_threshold", 0.5))
-        runner = _ModelRunner(model, config.model.image_size, device, None, resolve_precision(config.amp, device))
+        runner = ModelRunner(model, config.model.image_size, device, None, resolve_precision(config.amp, device))
         fold_records = [record for record in records if record.fold == fold]
         # predict_raw names a row by its file's stem, which convert makes the patientId.
         by_stem = {record.path.stem: record for record in fold_records}

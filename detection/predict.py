@@ -125,7 +125,7 @@ class BatchPredictor(Protocol):
 
 
 @dataclass
-class _ModelRunner:
+class ModelRunner:
     """A bare model with its input size, preprocessing and precision, as a :class:`BatchPredictor`."""
 
     model: nn.Module
@@ -159,7 +159,7 @@ def predict_dicoms(
     wants a row per image) and is listed. ``precision`` (default fp32) is the autocast the
     forward pass runs under.
     """
-    runner = _ModelRunner(model, image_size, device, preprocessing, precision)
+    runner = ModelRunner(model, image_size, device, preprocessing, precision)
     rows, bad = predict_raw([runner], ["model"], paths, read=read_dicom_pixels, batch_size=batch_size, progress=progress)
     predictions = {row.patient_id: keep_confident(row.prediction, min_confidence=score_threshold) for row in rows}
     for path, _ in bad:

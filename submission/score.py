@@ -24,6 +24,10 @@ and FN counts summed over the scored images.
 
 Labelled patients with no row in the submission count as having no predicted boxes; submission
 rows for patients not in the labels are not scored, only counted.
+
+Also here: a 95% bootstrap interval of the mAP over patients (:func:`bootstrap_interval`),
+scores by slice of view position, sex and age band (:func:`score_slices`), and the image-level
+head's ROC and AUC (:func:`roc_curve`, :func:`roc_auc`).
 """
 
 from __future__ import annotations
