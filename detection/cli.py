@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
 
 from data_tools.errors import LungdetError
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lungdet {name}: interrupted; finished outputs are complete, nothing half-written was kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (lungdet score | head -1): what it wanted was printed; no traceback.
+        # stdout is pointed at /dev/null so that Python's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -72,3 +72,20 @@ def test_overrides_may_follow_flags(monkeypatch):
 
     assert cli_main(["train", "--data", "d", "--out", "o", "optim.lr=0.1", "--fold", "2", "seed=3"]) == 0
     assert seen["overrides"] == ["optim.lr=0.1", "seed=3"] and seen["fold"] == 2
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path) -> None:
+    """lungdet score | head -1: the reader leaves early; no traceback, the usual status for SIGPIPE."""
+    import subprocess
+    import sys
+
+    (tmp_path / "labels.csv").write_text("patientId,x,y,width,height,Target\np1,,,,,0\n")
+    (tmp_path / "s.csv").write_text("patientId,PredictionString\np1,\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "detection.cli", "score", "--submission", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "labels.csv")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # before the command has printed anything: its first write meets a closed pipe
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == 141
+    assert b"Traceback" not in errors
