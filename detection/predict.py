@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data_tools.atomic import write_text_atomic
 from data_tools.boxes import scale_xywh, xyxy_to_xywh
 from data_tools.cli_types import fraction, int_in_range
 from data_tools.dicom_io import find_dicoms, read_dicom
@@ -40,6 +39,7 @@ from detection.train import load_checkpoint, resolve_device
 from submission.postprocess import PostprocessConfig, load_postprocess, mean_probability, postprocess
 from submission.prediction_string import Prediction, keep_confident, write_submission
 from submission.raw_predictions import RawPrediction, group_by_patient, write_raw_predictions
+from submission.score import write_probabilities
 
 
 def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[nn.Module, TrainConfig, dict]:
@@ -168,7 +168,7 @@ def predict_dicoms(
 
 
 @dataclass
-class Detector:
+class Detector(ModelRunner):
     """A trained checkpoint, loaded once, ready for one image at a time.
 
     ``score_threshold`` is the cut-off tuned on validation (stored in the checkpoint): the image
@@ -176,11 +176,7 @@ class Detector:
     every reply, so a result can be traced to the file that made it.
     """
 
-    model: nn.Module
     config: TrainConfig
-    device: torch.device
-    precision: Precision
-    preprocessing: dict[str, Any]
     score_threshold: float
     checkpoint_sha256: str
     image_threshold: float | None = None  # with an image head: its probability cut-off tuned on validation; None without one
@@ -192,7 +188,7 @@ class Detector:
         """The ``model`` part of every reply."""
         return {
             "architecture": self.config.model.architecture,
-            "image_size": self.config.model.image_size,
+            "image_size": self.image_size,
             "checkpoint_sha256": self.checkpoint_sha256,
             "score_threshold": self.score_threshold,
             "image_threshold": self.image_threshold,
@@ -205,10 +201,7 @@ class Detector:
     def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
         """:meth:`predict` for several images in one forward pass (any sizes), in order."""
         with self.lock:
-            return predict_pixels(
-                self.model, images, image_size=self.config.model.image_size, device=self.device, score_threshold=0.0,
-                preprocessing=self.preprocessing, precision=self.precision,
-            )
+            return super().predict_batch(images)
 
 
 def file_sha256(path: Path) -> str:
@@ -230,10 +223,11 @@ def load_detector(checkpoint_path: Path, *, device: str = "auto", amp: str = "au
     model, config, checkpoint = load_trained_model(Path(checkpoint_path), device=torch_device)
     return Detector(
         model=model,
-        config=config,
+        image_size=config.model.image_size,
         device=torch_device,
-        precision=precision,
         preprocessing=dict(checkpoint.get("preprocessing") or {}),
+        precision=precision,
+        config=config,
         score_threshold=float(checkpoint.get("score_threshold", 0.5)),
         checkpoint_sha256=file_sha256(Path(checkpoint_path)),
         image_threshold=float(checkpoint.get("image_threshold", 0.5)) if has_image_head(model) else None,
@@ -323,12 +317,16 @@ def read_dicom_pixels(path: Path) -> np.ndarray:
     return read_dicom(path).pixels
 
 
-def read_any_pixels(path: Path) -> np.ndarray:
+def read_file_bytes(path: Path) -> bytes:
+    """The bytes of an input file; a file that cannot be read is an ``ImageReadError`` (kind 'missing'), like an unreadable image."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as error:
         raise ImageReadError(path, f"cannot be read ({error.strerror or error}); check the path", kind="missing") from None
-    return read_xray(data, name=str(path)).pixels
+
+
+def read_any_pixels(path: Path) -> np.ndarray:
+    return read_xray(read_file_bytes(path), name=str(path)).pixels
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -410,14 +408,7 @@ def predict_json(args: argparse.Namespace, paths: Sequence[Path]) -> int:
     failed: list[tuple[Path, str]] = []
     for path in tqdm(paths, desc="predict", unit="file", disable=None if not args.no_progress else True):
         try:
-            data = Path(path).read_bytes()
-        except OSError as error:
-            reason = f"cannot be read ({error.strerror or error}); check the path"
-            failed.append((path, reason))
-            print(json.dumps({"error": {"kind": "missing", "message": f"{path}: {reason}"}}), flush=True)
-            continue
-        try:
-            detection = detect_bytes(detector, data, name=str(path))
+            detection = detect_bytes(detector, read_file_bytes(path), name=str(path))
         except ImageReadError as error:
             failed.append((path, error.reason))
             print(json.dumps(error_json(error)), flush=True)
@@ -461,8 +452,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {args.raw}: {written} raw rows ({len(detectors)} model(s) x {1 + (args.tta == 'hflip')} pass(es) per image)")
     if args.probabilities is not None:
         groups = group_by_patient(rows)
-        lines = ["patientId,probability"] + [f"{patient},{mean_probability(groups[patient]):.6f}" for patient in sorted(groups)]
-        write_text_atomic(args.probabilities, "\n".join(lines) + "\n")
+        write_probabilities(args.probabilities, {patient: mean_probability(groups[patient]) for patient in sorted(groups)})
         print(f"wrote {args.probabilities}: {len(groups)} image probabilities")
     if args.out is not None:
         predictions = postprocess(rows, postprocess_config)

@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data_tools.atomic import write_text_atomic
 from data_tools.boxes import as_box_array, iou_matrix_xywh
 from data_tools.cli_types import fraction, int_in_range
 from data_tools.errors import SubmissionError
@@ -490,6 +491,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PROBABILITY_COLUMNS = ["patientId", "probability"]
+PROBABILITY_DECIMALS = 6
+
+
+def write_probabilities(path: Path, probabilities: Mapping[str, float]) -> None:
+    """Write ``patientId,probability`` rows atomically, in the mapping's order (what :func:`read_probabilities` reads)."""
+    lines = [",".join(PROBABILITY_COLUMNS)] + [f"{patient},{value:.{PROBABILITY_DECIMALS}f}" for patient, value in probabilities.items()]
+    write_text_atomic(Path(path), "\n".join(lines) + "\n")
+
+
 def read_probabilities(path: Path) -> dict[str, float]:
     """``{patientId: probability}`` from a ``patientId,probability`` CSV (``lungdet predict --probabilities``)."""
     path = Path(path)
@@ -498,7 +509,7 @@ def read_probabilities(path: Path) -> dict[str, float]:
     values: dict[str, float] = {}
     with open(path, newline="", encoding="utf-8-sig") as stream:
         reader = csv.reader(stream)
-        if next(reader, None) != ["patientId", "probability"]:
+        if next(reader, None) != PROBABILITY_COLUMNS:
             raise SubmissionError(f"{path}: the header must be 'patientId,probability'")
         for fields in reader:
             if not fields:
