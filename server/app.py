@@ -179,12 +179,12 @@ def create_app(
         LOGGER.exception("internal error (%s); the server goes on serving", type(error).__name__)
         return refusal(500, "internal_error", "lungdet hit an internal error on this request; the server goes on serving, and its log has the details")
 
-    async def run_detection(file: UploadFile, *, max_pixels_allowed: int) -> Detection:
+    async def run_detection(file: UploadFile) -> Detection:
         check_file_name(file.filename)
         data = await file.read()
         try:
             # Decoding in a worker thread and the model in the batcher's: the event loop stays free for health checks.
-            return await run_in_threadpool(detect_bytes, batcher, data, max_pixels=max_pixels_allowed)
+            return await run_in_threadpool(detect_bytes, batcher, data, max_pixels=max_pixels)
         except ImageReadError as error:
             LOGGER.info("rejected %s: %d %s", upload_id(data), status_for(error), error.kind)
             raise UploadRejected(status_for(error), error.kind, str(error)) from None
@@ -211,10 +211,11 @@ def create_app(
     @app.post("/api/v1/detect", response_model=DetectReply, response_model_exclude_unset=True, responses=ERROR_RESPONSES)
     async def detect(file: Upload, min_confidence: MinConfidence = None, include_preview: IncludePreview = False) -> dict[str, Any]:
         """Lung-opacity boxes for one X-ray, with an image-level verdict and the RSNA PredictionString."""
-        detection = await run_detection(file, max_pixels_allowed=max_pixels)
+        detection = await run_detection(file)
         reply = detection_json(detection, detector_info=detector.info, min_confidence=None if min_confidence is None else min_confidence / 100)
         if include_preview:
-            reply["preview"] = preview_jpeg(detection.image)
+            # Encoding a 1024 px JPEG takes milliseconds: off the event loop, like the decoding.
+            reply["preview"] = await run_in_threadpool(preview_jpeg, detection.image)
         LOGGER.info(
             "detect %s: %s %dx%d, %d boxes >= %g%%, %s %.2f%%, %.0f ms",
             detection.upload_id, detection.image.format, detection.image.width, detection.image.height, len(reply["boxes"]),
@@ -229,7 +230,7 @@ def create_app(
     )
     async def annotate(file: Upload, min_confidence: MinConfidence = None) -> Response:
         """The X-ray with the boxes at or above ``min_confidence`` drawn over it, as a PNG to download."""
-        detection = await run_detection(file, max_pixels_allowed=max_pixels)
+        detection = await run_detection(file)
         cut_off = detector.score_threshold if min_confidence is None else min_confidence / 100
         png = await run_in_threadpool(annotated_png, detection, min_confidence=cut_off)
         LOGGER.info("annotate %s: %d bytes of PNG", detection.upload_id, len(png))
