@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,3 +146,18 @@ def _read_class_info(path: Path, targets: dict[str, int]) -> dict[str, str]:
         classes[patient_id] = class_name
     return classes
 
+
+
+def format_labels_csv(boxes_by_patient: Mapping[str, np.ndarray]) -> str:
+    """``stage_2_train_labels.csv`` text: one row per XYWH_ABS box, one empty-box row per patient without one.
+
+    Coordinates are written as Python floats ('264.0'), as the real file writes them, so
+    :func:`read_labels` reads back exactly the boxes given.
+    """
+    lines = ["patientId,x,y,width,height,Target"]
+    for patient_id, boxes in boxes_by_patient.items():
+        if len(boxes) == 0:
+            lines.append(f"{patient_id},,,,,0")
+        for box in boxes:
+            lines.append(",".join([patient_id, *(repr(float(value)) for value in box), "1"]))
+    return "\n".join(lines) + "\n"

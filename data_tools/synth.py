@@ -38,7 +38,7 @@ from data_tools.atomic import write_bytes_atomic, write_text_atomic
 from data_tools.boxes import as_box_array, iou_matrix_xywh
 from data_tools.cli_types import fraction, int_in_range
 from data_tools.errors import LungdetError
-from data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS
+from data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, format_labels_csv
 
 # ---------------------------------------------------------------------------------------------
 # Statistics of the real data.
@@ -573,24 +573,8 @@ def encode_dicom(case: SynthCase, *, jpeg_quality: int = _DEFAULT_JPEG_QUALITY) 
     return buffer.getvalue()
 
 
-def _format_coordinate(value: float) -> str:
-    # The real file writes every coordinate as a float: '264.0'.
-    return repr(float(value))
-
-
-def format_labels_csv(cases: Sequence[SynthCase]) -> str:
-    """``stage_2_train_labels.csv`` text: one row per box (XYWH_ABS), one empty-box row per negative."""
-    lines = ["patientId,x,y,width,height,Target"]
-    for case in cases:
-        if len(case.boxes) == 0:
-            lines.append(f"{case.patient_id},,,,,0")
-        for box in case.boxes:
-            lines.append(",".join([case.patient_id, *map(_format_coordinate, box), "1"]))
-    return "\n".join(lines) + "\n"
-
-
 def format_class_info_csv(cases: Sequence[SynthCase]) -> str:
-    """``stage_2_detailed_class_info.csv`` text, row for row beside :func:`format_labels_csv`."""
+    """``stage_2_detailed_class_info.csv`` text, row for row beside :func:`data_tools.labels.format_labels_csv`."""
     lines = ["patientId,class"]
     for case in cases:
         for _row in range(max(1, len(case.boxes))):
@@ -661,7 +645,7 @@ def write_synthetic_dataset(
         cases.append(dataclasses.replace(case, pixels=np.zeros((0, 0), dtype=np.uint8)))
     labels_csv = out_dir / LABELS_FILE
     class_info_csv = out_dir / CLASS_INFO_FILE
-    write_text_atomic(labels_csv, format_labels_csv(cases))
+    write_text_atomic(labels_csv, format_labels_csv({case.patient_id: case.boxes for case in cases}))
     write_text_atomic(class_info_csv, format_class_info_csv(cases))
     return SynthSummary(
         out_dir=out_dir,

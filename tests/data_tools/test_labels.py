@@ -157,3 +157,16 @@ def test_class_info_missing_column(tmp_path: Path) -> None:
     class_csv = write_csv(tmp_path, "classes.csv", "patientId,label\nneg,Normal\n")
     with pytest.raises(LabelError, match=re.escape(f"{class_csv}: missing column(s) class; found patientId, label")):
         read_labels(labels_csv, class_csv)
+
+
+def test_format_labels_csv_reads_back_exactly(tmp_path) -> None:
+    import numpy as np
+
+    from data_tools.labels import format_labels_csv
+
+    boxes = {"pos": np.array([[264.0, 152.0, 213.0, 379.0], [562.25, 152.5, 256.0, 453.0]]), "neg": np.zeros((0, 4))}
+    text = format_labels_csv(boxes)
+    assert text.splitlines() == ["patientId,x,y,width,height,Target", "pos,264.0,152.0,213.0,379.0,1", "pos,562.25,152.5,256.0,453.0,1", "neg,,,,,0"]
+    (tmp_path / "labels.csv").write_text(text)
+    read = read_labels(tmp_path / "labels.csv")
+    assert np.array_equal(read["pos"].boxes, boxes["pos"]) and read["neg"].boxes.shape == (0, 4)
