@@ -29,6 +29,7 @@ import torch
 from data_tools.atomic import write_text_atomic
 from data_tools.boxes import scale_xywh
 from data_tools.errors import LungdetError
+from data_tools.labels import format_labels_csv
 from detection.config import apply_overrides, config_from_dict, load_config
 from detection.data import ImageRecord, load_records
 from detection.distributed import from_environment, start, stop
@@ -102,11 +103,16 @@ def train_folds(
             mark_done(out_dir, fold)
 
 
-def read_converted(record: ImageRecord) -> np.ndarray:
-    pixels = cv2.imread(str(record.path), cv2.IMREAD_GRAYSCALE)
+def read_converted(path: Path) -> np.ndarray:
+    pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if pixels is None:
-        raise LungdetError(f"{record.path}: cannot be read as an image; convert the dataset again")
+        raise LungdetError(f"{path}: cannot be read as an image; convert the dataset again")
     return pixels
+
+
+def to_original(record: ImageRecord, boxes: np.ndarray) -> np.ndarray:
+    """XYWH_ABS boxes in a converted image's pixels -> the DICOM's original pixels, each axis by its own scale."""
+    return scale_xywh(boxes, scale_x=record.original_width / record.width, scale_y=record.original_height / record.height)
 
 
 def predict_out_of_fold(
@@ -116,10 +122,10 @@ def predict_out_of_fold(
 
     The converted images are already at the dataset's size and normalised, as the training loader
     reads them, so the model gets them only resized to its input; boxes go back to the DICOM's
-    original pixels with each record's own scale.
+    original pixels with each record's own scale. An unreadable converted image stops the run
+    (:func:`read_converted` raises): the dataset itself is damaged.
     """
     records = load_records(data_dir)
-    by_path = {record.path: record for record in records}
     rows: list[RawPrediction] = []
     truth: dict[str, np.ndarray] = {}
     thresholds: dict[int, float] = {}
@@ -127,37 +133,21 @@ def predict_out_of_fold(
         model, config, checkpoint = load_trained_model(fold_dir(out_dir, fold) / BEST_CHECKPOINT, device=device)
         thresholds[fold] = float(checkpoint.get("score_threshold", 0.5))
         runner = ModelRunner(model, config.model.image_size, device, None, resolve_precision(config.amp, device))
-        fold_records = [record for record in records if record.fold == fold]
         # predict_raw names a row by its file's stem, which convert makes the patientId.
-        by_stem = {record.path.stem: record for record in fold_records}
-        fold_rows, bad = predict_raw(
-            [runner], [f"fold{fold}"], [record.path for record in fold_records], read=lambda path: read_converted(by_path[path]),
+        by_stem = {record.path.stem: record for record in (record for record in records if record.fold == fold)}
+        fold_rows, _ = predict_raw(
+            [runner], [f"fold{fold}"], [record.path for record in by_stem.values()], read=read_converted,
             tta=tta, batch_size=batch_size, progress=progress,
         )
-        if bad:
-            raise LungdetError(f"{bad[0][0]}: {bad[0][1]}")
         for row in fold_rows:
             record = by_stem[row.patient_id]
-            scale_x, scale_y = record.original_width / record.width, record.original_height / record.height
-            boxes = scale_xywh(row.prediction.boxes, scale_x=scale_x, scale_y=scale_y)
             rows.append(RawPrediction(
                 record.patient_id, row.model, row.pass_name, record.original_width, record.original_height,
-                Prediction(row.prediction.scores, boxes), row.probability, fold,
+                Prediction(row.prediction.scores, to_original(record, row.prediction.boxes)), row.probability, fold,
             ))
-        for record in fold_records:
-            truth[record.patient_id] = scale_xywh(record.boxes, scale_x=record.original_width / record.width, scale_y=record.original_height / record.height)
+        for record in by_stem.values():
+            truth[record.patient_id] = to_original(record, record.boxes)
     return rows, truth, thresholds
-
-
-def write_rsna_labels(path: Path, truth: dict[str, np.ndarray]) -> None:
-    """Truth boxes as an RSNA labels CSV (``patientId,x,y,width,height,Target``), negatives as one empty row."""
-    lines = ["patientId,x,y,width,height,Target"]
-    for patient_id, boxes in truth.items():
-        if len(boxes):
-            lines += [f"{patient_id},{x:.2f},{y:.2f},{w:.2f},{h:.2f},1" for x, y, w, h in boxes]
-        else:
-            lines.append(f"{patient_id},,,,,0")
-    write_text_atomic(Path(path), "\n".join(lines) + "\n")
 
 
 def summarize(rows: Sequence[RawPrediction], truth: dict[str, np.ndarray], thresholds: dict[int, float]) -> dict[str, Any]:
@@ -239,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
         args.data, args.out, folds, device=device, tta=args.tta, batch_size=args.batch_size, progress=not args.no_progress
     )
     write_raw_predictions(args.out / OOF_FILE, rows)
-    write_rsna_labels(args.out / OOF_LABELS_FILE, truth)
+    write_text_atomic(args.out / OOF_LABELS_FILE, format_labels_csv(truth))
     summary = summarize(rows, truth, thresholds)
     write_text_atomic(args.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
