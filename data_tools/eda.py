@@ -26,7 +26,6 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -38,7 +37,7 @@ from data_tools.cli_types import int_in_range
 from data_tools.dicom_io import DicomMeta, find_dicoms, read_dicom, read_dicom_metadata
 from data_tools.errors import DicomReadError, LungdetError
 from data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, PatientLabels, read_labels
-from data_tools.visualize import draw_overlay, fit_for_display
+from data_tools.visualize import draw_overlay, encode_image, fit_for_display
 
 INDEX_FILE = "index.html"
 DISCLAIMER = "lungdet is a research tool, not a diagnostic device"
@@ -554,10 +553,7 @@ def encode_sample_png(patient: PatientLabels, path: Path) -> tuple[bytes, int]:
     image = read_dicom(path)
     pixels, truth, _ = fit_for_display(image.pixels, as_box_array(patient.boxes), None, max_size=SAMPLE_MAX_SIZE)
     rgb = draw_overlay(pixels, truth=truth, prediction=None, title=patient.patient_id)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise LungdetError(f"{path}: OpenCV could not PNG-encode the sample image ({rgb.shape}); check the OpenCV install")
-    return png.tobytes(), len(truth)
+    return encode_image(rgb, ".png", what=f"{path}: the sample image"), len(truth)
 
 
 def _slug(text: str) -> str:

@@ -72,6 +72,17 @@ class VisualizeSummary:
     index_html: Path
 
 
+def encode_image(pixels: np.ndarray, extension: str, *, what: str, parameters: Sequence[int] = ()) -> bytes:
+    """Grey ``[H, W]`` or RGB ``[H, W, 3]`` uint8 pixels encoded by OpenCV as ``extension`` ('.png', '.jpg').
+
+    ``what`` names the picture in the error, which only a broken OpenCV install would raise.
+    """
+    ok, encoded = cv2.imencode(extension, cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR) if pixels.ndim == 3 else pixels, list(parameters))
+    if not ok:
+        raise LungdetError(f"{what}: OpenCV could not encode a {pixels.shape} image as {extension}; check the OpenCV install")
+    return encoded.tobytes()
+
+
 def _line_thickness(rows: int, columns: int) -> int:
     # 3 px at 1024, 1 px at 256: thin enough not to hide a small box, thick enough to see.
     return max(1, round(min(rows, columns) / 340))
@@ -427,11 +438,8 @@ def write_overlays(
             prediction = keep_confident(prediction, min_confidence=min_confidence)
         pixels, shown_truth, shown_prediction = fit_for_display(image.pixels, truth, prediction, max_size=max_size)
         rgb = draw_overlay(pixels, truth=shown_truth, prediction=shown_prediction, title=patient_id)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-        if not ok:
-            raise LungdetError(f"{path}: OpenCV could not PNG-encode the overlay ({rgb.shape}); check the OpenCV install")
         png_name = f"{patient_id}.png"
-        write_bytes_atomic(out_dir / png_name, png.tobytes())
+        write_bytes_atomic(out_dir / png_name, encode_image(rgb, ".png", what=f"{path}: the overlay"))
         judged = judge_image(truth, prediction)
         entries.append(
             OverlayEntry(

@@ -25,7 +25,7 @@ import numpy as np
 from data_tools.atomic import write_bytes_atomic
 from data_tools.boxes import as_box_array, xyxy_to_xywh
 from data_tools.errors import LungdetError
-from data_tools.visualize import draw_overlay
+from data_tools.visualize import draw_overlay, encode_image
 from detection.config import AugmentConfig
 
 # Dark grey column between the two panels of a sample PNG, so their edges do not run together.
@@ -240,10 +240,7 @@ def write_augmentation_samples(
         sample_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
         augmented, augmented_boxes = augment_sample(pipeline, pixels, boxes, sample_seed=sample_seed)
         rgb = render_augmentation_pair(pixels, boxes, augmented, augmented_boxes, name=name)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-        if not ok:
-            raise LungdetError(f"OpenCV could not PNG-encode the augmentation sample for {name} ({rgb.shape}); check the OpenCV install")
         path = out_dir / f"augment_{index:03d}_{_file_safe(name)}.png"
-        write_bytes_atomic(path, png.tobytes())
+        write_bytes_atomic(path, encode_image(rgb, ".png", what=f"the augmentation sample for {name}"))
         paths.append(path)
     return paths

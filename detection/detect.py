@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import cv2
-import numpy as np
 
-from data_tools.errors import ImageReadError, LungdetError
+from data_tools.errors import ImageReadError
 from data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
-from data_tools.visualize import DEFAULT_MAX_SIZE, draw_overlay, fit_for_display
+from data_tools.visualize import DEFAULT_MAX_SIZE, draw_overlay, encode_image, fit_for_display
 from detection.predict import Detector
 from submission.prediction_string import Prediction, format_prediction_string, keep_confident, parse_prediction_string
 
@@ -149,20 +148,13 @@ def detection_json(detection: Detection, *, detector_info: dict[str, Any], min_c
     }
 
 
-def _encode(pixels: np.ndarray, extension: str, parameters: list[int] | None = None) -> bytes:
-    ok, encoded = cv2.imencode(extension, pixels, parameters or [])
-    if not ok:
-        raise LungdetError(f"OpenCV could not encode a {pixels.shape} image as {extension}; check the OpenCV install")
-    return encoded.tobytes()
-
-
 def preview_jpeg(image: XrayImage, *, max_size: int = DEFAULT_MAX_SIZE) -> dict[str, Any]:
     """The X-ray as the model read it, for a page to draw boxes over: a JPEG of at most ``max_size`` on the longer side, base64.
 
     Boxes stay in original pixels: a viewer stretches the preview over ``image.width`` x ``image.height``.
     """
     pixels, _, _ = fit_for_display(image.pixels, None, None, max_size=max_size)
-    data = _encode(pixels, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY])
+    data = encode_image(pixels, ".jpg", what="the preview", parameters=[cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY])
     return {"media_type": "image/jpeg", "width": int(pixels.shape[1]), "height": int(pixels.shape[0]), "data": base64.b64encode(data).decode("ascii")}
 
 
@@ -174,4 +166,4 @@ def annotated_png(detection: Detection, *, min_confidence: float, max_size: int 
     kept = keep_confident(detection.prediction, min_confidence=min_confidence)
     pixels, _, shown = fit_for_display(detection.image.pixels, None, kept, max_size=max_size)
     rgb = draw_overlay(pixels, truth=None, prediction=shown, title=f"lungdet {detection.upload_id}", truth_in_legend=False)
-    return _encode(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), ".png")
+    return encode_image(rgb, ".png", what=f"the annotated upload {detection.upload_id}")

@@ -194,3 +194,12 @@ def test_gallery_can_sort_worst_first_and_filter_errors() -> None:
     assert "RSNA score: not scored · missed: 0 · false alarms: 0" in page
     plain = visualize.render_index_html([visualize.OverlayEntry("x", "x.png", None, 2, 0.5)], [])
     assert 'id="order"' not in plain and "<script>" not in plain  # nothing to judge without truth
+
+
+def test_encode_image_keeps_grey_and_rgb_pixels() -> None:
+    grey = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    rgb = np.zeros((6, 8, 3), dtype=np.uint8)
+    rgb[..., 0] = 200  # red in RGB: encoded as BGR, it must decode back red
+    assert np.array_equal(cv2.imdecode(np.frombuffer(visualize.encode_image(grey, ".png", what="g"), np.uint8), cv2.IMREAD_UNCHANGED), grey)
+    decoded = cv2.imdecode(np.frombuffer(visualize.encode_image(rgb, ".png", what="c"), np.uint8), cv2.IMREAD_COLOR)
+    assert (decoded[..., 2] == 200).all() and (decoded[..., :2] == 0).all()
