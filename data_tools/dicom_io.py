@@ -32,7 +32,7 @@ from pydicom.pixels import get_decoder
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
-from data_tools.errors import DicomReadError, LungdetError
+from data_tools.errors import DicomReadError, ImageReadError, LungdetError
 
 # Length field of an element whose end is marked by a delimiter instead (sequences, compressed pixel data).
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -333,6 +333,15 @@ def encoded_frame_size(stream: bytes) -> tuple[int, int] | None:
     return None
 
 
+def over_pixel_limit(error: type[ImageReadError], source: object, declaration: str, pixels: int, max_pixels: int) -> ImageReadError:
+    """The error for an image whose header declares more than ``max_pixels``: ``declaration``, then the count and the limit in megapixels."""
+    return error(
+        source,
+        f"{declaration} ({pixels / 1e6:.1f} megapixels), over the limit of {max_pixels / 1e6:g}; send a smaller export of the image",
+        kind="too_many_pixels",
+    )
+
+
 def check_declared_size(path: Path, dataset: Dataset, meta: DicomMeta, *, max_pixels: int) -> None:
     """Refuse, before any decoding, a DICOM whose image is larger than ``max_pixels`` or whose compressed frame disagrees with Rows/Columns.
 
@@ -342,12 +351,8 @@ def check_declared_size(path: Path, dataset: Dataset, meta: DicomMeta, *, max_pi
     """
     declared = meta.rows * meta.columns * max(1, meta.number_of_frames)
     if declared > max_pixels:
-        raise DicomReadError(
-            path,
-            f"declares {meta.rows} x {meta.columns} pixels{f' x {meta.number_of_frames} frames' if meta.number_of_frames > 1 else ''} "
-            f"({declared / 1e6:.1f} megapixels), over the limit of {max_pixels / 1e6:g}; send a smaller export of the image",
-            kind="too_many_pixels",
-        )
+        frames = f" x {meta.number_of_frames} frames" if meta.number_of_frames > 1 else ""
+        raise over_pixel_limit(DicomReadError, path, f"declares {meta.rows} x {meta.columns} pixels{frames}", declared, max_pixels)
     syntax = UID(meta.transfer_syntax) if meta.transfer_syntax else None
     if syntax is None or not syntax.is_compressed or syntax == RLELossless or "PixelData" not in dataset:
         return
@@ -359,12 +364,7 @@ def check_declared_size(path: Path, dataset: Dataset, meta: DicomMeta, *, max_pi
     if size is None:
         raise DicomReadError(path, f"the {syntax.name} frame has no readable header giving its size; the file is damaged, export it again", kind="undecodable")
     if size[0] * size[1] > max_pixels:
-        raise DicomReadError(
-            path,
-            f"its compressed frame declares {size[0]} x {size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels), over the limit of "
-            f"{max_pixels / 1e6:g}; send a smaller export of the image",
-            kind="too_many_pixels",
-        )
+        raise over_pixel_limit(DicomReadError, path, f"its compressed frame declares {size[0]} x {size[1]} pixels", size[0] * size[1], max_pixels)
     if size != (meta.rows, meta.columns):
         raise DicomReadError(
             path, f"its compressed frame is {size[0]} x {size[1]} pixels but Rows/Columns say {meta.rows} x {meta.columns}; the file is inconsistent", kind="bad_shape"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from data_tools.dicom_io import conversion_notes, read_dicom_bytes, window_to_uint8
+from data_tools.dicom_io import conversion_notes, over_pixel_limit, read_dicom_bytes, window_to_uint8
 from data_tools.errors import ImageReadError
 
 FORMATS = ("dicom", "png", "jpeg")
@@ -177,12 +177,7 @@ def _read_picture(data: bytes, *, name: str, image_format: str, max_pixels: int)
         raise ImageReadError(name, f"{label} header cannot be read ({type(error).__name__}: {error}); the file is damaged, export it again", kind="undecodable") from None
     width, height = picture.size
     if width * height > max_pixels:
-        raise ImageReadError(
-            name,
-            f"{label} declares {width} x {height} pixels ({width * height / 1e6:.1f} megapixels), over the limit of "
-            f"{max_pixels / 1e6:g}; send a smaller export of the image",
-            kind="too_many_pixels",
-        )
+        raise over_pixel_limit(ImageReadError, name, f"{label} declares {width} x {height} pixels", width * height, max_pixels)
     notes: list[dict[str, str]] = []
     try:
         with warnings.catch_warnings():
