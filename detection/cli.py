@@ -22,10 +22,11 @@ SUBCOMMANDS = {
     "convert": ("data_tools.to_coco", "DICOMs + RSNA labels -> COCO dataset with PNGs and patient-level folds"),
     "train": ("detection.train", "train a torchvision detector on a converted dataset"),
     "cv": ("detection.cv", "train every fold, predict each fold's patients out of fold, summarize (for lungdet tune)"),
-    "predict": ("detection.predict", "run a checkpoint on DICOMs and write a Kaggle submission.csv"),
+    "predict": ("detection.predict", "run a checkpoint (or an export) on DICOMs and write a Kaggle submission.csv"),
     "score": ("submission.score", "score a submission.csv against RSNA labels with the official metric"),
     "tune": ("submission.tune", "search the post-processing on out-of-fold raw predictions -> postprocess.yaml"),
     "visualize": ("data_tools.visualize", "draw truth and predicted boxes over the X-rays as PNGs"),
+    "export": ("detection.export", "a checkpoint as one self-describing ONNX or TorchScript file, checked against it"),
     "serve": ("server.cli", "a web page and a JSON API that find boxes on one uploaded X-ray (DICOM, PNG, JPEG)"),
 }
 

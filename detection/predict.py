@@ -11,29 +11,33 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
+import multiprocessing.context
+import os
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data_tools.boxes import scale_xywh, xyxy_to_xywh
 from data_tools.cli_types import fraction, int_in_range
 from data_tools.dicom_io import find_dicoms, read_dicom
 from data_tools.errors import ImageReadError, LungdetError
 from data_tools.image_io import read_xray
-from data_tools.to_coco import prepare_pixels
 from detection.config import AMP_MODES, TrainConfig, config_from_dict
 from detection.data import to_model_input
 from detection.engine import Precision, resolve_precision
+from detection.exported import ExportedModel, export_format, load_exported
 from detection.image_head import IMAGE_PROBABILITY, has_image_head
+from detection.inference import ImageResult, image_result, prepare_input
 from detection.model import build_model, in_memory_layout
 from detection.train import load_checkpoint, resolve_device
 from submission.postprocess import PostprocessConfig, load_postprocess, mean_probability, postprocess
@@ -58,33 +62,18 @@ def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[
 
 
 def model_input_for(pixels: np.ndarray, *, image_size: int, preprocessing: Mapping[str, Any]) -> torch.Tensor:
-    """The model's input for a decoded X-ray (uint8 ``[H, W]``), prepared exactly as training images were.
-
-    ``preprocessing`` is what ``lungdet convert`` did (``image_size``, ``normalization``, stored in
-    the checkpoint); the result is then resized to the model's square ``image_size``, as the
-    training loader does with the converted PNGs.
-    """
-    pixels = prepare_pixels(
-        pixels, image_size=preprocessing.get("image_size"), normalization=str(preprocessing.get("normalization", "none"))
-    )
-    if pixels.shape != (image_size, image_size):
-        pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
-    return to_model_input(pixels)
+    """The model's input for a decoded X-ray (uint8 ``[H, W]``): :func:`~detection.inference.prepare_input`, as a FloatTensor[3, S, S] in [0, 1]."""
+    return to_model_input(prepare_input(pixels, image_size=image_size, preprocessing=preprocessing))
 
 
 def to_original_space(output: dict[str, torch.Tensor], *, image_size: int, rows: int, columns: int, score_threshold: float) -> Prediction:
     """torchvision output (XYXY_ABS at ``image_size``) -> Prediction (XYWH_ABS in the DICOM's original pixels)."""
+    return keep_confident(image_result(*_boxes_and_scores(output), None, image_size=image_size, rows=rows, columns=columns).prediction, min_confidence=score_threshold)
+
+
+def _boxes_and_scores(output: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     # .float(): under bf16 autocast the heads may hand back half-precision scores, which numpy cannot hold.
-    boxes = scale_xywh(xyxy_to_xywh(output["boxes"].detach().float().cpu().numpy()), scale_x=columns / image_size, scale_y=rows / image_size)
-    prediction = Prediction.from_arrays(output["scores"].detach().float().cpu().numpy(), boxes)
-    return keep_confident(prediction, min_confidence=score_threshold)
-
-
-class ImageResult(NamedTuple):
-    """One image's answer: every box (XYWH_ABS, the image's own pixels) and, from a model with an image head, its probability."""
-
-    prediction: Prediction
-    probability: float | None = None
+    return output["boxes"].detach().float().cpu().numpy(), output["scores"].detach().float().cpu().numpy()
 
 
 @torch.no_grad()
@@ -102,31 +91,33 @@ def predict_pixels(
 
     Boxes are XYWH_ABS in each image's own pixels, with confidence >= ``score_threshold``; the
     probability is the image head's, None for a model without one.
-    ``preprocessing`` is the checkpoint's (see :func:`model_input_for`); ``precision`` (default
-    fp32) is the autocast the forward pass runs under. ``lungdet predict`` and ``lungdet serve``
+    ``preprocessing`` is the checkpoint's (see :func:`~detection.inference.prepare_input`); ``precision``
+    (default fp32) is the autocast the forward pass runs under. ``lungdet predict`` and ``lungdet serve``
     both come through here, so an image gets the same boxes from either.
     """
-    inputs = [model_input_for(pixels, image_size=image_size, preprocessing=preprocessing or {}) for pixels in images]
-    with (precision or Precision(device.type, None)).autocast():
-        outputs = model([tensor.to(device) for tensor in inputs])
-    return [
-        ImageResult(
-            to_original_space(output, image_size=image_size, rows=pixels.shape[0], columns=pixels.shape[1], score_threshold=score_threshold),
-            float(output[IMAGE_PROBABILITY]) if IMAGE_PROBABILITY in output else None,
-        )
-        for pixels, output in zip(images, outputs, strict=True)
-    ]
+    results = ModelRunner(model, image_size, device, preprocessing, precision).predict_batch(list(images))
+    return [ImageResult(keep_confident(result.prediction, min_confidence=score_threshold), result.probability) for result in results]
 
 
 class BatchPredictor(Protocol):
-    """What :func:`predict_raw` runs: a :class:`Detector`, or any model wrapped to answer the same way."""
+    """What :func:`predict_raw` runs: a :class:`ModelRunner`, a :class:`Detector`, an export, or anything that answers the same way.
 
-    def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]: ...
+    ``image_size`` and ``preprocessing`` say how an image is prepared (:func:`~detection.inference.prepare_input`),
+    which :func:`predict_raw` does in its loader workers; models that share both share the prepared inputs.
+    """
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def preprocessing(self) -> Mapping[str, Any] | None: ...
+
+    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]: ...
 
 
 @dataclass
 class ModelRunner:
-    """A bare model with its input size, preprocessing and precision, as a :class:`BatchPredictor`."""
+    """A bare model with its input size, preprocessing and precision: every box (down to the model's own floor) for a batch."""
 
     model: nn.Module
     image_size: int
@@ -134,11 +125,28 @@ class ModelRunner:
     preprocessing: Mapping[str, Any] | None
     precision: Precision | None
 
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """A decoded X-ray (uint8 ``[H, W]``) as this model's input: uint8 ``[image_size, image_size]``."""
+        return prepare_input(pixels, image_size=self.image_size, preprocessing=self.preprocessing or {})
+
+    @torch.no_grad()
+    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
+        """Inputs from :meth:`prepare` stacked (uint8 ``[N, S, S]``, numpy or a tensor, pinned for a fast copy) and each original ``(rows, columns)``."""
+        # Scaled and given its three channels on the device: a quarter of the bytes cross the bus.
+        inputs = torch.as_tensor(batch).to(self.device, non_blocking=True).float().div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
+        with (self.precision or Precision(self.device.type, None)).autocast():
+            outputs = self.model(list(inputs.unbind(0)))
+        return [
+            image_result(
+                *_boxes_and_scores(output), float(output[IMAGE_PROBABILITY]) if IMAGE_PROBABILITY in output else None,
+                image_size=self.image_size, rows=rows, columns=columns,
+            )
+            for (rows, columns), output in zip(shapes, outputs, strict=True)
+        ]
+
     def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
-        return predict_pixels(
-            self.model, images, image_size=self.image_size, device=self.device, score_threshold=0.0,
-            preprocessing=self.preprocessing, precision=self.precision,
-        )
+        """Every box for each decoded X-ray (uint8 ``[H, W]``, any sizes), XYWH_ABS in its own pixels, in order."""
+        return self.predict_prepared(np.stack([self.prepare(pixels) for pixels in images]), [pixels.shape[:2] for pixels in images])
 
 
 def predict_dicoms(
@@ -168,26 +176,48 @@ def predict_dicoms(
 
 
 @dataclass
-class Detector(ModelRunner):
-    """A trained checkpoint, loaded once, ready for one image at a time.
+class Detector:
+    """A trained model, loaded once, ready for one image at a time or a batch: a checkpoint, or an ONNX or TorchScript export.
 
-    ``score_threshold`` is the cut-off tuned on validation (stored in the checkpoint): the image
-    verdict and the default box filter use it. ``checkpoint_sha256`` names the exact weights in
-    every reply, so a result can be traced to the file that made it.
+    ``score_threshold`` is the cut-off tuned on validation (stored in the checkpoint and in every
+    export): the image verdict and the default box filter use it. ``checkpoint_sha256`` names the
+    exact trained weights in every reply (for an export, those of the checkpoint it was made from),
+    so a result can be traced to the file that made it.
     """
 
-    config: TrainConfig
+    runner: ModelRunner | ExportedModel
+    architecture: str
     score_threshold: float
     checkpoint_sha256: str
     image_threshold: float | None = None  # with an image head: its probability cut-off tuned on validation; None without one
+    format: str = "checkpoint"  # or 'onnx', 'torchscript'
     # One forward pass at a time: the model is shared, and parallel passes on one device only contend.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def image_size(self) -> int:
+        return self.runner.image_size
+
+    @property
+    def preprocessing(self) -> Mapping[str, Any]:
+        return self.runner.preprocessing or {}
+
+    @property
+    def device(self) -> str:
+        return str(self.runner.device)
+
+    @property
+    def precision_name(self) -> str:
+        # Exports are traced in float32 and run so.
+        precision = getattr(self.runner, "precision", None)
+        return precision.name if precision is not None else "fp32"
 
     @property
     def info(self) -> dict[str, Any]:
         """The ``model`` part of every reply."""
         return {
-            "architecture": self.config.model.architecture,
+            "architecture": self.architecture,
+            "format": self.format,
             "image_size": self.image_size,
             "checkpoint_sha256": self.checkpoint_sha256,
             "score_threshold": self.score_threshold,
@@ -201,7 +231,12 @@ class Detector(ModelRunner):
     def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
         """:meth:`predict` for several images in one forward pass (any sizes), in order."""
         with self.lock:
-            return super().predict_batch(images)
+            return self.runner.predict_batch(images)
+
+    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
+        """:meth:`predict_batch` for inputs already prepared (see :class:`BatchPredictor`)."""
+        with self.lock:
+            return self.runner.predict_prepared(batch, shapes)
 
 
 def file_sha256(path: Path) -> str:
@@ -214,20 +249,33 @@ def file_sha256(path: Path) -> str:
 
 
 def load_detector(checkpoint_path: Path, *, device: str = "auto", amp: str = "auto") -> Detector:
-    """Load a ``lungdet train`` checkpoint for single-image detection on ``device`` ('auto', 'cpu', 'cuda:N') under ``amp``.
+    """Load a ``lungdet train`` checkpoint, or a ``lungdet export`` file, on ``device`` ('auto', 'cpu', 'cuda:N') under ``amp``.
 
-    Raises ``LungdetError`` for a missing or foreign checkpoint, an unknown device or an amp the device cannot run.
+    An export is told by its content and runs as it was exported, in float32: ``amp`` 'auto' and
+    'none' mean that, a half precision is refused. Raises ``LungdetError`` for a missing or foreign
+    file, an unknown device or an amp the device cannot run.
     """
+    kind = export_format(Path(checkpoint_path))
+    if kind is not None:
+        if amp not in ("auto", "none"):
+            raise LungdetError(f"{checkpoint_path}: an {kind} export runs in float32 as it was exported; drop --amp {amp}")
+        exported = load_exported(Path(checkpoint_path), device=device)
+        metadata = exported.metadata
+        return Detector(
+            runner=exported,
+            architecture=str(metadata["architecture"]),
+            score_threshold=float(metadata["score_threshold"]),
+            checkpoint_sha256=str(metadata["source_checkpoint"]["sha256"]),
+            image_threshold=None if metadata["image_threshold"] is None else float(metadata["image_threshold"]),
+            format=kind,
+        )
     torch_device = resolve_device(device)
     precision = resolve_precision(amp, torch_device)
     model, config, checkpoint = load_trained_model(Path(checkpoint_path), device=torch_device)
+    runner = ModelRunner(model, config.model.image_size, torch_device, dict(checkpoint.get("preprocessing") or {}), precision)
     return Detector(
-        model=model,
-        image_size=config.model.image_size,
-        device=torch_device,
-        preprocessing=dict(checkpoint.get("preprocessing") or {}),
-        precision=precision,
-        config=config,
+        runner=runner,
+        architecture=config.model.architecture,
         score_threshold=float(checkpoint.get("score_threshold", 0.5)),
         checkpoint_sha256=file_sha256(Path(checkpoint_path)),
         image_threshold=float(checkpoint.get("image_threshold", 0.5)) if has_image_head(model) else None,
@@ -262,6 +310,98 @@ def model_names(paths: Sequence[Path]) -> list[str]:
     return folders if len(set(folders)) == len(folders) else [str(path) for path in paths]
 
 
+def default_workers() -> int:
+    """The cores this process may use: the loader's default worker count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+InputSpec = tuple[int, str]  # (model image size, the checkpoint's preprocessing as sorted JSON): what decides a prepared input
+
+
+def input_spec(predictor: BatchPredictor) -> InputSpec:
+    return int(predictor.image_size), json.dumps(dict(predictor.preprocessing or {}), sort_keys=True)
+
+
+class PreparedImages(Dataset):
+    """Each file of ``paths`` read and prepared for every input spec (and mirrored, for hflip TTA): what a loader worker does.
+
+    An item is a dict: ``path``, and either ``error`` (why the file cannot be read) or ``shape``
+    (original rows, columns), ``inputs`` (one uint8 ``[S, S]`` per spec) and ``mirrored`` (the same,
+    of the mirrored image; empty without TTA). Mirroring the decoded image before preparing it
+    keeps hflip TTA identical to predicting a mirrored file.
+    """
+
+    def __init__(self, paths: Sequence[Path], *, read: Callable[[Path], np.ndarray], specs: Sequence[InputSpec], mirrored: bool) -> None:
+        self.paths, self.read, self.specs, self.mirrored = list(paths), read, list(specs), mirrored
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _prepare(self, pixels: np.ndarray) -> list[np.ndarray]:
+        return [prepare_input(pixels, image_size=size, preprocessing=json.loads(preprocessing)) for size, preprocessing in self.specs]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = Path(self.paths[index])
+        try:
+            pixels = self.read(path)
+        except ImageReadError as error:
+            return {"path": path, "error": error.reason}
+        mirrored = self._prepare(np.ascontiguousarray(pixels[:, ::-1])) if self.mirrored else []
+        return {"path": path, "shape": tuple(int(side) for side in pixels.shape[:2]), "inputs": self._prepare(pixels), "mirrored": mirrored}
+
+
+@dataclass
+class PreparedBatch:
+    """A loader batch: the readable files' paths, original shapes and stacked inputs (uint8 ``[n, S, S]`` per spec), and the unreadable ones."""
+
+    paths: list[Path]
+    shapes: list[tuple[int, int]]
+    inputs: list[torch.Tensor]
+    mirrored: list[torch.Tensor]
+    unreadable: list[tuple[Path, str]]
+
+    def pin_memory(self) -> PreparedBatch:
+        # The DataLoader calls this in its pinning thread: page-locked inputs copy to a GPU asynchronously.
+        return replace(self, inputs=[tensor.pin_memory() for tensor in self.inputs], mirrored=[tensor.pin_memory() for tensor in self.mirrored])
+
+
+def collate_prepared(items: list[dict[str, Any]]) -> PreparedBatch:
+    readable = [item for item in items if "error" not in item]
+
+    def stack(key: str) -> list[torch.Tensor]:
+        if not readable:
+            return []
+        return [torch.from_numpy(np.stack([item[key][spec] for item in readable])) for spec in range(len(readable[0][key]))]
+
+    return PreparedBatch(
+        paths=[item["path"] for item in readable],
+        shapes=[item["shape"] for item in readable],
+        inputs=stack("inputs"),
+        mirrored=stack("mirrored"),
+        unreadable=[(item["path"], item["error"]) for item in items if "error" in item],
+    )
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where loader workers come from: a fork server, started once, that has imported this module and nothing else.
+
+    A plain fork would copy this process mid-flight: its OpenCV and OpenMP thread pools, locks
+    held by other threads (a server's inference thread, onnxruntime's pool). A worker that
+    touched those hung (OpenCV's ``setNumThreads`` waited forever on a pool thread that was not
+    copied). The fork server is single-threaded and clean, and forks its workers in milliseconds.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _one_thread_per_worker(worker_id: int) -> None:
+    # Each worker decodes one image at a time; OpenCV's and torch's own thread pools in every
+    # worker would only fight the forward pass for the same cores.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
 def predict_raw(
     detectors: Sequence[BatchPredictor],
     names: Sequence[str],
@@ -271,45 +411,49 @@ def predict_raw(
     tta: str = "none",
     batch_size: int = 4,
     progress: bool = True,
+    workers: int = 0,
 ) -> tuple[list[RawPrediction], list[tuple[Path, str]]]:
-    """Every model's every pass over every image: ``(raw predictions, [(unreadable file, reason)])``.
+    """Every model's every pass over every image: ``(raw predictions, [(unreadable file, reason)])``, both in ``paths`` order.
 
     ``read(path)`` gives an image's uint8 ``[H, W]`` pixels or raises ``ImageReadError``; the
-    patientId is the file stem. Each image is read once and run through every model (each
-    prepares its input as it was trained), and with ``tta='hflip'`` also mirrored, its boxes
-    mapped back. Boxes are kept down to each model's own floor, in original pixels.
+    patientId is the file stem. Each image is read once, prepared once per distinct input spec
+    (image size and preprocessing: each model sees its input as it was trained), and with
+    ``tta='hflip'`` also mirrored, its boxes mapped back. Boxes are kept down to each model's own
+    floor, in original pixels.
+
+    Reading and preparing run in ``workers`` DataLoader processes (0: in this process), so that
+    decoding overlaps the forward pass; batches are formed in file order whatever the worker
+    count, so the output does not depend on it. On CUDA the batches are pinned for a fast copy.
     """
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    specs = list(dict.fromkeys(input_spec(detector) for detector in detectors))
+    spec_of = [specs.index(input_spec(detector)) for detector in detectors]
+    on_cuda = any("cuda" in str(getattr(detector, "device", "")) for detector in detectors)
+    loader = DataLoader(
+        PreparedImages(paths, read=read, specs=specs, mirrored=tta == "hflip"),
+        batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_prepared, pin_memory=on_cuda,
+        worker_init_fn=_one_thread_per_worker if workers > 0 else None, multiprocessing_context=worker_context() if workers > 0 else None,
+    )
     rows: list[RawPrediction] = []
     bad: list[tuple[Path, str]] = []
-    batch: list[tuple[str, np.ndarray]] = []
-
-    def flush() -> None:
-        images = [pixels for _, pixels in batch]
-        mirrored = [np.ascontiguousarray(pixels[:, ::-1]) for pixels in images] if tta == "hflip" else []
-        for detector, name in zip(detectors, names, strict=True):
-            passes = [("plain", detector.predict_batch(images))]
-            if mirrored:
-                flipped = detector.predict_batch(mirrored)
-                passes.append(("hflip", [
-                    ImageResult(hflip_back(result.prediction, width=pixels.shape[1]), result.probability) for result, pixels in zip(flipped, images, strict=True)
-                ]))
-            for pass_name, results in passes:
-                for (patient_id, pixels), result in zip(batch, results, strict=True):
-                    rows.append(RawPrediction(patient_id, name, pass_name, int(pixels.shape[1]), int(pixels.shape[0]), result.prediction, result.probability))
-        batch.clear()
-
-    for path in tqdm(paths, desc="predict", unit="file", disable=None if progress else True):
-        try:
-            batch.append((Path(path).stem, read(Path(path))))
-        except ImageReadError as error:
-            bad.append((Path(path), error.reason))
-            continue
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    with tqdm(total=len(paths), desc="predict", unit="file", disable=None if progress else True) as bar:
+        for batch in loader:
+            bad.extend(batch.unreadable)
+            for detector, name, spec in zip(detectors, names, spec_of, strict=True):
+                if not batch.paths:
+                    break
+                passes = [("plain", detector.predict_prepared(batch.inputs[spec], batch.shapes))]
+                if tta == "hflip":
+                    flipped = detector.predict_prepared(batch.mirrored[spec], batch.shapes)
+                    passes.append(("hflip", [
+                        ImageResult(hflip_back(result.prediction, width=columns), result.probability)
+                        for result, (_, columns) in zip(flipped, batch.shapes, strict=True)
+                    ]))
+                for pass_name, results in passes:
+                    for path, (height, width), result in zip(batch.paths, batch.shapes, results, strict=True):
+                        rows.append(RawPrediction(path.stem, name, pass_name, width, height, result.prediction, result.probability))
+            bar.update(len(batch.paths) + len(batch.unreadable))
     return rows, bad
 
 
@@ -343,7 +487,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--checkpoint", type=Path, nargs="+", required=True,
-        help="one or more checkpoints from lungdet train (RUN/best.pt); several are fused with weighted boxes fusion",
+        help="one or more checkpoints from lungdet train (RUN/best.pt), or exports from lungdet export (model.onnx runs in onnxruntime, "
+        "a TorchScript file in torch.jit); several are fused with weighted boxes fusion",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dicom-dir", type=Path, help="folder with .dcm files (searched recursively)")
@@ -378,6 +523,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(with --json the image's verdict still uses the stored cut-off)",
     )
     parser.add_argument("--batch-size", type=int_in_range(1), default=4, help="images per forward pass (default 4)")
+    parser.add_argument(
+        "--workers", type=int_in_range(0), default=None,
+        help=f"processes that read and prepare images while the model runs (default: the cores, here {default_workers()}; 0: in this process)",
+    )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
     parser.add_argument(
         "--amp", choices=AMP_MODES, default="auto",
@@ -445,8 +594,8 @@ def main(args: argparse.Namespace) -> int:
     rows, bad = predict_raw(
         detectors, model_names(args.checkpoint), paths, read=read_dicom_pixels if args.input is None else read_any_pixels,
         tta=args.tta, batch_size=args.batch_size, progress=not args.no_progress,
+        workers=default_workers() if args.workers is None else args.workers,
     )
-    device, precision = detectors[0].device, detectors[0].precision
     if args.raw is not None:
         written = write_raw_predictions(args.raw, rows)
         print(f"wrote {args.raw}: {written} raw rows ({len(detectors)} model(s) x {1 + (args.tta == 'hflip')} pass(es) per image)")
@@ -464,7 +613,7 @@ def main(args: argparse.Namespace) -> int:
         tta = ", hflip TTA" if args.tta == "hflip" else ""
         print(
             f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes "
-            f"(confidence >= {postprocess_config.score_threshold:g}{fused}{tta}; {device}, {precision.name})"
+            f"(confidence >= {postprocess_config.score_threshold:g}{fused}{tta}; {detectors[0].device}, {detectors[0].precision_name})"
         )
     for path, reason in bad:
         print(f"  unreadable{', written with no boxes' if args.out else ''}: {path}: {reason}", file=sys.stderr)

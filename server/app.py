@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data_tools.errors import ImageReadError
 from data_tools.image_io import DEFAULT_MAX_PIXELS
+from detection import lungdet_version
 from detection.detect import NOTICE, Detection, annotated_png, detect_bytes, detection_json, preview_jpeg, upload_id
 from detection.predict import Detector
 from server.batcher import DEFAULT_MAX_BATCH, Batcher
@@ -86,13 +86,6 @@ class UploadRejected(Exception):
     def __init__(self, status: int, kind: str, message: str) -> None:
         super().__init__(message)
         self.status, self.kind, self.message = status, kind, message
-
-
-def lungdet_version() -> str:
-    try:
-        return version("lungdet")
-    except PackageNotFoundError:  # running from a checkout that was never installed
-        return "unknown"
 
 
 def check_file_name(name: str | None) -> None:
@@ -198,9 +191,9 @@ def create_app(
         """Whether the model is loaded, on which device, and this server's limits."""
         return {
             "status": "ok",
-            "model_loaded": detector.model is not None,
-            "device": str(detector.device),
-            "precision": detector.precision.name,
+            "model_loaded": True,  # the app is built around a loaded detector
+            "device": detector.device,
+            "precision": detector.precision_name,
             "version": lungdet_version(),
             "model": detector.info,
             "max_upload_bytes": max_upload_bytes,

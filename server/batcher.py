@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from detection.predict import Detector, ImageResult
+from detection.inference import ImageResult
+from detection.predict import Detector
 
 DEFAULT_MAX_BATCH = 8
 _STOP = None
@@ -39,7 +40,7 @@ class Batcher:
         self._thread.start()
 
     def __getattr__(self, name: str) -> Any:
-        # info, device, precision, score_threshold, config, model: the detector's own.
+        # info, device, precision_name, score_threshold, architecture: the detector's own.
         return getattr(self.detector, name)
 
     def predict(self, pixels: np.ndarray) -> ImageResult:

@@ -1,4 +1,4 @@
-"""``lungdet serve``: load a checkpoint once and serve the page and the JSON API with uvicorn.
+"""``lungdet serve``: load a checkpoint (or an ONNX/TorchScript export) once and serve the page and the JSON API with uvicorn.
 
 Run: ``lungdet serve --checkpoint demo_output/run/best.pt`` then open the URL it prints.
 """
@@ -33,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "         curl -F file=@xray.dcm http://127.0.0.1:8000/api/v1/detect",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint from lungdet train (RUN/best.pt)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint from lungdet train (RUN/best.pt), or an export from lungdet export (model.onnx, model.ts)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
     parser.add_argument("--port", type=int_in_range(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
     url = page_url(args.host, sock.getsockname()[1])
     print(f"lungdet serve: open {url}   (API: POST {url}api/v1/detect, docs: {url}docs)", flush=True)
     print(
-        f"  model {detector.config.model.architecture} at {detector.config.model.image_size} px on {detector.device} ({detector.precision.name}), "
+        f"  model {detector.architecture}{'' if detector.format == 'checkpoint' else f' ({detector.format} export)'} at {detector.image_size} px on {detector.device} ({detector.precision_name}), "
         f"cut-off {detector.score_threshold:g}; uploads up to {args.max_upload_mb} MiB; {'token required' if token else 'no token'}",
         flush=True,
     )

@@ -66,6 +66,7 @@ class ImageInfo(_Strict):
 
 class ModelInfo(_Strict):
     architecture: str
+    format: Literal["checkpoint", "onnx", "torchscript"] = Field(description="what was loaded: a lungdet checkpoint, or an export from lungdet export")
     image_size: int = Field(description="the model's square input side, pixels")
     checkpoint_sha256: str
     score_threshold: float = Field(ge=0, le=1, description="the box cut-off tuned on validation; without an image head the verdict uses it")

@@ -159,8 +159,21 @@ SERVING_SCORE_THRESHOLD = 0.3
 SERVING_CLASSIFIER_SCALE = 8.0
 
 
-def write_serving_checkpoint(path: Path) -> Path:
-    """Write the checkpoint described above to ``path`` (a lungdet checkpoint: model, config, preprocessing, score_threshold)."""
+def write_serving_checkpoint(
+    path: Path,
+    *,
+    architecture: str = "fasterrcnn_mobilenet_v3_large_fpn",
+    image_size: int = SERVING_IMAGE_SIZE,
+    image_head: bool = False,
+    preprocessing: dict | None = None,
+) -> Path:
+    """Write the checkpoint described above to ``path`` (a lungdet checkpoint: model, config, preprocessing, score_threshold).
+
+    Other architectures get the same treatment (RetinaNet's classifier is scaled, and its prior
+    bias raised so that boxes clear the floor); ``image_head`` adds an untrained image-level head
+    (probabilities vary by image) and an ``image_threshold`` of 0.5; ``preprocessing`` is stored
+    as convert's settings and applied to the calibration images.
+    """
     import torch
 
     from data_tools.image_io import read_xray
@@ -169,21 +182,23 @@ def write_serving_checkpoint(path: Path) -> Path:
     from detection.model import build_model
     from detection.predict import model_input_for
 
+    preprocessing = preprocessing or {"image_size": None, "normalization": "none"}
     torch.manual_seed(0)
     config = load_config(
         None,
         [
-            "model.architecture=fasterrcnn_mobilenet_v3_large_fpn",
+            f"model.architecture={architecture}",
             "model.pretrained=none",
-            f"model.image_size={SERVING_IMAGE_SIZE}",
+            f"model.image_size={image_size}",
             "model.rpn_pre_nms_top_n_test=50",
             "model.rpn_post_nms_top_n_test=20",
+            f"model.image_head={str(image_head).lower()}",
         ],
     )
     model = build_model(config.model)
     synth = write_synthetic_dataset(path.parent / f"{path.stem}_synth", count=8, seed=1, positive_fraction=0.5, size=(256, 256))
     inputs = [
-        model_input_for(read_xray(dicom.read_bytes(), name=dicom.name).pixels, image_size=SERVING_IMAGE_SIZE, preprocessing={})
+        model_input_for(read_xray(dicom.read_bytes(), name=dicom.name).pixels, image_size=image_size, preprocessing=preprocessing)
         for dicom in sorted(synth.images_dir.glob("*.dcm"))
     ]
     for module in model.modules():
@@ -195,16 +210,29 @@ def write_serving_checkpoint(path: Path) -> Path:
         images, _ = model.transform(inputs)
         model.backbone(images.tensors)
         model.eval()
-        model.roi_heads.box_predictor.cls_score.weight.mul_(SERVING_CLASSIFIER_SCALE)
+        if hasattr(model, "roi_heads"):
+            model.roi_heads.box_predictor.cls_score.weight.mul_(SERVING_CLASSIFIER_SCALE)
+        else:
+            classifier = model.head.classification_head.cls_logits
+            classifier.weight.mul_(SERVING_CLASSIFIER_SCALE)
+            classifier.bias.fill_(-1.0)
     checkpoint = {
         "model": model.state_dict(),
         "config": config_to_dict(config),
         "frozen_batch_norm": False,
-        "preprocessing": {"image_size": None, "normalization": "none"},
+        "preprocessing": preprocessing,
         "score_threshold": SERVING_SCORE_THRESHOLD,
     }
+    if image_head:
+        checkpoint["image_threshold"] = 0.5
     torch.save(checkpoint, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def serving_checkpoint_writer() -> Callable[..., Path]:
+    """``write_serving_checkpoint(path, architecture=..., image_size=..., image_head=..., preprocessing=...)``, for tests that need variants."""
+    return write_serving_checkpoint
 
 
 @pytest.fixture(scope="session")

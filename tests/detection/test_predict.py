@@ -330,3 +330,27 @@ def test_tta_writes_both_passes_and_fuses_them(serving_checkpoint: Path, mirrore
     np.testing.assert_allclose(written.scores, expected.scores, atol=1e-4)
     plain_only = keep_confident(raw[0].prediction, min_confidence=0.2)
     assert len(written.scores) != len(plain_only.scores) or not np.allclose(written.scores, plain_only.scores, atol=1e-4)  # fusion did something
+
+
+def test_output_is_identical_for_any_number_of_workers(serving_checkpoint: Path, rsna_sample_dir: Path, dicom_dir: Path, tmp_path: Path) -> None:
+    # Real 1024 px DICOMs, synthetic 128 x 256 ones and a corrupt file, through two models with
+    # different input specs (the checkpoint and a copy whose convert step resized to 96 px) and hflip TTA.
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in [*sorted(rsna_sample_dir.glob("*.dcm"))[:4], *sorted(dicom_dir.glob("*.dcm"))]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    resized = tmp_path / "resized" / "best.pt"
+    resized.parent.mkdir()
+    checkpoint = torch.load(serving_checkpoint, weights_only=True)
+    torch.save({**checkpoint, "preprocessing": {"image_size": 96, "normalization": "equalize"}}, resized)
+    outputs = {}
+    for workers in (0, 1, 2):
+        out, raw = tmp_path / f"w{workers}.csv", tmp_path / f"w{workers}_raw.csv"
+        argv = ["--checkpoint", str(serving_checkpoint), str(resized), "--dicom-dir", str(folder), "--tta", "hflip", "--batch-size", "3"]
+        assert run_cli(*argv, "--amp", "none", "--workers", str(workers), "--out", str(out), "--raw", str(raw)) == 0
+        outputs[workers] = (out.read_bytes(), raw.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+    lines = outputs[0][0].decode().splitlines()
+    assert len(lines) == 1 + 8 and "corrupt-0000," in lines
+    raw_lines = outputs[0][1].decode().splitlines()
+    assert len(raw_lines) == 1 + 7 * 2 * 2  # readable images x models x passes

@@ -1,0 +1,53 @@
+"""What every way of running a detector shares: the input it is given and the answer it gives back.
+
+A lungdet checkpoint run by torch, an ONNX export run by onnxruntime and a TorchScript export
+all take the same input: a decoded X-ray (uint8 ``[H, W]``) prepared by :func:`prepare_input`
+into uint8 ``[image_size, image_size]``. They all hand back boxes as torchvision does (XYXY_ABS
+at ``image_size``), which :func:`image_result` maps to an :class:`ImageResult` in the image's own
+pixels. Keeping this module free of torch and of the training code is what lets an ONNX export
+run with numpy, OpenCV and onnxruntime alone (tests/detection/test_exported.py checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import cv2
+import numpy as np
+
+from data_tools.boxes import scale_xywh, xyxy_to_xywh
+from data_tools.to_coco import prepare_pixels
+from submission.prediction_string import Prediction
+
+
+class ImageResult(NamedTuple):
+    """One image's answer: every box (XYWH_ABS, the image's own pixels) and, from a model with an image head, its probability."""
+
+    prediction: Prediction
+    probability: float | None = None
+
+
+def prepare_input(pixels: np.ndarray, *, image_size: int, preprocessing: Mapping[str, Any]) -> np.ndarray:
+    """A decoded X-ray (uint8 ``[H, W]``) as the model saw its training images: uint8 ``[image_size, image_size]``.
+
+    ``preprocessing`` is what ``lungdet convert`` did (``image_size``, ``normalization``, stored in
+    the checkpoint and in every export); the result is then resized to the model's square
+    ``image_size``, as the training loader does with the converted PNGs. Scaling to [0, 1] and
+    repeating the grey channel happen later, on the device (or inside an exported graph).
+    """
+    pixels = prepare_pixels(
+        pixels, image_size=preprocessing.get("image_size"), normalization=str(preprocessing.get("normalization", "none"))
+    )
+    if pixels.shape != (image_size, image_size):
+        # INTER_AREA, as convert: it averages source pixels when shrinking, which keeps faint opacities.
+        pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(pixels)
+
+
+def image_result(
+    boxes_xyxy: np.ndarray, scores: np.ndarray, probability: float | None, *, image_size: int, rows: int, columns: int
+) -> ImageResult:
+    """A detector's output for one image (XYXY_ABS at ``image_size``) -> :class:`ImageResult` (XYWH_ABS in the ``rows x columns`` original)."""
+    boxes = scale_xywh(xyxy_to_xywh(np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)), scale_x=columns / image_size, scale_y=rows / image_size)
+    return ImageResult(Prediction.from_arrays(np.asarray(scores, dtype=np.float64).reshape(-1), boxes), probability)
