@@ -37,8 +37,9 @@ import contextlib
 import datetime as dt
 import io
 import json
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ from detection.exported import (
     without_torchscript_deprecation,
 )
 from detection.image_head import IMAGE_PROBABILITY, has_image_head
-from detection.inference import ImageResult
+from detection.inference import ImageResult, prepare_input
 from detection.model import build_model
 from detection.predict import ModelRunner, file_sha256, read_file_bytes
 from detection.train import load_checkpoint, resolve_device
@@ -114,8 +115,6 @@ def exportable_detector(checkpoint: dict[str, Any]) -> nn.Module:
 
 def example_batch(image_size: int, batch_size: int, preprocessing: dict[str, Any], *, seed: int = 0) -> np.ndarray:
     """Synthetic chest X-rays with opacities, prepared as the model's input: what the trace runs."""
-    from detection.inference import prepare_input
-
     rng = np.random.default_rng(seed)
     return np.stack([
         prepare_input(generate_case(rng, size=SELF_CHECK_SIZE, positive=True).pixels, image_size=image_size, preprocessing=preprocessing)
@@ -274,13 +273,16 @@ def check_images(paths: Sequence[Path], *, seed: int = 1) -> list[np.ndarray]:
 
 
 def export_checkpoint(
-    checkpoint_path: Path, out: Path, *, fmt: str, batch_size: int = 1, device: str = "cpu", check: Sequence[Path] = ()
+    checkpoint_path: Path, out: Path, *, fmt: str, batch_size: int = 1, device: str = "cpu", check: Sequence[Path] = (),
+    say: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], Parity]:
     """Export ``checkpoint_path`` to ``out`` as ``fmt`` ('onnx' or 'torchscript'), then check it against the checkpoint.
 
     Returns the metadata written and the parity measured on ``check`` (or synthetic X-rays). An
     export that disagrees beyond the tolerances is removed and a LungdetError says by how much.
+    ``say`` hears one line as each stage starts (tracing a ResNet-50 at 1024 px takes a while).
     """
+    say = say or (lambda line: None)
     if fmt not in FORMATS:
         raise LungdetError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     checkpoint_path, out = Path(checkpoint_path), Path(out)
@@ -302,6 +304,7 @@ def export_checkpoint(
     )
     graph = ExportGraph(model, outputs_per_image).to(torch_device).eval()
     example = torch.from_numpy(example_batch(metadata["image_size"], batch_size, metadata["preprocessing"])).to(torch_device)
+    say(f"tracing {metadata['architecture']} at {metadata['image_size']} px, batch {batch_size}, on {torch_device.type} ...")
     try:
         with torch.no_grad():
             (write_onnx if fmt == "onnx" else write_torchscript)(graph, example, metadata, out)
@@ -313,6 +316,7 @@ def export_checkpoint(
             f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
             f"lungdet's tests export every architecture it trains ({', '.join(MODEL_ARCHITECTURES)}), so this is a bug worth reporting"
         ) from None
+    say(f"checking {out.name} against {checkpoint_path.name} on {len(images)} {'given' if check else 'synthetic'} images ...")
     parity = check_export(checkpoint, out, device=str(torch_device), images=images, cut_off=metadata["score_threshold"])
     if not parity.ok:
         out.unlink(missing_ok=True)
@@ -366,7 +370,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    metadata, parity = export_checkpoint(args.checkpoint, args.out, fmt=args.format, batch_size=args.batch_size, device=args.device, check=args.check)
+    metadata, parity = export_checkpoint(
+        args.checkpoint, args.out, fmt=args.format, batch_size=args.batch_size, device=args.device, check=args.check,
+        say=lambda line: print(f"lungdet export: {line}", file=sys.stderr, flush=True),
+    )
     size_mb = args.out.stat().st_size / 2**20
     print(
         f"wrote {args.out}: {metadata['architecture']} as {args.format}, {size_mb:.1f} MiB, input uint8 "

@@ -184,7 +184,10 @@ def test_cli_reports_the_export_and_predict_writes_the_same_submission(
 ) -> None:
     out = tmp_path / "cli.onnx"
     assert main(get_args_parser().parse_args(["--checkpoint", str(head_checkpoint), "--format", "onnx", "--out", str(out)])) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "lungdet export: tracing fasterrcnn_mobilenet_v3_large_fpn at 128 px, batch 1, on cpu ..." in captured.err
+    assert "lungdet export: checking cli.onnx against best.pt on 4 synthetic images ..." in captured.err
     assert f"wrote {out}: fasterrcnn_mobilenet_v3_large_fpn as onnx" in printed
     assert "input uint8 [1, 128, 128], cut-off 0.3, image head (cut-off 0.5)" in printed
     assert "checked against" in printed and "0 images with another box count" in printed
