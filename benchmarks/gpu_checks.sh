@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR                 # on a CUDA machine: everything, ~19 minutes
 #   PARTS="breakdown ablation" bash benchmarks/gpu_checks.sh OUT_DIR   # some parts: tests (~1 min),
-#                                     # smoke (~4 min), bench (~6 min), ablation (~4 min), breakdown (~6 min)
+#                                     # smoke (~4 min), bench (~6 min), ablation (~4 min), breakdown (~6 min),
+#                                     # predict (~2 min: benchmarks/predict_speed.py, ResNet-50 and MobileNet at 512 px)
 #   DEVICE=cpu SCALE=small bash benchmarks/gpu_checks.sh /tmp/dry   # a dry run of the script on CPU
 #
 # The ablation trains our side of the ResNet-50 benchmark with one part of our recipe changed at a
@@ -18,7 +19,7 @@ set -u
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}
 device=${DEVICE:-cuda}
 scale=${SCALE:-full}
-parts=" ${PARTS:-tests smoke bench ablation breakdown} "
+parts=" ${PARTS:-tests smoke bench ablation breakdown predict} "
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -46,7 +47,7 @@ chmod +x "$work/bin/lungdet"
 export PATH="$work/bin:$PATH"
 cd "$repo"
 
-if [ "$scale" = small ]; then count=24; bench_count=40; bench_epochs=2; bench_size=128; workers=2; else count=96; bench_count=480; bench_epochs=4; bench_size=512; workers=8; fi
+if [ "$scale" = small ]; then count=24; bench_count=40; bench_epochs=2; bench_size=128; workers=2; predict_count=24; else count=96; bench_count=480; bench_epochs=4; bench_size=512; workers=8; predict_count=512; fi
 tiny=(--no-progress "device=$device" model.image_size=256 data.max_val_images=16 "data.num_workers=$workers" optim.warmup_iters=5)
 
 step environment 60 "$py" -c "
@@ -114,6 +115,15 @@ if [[ $parts == *" breakdown "* ]]; then
     # RoI pooling alone, torchvision's kernels against the sparse product the CPU uses: whether it
     # should run on the GPU too (detection/sparse_roi_align.py, SPARSE_DEVICE_TYPES).
     step roi_align_speed 120 "$py" -W ignore benchmarks/roi_align_speed.py --device "$device" --image-size "$bench_size"
+fi
+
+if [[ $parts == *" predict "* ]]; then
+    # Inference from DICOM files (issue 15, part 3): decode, forward and end to end with the loader
+    # workers side by side, in bf16, and onnxruntime's CUDA provider when onnxruntime-gpu is installed.
+    for config in fasterrcnn_resnet50_fpn fasterrcnn_mobilenet_cpu; do
+        step "predict_speed_$config" 300 "$py" -W ignore benchmarks/predict_speed.py --config "$config" --override "model.image_size=$bench_size" \
+            --count "$predict_count" --batch-size 16 --workers "$workers" --device "$device" --json "$out/predict_speed_$config.json"
+    done
 fi
 
 rm -rf "$work"
