@@ -390,6 +390,8 @@ def worker_context() -> multiprocessing.context.BaseContext:
     touched those hung (OpenCV's ``setNumThreads`` waited forever on a pool thread that was not
     copied). The fork server is single-threaded and clean, and forks its workers in milliseconds.
     """
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows has spawn only: slower to start, as safe
+        return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     return context
