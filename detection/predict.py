@@ -510,6 +510,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         "one checkpoint, no --tta",
     )
     parser.add_argument(
+        "--dicom-out", type=Path, metavar="DIR",
+        help="also write, for every input DICOM, DIR/{stem}_sr.dcm: a DICOM Structured Report (TID 1500) of its boxes in the image's own "
+        "study, for a PACS (needs pip install 'lungdet[dicom]'); see pacs/dicom_results.py for what goes in",
+    )
+    parser.add_argument(
+        "--dicom-out-overlay", action="store_true",
+        help="with --dicom-out: also DIR/{stem}_overlay.dcm, a Secondary Capture of the X-ray with the boxes and the research-use notice burnt in",
+    )
+    parser.add_argument(
         "--probabilities", type=Path,
         help="also write patientId,probability: the image-level probability of checkpoints trained with model.image_head: true (the mean over models and passes)",
     )
@@ -542,8 +551,17 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Refuse option combinations that cannot work, before any model is loaded."""
     if args.json and (args.out or args.raw):
         raise LungdetError("--json prints to the screen; drop --out/--raw, or drop --json to write files")
-    if not (args.json or args.out or args.raw or args.probabilities):
-        raise LungdetError("nothing to write: give --out submission.csv, --raw raw.csv, --probabilities probs.csv, or --json")
+    if not (args.json or args.out or args.raw or args.probabilities or args.dicom_out):
+        raise LungdetError("nothing to write: give --out submission.csv, --raw raw.csv, --probabilities probs.csv, --dicom-out DIR, or --json")
+    if args.dicom_out_overlay and args.dicom_out is None:
+        raise LungdetError("--dicom-out-overlay adds overlays to --dicom-out DIR; give --dicom-out too")
+    if args.json and args.dicom_out:
+        raise LungdetError("--json prints to the screen; drop --dicom-out, or drop --json to write files")
+    if args.dicom_out is not None:
+        try:
+            import pacs.dicom_results  # noqa: F401  fails now, not after the models have run
+        except ImportError as error:
+            raise LungdetError(f"--dicom-out: {error}") from None
     if args.json and args.probabilities:
         raise LungdetError("--json already gives each image's verdict; drop --probabilities, or drop --json to write files")
     if args.json and (len(args.checkpoint) > 1 or args.tta != "none"):
@@ -568,6 +586,28 @@ def predict_json(args: argparse.Namespace, paths: Sequence[Path]) -> int:
     for path, reason in failed:
         print(f"  unreadable: {path}: {reason}", file=sys.stderr)
     return 2 if failed else 0
+
+
+def write_dicom_out(
+    args: argparse.Namespace, paths: Sequence[Path], bad: Sequence[tuple[Path, str]], predictions: Mapping[str, Prediction],
+    groups: Mapping[str, Sequence[RawPrediction]], detectors: Sequence[Detector], cut_off: float,
+) -> None:
+    """``--dicom-out``: a report (and overlay) per readable input DICOM, with the boxes the submission has."""
+    from detection import lungdet_version
+    from pacs.dicom_results import model_identity, write_results_for_files
+
+    unreadable = {Path(path) for path, _ in bad}
+    model = model_identity(lungdet_version(), [d.architecture for d in detectors], [d.checkpoint_sha256 for d in detectors], cut_off)
+    results = [
+        (Path(path), predictions.get(Path(path).stem, Prediction.empty()), mean_probability(groups.get(Path(path).stem, [])))
+        for path in paths if Path(path) not in unreadable
+    ]
+    written, skipped = write_results_for_files(args.dicom_out, results, model, overlay=args.dicom_out_overlay, progress=not args.no_progress)
+    reports = sum(path.name.endswith("_sr.dcm") for path in written)
+    overlays = len(written) - reports
+    print(f"wrote {reports} DICOM report(s){f' and {overlays} overlay(s)' if args.dicom_out_overlay else ''} to {args.dicom_out} (research use only)")
+    for path, reason in skipped:
+        print(f"  no DICOM report for {path}: {reason}", file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -605,8 +645,11 @@ def main(args: argparse.Namespace) -> int:
         groups = group_by_patient(rows)
         write_probabilities(args.probabilities, {patient: mean_probability(groups[patient]) for patient in sorted(groups)})
         print(f"wrote {args.probabilities}: {len(groups)} image probabilities")
-    if args.out is not None:
+    if args.out is not None or args.dicom_out is not None:
         predictions = postprocess(rows, postprocess_config)
+    if args.dicom_out is not None:
+        write_dicom_out(args, paths, bad, predictions, group_by_patient(rows), detectors, postprocess_config.score_threshold)
+    if args.out is not None:
         for path, _ in bad:  # Kaggle wants a row per image
             predictions[Path(path).stem] = Prediction.empty()
         write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})

@@ -1,0 +1,296 @@
+"""lungdet's boxes for one X-ray as DICOM: a Structured Report, and an overlay image, in the X-ray's own study.
+
+**The report** is a TID 1500 Measurement Report (Comprehensive 3D SR, built with highdicom):
+
+- the patient and study modules copied from the source image, so the report files beside it
+  (the one place where lungdet carries patient data on, and only inside DICOM);
+- a new series, "lungdet boxes - Research use only, not for diagnosis", number 9901;
+- per box, one planar region measurement group: the box as a closed 5-point POLYLINE in the
+  source's pixel coordinates (column, row; (0, 0) is the top-left corner of the top-left pixel),
+  referencing the source's SOP Instance UID; finding type Opacity (DCM 112001) at finding site
+  Lung (SCT 39607008); and the box's confidence as a measurement ("Detection confidence", code
+  CONF of lungdet's private scheme 99LUNGDET: a detector score, not a calibrated probability);
+- one image-level group: Opacity present or absent (SCT 52101004 / 272519000), so an image with
+  no boxes gets a report that says so, and, from a model with an image head, its probability
+  (DCM 122157 Probability);
+- the algorithm (TID 4019): name lungdet, its version, and as parameters every checkpoint's
+  sha256, the architecture(s) and the box cut-off; the device observer is lungdet too.
+
+**The overlay** (with ``--dicom-out-overlay``) is a Secondary Capture image in the same study,
+series 9902: the X-ray as lungdet reads it with the boxes and the not-a-diagnostic-device notice
+burnt in (the drawing of ``lungdet visualize``), with the source's rows, columns, pixel spacing
+and patient orientation.
+
+UIDs are derived from the source instance and the model (checkpoint sha256s and cut-off), not
+drawn at random: the same image through the same model gets the same report UID, so a result
+stored twice is one instance in the archive, and an archive can be asked whether it has it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.errors
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from data_tools.atomic import write_bytes_atomic
+from data_tools.visualize import draw_overlay
+from submission.prediction_string import Prediction
+
+try:
+    import highdicom as hd
+except ImportError as error:  # the dicom extra; cli callers turn this into a one-line message
+    raise ImportError(f"lungdet's DICOM results need highdicom ({error}); pip install 'lungdet[dicom]'") from error
+
+MANUFACTURER = "lungdet"
+UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/lungdet/lungdet/dicom-results")
+RESEARCH_NOTICE = "Research use only, not for diagnosis"
+REPORT_SERIES_NUMBER = 9901
+REPORT_SERIES_DESCRIPTION = f"lungdet boxes - {RESEARCH_NOTICE}"
+OVERLAY_SERIES_NUMBER = 9902
+OVERLAY_SERIES_DESCRIPTION = f"lungdet overlay - {RESEARCH_NOTICE}"
+# lungdet's own coding scheme (DICOM reserves designators starting with 99 for private schemes).
+PRIVATE_SCHEME = "99LUNGDET"
+BOX_CONFIDENCE = hd.sr.CodedConcept("CONF", PRIVATE_SCHEME, "Detection confidence")
+OPACITY = codes.DCM.Opacity
+LUNG = codes.SCT.Lung
+IMAGE_PROBABILITY = codes.DCM.Probability
+PROCEDURE = codes.SCT.ChestImaging
+NO_UNITS = codes.UCUM.NoUnits
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model made a result: what goes into the algorithm identification, and into every derived UID."""
+
+    version: str
+    architectures: tuple[str, ...]
+    checkpoint_sha256s: tuple[str, ...]
+    cut_off: float
+
+    @property
+    def key(self) -> str:
+        return "|".join([*self.checkpoint_sha256s, f"{self.cut_off:.6g}"])
+
+
+def derived_uid(*parts: object) -> str:
+    """A UID that is a function of ``parts`` only: the same inputs give the same UID on any machine.
+
+    A name-based UUID (version 5) in the 2.25 form that DICOM defines for UUIDs (PS3.5 B.2).
+    (pydicom's ``generate_uid`` ignores its entropy sources in that form and draws a random one.)
+    """
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, '|'.join(str(part) for part in parts)).int}"
+
+
+def report_uid(source: Dataset, model: ModelIdentity) -> str:
+    """The SOP Instance UID of the report on ``source`` by ``model``."""
+    return derived_uid("lungdet report", source.SOPInstanceUID, model.key)
+
+
+def overlay_uid(source: Dataset, model: ModelIdentity) -> str:
+    return derived_uid("lungdet overlay", source.SOPInstanceUID, model.key)
+
+
+def _series_uid(source: Dataset, model: ModelIdentity, kind: str) -> str:
+    # One series per study, model and kind: every report lungdet writes into a study files together.
+    return derived_uid(f"lungdet {kind} series", source.StudyInstanceUID, model.key)
+
+
+def algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    parameters = [f"checkpoint sha256 {sha}" for sha in model.checkpoint_sha256s]
+    parameters += [f"architecture {name}" for name in model.architectures] + [f"box cut-off {model.cut_off:g}"]
+    return hd.sr.AlgorithmIdentification(name="lungdet", version=model.version, parameters=parameters, manufacturer=MANUFACTURER)
+
+
+def box_polyline(box: np.ndarray) -> np.ndarray:
+    """XYWH_ABS -> the closed polyline of its corners, ``[5, 2]`` (column, row), clockwise from the top left."""
+    x, y, width, height = (float(value) for value in box)
+    return np.array([[x, y], [x + width, y], [x + width, y + height], [x, y + height], [x, y]], dtype=np.float32)
+
+
+def polyline_box(points: np.ndarray) -> np.ndarray:
+    """The XYWH_ABS box a polyline spans (the inverse of :func:`box_polyline`)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    x1, y1 = points.min(axis=0)
+    x2, y2 = points.max(axis=0)
+    return np.array([x1, y1, x2 - x1, y2 - y1])
+
+
+@contextlib.contextmanager
+def quiet_highdicom() -> Iterator[None]:
+    # highdicom warns that a PatientName without '^' may not be a person's name: RSNA's names are
+    # patient IDs. The value is copied as it is; the warning says nothing a user can act on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*unlikely to represent the intended person name.*")
+        yield
+
+
+def structured_report(source: Dataset, prediction: Prediction, probability: float | None, model: ModelIdentity) -> hd.sr.Comprehensive3DSR:
+    """The Measurement Report for ``source`` (its metadata; pixels not needed): one region per box of ``prediction`` (already cut off).
+
+    ``prediction`` is XYWH_ABS in the source's pixels; ``probability`` is the image head's, or None.
+    """
+    uid = report_uid(source, model)
+    algorithm = algorithm_identification(model)
+    region_source = hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID)
+    groups: list = []
+    for index, (score, box) in enumerate(zip(prediction.scores, prediction.boxes, strict=True), start=1):
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(uid, "box", index), identifier=f"lung opacity {index}"),
+            referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box), source_image=region_source),
+            finding_type=OPACITY,
+            finding_sites=[hd.sr.FindingSite(LUNG)],
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(name=BOX_CONFIDENCE, value=float(score), unit=NO_UNITS, algorithm_id=algorithm)],
+        ))
+    present = codes.SCT.Present if len(prediction.scores) else codes.SCT.Absent
+    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(uid, "image"), identifier="image"),
+        finding_type=OPACITY,
+        algorithm_id=algorithm,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=OPACITY, value=present)],
+        measurements=(
+            [hd.sr.Measurement(name=IMAGE_PROBABILITY, value=float(probability), unit=NO_UNITS, algorithm_id=algorithm)] if probability is not None else None
+        ),
+    ))
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derived_uid("lungdet device", model.key), name="lungdet", manufacturer_name=MANUFACTURER,
+        model_name=",".join(model.architectures)[:64], serial_number=model.checkpoint_sha256s[0][:16],
+    )
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE, imaging_measurements=groups)
+    with quiet_highdicom():
+        return hd.sr.Comprehensive3DSR(
+            evidence=[source], content=report, series_instance_uid=_series_uid(source, model, "report"), series_number=REPORT_SERIES_NUMBER,
+            sop_instance_uid=uid, instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER, is_complete=True,
+            series_description=REPORT_SERIES_DESCRIPTION,
+        )
+
+
+def overlay_image(source: Dataset, pixels: np.ndarray, prediction: Prediction, model: ModelIdentity) -> hd.sc.SCImage:
+    """A Secondary Capture of ``pixels`` (the source as lungdet reads it, uint8 ``[rows, columns]``) with the boxes and notice burnt in."""
+    if pixels.shape[:2] != (int(source.Rows), int(source.Columns)):
+        raise ValueError(f"pixels {pixels.shape[:2]} do not match the source's {source.Rows} x {source.Columns}")
+    rgb = draw_overlay(pixels, truth=None, prediction=prediction, title=f"lungdet {model.version}: {RESEARCH_NOTICE}", truth_in_legend=False)
+    orientation = tuple(source.get("PatientOrientation") or ())
+    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+    with quiet_highdicom():
+        image = hd.sc.SCImage.from_ref_dataset(
+            source, rgb, "RGB", 8, "PATIENT", _series_uid(source, model, "overlay"), OVERLAY_SERIES_NUMBER, overlay_uid(source, model),
+            int(source.get("InstanceNumber") or 1), MANUFACTURER,
+            pixel_spacing=tuple(float(value) for value in spacing) if spacing else None,
+            # highdicom needs an orientation to build the image; the source's own value (often empty) is put back below.
+            patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
+            series_description=OVERLAY_SERIES_DESCRIPTION,
+        )
+    image.PatientOrientation = source.get("PatientOrientation", "")
+    return image
+
+
+@dataclass(frozen=True)
+class ReportContents:
+    """What a lungdet report says, read back: the image it is about, its boxes and confidences, the verdict and probability."""
+
+    source_sop_instance_uid: str
+    prediction: Prediction
+    opacity_present: bool
+    probability: float | None
+
+
+def read_report(dataset: Dataset) -> ReportContents:
+    """Read a lungdet Measurement Report back with highdicom (the check that what was written says what was meant)."""
+    with quiet_highdicom():
+        report = hd.sr.Comprehensive3DSR.from_dataset(dataset)
+    scores, boxes, sources = [], [], set()
+    for group in report.content.get_planar_roi_measurement_groups():
+        region = group.roi
+        boxes.append(polyline_box(region.value))
+        sources.add(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)  # its SELECTED FROM image
+        [measurement] = group.get_measurements(name=BOX_CONFIDENCE)
+        scores.append(float(measurement.value))
+    [image_group] = report.content.get_image_measurement_groups()
+    [evaluation] = image_group.get_qualitative_evaluations(name=OPACITY)
+    probabilities = image_group.get_measurements(name=IMAGE_PROBABILITY)
+    for source_image in image_group.source_images:
+        sources.add(source_image.referenced_sop_instance_uid)
+    if len(sources) != 1:
+        raise ValueError(f"a lungdet report references one image; this one references {sorted(sources)}")
+    return ReportContents(
+        source_sop_instance_uid=sources.pop(),
+        prediction=Prediction.from_arrays(scores, np.array(boxes).reshape(-1, 4)),
+        opacity_present=evaluation.value == codes.SCT.Present,
+        probability=float(probabilities[0].value) if probabilities else None,
+    )
+
+
+def dicom_bytes(dataset: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write_results(
+    out_dir: Path, name: str, source: Dataset, prediction: Prediction, probability: float | None, model: ModelIdentity,
+    *, pixels: np.ndarray | None = None,
+) -> list[Path]:
+    """Write ``OUT/{name}_sr.dcm`` (and ``OUT/{name}_overlay.dcm`` when ``pixels`` are given), each whole or not at all."""
+    written: list[tuple[Path, Dataset]] = [(Path(out_dir) / f"{name}_sr.dcm", structured_report(source, prediction, probability, model))]
+    if pixels is not None:
+        written.append((Path(out_dir) / f"{name}_overlay.dcm", overlay_image(source, pixels, prediction, model)))
+    for path, dataset in written:
+        write_bytes_atomic(path, dicom_bytes(dataset))
+    return [path for path, _ in written]
+
+
+def model_identity(version: str, architectures: Sequence[str], checkpoint_sha256s: Sequence[str], cut_off: float) -> ModelIdentity:
+    return ModelIdentity(version, tuple(dict.fromkeys(architectures)), tuple(checkpoint_sha256s), float(cut_off))
+
+
+def write_results_for_files(
+    out_dir: Path,
+    results: Sequence[tuple[Path, Prediction, float | None]],
+    model: ModelIdentity,
+    *,
+    overlay: bool = False,
+    progress: bool = True,
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Reports (and overlays) for predicted files: ``(files written, [(input skipped, why)])``.
+
+    Each input is ``(path, prediction already cut off, image probability or None)``. A file that
+    is not a DICOM image (a PNG, a JPEG) has no study to file a report in and is skipped with
+    its reason, as is one whose tags cannot be read.
+    """
+    from tqdm import tqdm
+
+    from data_tools.dicom_io import read_dicom
+    from data_tools.errors import DicomReadError
+
+    written: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    for path, prediction, probability in tqdm(results, desc="dicom out", unit="file", disable=None if progress else True):
+        try:
+            source = pydicom.dcmread(path, stop_before_pixels=True)
+            missing = [keyword for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if keyword not in source]
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError) as error:
+            skipped.append((Path(path), f"not a DICOM image, so there is no study to file a report in ({str(error).splitlines()[0][:80]})"))
+            continue
+        if missing:
+            skipped.append((Path(path), f"lacks {', '.join(missing)}, which a report must reference"))
+            continue
+        try:
+            pixels = read_dicom(Path(path)).pixels if overlay else None
+        except DicomReadError as error:
+            skipped.append((Path(path), error.reason))
+            continue
+        written += write_results(out_dir, Path(path).stem, source, prediction, probability, model, pixels=pixels)
+    return written, skipped
