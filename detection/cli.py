@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "tune": ("submission.tune", "search the post-processing on out-of-fold raw predictions -> postprocess.yaml"),
     "visualize": ("data_tools.visualize", "draw truth and predicted boxes over the X-rays as PNGs"),
     "export": ("detection.export", "a checkpoint as one self-describing ONNX or TorchScript file, checked against it"),
+    "pacs": ("pacs.cli", "a DICOM node: new X-rays from a DICOMweb server (PACS) in, Structured Reports back into their studies"),
     "serve": ("server.cli", "a web page and a JSON API that find boxes on one uploaded X-ray (DICOM, PNG, JPEG)"),
 }
 
