@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s lungdet pacs: %(message)s"))
     node_log = logging.getLogger("lungdet.pacs")
-    node_log.addHandler(handler)
+    node_log.handlers = [handler]  # one handler, to this process's stderr, however often main runs
     node_log.setLevel(logging.INFO)
     node_log.propagate = False
     client = make_client(args)

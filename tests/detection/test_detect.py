@@ -188,7 +188,7 @@ def test_predict_needs_one_source(capsys) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "nothing to write: give --out submission.csv, --raw raw.csv, --probabilities probs.csv, or --json"),
+        ([], "nothing to write: give --out submission.csv, --raw raw.csv, --probabilities probs.csv, --dicom-out DIR, or --json"),
         (["--json", "--out", "s.csv"], "--json prints to the screen; drop --out/--raw"),
         (["--json", "--tta", "hflip"], "--json answers as lungdet serve does, with one checkpoint and no --tta"),
         (["--json", "--checkpoint", "a.pt", "b.pt"], "--json answers as lungdet serve does, with one checkpoint and no --tta"),

@@ -83,16 +83,6 @@ def test_export_agrees_with_the_checkpoint_on_real_and_synthetic_dicoms(
     assert parity.max_probability is not None and parity.max_probability <= 1e-4
 
 
-def test_a_fixed_batch_export_pads_a_short_last_batch(head_checkpoint: Path, exports: dict[str, Path], parity_images: list[np.ndarray], tmp_path: Path) -> None:
-    batched = tmp_path / "batch3.onnx"
-    metadata, _ = export_checkpoint(head_checkpoint, batched, fmt="onnx", batch_size=3)
-    assert metadata["input"]["shape"] == [3, 128, 128] and len(metadata["output_names"]) == 12
-    images = parity_images[:4]  # a full batch of 3 and a batch of 1 padded with blanks
-    single = load_exported(exports["onnx"], device="cpu").predict_batch(images)
-    parity = compare_results(single, load_exported(batched, device="cpu").predict_batch(images), cut_off=0.0)
-    assert parity.images == 4 and parity.count_mismatches == 0 and parity.max_box_px <= 1e-3
-
-
 def test_a_blank_image_gives_the_same_answer_with_or_without_boxes(exports: dict[str, Path], head_checkpoint: Path) -> None:
     # The trace ran on images with boxes; a black and a white image take NMS's other branches.
     images = [np.zeros((300, 300), np.uint8), np.full((300, 300), 255, np.uint8)]

@@ -58,8 +58,10 @@ def test_predict_batch_runs_any_number_of_images_on_a_fixed_batch_graph(exports:
     images = [rng.integers(0, 256, (200 + 10 * index, 180), dtype=np.uint8) for index in range(5)]
     eager = load_detector(serving_checkpoint, device="cpu", amp="none").predict_batch(images)
     for fmt, path in exports.items():
-        results = load_exported(path, device="cpu").predict_batch(images)
-        assert len(results) == 5, fmt  # 2 + 2 + 1 padded
+        model = load_exported(path, device="cpu")
+        assert model.metadata["input"]["shape"] == [2, 128, 128] and len(model.metadata["output_names"]) == 6
+        results = model.predict_batch(images)
+        assert len(results) == 5, fmt  # 2 + 2 + 1 padded with a blank image
         parity = compare_results(eager, results, cut_off=0.0)  # every box, down to the floor
         assert parity.ok and parity.boxes >= 5, (fmt, parity)
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +18,6 @@ from detection import lungdet_version
 from pacs.dicom_results import read_report
 from pacs.node import NodeState, PacsNode
 from submission.prediction_string import keep_confident
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def dicom_bytes(dataset: pydicom.Dataset) -> bytes:
@@ -56,10 +51,13 @@ def bad_instances(sample: Path) -> dict[str, bytes]:
     return {"ct": dicom_bytes(ct), "frames": dicom_bytes(frames), "no_pixels": dicom_bytes(no_pixels), "truncated": dicom_bytes(truncated)}
 
 
-def run_node(orthanc, checkpoint: Path, state: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "detection.cli", "pacs", "--url", orthanc.dicomweb, "--checkpoint", str(checkpoint), "--state-dir", str(state),
-               "--device", "cpu", "--amp", "none", *extra]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+def run_node(orthanc, checkpoint: Path, state: Path, *extra: str, capsys) -> tuple[int, str]:
+    """``lungdet pacs ...`` through the command's own entry point (in this process: a subprocess would spend seconds importing torch)."""
+    from detection.cli import main
+
+    capsys.readouterr()
+    status = main(["pacs", "--url", orthanc.dicomweb, "--checkpoint", str(checkpoint), "--state-dir", str(state), "--device", "cpu", "--amp", "none", *extra])
+    return status, capsys.readouterr().err
 
 
 def reports_by_study(orthanc) -> dict[str, list[dict[str, str]]]:
@@ -70,7 +68,7 @@ def reports_by_study(orthanc) -> dict[str, list[dict[str, str]]]:
     return found
 
 
-def test_round_trip_through_orthanc(orthanc, serving_checkpoint: Path, serving_detector, rsna_sample_dir: Path, tmp_path: Path) -> None:
+def test_round_trip_through_orthanc(orthanc, serving_checkpoint: Path, serving_detector, rsna_sample_dir: Path, tmp_path: Path, capsys) -> None:
     samples = sorted(rsna_sample_dir.glob("*.dcm"))
     for path in samples:
         orthanc.upload(path.read_bytes())
@@ -81,13 +79,13 @@ def test_round_trip_through_orthanc(orthanc, serving_checkpoint: Path, serving_d
         bad_uids[name] = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     before = len(orthanc.instance_tags())
 
-    first = run_node(orthanc, serving_checkpoint, tmp_path / "state", "--once")
-    assert first.returncode == 0, first.stderr
-    assert "poll 1: 17 instance(s) listed, 13 reported" in first.stderr and "4 skipped" in first.stderr
+    status, log = run_node(orthanc, serving_checkpoint, tmp_path / "state", "--once", capsys=capsys)
+    assert status == 0, log
+    assert "poll 1: 17 instance(s) listed, 13 reported" in log and "4 skipped" in log and "research use only" in log
     for name, reason in (("ct", "modality CT, not a chest radiograph"), ("frames", "2 frames"), ("no_pixels", "has no pixel data (7FE0,0010), so there is no image to read"),
                          ("truncated", "pixel data cannot be decoded")):
         line = f"skipped instance {bad_uids[name].SOPInstanceUID}: {reason}"
-        assert line in first.stderr, (name, first.stderr)
+        assert line in log, (name, log)
 
     reports = reports_by_study(orthanc)
     assert len(orthanc.instance_tags()) == before + 13

@@ -319,3 +319,22 @@ def test_docs_page_is_served_from_local_files(client: TestClient) -> None:
     assert "multipart/form-data" in detect_operation["requestBody"]["content"]
     assert detect_operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/DetectReply")
     assert set(detect_operation["responses"]) >= {"200", "400", "401", "413", "415", "422"}
+
+
+def test_an_onnx_export_serves_the_checkpoints_boxes(serving_checkpoint: Path, serving_detector, client: TestClient, real_dicom: Path, tmp_path: Path, upload_limit_bytes: int) -> None:
+    # What lungdet serve --checkpoint model.onnx builds: the same app around an export.
+    from detection.export import export_checkpoint
+    from detection.predict import load_detector
+
+    exported = tmp_path / "serving.onnx"
+    export_checkpoint(serving_checkpoint, exported, fmt="onnx")
+    with TestClient(create_app(load_detector(exported, device="cpu"), max_upload_bytes=upload_limit_bytes)) as onnx_client:
+        health = Health.model_validate(onnx_client.get("/api/v1/health").json())
+        assert health.model.format == "onnx" and health.precision == "fp32"
+        assert health.model.checkpoint_sha256 == serving_detector.checkpoint_sha256
+        replies = [detect(each, real_dicom.read_bytes(), min_confidence="0").json() for each in (client, onnx_client)]
+    ours, theirs = (reply["boxes"] for reply in replies)
+    assert replies[0]["label"]["name"] == replies[1]["label"]["name"] and len(ours) == len(theirs) >= 2
+    for box, other in zip(ours, theirs, strict=True):
+        assert max(abs(box[key] - other[key]) for key in ("x", "y", "width", "height")) <= 1.0
+        assert abs(box["confidence"] - other["confidence"]) <= 1e-3

@@ -228,30 +228,3 @@ def test_listening_socket_says_tcp_so_replies_are_not_held_back() -> None:
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
-
-
-def test_serve_runs_an_onnx_export_and_answers_as_the_checkpoint(
-    serving_checkpoint: Path, serve_process, serve_starter, rsna_sample_dir: Path, tmp_path: Path
-) -> None:
-    from detection.export import export_checkpoint
-
-    exported = tmp_path / "serving.onnx"
-    export_checkpoint(serving_checkpoint, exported, fmt="onnx")
-    server = serve_starter(exported, tmp_path)
-    assert "model fasterrcnn_mobilenet_v3_large_fpn (onnx export) at 128 px on cpu (fp32), cut-off 0.3" in server.log()
-    with urllib.request.urlopen(f"{server.url}api/v1/health", timeout=30) as response:
-        health = json.load(response)
-    assert health["model"]["format"] == "onnx" and health["precision"] == "fp32"
-    data = sorted(rsna_sample_dir.glob("*.dcm"))[0].read_bytes()
-    replies = {}
-    for name, url in (("checkpoint", serve_process.url), ("onnx", server.url)):
-        status, body = post(url, "/api/v1/detect", data, fields={"min_confidence": "0"})
-        assert status == 200, body
-        replies[name] = json.loads(body)
-    assert replies["onnx"]["model"]["checkpoint_sha256"] == replies["checkpoint"]["model"]["checkpoint_sha256"]
-    assert replies["onnx"]["label"]["name"] == replies["checkpoint"]["label"]["name"]
-    ours, theirs = replies["checkpoint"]["boxes"], replies["onnx"]["boxes"]
-    assert len(ours) == len(theirs) >= 2
-    for box, other in zip(ours, theirs, strict=True):
-        assert max(abs(box[key] - other[key]) for key in ("x", "y", "width", "height")) <= 1.0
-        assert abs(box["confidence"] - other["confidence"]) <= 1e-3
