@@ -49,6 +49,7 @@ from submission.prediction_string import keep_confident
 LOG = logging.getLogger("lungdet.pacs")
 CHEST_MODALITIES = ("CR", "DX")
 PAGE = 500
+PROGRESS_EVERY = 100  # a progress line every so many instances in a long poll
 # QIDO fields the node decides by (the server adds the study, series and instance UIDs).
 FIELDS = ("Modality", "NumberOfFrames", "SeriesDescription", "SOPClassUID")
 OWN_SERIES = (REPORT_SERIES_DESCRIPTION, OVERLAY_SERIES_DESCRIPTION)
@@ -147,13 +148,14 @@ class PollSummary:
     skipped: int = 0
     stored_from_disk: int = 0
     pending: int = 0
+    failed: int = 0
     seconds: float = 0.0
 
     def line(self, number: int) -> str:
         return (
             f"poll {number}: {self.listed} instance(s) listed, {self.reported} reported ({self.with_boxes} with boxes), "
             f"{self.already} already reported, {self.skipped} skipped, {self.stored_from_disk} stored from disk, "
-            f"{self.pending} waiting on disk; {self.seconds:.1f} s"
+            f"{self.pending} waiting on disk{f', {self.failed} failed (tried again next poll)' if self.failed else ''}; {self.seconds:.1f} s"
         )
 
 
@@ -219,13 +221,22 @@ class PacsNode:
             self.state.save()
             candidates = [candidate for candidate in candidates if candidate.series_description not in OWN_SERIES]
         summary.listed = len(candidates)
-        for candidate in candidates:
-            outcome, boxes = self.process(candidate)
+        for done, candidate in enumerate(candidates, start=1):
+            try:
+                outcome, boxes = self.process(candidate)
+            except Unreachable:
+                raise
+            except Exception as error:  # a fault of ours on one image must not stop the node; the image is tried again next poll
+                self.say(f"could not process instance {candidate.sop} ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}); tried again next poll")
+                summary.failed += 1
+                continue
             if outcome == "reported":
                 summary.reported += 1
                 summary.with_boxes += boxes > 0
             elif outcome in ("already", "skipped"):
                 setattr(summary, outcome, getattr(summary, outcome) + 1)
+            if done % PROGRESS_EVERY == 0 and done < len(candidates):
+                self.say(f"  {done} of {len(candidates)} instances settled ({time.monotonic() - started:.0f} s)")
         summary.pending = sum(1 for _ in self.state.pending())
         summary.seconds = time.monotonic() - started
         return summary
@@ -300,5 +311,5 @@ class PacsNode:
             number += 1
             self.say(summary.line(number))
             if once:
-                return 1 if summary.pending else 0
+                return 1 if summary.pending or summary.failed else 0
             sleep(poll_seconds)

@@ -249,3 +249,31 @@ def test_client_authentication_options(monkeypatch) -> None:
         make_client(node_args("http://127.0.0.1:1/dicom-web", username="lungdet"))
     with pytest.raises(LungdetError, match="not both"):
         make_client(node_args("http://127.0.0.1:1/dicom-web", username="lungdet", token="t0ken"))
+
+
+class FailsOnce:
+    """A detector that fails on its first image: a fault of ours, which must cost that image one poll and nothing else."""
+
+    def __init__(self, detector) -> None:
+        self.detector, self.calls = detector, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.detector, name)
+
+    def predict(self, pixels):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("out of memory, say")
+        return self.detector.predict(pixels)
+
+
+def test_a_failure_on_one_image_does_not_stop_the_node(orthanc, serving_detector, rsna_sample_dir: Path, tmp_path: Path) -> None:
+    for path in sorted(rsna_sample_dir.glob("*.dcm"))[:2]:
+        orthanc.upload(path.read_bytes())
+    node, lines = make_node(orthanc, FailsOnce(serving_detector), tmp_path / "state")
+    first = node.poll()
+    assert (first.reported, first.failed) == (1, 1) and "1 failed (tried again next poll)" in first.line(1)
+    assert any("could not process instance" in line and "RuntimeError: out of memory, say" in line for line in lines)
+    second = node.poll()
+    assert (second.listed, second.reported, second.failed) == (1, 1, 0)
+    assert len(reports_by_study(orthanc)) == 2
