@@ -11,21 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-from data_tools.cli_types import fraction
+from data_tools.cli_types import fraction, positive_seconds
 from data_tools.errors import LungdetError
 
 TOKEN_VARIABLE = "LUNGDET_PACS_TOKEN"
 PASSWORD_VARIABLE = "LUNGDET_PACS_PASSWORD"
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
-    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:

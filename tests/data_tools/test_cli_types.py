@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from data_tools.cli_types import fraction, int_in_range
+from data_tools.cli_types import fraction, int_in_range, positive_seconds
 
 
 @pytest.mark.parametrize("text, value", [("0", 0.0), ("1", 1.0), ("0.25", 0.25)])
@@ -25,3 +25,10 @@ def test_int_in_range_checks_both_bounds_and_type():
         parse("2.5")
     with pytest.raises(argparse.ArgumentTypeError, match="must be at least 0, got -1"):
         int_in_range(0)("-1")
+
+
+@pytest.mark.parametrize("text, message", [("0", "must be more than 0 seconds, got 0"), ("-2", "got -2"), ("inf", "got inf"), ("nan", "got nan"), ("soon", "expected a number of seconds")])
+def test_positive_seconds_rejects_what_is_not_a_wait(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        positive_seconds(text)
+    assert positive_seconds("0.5") == 0.5
