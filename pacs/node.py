@@ -214,7 +214,9 @@ class PacsNode:
             if self.store(study, files):
                 self._settle(image, files[0].parent)
                 summary.stored_from_disk += 1
-        candidates = [candidate for candidate in self.list_instances() if not self.state.settled(candidate.sop)]
+        # An image whose result still waits on disk is not worked on again: its result only needs storing.
+        waiting = {image for image, _, _ in self.state.pending()}
+        candidates = [candidate for candidate in self.list_instances() if not self.state.settled(candidate.sop) and candidate.sop not in waiting]
         own = [candidate for candidate in candidates if candidate.series_description in OWN_SERIES]
         if own:  # the node's own reports and overlays: settled without a word, so they are not listed again
             self.state.skipped.update({candidate.sop: "a lungdet result" for candidate in own})

@@ -176,7 +176,9 @@ def test_a_server_stopped_mid_run_and_restarted_loses_nothing(orthanc, serving_d
     assert "1 stored from disk" in lines[-1] or "stored from disk" in " ".join(lines)
 
 
-class RefusesFirstStore:
+class RefusesFirstStores:
+    """A client whose server refuses the first two stores (HTTP 409), then takes them."""
+
     def __init__(self, client) -> None:
         self.client, self.refused = client, 0
 
@@ -184,7 +186,7 @@ class RefusesFirstStore:
         return getattr(self.client, name)
 
     def store_instances(self, *args, **kwargs):
-        if not self.refused:
+        if self.refused < 2:
             self.refused += 1
             response = requests.Response()
             response.status_code = 409
@@ -197,14 +199,18 @@ def test_a_refused_store_is_kept_on_disk_and_stored_next_poll(orthanc, serving_d
 
     sample = sorted(rsna_sample_dir.glob("*.dcm"))[0]
     orthanc.upload(sample.read_bytes())
-    node, lines = make_node(orthanc, serving_detector, tmp_path / "state", client=RefusesFirstStore(make_client(node_args(orthanc.dicomweb, timeout=10.0))))
+    detector = FailsOnce(serving_detector)
+    detector.calls = 1  # counts the passes only; never fails
+    node, lines = make_node(orthanc, detector, tmp_path / "state", client=RefusesFirstStores(make_client(node_args(orthanc.dicomweb, timeout=10.0))))
     first = node.poll()
     assert (first.reported, first.pending) == (0, 1) and reports_by_study(orthanc) == {}
     assert any("refused to store" in line and "HTTP 409" in line for line in lines)
     [(image, _, files)] = list(node.state.pending())
     assert image == pydicom.dcmread(sample, stop_before_pixels=True).SOPInstanceUID and files
-    second = node.poll()
-    assert (second.stored_from_disk, second.pending) == (1, 0)
+    second = node.poll()  # refused again: the result still waits, and the image is not run through the model again
+    assert (second.listed, second.stored_from_disk, second.pending, detector.calls) == (0, 0, 1, 2)
+    third = node.poll()
+    assert (third.stored_from_disk, third.pending) == (1, 0)
     assert len(reports_by_study(orthanc)) == 1
 
 
