@@ -40,7 +40,7 @@ import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,8 @@ from detection.exported import (
 )
 from detection.image_head import IMAGE_PROBABILITY, has_image_head
 from detection.inference import ImageResult, prepare_input
-from detection.model import build_model
-from detection.predict import ModelRunner, file_sha256, read_file_bytes
-from detection.train import load_checkpoint, resolve_device
+from detection.predict import ModelRunner, file_sha256, model_from_checkpoint, read_file_bytes, read_trained_checkpoint
+from detection.train import resolve_device
 
 ONNX_OPSET = 17
 INPUT_NAME = "images"
@@ -104,9 +103,7 @@ class ExportGraph(nn.Module):
 
 def exportable_detector(checkpoint: dict[str, Any]) -> nn.Module:
     """The checkpoint's model as torchvision builds it (no batched heads, no sparse RoI pooling, no mask branch), in eval mode on the CPU."""
-    config = config_from_dict(checkpoint["config"])
-    model = build_model(replace(config.model, batched_heads=False), frozen_batch_norm=bool(checkpoint.get("frozen_batch_norm", False)))
-    model.load_state_dict(checkpoint["model"])
+    model, _ = model_from_checkpoint(checkpoint, batched_heads=False)
     roi_heads = getattr(model, "roi_heads", None)
     if roi_heads is not None and roi_heads.has_mask():
         roi_heads.mask_roi_pool = roi_heads.mask_head = roi_heads.mask_predictor = None
@@ -289,10 +286,7 @@ def export_checkpoint(
     if out.resolve() == checkpoint_path.resolve():
         raise LungdetError(f"--out {out} is the checkpoint itself; give the export another name")
     images = check_images(check)  # a bad --check file fails before any work
-    checkpoint = load_checkpoint(checkpoint_path)
-    for key in ("model", "config"):
-        if key not in checkpoint:
-            raise LungdetError(f"{checkpoint_path}: has no '{key}' entry; is it a lungdet checkpoint (RUN/best.pt)?")
+    checkpoint = read_trained_checkpoint(checkpoint_path)
     torch_device = resolve_device(device)
     if fmt == "onnx" and torch_device.type != "cpu":
         raise LungdetError("--device: an ONNX graph does not depend on where it was traced; export it on the CPU (drop --device) and run it anywhere")
@@ -328,10 +322,8 @@ def export_checkpoint(
 
 
 def check_export(checkpoint: dict[str, Any], out: Path, *, device: str, images: Sequence[np.ndarray], cut_off: float) -> Parity:
-    """Run ``images`` through the checkpoint's model (fp32, as lungdet predict loads it, on the export's device) and through the export."""
-    config = config_from_dict(checkpoint["config"])
-    model = build_model(config.model, frozen_batch_norm=bool(checkpoint.get("frozen_batch_norm", False)))
-    model.load_state_dict(checkpoint["model"])
+    """Run ``images`` through the checkpoint's model (fp32, as built, on the export's device) and through the export."""
+    model, config = model_from_checkpoint(checkpoint)
     torch_device = torch.device(device)
     runner = ModelRunner(model.to(torch_device).eval(), config.model.image_size, torch_device, dict(checkpoint.get("preprocessing") or {}), None)
     exported = load_exported(out, device=device)

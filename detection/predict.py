@@ -46,18 +46,34 @@ from submission.raw_predictions import RawPrediction, group_by_patient, write_ra
 from submission.score import write_probabilities
 
 
+def read_trained_checkpoint(checkpoint_path: Path) -> dict:
+    """A ``lungdet train`` checkpoint, checked to hold a model and its config (anything else is a one-line LungdetError)."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    for key in ("model", "config"):
+        if key not in checkpoint:
+            raise LungdetError(f"{checkpoint_path}: has no '{key}' entry; is it a lungdet checkpoint (RUN/best.pt)?")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: Mapping[str, Any], *, batched_heads: bool | None = None) -> tuple[nn.Module, TrainConfig]:
+    """The model a checkpoint was saved from, with its weights, as built (NCHW, CPU, train mode), and its config.
+
+    ``batched_heads`` overrides the config's choice (the heads hold no weights, so either loads).
+    """
+    config = config_from_dict(checkpoint["config"])
+    model_config = config.model if batched_heads is None else replace(config.model, batched_heads=batched_heads)
+    model = build_model(model_config, frozen_batch_norm=bool(checkpoint.get("frozen_batch_norm", False)))
+    model.load_state_dict(checkpoint["model"])
+    return model, config
+
+
 def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[nn.Module, TrainConfig, dict]:
     """Rebuild the model a checkpoint was saved from and load its weights; returns (model in eval mode, config, checkpoint).
 
     The model has the memory layout it was trained in (``channels_last``), which its kernels are fastest with.
     """
-    checkpoint = load_checkpoint(checkpoint_path)
-    for key in ("model", "config"):
-        if key not in checkpoint:
-            raise LungdetError(f"{checkpoint_path}: has no '{key}' entry; is it a lungdet checkpoint (RUN/best.pt)?")
-    config = config_from_dict(checkpoint["config"])
-    model = build_model(config.model, frozen_batch_norm=bool(checkpoint.get("frozen_batch_norm", False)))
-    model.load_state_dict(checkpoint["model"])
+    checkpoint = read_trained_checkpoint(checkpoint_path)
+    model, config = model_from_checkpoint(checkpoint)
     return in_memory_layout(model, channels_last=config.channels_last).to(device).eval(), config, checkpoint
 
 
