@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from data_tools.errors import LungdetError
-from detection.inference import ImageResult, image_result, prepare_input
+from detection.inference import ImageResult, PreparedInputRunner, image_result
 
 METADATA_KEY = "lungdet"
 TORCHSCRIPT_METADATA_FILE = "lungdet.json"
@@ -109,7 +109,7 @@ def onnx_providers(device: str, available: Sequence[str]) -> list[Any]:
 
 
 @dataclass
-class ExportedModel:
+class ExportedModel(PreparedInputRunner):
     """An export, loaded: ``run`` maps uint8 ``[batch_size, S, S]`` to the graph's outputs, in ``metadata['output_names']`` order."""
 
     path: Path
@@ -134,10 +134,6 @@ class ExportedModel:
     def has_image_head(self) -> bool:
         return "image_probability" in self.metadata["outputs_per_image"]
 
-    def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        """A decoded X-ray (uint8 ``[H, W]``) as this model's input: uint8 ``[image_size, image_size]``."""
-        return prepare_input(pixels, image_size=self.image_size, preprocessing=self.preprocessing)
-
     def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
         """Inputs from :meth:`prepare` stacked (uint8 ``[N, S, S]``, numpy or a CPU tensor) and each original ``(rows, columns)``."""
         inputs = np.asarray(batch, dtype=np.uint8)
@@ -155,10 +151,6 @@ class ExportedModel:
                 probability = float(values["image_probability"]) if "image_probability" in values else None
                 results.append(image_result(values["boxes"], values["scores"], probability, image_size=self.image_size, rows=rows, columns=columns))
         return results
-
-    def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
-        """Every box for each decoded X-ray (uint8 ``[H, W]``, any sizes), XYWH_ABS in its own pixels, in order."""
-        return self.predict_prepared(np.stack([self.prepare(pixels) for pixels in images]), [pixels.shape[:2] for pixels in images])
 
 
 def load_onnx(path: Path, *, device: str = "auto", threads: int | None = None) -> ExportedModel:

@@ -10,7 +10,7 @@ run with numpy, OpenCV and onnxruntime alone (tests/detection/test_exported.py c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import cv2
@@ -51,3 +51,25 @@ def image_result(
     """A detector's output for one image (XYXY_ABS at ``image_size``) -> :class:`ImageResult` (XYWH_ABS in the ``rows x columns`` original)."""
     boxes = scale_xywh(xyxy_to_xywh(np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)), scale_x=columns / image_size, scale_y=rows / image_size)
     return ImageResult(Prediction.from_arrays(np.asarray(scores, dtype=np.float64).reshape(-1), boxes), probability)
+
+
+class PreparedInputRunner:
+    """What every runner does with decoded X-rays before its own forward pass: prepare each, stack them, run.
+
+    A subclass has ``image_size``, ``preprocessing`` (None for none) and
+    ``predict_prepared(batch uint8 [N, S, S], shapes [(rows, columns)])``.
+    """
+
+    image_size: int
+    preprocessing: Mapping[str, Any] | None
+
+    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
+        raise NotImplementedError
+
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """A decoded X-ray (uint8 ``[H, W]``) as this model's input: uint8 ``[image_size, image_size]``."""
+        return prepare_input(pixels, image_size=self.image_size, preprocessing=self.preprocessing or {})
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
+        """Every box for each decoded X-ray (uint8 ``[H, W]``, any sizes), XYWH_ABS in its own pixels, in order."""
+        return self.predict_prepared(np.stack([self.prepare(pixels) for pixels in images]), [pixels.shape[:2] for pixels in images])

@@ -37,7 +37,7 @@ from detection.data import to_model_input
 from detection.engine import Precision, resolve_precision
 from detection.exported import ExportedModel, export_format, load_exported
 from detection.image_head import IMAGE_PROBABILITY, has_image_head
-from detection.inference import ImageResult, image_result, prepare_input
+from detection.inference import ImageResult, PreparedInputRunner, image_result, prepare_input
 from detection.model import build_model, in_memory_layout
 from detection.train import load_checkpoint, resolve_device
 from submission.postprocess import PostprocessConfig, load_postprocess, mean_probability, postprocess
@@ -132,7 +132,7 @@ class BatchPredictor(Protocol):
 
 
 @dataclass
-class ModelRunner:
+class ModelRunner(PreparedInputRunner):
     """A bare model with its input size, preprocessing and precision: every box (down to the model's own floor) for a batch."""
 
     model: nn.Module
@@ -140,10 +140,6 @@ class ModelRunner:
     device: torch.device
     preprocessing: Mapping[str, Any] | None
     precision: Precision | None
-
-    def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        """A decoded X-ray (uint8 ``[H, W]``) as this model's input: uint8 ``[image_size, image_size]``."""
-        return prepare_input(pixels, image_size=self.image_size, preprocessing=self.preprocessing or {})
 
     @torch.no_grad()
     def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
@@ -159,10 +155,6 @@ class ModelRunner:
             )
             for (rows, columns), output in zip(shapes, outputs, strict=True)
         ]
-
-    def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
-        """Every box for each decoded X-ray (uint8 ``[H, W]``, any sizes), XYWH_ABS in its own pixels, in order."""
-        return self.predict_prepared(np.stack([self.prepare(pixels) for pixels in images]), [pixels.shape[:2] for pixels in images])
 
 
 def predict_dicoms(
