@@ -340,13 +340,15 @@ class PreparedImages(Dataset):
     """
 
     def __init__(self, paths: Sequence[Path], *, read: Callable[[Path], np.ndarray], specs: Sequence[InputSpec], mirrored: bool) -> None:
-        self.paths, self.read, self.specs, self.mirrored = list(paths), read, list(specs), mirrored
+        self.paths, self.read, self.mirrored = list(paths), read, mirrored
+        # The specs' preprocessing parsed once, not once per image and pass.
+        self.specs = [(size, json.loads(preprocessing)) for size, preprocessing in specs]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _prepare(self, pixels: np.ndarray) -> list[np.ndarray]:
-        return [prepare_input(pixels, image_size=size, preprocessing=json.loads(preprocessing)) for size, preprocessing in self.specs]
+        return [prepare_input(pixels, image_size=size, preprocessing=preprocessing) for size, preprocessing in self.specs]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = Path(self.paths[index])
