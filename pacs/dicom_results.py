@@ -41,8 +41,11 @@ import pydicom
 import pydicom.errors
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from tqdm import tqdm
 
 from data_tools.atomic import write_bytes_atomic
+from data_tools.dicom_io import read_dicom
+from data_tools.errors import DicomReadError
 from data_tools.visualize import draw_overlay
 from submission.prediction_string import Prediction
 
@@ -270,11 +273,6 @@ def write_results_for_files(
     is not a DICOM image (a PNG, a JPEG) has no study to file a report in and is skipped with
     its reason, as is one whose tags cannot be read.
     """
-    from tqdm import tqdm
-
-    from data_tools.dicom_io import read_dicom
-    from data_tools.errors import DicomReadError
-
     written: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     for path, prediction, probability in tqdm(results, desc="dicom out", unit="file", disable=None if progress else True):
