@@ -47,3 +47,17 @@ def positive_seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
     return value
+
+
+def image_dimensions(text: str) -> tuple[int, int]:
+    """``'1024x1024'`` or ``'1024'`` -> ``(width, height)`` in pixels, each at least 1."""
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels like 1024x1024, got {text!r}")
+    return values[0], values[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +20,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from data_tools.dicom_io import conversion_notes, over_pixel_limit, read_dicom_bytes, window_to_uint8
-from data_tools.errors import ImageReadError
+from data_tools.errors import ImageReadError, LungdetError
 
 FORMATS = ("dicom", "png", "jpeg")
+# File names that find_images takes: the derivatives RSNA data circulates as.
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # The largest chest radiographs are about 4,300 x 4,300 (43 cm at 0.1 mm); this leaves room for
 # odd exports while bounding what one request may make the server allocate.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -63,6 +66,9 @@ class XrayImage:
     sex: str | None = None
     age: int | None = None
     notes: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    # True when the PNG/JPEG file itself decodes to exactly ``pixels`` (8-bit grey, upright):
+    # convert may then keep the file's bytes instead of encoding the pixels again.
+    file_is_pixels: bool = False
 
     @property
     def width(self) -> int:
@@ -83,6 +89,14 @@ class XrayImage:
             "age": self.age,
             "notes": [dict(note) for note in self.notes],
         }
+
+
+def find_images(folder: Path) -> list[Path]:
+    """All PNG and JPEG files (``.png``, ``.jpg``, ``.jpeg``, any case) under ``folder``, recursive, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LungdetError(f"{folder}: not a folder; pass the folder that holds the {{patientId}}.png or .jpg files")
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in PICTURE_SUFFIXES and path.is_file())
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -163,6 +177,34 @@ def _read_dicom(data: bytes, *, name: str, max_pixels: int) -> XrayImage:
     )
 
 
+def read_picture_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of a PNG or JPEG file from its header alone, upright as its EXIF orientation says; nothing is decoded.
+
+    Raises ImageReadError (kind 'missing', 'empty', 'not_an_image' or 'undecodable') when it is not a readable PNG or JPEG.
+    """
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(len(_PNG_SIGNATURE))
+            if not head:
+                raise ImageReadError(path, "the file is empty (0 bytes)", kind="empty")
+            image_format = "png" if head.startswith(_PNG_SIGNATURE) else "jpeg" if head.startswith(_JPEG_SIGNATURE) else None
+            if image_format is None:
+                raise ImageReadError(path, f"is {_name_other_format(head)}, not a PNG or JPEG", kind="not_an_image")
+            stream.seek(0)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    picture = Image.open(stream, formats=[image_format.upper()])
+                    width, height = picture.size
+                    orientation = picture.getexif().get(_EXIF_ORIENTATION, 1)
+            except Exception as error:  # Pillow raises several types (OSError among them) for a header it cannot parse
+                raise ImageReadError(path, f"header cannot be read ({type(error).__name__}: {error})", kind="undecodable") from None
+    except OSError as error:
+        raise ImageReadError(path, f"cannot be read ({error.strerror or error})", kind="missing") from None
+    # Orientations 5-8 turn the picture a quarter: its upright width is the stored height.
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def _read_picture(data: bytes, *, name: str, image_format: str, max_pixels: int) -> XrayImage:
     """PNG or JPEG through Pillow: header first (size checked), then decode, orientation and grey."""
     label = image_format.upper()
@@ -194,7 +236,7 @@ def _read_picture(data: bytes, *, name: str, image_format: str, max_pixels: int)
     if orientation not in (0, 1):
         notes.append({"kind": "exif_rotated", "reason": "turned upright as its EXIF orientation says"})
     pixels = _grey_uint8(upright, notes)
-    return XrayImage(pixels=pixels, format=image_format, notes=tuple(notes))
+    return XrayImage(pixels=pixels, format=image_format, notes=tuple(notes), file_is_pixels=picture.mode == "L" and orientation in (0, 1))
 
 
 def _grey_uint8(picture: Image.Image, notes: list[dict[str, str]]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""``lungdet convert``: RSNA DICOMs + labels -> a COCO dataset with 8-bit images and patient-level folds.
+"""``lungdet convert``: RSNA DICOMs (or PNG/JPEG derivatives) + labels -> a COCO dataset with 8-bit images and patient-level folds.
 
 Output folder layout::
 
@@ -6,13 +6,16 @@ Output folder layout::
     OUT/images/{patientId}.jpg  the DICOM's own JPEG stream, copied byte for byte, when nothing changes
                                 its pixels (original size, no normalisation, 8-bit grey MONOCHROME2
                                 JPEG Baseline: every real RSNA file)
+                                (from --image-dir: the JPEG or PNG file itself, when it is 8-bit grey and upright)
     OUT/images/{patientId}.png  otherwise: 8-bit grey at --image-size, normalised
     OUT/folds.csv               patientId,fold,target,n_boxes (seeded, stratified, patient-level)
     OUT/conversion_report.json  what was converted, skipped and why, and notes on odd inputs
 
 Annotation ``bbox`` is COCO ``[x, y, w, h]`` (XYWH_ABS) in the *written image's* pixels; each image
-record keeps ``original_width``/``original_height`` so predictions can be mapped back.
+record keeps ``original_width``/``original_height``, the pixel space of the labels (a DICOM's own
+size; for PNG/JPEG, the image's own size or ``--label-space``), so predictions can be mapped back.
 Run: ``lungdet convert --dicom-dir stage_2_train_images --labels stage_2_train_labels.csv --out data/coco``
+or   ``lungdet convert --image-dir images --labels labels.csv --metadata metadata.csv --out data/coco``
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ from tqdm import tqdm
 
 from data_tools.atomic import atomic_open, write_bytes_atomic, write_text_atomic
 from data_tools.boxes import clip_xywh, scale_xywh
-from data_tools.cli_types import int_in_range
+from data_tools.cli_types import image_dimensions, int_in_range
 from data_tools.dicom_io import conversion_notes, DicomImage, DicomMeta, find_dicoms, read_dicom
-from data_tools.errors import DicomReadError, LungdetError
+from data_tools.errors import DicomReadError, ImageReadError, LungdetError
+from data_tools.image_io import XrayImage, find_images, read_xray
 from data_tools.labels import PatientLabels, read_labels
+from data_tools.metadata import TAG_COLUMNS, ImageTags, MetadataTable, read_metadata_csv
 
 CATEGORY = {"id": 1, "name": "lung_opacity", "supercategory": "lung"}
 ANNOTATIONS_FILE = "annotations.json"
@@ -50,13 +55,18 @@ REPORT_FILE = "conversion_report.json"
 # Progress of conversions, so that a rerun skips finished files and a killed run can resume.
 JOURNAL_FILE = ".convert_journal.jsonl"
 # Bumped when journal entries gain a field: entries of an older run lack it and are converted again.
-JOURNAL_VERSION = 3
+JOURNAL_VERSION = 4
+# What convert reads: DICOMs (--dicom-dir) or the PNG/JPEG derivatives RSNA data often circulates as (--image-dir).
+SOURCES = ("dicom", "picture")
 NORMALIZATIONS = ("none", "clahe", "equalize")
 IMAGES_DIR = "images"
 # What convert may write into IMAGES_DIR (see image_bytes).
 IMAGE_EXTENSIONS = (".jpg", ".png")
 # A box clipped to the image that keeps less than this many pixels of width or height is no box.
 MIN_BOX_SIDE = 1.0
+# A box that reaches further than this past its image's edge (in the labels' pixels) hints that the
+# labels are in another pixel space than the image (RSNA's 1024x1024 labels on a 256 px derivative).
+PAST_EDGE_TOLERANCE = 1.0
 # Chest radiographs are about 1000-4000 pixels a side; outside these bounds an image is probably a
 # thumbnail or a localiser (tiny) or a stitched or oversampled scan (huge). Converted, but noted.
 TINY_IMAGE_SIDE = 256
@@ -83,9 +93,15 @@ class ConversionReport:
     duplicate_files: list[str] = field(default_factory=list)
     dropped_boxes: list[dict[str, object]] = field(default_factory=list)
     labelled_without_dicom: int = 0
-    labelled_without_dicom_ids: list[str] = field(default_factory=list)  # sorted patientIds
+    labelled_without_dicom_ids: list[str] = field(default_factory=list)  # sorted patientIds (with --image-dir: no image file)
     notes: list[dict[str, str]] = field(default_factory=list)
     reused: int = 0  # files whose image from an earlier run with the same settings was kept
+    source: str = "dicom"  # one of SOURCES
+    label_space: str = "image"  # the labels' pixel space: 'image' (each image's own size) or 'WxH' (--label-space)
+    boxes_past_edge: int = 0  # label boxes reaching past their image's edge (clipped or dropped)
+    metadata: str | None = None  # the --metadata CSV, when one was given
+    metadata_columns: list[str] = field(default_factory=list)  # the tag columns it had
+    metadata_problems: list[dict[str, str]] = field(default_factory=list)  # rows of --metadata that could not be used as given
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -171,15 +187,26 @@ def input_notes(meta: DicomMeta) -> list[dict[str, str]]:
     notes = conversion_notes(meta)
     if meta.age is None:
         notes.append({"kind": "missing_age", "reason": "PatientAge is missing or unreadable; age left empty"})
-    elif meta.age == 0:
+    return notes + age_notes(meta.age) + size_notes(rows=meta.rows, columns=meta.columns)
+
+
+def age_notes(age: int | None) -> list[dict[str, str]]:
+    """Notes on an age (years) that reads but is suspect: 0 (a placeholder) or over ``MAX_PLAUSIBLE_AGE``."""
+    if age == 0:
         # '000Y' is how some systems fill an unknown age; an infant's radiograph in this set would be a surprise too.
-        notes.append({"kind": "age_zero", "reason": "PatientAge reads as 0 years (often a placeholder for unknown); check it before using ages"})
-    elif meta.age > MAX_PLAUSIBLE_AGE:
-        notes.append({"kind": "age_implausible", "reason": f"PatientAge reads as {meta.age} years, over {MAX_PLAUSIBLE_AGE}; probably a typing error"})
-    size = f"{meta.rows} rows x {meta.columns} columns"
-    if min(meta.rows, meta.columns) < TINY_IMAGE_SIDE:
+        return [{"kind": "age_zero", "reason": "PatientAge reads as 0 years (often a placeholder for unknown); check it before using ages"}]
+    if age is not None and age > MAX_PLAUSIBLE_AGE:
+        return [{"kind": "age_implausible", "reason": f"PatientAge reads as {age} years, over {MAX_PLAUSIBLE_AGE}; probably a typing error"}]
+    return []
+
+
+def size_notes(*, rows: int, columns: int) -> list[dict[str, str]]:
+    """Notes on an image too small or too large to be an ordinary chest radiograph."""
+    notes = []
+    size = f"{rows} rows x {columns} columns"
+    if min(rows, columns) < TINY_IMAGE_SIDE:
         notes.append({"kind": "tiny_image", "reason": f"{size}, under {TINY_IMAGE_SIDE} on a side: a thumbnail or localiser rather than a radiograph?"})
-    if max(meta.rows, meta.columns) > HUGE_IMAGE_SIDE:
+    if max(rows, columns) > HUGE_IMAGE_SIDE:
         notes.append({"kind": "huge_image", "reason": f"{size}, over {HUGE_IMAGE_SIDE} on a side: check that its labels use the same pixels"})
     return notes
 
@@ -197,29 +224,50 @@ def image_bytes(image: DicomImage, *, image_size: int | None, normalization: str
     return ".png", encode_png(prepare_pixels(image.pixels, image_size=image_size, normalization=normalization))
 
 
-def convert_file(task: tuple[str, list[int], str, int | None, str]) -> dict[str, Any]:
-    """Worker: read one DICOM and write its image (atomically). Returns a journal entry.
+def picture_bytes(image: XrayImage, data: bytes, *, image_size: int | None, normalization: str) -> tuple[str, bytes]:
+    """``(extension, file bytes)`` of what ``convert`` writes for one decoded PNG or JPEG whose file held ``data``.
 
-    The entry holds the image's metadata, file name and sizes (``"image"``) and its
-    :func:`input_notes` (``"notes"``), or why it could not be read (``"bad"``). Boxes are not in
-    it: they come from the labels when the dataset is assembled, so a changed labels file never
-    needs the images converted again; the notes are in it, so a rerun that keeps the image still
-    reports them.
+    As for DICOMs: when nothing changes the pixels and the file decodes to exactly them (8-bit
+    grey, upright), the file itself is copied byte for byte; a colour, rotated or 16-bit file,
+    a resize or a normalisation is written as a PNG of the prepared pixels.
     """
-    path, signature, out_dir, image_size, normalization = task
-    try:
-        image = read_dicom(Path(path))
-    except DicomReadError as error:
-        return {"file": path, "signature": signature, "bad": {"reason": error.reason, "kind": error.kind}}
-    extension, data = image_bytes(image, image_size=image_size, normalization=normalization)
+    unchanged = normalization == "none" and (image_size is None or image.pixels.shape == (image_size, image_size))
+    if unchanged and image.file_is_pixels:
+        return (".jpg" if image.format == "jpeg" else ".png"), data
+    return ".png", encode_png(prepare_pixels(image.pixels, image_size=image_size, normalization=normalization))
+
+
+def _write_image(out_dir: str, patient_id: str, extension: str, data: bytes) -> str:
+    """Write one converted image atomically; returns its file name relative to ``out_dir``."""
     images_dir = Path(out_dir) / IMAGES_DIR
-    file_name = f"{image.meta.patient_id}{extension}"
+    file_name = f"{patient_id}{extension}"
     write_bytes_atomic(images_dir / file_name, data)
     # A run with other settings may have written this image in the other format; only one may stay,
     # or a folder of images would hold two versions of one patient.
     for other in IMAGE_EXTENSIONS:
         if other != extension:
-            (images_dir / f"{image.meta.patient_id}{other}").unlink(missing_ok=True)
+            (images_dir / f"{patient_id}{other}").unlink(missing_ok=True)
+    return f"{IMAGES_DIR}/{file_name}"
+
+
+def convert_file(task: tuple[str, list[int], str, int | None, str, str]) -> dict[str, Any]:
+    """Worker: read one DICOM (or PNG/JPEG, by the task's source) and write its image (atomically). Returns a journal entry.
+
+    The entry holds the image's metadata, file name and sizes (``"image"``) and its
+    :func:`input_notes` (``"notes"``), or why it could not be read (``"bad"``). Boxes are not in
+    it: they come from the labels when the dataset is assembled, so a changed labels file never
+    needs the images converted again; the notes are in it, so a rerun that keeps the image still
+    reports them. A PNG/JPEG's tags come from the metadata CSV at assembly too, for the same reason.
+    """
+    path, signature, out_dir, image_size, normalization, source = task
+    if source == "picture":
+        return _convert_picture(path, signature, out_dir, image_size=image_size, normalization=normalization)
+    try:
+        image = read_dicom(Path(path))
+    except DicomReadError as error:
+        return {"file": path, "signature": signature, "bad": {"reason": error.reason, "kind": error.kind}}
+    extension, data = image_bytes(image, image_size=image_size, normalization=normalization)
+    file_name = _write_image(out_dir, image.meta.patient_id, extension, data)
     height, width = (image_size, image_size) if image_size is not None else image.pixels.shape
     meta = image.meta
     return {
@@ -227,7 +275,7 @@ def convert_file(task: tuple[str, list[int], str, int | None, str]) -> dict[str,
         "signature": signature,
         "image": {
             "patient_id": meta.patient_id,
-            "file_name": f"{IMAGES_DIR}/{file_name}",
+            "file_name": file_name,
             "width": width,
             "height": height,
             "original_width": meta.columns,
@@ -238,6 +286,40 @@ def convert_file(task: tuple[str, list[int], str, int | None, str]) -> dict[str,
             "pixel_spacing": list(meta.pixel_spacing) if meta.pixel_spacing else None,
         },
         "notes": input_notes(meta),
+    }
+
+
+def _convert_picture(path: str, signature: list[int], out_dir: str, *, image_size: int | None, normalization: str) -> dict[str, Any]:
+    """:func:`convert_file` for a PNG or JPEG; the patientId is the file stem, the tags are filled at assembly."""
+    try:
+        data = Path(path).read_bytes()
+        image = read_xray(data, name=path)
+        if image.format == "dicom":  # content decides, but a DICOM in an image folder would carry tags the records would then lack
+            raise ImageReadError(path, "is a DICOM file with a picture's name; convert DICOMs with --dicom-dir", kind="not_an_image")
+    except ImageReadError as error:
+        return {"file": path, "signature": signature, "bad": {"reason": error.reason, "kind": error.kind}}
+    except OSError as error:
+        return {"file": path, "signature": signature, "bad": {"reason": f"cannot be read ({error.strerror or error}); check the file", "kind": "missing"}}
+    patient_id = Path(path).stem
+    extension, encoded = picture_bytes(image, data, image_size=image_size, normalization=normalization)
+    file_name = _write_image(out_dir, patient_id, extension, encoded)
+    height, width = (image_size, image_size) if image_size is not None else image.pixels.shape
+    return {
+        "file": path,
+        "signature": signature,
+        "image": {
+            "patient_id": patient_id,
+            "file_name": file_name,
+            "width": width,
+            "height": height,
+            "original_width": image.width,
+            "original_height": image.height,
+            "age": None,
+            "sex": "",
+            "view_position": "",
+            "pixel_spacing": None,
+        },
+        "notes": [dict(note) for note in image.notes] + size_notes(rows=image.height, columns=image.width),
     }
 
 
@@ -310,10 +392,13 @@ def _still_valid(entry: dict[str, Any] | None, path: Path, out_dir: Path) -> boo
 
 
 def convert_dataset(
-    dicom_dir: Path,
+    source_dir: Path,
     labels: Mapping[str, PatientLabels],
     out_dir: Path,
     *,
+    source: str = "dicom",
+    metadata: MetadataTable | None = None,
+    label_space: tuple[int, int] | None = None,
     image_size: int | None = None,
     normalization: str = "none",
     folds: int = 5,
@@ -321,22 +406,33 @@ def convert_dataset(
     workers: int = 1,
     progress: bool = True,
 ) -> ConversionReport:
-    """Convert every labelled DICOM under ``dicom_dir`` into a COCO dataset in ``out_dir``.
+    """Convert every labelled image under ``source_dir`` into a COCO dataset in ``out_dir``.
 
-    Bad DICOMs are skipped and recorded in the report, never fatal; DICOMs the labels do not
+    ``source`` is ``'dicom'`` (``*.dcm``; tags from each file) or ``'picture'`` (``*.png``,
+    ``*.jpg``, ``*.jpeg`` named by patientId; tags from ``metadata``, else empty). The labels'
+    boxes are in each image's own pixels, or, with ``label_space=(width, height)``, in that space
+    (RSNA's 1024x1024 labels on resized derivatives); either way they are scaled to the written
+    image and back at prediction.
+
+    Bad files are skipped and recorded in the report, never fatal; files the labels do not
     name are skipped too (their truth is unknown, and writing them with no annotations would
     claim they are negative). ``workers`` processes convert in parallel; the output is the same
     for any number. A rerun converts only new or changed files, and a run killed at any moment
     and started again ends with the same output as an uninterrupted one.
     """
     check_normalization(normalization)  # before any work, not in the first worker
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if source == "dicom" and (metadata is not None or label_space is not None):
+        raise LungdetError("--metadata and --label-space are for PNG/JPEG folders (--image-dir); a DICOM carries its own tags and pixel space")
     # Workers start now, so that their start-up (about 0.3 s of imports each) overlaps the scan
     # of the folder. spawn, not fork: a forked child inherits OpenCV's thread pool mid-use and
     # can hang on its first resize.
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) if workers > 1 else None
     try:
         return _convert_dataset(
-            dicom_dir, labels, Path(out_dir), pool, image_size=image_size, normalization=normalization, folds=folds, seed=seed, progress=progress
+            source_dir, labels, Path(out_dir), pool, source=source, metadata=metadata, label_space=label_space,
+            image_size=image_size, normalization=normalization, folds=folds, seed=seed, progress=progress,
         )
     finally:
         if pool is not None:
@@ -344,11 +440,14 @@ def convert_dataset(
 
 
 def _convert_dataset(
-    dicom_dir: Path,
+    source_dir: Path,
     labels: Mapping[str, PatientLabels],
     out_dir: Path,
     pool: multiprocessing.pool.Pool | None,
     *,
+    source: str,
+    metadata: MetadataTable | None,
+    label_space: tuple[int, int] | None,
     image_size: int | None,
     normalization: str,
     folds: int,
@@ -360,11 +459,20 @@ def _convert_dataset(
     # A SIGKILL during a write leaves its temporary file (never a half image under the real name).
     for stale in (out_dir / IMAGES_DIR).glob(".*.tmp"):
         stale.unlink()
-    report = ConversionReport()
+    report = ConversionReport(
+        source=source, label_space="image" if label_space is None else f"{label_space[0]}x{label_space[1]}",
+        metadata=None if metadata is None else str(metadata.path), metadata_columns=[] if metadata is None else list(metadata.columns),
+    )
+    if metadata is not None:
+        report.metadata_problems.extend(metadata.problems)
+        report.metadata_problems.extend(
+            {"file": str(metadata.path), "kind": "metadata_unknown_patient", "reason": f"patient {patient} is not in the labels; row ignored"}
+            for patient in metadata.tags if patient not in labels
+        )
     # Plain strings, not Path objects: at 26k files the difference is megabytes.
     found: set[str] = set()
     candidates: list[str] = []
-    for path in find_dicoms(dicom_dir):
+    for path in (find_dicoms(source_dir) if source == "dicom" else find_images(source_dir)):
         if path.stem not in labels:
             report.unlabelled_files.append(str(path))
         elif path.stem in found:
@@ -376,14 +484,14 @@ def _convert_dataset(
     report.labelled_without_dicom = len(report.labelled_without_dicom_ids)
     del found
 
-    settings = {"image_size": image_size, "normalization": normalization, "journal_version": JOURNAL_VERSION}
+    settings = {"image_size": image_size, "normalization": normalization, "source": source, "journal_version": JOURNAL_VERSION}
     journal_path = out_dir / JOURNAL_FILE
     previous = load_journal(journal_path, settings)
     reusable = {path: previous[path] for path in candidates if _still_valid(previous.get(path), Path(path), out_dir)}
     # Tasks are made as the workers ask for them, not held as a list; reusable entries are popped
     # as they are used, so the generator needs its own fixed set of what to skip.
     kept_paths = frozenset(reusable)
-    todo = ((path, file_signature(Path(path)), str(out_dir), image_size, normalization) for path in candidates if path not in kept_paths)
+    todo = ((path, file_signature(Path(path)), str(out_dir), image_size, normalization, source) for path in candidates if path not in kept_paths)
     todo_count = len(candidates) - len(kept_paths)
     fresh_journal = not previous
     del previous  # entries of files no longer here need not stay in memory
@@ -414,7 +522,10 @@ def _convert_dataset(
         # not grow with the number of files; the spools vanish when closed, even after a crash.
         image_spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)
         annotation_spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)
-        boxes_per_patient = assemble_coco(entries_in_file_order(), labels, report, image_spool=image_spool, annotation_spool=annotation_spool)
+        boxes_per_patient = assemble_coco(
+            entries_in_file_order(), labels, report, image_spool=image_spool, annotation_spool=annotation_spool,
+            label_space=label_space, tags=None if metadata is None else metadata.tags,
+        )
 
     # Stratify on the boxes actually written: a positive whose boxes all fell outside is a negative image here.
     for patient, count in boxes_per_patient.items():
@@ -427,6 +538,8 @@ def _convert_dataset(
         "normalization": normalization,
         "folds": folds,
         "fold_seed": seed,
+        "source": source,
+        "label_space": report.label_space,
     }
     with image_spool, annotation_spool:
         write_folds_csv(out_dir / FOLDS_FILE, spooled_images_with_folds(image_spool, fold_of))
@@ -442,14 +555,18 @@ def assemble_coco(
     *,
     image_spool: IO[str],
     annotation_spool: IO[str],
+    label_space: tuple[int, int] | None = None,
+    tags: Mapping[str, ImageTags] | None = None,
 ) -> dict[str, int]:
     """COCO image and annotation records from journal entries (in file order) and the labels.
 
     Each record is written as one JSON line to its spool (images without their fold, which is
     known only at the end); returns ``{patientId: boxes kept}`` in file order. Boxes are scaled
-    from original DICOM pixels to the written image's pixels per axis and clipped to it; a box left
-    thinner than ``MIN_BOX_SIDE`` is dropped and reported. Bad files and the notes on converted
-    files go to the report.
+    from the labels' pixels (the DICOM's, the image's own, or ``label_space`` ``(width, height)``,
+    which then becomes the record's ``original_width``/``original_height``) to the written image's
+    pixels per axis and clipped to it; a box left thinner than ``MIN_BOX_SIDE`` is dropped and
+    reported. ``tags`` (from a metadata CSV) fill a PNG/JPEG's age, sex, view and spacing. Bad
+    files and the notes on converted files go to the report.
     """
     boxes_per_patient: dict[str, int] = {}
     annotation_count = 0
@@ -458,9 +575,16 @@ def assemble_coco(
             report.bad_files.append({"file": entry["file"], "reason": entry["bad"]["reason"], "kind": entry["bad"]["kind"]})
             continue
         report.notes.extend({"file": entry["file"], **note} for note in entry["notes"])
-        image = entry["image"]
+        image = dict(entry["image"])
         patient_id, width, height = image["patient_id"], image["width"], image["height"]
+        if label_space is not None:
+            image["original_width"], image["original_height"] = label_space
+        if tags is not None:
+            image.update(_tag_fields(entry["file"], tags.get(patient_id), report))
         truth = labels[patient_id]
+        if len(truth.boxes):
+            ends = truth.boxes[:, :2] + truth.boxes[:, 2:]
+            report.boxes_past_edge += int(((ends[:, 0] > image["original_width"] + PAST_EDGE_TOLERANCE) | (ends[:, 1] > image["original_height"] + PAST_EDGE_TOLERANCE)).sum())
         scaled = scale_xywh(truth.boxes, scale_x=width / image["original_width"], scale_y=height / image["original_height"])
         clipped = clip_xywh(scaled, width=width, height=height)
         image_id = len(boxes_per_patient) + 1
@@ -494,6 +618,20 @@ def assemble_coco(
         report.positives += int(kept > 0)
         report.boxes += kept
     return boxes_per_patient
+
+
+def _tag_fields(file: str, tags: ImageTags | None, report: ConversionReport) -> dict[str, Any]:
+    """The image record's tag fields from a metadata row (empty, with a note, when the patient has none)."""
+    if tags is None:
+        report.notes.append({"file": file, "kind": "no_metadata", "reason": "the metadata CSV has no row for this patient; age, sex and view left unknown"})
+        tags = ImageTags()
+    report.notes.extend({"file": file, **note} for note in age_notes(tags.age))
+    return {
+        "age": tags.age,
+        "sex": tags.sex,
+        "view_position": tags.view_position,
+        "pixel_spacing": list(tags.pixel_spacing) if tags.pixel_spacing else None,
+    }
 
 
 def spooled_images_with_folds(image_spool: IO[str], fold_of: Mapping[str, int]) -> Iterator[dict[str, Any]]:
@@ -545,29 +683,49 @@ def format_report(report: ConversionReport, out_dir: Path) -> str:
     The length does not grow with the dataset (at most ``SUMMARY_EXAMPLES`` files per kind), so
     26k files with one systematic problem print a screenful; conversion_report.json has every file.
     """
+    files = "DICOMs" if report.source == "dicom" else "images"
     lines = [
         f"converted {report.converted} images ({report.positives} with opacities, {report.boxes} boxes) into {out_dir}",
         f"  COCO: {out_dir / ANNOTATIONS_FILE}   folds: {out_dir / FOLDS_FILE}   report: {out_dir / REPORT_FILE}",
     ]
+    if report.source == "picture":
+        if report.label_space == "image":
+            lines.append("  boxes: the labels are taken to be in each image's own pixels (the default; --label-space WxH says otherwise)")
+        else:
+            lines.append(f"  boxes: the labels are in {report.label_space} pixels (--label-space), scaled to each image's own size")
+        if report.metadata is None:
+            lines.append("  no --metadata: age, sex and view position are unknown (EDA, score slices and the page say so)")
+        else:
+            missing = [column for column in TAG_COLUMNS if column not in report.metadata_columns]
+            lines.append(f"  tags {', '.join(report.metadata_columns)} from {report.metadata}" + (f" (no {', '.join(missing)}: unknown)" if missing else ""))
+    if report.boxes_past_edge:
+        hint = ""
+        if report.source == "picture" and report.label_space == "image":
+            hint = "; are the labels in another pixel space than the images? RSNA's are 1024x1024: give --label-space 1024x1024"
+        lines.append(f"  {report.boxes_past_edge} label boxes reach past their image's edge (clipped to it, dropped when nothing was left){hint}")
     if report.labelled_without_dicom:
         # Usual when converting a subset, so only counted here; the patientIds are in the JSON report.
         lines.append(
-            f"  {report.labelled_without_dicom} labelled patients have no DICOM in this folder "
+            f"  {report.labelled_without_dicom} labelled patients have no {'DICOM' if report.source == 'dicom' else 'image file'} in this folder "
             f"(fine for a subset; their patientIds are in {REPORT_FILE})"
         )
     if report.unlabelled_files:
-        lines.append(f"  skipped {len(report.unlabelled_files)} DICOMs the labels do not name (truth unknown):")
+        lines.append(f"  skipped {len(report.unlabelled_files)} {files} the labels do not name (truth unknown):")
         lines.extend(_examples(report.unlabelled_files))
     if report.duplicate_files:
-        lines.append(f"  skipped {len(report.duplicate_files)} DICOMs whose patientId (file name) was already found in another folder:")
+        lines.append(f"  skipped {len(report.duplicate_files)} {files} whose patientId (file name) was already found in another file:")
         lines.extend(_examples(report.duplicate_files))
+    if report.metadata_problems:
+        lines.append(f"  {len(report.metadata_problems)} metadata rows not used as given ({_count_kinds(report.metadata_problems)}):")
+        for kind in sorted({problem["kind"] for problem in report.metadata_problems}):
+            lines.extend(_examples([f"{problem['file']}: {problem['reason']}" for problem in report.metadata_problems if problem["kind"] == kind]))
     if report.dropped_boxes:
         lines.append(f"  dropped {len(report.dropped_boxes)} boxes outside the image:")
         lines.extend(_examples([f"{dropped['patientId']} {dropped['box']}: {dropped['reason']}" for dropped in report.dropped_boxes]))
     if report.reused:
         lines.append(f"  {report.reused} images were already converted with these settings and kept")
     if report.bad_files:
-        lines.append(f"  skipped {len(report.bad_files)} unreadable DICOMs ({_count_kinds(report.bad_files)}):")
+        lines.append(f"  skipped {len(report.bad_files)} unreadable {files} ({_count_kinds(report.bad_files)}):")
         for kind in sorted({bad["kind"] for bad in report.bad_files}):
             lines.extend(_examples([f"{bad['file']}: {bad['reason']}" for bad in report.bad_files if bad["kind"] == kind]))
     if report.notes:
@@ -580,13 +738,34 @@ def format_report(report: ConversionReport, out_dir: Path) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungdet convert",
-        description="Convert RSNA DICOMs and labels into a COCO dataset (8-bit images, negatives kept) with patient-level folds.",
-        epilog="example: lungdet convert --dicom-dir stage_2_train_images --labels stage_2_train_labels.csv "
-        "--class-info stage_2_detailed_class_info.csv --out data/coco --image-size 512",
+        description="Convert RSNA DICOMs (or their PNG/JPEG derivatives) and labels into a COCO dataset (8-bit images, negatives kept) "
+        "with patient-level folds.",
+        epilog="examples:\n"
+        "  lungdet convert --dicom-dir stage_2_train_images --labels stage_2_train_labels.csv "
+        "--class-info stage_2_detailed_class_info.csv --out data/coco --image-size 512\n"
+        "  lungdet convert --image-dir rsna_real/images --labels rsna_real/labels.csv --class-info rsna_real/class_info.csv "
+        "--metadata rsna_real/metadata.csv --out data/real256 --image-size 256\n"
+        "  lungdet convert --image-dir png256 --labels stage_2_train_labels.csv --label-space 1024x1024 --out data/png256",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--dicom-dir", type=Path, required=True, help="folder with the .dcm files (searched recursively)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dicom-dir", type=Path, help="folder with the .dcm files (searched recursively)")
+    source.add_argument(
+        "--image-dir", type=Path,
+        help="folder with PNG or JPEG files named {patientId}.png|.jpg (searched recursively), instead of DICOMs",
+    )
     parser.add_argument("--labels", type=Path, required=True, help="stage_2_train_labels.csv (patientId,x,y,width,height,Target)")
     parser.add_argument("--class-info", type=Path, default=None, help="optional stage_2_detailed_class_info.csv (patientId,class)")
+    parser.add_argument(
+        "--metadata", type=Path, default=None,
+        help="with --image-dir: CSV of patientId plus any of PatientAge, PatientSex, ViewPosition, PixelSpacing (the DICOM tags "
+        "the images lost); without it those fields are unknown",
+    )
+    parser.add_argument(
+        "--label-space", type=image_dimensions, default=None, metavar="WxH",
+        help="with --image-dir: the pixel space of the labels' boxes, e.g. 1024x1024 for RSNA labels on resized copies "
+        "(default: each image's own size)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder for annotations.json, images/, folds.csv")
     parser.add_argument("--image-size", type=int_in_range(32, 4096), default=None, help="write square N x N PNGs (boxes scaled to match); default: the DICOM's own size, kept as its own JPEG stream where possible")
     parser.add_argument("--folds", type=int_in_range(2), default=5, help="number of patient-level folds, stratified by box count (default 5)")
@@ -602,14 +781,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.dicom_dir is not None and (args.metadata is not None or args.label_space is not None):
+        raise LungdetError("--metadata and --label-space go with --image-dir; a DICOM carries its own tags and pixel space")
     keep_freed_memory()  # this process converts too when --workers is 1
     labels = read_labels(args.labels, args.class_info)
+    metadata = read_metadata_csv(args.metadata) if args.metadata is not None else None
+    source_dir, source = (args.dicom_dir, "dicom") if args.dicom_dir is not None else (args.image_dir, "picture")
     report = convert_dataset(
-        args.dicom_dir, labels, args.out,
+        source_dir, labels, args.out, source=source, metadata=metadata, label_space=args.label_space,
         image_size=args.image_size, normalization=args.normalize, folds=args.folds, seed=args.seed, workers=args.workers,
     )
     print(format_report(report, args.out))
     if report.converted == 0:
-        print(f"lungdet convert: no image was converted; check that {args.dicom_dir} holds .dcm files named by patientId", file=sys.stderr)
+        kind = ".dcm files" if source == "dicom" else ".png or .jpg files"
+        print(f"lungdet convert: no image was converted; check that {source_dir} holds {kind} named by patientId", file=sys.stderr)
         return 1
     return 1 if args.strict and report.bad_files else 0

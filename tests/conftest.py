@@ -1,6 +1,6 @@
 """Shared fixtures: where the real sample data lives, and a synthetic DICOM built in code.
 
-The real data (13 RSNA DICOMs, the full label CSVs, a SIIM DICOM and its MONOCHROME1 twin) sits in
+The real data (13 RSNA DICOMs, the full label CSVs, 1,000 real RSNA JPEGs with their labels, a SIIM DICOM and its MONOCHROME1 twin) sits in
 ``shared/data`` beside the clone; set ``LUNGDET_SHARED_DATA`` to point elsewhere. Without it the
 tests that need it are skipped, except under CI (``CI`` set), where a skip would hide a broken path.
 """
@@ -46,6 +46,12 @@ def rsna_labels_csv() -> Path:
 def rsna_class_info_csv() -> Path:
     """The complete stage_2_detailed_class_info.csv, same row order as the labels."""
     return _shared_path("rsna_sample/stage_2_detailed_class_info.csv")
+
+
+@pytest.fixture(scope="session")
+def rsna_real_dir() -> Path:
+    """The 1,000 real RSNA radiographs as JPEGs: images/, labels.csv, class_info.csv, metadata.csv (never copied into the repo)."""
+    return _shared_path("rsna_real")
 
 
 @pytest.fixture(scope="session")

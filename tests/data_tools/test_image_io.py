@@ -17,7 +17,7 @@ from pydicom.encaps import encapsulate
 
 from data_tools.dicom_io import read_dicom
 from data_tools.errors import DicomReadError, ImageReadError
-from data_tools.image_io import MIN_SIDE, read_xray, sniff_format
+from data_tools.image_io import MIN_SIDE, find_images, read_picture_size, read_xray, sniff_format
 
 
 def png_bytes(pixels: np.ndarray, **save_options) -> bytes:
@@ -127,6 +127,36 @@ def test_exif_rotated_jpeg_is_turned_upright() -> None:
     image = read_xray(jpeg_bytes(pixels, exif=exif.tobytes()), name="phone.jpg")
     assert (image.width, image.height) == (40, 80)
     assert [note["kind"] for note in image.notes] == ["exif_rotated"]
+
+
+def test_only_an_upright_8_bit_grey_file_is_its_own_pixels() -> None:
+    """convert copies a PNG/JPEG byte for byte only when decoding the file gives exactly the pixels lungdet reads."""
+    grey = gradient(40, 80)
+    assert read_xray(png_bytes(grey), name="grey.png").file_is_pixels
+    assert read_xray(jpeg_bytes(grey), name="grey.jpg").file_is_pixels
+    assert not read_xray(png_bytes(np.dstack([grey] * 3)), name="colour.png").file_is_pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert not read_xray(jpeg_bytes(grey, exif=exif.tobytes()), name="phone.jpg").file_is_pixels
+
+
+def test_picture_size_from_the_header_alone(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "phone.jpg").write_bytes(jpeg_bytes(gradient(40, 80), exif=exif.tobytes()))
+    (tmp_path / "plain.png").write_bytes(png_bytes(gradient(40, 80)))
+    (tmp_path / "cut.png").write_bytes(png_bytes(gradient(40, 80))[:12])
+    (tmp_path / "notes.txt").write_text("hello")
+    assert read_picture_size(tmp_path / "plain.png") == (80, 40)
+    assert read_picture_size(tmp_path / "phone.jpg") == (40, 80)  # upright, as read_xray turns it
+    with pytest.raises(ImageReadError, match="header cannot be read") as cut:
+        read_picture_size(tmp_path / "cut.png")
+    assert cut.value.kind == "undecodable"
+    with pytest.raises(ImageReadError, match="not a PNG or JPEG"):
+        read_picture_size(tmp_path / "notes.txt")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deep.JPEG").write_bytes(jpeg_bytes(gradient(40, 80)))
+    assert [path.name for path in find_images(tmp_path)] == ["cut.png", "phone.jpg", "plain.png", "deep.JPEG"]
 
 
 # --- bad input ----------------------------------------------------------------------------------
