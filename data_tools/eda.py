@@ -12,7 +12,9 @@ Run::
         --dicom-dir stage_2_train_images --out eda
 
 then open ``eda/index.html``. Every file is written atomically. Boxes are XYWH_ABS in each
-DICOM's original pixels, as in the labels CSV.
+DICOM's original pixels, as in the labels CSV. For PNG/JPEG derivatives, ``--image-dir DIR
+--metadata metadata.csv`` takes the place of ``--dicom-dir``: sizes from each file's header, tags
+from the CSV (see :mod:`data_tools.metadata`), unknown without it.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from tqdm import tqdm
 from data_tools.atomic import write_bytes_atomic, write_text_atomic
 from data_tools.boxes import as_box_array
 from data_tools.cli_types import int_in_range
-from data_tools.dicom_io import DicomMeta, find_dicoms, read_dicom, read_dicom_metadata
-from data_tools.errors import DicomReadError, LungdetError
+from data_tools.dicom_io import DicomMeta, find_dicoms, read_dicom_metadata
+from data_tools.errors import DicomReadError, ImageReadError, LungdetError
+from data_tools.image_io import find_images, read_picture_size, read_xray
 from data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, PatientLabels, read_labels
+from data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
 from data_tools.visualize import draw_overlay, encode_image, fit_for_display
 
 INDEX_FILE = "index.html"
@@ -337,6 +341,25 @@ def scan_metadata(paths: Sequence[Path], *, progress: bool = False) -> MetadataS
     return MetadataScan(records=records, unreadable=unreadable)
 
 
+def scan_pictures(paths: Sequence[Path], metadata: MetadataTable | None, *, progress: bool = False) -> MetadataScan:
+    """Each PNG/JPEG's size from its header (no decoding) and its tags from ``metadata`` (empty without a row); unreadable files listed."""
+    records: list[DicomMeta] = []
+    unreadable: list[tuple[Path, str]] = []
+    tags_of = metadata.tags if metadata is not None else {}
+    for path in tqdm(paths, desc="eda images", unit="file", disable=None if progress else True):
+        try:
+            width, height = read_picture_size(Path(path))
+        except ImageReadError as error:
+            unreadable.append((Path(path), error.reason))
+            continue
+        tags = tags_of.get(Path(path).stem, ImageTags())
+        records.append(DicomMeta(
+            path=Path(path), patient_id=Path(path).stem, patient_id_tag="", age=tags.age, sex=tags.sex, view_position=tags.view_position,
+            rows=height, columns=width, pixel_spacing=tags.pixel_spacing, modality="", photometric_interpretation="",
+        ))
+    return MetadataScan(records=records, unreadable=unreadable)
+
+
 # --- figures ------------------------------------------------------------------------------------
 
 
@@ -546,11 +569,15 @@ def plot_pixel_spacing(metadata: MetadataStats) -> bytes:
 
 
 def encode_sample_png(patient: PatientLabels, path: Path) -> tuple[bytes, int]:
-    """Read one DICOM's pixels and draw its truth boxes (XYWH_ABS, original pixels) at page size.
+    """Read one image's pixels (DICOM, PNG or JPEG) and draw its truth boxes (XYWH_ABS, original pixels) at page size.
 
-    Returns the PNG bytes and the number of boxes drawn. Raises DicomReadError if it cannot be decoded.
+    Returns the PNG bytes and the number of boxes drawn. Raises ImageReadError if it cannot be decoded.
     """
-    image = read_dicom(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageReadError(path, f"cannot be read ({error.strerror or error})", kind="missing") from None
+    image = read_xray(data, name=str(path))
     pixels, truth, _ = fit_for_display(image.pixels, as_box_array(patient.boxes), None, max_size=SAMPLE_MAX_SIZE)
     rgb = draw_overlay(pixels, truth=truth, prediction=None, title=patient.patient_id)
     return encode_image(rgb, ".png", what=f"{path}: the sample image"), len(truth)
@@ -725,16 +752,21 @@ def render_index_html(
     dicom_count: int | None,
     samples_per_class: int,
     seed: int,
+    source_kind: str = "DICOM",
+    metadata_csv: Path | None = None,
 ) -> str:
-    """The HTML page: header (files used, counts, notice), one block per figure, samples, file lists."""
+    """The HTML page: header (files used, counts, notice), one block per figure, samples, file lists.
+
+    ``source_kind`` is 'DICOM' or 'image' (PNG/JPEG with ``metadata_csv``); ``dicom_dir`` is the folder of either.
+    """
     stats = report.stats
     metadata = stats.metadata
     counts = f"{stats.patient_count:,} patients ({stats.positive_count:,} positive, {stats.negative_count:,} negative), {stats.box_count:,} boxes"
     if dicom_count is not None and metadata is not None:
         counts += (
-            f"; {dicom_count:,} DICOM files found: {metadata.labelled_count:,} in the labels, {len(metadata.unlabelled_paths):,} not in the labels, "
+            f"; {dicom_count:,} {source_kind} files found: {metadata.labelled_count:,} in the labels, {len(metadata.unlabelled_paths):,} not in the labels, "
             f"{len(metadata.duplicate_paths):,} duplicate patientIds, {len(report.unreadable):,} unreadable; "
-            f"{metadata.labelled_without_dicom_count:,} labelled patients have no DICOM in the folder"
+            f"{metadata.labelled_without_dicom_count:,} labelled patients have no {source_kind} file in the folder"
         )
     blocks = []
     for section in report.sections:
@@ -746,7 +778,12 @@ def render_index_html(
             f"<div><h2>{html.escape(section.title)}</h2><ul>{numbers}</ul></div></section>"
         )
     if metadata is None:
-        blocks.append("<p><i>No --dicom-dir given: age, sex, view position and pixel spacing come from DICOM tags and are not shown.</i></p>")
+        blocks.append(
+            "<p><i>No --dicom-dir (or --image-dir) given: age, sex, view position and pixel spacing come from DICOM tags "
+            "(or --metadata) and are not shown.</i></p>"
+        )
+    elif source_kind == "image" and metadata_csv is None:
+        blocks.append("<p><i>PNG/JPEG files carry no DICOM tags and no --metadata CSV was given: age, sex, view position and pixel spacing are unknown.</i></p>")
     if report.samples:
         sample_blocks = []
         for group, samples in report.samples.items():
@@ -758,22 +795,23 @@ def render_index_html(
             sample_blocks.append(f"<h3>{html.escape(group)} ({len(samples)})</h3><div class=\"samples\">{figures}</div>")
         blocks.append(
             '<section><h2>Sample images</h2><p class="caption">'
-            f"Up to {samples_per_class} images per class chosen at random (seed {seed}) among the DICOMs in the folder, "
+            f"Up to {samples_per_class} images per class chosen at random (seed {seed}) among the {source_kind} files in the folder, "
             f"truth boxes in green, shrunk to {SAMPLE_MAX_SIZE} px.</p>{''.join(sample_blocks)}</section>"
         )
     elif dicom_dir is None and samples_per_class:
         blocks.append("<p><i>No --dicom-dir given, so there are no sample images.</i></p>")
-    files = _file_list("Unreadable DICOM files (skipped)", [f"{path}: {reason}" for path, reason in report.unreadable])
+    files = _file_list(f"Unreadable {source_kind} files (skipped)", [f"{path}: {reason}" for path, reason in report.unreadable])
     if metadata is not None:
-        files += _file_list("DICOM files not in the labels (skipped)", [str(path) for path in metadata.unlabelled_paths])
-        files += _file_list("DICOM files repeating a patientId (skipped; the first one counts)", [str(path) for path in metadata.duplicate_paths])
+        files += _file_list(f"{source_kind} files not in the labels (skipped)", [str(path) for path in metadata.unlabelled_paths])
+        files += _file_list(f"{source_kind} files repeating a patientId (skipped; the first one counts)", [str(path) for path in metadata.duplicate_paths])
     if files:
         blocks.append(f"<section><h2>Skipped files</h2>{files}</section>")
     sources = "".join(
         [
             _source_line("Labels", labels_csv, ""),
             _source_line("Class info", class_info_csv, "not given"),
-            _source_line("DICOM folder", dicom_dir, "not given"),
+            _source_line(f"{source_kind} folder", dicom_dir, "not given"),
+            *([_source_line("Metadata CSV", metadata_csv, "")] if metadata_csv is not None else []),
         ]
     )
     return f"""<!DOCTYPE html>
@@ -802,17 +840,28 @@ def write_eda(
     class_info_csv: Path | None = None,
     dicom_paths: Sequence[Path] | None = None,
     dicom_dir: Path | None = None,
+    image_paths: Sequence[Path] | None = None,
+    image_dir: Path | None = None,
+    metadata: MetadataTable | None = None,
     samples_per_class: int = DEFAULT_SAMPLES_PER_CLASS,
     seed: int = 0,
     progress: bool = False,
 ) -> EdaReport:
     """Compute the statistics, write every figure PNG and ``out_dir/index.html`` (all atomically).
 
-    ``dicom_paths`` (None: no DICOMs) are read metadata-only; only the chosen sample images are
+    ``dicom_paths`` (None: no DICOMs) are read metadata-only; or ``image_paths`` (PNG/JPEG), their
+    sizes from the headers and their tags from ``metadata``. Only the chosen sample images are
     decoded. Unreadable files are listed in the report and on the page, never fatal.
     """
+    if dicom_paths is not None and image_paths is not None:
+        raise ValueError("give dicom_paths or image_paths, not both")
     out_dir = Path(out_dir)
-    scan = scan_metadata(dicom_paths, progress=progress) if dicom_paths is not None else None
+    if dicom_paths is not None:
+        scan = scan_metadata(dicom_paths, progress=progress)
+    elif image_paths is not None:
+        scan = scan_pictures(image_paths, metadata, progress=progress)
+    else:
+        scan = None
     stats = compute_stats(labels, scan.records if scan is not None else None)
     unreadable = list(scan.unreadable) if scan is not None else []
 
@@ -834,7 +883,7 @@ def write_eda(
                     break
                 try:
                     png, box_count = encode_sample_png(labels[patient_id], paths[patient_id])
-                except DicomReadError as error:
+                except ImageReadError as error:
                     # Tags read fine but the pixels do not decode: list it and take the next candidate.
                     unreadable.append((paths[patient_id], error.reason))
                     continue
@@ -849,8 +898,10 @@ def write_eda(
         report,
         labels_csv=labels_csv,
         class_info_csv=class_info_csv,
-        dicom_dir=dicom_dir,
-        dicom_count=len(dicom_paths) if dicom_paths is not None else None,
+        dicom_dir=dicom_dir if image_paths is None else image_dir,
+        dicom_count=len(dicom_paths) if dicom_paths is not None else len(image_paths) if image_paths is not None else None,
+        source_kind="DICOM" if image_paths is None else "image",
+        metadata_csv=None if metadata is None else metadata.path,
         samples_per_class=samples_per_class,
         seed=seed,
     )
@@ -874,15 +925,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--labels", type=Path, required=True, help="RSNA labels CSV (patientId,x,y,width,height,Target)")
     parser.add_argument("--class-info", type=Path, help="RSNA class info CSV (patientId,class) to split the negatives into Normal and Not Normal")
-    parser.add_argument(
+    images = parser.add_mutually_exclusive_group()
+    images.add_argument(
         "--dicom-dir", type=Path, help="folder of .dcm files (searched recursively) for age/sex/view/spacing figures and sample images; tags only, except the samples"
+    )
+    images.add_argument(
+        "--image-dir", type=Path,
+        help="instead of DICOMs: folder of {patientId}.png|.jpg files (searched recursively) for the sample images, with their tags from --metadata",
+    )
+    parser.add_argument(
+        "--metadata", type=Path,
+        help="with --image-dir: CSV of patientId plus any of PatientAge, PatientSex, ViewPosition, PixelSpacing (see lungdet convert --metadata)",
     )
     parser.add_argument("--out", type=Path, required=True, help="folder to write index.html and the PNG figures into")
     parser.add_argument(
         "--samples-per-class",
         type=int_in_range(0, 50),
         default=DEFAULT_SAMPLES_PER_CLASS,
-        help=f"sample images per class with their truth boxes, 0..50; needs --dicom-dir (default: {DEFAULT_SAMPLES_PER_CLASS})",
+        help=f"sample images per class with their truth boxes, 0..50; needs --dicom-dir or --image-dir (default: {DEFAULT_SAMPLES_PER_CLASS})",
     )
     parser.add_argument("--seed", type=int_in_range(0), default=0, help="random seed >= 0 for choosing the sample images (default: 0)")
     return parser
@@ -894,9 +954,15 @@ def main(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise LungdetError(f"--out {args.out}: is a file; pass a folder to write index.html and the PNGs into")
     # Find the DICOMs and read the CSVs before drawing anything, so a bad input fails in a second.
+    if args.metadata is not None and args.image_dir is None:
+        raise LungdetError("--metadata gives the tags of PNG/JPEG files; give their folder with --image-dir (DICOMs carry their own tags)")
     dicom_paths = find_dicoms(args.dicom_dir) if args.dicom_dir is not None else None
     if dicom_paths is not None and not dicom_paths:
         raise LungdetError(f"{args.dicom_dir}: no .dcm files found; pass the folder that holds the DICOMs (e.g. stage_2_train_images/) or leave out --dicom-dir")
+    image_paths = find_images(args.image_dir) if args.image_dir is not None else None
+    if image_paths is not None and not image_paths:
+        raise LungdetError(f"{args.image_dir}: no .png or .jpg files found; pass the folder that holds the images or leave out --image-dir")
+    metadata = read_metadata_csv(args.metadata) if args.metadata is not None else None
     labels = read_labels(args.labels, args.class_info)
     report = write_eda(
         args.out,
@@ -905,6 +971,9 @@ def main(args: argparse.Namespace) -> int:
         class_info_csv=args.class_info,
         dicom_paths=dicom_paths,
         dicom_dir=args.dicom_dir,
+        image_paths=image_paths,
+        image_dir=args.image_dir,
+        metadata=metadata,
         samples_per_class=args.samples_per_class,
         seed=args.seed,
         progress=True,
@@ -917,7 +986,10 @@ def main(args: argparse.Namespace) -> int:
     if stats.median_box_width is not None:
         print(f"  median box {stats.median_box_width:.0f} x {stats.median_box_height:.0f} px (width x height)")
     if stats.metadata is not None:
-        print(f"  {len(stats.metadata.unlabelled_paths)} DICOMs not in the labels, {len(report.unreadable)} unreadable (listed on the page)")
+        kind = "DICOMs" if image_paths is None else "images"
+        print(f"  {len(stats.metadata.unlabelled_paths)} {kind} not in the labels, {len(report.unreadable)} unreadable (listed on the page)")
+    if metadata is not None and metadata.problems:
+        print(f"  {len(metadata.problems)} rows of {args.metadata} not used as given, e.g. {metadata.problems[0]['file']}: {metadata.problems[0]['reason']}")
     return 0
 
 

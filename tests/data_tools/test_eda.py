@@ -18,6 +18,7 @@ from data_tools.boxes import clip_xywh
 from data_tools.dicom_io import DicomMeta
 from data_tools.errors import LabelError
 from data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, read_labels
+from data_tools.metadata import read_metadata_csv
 from detection.cli import main as cli_main
 
 # Five patients in the 1024 space: a has two boxes, c one, e one box that runs past the right edge.
@@ -201,18 +202,18 @@ def test_metadata_of_the_real_dicoms_matches_their_tags(rsna_sample_dir: Path, r
 def test_only_the_sample_images_are_decoded(monkeypatch, tmp_path: Path, rsna_sample_dir: Path, rsna_labels_csv: Path, rsna_class_info_csv: Path) -> None:
     opened: list[bool] = []
     decoded: list[Path] = []
-    open_dataset, read_dicom = dicom_io._open_dataset, eda.read_dicom
+    open_dataset, read_xray = dicom_io._open_dataset, eda.read_xray
 
-    def recording_open(path, *, stop_before_pixels):
+    def recording_open(path, *, stop_before_pixels, data=None):
         opened.append(stop_before_pixels)
-        return open_dataset(path, stop_before_pixels=stop_before_pixels)
+        return open_dataset(path, stop_before_pixels=stop_before_pixels, data=data)
 
-    def counting_read(path):
-        decoded.append(Path(path))
-        return read_dicom(path)
+    def counting_read(data, *, name):
+        decoded.append(Path(name))
+        return read_xray(data, name=name)
 
     monkeypatch.setattr(dicom_io, "_open_dataset", recording_open)
-    monkeypatch.setattr(eda, "read_dicom", counting_read)
+    monkeypatch.setattr(eda, "read_xray", counting_read)
     labels = read_labels(rsna_labels_csv, rsna_class_info_csv)
     report = eda.write_eda(
         tmp_path / "out", labels, labels_csv=rsna_labels_csv, dicom_paths=dicom_io.find_dicoms(rsna_sample_dir), samples_per_class=1, seed=0
@@ -305,3 +306,52 @@ def test_samples_per_class_is_range_checked(capsys) -> None:
     with pytest.raises(SystemExit):
         eda.get_args_parser().parse_args(["--labels", "l.csv", "--out", "o", "--samples-per-class", "51"])
     assert "must be between 0 and 50, got 51" in capsys.readouterr().err
+
+
+def test_an_image_folder_with_its_metadata_csv_gives_the_tag_figures(tmp_path: Path, rsna_real_dir: Path) -> None:
+    """Real JPEGs: sizes from their headers, age/sex/view from the CSV, as the DICOM tags would give them."""
+    chosen = sorted((rsna_real_dir / "images").glob("*.jpg"))[:40]
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for path in chosen:
+        (image_dir / path.name).symlink_to(path)
+    (image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk")
+    out = tmp_path / "eda"
+    status = cli_main([
+        "eda", "--labels", str(rsna_real_dir / "labels.csv"), "--class-info", str(rsna_real_dir / "class_info.csv"),
+        "--image-dir", str(image_dir), "--metadata", str(rsna_real_dir / "metadata.csv"), "--out", str(out), "--samples-per-class", "1",
+    ])
+    assert status == 0
+    page = (out / "index.html").read_text(encoding="utf-8")
+    referenced = png_names_in(out / "index.html")
+    assert {"age_by_target.png", "sex_by_target.png", "view_position_by_target.png"} <= set(referenced)
+    assert len([name for name in referenced if name.startswith("sample_")]) == 3
+    assert "41 image files found: 40 in the labels" in page and "broken.png: header cannot be read" in page
+    assert str(rsna_real_dir / "metadata.csv") in page
+
+    labels = read_labels(rsna_real_dir / "labels.csv")
+    tags = read_metadata_csv(rsna_real_dir / "metadata.csv").tags
+    scan = eda.scan_pictures(chosen, read_metadata_csv(rsna_real_dir / "metadata.csv"))
+    stats = eda.compute_metadata_stats(labels, scan.records)
+    expected_views = Counter(tags[path.stem].view_position for path in chosen)
+    assert {view: counts.total for view, counts in stats.view_by_target.items()} == dict(expected_views)
+    assert all((record.rows, record.columns) == (1024, 1024) for record in scan.records)
+    assert sorted(np.concatenate(list(stats.ages_by_target.values()))) == sorted(tags[path.stem].age for path in chosen)
+
+
+def test_an_image_folder_without_metadata_says_the_tags_are_unknown(tmp_path: Path, rsna_real_dir: Path) -> None:
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for path in sorted((rsna_real_dir / "images").glob("*.jpg"))[:5]:
+        (image_dir / path.name).symlink_to(path)
+    out = tmp_path / "eda"
+    assert cli_main(["eda", "--labels", str(rsna_real_dir / "labels.csv"), "--image-dir", str(image_dir), "--out", str(out)]) == 0
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "no --metadata CSV was given: age, sex, view position and pixel spacing are unknown" in page
+
+
+def test_metadata_without_an_image_folder_is_refused(tmp_path: Path, capsys) -> None:
+    labels_csv, _ = write_tiny_labels(tmp_path, with_class_info=False)
+    status = cli_main(["eda", "--labels", str(labels_csv), "--metadata", str(labels_csv), "--out", str(tmp_path / "eda")])
+    assert status == 2
+    assert "give their folder with --image-dir" in capsys.readouterr().err
