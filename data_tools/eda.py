@@ -38,7 +38,7 @@ from data_tools.boxes import as_box_array
 from data_tools.cli_types import int_in_range
 from data_tools.dicom_io import DicomMeta, find_dicoms, read_dicom_metadata
 from data_tools.errors import DicomReadError, ImageReadError, LungdetError
-from data_tools.image_io import find_images, read_picture_size, read_xray
+from data_tools.image_io import find_images, read_picture_size, read_xray_file
 from data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, PatientLabels, read_labels
 from data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
 from data_tools.visualize import draw_overlay, encode_image, fit_for_display
@@ -573,11 +573,7 @@ def encode_sample_png(patient: PatientLabels, path: Path) -> tuple[bytes, int]:
 
     Returns the PNG bytes and the number of boxes drawn. Raises ImageReadError if it cannot be decoded.
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise ImageReadError(path, f"cannot be read ({error.strerror or error})", kind="missing") from None
-    image = read_xray(data, name=str(path))
+    image = read_xray_file(path)
     pixels, truth, _ = fit_for_display(image.pixels, as_box_array(patient.boxes), None, max_size=SAMPLE_MAX_SIZE)
     rgb = draw_overlay(pixels, truth=truth, prediction=None, title=patient.patient_id)
     return encode_image(rgb, ".png", what=f"{path}: the sample image"), len(truth)

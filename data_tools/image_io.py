@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from data_tools.dicom_io import conversion_notes, over_pixel_limit, read_dicom_bytes, window_to_uint8
+from data_tools.dicom_io import conversion_notes, over_pixel_limit, read_dicom, read_dicom_bytes, window_to_uint8
 from data_tools.errors import ImageReadError, LungdetError
 
 FORMATS = ("dicom", "png", "jpeg")
@@ -175,6 +175,22 @@ def _read_dicom(data: bytes, *, name: str, max_pixels: int) -> XrayImage:
         age=meta.age,
         notes=tuple(conversion_notes(meta)),
     )
+
+
+def read_xray_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> XrayImage:
+    """:func:`read_xray` of the file at ``path``; a file that cannot be opened is an ImageReadError of kind 'missing'."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageReadError(path, f"cannot be read ({error.strerror or error}); check the path", kind="missing") from None
+    return read_xray(data, name=str(path), max_pixels=max_pixels)
+
+
+def read_file_pixels(path: Path) -> np.ndarray:
+    """uint8 ``[H, W]`` pixels of one X-ray file: a ``.dcm`` through the DICOM reader (its own messages), anything else by content."""
+    if Path(path).suffix.lower() == ".dcm":
+        return read_dicom(Path(path)).pixels
+    return read_xray_file(path).pixels
 
 
 def read_picture_size(path: Path) -> tuple[int, int]:

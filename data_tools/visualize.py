@@ -28,8 +28,9 @@ from tqdm import tqdm
 from data_tools.atomic import write_bytes_atomic, write_text_atomic
 from data_tools.boxes import as_box_array, scale_xywh
 from data_tools.cli_types import fraction, int_in_range
-from data_tools.dicom_io import find_dicoms, read_dicom
-from data_tools.errors import DicomReadError, LungdetError
+from data_tools.dicom_io import find_dicoms
+from data_tools.errors import ImageReadError, LungdetError
+from data_tools.image_io import find_images, read_file_pixels
 from data_tools.labels import PatientLabels, read_labels
 from submission.prediction_string import Prediction, keep_confident, read_submission
 from submission.score import match_predictions, score_image
@@ -414,11 +415,11 @@ def write_overlays(
     min_confidence: float = 0.0,
     progress: bool = False,
 ) -> VisualizeSummary:
-    """Write ``out_dir/{patientId}.png`` for each DICOM in ``paths`` and ``out_dir/index.html``.
+    """Write ``out_dir/{patientId}.png`` for each X-ray (DICOM, PNG or JPEG; patientId = file stem) in ``paths`` and ``out_dir/index.html``.
 
-    ``labels`` and ``predictions`` map patientId to boxes in original DICOM pixels (XYWH_ABS);
+    ``labels`` and ``predictions`` map patientId to boxes in each image's original pixels (XYWH_ABS);
     None means that source was not given, and a patient missing from a given source is shown
-    as 'not given' too. Unreadable DICOMs are skipped and returned with the reason.
+    as 'not given' too. Unreadable files are skipped and returned with the reason.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -426,17 +427,17 @@ def write_overlays(
     skipped: list[tuple[Path, str]] = []
     for path in tqdm(paths, desc="visualize", unit="img", disable=None if progress else True):
         try:
-            image = read_dicom(path)
-        except DicomReadError as error:
+            pixels = read_file_pixels(path)
+        except ImageReadError as error:
             skipped.append((Path(path), error.reason))
             tqdm.write(f"skipped {path}: {error.reason}")
             continue
-        patient_id = image.meta.patient_id
+        patient_id = Path(path).stem
         truth = labels[patient_id].boxes if labels is not None and patient_id in labels else None
         prediction = predictions.get(patient_id) if predictions is not None else None
         if prediction is not None:
             prediction = keep_confident(prediction, min_confidence=min_confidence)
-        pixels, shown_truth, shown_prediction = fit_for_display(image.pixels, truth, prediction, max_size=max_size)
+        pixels, shown_truth, shown_prediction = fit_for_display(pixels, truth, prediction, max_size=max_size)
         rgb = draw_overlay(pixels, truth=shown_truth, prediction=shown_prediction, title=patient_id)
         png_name = f"{patient_id}.png"
         write_bytes_atomic(out_dir / png_name, encode_image(rgb, ".png", what=f"{path}: the overlay"))
@@ -456,7 +457,7 @@ def write_overlays(
     return VisualizeSummary(entries=entries, skipped=skipped, index_html=index_html)
 
 
-def select_dicoms(
+def select_images(
     paths: Sequence[Path],
     *,
     labels: Mapping[str, PatientLabels] | None,
@@ -484,14 +485,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Arguments of ``lungdet visualize``."""
     parser = argparse.ArgumentParser(
         prog="lungdet visualize",
-        description="Draw truth (green) and predicted (orange, with confidence) boxes over DICOMs: one PNG each plus index.html.",
+        description="Draw truth (green) and predicted (orange, with confidence) boxes over DICOMs (or PNG/JPEG X-rays): one PNG each plus index.html.",
         epilog=(
             "example: lungdet visualize --dicom-dir data/stage_2_train_images --labels data/stage_2_train_labels.csv "
             "--submission runs/exp1/submission.csv --out runs/exp1/overlays --limit 50 --only-positive"
         ),
         add_help=add_help,
     )
-    parser.add_argument("--dicom-dir", type=Path, required=True, help="folder of .dcm files (searched recursively)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dicom-dir", type=Path, help="folder of .dcm files (searched recursively)")
+    source.add_argument("--image-dir", type=Path, help="folder of {patientId}.png|.jpg X-rays (searched recursively), instead of DICOMs")
     parser.add_argument("--labels", type=Path, help="RSNA labels CSV (patientId,x,y,width,height,Target) for the truth boxes")
     parser.add_argument("--submission", type=Path, help="Kaggle submission CSV (patientId,PredictionString) for the predicted boxes")
     parser.add_argument("--out", type=Path, required=True, help="folder to write {patientId}.png and index.html into")
@@ -511,17 +514,20 @@ def main(args: argparse.Namespace) -> int:
     # Read both CSVs before any drawing, so a bad file fails in a second, not after an hour.
     labels = read_labels(args.labels) if args.labels is not None else None
     predictions = read_submission(args.submission) if args.submission is not None else None
-    all_paths = find_dicoms(args.dicom_dir)
+    all_paths = find_dicoms(args.dicom_dir) if args.dicom_dir is not None else find_images(args.image_dir)
+    kind = "DICOMs" if args.dicom_dir is not None else "images"
     if not all_paths:
-        raise LungdetError(f"{args.dicom_dir}: no .dcm files found; pass the folder that holds the DICOMs (e.g. stage_2_train_images/)")
-    paths = select_dicoms(all_paths, labels=labels, predictions=predictions, only_positive=args.only_positive, limit=args.limit)
+        found = "no .dcm files found; pass the folder that holds the DICOMs (e.g. stage_2_train_images/)" if args.dicom_dir is not None \
+            else "no .png or .jpg files found; pass the folder that holds the X-ray images"
+        raise LungdetError(f"{args.dicom_dir or args.image_dir}: {found}")
+    paths = select_images(all_paths, labels=labels, predictions=predictions, only_positive=args.only_positive, limit=args.limit)
     summary = write_overlays(
         paths, args.out, labels=labels, predictions=predictions, max_size=args.max_size, min_confidence=args.min_confidence, progress=True
     )
-    print(f"wrote {len(summary.entries)} overlay PNGs to {args.out} (of {len(all_paths)} DICOMs found, {len(paths)} selected)")
+    print(f"wrote {len(summary.entries)} overlay PNGs to {args.out} (of {len(all_paths)} {kind} found, {len(paths)} selected)")
     print(f"  index: {summary.index_html}")
     if summary.skipped:
-        print(f"skipped {len(summary.skipped)} unreadable DICOM(s):")
+        print(f"skipped {len(summary.skipped)} unreadable file(s):")
         for path, reason in summary.skipped:
             print(f"  {path}: {reason}")
     return 0

@@ -52,7 +52,7 @@ from torch import nn
 from data_tools.atomic import atomic_path
 from data_tools.cli_types import int_in_range
 from data_tools.errors import ImageReadError, LungdetError
-from data_tools.image_io import read_xray
+from data_tools.image_io import read_xray_file
 from data_tools.synth import generate_case
 from detection import lungdet_version
 from detection.config import MODEL_ARCHITECTURES, config_from_dict
@@ -68,7 +68,7 @@ from detection.exported import (
 )
 from detection.image_head import IMAGE_PROBABILITY, has_image_head
 from detection.inference import ImageResult, prepare_input
-from detection.predict import ModelRunner, file_sha256, model_from_checkpoint, read_file_bytes, read_trained_checkpoint
+from detection.predict import ModelRunner, file_sha256, model_from_checkpoint, read_trained_checkpoint
 from detection.train import resolve_device
 
 ONNX_OPSET = 17
@@ -263,7 +263,7 @@ def check_images(paths: Sequence[Path], *, seed: int = 1) -> list[np.ndarray]:
     images = []
     for path in paths:
         try:
-            images.append(read_xray(read_file_bytes(path), name=str(path)).pixels)
+            images.append(read_xray_file(path).pixels)
         except ImageReadError as error:
             raise LungdetError(f"--check {path}: {error.reason}") from None
     return images

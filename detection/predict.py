@@ -28,10 +28,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data_tools.cli_types import fraction, int_in_range
+from data_tools.cli_types import fraction, image_dimensions, int_in_range
 from data_tools.dicom_io import find_dicoms, read_dicom
 from data_tools.errors import ImageReadError, LungdetError
-from data_tools.image_io import read_xray
+from data_tools.boxes import scale_xywh
+from data_tools.image_io import find_images, read_xray_file
 from detection.config import AMP_MODES, TrainConfig, config_from_dict
 from detection.data import to_model_input
 from detection.engine import Precision, resolve_precision
@@ -482,7 +483,15 @@ def read_file_bytes(path: Path) -> bytes:
 
 
 def read_any_pixels(path: Path) -> np.ndarray:
-    return read_xray(read_file_bytes(path), name=str(path)).pixels
+    """An input file's pixels told by content (``--input``, ``--image-dir``): a DICOM with any name, PNG or JPEG."""
+    return read_xray_file(path).pixels
+
+
+def to_label_space(row: RawPrediction, label_space: tuple[int, int]) -> RawPrediction:
+    """``row`` with its boxes scaled from the image's own pixels to ``label_space`` ``(width, height)``, which becomes its size."""
+    width, height = label_space
+    boxes = scale_xywh(row.prediction.boxes, scale_x=width / row.width, scale_y=height / row.height)
+    return replace(row, width=width, height=height, prediction=Prediction(row.prediction.scores, boxes))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -504,11 +513,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dicom-dir", type=Path, help="folder with .dcm files (searched recursively)")
+    source.add_argument("--image-dir", type=Path, help="folder with {patientId}.png|.jpg X-rays (searched recursively), instead of DICOMs")
     source.add_argument(
         "--input", type=Path, nargs="+", metavar="FILE",
         help="X-ray files: DICOM (any extension or none), PNG or JPEG, told apart by content; patientId is the file stem",
     )
     parser.add_argument("--out", type=Path, help="submission CSV to write")
+    parser.add_argument(
+        "--label-space", type=image_dimensions, default=None, metavar="WxH",
+        help="write boxes in this pixel space instead of each image's own, e.g. 1024x1024 for RSNA-scored predictions on resized "
+        "PNG/JPEG copies (as lungdet convert --label-space)",
+    )
     parser.add_argument(
         "--raw", type=Path,
         help="also (or only) write raw predictions: every box of every model and pass, for lungdet tune (see submission/raw_predictions.py)",
@@ -563,6 +578,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise LungdetError("--json prints to the screen; drop --out/--raw, or drop --json to write files")
     if not (args.json or args.out or args.raw or args.probabilities or args.dicom_out):
         raise LungdetError("nothing to write: give --out submission.csv, --raw raw.csv, --probabilities probs.csv, --dicom-out DIR, or --json")
+    if args.label_space is not None and (args.json or args.dicom_out):
+        raise LungdetError("--label-space rescales the boxes of a submission or raw predictions; --json and --dicom-out keep each image's own pixels")
     if args.dicom_out_overlay and args.dicom_out is None:
         raise LungdetError("--dicom-out-overlay adds overlays to --dicom-out DIR; give --dicom-out too")
     if args.json and args.dicom_out:
@@ -624,6 +641,10 @@ def main(args: argparse.Namespace) -> int:
     check_outputs(args)
     if args.input is not None:
         paths = list(args.input)
+    elif args.image_dir is not None:
+        paths = find_images(args.image_dir)
+        if not paths:
+            raise LungdetError(f"{args.image_dir}: no .png or .jpg files found")
     else:
         paths = find_dicoms(args.dicom_dir)
         if not paths:
@@ -644,10 +665,12 @@ def main(args: argparse.Namespace) -> int:
     if args.score_threshold is not None:
         postprocess_config.score_threshold = args.score_threshold
     rows, bad = predict_raw(
-        detectors, model_names(args.checkpoint), paths, read=read_dicom_pixels if args.input is None else read_any_pixels,
+        detectors, model_names(args.checkpoint), paths, read=read_dicom_pixels if args.dicom_dir is not None else read_any_pixels,
         tta=args.tta, batch_size=args.batch_size, progress=not args.no_progress,
         workers=default_workers() if args.workers is None else args.workers,
     )
+    if args.label_space is not None:
+        rows = [to_label_space(row, args.label_space) for row in rows]
     if args.raw is not None:
         written = write_raw_predictions(args.raw, rows)
         print(f"wrote {args.raw}: {written} raw rows ({len(detectors)} model(s) x {1 + (args.tta == 'hflip')} pass(es) per image)")

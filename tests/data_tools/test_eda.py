@@ -202,18 +202,18 @@ def test_metadata_of_the_real_dicoms_matches_their_tags(rsna_sample_dir: Path, r
 def test_only_the_sample_images_are_decoded(monkeypatch, tmp_path: Path, rsna_sample_dir: Path, rsna_labels_csv: Path, rsna_class_info_csv: Path) -> None:
     opened: list[bool] = []
     decoded: list[Path] = []
-    open_dataset, read_xray = dicom_io._open_dataset, eda.read_xray
+    open_dataset, read_xray_file = dicom_io._open_dataset, eda.read_xray_file
 
     def recording_open(path, *, stop_before_pixels, data=None):
         opened.append(stop_before_pixels)
         return open_dataset(path, stop_before_pixels=stop_before_pixels, data=data)
 
-    def counting_read(data, *, name):
-        decoded.append(Path(name))
-        return read_xray(data, name=name)
+    def counting_read(path):
+        decoded.append(Path(path))
+        return read_xray_file(path)
 
     monkeypatch.setattr(dicom_io, "_open_dataset", recording_open)
-    monkeypatch.setattr(eda, "read_xray", counting_read)
+    monkeypatch.setattr(eda, "read_xray_file", counting_read)
     labels = read_labels(rsna_labels_csv, rsna_class_info_csv)
     report = eda.write_eda(
         tmp_path / "out", labels, labels_csv=rsna_labels_csv, dicom_paths=dicom_io.find_dicoms(rsna_sample_dir), samples_per_class=1, seed=0

@@ -135,7 +135,7 @@ def test_cli_writes_pngs_and_index_and_skips_the_corrupt_file(
         assert image.shape == (256, 256, 3)
     printed = capsys.readouterr()
     assert "wrote 3 overlay PNGs" in printed.out
-    assert "skipped 1 unreadable DICOM(s)" in printed.out
+    assert "skipped 1 unreadable file(s)" in printed.out
     assert "corrupt.dcm" in printed.out and "not a DICOM file" in printed.out
 
     page = (out / "index.html").read_text(encoding="utf-8")
@@ -171,6 +171,24 @@ def test_cli_rejects_only_positive_without_a_box_source(tmp_path: Path, capsys: 
     with pytest.raises(SystemExit):
         parser.parse_args(["--dicom-dir", "d", "--out", "o", "--limit", "0"])
     assert "argument --limit: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_draws_a_folder_of_real_jpegs(rsna_real_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    positive = "01be392f-a46d-4aef-a57e-9cd1a80dd47e"  # two truth boxes
+    for name in (positive, "0004cfab-14fd-4e49-80ba-63a80b6bddd6"):
+        (folder / f"{name}.jpg").symlink_to(rsna_real_dir / "images" / f"{name}.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    out = tmp_path / "overlays"
+    args = visualize.get_args_parser().parse_args(
+        ["--image-dir", str(folder), "--labels", str(rsna_real_dir / "labels.csv"), "--out", str(out), "--max-size", "512"]
+    )
+    assert visualize.main(args) == 0
+    assert "wrote 2 overlay PNGs to" in capsys.readouterr().out
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert f"<b>{positive}</b><br>truth: 2" in page and "broken.png" in page
+    assert cv2.imread(str(out / f"{positive}.png")).shape == (512, 512, 3)
 
 
 def test_cli_reports_an_empty_folder(tmp_path: Path) -> None:

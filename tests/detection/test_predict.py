@@ -354,3 +354,30 @@ def test_output_is_identical_for_any_number_of_workers(serving_checkpoint: Path,
     assert len(lines) == 1 + 8 and "corrupt-0000," in lines
     raw_lines = outputs[0][1].decode().splitlines()
     assert len(raw_lines) == 1 + 7 * 2 * 2  # readable images x models x passes
+
+
+def test_an_image_folder_predicts_as_its_files_do_and_label_space_scales_the_boxes(serving_checkpoint: Path, rsna_real_dir: Path, tmp_path: Path) -> None:
+    """--image-dir reads PNG/JPEG like --input; --label-space writes a 256 px copy's boxes in the labels' 1024 space."""
+    import cv2
+
+    jpegs, pngs = tmp_path / "jpegs", tmp_path / "png256"
+    jpegs.mkdir()
+    pngs.mkdir()
+    chosen = sorted((rsna_real_dir / "images").glob("*.jpg"))[:4]
+    for path in chosen:
+        (jpegs / path.name).symlink_to(path)
+        small = cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (256, 256), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(pngs / f"{path.stem}.png"), small)
+    common = ["--checkpoint", str(serving_checkpoint), "--device", "cpu", "--amp", "none", "--score-threshold", "0.05", "--workers", "0"]
+    assert run_cli(*common, "--image-dir", str(jpegs), "--out", str(tmp_path / "folder.csv")) == 0
+    assert run_cli(*common, "--input", *map(str, chosen), "--out", str(tmp_path / "files.csv")) == 0
+    assert (tmp_path / "folder.csv").read_text() == (tmp_path / "files.csv").read_text()
+
+    assert run_cli(*common, "--image-dir", str(pngs), "--out", str(tmp_path / "own.csv")) == 0
+    assert run_cli(*common, "--image-dir", str(pngs), "--label-space", "1024x1024", "--out", str(tmp_path / "labels.csv")) == 0
+    own, scaled = read_submission(tmp_path / "own.csv"), read_submission(tmp_path / "labels.csv")
+    assert sum(len(prediction.scores) for prediction in own.values()) > 0
+    assert max(prediction.boxes.max(initial=0) for prediction in own.values()) <= 256
+    for patient_id, prediction in own.items():
+        np.testing.assert_allclose(scaled[patient_id].scores, prediction.scores)
+        np.testing.assert_allclose(scaled[patient_id].boxes, prediction.boxes * 4, atol=0.5)  # the CSV rounds to 0.1 px
