@@ -41,7 +41,7 @@ from detection.image_head import IMAGE_PROBABILITY, has_image_head
 from detection.inference import ImageResult, PreparedInputRunner, image_result, prepare_input
 from detection.model import build_model, in_memory_layout
 from detection.train import load_checkpoint, resolve_device
-from submission.postprocess import PostprocessConfig, load_postprocess, mean_probability, postprocess
+from submission.postprocess import PostprocessConfig, PostprocessResult, apply_postprocess, load_postprocess, mean_probability
 from submission.prediction_string import Prediction, keep_confident, write_submission
 from submission.raw_predictions import RawPrediction, group_by_patient, write_raw_predictions
 from submission.score import write_probabilities
@@ -637,6 +637,21 @@ def write_dicom_out(
         print(f"  no DICOM report for {path}: {reason}", file=sys.stderr)
 
 
+def report_operating_point(result: PostprocessResult) -> None:
+    """Say what calibration did, and the boxes per image beside what tuning expected; warn in one line when they are far apart."""
+    if result.note:
+        print(result.note)
+    line = result.expectation_line()
+    if line:
+        print(line)
+    if result.far_from_expected():
+        print(
+            f"warning: {result.boxes_per_image:.3f} boxes per image is more than 2x from tuning's {result.applied.expected_boxes_per_image:.3f}: "
+            "these images or models are unlike the ones the post-processing was tuned on",
+            file=sys.stderr,
+        )
+
+
 def main(args: argparse.Namespace) -> int:
     check_outputs(args)
     if args.input is not None:
@@ -679,7 +694,9 @@ def main(args: argparse.Namespace) -> int:
         write_probabilities(args.probabilities, {patient: mean_probability(groups[patient]) for patient in sorted(groups)})
         print(f"wrote {args.probabilities}: {len(groups)} image probabilities")
     if args.out is not None or args.dicom_out is not None:
-        predictions = postprocess(rows, postprocess_config)
+        result = apply_postprocess(rows, postprocess_config)
+        predictions, postprocess_config = result.predictions, result.applied
+        report_operating_point(result)
     if args.dicom_out is not None:
         write_dicom_out(args, paths, bad, predictions, group_by_patient(rows), detectors, postprocess_config.score_threshold)
     if args.out is not None:

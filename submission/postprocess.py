@@ -4,13 +4,26 @@ For each image, in this order:
 
 1. **fuse** every pass of every model (``plain``, ``hflip``; several checkpoints) with weighted
    boxes fusion from the ``ensemble-boxes`` package (``wbf_iou_thr``, ``wbf_skip_box_thr``,
-   ``model_weights``); a lone pass is left as it is;
+   ``model_weights``, ``wbf_conf_type``); a lone pass is left as it is;
 2. **gate**: drop every box of an image whose image-level probability (the mean over passes
    that have one) is below ``gate_threshold``;
 3. keep boxes with confidence at least ``score_threshold``;
 4. **shrink** each box's width and height by ``shrink`` about its centre (the 2018 winners
    shrank to 0.875: models draw opacities wider than the readers did);
 5. keep at most ``max_boxes``, the most confident.
+
+**Calibration.** ``lungdet tune`` sees out-of-fold predictions: one model per image (and its
+mirrored pass). ``lungdet predict`` with every fold's checkpoint fuses five models per image,
+and weighted boxes fusion averages a box's confidence over all of them, so the more the models
+disagree, the lower the fused confidences fall: a cut-off tuned on one model then keeps far
+fewer boxes, down to none. So the tuned file also records what tuning saw (models and passes
+per image) and the operating point its settings chose there: the share of images the gate let
+through and the boxes kept per image. When predict fuses more models per image than tuning saw,
+:func:`calibrate` re-derives the gate and the cut-off on the fused predictions of the images at
+hand, so that they keep that same share and that same number of boxes per image; the fused
+confidences then only rank the images and boxes. This needs a set of images like the training
+set (at least ``MIN_CALIBRATION_IMAGES``; an RSNA test set is), and assumes a similar share of
+positives; with fewer images the settings are applied as written, and predict says so.
 
 Everything here works on numpy arrays and is tested without torch. ``lungdet predict
 --postprocess FILE`` applies a file, ``lungdet tune`` writes one.
@@ -34,6 +47,12 @@ from submission.prediction_string import Prediction, keep_confident
 from submission.raw_predictions import RawPrediction, group_by_patient
 
 
+WBF_CONF_TYPES = ("avg", "max")
+CALIBRATIONS = ("auto", "off")
+# Fewer images than this make a poor sample of a test set's confidences: the settings are then applied as written.
+MIN_CALIBRATION_IMAGES = 50
+
+
 @dataclass
 class PostprocessConfig:
     """How raw predictions become a submission (see the module docstring for the order)."""
@@ -45,6 +64,12 @@ class PostprocessConfig:
     model_weights: list[float] = field(default_factory=list)  # weight of each model in the fusion, in --checkpoint order (empty = equal)
     shrink: float = 1.0  # scale each box's width and height about its centre (1 = unchanged; the 2018 winners used 0.875)
     max_boxes: int = 0  # keep at most this many boxes per image, most confident first (0 = no limit; RSNA images have at most 4)
+    wbf_conf_type: str = "avg"  # weighted boxes fusion's confidence: 'avg' (over every pass, so a box some passes missed falls) or 'max' (the most confident pass's)
+    calibration: str = "auto"  # 'auto': when predict fuses more models per image than tuning saw, re-derive the gate and cut-off to keep tuning's operating point (see the module docstring); 'off': apply as written
+    tuned_models_per_image: int = 0  # models per image in the predictions tuning saw (lungdet tune fills it; 0 = unknown, never calibrated)
+    tuned_passes_per_model: int = 0  # passes per model there (1 plain, 2 with hflip)
+    expected_gated_share: float = 1.0  # share of images the gate let through on the tuning predictions (lungdet tune fills it)
+    expected_boxes_per_image: float = 0.0  # boxes per image these settings kept on the tuning predictions (lungdet tune fills it; predict compares; 0 = unknown)
 
 
 _RANGE_RULES: list[RangeRule] = [
@@ -55,6 +80,12 @@ _RANGE_RULES: list[RangeRule] = [
     ("model_weights", lambda v: all(weight > 0 for weight in v), "a list of positive weights (or empty for equal weights)"),
     ("shrink", lambda v: 0.5 <= v <= 1.5, "in [0.5, 1.5]"),
     ("max_boxes", lambda v: v >= 0, ">= 0 (0 = no limit)"),
+    ("wbf_conf_type", lambda v: v in WBF_CONF_TYPES, f"one of {', '.join(WBF_CONF_TYPES)}"),
+    ("calibration", lambda v: v in CALIBRATIONS, f"one of {', '.join(CALIBRATIONS)}"),
+    ("tuned_models_per_image", lambda v: v >= 0, ">= 0 (0 = unknown)"),
+    ("tuned_passes_per_model", lambda v: v >= 0, ">= 0 (0 = unknown)"),
+    ("expected_gated_share", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("expected_boxes_per_image", lambda v: v >= 0.0, ">= 0 (0 = unknown)"),
 ]
 
 
@@ -83,13 +114,14 @@ def save_postprocess(config: PostprocessConfig, path: Path, *, comment: str = ""
 
 
 def fuse_passes(
-    passes: Sequence[Prediction], *, width: int, height: int, weights: Sequence[float], iou_thr: float, skip_box_thr: float
+    passes: Sequence[Prediction], *, width: int, height: int, weights: Sequence[float], iou_thr: float, skip_box_thr: float, conf_type: str = "avg"
 ) -> Prediction:
     """Weighted boxes fusion of several predictions of one ``width`` x ``height`` image (XYWH_ABS in its pixels).
 
     Fusion works in fractions of the image, as ``ensemble-boxes`` wants; coordinates are clipped
-    to it first. A box found by only some of the passes keeps a share of its confidence in
-    proportion to their weight ('avg'), so agreement between models raises a box.
+    to it first. With ``conf_type='avg'`` a box found by only some of the passes keeps a share of
+    its confidence in proportion to their weight, so agreement between models raises a box; with
+    'max' it keeps its most confident pass's confidence, however many passes missed it.
     """
     from ensemble_boxes import weighted_boxes_fusion  # imported here: it loads numba, which only fusion needs
 
@@ -104,7 +136,7 @@ def fuse_passes(
     if not any(scores_list):
         return Prediction.empty()
     boxes, scores, _ = weighted_boxes_fusion(
-        boxes_list, scores_list, labels_list, weights=list(weights), iou_thr=iou_thr, skip_box_thr=skip_box_thr
+        boxes_list, scores_list, labels_list, weights=list(weights), iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type
     )
     return Prediction.from_arrays(np.asarray(scores, dtype=np.float64).clip(0.0, 1.0), xyxy_to_xywh(as_box_array(boxes) * scale))
 
@@ -149,7 +181,7 @@ def merge_image(rows: Sequence[RawPrediction], config: PostprocessConfig, *, mod
     weight_of = dict(zip(models, config.model_weights or [1.0] * len(models), strict=True))
     return fuse_passes(
         [row.prediction for row in rows], width=rows[0].width, height=rows[0].height, weights=[weight_of[row.model] for row in rows],
-        iou_thr=config.wbf_iou_thr, skip_box_thr=config.wbf_skip_box_thr,
+        iou_thr=config.wbf_iou_thr, skip_box_thr=config.wbf_skip_box_thr, conf_type=config.wbf_conf_type,
     )
 
 
@@ -163,10 +195,105 @@ def finish_image(merged: Prediction, probability: float | None, config: Postproc
     return most_confident(kept, max_boxes=config.max_boxes)
 
 
-def postprocess(rows: Sequence[RawPrediction], config: PostprocessConfig) -> dict[str, Prediction]:
-    """Raw predictions -> ``{patientId: Prediction}`` ready for ``write_submission``, patients in file order."""
+# --- calibration and the whole -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostprocessResult:
+    """What :func:`apply_postprocess` made: the predictions, the settings as applied, and what calibration did."""
+
+    predictions: dict[str, Prediction]  # patientId -> boxes (XYWH_ABS, original pixels), patients in file order
+    applied: PostprocessConfig  # the settings used: the file's, or with calibrated score_threshold and gate_threshold
+    calibrated: bool
+    note: str  # one line on the calibration, or on why it could not be done; '' when it did not apply
+    boxes_per_image: float  # the mean over every image, negatives included
+
+    def expectation_line(self) -> str:
+        """'kept B boxes per image (tuning expected E)', '' when the file does not say what tuning expected."""
+        if not self.applied.expected_boxes_per_image:
+            return ""
+        return f"kept {self.boxes_per_image:.3f} boxes per image (tuning expected {self.applied.expected_boxes_per_image:.3f})"
+
+    def far_from_expected(self, *, factor: float = 2.0) -> bool:
+        """True when the boxes per image differ from what tuning expected by more than ``factor`` either way."""
+        expected = self.applied.expected_boxes_per_image
+        if not expected or not self.predictions:
+            return False
+        return not expected / factor <= self.boxes_per_image <= expected * factor
+
+
+def prediction_shape(rows: Sequence[RawPrediction]) -> tuple[int, int]:
+    """``(models per image, passes per model)``, the largest over the images: the shape of what gets fused."""
+    models: dict[str, set[str]] = {}
+    passes: dict[tuple[str, str], int] = {}
+    for row in rows:
+        models.setdefault(row.patient_id, set()).add(row.model)
+        passes[row.patient_id, row.model] = passes.get((row.patient_id, row.model), 0) + 1
+    return max(map(len, models.values()), default=0), max(passes.values(), default=0)
+
+
+def kth_largest_or_beyond(values: np.ndarray, k: int) -> float:
+    """A threshold that keeps the ``k`` largest of ``values`` (ties kept too): all of them when ``k >= len``, none when ``k <= 0``."""
+    if len(values) == 0 or k >= len(values):
+        return float(values.min()) if len(values) else 0.0
+    ordered = np.sort(values)[::-1]
+    if k <= 0:
+        return float(np.nextafter(ordered[0], np.inf))
+    return float(ordered[k - 1])
+
+
+def calibrate(config: PostprocessConfig, merged: Mapping[str, Prediction], probabilities: Mapping[str, float | None]) -> PostprocessConfig:
+    """``config`` with its gate and cut-off re-derived on ``merged`` (fused, not yet cut) to keep tuning's operating point.
+
+    The gate becomes the probability that lets ``expected_gated_share`` of the images with a
+    probability through; the cut-off, the confidence that keeps ``expected_boxes_per_image``
+    boxes per image over all images, counting only the images the gate lets through and at most
+    ``max_boxes`` per image. Ties keep every box they touch. Shrink, cap and fusion are unchanged.
+    """
+    gate = config.gate_threshold
+    known = np.array([value for value in probabilities.values() if value is not None], dtype=np.float64)
+    if gate > 0 and len(known):
+        gate = min(1.0, kth_largest_or_beyond(known, round(config.expected_gated_share * len(known))))
+    candidates = []
+    for patient, prediction in merged.items():
+        probability = probabilities.get(patient)
+        if probability is not None and probability < gate:
+            continue
+        scores = np.sort(prediction.scores)[::-1]
+        candidates.append(scores[: config.max_boxes] if config.max_boxes else scores)
+    scores = np.concatenate(candidates) if candidates else np.zeros(0)
+    cut_off = min(1.0, kth_largest_or_beyond(scores, round(config.expected_boxes_per_image * len(merged))))
+    return dataclasses.replace(config, score_threshold=cut_off, gate_threshold=gate)
+
+
+def apply_postprocess(rows: Sequence[RawPrediction], config: PostprocessConfig) -> PostprocessResult:
+    """Raw predictions -> a :class:`PostprocessResult`: fused, calibrated when they are shaped unlike tuning's, then finished."""
     models = model_order(rows)
-    return {
-        patient_id: finish_image(merge_image(group, config, models=models), mean_probability(group), config)
-        for patient_id, group in group_by_patient(rows).items()
-    }
+    groups = group_by_patient(rows)
+    merged = {patient_id: merge_image(group, config, models=models) for patient_id, group in groups.items()}
+    probabilities = {patient_id: mean_probability(group) for patient_id, group in groups.items()}
+    applied, calibrated, note = config, False, ""
+    models_per_image, passes_per_model = prediction_shape(rows)
+    wider = config.tuned_models_per_image and models_per_image > config.tuned_models_per_image
+    if config.calibration == "auto" and wider and config.expected_boxes_per_image:
+        shape = f"{models_per_image} models x {passes_per_model} passes per image (tuning saw {config.tuned_models_per_image} x {config.tuned_passes_per_model})"
+        if len(merged) < MIN_CALIBRATION_IMAGES:
+            note = (
+                f"{shape}, but only {len(merged)} images: too few to calibrate the cut-offs on (at least {MIN_CALIBRATION_IMAGES}); "
+                "they are applied as tuned, and fused confidences fall where the models disagree"
+            )
+        else:
+            applied, calibrated = calibrate(config, merged, probabilities), True
+            gate = f", gate {config.gate_threshold:g} -> {applied.gate_threshold:.3f}" if config.gate_threshold > 0 else ""
+            note = (
+                f"calibrated to {shape}: cut-off {config.score_threshold:g} -> {applied.score_threshold:.3f}{gate}, "
+                f"to keep tuning's {config.expected_boxes_per_image:.3f} boxes per image"
+            )
+    predictions = {patient_id: finish_image(merged[patient_id], probabilities[patient_id], applied) for patient_id in groups}
+    boxes = sum(len(prediction.scores) for prediction in predictions.values())
+    return PostprocessResult(predictions, applied, calibrated, note, boxes / len(predictions) if predictions else 0.0)
+
+
+def postprocess(rows: Sequence[RawPrediction], config: PostprocessConfig) -> dict[str, Prediction]:
+    """Raw predictions -> ``{patientId: Prediction}`` ready for ``write_submission``, patients in file order (see :func:`apply_postprocess`)."""
+    return apply_postprocess(rows, config).predictions

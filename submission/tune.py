@@ -36,7 +36,7 @@ from tqdm import tqdm
 from data_tools.boxes import as_box_array, iou_matrix_xywh
 from data_tools.errors import SubmissionError
 from data_tools.labels import read_labels
-from submission.postprocess import PostprocessConfig, mean_probability, merge_image, model_order, save_postprocess, shrink_boxes
+from submission.postprocess import PostprocessConfig, mean_probability, merge_image, model_order, prediction_shape, save_postprocess, shrink_boxes
 from submission.prediction_string import Prediction
 from submission.raw_predictions import RawPrediction, group_by_patient, read_raw_predictions
 from submission.score import BOOTSTRAP_DRAWS, RSNA_IOU_THRESHOLDS, bootstrap_interval, match_by_iou
@@ -197,6 +197,23 @@ class Tuner:
         return best
 
 
+def with_operating_point(config: PostprocessConfig, tuner: Tuner, rows: Sequence[RawPrediction]) -> PostprocessConfig:
+    """``config`` with what it did on the tuning predictions written in: their shape, the gate's share and the boxes per image.
+
+    ``lungdet predict`` calibrates to these when it fuses more models than tuning saw, and
+    compares its own boxes per image with them (see :mod:`submission.postprocess`).
+    """
+    models, passes = prediction_shape(rows)
+    table = tuner.table(config)
+    probability = table.probability
+    with_probability = ~np.isnan(probability)
+    gated_share = float((probability[with_probability] >= config.gate_threshold).mean()) if config.gate_threshold > 0 and with_probability.any() else 1.0
+    return dataclasses.replace(
+        config, tuned_models_per_image=models, tuned_passes_per_model=passes, expected_gated_share=round(gated_share, 6),
+        expected_boxes_per_image=round(float(kept_counts(table, config).mean()), 6),
+    )
+
+
 @dataclass(frozen=True)
 class TuneReport:
     """What ``lungdet tune`` found; mAPs are over the out-of-fold patients."""
@@ -219,7 +236,7 @@ def tune_postprocess(rows: Sequence[RawPrediction], truth: Mapping[str, np.ndarr
     tuner = Tuner(rows, truth, progress=progress)
     if not tuner.patients:
         raise SubmissionError("none of the raw predictions' patients is in the labels; are they predictions of these labels' images?")
-    tuned = tuner.tune()
+    tuned = with_operating_point(tuner.tune(), tuner, rows)
     honest = interval = None
     per_fold: dict[int, float] = {}
     folds = sorted(set(tuner.folds.tolist()) - {-1})
@@ -255,6 +272,13 @@ def format_tune_report(report: TuneReport) -> str:
     lines += ["", "tuned setting          value    mAP lost without it"]
     for name, effect in report.effects.items():
         lines.append(f"{name:<22} {getattr(report.config, name)!s:<8} {effect:+.4f}")
+    config = report.config
+    lines += [
+        "",
+        f"operating point        {config.expected_boxes_per_image:.3f} boxes per image, gate lets {config.expected_gated_share:.0%} of images through "
+        f"({config.tuned_models_per_image} model(s) x {config.tuned_passes_per_model} pass(es) per image)",
+        "                       lungdet predict with more models per image calibrates its cut-offs to keep this point",
+    ]
     return "\n".join(lines)
 
 

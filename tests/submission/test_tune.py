@@ -135,4 +135,6 @@ def test_parameters_the_predictions_say_nothing_about_stay_neutral() -> None:
     # No truth and no boxes anywhere: every setting scores the same, so none should move.
     rows = [RawPrediction(f"p{index}", "m", "plain", SIZE, SIZE, Prediction.empty(), None, index % 2) for index in range(6)]
     truth = {f"p{index}": np.zeros((0, 4)) for index in range(6)}
-    assert tune_postprocess(rows, truth, bootstrap_draws=0).config == PostprocessConfig()
+    tuned = tune_postprocess(rows, truth, bootstrap_draws=0).config
+    # Only what tuning saw is written in: one model, one pass, no boxes kept.
+    assert tuned == dataclasses.replace(PostprocessConfig(), tuned_models_per_image=1, tuned_passes_per_model=1)
