@@ -62,6 +62,7 @@ class DataConfig:
     batch_size: int = 4  # images per optimizer step
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (CUDA only)
+    positive_fraction: float = 0.0  # share of each epoch's samples taken from images with boxes (0 = as in the data, ~23% for RSNA); positives are repeated and negatives left out to make it, so an epoch keeps its length
     max_train_images: int = 0  # use only the first N training images (0 = all); for quick runs
     max_val_images: int = 0  # likewise for validation (0 = all)
 
@@ -155,6 +156,7 @@ _RANGE_RULES: list[RangeRule] = [
     ("augment.blur_limit", lambda v: v >= 3 and v % 2 == 1, "an odd number >= 3"),
     ("augment.noise_std", lambda v: 0.0 <= v <= 0.5, "in [0, 0.5]"),
     ("augment.min_box_side", lambda v: v >= 0.0, ">= 0"),
+    ("data.positive_fraction", lambda v: 0.0 <= v <= 0.9, "in [0, 0.9] (0 = as in the data)"),
     ("data.max_train_images", lambda v: v >= 0, ">= 0"),
     ("data.max_val_images", lambda v: v >= 0, ">= 0"),
     ("optim.optimizer", lambda v: v in ("sgd", "adamw"), "'sgd' or 'adamw'"),

@@ -11,7 +11,7 @@ pure background. That is how the model learns to say "nothing here" (77% of RSNA
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,15 +129,18 @@ def to_model_input(pixels: np.ndarray) -> torch.Tensor:
     return tensor.unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
+def sample_seed(seed: int, epoch: int, index: int, occurrence: int = 0) -> int:
     """The augmentation seed of one training sample: a function of (run seed, epoch, image index) only.
 
     Drawing augmentations from a stream shared by a worker would tie them to which worker loads
     which image, and to what came before in the epoch: a resumed run or a run with another
     number of workers (or GPUs) would see different augmentations. Seeding per sample makes them
     all identical. SeedSequence mixes the three numbers so neighbouring seeds are unrelated.
+    ``occurrence`` numbers the repeats of an image within one epoch (``data.positive_fraction``),
+    so that each repeat is augmented differently; the first keeps the seed it always had.
     """
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+    key = [seed, epoch, index] if occurrence == 0 else [seed, epoch, index, occurrence]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -148,17 +151,29 @@ class EpochSampler(torch.utils.data.Sampler):
     (the order is first padded by repeating its head, as DistributedSampler does, so every
     process gets the same number of batches and none waits for the others at the end). After
     :meth:`resume_at`, the first batches of the epoch are skipped without loading them.
+
+    With ``positive_fraction`` above 0, an epoch keeps its length (one sample per image) but
+    that share of its samples comes from the images with boxes (``positives``): each positive
+    is repeated as evenly as the share needs, and negatives are left out to make room, a
+    different seeded choice of them each epoch.
     """
 
-    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, size: int, *, seed: int, rank: int = 0, world_size: int = 1, positives: Sequence[bool] | None = None, positive_fraction: float = 0.0
+    ) -> None:
         if size < 1:
             raise LungdetError("cannot sample from an empty training set")
+        if positive_fraction and (positives is None or len(positives) != size):
+            raise ValueError("positive_fraction needs a positives flag for every image")
         self.size = size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.epoch = 1
         self.start = 0
+        self.positive_fraction = positive_fraction
+        self.positives = [index for index in range(size) if positives[index]] if positives is not None else []
+        self.negatives = [index for index in range(size) if positives is not None and not positives[index]]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -168,17 +183,31 @@ class EpochSampler(torch.utils.data.Sampler):
         """Skip this process's first ``samples_done`` samples of the current epoch (they were trained before a kill)."""
         self.start = samples_done
 
+    def epoch_order(self) -> list[tuple[int, int]]:
+        """Every process's ``(image index, occurrence)`` for the current epoch, in training order, before sharding."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if not self.positive_fraction or not self.positives or not self.negatives:
+            return [(index, 0) for index in torch.randperm(self.size, generator=generator).tolist()]
+        wanted_positives = max(1, round(self.positive_fraction * self.size))
+        pool: list[tuple[int, int]] = []
+        for group, wanted in ((self.positives, wanted_positives), (self.negatives, self.size - wanted_positives)):
+            shuffled = [group[position] for position in torch.randperm(len(group), generator=generator).tolist()]
+            pool += [(shuffled[count % len(group)], count // len(group)) for count in range(wanted)]
+        return [pool[position] for position in torch.randperm(len(pool), generator=generator).tolist()]
+
     def shard(self) -> list[int]:
         """This process's image indices for the current epoch, in training order."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
+        return [index for index, _ in self._shard()]
+
+    def _shard(self) -> list[tuple[int, int]]:
+        order = self.epoch_order()
         per_rank = -(-self.size // self.world_size)
         order = (order * self.world_size)[: per_rank * self.world_size]  # pad by repeating the head
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.shard()[self.start :]:
-            yield index, sample_seed(self.seed, self.epoch, index)
+        for index, occurrence in self._shard()[self.start :]:
+            yield index, sample_seed(self.seed, self.epoch, index, occurrence)
 
     def __len__(self) -> int:
         return -(-self.size // self.world_size) - self.start
@@ -258,7 +287,10 @@ def build_dataloaders(
         # that the global stream (used by the model) is the same whether or not a run was resumed.
         "generator": torch.Generator().manual_seed(seed),
     }
-    sampler = EpochSampler(len(train_records), seed=seed, rank=rank, world_size=world_size)
+    sampler = EpochSampler(
+        len(train_records), seed=seed, rank=rank, world_size=world_size,
+        positives=[len(record.boxes) > 0 for record in train_records], positive_fraction=config.positive_fraction,
+    )
     # Dropping the last incomplete batch avoids a tiny, noisy final step, except when one batch is all there is.
     drop_last = len(sampler) > config.batch_size
     train_loader = DataLoader(

@@ -247,3 +247,53 @@ def test_training_batches_are_the_same_with_any_number_of_workers(data_dir: Path
         for a, b in zip(mine, theirs):
             torch.testing.assert_close(a, b)
     assert not all(torch.equal(a, b) for a, b in zip(*in_process))
+
+
+# --- positive_fraction: more positives per epoch, same length -----------------------------------
+
+
+def test_positive_fraction_repeats_positives_evenly_and_keeps_the_epoch_length() -> None:
+    from collections import Counter
+
+    from detection.data import EpochSampler, sample_seed
+
+    positives = [index % 5 == 0 for index in range(20)]  # images 0, 5, 10, 15
+    sampler = EpochSampler(20, seed=4, positives=positives, positive_fraction=0.5)
+    sampler.set_epoch(3)
+    samples = list(sampler)
+    assert len(samples) == len(sampler) == 20
+    counts = Counter(index for index, _ in samples)
+    assert sorted(counts[index] for index in (0, 5, 10, 15)) == [2, 2, 3, 3]  # 10 positive samples, as evenly as they go
+    negatives = [index for index in counts if not positives[index]]
+    assert len(negatives) == 10 and all(counts[index] == 1 for index in negatives)
+    # Every repeat of an image is augmented differently; the first keeps the seed it has without repeats.
+    assert len({seed for _, seed in samples}) == 20
+    first_seen = {}
+    for index, seed in samples:
+        first_seen.setdefault(index, seed)
+    assert {seed for index, seed in first_seen.items()} >= {sample_seed(4, 3, index) for index in negatives}
+    # The order is a function of (seed, epoch): the same again, other negatives in another epoch.
+    again = EpochSampler(20, seed=4, positives=positives, positive_fraction=0.5)
+    again.set_epoch(3)
+    assert list(again) == samples
+    again.set_epoch(4)
+    assert {index for index, _ in again if not positives[index]} != set(negatives)
+
+
+def test_without_positive_fraction_the_order_is_the_plain_shuffle() -> None:
+    import torch
+
+    from detection.data import EpochSampler, sample_seed
+
+    sampler = EpochSampler(12, seed=2, positives=[index < 3 for index in range(12)])
+    sampler.set_epoch(5)
+    expected = torch.randperm(12, generator=torch.Generator().manual_seed(2 * 100_003 + 5)).tolist()
+    assert list(sampler) == [(index, sample_seed(2, 5, index)) for index in expected]
+
+
+def test_positive_fraction_is_range_checked() -> None:
+    from data_tools.errors import ConfigError
+    from detection.config import load_config
+
+    with pytest.raises(ConfigError, match=r"data.positive_fraction.*in \[0, 0.9\]"):
+        load_config(None, ["data.positive_fraction=0.95"])
