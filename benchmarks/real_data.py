@@ -1,0 +1,270 @@
+"""lungdet on 1,000 real RSNA radiographs: cross-validation on 800, every figure on the 200 held out (a benchmark, not a test).
+
+One command (``make benchmark-real``) from ``../shared/data/rsna_real`` to a table:
+
+1. **prepare**: the seeded 800 / 200 split (``benchmarks/rsna_real_split.csv``), each side converted
+   with ``lungdet convert --image-dir`` (the 800 with 5 patient-level folds);
+2. **cv**: ``lungdet cv`` over the folds with ``--tta hflip`` (out-of-fold predictions of the 800),
+   then ``lungdet tune`` on them: the post-processing file, tuned on nothing held out;
+3. **holdout**: every fold's model, plain and mirrored, on the 200 held-out JPEGs, once;
+4. **report**, each held-out mAP with its 95% bootstrap interval over patients:
+
+   - the naive priors: the 800's median left and right lung box on every image, and on the
+     positives only (what a perfect image classifier with no localisation would score);
+   - the single model (fold 0): mAP, mean IoU, sensitivity, specificity, image-level AUC;
+   - the winners' path, a step at a time: + hflip TTA, + 5-fold fusion, + gating, + tuned
+     post-processing, + shrink (the last is the README's cv -> tune -> predict recipe);
+   - the recipe beside what it was before calibration, and with a fusion that keeps the top
+     confidence, with the boxes per image each keeps against what tuning saw;
+   - slices by view, sex and age band; the score report's HTML and a worst-first overlay gallery.
+
+With ``--stages cv --folds 0,1`` it stops after the out-of-fold summary of those folds: the
+recipe search, which never touches the held-out side (``--search-table`` appends a row).
+
+Run: ``.venv/bin/python benchmarks/real_data.py --work runs/real [--config fasterrcnn_mobilenet_real_cpu] [KEY=VALUE ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import dataclasses
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_tools.image_io import find_images
+from data_tools.labels import read_labels
+from data_tools.visualize import write_overlays
+from detection.config import load_config
+from detection.cv import OOF_FILE, OOF_LABELS_FILE, SUMMARY_FILE, fold_dir, parse_folds
+from detection.cv import get_args_parser as cv_parser
+from detection.cv import main as cv_main
+from detection.predict import load_detector, predict_raw, read_any_pixels
+from detection.real_data import REAL_DATA_DIR, RealSet, lung_prior_boxes, load_split, prepare, prior_predictions
+from detection.train import BEST_CHECKPOINT
+from submission.postprocess import PostprocessConfig, apply_postprocess, load_postprocess, save_postprocess
+from submission.prediction_string import write_submission
+from submission.raw_predictions import read_raw_predictions, write_raw_predictions
+from submission.score import BOOTSTRAP_DRAWS, read_slice_metadata, roc_auc, score_dataset, score_slices, write_probabilities
+from submission.score import get_args_parser as score_parser
+from submission.score import main as score_main
+from submission.tune import tune_postprocess
+
+DEFAULT_CONFIG = "fasterrcnn_mobilenet_real_cpu"
+STAGES = ("prepare", "cv", "holdout", "report")
+HOLDOUT_RAW = "holdout_raw.csv"
+TIMINGS = "timings.json"
+
+
+def record_time(work: Path, stage: str, seconds: float) -> None:
+    path = work / TIMINGS
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings[stage] = round(seconds, 1)
+    path.write_text(json.dumps(timings, indent=1))
+
+
+def oof_auc(rows, truth) -> float | None:
+    """Image-level AUC of the plain passes' probabilities against whether the image has a box."""
+    plain = {row.patient_id: row.probability for row in rows if row.pass_name == "plain" and row.probability is not None}
+    patients = [patient for patient in plain if patient in truth]
+    return roc_auc([len(truth[patient]) > 0 for patient in patients], [plain[patient] for patient in patients]) if patients else None
+
+
+def run_cv(args: argparse.Namespace, cv_data: Path, work: Path) -> dict:
+    """``lungdet cv`` (resumable) then ``lungdet tune``; returns the out-of-fold figures."""
+    started = time.time()
+    cv_args = ["--config", args.config, "--data", str(cv_data), "--out", str(work / "cv"), "--tta", "hflip", "--no-progress"]
+    if args.folds:
+        cv_args += ["--folds", ",".join(map(str, args.folds))]
+    cv_main(cv_parser().parse_args([*cv_args, *args.overrides]))
+    record_time(work, "cv", time.time() - started)
+    rows = read_raw_predictions(work / "cv" / OOF_FILE)
+    truth = {patient: labels.boxes for patient, labels in read_labels(work / "cv" / OOF_LABELS_FILE).items()}
+    tuned = tune_postprocess(rows, truth)
+    save_postprocess(tuned.config, work / "cv" / "postprocess.yaml", comment=f"benchmarks/real_data.py: lungdet tune on {work / 'cv' / OOF_FILE}")
+    summary = json.loads((work / "cv" / SUMMARY_FILE).read_text())
+    return {
+        "oof_map": summary["oof_map"], "oof_map_interval": summary["oof_map_interval"], "oof_images": summary["n_images"],
+        "oof_auc": oof_auc(rows, truth), "tuned_honest": tuned.honest, "tuned_honest_interval": tuned.honest_interval,
+        "tuned": dataclasses.asdict(tuned.config), "fold_train_minutes": {fold: training_minutes(fold_dir(work / "cv", int(fold))) for fold in summary["folds"]},
+        "fold_metrics": {fold: epoch_curve(fold_dir(work / "cv", int(fold))) for fold in summary["folds"]},
+    }
+
+
+def training_minutes(run_dir: Path) -> float:
+    """Wall minutes of a run's epochs (training and validation), from its metrics.csv."""
+    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as stream:
+        return sum(float(row["seconds"]) for row in csv.DictReader(stream)) / 60
+
+
+def epoch_curve(run_dir: Path) -> list[dict]:
+    """Per epoch: the loss and its parts, validation mAP and AUC (the learning curve)."""
+    keep = ("epoch", "loss", "loss_box_reg", "loss_classifier", "loss_image", "loss_objectness", "loss_rpn_box_reg", "val_map", "val_auc")
+    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as stream:
+        return [{key: float(row[key]) for key in keep if row.get(key) not in (None, "")} for row in csv.DictReader(stream)]
+
+
+def predict_holdout(work: Path, holdout_images: Path, folds: list[int]) -> list:
+    """Every fold's model, plain and mirrored, on the held-out images, cached in ``holdout_raw.csv``."""
+    path = work / HOLDOUT_RAW
+    if path.is_file():
+        return read_raw_predictions(path)
+    started = time.time()
+    detectors = [load_detector(fold_dir(work / "cv", fold) / BEST_CHECKPOINT, device="cpu") for fold in folds]
+    rows, bad = predict_raw(detectors, [f"fold{fold}" for fold in folds], find_images(holdout_images), read=read_any_pixels, tta="hflip", progress=False)
+    if bad:
+        raise SystemExit(f"unreadable held-out images: {bad}")
+    write_raw_predictions(path, rows)
+    record_time(work, "holdout_predict", time.time() - started)
+    return rows
+
+
+def score_step(truth, predictions, *, seed: int = 0) -> dict:
+    report = score_dataset(truth, predictions, bootstrap_draws=BOOTSTRAP_DRAWS, seed=seed)
+    boxes = sum(len(prediction.scores) for prediction in predictions.values())
+    return {
+        "map": report.map, "interval": report.map_interval, "mean_iou": report.mean_iou, "sensitivity": report.sensitivity,
+        "specificity": report.specificity, "boxes_per_image": boxes / max(1, len(predictions)),
+    }
+
+
+def report_holdout(args: argparse.Namespace, work: Path, prepared, rows: list, folds: list[int]) -> dict:
+    """Every held-out figure: priors, the single model, the path step by step, the recipe against its alternatives, slices."""
+    real = RealSet(args.real_dir)
+    split = load_split(real)
+    labels = read_labels(real.labels_csv)
+    truth = {patient: labels[patient].boxes for patient in prepared.holdout_patients}
+    positives = {patient for patient in truth if len(truth[patient])}
+    prior = lung_prior_boxes({patient: labels[patient] for patient, side in split.items() if side == "cv"})
+    detectors = {fold: load_detector(fold_dir(work / "cv", fold) / BEST_CHECKPOINT, device="cpu") for fold in folds}
+    cut_offs = [detectors[fold].score_threshold for fold in folds]
+    image_cut_offs = [detectors[fold].image_threshold for fold in folds if detectors[fold].image_threshold is not None]
+    tuned = load_postprocess(work / "cv" / "postprocess.yaml")
+    single_plain = [row for row in rows if row.model == f"fold{folds[0]}" and row.pass_name == "plain"]
+    single_both = [row for row in rows if row.model == f"fold{folds[0]}"]
+    no_shrink = dataclasses.replace(tuned, shrink=1.0)
+    steps = {
+        "1 single model (fold 0), its own cut-off": (single_plain, PostprocessConfig(score_threshold=cut_offs[0])),
+        "2 + hflip TTA": (single_both, PostprocessConfig(score_threshold=cut_offs[0])),
+        "3 + 5-fold fusion (WBF)": (rows, PostprocessConfig(score_threshold=float(np.mean(cut_offs)))),
+        "4 + gating (the folds' image cut-off)": (rows, PostprocessConfig(score_threshold=float(np.mean(cut_offs)), gate_threshold=float(np.mean(image_cut_offs)) if image_cut_offs else 0.0)),
+        "5 + tuned post-processing, no shrink (calibrated)": (rows, no_shrink),
+        "6 + shrink: the README recipe (cv -> tune -> predict)": (rows, tuned),
+        "control: single model + tuned post-processing": (single_both, tuned),
+        "recipe as before calibration (cut-offs as tuned)": (rows, dataclasses.replace(tuned, calibration="off")),
+        "recipe with max-confidence fusion, cut-offs as tuned": (rows, dataclasses.replace(tuned, calibration="off", wbf_conf_type="max")),
+    }
+    results: dict[str, dict] = {
+        "prior: median lung boxes on every image": score_step(truth, prior_predictions(truth, prior)),
+        "prior: median lung boxes on the positives only (a perfect classifier)": score_step(truth, prior_predictions(truth, prior, only=positives)),
+    }
+    kept = {}
+    for name, (step_rows, config) in steps.items():
+        result = apply_postprocess(step_rows, config)
+        kept[name] = result
+        results[name] = {**score_step(truth, result.predictions), "calibration": result.note, "expected_boxes_per_image": config.expected_boxes_per_image or None,
+                         "applied": {"score_threshold": result.applied.score_threshold, "gate_threshold": result.applied.gate_threshold}}
+    single_probability = {row.patient_id: row.probability for row in single_plain if row.probability is not None}
+    ensemble_probability = {}
+    for row in rows:
+        if row.probability is not None:
+            ensemble_probability.setdefault(row.patient_id, []).append(row.probability)
+    ensemble_probability = {patient: float(np.mean(values)) for patient, values in ensemble_probability.items()}
+    is_positive = [patient in positives for patient in truth]
+    aucs = {
+        "single": roc_auc(is_positive, [single_probability[patient] for patient in truth]) if single_probability else None,
+        "ensemble": roc_auc(is_positive, [ensemble_probability[patient] for patient in truth]) if ensemble_probability else None,
+    }
+    metadata = read_slice_metadata(prepared.holdout_data / "annotations.json")
+    slices = {}
+    for name in ("1 single model (fold 0), its own cut-off", "6 + shrink: the README recipe (cv -> tune -> predict)"):
+        slices[name] = [
+            {"by": item.by, "value": item.value, "map": item.report.map, "interval": item.report.map_interval, "images": item.report.n_images}
+            for item in score_slices(truth, kept[name].predictions, metadata, ["view_position", "sex", "age_band"], bootstrap_draws=BOOTSTRAP_DRAWS)
+        ]
+    # Pages to look at: the recipe's submission scored with figures, and the held-out gallery worst first.
+    report_dir = work / "report"
+    report_dir.mkdir(exist_ok=True)
+    for tag, name, probability in (("single", "1 single model (fold 0), its own cut-off", single_probability),
+                                   ("recipe", "6 + shrink: the README recipe (cv -> tune -> predict)", ensemble_probability)):
+        write_submission(report_dir / f"submission_{tag}.csv", {patient: kept[name].predictions[patient] for patient in sorted(truth)})
+        if probability:
+            write_probabilities(report_dir / f"probabilities_{tag}.csv", {patient: probability[patient] for patient in sorted(truth)})
+        overlays = report_dir / f"overlays_{tag}"
+        write_overlays(sorted(find_images(prepared.holdout_images)), overlays, labels={patient: labels[patient] for patient in truth},
+                       predictions=kept[name].predictions, max_size=512)
+        score_args = ["--submission", str(report_dir / f"submission_{tag}.csv"), "--labels", str(prepared.holdout_labels_csv),
+                      "--html", str(report_dir / f"score_{tag}.html"), "--metadata", str(prepared.holdout_data / "annotations.json"),
+                      "--by", "view_position,sex,age_band", "--overlays", str(overlays)]
+        if probability:
+            score_args += ["--probabilities", str(report_dir / f"probabilities_{tag}.csv")]
+        with contextlib.redirect_stdout(io.StringIO()):  # its table repeats what the report prints
+            score_main(score_parser().parse_args(score_args))
+    return {"steps": results, "auc": aucs, "slices": slices, "tuned": dataclasses.asdict(tuned)}
+
+
+def format_table(results: dict) -> str:
+    lines = ["| held-out (200 real radiographs) | RSNA mAP [95% interval] | boxes per image (tuning expected) |", "| --- | --- | --- |"]
+    for name, step in results["steps"].items():
+        expected = f" ({step['expected_boxes_per_image']:.3f})" if step.get("expected_boxes_per_image") else ""
+        lines.append(f"| {name} | {step['map']:.4f} [{step['interval'][0]:.4f}, {step['interval'][1]:.4f}] | {step['boxes_per_image']:.3f}{expected} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="folder for the converted data, the cv runs and the report (resumable)")
+    parser.add_argument("--real-dir", type=Path, default=REAL_DATA_DIR, help=f"the rsna_real folder (default {REAL_DATA_DIR})")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"training config for every fold (default {DEFAULT_CONFIG})")
+    parser.add_argument("--normalize", choices=("none", "clahe", "equalize"), default="none", help="convert's --normalize for the 800")
+    parser.add_argument("--folds", type=parse_folds, default=None, help="folds to run (default all 5); fewer for the recipe search")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated stages to run, of {', '.join(STAGES)}")
+    parser.add_argument("--search-table", type=Path, help="with --stages cv: append this run's out-of-fold row to this Markdown file")
+    parser.add_argument("--label", default="", help="what this run tries, for --search-table")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every fold (model.image_head=true is always added)")
+    args = parser.parse_args()
+    args.overrides = ["model.image_head=true", *args.overrides]
+    stages = [stage.strip() for stage in args.stages.split(",") if stage.strip()]
+    started = time.time()
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    config = load_config(args.config, args.overrides)
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    prepared = prepare(RealSet(args.real_dir), work, image_size=config.model.image_size, normalization=args.normalize, progress=False)
+    folds = args.folds or [0, 1, 2, 3, 4]
+    out: dict = {"command": command, "date": str(datetime.date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    if "cv" in stages:
+        out["cv"] = run_cv(args, prepared.cv_data, work)
+        cv = out["cv"]
+        minutes = float(np.mean(list(cv["fold_train_minutes"].values())))
+        print(f"out-of-fold ({cv['oof_images']} images, folds {folds}): mAP {cv['oof_map']:.4f} [{cv['oof_map_interval'][0]:.4f}, {cv['oof_map_interval'][1]:.4f}] "
+              f"at each fold's cut-off; tuned (honest) {cv['tuned_honest']:.4f}; image AUC {cv['oof_auc']:.3f}; {minutes:.1f} min per fold")
+        if args.search_table is not None:
+            with open(args.search_table, "a", encoding="utf-8") as stream:
+                honest = f"{cv['tuned_honest']:.4f} [{cv['tuned_honest_interval'][0]:.4f}, {cv['tuned_honest_interval'][1]:.4f}]" if cv["tuned_honest_interval"] else "n/a"
+                stream.write(f"| {args.label or ' '.join(args.overrides[1:])} | {cv['oof_map']:.4f} [{cv['oof_map_interval'][0]:.4f}, {cv['oof_map_interval'][1]:.4f}] "
+                             f"| {honest} | {cv['oof_auc']:.3f} | {minutes:.1f} |\n")
+    if "holdout" in stages or "report" in stages:
+        rows = predict_holdout(work, prepared.holdout_images, folds)
+        if "report" in stages:
+            out["holdout"] = report_holdout(args, work, prepared, rows, folds)
+            print(format_table(out["holdout"]))
+            print(f"image AUC on the held-out: single {out['holdout']['auc']['single']}, ensemble {out['holdout']['auc']['ensemble']}")
+    out["wall_minutes"] = (time.time() - started) / 60
+    (work / "results.json").write_text(json.dumps(out, indent=1, default=str))
+    print(f"\n{out['date']}, {out['machine']}; {command}; {out['wall_minutes']:.0f} min this run; wrote {work / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
