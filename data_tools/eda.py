@@ -647,7 +647,7 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
     rows, columns = stats.assumed_image_size
     heat_numbers = [f"grid {stats.heatmap.shape[0]} x {stats.heatmap.shape[1]} cells over each image"]
     if stats.heatmap_own_size_count:
-        heat_numbers.append(f"{stats.heatmap_own_size_count:,} positive images normalised by their DICOM's Rows/Columns")
+        heat_numbers.append(f"{stats.heatmap_own_size_count:,} positive images normalised by their own image size (DICOM Rows/Columns or the file's)")
     if stats.heatmap_assumed_size_count:
         heat_numbers.append(f"{stats.heatmap_assumed_size_count:,} positive images without a DICOM: assumed {columns}x{rows} px (the labels' pixel space)")
     if stats.positive_count:
@@ -695,6 +695,8 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
             caption = "ViewPosition against Target: AP films are often portable films of sicker patients, so a model may learn the view instead of the lung."
         sections.append((Section(png_name, title, caption, numbers), plot_groups_by_target(groups, title=f"{title} by target", xlabel=tag)))
     spacing = metadata.pixel_spacings_mm
+    if not len(spacing):
+        return sections  # an empty plot says nothing; the page says why it is missing
     spacing_numbers = [f"missing PixelSpacing: {metadata.missing_spacing_count:,}"]
     if len(spacing):
         spacing_numbers = [
@@ -780,6 +782,8 @@ def render_index_html(
         )
     elif source_kind == "image" and metadata_csv is None:
         blocks.append("<p><i>PNG/JPEG files carry no DICOM tags and no --metadata CSV was given: age, sex, view position and pixel spacing are unknown.</i></p>")
+    elif metadata.labelled_count and not len(metadata.pixel_spacings_mm):
+        blocks.append(f"<p><i>None of the {metadata.labelled_count:,} labelled images has a PixelSpacing, so there is no pixel-spacing figure.</i></p>")
     if report.samples:
         sample_blocks = []
         for group, samples in report.samples.items():
@@ -806,7 +810,7 @@ def render_index_html(
         [
             _source_line("Labels", labels_csv, ""),
             _source_line("Class info", class_info_csv, "not given"),
-            _source_line(f"{source_kind} folder", dicom_dir, "not given"),
+            _source_line("DICOM folder" if source_kind == "DICOM" else "Image folder", dicom_dir, "not given"),
             *([_source_line("Metadata CSV", metadata_csv, "")] if metadata_csv is not None else []),
         ]
     )

@@ -327,6 +327,7 @@ def test_an_image_folder_with_its_metadata_csv_gives_the_tag_figures(tmp_path: P
     assert {"age_by_target.png", "sex_by_target.png", "view_position_by_target.png"} <= set(referenced)
     assert len([name for name in referenced if name.startswith("sample_")]) == 3
     assert "41 image files found: 40 in the labels" in page and "broken.png: header cannot be read" in page
+    assert "pixel_spacing.png" not in referenced and "None of the 40 labelled images has a PixelSpacing" in page
     assert str(rsna_real_dir / "metadata.csv") in page
 
     labels = read_labels(rsna_real_dir / "labels.csv")
