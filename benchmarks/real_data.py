@@ -16,6 +16,8 @@ One command (``make benchmark-real``) from ``../shared/data/rsna_real`` to a tab
      post-processing, + shrink (the last is the README's cv -> tune -> predict recipe);
    - the recipe beside what it was before calibration, and with a fusion that keeps the top
      confidence, with the boxes per image each keeps against what tuning saw;
+   - where the loss goes: the same boxes kept on the true positives only (a perfect image-level
+     decision), against the figure with the model's own decision;
    - slices by view, sex and age band; the score report's HTML and a worst-first overlay gallery.
 
 With ``--stages cv --folds 0,1`` it stops after the out-of-fold summary of those folds: the
@@ -53,7 +55,7 @@ from detection.predict import load_detector, predict_raw, read_any_pixels
 from detection.real_data import REAL_DATA_DIR, RealSet, lung_prior_boxes, load_split, prepare, prior_predictions
 from detection.train import BEST_CHECKPOINT
 from submission.postprocess import PostprocessConfig, apply_postprocess, load_postprocess, save_postprocess
-from submission.prediction_string import write_submission
+from submission.prediction_string import Prediction, write_submission
 from submission.raw_predictions import read_raw_predictions, write_raw_predictions
 from submission.score import BOOTSTRAP_DRAWS, read_slice_metadata, roc_auc, score_dataset, score_slices, write_probabilities
 from submission.score import get_args_parser as score_parser
@@ -174,6 +176,10 @@ def report_holdout(args: argparse.Namespace, work: Path, prepared, rows: list, f
         kept[name] = result
         results[name] = {**score_step(truth, result.predictions), "calibration": result.note, "expected_boxes_per_image": config.expected_boxes_per_image or None,
                          "applied": {"score_threshold": result.applied.score_threshold, "gate_threshold": result.applied.gate_threshold}}
+    # Where the loss goes: the same boxes with a perfect image-level decision (kept on the true positives only).
+    for name in ("1 single model (fold 0), its own cut-off", "6 + shrink: the README recipe (cv -> tune -> predict)"):
+        oracle = {patient: prediction if patient in positives else Prediction.empty() for patient, prediction in kept[name].predictions.items()}
+        results[f"diagnostic: {name.split(':')[0].split(',')[0]}, boxes on the true positives only"] = score_step(truth, oracle)
     single_probability = {row.patient_id: row.probability for row in single_plain if row.probability is not None}
     ensemble_probability = {}
     for row in rows:
