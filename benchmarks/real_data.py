@@ -46,7 +46,7 @@ import torch
 
 from data_tools.image_io import find_images
 from data_tools.labels import read_labels
-from data_tools.visualize import write_overlays
+from data_tools.visualize import worst_first, write_overlays
 from detection.config import load_config
 from detection.cv import OOF_FILE, OOF_LABELS_FILE, SUMMARY_FILE, fold_dir, parse_folds
 from detection.cv import get_args_parser as cv_parser
@@ -207,7 +207,7 @@ def report_holdout(args: argparse.Namespace, work: Path, prepared, rows: list, f
         if probability:
             write_probabilities(report_dir / f"probabilities_{tag}.csv", {patient: probability[patient] for patient in sorted(truth)})
         overlays = report_dir / f"overlays_{tag}"
-        write_overlays(sorted(find_images(prepared.holdout_images)), overlays, labels={patient: labels[patient] for patient in truth},
+        write_overlays(worst_first(find_images(prepared.holdout_images), truth, kept[name].predictions), overlays, labels={patient: labels[patient] for patient in truth},
                        predictions=kept[name].predictions, max_size=512)
         score_args = ["--submission", str(report_dir / f"submission_{tag}.csv"), "--labels", str(prepared.holdout_labels_csv),
                       "--html", str(report_dir / f"score_{tag}.html"), "--metadata", str(prepared.holdout_data / "annotations.json"),

@@ -457,6 +457,22 @@ def write_overlays(
     return VisualizeSummary(entries=entries, skipped=skipped, index_html=index_html)
 
 
+def worst_first(paths: Sequence[Path], truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction]) -> list[Path]:
+    """``paths`` ordered by their image's RSNA score, worst first; images with no truth and no box (they cost nothing) last.
+
+    The patientId is the file stem; ties keep patientId order. A gallery drawn in this order
+    opens on the model's mistakes.
+    """
+    def key(path: Path) -> tuple[float, str]:
+        patient = Path(path).stem
+        prediction = predictions.get(patient, Prediction.empty())
+        boxes = truth.get(patient, np.zeros((0, 4)))
+        scored = score_image(boxes, prediction)
+        return (2.0 if scored is None else scored.score, patient)
+
+    return sorted(paths, key=key)
+
+
 def select_images(
     paths: Sequence[Path],
     *,

@@ -27,7 +27,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data_tools.atomic import write_text_atomic
@@ -35,7 +34,7 @@ from data_tools.dicom_io import find_dicoms
 from data_tools.labels import read_labels
 from data_tools.synth import write_synthetic_dataset
 from data_tools.to_coco import convert_dataset, format_report
-from data_tools.visualize import write_overlays
+from data_tools.visualize import worst_first, write_overlays
 from detection.config import load_config
 from detection.engine import resolve_precision
 from data_tools.image_io import find_images
@@ -43,8 +42,8 @@ from detection.predict import Detector, load_detector, load_trained_model, predi
 from detection.real_data import REAL_DATA_DIR, RealSet, prepare
 from detection.train import BEST_CHECKPOINT, train
 from submission.postprocess import PostprocessConfig, apply_postprocess
-from submission.prediction_string import Prediction, write_submission
-from submission.score import BOOTSTRAP_DRAWS, ScoreReport, roc_auc, score_dataset, score_image, write_probabilities
+from submission.prediction_string import write_submission
+from submission.score import BOOTSTRAP_DRAWS, ScoreReport, roc_auc, score_dataset, write_probabilities
 from submission.score import get_args_parser as score_parser
 from submission.score import main as score_main
 
@@ -124,8 +123,7 @@ def real_main(args: argparse.Namespace) -> int:
     print("[4/5] score and draw (worst first)")
     report = score_dataset(truth, result.predictions, bootstrap_draws=BOOTSTRAP_DRAWS)
     write_text_atomic(out / "score_holdout.json", json.dumps(report.to_dict(), indent=2))
-    worst_first = sorted(paths, key=lambda path: (image_score_or_two(truth, result.predictions, path.stem), path.stem))
-    write_overlays(worst_first, out / "overlays_holdout", labels={patient: labels[patient] for patient in truth}, predictions=result.predictions, max_size=512)
+    write_overlays(worst_first(paths, truth, result.predictions), out / "overlays_holdout", labels={patient: labels[patient] for patient in truth}, predictions=result.predictions, max_size=512)
     score_args = [
         "--submission", str(out / "submission_holdout.csv"), "--labels", str(prepared.holdout_labels_csv), "--html", str(out / "score_holdout.html"),
         "--metadata", str(prepared.holdout_data / "annotations.json"), "--by", "view_position,sex,age_band", "--overlays", str(out / "overlays_holdout"),
@@ -153,13 +151,6 @@ def real_main(args: argparse.Namespace) -> int:
 def single_model_postprocess(detector: Detector) -> PostprocessConfig:
     """How one trained model is applied on its own: the cut-off its validation chose (and nothing the held-out side could tune)."""
     return PostprocessConfig(score_threshold=detector.score_threshold)
-
-
-def image_score_or_two(truth: dict[str, np.ndarray], predictions: dict[str, Prediction], patient: str) -> float:
-    """An image's RSNA score (0 worst, 1 best), or 2 for an image with no truth and no box (it costs nothing): the gallery's order."""
-    if not len(truth[patient]) and not len(predictions[patient].scores):
-        return 2.0
-    return score_image(truth[patient], predictions[patient]).score
 
 
 def main(args: argparse.Namespace) -> int:

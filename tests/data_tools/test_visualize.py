@@ -221,3 +221,13 @@ def test_encode_image_keeps_grey_and_rgb_pixels() -> None:
     assert np.array_equal(cv2.imdecode(np.frombuffer(visualize.encode_image(grey, ".png", what="g"), np.uint8), cv2.IMREAD_UNCHANGED), grey)
     decoded = cv2.imdecode(np.frombuffer(visualize.encode_image(rgb, ".png", what="c"), np.uint8), cv2.IMREAD_COLOR)
     assert (decoded[..., 2] == 200).all() and (decoded[..., :2] == 0).all()
+
+
+def test_worst_first_orders_by_image_score_and_puts_the_costless_last() -> None:
+    truth = {"hit": np.array([[0.0, 0, 100, 100]]), "miss": np.array([[0.0, 0, 100, 100]]), "quiet": np.zeros((0, 4)), "alarm": np.zeros((0, 4))}
+    predictions = {
+        "hit": Prediction.from_arrays([0.9], [[0, 0, 100, 100]]), "miss": Prediction.empty(), "quiet": Prediction.empty(),
+        "alarm": Prediction.from_arrays([0.9], [[0, 0, 50, 50]]),
+    }
+    paths = [Path(f"/x/{name}.jpg") for name in ("quiet", "hit", "miss", "alarm")]
+    assert [path.stem for path in visualize.worst_first(paths, truth, predictions)] == ["alarm", "miss", "hit", "quiet"]

@@ -103,13 +103,3 @@ def test_demo_real_runs_every_stage_on_a_subset(rsna_real_dir: Path, tmp_path: P
         assert (out / name).is_file(), name
     page = (out / "overlays_holdout" / "index.html").read_text(encoding="utf-8")
     assert page.count("<figure") == 8
-
-
-def test_the_gallery_order_puts_the_worst_images_first() -> None:
-    truth = {"hit": np.array([[0.0, 0, 100, 100]]), "miss": np.array([[0.0, 0, 100, 100]]), "quiet": np.zeros((0, 4)), "alarm": np.zeros((0, 4))}
-    predictions = {
-        "hit": Prediction.from_arrays([0.9], [[0, 0, 100, 100]]), "miss": Prediction.empty(), "quiet": Prediction.empty(),
-        "alarm": Prediction.from_arrays([0.9], [[0, 0, 50, 50]]),
-    }
-    order = sorted(truth, key=lambda patient: (demo.image_score_or_two(truth, predictions, patient), patient))
-    assert order == ["alarm", "miss", "hit", "quiet"]
