@@ -713,7 +713,7 @@ def format_report(report: ConversionReport, out_dir: Path) -> str:
         lines.append(f"  skipped {len(report.unlabelled_files)} {files} the labels do not name (truth unknown):")
         lines.extend(_examples(report.unlabelled_files))
     if report.duplicate_files:
-        lines.append(f"  skipped {len(report.duplicate_files)} {files} whose patientId (file name) was already found in another file:")
+        lines.append(f"  skipped {len(report.duplicate_files)} {files} whose patientId (file name) was already found in another folder:")
         lines.extend(_examples(report.duplicate_files))
     if report.metadata_problems:
         lines.append(f"  {len(report.metadata_problems)} metadata rows not used as given ({_count_kinds(report.metadata_problems)}):")

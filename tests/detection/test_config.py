@@ -20,7 +20,7 @@ from detection.config import (
     validate_config,
 )
 
-SHIPPED_CONFIGS = ("fasterrcnn_mobilenet_cpu", "fasterrcnn_resnet50_fpn")
+SHIPPED_CONFIGS = ("fasterrcnn_mobilenet_cpu", "fasterrcnn_mobilenet_real_cpu", "fasterrcnn_resnet50_fpn")
 
 
 def write_yaml(folder: Path, text: str, name: str = "custom.yaml") -> Path:
@@ -205,7 +205,7 @@ def test_resolve_config_path_finds_bare_names_and_keeps_real_paths(tmp_path: Pat
 
 
 def test_unknown_config_name_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=re.escape("config nosuch: no such file. Known configs: fasterrcnn_mobilenet_cpu, fasterrcnn_resnet50_fpn")):
+    with pytest.raises(ConfigError, match=re.escape("config nosuch: no such file. Known configs: fasterrcnn_mobilenet_cpu, fasterrcnn_mobilenet_real_cpu, fasterrcnn_resnet50_fpn")):
         resolve_config_path("nosuch")
 
 
