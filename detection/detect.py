@@ -34,6 +34,8 @@ NOTICE = "lungdet is a research tool, not a diagnostic device: its output is not
 PERCENT_DECIMALS = 2
 # Box fractions of the image: 6 decimals is a thousandth of a pixel on a 1024 px side.
 FRACTION_DECIMALS = 6
+# Well under the 1e-4 step of a shown confidence, well over the error of percent / 100.
+SHOWN_CONFIDENCE_TOLERANCE = 1e-9
 PREVIEW_JPEG_QUALITY = 92
 UPLOAD_ID_HEX_DIGITS = 16
 
@@ -110,8 +112,11 @@ def detection_json(detection: Detection, *, detector_info: dict[str, Any], min_c
     """
     score_threshold = float(detector_info["score_threshold"])
     cut_off = score_threshold if min_confidence is None else min_confidence
-    prediction_string = format_prediction_string(keep_confident(detection.prediction, min_confidence=cut_off))
-    shown = parse_prediction_string(prediction_string)
+    # Filter on the confidences as shown (4 decimals), so that a shown value typed back as
+    # min_confidence keeps that box; the tolerance absorbs percent -> fraction float error.
+    rounded = parse_prediction_string(format_prediction_string(detection.prediction))
+    shown = keep_confident(rounded, min_confidence=cut_off - SHOWN_CONFIDENCE_TOLERANCE)
+    prediction_string = format_prediction_string(shown)
     width, height = detection.image.width, detection.image.height
     boxes = [
         {"x": x, "y": y, "width": box_width, "height": box_height, "confidence": confidence}

@@ -85,6 +85,15 @@ def test_min_confidence_filters_boxes_but_not_the_verdict() -> None:
     assert detection_json(detection, detector_info=INFO)["boxes"] == []
 
 
+def test_min_confidence_compares_the_confidence_as_shown() -> None:
+    # 0.14386 is shown as 0.1439: typing the shown 14.39 % back keeps it, though the raw value is below.
+    detection = detection_of([0.14386, 0.14384], [[0, 0, 10, 10], [5, 5, 10, 10]])
+    kept = detection_json(detection, detector_info=INFO, min_confidence=14.39 / 100)
+    assert [box["confidence"] for box in kept["boxes"]] == [0.1439]
+    assert kept["prediction_string"] == "0.1439 0.0 0.0 10.0 10.0"
+    assert [box["confidence"] for box in detection_json(detection, detector_info=INFO, min_confidence=0.1438)["boxes"]] == [0.1439, 0.1438]
+
+
 def test_upload_id_is_the_start_of_the_sha256() -> None:
     assert upload_id(b"lungdet") == hashlib.sha256(b"lungdet").hexdigest()[:16]
 
