@@ -18,7 +18,8 @@ One command (``make benchmark-real``) from ``../shared/data/rsna_real`` to a tab
      confidence, with the boxes per image each keeps against what tuning saw;
    - where the loss goes: the same boxes kept on the true positives only (a perfect image-level
      decision), against the figure with the model's own decision;
-   - slices by view, sex and age band; the score report's HTML and a worst-first overlay gallery.
+   - slices by view, sex and age band; the score report's HTML and a worst-first overlay gallery;
+   - the learning curves of every fold (``report/learning_curves.png``, written after the cv stage).
 
 With ``--stages cv --folds 0,1`` it stops after the out-of-fold summary of those folds: the
 recipe search, which never touches the held-out side (``--search-table`` appends a row).
@@ -43,7 +44,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from data_tools.atomic import write_bytes_atomic
 from data_tools.image_io import find_images
 from data_tools.labels import read_labels
 from data_tools.visualize import worst_first, write_overlays
@@ -114,6 +118,26 @@ def epoch_curve(run_dir: Path) -> list[dict]:
     keep = ("epoch", "loss", "loss_box_reg", "loss_classifier", "loss_image", "loss_objectness", "loss_rpn_box_reg", "val_map", "val_auc")
     with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as stream:
         return [{key: float(row[key]) for key in keep if row.get(key) not in (None, "")} for row in csv.DictReader(stream)]
+
+
+def plot_learning_curves(fold_metrics: dict, path: Path) -> None:
+    """Per fold, by epoch: the training loss, validation mAP and validation image AUC, as one PNG."""
+    figure = Figure(figsize=(12, 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, 3)
+    for fold, curve in sorted(fold_metrics.items()):
+        epochs = [row["epoch"] for row in curve]
+        for panel, key in zip(panels, ("loss", "val_map", "val_auc")):
+            panel.plot(epochs, [row.get(key, np.nan) for row in curve], marker=".", label=f"fold {fold}")
+    for panel, title in zip(panels, ("training loss", "validation RSNA mAP (each fold's 160)", "validation image AUC")):
+        panel.set_title(title, fontsize=10)
+        panel.set_xlabel("epoch")
+        panel.grid(alpha=0.3)
+    panels[0].legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def predict_holdout(work: Path, holdout_images: Path, folds: list[int]) -> list:
@@ -252,6 +276,8 @@ def main() -> int:
     if "cv" in stages:
         out["cv"] = run_cv(args, prepared.cv_data, work)
         cv = out["cv"]
+        (work / "report").mkdir(exist_ok=True)
+        plot_learning_curves(cv["fold_metrics"], work / "report" / "learning_curves.png")
         minutes = float(np.mean(list(cv["fold_train_minutes"].values())))
         print(f"out-of-fold ({cv['oof_images']} images, folds {folds}): mAP {cv['oof_map']:.4f} [{cv['oof_map_interval'][0]:.4f}, {cv['oof_map_interval'][1]:.4f}] "
               f"at each fold's cut-off; tuned (honest) {cv['tuned_honest']:.4f}; image AUC {cv['oof_auc']:.3f}; {minutes:.1f} min per fold")
