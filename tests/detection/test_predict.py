@@ -15,8 +15,9 @@ from data_tools.errors import LungdetError
 from data_tools.synth import write_synthetic_dataset
 from detection.config import config_to_dict, load_config
 from detection.engine import Precision, resolve_precision
-from detection.predict import get_args_parser, load_trained_model, main, predict_dicoms, to_original_space
+from detection.predict import get_args_parser, load_trained_model, main, predict_dicoms, report_operating_point, to_original_space
 from detection.train import BEST_CHECKPOINT, train
+from submission.postprocess import PostprocessConfig, PostprocessResult
 from submission.prediction_string import Prediction, keep_confident, read_submission
 
 CPU = torch.device("cpu")
@@ -381,3 +382,18 @@ def test_an_image_folder_predicts_as_its_files_do_and_label_space_scales_the_box
     for patient_id, prediction in own.items():
         np.testing.assert_allclose(scaled[patient_id].scores, prediction.scores)
         np.testing.assert_allclose(scaled[patient_id].boxes, prediction.boxes * 4, atol=0.5)  # the CSV rounds to 0.1 px
+
+
+def operating_point(boxes_per_image: float, expected: float) -> PostprocessResult:
+    config = PostprocessConfig(score_threshold=0.3, expected_boxes_per_image=expected, tuned_models_per_image=1, tuned_passes_per_model=2)
+    return PostprocessResult(predictions={"p1": Prediction.empty()}, applied=config, calibrated=False, note="", boxes_per_image=boxes_per_image)
+
+
+def test_predict_prints_the_boxes_per_image_beside_tuning_and_warns_only_beyond_2x(capsys: pytest.CaptureFixture[str]) -> None:
+    report_operating_point(operating_point(0.5, 0.3))
+    near = capsys.readouterr()
+    assert near.out == "kept 0.500 boxes per image (tuning expected 0.300)\n" and near.err == ""
+    report_operating_point(operating_point(0.1, 0.3))
+    far = capsys.readouterr()
+    assert far.out == "kept 0.100 boxes per image (tuning expected 0.300)\n"
+    assert far.err.count("\n") == 1 and far.err.startswith("warning: 0.100 boxes per image is more than 2x from tuning's 0.300")
