@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_tools.synth import write_synthetic_dataset
+from lungdet.data_tools.synth import write_synthetic_dataset
 
 
 def peak_rss_mib_of_child(command: list[str]) -> tuple[float, float]:

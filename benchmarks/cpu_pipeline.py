@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from data_tools.dicom_io import find_dicoms
-from data_tools.labels import read_labels
-from data_tools.synth import write_synthetic_dataset
-from data_tools.to_coco import convert_dataset
-from detection.config import load_config
-from detection.data import build_dataloaders
-from detection.engine import resolve_precision, train_one_epoch
-from detection.model import build_model, in_memory_layout
-from detection.predict import predict_dicoms
-from detection.train import build_optimizer, build_scheduler, seed_everything
+from lungdet.data_tools.dicom_io import find_dicoms
+from lungdet.data_tools.labels import read_labels
+from lungdet.data_tools.synth import write_synthetic_dataset
+from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.detection.config import load_config
+from lungdet.detection.data import build_dataloaders
+from lungdet.detection.engine import resolve_precision, train_one_epoch
+from lungdet.detection.model import build_model, in_memory_layout
+from lungdet.detection.predict import predict_dicoms
+from lungdet.detection.train import build_optimizer, build_scheduler, seed_everything
 
 CPU = torch.device("cpu")
 

@@ -42,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$work/bin"
-printf '#!/usr/bin/env bash\nexec %q -m detection.cli "$@"\n' "$(command -v "$py")" > "$work/bin/lungdet"
+printf '#!/usr/bin/env bash\nexec %q -m lungdet "$@"\n' "$(command -v "$py")" > "$work/bin/lungdet"
 chmod +x "$work/bin/lungdet"
 export PATH="$work/bin:$PATH"
 cd "$repo"
@@ -72,9 +72,9 @@ step train_bf16_retinanet 180 lungdet train --data "$data" --out "$work/retina" 
 step predict 120 lungdet predict --checkpoint "$work/bf16/best.pt" --dicom-dir "$work/synth/stage_2_train_images" --out "$work/submission.csv" --device "$device" --no-progress
 step score 60 lungdet score --submission "$work/submission.csv" --labels "$work/synth/stage_2_train_labels.csv"
 # One GPU, two processes: NCCL refuses a shared GPU, so this must say so clearly ...
-step ddp_nccl_refused 120 "$py" -m torch.distributed.run --standalone --nproc_per_node=2 -m detection.cli train --config fasterrcnn_mobilenet_cpu --data "$data" --out "$work/ddp_nccl" "${tiny[@]}" optim.epochs=1
+step ddp_nccl_refused 120 "$py" -m torch.distributed.run --standalone --nproc_per_node=2 -m lungdet train --config fasterrcnn_mobilenet_cpu --data "$data" --out "$work/ddp_nccl" "${tiny[@]}" optim.epochs=1
 # ... and gloo lets both share it (a smoke test of DDP on CUDA tensors).
-step ddp_gloo_shared_gpu 240 env LUNGDET_DIST_BACKEND=gloo "$py" -m torch.distributed.run --standalone --nproc_per_node=2 -m detection.cli train --config fasterrcnn_mobilenet_cpu --data "$data" --out "$work/ddp" "${tiny[@]}" optim.epochs=2
+step ddp_gloo_shared_gpu 240 env LUNGDET_DIST_BACKEND=gloo "$py" -m torch.distributed.run --standalone --nproc_per_node=2 -m lungdet train --config fasterrcnn_mobilenet_cpu --data "$data" --out "$work/ddp" "${tiny[@]}" optim.epochs=2
 for run in bf16 ddp; do
     [ -f "$work/$run/metrics.csv" ] && cp "$work/$run/metrics.csv" "$out/metrics_$run.csv"
 done

@@ -37,19 +37,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_tools.dicom_io import find_dicoms
-from data_tools.labels import read_labels
-from data_tools.synth import write_synthetic_dataset
-from data_tools.to_coco import convert_dataset
-from detection.cv import OOF_FILE, OOF_LABELS_FILE, fold_dir
-from detection.cv import get_args_parser as cv_parser
-from detection.cv import main as cv_main
-from detection.predict import load_detector, predict_raw, read_dicom_pixels
-from detection.train import BEST_CHECKPOINT
-from submission.postprocess import PostprocessConfig, postprocess
-from submission.raw_predictions import read_raw_predictions
-from submission.score import BOOTSTRAP_DRAWS, score_dataset
-from submission.tune import tune_postprocess
+from lungdet.data_tools.dicom_io import find_dicoms
+from lungdet.data_tools.labels import read_labels
+from lungdet.data_tools.synth import write_synthetic_dataset
+from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, fold_dir
+from lungdet.detection.cv import get_args_parser as cv_parser
+from lungdet.detection.cv import main as cv_main
+from lungdet.detection.predict import load_detector, predict_raw, read_dicom_pixels
+from lungdet.detection.train import BEST_CHECKPOINT
+from lungdet.submission.postprocess import PostprocessConfig, postprocess
+from lungdet.submission.raw_predictions import read_raw_predictions
+from lungdet.submission.score import BOOTSTRAP_DRAWS, score_dataset
+from lungdet.submission.tune import tune_postprocess
 
 CONFIG = "fasterrcnn_mobilenet_cpu"
 FOLDS = 5

@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_tools.dicom_io import find_dicoms, read_dicom
-from data_tools.synth import write_synthetic_dataset
-from detection.config import config_to_dict, load_config
-from detection.inference import prepare_input
-from detection.model import build_model
-from detection.predict import default_workers, load_detector, predict_raw, read_dicom_pixels
+from lungdet.data_tools.dicom_io import find_dicoms, read_dicom
+from lungdet.data_tools.synth import write_synthetic_dataset
+from lungdet.detection.config import config_to_dict, load_config
+from lungdet.detection.inference import prepare_input
+from lungdet.detection.model import build_model
+from lungdet.detection.predict import default_workers, load_detector, predict_raw, read_dicom_pixels
 
 TARGET_FRACTION = 0.9
 
@@ -98,8 +98,8 @@ def onnx_rows(checkpoint: Path, folder: Path, inputs, shapes, args, eager_fp32: 
         import onnxruntime
     except ImportError:
         return [("onnxruntime forward", float("nan"), "onnxruntime not installed: pip install 'lungdet[onnx]'")]
-    from detection.export import export_checkpoint
-    from detection.exported import load_onnx
+    from lungdet.detection.export import export_checkpoint
+    from lungdet.detection.exported import load_onnx
 
     exported = folder / "model.onnx"
     export_checkpoint(checkpoint, exported, fmt="onnx", batch_size=args.batch_size)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from detection.cv import fold_dir, predict_out_of_fold, summarize
-from detection.train import BEST_CHECKPOINT, load_checkpoint
-from submission.tune import tune_postprocess
+from lungdet.detection.cv import fold_dir, predict_out_of_fold, summarize
+from lungdet.detection.train import BEST_CHECKPOINT, load_checkpoint
+from lungdet.submission.tune import tune_postprocess
 
 
 def sweep_row(work: Path, data: Path, folds: list[int], *, nms: float, floor: float) -> dict:

@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from data_tools.errors import LungdetError
-from detection.sparse_roi_align import sparse_multiscale_roi_align
+from lungdet.data_tools.errors import LungdetError
+from lungdet.detection.sparse_roi_align import sparse_multiscale_roi_align
 
 LEVELS = ["0", "1", "2", "3"]
 

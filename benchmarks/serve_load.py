@@ -57,7 +57,7 @@ def resident_mb(pid: int) -> float:
 def start_server(checkpoint: Path, device: str, max_batch: int, log_path: Path) -> tuple[subprocess.Popen, int]:
     log = open(log_path, "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "detection.cli", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", "0", "--device", device,
+        [sys.executable, "-m", "lungdet", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", "0", "--device", device,
          "--max-batch", str(max_batch)],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

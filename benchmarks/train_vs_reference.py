@@ -73,17 +73,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as F
 
-from data_tools.boxes import xywh_to_xyxy
-from data_tools.errors import LungdetError
-from data_tools.labels import read_labels
-from data_tools.synth import write_synthetic_dataset
-from data_tools.to_coco import convert_dataset
-from detection.config import TrainConfig, load_config
-from detection.data import ImageRecord, build_dataloaders, load_preprocessing, select_records
-from detection.engine import evaluate, predict_loader, resolve_precision
-from detection.model import build_model, needs_masks
-from detection.predict import load_trained_model
-from detection.train import LAST_CHECKPOINT, METRICS_FILE, build_optimizer, resolve_device, seed_everything, train
+from lungdet.data_tools.boxes import xywh_to_xyxy
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.labels import read_labels
+from lungdet.data_tools.synth import write_synthetic_dataset
+from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.detection.config import TrainConfig, load_config
+from lungdet.detection.data import ImageRecord, build_dataloaders, load_preprocessing, select_records
+from lungdet.detection.engine import evaluate, predict_loader, resolve_precision
+from lungdet.detection.model import build_model, needs_masks
+from lungdet.detection.predict import load_trained_model
+from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE, build_optimizer, resolve_device, seed_everything, train
 
 DEFAULT_CONFIG = "fasterrcnn_mobilenet_cpu"
 # The throughput target of issue 4 section 8: ours over the reference's training images/s.

@@ -32,7 +32,7 @@ from pydicom.pixels import get_decoder
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
-from data_tools.errors import DicomReadError, ImageReadError, LungdetError
+from lungdet.data_tools.errors import DicomReadError, ImageReadError, LungdetError
 
 # Length field of an element whose end is marked by a delimiter instead (sequences, compressed pixel data).
 _UNDEFINED_LENGTH = 0xFFFFFFFF

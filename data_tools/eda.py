@@ -33,15 +33,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from data_tools.atomic import write_bytes_atomic, write_text_atomic
-from data_tools.boxes import as_box_array
-from data_tools.cli_types import int_in_range
-from data_tools.dicom_io import DicomMeta, find_dicoms, read_dicom_metadata
-from data_tools.errors import DicomReadError, ImageReadError, LungdetError
-from data_tools.image_io import find_images, read_picture_size, read_xray_file
-from data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, PatientLabels, read_labels
-from data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
-from data_tools.visualize import draw_overlay, encode_image, fit_for_display
+from lungdet.data_tools.atomic import write_bytes_atomic, write_text_atomic
+from lungdet.data_tools.boxes import as_box_array
+from lungdet.data_tools.cli_types import int_in_range
+from lungdet.data_tools.dicom_io import DicomMeta, find_dicoms, read_dicom_metadata
+from lungdet.data_tools.errors import DicomReadError, ImageReadError, LungdetError
+from lungdet.data_tools.image_io import find_images, read_picture_size, read_xray_file
+from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, PatientLabels, read_labels
+from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
+from lungdet.data_tools.visualize import draw_overlay, encode_image, fit_for_display
 
 INDEX_FILE = "index.html"
 DISCLAIMER = "lungdet is a research tool, not a diagnostic device"

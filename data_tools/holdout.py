@@ -17,10 +17,10 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from data_tools.atomic import atomic_open
-from data_tools.errors import LabelError, LungdetError
-from data_tools.labels import PatientLabels
-from data_tools.to_coco import assign_folds
+from lungdet.data_tools.atomic import atomic_open
+from lungdet.data_tools.errors import LabelError, LungdetError
+from lungdet.data_tools.labels import PatientLabels
+from lungdet.data_tools.to_coco import assign_folds
 
 SPLITS = ("cv", "holdout")
 

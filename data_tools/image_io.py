@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from data_tools.dicom_io import conversion_notes, over_pixel_limit, read_dicom, read_dicom_bytes, window_to_uint8
-from data_tools.errors import ImageReadError, LungdetError
+from lungdet.data_tools.dicom_io import conversion_notes, over_pixel_limit, read_dicom, read_dicom_bytes, window_to_uint8
+from lungdet.data_tools.errors import ImageReadError, LungdetError
 
 FORMATS = ("dicom", "png", "jpeg")
 # File names that find_images takes: the derivatives RSNA data circulates as.

@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_tools.dicom_io import parse_age
-from data_tools.errors import LabelError
+from lungdet.data_tools.dicom_io import parse_age
+from lungdet.data_tools.errors import LabelError
 
 PATIENT_COLUMN = "patientId"
 TAG_COLUMNS = ("PatientAge", "PatientSex", "ViewPosition", "PixelSpacing")

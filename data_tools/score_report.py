@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.atomic import write_text_atomic
-from data_tools.eda import figure_to_png, new_figure
-from data_tools.visualize import DISCLAIMER, judge_image
-from submission.postprocess import PostprocessConfig
-from submission.prediction_string import Prediction
-from submission.score import ScoreReport, SliceReport, roc_auc, roc_curve
-from submission.tune import build_table, image_scores, mean_score
+from lungdet.data_tools.atomic import write_text_atomic
+from lungdet.data_tools.eda import figure_to_png, new_figure
+from lungdet.data_tools.visualize import DISCLAIMER, judge_image
+from lungdet.submission.postprocess import PostprocessConfig
+from lungdet.submission.prediction_string import Prediction
+from lungdet.submission.score import ScoreReport, SliceReport, roc_auc, roc_curve
+from lungdet.submission.tune import build_table, image_scores, mean_score
 
 CUT_OFFS = tuple(round(float(value), 3) for value in np.arange(0.0, 0.951, 0.025))
 WORST_COUNT = 20

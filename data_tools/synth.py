@@ -34,11 +34,11 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, SecondaryCaptureImageStorage, generate_uid
 from tqdm import tqdm
 
-from data_tools.atomic import write_bytes_atomic, write_text_atomic
-from data_tools.boxes import as_box_array, iou_matrix_xywh
-from data_tools.cli_types import fraction, int_in_range
-from data_tools.errors import LungdetError
-from data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, format_labels_csv
+from lungdet.data_tools.atomic import write_bytes_atomic, write_text_atomic
+from lungdet.data_tools.boxes import as_box_array, iou_matrix_xywh
+from lungdet.data_tools.cli_types import fraction, int_in_range
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, format_labels_csv
 
 # ---------------------------------------------------------------------------------------------
 # Statistics of the real data.

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from data_tools.errors import ConfigError
+from lungdet.data_tools.errors import ConfigError
 
 # (dotted key, check, what is allowed) for one range rule.
 RangeRule = tuple[str, Callable[[Any], bool], str]

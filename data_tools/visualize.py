@@ -25,15 +25,15 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.atomic import write_bytes_atomic, write_text_atomic
-from data_tools.boxes import as_box_array, scale_xywh
-from data_tools.cli_types import fraction, int_in_range
-from data_tools.dicom_io import find_dicoms
-from data_tools.errors import ImageReadError, LungdetError
-from data_tools.image_io import find_images, read_file_pixels
-from data_tools.labels import PatientLabels, read_labels
-from submission.prediction_string import Prediction, keep_confident, read_submission
-from submission.score import match_predictions, score_image
+from lungdet.data_tools.atomic import write_bytes_atomic, write_text_atomic
+from lungdet.data_tools.boxes import as_box_array, scale_xywh
+from lungdet.data_tools.cli_types import fraction, int_in_range
+from lungdet.data_tools.dicom_io import find_dicoms
+from lungdet.data_tools.errors import ImageReadError, LungdetError
+from lungdet.data_tools.image_io import find_images, read_file_pixels
+from lungdet.data_tools.labels import PatientLabels, read_labels
+from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission
+from lungdet.submission.score import match_predictions, score_image
 
 # RGB. Green and orange stay apart for the common red-green colour blindness (they differ in
 # lightness and blue), and neither is a grey that could be mistaken for anatomy.

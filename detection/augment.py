@@ -22,11 +22,11 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from data_tools.atomic import write_bytes_atomic
-from data_tools.boxes import as_box_array, xyxy_to_xywh
-from data_tools.errors import LungdetError
-from data_tools.visualize import draw_overlay, encode_image
-from detection.config import AugmentConfig
+from lungdet.data_tools.atomic import write_bytes_atomic
+from lungdet.data_tools.boxes import as_box_array, xyxy_to_xywh
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.visualize import draw_overlay, encode_image
+from lungdet.detection.config import AugmentConfig
 
 # Dark grey column between the two panels of a sample PNG, so their edges do not run together.
 PANEL_GAP = 8

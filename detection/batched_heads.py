@@ -40,7 +40,7 @@ from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
 
-from detection.sparse_roi_align import SparseMultiScaleRoIAlign
+from lungdet.detection.sparse_roi_align import SparseMultiScaleRoIAlign
 
 # The key a candidate can never be sampled with: torch.rand draws from [0, 1).
 _NOT_A_CANDIDATE = 2.0

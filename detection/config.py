@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from data_tools.atomic import write_text_atomic
-from data_tools.errors import ConfigError
-from data_tools.typed_config import RangeRule, apply_overrides, build_dataclass, check_ranges, read_yaml_mapping
+from lungdet.data_tools.atomic import write_text_atomic
+from lungdet.data_tools.errors import ConfigError
+from lungdet.data_tools.typed_config import RangeRule, apply_overrides, build_dataclass, check_ranges, read_yaml_mapping
 
 MODEL_ARCHITECTURES = (
     "fasterrcnn_resnet50_fpn",

@@ -26,19 +26,19 @@ import cv2
 import numpy as np
 import torch
 
-from data_tools.atomic import write_text_atomic
-from data_tools.boxes import scale_xywh
-from data_tools.errors import LungdetError
-from data_tools.labels import format_labels_csv
-from detection.config import apply_overrides, config_from_dict, load_config
-from detection.data import ImageRecord, load_records
-from detection.distributed import from_environment, start, stop
-from detection.engine import resolve_precision
-from detection.predict import TTA_MODES, ModelRunner, load_trained_model, predict_raw
-from detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device, train
-from submission.prediction_string import Prediction, keep_confident
-from submission.raw_predictions import RawPrediction, write_raw_predictions
-from submission.score import BOOTSTRAP_DRAWS, score_dataset
+from lungdet.data_tools.atomic import write_text_atomic
+from lungdet.data_tools.boxes import scale_xywh
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.labels import format_labels_csv
+from lungdet.detection.config import apply_overrides, config_from_dict, load_config
+from lungdet.detection.data import ImageRecord, load_records
+from lungdet.detection.distributed import from_environment, start, stop
+from lungdet.detection.engine import resolve_precision
+from lungdet.detection.predict import TTA_MODES, ModelRunner, load_trained_model, predict_raw
+from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device, train
+from lungdet.submission.prediction_string import Prediction, keep_confident
+from lungdet.submission.raw_predictions import RawPrediction, write_raw_predictions
+from lungdet.submission.score import BOOTSTRAP_DRAWS, score_dataset
 
 STATE_FILE = "cv_state.json"
 OOF_FILE = "oof.csv"

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_tools.boxes import scale_xywh, xywh_to_xyxy
-from data_tools.errors import LungdetError
-from data_tools.to_coco import ANNOTATIONS_FILE
-from detection.augment import augment_sample, build_augmentation
-from detection.config import AugmentConfig, DataConfig
-from detection.masks import box_masks
+from lungdet.data_tools.boxes import scale_xywh, xywh_to_xyxy
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.to_coco import ANNOTATIONS_FILE
+from lungdet.detection.augment import augment_sample, build_augmentation
+from lungdet.detection.config import AugmentConfig, DataConfig
+from lungdet.detection.masks import box_masks
 
 @dataclass(frozen=True)
 class ImageRecord:

@@ -21,11 +21,11 @@ from typing import Any
 
 import cv2
 
-from data_tools.errors import ImageReadError
-from data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
-from data_tools.visualize import DEFAULT_MAX_SIZE, draw_overlay, encode_image, fit_for_display
-from detection.predict import Detector
-from submission.prediction_string import Prediction, format_prediction_string, keep_confident, parse_prediction_string
+from lungdet.data_tools.errors import ImageReadError
+from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
+from lungdet.data_tools.visualize import DEFAULT_MAX_SIZE, draw_overlay, encode_image, fit_for_display
+from lungdet.detection.predict import Detector
+from lungdet.submission.prediction_string import Prediction, format_prediction_string, keep_confident, parse_prediction_string
 
 LABEL_POSITIVE = "Lung Opacity"
 LABEL_NEGATIVE = "No Lung Opacity"

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from data_tools.errors import LungdetError
+from lungdet.data_tools.errors import LungdetError
 
 T = TypeVar("T")
 # A rank that dies mid-epoch would leave the others waiting in a collective for NCCL's default

@@ -18,12 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_tools.boxes import xyxy_to_xywh
-from data_tools.errors import LungdetError
-from detection.distributed import Distributed, gather_to_main, share_from_main
-from detection.image_head import IMAGE_PROBABILITY
-from submission.prediction_string import Prediction
-from submission.score import roc_auc, score_dataset, youden_threshold
+from lungdet.data_tools.boxes import xyxy_to_xywh
+from lungdet.data_tools.errors import LungdetError
+from lungdet.detection.distributed import Distributed, gather_to_main, share_from_main
+from lungdet.detection.image_head import IMAGE_PROBABILITY
+from lungdet.submission.prediction_string import Prediction
+from lungdet.submission.score import roc_auc, score_dataset, youden_threshold
 
 
 class NonFiniteLossError(LungdetError):

@@ -49,14 +49,14 @@ import torch
 import torchvision
 from torch import nn
 
-from data_tools.atomic import atomic_path
-from data_tools.cli_types import int_in_range
-from data_tools.errors import ImageReadError, LungdetError
-from data_tools.image_io import read_xray_file
-from data_tools.synth import generate_case
-from detection import lungdet_version
-from detection.config import MODEL_ARCHITECTURES, config_from_dict
-from detection.exported import (
+from lungdet.data_tools.atomic import atomic_path
+from lungdet.data_tools.cli_types import int_in_range
+from lungdet.data_tools.errors import ImageReadError, LungdetError
+from lungdet.data_tools.image_io import read_xray_file
+from lungdet.data_tools.synth import generate_case
+from lungdet.detection import lungdet_version
+from lungdet.detection.config import MODEL_ARCHITECTURES, config_from_dict
+from lungdet.detection.exported import (
     FORMATS,
     INSTALL_ONNX,
     METADATA_FORMAT,
@@ -66,10 +66,10 @@ from detection.exported import (
     load_exported,
     without_torchscript_deprecation,
 )
-from detection.image_head import IMAGE_PROBABILITY, has_image_head
-from detection.inference import ImageResult, prepare_input
-from detection.predict import ModelRunner, file_sha256, model_from_checkpoint, read_trained_checkpoint
-from detection.train import resolve_device
+from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head
+from lungdet.detection.inference import ImageResult, prepare_input
+from lungdet.detection.predict import ModelRunner, file_sha256, model_from_checkpoint, read_trained_checkpoint
+from lungdet.detection.train import resolve_device
 
 ONNX_OPSET = 17
 INPUT_NAME = "images"

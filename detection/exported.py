@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from data_tools.errors import LungdetError
-from detection.inference import ImageResult, PreparedInputRunner, image_result
+from lungdet.data_tools.errors import LungdetError
+from lungdet.detection.inference import ImageResult, PreparedInputRunner, image_result
 
 METADATA_KEY = "lungdet"
 TORCHSCRIPT_METADATA_FILE = "lungdet.json"

@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
-from data_tools.boxes import scale_xywh, xyxy_to_xywh
-from data_tools.to_coco import prepare_pixels
-from submission.prediction_string import Prediction
+from lungdet.data_tools.boxes import scale_xywh, xyxy_to_xywh
+from lungdet.data_tools.to_coco import prepare_pixels
+from lungdet.submission.prediction_string import Prediction
 
 
 class ImageResult(NamedTuple):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from detection.config import MASK_SHAPES
+from lungdet.detection.config import MASK_SHAPES
 
 # Semi-axes are clamped to this (pixels) so a zero-width box divides by something; such a box
 # draws nothing anyway, because the ellipse is also cut to its (empty) rectangle.

@@ -41,10 +41,10 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from data_tools.errors import ConfigError
-from detection.batched_heads import BatchedRetinaNetLoss, use_batched_heads
-from detection.config import MODEL_ARCHITECTURES, ModelConfig
-from detection.image_head import attach_image_head
+from lungdet.data_tools.errors import ConfigError
+from lungdet.detection.batched_heads import BatchedRetinaNetLoss, use_batched_heads
+from lungdet.detection.config import MODEL_ARCHITECTURES, ModelConfig
+from lungdet.detection.image_head import attach_image_head
 
 # RetinaNet puts three anchor scales an octave apart on each FPN level (the paper, and torchvision).
 RETINANET_ANCHOR_SCALES = (1.0, 2.0 ** (1.0 / 3.0), 2.0 ** (2.0 / 3.0))

@@ -28,23 +28,23 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data_tools.cli_types import fraction, image_dimensions, int_in_range
-from data_tools.dicom_io import find_dicoms, read_dicom
-from data_tools.errors import ImageReadError, LungdetError
-from data_tools.boxes import scale_xywh
-from data_tools.image_io import find_images, read_xray_file
-from detection.config import AMP_MODES, TrainConfig, config_from_dict
-from detection.data import to_model_input
-from detection.engine import Precision, resolve_precision
-from detection.exported import ExportedModel, export_format, load_exported
-from detection.image_head import IMAGE_PROBABILITY, has_image_head
-from detection.inference import ImageResult, PreparedInputRunner, image_result, prepare_input
-from detection.model import build_model, in_memory_layout
-from detection.train import load_checkpoint, resolve_device
-from submission.postprocess import PostprocessConfig, PostprocessResult, apply_postprocess, load_postprocess, mean_probability
-from submission.prediction_string import Prediction, keep_confident, write_submission
-from submission.raw_predictions import RawPrediction, group_by_patient, write_raw_predictions
-from submission.score import write_probabilities
+from lungdet.data_tools.cli_types import fraction, image_dimensions, int_in_range
+from lungdet.data_tools.dicom_io import find_dicoms, read_dicom
+from lungdet.data_tools.errors import ImageReadError, LungdetError
+from lungdet.data_tools.boxes import scale_xywh
+from lungdet.data_tools.image_io import find_images, read_xray_file
+from lungdet.detection.config import AMP_MODES, TrainConfig, config_from_dict
+from lungdet.detection.data import to_model_input
+from lungdet.detection.engine import Precision, resolve_precision
+from lungdet.detection.exported import ExportedModel, export_format, load_exported
+from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head
+from lungdet.detection.inference import ImageResult, PreparedInputRunner, image_result, prepare_input
+from lungdet.detection.model import build_model, in_memory_layout
+from lungdet.detection.train import load_checkpoint, resolve_device
+from lungdet.submission.postprocess import PostprocessConfig, PostprocessResult, apply_postprocess, load_postprocess, mean_probability
+from lungdet.submission.prediction_string import Prediction, keep_confident, write_submission
+from lungdet.submission.raw_predictions import RawPrediction, group_by_patient, write_raw_predictions
+from lungdet.submission.score import write_probabilities
 
 
 def read_trained_checkpoint(checkpoint_path: Path) -> dict:
@@ -586,7 +586,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise LungdetError("--json prints to the screen; drop --dicom-out, or drop --json to write files")
     if args.dicom_out is not None:
         try:
-            import pacs.dicom_results  # noqa: F401  fails now, not after the models have run
+            import lungdet.pacs.dicom_results  # noqa: F401  fails now, not after the models have run
         except ImportError as error:
             raise LungdetError(f"--dicom-out: {error}") from None
     if args.json and args.probabilities:
@@ -598,7 +598,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 def predict_json(args: argparse.Namespace, paths: Sequence[Path]) -> int:
     """``--json``: one file at a time through :mod:`detection.detect`, the code ``lungdet serve`` runs."""
     # Imported here: detect pulls in the image readers and drawing code that a folder submission does not need.
-    from detection.detect import detect_bytes, detection_json, error_json
+    from lungdet.detection.detect import detect_bytes, detection_json, error_json
 
     detector = load_detector(args.checkpoint[0], device=args.device, amp=args.amp)
     failed: list[tuple[Path, str]] = []
@@ -620,8 +620,8 @@ def write_dicom_out(
     groups: Mapping[str, Sequence[RawPrediction]], detectors: Sequence[Detector], cut_off: float,
 ) -> None:
     """``--dicom-out``: a report (and overlay) per readable input DICOM, with the boxes the submission has."""
-    from detection import lungdet_version
-    from pacs.dicom_results import model_identity, write_results_for_files
+    from lungdet.detection import lungdet_version
+    from lungdet.pacs.dicom_results import model_identity, write_results_for_files
 
     unreadable = {Path(path) for path, _ in bad}
     model = model_identity(lungdet_version(), [d.architecture for d in detectors], [d.checkpoint_sha256 for d in detectors], cut_off)

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.atomic import write_text_atomic
-from data_tools.errors import LungdetError
-from data_tools.holdout import holdout_split, link_images, read_split_csv
-from data_tools.image_io import find_images
-from data_tools.labels import PatientLabels, format_labels_csv, read_labels
-from data_tools.metadata import MetadataTable, read_metadata_csv
-from data_tools.to_coco import ConversionReport, convert_dataset
-from submission.prediction_string import Prediction
+from lungdet.data_tools.atomic import write_text_atomic
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.holdout import holdout_split, link_images, read_split_csv
+from lungdet.data_tools.image_io import find_images
+from lungdet.data_tools.labels import PatientLabels, format_labels_csv, read_labels
+from lungdet.data_tools.metadata import MetadataTable, read_metadata_csv
+from lungdet.data_tools.to_coco import ConversionReport, convert_dataset
+from lungdet.submission.prediction_string import Prediction
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REAL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "rsna_real"

@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_tools.atomic import atomic_path, write_text_atomic
-from data_tools.errors import LungdetError
-from detection.augment import write_augmentation_samples
-from detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
-from detection.data import build_dataloaders, load_preprocessing, load_records, load_sample, split_records
-from detection.distributed import Distributed, choose_backend, cuda_device_for, from_environment, gather_to_main, share_from_main, start, stop, sum_over_ranks
-from detection.engine import EpochProgress, evaluate, resolve_precision, train_one_epoch
-from detection.model import build_model, in_memory_layout, load_pretrained_state, needs_masks
+from lungdet.data_tools.atomic import atomic_path, write_text_atomic
+from lungdet.data_tools.errors import LungdetError
+from lungdet.detection.augment import write_augmentation_samples
+from lungdet.detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
+from lungdet.detection.data import build_dataloaders, load_preprocessing, load_records, load_sample, split_records
+from lungdet.detection.distributed import Distributed, choose_backend, cuda_device_for, from_environment, gather_to_main, share_from_main, start, stop, sum_over_ranks
+from lungdet.detection.engine import EpochProgress, evaluate, resolve_precision, train_one_epoch
+from lungdet.detection.model import build_model, in_memory_layout, load_pretrained_state, needs_masks
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from data_tools.cli_types import fraction, positive_seconds
-from data_tools.errors import LungdetError
+from lungdet.data_tools.cli_types import fraction, positive_seconds
+from lungdet.data_tools.errors import LungdetError
 
 TOKEN_VARIABLE = "LUNGDET_PACS_TOKEN"
 PASSWORD_VARIABLE = "LUNGDET_PACS_PASSWORD"
@@ -75,12 +75,12 @@ def make_client(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     try:
-        from pacs.dicom_results import model_identity
-        from pacs.node import NodeState, PacsNode
+        from lungdet.pacs.dicom_results import model_identity
+        from lungdet.pacs.node import NodeState, PacsNode
     except ImportError as error:
         raise LungdetError(f"lungdet pacs needs the dicom extra ({error}); pip install 'lungdet[dicom]'") from None
-    from detection import lungdet_version
-    from detection.predict import load_detector
+    from lungdet.detection import lungdet_version
+    from lungdet.detection.predict import load_detector
 
     # The node's own lines only: dicomweb-client and highdicom log every request and copied module at INFO.
     handler = logging.StreamHandler(sys.stderr)

@@ -43,11 +43,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from tqdm import tqdm
 
-from data_tools.atomic import write_bytes_atomic
-from data_tools.dicom_io import read_dicom
-from data_tools.errors import DicomReadError
-from data_tools.visualize import draw_overlay
-from submission.prediction_string import Prediction
+from lungdet.data_tools.atomic import write_bytes_atomic
+from lungdet.data_tools.dicom_io import read_dicom
+from lungdet.data_tools.errors import DicomReadError
+from lungdet.data_tools.visualize import draw_overlay
+from lungdet.submission.prediction_string import Prediction
 
 try:
     import highdicom as hd

@@ -31,11 +31,11 @@ from typing import Any
 import pydicom
 import requests
 
-from data_tools.atomic import write_bytes_atomic, write_text_atomic
-from data_tools.dicom_io import read_dicom_bytes
-from data_tools.errors import ImageReadError
-from data_tools.image_io import DEFAULT_MAX_PIXELS
-from pacs.dicom_results import (
+from lungdet.data_tools.atomic import write_bytes_atomic, write_text_atomic
+from lungdet.data_tools.dicom_io import read_dicom_bytes
+from lungdet.data_tools.errors import ImageReadError
+from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
+from lungdet.pacs.dicom_results import (
     OVERLAY_SERIES_DESCRIPTION,
     REPORT_SERIES_DESCRIPTION,
     ModelIdentity,
@@ -44,7 +44,7 @@ from pacs.dicom_results import (
     report_uid,
     structured_report,
 )
-from submission.prediction_string import keep_confident
+from lungdet.submission.prediction_string import keep_confident
 
 LOG = logging.getLogger("lungdet.pacs")
 CHEST_MODALITIES = ("CR", "DX")

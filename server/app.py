@@ -30,14 +30,14 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from data_tools.errors import ImageReadError
-from data_tools.image_io import DEFAULT_MAX_PIXELS
-from detection import lungdet_version
-from detection.detect import NOTICE, Detection, annotated_png, detect_bytes, detection_json, preview_jpeg, upload_id
-from detection.predict import Detector
-from server.batcher import DEFAULT_MAX_BATCH, Batcher
-from server.guard import RequestGuard, error_body
-from server.schemas import DetectReply, ErrorReply, Health
+from lungdet.data_tools.errors import ImageReadError
+from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
+from lungdet.detection import lungdet_version
+from lungdet.detection.detect import NOTICE, Detection, annotated_png, detect_bytes, detection_json, preview_jpeg, upload_id
+from lungdet.detection.predict import Detector
+from lungdet.server.batcher import DEFAULT_MAX_BATCH, Batcher
+from lungdet.server.guard import RequestGuard, error_body
+from lungdet.server.schemas import DetectReply, ErrorReply, Health
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 64

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from detection.inference import ImageResult
-from detection.predict import Detector
+from lungdet.detection.inference import ImageResult
+from lungdet.detection.predict import Detector
 
 DEFAULT_MAX_BATCH = 8
 _STOP = None

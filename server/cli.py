@@ -14,11 +14,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from data_tools.cli_types import int_in_range
-from data_tools.errors import LungdetError
-from data_tools.image_io import DEFAULT_MAX_PIXELS
-from detection.config import AMP_MODES
-from server.batcher import DEFAULT_MAX_BATCH
+from lungdet.data_tools.cli_types import int_in_range
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
+from lungdet.detection.config import AMP_MODES
+from lungdet.server.batcher import DEFAULT_MAX_BATCH
 
 TOKEN_VARIABLE = "LUNGDET_API_TOKEN"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -93,13 +93,13 @@ def main(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from server.app import create_app
+        from lungdet.server.app import create_app
     except ImportError as error:
         raise LungdetError(
             f"lungdet serve needs FastAPI and uvicorn, which are not installed ({error.name} is missing); "
             "install them with: pip install 'lungdet[serve]'"
         ) from None
-    from detection.predict import load_detector
+    from lungdet.detection.predict import load_detector
 
     token = args.api_token or os.environ.get(TOKEN_VARIABLE) or None
     if not is_loopback(args.host) and token is None:

@@ -24,9 +24,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.atomic import atomic_open
-from data_tools.errors import SubmissionError
-from submission.prediction_string import Prediction, format_prediction_string, parse_prediction_string
+from lungdet.data_tools.atomic import atomic_open
+from lungdet.data_tools.errors import SubmissionError
+from lungdet.submission.prediction_string import Prediction, format_prediction_string, parse_prediction_string
 
 RAW_COLUMNS = ("patientId", "model", "pass", "fold", "width", "height", "probability", "PredictionString")
 PASSES = ("plain", "hflip")

@@ -43,12 +43,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data_tools.atomic import write_text_atomic
-from data_tools.boxes import as_box_array, iou_matrix_xywh
-from data_tools.cli_types import fraction, int_in_range
-from data_tools.errors import SubmissionError
-from data_tools.labels import read_labels
-from submission.prediction_string import Prediction, keep_confident, read_submission
+from lungdet.data_tools.atomic import write_text_atomic
+from lungdet.data_tools.boxes import as_box_array, iou_matrix_xywh
+from lungdet.data_tools.cli_types import fraction, int_in_range
+from lungdet.data_tools.errors import SubmissionError
+from lungdet.data_tools.labels import read_labels
+from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission
 
 # Exact literals, not np.arange(0.4, 0.8, 0.05): arange accumulates float error (its 0.65 is
 # 0.6499999999999999), which would make an IoU of exactly 0.65 a hit at t = 0.65.
@@ -560,7 +560,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.html is not None:
-        from data_tools.score_report import write_score_report  # matplotlib, only for the page
+        from lungdet.data_tools.score_report import write_score_report  # matplotlib, only for the page
 
         write_score_report(
             args.html, report=report, truth=truth, predictions=predictions, slices=slices, submission=args.submission, labels=args.labels,

@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.boxes import as_box_array, iou_matrix_xywh
-from data_tools.errors import SubmissionError
-from data_tools.labels import read_labels
-from submission.postprocess import PostprocessConfig, mean_probability, merge_image, model_order, prediction_shape, save_postprocess, shrink_boxes
-from submission.prediction_string import Prediction
-from submission.raw_predictions import RawPrediction, group_by_patient, read_raw_predictions
-from submission.score import BOOTSTRAP_DRAWS, RSNA_IOU_THRESHOLDS, bootstrap_interval, match_by_iou
+from lungdet.data_tools.boxes import as_box_array, iou_matrix_xywh
+from lungdet.data_tools.errors import SubmissionError
+from lungdet.data_tools.labels import read_labels
+from lungdet.submission.postprocess import PostprocessConfig, mean_probability, merge_image, model_order, prediction_shape, save_postprocess, shrink_boxes
+from lungdet.submission.prediction_string import Prediction
+from lungdet.submission.raw_predictions import RawPrediction, group_by_patient, read_raw_predictions
+from lungdet.submission.score import BOOTSTRAP_DRAWS, RSNA_IOU_THRESHOLDS, bootstrap_interval, match_by_iou
 
 NEUTRAL = PostprocessConfig()
 GRIDS: dict[str, tuple[Any, ...]] = {

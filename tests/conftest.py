@@ -182,11 +182,11 @@ def write_serving_checkpoint(
     """
     import torch
 
-    from data_tools.image_io import read_xray
-    from data_tools.synth import write_synthetic_dataset
-    from detection.config import config_to_dict, load_config
-    from detection.model import build_model
-    from detection.predict import model_input_for
+    from lungdet.data_tools.image_io import read_xray
+    from lungdet.data_tools.synth import write_synthetic_dataset
+    from lungdet.detection.config import config_to_dict, load_config
+    from lungdet.detection.model import build_model
+    from lungdet.detection.predict import model_input_for
 
     preprocessing = preprocessing or {"image_size": None, "normalization": "none"}
     torch.manual_seed(0)
@@ -250,6 +250,6 @@ def serving_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def serving_detector(serving_checkpoint: Path):
     """``serving_checkpoint`` loaded on the CPU in fp32, so results are the same on every CPU."""
-    from detection.predict import load_detector
+    from lungdet.detection.predict import load_detector
 
     return load_detector(serving_checkpoint, device="cpu", amp="none")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from detection.cli import main as cli_main
+from lungdet.detection.cli import main as cli_main
 
 SUBCOMMANDS = ("demo", "synth", "eda", "convert", "train", "cv", "predict", "score", "tune", "visualize", "export", "pacs", "serve")
 
@@ -64,11 +64,10 @@ def test_installed_console_script() -> None:
 
 def test_overrides_may_follow_flags(monkeypatch):
     """KEY=VALUE overrides and flags intermix: `train optim.lr=0.1 --fold 2 seed=3` reaches main as one list."""
-    import detection.train
-
+    import lungdet.detection.train as train_module
     seen = {}
-    monkeypatch.setattr(detection.train, "main", lambda args: seen.update(vars(args)) or 0)
-    from detection.cli import main as cli_main
+    monkeypatch.setattr(train_module, "main", lambda args: seen.update(vars(args)) or 0)
+    from lungdet.detection.cli import main as cli_main
 
     assert cli_main(["train", "--data", "d", "--out", "o", "optim.lr=0.1", "--fold", "2", "seed=3"]) == 0
     assert seen["overrides"] == ["optim.lr=0.1", "seed=3"] and seen["fold"] == 2
@@ -82,7 +81,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path) -> None:
     (tmp_path / "labels.csv").write_text("patientId,x,y,width,height,Target\np1,,,,,0\n")
     (tmp_path / "s.csv").write_text("patientId,PredictionString\np1,\n")
     process = subprocess.Popen(
-        [sys.executable, "-m", "detection.cli", "score", "--submission", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "labels.csv")],
+        [sys.executable, "-m", "lungdet", "score", "--submission", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "labels.csv")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     process.stdout.close()  # before the command has printed anything: its first write meets a closed pipe

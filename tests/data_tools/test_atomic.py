@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.atomic import atomic_open, atomic_path, write_bytes_atomic, write_text_atomic
+from lungdet.data_tools.atomic import atomic_open, atomic_path, write_bytes_atomic, write_text_atomic
 
 
 def test_success_replaces_the_file(tmp_path: Path) -> None:

@@ -24,9 +24,9 @@ from pycocotools.coco import COCO
 from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2KLossless
 
-from data_tools.dicom_io import DicomMeta, find_missing_decoder, read_dicom_metadata
-from data_tools.to_coco import ConversionReport, format_report, input_notes
-from detection.cli import main as cli_main
+from lungdet.data_tools.dicom_io import DicomMeta, find_missing_decoder, read_dicom_metadata
+from lungdet.data_tools.to_coco import ConversionReport, format_report, input_notes
+from lungdet.detection.cli import main as cli_main
 
 # A normal radiograph size for the synthetic files: above the tiny-image bound, so each file has only its intended oddity.
 SIDE = 300

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_tools.boxes import as_box_array, clip_xywh, iou_matrix_xywh, scale_xywh, xywh_to_xyxy, xyxy_to_xywh
+from lungdet.data_tools.boxes import as_box_array, clip_xywh, iou_matrix_xywh, scale_xywh, xywh_to_xyxy, xyxy_to_xywh
 
 
 def test_xywh_to_xyxy_and_back() -> None:

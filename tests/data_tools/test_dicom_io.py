@@ -15,8 +15,8 @@ from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian
 
-from data_tools.dicom_io import decode_grey_jpeg, find_dicoms, grey_jpeg_baseline_stream, parse_age, read_dicom, read_dicom_metadata
-from data_tools.errors import DicomReadError, LungdetError
+from lungdet.data_tools.dicom_io import decode_grey_jpeg, find_dicoms, grey_jpeg_baseline_stream, parse_age, read_dicom, read_dicom_metadata
+from lungdet.data_tools.errors import DicomReadError, LungdetError
 
 RSNA_FILE_COUNT = 13
 POSITIVE_SAMPLE = "00436515-870c-4b36-a041-de91049b9ab4"
@@ -312,7 +312,7 @@ def test_find_dicoms_missing_folder(tmp_path: Path) -> None:
 
 
 def test_encoded_frame_size_reads_jpeg_headers_without_decoding() -> None:
-    from data_tools.dicom_io import encoded_frame_size
+    from lungdet.data_tools.dicom_io import encoded_frame_size
 
     baseline = cv2.imencode(".jpg", np.zeros((37, 53), dtype=np.uint8))[1].tobytes()
     assert encoded_frame_size(baseline) == (37, 53)
@@ -330,7 +330,7 @@ def test_encoded_frame_size_reads_jpeg_headers_without_decoding() -> None:
 def test_encoded_frame_size_reads_jpeg_2000_codestreams_and_jp2_files() -> None:
     import struct
 
-    from data_tools.dicom_io import encoded_frame_size
+    from lungdet.data_tools.dicom_io import encoded_frame_size
 
     # SOC, SIZ marker, Lsiz, Rsiz, Xsiz=700, Ysiz=500, XOsiz=100, YOsiz=50
     codestream = b"\xff\x4f\xff\x51" + struct.pack(">HHIIII", 47, 0, 700, 500, 100, 50)
@@ -340,7 +340,7 @@ def test_encoded_frame_size_reads_jpeg_2000_codestreams_and_jp2_files() -> None:
 
 
 def test_read_dicom_bytes_equals_read_dicom(rsna_sample_dir: Path) -> None:
-    from data_tools.dicom_io import read_dicom_bytes
+    from lungdet.data_tools.dicom_io import read_dicom_bytes
 
     path = rsna_files(rsna_sample_dir)[0]
     from_file, from_bytes = read_dicom(path), read_dicom_bytes(path.read_bytes(), name="upload 0123")
@@ -355,7 +355,7 @@ def test_deflated_dicom_is_refused_only_when_limits_are_on(make_dicom) -> None:
     import pydicom
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from data_tools.dicom_io import read_dicom_bytes
+    from lungdet.data_tools.dicom_io import read_dicom_bytes
 
     dataset = pydicom.dcmread(make_dicom("deflated", rows=40, columns=40))
     dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian

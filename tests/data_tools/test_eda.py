@@ -13,13 +13,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from data_tools import dicom_io, eda
-from data_tools.boxes import clip_xywh
-from data_tools.dicom_io import DicomMeta
-from data_tools.errors import LabelError
-from data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, read_labels
-from data_tools.metadata import read_metadata_csv
-from detection.cli import main as cli_main
+from lungdet.data_tools import dicom_io, eda
+from lungdet.data_tools.boxes import clip_xywh
+from lungdet.data_tools.dicom_io import DicomMeta
+from lungdet.data_tools.errors import LabelError
+from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, read_labels
+from lungdet.data_tools.metadata import read_metadata_csv
+from lungdet.detection.cli import main as cli_main
 
 # Five patients in the 1024 space: a has two boxes, c one, e one box that runs past the right edge.
 TINY_LABELS = """patientId,x,y,width,height,Target

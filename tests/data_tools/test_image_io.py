@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate
 
-from data_tools.dicom_io import read_dicom
-from data_tools.errors import DicomReadError, ImageReadError
-from data_tools.image_io import MIN_SIDE, find_images, read_picture_size, read_xray, sniff_format
+from lungdet.data_tools.dicom_io import read_dicom
+from lungdet.data_tools.errors import DicomReadError, ImageReadError
+from lungdet.data_tools.image_io import MIN_SIDE, find_images, read_picture_size, read_xray, sniff_format
 
 
 def png_bytes(pixels: np.ndarray, **save_options) -> bytes:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.errors import LabelError
-from data_tools.labels import PatientLabels, read_labels
+from lungdet.data_tools.errors import LabelError
+from lungdet.data_tools.labels import PatientLabels, read_labels
 
 HEADER = "patientId,x,y,width,height,Target\n"
 CLASS_HEADER = "patientId,class\n"
@@ -162,7 +162,7 @@ def test_class_info_missing_column(tmp_path: Path) -> None:
 def test_format_labels_csv_reads_back_exactly(tmp_path) -> None:
     import numpy as np
 
-    from data_tools.labels import format_labels_csv
+    from lungdet.data_tools.labels import format_labels_csv
 
     boxes = {"pos": np.array([[264.0, 152.0, 213.0, 379.0], [562.25, 152.5, 256.0, 453.0]]), "neg": np.zeros((0, 4))}
     text = format_labels_csv(boxes)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.errors import LabelError
-from data_tools.metadata import ImageTags, parse_spacing, read_metadata_csv
+from lungdet.data_tools.errors import LabelError
+from lungdet.data_tools.metadata import ImageTags, parse_spacing, read_metadata_csv
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import pytest
 from pydicom.encaps import generate_frames
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
-from data_tools import synth
-from data_tools.labels import read_labels
+from lungdet.data_tools import synth
+from lungdet.data_tools.labels import read_labels
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data_tools.dicom_io import read_dicom
-from data_tools.errors import LungdetError
-from data_tools.labels import PatientLabels, read_labels
-from data_tools.to_coco import ConversionReport, assign_folds, box_stratum, convert_dataset, format_report, normalize_pixels
-from detection.cli import main as cli_main
+from lungdet.data_tools.dicom_io import read_dicom
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.labels import PatientLabels, read_labels
+from lungdet.data_tools.to_coco import ConversionReport, assign_folds, box_stratum, convert_dataset, format_report, normalize_pixels
+from lungdet.detection.cli import main as cli_main
 
 POSITIVE_SAMPLE = "00436515-870c-4b36-a041-de91049b9ab4"
 NEGATIVE_SAMPLE = "0004cfab-14fd-4e49-80ba-63a80b6bddd6"
@@ -437,7 +437,7 @@ def test_cli_missing_dicom_folder(tmp_path: Path, capsys) -> None:
 
 @pytest.fixture(scope="module")
 def synth_set(tmp_path_factory: pytest.TempPathFactory):
-    from data_tools.synth import write_synthetic_dataset
+    from lungdet.data_tools.synth import write_synthetic_dataset
 
     synth = write_synthetic_dataset(tmp_path_factory.mktemp("scale") / "synth", count=12, seed=5, positive_fraction=0.5, size=(256, 256))
     return synth, read_labels(synth.labels_csv)
@@ -534,7 +534,7 @@ def test_bad_files_are_counted_by_kind(synth_set, tmp_path: Path, capsys) -> Non
 def test_streamed_coco_json_is_the_text_json_dumps_gives(tmp_path: Path, n_images: int, n_annotations: int) -> None:
     import tempfile
 
-    from data_tools.to_coco import CATEGORY, write_coco_json
+    from lungdet.data_tools.to_coco import CATEGORY, write_coco_json
 
     info = {"description": "x", "image_size": None, "folds": 5}
     images = [{"id": index + 1, "patient_id": f"p{index}", "fold": index % 2} for index in range(n_images)]

@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools import synth, visualize
-from data_tools.errors import LungdetError
-from data_tools.labels import read_labels
-from submission.prediction_string import Prediction, write_submission
+from lungdet.data_tools import synth, visualize
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.labels import read_labels
+from lungdet.submission.prediction_string import Prediction, write_submission
 
 
 def _outline_pixels(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_tools.labels import read_labels
-from data_tools.synth import write_synthetic_dataset
-from data_tools.to_coco import convert_dataset
+from lungdet.data_tools.labels import read_labels
+from lungdet.data_tools.synth import write_synthetic_dataset
+from lungdet.data_tools.to_coco import convert_dataset
 
 TINY_IMAGE_SIZE = 64
 # A small model that still trains: 64 px input, few RPN proposals, small sampling batches.

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools.visualize import TRUTH_COLOR
-from detection.augment import PANEL_GAP, augment_sample, build_augmentation, keep_valid_boxes, write_augmentation_samples
-from detection.config import AugmentConfig
+from lungdet.data_tools.visualize import TRUTH_COLOR
+from lungdet.detection.augment import PANEL_GAP, augment_sample, build_augmentation, keep_valid_boxes, write_augmentation_samples
+from lungdet.detection.config import AugmentConfig
 
 # Every transform off; tests switch on what they need.
 ALL_OFF = {"hflip": 0.0, "shift_scale_rotate": 0.0, "brightness_contrast": 0.0, "gamma": 0.0, "blur": 0.0, "noise": 0.0, "clahe": 0.0}

@@ -15,7 +15,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_iou
 from torchvision.ops import boxes as box_ops
 
-from detection.batched_heads import (
+from lungdet.detection.batched_heads import (
     BatchedRegionProposalNetwork,
     BatchedRoIHeads,
     BatchedTransform,
@@ -29,10 +29,10 @@ from detection.batched_heads import (
     sampled_mask,
     use_batched_heads,
 )
-from detection.config import load_config
-from detection.masks import box_masks
-from detection.model import build_model
-from detection.sparse_roi_align import SparseMultiScaleRoIAlign
+from lungdet.detection.config import load_config
+from lungdet.detection.masks import box_masks
+from lungdet.detection.model import build_model
+from lungdet.detection.sparse_roi_align import SparseMultiScaleRoIAlign
 
 SIZE = 128
 # Boxes per image, positives and negatives mixed, including an image with none (RSNA's 77% negatives).

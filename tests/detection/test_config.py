@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.errors import ConfigError
-from detection.config import (
+from lungdet.data_tools.errors import ConfigError
+from lungdet.detection.config import (
     CONFIGS_DIR,
     MODEL_ARCHITECTURES,
     TrainConfig,

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from data_tools.labels import read_labels
-from detection.cv import OOF_FILE, OOF_LABELS_FILE, STATE_FILE, SUMMARY_FILE, get_args_parser, main
-from detection.data import load_records
-from detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint
-from submission.raw_predictions import read_raw_predictions
+from lungdet.data_tools.labels import read_labels
+from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, STATE_FILE, SUMMARY_FILE, get_args_parser, main
+from lungdet.detection.data import load_records
+from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint
+from lungdet.submission.raw_predictions import read_raw_predictions
 
 RUN = ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", "data.batch_size=2", "optim.epochs=1", "max_minutes=0", "device=cpu", "optim.warmup_iters=1"]
 
@@ -79,8 +79,8 @@ def test_a_rerun_skips_finished_folds(cv_run: dict[str, Any], capsys) -> None:
 
 
 def test_an_interrupted_fold_continues_from_its_last_checkpoint(cv_run: dict[str, Any], tmp_path: Path) -> None:
-    from detection.config import load_config
-    from detection.train import train
+    from lungdet.detection.config import load_config
+    from lungdet.detection.train import train
 
     out = tmp_path / "cv"
     # As if killed after fold 1's first epoch of two: its last.pt exists, and it is not marked done.
@@ -92,16 +92,16 @@ def test_an_interrupted_fold_continues_from_its_last_checkpoint(cv_run: dict[str
 
 
 def test_a_fold_the_dataset_lacks_is_refused(cv_run: dict[str, Any], tmp_path: Path) -> None:
-    from data_tools.errors import LungdetError
+    from lungdet.data_tools.errors import LungdetError
 
     with pytest.raises(LungdetError, match=r"has folds \[0, 1\]; there is no fold 3"):
         run_cv(cv_run["coco"], tmp_path / "cv", cv_run["overrides"], "--folds", "0,3")
 
 
 def test_tune_runs_on_what_cv_wrote(cv_run: dict[str, Any], capsys) -> None:
-    from submission.postprocess import load_postprocess
-    from submission.tune import get_args_parser as tune_parser
-    from submission.tune import main as tune_main
+    from lungdet.submission.postprocess import load_postprocess
+    from lungdet.submission.tune import get_args_parser as tune_parser
+    from lungdet.submission.tune import main as tune_main
 
     out = cv_run["out"]
     args = tune_parser().parse_args(["--oof", str(out / OOF_FILE), "--labels", str(out / OOF_LABELS_FILE), "--out", str(out / "pp.yaml"), "--no-progress"])

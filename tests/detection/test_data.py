@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.errors import LungdetError
-from data_tools.labels import read_labels
-from data_tools.synth import write_synthetic_dataset
-from data_tools.to_coco import convert_dataset
-from detection.augment import build_augmentation
-from detection.config import AugmentConfig, DataConfig
-from detection.data import (
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.labels import read_labels
+from lungdet.data_tools.synth import write_synthetic_dataset
+from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.detection.augment import build_augmentation
+from lungdet.detection.config import AugmentConfig, DataConfig
+from lungdet.detection.data import (
     DetectionDataset,
     ImageRecord,
     build_dataloaders,
@@ -255,7 +255,7 @@ def test_training_batches_are_the_same_with_any_number_of_workers(data_dir: Path
 def test_positive_fraction_repeats_positives_evenly_and_keeps_the_epoch_length() -> None:
     from collections import Counter
 
-    from detection.data import EpochSampler, sample_seed
+    from lungdet.detection.data import EpochSampler, sample_seed
 
     positives = [index % 5 == 0 for index in range(20)]  # images 0, 5, 10, 15
     sampler = EpochSampler(20, seed=4, positives=positives, positive_fraction=0.5)
@@ -283,7 +283,7 @@ def test_positive_fraction_repeats_positives_evenly_and_keeps_the_epoch_length()
 def test_without_positive_fraction_the_order_is_the_plain_shuffle() -> None:
     import torch
 
-    from detection.data import EpochSampler, sample_seed
+    from lungdet.detection.data import EpochSampler, sample_seed
 
     sampler = EpochSampler(12, seed=2, positives=[index < 3 for index in range(12)])
     sampler.set_epoch(5)
@@ -292,8 +292,8 @@ def test_without_positive_fraction_the_order_is_the_plain_shuffle() -> None:
 
 
 def test_positive_fraction_is_range_checked() -> None:
-    from data_tools.errors import ConfigError
-    from detection.config import load_config
+    from lungdet.data_tools.errors import ConfigError
+    from lungdet.detection.config import load_config
 
     with pytest.raises(ConfigError, match=r"data.positive_fraction.*in \[0, 0.9\]"):
         load_config(None, ["data.positive_fraction=0.95"])

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_tools.synth import write_synthetic_dataset
-from detection.config import load_config
-from detection.demo import predict_and_score
-from detection.predict import load_trained_model
-from detection.train import BEST_CHECKPOINT, train
-from submission.prediction_string import read_submission
+from lungdet.data_tools.synth import write_synthetic_dataset
+from lungdet.detection.config import load_config
+from lungdet.detection.demo import predict_and_score
+from lungdet.detection.predict import load_trained_model
+from lungdet.detection.train import BEST_CHECKPOINT, train
+from lungdet.submission.prediction_string import read_submission
 
 
 def test_predict_and_score_writes_the_submission_score_and_overlays_for_a_folder(

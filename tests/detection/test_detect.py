@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools.errors import LungdetError
-from data_tools.image_io import XrayImage
-from detection.detect import (
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.image_io import XrayImage
+from lungdet.detection.detect import (
     LABEL_NEGATIVE,
     LABEL_POSITIVE,
     Detection,
@@ -25,8 +25,8 @@ from detection.detect import (
     preview_jpeg,
     upload_id,
 )
-from detection.predict import file_sha256, get_args_parser, main
-from submission.prediction_string import Prediction, format_prediction_string, read_submission
+from lungdet.detection.predict import file_sha256, get_args_parser, main
+from lungdet.submission.prediction_string import Prediction, format_prediction_string, read_submission
 
 INFO = {"architecture": "fasterrcnn_mobilenet_v3_large_fpn", "image_size": 128, "checkpoint_sha256": "ab" * 32, "score_threshold": 0.5}
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_tools.errors import LungdetError
-from detection.config import load_config
-from detection.data import EpochSampler, sample_seed
-from detection.distributed import (
+from lungdet.data_tools.errors import LungdetError
+from lungdet.detection.config import load_config
+from lungdet.detection.data import EpochSampler, sample_seed
+from lungdet.detection.distributed import (
     BACKEND_VARIABLE,
     Distributed,
     choose_backend,
@@ -26,8 +26,8 @@ from detection.distributed import (
     share_from_main,
     sum_over_ranks,
 )
-from detection.model import build_model
-from detection.train import LAST_CHECKPOINT, METRICS_FILE, load_checkpoint
+from lungdet.detection.model import build_model
+from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE, load_checkpoint
 
 # --- the environment ----------------------------------------------------------------------------
 
@@ -142,7 +142,7 @@ def test_two_gloo_processes_keep_the_same_books_as_one(tiny_model_overrides: tup
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def train(out: Path, *launcher: str) -> str:
-        command = [*launcher, "-m", "detection.cli", "train", "--data", str(data_dir), "--out", str(out), "--no-progress", *overrides]
+        command = [*launcher, "-m", "lungdet", "train", "--data", str(data_dir), "--out", str(out), "--no-progress", *overrides]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout

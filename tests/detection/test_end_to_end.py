@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.dicom_io import find_dicoms
-from data_tools.labels import read_labels
-from data_tools.synth import write_synthetic_dataset
-from data_tools.to_coco import convert_dataset
-from detection.config import load_config
-from detection.model import build_model
-from detection.predict import load_trained_model, predict_dicoms
-from detection.train import BEST_CHECKPOINT, seed_everything, train
-from submission.score import score_dataset
+from lungdet.data_tools.dicom_io import find_dicoms
+from lungdet.data_tools.labels import read_labels
+from lungdet.data_tools.synth import write_synthetic_dataset
+from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.detection.config import load_config
+from lungdet.detection.model import build_model
+from lungdet.detection.predict import load_trained_model, predict_dicoms
+from lungdet.detection.train import BEST_CHECKPOINT, seed_everything, train
+from lungdet.submission.score import score_dataset
 
 TRAIN_OVERRIDES = [
     "model.pretrained=none",  # tests never depend on downloads

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from data_tools.boxes import xyxy_to_xywh
-from data_tools.errors import LungdetError
-from detection.config import AugmentConfig, DataConfig, load_config
-from detection.data import build_dataloaders, collate
-from detection import engine
-from detection.engine import NonFiniteLossError, evaluate, predict_loader, resolve_precision, train_one_epoch
-from detection.model import build_model
+from lungdet.data_tools.boxes import xyxy_to_xywh
+from lungdet.data_tools.errors import LungdetError
+from lungdet.detection.config import AugmentConfig, DataConfig, load_config
+from lungdet.detection.data import build_dataloaders, collate
+from lungdet.detection import engine
+from lungdet.detection.engine import NonFiniteLossError, evaluate, predict_loader, resolve_precision, train_one_epoch
+from lungdet.detection.model import build_model
 
 IMAGE_SIZE = 64
 CPU = torch.device("cpu")

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.errors import LungdetError
-from data_tools.image_io import read_xray
-from data_tools.synth import write_synthetic_dataset
-from detection import export as export_module
-from detection.export import MAX_BOX_DIFFERENCE_PX, MAX_SCORE_DIFFERENCE, compare_results, export_checkpoint, get_args_parser, main
-from detection.exported import load_exported
-from detection.inference import ImageResult
-from detection.predict import file_sha256, load_detector
-from submission.prediction_string import Prediction, read_submission
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.image_io import read_xray
+from lungdet.data_tools.synth import write_synthetic_dataset
+from lungdet.detection import export as export_module
+from lungdet.detection.export import MAX_BOX_DIFFERENCE_PX, MAX_SCORE_DIFFERENCE, compare_results, export_checkpoint, get_args_parser, main
+from lungdet.detection.exported import load_exported
+from lungdet.detection.inference import ImageResult
+from lungdet.detection.predict import file_sha256, load_detector
+from lungdet.submission.prediction_string import Prediction, read_submission
 
 # Not convert's defaults, so a metadata writer that ignored the checkpoint would be caught.
 PREPROCESSING = {"image_size": 200, "normalization": "clahe"}
@@ -182,8 +182,8 @@ def test_cli_reports_the_export_and_predict_writes_the_same_submission(
     assert "input uint8 [1, 128, 128], cut-off 0.3, image head (cut-off 0.5)" in printed
     assert "checked against" in printed and "0 images with another box count" in printed
 
-    from detection.predict import get_args_parser as predict_parser
-    from detection.predict import main as predict_main
+    from lungdet.detection.predict import get_args_parser as predict_parser
+    from lungdet.detection.predict import main as predict_main
 
     submissions = {}
     for name, model in (("checkpoint", head_checkpoint), ("onnx", out)):

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.errors import LungdetError
-from detection.export import MAX_BOX_DIFFERENCE_PX, MAX_SCORE_DIFFERENCE, compare_results, export_checkpoint
-from detection.exported import export_format, load_exported, load_torchscript, onnx_providers
-from detection.predict import load_detector
+from lungdet.data_tools.errors import LungdetError
+from lungdet.detection.export import MAX_BOX_DIFFERENCE_PX, MAX_SCORE_DIFFERENCE, compare_results, export_checkpoint
+from lungdet.detection.exported import export_format, load_exported, load_torchscript, onnx_providers
+from lungdet.detection.predict import load_detector
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,11 +40,11 @@ def test_the_onnx_runtime_imports_neither_torch_nor_training_code(exports: dict[
     dicom = sorted(rsna_sample_dir.glob("*.dcm"))[0]
     script = (
         "import sys\n"
-        "from data_tools.dicom_io import read_dicom\n"
-        "from detection.exported import load_exported\n"
+        "from lungdet.data_tools.dicom_io import read_dicom\n"
+        "from lungdet.detection.exported import load_exported\n"
         f"model = load_exported({str(exports['onnx'])!r}, device='cpu')\n"
         f"result = model.predict_batch([read_dicom({str(dicom)!r}).pixels])[0]\n"
-        "loaded = [name for name in ('torch', 'torchvision', 'detection.model', 'detection.train', 'detection.predict') if name in sys.modules]\n"
+        "loaded = [name for name in ('torch', 'torchvision', 'lungdet.detection.model', 'lungdet.detection.train', 'lungdet.detection.predict') if name in sys.modules]\n"
         "print(len(result.prediction.scores), loaded)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.nn import functional
 
-from detection.config import load_config
-from detection.image_head import IMAGE_LOSS, IMAGE_PROBABILITY, has_image_head
-from detection.model import build_model
+from lungdet.detection.config import load_config
+from lungdet.detection.image_head import IMAGE_LOSS, IMAGE_PROBABILITY, has_image_head
+from lungdet.detection.model import build_model
 
 IMAGES = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(seed)) for seed in range(2)]
 
@@ -96,7 +96,7 @@ def test_state_dict_with_and_without_the_head() -> None:
 
 @pytest.fixture(scope="module")
 def head_run(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable[[Path], Path], tiny_model_overrides: tuple[str, ...]) -> dict[str, Any]:
-    from detection.train import BEST_CHECKPOINT, train
+    from lungdet.detection.train import BEST_CHECKPOINT, train
 
     root = tmp_path_factory.mktemp("head")
     coco = make_tiny_dataset(root)
@@ -118,8 +118,8 @@ def test_training_reports_the_auc_and_stores_the_cut_off(head_run: dict[str, Any
 
 
 def test_predict_writes_probabilities_and_raw_rows_carry_them(head_run: dict[str, Any], rsna_sample_dir: Path, tmp_path: Path) -> None:
-    from detection.predict import get_args_parser, main
-    from submission.raw_predictions import read_raw_predictions
+    from lungdet.detection.predict import get_args_parser, main
+    from lungdet.submission.raw_predictions import read_raw_predictions
 
     inputs = [str(path) for path in sorted(rsna_sample_dir.glob("*.dcm"))[:3]]
     args = ["--checkpoint", str(head_run["checkpoint"]), "--input", *inputs, "--device", "cpu", "--no-progress", "--tta", "hflip"]
@@ -137,8 +137,8 @@ def test_predict_writes_probabilities_and_raw_rows_carry_them(head_run: dict[str
 
 
 def test_probabilities_from_a_checkpoint_without_a_head_are_refused(serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path) -> None:
-    from data_tools.errors import LungdetError
-    from detection.predict import get_args_parser, main
+    from lungdet.data_tools.errors import LungdetError
+    from lungdet.detection.predict import get_args_parser, main
 
     args = get_args_parser().parse_args(
         ["--checkpoint", str(serving_checkpoint), "--input", str(next(rsna_sample_dir.glob("*.dcm"))), "--probabilities", str(tmp_path / "p.csv"), "--device", "cpu"]
@@ -149,9 +149,9 @@ def test_probabilities_from_a_checkpoint_without_a_head_are_refused(serving_chec
 
 
 def test_the_serve_reply_takes_its_verdict_from_the_head(head_run: dict[str, Any], rsna_sample_dir: Path) -> None:
-    from detection.detect import detect_bytes, detection_json
-    from detection.predict import load_detector
-    from server.schemas import DetectReply
+    from lungdet.detection.detect import detect_bytes, detection_json
+    from lungdet.detection.predict import load_detector
+    from lungdet.server.schemas import DetectReply
 
     detector = load_detector(head_run["checkpoint"], device="cpu")
     assert detector.image_threshold is not None

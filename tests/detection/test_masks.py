@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from detection.masks import box_masks
+from lungdet.detection.masks import box_masks
 
 
 def test_rectangle_fills_exactly_the_pixels_inside_an_integer_box() -> None:

@@ -17,10 +17,10 @@ from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_FPN_Weigh
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import FrozenBatchNorm2d
 
-from data_tools.errors import ConfigError
-from detection.config import MODEL_ARCHITECTURES, ModelConfig, load_config
-from detection.masks import box_masks
-from detection.model import (
+from lungdet.data_tools.errors import ConfigError
+from lungdet.detection.config import MODEL_ARCHITECTURES, ModelConfig, load_config
+from lungdet.detection.masks import box_masks
+from lungdet.detection.model import (
     MODELS,
     RETINANET_ANCHOR_SCALES,
     anchor_generator,

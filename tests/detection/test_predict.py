@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.errors import LungdetError
-from data_tools.synth import write_synthetic_dataset
-from detection.config import config_to_dict, load_config
-from detection.engine import Precision, resolve_precision
-from detection.predict import get_args_parser, load_trained_model, main, predict_dicoms, report_operating_point, to_original_space
-from detection.train import BEST_CHECKPOINT, train
-from submission.postprocess import PostprocessConfig, PostprocessResult
-from submission.prediction_string import Prediction, keep_confident, read_submission
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.synth import write_synthetic_dataset
+from lungdet.detection.config import config_to_dict, load_config
+from lungdet.detection.engine import Precision, resolve_precision
+from lungdet.detection.predict import get_args_parser, load_trained_model, main, predict_dicoms, report_operating_point, to_original_space
+from lungdet.detection.train import BEST_CHECKPOINT, train
+from lungdet.submission.postprocess import PostprocessConfig, PostprocessResult
+from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission
 
 CPU = torch.device("cpu")
 DICOM_ROWS, DICOM_COLUMNS = 128, 256  # not square, so a swapped axis shows
@@ -215,10 +215,10 @@ def test_model_input_repeats_the_conversion_then_resizes_to_the_model(tmp_path: 
     """A dataset converted at 128 px with histogram equalisation: predict must equalise at 128 px, then shrink to 64."""
     import cv2
 
-    from data_tools.dicom_io import find_dicoms, read_dicom
-    from data_tools.to_coco import prepare_pixels
-    from detection.data import to_model_input
-    from detection.predict import model_input_for
+    from lungdet.data_tools.dicom_io import find_dicoms, read_dicom
+    from lungdet.data_tools.to_coco import prepare_pixels
+    from lungdet.detection.data import to_model_input
+    from lungdet.detection.predict import model_input_for
 
     synth = write_synthetic_dataset(tmp_path / "synth", count=1, seed=4, positive_fraction=1.0, size=(200, 300))
     image = read_dicom(find_dicoms(synth.images_dir)[0])
@@ -236,7 +236,7 @@ def test_model_input_repeats_the_conversion_then_resizes_to_the_model(tmp_path: 
 
 
 def test_hflip_back_mirrors_x_only() -> None:
-    from detection.predict import hflip_back
+    from lungdet.detection.predict import hflip_back
 
     back = hflip_back(Prediction.from_arrays([0.7], [[10, 20, 30, 40]]), width=100)
     assert back.boxes.tolist() == [[60, 20, 30, 40]] and back.scores.tolist() == [0.7]
@@ -247,7 +247,7 @@ def mirrored_pair(rsna_sample_dir: Path, tmp_path_factory: pytest.TempPathFactor
     """A real RSNA image as a lossless PNG, and its mirror image."""
     import cv2
 
-    from data_tools.dicom_io import read_dicom
+    from lungdet.data_tools.dicom_io import read_dicom
 
     folder = tmp_path_factory.mktemp("mirror")
     pixels = read_dicom(sorted(rsna_sample_dir.glob("*.dcm"))[0]).pixels
@@ -258,7 +258,7 @@ def mirrored_pair(rsna_sample_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 def test_tta_boxes_of_a_mirrored_image_map_back_to_the_original(serving_detector, mirrored_pair: tuple[Path, Path]) -> None:
     """The hflip pass of an image is the plain pass of its mirror, mapped back; and the other way round."""
-    from detection.predict import hflip_back, predict_raw, read_any_pixels
+    from lungdet.detection.predict import hflip_back, predict_raw, read_any_pixels
 
     rows, bad = predict_raw([serving_detector], ["m"], list(mirrored_pair), read=read_any_pixels, tta="hflip", progress=False)
     assert bad == []
@@ -291,7 +291,7 @@ def test_two_copies_of_a_checkpoint_fuse_to_the_single_model_submission(serving_
         np.testing.assert_allclose(fused[patient_id].scores, single[patient_id].scores, atol=1e-4)
         np.testing.assert_allclose(fused[patient_id].boxes, single[patient_id].boxes, atol=0.11)
 
-    from submission.raw_predictions import read_raw_predictions
+    from lungdet.submission.raw_predictions import read_raw_predictions
 
     raw = read_raw_predictions(tmp_path / "raw.csv")
     assert len(raw) == 3 * 2 and {row.model for row in raw} == {"fold0", "fold1"}
@@ -300,7 +300,7 @@ def test_two_copies_of_a_checkpoint_fuse_to_the_single_model_submission(serving_
 
 
 def test_postprocess_file_is_applied(serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path) -> None:
-    from submission.postprocess import PostprocessConfig, save_postprocess
+    from lungdet.submission.postprocess import PostprocessConfig, save_postprocess
 
     save_postprocess(PostprocessConfig(score_threshold=0.05, max_boxes=1, shrink=0.5), tmp_path / "pp.yaml")
     inputs = [str(path) for path in sorted(rsna_sample_dir.glob("*.dcm"))[:4]]
@@ -317,8 +317,8 @@ def test_postprocess_file_is_applied(serving_checkpoint: Path, rsna_sample_dir: 
 
 
 def test_tta_writes_both_passes_and_fuses_them(serving_checkpoint: Path, mirrored_pair: tuple[Path, Path], tmp_path: Path, capsys) -> None:
-    from submission.postprocess import PostprocessConfig, postprocess
-    from submission.raw_predictions import read_raw_predictions
+    from lungdet.submission.postprocess import PostprocessConfig, postprocess
+    from lungdet.submission.raw_predictions import read_raw_predictions
 
     args = ["--checkpoint", str(serving_checkpoint), "--input", str(mirrored_pair[0]), "--device", "cpu", "--amp", "none", "--tta", "hflip"]
     assert run_cli(*args, "--out", str(tmp_path / "s.csv"), "--raw", str(tmp_path / "raw.csv"), "--score-threshold", "0.2") == 0

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.errors import LungdetError
-from data_tools.holdout import write_split_csv
-from data_tools.labels import PatientLabels, read_labels
-from detection import demo
-from detection.real_data import RealSet, load_split, lung_prior_boxes, prepare, prior_predictions
-from submission.prediction_string import Prediction
-from submission.score import score_dataset
+from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools.holdout import write_split_csv
+from lungdet.data_tools.labels import PatientLabels, read_labels
+from lungdet.detection import demo
+from lungdet.detection.real_data import RealSet, load_split, lung_prior_boxes, prepare, prior_predictions
+from lungdet.submission.prediction_string import Prediction
+from lungdet.submission.score import score_dataset
 
 
 def subset_of_real(rsna_real_dir: Path, folder: Path, *, positives: int, negatives: int) -> RealSet:

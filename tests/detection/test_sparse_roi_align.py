@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-import detection.sparse_roi_align as sparse_module
-from detection.sparse_roi_align import SparseMultiScaleRoIAlign, roi_align_matrix
+import lungdet.detection.sparse_roi_align as sparse_module
+from lungdet.detection.sparse_roi_align import SparseMultiScaleRoIAlign, roi_align_matrix
 
 IMAGE = 512  # the smallest input whose boxes reach level 3 (sqrt(area) >= 448 px)
 NAMES = ["0", "1", "2", "3"]  # strides 4, 8, 16, 32, as in a ResNet-50 FPN

@@ -18,12 +18,12 @@ import cv2
 import pytest
 import torch
 
-from data_tools.errors import LungdetError
-from detection.config import TrainConfig, config_to_dict, load_config
-from detection.distributed import Distributed
-import detection.train
-from detection.model import build_model
-from detection.train import (
+from lungdet.data_tools.errors import LungdetError
+from lungdet.detection.config import TrainConfig, config_to_dict, load_config
+from lungdet.detection.distributed import Distributed
+import lungdet.detection.train as train_module
+from lungdet.detection.model import build_model
+from lungdet.detection.train import (
     AUGMENTATIONS_DIR,
     BEST_CHECKPOINT,
     CONFIG_FILE,
@@ -209,7 +209,7 @@ def test_resume_takes_the_update_implementation_of_this_machine_not_the_checkpoi
 @pytest.fixture
 def eager_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.compile traces as it would, without inductor's code generation (a minute per model on this CPU)."""
-    monkeypatch.setattr(detection.train, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "eager")
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
@@ -364,17 +364,17 @@ def test_resume_after_a_crash_mid_epoch_continues_exactly(
     config = tiny_config("optim.epochs=2", "checkpoint_every_steps=1")
     train(config, data_dir, tmp_path / "whole", progress=False)
 
-    real_save = detection.train.save_checkpoint
+    real_save = train_module.save_checkpoint
 
     def save_then_crash_after_step_3(path: Path, state: dict[str, Any]) -> None:
         real_save(path, state)
         if state["scheduler"]["last_epoch"] == 3:  # the first step of epoch 2, its checkpoint safely written
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(detection.train, "save_checkpoint", save_then_crash_after_step_3)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash_after_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(config, data_dir, tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(detection.train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     saved = load_checkpoint(tmp_path / "crashed" / LAST_CHECKPOINT)
     assert saved["epoch"] == 1 and saved["epoch_progress"][0]["progress"]["batches"] == 1
     capsys.readouterr()
@@ -408,7 +408,7 @@ def test_accumulation_counts_optimizer_steps_not_batches(tiny_config: Callable[.
 def run_cli_in_subprocess(*arguments: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     # One thread, as in the test process: the same arithmetic in the same order, so runs agree to the bit.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "detection.cli", *arguments], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-m", "lungdet", *arguments], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_result(tiny_run: list[str], data_dir: Path, tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from data_tools.dicom_io import read_dicom
-from pacs.dicom_results import (
+from lungdet.data_tools.dicom_io import read_dicom
+from lungdet.pacs.dicom_results import (
     OVERLAY_SERIES_DESCRIPTION,
     REPORT_SERIES_DESCRIPTION,
     model_identity,
@@ -23,7 +23,7 @@ from pacs.dicom_results import (
     structured_report,
     write_results,
 )
-from submission.prediction_string import Prediction, read_submission
+from lungdet.submission.prediction_string import Prediction, read_submission
 
 MODEL = model_identity("9.9.9", ["fasterrcnn_mobilenet_v3_large_fpn"], ["ab" * 32], 0.4)
 BOXES = Prediction.from_arrays([0.82, 0.71], [[72.5, 230.8, 233.7, 576.0], [516.2, 436.8, 216.4, 368.9]])
@@ -111,7 +111,7 @@ def test_overlay_keeps_the_sources_geometry_and_shows_the_boxes(sources: list[Pa
 
 
 def run_predict(*argv: str) -> int:
-    from detection.predict import get_args_parser, main
+    from lungdet.detection.predict import get_args_parser, main
 
     return main(get_args_parser().parse_args([*argv, "--no-progress", "--device", "cpu", "--amp", "none"]))
 
@@ -147,17 +147,17 @@ def test_predict_dicom_out_writes_the_submissions_boxes(serving_checkpoint: Path
     ],
 )
 def test_predict_dicom_out_option_errors(serving_checkpoint: Path, sources: list[Path], extra: list[str], message: str) -> None:
-    from data_tools.errors import LungdetError
+    from lungdet.data_tools.errors import LungdetError
 
     with pytest.raises(LungdetError, match=message):
         run_predict("--checkpoint", str(serving_checkpoint), "--input", str(sources[0]), *extra)
 
 
 def test_without_highdicom_dicom_out_says_what_to_install(serving_checkpoint: Path, sources: list[Path], tmp_path: Path, monkeypatch) -> None:
-    from data_tools.errors import LungdetError
+    from lungdet.data_tools.errors import LungdetError
 
     monkeypatch.setitem(sys.modules, "highdicom", None)
-    monkeypatch.delitem(sys.modules, "pacs.dicom_results", raising=False)
+    monkeypatch.delitem(sys.modules, "lungdet.pacs.dicom_results", raising=False)
     with pytest.raises(LungdetError, match=r"--dicom-out: lungdet's DICOM results need highdicom .*pip install 'lungdet\[dicom\]'"):
         run_predict("--checkpoint", str(serving_checkpoint), "--input", str(sources[0]), "--dicom-out", str(tmp_path / "d"))
     assert not (tmp_path / "d").exists()

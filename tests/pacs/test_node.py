@@ -13,11 +13,11 @@ import pytest
 import requests
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from data_tools.dicom_io import read_dicom
-from detection import lungdet_version
-from pacs.dicom_results import read_report
-from pacs.node import NodeState, PacsNode
-from submission.prediction_string import keep_confident
+from lungdet.data_tools.dicom_io import read_dicom
+from lungdet.detection import lungdet_version
+from lungdet.pacs.dicom_results import read_report
+from lungdet.pacs.node import NodeState, PacsNode
+from lungdet.submission.prediction_string import keep_confident
 
 
 def dicom_bytes(dataset: pydicom.Dataset) -> bytes:
@@ -53,7 +53,7 @@ def bad_instances(sample: Path) -> dict[str, bytes]:
 
 def run_node(orthanc, checkpoint: Path, state: Path, *extra: str, capsys) -> tuple[int, str]:
     """``lungdet pacs ...`` through the command's own entry point (in this process: a subprocess would spend seconds importing torch)."""
-    from detection.cli import main
+    from lungdet.detection.cli import main
 
     capsys.readouterr()
     status = main(["pacs", "--url", orthanc.dicomweb, "--checkpoint", str(checkpoint), "--state-dir", str(state), "--device", "cpu", "--amp", "none", *extra])
@@ -130,7 +130,7 @@ class StopsTheServer:
 
 def node_args(url: str, **options: object) -> argparse.Namespace:
     """``lungdet pacs`` options as its parser gives them, for :func:`pacs.cli.make_client`."""
-    from pacs.cli import get_args_parser
+    from lungdet.pacs.cli import get_args_parser
 
     args = get_args_parser().parse_args(["--url", url, "--checkpoint", "unused.pt"])
     return argparse.Namespace(**{**vars(args), **options})
@@ -138,8 +138,8 @@ def node_args(url: str, **options: object) -> argparse.Namespace:
 
 def make_node(orthanc, detector, state: Path, *, client=None, overlay: bool = False, cut_off: float | None = None, **options) -> tuple[PacsNode, list[str]]:
     """A node as ``lungdet pacs`` builds it (same client setup), in this process, its log lines collected."""
-    from pacs.cli import make_client
-    from pacs.dicom_results import model_identity
+    from lungdet.pacs.cli import make_client
+    from lungdet.pacs.dicom_results import model_identity
 
     lines: list[str] = []
     cut_off = detector.score_threshold if cut_off is None else cut_off
@@ -150,7 +150,7 @@ def make_node(orthanc, detector, state: Path, *, client=None, overlay: bool = Fa
 
 
 def test_a_server_stopped_mid_run_and_restarted_loses_nothing(orthanc, serving_detector, rsna_sample_dir: Path, tmp_path: Path) -> None:
-    from pacs.cli import make_client
+    from lungdet.pacs.cli import make_client
 
     samples = sorted(rsna_sample_dir.glob("*.dcm"))[:5]
     for path in samples:
@@ -195,7 +195,7 @@ class RefusesFirstStores:
 
 
 def test_a_refused_store_is_kept_on_disk_and_stored_next_poll(orthanc, serving_detector, rsna_sample_dir: Path, tmp_path: Path) -> None:
-    from pacs.cli import make_client
+    from lungdet.pacs.cli import make_client
 
     sample = sorted(rsna_sample_dir.glob("*.dcm"))[0]
     orthanc.upload(sample.read_bytes())
@@ -245,8 +245,8 @@ def test_basic_authentication(orthanc_with_users, serving_detector, rsna_sample_
 
 
 def test_client_authentication_options(monkeypatch) -> None:
-    from data_tools.errors import LungdetError
-    from pacs.cli import make_client
+    from lungdet.data_tools.errors import LungdetError
+    from lungdet.pacs.cli import make_client
 
     monkeypatch.delenv("LUNGDET_PACS_PASSWORD", raising=False)
     monkeypatch.delenv("LUNGDET_PACS_TOKEN", raising=False)

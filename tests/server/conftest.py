@@ -82,7 +82,7 @@ def start_serve(checkpoint: Path, folder: Path, *extra: str, env: dict[str, str]
     """Start ``lungdet serve`` on a free loopback port (``--port 0``) and wait until its health check answers."""
     log_path = folder / "serve.log"
     log = open(log_path, "w", encoding="utf-8")
-    command = [sys.executable, "-m", "detection.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu", *extra]
+    command = [sys.executable, "-m", "lungdet", "serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu", *extra]
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, cwd=folder, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     )

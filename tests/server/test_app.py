@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.encaps import encapsulate
 
-from detection.detect import detect_bytes, detection_json
-from server.app import STATIC_DIR, create_app
-from server.schemas import DetectReply, ErrorReply, Health
+from lungdet.detection.detect import detect_bytes, detection_json
+from lungdet.server.app import STATIC_DIR, create_app
+from lungdet.server.schemas import DetectReply, ErrorReply, Health
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -323,8 +323,8 @@ def test_docs_page_is_served_from_local_files(client: TestClient) -> None:
 
 def test_an_onnx_export_serves_the_checkpoints_boxes(serving_checkpoint: Path, serving_detector, client: TestClient, real_dicom: Path, tmp_path: Path, upload_limit_bytes: int) -> None:
     # What lungdet serve --checkpoint model.onnx builds: the same app around an export.
-    from detection.export import export_checkpoint
-    from detection.predict import load_detector
+    from lungdet.detection.export import export_checkpoint
+    from lungdet.detection.predict import load_detector
 
     exported = tmp_path / "serving.onnx"
     export_checkpoint(serving_checkpoint, exported, fmt="onnx")

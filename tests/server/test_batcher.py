@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from server.batcher import Batcher
-from submission.prediction_string import Prediction
+from lungdet.server.batcher import Batcher
+from lungdet.submission.prediction_string import Prediction
 
 
 class FakeDetector:

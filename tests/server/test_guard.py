@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from server.guard import RequestGuard, token_matches
+from lungdet.server.guard import RequestGuard, token_matches
 
 LIMIT = 1000
 

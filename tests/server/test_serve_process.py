@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.errors import LungdetError
-from detection.detect import upload_id
-from server.cli import get_args_parser, main
+from lungdet.data_tools.errors import LungdetError
+from lungdet.detection.detect import upload_id
+from lungdet.server.cli import get_args_parser, main
 
 CHUNK = 64 * 1024
 
@@ -75,7 +75,7 @@ def test_startup_prints_the_url_the_model_and_the_notice(serve_process) -> None:
 
 def test_open_host_without_token_warns(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "detection.cli", "serve", "--checkpoint", str(tmp_path / "missing.pt"), "--host", "0.0.0.0", "--port", "0"],
+        [sys.executable, "-m", "lungdet", "serve", "--checkpoint", str(tmp_path / "missing.pt"), "--host", "0.0.0.0", "--port", "0"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
@@ -185,7 +185,7 @@ class GatedDetector:
 def test_health_answers_while_a_prediction_runs(serving_detector, rsna_sample_dir: Path) -> None:
     import uvicorn
 
-    from server.app import create_app
+    from lungdet.server.app import create_app
 
     gated = GatedDetector(serving_detector)
     with socket.socket() as sock:
@@ -221,7 +221,7 @@ def test_health_answers_while_a_prediction_runs(serving_detector, rsna_sample_di
 def test_listening_socket_says_tcp_so_replies_are_not_held_back() -> None:
     """asyncio turns Nagle's algorithm off on accepted connections only when the listening socket's protocol is TCP;
     with the default protocol 0 each reply on a kept-alive connection waited 40 ms for the client's delayed ACK."""
-    from server.cli import bind_socket
+    from lungdet.server.cli import bind_socket
 
     sock = bind_socket("127.0.0.1", 0)
     try:

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from submission.postprocess import (
+from lungdet.submission.postprocess import (
     MIN_CALIBRATION_IMAGES,
     PostprocessConfig,
     apply_postprocess,
@@ -20,10 +20,10 @@ from submission.postprocess import (
     kth_largest_or_beyond,
     prediction_shape,
 )
-from submission.prediction_string import Prediction
-from submission.raw_predictions import RawPrediction
-from submission.score import score_dataset
-from submission.tune import tune_postprocess
+from lungdet.submission.prediction_string import Prediction
+from lungdet.submission.raw_predictions import RawPrediction
+from lungdet.submission.score import score_dataset
+from lungdet.submission.tune import tune_postprocess
 
 SIZE = 1024
 FOLDS = 5

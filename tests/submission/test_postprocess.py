@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.errors import ConfigError, SubmissionError
-from submission.postprocess import (
+from lungdet.data_tools.errors import ConfigError, SubmissionError
+from lungdet.submission.postprocess import (
     PostprocessConfig,
     finish_image,
     fuse_passes,
@@ -21,8 +21,8 @@ from submission.postprocess import (
     save_postprocess,
     shrink_boxes,
 )
-from submission.prediction_string import Prediction
-from submission.raw_predictions import RawPrediction, read_raw_predictions, write_raw_predictions
+from lungdet.submission.prediction_string import Prediction
+from lungdet.submission.raw_predictions import RawPrediction, read_raw_predictions, write_raw_predictions
 
 TWO_BOXES = Prediction.from_arrays([0.9, 0.4], [[10, 20, 100, 200], [300, 300, 50, 60]])
 

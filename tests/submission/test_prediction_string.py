@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.errors import SubmissionError
-from submission.prediction_string import (
+from lungdet.data_tools.errors import SubmissionError
+from lungdet.submission.prediction_string import (
     Prediction,
     format_prediction_string,
     keep_confident,

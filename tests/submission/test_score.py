@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.errors import SubmissionError
-from submission.prediction_string import Prediction
-from submission.score import (
+from lungdet.data_tools.errors import SubmissionError
+from lungdet.submission.prediction_string import Prediction
+from lungdet.submission.score import (
     RSNA_IOU_THRESHOLDS,
     Match,
     ThresholdResult,
@@ -317,7 +317,7 @@ def test_cli_raises_domain_error_for_bad_submission(cli_files: tuple[Path, Path]
 
 
 def test_bootstrap_interval_of_a_constant_score_is_that_score() -> None:
-    from submission.score import bootstrap_interval
+    from lungdet.submission.score import bootstrap_interval
 
     assert bootstrap_interval(np.full(50, 0.25)) == (0.25, 0.25)
     # Unscored patients never count, but a draw of only unscored ones scores 0, as the metric does (chance 8/27).
@@ -327,7 +327,7 @@ def test_bootstrap_interval_of_a_constant_score_is_that_score() -> None:
 
 
 def test_bootstrap_interval_spans_the_resamples_and_repeats_with_its_seed() -> None:
-    from submission.score import bootstrap_interval
+    from lungdet.submission.score import bootstrap_interval
 
     # Two patients scoring 1 and 0: a resample's mean is 0, 0.5 or 1 with chances 1/4, 1/2, 1/4.
     assert bootstrap_interval(np.array([1.0, 0.0]), draws=1000, seed=3) == (0.0, 1.0)
@@ -356,13 +356,13 @@ def test_score_dataset_carries_the_interval_only_when_asked() -> None:
 
 @pytest.mark.parametrize(("age", "band"), [(0, "0-17"), (17, "0-17"), (18, "18-39"), (39, "18-39"), (40, "40-59"), (59, "40-59"), (60, "60+"), (92, "60+"), (None, "unknown"), (-1, "unknown")])
 def test_age_band(age, band: str) -> None:
-    from submission.score import age_band
+    from lungdet.submission.score import age_band
 
     assert age_band(age) == band
 
 
 def test_slices_add_up_to_the_whole() -> None:
-    from submission.score import score_slices
+    from lungdet.submission.score import score_slices
 
     truths = {"a": truth(SQUARE), "b": NO_TRUTH, "c": truth(SQUARE), "d": NO_TRUTH, "e": truth(SQUARE)}
     predictions = {"a": predict((0.9, SQUARE)), "b": predict((0.5, SQUARE)), "c": predict((0.8, [0, 0, 10, 14]))}
@@ -387,7 +387,7 @@ def test_slices_add_up_to_the_whole() -> None:
 
 
 def test_slices_need_known_keys() -> None:
-    from submission.score import score_slices
+    from lungdet.submission.score import score_slices
 
     with pytest.raises(SubmissionError, match="cannot slice by hospital; choose from view_position, sex, age_band"):
         score_slices({}, {}, {}, ["hospital"])
@@ -406,7 +406,7 @@ def annotations_json(tmp_path: Path) -> Path:
 
 
 def test_read_slice_metadata(annotations_json: Path) -> None:
-    from submission.score import read_slice_metadata
+    from lungdet.submission.score import read_slice_metadata
 
     assert read_slice_metadata(annotations_json) == {
         "pos": {"view_position": "AP", "sex": "F", "age_band": "18-39"},
@@ -442,7 +442,7 @@ def test_cli_by_needs_metadata_and_known_keys(cli_files: tuple[Path, Path], caps
 
 
 def test_roc_auc_by_hand() -> None:
-    from submission.score import roc_auc
+    from lungdet.submission.score import roc_auc
 
     assert roc_auc([True, False, True, False], [0.9, 0.1, 0.8, 0.3]) == 1.0
     # Positives 0.2 and 0.9 against negatives 0.8 and 0.1: 3 of the 4 pairs ordered right.
@@ -452,7 +452,7 @@ def test_roc_auc_by_hand() -> None:
 
 
 def test_youden_threshold_separates_where_it_can() -> None:
-    from submission.score import youden_threshold
+    from lungdet.submission.score import youden_threshold
 
     assert youden_threshold([True, False, True, False], [0.9, 0.1, 0.8, 0.3]) == 0.8
     assert youden_threshold([False, False], [0.1, 0.2]) is None

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from submission.postprocess import PostprocessConfig, load_postprocess, postprocess
-from submission.prediction_string import Prediction
-from submission.raw_predictions import RawPrediction, write_raw_predictions
-from submission.score import score_dataset, score_image
-from submission.tune import Tuner, get_args_parser, main, prefix_scores, tune_postprocess
+from lungdet.submission.postprocess import PostprocessConfig, load_postprocess, postprocess
+from lungdet.submission.prediction_string import Prediction
+from lungdet.submission.raw_predictions import RawPrediction, write_raw_predictions
+from lungdet.submission.score import score_dataset, score_image
+from lungdet.submission.tune import Tuner, get_args_parser, main, prefix_scores, tune_postprocess
 
 SIZE = 1024
 
