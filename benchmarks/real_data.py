@@ -44,10 +44,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from lungdet.data_tools.atomic import write_bytes_atomic
+from lungdet.data_tools.eda import figure_to_png, new_figure
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.visualize import worst_first, write_overlays
@@ -122,8 +121,7 @@ def epoch_curve(run_dir: Path) -> list[dict]:
 
 def plot_learning_curves(fold_metrics: dict, path: Path) -> None:
     """Per fold, by epoch: the training loss, validation mAP and validation image AUC, as one PNG."""
-    figure = Figure(figsize=(12, 3.6), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure(12, 3.6)
     panels = figure.subplots(1, 3)
     for fold, curve in sorted(fold_metrics.items()):
         epochs = [row["epoch"] for row in curve]
@@ -134,10 +132,7 @@ def plot_learning_curves(fold_metrics: dict, path: Path) -> None:
         panel.set_xlabel("epoch")
         panel.grid(alpha=0.3)
     panels[0].legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, figure_to_png(figure))
 
 
 def predict_holdout(work: Path, holdout_images: Path, folds: list[int]) -> list:

@@ -49,6 +49,7 @@ from lungdet.submission.score import main as score_main
 
 DEMO_CONFIG = "fasterrcnn_mobilenet_cpu"
 REAL_CONFIG = "fasterrcnn_mobilenet_real_cpu"
+REAL_DEMO_DURATION = "about 13 minutes on 2 cores"
 REPO_SAMPLE_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "rsna_sample"
 # Half positives instead of the real 23%: a few CPU minutes need enough boxes to learn from.
 DEMO_POSITIVE_FRACTION = 0.5
@@ -90,7 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--real", action="store_true",
         help=f"instead: train {REAL_CONFIG} on the 800 cross-validation patients of 1,000 real RSNA radiographs and score the 200 held out "
-        "(about 13 minutes on 2 cores; --out defaults to demo_real_output)",
+        f"({REAL_DEMO_DURATION}; --out defaults to demo_real_output)",
     )
     parser.add_argument("--real-dir", type=Path, default=None, help="the rsna_real folder (images/, labels.csv, class_info.csv, metadata.csv); default ../shared/data/rsna_real")
     return parser
@@ -101,7 +102,7 @@ def real_main(args: argparse.Namespace) -> int:
     started = time.time()
     out: Path = args.out if args.out != Path("demo_output") else Path("demo_real_output")
     real = RealSet(args.real_dir or REAL_DATA_DIR)
-    print("lungdet demo --real: a research tool, not a diagnostic device. About 13 minutes on 2 cores (measured 2026-12-02), most of it training.")
+    print(f"lungdet demo --real: a research tool, not a diagnostic device. It takes {REAL_DEMO_DURATION} (measured 2026-12-02), most of it training.")
     print(f"[1/5] convert the 800 cross-validation patients of {real.root} (the 200 held out are only predicted) -> {out}")
     prepared = prepare(real, out / "data", image_size=load_config(REAL_CONFIG).model.image_size)
     print(format_report(prepared.cv_report, prepared.cv_data))
