@@ -41,7 +41,7 @@ from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head
 from lungdet.detection.inference import ImageResult, PreparedInputRunner, image_result, prepare_input
 from lungdet.detection.model import build_model, in_memory_layout
 from lungdet.detection.train import load_checkpoint, resolve_device
-from lungdet.submission.postprocess import PostprocessConfig, PostprocessResult, apply_postprocess, load_postprocess, mean_probability
+from lungdet.submission.postprocess import FAR_FROM_EXPECTED_FACTOR, PostprocessConfig, PostprocessResult, apply_postprocess, load_postprocess, mean_probability
 from lungdet.submission.prediction_string import Prediction, keep_confident, write_submission
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient, write_raw_predictions
 from lungdet.submission.score import write_probabilities
@@ -646,7 +646,7 @@ def report_operating_point(result: PostprocessResult) -> None:
         print(line)
     if result.far_from_expected():
         print(
-            f"warning: {result.boxes_per_image:.3f} boxes per image is more than 2x from tuning's {result.applied.expected_boxes_per_image:.3f}: "
+            f"warning: {result.boxes_per_image:.3f} boxes per image is more than {FAR_FROM_EXPECTED_FACTOR:g}x from tuning's {result.applied.expected_boxes_per_image:.3f}: "
             "these images or models are unlike the ones the post-processing was tuned on",
             file=sys.stderr,
         )

@@ -198,6 +198,10 @@ def finish_image(merged: Prediction, probability: float | None, config: Postproc
 # --- calibration and the whole -------------------------------------------------------------------
 
 
+# predict warns when the boxes per image it kept and tuning's differ by more than this factor either way.
+FAR_FROM_EXPECTED_FACTOR = 2.0
+
+
 @dataclass(frozen=True)
 class PostprocessResult:
     """What :func:`apply_postprocess` made: the predictions, the settings as applied, and what calibration did."""
@@ -214,7 +218,7 @@ class PostprocessResult:
             return ""
         return f"kept {self.boxes_per_image:.3f} boxes per image (tuning expected {self.applied.expected_boxes_per_image:.3f})"
 
-    def far_from_expected(self, *, factor: float = 2.0) -> bool:
+    def far_from_expected(self, *, factor: float = FAR_FROM_EXPECTED_FACTOR) -> bool:
         """True when the boxes per image differ from what tuning expected by more than ``factor`` either way."""
         expected = self.applied.expected_boxes_per_image
         if not expected or not self.predictions:
