@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.detection.config import load_config
 from lungdet.detection.engine import cpu_has_native_bf16
 from lungdet.detection.model import build_model, in_memory_layout

@@ -44,7 +44,8 @@ from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, fold_dir
 from lungdet.detection.cv import get_args_parser as cv_parser
 from lungdet.detection.cv import main as cv_main
-from lungdet.detection.predict import load_detector, predict_raw, read_dicom_pixels
+from lungdet.detection.detector import load_detector
+from lungdet.detection.predict import predict_raw, read_dicom_pixels
 from lungdet.detection.train import BEST_CHECKPOINT
 from lungdet.submission.postprocess import PostprocessConfig, postprocess
 from lungdet.submission.raw_predictions import read_raw_predictions

@@ -40,7 +40,8 @@ from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.detection.config import config_to_dict, load_config
 from lungdet.detection.inference import prepare_input
 from lungdet.detection.model import build_model
-from lungdet.detection.predict import default_workers, load_detector, predict_raw, read_dicom_pixels
+from lungdet.detection.detector import load_detector
+from lungdet.detection.predict import default_workers, predict_raw, read_dicom_pixels
 
 TARGET_FRACTION = 0.9
 

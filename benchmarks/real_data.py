@@ -45,24 +45,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lungdet.data_tools.atomic import write_bytes_atomic
-from lungdet.data_tools.eda import figure_to_png, new_figure
+from lungdet.atomic import write_bytes_atomic
+from lungdet.show.eda import figure_to_png, new_figure
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import read_labels
-from lungdet.data_tools.visualize import worst_first, write_overlays
+from lungdet.show.visualize import worst_first, write_overlays
 from lungdet.detection.config import load_config
 from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, SUMMARY_FILE, fold_dir, parse_folds
 from lungdet.detection.cv import get_args_parser as cv_parser
 from lungdet.detection.cv import main as cv_main
-from lungdet.detection.predict import load_detector, predict_raw, read_any_pixels
+from lungdet.detection.detector import load_detector
+from lungdet.detection.predict import predict_raw, read_any_pixels
 from lungdet.detection.real_data import REAL_DATA_DIR, RealSet, lung_prior_boxes, load_split, prepare, prior_predictions
 from lungdet.detection.train import BEST_CHECKPOINT
 from lungdet.submission.postprocess import PostprocessConfig, apply_postprocess, load_postprocess, save_postprocess
 from lungdet.submission.prediction_string import Prediction, write_submission
 from lungdet.submission.raw_predictions import read_raw_predictions, write_raw_predictions
 from lungdet.submission.score import BOOTSTRAP_DRAWS, read_slice_metadata, roc_auc, score_dataset, score_slices, write_probabilities
-from lungdet.submission.score import get_args_parser as score_parser
-from lungdet.submission.score import main as score_main
+from lungdet.show.score_cli import get_args_parser as score_parser
+from lungdet.show.score_cli import main as score_main
 from lungdet.submission.tune import tune_postprocess
 
 DEFAULT_CONFIG = "fasterrcnn_mobilenet_real_cpu"

@@ -1,13 +1,13 @@
 """RoI pooling alone: torchvision's MultiScaleRoIAlign against the sparse product (a benchmark, not a test).
 
-``model.batched_heads`` pools with :mod:`detection.sparse_roi_align` on a CPU, because
+``model.batched_heads`` pools with :mod:`lungdet.detection.sparse_roi_align` on a CPU, because
 torchvision's RoI Align, its backward pass above all, took 40% of a MobileNetV3 training step
 there. This script times the two on the pooling a Faster R-CNN training step does: ResNet-50-FPN
 feature maps (4 levels, strides 4 to 32, 256 channels) for a batch, and the box head's sampled
 proposals (``--rois`` per image, sizes spread over every level), output 7x7 with 2x2 sample
 points. It reports the forward pass, forward plus backward, and the largest difference between the
 two results. On a CUDA device it runs the sparse product there too (``lungdet train`` does not:
-:data:`detection.sparse_roi_align.SPARSE_DEVICE_TYPES`), which is what a GPU session should measure
+:data:`lungdet.detection.sparse_roi_align.SPARSE_DEVICE_TYPES`), which is what a GPU session should measure
 before that choice changes.
 
 Run: ``.venv/bin/python benchmarks/roi_align_speed.py [--device cpu] [--image-size 512] [--batch 8] [--rois 512]``
@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.detection.sparse_roi_align import sparse_multiscale_roi_align
 
 LEVELS = ["0", "1", "2", "3"]

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.detection.config import load_config
 from lungdet.detection.data import build_dataloaders
 from lungdet.detection.engine import move_to_device, resolve_precision

@@ -73,8 +73,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as F
 
-from lungdet.data_tools.boxes import xywh_to_xyxy
-from lungdet.data_tools.errors import LungdetError
+from lungdet.boxes import xywh_to_xyxy
+from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset
@@ -82,7 +82,7 @@ from lungdet.detection.config import TrainConfig, load_config
 from lungdet.detection.data import ImageRecord, build_dataloaders, load_preprocessing, select_records
 from lungdet.detection.engine import evaluate, predict_loader, resolve_precision
 from lungdet.detection.model import build_model, needs_masks
-from lungdet.detection.predict import load_trained_model
+from lungdet.detection.detector import load_trained_model
 from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE, build_optimizer, resolve_device, seed_everything, train
 
 DEFAULT_CONFIG = "fasterrcnn_mobilenet_cpu"

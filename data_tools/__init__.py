@@ -1,1 +1,1 @@
-"""Data preparation for lungdet: DICOM reading, RSNA labels, COCO conversion, synthetic data, pictures."""
+"""Read and convert for lungdet: DICOM and image readers, tags, RSNA labels, COCO with folds, the held-out split, synthetic data."""

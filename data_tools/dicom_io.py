@@ -6,7 +6,7 @@ pixels are not needed. Real RSNA files are 8-bit grey JPEG Baseline: those are d
 OpenCV's libjpeg-turbo (see :func:`decode_grey_jpeg`), about four times faster than pylibjpeg,
 and everything else by pydicom.
 
-Every failure is a :class:`~data_tools.errors.DicomReadError` naming the file and the reason, so
+Every failure is a :class:`~lungdet.errors.DicomReadError` naming the file and the reason, so
 a caller converting thousands of files can skip one bad file and list it at the end.
 """
 
@@ -32,7 +32,7 @@ from pydicom.pixels import get_decoder
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
-from lungdet.data_tools.errors import DicomReadError, ImageReadError, LungdetError
+from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 
 # Length field of an element whose end is marked by a delimiter instead (sequences, compressed pixel data).
 _UNDEFINED_LENGTH = 0xFFFFFFFF

@@ -17,8 +17,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from lungdet.data_tools.atomic import atomic_open
-from lungdet.data_tools.errors import LabelError, LungdetError
+from lungdet.atomic import atomic_open
+from lungdet.errors import LabelError, LungdetError
 from lungdet.data_tools.labels import PatientLabels
 from lungdet.data_tools.to_coco import assign_folds
 

@@ -5,7 +5,7 @@ files with it, so both see the same pixels and the same errors. The format is to
 content (the DICOM 'DICM' marker, the PNG and JPEG signatures), never from a file name, and
 sizes are checked from the header before anything is decoded, so a small upload cannot
 declare a gigapixel image (a decompression bomb). DICOMs go through
-:mod:`data_tools.dicom_io`, the one DICOM reader. Nothing here writes a file.
+:mod:`lungdet.data_tools.dicom_io`, the one DICOM reader. Nothing here writes a file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lungdet.data_tools.dicom_io import conversion_notes, over_pixel_limit, read_dicom, read_dicom_bytes, window_to_uint8
-from lungdet.data_tools.errors import ImageReadError, LungdetError
+from lungdet.errors import ImageReadError, LungdetError
 
 FORMATS = ("dicom", "png", "jpeg")
 # File names that find_images takes: the derivatives RSNA data circulates as.
@@ -137,7 +137,7 @@ def read_xray(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, m
     ------
     ImageReadError
         With ``kind``: 'empty', 'not_an_image', 'too_many_pixels', 'too_small', 'truncated',
-        'undecodable', or any :class:`~data_tools.errors.DicomReadError` kind ('no_pixels',
+        'undecodable', or any :class:`~lungdet.errors.DicomReadError` kind ('no_pixels',
         'multi_frame', 'unsupported_compression', ...). The reason says what to do.
     """
     if not data:

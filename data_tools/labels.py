@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungdet.data_tools.errors import LabelError
+from lungdet.errors import LabelError
 
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 CLASS_INFO_COLUMNS = ("patientId", "class")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lungdet.data_tools.dicom_io import parse_age
-from lungdet.data_tools.errors import LabelError
+from lungdet.errors import LabelError
 
 PATIENT_COLUMN = "patientId"
 TAG_COLUMNS = ("PatientAge", "PatientSex", "ViewPosition", "PixelSpacing")

@@ -34,10 +34,10 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, SecondaryCaptureImageStorage, generate_uid
 from tqdm import tqdm
 
-from lungdet.data_tools.atomic import write_bytes_atomic, write_text_atomic
-from lungdet.data_tools.boxes import as_box_array, iou_matrix_xywh
-from lungdet.data_tools.cli_types import fraction, int_in_range
-from lungdet.data_tools.errors import LungdetError
+from lungdet.atomic import write_bytes_atomic, write_text_atomic
+from lungdet.boxes import as_box_array, iou_matrix_xywh
+from lungdet.cli_types import fraction, int_in_range
+from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, format_labels_csv
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +574,7 @@ def encode_dicom(case: SynthCase, *, jpeg_quality: int = _DEFAULT_JPEG_QUALITY) 
 
 
 def format_class_info_csv(cases: Sequence[SynthCase]) -> str:
-    """``stage_2_detailed_class_info.csv`` text, row for row beside :func:`data_tools.labels.format_labels_csv`."""
+    """``stage_2_detailed_class_info.csv`` text, row for row beside :func:`lungdet.data_tools.labels.format_labels_csv`."""
     lines = ["patientId,class"]
     for case in cases:
         for _row in range(max(1, len(case.boxes))):

@@ -39,11 +39,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lungdet.data_tools.atomic import atomic_open, write_bytes_atomic, write_text_atomic
-from lungdet.data_tools.boxes import clip_xywh, scale_xywh
-from lungdet.data_tools.cli_types import image_dimensions, int_in_range
+from lungdet.atomic import atomic_open, write_bytes_atomic, write_text_atomic
+from lungdet.boxes import clip_xywh, scale_xywh
+from lungdet.cli_types import image_dimensions, int_in_range
 from lungdet.data_tools.dicom_io import conversion_notes, DicomImage, DicomMeta, find_dicoms, read_dicom
-from lungdet.data_tools.errors import DicomReadError, ImageReadError, LungdetError
+from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 from lungdet.data_tools.image_io import XrayImage, find_images, read_xray
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.metadata import TAG_COLUMNS, ImageTags, MetadataTable, read_metadata_csv

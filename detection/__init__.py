@@ -1,11 +1,1 @@
-"""Detection models, training and prediction for lungdet."""
-
-from importlib.metadata import PackageNotFoundError, version
-
-
-def lungdet_version() -> str:
-    """The installed lungdet's version (what exports and replies record), 'unknown' from a checkout that was never installed."""
-    try:
-        return version("lungdet")
-    except PackageNotFoundError:
-        return "unknown"
+"""Detection models, training, cross-validation, prediction and export for lungdet (the layer that needs torch)."""

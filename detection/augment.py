@@ -22,10 +22,10 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from lungdet.data_tools.atomic import write_bytes_atomic
-from lungdet.data_tools.boxes import as_box_array, xyxy_to_xywh
-from lungdet.data_tools.errors import LungdetError
-from lungdet.data_tools.visualize import draw_overlay, encode_image
+from lungdet.atomic import write_bytes_atomic
+from lungdet.boxes import as_box_array, xyxy_to_xywh
+from lungdet.errors import LungdetError
+from lungdet.show.visualize import draw_overlay, encode_image
 from lungdet.detection.config import AugmentConfig
 
 # Dark grey column between the two panels of a sample PNG, so their edges do not run together.

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from lungdet.data_tools.atomic import write_text_atomic
-from lungdet.data_tools.errors import ConfigError
-from lungdet.data_tools.typed_config import RangeRule, apply_overrides, build_dataclass, check_ranges, read_yaml_mapping
+from lungdet.atomic import write_text_atomic
+from lungdet.errors import ConfigError
+from lungdet.typed_config import RangeRule, apply_overrides, build_dataclass, check_ranges, read_yaml_mapping
 
 MODEL_ARCHITECTURES = (
     "fasterrcnn_resnet50_fpn",
@@ -30,6 +30,8 @@ MODEL_ARCHITECTURES = (
 MASK_SHAPES = ("ellipse", "rectangle")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 SCHEDULES = ("cosine", "step")
+# configs/ beside the stage folders: the repository's configs/ in a checkout, lungdet/configs/ in a wheel
+# (pyproject.toml maps configs/ to lungdet.configs), one level above this file either way.
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -26,15 +26,16 @@ import cv2
 import numpy as np
 import torch
 
-from lungdet.data_tools.atomic import write_text_atomic
-from lungdet.data_tools.boxes import scale_xywh
-from lungdet.data_tools.errors import LungdetError
+from lungdet.atomic import write_text_atomic
+from lungdet.boxes import scale_xywh
+from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import format_labels_csv
 from lungdet.detection.config import apply_overrides, config_from_dict, load_config
 from lungdet.detection.data import ImageRecord, load_records
 from lungdet.detection.distributed import from_environment, start, stop
 from lungdet.detection.engine import resolve_precision
-from lungdet.detection.predict import TTA_MODES, ModelRunner, load_trained_model, predict_raw
+from lungdet.detection.detector import ModelRunner, load_trained_model
+from lungdet.detection.predict import TTA_MODES, predict_raw
 from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device, train
 from lungdet.submission.prediction_string import Prediction, keep_confident
 from lungdet.submission.raw_predictions import RawPrediction, write_raw_predictions

@@ -1,7 +1,7 @@
 """Training data: the COCO output of ``lungdet convert`` as torch datasets, negatives included.
 
 Images are read from the converted files (PNG, or the DICOM's own JPEG stream), resized to
-``model.image_size`` and augmented (see :mod:`detection.augment`); boxes follow every geometric
+``model.image_size`` and augmented (see :mod:`lungdet.detection.augment`); boxes follow every geometric
 change. Targets follow torchvision's detection
 convention: ``boxes`` FloatTensor[N, 4] XYXY_ABS in the resized image's pixels, ``labels``
 Int64Tensor[N]; a negative image has ``boxes`` of shape [0, 4], which torchvision trains on as
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lungdet.data_tools.boxes import scale_xywh, xywh_to_xyxy
-from lungdet.data_tools.errors import LungdetError
+from lungdet.boxes import scale_xywh, xywh_to_xyxy
+from lungdet.errors import LungdetError
 from lungdet.data_tools.to_coco import ANNOTATIONS_FILE
 from lungdet.detection.augment import augment_sample, build_augmentation
 from lungdet.detection.config import AugmentConfig, DataConfig

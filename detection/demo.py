@@ -29,23 +29,24 @@ from pathlib import Path
 
 import torch
 
-from lungdet.data_tools.atomic import write_text_atomic
+from lungdet.atomic import write_text_atomic
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset, format_report
-from lungdet.data_tools.visualize import worst_first, write_overlays
+from lungdet.show.visualize import worst_first, write_overlays
 from lungdet.detection.config import load_config
 from lungdet.detection.engine import resolve_precision
 from lungdet.data_tools.image_io import find_images
-from lungdet.detection.predict import Detector, load_detector, load_trained_model, predict_dicoms, predict_raw, read_any_pixels
+from lungdet.detection.detector import Detector, load_detector, load_trained_model
+from lungdet.detection.predict import predict_dicoms, predict_raw, read_any_pixels
 from lungdet.detection.real_data import REAL_DATA_DIR, RealSet, prepare
 from lungdet.detection.train import BEST_CHECKPOINT, train
 from lungdet.submission.postprocess import PostprocessConfig, apply_postprocess
 from lungdet.submission.prediction_string import write_submission
 from lungdet.submission.score import BOOTSTRAP_DRAWS, ScoreReport, roc_auc, score_dataset, write_probabilities
-from lungdet.submission.score import get_args_parser as score_parser
-from lungdet.submission.score import main as score_main
+from lungdet.show.score_cli import get_args_parser as score_parser
+from lungdet.show.score_cli import main as score_main
 
 DEMO_CONFIG = "fasterrcnn_mobilenet_cpu"
 REAL_CONFIG = "fasterrcnn_mobilenet_real_cpu"

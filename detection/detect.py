@@ -2,7 +2,7 @@
 
 A :class:`Detector` is a checkpoint loaded once. :func:`detect_bytes` reads one file's bytes
 (DICOM, PNG or JPEG, told apart by content), runs the model through the same
-:func:`~detection.predict.predict_pixels` as a submission, and keeps every box the model gives;
+:func:`~lungdet.detection.detector.predict_pixels` as a submission, and keeps every box the model gives;
 :func:`detection_json` shapes that into the reply, with boxes in the image's original pixels::
 
     {"id", "label": {"name", "confidence", "source"}, "custom_labels": [...], "boxes": [...],
@@ -21,10 +21,10 @@ from typing import Any
 
 import cv2
 
-from lungdet.data_tools.errors import ImageReadError
+from lungdet.errors import ImageReadError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
-from lungdet.data_tools.visualize import DEFAULT_MAX_SIZE, draw_overlay, encode_image, fit_for_display
-from lungdet.detection.predict import Detector
+from lungdet.show.visualize import DEFAULT_MAX_SIZE, draw_overlay, encode_image, fit_for_display
+from lungdet.detection.detector import Detector
 from lungdet.submission.prediction_string import Prediction, format_prediction_string, keep_confident, parse_prediction_string
 
 LABEL_POSITIVE = "Lung Opacity"
@@ -61,8 +61,8 @@ def detect_bytes(detector: Detector, data: bytes, *, name: str | None = None, ma
     """Decode one X-ray held in memory and run the detector on it.
 
     ``name`` is what error messages call the file (default: ``upload <id>``). Raises
-    :class:`~data_tools.errors.ImageReadError` for anything that is not a readable X-ray (see
-    :func:`~data_tools.image_io.read_xray`), before the model runs.
+    :class:`~lungdet.errors.ImageReadError` for anything that is not a readable X-ray (see
+    :func:`~lungdet.data_tools.image_io.read_xray`), before the model runs.
     """
     started = time.perf_counter()
     identifier = upload_id(data)

@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node=N`` starts N copies of ``lungdet train`` with ``RANK``, ``WORLD_SIZE``
 and ``LOCAL_RANK`` in their environment. Each process trains on its own shard of every epoch
-(see :class:`detection.data.EpochSampler`) inside DistributedDataParallel, which averages the
+(see :class:`lungdet.detection.data.EpochSampler`) inside DistributedDataParallel, which averages the
 gradients; validation predictions are gathered on rank 0, which alone scores them and writes
 files. Without those variables everything here is a no-op for one process, so the same code
 path serves a laptop and an 8-GPU node.
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 
 T = TypeVar("T")
 # A rank that dies mid-epoch would leave the others waiting in a collective for NCCL's default

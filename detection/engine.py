@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from lungdet.data_tools.boxes import xyxy_to_xywh
-from lungdet.data_tools.errors import LungdetError
+from lungdet.boxes import xyxy_to_xywh
+from lungdet.errors import LungdetError
 from lungdet.detection.distributed import Distributed, gather_to_main, share_from_main
 from lungdet.detection.image_head import IMAGE_PROBABILITY
 from lungdet.submission.prediction_string import Prediction

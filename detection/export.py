@@ -1,13 +1,13 @@
 """``lungdet export``: a trained checkpoint as one self-describing ONNX or TorchScript file, checked against the checkpoint.
 
 Sites that run a detector beside their archive run an exported graph, not a training
-environment. The file holds the graph and, as metadata (see :mod:`detection.exported`), how to
+environment. The file holds the graph and, as metadata (see :mod:`lungdet.detection.exported`), how to
 prepare an image, what comes out, the tuned cut-offs, the architecture, the source checkpoint's
 sha256 and the lungdet version. ``lungdet predict`` and ``lungdet serve`` take it in place of a
 checkpoint.
 
 The graph takes uint8 ``[batch, S, S]`` (the prepared grey image, see
-:func:`~detection.inference.prepare_input`) and does the rest inside: scaling to [0, 1], the
+:func:`~lungdet.detection.inference.prepare_input`) and does the rest inside: scaling to [0, 1], the
 three channels, torchvision's normalisation, the network, NMS. It gives per image ``boxes_i``
 (XYXY at S pixels, float32 ``[n, 4]``), ``scores_i``, ``labels_i`` (1 = lung opacity) and, with an
 image head, ``image_probability_i``. Every box down to the model's floor is kept; the tuned
@@ -49,12 +49,12 @@ import torch
 import torchvision
 from torch import nn
 
-from lungdet.data_tools.atomic import atomic_path
-from lungdet.data_tools.cli_types import int_in_range
-from lungdet.data_tools.errors import ImageReadError, LungdetError
+from lungdet.atomic import atomic_path
+from lungdet.cli_types import int_in_range
+from lungdet.errors import ImageReadError, LungdetError
 from lungdet.data_tools.image_io import read_xray_file
 from lungdet.data_tools.synth import generate_case
-from lungdet.detection import lungdet_version
+from lungdet import lungdet_version
 from lungdet.detection.config import MODEL_ARCHITECTURES, config_from_dict
 from lungdet.detection.exported import (
     FORMATS,
@@ -68,7 +68,7 @@ from lungdet.detection.exported import (
 )
 from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head
 from lungdet.detection.inference import ImageResult, prepare_input
-from lungdet.detection.predict import ModelRunner, file_sha256, model_from_checkpoint, read_trained_checkpoint
+from lungdet.detection.detector import ModelRunner, file_sha256, model_from_checkpoint, read_trained_checkpoint
 from lungdet.detection.train import resolve_device
 
 ONNX_OPSET = 17

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.detection.inference import ImageResult, PreparedInputRunner, image_result
 
 METADATA_KEY = "lungdet"

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
-from lungdet.data_tools.boxes import scale_xywh, xyxy_to_xywh
+from lungdet.boxes import scale_xywh, xyxy_to_xywh
 from lungdet.data_tools.to_coco import prepare_pixels
 from lungdet.submission.prediction_string import Prediction
 

@@ -1,4 +1,4 @@
-"""Build torchvision detectors from a :class:`~detection.config.ModelConfig`.
+"""Build torchvision detectors from a :class:`~lungdet.detection.config.ModelConfig`.
 
 ``MODELS`` maps an architecture name to how it is built: a backbone (with FPN) and a detector
 family (Faster R-CNN, its v2 recipe, RetinaNet or Mask R-CNN) that adds the anchors and heads.
@@ -10,7 +10,7 @@ download is impossible: this tool must run on machines without internet.
 Every detector takes ``(images, targets)`` in training and returns a dict of losses; in eval it
 returns one dict per image with ``boxes`` (XYXY_ABS, input pixels), ``scores`` and ``labels``
 (Mask R-CNN adds ``masks``, FloatTensor[N, 1, H, W]). Targets carry ``masks`` when
-:func:`needs_masks` says so (see :func:`detection.masks.box_masks`).
+:func:`needs_masks` says so (see :func:`lungdet.detection.masks.box_masks`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from lungdet.data_tools.errors import ConfigError
+from lungdet.errors import ConfigError
 from lungdet.detection.batched_heads import BatchedRetinaNetLoss, use_batched_heads
 from lungdet.detection.config import MODEL_ARCHITECTURES, ModelConfig
 from lungdet.detection.image_head import attach_image_head
@@ -282,7 +282,7 @@ def build_model(
     ``fasterrcnn_resnet50_fpn_v2``, as torchvision does). From scratch every layer trains with
     ordinary batch norm, since frozen random statistics would never be corrected.
     ``frozen_batch_norm`` forces the choice of recipe, so a checkpoint is rebuilt with the layers it was saved from.
-    With ``config.image_head`` the detector gets an image-level head (see :mod:`detection.image_head`)
+    With ``config.image_head`` the detector gets an image-level head (see :mod:`lungdet.detection.image_head`)
     whose loss counts ``image_loss_weight`` times.
     """
     architecture = _architecture(config.architecture)

@@ -9,15 +9,13 @@ Run: ``lungdet predict --checkpoint runs/r50/best.pt --dicom-dir stage_2_test_im
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import multiprocessing.context
 import os
 import sys
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,98 +26,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from lungdet.data_tools.cli_types import fraction, image_dimensions, int_in_range
+from lungdet.cli_types import fraction, image_dimensions, int_in_range
 from lungdet.data_tools.dicom_io import find_dicoms, read_dicom
-from lungdet.data_tools.errors import ImageReadError, LungdetError
-from lungdet.data_tools.boxes import scale_xywh
+from lungdet.errors import ImageReadError, LungdetError
+from lungdet.boxes import scale_xywh
 from lungdet.data_tools.image_io import find_images, read_xray_file
-from lungdet.detection.config import AMP_MODES, TrainConfig, config_from_dict
-from lungdet.detection.data import to_model_input
-from lungdet.detection.engine import Precision, resolve_precision
-from lungdet.detection.exported import ExportedModel, export_format, load_exported
-from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head
-from lungdet.detection.inference import ImageResult, PreparedInputRunner, image_result, prepare_input
-from lungdet.detection.model import build_model, in_memory_layout
-from lungdet.detection.train import load_checkpoint, resolve_device
+from lungdet.detection.config import AMP_MODES
+from lungdet.detection.detector import Detector, ModelRunner, load_detector
+from lungdet.detection.engine import Precision
+from lungdet.detection.inference import ImageResult, prepare_input
 from lungdet.submission.postprocess import FAR_FROM_EXPECTED_FACTOR, PostprocessConfig, PostprocessResult, apply_postprocess, load_postprocess, mean_probability
 from lungdet.submission.prediction_string import Prediction, keep_confident, write_submission
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient, write_raw_predictions
 from lungdet.submission.score import write_probabilities
 
 
-def read_trained_checkpoint(checkpoint_path: Path) -> dict:
-    """A ``lungdet train`` checkpoint, checked to hold a model and its config (anything else is a one-line LungdetError)."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    for key in ("model", "config"):
-        if key not in checkpoint:
-            raise LungdetError(f"{checkpoint_path}: has no '{key}' entry; is it a lungdet checkpoint (RUN/best.pt)?")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint: Mapping[str, Any], *, batched_heads: bool | None = None) -> tuple[nn.Module, TrainConfig]:
-    """The model a checkpoint was saved from, with its weights, as built (NCHW, CPU, train mode), and its config.
-
-    ``batched_heads`` overrides the config's choice (the heads hold no weights, so either loads).
-    """
-    config = config_from_dict(checkpoint["config"])
-    model_config = config.model if batched_heads is None else replace(config.model, batched_heads=batched_heads)
-    model = build_model(model_config, frozen_batch_norm=bool(checkpoint.get("frozen_batch_norm", False)))
-    model.load_state_dict(checkpoint["model"])
-    return model, config
-
-
-def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[nn.Module, TrainConfig, dict]:
-    """Rebuild the model a checkpoint was saved from and load its weights; returns (model in eval mode, config, checkpoint).
-
-    The model has the memory layout it was trained in (``channels_last``), which its kernels are fastest with.
-    """
-    checkpoint = read_trained_checkpoint(checkpoint_path)
-    model, config = model_from_checkpoint(checkpoint)
-    return in_memory_layout(model, channels_last=config.channels_last).to(device).eval(), config, checkpoint
-
-
-def model_input_for(pixels: np.ndarray, *, image_size: int, preprocessing: Mapping[str, Any]) -> torch.Tensor:
-    """The model's input for a decoded X-ray (uint8 ``[H, W]``): :func:`~detection.inference.prepare_input`, as a FloatTensor[3, S, S] in [0, 1]."""
-    return to_model_input(prepare_input(pixels, image_size=image_size, preprocessing=preprocessing))
-
-
-def to_original_space(output: dict[str, torch.Tensor], *, image_size: int, rows: int, columns: int, score_threshold: float) -> Prediction:
-    """torchvision output (XYXY_ABS at ``image_size``) -> Prediction (XYWH_ABS in the DICOM's original pixels)."""
-    return keep_confident(image_result(*_boxes_and_scores(output), None, image_size=image_size, rows=rows, columns=columns).prediction, min_confidence=score_threshold)
-
-
-def _boxes_and_scores(output: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    # .float(): under bf16 autocast the heads may hand back half-precision scores, which numpy cannot hold.
-    return output["boxes"].detach().float().cpu().numpy(), output["scores"].detach().float().cpu().numpy()
-
-
-@torch.no_grad()
-def predict_pixels(
-    model: nn.Module,
-    images: Sequence[np.ndarray],
-    *,
-    image_size: int,
-    device: torch.device,
-    score_threshold: float,
-    preprocessing: Mapping[str, Any] | None = None,
-    precision: Precision | None = None,
-) -> list[ImageResult]:
-    """One forward pass over decoded X-rays (uint8 ``[H, W]`` each, any sizes); an :class:`ImageResult` per image, in order.
-
-    Boxes are XYWH_ABS in each image's own pixels, with confidence >= ``score_threshold``; the
-    probability is the image head's, None for a model without one.
-    ``preprocessing`` is the checkpoint's (see :func:`~detection.inference.prepare_input`); ``precision``
-    (default fp32) is the autocast the forward pass runs under. ``lungdet predict`` and ``lungdet serve``
-    both come through here, so an image gets the same boxes from either.
-    """
-    results = ModelRunner(model, image_size, device, preprocessing, precision).predict_batch(list(images))
-    return [ImageResult(keep_confident(result.prediction, min_confidence=score_threshold), result.probability) for result in results]
-
-
 class BatchPredictor(Protocol):
     """What :func:`predict_raw` runs: a :class:`ModelRunner`, a :class:`Detector`, an export, or anything that answers the same way.
 
-    ``image_size`` and ``preprocessing`` say how an image is prepared (:func:`~detection.inference.prepare_input`),
+    ``image_size`` and ``preprocessing`` say how an image is prepared (:func:`~lungdet.detection.inference.prepare_input`),
     which :func:`predict_raw` does in its loader workers; models that share both share the prepared inputs.
     """
 
@@ -130,32 +55,6 @@ class BatchPredictor(Protocol):
     def preprocessing(self) -> Mapping[str, Any] | None: ...
 
     def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]: ...
-
-
-@dataclass
-class ModelRunner(PreparedInputRunner):
-    """A bare model with its input size, preprocessing and precision: every box (down to the model's own floor) for a batch."""
-
-    model: nn.Module
-    image_size: int
-    device: torch.device
-    preprocessing: Mapping[str, Any] | None
-    precision: Precision | None
-
-    @torch.no_grad()
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
-        """Inputs from :meth:`prepare` stacked (uint8 ``[N, S, S]``, numpy or a tensor, pinned for a fast copy) and each original ``(rows, columns)``."""
-        # Scaled and given its three channels on the device: a quarter of the bytes cross the bus.
-        inputs = torch.as_tensor(batch).to(self.device, non_blocking=True).float().div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
-        with (self.precision or Precision(self.device.type, None)).autocast():
-            outputs = self.model(list(inputs.unbind(0)))
-        return [
-            image_result(
-                *_boxes_and_scores(output), float(output[IMAGE_PROBABILITY]) if IMAGE_PROBABILITY in output else None,
-                image_size=self.image_size, rows=rows, columns=columns,
-            )
-            for (rows, columns), output in zip(shapes, outputs, strict=True)
-        ]
 
 
 def predict_dicoms(
@@ -182,113 +81,6 @@ def predict_dicoms(
     for path, _ in bad:
         predictions[path.stem] = Prediction.empty()
     return predictions, bad
-
-
-@dataclass
-class Detector:
-    """A trained model, loaded once, ready for one image at a time or a batch: a checkpoint, or an ONNX or TorchScript export.
-
-    ``score_threshold`` is the cut-off tuned on validation (stored in the checkpoint and in every
-    export): the image verdict and the default box filter use it. ``checkpoint_sha256`` names the
-    exact trained weights in every reply (for an export, those of the checkpoint it was made from),
-    so a result can be traced to the file that made it.
-    """
-
-    runner: ModelRunner | ExportedModel
-    architecture: str
-    score_threshold: float
-    checkpoint_sha256: str
-    image_threshold: float | None = None  # with an image head: its probability cut-off tuned on validation; None without one
-    format: str = "checkpoint"  # or 'onnx', 'torchscript'
-    # One forward pass at a time: the model is shared, and parallel passes on one device only contend.
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def image_size(self) -> int:
-        return self.runner.image_size
-
-    @property
-    def preprocessing(self) -> Mapping[str, Any]:
-        return self.runner.preprocessing or {}
-
-    @property
-    def device(self) -> str:
-        return str(self.runner.device)
-
-    @property
-    def precision_name(self) -> str:
-        # Exports are traced in float32 and run so.
-        precision = getattr(self.runner, "precision", None)
-        return precision.name if precision is not None else "fp32"
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """The ``model`` part of every reply."""
-        return {
-            "architecture": self.architecture,
-            "format": self.format,
-            "image_size": self.image_size,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "score_threshold": self.score_threshold,
-            "image_threshold": self.image_threshold,
-        }
-
-    def predict(self, pixels: np.ndarray) -> ImageResult:
-        """Every box the model gives for uint8 ``[H, W]`` pixels (down to its own ``box_score_thresh``), XYWH_ABS in those pixels."""
-        return self.predict_batch([pixels])[0]
-
-    def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
-        """:meth:`predict` for several images in one forward pass (any sizes), in order."""
-        with self.lock:
-            return self.runner.predict_batch(images)
-
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
-        """:meth:`predict_batch` for inputs already prepared (see :class:`BatchPredictor`)."""
-        with self.lock:
-            return self.runner.predict_prepared(batch, shapes)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB pieces (a ResNet-50 checkpoint is 300 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for piece in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
-def load_detector(checkpoint_path: Path, *, device: str = "auto", amp: str = "auto") -> Detector:
-    """Load a ``lungdet train`` checkpoint, or a ``lungdet export`` file, on ``device`` ('auto', 'cpu', 'cuda:N') under ``amp``.
-
-    An export is told by its content and runs as it was exported, in float32: ``amp`` 'auto' and
-    'none' mean that, a half precision is refused. Raises ``LungdetError`` for a missing or foreign
-    file, an unknown device or an amp the device cannot run.
-    """
-    kind = export_format(Path(checkpoint_path))
-    if kind is not None:
-        if amp not in ("auto", "none"):
-            raise LungdetError(f"{checkpoint_path}: an {kind} export runs in float32 as it was exported; drop --amp {amp}")
-        exported = load_exported(Path(checkpoint_path), device=device)
-        metadata = exported.metadata
-        return Detector(
-            runner=exported,
-            architecture=str(metadata["architecture"]),
-            score_threshold=float(metadata["score_threshold"]),
-            checkpoint_sha256=str(metadata["source_checkpoint"]["sha256"]),
-            image_threshold=None if metadata["image_threshold"] is None else float(metadata["image_threshold"]),
-            format=kind,
-        )
-    torch_device = resolve_device(device)
-    precision = resolve_precision(amp, torch_device)
-    model, config, checkpoint = load_trained_model(Path(checkpoint_path), device=torch_device)
-    runner = ModelRunner(model, config.model.image_size, torch_device, dict(checkpoint.get("preprocessing") or {}), precision)
-    return Detector(
-        runner=runner,
-        architecture=config.model.architecture,
-        score_threshold=float(checkpoint.get("score_threshold", 0.5)),
-        checkpoint_sha256=file_sha256(Path(checkpoint_path)),
-        image_threshold=float(checkpoint.get("image_threshold", 0.5)) if has_image_head(model) else None,
-    )
 
 
 def check_unique_patient_ids(paths: Sequence[Path]) -> None:
@@ -537,7 +329,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dicom-out", type=Path, metavar="DIR",
         help="also write, for every input DICOM, DIR/{stem}_sr.dcm: a DICOM Structured Report (TID 1500) of its boxes in the image's own "
-        "study, for a PACS (needs pip install 'lungdet[dicom]'); see pacs/dicom_results.py for what goes in",
+        "study, for a PACS (needs pip install 'lungdet[dicom]'); see show/dicom_results.py for what goes in",
     )
     parser.add_argument(
         "--dicom-out-overlay", action="store_true",
@@ -586,7 +378,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise LungdetError("--json prints to the screen; drop --dicom-out, or drop --json to write files")
     if args.dicom_out is not None:
         try:
-            import lungdet.pacs.dicom_results  # noqa: F401  fails now, not after the models have run
+            import lungdet.show.dicom_results  # noqa: F401  fails now, not after the models have run
         except ImportError as error:
             raise LungdetError(f"--dicom-out: {error}") from None
     if args.json and args.probabilities:
@@ -596,7 +388,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def predict_json(args: argparse.Namespace, paths: Sequence[Path]) -> int:
-    """``--json``: one file at a time through :mod:`detection.detect`, the code ``lungdet serve`` runs."""
+    """``--json``: one file at a time through :mod:`lungdet.detection.detect`, the code ``lungdet serve`` runs."""
     # Imported here: detect pulls in the image readers and drawing code that a folder submission does not need.
     from lungdet.detection.detect import detect_bytes, detection_json, error_json
 
@@ -620,8 +412,8 @@ def write_dicom_out(
     groups: Mapping[str, Sequence[RawPrediction]], detectors: Sequence[Detector], cut_off: float,
 ) -> None:
     """``--dicom-out``: a report (and overlay) per readable input DICOM, with the boxes the submission has."""
-    from lungdet.detection import lungdet_version
-    from lungdet.pacs.dicom_results import model_identity, write_results_for_files
+    from lungdet import lungdet_version
+    from lungdet.show.dicom_results import model_identity, write_results_for_files
 
     unreadable = {Path(path) for path, _ in bad}
     model = model_identity(lungdet_version(), [d.architecture for d in detectors], [d.checkpoint_sha256 for d in detectors], cut_off)

@@ -4,7 +4,7 @@
 model) both start here:
 
 - :func:`load_split`: 800 patients for cross-validation and 200 held out, seeded and stratified
-  by target (:func:`data_tools.holdout.holdout_split`), checked against the copy written down
+  by target (:func:`lungdet.data_tools.holdout.holdout_split`), checked against the copy written down
   once in ``benchmarks/rsna_real_split.csv``, so the held-out patients can never drift;
 - :func:`prepare`: each side linked into its own folder and converted with ``lungdet convert
   --image-dir`` (the cross-validation side with its folds), plus the held-out labels alone;
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lungdet.data_tools.atomic import write_text_atomic
-from lungdet.data_tools.errors import LungdetError
+from lungdet.atomic import write_text_atomic
+from lungdet.errors import LungdetError
 from lungdet.data_tools.holdout import holdout_split, link_images, read_split_csv
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import PatientLabels, format_labels_csv, read_labels

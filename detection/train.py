@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lungdet.data_tools.atomic import atomic_path, write_text_atomic
-from lungdet.data_tools.errors import LungdetError
+from lungdet.atomic import atomic_path, write_text_atomic
+from lungdet.errors import LungdetError
 from lungdet.detection.augment import write_augmentation_samples
 from lungdet.detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
 from lungdet.detection.data import build_dataloaders, load_preprocessing, load_records, load_sample, split_records

@@ -1,7 +1,25 @@
 """lungdet: lung opacities as bounding boxes in RSNA chest X-rays (a research tool, not a diagnostic device).
 
 The one import name lungdet installs. Its stages live in the repository's top-level folders and are
-mapped under it by ``pyproject.toml`` (``package-dir``): ``data_tools/`` is ``lungdet.data_tools``,
-``detection/`` is ``lungdet.detection``, ``submission/`` is ``lungdet.submission``, ``server/`` is
-``lungdet.server`` and ``pacs/`` is ``lungdet.pacs``.
+mapped under it by ``pyproject.toml`` (``package-dir``), in layers that import only downward:
+
+- ``lungdet/`` (this package): the shared base (``errors``, ``boxes``, ``atomic``, ``typed_config``,
+  ``cli_types``) and, on top of everything, the command (``cli``, ``__main__``);
+- ``data_tools/`` is ``lungdet.data_tools``: read and convert;
+- ``submission/`` is ``lungdet.submission``: the submission format, post-processing, tuning, the metric;
+- ``show/`` is ``lungdet.show``: pictures and reports;
+- ``detection/`` is ``lungdet.detection``: models, training, cv, prediction, export;
+- ``server/`` and ``pacs/`` are ``lungdet.server`` and ``lungdet.pacs``: the deployments.
+
+``tests/test_layers.py`` holds the order.
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+
+def lungdet_version() -> str:
+    """The installed lungdet's version (what exports and replies record), 'unknown' from a checkout that was never installed."""
+    try:
+        return version("lungdet")
+    except PackageNotFoundError:
+        return "unknown"

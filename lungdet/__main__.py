@@ -1,6 +1,6 @@
 """``python -m lungdet``: the same command as ``lungdet``."""
 
-from lungdet.detection.cli import main
+from lungdet.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``lungdet pacs``: run the DICOM node of :mod:`pacs.node` against a DICOMweb server.
+"""``lungdet pacs``: run the DICOM node of :mod:`lungdet.pacs.node` against a DICOMweb server.
 
 Run: ``lungdet pacs --url http://127.0.0.1:8042/dicom-web --checkpoint runs/r50/best.pt [--poll-seconds 10] [--once]``
 """
@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from lungdet.data_tools.cli_types import fraction, positive_seconds
-from lungdet.data_tools.errors import LungdetError
+from lungdet.cli_types import fraction, positive_seconds
+from lungdet.errors import LungdetError
 
 TOKEN_VARIABLE = "LUNGDET_PACS_TOKEN"
 PASSWORD_VARIABLE = "LUNGDET_PACS_PASSWORD"
@@ -75,12 +75,12 @@ def make_client(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     try:
-        from lungdet.pacs.dicom_results import model_identity
+        from lungdet.show.dicom_results import model_identity
         from lungdet.pacs.node import NodeState, PacsNode
     except ImportError as error:
         raise LungdetError(f"lungdet pacs needs the dicom extra ({error}); pip install 'lungdet[dicom]'") from None
-    from lungdet.detection import lungdet_version
-    from lungdet.detection.predict import load_detector
+    from lungdet import lungdet_version
+    from lungdet.detection.detector import load_detector
 
     # The node's own lines only: dicomweb-client and highdicom log every request and copied module at INFO.
     handler = logging.StreamHandler(sys.stderr)

@@ -7,7 +7,7 @@ Each poll:
    can read: another modality than CR or DX, several frames, no pixels, a file that cannot be
    decoded (the node's own reports and overlays are passed over silently);
 3. asks the server whether the image already has this model's report (the report's UID is derived
-   from the image and the model, see :mod:`pacs.dicom_results`), and if not fetches it (WADO-RS),
+   from the image and the model, see :mod:`lungdet.show.dicom_results`), and if not fetches it (WADO-RS),
    runs the detector, and stores the report, and the overlay if asked, into the image's study (STOW-RS).
 
 Nothing is lost: a result is written to ``STATE/pending/`` before it is stored and removed only
@@ -31,11 +31,11 @@ from typing import Any
 import pydicom
 import requests
 
-from lungdet.data_tools.atomic import write_bytes_atomic, write_text_atomic
+from lungdet.atomic import write_bytes_atomic, write_text_atomic
 from lungdet.data_tools.dicom_io import read_dicom_bytes
-from lungdet.data_tools.errors import ImageReadError
+from lungdet.errors import ImageReadError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
-from lungdet.pacs.dicom_results import (
+from lungdet.show.dicom_results import (
     OVERLAY_SERIES_DESCRIPTION,
     REPORT_SERIES_DESCRIPTION,
     ModelIdentity,

@@ -1,6 +1,6 @@
 """The FastAPI app behind ``lungdet serve``: a page and a JSON API for one X-ray at a time.
 
-Routes parse and check the request, call :mod:`detection.detect` (the code ``lungdet predict
+Routes parse and check the request, call :mod:`lungdet.detection.detect` (the code ``lungdet predict
 --json`` runs) in the inference thread, and shape the reply:
 
 - ``GET /``: the page (static files beside this module; no CDN, works offline);
@@ -12,7 +12,7 @@ Routes parse and check the request, call :mod:`detection.detect` (the code ``lun
 Uploads are read into memory and never written under the client's name; replies and log lines
 name an upload by the first 16 hex digits of its SHA-256, and carry no identifying DICOM tag.
 Inference runs off the event loop (decoding in worker threads, the model in one batching thread,
-:mod:`server.batcher`), so health checks answer while it works.
+:mod:`lungdet.server.batcher`), so health checks answer while it works.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lungdet.data_tools.errors import ImageReadError
+from lungdet.errors import ImageReadError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
-from lungdet.detection import lungdet_version
+from lungdet import lungdet_version
 from lungdet.detection.detect import NOTICE, Detection, annotated_png, detect_bytes, detection_json, preview_jpeg, upload_id
-from lungdet.detection.predict import Detector
+from lungdet.detection.detector import Detector
 from lungdet.server.batcher import DEFAULT_MAX_BATCH, Batcher
 from lungdet.server.guard import RequestGuard, error_body
 from lungdet.server.schemas import DetectReply, ErrorReply, Health
@@ -129,7 +129,7 @@ def create_app(
     ``max_upload_bytes`` bounds a request body (checked as it streams in), ``api_token`` (if
     given) is required as ``Authorization: Bearer`` on every ``/api/`` route,
     ``max_pixels`` bounds the image an upload may declare, and ``max_batch`` the images of
-    concurrent requests that run through the model together (see :mod:`server.batcher`).
+    concurrent requests that run through the model together (see :mod:`lungdet.server.batcher`).
     """
     batcher = Batcher(detector, max_batch=max_batch)
 

@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 
 from lungdet.detection.inference import ImageResult
-from lungdet.detection.predict import Detector
+from lungdet.detection.detector import Detector
 
 DEFAULT_MAX_BATCH = 8
 _STOP = None
 
 
 class Batcher:
-    """Wraps a :class:`~detection.detect.Detector`: same attributes, but :meth:`predict` queues for the inference thread."""
+    """Wraps a :class:`~lungdet.detection.detector.Detector`: same attributes, but :meth:`predict` queues for the inference thread."""
 
     def __init__(self, detector: Detector, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         if max_batch < 1:

@@ -14,8 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from lungdet.data_tools.cli_types import int_in_range
-from lungdet.data_tools.errors import LungdetError
+from lungdet.cli_types import int_in_range
+from lungdet.errors import LungdetError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.detection.config import AMP_MODES
 from lungdet.server.batcher import DEFAULT_MAX_BATCH
@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
             f"lungdet serve needs FastAPI and uvicorn, which are not installed ({error.name} is missing); "
             "install them with: pip install 'lungdet[serve]'"
         ) from None
-    from lungdet.detection.predict import load_detector
+    from lungdet.detection.detector import load_detector
 
     token = args.api_token or os.environ.get(TOKEN_VARIABLE) or None
     if not is_loopback(args.host) and token is None:

@@ -1,6 +1,6 @@
 """The shapes of every reply, as Pydantic models, so that ``/docs`` shows them and a reply that drifts fails validation.
 
-The replies themselves are built by :func:`detection.detect.detection_json` (shared with
+The replies themselves are built by :func:`lungdet.detection.detect.detection_json` (shared with
 ``lungdet predict --json``); these models check them on the way out. ``extra="forbid"``
 makes a field added there and not here an error in the tests rather than a silent difference.
 """

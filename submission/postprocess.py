@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lungdet.data_tools.atomic import write_text_atomic
-from lungdet.data_tools.boxes import as_box_array, xywh_to_xyxy, xyxy_to_xywh
-from lungdet.data_tools.errors import ConfigError
-from lungdet.data_tools.typed_config import RangeRule, build_dataclass, check_ranges, read_yaml_mapping
+from lungdet.atomic import write_text_atomic
+from lungdet.boxes import as_box_array, xywh_to_xyxy, xyxy_to_xywh
+from lungdet.errors import ConfigError
+from lungdet.typed_config import RangeRule, build_dataclass, check_ranges, read_yaml_mapping
 from lungdet.submission.prediction_string import Prediction, keep_confident
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient
 

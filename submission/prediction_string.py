@@ -23,9 +23,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lungdet.data_tools.atomic import atomic_open
-from lungdet.data_tools.boxes import as_box_array
-from lungdet.data_tools.errors import SubmissionError
+from lungdet.atomic import atomic_open
+from lungdet.boxes import as_box_array
+from lungdet.errors import SubmissionError
 
 SUBMISSION_COLUMNS = ("patientId", "PredictionString")
 TOKENS_PER_BOX = 5  # confidence x y width height

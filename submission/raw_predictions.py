@@ -24,8 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lungdet.data_tools.atomic import atomic_open
-from lungdet.data_tools.errors import SubmissionError
+from lungdet.atomic import atomic_open
+from lungdet.errors import SubmissionError
 from lungdet.submission.prediction_string import Prediction, format_prediction_string, parse_prediction_string
 
 RAW_COLUMNS = ("patientId", "model", "pass", "fold", "width", "height", "probability", "PredictionString")

@@ -1,6 +1,8 @@
 """Score a Kaggle submission against RSNA labels with the official competition metric.
 
-Run it as ``lungdet score --submission submission.csv --labels stage_2_train_labels.csv``.
+Pure functions that return numbers; ``lungdet score --submission submission.csv --labels
+stage_2_train_labels.csv`` (:mod:`lungdet.show.score_cli`) reads the files, calls them and prints,
+and :mod:`lungdet.show.score_report` draws the page.
 
 The metric (RSNA Pneumonia Detection Challenge, 2018), as implemented here:
 
@@ -32,10 +34,8 @@ head's ROC and AUC (:func:`roc_curve`, :func:`roc_auc`).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,12 +43,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lungdet.data_tools.atomic import write_text_atomic
-from lungdet.data_tools.boxes import as_box_array, iou_matrix_xywh
-from lungdet.data_tools.cli_types import fraction, int_in_range
-from lungdet.data_tools.errors import SubmissionError
-from lungdet.data_tools.labels import read_labels
-from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission
+from lungdet.atomic import write_text_atomic
+from lungdet.boxes import as_box_array, iou_matrix_xywh
+from lungdet.errors import SubmissionError
+from lungdet.submission.prediction_string import Prediction, keep_confident
 
 # Exact literals, not np.arange(0.4, 0.8, 0.05): arange accumulates float error (its 0.65 is
 # 0.6499999999999999), which would make an IoU of exactly 0.65 a hit at t = 0.65.
@@ -443,54 +441,6 @@ def format_report(report: ScoreReport) -> str:
     return "\n".join(lines)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    """The ``lungdet score`` command line; parsing does no work, so tests can call it alone."""
-    parser = argparse.ArgumentParser(
-        prog="lungdet score",
-        description="Score a Kaggle submission.csv against RSNA labels with the official RSNA mAP\n"
-        "(IoU thresholds 0.40..0.75), plus mean IoU, sensitivity and specificity.",
-        epilog="example:\n  lungdet score --submission runs/fold0/submission.csv "
-        "--labels data/stage_2_train_labels.csv --min-confidence 0.3 --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--submission", type=Path, required=True, metavar="PATH", help="submission CSV: patientId,PredictionString"
-    )
-    parser.add_argument(
-        "--labels",
-        type=Path,
-        required=True,
-        metavar="PATH",
-        help="RSNA labels CSV (stage_2_train_labels.csv format); every patient in it is scored",
-    )
-    parser.add_argument(
-        "--min-confidence",
-        type=fraction,
-        default=0.0,
-        metavar="FLOAT",
-        help="drop predicted boxes with a lower confidence before scoring, in [0, 1] (default: 0, keep all)",
-    )
-    parser.add_argument(
-        "--bootstrap", type=int_in_range(0), default=BOOTSTRAP_DRAWS, metavar="N",
-        help=f"draws for the mAP's 95%% bootstrap interval, resampling patients (default {BOOTSTRAP_DRAWS}; 0 = none)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
-    parser.add_argument(
-        "--by", type=_slice_keys, default=[], metavar="KEYS",
-        help=f"also score slices: a comma-separated list of {', '.join(SLICE_KEYS)} (needs --metadata)",
-    )
-    parser.add_argument("--metadata", type=Path, metavar="PATH", help="annotations.json from lungdet convert: age, sex and view position per patient")
-    parser.add_argument(
-        "--html", type=Path, metavar="PATH",
-        help="also write one HTML page of figures: precision per IoU threshold, mAP against the cut-off, ROC and reliability "
-        "(with --probabilities), the slices, the 20 worst images",
-    )
-    parser.add_argument("--probabilities", type=Path, metavar="PATH", help="patientId,probability from lungdet predict --probabilities, for the ROC and reliability figures")
-    parser.add_argument("--overlays", type=Path, metavar="DIR", help="the folder lungdet visualize wrote, to link the worst images to their pictures")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    return parser
-
-
 PROBABILITY_COLUMNS = ["patientId", "probability"]
 PROBABILITY_DECIMALS = 6
 
@@ -522,58 +472,3 @@ def read_probabilities(path: Path) -> dict[str, float]:
                 raise SubmissionError(f"{path} line {reader.line_num}: probability {value} is outside [0, 1]")
             values[fields[0]] = value
     return values
-
-
-def _slice_keys(text: str) -> list[str]:
-    keys = [key.strip() for key in text.split(",") if key.strip()]
-    unknown = [key for key in keys if key not in SLICE_KEYS]
-    if unknown or not keys:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(SLICE_KEYS)}, got {text!r}")
-    return keys
-
-
-def main(args: argparse.Namespace) -> int:
-    """Read the submission and labels, score, print the report; domain errors propagate to ``lungdet``."""
-    if args.by and args.metadata is None:
-        raise SubmissionError("--by needs --metadata, the annotations.json lungdet convert wrote (it has each patient's age, sex and view position)")
-    metadata = read_slice_metadata(args.metadata) if args.by else {}
-    probabilities = read_probabilities(args.probabilities) if args.probabilities is not None else None
-    predictions = read_submission(args.submission)
-    labels = read_labels(args.labels)
-    truth = {patient_id: patient.boxes for patient_id, patient in labels.items()}
-    report = score_dataset(truth, predictions, min_confidence=args.min_confidence, bootstrap_draws=args.bootstrap, seed=args.seed)
-    slices = score_slices(
-        truth, predictions, metadata, args.by, min_confidence=args.min_confidence, bootstrap_draws=args.bootstrap, seed=args.seed
-    )
-    # Warnings go to stderr so that --json leaves exactly one JSON object on stdout.
-    if report.n_unknown_predictions:
-        print(
-            f"warning: {report.n_unknown_predictions} patient(s) in {args.submission} are not in {args.labels}; "
-            "they were not scored. Is this the labels file the images came from?",
-            file=sys.stderr,
-        )
-    if report.n_missing_predictions:
-        print(
-            f"warning: {report.n_missing_predictions} of {report.n_images} labelled patient(s) have no row in "
-            f"{args.submission}; they were scored as 'no boxes'. To score a subset (e.g. one fold), "
-            "pass a labels CSV with only those patients.",
-            file=sys.stderr,
-        )
-    if args.html is not None:
-        from lungdet.data_tools.score_report import write_score_report  # matplotlib, only for the page
-
-        write_score_report(
-            args.html, report=report, truth=truth, predictions=predictions, slices=slices, submission=args.submission, labels=args.labels,
-            min_confidence=args.min_confidence, probabilities=probabilities,
-            overlays=args.overlays,
-        )
-        print(f"wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        slices_json = [{"by": item.by, "value": item.value, **item.report.to_dict()} for item in slices]
-        print(json.dumps({**report.to_dict(), **({"slices": slices_json} if args.by else {})}))
-    else:
-        print(format_report(report))
-        if slices:
-            print()
-            print(format_slices(slices))
-    return 0

@@ -2,7 +2,7 @@
 
 Run: ``lungdet tune --oof runs/cv/oof.csv --labels stage_2_train_labels.csv --out postprocess.yaml``
 
-The search is coordinate ascent over :class:`~submission.postprocess.PostprocessConfig`: each
+The search is coordinate ascent over :class:`~lungdet.submission.postprocess.PostprocessConfig`: each
 parameter in turn takes the value of its grid that scores best with the others held, until a
 round changes nothing. Gating is searched only when the predictions carry image probabilities,
 fusion only when an image has several passes or models.
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lungdet.data_tools.boxes import as_box_array, iou_matrix_xywh
-from lungdet.data_tools.errors import SubmissionError
+from lungdet.boxes import as_box_array, iou_matrix_xywh
+from lungdet.errors import SubmissionError
 from lungdet.data_tools.labels import read_labels
 from lungdet.submission.postprocess import PostprocessConfig, mean_probability, merge_image, model_order, prediction_shape, save_postprocess, shrink_boxes
 from lungdet.submission.prediction_string import Prediction
@@ -201,7 +201,7 @@ def with_operating_point(config: PostprocessConfig, tuner: Tuner, rows: Sequence
     """``config`` with what it did on the tuning predictions written in: their shape, the gate's share and the boxes per image.
 
     ``lungdet predict`` calibrates to these when it fuses more models than tuning saw, and
-    compares its own boxes per image with them (see :mod:`submission.postprocess`).
+    compares its own boxes per image with them (see :mod:`lungdet.submission.postprocess`).
     """
     models, passes = prediction_shape(rows)
     table = tuner.table(config)

@@ -7,6 +7,7 @@ tests that need it are skipped, except under CI (``CI`` set), where a skip would
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -186,7 +187,7 @@ def write_serving_checkpoint(
     from lungdet.data_tools.synth import write_synthetic_dataset
     from lungdet.detection.config import config_to_dict, load_config
     from lungdet.detection.model import build_model
-    from lungdet.detection.predict import model_input_for
+    from lungdet.detection.detector import model_input_for
 
     preprocessing = preprocessing or {"image_size": None, "normalization": "none"}
     torch.manual_seed(0)
@@ -250,6 +251,19 @@ def serving_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def serving_detector(serving_checkpoint: Path):
     """``serving_checkpoint`` loaded on the CPU in fp32, so results are the same on every CPU."""
-    from lungdet.detection.predict import load_detector
+    from lungdet.detection.detector import load_detector
 
     return load_detector(serving_checkpoint, device="cpu", amp="none")
+
+
+@pytest.fixture
+def annotations_json(tmp_path: Path) -> Path:
+    """An annotations.json as lungdet convert writes it, reduced to the tags the score's slices read (three patients)."""
+    images = [
+        {"id": 1, "patient_id": "pos", "age": 33, "sex": "F", "view_position": "AP"},
+        {"id": 2, "patient_id": "neg", "age": 71, "sex": "M", "view_position": "PA"},
+        {"id": 3, "patient_id": "empty", "age": None, "sex": "", "view_position": ""},
+    ]
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    return path

@@ -1,4 +1,4 @@
-"""Tests for detection/cli.py: the ``lungdet`` dispatcher (usage, unknown subcommands)."""
+"""Tests for lungdet/cli.py: the ``lungdet`` dispatcher (usage, unknown subcommands)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lungdet.detection.cli import main as cli_main
+from lungdet.cli import main as cli_main
 
 SUBCOMMANDS = ("demo", "synth", "eda", "convert", "train", "cv", "predict", "score", "tune", "visualize", "export", "pacs", "serve")
 
@@ -67,7 +67,7 @@ def test_overrides_may_follow_flags(monkeypatch):
     import lungdet.detection.train as train_module
     seen = {}
     monkeypatch.setattr(train_module, "main", lambda args: seen.update(vars(args)) or 0)
-    from lungdet.detection.cli import main as cli_main
+    from lungdet.cli import main as cli_main
 
     assert cli_main(["train", "--data", "d", "--out", "o", "optim.lr=0.1", "--fold", "2", "seed=3"]) == 0
     assert seen["overrides"] == ["optim.lr=0.1", "seed=3"] and seen["fold"] == 2
@@ -88,3 +88,31 @@ def test_a_closed_pipe_ends_quietly(tmp_path) -> None:
     _, errors = process.communicate(timeout=120)
     assert process.returncode == 141
     assert b"Traceback" not in errors
+
+
+def test_score_tune_and_the_score_page_import_no_torch(tmp_path: Path) -> None:
+    """lungdet score (with its page) and lungdet tune run where torch is not installed: the command imports only their stages."""
+    from lungdet.submission.prediction_string import Prediction
+    from lungdet.submission.raw_predictions import RawPrediction, write_raw_predictions
+
+    (tmp_path / "labels.csv").write_text("patientId,x,y,width,height,Target\np1,100,100,200,300,1\np2,,,,,0\np3,500,200,150,250,1\np4,,,,,0\n")
+    (tmp_path / "s.csv").write_text("patientId,PredictionString\np1,0.9 110 100 200 300\np2,0.3 40 40 80 80\np3,\np4,\n")
+    rows = [
+        RawPrediction("p1", "m0", "plain", 1024, 1024, Prediction.from_arrays([0.9], [[110, 100, 200, 300]]), None, 0),
+        RawPrediction("p2", "m0", "plain", 1024, 1024, Prediction.from_arrays([0.3], [[40, 40, 80, 80]]), None, 1),
+        RawPrediction("p3", "m0", "plain", 1024, 1024, Prediction.from_arrays([0.6], [[510, 190, 150, 250]]), None, 0),
+        RawPrediction("p4", "m0", "plain", 1024, 1024, Prediction.empty(), None, 1),
+    ]
+    write_raw_predictions(tmp_path / "oof.csv", rows)
+    files = {name: str(tmp_path / name) for name in ("labels.csv", "s.csv", "oof.csv", "page.html", "pp.yaml")}
+    script = (
+        "import sys\n"
+        "from lungdet.cli import main\n"
+        f"score = main(['score', '--submission', {files['s.csv']!r}, '--labels', {files['labels.csv']!r}, '--html', {files['page.html']!r}, '--bootstrap', '50'])\n"
+        f"tune = main(['tune', '--oof', {files['oof.csv']!r}, '--labels', {files['labels.csv']!r}, '--out', {files['pp.yaml']!r}, '--no-progress'])\n"
+        "print('RESULT', score, tune, sorted(name for name in ('torch', 'torchvision', 'lungdet.detection') if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "RESULT 0 0 []"
+    assert (tmp_path / "page.html").stat().st_size > 10_000 and (tmp_path / "pp.yaml").is_file()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("data_tools", "detection", "submission", "server", "pacs")
+STAGES = ("data_tools", "submission", "show", "detection", "server", "pacs")
 # Runs outside the checkout, so the current directory cannot lend the top-level folders as imports.
 PROBE = (
     "import importlib, importlib.util, sys\n"
@@ -43,7 +43,7 @@ def copy_package_sources(destination: Path) -> Path:
     destination.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, destination / name)
-    for folder in ("lungdet", *STAGES):
+    for folder in ("lungdet", *STAGES, "configs"):
         shutil.copytree(REPO / folder, destination / folder, ignore=shutil.ignore_patterns("__pycache__"))
     return destination
 
@@ -63,5 +63,8 @@ def test_the_built_wheel_holds_one_top_level_package_with_every_stage(tmp_path: 
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"lungdet"}
     assert {f"lungdet/{stage}/__init__.py" for stage in STAGES} <= set(names)
     assert "lungdet/server/static/index.html" in names
+    # The shipped configs, one level above detection/config.py as in the checkout (its CONFIGS_DIR).
+    shipped = {Path(name).name for name in names if name.startswith("lungdet/configs/")}
+    assert shipped == {path.name for path in (REPO / "configs").glob("*.yaml")} and "lungdet/detection/config.py" in names
     # -S: no site-packages, so neither the editable install nor anything else answers for the wheel's files.
     assert probe(sys.executable, "-S", cwd=tmp_path, site=tmp_path / "site") == "none"

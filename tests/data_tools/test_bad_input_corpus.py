@@ -26,7 +26,7 @@ from pydicom.uid import HTJ2KLossless
 
 from lungdet.data_tools.dicom_io import DicomMeta, find_missing_decoder, read_dicom_metadata
 from lungdet.data_tools.to_coco import ConversionReport, format_report, input_notes
-from lungdet.detection.cli import main as cli_main
+from lungdet.cli import main as cli_main
 
 # A normal radiograph size for the synthetic files: above the tiny-image bound, so each file has only its intended oddity.
 SIDE = 300

@@ -16,7 +16,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian
 
 from lungdet.data_tools.dicom_io import decode_grey_jpeg, find_dicoms, grey_jpeg_baseline_stream, parse_age, read_dicom, read_dicom_metadata
-from lungdet.data_tools.errors import DicomReadError, LungdetError
+from lungdet.errors import DicomReadError, LungdetError
 
 RSNA_FILE_COUNT = 13
 POSITIVE_SAMPLE = "00436515-870c-4b36-a041-de91049b9ab4"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.data_tools.errors import LabelError, LungdetError
+from lungdet.errors import LabelError, LungdetError
 from lungdet.data_tools.holdout import holdout_split, link_images, read_split_csv, write_split_csv
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from tests.conftest import REPO_ROOT

@@ -16,7 +16,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.data_tools.errors import DicomReadError, ImageReadError
+from lungdet.errors import DicomReadError, ImageReadError
 from lungdet.data_tools.image_io import MIN_SIDE, find_images, read_picture_size, read_xray, sniff_format
 
 

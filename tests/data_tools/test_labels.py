@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.data_tools.errors import LabelError
+from lungdet.errors import LabelError
 from lungdet.data_tools.labels import PatientLabels, read_labels
 
 HEADER = "patientId,x,y,width,height,Target\n"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lungdet.data_tools.errors import LabelError
+from lungdet.errors import LabelError
 from lungdet.data_tools.metadata import ImageTags, parse_spacing, read_metadata_csv
 
 

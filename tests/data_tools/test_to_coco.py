@@ -19,10 +19,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.to_coco import ConversionReport, assign_folds, box_stratum, convert_dataset, format_report, normalize_pixels
-from lungdet.detection.cli import main as cli_main
+from lungdet.cli import main as cli_main
 
 POSITIVE_SAMPLE = "00436515-870c-4b36-a041-de91049b9ab4"
 NEGATIVE_SAMPLE = "0004cfab-14fd-4e49-80ba-63a80b6bddd6"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,3 +73,20 @@ def write_tiny_coco(root: Path) -> Path:
 def make_tiny_dataset() -> Callable[[Path], Path]:
     """Return ``write_tiny_coco(root) -> root / "coco"``, for module-scoped fixtures to call with their own folder."""
     return write_tiny_coco
+
+
+# Besides the tiny model: one epoch in batches of 2 on the CPU, the same numbers on any machine.
+TRAINED_RUN_EXTRAS = ("data.batch_size=2", "optim.epochs=1", "max_minutes=0", "device=cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable[[Path], Path], tiny_model_overrides: tuple[str, ...]) -> dict[str, Any]:
+    """A 1-epoch run on 8 synthetic images at 64 px: its config and best checkpoint (trained once per module that asks)."""
+    from lungdet.detection.config import load_config
+    from lungdet.detection.train import BEST_CHECKPOINT, train
+
+    root = tmp_path_factory.mktemp("predict_run")
+    coco = make_tiny_dataset(root)
+    config = load_config(None, ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *tiny_model_overrides, *TRAINED_RUN_EXTRAS])
+    train(config, coco, root / "run", progress=False)
+    return {"config": config, "checkpoint": root / "run" / BEST_CHECKPOINT}

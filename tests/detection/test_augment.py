@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lungdet.data_tools.visualize import TRUTH_COLOR
+from lungdet.show.visualize import TRUTH_COLOR
 from lungdet.detection.augment import PANEL_GAP, augment_sample, build_augmentation, keep_valid_boxes, write_augmentation_samples
 from lungdet.detection.config import AugmentConfig
 

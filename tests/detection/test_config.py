@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lungdet.data_tools.errors import ConfigError
+from lungdet.errors import ConfigError
 from lungdet.detection.config import (
     CONFIGS_DIR,
     MODEL_ARCHITECTURES,

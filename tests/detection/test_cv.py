@@ -92,7 +92,7 @@ def test_an_interrupted_fold_continues_from_its_last_checkpoint(cv_run: dict[str
 
 
 def test_a_fold_the_dataset_lacks_is_refused(cv_run: dict[str, Any], tmp_path: Path) -> None:
-    from lungdet.data_tools.errors import LungdetError
+    from lungdet.errors import LungdetError
 
     with pytest.raises(LungdetError, match=r"has folds \[0, 1\]; there is no fold 3"):
         run_cv(cv_run["coco"], tmp_path / "cv", cv_run["overrides"], "--folds", "0,3")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset
@@ -292,7 +292,7 @@ def test_without_positive_fraction_the_order_is_the_plain_shuffle() -> None:
 
 
 def test_positive_fraction_is_range_checked() -> None:
-    from lungdet.data_tools.errors import ConfigError
+    from lungdet.errors import ConfigError
     from lungdet.detection.config import load_config
 
     with pytest.raises(ConfigError, match=r"data.positive_fraction.*in \[0, 0.9\]"):

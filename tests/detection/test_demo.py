@@ -12,7 +12,7 @@ import torch
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.detection.config import load_config
 from lungdet.detection.demo import predict_and_score
-from lungdet.detection.predict import load_trained_model
+from lungdet.detection.detector import load_trained_model
 from lungdet.detection.train import BEST_CHECKPOINT, train
 from lungdet.submission.prediction_string import read_submission
 

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.data_tools.image_io import XrayImage
 from lungdet.detection.detect import (
     LABEL_NEGATIVE,
@@ -25,7 +25,7 @@ from lungdet.detection.detect import (
     preview_jpeg,
     upload_id,
 )
-from lungdet.detection.predict import file_sha256, get_args_parser, main
+from lungdet.detection.predict import get_args_parser, main
 from lungdet.submission.prediction_string import Prediction, format_prediction_string, read_submission
 
 INFO = {"architecture": "fasterrcnn_mobilenet_v3_large_fpn", "image_size": 128, "checkpoint_sha256": "ab" * 32, "score_threshold": 0.5}
@@ -96,12 +96,6 @@ def test_min_confidence_compares_the_confidence_as_shown() -> None:
 
 def test_upload_id_is_the_start_of_the_sha256() -> None:
     assert upload_id(b"lungdet") == hashlib.sha256(b"lungdet").hexdigest()[:16]
-
-
-def test_file_sha256_matches_hashlib(tmp_path: Path) -> None:
-    path = tmp_path / "weights.pt"
-    path.write_bytes(b"x" * (3 << 20) + b"tail")  # over the 1 MiB read size
-    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --- pictures -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.detection.config import load_config
 from lungdet.detection.data import EpochSampler, sample_seed
 from lungdet.detection.distributed import (

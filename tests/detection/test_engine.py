@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lungdet.data_tools.boxes import xyxy_to_xywh
-from lungdet.data_tools.errors import LungdetError
+from lungdet.boxes import xyxy_to_xywh
+from lungdet.errors import LungdetError
 from lungdet.detection.config import AugmentConfig, DataConfig, load_config
 from lungdet.detection.data import build_dataloaders, collate
 from lungdet.detection import engine

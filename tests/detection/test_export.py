@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.data_tools.image_io import read_xray
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.detection import export as export_module
 from lungdet.detection.export import MAX_BOX_DIFFERENCE_PX, MAX_SCORE_DIFFERENCE, compare_results, export_checkpoint, get_args_parser, main
 from lungdet.detection.exported import load_exported
 from lungdet.detection.inference import ImageResult
-from lungdet.detection.predict import file_sha256, load_detector
+from lungdet.detection.detector import file_sha256, load_detector
 from lungdet.submission.prediction_string import Prediction, read_submission
 
 # Not convert's defaults, so a metadata writer that ignored the checkpoint would be caught.

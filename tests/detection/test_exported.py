@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.detection.export import MAX_BOX_DIFFERENCE_PX, MAX_SCORE_DIFFERENCE, compare_results, export_checkpoint
 from lungdet.detection.exported import export_format, load_exported, load_torchscript, onnx_providers
-from lungdet.detection.predict import load_detector
+from lungdet.detection.detector import load_detector
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -137,7 +137,7 @@ def test_predict_writes_probabilities_and_raw_rows_carry_them(head_run: dict[str
 
 
 def test_probabilities_from_a_checkpoint_without_a_head_are_refused(serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path) -> None:
-    from lungdet.data_tools.errors import LungdetError
+    from lungdet.errors import LungdetError
     from lungdet.detection.predict import get_args_parser, main
 
     args = get_args_parser().parse_args(
@@ -150,7 +150,7 @@ def test_probabilities_from_a_checkpoint_without_a_head_are_refused(serving_chec
 
 def test_the_serve_reply_takes_its_verdict_from_the_head(head_run: dict[str, Any], rsna_sample_dir: Path) -> None:
     from lungdet.detection.detect import detect_bytes, detection_json
-    from lungdet.detection.predict import load_detector
+    from lungdet.detection.detector import load_detector
     from lungdet.server.schemas import DetectReply
 
     detector = load_detector(head_run["checkpoint"], device="cpu")

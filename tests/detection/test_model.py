@@ -17,7 +17,7 @@ from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_FPN_Weigh
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import FrozenBatchNorm2d
 
-from lungdet.data_tools.errors import ConfigError
+from lungdet.errors import ConfigError
 from lungdet.detection.config import MODEL_ARCHITECTURES, ModelConfig, load_config
 from lungdet.detection.masks import box_masks
 from lungdet.detection.model import (

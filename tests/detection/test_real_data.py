@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.data_tools.holdout import write_split_csv
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.detection import demo

@@ -18,7 +18,7 @@ import cv2
 import pytest
 import torch
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.detection.config import TrainConfig, config_to_dict, load_config
 from lungdet.detection.distributed import Distributed
 import lungdet.detection.train as train_module

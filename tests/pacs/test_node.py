@@ -14,8 +14,8 @@ import requests
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.detection import lungdet_version
-from lungdet.pacs.dicom_results import read_report
+from lungdet import lungdet_version
+from lungdet.show.dicom_results import read_report
 from lungdet.pacs.node import NodeState, PacsNode
 from lungdet.submission.prediction_string import keep_confident
 
@@ -53,7 +53,7 @@ def bad_instances(sample: Path) -> dict[str, bytes]:
 
 def run_node(orthanc, checkpoint: Path, state: Path, *extra: str, capsys) -> tuple[int, str]:
     """``lungdet pacs ...`` through the command's own entry point (in this process: a subprocess would spend seconds importing torch)."""
-    from lungdet.detection.cli import main
+    from lungdet.cli import main
 
     capsys.readouterr()
     status = main(["pacs", "--url", orthanc.dicomweb, "--checkpoint", str(checkpoint), "--state-dir", str(state), "--device", "cpu", "--amp", "none", *extra])
@@ -129,7 +129,7 @@ class StopsTheServer:
 
 
 def node_args(url: str, **options: object) -> argparse.Namespace:
-    """``lungdet pacs`` options as its parser gives them, for :func:`pacs.cli.make_client`."""
+    """``lungdet pacs`` options as its parser gives them, for :func:`lungdet.pacs.cli.make_client`."""
     from lungdet.pacs.cli import get_args_parser
 
     args = get_args_parser().parse_args(["--url", url, "--checkpoint", "unused.pt"])
@@ -139,7 +139,7 @@ def node_args(url: str, **options: object) -> argparse.Namespace:
 def make_node(orthanc, detector, state: Path, *, client=None, overlay: bool = False, cut_off: float | None = None, **options) -> tuple[PacsNode, list[str]]:
     """A node as ``lungdet pacs`` builds it (same client setup), in this process, its log lines collected."""
     from lungdet.pacs.cli import make_client
-    from lungdet.pacs.dicom_results import model_identity
+    from lungdet.show.dicom_results import model_identity
 
     lines: list[str] = []
     cut_off = detector.score_threshold if cut_off is None else cut_off
@@ -245,7 +245,7 @@ def test_basic_authentication(orthanc_with_users, serving_detector, rsna_sample_
 
 
 def test_client_authentication_options(monkeypatch) -> None:
-    from lungdet.data_tools.errors import LungdetError
+    from lungdet.errors import LungdetError
     from lungdet.pacs.cli import make_client
 
     monkeypatch.delenv("LUNGDET_PACS_PASSWORD", raising=False)

@@ -324,7 +324,7 @@ def test_docs_page_is_served_from_local_files(client: TestClient) -> None:
 def test_an_onnx_export_serves_the_checkpoints_boxes(serving_checkpoint: Path, serving_detector, client: TestClient, real_dicom: Path, tmp_path: Path, upload_limit_bytes: int) -> None:
     # What lungdet serve --checkpoint model.onnx builds: the same app around an export.
     from lungdet.detection.export import export_checkpoint
-    from lungdet.detection.predict import load_detector
+    from lungdet.detection.detector import load_detector
 
     exported = tmp_path / "serving.onnx"
     export_checkpoint(serving_checkpoint, exported, fmt="onnx")

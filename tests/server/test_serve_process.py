@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 from lungdet.detection.detect import upload_id
 from lungdet.server.cli import get_args_parser, main
 

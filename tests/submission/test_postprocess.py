@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.data_tools.errors import ConfigError, SubmissionError
+from lungdet.errors import ConfigError, SubmissionError
 from lungdet.submission.postprocess import (
     PostprocessConfig,
     finish_image,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.data_tools.errors import SubmissionError
+from lungdet.errors import SubmissionError
 from lungdet.submission.prediction_string import (
     Prediction,
     format_prediction_string,

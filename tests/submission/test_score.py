@@ -1,4 +1,4 @@
-"""The RSNA metric on hand-computed cases, and the ``lungdet score`` command line.
+"""The RSNA metric on hand-computed cases (``lungdet score``'s command line is tested in tests/show/test_score_cli.py).
 
 Boxes are XYWH_ABS. Most cases use the truth box ``[0, 0, 10, 10]`` (area 100), so IoUs are
 easy to check by hand.
@@ -6,20 +6,17 @@ easy to check by hand.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lungdet.data_tools.errors import SubmissionError
+from lungdet.errors import SubmissionError
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.score import (
     RSNA_IOU_THRESHOLDS,
     Match,
     ThresholdResult,
-    get_args_parser,
-    main,
     match_predictions,
     score_dataset,
     score_image,
@@ -237,82 +234,6 @@ def test_thresholds_are_the_exact_literals() -> None:
     assert RSNA_IOU_THRESHOLDS == (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
 
 
-# --- command line -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cli_files(tmp_path: Path) -> tuple[Path, Path]:
-    labels = tmp_path / "labels.csv"
-    labels.write_text(
-        "patientId,x,y,width,height,Target\n"
-        "pos,0,0,10,10,1\n"
-        "pos,20,0,10,10,1\n"
-        "neg,,,,,0\n"
-        "quiet,,,,,0\n",
-        encoding="utf-8",
-    )
-    submission = tmp_path / "submission.csv"
-    submission.write_text(
-        "patientId,PredictionString\n"
-        "pos,0.9 0 0 10 10 0.2 500 500 10 10\n"  # a perfect box, and a false positive that --min-confidence drops
-        "neg,0.8 0 0 5 5\n"
-        "stranger,0.5 1 1 1 1\n",
-        encoding="utf-8",
-    )
-    return labels, submission
-
-
-def test_cli_json(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    labels, submission = cli_files
-    args = get_args_parser().parse_args(
-        ["--submission", str(submission), "--labels", str(labels), "--min-confidence", "0.5", "--json"]
-    )
-    assert main(args) == 0
-    captured = capsys.readouterr()
-    result = json.loads(captured.out)
-    # pos: TP 1, FN 1 -> 1/2; neg: a false positive -> 0; quiet: missing from the submission, left out.
-    assert result["map"] == 0.25
-    assert result["mean_iou"] == 1.0
-    assert (result["n_images"], result["n_scored"], result["n_positive"], result["n_negative"]) == (3, 2, 1, 2)
-    assert (result["sensitivity"], result["specificity"]) == (1.0, 0.5)
-    assert (result["n_unknown_predictions"], result["n_missing_predictions"], result["n_predicted_boxes"]) == (1, 1, 2)
-    assert result["min_confidence"] == 0.5
-    assert [row["iou_threshold"] for row in result["per_threshold"]] == list(RSNA_IOU_THRESHOLDS)
-    assert result["per_threshold"][0] == {
-        "iou_threshold": 0.4,
-        "mean_precision": 0.25,
-        "true_positives": 1,
-        "false_positives": 1,
-        "false_negatives": 1,
-    }
-    assert "1 patient(s) in" in captured.err and "are not in" in captured.err
-    assert "1 of 3 labelled patient(s) have no row" in captured.err
-
-
-def test_cli_table(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    labels, submission = cli_files
-    assert main(get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels)])) == 0
-    out = capsys.readouterr().out
-    # Without the filter pos has TP 1, FP 1, FN 1 at every threshold: 1/3; neg 0 -> mAP 1/6.
-    assert "mAP          0.1667 [0.0000, 0.3333]   images scored 2 / 3" in out  # 3 patients resampled: 0 to 1/3
-    assert "specificity  0.5000" in out
-    assert "0.40      0.1667        1        2        1" in out  # FP: pos 1 + neg 1
-
-
-def test_cli_rejects_min_confidence_out_of_range(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    labels, submission = cli_files
-    with pytest.raises(SystemExit):
-        get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--min-confidence", "1.5"])
-    assert "argument --min-confidence: must be in [0, 1], got 1.5" in capsys.readouterr().err
-
-
-def test_cli_raises_domain_error_for_bad_submission(cli_files: tuple[Path, Path], tmp_path: Path) -> None:
-    labels, _ = cli_files
-    args = get_args_parser().parse_args(["--submission", str(tmp_path / "missing.csv"), "--labels", str(labels)])
-    with pytest.raises(SubmissionError, match=r"missing\.csv: file not found"):
-        main(args)
-
-
 # --- bootstrap intervals ------------------------------------------------------------------------
 
 
@@ -393,18 +314,6 @@ def test_slices_need_known_keys() -> None:
         score_slices({}, {}, {}, ["hospital"])
 
 
-@pytest.fixture
-def annotations_json(tmp_path: Path) -> Path:
-    images = [
-        {"id": 1, "patient_id": "pos", "age": 33, "sex": "F", "view_position": "AP"},
-        {"id": 2, "patient_id": "neg", "age": 71, "sex": "M", "view_position": "PA"},
-        {"id": 3, "patient_id": "empty", "age": None, "sex": "", "view_position": ""},
-    ]
-    path = tmp_path / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
-    return path
-
-
 def test_read_slice_metadata(annotations_json: Path) -> None:
     from lungdet.submission.score import read_slice_metadata
 
@@ -413,29 +322,6 @@ def test_read_slice_metadata(annotations_json: Path) -> None:
         "neg": {"view_position": "PA", "sex": "M", "age_band": "60+"},
         "empty": {"view_position": "unknown", "sex": "unknown", "age_band": "unknown"},
     }
-
-
-def test_cli_slices_in_the_table_and_the_json(cli_files: tuple[Path, Path], annotations_json: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    labels, submission = cli_files
-    common = ["--submission", str(submission), "--labels", str(labels), "--by", "sex,age_band", "--metadata", str(annotations_json)]
-    assert main(get_args_parser().parse_args(common)) == 0
-    table = capsys.readouterr().out
-    assert "sex F" in table and "age_band 60+" in table and "95% interval" in table
-    assert main(get_args_parser().parse_args([*common, "--json"])) == 0
-    report = json.loads(capsys.readouterr().out)
-    by_sex = [item for item in report["slices"] if item["by"] == "sex"]
-    assert sum(item["n_images"] for item in by_sex) == report["n_images"]
-    assert report["map_interval"] is not None and all(item["map_interval"] is not None for item in report["slices"])
-
-
-def test_cli_by_needs_metadata_and_known_keys(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    labels, submission = cli_files
-    args = get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--by", "sex"])
-    with pytest.raises(SubmissionError, match="--by needs --metadata"):
-        main(args)
-    with pytest.raises(SystemExit):
-        get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--by", "sex,height"])
-    assert "expected a comma-separated list of view_position, sex, age_band, got 'sex,height'" in capsys.readouterr().err
 
 
 # --- image-level probabilities ------------------------------------------------------------------

@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from lungdet.data_tools.cli_types import fraction, int_in_range, positive_seconds
+from lungdet.cli_types import fraction, int_in_range, positive_seconds
 
 
 @pytest.mark.parametrize("text, value", [("0", 0.0), ("1", 1.0), ("0.25", 0.25)])

@@ -1,4 +1,4 @@
-"""Tests for data_tools/atomic.py: the file appears whole or not at all."""
+"""Tests for lungdet/atomic.py: the file appears whole or not at all."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lungdet.data_tools.atomic import atomic_open, atomic_path, write_bytes_atomic, write_text_atomic
+from lungdet.atomic import atomic_open, atomic_path, write_bytes_atomic, write_text_atomic
 
 
 def test_success_replaces_the_file(tmp_path: Path) -> None:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lungdet.data_tools.atomic import write_text_atomic
-from lungdet.data_tools.eda import figure_to_png, new_figure
-from lungdet.data_tools.visualize import DISCLAIMER, judge_image
+from lungdet.atomic import write_text_atomic
+from lungdet.show.eda import figure_to_png, new_figure
+from lungdet.show.visualize import DISCLAIMER, judge_image
 from lungdet.submission.postprocess import PostprocessConfig
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.score import ScoreReport, SliceReport, roc_auc, roc_curve
@@ -49,7 +49,7 @@ class ImageRow:
 
 
 def cut_off_curve(truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction], cut_offs: Sequence[float] = CUT_OFFS) -> list[tuple[float, float]]:
-    """``(cut-off, mAP)`` for each cut-off: the submission's boxes at or above it, scored (fast: see :mod:`submission.tune`)."""
+    """``(cut-off, mAP)`` for each cut-off: the submission's boxes at or above it, scored (fast: see :mod:`lungdet.submission.tune`)."""
     patients = list(truth)
     merged = {patient: predictions.get(patient, Prediction.empty()) for patient in patients}
     table = build_table(merged, truth, dict.fromkeys(patients), patients, shrink=1.0)

@@ -1,11 +1,13 @@
-"""Tests for pacs/dicom_results.py and ``lungdet predict --dicom-out``: reports and overlays that say what was predicted, checked by highdicom and DCMTK."""
+"""Tests for show/dicom_results.py: reports and overlays that say what was predicted, checked by highdicom and DCMTK.
+
+``lungdet predict --dicom-out``, which writes them, is tested in tests/detection/test_predict_dicom_out.py.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pydicom
 import pytest
 
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.pacs.dicom_results import (
+from lungdet.show.dicom_results import (
     OVERLAY_SERIES_DESCRIPTION,
     REPORT_SERIES_DESCRIPTION,
     model_identity,
@@ -23,7 +25,7 @@ from lungdet.pacs.dicom_results import (
     structured_report,
     write_results,
 )
-from lungdet.submission.prediction_string import Prediction, read_submission
+from lungdet.submission.prediction_string import Prediction
 
 MODEL = model_identity("9.9.9", ["fasterrcnn_mobilenet_v3_large_fpn"], ["ab" * 32], 0.4)
 BOXES = Prediction.from_arrays([0.82, 0.71], [[72.5, 230.8, 233.7, 576.0], [516.2, 436.8, 216.4, 368.9]])
@@ -108,56 +110,3 @@ def test_overlay_keeps_the_sources_geometry_and_shows_the_boxes(sources: list[Pa
     assert ((edge[:, 0] > 200) & (edge[:, 2] < 100)).mean() > 0.9
     with pytest.raises(ValueError, match="do not match the source's 1024 x 1024"):
         overlay_image(source, pixels[:512], BOXES, MODEL)
-
-
-def run_predict(*argv: str) -> int:
-    from lungdet.detection.predict import get_args_parser, main
-
-    return main(get_args_parser().parse_args([*argv, "--no-progress", "--device", "cpu", "--amp", "none"]))
-
-
-def test_predict_dicom_out_writes_the_submissions_boxes(serving_checkpoint: Path, sources: list[Path], tmp_path: Path, capsys) -> None:
-    png = tmp_path / "chest.png"
-    import cv2
-
-    cv2.imwrite(str(png), read_dicom(sources[0]).pixels)
-    inputs = [str(path) for path in sources[:3]] + [str(png)]
-    out, folder = tmp_path / "submission.csv", tmp_path / "dicom"
-    assert run_predict("--checkpoint", str(serving_checkpoint), "--input", *inputs, "--out", str(out), "--dicom-out", str(folder), "--dicom-out-overlay") == 0
-    captured = capsys.readouterr()
-    assert f"wrote 3 DICOM report(s) and 3 overlay(s) to {folder} (research use only)" in captured.out
-    assert f"no DICOM report for {png}: not a DICOM image" in captured.err
-    submission = read_submission(out)
-    assert sum(len(prediction.scores) for prediction in submission.values()) > 0
-    for path in sources[:3]:
-        contents = read_report(pydicom.dcmread(folder / f"{path.stem}_sr.dcm"))
-        assert contents.source_sop_instance_uid == pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
-        expected = submission[path.stem]  # the CSV rounds boxes to 0.1 px and confidences to 1e-4
-        np.testing.assert_allclose(contents.prediction.boxes, expected.boxes, atol=0.05 + 1e-3)
-        np.testing.assert_allclose(contents.prediction.scores, expected.scores, atol=5e-5 + 1e-9)
-        assert (folder / f"{path.stem}_overlay.dcm").is_file()
-    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{p.stem}_sr.dcm" for p in sources[:3]] + [f"{p.stem}_overlay.dcm" for p in sources[:3]])
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--dicom-out-overlay", "--out", "x.csv"], "--dicom-out-overlay adds overlays to --dicom-out DIR; give --dicom-out too"),
-        (["--dicom-out", "d", "--json"], "--json prints to the screen; drop --dicom-out"),
-    ],
-)
-def test_predict_dicom_out_option_errors(serving_checkpoint: Path, sources: list[Path], extra: list[str], message: str) -> None:
-    from lungdet.data_tools.errors import LungdetError
-
-    with pytest.raises(LungdetError, match=message):
-        run_predict("--checkpoint", str(serving_checkpoint), "--input", str(sources[0]), *extra)
-
-
-def test_without_highdicom_dicom_out_says_what_to_install(serving_checkpoint: Path, sources: list[Path], tmp_path: Path, monkeypatch) -> None:
-    from lungdet.data_tools.errors import LungdetError
-
-    monkeypatch.setitem(sys.modules, "highdicom", None)
-    monkeypatch.delitem(sys.modules, "lungdet.pacs.dicom_results", raising=False)
-    with pytest.raises(LungdetError, match=r"--dicom-out: lungdet's DICOM results need highdicom .*pip install 'lungdet\[dicom\]'"):
-        run_predict("--checkpoint", str(serving_checkpoint), "--input", str(sources[0]), "--dicom-out", str(tmp_path / "d"))
-    assert not (tmp_path / "d").exists()

@@ -1,4 +1,4 @@
-"""Tests of data_tools.eda: the numbers (hand-made and real labels), metadata-only reads, the page, bad input."""
+"""Tests of show/eda.py: the numbers (hand-made and real labels), metadata-only reads, the page, bad input."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from lungdet.data_tools import dicom_io, eda
-from lungdet.data_tools.boxes import clip_xywh
+from lungdet.data_tools import dicom_io
+from lungdet.show import eda
+from lungdet.boxes import clip_xywh
 from lungdet.data_tools.dicom_io import DicomMeta
-from lungdet.data_tools.errors import LabelError
+from lungdet.errors import LabelError
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, read_labels
 from lungdet.data_tools.metadata import read_metadata_csv
-from lungdet.detection.cli import main as cli_main
+from lungdet.cli import main as cli_main
 
 # Five patients in the 1024 space: a has two boxes, c one, e one box that runs past the right edge.
 TINY_LABELS = """patientId,x,y,width,height,Target

@@ -12,20 +12,20 @@ import importlib
 import os
 import sys
 
-from lungdet.data_tools.errors import LungdetError
+from lungdet.errors import LungdetError
 
 # subcommand -> (module, one-line summary)
 SUBCOMMANDS = {
     "demo": ("lungdet.detection.demo", "run the whole pipeline on synthetic + sample data on CPU (a few minutes)"),
     "synth": ("lungdet.data_tools.synth", "write synthetic RSNA-shaped DICOMs and a labels CSV"),
-    "eda": ("lungdet.data_tools.eda", "one HTML page of figures about the labels and DICOM tags, to read before training"),
+    "eda": ("lungdet.show.eda", "one HTML page of figures about the labels and DICOM tags, to read before training"),
     "convert": ("lungdet.data_tools.to_coco", "DICOMs + RSNA labels -> COCO dataset with PNGs and patient-level folds"),
     "train": ("lungdet.detection.train", "train a torchvision detector on a converted dataset"),
     "cv": ("lungdet.detection.cv", "train every fold, predict each fold's patients out of fold, summarize (for lungdet tune)"),
     "predict": ("lungdet.detection.predict", "run a checkpoint (or an export) on DICOMs and write a Kaggle submission.csv"),
-    "score": ("lungdet.submission.score", "score a submission.csv against RSNA labels with the official metric"),
+    "score": ("lungdet.show.score_cli", "score a submission.csv against RSNA labels with the official metric"),
     "tune": ("lungdet.submission.tune", "search the post-processing on out-of-fold raw predictions -> postprocess.yaml"),
-    "visualize": ("lungdet.data_tools.visualize", "draw truth and predicted boxes over the X-rays as PNGs"),
+    "visualize": ("lungdet.show.visualize", "draw truth and predicted boxes over the X-rays as PNGs"),
     "export": ("lungdet.detection.export", "a checkpoint as one self-describing ONNX or TorchScript file, checked against it"),
     "pacs": ("lungdet.pacs.cli", "a DICOM node: new X-rays from a DICOMweb server (PACS) in, Structured Reports back into their studies"),
     "serve": ("lungdet.server.cli", "a web page and a JSON API that find boxes on one uploaded X-ray (DICOM, PNG, JPEG)"),

@@ -1,11 +1,11 @@
-"""Tests for data_tools/boxes.py: format conversion, scaling, clipping and IoU by hand."""
+"""Tests for lungdet/boxes.py: format conversion, scaling, clipping and IoU by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lungdet.data_tools.boxes import as_box_array, clip_xywh, iou_matrix_xywh, scale_xywh, xywh_to_xyxy, xyxy_to_xywh
+from lungdet.boxes import as_box_array, clip_xywh, iou_matrix_xywh, scale_xywh, xywh_to_xyxy, xyxy_to_xywh
 
 
 def test_xywh_to_xyxy_and_back() -> None:

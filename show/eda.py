@@ -14,7 +14,7 @@ Run::
 then open ``eda/index.html``. Every file is written atomically. Boxes are XYWH_ABS in each
 DICOM's original pixels, as in the labels CSV. For PNG/JPEG derivatives, ``--image-dir DIR
 --metadata metadata.csv`` takes the place of ``--dicom-dir``: sizes from each file's header, tags
-from the CSV (see :mod:`data_tools.metadata`), unknown without it.
+from the CSV (see :mod:`lungdet.data_tools.metadata`), unknown without it.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from lungdet.data_tools.atomic import write_bytes_atomic, write_text_atomic
-from lungdet.data_tools.boxes import as_box_array
-from lungdet.data_tools.cli_types import int_in_range
+from lungdet.atomic import write_bytes_atomic, write_text_atomic
+from lungdet.boxes import as_box_array
+from lungdet.cli_types import int_in_range
 from lungdet.data_tools.dicom_io import DicomMeta, find_dicoms, read_dicom_metadata
-from lungdet.data_tools.errors import DicomReadError, ImageReadError, LungdetError
+from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 from lungdet.data_tools.image_io import find_images, read_picture_size, read_xray_file
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, PatientLabels, read_labels
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
-from lungdet.data_tools.visualize import draw_overlay, encode_image, fit_for_display
+from lungdet.show.visualize import draw_overlay, encode_image, fit_for_display
 
 INDEX_FILE = "index.html"
 DISCLAIMER = "lungdet is a research tool, not a diagnostic device"
@@ -230,7 +230,7 @@ def compute_stats(
     Parameters
     ----------
     labels
-        ``{patientId: PatientLabels}`` from :func:`~data_tools.labels.read_labels`; boxes XYWH_ABS
+        ``{patientId: PatientLabels}`` from :func:`~lungdet.data_tools.labels.read_labels`; boxes XYWH_ABS
         in original pixels.
     metadata
         Tags of the DICOMs at hand, or None. A patient's Rows/Columns normalise its boxes for the

@@ -25,11 +25,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lungdet.data_tools.atomic import write_bytes_atomic, write_text_atomic
-from lungdet.data_tools.boxes import as_box_array, scale_xywh
-from lungdet.data_tools.cli_types import fraction, int_in_range
+from lungdet.atomic import write_bytes_atomic, write_text_atomic
+from lungdet.boxes import as_box_array, scale_xywh
+from lungdet.cli_types import fraction, int_in_range
 from lungdet.data_tools.dicom_io import find_dicoms
-from lungdet.data_tools.errors import ImageReadError, LungdetError
+from lungdet.errors import ImageReadError, LungdetError
 from lungdet.data_tools.image_io import find_images, read_file_pixels
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission

@@ -43,10 +43,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from tqdm import tqdm
 
-from lungdet.data_tools.atomic import write_bytes_atomic
+from lungdet.atomic import write_bytes_atomic
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.data_tools.errors import DicomReadError
-from lungdet.data_tools.visualize import draw_overlay
+from lungdet.errors import DicomReadError
+from lungdet.show.visualize import draw_overlay
 from lungdet.submission.prediction_string import Prediction
 
 try:

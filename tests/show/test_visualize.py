@@ -1,4 +1,4 @@
-"""Tests of data_tools.visualize: box colours, scaling, the CLI, and skipping a corrupt DICOM."""
+"""Tests of show/visualize.py: box colours, scaling, the CLI, and skipping a corrupt DICOM."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from lungdet.data_tools import synth, visualize
-from lungdet.data_tools.errors import LungdetError
+from lungdet.data_tools import synth
+from lungdet.show import visualize
+from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import read_labels
 from lungdet.submission.prediction_string import Prediction, write_submission
 

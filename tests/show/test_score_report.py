@@ -1,4 +1,4 @@
-"""Tests for data_tools/score_report.py: the page's numbers equal the metric's, the worst images, the links."""
+"""Tests for show/score_report.py: the page's numbers equal the metric's, the worst images, the links."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.data_tools.score_report import cut_off_curve, reliability_bins, worst_images
+from lungdet.show.score_report import cut_off_curve, reliability_bins, worst_images
 from lungdet.submission.prediction_string import Prediction, write_submission
-from lungdet.submission.score import get_args_parser, main, score_dataset
+from lungdet.show.score_cli import get_args_parser, main
+from lungdet.submission.score import score_dataset
 
 SQUARE = [0.0, 0.0, 10.0, 10.0]
 
@@ -76,7 +77,7 @@ def test_cli_writes_one_page_with_figures_and_links(tmp_path: Path, capsys) -> N
 
 
 def test_bad_probabilities_file_fails_before_scoring(tmp_path: Path) -> None:
-    from lungdet.data_tools.errors import SubmissionError
+    from lungdet.errors import SubmissionError
 
     (tmp_path / "p.csv").write_text("patientId,probability\nx,1.7\n")
     args = get_args_parser().parse_args(["--submission", str(tmp_path / "none.csv"), "--labels", str(tmp_path / "none.csv"), "--probabilities", str(tmp_path / "p.csv")])

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from lungdet.data_tools.errors import ConfigError
+from lungdet.errors import ConfigError
 
 # (dotted key, check, what is allowed) for one range rule.
 RangeRule = tuple[str, Callable[[Any], bool], str]
