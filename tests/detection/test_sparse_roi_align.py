@@ -75,7 +75,10 @@ def test_sparse_roi_align_equals_torchvision_with_one_level() -> None:
     maps = OrderedDict(list(feature_maps().items())[:1])
     expected, got, expected_grads, got_grads = pool_both(14, maps, awkward_boxes())
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got_grads[0], expected_grads[0], rtol=0, atol=1e-5)
+    # Gradients here sum over many overlapping 14 x 14 bins (values up to ~40), in another order than
+    # torchvision's: float32 rounding then scales with the value, so the bound is relative too (a
+    # Xeon measured 8.8e-5 absolute, 2.2e-6 relative, on 50 of 393,216 elements).
+    torch.testing.assert_close(got_grads[0], expected_grads[0], rtol=1e-5, atol=1e-5)
 
 
 def test_channels_last_maps_give_the_same_result_and_gradient_layout() -> None:
