@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# What the wheel installs, and from which folders: the one source for the module list below.
+SETUPTOOLS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 # Bottom to top. Each entry is a layer: its name, and the units in it (a package, or for the root
 # package the modules directly in lungdet/). A module belongs to the longest unit it starts with.
@@ -50,12 +52,11 @@ def layer_of(unit: str) -> int:
     return next(index for index, (_, units) in enumerate(LAYERS) if unit in units)
 
 
-def package_modules(repo_root: Path = REPO_ROOT) -> dict[str, Path]:
+def package_modules() -> dict[str, Path]:
     """``{module name: file}`` for every module the wheel installs, from pyproject.toml's package-dir mapping."""
-    setuptools = tomllib.loads((repo_root / "pyproject.toml").read_text())["tool"]["setuptools"]
     modules: dict[str, Path] = {}
-    for package in setuptools["packages"]:
-        folder = repo_root / setuptools["package-dir"][package]
+    for package in SETUPTOOLS["packages"]:
+        folder = REPO_ROOT / SETUPTOOLS["package-dir"][package]
         for path in sorted(folder.glob("*.py")):
             modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
     return modules
@@ -174,8 +175,7 @@ def test_no_module_imports_itself_back_through_others() -> None:
 
 def test_nothing_imports_a_stage_by_its_folder_name() -> None:
     """``import detection`` works only in a checkout, and would collide with other packages; the installed name is lungdet.detection."""
-    setuptools = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = {Path(folder).name for package, folder in setuptools["package-dir"].items() if package != "lungdet"}
+    folders = {Path(folder).name for package, folder in SETUPTOOLS["package-dir"].items() if package != "lungdet"}
     files = [*MODULES.values(), *sorted((REPO_ROOT / "tests").rglob("*.py")), *sorted((REPO_ROOT / "benchmarks").glob("*.py"))]
     found = []
     for path in files:
@@ -187,8 +187,7 @@ def test_nothing_imports_a_stage_by_its_folder_name() -> None:
 
 def test_tests_mirror_the_packages() -> None:
     """tests/<stage>/ for each stage package, tests/ itself for the root package, and no folder for a package that is not there."""
-    setuptools = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    stages = {package.removeprefix("lungdet.") for package in setuptools["packages"] if package != "lungdet"} - {"configs"}
+    stages = {package.removeprefix("lungdet.") for package in SETUPTOOLS["packages"] if package != "lungdet"} - {"configs"}
     folders = {path.name for path in (REPO_ROOT / "tests").iterdir() if path.is_dir() and path.name != "__pycache__"}
     assert folders == stages
 
