@@ -261,30 +261,63 @@ def window_to_uint8(values: np.ndarray, *, lower: float, upper: float) -> np.nda
     return np.rint(scaled.clip(0, 255)).astype(np.uint8)
 
 
-def pixels_to_uint8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
-    """Turn stored pixel values into 8-bit display values, bright = dense.
+@dataclass(frozen=True)
+class DisplayWindow:
+    """How lungdet maps stored pixel values to its 8 bits: ``value * slope + intercept``, then ``[lower, upper]`` -> ``[0, 255]``.
+
+    The same mapping goes into the presentation states lungdet writes, so a viewer shows the X-ray
+    as lungdet saw it. ``center``/``width`` are that window in DICOM's linear form (PS3.3 C.11.2.1.2).
+    """
+
+    slope: float
+    intercept: float
+    lower: float
+    upper: float
+
+    @property
+    def center(self) -> float:
+        return (self.lower + self.upper + 1) / 2
+
+    @property
+    def width(self) -> float:
+        return self.upper - self.lower + 1
+
+
+def _first_value(value: Any) -> float:
+    # Multi-valued windows list alternatives; the first is the modality's preferred one.
+    return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+
+
+def display_window(pixels: np.ndarray, dataset: Dataset) -> DisplayWindow:
+    """The mapping :func:`pixels_to_uint8` applies to ``pixels`` (stored values) of ``dataset``.
 
     8-bit data passes through unchanged (so real RSNA pixels are untouched). Deeper data gets
     RescaleSlope/Intercept, then the first Window Center/Width if present, else its own min..max.
-    MONOCHROME1 (bright = air) is inverted last, so every image reaches the model the same way up.
     """
     bits_stored = int(dataset.get("BitsStored", 8) or 8)
     if pixels.dtype == np.uint8 and bits_stored <= 8:
-        display = pixels
+        return DisplayWindow(slope=1.0, intercept=0.0, lower=0.0, upper=255.0)
+    slope = float(dataset.get("RescaleSlope", 1) or 1)
+    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+    center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
+    if center is not None and width is not None:
+        # DICOM PS3.3 C.11.2.1.2: the linear window maps c - 0.5 -/+ (w - 1) / 2 to the output's ends.
+        center, width = _first_value(center), _first_value(width)
+        return DisplayWindow(slope, intercept, lower=center - 0.5 - (width - 1) / 2, upper=center - 0.5 + (width - 1) / 2)
+    values = pixels.astype(np.float64) * slope + intercept
+    return DisplayWindow(slope, intercept, lower=float(values.min()), upper=float(values.max()))
+
+
+def pixels_to_uint8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
+    """Turn stored pixel values into 8-bit display values, bright = dense, by :func:`display_window`.
+
+    MONOCHROME1 (bright = air) is inverted last, so every image reaches the model the same way up.
+    """
+    window = display_window(pixels, dataset)
+    if pixels.dtype == np.uint8 and (window.lower, window.upper, window.slope, window.intercept) == (0.0, 255.0, 1.0, 0.0):
+        display = pixels  # the identity, without a float copy of every pixel
     else:
-        values = pixels.astype(np.float64)
-        slope = float(dataset.get("RescaleSlope", 1) or 1)
-        intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-        values = values * slope + intercept
-        center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
-        if center is not None and width is not None:
-            # Multi-valued windows list alternatives; the first is the modality's preferred one.
-            center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-            width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-            # DICOM PS3.3 C.11.2.1.2: the linear window maps c - 0.5 -/+ (w - 1) / 2 to the output's ends.
-            display = window_to_uint8(values, lower=center - 0.5 - (width - 1) / 2, upper=center - 0.5 + (width - 1) / 2)
-        else:
-            display = window_to_uint8(values, lower=float(values.min()), upper=float(values.max()))
+        display = window_to_uint8(pixels.astype(np.float64) * window.slope + window.intercept, lower=window.lower, upper=window.upper)
     if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         display = 255 - display
     return np.ascontiguousarray(display, dtype=np.uint8)

@@ -336,6 +336,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="with --dicom-out: also DIR/{stem}_overlay.dcm, a Secondary Capture of the X-ray with the boxes and the research-use notice burnt in",
     )
     parser.add_argument(
+        "--dicom-out-gsps", action="store_true",
+        help="with --dicom-out: also DIR/{stem}_gsps.dcm, a Grayscale Softcopy Presentation State that GSPS-capable viewers draw over the "
+        "untouched X-ray (boxes, confidences, the research-use notice, lungdet's window)",
+    )
+    parser.add_argument(
         "--probabilities", type=Path,
         help="also write patientId,probability: the image-level probability of checkpoints trained with model.image_head: true (the mean over models and passes)",
     )
@@ -374,6 +379,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise LungdetError("--label-space rescales the boxes of a submission or raw predictions; --json and --dicom-out keep each image's own pixels")
     if args.dicom_out_overlay and args.dicom_out is None:
         raise LungdetError("--dicom-out-overlay adds overlays to --dicom-out DIR; give --dicom-out too")
+    if args.dicom_out_gsps and args.dicom_out is None:
+        raise LungdetError("--dicom-out-gsps adds presentation states to --dicom-out DIR; give --dicom-out too")
     if args.json and args.dicom_out:
         raise LungdetError("--json prints to the screen; drop --dicom-out, or drop --json to write files")
     if args.dicom_out is not None:
@@ -421,10 +428,12 @@ def write_dicom_out(
         (Path(path), predictions.get(Path(path).stem, Prediction.empty()), mean_probability(groups.get(Path(path).stem, [])))
         for path in paths if Path(path) not in unreadable
     ]
-    written, skipped = write_results_for_files(args.dicom_out, results, model, overlay=args.dicom_out_overlay, progress=not args.no_progress)
-    reports = sum(path.name.endswith("_sr.dcm") for path in written)
-    overlays = len(written) - reports
-    print(f"wrote {reports} DICOM report(s){f' and {overlays} overlay(s)' if args.dicom_out_overlay else ''} to {args.dicom_out} (research use only)")
+    written, skipped = write_results_for_files(
+        args.dicom_out, results, model, overlay=args.dicom_out_overlay, gsps=args.dicom_out_gsps, progress=not args.no_progress,
+    )
+    counts = {suffix: sum(path.name.endswith(f"_{suffix}.dcm") for path in written) for suffix in ("sr", "overlay", "gsps")}
+    extras = [f"{counts['overlay']} overlay(s)"] * args.dicom_out_overlay + [f"{counts['gsps']} presentation state(s)"] * args.dicom_out_gsps
+    print(f"wrote {counts['sr']} DICOM report(s){''.join(f' and {extra}' for extra in extras)} to {args.dicom_out} (research use only)")
     for path, reason in skipped:
         print(f"  no DICOM report for {path}: {reason}", file=sys.stderr)
 

@@ -5,10 +5,10 @@ Each poll:
 1. finds instances on the server (QIDO-RS, paged) that this node has not settled yet;
 2. skips, with one log line each and nothing else, the ones that are not chest radiographs it
    can read: another modality than CR or DX, several frames, no pixels, a file that cannot be
-   decoded (the node's own reports and overlays are passed over silently);
+   decoded (the node's own reports, overlays and presentation states are passed over silently);
 3. asks the server whether the image already has this model's report (the report's UID is derived
    from the image and the model, see :mod:`lungdet.show.dicom_results`), and if not fetches it (WADO-RS),
-   runs the detector, and stores the report, and the overlay if asked, into the image's study (STOW-RS).
+   runs the detector, and stores the report, and the overlay and GSPS if asked, into the image's study (STOW-RS).
 
 Nothing is lost: a result is written to ``STATE/pending/`` before it is stored and removed only
 once the server has accepted it; pending results are stored first on every poll. An unreachable
@@ -36,13 +36,13 @@ from lungdet.data_tools.dicom_io import read_dicom_bytes
 from lungdet.errors import ImageReadError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.show.dicom_results import (
+    GSPS_SERIES_DESCRIPTION,
     OVERLAY_SERIES_DESCRIPTION,
     REPORT_SERIES_DESCRIPTION,
     ModelIdentity,
     dicom_bytes,
-    overlay_image,
     report_uid,
-    structured_report,
+    result_datasets,
 )
 from lungdet.submission.prediction_string import keep_confident
 
@@ -52,7 +52,7 @@ PAGE = 500
 PROGRESS_EVERY = 100  # a progress line every so many instances in a long poll
 # QIDO fields the node decides by (the server adds the study, series and instance UIDs).
 FIELDS = ("Modality", "NumberOfFrames", "SeriesDescription", "SOPClassUID")
-OWN_SERIES = (REPORT_SERIES_DESCRIPTION, OVERLAY_SERIES_DESCRIPTION)
+OWN_SERIES = (REPORT_SERIES_DESCRIPTION, OVERLAY_SERIES_DESCRIPTION, GSPS_SERIES_DESCRIPTION)
 MAX_PAUSE_S = 60.0
 # What a failed request looks like: the server down or restarting, a proxy in between, a timeout.
 UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
@@ -163,11 +163,11 @@ class PacsNode:
     """The node's work on one server with one detector; :meth:`poll` is one round, :meth:`run` the loop."""
 
     def __init__(
-        self, client: Any, detector: Any, model: ModelIdentity, state: NodeState, *, cut_off: float, overlay: bool = False,
+        self, client: Any, detector: Any, model: ModelIdentity, state: NodeState, *, cut_off: float, overlay: bool = False, gsps: bool = False,
         say: Callable[[str], None] = LOG.info,
     ) -> None:
         self.client, self.detector, self.model, self.state = client, detector, model, state
-        self.cut_off, self.overlay, self.say = cut_off, overlay, say
+        self.cut_off, self.overlay, self.gsps, self.say = cut_off, overlay, gsps, say
 
     # --- talking to the server: every failure to answer becomes Unreachable ---------------------
 
@@ -272,9 +272,7 @@ class PacsNode:
             return "already", 0
         result = self.detector.predict(image.pixels)
         prediction = keep_confident(result.prediction, min_confidence=self.cut_off)
-        datasets = [structured_report(dataset, prediction, result.probability, self.model)]
-        if self.overlay:
-            datasets.append(overlay_image(dataset, image.pixels, prediction, self.model))
+        datasets = result_datasets(dataset, image.pixels, prediction, result.probability, self.model, overlay=self.overlay, gsps=self.gsps)
         folder = self.state.keep_pending(candidate.sop, candidate.study, datasets)
         if not self.store(candidate.study, sorted(folder.glob("*.dcm"))):
             return "pending", len(prediction.scores)

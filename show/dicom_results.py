@@ -10,9 +10,13 @@
   referencing the source's SOP Instance UID; finding type Opacity (DCM 112001) at finding site
   Lung (SCT 39607008); and the box's confidence as a measurement ("Detection confidence", code
   CONF of lungdet's private scheme 99LUNGDET: a detector score, not a calibrated probability);
-- one image-level group: Opacity present or absent (SCT 52101004 / 272519000), so an image with
-  no boxes gets a report that says so, and, from a model with an image head, its probability
-  (DCM 122157 Probability);
+- no image-level measurement group (viewers such as OHIF read an image region from every group):
+  the verdict sits in the report's own Qualitative Evaluations (UMLS C0034375): Opacity
+  (DCM 112001) present or absent (SCT 52101004 / 272519000), and, from a model with an image
+  head, its probability as TEXT (DCM 122157 Probability, a decimal string such as ``0.8731``,
+  since TID 1500 allows only CODE and TEXT there). An image without boxes gets the same report
+  with an empty Imaging Measurements container;
+- the procedure "Imaging procedure" (SCT 363679005, from CID 100);
 - the algorithm (TID 4019): name lungdet, its version, and as parameters every checkpoint's
   sha256, the architecture(s) and the box cut-off; the device observer is lungdet too.
 
@@ -20,6 +24,15 @@
 series 9902: the X-ray as lungdet reads it with the boxes and the not-a-diagnostic-device notice
 burnt in (the drawing of ``lungdet visualize``), with the source's rows, columns, pixel spacing
 and patient orientation.
+
+**The presentation state** (with ``--dicom-out-gsps``) is a Grayscale Softcopy Presentation State,
+series 9903, that a GSPS-capable viewer draws over the untouched X-ray as a switchable layer: each
+box as a closed polyline in the source's pixels with its confidence as text, the research-use
+notice, the window lungdet displayed (:func:`lungdet.data_tools.dicom_io.display_window`), the
+whole image as the displayed area, and an INVERSE presentation LUT for MONOCHROME1 sources.
+
+Values copied from the source are copied unchanged, except where the source breaks their value
+representation: RSNA's ``PatientAge`` ``51`` becomes ``051Y`` (an age string, PS3.5 6.2).
 
 UIDs are derived from the source instance and the model (checkpoint sha256s and cut-off), not
 drawn at random: the same image through the same model gets the same report UID, so a result
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -44,7 +58,7 @@ from pydicom.sr.codedict import codes
 from tqdm import tqdm
 
 from lungdet.atomic import write_bytes_atomic
-from lungdet.data_tools.dicom_io import read_dicom
+from lungdet.data_tools.dicom_io import display_window, read_dicom
 from lungdet.errors import DicomReadError
 from lungdet.show.visualize import draw_overlay
 from lungdet.submission.prediction_string import Prediction
@@ -61,13 +75,18 @@ REPORT_SERIES_NUMBER = 9901
 REPORT_SERIES_DESCRIPTION = f"lungdet boxes - {RESEARCH_NOTICE}"
 OVERLAY_SERIES_NUMBER = 9902
 OVERLAY_SERIES_DESCRIPTION = f"lungdet overlay - {RESEARCH_NOTICE}"
+GSPS_SERIES_NUMBER = 9903
+GSPS_SERIES_DESCRIPTION = f"lungdet GSPS - {RESEARCH_NOTICE}"
+GSPS_LAYER = "LUNGDET"
 # lungdet's own coding scheme (DICOM reserves designators starting with 99 for private schemes).
 PRIVATE_SCHEME = "99LUNGDET"
 BOX_CONFIDENCE = hd.sr.CodedConcept("CONF", PRIVATE_SCHEME, "Detection confidence")
 OPACITY = codes.DCM.Opacity
 LUNG = codes.SCT.Lung
 IMAGE_PROBABILITY = codes.DCM.Probability
-PROCEDURE = codes.SCT.ChestImaging
+# CID 100 (Quantitative Diagnostic Imaging Procedures) has no chest radiograph; its general entry.
+PROCEDURE = codes.SCT.ImagingProcedure
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 NO_UNITS = codes.UCUM.NoUnits
 
 
@@ -103,6 +122,10 @@ def overlay_uid(source: Dataset, model: ModelIdentity) -> str:
     return derived_uid("lungdet overlay", source.SOPInstanceUID, model.key)
 
 
+def gsps_uid(source: Dataset, model: ModelIdentity) -> str:
+    return derived_uid("lungdet gsps", source.SOPInstanceUID, model.key)
+
+
 def _series_uid(source: Dataset, model: ModelIdentity, kind: str) -> str:
     # One series per study, model and kind: every report lungdet writes into a study files together.
     return derived_uid(f"lungdet {kind} series", source.StudyInstanceUID, model.key)
@@ -111,7 +134,8 @@ def _series_uid(source: Dataset, model: ModelIdentity, kind: str) -> str:
 def algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
     parameters = [f"checkpoint sha256 {sha}" for sha in model.checkpoint_sha256s]
     parameters += [f"architecture {name}" for name in model.architectures] + [f"box cut-off {model.cut_off:g}"]
-    return hd.sr.AlgorithmIdentification(name="lungdet", version=model.version, parameters=parameters, manufacturer=MANUFACTURER)
+    # No manufacturer row: TID 4019 as PixelMed validates it has none (it is in the equipment module and the device observer).
+    return hd.sr.AlgorithmIdentification(name="lungdet", version=model.version, parameters=parameters)
 
 
 def box_polyline(box: np.ndarray) -> np.ndarray:
@@ -137,6 +161,49 @@ def quiet_highdicom() -> Iterator[None]:
         yield
 
 
+AGE_STRING = re.compile(r"^\d{3}[DWMY]$")
+
+
+def repair_copied_values(derived: Dataset) -> Dataset:
+    """Repair, in place, values copied from the source whose value representation the source broke.
+
+    Only ``PatientAge`` today: RSNA writes ``51`` where an age string needs ``051Y``. A bare number
+    of years is repaired; an age that cannot be read as one is dropped (the attribute is optional),
+    not guessed. Everything else stays as the source had it.
+    """
+    age = str(derived.get("PatientAge", "") or "")
+    if age and not AGE_STRING.match(age):
+        years = age.strip().upper().removesuffix("Y")
+        if years.isdigit() and int(years) < 1000:
+            derived.PatientAge = f"{int(years):03d}Y"
+        else:
+            del derived.PatientAge
+    return derived
+
+
+def _code_is(item: Dataset, concept: hd.sr.CodedConcept) -> bool:
+    name = item.ConceptNameCodeSequence[0]
+    return (name.CodeValue, name.CodingSchemeDesignator) == (concept.value, concept.scheme_designator)
+
+
+def with_empty_laterality(derived: Dataset) -> Dataset:
+    # General Series' Laterality is Type 2C and dciodvfy asks for it: empty, since a chest is not a paired body part.
+    derived.Laterality = ""
+    return derived
+
+
+def qualitative_evaluations(opacity_present: bool, probability: float | None) -> hd.sr.ContainerContentItem:
+    """TID 1500's report-level Qualitative Evaluations: the image-level verdict, and the image head's probability."""
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    items = [hd.sr.CodeContentItem(
+        name=OPACITY, value=codes.SCT.Present if opacity_present else codes.SCT.Absent, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )]
+    if probability is not None:
+        items.append(hd.sr.TextContentItem(name=IMAGE_PROBABILITY, value=f"{float(probability):.4f}", relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    container.ContentSequence = items
+    return container
+
+
 def structured_report(source: Dataset, prediction: Prediction, probability: float | None, model: ModelIdentity) -> hd.sr.Comprehensive3DSR:
     """The Measurement Report for ``source`` (its metadata; pixels not needed): one region per box of ``prediction`` (already cut off).
 
@@ -155,29 +222,31 @@ def structured_report(source: Dataset, prediction: Prediction, probability: floa
             algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(name=BOX_CONFIDENCE, value=float(score), unit=NO_UNITS, algorithm_id=algorithm)],
         ))
-    present = codes.SCT.Present if len(prediction.scores) else codes.SCT.Absent
-    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(uid, "image"), identifier="image"),
-        finding_type=OPACITY,
-        algorithm_id=algorithm,
-        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=OPACITY, value=present)],
-        measurements=(
-            [hd.sr.Measurement(name=IMAGE_PROBABILITY, value=float(probability), unit=NO_UNITS, algorithm_id=algorithm)] if probability is not None else None
-        ),
-    ))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid("lungdet device", model.key), name="lungdet", manufacturer_name=MANUFACTURER,
         model_name=",".join(model.architectures)[:64], serial_number=model.checkpoint_sha256s[0][:16],
     )
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device))
-    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE, imaging_measurements=groups)
+    # No image library: highdicom's descriptors for CR want ImagerPixelSpacing, which RSNA's files lack;
+    # the X-ray is referenced by every box and by the evidence sequence.
+    placeholder = [hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(uid, "image"), identifier="image"), finding_type=OPACITY,
+    )]
+    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE, imaging_measurements=groups or placeholder)
+    root = report[0]
+    if not groups:
+        # highdicom insists on one measurement group; TID 1500 needs none when Qualitative Evaluations
+        # are present, and OHIF reads an image region from every group, so the container goes.
+        root.ContentSequence = [item for item in root.ContentSequence if not _code_is(item, codes.DCM.ImagingMeasurements)]
+    # highdicom builds no report-level Qualitative Evaluations; it is the root container's last child (TID 1500 row 12).
+    root.ContentSequence.append(qualitative_evaluations(len(prediction.scores) > 0, probability))
     with quiet_highdicom():
-        return hd.sr.Comprehensive3DSR(
+        sr = hd.sr.Comprehensive3DSR(
             evidence=[source], content=report, series_instance_uid=_series_uid(source, model, "report"), series_number=REPORT_SERIES_NUMBER,
             sop_instance_uid=uid, instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER, is_complete=True,
             series_description=REPORT_SERIES_DESCRIPTION,
         )
+    return repair_copied_values(sr)
 
 
 def overlay_image(source: Dataset, pixels: np.ndarray, prediction: Prediction, model: ModelIdentity) -> hd.sc.SCImage:
@@ -197,7 +266,59 @@ def overlay_image(source: Dataset, pixels: np.ndarray, prediction: Prediction, m
             series_description=OVERLAY_SERIES_DESCRIPTION,
         )
     image.PatientOrientation = source.get("PatientOrientation", "")
-    return image
+    return repair_copied_values(with_empty_laterality(image))
+
+
+def presentation_state(source: Dataset, stored_pixels: np.ndarray, prediction: Prediction, model: ModelIdentity) -> hd.pr.GrayscaleSoftcopyPresentationState:
+    """A GSPS over ``source``: its boxes as polylines with their confidences, the notice, and lungdet's window.
+
+    ``stored_pixels`` are the source's stored values (``source.pixel_array``), from which the window is
+    worked out as lungdet reads the image; ``prediction`` is XYWH_ABS in the source's pixels.
+    """
+    photometric = str(source.get("PhotometricInterpretation", "")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"a grayscale presentation state needs a MONOCHROME1/2 image; this one is {photometric or 'without PhotometricInterpretation'}")
+    window = display_window(stored_pixels, source)
+    layer = hd.pr.GraphicLayer(layer_name=GSPS_LAYER, order=1, description=f"lungdet boxes - {RESEARCH_NOTICE}")
+    columns = int(source.Columns)
+    graphics, texts = [], []
+    for index, (score, box) in enumerate(zip(prediction.scores, prediction.boxes, strict=True), start=1):
+        x, y, width, _ = (float(value) for value in box)
+        graphics.append(hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box), units=hd.pr.AnnotationUnitsValues.PIXEL,
+            tracking_id=f"lung opacity {index}", tracking_uid=derived_uid(gsps_uid(source, model), "box", index),
+        ))
+        # The label sits on the box's top edge, inside it, so it stays on the image for a box at the top.
+        label_height = max(12.0, min(40.0, 0.03 * int(source.Rows)))
+        texts.append(hd.pr.TextObject(
+            text_value=f"opacity {float(score):.2f}", units=hd.pr.AnnotationUnitsValues.PIXEL,
+            bounding_box=(x, y, min(x + max(width, 4 * label_height), float(columns)), y + label_height),
+            text_justification=hd.pr.TextJustificationValues.LEFT,
+        ))
+    notice_height = max(12.0, 0.03 * int(source.Rows))
+    texts.append(hd.pr.TextObject(
+        text_value=f"lungdet {model.version}: {RESEARCH_NOTICE}", units=hd.pr.AnnotationUnitsValues.PIXEL,
+        bounding_box=(0.0, 0.0, float(columns), notice_height), text_justification=hd.pr.TextJustificationValues.LEFT,
+    ))
+    annotation = hd.pr.GraphicAnnotation(referenced_images=[source], graphic_layer=layer, graphic_objects=graphics or None, text_objects=texts)
+    rescaled = "RescaleSlope" in source or "RescaleIntercept" in source
+    with quiet_highdicom():
+        state = hd.pr.GrayscaleSoftcopyPresentationState(
+            referenced_images=[source], series_instance_uid=_series_uid(source, model, "gsps"), series_number=GSPS_SERIES_NUMBER,
+            sop_instance_uid=gsps_uid(source, model), instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER,
+            manufacturer_model_name=",".join(model.architectures)[:64], software_versions=f"lungdet {model.version}",
+            device_serial_number=model.checkpoint_sha256s[0][:16], content_label="LUNGDET_BOXES",
+            content_description=f"lungdet boxes - {RESEARCH_NOTICE}"[:64], graphic_annotations=[annotation], graphic_layers=[layer],
+            # The rescale lungdet applied (none for 8-bit data), stated so a viewer does not apply the image's own on top.
+            modality_lut_transformation=hd.ModalityLUTTransformation(rescale_intercept=window.intercept, rescale_slope=window.slope, rescale_type="US") if rescaled else None,
+            voi_lut_transformations=[hd.pr.SoftcopyVOILUTTransformation(
+                window_center=[window.center], window_width=[window.width], window_explanation=["lungdet's window"],
+            )],
+            # MONOCHROME1 shows low values bright: INVERSE, or a viewer shows the X-ray as a negative.
+            presentation_lut_transformation=hd.PresentationLUTTransformation(presentation_lut_shape="INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"),
+            series_description=GSPS_SERIES_DESCRIPTION,
+        )
+    return repair_copied_values(with_empty_laterality(state))
 
 
 @dataclass(frozen=True)
@@ -221,18 +342,20 @@ def read_report(dataset: Dataset) -> ReportContents:
         sources.add(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)  # its SELECTED FROM image
         [measurement] = group.get_measurements(name=BOX_CONFIDENCE)
         scores.append(float(measurement.value))
-    [image_group] = report.content.get_image_measurement_groups()
-    [evaluation] = image_group.get_qualitative_evaluations(name=OPACITY)
-    probabilities = image_group.get_measurements(name=IMAGE_PROBABILITY)
-    for source_image in image_group.source_images:
-        sources.add(source_image.referenced_sop_instance_uid)
+    for study in dataset.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for series in study.ReferencedSeriesSequence:
+            sources.update(instance.ReferencedSOPInstanceUID for instance in series.ReferencedSOPSequence)
     if len(sources) != 1:
         raise ValueError(f"a lungdet report references one image; this one references {sorted(sources)}")
+    [evaluations] = [item for item in dataset.ContentSequence if _code_is(item, QUALITATIVE_EVALUATIONS)]
+    [verdict] = [item for item in evaluations.ContentSequence if _code_is(item, OPACITY)]
+    probabilities = [float(item.TextValue) for item in evaluations.ContentSequence if _code_is(item, IMAGE_PROBABILITY)]
+    present = verdict.ConceptCodeSequence[0]
     return ReportContents(
         source_sop_instance_uid=sources.pop(),
         prediction=Prediction.from_arrays(scores, np.array(boxes).reshape(-1, 4)),
-        opacity_present=evaluation.value == codes.SCT.Present,
-        probability=float(probabilities[0].value) if probabilities else None,
+        opacity_present=(present.CodeValue, present.CodingSchemeDesignator) == (codes.SCT.Present.value, codes.SCT.Present.scheme_designator),
+        probability=probabilities[0] if probabilities else None,
     )
 
 
@@ -242,17 +365,43 @@ def dicom_bytes(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+def result_datasets(
+    source: Dataset, pixels: np.ndarray | None, prediction: Prediction, probability: float | None, model: ModelIdentity,
+    *, overlay: bool = False, gsps: bool = False,
+) -> list[Dataset]:
+    """Every result lungdet files for one X-ray: the report, then the overlay and the GSPS when asked for.
+
+    ``source`` must hold its pixel data for ``gsps`` (the window is worked out from its stored values);
+    ``pixels`` (the source as lungdet reads it) are needed for ``overlay``.
+    """
+    datasets: list[Dataset] = [structured_report(source, prediction, probability, model)]
+    if overlay:
+        if pixels is None:
+            raise ValueError("an overlay needs the pixels lungdet read")
+        datasets.append(overlay_image(source, pixels, prediction, model))
+    if gsps:
+        datasets.append(presentation_state(source, source.pixel_array, prediction, model))
+    return datasets
+
+
+RESULT_SUFFIXES = {"SR": "sr", "OT": "overlay", "PR": "gsps"}
+
+
+def result_name(dataset: Dataset) -> str:
+    """The file-name suffix of a result: ``sr``, ``overlay`` or ``gsps`` (by its modality)."""
+    return RESULT_SUFFIXES[str(dataset.Modality)]
+
+
 def write_results(
     out_dir: Path, name: str, source: Dataset, prediction: Prediction, probability: float | None, model: ModelIdentity,
-    *, pixels: np.ndarray | None = None,
+    *, pixels: np.ndarray | None = None, gsps: bool = False,
 ) -> list[Path]:
-    """Write ``OUT/{name}_sr.dcm`` (and ``OUT/{name}_overlay.dcm`` when ``pixels`` are given), each whole or not at all."""
-    written: list[tuple[Path, Dataset]] = [(Path(out_dir) / f"{name}_sr.dcm", structured_report(source, prediction, probability, model))]
-    if pixels is not None:
-        written.append((Path(out_dir) / f"{name}_overlay.dcm", overlay_image(source, pixels, prediction, model)))
-    for path, dataset in written:
+    """Write ``OUT/{name}_sr.dcm``, ``OUT/{name}_overlay.dcm`` when ``pixels`` are given and ``OUT/{name}_gsps.dcm`` with ``gsps``, each whole or not at all."""
+    datasets = result_datasets(source, pixels, prediction, probability, model, overlay=pixels is not None, gsps=gsps)
+    paths = [Path(out_dir) / f"{name}_{result_name(dataset)}.dcm" for dataset in datasets]
+    for path, dataset in zip(paths, datasets, strict=True):
         write_bytes_atomic(path, dicom_bytes(dataset))
-    return [path for path, _ in written]
+    return paths
 
 
 def model_identity(version: str, architectures: Sequence[str], checkpoint_sha256s: Sequence[str], cut_off: float) -> ModelIdentity:
@@ -265,9 +414,10 @@ def write_results_for_files(
     model: ModelIdentity,
     *,
     overlay: bool = False,
+    gsps: bool = False,
     progress: bool = True,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Reports (and overlays) for predicted files: ``(files written, [(input skipped, why)])``.
+    """Reports (and overlays, and presentation states) for predicted files: ``(files written, [(input skipped, why)])``.
 
     Each input is ``(path, prediction already cut off, image probability or None)``. A file that
     is not a DICOM image (a PNG, a JPEG) has no study to file a report in and is skipped with
@@ -277,7 +427,7 @@ def write_results_for_files(
     skipped: list[tuple[Path, str]] = []
     for path, prediction, probability in tqdm(results, desc="dicom out", unit="file", disable=None if progress else True):
         try:
-            source = pydicom.dcmread(path, stop_before_pixels=True)
+            source = pydicom.dcmread(path, stop_before_pixels=not gsps)
             missing = [keyword for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if keyword not in source]
         except (pydicom.errors.InvalidDicomError, OSError, ValueError) as error:
             skipped.append((Path(path), f"not a DICOM image, so there is no study to file a report in ({str(error).splitlines()[0][:80]})"))
@@ -290,5 +440,9 @@ def write_results_for_files(
         except DicomReadError as error:
             skipped.append((Path(path), error.reason))
             continue
-        written += write_results(out_dir, Path(path).stem, source, prediction, probability, model, pixels=pixels)
+        photometric = str(source.get("PhotometricInterpretation", "")).upper()
+        if gsps and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            skipped.append((Path(path), f"is {photometric or 'without PhotometricInterpretation'}; a grayscale presentation state needs MONOCHROME1/2 (--dicom-out-gsps)"))
+            continue
+        written += write_results(out_dir, Path(path).stem, source, prediction, probability, model, pixels=pixels, gsps=gsps)
     return written, skipped

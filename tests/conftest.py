@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,17 @@ def _shared_path(relative: str) -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return path
+
+
+def require_program(name: str, package: str) -> str:
+    """A program the test drives, from Debian's ``package``; missing, the test skips saying how to install it (under CI it fails: .ci/run installs it)."""
+    found = shutil.which(name)
+    if found is None:
+        reason = f"{name} is not installed: apt-get install {package}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -32,9 +32,9 @@ def test_predict_dicom_out_writes_the_submissions_boxes(serving_checkpoint: Path
     cv2.imwrite(str(png), read_dicom(sources[0]).pixels)
     inputs = [str(path) for path in sources[:3]] + [str(png)]
     out, folder = tmp_path / "submission.csv", tmp_path / "dicom"
-    assert run_predict("--checkpoint", str(serving_checkpoint), "--input", *inputs, "--out", str(out), "--dicom-out", str(folder), "--dicom-out-overlay") == 0
+    assert run_predict("--checkpoint", str(serving_checkpoint), "--input", *inputs, "--out", str(out), "--dicom-out", str(folder), "--dicom-out-overlay", "--dicom-out-gsps") == 0
     captured = capsys.readouterr()
-    assert f"wrote 3 DICOM report(s) and 3 overlay(s) to {folder} (research use only)" in captured.out
+    assert f"wrote 3 DICOM report(s) and 3 overlay(s) and 3 presentation state(s) to {folder} (research use only)" in captured.out
     assert f"no DICOM report for {png}: not a DICOM image" in captured.err
     submission = read_submission(out)
     assert sum(len(prediction.scores) for prediction in submission.values()) > 0
@@ -44,14 +44,19 @@ def test_predict_dicom_out_writes_the_submissions_boxes(serving_checkpoint: Path
         expected = submission[path.stem]  # the CSV rounds boxes to 0.1 px and confidences to 1e-4
         np.testing.assert_allclose(contents.prediction.boxes, expected.boxes, atol=0.05 + 1e-3)
         np.testing.assert_allclose(contents.prediction.scores, expected.scores, atol=5e-5 + 1e-9)
-        assert (folder / f"{path.stem}_overlay.dcm").is_file()
-    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{p.stem}_sr.dcm" for p in sources[:3]] + [f"{p.stem}_overlay.dcm" for p in sources[:3]])
+        gsps = pydicom.dcmread(folder / f"{path.stem}_gsps.dcm")
+        [annotation] = gsps.GraphicAnnotationSequence
+        assert len(annotation.get("GraphicObjectSequence", [])) == len(expected.scores)
+        assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == contents.source_sop_instance_uid
+    expected_files = [f"{p.stem}_{kind}.dcm" for p in sources[:3] for kind in ("sr", "overlay", "gsps")]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected_files)
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--dicom-out-overlay", "--out", "x.csv"], "--dicom-out-overlay adds overlays to --dicom-out DIR; give --dicom-out too"),
+        (["--dicom-out-gsps", "--out", "x.csv"], "--dicom-out-gsps adds presentation states to --dicom-out DIR; give --dicom-out too"),
         (["--dicom-out", "d", "--json"], "--json prints to the screen; drop --dicom-out"),
     ],
 )
