@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from typing import Any, NoReturn
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +26,46 @@ SHARED_DATA = Path(os.environ.get("LUNGDET_SHARED_DATA") or REPO_ROOT.parent / "
 def _shared_path(relative: str) -> Path:
     path = SHARED_DATA / relative
     if not path.exists():
-        reason = f"real sample data not found at {path}; put shared/data beside the clone or set LUNGDET_SHARED_DATA"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(f"real sample data not found at {path}; put shared/data beside the clone or set LUNGDET_SHARED_DATA")
     return path
 
 
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the calling test for something missing, saying how to get it; under CI (``CI`` set) fail, since ``.ci/run`` installs everything."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def require_program(name: str, package: str) -> str:
-    """A program the test drives, from Debian's ``package``; missing, the test skips saying how to install it (under CI it fails: .ci/run installs it)."""
+    """A program the test drives, from Debian's ``package``; missing, the test skips (or fails under CI) saying how to install it."""
     found = shutil.which(name)
     if found is None:
-        reason = f"{name} is not installed: apt-get install {package}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(f"{name} is not installed: apt-get install {package}")
     return found
+
+
+# The flags that keep Chromium from reaching out to Google's services, which a closed network refuses.
+CHROMIUM_FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-quic",
+)
+
+
+def start_chromium(profile: Path, *, window_size: tuple[int, int], extra_flags: tuple[str, ...] = (), console: bool = False) -> Any:
+    """Debian's headless Chromium under selenium (skips, or fails under CI, without chromium and chromium-driver); ``console`` keeps its log."""
+    chromium = require_program("chromium", "chromium")
+    chromedriver = require_program("chromedriver", "chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, *extra_flags, f"--window-size={window_size[0]},{window_size[1]}", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    if console:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
 
 
 @pytest.fixture(scope="session")
