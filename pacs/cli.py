@@ -1,6 +1,7 @@
-"""``lungdet pacs``: run the DICOM node of :mod:`lungdet.pacs.node` against a DICOMweb server.
+"""``lungdet pacs``: run a DICOM node, either polling a DICOMweb server (:mod:`lungdet.pacs.node`) or listening for C-STORE (:mod:`lungdet.pacs.dimse`).
 
 Run: ``lungdet pacs --url http://127.0.0.1:8042/dicom-web --checkpoint runs/r50/best.pt [--poll-seconds 10] [--once]``
+or ``lungdet pacs --listen LUNGDET@0.0.0.0:11112 --allow ORTHANC --send-to ORTHANC@127.0.0.1:4242 --checkpoint runs/r50/best.pt``
 """
 
 from __future__ import annotations
@@ -11,34 +12,63 @@ import os
 import sys
 from pathlib import Path
 
-from lungdet.cli_types import fraction, positive_seconds
+from lungdet.cli_types import fraction, int_in_range, positive_seconds
 from lungdet.errors import LungdetError
+from lungdet.pacs.addresses import AEAddress, ae_address, ae_title, allowed_caller, listen_address
 
 TOKEN_VARIABLE = "LUNGDET_PACS_TOKEN"
 PASSWORD_VARIABLE = "LUNGDET_PACS_PASSWORD"
+# Defaults of the options that belong to one mode; given as None by the parser, so that main can tell "given" from "default".
+POLL_DEFAULTS = {"poll_seconds": 10.0, "retry_seconds": 60.0}
+DEFAULT_MAX_INBOX = 1000  # as lungdet.pacs.dimse.DEFAULT_MAX_INBOX, which needs pynetdicom to import
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungdet pacs",
-        description="A DICOM node: find new chest X-rays (CR, DX) on a DICOMweb server (QIDO-RS), fetch them (WADO-RS), run the "
-        "detector, and store a DICOM Structured Report of the boxes (and with --overlay an annotated image) into each image's study "
-        "(STOW-RS). An image that already has this model's report is never processed again; results the server cannot take wait on "
-        "disk and are stored on the next poll. Research use only: not a diagnostic device.",
+        description="A DICOM node, in one of two modes. With --url it polls a DICOMweb server: finds new chest X-rays (CR, DX; QIDO-RS), "
+        "fetches them (WADO-RS), runs the detector, and stores a DICOM Structured Report of the boxes (and with --overlay an annotated "
+        "image, with --gsps a presentation state) into each image's study (STOW-RS). With --listen it is a C-STORE node (a Storage SCP that archives and routers send to): "
+        "each acknowledged image's results go to --send-to by C-STORE, or to --dicomweb-url by STOW-RS. Either way an image is processed "
+        "once, and results the receiver cannot take wait on disk until it can. Research use only: not a diagnostic device.",
         epilog="examples:\n"
         "  lungdet pacs --url http://127.0.0.1:8042/dicom-web --checkpoint runs/r50/best.pt --once\n"
-        "  LUNGDET_PACS_PASSWORD=secret lungdet pacs --url https://pacs.example/dicom-web --username lungdet --checkpoint r50.onnx --overlay",
+        "  LUNGDET_PACS_PASSWORD=secret lungdet pacs --url https://pacs.example/dicom-web --username lungdet --checkpoint r50.onnx --overlay\n"
+        "  lungdet pacs --listen LUNGDET@0.0.0.0:11112 --allow ORTHANC@10.0.0.5 --send-to ORTHANC@10.0.0.5:4242 --checkpoint runs/r50/best.pt --overlay",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--url", required=True, help="the server's DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web (Orthanc)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--url", help="poll this DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web (Orthanc)")
+    mode.add_argument(
+        "--listen", type=listen_address, metavar="AE@HOST:PORT",
+        help="listen for C-STORE as AE on HOST:PORT, e.g. LUNGDET@0.0.0.0:11112 (HOST:PORT alone answers as --ae-title; port 0 picks a free one)",
+    )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint from lungdet train, or an export from lungdet export")
-    parser.add_argument("--poll-seconds", type=positive_seconds, default=10.0, help="pause between polls (default 10)")
-    parser.add_argument("--once", action="store_true", help="one poll, then stop (exit status 1 if results are left waiting on disk)")
-    parser.add_argument(
-        "--retry-seconds", type=positive_seconds, default=60.0,
+    poll = parser.add_argument_group("with --url (DICOMweb polling)")
+    poll.add_argument("--poll-seconds", type=positive_seconds, default=None, help="pause between polls (default 10)")
+    poll.add_argument("--once", action="store_true", help="one poll, then stop (exit status 1 if results are left waiting on disk)")
+    poll.add_argument(
+        "--retry-seconds", type=positive_seconds, default=None,
         help="with --once: how long to keep retrying a server that does not answer before giving up (default 60)",
     )
+    listen = parser.add_argument_group("with --listen (C-STORE)")
+    listen.add_argument("--send-to", type=ae_address, metavar="AE@HOST:PORT", help="store results by C-STORE into this node, e.g. ORTHANC@127.0.0.1:4242")
+    listen.add_argument("--dicomweb-url", metavar="URL", help="or store them by STOW-RS into this DICOMweb root (--username/--token apply)")
+    listen.add_argument(
+        "--allow", type=allowed_caller, action="append", metavar="AE[@HOST]",
+        help="a calling AE title that may send, from any host or from HOST only (repeat for each sender); others are rejected at association",
+    )
+    listen.add_argument("--allow-any", action="store_true", help="accept any calling AE title (a closed test network only)")
+    listen.add_argument(
+        "--max-inbox", type=int_in_range(1), default=None,
+        help=f"images acknowledged and not yet processed, at most; beyond, senders get 0xA700 (out of resources) and send again later (default {DEFAULT_MAX_INBOX})",
+    )
+    listen.add_argument("--ae-title", type=ae_title, default="LUNGDET", help="this node's AE title when it stores results, and to listen as when --listen has none (default LUNGDET)")
     parser.add_argument("--overlay", action="store_true", help="also store a Secondary Capture of each X-ray with its boxes burnt in")
+    parser.add_argument(
+        "--gsps", action="store_true",
+        help="also store a Grayscale Softcopy Presentation State, which GSPS-capable viewers draw over the original X-ray as a switchable layer",
+    )
     parser.add_argument("--state-dir", type=Path, default=Path("lungdet-pacs-state"), help="where the node remembers its work and keeps unsent results (default ./lungdet-pacs-state)")
     parser.add_argument("--score-threshold", type=fraction, default=None, help="box cut-off (default: the checkpoint's tuned one)")
     auth = parser.add_argument_group("authentication (basic or bearer)")
@@ -73,34 +103,111 @@ def make_client(args: argparse.Namespace):
     return client
 
 
-def main(args: argparse.Namespace) -> int:
-    try:
-        from lungdet.show.dicom_results import model_identity
-        from lungdet.pacs.node import NodeState, PacsNode
-    except ImportError as error:
-        raise LungdetError(f"lungdet pacs needs the dicom extra ({error}); pip install 'lungdet[dicom]'") from None
-    from lungdet import lungdet_version
-    from lungdet.detection.detector import load_detector
+LISTEN_ONLY = ("send_to", "dicomweb_url", "allow", "allow_any", "max_inbox")
+POLL_ONLY = ("poll_seconds", "once", "retry_seconds")
 
-    # The node's own lines only: dicomweb-client and highdicom log every request and copied module at INFO.
+
+def check_mode(args: argparse.Namespace) -> None:
+    """Refuse, before any work, options that do not belong to the chosen mode or contradict each other (a one-line LungdetError)."""
+    def given(names: tuple[str, ...]) -> list[str]:
+        return ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) not in (None, False)]
+
+    if args.url is not None:
+        if given(LISTEN_ONLY):
+            raise LungdetError(f"{', '.join(given(LISTEN_ONLY))}: only with --listen (the C-STORE node); --url polls a DICOMweb server")
+        return
+    if given(POLL_ONLY):
+        raise LungdetError(f"{', '.join(given(POLL_ONLY))}: only with --url (DICOMweb polling); the --listen node runs until stopped")
+    if (args.send_to is None) == (args.dicomweb_url is None):
+        raise LungdetError("--listen needs one place for the results: --send-to AE@HOST:PORT (C-STORE) or --dicomweb-url URL (STOW-RS)")
+    if args.allow and args.allow_any:
+        raise LungdetError("give --allow AE[@HOST] for each sender, or --allow-any, not both")
+    if not args.allow and not args.allow_any:
+        raise LungdetError("--listen needs --allow AE[@HOST] for each sender (an archive's or router's AE title), or --allow-any on a closed test network")
+
+
+def setup_logging() -> logging.Logger:
+    # The node's own lines only: dicomweb-client, highdicom and pynetdicom log every request, copied module and PDU.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s lungdet pacs: %(message)s"))
     node_log = logging.getLogger("lungdet.pacs")
     node_log.handlers = [handler]  # one handler, to this process's stderr, however often main runs
     node_log.setLevel(logging.INFO)
     node_log.propagate = False
+    return node_log
+
+
+def main(args: argparse.Namespace) -> int:
+    check_mode(args)
+    try:
+        from lungdet.show.dicom_results import model_identity
+        from lungdet.pacs.node import NodeState, PacsNode
+    except ImportError as error:
+        raise LungdetError(f"lungdet pacs needs the dicom extra ({error}); pip install 'lungdet[dicom]'") from None
+    if args.listen is not None:
+        return main_listen(args)
+    from lungdet import lungdet_version
+    from lungdet.detection.detector import load_detector
+
+    setup_logging()
     client = make_client(args)
     detector = load_detector(args.checkpoint, device=args.device, amp=args.amp)
     cut_off = detector.score_threshold if args.score_threshold is None else args.score_threshold
     model = model_identity(lungdet_version(), [detector.architecture], [detector.checkpoint_sha256], cut_off)
     state = NodeState.load(args.state_dir)
-    node = PacsNode(client, detector, model, state, cut_off=cut_off, overlay=args.overlay)
+    node = PacsNode(client, detector, model, state, cut_off=cut_off, overlay=args.overlay, gsps=args.gsps)
     node.say(
         f"{args.url}: {detector.architecture} ({detector.format}) on {detector.device}, cut-off {cut_off:g}; state in {args.state_dir}; "
         "research use only, not a diagnostic device"
     )
+    poll_seconds = args.poll_seconds or POLL_DEFAULTS["poll_seconds"]
+    retry_seconds = args.retry_seconds or POLL_DEFAULTS["retry_seconds"]
     try:
-        return node.run(poll_seconds=args.poll_seconds, once=args.once, retry_seconds=args.retry_seconds)
+        return node.run(poll_seconds=poll_seconds, once=args.once, retry_seconds=retry_seconds)
     except KeyboardInterrupt:
         node.say(f"stopped; {sum(1 for _ in state.pending())} result(s) waiting in {state.pending_folder} are stored by the next run")
         return 130
+
+
+def main_listen(args: argparse.Namespace) -> int:
+    """``--listen``: the C-STORE node of :mod:`lungdet.pacs.dimse`, until SIGINT or SIGTERM."""
+    import signal
+
+    try:
+        from lungdet.pacs.dimse import CStoreReceiver, DicomwebReceiver, DimseNode, DimseState
+    except ImportError as error:
+        raise LungdetError(f"lungdet pacs --listen needs the dicom extra ({error}); pip install 'lungdet[dicom]'") from None
+    from lungdet import lungdet_version
+    from lungdet.detection.detector import load_detector
+    from lungdet.show.dicom_results import model_identity
+
+    title, host, port = args.listen
+    listen = AEAddress(title or args.ae_title, host, port)
+    if args.send_to is not None:
+        receiver = CStoreReceiver(args.send_to, ae_title=args.ae_title, timeout=args.timeout)
+    else:
+        receiver = DicomwebReceiver(make_client(argparse.Namespace(**{**vars(args), "url": args.dicomweb_url})), args.dicomweb_url)
+    log = setup_logging()
+    detector = load_detector(args.checkpoint, device=args.device, amp=args.amp)
+    cut_off = detector.score_threshold if args.score_threshold is None else args.score_threshold
+    model = model_identity(lungdet_version(), [detector.architecture], [detector.checkpoint_sha256], cut_off)
+    state = DimseState.open(args.state_dir, max_inbox=args.max_inbox or DEFAULT_MAX_INBOX)
+    try:
+        node = DimseNode(listen, state, detector, model, receiver, None if args.allow_any else args.allow, cut_off, overlay=args.overlay, gsps=args.gsps, say=log.info)
+    except ValueError as error:  # an --allow host that does not resolve
+        raise LungdetError(str(error)) from None
+    # A service stop (SIGTERM) ends the node as Ctrl-C does; kill -9 is safe too (see lungdet.pacs.dimse).
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: node.stopping.set())
+    try:
+        node.start()
+        node.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+        signal.signal(signal.SIGTERM, previous)  # main may run inside a longer-lived process (the tests)
+    node.say(
+        f"stopped; {state.inbox_count()} instance(s) in {state.inbox_folder} and {len(state.pending())} result(s) in {state.pending_folder} "
+        "are handled by the next run"
+    )
+    return 0

@@ -79,7 +79,7 @@ def test_round_trip_through_orthanc(orthanc, serving_checkpoint: Path, serving_d
         bad_uids[name] = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     before = len(orthanc.instance_tags())
 
-    status, log = run_node(orthanc, serving_checkpoint, tmp_path / "state", "--once", capsys=capsys)
+    status, log = run_node(orthanc, serving_checkpoint, tmp_path / "state", "--once", "--gsps", capsys=capsys)
     assert status == 0, log
     assert "poll 1: 17 instance(s) listed, 13 reported" in log and "4 skipped" in log and "research use only" in log
     for name, reason in (("ct", "modality CT, not a chest radiograph"), ("frames", "2 frames"), ("no_pixels", "has no pixel data (7FE0,0010), so there is no image to read"),
@@ -88,7 +88,9 @@ def test_round_trip_through_orthanc(orthanc, serving_checkpoint: Path, serving_d
         assert line in log, (name, log)
 
     reports = reports_by_study(orthanc)
-    assert len(orthanc.instance_tags()) == before + 13
+    assert len(orthanc.instance_tags()) == before + 2 * 13  # a report and a presentation state per good image
+    presentation_states = {tags["StudyInstanceUID"] for tags in orthanc.instance_tags() if tags["Modality"] == "PR"}
+    assert presentation_states == {pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID for path in samples}
     for path in samples:  # exactly one report per good image, in its study, with the boxes the detector gives
         source = pydicom.dcmread(path, stop_before_pixels=True)
         [report] = reports[source.StudyInstanceUID]
@@ -109,7 +111,7 @@ def test_round_trip_through_orthanc(orthanc, serving_checkpoint: Path, serving_d
     node, _ = make_node(orthanc, serving_detector, tmp_path / "other_state", cut_off=0.3)
     fresh = node.poll()
     assert (fresh.reported, fresh.already, fresh.skipped) == (0, 13, 4)
-    assert len(orthanc.instance_tags()) == before + 13
+    assert len(orthanc.instance_tags()) == before + 2 * 13
 
 
 class StopsTheServer:

@@ -1,0 +1,856 @@
+"""``lungdet pacs --listen``: a DICOM C-STORE node. Chest X-rays come in by C-STORE, results go out by C-STORE (or STOW-RS).
+
+Run: ``lungdet pacs --listen LUNGDET@0.0.0.0:11112 --allow ORTHANC --send-to ORTHANC@pacs.example:4242 --checkpoint runs/r50/best.pt``
+
+This is how hospitals route images to AI nodes (Orthanc's routing, dcm4chee's export rules, MONAI
+Deploy's Informatics Gateway) and take the results back. The node is a Storage SCP for chest
+radiographs (CR, DX for presentation and for processing, Secondary Capture) in every transfer
+syntax this environment can decode (:func:`accepted_transfer_syntaxes`), and a Verification SCP
+(C-ECHO). Associations from calling AE titles not in ``--allow`` are rejected (A-ASSOCIATE-RJ,
+"calling AE title not recognised") unless ``--allow-any``.
+
+The C-STORE handler checks and decodes the instance (a few milliseconds for an RSNA JPEG), so
+that bad input is refused to its sender, who can alert someone, rather than acknowledged and then
+dropped: a multi-frame image or one without pixels gets 0xA900, a frame that does not decode or a
+modality other than CR/DX gets 0xC000, a full inbox or disk 0xA700; none of these writes
+anything. Instances of other SOP classes are refused at association (their presentation context
+is rejected). The node's own results coming back (a routing loop) are acknowledged and dropped.
+Inference never runs in the handler: one worker thread takes the inbox in arrival order, and a
+sender thread stores the results; a file the worker still cannot read is logged and skipped, and
+a fault of ours (say, out of memory) is retried twice and then set aside in ``failed/``.
+
+The state folder (``--state-dir``)::
+
+    inbox/{sequence}-{image SOP}.dcm     what was acknowledged and has no result yet
+    pending/{sequence}-{image SOP}/      a result (report, overlay, GSPS) waiting to be stored, and result.json
+    failed/                              inputs that made the worker fail three times (move back into inbox/ to retry)
+    settled.jsonl                        one line per settled input: reported (with its report UID) or skipped
+
+**The order of writes, and why kill -9 loses nothing.** Every step below is durable (written to a
+temporary name, fsynced, renamed, folder fsynced) before the next starts:
+
+1. The handler writes ``inbox/NAME.dcm`` and only then answers 0x0000. Killed before the rename,
+   only a temporary file is left (removed at start-up) and the sender, having no success status,
+   sends again. Killed after the rename but before the answer, the image is processed from the
+   inbox; if the sender sends it again, it is known (below) and acknowledged without a second copy.
+2. The worker writes the whole result as ``pending/NAME/`` (a folder renamed into place, so it is
+   there whole or not at all). Killed before, the inbox file is still there and is processed again.
+3. It appends ``NAME`` with its report UID to ``settled.jsonl``. Killed between 2 and 3, start-up
+   finds ``pending/NAME`` beside ``inbox/NAME.dcm`` and records it then; nothing is recomputed.
+4. It removes ``inbox/NAME.dcm``. Killed between 3 and 4, start-up finds ``NAME`` settled and
+   removes the inbox file.
+5. The sender stores ``pending/NAME`` and removes it only once the receiver accepted every file
+   (success, a warning, or "duplicate SOP instance"). Killed in between, it is stored again after
+   the restart: the results' UIDs are derived from the image and the model
+   (:func:`~lungdet.show.dicom_results.report_uid`), so a second store is the same instance to the
+   receiver and the study still holds one result set.
+
+Start-up does that recovery before it listens; pending results are then stored oldest first, ahead
+of anything new. An image whose report (this model's, by UID) is in ``settled.jsonl``, or that waits
+in the inbox, is acknowledged when sent again but not processed again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import io
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import UID
+
+from lungdet.atomic import write_bytes_durable, write_folder_durable
+from lungdet.data_tools.dicom_io import DicomImage, find_missing_decoder, read_dicom_bytes
+from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
+from lungdet.errors import ImageReadError, LungdetError
+from lungdet.pacs.addresses import AEAddress, AllowedCaller
+from lungdet.pacs.node import CHEST_MODALITIES, MAX_PAUSE_S, OWN_SERIES
+from lungdet.show.dicom_results import ModelIdentity, dicom_bytes, report_uid, result_datasets
+from lungdet.submission.prediction_string import keep_confident
+
+try:
+    import pynetdicom
+    from pynetdicom import evt
+    from pynetdicom.sop_class import (
+        ComputedRadiographyImageStorage,
+        DigitalXRayImageStorageForPresentation,
+        DigitalXRayImageStorageForProcessing,
+        SecondaryCaptureImageStorage,
+        Verification,
+    )
+    from pynetdicom.status import code_to_category
+except ImportError as error:  # the dicom extra; the command turns this into a one-line message
+    raise ImportError(f"lungdet pacs --listen needs pynetdicom ({error}); pip install 'lungdet[dicom]'") from error
+
+LOG = logging.getLogger("lungdet.pacs")
+
+# The storage SOP classes of chest radiographs; RSNA's files are Secondary Captures of CR images.
+IMAGE_STORAGE = (
+    ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage,
+)
+# What the node could accept; :func:`accepted_transfer_syntaxes` keeps those with a decoder installed.
+# Deflate is left out: read_dicom_bytes refuses it from the network (it inflates before any size check).
+CANDIDATE_TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2.1": "Explicit VR LE",
+    "1.2.840.10008.1.2": "Implicit VR LE",  # every SCU can send it
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline",  # the RSNA files
+    "1.2.840.10008.1.2.4.51": "JPEG Extended",  # 12-bit
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",  # the usual lossless DX export
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+    "1.2.840.10008.1.2.2": "Explicit VR BE",  # retired, still sent by old modalities
+}
+# JPEG, JPEG-LS and JPEG 2000 streams all end with the marker FFD9 (EOI; EOC in JPEG 2000).
+JPEG_FAMILY = frozenset(syntax for syntax in CANDIDATE_TRANSFER_SYNTAXES if syntax.startswith("1.2.840.10008.1.2.4."))
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATA_SET_MISMATCH = 0xA900  # "Data Set does not match SOP Class": no pixels, several frames, another class
+CANNOT_UNDERSTAND = 0xC000  # a well-formed instance this node cannot read or does not analyse
+DUPLICATE_SOP_INSTANCE = 0x0111  # a receiver that already has a result: it has it, which is what was wanted
+# A-ASSOCIATE-RJ: rejected-permanent (1), by the service user (1), and the reason.
+REJECT_PERMANENT, REJECT_BY_USER, CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03, 0x07
+ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is an LO
+DEFAULT_MAX_INBOX = 1000
+MIN_FREE_BYTES = 256 * 1024 * 1024  # below this much free disk beside the inbox, new instances get 0xA700
+WORKER_ATTEMPTS = 3  # tries per image on a fault of ours (not of the image) before it goes to failed/
+SEND_BATCH = 100  # results stored per association before the pending folder is listed again
+NETWORK_TIMEOUT_S = 30.0
+PATIENT_AND_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+                           "ReferringPhysicianName")
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes of :data:`CANDIDATE_TRANSFER_SYNTAXES` whose pixels this environment decodes."""
+    return [syntax for syntax in CANDIDATE_TRANSFER_SYNTAXES if find_missing_decoder(syntax) is None]
+
+
+def status_accepted(code: int) -> bool:
+    """True when a C-STORE status means the receiver holds the instance: success, any warning, or a duplicate."""
+    return code == DUPLICATE_SOP_INSTANCE or code_to_category(code) in ("Success", "Warning")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# --- what the C-STORE handler checks --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An instance the node will not take: the status for its sender, and why (for the log and, cut to 64 characters, Error Comment)."""
+
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """An instance the node can analyse: its UIDs, and whether it is one of the node's own results coming back."""
+
+    sop: str
+    study: str
+    own_result: bool = False
+
+
+def check_instance(data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Arrival | Refusal:
+    """Decide on one C-STORE request: ``data`` is the instance as a DICOM file, ``sop_class`` the Affected SOP Class of the request.
+
+    Reads the tags, then decodes the pixels (:func:`~lungdet.data_tools.dicom_io.read_dicom_bytes`,
+    with its size limit against decompression bombs), so that whatever is acknowledged can be
+    analysed. Returns the :class:`Refusal` with its status for anything else.
+    """
+    try:
+        with warnings.catch_warnings():
+            # On data that ends early pydicom only warns and returns what it read (often nothing), as dicom_io knows.
+            warnings.filterwarnings("error", message="(End of file reached|Unexpected end of file)", category=UserWarning)
+            header = pydicom.dcmread(io.BytesIO(data))  # in memory already: the pixel data is only a reference to bytes
+        sop, study, dataset_class = str(header.SOPInstanceUID), str(header.StudyInstanceUID), str(header.SOPClassUID)
+    except UserWarning as warning:
+        return Refusal(CANNOT_UNDERSTAND, f"the data set is truncated ({str(warning).split(' in file ')[0]})")
+    except AttributeError as error:
+        return Refusal(DATA_SET_MISMATCH, f"lacks {str(error).split(' ')[-1]} (SOP Class, SOP Instance and Study Instance UIDs are needed)")
+    except Exception as error:  # pydicom raises many types on damaged data; all mean the same to the sender
+        return Refusal(CANNOT_UNDERSTAND, f"cannot be parsed ({_first_line(error)})")
+    if not UID(sop).is_valid or not UID(study).is_valid:
+        return Refusal(CANNOT_UNDERSTAND, f"SOP Instance UID {sop[:64]!r} or Study Instance UID {study[:64]!r} is not a valid UID")
+    if dataset_class != sop_class:
+        return Refusal(DATA_SET_MISMATCH, f"its SOP Class UID {dataset_class} is not the request's {sop_class}")
+    if str(header.get("SeriesDescription", "") or "") in OWN_SERIES:
+        return Arrival(sop, study, own_result=True)
+    modality = str(header.get("Modality", "") or "")
+    if modality not in CHEST_MODALITIES:
+        return Refusal(CANNOT_UNDERSTAND, f"modality {modality or '(none)'}, not a chest radiograph ({' or '.join(CHEST_MODALITIES)})")
+    try:
+        read_dicom_bytes(data, name=f"instance {sop}", max_pixels=max_pixels)
+    except ImageReadError as error:
+        # What is wrong only: the reader's advice ("remove it from the folder") is for files, not a sender.
+        reason = error.reason.split("; ")[0]
+        status = DATA_SET_MISMATCH if error.kind in ("multi_frame", "no_pixels", "not_image") else CANNOT_UNDERSTAND
+        return Refusal(status, reason)
+    cut = cut_frame(header)
+    if cut is not None:
+        return Refusal(CANNOT_UNDERSTAND, cut)
+    return Arrival(sop, study)
+
+
+def cut_frame(dataset: Dataset) -> str | None:
+    """Why a JPEG-family frame is cut short (no End Of Image / End Of Codestream marker, FFD9), or None.
+
+    libjpeg (pylibjpeg) decodes a truncated stream without a word and fills the rest grey, so
+    read_dicom_bytes takes half an X-ray for a whole one; the node must not report on it.
+    """
+    syntax = str(dataset.file_meta.get("TransferSyntaxUID", ""))
+    if syntax not in JPEG_FAMILY or "PixelData" not in dataset:
+        return None
+    try:
+        stream = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    except Exception as error:  # damaged encapsulation
+        return f"pixel data cannot be decoded (transfer syntax {UID(syntax).name}: {_first_line(error)})"
+    # Fragments are padded to an even length with a zero byte, which is not part of the stream.
+    if not stream.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return f"pixel data cannot be decoded (transfer syntax {UID(syntax).name}: the frame has no end marker, it was cut short)"
+    return None
+
+
+# --- the state folder: inbox, pending results, the settled journal ---------------------------------
+
+
+@dataclass(frozen=True)
+class Known:
+    """An arriving image that needs no work, and why: it is acknowledged and not written again."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class PendingResult:
+    """A result waiting in ``pending/NAME/``: its files (report first), the image's study and SOP Instance UID, the report's UID."""
+
+    name: str
+    files: tuple[Path, ...]
+    study: str
+    image: str
+    report: str
+
+    @property
+    def folder(self) -> Path:
+        return self.files[0].parent
+
+
+@dataclass
+class Recovery:
+    """What start-up found: inputs waiting in the inbox, results waiting to be stored, and the crashes it tidied up after."""
+
+    inbox: int = 0
+    pending: int = 0
+    temporary_removed: int = 0
+    settled_from_pending: int = 0
+    inbox_already_settled: int = 0
+
+    def line(self) -> str | None:
+        if not any(vars(self).values()):
+            return None
+        tidied = self.temporary_removed + self.settled_from_pending + self.inbox_already_settled
+        return (
+            f"recovered from the last run: {self.inbox} instance(s) in the inbox, {self.pending} result(s) waiting to be stored"
+            + (f" ({tidied} half-done step(s) tidied up)" if tidied else "")
+        )
+
+
+def _sequence(name: str) -> int:
+    head = name.split("-", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+class DimseState:
+    """The node's folder (see the module docstring). Thread-safe: handlers, the worker and the sender share one.
+
+    The inbox is bounded (``max_inbox`` files, counting those being written); :meth:`reserve`
+    hands out arrival-ordered names, :meth:`take` gives the worker the oldest, and the settled
+    journal makes a re-sent instance known.
+    """
+
+    def __init__(self, folder: Path, *, max_inbox: int = DEFAULT_MAX_INBOX, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+        self.folder = Path(folder)
+        self.inbox_folder, self.pending_folder, self.failed_folder = self.folder / "inbox", self.folder / "pending", self.folder / "failed"
+        self.journal = self.folder / "settled.jsonl"
+        self.max_inbox, self.min_free_bytes = max_inbox, min_free_bytes
+        self.lock = threading.Condition()
+        self.reported: dict[str, str] = {}  # report UID -> the name it was settled under
+        self.settled: set[str] = set()  # names reported or skipped
+        self.waiting: list[str] = []  # a heap of inbox names ready for the worker
+        self.in_inbox: dict[str, str] = {}  # image SOP -> name, for every file in the inbox or being written
+        self.next_sequence = 1
+        self.recovery = Recovery()
+
+    # --- start-up ----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, folder: Path, **options: Any) -> DimseState:
+        """Open (or create) the folder and recover from wherever the last run stopped, before anything else touches it."""
+        state = cls(folder, **options)
+        state._recover()
+        return state
+
+    def _recover(self) -> None:
+        for sub in (self.inbox_folder, self.pending_folder, self.failed_folder):
+            sub.mkdir(parents=True, exist_ok=True)
+        recovery = self.recovery
+        # Half-written files and folders of a killed run (atomic.py's temporary names): never acknowledged or never complete.
+        for leftover in [*self.inbox_folder.glob(".*.tmp"), *self.pending_folder.glob(".*.tmp")]:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            recovery.temporary_removed += 1
+        sequences = [0]
+        for entry in self._read_journal():
+            sequences.append(_sequence(entry["name"]))
+            if entry["outcome"] in ("reported", "skipped"):
+                self.settled.add(entry["name"])
+            if entry["outcome"] == "reported" and entry.get("report"):
+                self.reported[entry["report"]] = entry["name"]
+        pending = {result.name: result for result in self.pending()}
+        for path in sorted(self.inbox_folder.glob("*.dcm")):
+            name = path.stem
+            sequences.append(_sequence(name))
+            if name in self.settled:  # crash between steps 3 and 4
+                path.unlink()
+                recovery.inbox_already_settled += 1
+                continue
+            if name in pending:  # crash between steps 2 and 3
+                self._append_journal({"name": name, "outcome": "reported", "image": pending[name].image, "report": pending[name].report})
+                path.unlink()
+                recovery.settled_from_pending += 1
+                continue
+            image = name.split("-", 1)[1] if "-" in name else name
+            self.in_inbox[image] = name
+            heapq.heappush(self.waiting, name)
+        sequences += [_sequence(name) for name in pending]
+        sequences += [_sequence(path.stem) for path in self.failed_folder.glob("*.dcm")]
+        self.next_sequence = max(sequences) + 1
+        recovery.inbox, recovery.pending = len(self.waiting), len(pending)
+
+    def _read_journal(self) -> Iterator[dict[str, Any]]:
+        if not self.journal.is_file():
+            return
+        for line in self.journal.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed mid-append (power cut): that step is redone
+                continue
+            if isinstance(entry, dict) and "name" in entry and "outcome" in entry:
+                yield entry
+
+    def _append_journal(self, entry: dict[str, Any]) -> None:
+        with open(self.journal, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(entry, sort_keys=True) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        if entry["outcome"] in ("reported", "skipped"):
+            self.settled.add(entry["name"])
+        if entry["outcome"] == "reported" and entry.get("report"):
+            self.reported[entry["report"]] = entry["name"]
+
+    # --- the handler's side ------------------------------------------------------------------------
+
+    def reserve(self, image: str, report: str, size: int) -> str | Refusal | Known:
+        """A name in the inbox for an arriving image of ``size`` bytes whose report would be ``report``.
+
+        Or :class:`Known` when it needs no work (this model's report is settled, or it waits in the
+        inbox already), or the 0xA700 :class:`Refusal` when the inbox or the disk is full. One lock
+        for all three, so that two copies arriving at once become one inbox file.
+        """
+        with self.lock:
+            if report in self.reported:
+                return Known("already reported")
+            if image in self.in_inbox:
+                return Known("already waiting in the inbox")
+            count = len(self.in_inbox)
+            if count >= self.max_inbox:
+                return Refusal(OUT_OF_RESOURCES, f"the inbox is full ({count} instances, --max-inbox {self.max_inbox}); send it again later")
+            free = shutil.disk_usage(self.inbox_folder).free
+            if free - size < self.min_free_bytes:
+                return Refusal(OUT_OF_RESOURCES, f"the disk of {self.folder} is nearly full ({free / 2**20:.0f} MiB free); send it again later")
+            name = f"{self.next_sequence:010d}-{image}"
+            self.next_sequence += 1
+            self.in_inbox[image] = name
+            return name
+
+    def admit(self, name: str, data: bytes) -> None:
+        """Write the reserved ``name`` to the inbox durably (step 1), then hand it to the worker. Raises OSError (the name is released)."""
+        image = name.split("-", 1)[1]
+        try:
+            write_bytes_durable(self.inbox_folder / f"{name}.dcm", data)
+        except BaseException:
+            with self.lock:
+                self.in_inbox.pop(image, None)
+            raise
+        with self.lock:
+            heapq.heappush(self.waiting, name)
+            self.lock.notify_all()
+
+    def inbox_count(self) -> int:
+        with self.lock:
+            return len(self.in_inbox)
+
+    # --- the worker's side -------------------------------------------------------------------------
+
+    def take(self, timeout: float) -> str | None:
+        """The oldest inbox name, waiting up to ``timeout`` seconds for one; None if none came."""
+        with self.lock:
+            if not self.waiting:
+                self.lock.wait(timeout)
+            return heapq.heappop(self.waiting) if self.waiting else None
+
+    def inbox_path(self, name: str) -> Path:
+        return self.inbox_folder / f"{name}.dcm"
+
+    def keep_pending(self, name: str, study: str, image: str, datasets: Sequence[Dataset]) -> PendingResult:
+        """Step 2: the result as ``pending/NAME/`` (``0.dcm`` the report, then the others, and result.json), whole or not at all."""
+        files = {f"{index}.dcm": dicom_bytes(dataset) for index, dataset in enumerate(datasets)}
+        report = str(datasets[0].SOPInstanceUID)
+        files["result.json"] = json.dumps({"study": study, "image": image, "report": report}).encode()
+        write_folder_durable(self.pending_folder / name, files)
+        folder = self.pending_folder / name
+        return PendingResult(name, tuple(folder / file for file in files if file.endswith(".dcm")), study, image, report)
+
+    def settle(self, name: str, *, outcome: str, image: str, report: str | None = None, reason: str | None = None) -> None:
+        """Steps 3 and 4: record ``name`` as reported (with its report UID) or skipped, then remove its inbox file."""
+        entry = {"name": name, "outcome": outcome, "image": image, "report": report, "reason": reason}
+        with self.lock:  # with the journal and the inbox set changed together, a handler sees the image in one or the other
+            self._append_journal({key: value for key, value in entry.items() if value is not None})
+            self.in_inbox.pop(image, None)
+        # Not fsynced: a removal lost to a power cut is redone at start-up, which finds the name settled.
+        self.inbox_path(name).unlink(missing_ok=True)
+
+    def set_aside(self, name: str, image: str) -> Path:
+        """Move an input the worker keeps failing on to ``failed/`` (not settled: sent again, it is tried again)."""
+        target = self.failed_folder / f"{name}.dcm"
+        self.inbox_path(name).replace(target)
+        with self.lock:
+            self.in_inbox.pop(image, None)
+        return target
+
+    # --- the sender's side -------------------------------------------------------------------------
+
+    def pending(self) -> list[PendingResult]:
+        """Every complete result not yet accepted by the receiver, oldest first."""
+        results = []
+        for folder in sorted(self.pending_folder.iterdir()):
+            if folder.name.startswith(".") or not (folder / "result.json").is_file():
+                continue
+            facts = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+            files = tuple(sorted(folder.glob("*.dcm"), key=lambda path: int(path.stem)))
+            results.append(PendingResult(folder.name, files, facts["study"], facts["image"], facts["report"]))
+        return results
+
+    def remove_pending(self, result: PendingResult) -> None:
+        """Step 5's end: the receiver holds every file. (Not fsynced: a folder back after a power cut is stored again, harmlessly.)"""
+        shutil.rmtree(result.folder, ignore_errors=True)
+
+
+# --- the worker: an inbox file -> its results ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Analysis:
+    datasets: list[Dataset]
+    study: str
+    image: str
+    boxes: int
+    probability: float | None
+
+
+def analyse(data: bytes, *, name: str, detector: Any, model: ModelIdentity, cut_off: float, overlay: bool, gsps: bool) -> Analysis:
+    """Decode one inbox file, run the detector, and build its results (report first). Raises ImageReadError for a file it cannot read."""
+    image: DicomImage = read_dicom_bytes(data, name=name, max_pixels=DEFAULT_MAX_PIXELS)
+    source = pydicom.dcmread(io.BytesIO(data))
+    for keyword in PATIENT_AND_STUDY_TYPE2:
+        # Type 2 (present, may be empty) in every image IOD, and copied into every result; some senders leave them out.
+        if keyword not in source:
+            setattr(source, keyword, "")
+    result = detector.predict(image.pixels)
+    prediction = keep_confident(result.prediction, min_confidence=cut_off)
+    # The one builder of every result kind; the GSPS reads the stored pixels from ``source`` itself.
+    datasets = result_datasets(source, image.pixels, prediction, result.probability, model, overlay=overlay, gsps=gsps)
+    return Analysis(datasets, str(source.StudyInstanceUID), str(source.SOPInstanceUID), len(prediction.scores), result.probability)
+
+
+# --- receivers: where results are stored -----------------------------------------------------------
+
+
+class ReceiverDown(Exception):
+    """The receiver could not be reached, rejected the association or went away; the round stops and is retried after a pause."""
+
+
+class Receiver(Protocol):
+    def __str__(self) -> str: ...
+
+    def send(self, results: Sequence[PendingResult]) -> Iterator[tuple[PendingResult, str | None]]:
+        """Store each result; yield it with None when the receiver holds all its files, or why it refused. Raises ReceiverDown."""
+        ...
+
+
+class CStoreReceiver:
+    """Results by C-STORE to ``address``, one association per round, calling as ``ae_title``."""
+
+    def __init__(self, address: AEAddress, *, ae_title: str, timeout: float = NETWORK_TIMEOUT_S) -> None:
+        self.address, self.ae_title, self.timeout = address, ae_title, timeout
+
+    def __str__(self) -> str:
+        return f"{self.address} (C-STORE)"
+
+    def send(self, results: Sequence[PendingResult]) -> Iterator[tuple[PendingResult, str | None]]:
+        # Propose exactly what is to be sent: each file's SOP class in its own transfer syntax, and both
+        # uncompressed ones, which pynetdicom converts between (every receiver takes Implicit VR).
+        contexts: dict[str, set[str]] = {}
+        for result in results:
+            for path in result.files:
+                meta = pydicom.dcmread(path, stop_before_pixels=True)
+                syntaxes = contexts.setdefault(str(meta.SOPClassUID), {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"})
+                syntaxes.add(str(meta.file_meta.TransferSyntaxUID))
+        ae = pynetdicom.AE(ae_title=self.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for sop_class, syntaxes in contexts.items():
+            ae.add_requested_context(sop_class, sorted(syntaxes))
+        try:
+            association = ae.associate(self.address.host, self.address.port, ae_title=self.address.ae_title)
+        except Exception as error:  # a host name that does not resolve, for one
+            raise ReceiverDown(_first_line(error)) from None
+        if not association.is_established:
+            raise ReceiverDown(_association_failure(association))
+        try:
+            for result in results:
+                refusal = None
+                for path in result.files:
+                    try:
+                        status = association.send_c_store(path)
+                    except ValueError as error:  # no accepted presentation context for this SOP class
+                        refusal = f"it does not take {path.name} ({_first_line(error)})"
+                        break
+                    if "Status" not in status:
+                        raise ReceiverDown("no answer to C-STORE (timed out or aborted)")
+                    if not status_accepted(int(status.Status)):
+                        comment = f": {status.ErrorComment}" if status.get("ErrorComment") else ""
+                        refusal = f"status 0x{int(status.Status):04X}{comment}"
+                        break
+                yield result, refusal
+        finally:
+            if association.is_established:
+                association.release()
+
+
+def _association_failure(association: Any) -> str:
+    if association.is_rejected:
+        rejection = association.acceptor.primitive
+        reasons = {(1, 3): "our calling AE title is not recognised (register it there, or pass --ae-title)", (1, 7): "called AE title not recognised (check --send-to)"}
+        reason = reasons.get((rejection.result_source, rejection.diagnostic), f"source {rejection.result_source}, reason {rejection.diagnostic}")
+        return f"association rejected: {reason}"
+    if association.is_aborted:
+        return "association aborted"
+    return "no connection"
+
+
+class DicomwebReceiver:
+    """Results by STOW-RS into their studies, through a dicomweb-client (see :func:`lungdet.pacs.cli.make_client`)."""
+
+    def __init__(self, client: Any, url: str) -> None:
+        self.client, self.url = client, url
+
+    def __str__(self) -> str:
+        return f"{self.url} (STOW-RS)"
+
+    def send(self, results: Sequence[PendingResult]) -> Iterator[tuple[PendingResult, str | None]]:
+        import requests
+
+        for result in results:
+            datasets = [pydicom.dcmread(path) for path in result.files]
+            try:
+                response = self.client.store_instances(datasets, study_instance_uid=result.study)
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
+                raise ReceiverDown(str(error).splitlines()[0][:200]) from None
+            except requests.exceptions.HTTPError as error:
+                status = error.response.status_code if error.response is not None else "?"
+                yield result, f"HTTP {status}"
+                continue
+            failed = [item for item in (response or Dataset()).get("FailedSOPSequence", []) if not status_accepted(int(item.get("FailureReason", 0xC000)))]
+            yield result, (f"{len(failed)} instance(s) failed (reason 0x{int(failed[0].get('FailureReason', 0xC000)):04X})" if failed else None)
+
+
+# --- the node: pynetdicom's server, the worker and the sender ---------------------------------------
+
+
+@dataclass
+class DimseNode:
+    """The C-STORE node: :meth:`start` it (it listens, works and sends in threads), :meth:`stop` it.
+
+    ``allowed`` None accepts any calling AE title (``--allow-any``). ``say`` gets every log line.
+    """
+
+    listen: AEAddress
+    state: DimseState
+    detector: Any
+    model: ModelIdentity
+    receiver: Receiver
+    allowed: Sequence[AllowedCaller] | None
+    cut_off: float
+    overlay: bool = False
+    gsps: bool = False
+    say: Callable[[str], None] = LOG.info
+
+    def __post_init__(self) -> None:
+        self.stopping = threading.Event()
+        self.results_ready = threading.Event()
+        self.busy = threading.Event()  # the worker holds an image
+        self.sending = threading.Event()  # the sender is in a round
+        self.threads: list[threading.Thread] = []
+        self.server: Any = None
+        self.port = self.listen.port
+        # --allow hosts are looked up once, here: a name that does not resolve is an error at start-up, not a silent reject.
+        self.allowed_addresses = None if self.allowed is None else [(caller, caller.addresses()) for caller in self.allowed]
+        self.transfer_syntaxes = accepted_transfer_syntaxes()
+
+    # --- life --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        ae = pynetdicom.AE(ae_title=self.listen.ae_title)
+        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = NETWORK_TIMEOUT_S
+        ae.maximum_associations = 16
+        for sop_class in IMAGE_STORAGE:
+            ae.add_supported_context(sop_class, self.transfer_syntaxes)
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_ABORTED, self._on_aborted)]
+        # The pending results of the last run go first: the sender starts before anything new can arrive.
+        self.threads = [threading.Thread(target=self._send_loop, name="lungdet-sender", daemon=True),
+                        threading.Thread(target=self._work_loop, name="lungdet-worker", daemon=True)]
+        for thread in self.threads:
+            thread.start()
+        try:
+            self.server = ae.start_server((self.listen.host, self.listen.port), block=False, evt_handlers=handlers)
+        except OSError as error:
+            self.stop()
+            raise LungdetError(f"--listen {self.listen}: cannot listen there ({error.strerror}); is another node on that port?") from None
+        self.port = int(self.server.server_address[1])
+        recovered = self.state.recovery.line()
+        if recovered:
+            self.say(recovered)
+        syntaxes = ", ".join(CANDIDATE_TRANSFER_SYNTAXES[syntax] for syntax in self.transfer_syntaxes)
+        callers = "any calling AE title" if self.allowed is None else "calling AE " + ", ".join(str(caller) for caller in self.allowed)
+        kinds = "report" + (", overlay" if self.overlay else "") + (", GSPS" if self.gsps else "")
+        self.say(
+            f"listening as {self.listen.ae_title} on {self.listen.host}:{self.port} for CR, DX and SC images ({syntaxes}) from {callers}; "
+            f"results ({kinds}) to {self.receiver}; {self.detector.architecture} on {self.detector.device}, cut-off {self.cut_off:g}; "
+            f"state in {self.state.folder}; research use only, not a diagnostic device"
+        )
+
+    def stop(self, *, timeout: float = 30.0) -> None:
+        """Stop listening, let the worker finish its image and the sender its file, and return (whatever is left is handled by the next run)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        self.stopping.set()
+        self.results_ready.set()
+        with self.state.lock:
+            self.state.lock.notify_all()
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def idle(self) -> bool:
+        """Nothing in the inbox, nothing pending, no thread mid-work (for tests and benchmarks that wait for the node)."""
+        return self.state.inbox_count() == 0 and not self.busy.is_set() and not self.sending.is_set() and not self.state.pending()
+
+    # --- pynetdicom handlers (one thread per association) ------------------------------------------
+
+    def _peer(self, event: Any) -> str:
+        return f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+
+    def _on_requested(self, event: Any) -> None:
+        request = event.assoc.requestor.primitive
+        calling, called, host = str(request.calling_ae_title).strip(), str(request.called_ae_title).strip(), event.assoc.requestor.address
+        rejection = self.association_refusal(calling, called, host)
+        if rejection is not None:
+            diagnostic, reason = rejection
+            self.say(f"rejected an association from {calling}@{host}: {reason}")
+            event.assoc.acse.send_reject(REJECT_PERMANENT, REJECT_BY_USER, diagnostic)
+            # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is out and the peer has closed.
+            event.assoc.kill()
+
+    def association_refusal(self, calling: str, called: str, host: str) -> tuple[int, str] | None:
+        """(A-ASSOCIATE-RJ diagnostic, why) for a caller that may not associate; None for one that may."""
+        if called != self.listen.ae_title:
+            return CALLED_AE_NOT_RECOGNISED, f"it called AE title {called!r}; this node is {self.listen.ae_title!r}"
+        if self.allowed_addresses is None:
+            return None
+        for caller, addresses in self.allowed_addresses:
+            if caller.ae_title == calling and (not addresses or host in addresses):
+                return None
+        known = [caller for caller, _ in self.allowed_addresses if caller.ae_title == calling]
+        if known:
+            return CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling!r} is allowed only from {', '.join(str(caller.host) for caller in known)}"
+        return CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling!r} is not in --allow (add --allow {calling}@{host}, or --allow-any)"
+
+    def _on_aborted(self, event: Any) -> None:
+        # pynetdicom calls the C-STORE handler only with a whole dataset: a transfer cut short never reaches the inbox.
+        self.say(f"the association from {self._peer(event)} was aborted; an instance it was sending, if any, was not stored")
+
+    def _on_echo(self, event: Any) -> int:
+        self.say(f"echo from {self._peer(event)}")
+        return SUCCESS
+
+    def _on_store(self, event: Any) -> int | Dataset:
+        peer = self._peer(event)
+        sop = str(event.request.AffectedSOPInstanceUID)
+        try:
+            return self.store(event.encoded_dataset(include_meta=True), sop_class=str(event.request.AffectedSOPClassUID), sop=sop, peer=peer)
+        except Exception as error:  # a fault of ours must answer the sender, never kill its association thread
+            LOG.exception("C-STORE handler failed")
+            return self._refuse(sop, peer, Refusal(OUT_OF_RESOURCES, f"the node failed to store it ({_first_line(error)})"))
+
+    def store(self, data: bytes, *, sop_class: str, sop: str, peer: str) -> int | Dataset:
+        """One C-STORE request (``data``: the instance as a DICOM file): the status to answer, after the inbox file is durable."""
+        verdict = check_instance(data, sop_class=sop_class)
+        if isinstance(verdict, Refusal):
+            return self._refuse(sop, peer, verdict)
+        if verdict.own_result:
+            self.say(f"ignored {verdict.sop} from {peer}: a lungdet result (a routing rule sends results back to lungdet)")
+            return SUCCESS
+        name = self.state.reserve(verdict.sop, report_uid(_uids(verdict), self.model), len(data))
+        if isinstance(name, Known):
+            self.say(f"received {verdict.sop} from {peer} again: {name.reason}, not processed again")
+            return SUCCESS
+        if isinstance(name, Refusal):
+            return self._refuse(sop, peer, name)
+        try:
+            self.state.admit(name, data)
+        except OSError as error:
+            return self._refuse(sop, peer, Refusal(OUT_OF_RESOURCES, f"cannot write to the inbox ({error.strerror or error})"))
+        self.say(f"received {verdict.sop} from {peer} ({self.state.inbox_count()} in the inbox)")
+        return SUCCESS
+
+    def _refuse(self, sop: str, peer: str, refusal: Refusal) -> Dataset:
+        self.say(f"refused {sop} from {peer}: {refusal.reason} (status 0x{refusal.status:04X})")
+        status = Dataset()
+        status.Status = refusal.status
+        status.ErrorComment = refusal.reason[:ERROR_COMMENT_MAX]
+        return status
+
+    # --- the worker --------------------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        attempts: dict[str, int] = {}
+        while not self.stopping.is_set():
+            name = self.state.take(timeout=0.5)
+            if name is None:
+                continue
+            self.busy.set()
+            try:
+                if not self.work(name, attempts.get(name, 0) + 1):
+                    attempts[name] = attempts.get(name, 0) + 1
+                    with self.state.lock:
+                        heapq.heappush(self.state.waiting, name)  # tried again first, after a pause
+                    self.stopping.wait(attempts[name])
+                else:
+                    attempts.pop(name, None)
+            finally:
+                self.busy.clear()
+
+    def work(self, name: str, attempt: int) -> bool:
+        """Settle one inbox file (steps 2 to 4); False when a fault of ours leaves it to be tried again."""
+        image = name.split("-", 1)[1]
+        path = self.state.inbox_path(name)
+        try:
+            analysis = analyse(path.read_bytes(), name=f"instance {image}", detector=self.detector, model=self.model, cut_off=self.cut_off,
+                               overlay=self.overlay, gsps=self.gsps)
+        except ImageReadError as error:  # checked on arrival, so rare: a decoder that differs between the two reads
+            reason = error.reason.split("; ")[0]
+            self.state.settle(name, outcome="skipped", image=image, reason=reason)
+            self.say(f"skipped {image}: {reason}")
+            return True
+        except Exception as error:
+            if attempt < WORKER_ATTEMPTS:
+                self.say(f"could not process {image} ({_first_line(error)}); trying again ({attempt} of {WORKER_ATTEMPTS})")
+                return False
+            target = self.state.set_aside(name, image)
+            self.say(f"could not process {image} after {WORKER_ATTEMPTS} tries ({_first_line(error)}); moved to {target} (move it back into {self.state.inbox_folder} to retry)")
+            return True
+        result = self.state.keep_pending(name, analysis.study, image, analysis.datasets)
+        self.state.settle(name, outcome="reported", image=image, report=result.report)
+        probability = f", probability {analysis.probability:.2f}" if analysis.probability is not None else ""
+        self.say(f"reported {image}: {analysis.boxes} box(es){probability}; {len(result.files)} instance(s) waiting to be stored")
+        self.results_ready.set()
+        return True
+
+    # --- the sender --------------------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        pause, down_since = 1.0, None
+        told_refused: set[str] = set()
+        while not self.stopping.is_set():
+            self.results_ready.clear()
+            batch = self.state.pending()[:SEND_BATCH]
+            if not batch:
+                self.results_ready.wait(1.0)
+                continue
+            self.sending.set()
+            refused = 0
+            try:
+                for result, refusal in self.receiver.send(batch):
+                    if refusal is None:
+                        self.state.remove_pending(result)
+                        self.say(f"stored {result.image}'s result ({len(result.files)} instance(s)) in {self.receiver}")
+                    else:
+                        refused += 1
+                        if result.name not in told_refused:  # said once per result, not on every retry
+                            told_refused.add(result.name)
+                            self.say(f"{self.receiver} refused {result.image}'s result ({refusal}); kept in {result.folder}, tried again")
+                    if self.stopping.is_set():
+                        break
+            except ReceiverDown as error:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    waiting = len(self.state.pending())
+                    self.say(f"the receiver {self.receiver} does not answer ({error}); {waiting} result(s) wait in {self.state.pending_folder}, retrying with a growing pause, up to {MAX_PAUSE_S:g} s")
+                self.sending.clear()
+                self.stopping.wait(pause)
+                pause = min(pause * 2, MAX_PAUSE_S)
+                continue
+            finally:
+                self.sending.clear()
+            if down_since is not None:
+                self.say(f"the receiver {self.receiver} answers again after {time.monotonic() - down_since:.0f} s")
+                down_since = None
+            if refused:
+                self.stopping.wait(pause)
+                pause = min(pause * 2, MAX_PAUSE_S)
+            else:
+                pause = 1.0
+
+    def serve_forever(self) -> None:
+        """Block until :meth:`stop` is called from another thread (or KeyboardInterrupt)."""
+        while not self.stopping.wait(1.0):
+            pass
+
+
+def _uids(arrival: Arrival) -> Dataset:
+    # report_uid reads the image's SOP Instance UID only; the handler has no need for the whole dataset.
+    dataset = Dataset()
+    dataset.SOPInstanceUID = arrival.sop
+    dataset.StudyInstanceUID = arrival.study
+    return dataset
