@@ -1,12 +1,14 @@
 """The pipeline learns: synth -> convert -> train on CPU -> predict DICOMs -> RSNA score.
 
-A MobileNetV3-FPN Faster R-CNN trained from scratch for a fixed number of steps (about two
-minutes on a 2-core CPU) must beat the same architecture untrained, on held-out synthetic
-DICOMs scored with the official metric through ``predict_dicoms`` (original pixel space).
-Measured on the reference machine (2 cores, torch 2.14.1): untrained mAP 0.0035, trained mAP
-0.318 (validation mAP 0.394) in fp32 on 2026-11-22, and 0.256 (validation 0.223) in bf16, which
-``amp: auto`` picks on that CPU, on 2026-11-27. The assertions leave a wide margin below the
-trained figure while still failing if training stops learning.
+A MobileNetV3-FPN Faster R-CNN trained from scratch for a fixed number of steps (five epochs
+of 200 images, about two minutes on a 2-core CPU) must beat the same architecture untrained, on
+held-out synthetic DICOMs scored with the official metric through ``predict_dicoms`` (original
+pixel space). Measured on the reference machine (2 cores, torch 2.14.1): at six epochs, trained
+mAP 0.318 (validation 0.394) in fp32 on 2026-11-22 and 0.256 (validation 0.223) in bf16, which
+``amp: auto`` picks on that CPU, on 2026-11-27; at five epochs (since 2026-12-03, to keep the
+suite under ten minutes), untrained 0.0035, trained 0.288 (validation 0.203) on that day's machine. Four
+epochs are not enough (trained 0.046). The assertions leave a wide margin below the trained
+figure while still failing if training stops learning.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lungdet.submission.score import score_dataset
 
 TRAIN_OVERRIDES = [
     "model.pretrained=none",  # tests never depend on downloads
-    "optim.epochs=6",  # fixed steps, not max_minutes: the result must not depend on machine speed
+    "optim.epochs=5",  # fixed steps, not max_minutes: the result must not depend on machine speed (four do not learn enough)
     "max_minutes=0",
     "seed=0",
 ]

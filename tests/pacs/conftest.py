@@ -171,9 +171,13 @@ def ohif_build() -> Path:
     return prepare_ohif(ohif_tarball())
 
 
-@pytest.fixture
-def orthanc_with_ohif(tmp_path: Path, ohif_build: Path) -> Iterator[Orthanc]:
-    """A fresh Orthanc that also serves the OHIF viewer at ``{url}/ohif`` (``{url}/ohif/viewer?StudyInstanceUIDs=...``)."""
+@pytest.fixture(scope="module")
+def orthanc_with_ohif(tmp_path_factory: pytest.TempPathFactory, ohif_build: Path) -> Iterator[Orthanc]:
+    """An Orthanc that also serves the OHIF viewer at ``{url}/ohif`` (``{url}/ohif/viewer?StudyInstanceUIDs=...``).
+
+    One per module: a new port is a new origin, whose cold browser cache costs OHIF seconds.
+    """
+    tmp_path = tmp_path_factory.mktemp("orthanc-ohif")
     binary, plugin = _orthanc_parts()
     if not Path(plugin).with_name(SERVE_FOLDERS).is_file():
         skip_or_fail(f"Orthanc's ServeFolders plugin is not beside {plugin}: apt-get install orthanc")

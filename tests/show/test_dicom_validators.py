@@ -85,7 +85,9 @@ def test_pixelmed_finds_no_error_in_the_reports(written: dict[str, Path], tmp_pa
         skip_or_fail(f"PixelMed is not installed ({PIXELMED_JAR}): apt-get install libpixelmed-java")
     source = tmp_path / "ValidateSR.java"
     source.write_text(SR_VALIDATOR)
-    reports = [path for kind, path in written.items() if "report" in kind]
+    # The RSNA file's two reports: a report's structure does not depend on the source's photometric
+    # interpretation (dciodvfy checks the MONOCHROME1 ones), and each report costs the validator seconds.
+    reports = [path for kind, path in written.items() if kind.startswith("rsna report")]
     done = subprocess.run(
         [java, *JAVA_XPATH_LIMITS, "-cp", str(PIXELMED_JAR), str(source), *map(str, reports)], capture_output=True, text=True, timeout=300,
     )
