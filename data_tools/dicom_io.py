@@ -404,11 +404,39 @@ def check_declared_size(path: Path, dataset: Dataset, meta: DicomMeta, *, max_pi
         )
 
 
+# JPEG, JPEG-LS and JPEG 2000 transfer syntaxes: their streams end with the marker FFD9 (EOI; EOC in JPEG 2000).
+JPEG_FAMILY_PREFIX = "1.2.840.10008.1.2.4."
+
+
+def check_complete_frame(path: Path, dataset: Dataset, meta: DicomMeta) -> None:
+    """Refuse a JPEG-family frame that is cut short: no end marker (FFD9) at the end of its stream.
+
+    libjpeg (pylibjpeg) decodes a truncated stream without a word and fills the rest grey, so a file
+    cut in transfer would pass for half an X-ray; the error names the syntax and what is wrong.
+    """
+    if not meta.transfer_syntax.startswith(JPEG_FAMILY_PREFIX) or "PixelData" not in dataset:
+        return
+    syntax = UID(meta.transfer_syntax).name
+    try:
+        stream = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    except Exception as error:  # damaged encapsulation
+        raise DicomReadError(
+            path, f"pixel data cannot be decoded (transfer syntax {syntax}: {type(error).__name__}: {' '.join(str(error).split())}); the file is damaged, export it again",
+            kind="undecodable",
+        ) from None
+    # Fragments are padded to an even length with a zero byte, which is not part of the stream.
+    if not stream.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise DicomReadError(
+            path, f"pixel data cannot be decoded (transfer syntax {syntax}: the frame has no end marker, it was cut short); the file is truncated, send or export it again",
+            kind="undecodable",
+        )
+
+
 def grey_jpeg_baseline_stream(dataset: Dataset, meta: DicomMeta) -> bytes | None:
     """The complete JPEG stream of an 8-bit grey single-frame JPEG Baseline DICOM, or None for any other file.
 
-    None too when the stream is incomplete (no End Of Image marker, as in a file cut short), so
-    that pydicom's decoder gets the file and reports what is wrong with it.
+    None too when the stream is incomplete (no End Of Image marker, as in a file cut short), which
+    :func:`check_complete_frame` refuses before any decoding.
     """
     if (
         meta.transfer_syntax != JPEGBaseline8Bit
@@ -502,6 +530,7 @@ def _image_from_dataset(path: Path, dataset: Dataset, *, max_pixels: int | None)
         raise DicomReadError(path, missing_decoder, kind="unsupported_compression")
     if max_pixels is not None:
         check_declared_size(path, dataset, meta, max_pixels=max_pixels)
+    check_complete_frame(path, dataset, meta)
     stream = grey_jpeg_baseline_stream(dataset, meta)
     pixels = decode_grey_jpeg(stream, (meta.rows, meta.columns)) if stream is not None else None
     if pixels is None:

@@ -68,7 +68,6 @@ from typing import Any, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
 from pydicom.uid import UID
 
 from lungdet.atomic import write_bytes_durable, write_folder_durable
@@ -116,8 +115,6 @@ CANDIDATE_TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2.5": "RLE Lossless",
     "1.2.840.10008.1.2.2": "Explicit VR BE",  # retired, still sent by old modalities
 }
-# JPEG, JPEG-LS and JPEG 2000 streams all end with the marker FFD9 (EOI; EOC in JPEG 2000).
-JPEG_FAMILY = frozenset(syntax for syntax in CANDIDATE_TRANSFER_SYNTAXES if syntax.startswith("1.2.840.10008.1.2.4."))
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATA_SET_MISMATCH = 0xA900  # "Data Set does not match SOP Class": no pixels, several frames, another class
@@ -205,29 +202,7 @@ def check_instance(data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX
         reason = error.reason.split("; ")[0]
         status = DATA_SET_MISMATCH if error.kind in ("multi_frame", "no_pixels", "not_image") else CANNOT_UNDERSTAND
         return Refusal(status, reason)
-    cut = cut_frame(header)
-    if cut is not None:
-        return Refusal(CANNOT_UNDERSTAND, cut)
     return Arrival(sop, study)
-
-
-def cut_frame(dataset: Dataset) -> str | None:
-    """Why a JPEG-family frame is cut short (no End Of Image / End Of Codestream marker, FFD9), or None.
-
-    libjpeg (pylibjpeg) decodes a truncated stream without a word and fills the rest grey, so
-    read_dicom_bytes takes half an X-ray for a whole one; the node must not report on it.
-    """
-    syntax = str(dataset.file_meta.get("TransferSyntaxUID", ""))
-    if syntax not in JPEG_FAMILY or "PixelData" not in dataset:
-        return None
-    try:
-        stream = next(generate_frames(dataset.PixelData, number_of_frames=1))
-    except Exception as error:  # damaged encapsulation
-        return f"pixel data cannot be decoded (transfer syntax {UID(syntax).name}: {_first_line(error)})"
-    # Fragments are padded to an even length with a zero byte, which is not part of the stream.
-    if not stream.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return f"pixel data cannot be decoded (transfer syntax {UID(syntax).name}: the frame has no end marker, it was cut short)"
-    return None
 
 
 # --- the state folder: inbox, pending results, the settled journal ---------------------------------

@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian
 
-from lungdet.data_tools.dicom_io import decode_grey_jpeg, find_dicoms, grey_jpeg_baseline_stream, parse_age, read_dicom, read_dicom_metadata
+from lungdet.data_tools.dicom_io import decode_grey_jpeg, find_dicoms, grey_jpeg_baseline_stream, parse_age, read_dicom, read_dicom_bytes, read_dicom_metadata
 from lungdet.errors import DicomReadError, LungdetError
 
 RSNA_FILE_COUNT = 13
@@ -84,9 +84,26 @@ def test_fast_jpeg_path_decodes_real_files_and_declines_odd_streams(rsna_sample_
     assert grey_jpeg_baseline_stream(dataset, dataclasses.replace(meta, transfer_syntax=ExplicitVRLittleEndian)) is None
     assert grey_jpeg_baseline_stream(dataset, dataclasses.replace(meta, bits_stored=12)) is None
     assert grey_jpeg_baseline_stream(dataset, dataclasses.replace(meta, samples_per_pixel=3)) is None
-    # A stream without its End Of Image marker (a file cut short) is left to pydicom, which reports it.
+    # A stream without its End Of Image marker (a file cut short) is not taken (check_complete_frame refuses it).
     dataset.PixelData = encapsulate([stream[:-2000]])
     assert grey_jpeg_baseline_stream(dataset, meta) is None
+
+
+def test_a_jpeg_frame_cut_short_is_refused_not_decoded_half_grey(rsna_sample_dir: Path) -> None:
+    # pylibjpeg decodes half a stream without a word and fills the rest grey: the reader must refuse it.
+    dataset = pydicom.dcmread(rsna_files(rsna_sample_dir)[0])
+    stream = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    for cut in (stream[: len(stream) // 2], stream[:-2]):
+        dataset.PixelData = encapsulate([cut])
+        buffer = io.BytesIO()
+        dataset.save_as(buffer)
+        with pytest.raises(DicomReadError, match=r"JPEG Baseline \(Process 1\): the frame has no end marker, it was cut short\); the file is truncated") as caught:
+            read_dicom_bytes(buffer.getvalue(), name="cut.dcm")
+        assert caught.value.kind == "undecodable"
+    dataset.PixelData = encapsulate([stream])  # the whole stream, padded to an even length, still reads
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    assert read_dicom_bytes(buffer.getvalue(), name="whole.dcm").pixels.std() > 20
 
 
 def test_only_monochrome2_keeps_its_jpeg_stream(siim_dicom: Path, siim_monochrome1_dicom: Path) -> None:
