@@ -128,8 +128,6 @@ MIN_FREE_BYTES = 256 * 1024 * 1024  # below this much free disk beside the inbox
 WORKER_ATTEMPTS = 3  # tries per image on a fault of ours (not of the image) before it goes to failed/
 SEND_BATCH = 100  # results stored per association before the pending folder is listed again
 NETWORK_TIMEOUT_S = 30.0
-PATIENT_AND_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-                           "ReferringPhysicianName")
 
 
 def accepted_transfer_syntaxes() -> list[str]:
@@ -456,10 +454,6 @@ def analyse(data: bytes, *, name: str, detector: Any, model: ModelIdentity, cut_
     """Decode one inbox file, run the detector, and build its results (report first). Raises ImageReadError for a file it cannot read."""
     image: DicomImage = read_dicom_bytes(data, name=name, max_pixels=DEFAULT_MAX_PIXELS)
     source = pydicom.dcmread(io.BytesIO(data))
-    for keyword in PATIENT_AND_STUDY_TYPE2:
-        # Type 2 (present, may be empty) in every image IOD, and copied into every result; some senders leave them out.
-        if keyword not in source:
-            setattr(source, keyword, "")
     result = detector.predict(image.pixels)
     prediction = keep_confident(result.prediction, min_confidence=cut_off)
     # The one builder of every result kind; the GSPS reads the stored pixels from ``source`` itself.

@@ -170,6 +170,27 @@ def quiet_highdicom() -> Iterator[None]:
 AGE_STRING = re.compile(r"^\d{3}[DWMY]$")
 
 
+# Type 2 (present, may be empty) in every image IOD, and copied into every result; some senders
+# and older files leave them out, and highdicom then fails on the missing attribute.
+PATIENT_AND_STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+)
+
+
+def with_type2_present(source: Dataset) -> Dataset:
+    """``source``, or a shallow copy with its missing Type 2 patient and study attributes present and empty (the caller's is not touched)."""
+    missing = [keyword for keyword in PATIENT_AND_STUDY_TYPE2 if keyword not in source]
+    if not missing:
+        return source
+    # A new element table over the same elements (Dataset(source) would share the table): adding to it leaves ``source`` alone.
+    completed = Dataset({tag: source.get_item(tag) for tag in source.keys()})
+    if hasattr(source, "file_meta"):
+        completed.file_meta = source.file_meta  # the transfer syntax, which decoding the pixels needs
+    for keyword in missing:
+        setattr(completed, keyword, "")
+    return completed
+
+
 def repair_copied_values(derived: Dataset) -> Dataset:
     """Repair, in place, values copied from the source whose value representation the source broke.
 
@@ -238,6 +259,7 @@ def no_findings_report(source: Dataset, probability: float | None, model: ModelI
     lungdet (TID 4019, whose parameters carry the checkpoints, the cut-off and, from a model with
     an image head, ``image probability 0.0700``: TID 4100 has no other place for a number).
     """
+    source = with_type2_present(source)
     contains, concept_mod = hd.sr.RelationshipTypeValues.CONTAINS, hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD
     algorithm = [
         hd.sr.TextContentItem(name=codes.DCM.AlgorithmName, value="lungdet", relationship_type=concept_mod),
@@ -283,6 +305,7 @@ def structured_report(source: Dataset, prediction: Prediction, probability: floa
     ``prediction`` is XYWH_ABS in the source's pixels; ``probability`` is the image head's, or None.
     Without boxes, the report is :func:`no_findings_report`'s.
     """
+    source = with_type2_present(source)
     if not len(prediction.scores):
         return no_findings_report(source, probability, model)
     uid = report_uid(source, model)
@@ -319,6 +342,7 @@ def structured_report(source: Dataset, prediction: Prediction, probability: floa
 
 def overlay_image(source: Dataset, pixels: np.ndarray, prediction: Prediction, model: ModelIdentity) -> hd.sc.SCImage:
     """A Secondary Capture of ``pixels`` (the source as lungdet reads it, uint8 ``[rows, columns]``) with the boxes and notice burnt in."""
+    source = with_type2_present(source)
     if pixels.shape[:2] != (int(source.Rows), int(source.Columns)):
         raise ValueError(f"pixels {pixels.shape[:2]} do not match the source's {source.Rows} x {source.Columns}")
     rgb = draw_overlay(pixels, truth=None, prediction=prediction, title=f"lungdet {model.version}: {RESEARCH_NOTICE}", truth_in_legend=False)
@@ -343,6 +367,7 @@ def presentation_state(source: Dataset, stored_pixels: np.ndarray, prediction: P
     ``stored_pixels`` are the source's stored values (``source.pixel_array``), from which the window is
     worked out as lungdet reads the image; ``prediction`` is XYWH_ABS in the source's pixels.
     """
+    source = with_type2_present(source)
     photometric = str(source.get("PhotometricInterpretation", "")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(f"a grayscale presentation state needs a MONOCHROME1/2 image; this one is {photometric or 'without PhotometricInterpretation'}")

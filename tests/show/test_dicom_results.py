@@ -215,3 +215,19 @@ def test_gsps_needs_a_grey_image(sources: list[Path]) -> None:
     source.PhotometricInterpretation = "RGB"
     with pytest.raises(ValueError, match="needs a MONOCHROME1/2 image; this one is RGB"):
         presentation_state(source, source.pixel_array, BOXES, MODEL)
+
+
+def test_a_source_without_type_2_patient_and_study_attributes_still_gets_every_result(sources: list[Path]) -> None:
+    source = pydicom.dcmread(sources[0])
+    for keyword in ("PatientSex", "StudyDate", "AccessionNumber", "PatientBirthDate"):
+        del source[keyword]
+    pixels = read_dicom(sources[0]).pixels
+    results = [
+        structured_report(source, BOXES, None, MODEL), structured_report(source, Prediction.empty(), None, MODEL),
+        overlay_image(source, pixels, BOXES, MODEL), presentation_state(source, source.pixel_array, BOXES, MODEL),
+    ]
+    for result in results:
+        for keyword in ("PatientSex", "StudyDate", "AccessionNumber"):  # present and empty
+            assert keyword in result and result[keyword].value in ("", None), (result.Modality, keyword)
+        assert result.PatientID == source.PatientID
+    assert "PatientSex" not in source  # the caller's dataset is left as it was
