@@ -80,6 +80,13 @@ def fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
 def write_bytes_durable(path: Path, data: bytes) -> None:
     """:func:`write_bytes_atomic`, and on disk when it returns: the bytes and the new name are fsynced.
 
@@ -88,10 +95,7 @@ def write_bytes_durable(path: Path, data: bytes) -> None:
     """
     path = Path(path)
     with atomic_path(path) as temporary:
-        with open(temporary, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
+        _write_synced(temporary, data)
     fsync_folder(path.parent)
 
 
@@ -107,10 +111,7 @@ def write_folder_durable(folder: Path, files: dict[str, bytes]) -> None:
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         for name, data in files.items():
-            with open(temporary / name, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
+            _write_synced(temporary / name, data)
         os.chmod(temporary, 0o777 & ~_current_umask())  # mkdtemp makes it owner-only
         fsync_folder(temporary)
         if folder.exists():

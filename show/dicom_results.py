@@ -137,9 +137,14 @@ def _series_uid(source: Dataset, model: ModelIdentity, kind: str) -> str:
     return derived_uid(f"lungdet {kind} series", source.StudyInstanceUID, model.key)
 
 
-def algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+def algorithm_parameters(model: ModelIdentity) -> list[str]:
+    """TID 4019's Algorithm Parameters for ``model``: every checkpoint's sha256, the architectures and the box cut-off."""
     parameters = [f"checkpoint sha256 {sha}" for sha in model.checkpoint_sha256s]
-    parameters += [f"architecture {name}" for name in model.architectures] + [f"box cut-off {model.cut_off:g}"]
+    return parameters + [f"architecture {name}" for name in model.architectures] + [f"box cut-off {model.cut_off:g}"]
+
+
+def algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    parameters = algorithm_parameters(model)
     # No manufacturer row: TID 4019 as PixelMed validates it has none (it is in the equipment module and the device observer).
     return hd.sr.AlgorithmIdentification(name="lungdet", version=model.version, parameters=parameters)
 
@@ -265,8 +270,7 @@ def no_findings_report(source: Dataset, probability: float | None, model: ModelI
         hd.sr.TextContentItem(name=codes.DCM.AlgorithmName, value="lungdet", relationship_type=concept_mod),
         hd.sr.TextContentItem(name=codes.DCM.AlgorithmVersion, value=model.version, relationship_type=concept_mod),
     ]
-    parameters = [f"checkpoint sha256 {sha}" for sha in model.checkpoint_sha256s]
-    parameters += [f"architecture {name}" for name in model.architectures] + [f"box cut-off {model.cut_off:g}"]
+    parameters = algorithm_parameters(model)
     if probability is not None:
         parameters.append(f"{PROBABILITY_PARAMETER}{float(probability):.4f}")
     algorithm += [hd.sr.TextContentItem(name=codes.DCM.AlgorithmParameters, value=text, relationship_type=concept_mod) for text in parameters]
