@@ -4,8 +4,12 @@ Figures (matplotlib, embedded in the page as PNG, so the report is one file):
 
 - precision at each IoU threshold of the metric;
 - mAP against the confidence cut-off, marking the cut-off the submission was written with and the best one;
+- the metrics papers report beside the RSNA mAP (:mod:`lungdet.submission.detection_metrics`):
+  a table of COCO AP@[.50:.95], AP50, AP40, the FROC score and its points, image AUC and ECE,
+  each with its interval, and the FROC curve;
 - with image probabilities (``--probabilities``): the ROC curve with its AUC, and a reliability
-  diagram (predicted probability against the observed share of positive images, in ten bins);
+  diagram (predicted probability against the observed share of positive images, in ten bins,
+  with the ECE);
 
 then the slice table (``--by``), and the 20 worst images with their score, misses and false
 alarms, each linked to its overlay PNG when ``--overlays`` names the folder ``lungdet
@@ -26,6 +30,7 @@ import numpy as np
 from lungdet.atomic import write_text_atomic
 from lungdet.show.eda import figure_to_png, new_figure
 from lungdet.show.visualize import DISCLAIMER, judge_image
+from lungdet.submission.detection_metrics import CALIBRATION_BINS, DetectionMetrics, calibration_bins, froc_sensitivities
 from lungdet.submission.postprocess import PostprocessConfig
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.score import ScoreReport, SliceReport, roc_auc, roc_curve
@@ -33,7 +38,7 @@ from lungdet.submission.tune import build_table, image_scores, mean_score
 
 CUT_OFFS = tuple(round(float(value), 3) for value in np.arange(0.0, 0.951, 0.025))
 WORST_COUNT = 20
-RELIABILITY_BINS = 10
+RELIABILITY_BINS = CALIBRATION_BINS  # the same bins as the ECE, so the diagram shows what the number sums
 
 
 @dataclass(frozen=True)
@@ -115,19 +120,17 @@ def plot_roc(labels: Sequence[bool], probabilities: Sequence[float]) -> bytes:
 
 
 def reliability_bins(labels: Sequence[bool], probabilities: Sequence[float], *, bins: int = RELIABILITY_BINS) -> list[tuple[float, float, int]]:
-    """``(mean probability, share of positive images, images)`` per non-empty bin of width 1/``bins``."""
-    truth = np.asarray(labels, dtype=float)
-    values = np.asarray(probabilities, dtype=float)
-    which = np.minimum((values * bins).astype(int), bins - 1)
-    return [(float(values[which == b].mean()), float(truth[which == b].mean()), int((which == b).sum())) for b in range(bins) if (which == b).any()]
+    """``(mean probability, share of positive images, images)`` per non-empty bin of width 1/``bins`` (the ECE's bins)."""
+    return calibration_bins(labels, probabilities, bins=bins)
 
 
-def plot_reliability(labels: Sequence[bool], probabilities: Sequence[float]) -> bytes:
+def plot_reliability(labels: Sequence[bool], probabilities: Sequence[float], *, ece: float | None = None) -> bytes:
     figure = new_figure(4.2, 4.0)
     axes = figure.add_subplot()
     points = reliability_bins(labels, probabilities)
     axes.plot([0, 1], [0, 1], color="#999999", linestyle=":", label="perfectly calibrated")
-    axes.plot([p for p, _, _ in points], [s for _, s, _ in points], marker="o", color="#4a7fb5", label="this model")
+    label = "this model" if ece is None else f"this model (ECE {ece:.3f})"
+    axes.plot([p for p, _, _ in points], [s for _, s, _ in points], marker="o", color="#4a7fb5", label=label)
     for predicted, observed, count in points:
         axes.annotate(str(count), (predicted, observed), fontsize=7, xytext=(3, -9), textcoords="offset points")
     axes.set_xlabel("predicted probability (bin mean)")
@@ -136,6 +139,86 @@ def plot_reliability(labels: Sequence[bool], probabilities: Sequence[float]) -> 
     axes.set_ylim(0, 1)
     axes.legend(loc="upper left")
     return figure_to_png(figure)
+
+
+def plot_froc(metrics: DetectionMetrics) -> bytes:
+    """Sensitivity against false positives per image (log scale), as the FROC score reads it, its points with their intervals."""
+    froc = metrics.froc
+    figure = new_figure(6.0, 3.4)
+    axes = figure.add_subplot()
+    fp_per_image, sensitivity = froc.curve
+    rates = np.geomspace(froc.fp_rates[0] / 2, froc.fp_rates[-1] * 2, 200)
+    axes.plot(rates, froc_sensitivities(fp_per_image, sensitivity, rates), color="#4a7fb5", label="interpolated as MONAI")
+    points = np.asarray(froc.sensitivities)
+    if froc.sensitivity_intervals is not None and all(interval is not None for interval in froc.sensitivity_intervals):
+        low = points - np.array([interval[0] for interval in froc.sensitivity_intervals])
+        high = np.array([interval[1] for interval in froc.sensitivity_intervals]) - points
+        axes.errorbar(froc.fp_rates, points, yerr=np.clip([low, high], 0, None), fmt="o", color="#b35c00", capsize=3, label=f"FROC points (score {froc.score:.3f})")
+    else:
+        axes.plot(froc.fp_rates, points, "o", color="#b35c00", label=f"FROC points (score {froc.score:.3f})")
+    reached = float(fp_per_image[-1])
+    if reached < rates[-1]:
+        axes.axvline(max(reached, rates[0]), color="#999999", linestyle=":", label=f"all boxes kept: {reached:.2f} FP per image")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(froc.fp_rates, [f"{rate:g}" for rate in froc.fp_rates])
+    axes.set_xlabel(f"false positives per image (IoU > {froc.iou_threshold:g} is a hit)")
+    axes.set_ylabel("sensitivity (truth boxes hit)")
+    axes.set_ylim(0, 1.02)
+    axes.legend(loc="lower right")
+    return figure_to_png(figure)
+
+
+def _value(value: float | None, interval: tuple[float, float] | None, reason: str | None = None) -> tuple[str, str]:
+    """(value, interval) cells: 'n/a' with the reason when undefined."""
+    if value is None:
+        return f"n/a ({html.escape(reason)})" if reason else "n/a", ""
+    return f"{value:.4f}", f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
+
+
+def render_metrics_section(report: ScoreReport, metrics: DetectionMetrics) -> str:
+    """The section "Beside the RSNA metric": a table of every figure with its interval and convention, the FROC points and curve."""
+    coco, froc = metrics.coco, metrics.froc
+    rsna_interval = f"[{report.map_interval[0]:.4f}, {report.map_interval[1]:.4f}]" if report.map_interval else ""
+    rows = [
+        ("<b>RSNA mAP</b> (the competition's)", (f"<b>{report.map:.4f}</b>", rsna_interval), "mean over images of TP/(TP+FP+FN), IoU &gt; 0.40..0.75"),
+        ("COCO AP@[.50:.95]", _value(coco.ap, coco.ap_interval, coco.reason),
+         f"COCOeval, mean of AP at IoU &ge; 0.50, 0.55, ..., 0.95; 101 recall points; maxDets {coco.max_detections}"),
+        ("COCO AP50", _value(coco.ap50, coco.ap50_interval, coco.reason), "COCOeval AP at IoU &ge; 0.50"),
+        ("COCO AP40", _value(coco.ap40, coco.ap40_interval, coco.reason), "COCOeval AP at IoU &ge; 0.40 (VinDr-CXR's convention)"),
+        ("FROC score", _value(froc.score, froc.score_interval, froc.reason),
+         f"mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4, 8 false positives per image; a hit is IoU &gt; {froc.iou_threshold:g}, each truth box hit once"),
+    ]
+    if metrics.probabilities is not None:
+        probability = metrics.probabilities
+        rows += [
+            ("image AUC", _value(probability.auc, probability.auc_interval, probability.auc_reason),
+             f"image probability against 'has a truth box', {probability.n_images:,} images"),
+            (f"ECE ({probability.bins} bins)", _value(probability.ece, probability.ece_interval),
+             "sum over equal-width bins of the bin's share of images &times; |share positive &minus; mean probability|"),
+        ]
+    table = "".join(f"<tr><td>{name}</td><td>{value}</td><td>{interval}</td><td class=\"note\">{note}</td></tr>" for name, (value, interval), note in rows)
+    parts = [
+        '<section class="figure"><h2>Beside the RSNA metric</h2>',
+        f'<table class="metrics"><tr><th>metric</th><th>value</th><th>95% interval</th><th class="note">convention</th></tr>{table}</table>',
+        f'<p class="caption">{metrics.n_images:,} images ({metrics.n_truth_boxes:,} truth boxes, {metrics.n_predicted_boxes:,} predicted boxes), '
+        "negatives included, so their boxes count as false positives. Intervals: patients resampled with replacement, as the mAP's.</p>",
+    ]
+    if froc.sensitivities is not None:
+        header = "".join(f"<th>{rate:g}</th>" for rate in froc.fp_rates)
+        values = "".join(f"<td>{value:.3f}</td>" for value in froc.sensitivities)
+        intervals = ""
+        if froc.sensitivity_intervals is not None:
+            cells = "".join(f"<td>{interval[0]:.2f}&ndash;{interval[1]:.2f}</td>" if interval else "<td></td>" for interval in froc.sensitivity_intervals)
+            intervals = f"<tr><td>95% interval</td>{cells}</tr>"
+        parts.append(f"<h3>FROC points</h3><table><tr><th>false positives per image</th>{header}</tr><tr><td>sensitivity</td>{values}</tr>{intervals}</table>")
+        parts.append(f"<h3>FROC curve</h3>{_embed(plot_froc(metrics), 'FROC curve')}")
+        parts.append(
+            '<p class="caption">Lesion-level sensitivity against false positives per image as the confidence cut-off falls. '
+            "Between points the sensitivity is interpolated linearly (MONAI's compute_froc_score); beyond the last point, where every "
+            "box is kept, it stays at the last sensitivity.</p>"
+        )
+    parts.append("</section>")
+    return "".join(parts)
 
 
 def _interval(report: ScoreReport) -> str:
@@ -157,23 +240,28 @@ def render_score_report(
     labels: Path,
     probabilities: tuple[list[bool], list[float]] | None = None,
     overlay_link: str | None = None,
+    metrics: DetectionMetrics | None = None,
 ) -> str:
-    """The page; ``overlay_link`` is the overlays folder relative to the page (None: no links)."""
-    figures = [
-        ("Precision at each IoU threshold", plot_precision_per_threshold(report),
-         "The metric averages these eight; a drop at the high thresholds means boxes in the right place but of the wrong size."),
-        ("mAP against the confidence cut-off", plot_cut_off_curve(curve, used=used_cut_off),
-         "Boxes below a cut-off are dropped before scoring; the metric scores any box on a clear image 0, so the cut-off matters as much as the model."),
-    ]
-    if probabilities is not None:
-        figures += [
-            ("Image-level ROC", plot_roc(*probabilities), "How well the image-level probability separates images with an opacity from those without."),
-            ("Reliability", plot_reliability(*probabilities), "Predicted probability against how often it came true, in ten bins (counts beside the points)."),
-        ]
+    """The page; ``overlay_link`` is the overlays folder relative to the page (None: no links); ``metrics`` (None: no section) go beside the mAP."""
+    def figure_block(title: str, png: bytes, caption: str) -> str:
+        return f'<section class="figure"><h2>{html.escape(title)}</h2>{_embed(png, title)}<p class="caption">{html.escape(caption)}</p></section>'
+
     blocks = [
-        f'<section class="figure"><h2>{html.escape(title)}</h2>{_embed(png, title)}<p class="caption">{html.escape(caption)}</p></section>'
-        for title, png, caption in figures
+        figure_block("Precision at each IoU threshold", plot_precision_per_threshold(report),
+                     "The metric averages these eight; a drop at the high thresholds means boxes in the right place but of the wrong size."),
+        figure_block("mAP against the confidence cut-off", plot_cut_off_curve(curve, used=used_cut_off),
+                     "Boxes below a cut-off are dropped before scoring; the metric scores any box on a clear image 0, so the cut-off matters as much as the model."),
     ]
+    if metrics is not None:
+        blocks.append(render_metrics_section(report, metrics))
+    if probabilities is not None:
+        ece = metrics.probabilities.ece if metrics is not None and metrics.probabilities is not None else None
+        blocks += [
+            figure_block("Image-level ROC", plot_roc(*probabilities), "How well the image-level probability separates images with an opacity from those without."),
+            figure_block("Reliability", plot_reliability(*probabilities, ece=ece),
+                         "Predicted probability against how often it came true, in ten bins (counts beside the points); the ECE sums each "
+                         "bin's gap to the diagonal, weighted by its share of images."),
+        ]
     if slices:
         rows = "".join(
             f"<tr><td>{html.escape(item.by)}</td><td>{html.escape(item.value)}</td><td>{item.report.map:.3f}{_interval(item.report)}</td>"
@@ -214,6 +302,8 @@ body {{ font-family: sans-serif; max-width: 1100px; margin: 1em auto; padding: 0
 .notice {{ background: #fff4e5; border-left: 4px solid #b35c00; padding: 0.5em 1em; }}
 .figure img {{ max-width: 100%; height: auto; }}
 .caption {{ color: #57606a; font-size: 0.9em; }}
+.metrics td {{ white-space: nowrap; }}
+.metrics td.note, .metrics th.note {{ white-space: normal; color: #57606a; font-size: 0.85em; text-align: left; }}
 table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; }}
 th, td {{ border-bottom: 1px solid #d0d7de; padding: 0.2em 0.6em; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
@@ -242,8 +332,9 @@ def write_score_report(
     min_confidence: float = 0.0,
     probabilities: Mapping[str, float] | None = None,
     overlays: Path | None = None,
+    metrics: DetectionMetrics | None = None,
 ) -> None:
-    """Compute the curve and the worst images and write the page atomically to ``path``."""
+    """Compute the curve and the worst images and write the page atomically to ``path``; ``metrics`` (None: left out) go beside the mAP."""
     kept = [score for prediction in predictions.values() for score in prediction.scores.tolist()]
     used = max(min_confidence, min(kept)) if kept else min_confidence
     pairs = None
@@ -255,6 +346,6 @@ def write_score_report(
         overlay_link = Path(os.path.relpath(Path(overlays).resolve(), Path(path).resolve().parent)).as_posix()
     page = render_score_report(
         report=report, curve=cut_off_curve(truth, predictions), used_cut_off=used, slices=slices, worst=worst_images(truth, predictions),
-        submission=submission, labels=labels, probabilities=pairs, overlay_link=overlay_link,
+        submission=submission, labels=labels, probabilities=pairs, overlay_link=overlay_link, metrics=metrics,
     )
     write_text_atomic(Path(path), page)

@@ -61,6 +61,47 @@ def test_cli_json(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[st
     assert "1 of 3 labelled patient(s) have no row" in captured.err
 
 
+def test_cli_json_puts_the_rsna_metric_first_and_the_other_metrics_beside_it(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    labels, submission = cli_files
+    args = get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--min-confidence", "0.5", "--json"])
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = list(result)
+    assert keys[0] == "map" and keys[-4:] == ["coco", "froc", "image_auc", "ece"]
+    # Boxes by confidence: pos 0.9 (IoU 1, TP), neg 0.8 (FP); 2 truth boxes. Precision 1, 1/2 at recall 1/2, 1/2:
+    # recall points 0.00..0.50 (51) read 1, the rest 0, at every IoU threshold -> 51/101.
+    coco = result["coco"]
+    for key in ("ap", "ap50", "ap40"):
+        assert coco[key] == pytest.approx(51 / 101, abs=1e-12)
+        low, high = coco[f"{key}_interval"]
+        assert low <= coco[key] <= high
+    assert (coco["n_images"], coco["n_truth_boxes"], coco["n_predicted_boxes"], coco["max_detections"], coco["reason"]) == (3, 2, 2, 100, None)
+    # FROC over 3 images: (0, 0), then 0.9 -> (0, 1/2), 0.8 -> (1/3, 1/2): 1/2 at every FP rate.
+    froc = result["froc"]
+    assert froc["fp_per_image"] == [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    assert froc["sensitivities"] == [0.5] * 7 and froc["score"] == 0.5
+    assert len(froc["sensitivity_intervals"]) == 7 and froc["score_interval"][0] <= 0.5 <= froc["score_interval"][1]
+    assert (froc["iou_threshold"], froc["n_truth_boxes"], froc["reason"]) == (0.4, 2, None)
+    assert (result["image_auc"], result["ece"]) == (None, None)  # no --probabilities
+
+
+def test_cli_json_image_auc_and_ece_with_probabilities(cli_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels, submission = cli_files
+    (tmp_path / "p.csv").write_text("patientId,probability\npos,0.9\nneg,0.3\n")  # quiet has none
+    common = ["--submission", str(submission), "--labels", str(labels), "--probabilities", str(tmp_path / "p.csv")]
+    assert main(get_args_parser().parse_args([*common, "--json", "--bootstrap", "0"])) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    # pos (positive) 0.9 ranks above neg 0.3: AUC 1. ECE: bin 9 gap |1 - 0.9|, bin 3 gap |0 - 0.3|, weight 1/2 each -> 0.2.
+    assert result["image_auc"] == {"value": 1.0, "interval": None, "reason": None, "n_images": 2, "n_positive": 1}
+    assert result["ece"]["value"] == pytest.approx(0.2) and result["ece"]["bins"] == 10 and result["ece"]["interval"] is None
+    assert result["coco"]["ap_interval"] is None  # --bootstrap 0: no intervals
+    assert "1 of 3 labelled patient(s) have no row in" in captured.err and "left out of the image AUC and ECE" in captured.err
+    assert main(get_args_parser().parse_args(common)) == 0
+    table = capsys.readouterr().out
+    assert "image AUC          1.0000" in table and "ECE (10 bins)      0.2000" in table
+
+
 def test_cli_table(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     labels, submission = cli_files
     assert main(get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels)])) == 0
@@ -69,6 +110,14 @@ def test_cli_table(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[s
     assert "mAP          0.1667 [0.0000, 0.3333]   images scored 2 / 3" in out  # 3 patients resampled: 0 to 1/3
     assert "specificity  0.5000" in out
     assert "0.40      0.1667        1        2        1" in out  # FP: pos 1 + neg 1
+    # The other metrics come after the RSNA table. Boxes by confidence: pos 0.9 TP, neg 0.8 FP, pos 0.2 FP; 2 truth boxes.
+    # Precision 1, 1/2, 1/3 at recall 1/2: envelope 1 up to recall 0.50 (51 points), then 0 -> 51/101 = 0.5050.
+    assert out.index("mAP ") < out.index("IoU >  precision") < out.index("Beside it (95% intervals over patients):")
+    assert "COCO AP@[.50:.95]  0.5050 [" in out and "COCO AP40          0.5050 [" in out
+    # FROC: (0, 1/2), then 1/3 and 2/3 FP per image, still 1/2: the score is 0.5.
+    assert "FROC score         0.5000 [" in out
+    assert "  sensitivity       0.500  0.500" in out
+    assert "image AUC" not in out  # no --probabilities
 
 
 def test_cli_rejects_min_confidence_out_of_range(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:

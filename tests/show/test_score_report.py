@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -68,12 +69,40 @@ def test_cli_writes_one_page_with_figures_and_links(tmp_path: Path, capsys) -> N
     ])
     assert main(args) == 0
     page = (tmp_path / "out" / "report.html").read_text()
-    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 4  # precision, cut-off, ROC, reliability
-    for title in ("Precision at each IoU threshold", "mAP against the confidence cut-off", "Image-level ROC", "Reliability", "The 4 worst images"):  # 5 patients, one unscored
-        assert title in page
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 5  # precision, cut-off, FROC, ROC, reliability
+    titles = ("Precision at each IoU threshold", "mAP against the confidence cut-off", "Beside the RSNA metric", "FROC curve", "Image-level ROC", "Reliability", "The 4 worst images")  # 5 patients, one unscored
+    assert [page.index(title) for title in titles] == sorted(page.index(title) for title in titles)
+    # The RSNA mAP is the headline: the summary line, then first in the metrics table.
+    assert page.index("mAP <b>") < page.index("Beside the RSNA metric") < page.index("<b>RSNA mAP</b>") < page.index("COCO AP@[.50:.95]")
     assert '<a href="../overlays/alarm.png">alarm</a>' in page
     assert "Not a diagnostic device" in page
     assert f"wrote {tmp_path / 'out' / 'report.html'}" in capsys.readouterr().out
+
+
+def test_page_shows_the_metrics_the_json_reports(tmp_path: Path, capsys) -> None:
+    truth, predictions = case()
+    labels = ["patientId,x,y,width,height,Target"]
+    for patient, boxes in truth.items():
+        labels += [f"{patient},{x},{y},{w},{h},1" for x, y, w, h in boxes] or [f"{patient},,,,,0"]
+    (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
+    write_submission(tmp_path / "s.csv", predictions)
+    (tmp_path / "p.csv").write_text("patientId,probability\nhit,0.9\nmiss,0.4\nalarm,0.6\nclear,0.1\nhalf,0.7\n")
+    common = ["--submission", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "labels.csv"), "--probabilities", str(tmp_path / "p.csv"), "--bootstrap", "200"]
+    assert main(get_args_parser().parse_args([*common, "--json"])) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert main(get_args_parser().parse_args([*common, "--html", str(tmp_path / "report.html")])) == 0
+    page = (tmp_path / "report.html").read_text()
+    coco, froc = result["coco"], result["froc"]
+    # Boxes by confidence: hit 0.9 TP, half 0.8 TP, alarm 0.35 FP, half 0.2 FP; 4 truth boxes. Precision 1, 1, 2/3, 1/2 at
+    # recall 1/4, 1/2, 1/2, 1/2: recall points 0.00..0.50 (51) read 1 -> AP 51/101 at every threshold.
+    assert coco["ap"] == pytest.approx(51 / 101, abs=1e-12)
+    for name, key in (("COCO AP@[.50:.95]", "ap"), ("COCO AP50", "ap50"), ("COCO AP40", "ap40")):
+        low, high = coco[f"{key}_interval"]
+        assert f"<td>{name}</td><td>{coco[key]:.4f}</td><td>[{low:.4f}, {high:.4f}]</td>" in page
+    assert f"<td>FROC score</td><td>{froc['score']:.4f}</td>" in page
+    assert "".join(f"<td>{value:.3f}</td>" for value in froc["sensitivities"]) in page
+    assert f"<td>image AUC</td><td>{result['image_auc']['value']:.4f}</td>" in page
+    assert f"<td>ECE (10 bins)</td><td>{result['ece']['value']:.4f}</td>" in page
 
 
 def test_bad_probabilities_file_fails_before_scoring(tmp_path: Path) -> None:
