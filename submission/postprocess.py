@@ -3,8 +3,9 @@
 For each image, in this order:
 
 1. **fuse** every pass of every model (``plain``, ``hflip``; several checkpoints) with weighted
-   boxes fusion from the ``ensemble-boxes`` package (``wbf_iou_thr``, ``wbf_skip_box_thr``,
-   ``model_weights``, ``wbf_conf_type``); a lone pass is left as it is;
+   boxes fusion (:mod:`lungdet.submission.fusion`: ``wbf_iou_thr``, ``wbf_skip_box_thr``,
+   ``model_weights``, ``wbf_conf_type``), and drop fused boxes that fewer than ``min_support``
+   of the passes found; a lone pass is left as it is;
 2. **gate**: drop every box of an image whose image-level probability (the mean over passes
    that have one) is below ``gate_threshold``;
 3. keep boxes with confidence at least ``score_threshold``;
@@ -12,18 +13,27 @@ For each image, in this order:
    shrank to 0.875: models draw opacities wider than the readers did);
 5. keep at most ``max_boxes``, the most confident.
 
-**Calibration.** ``lungdet tune`` sees out-of-fold predictions: one model per image (and its
-mirrored pass). ``lungdet predict`` with every fold's checkpoint fuses five models per image,
-and weighted boxes fusion averages a box's confidence over all of them, so the more the models
-disagree, the lower the fused confidences fall: a cut-off tuned on one model then keeps far
-fewer boxes, down to none. So the tuned file also records what tuning saw (models and passes
-per image) and the operating point its settings chose there: the share of images the gate let
-through and the boxes kept per image. When predict fuses more models per image than tuning saw,
-:func:`calibrate` re-derives the gate and the cut-off on the fused predictions of the images at
-hand, so that they keep that same share and that same number of boxes per image; the fused
-confidences then only rank the images and boxes. This needs a set of images like the training
-set (at least ``MIN_CALIBRATION_IMAGES``; an RSNA test set is), and assumes a similar share of
-positives; with fewer images the settings are applied as written, and predict says so.
+Every step looks at one image only: what an image gets never depends on the other images
+predicted with it, so a folder of normals or a screening population gets what the same images
+would get inside an RSNA test set.
+
+**Many models, settings tuned on one.** ``lungdet tune`` sees out-of-fold predictions: one
+model per image (and its mirrored pass); ``lungdet predict`` with every fold's checkpoint fuses
+five. The default fusion (``wbf_conf_type: finders``) gives a fused box the mean confidence of
+the passes that *found* it, which keeps one model's scale for any number of models, so the
+tuned cut-off keeps its meaning; how many passes agreed is the box's support, a feature of its
+own (``min_support``, tuned on the mirrored passes). The package's 'avg' fusion instead counts
+a pass that missed as 0, so the more models disagree the lower fused confidences fall (one smoke
+run of five disagreeing models came out empty at the tuned cut-off).
+
+**Batch calibration (opt-in).** ``calibration: batch`` (``lungdet predict --batch-calibration``)
+re-derives the gate and cut-off on the fused predictions of the images at hand, so that they keep
+the operating point tuning saw (the share of images the gate let through, the boxes per image).
+It **assumes the batch has the training set's share of positives**: an RSNA test set does; a
+hospital's batch, a screening population or a folder of normals does not, and there it puts
+boxes on a fixed share of images whatever they contain. It needs at least
+``MIN_CALIBRATION_IMAGES`` images, and says when it moved a setting far from the tuned value.
+Files from before this change say ``calibration: auto``; it is read as ``off``, with a note.
 
 Everything here works on numpy arrays and is tested without torch. ``lungdet predict
 --postprocess FILE`` applies a file, ``lungdet tune`` writes one.
@@ -43,14 +53,19 @@ from lungdet.atomic import write_text_atomic
 from lungdet.boxes import as_box_array, xywh_to_xyxy, xyxy_to_xywh
 from lungdet.errors import ConfigError
 from lungdet.typed_config import RangeRule, build_dataclass, check_ranges, read_yaml_mapping
+from lungdet.submission.fusion import CONF_TYPES, fuse_boxes
 from lungdet.submission.prediction_string import Prediction, keep_confident
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient
 
 
-WBF_CONF_TYPES = ("avg", "max")
-CALIBRATIONS = ("auto", "off")
+WBF_CONF_TYPES = CONF_TYPES
+# 'auto' is what files tuned before batch calibration became opt-in say: read as 'off', with a note.
+CALIBRATIONS = ("off", "batch", "auto")
+LEGACY_CALIBRATION = "auto"
 # Fewer images than this make a poor sample of a test set's confidences: the settings are then applied as written.
 MIN_CALIBRATION_IMAGES = 50
+# Batch calibration says so when it moves the gate or the cut-off by more than this (both are in [0, 1]).
+FAR_CALIBRATION_MOVE = 0.1
 
 
 @dataclass
@@ -64,8 +79,9 @@ class PostprocessConfig:
     model_weights: list[float] = field(default_factory=list)  # weight of each model in the fusion, in --checkpoint order (empty = equal)
     shrink: float = 1.0  # scale each box's width and height about its centre (1 = unchanged; the 2018 winners used 0.875)
     max_boxes: int = 0  # keep at most this many boxes per image, most confident first (0 = no limit; RSNA images have at most 4)
-    wbf_conf_type: str = "avg"  # weighted boxes fusion's confidence: 'avg' (over every pass, so a box some passes missed falls) or 'max' (the most confident pass's)
-    calibration: str = "auto"  # 'auto': when predict fuses more models per image than tuning saw, re-derive the gate and cut-off to keep tuning's operating point (see the module docstring); 'off': apply as written
+    wbf_conf_type: str = "finders"  # fused confidence: 'finders' (the mean of the passes that found the box: one model's scale for any number of models), 'avg' (over every pass, a pass that missed counting 0) or 'max' (the most confident pass's)
+    min_support: float = 0.0  # drop fused boxes found by less than this share of the passes (0 = keep all; 1 = every pass must find it)
+    calibration: str = "off"  # 'off': apply as written, image by image; 'batch': re-derive gate and cut-off on each predicted batch to keep tuning's operating point, which ASSUMES the batch has the training set's share of positives (see the module docstring)
     tuned_models_per_image: int = 0  # models per image in the predictions tuning saw (lungdet tune fills it; 0 = unknown, never calibrated)
     tuned_passes_per_model: int = 0  # passes per model there (1 plain, 2 with hflip)
     expected_gated_share: float = 1.0  # share of images the gate let through on the tuning predictions (lungdet tune fills it)
@@ -81,7 +97,8 @@ _RANGE_RULES: list[RangeRule] = [
     ("shrink", lambda v: 0.5 <= v <= 1.5, "in [0.5, 1.5]"),
     ("max_boxes", lambda v: v >= 0, ">= 0 (0 = no limit)"),
     ("wbf_conf_type", lambda v: v in WBF_CONF_TYPES, f"one of {', '.join(WBF_CONF_TYPES)}"),
-    ("calibration", lambda v: v in CALIBRATIONS, f"one of {', '.join(CALIBRATIONS)}"),
+    ("min_support", lambda v: 0.0 <= v <= 1.0, "a share of the passes in [0, 1]"),
+    ("calibration", lambda v: v in CALIBRATIONS, "'off' or 'batch'"),
     ("tuned_models_per_image", lambda v: v >= 0, ">= 0 (0 = unknown)"),
     ("tuned_passes_per_model", lambda v: v >= 0, ">= 0 (0 = unknown)"),
     ("expected_gated_share", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
@@ -114,31 +131,25 @@ def save_postprocess(config: PostprocessConfig, path: Path, *, comment: str = ""
 
 
 def fuse_passes(
-    passes: Sequence[Prediction], *, width: int, height: int, weights: Sequence[float], iou_thr: float, skip_box_thr: float, conf_type: str = "avg"
+    passes: Sequence[Prediction], *, width: int, height: int, weights: Sequence[float], iou_thr: float, skip_box_thr: float,
+    conf_type: str = "finders", min_support: float = 0.0,
 ) -> Prediction:
     """Weighted boxes fusion of several predictions of one ``width`` x ``height`` image (XYWH_ABS in its pixels).
 
-    Fusion works in fractions of the image, as ``ensemble-boxes`` wants; coordinates are clipped
-    to it first. With ``conf_type='avg'`` a box found by only some of the passes keeps a share of
-    its confidence in proportion to their weight, so agreement between models raises a box; with
-    'max' it keeps its most confident pass's confidence, however many passes missed it.
+    Fusion works in fractions of the image; coordinates are clipped to it first. See
+    :mod:`lungdet.submission.fusion` for ``conf_type``; fused boxes found by less than
+    ``min_support`` of the (weighted) passes are dropped.
     """
-    from ensemble_boxes import weighted_boxes_fusion  # imported here: it loads numba, which only fusion needs
-
     if len(passes) != len(weights):
         raise ValueError(f"got {len(weights)} weights for {len(passes)} passes")
     scale = np.array([width, height, width, height], dtype=np.float64)
-    boxes_list, scores_list, labels_list = [], [], []
-    for prediction in passes:
-        boxes_list.append((xywh_to_xyxy(prediction.boxes) / scale).clip(0.0, 1.0).tolist())
-        scores_list.append(prediction.scores.tolist())
-        labels_list.append([0] * len(prediction.scores))
-    if not any(scores_list):
-        return Prediction.empty()
-    boxes, scores, _ = weighted_boxes_fusion(
-        boxes_list, scores_list, labels_list, weights=list(weights), iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type
+    fused = fuse_boxes(
+        [xywh_to_xyxy(prediction.boxes) / scale for prediction in passes], [prediction.scores for prediction in passes],
+        weights=weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type,
     )
-    return Prediction.from_arrays(np.asarray(scores, dtype=np.float64).clip(0.0, 1.0), xyxy_to_xywh(as_box_array(boxes) * scale))
+    # A hair under the share, so that 'half of the passes' keeps a box two of four found despite float rounding.
+    kept = fused.support >= min_support - 1e-9
+    return Prediction.from_arrays(fused.scores[kept].clip(0.0, 1.0), xyxy_to_xywh(as_box_array(fused.boxes[kept]) * scale))
 
 
 def shrink_boxes(prediction: Prediction, *, factor: float) -> Prediction:
@@ -181,7 +192,7 @@ def merge_image(rows: Sequence[RawPrediction], config: PostprocessConfig, *, mod
     weight_of = dict(zip(models, config.model_weights or [1.0] * len(models), strict=True))
     return fuse_passes(
         [row.prediction for row in rows], width=rows[0].width, height=rows[0].height, weights=[weight_of[row.model] for row in rows],
-        iou_thr=config.wbf_iou_thr, skip_box_thr=config.wbf_skip_box_thr, conf_type=config.wbf_conf_type,
+        iou_thr=config.wbf_iou_thr, skip_box_thr=config.wbf_skip_box_thr, conf_type=config.wbf_conf_type, min_support=config.min_support,
     )
 
 
@@ -271,31 +282,49 @@ def calibrate(config: PostprocessConfig, merged: Mapping[str, Prediction], proba
 
 
 def apply_postprocess(rows: Sequence[RawPrediction], config: PostprocessConfig) -> PostprocessResult:
-    """Raw predictions -> a :class:`PostprocessResult`: fused, calibrated when they are shaped unlike tuning's, then finished."""
+    """Raw predictions -> a :class:`PostprocessResult`: fused and finished image by image (re-derived on the batch only with ``calibration: batch``)."""
     models = model_order(rows)
     groups = group_by_patient(rows)
     merged = {patient_id: merge_image(group, config, models=models) for patient_id, group in groups.items()}
     probabilities = {patient_id: mean_probability(group) for patient_id, group in groups.items()}
     applied, calibrated, note = config, False, ""
-    models_per_image, passes_per_model = prediction_shape(rows)
-    wider = config.tuned_models_per_image and models_per_image > config.tuned_models_per_image
-    if config.calibration == "auto" and wider and config.expected_boxes_per_image:
-        shape = f"{models_per_image} models x {passes_per_model} passes per image (tuning saw {config.tuned_models_per_image} x {config.tuned_passes_per_model})"
-        if len(merged) < MIN_CALIBRATION_IMAGES:
-            note = (
-                f"{shape}, but only {len(merged)} images: too few to calibrate the cut-offs on (at least {MIN_CALIBRATION_IMAGES}); "
-                "they are applied as tuned, and fused confidences fall where the models disagree"
-            )
-        else:
-            applied, calibrated = calibrate(config, merged, probabilities), True
-            gate = f", gate {config.gate_threshold:g} -> {applied.gate_threshold:.3f}" if config.gate_threshold > 0 else ""
-            note = (
-                f"calibrated to {shape}: cut-off {config.score_threshold:g} -> {applied.score_threshold:.3f}{gate}, "
-                f"to keep tuning's {config.expected_boxes_per_image:.3f} boxes per image"
-            )
+    if config.calibration == LEGACY_CALIBRATION:
+        applied = dataclasses.replace(config, calibration="off")
+        note = (
+            "calibration: auto (a file tuned by an older lungdet) is read as off: the settings apply image by image; "
+            "set calibration: batch, or pass --batch-calibration, to re-derive them on each batch (it assumes the training set's share of positives)"
+        )
+    elif config.calibration == "batch":
+        applied, calibrated, note = calibrate_batch(config, merged, probabilities)
     predictions = {patient_id: finish_image(merged[patient_id], probabilities[patient_id], applied) for patient_id in groups}
     boxes = sum(len(prediction.scores) for prediction in predictions.values())
     return PostprocessResult(predictions, applied, calibrated, note, boxes / len(predictions) if predictions else 0.0)
+
+
+def calibrate_batch(
+    config: PostprocessConfig, merged: Mapping[str, Prediction], probabilities: Mapping[str, float | None]
+) -> tuple[PostprocessConfig, bool, str]:
+    """``calibration: batch``: (settings as applied, whether they were re-derived, one line on what happened)."""
+    if not config.expected_boxes_per_image:
+        return config, False, "calibration: batch needs the operating point lungdet tune writes (expected_boxes_per_image); this file has none, so it is applied as written"
+    if len(merged) < MIN_CALIBRATION_IMAGES:
+        return config, False, (
+            f"calibration: batch, but only {len(merged)} images: too few to calibrate the cut-offs on (at least {MIN_CALIBRATION_IMAGES}); "
+            "they are applied as tuned"
+        )
+    applied = calibrate(config, merged, probabilities)
+    gate = f", gate {config.gate_threshold:g} -> {applied.gate_threshold:.3f}" if config.gate_threshold > 0 else ""
+    note = (
+        f"batch calibration (assumes this batch has the training set's share of positives): cut-off {config.score_threshold:g} -> "
+        f"{applied.score_threshold:.3f}{gate}, to keep tuning's {config.expected_boxes_per_image:.3f} boxes per image"
+    )
+    moved = max(abs(applied.score_threshold - config.score_threshold), abs(applied.gate_threshold - config.gate_threshold))
+    if moved > FAR_CALIBRATION_MOVE:
+        note += (
+            f"; warning: that moves a setting by {moved:.2f}, far from the tuned value: if this batch's share of positives differs from "
+            "the training set's, drop --batch-calibration"
+        )
+    return applied, True, note
 
 
 def postprocess(rows: Sequence[RawPrediction], config: PostprocessConfig) -> dict[str, Prediction]:

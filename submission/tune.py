@@ -49,10 +49,11 @@ GRIDS: dict[str, tuple[Any, ...]] = {
     "max_boxes": (1, 2, 3, 4, 0),  # 0 = no cap: the most boxes, so last
     "wbf_iou_thr": (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7),
     "wbf_skip_box_thr": (0.0, 0.01, 0.02, 0.05, 0.1),
+    "min_support": (0.0, 0.5, 1.0),  # out of fold a model's two passes: any, or both
 }
 MAX_ROUNDS = 4
 # Settings that switch a step on: when off scores as well as on, they stay off.
-OFF_WHEN_TIED = {"gate_threshold", "max_boxes"}
+OFF_WHEN_TIED = {"gate_threshold", "max_boxes", "min_support"}
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,11 @@ class Tuner:
         self.has_probabilities = any(value is not None for value in self.probabilities.values())
         self.folds = np.array([-1 if groups[patient][0].fold is None else groups[patient][0].fold for patient in self.patients])
         self.progress = progress
-        self._merged: dict[tuple[float, float], dict[str, Any]] = {}
-        self._tables: dict[tuple[float, float, float], PrefixTable] = {}
+        self._merged: dict[tuple[float, float, float], dict[str, Any]] = {}
+        self._tables: dict[tuple[float, float, float, float], PrefixTable] = {}
 
     def table(self, config: PostprocessConfig) -> PrefixTable:
-        fusion = (config.wbf_iou_thr, config.wbf_skip_box_thr) if self.multi_pass else (0.0, 0.0)
+        fusion = (config.wbf_iou_thr, config.wbf_skip_box_thr, config.min_support) if self.multi_pass else (0.0, 0.0, 0.0)
         key = (*fusion, config.shrink)
         if key not in self._tables:
             if fusion not in self._merged:
@@ -164,7 +165,7 @@ class Tuner:
         if self.has_probabilities:
             names.insert(1, "gate_threshold")
         if self.multi_pass:
-            names += ["wbf_iou_thr", "wbf_skip_box_thr"]
+            names += ["wbf_iou_thr", "wbf_skip_box_thr", "min_support"]
         return names
 
     def tune(self, subset: np.ndarray | None = None, *, start: PostprocessConfig | None = None) -> PostprocessConfig:
@@ -277,7 +278,7 @@ def format_tune_report(report: TuneReport) -> str:
         "",
         f"operating point        {config.expected_boxes_per_image:.3f} boxes per image, gate lets {config.expected_gated_share:.0%} of images through "
         f"({config.tuned_models_per_image} model(s) x {config.tuned_passes_per_model} pass(es) per image)",
-        "                       lungdet predict with more models per image calibrates its cut-offs to keep this point",
+        "                       lungdet predict applies these image by image; it warns when its boxes per image are far from this",
     ]
     return "\n".join(lines)
 

@@ -37,13 +37,21 @@ def raw(patient: str, prediction: Prediction, *, model: str = "m0", pass_name: s
 def test_fusing_two_identical_predictions_gives_the_input() -> None:
     fused = fuse_passes([TWO_BOXES, TWO_BOXES], width=512, height=512, weights=[1, 1], iou_thr=0.55, skip_box_thr=0.0)
     np.testing.assert_allclose(fused.boxes, TWO_BOXES.boxes, atol=1e-4)
-    np.testing.assert_allclose(fused.scores, TWO_BOXES.scores, atol=1e-6)  # ensemble-boxes computes in float32
+    np.testing.assert_allclose(fused.scores, TWO_BOXES.scores, atol=1e-12)
 
 
-def test_a_box_one_model_missed_keeps_its_share_of_confidence() -> None:
-    fused = fuse_passes([TWO_BOXES, Prediction.empty()], width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0)
-    np.testing.assert_allclose(fused.scores, [0.9 * 3 / 4, 0.4 * 3 / 4], atol=1e-6)
-    np.testing.assert_allclose(fused.boxes, TWO_BOXES.boxes, atol=1e-4)
+def test_a_box_one_model_missed_keeps_its_finders_confidence_or_its_share() -> None:
+    missed = [TWO_BOXES, Prediction.empty()]
+    # 'finders' (the default): the confidence of the pass that found it, whatever the other passes did.
+    fused = fuse_passes(missed, width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0)
+    np.testing.assert_allclose(fused.scores, [0.9, 0.4], atol=1e-12)
+    np.testing.assert_allclose(fused.boxes, TWO_BOXES.boxes, atol=1e-9)
+    # 'avg': its weighted share of it, as ensemble-boxes computes it.
+    averaged = fuse_passes(missed, width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0, conf_type="avg")
+    np.testing.assert_allclose(averaged.scores, [0.9 * 3 / 4, 0.4 * 3 / 4], atol=1e-12)
+    # Found by 3 / 4 of the weight: kept at min_support 0.75, dropped above.
+    assert len(fuse_passes(missed, width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0, min_support=0.75).scores) == 2
+    assert len(fuse_passes(missed, width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0, min_support=0.8).scores) == 0
 
 
 def test_overlapping_boxes_fuse_to_their_confidence_weighted_mean() -> None:
