@@ -45,7 +45,7 @@ from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, fold_dir
 from lungdet.detection.cv import get_args_parser as cv_parser
 from lungdet.detection.cv import main as cv_main
 from lungdet.detection.detector import load_detector
-from lungdet.detection.predict import predict_raw, read_dicom_pixels
+from lungdet.detection.predict import predict_raw, read_dicom_input
 from lungdet.detection.train import BEST_CHECKPOINT
 from lungdet.submission.postprocess import PostprocessConfig, postprocess
 from lungdet.submission.raw_predictions import read_raw_predictions
@@ -70,7 +70,7 @@ def run_seed(seed: int, workdir: Path, *, count: int, test_count: int, epochs: i
 
     detectors = [load_detector(fold_dir(workdir / "cv", fold) / BEST_CHECKPOINT, device="cpu") for fold in range(FOLDS)]
     names = [f"fold{fold}" for fold in range(FOLDS)]
-    rows, bad = predict_raw(detectors, names, find_dicoms(test_set.images_dir), read=read_dicom_pixels, tta="hflip", progress=False)
+    rows, bad = predict_raw(detectors, names, find_dicoms(test_set.images_dir), read=read_dicom_input, tta="hflip", progress=False)
     assert not bad, bad
     truth = {patient: labels.boxes for patient, labels in read_labels(test_set.labels_csv).items()}
     cut_offs = [detector.score_threshold for detector in detectors]

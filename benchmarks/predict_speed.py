@@ -41,7 +41,7 @@ from lungdet.detection.config import config_to_dict, load_config
 from lungdet.detection.inference import prepare_input
 from lungdet.detection.model import build_model
 from lungdet.detection.detector import load_detector
-from lungdet.detection.predict import default_workers, predict_raw, read_dicom_pixels
+from lungdet.detection.predict import default_workers, predict_raw, read_dicom_input
 
 TARGET_FRACTION = 0.9
 
@@ -87,7 +87,7 @@ def forward_rate(predictor, inputs: list[np.ndarray], shapes: list[tuple[int, in
 
 def end_to_end_rate(detector, paths: list[Path], batch_size: int, workers: int) -> float:
     start = time.perf_counter()
-    rows, bad = predict_raw([detector], ["model"], paths, read=read_dicom_pixels, batch_size=batch_size, progress=False, workers=workers)
+    rows, bad = predict_raw([detector], ["model"], paths, read=read_dicom_input, batch_size=batch_size, progress=False, workers=workers)
     seconds = time.perf_counter() - start
     assert not bad and len(rows) == len(paths), (len(rows), bad)
     return rate(len(paths), seconds)
@@ -150,7 +150,7 @@ def main() -> int:
         # The loader's fork server starts once per process (it imports lungdet and torch): a fixed
         # cost that a real run pays once, timed on its own so the rates below are per file.
         start = time.perf_counter()
-        predict_raw([detector], ["model"], paths[: args.batch_size], read=read_dicom_pixels, batch_size=args.batch_size, progress=False, workers=1)
+        predict_raw([detector], ["model"], paths[: args.batch_size], read=read_dicom_input, batch_size=args.batch_size, progress=False, workers=1)
         server_start = time.perf_counter() - start
         in_process = end_to_end_rate(detector, paths, args.batch_size, 0)
         one_worker = end_to_end_rate(detector, paths, args.batch_size, 1)

@@ -51,22 +51,25 @@ from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import read_labels
 from lungdet.show.visualize import worst_first, write_overlays
 from lungdet.detection.config import load_config
-from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, SUMMARY_FILE, fold_dir, parse_folds
+from lungdet.detection.cv import FINAL_DIR, OOF_FILE, OOF_LABELS_FILE, SUMMARY_FILE, fold_dir, parse_folds
 from lungdet.detection.cv import get_args_parser as cv_parser
 from lungdet.detection.cv import main as cv_main
 from lungdet.detection.detector import load_detector
-from lungdet.detection.predict import predict_raw, read_any_pixels
+from lungdet.detection.predict import predict_raw, read_any_input
 from lungdet.detection.real_data import REAL_DATA_DIR, RealSet, lung_prior_boxes, load_split, prepare, prior_predictions
 from lungdet.detection.train import BEST_CHECKPOINT
 from lungdet.submission.postprocess import PostprocessConfig, apply_postprocess, load_postprocess, save_postprocess
 from lungdet.submission.prediction_string import Prediction, write_submission
 from lungdet.submission.raw_predictions import read_raw_predictions, write_raw_predictions
+from lungdet.detection.tta import tta_argument
+from lungdet.submission.detection_metrics import score_detection_metrics
 from lungdet.submission.score import BOOTSTRAP_DRAWS, read_slice_metadata, roc_auc, score_dataset, score_slices, write_probabilities
 from lungdet.show.score_cli import get_args_parser as score_parser
 from lungdet.show.score_cli import main as score_main
 from lungdet.submission.tune import tune_postprocess
 
 DEFAULT_CONFIG = "fasterrcnn_mobilenet_real_cpu"
+DEFAULT_TTA = "hflip"
 STAGES = ("prepare", "cv", "holdout", "report")
 HOLDOUT_RAW = "holdout_raw.csv"
 TIMINGS = "timings.json"
@@ -89,9 +92,11 @@ def oof_auc(rows, truth) -> float | None:
 def run_cv(args: argparse.Namespace, cv_data: Path, work: Path) -> dict:
     """``lungdet cv`` (resumable) then ``lungdet tune``; returns the out-of-fold figures."""
     started = time.time()
-    cv_args = ["--config", args.config, "--data", str(cv_data), "--out", str(work / "cv"), "--tta", "hflip", "--no-progress"]
+    cv_args = ["--config", args.config, "--data", str(cv_data), "--out", str(work / "cv"), "--tta", args.tta, "--no-progress"]
     if args.folds:
         cv_args += ["--folds", ",".join(map(str, args.folds))]
+    if args.final:
+        cv_args.append("--final")
     cv_main(cv_parser().parse_args([*cv_args, *args.overrides]))
     record_time(work, "cv", time.time() - started)
     rows = read_raw_predictions(work / "cv" / OOF_FILE)
@@ -136,14 +141,24 @@ def plot_learning_curves(fold_metrics: dict, path: Path) -> None:
     write_bytes_atomic(path, figure_to_png(figure))
 
 
-def predict_holdout(work: Path, holdout_images: Path, folds: list[int]) -> list:
-    """Every fold's model, plain and mirrored, on the held-out images, cached in ``holdout_raw.csv``."""
+def holdout_models(work: Path, folds: list[int], *, final: bool) -> dict[str, Path]:
+    """The models the held-out images are predicted with: every fold's, and the final one when cv trained it."""
+    models = {f"fold{fold}": fold_dir(work / "cv", fold) / BEST_CHECKPOINT for fold in folds}
+    if final:
+        models[FINAL_DIR] = work / "cv" / FINAL_DIR / BEST_CHECKPOINT
+    return models
+
+
+def predict_holdout(work: Path, prepared, models: dict[str, Path], *, tta: str) -> list:
+    """Every model, with every TTA pass, on the held-out images, cached in ``holdout_raw.csv``."""
     path = work / HOLDOUT_RAW
     if path.is_file():
         return read_raw_predictions(path)
     started = time.time()
-    detectors = [load_detector(fold_dir(work / "cv", fold) / BEST_CHECKPOINT, device="cpu") for fold in folds]
-    rows, bad = predict_raw(detectors, [f"fold{fold}" for fold in folds], find_images(holdout_images), read=read_any_pixels, tta="hflip", progress=False)
+    detectors = [load_detector(checkpoint, device="cpu") for checkpoint in models.values()]
+    rows, bad = predict_raw(
+        detectors, list(models), find_images(prepared.holdout_images), read=read_any_input, tags=prepared.holdout_tags, tta=tta, progress=False,
+    )
     if bad:
         raise SystemExit(f"unreadable held-out images: {bad}")
     write_raw_predictions(path, rows)
@@ -151,16 +166,32 @@ def predict_holdout(work: Path, holdout_images: Path, folds: list[int]) -> list:
     return rows
 
 
-def score_step(truth, predictions, *, seed: int = 0) -> dict:
+def score_step(truth, predictions, *, probabilities: dict[str, float] | None = None, seed: int = 0) -> dict:
+    """The RSNA mAP and, beside it, what papers report (COCO AP, AP40, FROC; AUC and ECE with probabilities), each with its interval."""
     report = score_dataset(truth, predictions, bootstrap_draws=BOOTSTRAP_DRAWS, seed=seed)
+    metrics = score_detection_metrics(truth, predictions, probabilities=probabilities, bootstrap_draws=BOOTSTRAP_DRAWS, seed=seed)
     boxes = sum(len(prediction.scores) for prediction in predictions.values())
-    return {
+    step = {
         "map": report.map, "interval": report.map_interval, "mean_iou": report.mean_iou, "sensitivity": report.sensitivity,
         "specificity": report.specificity, "boxes_per_image": boxes / max(1, len(predictions)),
+        "coco_ap": metrics.coco.ap, "coco_ap_interval": metrics.coco.ap_interval, "coco_ap40": metrics.coco.ap40,
+        "coco_ap40_interval": metrics.coco.ap40_interval, "froc": metrics.froc.score, "froc_interval": metrics.froc.score_interval,
     }
+    if metrics.probabilities is not None:
+        step.update(auc=metrics.probabilities.auc, auc_interval=metrics.probabilities.auc_interval, ece=metrics.probabilities.ece, ece_interval=metrics.probabilities.ece_interval)
+    return step
 
 
-def report_holdout(args: argparse.Namespace, work: Path, prepared, rows: list, folds: list[int]) -> dict:
+def image_probabilities(rows: list, models: set[str] | None = None) -> dict[str, float]:
+    """Each image's probability: the mean over the rows (of ``models``) that carry one, as post-processing gates on it."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row.probability is not None and (models is None or row.model in models):
+            values.setdefault(row.patient_id, []).append(row.probability)
+    return {patient: float(np.mean(found)) for patient, found in values.items()}
+
+
+def report_holdout(args: argparse.Namespace, work: Path, prepared, rows: list, folds: list[int], models: dict[str, Path]) -> dict:
     """Every held-out figure: priors, the single model, the path step by step, the recipe against its alternatives, slices."""
     real = RealSet(args.real_dir)
     split = load_split(real)
@@ -168,24 +199,33 @@ def report_holdout(args: argparse.Namespace, work: Path, prepared, rows: list, f
     truth = {patient: labels[patient].boxes for patient in prepared.holdout_patients}
     positives = {patient for patient in truth if len(truth[patient])}
     prior = lung_prior_boxes({patient: labels[patient] for patient, side in split.items() if side == "cv"})
-    detectors = {fold: load_detector(fold_dir(work / "cv", fold) / BEST_CHECKPOINT, device="cpu") for fold in folds}
-    cut_offs = [detectors[fold].score_threshold for fold in folds]
-    image_cut_offs = [detectors[fold].image_threshold for fold in folds if detectors[fold].image_threshold is not None]
+    detectors = {name: load_detector(path, device="cpu") for name, path in models.items()}
+    fold_names = [f"fold{fold}" for fold in folds]
+    cut_offs = [detectors[name].score_threshold for name in fold_names]
+    image_cut_offs = [detectors[name].image_threshold for name in fold_names if detectors[name].image_threshold is not None]
     tuned = load_postprocess(work / "cv" / "postprocess.yaml")
-    single_plain = [row for row in rows if row.model == f"fold{folds[0]}" and row.pass_name == "plain"]
-    single_both = [row for row in rows if row.model == f"fold{folds[0]}"]
-    no_shrink = dataclasses.replace(tuned, shrink=1.0)
+    first = fold_names[0]
+    single_plain = [row for row in rows if row.model == first and row.pass_name == "plain"]
+    single_tta = [row for row in rows if row.model == first]
+    folds_only = [row for row in rows if row.model in fold_names]
+    passes = sorted({row.pass_name for row in rows} - {"plain"})
+    tta = f" + TTA {'+'.join(passes)}" if passes else ""
     steps = {
         "1 single model (fold 0), its own cut-off": (single_plain, PostprocessConfig(score_threshold=cut_offs[0])),
-        "2 + hflip TTA": (single_both, PostprocessConfig(score_threshold=cut_offs[0])),
-        "3 + 5-fold fusion (WBF)": (rows, PostprocessConfig(score_threshold=float(np.mean(cut_offs)))),
-        "4 + gating (the folds' image cut-off)": (rows, PostprocessConfig(score_threshold=float(np.mean(cut_offs)), gate_threshold=float(np.mean(image_cut_offs)) if image_cut_offs else 0.0)),
-        "5 + tuned post-processing, no shrink (calibrated)": (rows, no_shrink),
-        "6 + shrink: the README recipe (cv -> tune -> predict)": (rows, tuned),
-        "control: single model + tuned post-processing": (single_both, tuned),
-        "recipe as before calibration (cut-offs as tuned)": (rows, dataclasses.replace(tuned, calibration="off")),
-        "recipe with max-confidence fusion, cut-offs as tuned": (rows, dataclasses.replace(tuned, calibration="off", wbf_conf_type="max")),
+        f"2{tta or ' (no TTA)'}, same cut-off": (single_tta, PostprocessConfig(score_threshold=cut_offs[0])),
+        "3 + 5-fold fusion (finders), the folds' mean cut-off": (folds_only, PostprocessConfig(score_threshold=float(np.mean(cut_offs)))),
+        "4 + gating at the folds' mean image cut-off": (folds_only, PostprocessConfig(
+            score_threshold=float(np.mean(cut_offs)), gate_threshold=float(np.mean(image_cut_offs)) if image_cut_offs else 0.0)),
+        "5 + tuned post-processing, no shrink": (folds_only, dataclasses.replace(tuned, shrink=1.0)),
+        "6 + shrink: the README recipe (cv -> tune -> predict)": (folds_only, tuned),
+        "control: single model + tuned post-processing": (single_tta, tuned),
+        "alternative: the package's 'avg' fusion, as tuned": (folds_only, dataclasses.replace(tuned, wbf_conf_type="avg")),
+        "alternative: 'avg' fusion + batch calibration (the earlier default)": (folds_only, dataclasses.replace(tuned, wbf_conf_type="avg", calibration="batch")),
     }
+    if FINAL_DIR in models:
+        steps["7 + the final model on every image (6 models)"] = (rows, tuned)
+        steps["the final model alone, tuned post-processing"] = ([row for row in rows if row.model == FINAL_DIR], tuned)
+    recipe_name = "6 + shrink: the README recipe (cv -> tune -> predict)"
     results: dict[str, dict] = {
         "prior: median lung boxes on every image": score_step(truth, prior_predictions(truth, prior)),
         "prior: median lung boxes on the positives only (a perfect classifier)": score_step(truth, prior_predictions(truth, prior, only=positives)),
@@ -194,26 +234,17 @@ def report_holdout(args: argparse.Namespace, work: Path, prepared, rows: list, f
     for name, (step_rows, config) in steps.items():
         result = apply_postprocess(step_rows, config)
         kept[name] = result
-        results[name] = {**score_step(truth, result.predictions), "calibration": result.note, "expected_boxes_per_image": config.expected_boxes_per_image or None,
+        probabilities = image_probabilities(step_rows) or None
+        results[name] = {**score_step(truth, result.predictions, probabilities=probabilities), "calibration": result.note,
+                         "expected_boxes_per_image": config.expected_boxes_per_image or None,
                          "applied": {"score_threshold": result.applied.score_threshold, "gate_threshold": result.applied.gate_threshold}}
     # Where the loss goes: the same boxes with a perfect image-level decision (kept on the true positives only).
-    for name in ("1 single model (fold 0), its own cut-off", "6 + shrink: the README recipe (cv -> tune -> predict)"):
+    for name in ("1 single model (fold 0), its own cut-off", recipe_name):
         oracle = {patient: prediction if patient in positives else Prediction.empty() for patient, prediction in kept[name].predictions.items()}
         results[f"diagnostic: {name.split(':')[0].split(',')[0]}, boxes on the true positives only"] = score_step(truth, oracle)
-    single_probability = {row.patient_id: row.probability for row in single_plain if row.probability is not None}
-    ensemble_probability = {}
-    for row in rows:
-        if row.probability is not None:
-            ensemble_probability.setdefault(row.patient_id, []).append(row.probability)
-    ensemble_probability = {patient: float(np.mean(values)) for patient, values in ensemble_probability.items()}
-    is_positive = [patient in positives for patient in truth]
-    aucs = {
-        "single": roc_auc(is_positive, [single_probability[patient] for patient in truth]) if single_probability else None,
-        "ensemble": roc_auc(is_positive, [ensemble_probability[patient] for patient in truth]) if ensemble_probability else None,
-    }
     metadata = read_slice_metadata(prepared.holdout_data / "annotations.json")
     slices = {}
-    for name in ("1 single model (fold 0), its own cut-off", "6 + shrink: the README recipe (cv -> tune -> predict)"):
+    for name in ("1 single model (fold 0), its own cut-off", recipe_name):
         slices[name] = [
             {"by": item.by, "value": item.value, "map": item.report.map, "interval": item.report.map_interval, "images": item.report.n_images}
             for item in score_slices(truth, kept[name].predictions, metadata, ["view_position", "sex", "age_band"], bootstrap_draws=BOOTSTRAP_DRAWS)
@@ -221,8 +252,8 @@ def report_holdout(args: argparse.Namespace, work: Path, prepared, rows: list, f
     # Pages to look at: the recipe's submission scored with figures, and the held-out gallery worst first.
     report_dir = work / "report"
     report_dir.mkdir(exist_ok=True)
-    for tag, name, probability in (("single", "1 single model (fold 0), its own cut-off", single_probability),
-                                   ("recipe", "6 + shrink: the README recipe (cv -> tune -> predict)", ensemble_probability)):
+    for tag, name, probability in (("single", "1 single model (fold 0), its own cut-off", image_probabilities(single_plain)),
+                                   ("recipe", recipe_name, image_probabilities(folds_only))):
         write_submission(report_dir / f"submission_{tag}.csv", {patient: kept[name].predictions[patient] for patient in sorted(truth)})
         if probability:
             write_probabilities(report_dir / f"probabilities_{tag}.csv", {patient: probability[patient] for patient in sorted(truth)})
@@ -236,14 +267,29 @@ def report_holdout(args: argparse.Namespace, work: Path, prepared, rows: list, f
             score_args += ["--probabilities", str(report_dir / f"probabilities_{tag}.csv")]
         with contextlib.redirect_stdout(io.StringIO()):  # its table repeats what the report prints
             score_main(score_parser().parse_args(score_args))
-    return {"steps": results, "auc": aucs, "slices": slices, "tuned": dataclasses.asdict(tuned)}
+    return {"steps": results, "slices": slices, "tuned": dataclasses.asdict(tuned)}
+
+
+def interval_text(value: float | None, interval) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
 
 
 def format_table(results: dict) -> str:
-    lines = ["| held-out (200 real radiographs) | RSNA mAP [95% interval] | boxes per image (tuning expected) |", "| --- | --- | --- |"]
+    lines = [
+        "| held-out (200 real radiographs) | RSNA mAP [95% interval] | COCO AP | AP40 | FROC | image AUC | ECE | sens. / spec. | boxes per image (tuning expected) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, step in results["steps"].items():
         expected = f" ({step['expected_boxes_per_image']:.3f})" if step.get("expected_boxes_per_image") else ""
-        lines.append(f"| {name} | {step['map']:.4f} [{step['interval'][0]:.4f}, {step['interval'][1]:.4f}] | {step['boxes_per_image']:.3f}{expected} |")
+        auc = f"{step['auc']:.3f}" if step.get("auc") is not None else ""
+        ece = f"{step['ece']:.3f}" if step.get("ece") is not None else ""
+        sensitivity = f"{step['sensitivity']:.2f} / {step['specificity']:.2f}"
+        lines.append(
+            f"| {name} | {interval_text(step['map'], step['interval'])} | {step['coco_ap'] or 0:.4f} | {step['coco_ap40'] or 0:.4f} | "
+            f"{step['froc'] or 0:.3f} | {auc} | {ece} | {sensitivity} | {step['boxes_per_image']:.3f}{expected} |"
+        )
     return "\n".join(lines)
 
 
@@ -255,6 +301,8 @@ def main() -> int:
     parser.add_argument("--normalize", choices=("none", "clahe", "equalize"), default="none", help="convert's --normalize for the 800")
     parser.add_argument("--folds", type=parse_folds, default=None, help="folds to run (default all 5); fewer for the recipe search")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated stages to run, of {', '.join(STAGES)}")
+    parser.add_argument("--tta", type=tta_argument, default=DEFAULT_TTA, help=f"TTA passes for the out-of-fold and held-out predictions, as lungdet predict's (default {DEFAULT_TTA})")
+    parser.add_argument("--final", action="store_true", help="lungdet cv --final: also a model on all 800, predicted on the 200 beside the folds")
     parser.add_argument("--search-table", type=Path, help="with --stages cv: append this run's out-of-fold row to this Markdown file")
     parser.add_argument("--label", default="", help="what this run tries, for --search-table")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every fold (model.image_head=true is always added)")
@@ -283,11 +331,11 @@ def main() -> int:
                 stream.write(f"| {args.label or ' '.join(args.overrides[1:])} | {cv['oof_map']:.4f} [{cv['oof_map_interval'][0]:.4f}, {cv['oof_map_interval'][1]:.4f}] "
                              f"| {honest} | {cv['oof_auc']:.3f} | {minutes:.1f} |\n")
     if "holdout" in stages or "report" in stages:
-        rows = predict_holdout(work, prepared.holdout_images, folds)
+        models = holdout_models(work, folds, final=args.final)
+        rows = predict_holdout(work, prepared, models, tta=args.tta)
         if "report" in stages:
-            out["holdout"] = report_holdout(args, work, prepared, rows, folds)
+            out["holdout"] = report_holdout(args, work, prepared, rows, folds, models)
             print(format_table(out["holdout"]))
-            print(f"image AUC on the held-out: single {out['holdout']['auc']['single']}, ensemble {out['holdout']['auc']['ensemble']}")
     out["wall_minutes"] = (time.time() - started) / 60
     (work / "results.json").write_text(json.dumps(out, indent=1, default=str))
     print(f"\n{out['date']}, {out['machine']}; {command}; {out['wall_minutes']:.0f} min this run; wrote {work / 'results.json'}")

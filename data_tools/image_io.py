@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lungdet.data_tools.dicom_io import conversion_notes, over_pixel_limit, read_dicom, read_dicom_bytes, window_to_uint8
+from lungdet.data_tools.metadata import ImageTags
 from lungdet.errors import ImageReadError, LungdetError
 
 FORMATS = ("dicom", "png", "jpeg")
@@ -77,6 +78,11 @@ class XrayImage:
     @property
     def height(self) -> int:
         return int(self.pixels.shape[0])
+
+    @property
+    def tags(self) -> ImageTags:
+        """What the file says of the patient, as an image head with metadata reads it: a DICOM's tags, nothing for a PNG or JPEG."""
+        return ImageTags(age=self.age, sex=self.sex or "", view_position=self.view_position or "")
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description: format, width, height, view_position, sex, age, notes."""

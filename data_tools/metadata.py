@@ -12,6 +12,10 @@ the EDA page and the score's slices get the same fields as from DICOMs::
 ignored). Values read as the DICOM tags do: ages as '51', '051Y' or '006M' (in years),
 PixelSpacing as DICOM's 'row\\column' (a comma, a space or one value for both also work), in mm.
 A value that cannot be read is left empty and reported with its line; the rest of the file is used.
+
+:func:`metadata_features` turns the tags into what an image-level model reads beside the pixels
+(``model.image_metadata``): one-hot view position, sex and age band, where a missing or
+unexpected value is a category of its own, never a guess.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lungdet.data_tools.dicom_io import parse_age
+import numpy as np
+
+from lungdet.data_tools.dicom_io import DicomMeta, parse_age
 from lungdet.errors import LabelError
 
 PATIENT_COLUMN = "patientId"
@@ -121,3 +127,73 @@ def _row_tags(row: dict[str, str | None], patient_id: str, where: str, problems:
             "reason": f"patient {patient_id}: PixelSpacing {text('PixelSpacing')!r} is not two positive numbers in mm ('0.139\\0.139'); left empty",
         })
     return ImageTags(age=age, sex=sex, view_position=text("ViewPosition").upper(), pixel_spacing=spacing)
+
+
+# --- the tags as an image-level model's input ------------------------------------------------------
+
+VIEW_POSITIONS = ("AP", "PA")
+FEATURE_SEXES = ("M", "F")
+# (first year, last year or None, label): the bands the score's slices use too.
+AGE_BANDS = ((0, 17, "0-17"), (18, 39, "18-39"), (40, 59, "40-59"), (60, None, "60+"))
+UNKNOWN = "unknown"
+# The order of metadata_features' entries: one-hot view, sex and age band, each with its own 'unknown'.
+METADATA_FEATURES = (
+    *(f"view {value}" for value in (*VIEW_POSITIONS, UNKNOWN)),
+    *(f"sex {value}" for value in (*FEATURE_SEXES, UNKNOWN)),
+    *(f"age {label}" for *_, label in AGE_BANDS),
+    f"age {UNKNOWN}",
+)
+
+
+def age_band(age: object) -> str:
+    """'0-17', '18-39', '40-59', '60+', or 'unknown' for a missing or unreadable age (years)."""
+    if age is None or isinstance(age, bool) or not isinstance(age, (int, float)) or not math.isfinite(age) or age < 0:
+        return UNKNOWN
+    for first, last, label in AGE_BANDS:
+        if age >= first and (last is None or age <= last):
+            return label
+    return UNKNOWN
+
+
+def _one_hot(value: str, values: tuple[str, ...]) -> list[float]:
+    # A value outside ``values`` (a lateral 'LL', sex 'O', '') is the trailing 'unknown' entry.
+    index = values.index(value) if value in values else len(values)
+    return [float(position == index) for position in range(len(values) + 1)]
+
+
+def metadata_features(tags: ImageTags | None) -> np.ndarray:
+    """float32 ``[len(METADATA_FEATURES)]``: one-hot view position (AP, PA, unknown), sex (M, F, unknown) and age band.
+
+    ``None`` (no tags at all, e.g. a PNG without a metadata row) is unknown in all three. The
+    view and sex are compared upper-cased, so 'ap' from a hand-written CSV is AP.
+    """
+    tags = tags or ImageTags()
+    bands = tuple(label for *_, label in AGE_BANDS)
+    values = [
+        *_one_hot((tags.view_position or "").strip().upper(), VIEW_POSITIONS),
+        *_one_hot((tags.sex or "").strip().upper(), FEATURE_SEXES),
+        *_one_hot(age_band(tags.age), bands),
+    ]
+    return np.asarray(values, dtype=np.float32)
+
+
+def dicom_tags(meta: DicomMeta) -> ImageTags:
+    """A DICOM's age, sex, view position and pixel spacing as :class:`ImageTags`."""
+    return ImageTags(age=meta.age, sex=meta.sex, view_position=meta.view_position, pixel_spacing=meta.pixel_spacing)
+
+
+def laid_over(file_tags: ImageTags, given: ImageTags | None) -> ImageTags:
+    """``file_tags`` with every value that ``given`` (a metadata CSV's row, a dataset record) knows put in its place."""
+    if given is None:
+        return file_tags
+    return ImageTags(
+        age=given.age if given.age is not None else file_tags.age,
+        sex=given.sex or file_tags.sex,
+        view_position=given.view_position or file_tags.view_position,
+        pixel_spacing=given.pixel_spacing or file_tags.pixel_spacing,
+    )
+
+
+def has_any_tag(tags: ImageTags | None) -> bool:
+    """Whether ``tags`` know any of view position, sex or age."""
+    return tags is not None and bool(tags.view_position or tags.sex or tags.age is not None)

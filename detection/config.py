@@ -40,7 +40,8 @@ class ModelConfig:
     architecture: str = "fasterrcnn_resnet50_fpn"  # one of MODEL_ARCHITECTURES
     num_classes: int = 2  # background + lung_opacity
     image_size: int = 512  # images are resized to this square side for training and prediction (pixels)
-    pretrained: str = "auto"  # 'auto': torchvision COCO weights if cached or downloadable, else from scratch; 'none'; or a path to a .pth state dict
+    multiscale_train: list[int] = field(default_factory=list)  # [low, high] pixels: the model resizes each training image to a random size in this range (steps of 32, image_size included); validation and prediction use image_size; [] = off
+    pretrained: str = "auto"  # 'auto': torchvision COCO weights if cached or downloadable, else from scratch; 'none'; or a path to a .pth state dict (a 'lungdet pretrain' backbone file trains every layer with ordinary batch norm)
     trainable_backbone_layers: int = 3  # with pretrained weights: how many backbone stages train (0..5 resnet, 0..6 mobilenet)
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # anchor side lengths (pixels at image_size)
     anchor_aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height/width; RSNA boxes are tall (median ~1.4)
@@ -55,12 +56,14 @@ class ModelConfig:
     mask_shape: str = "ellipse"  # maskrcnn only: the training mask drawn from each box, 'ellipse' (inscribed; opacities are rounded) or 'rectangle' (filled box)
     box_nms_thresh: float = 0.2  # IoU above which overlapping detections are merged; RSNA boxes rarely overlap, and every duplicate is a false positive (0.5 -> 0.2 lifted held-out synthetic mAP 0.34 -> 0.46)
     image_head: bool = False  # add a small image-level head (one logit: "has any opacity"), trained jointly; its probability gates boxes in post-processing and gives the serve API's verdict
+    image_metadata: bool = False  # with image_head: the view position, sex and age band (DICOM tags, or convert --metadata) add a learned term to its logit; a missing value is its own category
+    image_class_info: bool = False  # with image_head: also learn RSNA's three classes (Lung Opacity / No Lung Opacity - Not Normal / Normal) as an auxiliary target; needs convert --class-info
     batched_heads: bool = True  # match, sample and filter for the whole batch at once (detection/batched_heads.py): torchvision's results with far fewer GPU waits, and RoI pooling as one sparse product on a CPU (detection/sparse_roi_align.py); false = torchvision's per-image loops and kernels
 
 
 @dataclass
 class DataConfig:
-    fold: int = 0  # which fold of folds.csv validates; the others train
+    fold: int = 0  # which fold of folds.csv validates; the others train (-1: every image trains and none validates, for a final model; the cut-offs then come from elsewhere, see lungdet cv --final)
     batch_size: int = 4  # images per optimizer step
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (CUDA only)
@@ -107,6 +110,7 @@ class OptimConfig:
     accumulate_steps: int = 1  # batches whose gradients are summed per optimizer step (effective batch = batch_size x this x GPUs)
     ema_decay: float = 0.0  # exponential moving average of the weights, validated and saved for predict (0 = off; 0.999 is usual)
     image_loss_weight: float = 1.0  # with model.image_head: the weight of its binary cross-entropy in the total loss
+    image_class_loss_weight: float = 0.1  # with model.image_class_info: the weight of the three-class cross-entropy (the 2018 2nd place used 0.1)
 
 
 @dataclass
@@ -131,6 +135,7 @@ _RANGE_RULES: list[RangeRule] = [
     ("model.architecture", lambda v: v in MODEL_ARCHITECTURES, f"one of {', '.join(MODEL_ARCHITECTURES)}"),
     ("model.num_classes", lambda v: v >= 2, ">= 2 (background + at least one class)"),
     ("model.image_size", lambda v: 64 <= v <= 2048, "between 64 and 2048"),
+    ("model.multiscale_train", lambda v: len(v) == 0 or (len(v) == 2 and 64 <= v[0] <= v[1] <= 2048), "[] (off) or [low, high] pixels with 64 <= low <= high <= 2048"),
     ("model.trainable_backbone_layers", lambda v: 0 <= v <= 6, "between 0 and 6"),
     ("model.anchor_sizes", lambda v: len(v) > 0 and all(s > 0 for s in v), "a non-empty list of positive sizes"),
     ("model.anchor_aspect_ratios", lambda v: len(v) > 0 and all(r > 0 for r in v), "a non-empty list of positive ratios"),
@@ -144,7 +149,7 @@ _RANGE_RULES: list[RangeRule] = [
     ("model.box_score_thresh", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("model.box_nms_thresh", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     ("model.mask_shape", lambda v: v in MASK_SHAPES, f"one of {', '.join(MASK_SHAPES)}"),
-    ("data.fold", lambda v: v >= 0, ">= 0"),
+    ("data.fold", lambda v: v >= -1, ">= 0, or -1 for every image and no validation"),
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     *((f"augment.{name}", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]")
@@ -174,6 +179,7 @@ _RANGE_RULES: list[RangeRule] = [
     ("optim.accumulate_steps", lambda v: v >= 1, ">= 1"),
     ("optim.ema_decay", lambda v: v == 0.0 or 0.5 <= v < 1.0, "0 (off) or in [0.5, 1)"),
     ("optim.image_loss_weight", lambda v: v >= 0.0, ">= 0"),
+    ("optim.image_class_loss_weight", lambda v: v >= 0.0, ">= 0"),
     ("seed", lambda v: v >= 0, ">= 0"),
     ("max_minutes", lambda v: v >= 0.0, ">= 0 (0 = no limit)"),
     ("amp", lambda v: v in AMP_MODES, f"one of {', '.join(AMP_MODES)}"),
@@ -205,8 +211,11 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 
 
 def validate_config(config: TrainConfig) -> None:
-    """Raise :class:`ConfigError` naming the first out-of-range value and its valid range."""
+    """Raise :class:`ConfigError` naming the first out-of-range value and its valid range, or a key that needs another."""
     check_ranges(config, _RANGE_RULES)
+    for key in ("image_metadata", "image_class_info"):
+        if getattr(config.model, key) and not config.model.image_head:
+            raise ConfigError(f"model.{key}=true feeds the image-level head, which is off; set model.image_head=true too, or model.{key}=false")
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

@@ -31,17 +31,21 @@ from lungdet.boxes import scale_xywh
 from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import format_labels_csv
 from lungdet.detection.config import apply_overrides, config_from_dict, load_config
-from lungdet.detection.data import ImageRecord, load_records
+from lungdet.detection.data import ALL_FOLDS, ImageRecord, load_records
 from lungdet.detection.distributed import from_environment, start, stop
 from lungdet.detection.engine import resolve_precision
-from lungdet.detection.detector import ModelRunner, load_trained_model
-from lungdet.detection.predict import TTA_MODES, predict_raw
-from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device, train
+from lungdet.detection.detector import ModelRunner, load_trained_model, probability_map_of
+from lungdet.detection.inference import LoadedImage
+from lungdet.detection.predict import predict_raw
+from lungdet.detection.tta import TTA_EXAMPLE, tta_argument
+from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device, save_checkpoint, train
 from lungdet.submission.prediction_string import Prediction, keep_confident
 from lungdet.submission.raw_predictions import RawPrediction, write_raw_predictions
 from lungdet.submission.score import BOOTSTRAP_DRAWS, score_dataset
 
 STATE_FILE = "cv_state.json"
+# The model trained on every image by --final; 'fold_all' so that the recipe's runs/cv/fold*/best.pt takes it in too.
+FINAL_DIR = "fold_all"
 OOF_FILE = "oof.csv"
 OOF_LABELS_FILE = "oof_labels.csv"
 SUMMARY_FILE = "summary.json"
@@ -51,14 +55,23 @@ def fold_dir(out_dir: Path, fold: int) -> Path:
     return Path(out_dir) / f"fold{fold}"
 
 
-def read_done(out_dir: Path) -> list[int]:
+def read_state(out_dir: Path) -> dict[str, Any]:
     path = Path(out_dir) / STATE_FILE
-    return json.loads(path.read_text(encoding="utf-8"))["done"] if path.is_file() else []
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"done": []}
 
 
-def mark_done(out_dir: Path, fold: int) -> None:
-    done = sorted(set(read_done(out_dir)) | {fold})
-    write_text_atomic(Path(out_dir) / STATE_FILE, json.dumps({"done": done}) + "\n")
+def read_done(out_dir: Path) -> list[int]:
+    return read_state(out_dir)["done"]
+
+
+def mark_done(out_dir: Path, fold: int | None = None, *, final: bool = False) -> None:
+    """Record a finished fold (or, with ``final``, the finished final model) in ``OUT/cv_state.json``."""
+    state = read_state(out_dir)
+    if fold is not None:
+        state["done"] = sorted(set(state["done"]) | {fold})
+    if final:
+        state["final"] = True
+    write_text_atomic(Path(out_dir) / STATE_FILE, json.dumps(state) + "\n")
 
 
 def parse_folds(text: str) -> list[int]:
@@ -83,32 +96,78 @@ def train_folds(
             if job.is_main:
                 print(f"lungdet cv: fold {fold} is done ({run_dir}); skipped")
             continue
-        fold_overrides = [*overrides, f"data.fold={fold}"]
-        resume = (run_dir / LAST_CHECKPOINT).is_file()
-        if resume:
-            config = config_from_dict(apply_overrides(load_checkpoint(run_dir / LAST_CHECKPOINT)["config"], fold_overrides))
-            if job.is_main:
-                print(f"lungdet cv: fold {fold}: continuing from {run_dir / LAST_CHECKPOINT}")
-        else:
-            config = load_config(config_name, fold_overrides)
         if job.is_main:
             print(f"lungdet cv: fold {fold} of {', '.join(map(str, folds))} -> {run_dir}")
-        try:
-            train(config, data_dir, run_dir, resume=resume, progress=progress)
-        except LungdetError as error:
-            if resume and "nothing to train" in str(error):  # killed after its last epoch, before it was marked done
-                pass
-            else:
-                raise
+        train_resumably(config_name, data_dir, run_dir, [*overrides, f"data.fold={fold}"], progress=progress)
         if job.is_main:
             mark_done(out_dir, fold)
 
 
-def read_converted(path: Path) -> np.ndarray:
+def train_resumably(config_name: str | None, data_dir: Path, run_dir: Path, overrides: Sequence[str], *, progress: bool) -> None:
+    """Train one run into ``run_dir``, continuing from its ``last.pt`` (with the config stored there) when a kill left one."""
+    resume = (run_dir / LAST_CHECKPOINT).is_file()
+    if resume:
+        config = config_from_dict(apply_overrides(load_checkpoint(run_dir / LAST_CHECKPOINT)["config"], overrides))
+        if from_environment().is_main:
+            print(f"lungdet cv: continuing from {run_dir / LAST_CHECKPOINT}")
+    else:
+        config = load_config(config_name, overrides)
+    try:
+        train(config, data_dir, run_dir, resume=resume, progress=progress)
+    except LungdetError as error:
+        if not (resume and "nothing to train" in str(error)):  # killed after its last epoch, before it was marked done
+            raise
+
+
+def final_epochs(out_dir: Path, folds: Sequence[int]) -> int:
+    """The epoch count for the final model: the median of the folds' best epochs (what their validation chose), rounded up."""
+    epochs = [int(load_checkpoint(fold_dir(out_dir, fold) / BEST_CHECKPOINT)["epoch"]) for fold in folds]
+    return int(np.ceil(np.median(epochs)))
+
+
+def carry_fold_cut_offs(final_checkpoint: Path, fold_checkpoints: Sequence[Path]) -> dict[str, Any]:
+    """Write into the final model's checkpoint the folds' mean box cut-off, image cut-off and Platt scaling; returns them.
+
+    The final model has no validation images of its own to choose them on; the folds' were
+    chosen on images their models never trained on, at the same epoch count give or take.
+    """
+    folds = [load_checkpoint(path) for path in fold_checkpoints]
+    carried: dict[str, Any] = {"score_threshold": float(np.mean([checkpoint.get("score_threshold", 0.5) for checkpoint in folds]))}
+    if all("image_threshold" in checkpoint for checkpoint in folds):
+        carried["image_threshold"] = float(np.mean([checkpoint["image_threshold"] for checkpoint in folds]))
+    if all(checkpoint.get("image_calibration") for checkpoint in folds):
+        carried["image_calibration"] = [float(value) for value in np.mean([checkpoint["image_calibration"] for checkpoint in folds], axis=0)]
+    checkpoint = load_checkpoint(final_checkpoint)
+    checkpoint.update(carried)
+    checkpoint["cut_offs_from"] = [str(path) for path in fold_checkpoints]
+    save_checkpoint(final_checkpoint, checkpoint)
+    return carried
+
+
+def train_final(config_name: str | None, data_dir: Path, out_dir: Path, folds: Sequence[int], overrides: Sequence[str], *, progress: bool = True) -> None:
+    """``--final``: one model on every image, for the folds' median best epoch count, with the folds' cut-offs (``OUT/fold_all/``)."""
+    job = from_environment()
+    run_dir = Path(out_dir) / FINAL_DIR
+    if read_state(out_dir).get("final"):
+        if job.is_main:
+            print(f"lungdet cv: the final model is done ({run_dir}); skipped")
+        return
+    epochs = final_epochs(out_dir, folds)
+    if job.is_main:
+        print(f"lungdet cv: the final model on every image, {epochs} epochs (the folds' median best) -> {run_dir}")
+    train_resumably(config_name, data_dir, run_dir, [*overrides, f"data.fold={ALL_FOLDS}", f"optim.epochs={epochs}"], progress=progress)
+    if job.is_main:
+        carried = carry_fold_cut_offs(run_dir / BEST_CHECKPOINT, [fold_dir(out_dir, fold) / BEST_CHECKPOINT for fold in folds])
+        print(f"lungdet cv: the final model takes the folds' mean cut-offs: {', '.join(f'{key} {value}' for key, value in carried.items())}")
+        mark_done(out_dir, final=True)
+
+
+def read_converted(path: Path) -> LoadedImage:
+    """A converted image's pixels; its tags come from the dataset's records (see :func:`predict_out_of_fold`)."""
     pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if pixels is None:
         raise LungdetError(f"{path}: cannot be read as an image; convert the dataset again")
-    return pixels
+    return LoadedImage(pixels)
 
 
 def to_original(record: ImageRecord, boxes: np.ndarray) -> np.ndarray:
@@ -133,12 +192,12 @@ def predict_out_of_fold(
     for fold in folds:
         model, config, checkpoint = load_trained_model(fold_dir(out_dir, fold) / BEST_CHECKPOINT, device=device)
         thresholds[fold] = float(checkpoint.get("score_threshold", 0.5))
-        runner = ModelRunner(model, config.model.image_size, device, None, resolve_precision(config.amp, device))
+        runner = ModelRunner(model, config.model.image_size, device, None, resolve_precision(config.amp, device), probability_map_of(model, checkpoint))
         # predict_raw names a row by its file's stem, which convert makes the patientId.
         by_stem = {record.path.stem: record for record in (record for record in records if record.fold == fold)}
         fold_rows, _ = predict_raw(
             [runner], [f"fold{fold}"], [record.path for record in by_stem.values()], read=read_converted,
-            tta=tta, batch_size=batch_size, progress=progress,
+            tags={stem: record.tags for stem, record in by_stem.items()}, tta=tta, batch_size=batch_size, progress=progress,
         )
         for row in fold_rows:
             record = by_stem[row.patient_id]
@@ -202,7 +261,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="output folder of lungdet convert (its folds.csv decides the folds)")
     parser.add_argument("--out", type=Path, required=True, help="folder for fold{k}/ runs, oof.csv, oof_labels.csv and summary.json")
     parser.add_argument("--folds", type=parse_folds, default=None, help="comma-separated folds to run (default: every fold in the dataset)")
-    parser.add_argument("--tta", choices=TTA_MODES, default="none", help="out-of-fold predictions also mirrored, for tuning the fusion (default none)")
+    parser.add_argument(
+        "--tta", type=tta_argument, default="none", metavar="PASSES",
+        help=f"out-of-fold predictions also with these passes (as lungdet predict's --tta, e.g. {TTA_EXAMPLE}), for tuning the fusion (default none)",
+    )
+    parser.add_argument(
+        "--final", action="store_true",
+        help=f"after the folds, also train one model on every image for the folds' median best epoch count, with their mean cut-offs, "
+        f"into OUT/{FINAL_DIR}/ (so OUT/fold*/best.pt takes it in beside the folds)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass for the out-of-fold predictions (default 4)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every fold, e.g. optim.epochs=6")
@@ -221,6 +288,8 @@ def main(args: argparse.Namespace) -> int:
     joined = start(job, device)
     try:
         train_folds(args.config, args.data, args.out, folds, list(args.overrides), progress=not args.no_progress)
+        if args.final:
+            train_final(args.config, args.data, args.out, folds, list(args.overrides), progress=not args.no_progress)
     finally:
         if joined:
             stop(job)

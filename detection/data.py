@@ -6,6 +6,9 @@ change. Targets follow torchvision's detection
 convention: ``boxes`` FloatTensor[N, 4] XYXY_ABS in the resized image's pixels, ``labels``
 Int64Tensor[N]; a negative image has ``boxes`` of shape [0, 4], which torchvision trains on as
 pure background. That is how the model learns to say "nothing here" (77% of RSNA images).
+For the image-level head, targets also carry ``metadata`` (FloatTensor[F], the record's view,
+sex and age band: :func:`~lungdet.data_tools.metadata.metadata_features`) and ``class_index``
+(Int64Tensor[], RSNA's three classes, -1 without one).
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from lungdet.boxes import scale_xywh, xywh_to_xyxy
 from lungdet.errors import LungdetError
+from lungdet.data_tools.metadata import ImageTags, has_any_tag, metadata_features
 from lungdet.data_tools.to_coco import ANNOTATIONS_FILE
 from lungdet.detection.augment import augment_sample, build_augmentation
-from lungdet.detection.config import AugmentConfig, DataConfig
+from lungdet.detection.config import AugmentConfig, DataConfig, ModelConfig
+from lungdet.detection.image_head import IMAGE_CLASSES, class_index
 from lungdet.detection.masks import box_masks
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One converted image: its file, size, fold and truth boxes (XYWH_ABS, in that file's pixels)."""
+    """One converted image: its file, size, fold and truth boxes (XYWH_ABS, in that file's pixels), its tags and RSNA class (None when unknown)."""
 
     image_id: int
     patient_id: str
@@ -41,6 +46,8 @@ class ImageRecord:
     original_height: int
     fold: int
     boxes: np.ndarray
+    tags: ImageTags = ImageTags()
+    class_name: str | None = None
 
 
 def read_annotations(data_dir: Path) -> dict:
@@ -73,8 +80,29 @@ def load_records(data_dir: Path) -> list[ImageRecord]:
             original_height=int(image.get("original_height", image["height"])),
             fold=int(image["fold"]),
             boxes=np.array(boxes.get(image["id"], []), dtype=np.float64).reshape(-1, 4),
+            tags=ImageTags(age=image.get("age"), sex=str(image.get("sex") or ""), view_position=str(image.get("view_position") or "")),
+            class_name=image.get("class_name") or None,
         ))
     return records
+
+
+def check_image_targets(records: Sequence[ImageRecord], config: ModelConfig, *, data_dir: Path) -> None:
+    """Raise LungdetError when ``config`` asks the image head for metadata or three classes that ``records`` do not have.
+
+    One image without them is fine (its value is 'unknown', its class left out of that loss);
+    a dataset where no image has them would train an input or a target that is never there.
+    """
+    where = Path(data_dir) / ANNOTATIONS_FILE
+    if config.image_metadata and not any(has_any_tag(record.tags) for record in records):
+        raise LungdetError(
+            f"{where}: no image has a view position, sex or age, so model.image_metadata has nothing to learn from; convert again with "
+            "the DICOMs (their tags) or --metadata CSV (patientId,PatientAge,PatientSex,ViewPosition), or set model.image_metadata=false"
+        )
+    if config.image_class_info and not any(record.class_name in IMAGE_CLASSES for record in records):
+        raise LungdetError(
+            f"{where}: no image has an RSNA class ({' / '.join(IMAGE_CLASSES)}), so model.image_class_info has no target; convert again "
+            "with --class-info stage_2_detailed_class_info.csv (patientId,class), or set model.image_class_info=false"
+        )
 
 
 def load_preprocessing(data_dir: Path) -> dict[str, object]:
@@ -86,8 +114,14 @@ def load_preprocessing(data_dir: Path) -> dict[str, object]:
     return {"image_size": info.get("image_size"), "normalization": info.get("normalization", "none")}
 
 
+# data.fold = ALL_FOLDS: every image trains and none validates (the final model of lungdet cv --final).
+ALL_FOLDS = -1
+
+
 def split_records(records: list[ImageRecord], *, fold: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """``(train, validation)``: validation is fold ``fold``, training every other fold."""
+    """``(train, validation)``: validation is fold ``fold``, training every other fold; with :data:`ALL_FOLDS`, all train and none validate."""
+    if fold == ALL_FOLDS:
+        return list(records), []
     folds = sorted({record.fold for record in records})
     if fold not in folds:
         raise LungdetError(f"fold {fold} does not exist in this dataset; its folds are {folds}")
@@ -243,6 +277,8 @@ class DetectionDataset(Dataset):
             "boxes": box_tensor,
             "labels": torch.ones(box_tensor.shape[0], dtype=torch.int64),
             "image_id": torch.tensor(record.image_id),
+            "metadata": torch.from_numpy(metadata_features(record.tags)),
+            "class_index": torch.tensor(class_index(record.class_name)),
         }
         if self.mask_shape is not None:
             target["masks"] = box_masks(box_tensor, height=self.image_size, width=self.image_size, shape=self.mask_shape)
@@ -274,7 +310,7 @@ def build_dataloaders(
     validation as every ``world_size``-th image (unpadded, so no image is scored twice).
     """
     train_records, val_records = select_records(data_dir, config)
-    if not train_records or not val_records:
+    if not train_records or (not val_records and config.fold != ALL_FOLDS):
         raise LungdetError(f"{data_dir}: fold {config.fold} leaves {len(train_records)} training and {len(val_records)} validation images; need at least one of each")
     augmentation = build_augmentation(augment or AugmentConfig(), seed=seed)
     workers = {

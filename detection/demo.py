@@ -39,12 +39,14 @@ from lungdet.detection.config import load_config
 from lungdet.detection.engine import resolve_precision
 from lungdet.data_tools.image_io import find_images
 from lungdet.detection.detector import Detector, load_detector, load_trained_model
-from lungdet.detection.predict import predict_dicoms, predict_raw, read_any_pixels
+from lungdet.detection.predict import predict_dicoms, predict_raw, read_any_input
 from lungdet.detection.real_data import REAL_DATA_DIR, RealSet, prepare
 from lungdet.detection.train import BEST_CHECKPOINT, train
 from lungdet.submission.postprocess import PostprocessConfig, apply_postprocess
 from lungdet.submission.prediction_string import write_submission
-from lungdet.submission.score import BOOTSTRAP_DRAWS, ScoreReport, roc_auc, score_dataset, write_probabilities
+from lungdet.submission.detection_metrics import score_detection_metrics
+from lungdet.submission.score import BOOTSTRAP_DRAWS, ScoreReport, score_dataset, write_probabilities
+from lungdet.show.score_cli import format_detection_metrics
 from lungdet.show.score_cli import get_args_parser as score_parser
 from lungdet.show.score_cli import main as score_main
 
@@ -113,7 +115,7 @@ def real_main(args: argparse.Namespace) -> int:
     print(f"[3/5] predict the {len(prepared.holdout_patients)} held-out patients (nothing was tuned on them)")
     detector = load_detector(out / "run" / BEST_CHECKPOINT, device="cpu")
     paths = find_images(prepared.holdout_images)
-    rows, _ = predict_raw([detector], ["model"], paths, read=read_any_pixels, progress=True)
+    rows, _ = predict_raw([detector], ["model"], paths, read=read_any_input, tags=prepared.holdout_tags, progress=True)
     result = apply_postprocess(rows, single_model_postprocess(detector))
     labels = read_labels(prepared.holdout_labels_csv)
     truth = {patient: labels[patient].boxes for patient in prepared.holdout_patients}
@@ -136,13 +138,14 @@ def real_main(args: argparse.Namespace) -> int:
         score_main(score_parser().parse_args(score_args))
 
     minutes = (time.time() - started) / 60
-    auc = roc_auc([len(truth[patient]) > 0 for patient in truth], [probabilities[patient] for patient in truth]) if probabilities else None
+    metrics = score_detection_metrics(truth, result.predictions, probabilities=probabilities or None, bootstrap_draws=BOOTSTRAP_DRAWS)
     low, high = report.map_interval
     print(f"[5/5] done in {minutes:.0f} min\n")
     print(f"Held-out real RSNA radiographs ({report.n_images} patients, {report.n_positive} with opacities; nothing was tuned on them):")
     print(f"  RSNA mAP {report.map:.4f} [{low:.4f}, {high:.4f}] (95% bootstrap interval over patients)")
     print(f"  mean IoU {report.mean_iou if report.mean_iou is None else round(report.mean_iou, 3)}, sensitivity {report.sensitivity:.2f}, "
-          f"specificity {report.specificity:.2f}" + (f", image-level AUC {auc:.3f}" if auc is not None else ""))
+          f"specificity {report.specificity:.2f}")
+    print("\n".join(f"  {line}" for line in format_detection_metrics(metrics).splitlines()))
     print("  (one MobileNet trained from scratch on 640 images on a CPU; the 2018 winners reached about 0.25 with pretrained weights on 26,684 images)")
     print(f"\nWhere things are:\n  run:       {out / 'run'} (best.pt, metrics.csv, config.yaml)")
     print(f"  report:    {out / 'score_holdout.html'}\n  overlays:  {out / 'overlays_holdout' / 'index.html'} (worst first)")

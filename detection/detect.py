@@ -5,7 +5,7 @@ A :class:`Detector` is a checkpoint loaded once. :func:`detect_bytes` reads one 
 :func:`~lungdet.detection.detector.predict_pixels` as a submission, and keeps every box the model gives;
 :func:`detection_json` shapes that into the reply, with boxes in the image's original pixels::
 
-    {"id", "label": {"name", "confidence", "source"}, "custom_labels": [...], "boxes": [...],
+    {"id", "label": {"name", "confidence", "probability", "calibrated", "source"}, "custom_labels": [...], "boxes": [...],
      "prediction_string", "image": {...}, "model": {...}, "min_confidence", "elapsed_ms", "notice"}
 
 Run: ``lungdet predict --checkpoint runs/r50/best.pt --input patient.dcm --json``
@@ -23,6 +23,7 @@ import cv2
 
 from lungdet.errors import ImageReadError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
+from lungdet.data_tools.metadata import ImageTags, laid_over
 from lungdet.show.visualize import DEFAULT_MAX_SIZE, draw_overlay, encode_image, fit_for_display
 from lungdet.detection.detector import Detector
 from lungdet.submission.prediction_string import Prediction, format_prediction_string, keep_confident, parse_prediction_string
@@ -57,17 +58,20 @@ class Detection:
     probability: float | None = None
 
 
-def detect_bytes(detector: Detector, data: bytes, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Detection:
+def detect_bytes(
+    detector: Detector, data: bytes, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, tags: ImageTags | None = None
+) -> Detection:
     """Decode one X-ray held in memory and run the detector on it.
 
-    ``name`` is what error messages call the file (default: ``upload <id>``). Raises
+    ``name`` is what error messages call the file (default: ``upload <id>``); ``tags`` (view, sex,
+    age: a metadata row) fill in or replace what the file says, for an image head with metadata. Raises
     :class:`~lungdet.errors.ImageReadError` for anything that is not a readable X-ray (see
     :func:`~lungdet.data_tools.image_io.read_xray`), before the model runs.
     """
     started = time.perf_counter()
     identifier = upload_id(data)
     image = read_xray(data, name=name or f"upload {identifier}", max_pixels=max_pixels)
-    result = detector.predict(image.pixels)
+    result = detector.predict(image.pixels, laid_over(image.tags, tags))
     return Detection(
         upload_id=identifier, image=image, prediction=result.prediction, elapsed_ms=(time.perf_counter() - started) * 1000, probability=result.probability
     )
@@ -79,26 +83,30 @@ def error_json(error: ImageReadError) -> dict[str, Any]:
 
 
 def image_label(
-    prediction: Prediction, *, score_threshold: float, probability: float | None = None, image_threshold: float | None = None
+    prediction: Prediction, *, score_threshold: float, probability: float | None = None, image_threshold: float | None = None,
+    calibrated: bool = False,
 ) -> dict[str, Any]:
-    """The image-level verdict, ``{"name", "confidence" (percent), "source"}``.
+    """The image-level verdict, ``{"name", "confidence", "probability", "calibrated", "source"}``.
 
     With an image head (``probability`` given), from its probability and its cut-off tuned on
-    validation (``image_threshold``; 0.5 without one): source 'image_head'. Otherwise from the most
-    confident box, positive when it reaches ``score_threshold`` (the rule a submission follows: an
-    image gets boxes exactly when one reaches the cut-off): source 'max_box'. ``confidence`` is the
-    confidence *in the named label*: the probability for "Lung Opacity", one minus it for "No Lung
-    Opacity" (no box at all: 100).
+    validation (``image_threshold``; 0.5 without one): source 'image_head', ``probability`` the
+    probability of an opacity in percent (``calibrated``: Platt-scaled on validation images, so
+    that 80 means about 80 in a population like the training set's) and ``confidence`` the
+    percent in the named label (one minus it for "No Lung Opacity"). Without a head, from the
+    boxes: positive when one reaches ``score_threshold`` (the rule a submission follows), source
+    'max_box', and no percentage at all: a box's confidence is not the chance that the image has
+    an opacity, and an image with no box is not 100% clear.
     """
-    if probability is not None:
-        value, cut_off, source = probability, 0.5 if image_threshold is None else image_threshold, "image_head"
-    else:
-        value, cut_off, source = (float(prediction.scores.max()) if len(prediction.scores) else 0.0), score_threshold, "max_box"
-    positive = value >= cut_off
+    if probability is None:
+        positive = bool(len(prediction.scores)) and float(prediction.scores.max()) >= score_threshold
+        return {"name": LABEL_POSITIVE if positive else LABEL_NEGATIVE, "confidence": None, "probability": None, "calibrated": False, "source": "max_box"}
+    positive = probability >= (0.5 if image_threshold is None else image_threshold)
     return {
         "name": LABEL_POSITIVE if positive else LABEL_NEGATIVE,
-        "confidence": round(100 * (value if positive else 1.0 - value), PERCENT_DECIMALS),
-        "source": source,
+        "confidence": round(100 * (probability if positive else 1.0 - probability), PERCENT_DECIMALS),
+        "probability": round(100 * probability, PERCENT_DECIMALS),
+        "calibrated": calibrated,
+        "source": "image_head",
     }
 
 
@@ -140,7 +148,8 @@ def detection_json(detection: Detection, *, detector_info: dict[str, Any], min_c
     return {
         "id": detection.upload_id,
         "label": image_label(
-            detection.prediction, score_threshold=score_threshold, probability=detection.probability, image_threshold=detector_info.get("image_threshold")
+            detection.prediction, score_threshold=score_threshold, probability=detection.probability, image_threshold=detector_info.get("image_threshold"),
+            calibrated=bool(detector_info.get("image_calibrated")),
         ),
         "custom_labels": custom_labels,
         "boxes": boxes,

@@ -8,9 +8,10 @@ files of X-rays or submissions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from lungdet.detection.config import TrainConfig, config_from_dict
 from lungdet.detection.data import to_model_input
 from lungdet.detection.engine import Precision, resolve_precision
 from lungdet.detection.exported import ExportedModel, export_format, load_exported
-from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head
-from lungdet.detection.inference import ImageResult, PreparedInputRunner, image_result, prepare_input
+from lungdet.data_tools.metadata import ImageTags
+from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head, image_metadata_weights
+from lungdet.detection.inference import ImageResult, PreparedInputRunner, ProbabilityMap, image_result, prepare_input
 from lungdet.detection.model import build_model, in_memory_layout
 from lungdet.detection.train import load_checkpoint, resolve_device
 from lungdet.errors import LungdetError
@@ -50,6 +52,13 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any], *, batched_heads: bool 
     model = build_model(model_config, frozen_batch_norm=bool(checkpoint.get("frozen_batch_norm", False)))
     model.load_state_dict(checkpoint["model"])
     return model, config
+
+
+def probability_map_of(model: nn.Module, checkpoint: Mapping[str, Any]) -> ProbabilityMap:
+    """The model's metadata term and the checkpoint's Platt scaling (``image_calibration``; none in older checkpoints)."""
+    weights = image_metadata_weights(model)
+    platt = checkpoint.get("image_calibration")
+    return ProbabilityMap(tuple(weights) if weights is not None else None, tuple(float(value) for value in platt) if platt else None)
 
 
 def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[nn.Module, TrainConfig, dict]:
@@ -100,29 +109,66 @@ def predict_pixels(
     return [ImageResult(keep_confident(result.prediction, min_confidence=score_threshold), result.probability) for result in results]
 
 
+@contextlib.contextmanager
+def input_size_of(model: nn.Module, size: int) -> Iterator[None]:
+    """Let ``model``'s own resize keep ``size`` px inputs as they are for the duration (torchvision resizes every input to its min_size)."""
+    transform = getattr(model, "transform", None)
+    if transform is None or (tuple(transform.min_size)[-1] == size and transform.max_size == size):
+        yield
+        return
+    saved = transform.min_size, transform.max_size
+    transform.min_size, transform.max_size = (size,), size
+    try:
+        yield
+    finally:
+        transform.min_size, transform.max_size = saved
+
+
 @dataclass
 class ModelRunner(PreparedInputRunner):
-    """A bare model with its input size, preprocessing and precision: every box (down to the model's own floor) for a batch."""
+    """A bare model with its input size, preprocessing and precision: every box (down to the model's own floor) for a batch.
+
+    ``probability_map`` turns the image head's probability into the reported one (its metadata
+    term, then the checkpoint's Platt scaling: :func:`probability_map_of`); by default the
+    model's own metadata term and no scaling.
+    """
 
     model: nn.Module
     image_size: int
     device: torch.device
     preprocessing: Mapping[str, Any] | None
     precision: Precision | None
+    probability_map: ProbabilityMap | None = None
+
+    def __post_init__(self) -> None:
+        if self.probability_map is None:
+            weights = image_metadata_weights(self.model)
+            self.probability_map = ProbabilityMap(tuple(weights) if weights is not None else None)
+
+    @property
+    def metadata_weights(self) -> tuple[float, ...] | None:
+        return self.probability_map.metadata_weights
 
     @torch.no_grad()
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
-        """Inputs from :meth:`prepare` stacked (uint8 ``[N, S, S]``, numpy or a tensor, pinned for a fast copy) and each original ``(rows, columns)``."""
+    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
+        """Inputs from :meth:`prepare` stacked (uint8 ``[N, S, S]``, numpy or a tensor, pinned for a fast copy) and each original ``(rows, columns)``.
+
+        ``tags`` (one per image; None: all unknown) go into an image head with metadata.
+        """
         # Scaled and given its three channels on the device: a quarter of the bytes cross the bus.
         inputs = torch.as_tensor(batch).to(self.device, non_blocking=True).float().div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
-        with (self.precision or Precision(self.device.type, None)).autocast():
+        # A scaled TTA pass hands over another size than the model's own (lungdet.detection.tta).
+        size = int(inputs.shape[-1])
+        with (self.precision or Precision(self.device.type, None)).autocast(), input_size_of(self.model, size):
             outputs = self.model(list(inputs.unbind(0)))
+        tags = list(tags) if tags is not None else [ImageTags()] * len(shapes)
         return [
             image_result(
-                *_boxes_and_scores(output), float(output[IMAGE_PROBABILITY]) if IMAGE_PROBABILITY in output else None,
-                image_size=self.image_size, rows=rows, columns=columns,
+                *_boxes_and_scores(output),
+                self.probability_map.apply(float(output[IMAGE_PROBABILITY]), image_tags) if IMAGE_PROBABILITY in output else None,
+                image_size=size, rows=rows, columns=columns,
             )
-            for (rows, columns), output in zip(shapes, outputs, strict=True)
+            for (rows, columns), output, image_tags in zip(shapes, outputs, tags, strict=True)
         ]
 
 
@@ -173,21 +219,31 @@ class Detector:
             "checkpoint_sha256": self.checkpoint_sha256,
             "score_threshold": self.score_threshold,
             "image_threshold": self.image_threshold,
+            "image_metadata": self.uses_metadata,
+            "image_calibrated": self.image_threshold is not None and getattr(self.runner.probability_map, "platt", None) is not None,
         }
 
-    def predict(self, pixels: np.ndarray) -> ImageResult:
-        """Every box the model gives for uint8 ``[H, W]`` pixels (down to its own ``box_score_thresh``), XYWH_ABS in those pixels."""
-        return self.predict_batch([pixels])[0]
+    @property
+    def uses_metadata(self) -> bool:
+        """Whether the image-level probability depends on the view, sex and age (an image head trained with them)."""
+        return getattr(self.runner, "metadata_weights", None) is not None
 
-    def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
+    def predict(self, pixels: np.ndarray, tags: ImageTags | None = None) -> ImageResult:
+        """Every box the model gives for uint8 ``[H, W]`` pixels (down to its own ``box_score_thresh``), XYWH_ABS in those pixels.
+
+        ``tags`` (the file's view, sex and age; None: unknown) feed an image head with metadata.
+        """
+        return self.predict_batch([pixels], [tags or ImageTags()])[0]
+
+    def predict_batch(self, images: list[np.ndarray], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
         """:meth:`predict` for several images in one forward pass (any sizes), in order."""
         with self.lock:
-            return self.runner.predict_batch(images)
+            return self.runner.predict_batch(images, tags)
 
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
+    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
         """:meth:`predict_batch` for inputs already prepared (see :class:`BatchPredictor`)."""
         with self.lock:
-            return self.runner.predict_prepared(batch, shapes)
+            return self.runner.predict_prepared(batch, shapes, tags)
 
 
 def file_sha256(path: Path) -> str:
@@ -223,7 +279,7 @@ def load_detector(checkpoint_path: Path, *, device: str = "auto", amp: str = "au
     torch_device = resolve_device(device)
     precision = resolve_precision(amp, torch_device)
     model, config, checkpoint = load_trained_model(Path(checkpoint_path), device=torch_device)
-    runner = ModelRunner(model, config.model.image_size, torch_device, dict(checkpoint.get("preprocessing") or {}), precision)
+    runner = ModelRunner(model, config.model.image_size, torch_device, dict(checkpoint.get("preprocessing") or {}), precision, probability_map_of(model, checkpoint))
     return Detector(
         runner=runner,
         architecture=config.model.architecture,

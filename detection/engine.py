@@ -21,7 +21,9 @@ from tqdm import tqdm
 from lungdet.boxes import xyxy_to_xywh
 from lungdet.errors import LungdetError
 from lungdet.detection.distributed import Distributed, gather_to_main, share_from_main
-from lungdet.detection.image_head import IMAGE_PROBABILITY
+from lungdet.detection.image_head import IMAGE_PROBABILITY, image_metadata_weights
+from lungdet.detection.inference import with_metadata_features
+from lungdet.submission.platt import apply_platt, fit_platt
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.score import roc_auc, score_dataset, youden_threshold
 
@@ -220,9 +222,11 @@ def predict_loader(
 
     Both are XYWH_ABS in the loader's image pixels (the model's input size). Truth comes from the
     same targets the loader yields, so it is in exactly the same space as the predictions. A
-    model with an image-level head also fills ``probabilities`` (image id -> probability), when given.
+    model with an image-level head also fills ``probabilities`` (image id -> probability, with its
+    metadata term from each target's ``metadata``), when given.
     """
     model.eval()
+    metadata_weights = image_metadata_weights(model)
     truth: dict[str, np.ndarray] = {}
     predictions: dict[str, Prediction] = {}
     for images, targets in tqdm(loader, desc="validate", unit="batch", disable=None if progress else True, leave=False):
@@ -234,7 +238,10 @@ def predict_loader(
             # .float(): under bf16 autocast the heads may hand back half-precision scores.
             predictions[key] = Prediction.from_arrays(output["scores"].float().cpu().numpy(), xyxy_to_xywh(output["boxes"].float().cpu().numpy()))
             if probabilities is not None and IMAGE_PROBABILITY in output:
-                probabilities[key] = float(output[IMAGE_PROBABILITY])
+                probability = float(output[IMAGE_PROBABILITY])
+                if metadata_weights is not None:
+                    probability = with_metadata_features(probability, target["metadata"].numpy(), metadata_weights)
+                probabilities[key] = probability
     return truth, predictions
 
 
@@ -252,8 +259,9 @@ def evaluate(
 
     The RSNA metric punishes any box on a negative image with a 0, so the cut-off matters as much
     as the model; tuning it on validation and storing it with the checkpoint is what users need.
-    A model with an image-level head adds its AUC and the probability cut-off of best
-    sensitivity + specificity. Under ``job`` with several processes, each predicts its shard of
+    A model with an image-level head adds its AUC, the Platt scaling of its probabilities fitted
+    on these images (``val_platt_slope``, ``val_platt_intercept``) and the scaled probability's
+    cut-off of best sensitivity + specificity. Under ``job`` with several processes, each predicts its shard of
     the loader, rank 0 scores them all, and every rank returns rank 0's metrics.
     """
     job = job or Distributed()
@@ -287,9 +295,14 @@ def score_predictions(
     if probabilities:
         keys = [key for key in truth if key in probabilities]
         labels = [len(truth[key]) > 0 for key in keys]
-        values = [probabilities[key] for key in keys]
+        # Platt scaling fitted on these validation images; the cut-off is chosen on the scaled
+        # probabilities, which is what every runner reports once the checkpoint carries the two numbers.
+        platt = fit_platt(labels, [probabilities[key] for key in keys])
+        values = [apply_platt(probabilities[key], platt) for key in keys]
         auc, cut_off = roc_auc(labels, values), youden_threshold(labels, values)
         metrics["val_auc"] = auc if auc is not None else math.nan
         metrics["val_image_threshold"] = cut_off if cut_off is not None else 0.5
+        if platt is not None:
+            metrics["val_platt_slope"], metrics["val_platt_intercept"] = platt
     metrics.update({f"val_map@{threshold:g}": reports[threshold].map for threshold in score_thresholds})
     return metrics

@@ -53,6 +53,7 @@ from lungdet.atomic import atomic_path
 from lungdet.cli_types import int_in_range
 from lungdet.errors import ImageReadError, LungdetError
 from lungdet.data_tools.image_io import read_xray_file
+from lungdet.data_tools.metadata import METADATA_FEATURES
 from lungdet.data_tools.synth import generate_case
 from lungdet import lungdet_version
 from lungdet.detection.config import MODEL_ARCHITECTURES, config_from_dict
@@ -68,7 +69,7 @@ from lungdet.detection.exported import (
 )
 from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head
 from lungdet.detection.inference import ImageResult, prepare_input
-from lungdet.detection.detector import ModelRunner, file_sha256, model_from_checkpoint, read_trained_checkpoint
+from lungdet.detection.detector import ModelRunner, file_sha256, model_from_checkpoint, probability_map_of, read_trained_checkpoint
 from lungdet.detection.train import resolve_device
 
 ONNX_OPSET = 17
@@ -119,6 +120,12 @@ def example_batch(image_size: int, batch_size: int, preprocessing: dict[str, Any
     ])
 
 
+def metadata_weights_of(checkpoint: dict[str, Any]) -> list[float] | None:
+    """The image head's metadata weights as stored in a checkpoint's state dict, None without them."""
+    weights = checkpoint["model"].get("image_head.metadata.weight")
+    return None if weights is None else [float(value) for value in weights.float().reshape(-1)]
+
+
 def build_metadata(
     checkpoint: dict[str, Any], *, checkpoint_path: Path, checkpoint_sha256: str, fmt: str, batch_size: int, outputs_per_image: Sequence[str],
     traced_on: str,
@@ -162,6 +169,12 @@ def build_metadata(
         ],
         "score_threshold": float(checkpoint.get("score_threshold", 0.5)),
         "image_threshold": float(checkpoint.get("image_threshold", 0.5)) if IMAGE_PROBABILITY in outputs_per_image else None,
+        # An image head trained with the view, sex and age: its term is added to the graph's probability
+        # outside the graph, so the export keeps one image input (see lungdet.detection.inference.with_metadata).
+        "image_metadata_weights": metadata_weights_of(checkpoint) if IMAGE_PROBABILITY in outputs_per_image else None,
+        "image_metadata_features": list(METADATA_FEATURES),
+        # Platt scaling fitted on validation, applied after the metadata term (see lungdet.submission.platt).
+        "image_calibration": list(checkpoint["image_calibration"]) if checkpoint.get("image_calibration") and IMAGE_PROBABILITY in outputs_per_image else None,
         "box_score_floor": config.model.box_score_thresh,
         "source_checkpoint": {"file": checkpoint_path.name, "sha256": checkpoint_sha256},
         "notice": "research use only; not a diagnostic device",
@@ -325,7 +338,10 @@ def check_export(checkpoint: dict[str, Any], out: Path, *, device: str, images: 
     """Run ``images`` through the checkpoint's model (fp32, as built, on the export's device) and through the export."""
     model, config = model_from_checkpoint(checkpoint)
     torch_device = torch.device(device)
-    runner = ModelRunner(model.to(torch_device).eval(), config.model.image_size, torch_device, dict(checkpoint.get("preprocessing") or {}), None)
+    runner = ModelRunner(
+        model.to(torch_device).eval(), config.model.image_size, torch_device, dict(checkpoint.get("preprocessing") or {}), None,
+        probability_map_of(model, checkpoint),
+    )
     exported = load_exported(out, device=device)
     return compare_results(runner.predict_batch(list(images)), exported.predict_batch(list(images)), cut_off=cut_off)
 

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from lungdet.errors import LungdetError
-from lungdet.detection.inference import ImageResult, PreparedInputRunner, image_result
+from lungdet.data_tools.metadata import ImageTags
+from lungdet.detection.inference import ImageResult, PreparedInputRunner, ProbabilityMap, image_result
 
 METADATA_KEY = "lungdet"
 TORCHSCRIPT_METADATA_FILE = "lungdet.json"
@@ -134,9 +135,26 @@ class ExportedModel(PreparedInputRunner):
     def has_image_head(self) -> bool:
         return "image_probability" in self.metadata["outputs_per_image"]
 
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
-        """Inputs from :meth:`prepare` stacked (uint8 ``[N, S, S]``, numpy or a CPU tensor) and each original ``(rows, columns)``."""
+    @property
+    def probability_map(self) -> ProbabilityMap:
+        """The image head's metadata term and Platt scaling, applied to the graph's probability outside it (exports before them had neither)."""
+        weights, platt = self.metadata.get("image_metadata_weights"), self.metadata.get("image_calibration")
+        return ProbabilityMap(
+            tuple(float(value) for value in weights) if weights is not None else None, tuple(float(value) for value in platt) if platt else None
+        )
+
+    @property
+    def metadata_weights(self) -> tuple[float, ...] | None:
+        return self.probability_map.metadata_weights
+
+    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
+        """Inputs from :meth:`prepare` stacked (uint8 ``[N, S, S]``, numpy or a CPU tensor) and each original ``(rows, columns)``.
+
+        ``tags`` (one per image; None: all unknown) go into an image head with metadata, as for a checkpoint.
+        """
         inputs = np.asarray(batch, dtype=np.uint8)
+        tags = list(tags) if tags is not None else [ImageTags()] * len(inputs)
+        probability_map = self.probability_map
         per_image = list(self.metadata["outputs_per_image"])
         results: list[ImageResult] = []
         for start in range(0, len(inputs), self.batch_size):
@@ -148,7 +166,7 @@ class ExportedModel(PreparedInputRunner):
             for index in range(real):
                 values = {name: np.asarray(outputs[f"{name}_{index}"]) for name in per_image}
                 rows, columns = shapes[start + index]
-                probability = float(values["image_probability"]) if "image_probability" in values else None
+                probability = probability_map.apply(float(values["image_probability"]), tags[start + index]) if "image_probability" in values else None
                 results.append(image_result(values["boxes"], values["scores"], probability, image_size=self.image_size, rows=rows, columns=columns))
         return results
 

@@ -11,13 +11,16 @@ run with numpy, OpenCV and onnxruntime alone (tests/detection/test_exported.py c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 
 from lungdet.boxes import scale_xywh, xyxy_to_xywh
+from lungdet.data_tools.metadata import ImageTags, metadata_features
 from lungdet.data_tools.to_coco import prepare_pixels
+from lungdet.submission.platt import apply_platt, logit, sigmoid
 from lungdet.submission.prediction_string import Prediction
 
 
@@ -26,6 +29,47 @@ class ImageResult(NamedTuple):
 
     prediction: Prediction
     probability: float | None = None
+
+
+class LoadedImage(NamedTuple):
+    """A decoded X-ray (uint8 ``[H, W]``) and what its file says of the patient (view, sex, age; empty for a PNG)."""
+
+    pixels: np.ndarray
+    tags: ImageTags = ImageTags()
+
+
+def with_metadata(probability: float | None, tags: ImageTags | None, weights: Sequence[float] | None) -> float | None:
+    """The image-level probability with the metadata term added: ``sigmoid(logit(probability) + weights . features(tags))``.
+
+    ``probability`` is the model's own (the pixels' part, see :mod:`lungdet.detection.image_head`);
+    ``weights`` the head's metadata weights, None for a head without metadata (the probability is
+    then returned as it is).
+    """
+    if probability is None or weights is None:
+        return probability
+    return with_metadata_features(probability, metadata_features(tags), weights)
+
+
+def with_metadata_features(probability: float, features: np.ndarray, weights: Sequence[float]) -> float:
+    """:func:`with_metadata` for an already encoded metadata vector (float ``[F]``)."""
+    term = float(np.dot(np.asarray(weights, dtype=np.float64), np.asarray(features, dtype=np.float64)))
+    return float(sigmoid(logit(probability) + term))
+
+
+@dataclass(frozen=True)
+class ProbabilityMap:
+    """How a model's own image probability becomes the one lungdet reports: its metadata term added, then Platt scaling.
+
+    ``metadata_weights`` are the head's (None without metadata), ``platt`` the ``(slope,
+    intercept)`` fitted on validation (None for a checkpoint from before calibration, or one
+    without a head). Every runner (checkpoint, ONNX, TorchScript) holds one, so they agree to the float.
+    """
+
+    metadata_weights: tuple[float, ...] | None = None
+    platt: tuple[float, float] | None = None
+
+    def apply(self, probability: float | None, tags: ImageTags | None) -> float | None:
+        return apply_platt(with_metadata(probability, tags, self.metadata_weights), self.platt)
 
 
 def prepare_input(pixels: np.ndarray, *, image_size: int, preprocessing: Mapping[str, Any]) -> np.ndarray:
@@ -57,19 +101,20 @@ class PreparedInputRunner:
     """What every runner does with decoded X-rays before its own forward pass: prepare each, stack them, run.
 
     A subclass has ``image_size``, ``preprocessing`` (None for none) and
-    ``predict_prepared(batch uint8 [N, S, S], shapes [(rows, columns)])``.
+    ``predict_prepared(batch uint8 [N, S, S], shapes [(rows, columns)], tags)``, where ``tags``
+    (one :class:`ImageTags` per image, or None: all unknown) feed an image head with metadata.
     """
 
     image_size: int
     preprocessing: Mapping[str, Any] | None
 
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]:
+    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
         raise NotImplementedError
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """A decoded X-ray (uint8 ``[H, W]``) as this model's input: uint8 ``[image_size, image_size]``."""
         return prepare_input(pixels, image_size=self.image_size, preprocessing=self.preprocessing or {})
 
-    def predict_batch(self, images: list[np.ndarray]) -> list[ImageResult]:
-        """Every box for each decoded X-ray (uint8 ``[H, W]``, any sizes), XYWH_ABS in its own pixels, in order."""
-        return self.predict_prepared(np.stack([self.prepare(pixels) for pixels in images]), [pixels.shape[:2] for pixels in images])
+    def predict_batch(self, images: list[np.ndarray], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
+        """Every box for each decoded X-ray (uint8 ``[H, W]``, any sizes), XYWH_ABS in its own pixels, in order; ``tags`` as for ``predict_prepared``."""
+        return self.predict_prepared(np.stack([self.prepare(pixels) for pixels in images]), [pixels.shape[:2] for pixels in images], tags)

@@ -41,6 +41,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from lungdet.data_tools.metadata import METADATA_FEATURES
 from lungdet.errors import ConfigError
 from lungdet.detection.batched_heads import BatchedRetinaNetLoss, use_batched_heads
 from lungdet.detection.config import MODEL_ARCHITECTURES, ModelConfig
@@ -216,11 +217,28 @@ def needs_masks(architecture: str) -> bool:
     return _architecture(architecture).masks
 
 
+# The entry that marks a ``lungdet pretrain`` backbone file (detection/pretrain.py): a dict saying how
+# it was made (architecture, image_size, method, images_seen, date, ...), beside the backbone's tensors.
+PRETRAIN_MARKER = "lungdet_pretrain"
+
+
+def uses_frozen_recipe(pretrained_state: dict[str, torch.Tensor] | None) -> bool:
+    """Whether ``pretrained_state`` trains with torchvision's recipe: frozen batch norm, only the last stages trainable.
+
+    That suits ImageNet and COCO weights, learnt on millions of images. A ``lungdet pretrain``
+    backbone (it carries :data:`PRETRAIN_MARKER`) was learnt on radiographs with ordinary batch
+    norm, perhaps only a few hundred: it trains whole, as from scratch, with its running statistics loaded.
+    """
+    return pretrained_state is not None and PRETRAIN_MARKER not in pretrained_state
+
+
 def load_pretrained_state(config: ModelConfig) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The pretrained state dict named by ``config.pretrained`` (or None) and a one-line notice.
 
     ``'auto'`` asks torchvision, which reads its cache (``$TORCH_HOME``) or downloads; any
-    failure (offline, proxy, corrupt cache) falls back to training from scratch.
+    failure (offline, proxy, corrupt cache) falls back to training from scratch. A ``lungdet
+    pretrain`` file keeps its :data:`PRETRAIN_MARKER` entry (see :func:`uses_frozen_recipe`) and
+    is refused, with a ConfigError, when it was made for another architecture.
     """
     if config.pretrained == "none":
         return None, "training from scratch (model.pretrained: none)"
@@ -245,6 +263,17 @@ def load_pretrained_state(config: ModelConfig) -> tuple[dict[str, torch.Tensor] 
         raise ConfigError(f"model.pretrained={path}: cannot be loaded as a torch state dict ({error})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a lungdet checkpoint: take its model weights
+    if isinstance(state, dict) and isinstance(state.get(PRETRAIN_MARKER), dict):
+        made = state[PRETRAIN_MARKER]
+        if made.get("architecture") != config.architecture:
+            raise ConfigError(
+                f"model.pretrained={path}: a lungdet pretrain backbone for {made.get('architecture')}, but model.architecture is "
+                f"{config.architecture}; pretrain one with 'lungdet pretrain --architecture {config.architecture}' or set model.architecture={made.get('architecture')}"
+            )
+        return state, (
+            f"initialised from {path}: a lungdet pretrain backbone ({made.get('method')}, {made.get('images_seen')} images seen "
+            f"at {made.get('image_size')} px); every layer trains, with ordinary batch norm"
+        )
     return state, f"initialised from {path}"
 
 
@@ -274,33 +303,62 @@ def build_model(
     pretrained_state: dict[str, torch.Tensor] | None = None,
     frozen_batch_norm: bool | None = None,
     image_loss_weight: float = 1.0,
+    image_class_loss_weight: float = 0.1,
 ) -> nn.Module:
     """The detector for ``config``; ``pretrained_state`` (from :func:`load_pretrained_state`) is loaded where shapes match.
 
     With pretrained weights the backbone follows the torchvision recipe: it trains only its last
     ``trainable_backbone_layers`` stages, with frozen batch norm (ordinary batch norm for
     ``fasterrcnn_resnet50_fpn_v2``, as torchvision does). From scratch every layer trains with
-    ordinary batch norm, since frozen random statistics would never be corrected.
+    ordinary batch norm, since frozen random statistics would never be corrected; so does a
+    ``lungdet pretrain`` backbone (see :func:`uses_frozen_recipe`).
     ``frozen_batch_norm`` forces the choice of recipe, so a checkpoint is rebuilt with the layers it was saved from.
     With ``config.image_head`` the detector gets an image-level head (see :mod:`lungdet.detection.image_head`)
-    whose loss counts ``image_loss_weight`` times.
+    whose loss counts ``image_loss_weight`` times (its three-class loss, with ``config.image_class_info``,
+    ``image_class_loss_weight`` times).
     """
     architecture = _architecture(config.architecture)
     if frozen_batch_norm is None:
-        frozen_batch_norm = pretrained_state is not None
+        frozen_batch_norm = uses_frozen_recipe(pretrained_state)
     if frozen_batch_norm:
         backbone = architecture.build_backbone(architecture.pretrained_norm_layer, min(config.trainable_backbone_layers, architecture.all_layers))
     else:
         backbone = architecture.build_backbone(nn.BatchNorm2d, architecture.all_layers)
     anchors = anchor_generator(config, architecture.feature_maps, scales=architecture.anchor_scales)
     model = architecture.build_detector(backbone, config, anchors)
+    if config.multiscale_train:
+        use_training_sizes(model, training_sizes(config))
     if config.batched_heads:
         use_batched_heads(model)
     if config.image_head:
-        attach_image_head(model, loss_weight=image_loss_weight)
+        attach_image_head(
+            model, loss_weight=image_loss_weight, metadata_features=len(METADATA_FEATURES) if config.image_metadata else 0,
+            class_info=config.image_class_info, class_loss_weight=image_class_loss_weight,
+        )
     if pretrained_state is not None:
-        load_matching_weights(model, pretrained_state)
+        load_matching_weights(model, {key: value for key, value in pretrained_state.items() if key != PRETRAIN_MARKER})
     return model
+
+
+# Multi-scale sizes step by the FPN's coarsest stride, so that every size pads to itself.
+MULTISCALE_STEP = 32
+
+
+def training_sizes(config: ModelConfig) -> tuple[int, ...]:
+    """The square sides multi-scale training draws from: ``multiscale_train``'s range in steps of 32, with ``image_size``, which comes last."""
+    low, high = config.multiscale_train
+    sizes = set(range(low, high + 1, MULTISCALE_STEP)) | {config.image_size}
+    return tuple(sorted(sizes - {config.image_size})) + (config.image_size,)
+
+
+def use_training_sizes(model: nn.Module, sizes: tuple[int, ...]) -> None:
+    """Make torchvision's own resize draw each training image's size from ``sizes``; in eval it takes the last, ``image_size``.
+
+    GeneralizedRCNNTransform picks ``random.choice(min_size)`` per image in training and
+    ``min_size[-1]`` in eval; the images are square, so the side is that size (``max_size`` caps it).
+    """
+    model.transform.min_size = sizes
+    model.transform.max_size = max(sizes)
 
 
 def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, int]:

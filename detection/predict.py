@@ -31,10 +31,12 @@ from lungdet.data_tools.dicom_io import find_dicoms, read_dicom
 from lungdet.errors import ImageReadError, LungdetError
 from lungdet.boxes import scale_xywh
 from lungdet.data_tools.image_io import find_images, read_xray_file
+from lungdet.data_tools.metadata import ImageTags, MetadataTable, dicom_tags, laid_over, read_metadata_csv
 from lungdet.detection.config import AMP_MODES
 from lungdet.detection.detector import Detector, ModelRunner, load_detector
 from lungdet.detection.engine import Precision
-from lungdet.detection.inference import ImageResult, prepare_input
+from lungdet.detection.inference import ImageResult, LoadedImage, prepare_input
+from lungdet.detection.tta import PLAIN, TTA_EXAMPLE, TtaPass, hflip_back, input_size, parse_tta, tta_argument
 from lungdet.submission.postprocess import FAR_FROM_EXPECTED_FACTOR, PostprocessConfig, PostprocessResult, apply_postprocess, load_postprocess, mean_probability
 from lungdet.submission.prediction_string import Prediction, keep_confident, write_submission
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient, write_raw_predictions
@@ -54,7 +56,7 @@ class BatchPredictor(Protocol):
     @property
     def preprocessing(self) -> Mapping[str, Any] | None: ...
 
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]]) -> list[ImageResult]: ...
+    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]: ...
 
 
 def predict_dicoms(
@@ -76,7 +78,7 @@ def predict_dicoms(
     forward pass runs under.
     """
     runner = ModelRunner(model, image_size, device, preprocessing, precision)
-    rows, bad = predict_raw([runner], ["model"], paths, read=read_dicom_pixels, batch_size=batch_size, progress=progress)
+    rows, bad = predict_raw([runner], ["model"], paths, read=read_dicom_input, batch_size=batch_size, progress=progress)
     predictions = {row.patient_id: keep_confident(row.prediction, min_confidence=score_threshold) for row in rows}
     for path, _ in bad:
         predictions[path.stem] = Prediction.empty()
@@ -93,16 +95,6 @@ def check_unique_patient_ids(paths: Sequence[Path]) -> None:
                 "a submission needs one row per patient, so keep one of them (or predict the folders separately)"
             )
         first_seen[path.stem] = path
-
-
-TTA_MODES = ("none", "hflip")
-
-
-def hflip_back(prediction: Prediction, *, width: int) -> Prediction:
-    """Boxes predicted on a mirrored image, mapped back: XYWH_ABS ``x`` becomes ``width - x - w``."""
-    boxes = prediction.boxes.copy()
-    boxes[:, 0] = width - boxes[:, 0] - boxes[:, 2]
-    return Prediction(prediction.scores.copy(), boxes)
 
 
 def model_names(paths: Sequence[Path]) -> list[str]:
@@ -124,63 +116,68 @@ def input_spec(predictor: BatchPredictor) -> InputSpec:
 
 
 class PreparedImages(Dataset):
-    """Each file of ``paths`` read and prepared for every input spec (and mirrored, for hflip TTA): what a loader worker does.
+    """Each file of ``paths`` read and prepared for every input spec and every TTA pass: what a loader worker does.
 
     An item is a dict: ``path``, and either ``error`` (why the file cannot be read) or ``shape``
-    (original rows, columns), ``inputs`` (one uint8 ``[S, S]`` per spec) and ``mirrored`` (the same,
-    of the mirrored image; empty without TTA). Mirroring the decoded image before preparing it
+    (original rows, columns), ``tags`` (the file's view, sex and age, with ``tags``' entry for its
+    patientId laid over them) and ``inputs``: for each pass's name, one uint8 ``[s, s]`` per spec,
+    ``s`` the spec's size times the pass's scale. Mirroring the decoded image before preparing it
     keeps hflip TTA identical to predicting a mirrored file.
     """
 
-    def __init__(self, paths: Sequence[Path], *, read: Callable[[Path], np.ndarray], specs: Sequence[InputSpec], mirrored: bool) -> None:
-        self.paths, self.read, self.mirrored = list(paths), read, mirrored
+    def __init__(
+        self, paths: Sequence[Path], *, read: Callable[[Path], LoadedImage], specs: Sequence[InputSpec], passes: Sequence[TtaPass] = (PLAIN,),
+        tags: Mapping[str, ImageTags] | None = None,
+    ) -> None:
+        self.paths, self.read, self.passes, self.tags = list(paths), read, tuple(passes), dict(tags or {})
         # The specs' preprocessing parsed once, not once per image and pass.
         self.specs = [(size, json.loads(preprocessing)) for size, preprocessing in specs]
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _prepare(self, pixels: np.ndarray) -> list[np.ndarray]:
-        return [prepare_input(pixels, image_size=size, preprocessing=preprocessing) for size, preprocessing in self.specs]
+    def _prepare(self, pixels: np.ndarray, tta_pass: TtaPass) -> list[np.ndarray]:
+        return [prepare_input(pixels, image_size=input_size(size, tta_pass), preprocessing=preprocessing) for size, preprocessing in self.specs]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = Path(self.paths[index])
         try:
-            pixels = self.read(path)
+            pixels, file_tags = self.read(path)
         except ImageReadError as error:
             return {"path": path, "error": error.reason}
-        mirrored = self._prepare(np.ascontiguousarray(pixels[:, ::-1])) if self.mirrored else []
-        return {"path": path, "shape": tuple(int(side) for side in pixels.shape[:2]), "inputs": self._prepare(pixels), "mirrored": mirrored}
+        mirrored = np.ascontiguousarray(pixels[:, ::-1]) if any(tta_pass.mirror for tta_pass in self.passes) else None
+        return {
+            "path": path, "shape": tuple(int(side) for side in pixels.shape[:2]), "tags": laid_over(file_tags, self.tags.get(path.stem)),
+            "inputs": {tta_pass.name: self._prepare(mirrored if tta_pass.mirror else pixels, tta_pass) for tta_pass in self.passes},
+        }
 
 
 @dataclass
 class PreparedBatch:
-    """A loader batch: the readable files' paths, original shapes and stacked inputs (uint8 ``[n, S, S]`` per spec), and the unreadable ones."""
+    """A loader batch: the readable files' paths, original shapes, tags and stacked inputs (per pass, uint8 ``[n, s, s]`` per spec), and the unreadable ones."""
 
     paths: list[Path]
     shapes: list[tuple[int, int]]
-    inputs: list[torch.Tensor]
-    mirrored: list[torch.Tensor]
+    tags: list[ImageTags]
+    inputs: dict[str, list[torch.Tensor]]
     unreadable: list[tuple[Path, str]]
 
     def pin_memory(self) -> PreparedBatch:
         # The DataLoader calls this in its pinning thread: page-locked inputs copy to a GPU asynchronously.
-        return replace(self, inputs=[tensor.pin_memory() for tensor in self.inputs], mirrored=[tensor.pin_memory() for tensor in self.mirrored])
+        return replace(self, inputs={name: [tensor.pin_memory() for tensor in tensors] for name, tensors in self.inputs.items()})
 
 
 def collate_prepared(items: list[dict[str, Any]]) -> PreparedBatch:
     readable = [item for item in items if "error" not in item]
-
-    def stack(key: str) -> list[torch.Tensor]:
-        if not readable:
-            return []
-        return [torch.from_numpy(np.stack([item[key][spec] for item in readable])) for spec in range(len(readable[0][key]))]
-
+    names = list(readable[0]["inputs"]) if readable else []
     return PreparedBatch(
         paths=[item["path"] for item in readable],
         shapes=[item["shape"] for item in readable],
-        inputs=stack("inputs"),
-        mirrored=stack("mirrored"),
+        tags=[item["tags"] for item in readable],
+        inputs={
+            name: [torch.from_numpy(np.stack([item["inputs"][name][spec] for item in readable])) for spec in range(len(readable[0]["inputs"][name]))]
+            for name in names
+        },
         unreadable=[(item["path"], item["error"]) for item in items if "error" in item],
     )
 
@@ -212,31 +209,41 @@ def predict_raw(
     names: Sequence[str],
     paths: Sequence[Path],
     *,
-    read: Callable[[Path], np.ndarray],
-    tta: str = "none",
+    read: Callable[[Path], LoadedImage],
+    tags: Mapping[str, ImageTags] | None = None,
+    tta: str | Sequence[TtaPass] = "none",
     batch_size: int = 4,
     progress: bool = True,
     workers: int = 0,
 ) -> tuple[list[RawPrediction], list[tuple[Path, str]]]:
     """Every model's every pass over every image: ``(raw predictions, [(unreadable file, reason)])``, both in ``paths`` order.
 
-    ``read(path)`` gives an image's uint8 ``[H, W]`` pixels or raises ``ImageReadError``; the
-    patientId is the file stem. Each image is read once, prepared once per distinct input spec
+    ``read(path)`` gives an image's uint8 ``[H, W]`` pixels and its file's tags (a
+    :class:`~lungdet.detection.inference.LoadedImage`) or raises ``ImageReadError``; the patientId
+    is the file stem, and ``tags`` (patientId -> view, sex, age: a metadata CSV, a dataset's
+    records) fill in or replace what the file says, for an image head with metadata. Each image is read once, prepared once per distinct input spec
     (image size and preprocessing: each model sees its input as it was trained), and with
-    ``tta='hflip'`` also mirrored, its boxes mapped back. Boxes are kept down to each model's own
-    floor, in original pixels.
+    run once per TTA pass (``tta``: a list as ``--tta`` takes it, e.g. 'hflip,scale0.8', or the
+    parsed passes; see :mod:`lungdet.detection.tta`), mirrored boxes mapped back. Boxes are kept
+    down to each model's own floor, in original pixels.
 
     Reading and preparing run in ``workers`` DataLoader processes (0: in this process), so that
     decoding overlaps the forward pass; batches are formed in file order whatever the worker
     count, so the output does not depend on it. On CUDA the batches are pinned for a fast copy.
     """
-    if tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    passes = parse_tta(tta) if isinstance(tta, str) else tuple(tta)
+    if any(tta_pass.scale != 1.0 for tta_pass in passes):
+        fixed = [getattr(detector, "format", "") for detector in detectors if not accepts_other_sizes(detector)]
+        if fixed:
+            raise LungdetError(
+                f"--tta {','.join(tta_pass.name for tta_pass in passes[1:])}: an {fixed[0]} export takes one input size, fixed when it was traced, "
+                "so it cannot run scaled passes; use the checkpoint (RUN/best.pt), or drop the scaleS passes"
+            )
     specs = list(dict.fromkeys(input_spec(detector) for detector in detectors))
     spec_of = [specs.index(input_spec(detector)) for detector in detectors]
     on_cuda = any("cuda" in str(getattr(detector, "device", "")) for detector in detectors)
     loader = DataLoader(
-        PreparedImages(paths, read=read, specs=specs, mirrored=tta == "hflip"),
+        PreparedImages(paths, read=read, specs=specs, passes=passes, tags=tags),
         batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_prepared, pin_memory=on_cuda,
         worker_init_fn=_one_thread_per_worker if workers > 0 else None, multiprocessing_context=worker_context() if workers > 0 else None,
     )
@@ -248,22 +255,25 @@ def predict_raw(
             for detector, name, spec in zip(detectors, names, spec_of, strict=True):
                 if not batch.paths:
                     break
-                passes = [("plain", detector.predict_prepared(batch.inputs[spec], batch.shapes))]
-                if tta == "hflip":
-                    flipped = detector.predict_prepared(batch.mirrored[spec], batch.shapes)
-                    passes.append(("hflip", [
-                        ImageResult(hflip_back(result.prediction, width=columns), result.probability)
-                        for result, (_, columns) in zip(flipped, batch.shapes, strict=True)
-                    ]))
-                for pass_name, results in passes:
+                for tta_pass in passes:
+                    results = detector.predict_prepared(batch.inputs[tta_pass.name][spec], batch.shapes, batch.tags)
                     for path, (height, width), result in zip(batch.paths, batch.shapes, results, strict=True):
-                        rows.append(RawPrediction(path.stem, name, pass_name, width, height, result.prediction, result.probability))
+                        prediction = hflip_back(result.prediction, width=width) if tta_pass.mirror else result.prediction
+                        rows.append(RawPrediction(path.stem, name, tta_pass.name, width, height, prediction, result.probability))
             bar.update(len(batch.paths) + len(batch.unreadable))
     return rows, bad
 
 
-def read_dicom_pixels(path: Path) -> np.ndarray:
-    return read_dicom(path).pixels
+def accepts_other_sizes(detector: BatchPredictor) -> bool:
+    """Whether ``detector`` can run inputs of other sizes than its own (a checkpoint can; a traced export cannot)."""
+    runner = getattr(detector, "runner", detector)
+    return isinstance(runner, ModelRunner)
+
+
+def read_dicom_input(path: Path) -> LoadedImage:
+    """A DICOM's pixels and its tags (view position, sex, age)."""
+    image = read_dicom(path)
+    return LoadedImage(image.pixels, dicom_tags(image.meta))
 
 
 def read_file_bytes(path: Path) -> bytes:
@@ -274,9 +284,10 @@ def read_file_bytes(path: Path) -> bytes:
         raise ImageReadError(path, f"cannot be read ({error.strerror or error}); check the path", kind="missing") from None
 
 
-def read_any_pixels(path: Path) -> np.ndarray:
-    """An input file's pixels told by content (``--input``, ``--image-dir``): a DICOM with any name, PNG or JPEG."""
-    return read_xray_file(path).pixels
+def read_any_input(path: Path) -> LoadedImage:
+    """An input file's pixels and tags, told by content (``--input``, ``--image-dir``): a DICOM with any name, PNG or JPEG."""
+    image = read_xray_file(path)
+    return LoadedImage(image.pixels, image.tags)
 
 
 def to_label_space(row: RawPrediction, label_space: tuple[int, int]) -> RawPrediction:
@@ -312,6 +323,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, help="submission CSV to write")
     parser.add_argument(
+        "--metadata", type=Path, metavar="CSV",
+        help="patientId plus any of PatientAge,PatientSex,ViewPosition (as lungdet convert --metadata): the view, sex and age of PNG/JPEG "
+        "X-rays, for a model whose image head uses them (over a DICOM's own tags where both say something)",
+    )
+    parser.add_argument(
         "--label-space", type=image_dimensions, default=None, metavar="WxH",
         help="write boxes in this pixel space instead of each image's own, e.g. 1024x1024 for RSNA-scored predictions on resized "
         "PNG/JPEG copies (as lungdet convert --label-space)",
@@ -344,7 +360,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--probabilities", type=Path,
         help="also write patientId,probability: the image-level probability of checkpoints trained with model.image_head: true (the mean over models and passes)",
     )
-    parser.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation: 'hflip' also runs each image mirrored and fuses both (default none)")
+    parser.add_argument(
+        "--tta", type=tta_argument, default="none", metavar="PASSES",
+        help=f"test-time augmentation: a comma-separated list of extra passes, fused with the plain one: 'hflip' (mirrored), 'scaleS' "
+        f"(the input at S times the model's size, S in [0.5, 2]), e.g. {TTA_EXAMPLE} (default none)",
+    )
     parser.add_argument(
         "--postprocess", type=Path,
         help="postprocess.yaml from lungdet tune: fusion, gating, cut-off, shrink, box cap; default: the checkpoints' tuned cut-off "
@@ -353,7 +373,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--score-threshold", type=fraction, default=None,
         help="keep boxes with at least this confidence, over --postprocess and the checkpoints' cut-off "
-        "(with --json the image's verdict still uses the stored cut-off)",
+        "(with --json the image's verdict still uses the stored cut-off); never changed by lungdet, so not with --batch-calibration",
+    )
+    parser.add_argument(
+        "--batch-calibration", action="store_true",
+        help="re-derive --postprocess's gate and cut-off on these images so that they keep the share of gated images and the boxes per "
+        "image that tuning saw. This ASSUMES the images have the training set's share of positives (an RSNA test set does; a hospital's "
+        "batch, a screening population or a folder of normals does not: there it boxes a fixed share of images whatever they show). "
+        "Needs 50 or more images. Default: off, every image on its own",
     )
     parser.add_argument("--batch-size", type=int_in_range(1), default=4, help="images per forward pass (default 4)")
     parser.add_argument(
@@ -390,7 +417,11 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise LungdetError(f"--dicom-out: {error}") from None
     if args.json and args.probabilities:
         raise LungdetError("--json already gives each image's verdict; drop --probabilities, or drop --json to write files")
-    if args.json and (len(args.checkpoint) > 1 or args.tta != "none"):
+    if args.batch_calibration and args.score_threshold is not None:
+        raise LungdetError("--batch-calibration would replace your --score-threshold with a cut-off derived from the batch; drop one of them")
+    if args.batch_calibration and args.postprocess is None:
+        raise LungdetError("--batch-calibration re-derives the settings of a --postprocess file from lungdet tune (it needs the operating point tune wrote); give --postprocess")
+    if args.json and (len(args.checkpoint) > 1 or len(parse_tta(args.tta)) > 1):
         raise LungdetError("--json answers as lungdet serve does, with one checkpoint and no --tta; write a submission (--out) to fuse several")
 
 
@@ -400,10 +431,11 @@ def predict_json(args: argparse.Namespace, paths: Sequence[Path]) -> int:
     from lungdet.detection.detect import detect_bytes, detection_json, error_json
 
     detector = load_detector(args.checkpoint[0], device=args.device, amp=args.amp)
+    given_tags = read_given_tags(args.metadata, paths)
     failed: list[tuple[Path, str]] = []
     for path in tqdm(paths, desc="predict", unit="file", disable=None if not args.no_progress else True):
         try:
-            detection = detect_bytes(detector, read_file_bytes(path), name=str(path))
+            detection = detect_bytes(detector, read_file_bytes(path), name=str(path), tags=(given_tags or {}).get(Path(path).stem))
         except ImageReadError as error:
             failed.append((path, error.reason))
             print(json.dumps(error_json(error)), flush=True)
@@ -438,6 +470,19 @@ def write_dicom_out(
         print(f"  no DICOM report for {path}: {reason}", file=sys.stderr)
 
 
+def read_given_tags(path: Path | None, paths: Sequence[Path]) -> dict[str, ImageTags] | None:
+    """``--metadata``'s tags by patientId, with one line on how many inputs it does not cover and on rows it could not read."""
+    if path is None:
+        return None
+    table: MetadataTable = read_metadata_csv(path)
+    uncovered = sum(Path(item).stem not in table.tags for item in paths)
+    if uncovered:
+        print(f"note: {path} has no row for {uncovered} of {len(paths)} input(s); their view, sex and age are what the file says (unknown for PNG/JPEG)")
+    for problem in table.problems[:5]:
+        print(f"  {problem['file']}: {problem['reason']}", file=sys.stderr)
+    return table.tags
+
+
 def report_operating_point(result: PostprocessResult) -> None:
     """Say what calibration did, and the boxes per image beside what tuning expected; warn in one line when they are far apart."""
     if result.note:
@@ -470,6 +515,12 @@ def main(args: argparse.Namespace) -> int:
     check_unique_patient_ids(paths)
     # Read before the models load, so a bad file fails in a second.
     postprocess_config = load_postprocess(args.postprocess) if args.postprocess is not None else None
+    if postprocess_config is not None and postprocess_config.calibration == "batch" and args.score_threshold is not None:
+        raise LungdetError(
+            f"{args.postprocess} says calibration: batch, which would replace your --score-threshold with a cut-off derived from the batch; "
+            "drop --score-threshold, or set calibration: off in the file"
+        )
+    given_tags = read_given_tags(args.metadata, paths)
     detectors = [load_detector(path, device=args.device, amp=args.amp) for path in args.checkpoint]
     if args.probabilities is not None and all(detector.image_threshold is None for detector in detectors):
         raise LungdetError(
@@ -480,8 +531,10 @@ def main(args: argparse.Namespace) -> int:
         postprocess_config = PostprocessConfig(score_threshold=float(np.mean([detector.score_threshold for detector in detectors])))
     if args.score_threshold is not None:
         postprocess_config.score_threshold = args.score_threshold
+    if args.batch_calibration:
+        postprocess_config.calibration = "batch"
     rows, bad = predict_raw(
-        detectors, model_names(args.checkpoint), paths, read=read_dicom_pixels if args.dicom_dir is not None else read_any_pixels,
+        detectors, model_names(args.checkpoint), paths, read=read_dicom_input if args.dicom_dir is not None else read_any_input, tags=given_tags,
         tta=args.tta, batch_size=args.batch_size, progress=not args.no_progress,
         workers=default_workers() if args.workers is None else args.workers,
     )
@@ -489,7 +542,7 @@ def main(args: argparse.Namespace) -> int:
         rows = [to_label_space(row, args.label_space) for row in rows]
     if args.raw is not None:
         written = write_raw_predictions(args.raw, rows)
-        print(f"wrote {args.raw}: {written} raw rows ({len(detectors)} model(s) x {1 + (args.tta == 'hflip')} pass(es) per image)")
+        print(f"wrote {args.raw}: {written} raw rows ({len(detectors)} model(s) x {len(parse_tta(args.tta))} pass(es) per image)")
     if args.probabilities is not None:
         groups = group_by_patient(rows)
         write_probabilities(args.probabilities, {patient: mean_probability(groups[patient]) for patient in sorted(groups)})
@@ -506,7 +559,8 @@ def main(args: argparse.Namespace) -> int:
         write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
         with_boxes = sum(prediction.boxes.shape[0] > 0 for prediction in predictions.values())
         fused = f", {len(detectors)} models fused" if len(detectors) > 1 else ""
-        tta = ", hflip TTA" if args.tta == "hflip" else ""
+        extra = [tta_pass.name for tta_pass in parse_tta(args.tta)[1:]]
+        tta = f", TTA {'+'.join(extra)}" if extra else ""
         print(
             f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes "
             f"(confidence >= {postprocess_config.score_threshold:g}{fused}{tta}; {detectors[0].device}, {detectors[0].precision_name})"

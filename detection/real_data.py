@@ -28,7 +28,7 @@ from lungdet.errors import LungdetError
 from lungdet.data_tools.holdout import holdout_split, link_images, read_split_csv
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import PatientLabels, format_labels_csv, read_labels
-from lungdet.data_tools.metadata import MetadataTable, read_metadata_csv
+from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
 from lungdet.data_tools.to_coco import ConversionReport, convert_dataset
 from lungdet.submission.prediction_string import Prediction
 
@@ -101,6 +101,7 @@ class PreparedRealData:
     holdout_labels_csv: Path  # the held-out patients' labels alone
     cv_report: ConversionReport
     holdout_patients: list[str]
+    holdout_tags: dict[str, ImageTags]  # the held-out patients' view, sex and age (metadata.csv), which predict gives an image head with metadata
 
 
 def prepare(real: RealSet, work: Path, *, image_size: int | None, normalization: str = "none", folds: int = 5, progress: bool = True) -> PreparedRealData:
@@ -131,6 +132,7 @@ def prepare(real: RealSet, work: Path, *, image_size: int | None, normalization:
     return PreparedRealData(
         cv_data=outputs["cv"], holdout_data=outputs["holdout"], holdout_images=work / "images_holdout",
         holdout_labels_csv=holdout_labels_csv, cv_report=reports["cv"], holdout_patients=holdout_patients,
+        holdout_tags={patient: metadata.tags[patient] for patient in holdout_patients if patient in metadata.tags},
     )
 
 

@@ -36,10 +36,10 @@ from lungdet.atomic import atomic_path, write_text_atomic
 from lungdet.errors import LungdetError
 from lungdet.detection.augment import write_augmentation_samples
 from lungdet.detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
-from lungdet.detection.data import build_dataloaders, load_preprocessing, load_records, load_sample, split_records
+from lungdet.detection.data import ALL_FOLDS, build_dataloaders, check_image_targets, load_preprocessing, load_records, load_sample, split_records
 from lungdet.detection.distributed import Distributed, choose_backend, cuda_device_for, from_environment, gather_to_main, share_from_main, start, stop, sum_over_ranks
 from lungdet.detection.engine import EpochProgress, evaluate, resolve_precision, train_one_epoch
-from lungdet.detection.model import build_model, in_memory_layout, load_pretrained_state, needs_masks
+from lungdet.detection.model import build_model, in_memory_layout, load_pretrained_state, needs_masks, uses_frozen_recipe
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -242,7 +242,10 @@ class Run:
         self.config, self.job, self.device = config, job, device
         if checkpoint is not None:
             self.frozen = bool(checkpoint["frozen_batch_norm"])
-            self.model = build_model(config.model, frozen_batch_norm=self.frozen, image_loss_weight=config.optim.image_loss_weight)
+            self.model = build_model(
+                config.model, frozen_batch_norm=self.frozen, image_loss_weight=config.optim.image_loss_weight,
+                image_class_loss_weight=config.optim.image_class_loss_weight,
+            )
             self.model.load_state_dict(checkpoint.get("train_model") or checkpoint["model"])
             if checkpoint.get("epoch_progress") is None:
                 where = f"after epoch {checkpoint['epoch']}"
@@ -251,8 +254,11 @@ class Run:
             self.notice = f"resumed from {source} {where}"
         else:
             pretrained_state, self.notice = load_pretrained_state(config.model)
-            self.frozen = pretrained_state is not None
-            self.model = build_model(config.model, pretrained_state=pretrained_state, image_loss_weight=config.optim.image_loss_weight)
+            self.frozen = uses_frozen_recipe(pretrained_state)
+            self.model = build_model(
+                config.model, pretrained_state=pretrained_state, image_loss_weight=config.optim.image_loss_weight,
+                image_class_loss_weight=config.optim.image_class_loss_weight,
+            )
         self.precision = resolve_precision(config.amp, device)
         in_memory_layout(self.model, channels_last=config.channels_last)
         self.model.to(device)
@@ -325,6 +331,8 @@ class Run:
             "score_threshold": last.get("val_score_threshold", 0.5),
             # With an image head: the probability cut-off of best sensitivity + specificity on validation.
             **({"image_threshold": last["val_image_threshold"]} if "val_image_threshold" in last else {}),
+            # With an image head: Platt scaling of its probability, fitted on validation (lungdet.submission.platt); the cut-off above is on the scaled one.
+            **({"image_calibration": [last["val_platt_slope"], last["val_platt_intercept"]]} if "val_platt_slope" in last else {}),
             "val_map": last.get("val_map", -1.0),
             "history": self.history,
             "rng": rng,
@@ -357,6 +365,7 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
         mask_shape=config.model.mask_shape if needs_masks(config.model.architecture) else None,
         rank=job.rank, world_size=job.world_size, pin_memory=config.data.pin_memory and device.type == "cuda",
     )
+    check_image_targets(train_loader.dataset.records, config.model, data_dir=data_dir)
     preprocessing = load_preprocessing(data_dir)
     checkpoint = load_checkpoint(out_dir / LAST_CHECKPOINT) if resume else None
     if checkpoint is not None and int(checkpoint["epoch"]) >= config.optim.epochs:
@@ -379,6 +388,7 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
         save_config(config, out_dir / CONFIG_FILE)
     tensorboard = open_tensorboard(out_dir, config.tensorboard) if job.is_main else None
     processes = f" x {job.world_size} processes" if job.enabled else ""
+    validating = config.data.fold != ALL_FOLDS
     (validation_images,) = sum_over_ranks(job, [float(len(val_loader.dataset))])  # each process holds its shard
     say(
         f"lungdet train: {config.model.architecture} at {config.model.image_size}px on {device}{processes}, {run.precision.name}; "
@@ -407,7 +417,7 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
         deadline = time.monotonic() + config.max_minutes * 60
         # Rank 0's clock decides for all: ranks that stopped at different steps would wait on each other for ever.
         should_stop = lambda: share_from_main(job, time.monotonic() >= deadline)  # noqa: E731
-    best_map = max((row["val_map"] for row in run.history), default=-1.0)
+    best_map = max((row.get("val_map", -1.0) for row in run.history), default=-1.0)
     sampler = train_loader.sampler
     for epoch in range(run.completed_epochs + 1, config.optim.epochs + 1):
         sampler.set_epoch(epoch)
@@ -424,31 +434,37 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
         train_metrics = epoch_metrics(job, epoch_progress)
         val_metrics = evaluate(
             run.evaluated, val_loader, device, score_thresholds=config.val_score_thresholds, progress=progress, precision=run.precision, job=job
-        )
+        ) if validating else {}
         row = {"epoch": epoch, "lr": epoch_lr, **train_metrics, **val_metrics}
         run.history.append(row)
         run.completed_epochs = epoch
         save_last(None)
-        improved = row["val_map"] > best_map
+        # Without validation the last epoch is the model: the epoch count was chosen elsewhere (lungdet cv --final).
+        improved = row["val_map"] > best_map if validating else True
         if improved:
-            best_map = row["val_map"]
+            best_map = row.get("val_map", best_map)
             if job.is_main:
                 with atomic_path(out_dir / BEST_CHECKPOINT) as temporary:
                     shutil.copyfile(out_dir / LAST_CHECKPOINT, temporary)
         if job.is_main:
             write_metrics_csv(out_dir / METRICS_FILE, run.history)
             log_to_tensorboard(tensorboard, row)
+        validation = (
+            f", val mAP {row['val_map']:.4f} at confidence >= {row['val_score_threshold']:g}" + (f", image AUC {row['val_auc']:.3f}" if "val_auc" in row else "")
+            if validating else ", no validation (every image trains)"
+        )
         say(
             f"epoch {epoch}/{config.optim.epochs}: loss {row['loss']:.3f}, {row['images_per_second']:.1f} img/s "
-            f"({row['data_wait_fraction']:.0%} waiting for data), val mAP {row['val_map']:.4f} at confidence >= {row['val_score_threshold']:g}"
-            + (f", image AUC {row['val_auc']:.3f}" if "val_auc" in row else "")
-            + f"{' (best)' if improved else ''}"
+            f"({row['data_wait_fraction']:.0%} waiting for data){validation}{' (best)' if improved and validating else ''}"
         )
         if train_metrics["stopped_early"]:
             say(f"lungdet train: stopped after max_minutes={config.max_minutes:g}; the last epoch was partial")
             break
     if tensorboard is not None:
         tensorboard.close()
+    if not validating:
+        say(f"lungdet train: trained {run.completed_epochs} epochs on every image, no validation; best.pt is the last epoch, in {out_dir}")
+        return run.history[-1]
     best = max(run.history, key=lambda row: row["val_map"])
     say(f"lungdet train: best val mAP {best['val_map']:.4f} (epoch {best['epoch']}); checkpoints in {out_dir}")
     return best

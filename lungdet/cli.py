@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "synth": ("lungdet.data_tools.synth", "write synthetic RSNA-shaped DICOMs and a labels CSV"),
     "eda": ("lungdet.show.eda", "one HTML page of figures about the labels and DICOM tags, to read before training"),
     "convert": ("lungdet.data_tools.to_coco", "DICOMs + RSNA labels -> COCO dataset with PNGs and patient-level folds"),
+    "pretrain": ("lungdet.detection.pretrain", "pretrain a detector's backbone on radiographs (NIH labels, or self-supervised) for model.pretrained"),
     "train": ("lungdet.detection.train", "train a torchvision detector on a converted dataset"),
     "cv": ("lungdet.detection.cv", "train every fold, predict each fold's patients out of fold, summarize (for lungdet tune)"),
     "predict": ("lungdet.detection.predict", "run a checkpoint (or an export) on DICOMs and write a Kaggle submission.csv"),

@@ -73,6 +73,7 @@ from pydicom.uid import UID
 from lungdet.atomic import write_bytes_durable, write_folder_durable
 from lungdet.data_tools.dicom_io import DicomImage, find_missing_decoder, read_dicom_bytes
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
+from lungdet.data_tools.metadata import dicom_tags
 from lungdet.errors import ImageReadError, LungdetError
 from lungdet.pacs.addresses import AEAddress, AllowedCaller
 from lungdet.pacs.node import CHEST_MODALITIES, MAX_PAUSE_S, OWN_SERIES
@@ -454,7 +455,7 @@ def analyse(data: bytes, *, name: str, detector: Any, model: ModelIdentity, cut_
     """Decode one inbox file, run the detector, and build its results (report first). Raises ImageReadError for a file it cannot read."""
     image: DicomImage = read_dicom_bytes(data, name=name, max_pixels=DEFAULT_MAX_PIXELS)
     source = pydicom.dcmread(io.BytesIO(data))
-    result = detector.predict(image.pixels)
+    result = detector.predict(image.pixels, dicom_tags(image.meta))
     prediction = keep_confident(result.prediction, min_confidence=cut_off)
     # The one builder of every result kind; the GSPS reads the stored pixels from ``source`` itself.
     datasets = result_datasets(source, image.pixels, prediction, result.probability, model, overlay=overlay, gsps=gsps)

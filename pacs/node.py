@@ -35,6 +35,7 @@ from lungdet.atomic import write_bytes_atomic, write_text_atomic
 from lungdet.data_tools.dicom_io import read_dicom_bytes
 from lungdet.errors import ImageReadError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
+from lungdet.data_tools.metadata import dicom_tags
 from lungdet.show.dicom_results import (
     GSPS_SERIES_DESCRIPTION,
     OVERLAY_SERIES_DESCRIPTION,
@@ -270,7 +271,7 @@ class PacsNode:
             self.state.done[candidate.sop] = uid
             self.state.save()
             return "already", 0
-        result = self.detector.predict(image.pixels)
+        result = self.detector.predict(image.pixels, dicom_tags(image.meta))
         prediction = keep_confident(result.prediction, min_confidence=self.cut_off)
         datasets = result_datasets(dataset, image.pixels, prediction, result.probability, self.model, overlay=self.overlay, gsps=self.gsps)
         folder = self.state.keep_pending(candidate.sop, candidate.study, datasets)

@@ -209,10 +209,12 @@ def create_app(
         if include_preview:
             # Encoding a 1024 px JPEG takes milliseconds: off the event loop, like the decoding.
             reply["preview"] = await run_in_threadpool(preview_jpeg, detection.image)
+        probability = reply["label"]["probability"]
         LOGGER.info(
-            "detect %s: %s %dx%d, %d boxes >= %g%%, %s %.2f%%, %.0f ms",
+            "detect %s: %s %dx%d, %d boxes >= %g%%, %s (%s), %.0f ms",
             detection.upload_id, detection.image.format, detection.image.width, detection.image.height, len(reply["boxes"]),
-            reply["min_confidence"], reply["label"]["name"], reply["label"]["confidence"], detection.elapsed_ms,
+            reply["min_confidence"], reply["label"]["name"], "no image-level probability" if probability is None else f"probability {probability:.2f}%",
+            detection.elapsed_ms,
         )
         return reply
 

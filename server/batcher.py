@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from lungdet.data_tools.metadata import ImageTags
 from lungdet.detection.inference import ImageResult
 from lungdet.detection.detector import Detector
 
@@ -35,7 +36,7 @@ class Batcher:
         self.detector = detector
         self.max_batch = max_batch
         self.batch_sizes: list[int] = []  # one entry per forward pass, for tests and benchmarks
-        self._waiting: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue()
+        self._waiting: queue.Queue[tuple[tuple[np.ndarray, ImageTags], Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="lungdet-inference", daemon=True)
         self._thread.start()
 
@@ -43,10 +44,10 @@ class Batcher:
         # info, device, precision_name, score_threshold, architecture: the detector's own.
         return getattr(self.detector, name)
 
-    def predict(self, pixels: np.ndarray) -> ImageResult:
-        """Queue ``pixels`` (uint8 ``[H, W]``) and wait for its boxes (and probability); raises what the model raised."""
+    def predict(self, pixels: np.ndarray, tags: ImageTags | None = None) -> ImageResult:
+        """Queue ``pixels`` (uint8 ``[H, W]``, with the file's ``tags``) and wait for its boxes (and probability); raises what the model raised."""
         future: Future = Future()
-        self._waiting.put((pixels, future))
+        self._waiting.put(((pixels, tags or ImageTags()), future))
         return future.result()
 
     def close(self) -> None:
@@ -72,7 +73,7 @@ class Batcher:
                 batch.append(item)
             self.batch_sizes.append(len(batch))
             try:
-                results = self.detector.predict_batch([pixels for pixels, _ in batch])
+                results = self.detector.predict_batch([pixels for (pixels, _), _ in batch], [tags for (_, tags), _ in batch])
             except BaseException as error:  # every waiting request gets the error rather than hanging
                 for _, future in batch:
                     future.set_exception(error)

@@ -18,9 +18,11 @@ class _Strict(BaseModel):
 
 class Label(_Strict):
     name: Literal["Lung Opacity", "No Lung Opacity"]
-    confidence: float = Field(ge=0, le=100, description="confidence in the named label, percent")
+    confidence: float | None = Field(ge=0, le=100, description="with an image head: confidence in the named label, percent; null without one (no percentage is claimed)")
+    probability: float | None = Field(ge=0, le=100, description="with an image head: the probability that the image has an opacity, percent; null without one")
+    calibrated: bool = Field(description="whether that probability is Platt-scaled on validation images (checkpoints trained since lungdet computed it)")
     source: Literal["image_head", "max_box"] = Field(
-        description="'image_head': the model's image-level output; 'max_box': the most confident box (checkpoints without an image head)"
+        description="'image_head': the model's image-level output; 'max_box': whether a box reached the cut-off (checkpoints without an image head)"
     )
 
 
@@ -71,6 +73,8 @@ class ModelInfo(_Strict):
     checkpoint_sha256: str
     score_threshold: float = Field(ge=0, le=1, description="the box cut-off tuned on validation; without an image head the verdict uses it")
     image_threshold: float | None = Field(ge=0, le=1, description="with an image head: its probability cut-off tuned on validation, which the verdict uses; null without one")
+    image_metadata: bool = Field(description="whether the image-level probability uses the file's view position, sex and age (model.image_metadata)")
+    image_calibrated: bool = Field(description="whether the image-level probability is Platt-scaled on validation images")
 
 
 class Preview(_Strict):

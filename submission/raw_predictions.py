@@ -2,7 +2,7 @@
 
 A submission keeps one merged, thresholded set of boxes per patient; tuning the post-processing
 and fusing models need what came before that. One CSV row is one model's one pass over one
-image (``plain`` or ``hflip``)::
+image (``plain``, ``hflip``, or ``scale0.8``: see :mod:`lungdet.detection.tta`)::
 
     patientId,model,pass,fold,width,height,probability,PredictionString
     0004cfab-14fd-4e49-80ba-63a80b6bddd6,fold0,plain,0,1024,1024,0.0312,0.0841 511.2 300.0 200.5 310.0
@@ -29,7 +29,28 @@ from lungdet.errors import SubmissionError
 from lungdet.submission.prediction_string import Prediction, format_prediction_string, parse_prediction_string
 
 RAW_COLUMNS = ("patientId", "model", "pass", "fold", "width", "height", "probability", "PredictionString")
-PASSES = ("plain", "hflip")
+PLAIN_PASS = "plain"
+# Passes are 'plain', 'hflip' (mirrored) and 'scaleS' (the input at S times the model's size; see lungdet.detection.tta).
+PASSES = (PLAIN_PASS, "hflip")
+SCALE_PREFIX = "scale"
+
+
+def format_scale_pass(factor: float) -> str:
+    """The pass name of an input-size factor: 0.8 -> 'scale0.8', 1.25 -> 'scale1.25'."""
+    return f"{SCALE_PREFIX}{factor:g}"
+
+
+def is_pass_name(name: str) -> bool:
+    """Whether ``name`` is a pass lungdet writes: plain, hflip, or scale followed by a positive number."""
+    if name in PASSES:
+        return True
+    if not name.startswith(SCALE_PREFIX):
+        return False
+    try:
+        factor = float(name[len(SCALE_PREFIX) :])
+    except ValueError:
+        return False
+    return math.isfinite(factor) and factor > 0 and format_scale_pass(factor) == name
 # Raw boxes keep 4 decimals of confidence like a submission, but 2 of position: tuning shrinks
 # and fuses them, and rounding twice should not move a box by a tenth of a pixel.
 RAW_COORDINATE_DECIMALS = 2
@@ -112,8 +133,8 @@ def read_raw_predictions(path: Path) -> list[RawPrediction]:
             if len(fields) != len(RAW_COLUMNS):
                 raise SubmissionError(f"{where}: {len(fields)} fields, expected {len(RAW_COLUMNS)} ({','.join(RAW_COLUMNS)})")
             patient_id, model, pass_name, fold, width, height, probability, text = fields
-            if pass_name not in PASSES:
-                raise SubmissionError(f"{where}: pass {pass_name!r} is not one of {', '.join(PASSES)}")
+            if not is_pass_name(pass_name):
+                raise SubmissionError(f"{where}: pass {pass_name!r} is not one of {', '.join(PASSES)} or scaleS (e.g. scale0.8)")
             key = (patient_id, model, pass_name)
             if key in seen:
                 raise SubmissionError(f"{where}: patientId {patient_id}, model {model}, pass {pass_name} also appears on line {seen[key]}")

@@ -45,6 +45,7 @@ import numpy as np
 
 from lungdet.atomic import write_text_atomic
 from lungdet.boxes import as_box_array, iou_matrix_xywh
+from lungdet.data_tools.metadata import UNKNOWN, age_band
 from lungdet.errors import SubmissionError
 from lungdet.submission.prediction_string import Prediction, keep_confident
 
@@ -327,19 +328,6 @@ def youden_threshold(labels: Sequence[bool], probabilities: Sequence[float]) -> 
 # --- slices: the score by view position, sex and age ----------------------------------------------
 
 SLICE_KEYS = ("view_position", "sex", "age_band")
-# (first year, last year or None, label); "unknown" for a missing age.
-AGE_BANDS = ((0, 17, "0-17"), (18, 39, "18-39"), (40, 59, "40-59"), (60, None, "60+"))
-UNKNOWN = "unknown"
-
-
-def age_band(age: object) -> str:
-    """'0-17', '18-39', '40-59', '60+', or 'unknown' for a missing or unreadable age."""
-    if age is None or isinstance(age, bool) or not isinstance(age, (int, float)) or age < 0:
-        return UNKNOWN
-    for first, last, label in AGE_BANDS:
-        if age >= first and (last is None or age <= last):
-            return label
-    return UNKNOWN
 
 
 def read_slice_metadata(path: Path) -> dict[str, dict[str, str]]:

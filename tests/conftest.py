@@ -201,6 +201,9 @@ def make_dicom(tmp_path: Path) -> Callable[..., Path]:
 SERVING_IMAGE_SIZE = 128
 SERVING_SCORE_THRESHOLD = 0.3
 SERVING_CLASSIFIER_SCALE = 8.0
+# A metadata term that moves the probability by view, sex and age band (METADATA_FEATURES' order:
+# view AP, PA, unknown; sex M, F, unknown; age 0-17, 18-39, 40-59, 60+, unknown).
+SERVING_METADATA_WEIGHTS = (1.5, -1.0, 0.0, 0.3, -0.2, 0.0, 0.4, 0.0, 0.1, 0.7, 0.0)
 
 
 def write_serving_checkpoint(
@@ -209,14 +212,16 @@ def write_serving_checkpoint(
     architecture: str = "fasterrcnn_mobilenet_v3_large_fpn",
     image_size: int = SERVING_IMAGE_SIZE,
     image_head: bool = False,
+    image_metadata: bool = False,
     preprocessing: dict | None = None,
 ) -> Path:
     """Write the checkpoint described above to ``path`` (a lungdet checkpoint: model, config, preprocessing, score_threshold).
 
     Other architectures get the same treatment (RetinaNet's classifier is scaled, and its prior
     bias raised so that boxes clear the floor); ``image_head`` adds an untrained image-level head
-    (probabilities vary by image) and an ``image_threshold`` of 0.5; ``preprocessing`` is stored
-    as convert's settings and applied to the calibration images.
+    (probabilities vary by image) and an ``image_threshold`` of 0.5, ``image_metadata`` (with it)
+    a metadata term of :data:`SERVING_METADATA_WEIGHTS`; ``preprocessing`` is stored as convert's
+    settings and applied to the calibration images.
     """
     import torch
 
@@ -237,6 +242,7 @@ def write_serving_checkpoint(
             "model.rpn_pre_nms_top_n_test=50",
             "model.rpn_post_nms_top_n_test=20",
             f"model.image_head={str(image_head).lower()}",
+            f"model.image_metadata={str(image_metadata).lower()}",
         ],
     )
     model = build_model(config.model)
@@ -254,6 +260,8 @@ def write_serving_checkpoint(
         images, _ = model.transform(inputs)
         model.backbone(images.tensors)
         model.eval()
+        if image_metadata:
+            model.image_head.metadata.weight.copy_(torch.tensor([SERVING_METADATA_WEIGHTS]))
         if hasattr(model, "roi_heads"):
             model.roi_heads.box_predictor.cls_score.weight.mul_(SERVING_CLASSIFIER_SCALE)
         else:

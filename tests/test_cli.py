@@ -10,7 +10,7 @@ import pytest
 
 from lungdet.cli import main as cli_main
 
-SUBCOMMANDS = ("demo", "synth", "eda", "convert", "train", "cv", "predict", "score", "tune", "visualize", "export", "pacs", "serve")
+SUBCOMMANDS = ("demo", "synth", "eda", "convert", "pretrain", "train", "cv", "predict", "score", "tune", "visualize", "export", "pacs", "serve")
 
 
 def test_no_arguments_prints_usage(capsys) -> None:

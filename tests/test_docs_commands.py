@@ -30,7 +30,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PAGE_SUBCOMMANDS = {
     "docs/demo.md": {"demo"},
     "docs/convert.md": {"synth", "convert", "eda"},
-    "docs/train.md": {"train"},
+    "docs/train.md": {"train", "pretrain"},
     "docs/cv_and_tune.md": {"cv", "tune", "predict"},
     "docs/predict_and_export.md": {"predict", "export"},
     "docs/score_and_reports.md": {"score", "visualize"},

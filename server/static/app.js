@@ -187,10 +187,15 @@ async function errorMessage(response) {
 function showReply(card, file, reply) {
   const verdict = card.querySelector(".verdict");
   const positive = reply.label.name === "Lung Opacity";
-  verdict.textContent = `${reply.label.name} · ${formatNumber(reply.label.confidence, 1)}%`;
+  verdict.textContent = reply.label.name;
   verdict.classList.add(positive ? "positive" : "negative");
-  const source = reply.label.source === "max_box" ? "from the most confident box" : "from the model's image-level output";
-  verdict.appendChild(el("small", {}, ` (${source})`));
+  // A percentage only where the model has an image-level probability: a box's confidence is not the
+  // chance that the image has an opacity, and an image without boxes is not certainly clear.
+  const detail = reply.label.probability === null
+    ? `${positive ? "a box reached" : "no box reached"} the cut-off; this model gives no image-level probability`
+    : `probability of an opacity ${formatNumber(reply.label.probability, 1)}%` +
+      (reply.label.calibrated ? ", calibrated on validation images" : ", not calibrated");
+  verdict.appendChild(el("small", {}, ` (${detail})`));
   verdict.hidden = false;
   card.querySelector(".card-title").appendChild(el("small", {}, ` · ${reply.id} · ${reply.elapsed_ms} ms`));
 

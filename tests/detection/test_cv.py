@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lungdet.data_tools.labels import read_labels
-from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, STATE_FILE, SUMMARY_FILE, get_args_parser, main
+from lungdet.detection.cv import FINAL_DIR, OOF_FILE, OOF_LABELS_FILE, STATE_FILE, SUMMARY_FILE, get_args_parser, main
 from lungdet.detection.data import load_records
 from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint
 from lungdet.submission.raw_predictions import read_raw_predictions
@@ -28,7 +28,7 @@ def cv_run(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable
     root = tmp_path_factory.mktemp("cv")
     coco = make_tiny_dataset(root)
     overrides = [*tiny_model_overrides, *RUN]
-    assert run_cv(coco, root / "cv", overrides, "--tta", "hflip") == 0
+    assert run_cv(coco, root / "cv", overrides, "--tta", "hflip", "--final") == 0
     return {"root": root, "coco": coco, "out": root / "cv", "overrides": overrides}
 
 
@@ -46,7 +46,30 @@ def test_every_fold_trains_and_predicts_its_own_patients(cv_run: dict[str, Any])
     for row in rows:
         assert row.fold == fold_of[row.patient_id] and row.model == f"fold{row.fold}"
         assert (row.width, row.height) == (128, 128)  # the DICOMs' own size, not the 64 px converted one
-    assert json.loads((out / STATE_FILE).read_text()) == {"done": [0, 1]}
+    assert json.loads((out / STATE_FILE).read_text()) == {"done": [0, 1], "final": True}
+
+
+def test_the_final_model_trains_on_every_image_with_the_folds_cut_offs(cv_run: dict[str, Any]) -> None:
+    out = cv_run["out"]
+    final = load_checkpoint(out / FINAL_DIR / BEST_CHECKPOINT)
+    folds = [load_checkpoint(out / f"fold{fold}" / BEST_CHECKPOINT) for fold in (0, 1)]
+    assert final["config"]["data"]["fold"] == -1 and final["config"]["optim"]["epochs"] == 1 == final["epoch"]  # the folds' best epoch: 1 of 1
+    assert final["score_threshold"] == pytest.approx(np.mean([checkpoint["score_threshold"] for checkpoint in folds]))
+    assert final["cut_offs_from"] == [str(out / f"fold{fold}" / BEST_CHECKPOINT) for fold in (0, 1)]
+    header = (out / FINAL_DIR / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "loss" in header and not any(column.startswith("val_") for column in header)  # no image was held back to validate on
+
+
+def test_the_final_epoch_count_is_the_folds_median_best_rounded_up(tmp_path: Path) -> None:
+    import torch
+
+    from lungdet.detection.cv import final_epochs
+
+    for fold, epoch in enumerate((3, 8, 5, 9)):
+        (tmp_path / f"fold{fold}").mkdir()
+        torch.save({"epoch": epoch}, tmp_path / f"fold{fold}" / BEST_CHECKPOINT)
+    assert final_epochs(tmp_path, [0, 1, 2, 3]) == 7  # median of 3, 5, 8, 9 is 6.5
+    assert final_epochs(tmp_path, [0, 2]) == 4
 
 
 def test_oof_boxes_and_truth_are_in_original_pixels(cv_run: dict[str, Any]) -> None:
@@ -71,10 +94,10 @@ def test_summary_gives_each_fold_and_the_pooled_score(cv_run: dict[str, Any], ca
 def test_a_rerun_skips_finished_folds(cv_run: dict[str, Any], capsys) -> None:
     best = cv_run["out"] / "fold0" / BEST_CHECKPOINT
     written = best.stat().st_mtime_ns
-    assert run_cv(cv_run["coco"], cv_run["out"], cv_run["overrides"], "--tta", "hflip") == 0
+    assert run_cv(cv_run["coco"], cv_run["out"], cv_run["overrides"], "--tta", "hflip", "--final") == 0
     assert best.stat().st_mtime_ns == written
     printed = capsys.readouterr().out
-    assert "fold 0 is done" in printed and "fold 1 is done" in printed
+    assert "fold 0 is done" in printed and "fold 1 is done" in printed and "the final model is done" in printed
     assert "next: lungdet tune --oof" in printed
 
 

@@ -39,13 +39,23 @@ def detection_of(scores: list[float], boxes: list[list[float]], *, width: int = 
 # --- the verdict --------------------------------------------------------------------------------
 
 
-def test_image_label_follows_the_most_confident_box() -> None:
+def test_without_a_head_the_verdict_follows_the_boxes_and_claims_no_percentage() -> None:
     prediction = Prediction.from_arrays([0.3, 0.7], [[0, 0, 1, 1], [0, 0, 2, 2]])
-    assert image_label(prediction, score_threshold=0.5) == {"name": LABEL_POSITIVE, "confidence": 70.0, "source": "max_box"}
-    assert image_label(prediction, score_threshold=0.7) == {"name": LABEL_POSITIVE, "confidence": 70.0, "source": "max_box"}
-    # Below the cut-off the confidence is in "no opacity": one minus the best box.
-    assert image_label(prediction, score_threshold=0.71) == {"name": LABEL_NEGATIVE, "confidence": 30.0, "source": "max_box"}
-    assert image_label(Prediction.empty(), score_threshold=0.5) == {"name": LABEL_NEGATIVE, "confidence": 100.0, "source": "max_box"}
+    positive = {"name": LABEL_POSITIVE, "confidence": None, "probability": None, "calibrated": False, "source": "max_box"}
+    negative = {**positive, "name": LABEL_NEGATIVE}
+    assert image_label(prediction, score_threshold=0.5) == positive
+    assert image_label(prediction, score_threshold=0.7) == positive
+    assert image_label(prediction, score_threshold=0.71) == negative
+    # No box at all: "No Lung Opacity", and not "100%" (the model never said how sure it is).
+    assert image_label(Prediction.empty(), score_threshold=0.5) == negative
+
+
+def test_with_a_head_the_verdict_states_the_probability() -> None:
+    prediction = Prediction.from_arrays([0.9], [[0, 0, 1, 1]])
+    label = image_label(prediction, score_threshold=0.5, probability=0.3, image_threshold=0.25, calibrated=True)
+    assert label == {"name": LABEL_POSITIVE, "confidence": 30.0, "probability": 30.0, "calibrated": True, "source": "image_head"}
+    label = image_label(Prediction.empty(), score_threshold=0.5, probability=0.12345, image_threshold=0.25)
+    assert label == {"name": LABEL_NEGATIVE, "confidence": 87.66, "probability": 12.35, "calibrated": False, "source": "image_head"}
 
 
 # --- the reply ----------------------------------------------------------------------------------
@@ -55,7 +65,7 @@ def test_detection_json_filters_rounds_and_orders_like_the_submission() -> None:
     detection = detection_of([0.41234, 0.91236, 0.6], [[10.04, 20, 30, 40], [100, 50.06, 50, 25], [0, 0, 200, 100]])
     reply = detection_json(detection, detector_info=INFO)
     assert reply["id"] == "0123456789abcdef"
-    assert reply["label"] == {"name": LABEL_POSITIVE, "confidence": 91.24, "source": "max_box"}
+    assert reply["label"] == {"name": LABEL_POSITIVE, "confidence": None, "probability": None, "calibrated": False, "source": "max_box"}
     assert reply["min_confidence"] == 50.0
     # Boxes at or above the checkpoint's 0.5, most confident first, with the PredictionString's rounding.
     assert reply["boxes"] == [
@@ -79,7 +89,7 @@ def test_min_confidence_filters_boxes_but_not_the_verdict() -> None:
     detection = detection_of([0.2, 0.45], [[0, 0, 10, 10], [5, 5, 10, 10]])
     everything = detection_json(detection, detector_info=INFO, min_confidence=0.0)
     assert [box["confidence"] for box in everything["boxes"]] == [0.45, 0.2]
-    assert everything["label"]["name"] == LABEL_NEGATIVE and everything["label"]["confidence"] == 55.0
+    assert everything["label"]["name"] == LABEL_NEGATIVE and everything["label"]["confidence"] is None  # the checkpoint's 0.5 decides
     assert everything["min_confidence"] == 0.0
     assert detection_json(detection, detector_info=INFO, min_confidence=0.45)["prediction_string"] == "0.4500 5.0 5.0 10.0 10.0"
     assert detection_json(detection, detector_info=INFO)["boxes"] == []

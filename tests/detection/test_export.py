@@ -31,8 +31,8 @@ PREPROCESSING = {"image_size": 200, "normalization": "clahe"}
 
 @pytest.fixture(scope="module")
 def head_checkpoint(serving_checkpoint_writer: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A MobileNet Faster R-CNN at 128 px with an image head and clahe preprocessing; boxes and probabilities vary by image."""
-    return serving_checkpoint_writer(tmp_path_factory.mktemp("export") / "best.pt", image_head=True, preprocessing=PREPROCESSING)
+    """A MobileNet Faster R-CNN at 128 px with an image head (with a metadata term) and clahe preprocessing; boxes and probabilities vary by image."""
+    return serving_checkpoint_writer(tmp_path_factory.mktemp("export") / "best.pt", image_head=True, image_metadata=True, preprocessing=PREPROCESSING)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,22 @@ def test_metadata_carries_the_checkpoints_preprocessing_cut_offs_and_identity(he
     assert metadata["lungdet_version"] not in ("", None)
     assert metadata["batch_size"] == 1 and metadata["input"] == {**metadata["input"], "dtype": "uint8", "shape": [1, 128, 128]}
     assert metadata["outputs_per_image"] == ["boxes", "scores", "labels", "image_probability"]
+    assert metadata["image_metadata_weights"] == pytest.approx(checkpoint["model"]["image_head.metadata.weight"][0].tolist())
+    assert metadata["image_metadata_features"][:3] == ["view AP", "view PA", "view unknown"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_adds_the_metadata_term_as_the_checkpoint_does(head_checkpoint: Path, exports: dict[str, Path], parity_images: list[np.ndarray], fmt: str) -> None:
+    from lungdet.data_tools.metadata import ImageTags
+
+    images = parity_images[:4]
+    tags = [ImageTags(view_position="AP", age=70), ImageTags(view_position="PA", sex="F"), ImageTags(sex="M"), ImageTags()]
+    eager = load_detector(head_checkpoint, device="cpu", amp="none").predict_batch(images, tags)
+    exported = load_exported(exports[fmt], device="cpu")
+    parity = compare_results(eager, exported.predict_batch(images, tags), cut_off=0.3)
+    assert parity.max_probability is not None and parity.max_probability <= 1e-4
+    untagged = exported.predict_batch(images)
+    assert abs(exported.predict_batch(images, tags)[0].probability - untagged[0].probability) > 0.05  # the AP term moved it
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -165,9 +165,10 @@ def mirrored_pair(rsna_sample_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 def test_tta_boxes_of_a_mirrored_image_map_back_to_the_original(serving_detector, mirrored_pair: tuple[Path, Path]) -> None:
     """The hflip pass of an image is the plain pass of its mirror, mapped back; and the other way round."""
-    from lungdet.detection.predict import hflip_back, predict_raw, read_any_pixels
+    from lungdet.detection.predict import predict_raw, read_any_input
+    from lungdet.detection.tta import hflip_back
 
-    rows, bad = predict_raw([serving_detector], ["m"], list(mirrored_pair), read=read_any_pixels, tta="hflip", progress=False)
+    rows, bad = predict_raw([serving_detector], ["m"], list(mirrored_pair), read=read_any_input, tta="hflip", progress=False)
     assert bad == []
     passes = {(row.patient_id, row.pass_name): row.prediction for row in rows}
     assert set(passes) == {("upright", "plain"), ("upright", "hflip"), ("mirrored", "plain"), ("mirrored", "hflip")}
@@ -229,7 +230,7 @@ def test_tta_writes_both_passes_and_fuses_them(serving_checkpoint: Path, mirrore
 
     args = ["--checkpoint", str(serving_checkpoint), "--input", str(mirrored_pair[0]), "--device", "cpu", "--amp", "none", "--tta", "hflip"]
     assert run_cli(*args, "--out", str(tmp_path / "s.csv"), "--raw", str(tmp_path / "raw.csv"), "--score-threshold", "0.2") == 0
-    assert "(confidence >= 0.2, hflip TTA; cpu, fp32)" in capsys.readouterr().out
+    assert "(confidence >= 0.2, TTA hflip; cpu, fp32)" in capsys.readouterr().out
     raw = read_raw_predictions(tmp_path / "raw.csv")
     assert [row.pass_name for row in raw] == ["plain", "hflip"]
     # The submission is the two passes fused, then cut at 0.2: the same as post-processing the raw file.

@@ -508,10 +508,10 @@ class Held:
     def __getattr__(self, name: str):
         return getattr(self.detector, name)
 
-    def predict(self, pixels):
+    def predict(self, pixels, tags=None):
         self.started.set()
         self.release.wait(30)
-        return self.detector.predict(pixels)
+        return self.detector.predict(pixels, tags)
 
 
 def test_a_full_inbox_answers_a700(start_node, storescp: StoreScp, serving_detector) -> None:

@@ -269,11 +269,11 @@ class FailsOnce:
     def __getattr__(self, name: str):
         return getattr(self.detector, name)
 
-    def predict(self, pixels):
+    def predict(self, pixels, tags=None):
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("out of memory, say")
-        return self.detector.predict(pixels)
+        return self.detector.predict(pixels, tags)
 
 
 def test_a_failure_on_one_image_does_not_stop_the_node(orthanc, serving_detector, rsna_sample_dir: Path, tmp_path: Path) -> None:

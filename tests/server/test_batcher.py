@@ -23,7 +23,8 @@ class FakeDetector:
         self.calls: list[int] = []
         self.fail = fail
 
-    def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]:
+    def predict_batch(self, images: list[np.ndarray], tags=None) -> list[Prediction]:
+        assert tags is not None and len(tags) == len(images)  # each upload's tags travel with it
         self.calls.append(len(images))
         self.entered.set()
         if len(self.calls) == 1:

@@ -175,11 +175,11 @@ class GatedDetector:
     def __getattr__(self, name: str):
         return getattr(self.detector, name)
 
-    def predict_batch(self, images):
+    def predict_batch(self, images, tags=None):
         self.entered.set()
         if not self.gate.wait(timeout=60):
             raise TimeoutError("the test never opened the gate")
-        return self.detector.predict_batch(images)
+        return self.detector.predict_batch(images, tags)
 
 
 def test_health_answers_while_a_prediction_runs(serving_detector, rsna_sample_dir: Path) -> None:

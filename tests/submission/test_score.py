@@ -275,13 +275,6 @@ def test_score_dataset_carries_the_interval_only_when_asked() -> None:
 # --- slices -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("age", "band"), [(0, "0-17"), (17, "0-17"), (18, "18-39"), (39, "18-39"), (40, "40-59"), (59, "40-59"), (60, "60+"), (92, "60+"), (None, "unknown"), (-1, "unknown")])
-def test_age_band(age, band: str) -> None:
-    from lungdet.submission.score import age_band
-
-    assert age_band(age) == band
-
-
 def test_slices_add_up_to_the_whole() -> None:
     from lungdet.submission.score import score_slices
 
