@@ -16,6 +16,7 @@ import pytest
 from lungdet.errors import LungdetError
 from lungdet.data_tools.holdout import write_split_csv
 from lungdet.data_tools.labels import PatientLabels, read_labels
+from lungdet.data_tools.metadata import read_metadata_csv
 from lungdet.detection import demo
 from lungdet.detection.real_data import RealSet, load_split, lung_prior_boxes, prepare, prior_predictions
 from lungdet.submission.prediction_string import Prediction
@@ -60,6 +61,10 @@ def test_prepare_converts_each_side_and_writes_the_held_out_labels(rsna_real_dir
     assert list(holdout_labels) == prepared.holdout_patients and sum(labels.target for labels in holdout_labels.values()) == 2
     assert prepared.cv_report.converted == 32 and prepared.cv_report.positives == 8
     assert sorted(path.stem for path in prepared.holdout_images.iterdir()) == prepared.holdout_patients
+    # The held-out patients' view, sex and age from metadata.csv, for an image head that reads them at predict.
+    metadata = read_metadata_csv(real.metadata_csv)
+    assert prepared.holdout_tags == {patient: metadata.tags[patient] for patient in prepared.holdout_patients}
+    assert all(tags.view_position in ("AP", "PA") for tags in prepared.holdout_tags.values())
     # The two sides share no patient.
     assert not set(prepared.holdout_patients) & {path.stem for path in (tmp_path / "work" / "images_cv").iterdir()}
 
@@ -97,6 +102,10 @@ def test_demo_real_runs_every_stage_on_a_subset(rsna_real_dir: Path, tmp_path: P
     assert demo.main(args) == 0
     printed = capsys.readouterr().out
     assert "Held-out real RSNA radiographs (8 patients, 2 with opacities" in printed and "RSNA mAP " in printed
+    # The figures papers report, beside it; the head gives a probability, so the AUC and ECE too.
+    for figure in ("COCO AP@[.50:.95]", "COCO AP40", "FROC score", "image AUC", "ECE (10 bins)"):
+        assert f"  {figure}" in printed, figure
+    assert printed.index("RSNA mAP ") < printed.index("COCO AP@[.50:.95]")
     assert "not a diagnostic device" in printed
     out = tmp_path / "out"
     for name in ("run/best.pt", "submission_holdout.csv", "score_holdout.json", "score_holdout.html", "overlays_holdout/index.html", "probabilities_holdout.csv"):
