@@ -54,14 +54,19 @@ def test_reliability_bins_by_hand() -> None:
     assert bins == [(pytest.approx(0.065), 0.5, 2), (pytest.approx(0.945), 1.0, 2)]
 
 
-def test_cli_writes_one_page_with_figures_and_links(tmp_path: Path, capsys) -> None:
+def write_case_files(folder: Path) -> None:
+    """The case's labels (labels.csv), submission (s.csv) and image probabilities (p.csv) in ``folder``."""
     truth, predictions = case()
     labels = ["patientId,x,y,width,height,Target"]
     for patient, boxes in truth.items():
         labels += [f"{patient},{x},{y},{w},{h},1" for x, y, w, h in boxes] or [f"{patient},,,,,0"]
-    (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
-    write_submission(tmp_path / "s.csv", predictions)
-    (tmp_path / "p.csv").write_text("patientId,probability\nhit,0.9\nmiss,0.4\nalarm,0.6\nclear,0.1\nhalf,0.7\n")
+    (folder / "labels.csv").write_text("\n".join(labels) + "\n")
+    write_submission(folder / "s.csv", predictions)
+    (folder / "p.csv").write_text("patientId,probability\nhit,0.9\nmiss,0.4\nalarm,0.6\nclear,0.1\nhalf,0.7\n")
+
+
+def test_cli_writes_one_page_with_figures_and_links(tmp_path: Path, capsys) -> None:
+    write_case_files(tmp_path)
     (tmp_path / "overlays").mkdir()
     args = get_args_parser().parse_args([
         "--submission", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "labels.csv"), "--html", str(tmp_path / "out" / "report.html"),
@@ -80,13 +85,7 @@ def test_cli_writes_one_page_with_figures_and_links(tmp_path: Path, capsys) -> N
 
 
 def test_page_shows_the_metrics_the_json_reports(tmp_path: Path, capsys) -> None:
-    truth, predictions = case()
-    labels = ["patientId,x,y,width,height,Target"]
-    for patient, boxes in truth.items():
-        labels += [f"{patient},{x},{y},{w},{h},1" for x, y, w, h in boxes] or [f"{patient},,,,,0"]
-    (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
-    write_submission(tmp_path / "s.csv", predictions)
-    (tmp_path / "p.csv").write_text("patientId,probability\nhit,0.9\nmiss,0.4\nalarm,0.6\nclear,0.1\nhalf,0.7\n")
+    write_case_files(tmp_path)
     common = ["--submission", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "labels.csv"), "--probabilities", str(tmp_path / "p.csv"), "--bootstrap", "200"]
     assert main(get_args_parser().parse_args([*common, "--json"])) == 0
     result = json.loads(capsys.readouterr().out)
