@@ -3,19 +3,24 @@
 One command (``make benchmark-real``) from ``../shared/data/rsna_real`` to a table:
 
 1. **prepare**: the seeded 800 / 200 split (``benchmarks/rsna_real_split.csv``), each side converted
-   with ``lungdet convert --image-dir`` (the 800 with 5 patient-level folds);
-2. **cv**: ``lungdet cv`` over the folds with ``--tta hflip`` (out-of-fold predictions of the 800),
-   then ``lungdet tune`` on them: the post-processing file, tuned on nothing held out;
-3. **holdout**: every fold's model, plain and mirrored, on the 200 held-out JPEGs, once;
-4. **report**, each held-out mAP with its 95% bootstrap interval over patients:
+   with ``lungdet convert --image-dir`` (the 800 with 5 patient-level folds, their view, sex, age
+   and RSNA class);
+2. **cv**: ``lungdet cv`` over the folds with ``--tta`` (out-of-fold predictions of the 800; with
+   ``--final`` also a model on all 800), then ``lungdet tune`` on them: the post-processing file,
+   tuned on nothing held out;
+3. **holdout**: every model, with every TTA pass, on the 200 held-out JPEGs (their tags from
+   ``metadata.csv``), once;
+4. **report**, each held-out figure with its 95% bootstrap interval over patients: the RSNA mAP
+   first, then COCO AP@[.50:.95] and AP40, the FROC score, sensitivity and specificity, and the
+   image AUC and ECE where the step has probabilities:
 
    - the naive priors: the 800's median left and right lung box on every image, and on the
      positives only (what a perfect image classifier with no localisation would score);
-   - the single model (fold 0): mAP, mean IoU, sensitivity, specificity, image-level AUC;
-   - the winners' path, a step at a time: + hflip TTA, + 5-fold fusion, + gating, + tuned
-     post-processing, + shrink (the last is the README's cv -> tune -> predict recipe);
-   - the recipe beside what it was before calibration, and with a fusion that keeps the top
-     confidence, with the boxes per image each keeps against what tuning saw;
+   - the winners' path, a step at a time: the single model (fold 0), + TTA, + 5-fold fusion,
+     + gating, + tuned post-processing, + shrink (the README's cv -> tune -> predict recipe),
+     + the final model (with ``--final``), and the final model alone;
+   - the recipe with the package's 'avg' fusion, and with 'avg' + batch calibration (the
+     earlier default), with the boxes per image each keeps against what tuning saw;
    - where the loss goes: the same boxes kept on the true positives only (a perfect image-level
      decision), against the figure with the model's own decision;
    - slices by view, sex and age band; the score report's HTML and a worst-first overlay gallery;
@@ -24,7 +29,7 @@ One command (``make benchmark-real``) from ``../shared/data/rsna_real`` to a tab
 With ``--stages cv --folds 0,1`` it stops after the out-of-fold summary of those folds: the
 recipe search, which never touches the held-out side (``--search-table`` appends a row).
 
-Run: ``.venv/bin/python benchmarks/real_data.py --work runs/real [--config fasterrcnn_mobilenet_real_cpu] [KEY=VALUE ...]``
+Run: ``.venv/bin/python benchmarks/real_data.py --work runs/real [--config fasterrcnn_mobilenet_real_cpu] [--tta PASSES] [--final] [KEY=VALUE ...]``
 """
 
 from __future__ import annotations

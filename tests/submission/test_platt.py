@@ -43,3 +43,21 @@ def test_separable_validation_keeps_the_map_finite_and_monotonic() -> None:
     assert np.isfinite(slope) and np.isfinite(intercept) and slope > 0
     mapped = [apply_platt(value, (slope, intercept)) for value in raw]
     assert mapped == sorted(mapped) and mapped[0] < 0.5 < mapped[-1]
+
+
+def test_near_constant_probabilities_keep_the_map_bounded_and_quiet() -> None:
+    """An untrained model gives every image nearly the same probability: the fit must stay finite, increasing and warning-free."""
+    import warnings
+
+    rng = np.random.default_rng(2)
+    raw = 0.5 + rng.normal(0, 1e-5, 16)
+    labels = raw > 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slope, intercept = fit_platt(labels, raw)
+        assert 0.0 <= slope <= 10.0 and -10.0 <= intercept <= 10.0
+        assert apply_platt(0.9999999, (slope, intercept)) >= apply_platt(0.0000001, (slope, intercept))
+        assert sigmoid(-1e6) < 1e-200 and sigmoid(1e6) == 1.0
+    reversed_labels = [False] * 8 + [True] * 8
+    slope, _ = fit_platt(reversed_labels, np.linspace(0.9, 0.1, 16))  # worse than chance: never a reversing map
+    assert slope == 0.0
