@@ -74,7 +74,7 @@ from lungdet.show.score_cli import main as score_main
 from lungdet.submission.tune import tune_postprocess
 
 DEFAULT_CONFIG = "fasterrcnn_mobilenet_real_cpu"
-DEFAULT_TTA = "hflip"
+DEFAULT_TTA = "hflip,scale0.8,scale1.2"
 STAGES = ("prepare", "cv", "holdout", "report")
 HOLDOUT_RAW = "holdout_raw.csv"
 TIMINGS = "timings.json"
