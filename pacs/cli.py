@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lungdet.cli_types import fraction, int_in_range, positive_seconds
+from lungdet.detection.config import AMP_MODES
 from lungdet.errors import LungdetError
 from lungdet.pacs.addresses import AEAddress, ae_address, ae_title, allowed_caller, listen_address
 
@@ -76,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     auth.add_argument("--token", help=f"a bearer token (or set ${TOKEN_VARIABLE})")
     parser.add_argument("--timeout", type=positive_seconds, default=30.0, help="seconds to wait for each request (default 30)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
-    parser.add_argument("--amp", default="auto", help="mixed precision for a checkpoint, as lungdet predict's --amp")
+    parser.add_argument("--amp", choices=AMP_MODES, default="auto", help="mixed precision for a checkpoint, as lungdet predict's --amp (default auto)")
     return parser
 
 

@@ -138,6 +138,17 @@ def node_args(url: str, **options: object) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **options})
 
 
+def test_amp_takes_the_modes_predict_and_serve_take(capsys: pytest.CaptureFixture[str]) -> None:
+    from lungdet.pacs.cli import get_args_parser
+
+    assert node_args("http://127.0.0.1:1/dicom-web").amp == "auto"
+    assert get_args_parser().parse_args(["--url", "http://x", "--checkpoint", "m.pt", "--amp", "bf16"]).amp == "bf16"
+    with pytest.raises(SystemExit) as exit_info:
+        get_args_parser().parse_args(["--url", "http://x", "--checkpoint", "m.pt", "--amp", "bf32"])
+    assert exit_info.value.code == 2
+    assert "argument --amp: invalid choice: 'bf32'" in capsys.readouterr().err
+
+
 def make_node(orthanc, detector, state: Path, *, client=None, overlay: bool = False, cut_off: float | None = None, **options) -> tuple[PacsNode, list[str]]:
     """A node as ``lungdet pacs`` builds it (same client setup), in this process, its log lines collected."""
     from lungdet.pacs.cli import make_client
