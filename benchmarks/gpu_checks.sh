@@ -2,15 +2,17 @@
 # The checks that need a CUDA GPU, in one go (issue 33), most important first, each with its own
 # time limit, so that a lease cut short still brings back the first parts:
 #   tests      the CUDA-only tests (skipped on a CPU)                                      ~0.5 min
-#   train      benchmarks/train_vs_reference.py at 512 px, ResNet-50-FPN: our recipe, then our
+#   bench      benchmarks/train_vs_reference.py at 512 px, ResNet-50-FPN: our recipe, then our
 #              loop with the reference's recipe (same model, size, batch, seed)            ~3 min
 #   predict    benchmarks/predict_speed.py from DICOM files at 512 px in bf16, ResNet-50 and
 #              MobileNet: decode, forward, end to end with the loader workers             ~2 min
 #   serve      benchmarks/serve_load.py with lungdet serve on the GPU (a MobileNet trained here)
 #   smoke      bf16 training, --resume, predict, score                                    ~1 min
-#   breakdown  benchmarks/step_breakdown.py, ResNet-50 at 512 px: where a training step goes
-#   extra      Mask R-CNN fp16, RetinaNet bf16, torchrun with two ranks on one GPU, the
-#              other breakdowns and RoI pooling alone
+#   breakdown  benchmarks/step_breakdown.py, ResNet-50 at 512 px with the batched and with
+#              torchvision's per-image heads: where a training step goes
+#   extra      MobileNet against the reference, Mask R-CNN fp16, RetinaNet bf16, torchrun with
+#              two ranks on one GPU, the other breakdowns (MobileNet, 1024 px, compile=true)
+#              and RoI pooling alone
 #   ablation   our ResNet-50 recipe with one part changed at a time (not in the default set)
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR                               # on a CUDA machine
@@ -27,7 +29,7 @@ set -u
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}
 device=${DEVICE:-cuda}
 scale=${SCALE:-full}
-parts=" ${PARTS:-tests train predict serve smoke breakdown extra} "
+parts=" ${PARTS:-tests bench predict serve smoke breakdown extra} "
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -83,7 +85,7 @@ fi
 # Training throughput and mAP against the torchvision reference loop: ResNet-50-FPN at 512 px
 # with our recipe, then with the reference's recipe in our loop (the loops alone compared).
 bench_args=(--count "$bench_count" --epochs "$bench_epochs" --device "$device" "data.num_workers=$workers" "model.image_size=$bench_size")
-if [[ $parts == *" train "* ]]; then
+if [[ $parts == *" bench "* ]]; then
     step bench_r50 300 "$py" -W ignore benchmarks/train_vs_reference.py --config fasterrcnn_resnet50_fpn "${bench_args[@]}"
     step bench_r50_reference_recipe 300 "$py" -W ignore benchmarks/train_vs_reference.py --config fasterrcnn_resnet50_fpn --recipe reference "${bench_args[@]}"
 fi
@@ -113,19 +115,27 @@ step score 60 lungdet score --submission "$work/submission.csv" --labels "$work/
 fi
 
 if [[ $parts == *" breakdown "* ]]; then
-    # Where a training step's time goes (benchmarks/step_breakdown.py), ResNet-50 at 512 px.
+    # Where a training step's time goes (benchmarks/step_breakdown.py), ResNet-50 at 512 px, and
+    # with torchvision's per-image heads, to measure what the batched ones save.
     step breakdown_r50 150 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size"
+    step breakdown_r50_stock_heads 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size" model.batched_heads=false
 fi
 
 if [[ $parts == *" extra "* ]]; then
+step bench_mobilenet 300 "$py" -W ignore benchmarks/train_vs_reference.py --config fasterrcnn_mobilenet_cpu "${bench_args[@]}"
 step train_fp16_maskrcnn 180 lungdet train --data "$data" --out "$work/mask" "${tiny[@]}" model.architecture=maskrcnn_resnet50_fpn optim.epochs=1 amp=fp16 data.batch_size=4
 step train_bf16_retinanet 180 lungdet train --data "$data" --out "$work/retina" "${tiny[@]}" model.architecture=retinanet_resnet50_fpn optim.epochs=1 amp=bf16 data.batch_size=4
 # One GPU, two processes: NCCL refuses a shared GPU, so this must say so clearly ...
 step ddp_nccl_refused 120 "$py" -m torch.distributed.run --standalone --nproc_per_node=2 -m lungdet train --config fasterrcnn_mobilenet_cpu --data "$data" --out "$work/ddp_nccl" "${tiny[@]}" optim.epochs=1
 # ... and gloo lets both share it (a smoke test of DDP on CUDA tensors).
 step ddp_gloo_shared_gpu 240 env LUNGDET_DIST_BACKEND=gloo "$py" -m torch.distributed.run --standalone --nproc_per_node=2 -m lungdet train --config fasterrcnn_mobilenet_cpu --data "$data" --out "$work/ddp" "${tiny[@]}" optim.epochs=2
-step breakdown_r50_stock_heads 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size" model.batched_heads=false
 step breakdown_mobilenet 120 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_mobilenet_cpu --device "$device" "model.image_size=$bench_size"
+# ResNet-50 at the RSNA's own 1024 px, where the convolutions weigh four times more, and with its
+# backbone and RPN head compiled (compile=true).
+step breakdown_r50_1024 180 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$(( bench_size * 2 ))"
+step breakdown_r50_compiled 300 "$py" -W ignore benchmarks/step_breakdown.py --config fasterrcnn_resnet50_fpn --device "$device" "model.image_size=$bench_size" compile=true
+# RoI pooling alone, torchvision's kernels against the sparse product the CPU uses: whether it
+# should run on the GPU too (detection/sparse_roi_align.py, SPARSE_DEVICE_TYPES).
 step roi_align_speed 120 "$py" -W ignore benchmarks/roi_align_speed.py --device "$device" --image-size "$bench_size"
 fi
 
