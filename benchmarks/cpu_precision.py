@@ -23,7 +23,7 @@ import torch
 
 from lungdet.errors import LungdetError
 from lungdet.detection.config import load_config
-from lungdet.detection.engine import cpu_has_native_bf16
+from lungdet.detection.runtime import cpu_has_native_bf16
 from lungdet.detection.model import build_model, in_memory_layout
 
 SETTINGS = (("fp32, NCHW", False, False), ("fp32, channels_last", False, True), ("bf16, NCHW", True, False), ("bf16, channels_last", True, True))

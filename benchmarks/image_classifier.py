@@ -27,7 +27,7 @@ import torch
 from lungdet.data_tools.labels import read_labels
 from lungdet.detection.classifier import CLASSIFIERS, ClassifierSettings, train_classifier
 from lungdet.detection.cv import OOF_LABELS_FILE, parse_folds
-from lungdet.detection.engine import resolve_precision
+from lungdet.detection.runtime import resolve_precision
 from lungdet.detection.real_data import REAL_DATA_DIR, RealSet, prepare
 from lungdet.submission.platt import logit, sigmoid
 from lungdet.submission.raw_predictions import read_raw_predictions

@@ -39,9 +39,10 @@ import torch
 from lungdet.errors import LungdetError
 from lungdet.detection.config import load_config
 from lungdet.detection.data import build_dataloaders
-from lungdet.detection.engine import move_to_device, resolve_precision
+from lungdet.detection.engine import move_to_device
 from lungdet.detection.model import build_model, in_memory_layout, needs_masks
-from lungdet.detection.train import build_optimizer, compile_fixed_shape_parts, resolve_device, seed_everything
+from lungdet.detection.runtime import resolve_device, resolve_precision
+from lungdet.detection.train import build_optimizer, compile_fixed_shape_parts, seed_everything
 # The same synthetic set as the reference comparison (this folder is on sys.path when a script in it runs).
 from train_vs_reference import prepare_dataset
 

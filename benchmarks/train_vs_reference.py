@@ -80,10 +80,11 @@ from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.detection.config import TrainConfig, load_config
 from lungdet.detection.data import ImageRecord, build_dataloaders, load_preprocessing, select_records
-from lungdet.detection.engine import evaluate, predict_loader, resolve_precision
+from lungdet.detection.engine import evaluate, predict_loader
 from lungdet.detection.model import build_model, needs_masks
 from lungdet.detection.detector import load_trained_model
-from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE, build_optimizer, resolve_device, seed_everything, train
+from lungdet.detection.runtime import resolve_device, resolve_precision
+from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE, build_optimizer, seed_everything, train
 
 DEFAULT_CONFIG = "fasterrcnn_mobilenet_cpu"
 # The throughput target of issue 4 section 8: ours over the reference's training images/s.

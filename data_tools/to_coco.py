@@ -47,6 +47,7 @@ from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 from lungdet.data_tools.image_io import XrayImage, find_images, read_xray
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.metadata import TAG_COLUMNS, ImageTags, MetadataTable, read_metadata_csv
+from lungdet.data_tools.pixels import NORMALIZATIONS, check_normalization, prepare_pixels
 
 CATEGORY = {"id": 1, "name": "lung_opacity", "supercategory": "lung"}
 ANNOTATIONS_FILE = "annotations.json"
@@ -58,7 +59,6 @@ JOURNAL_FILE = ".convert_journal.jsonl"
 JOURNAL_VERSION = 4
 # What convert reads: DICOMs (--dicom-dir) or the PNG/JPEG derivatives RSNA data often circulates as (--image-dir).
 SOURCES = ("dicom", "picture")
-NORMALIZATIONS = ("none", "clahe", "equalize")
 IMAGES_DIR = "images"
 # What convert may write into IMAGES_DIR (see image_bytes).
 IMAGE_EXTENSIONS = (".jpg", ".png")
@@ -140,36 +140,6 @@ def encode_png(pixels: np.ndarray) -> bytes:
     if not ok:
         raise LungdetError("PNG encoding failed")
     return encoded.tobytes()
-
-
-def normalize_pixels(pixels: np.ndarray, *, method: str) -> np.ndarray:
-    """Contrast normalisation of a uint8 ``[H, W]`` image: ``'none'``, ``'clahe'`` or ``'equalize'``."""
-    check_normalization(method)
-    if method == "none":
-        return pixels
-    if method == "clahe":
-        # Tiles of 1/8 of the image and a clip of 2 are OpenCV's usual chest X-ray settings:
-        # local contrast rises without amplifying the noise of flat regions.
-        return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(pixels)
-    return cv2.equalizeHist(pixels)
-
-
-def check_normalization(method: str) -> None:
-    """Raise :class:`LungdetError` unless ``method`` is one of ``NORMALIZATIONS``."""
-    if method not in NORMALIZATIONS:
-        raise LungdetError(f"normalization {method!r}: must be one of {', '.join(NORMALIZATIONS)}")
-
-
-def prepare_pixels(pixels: np.ndarray, *, image_size: int | None, normalization: str) -> np.ndarray:
-    """What ``convert`` writes for one DICOM: resized to ``image_size`` square (if given), then normalised.
-
-    ``predict`` calls this too, with the dataset's settings, so a model sees the same pixels at
-    prediction as in training.
-    """
-    if image_size is not None and pixels.shape != (image_size, image_size):
-        # INTER_AREA averages source pixels when shrinking, which keeps faint opacities visible.
-        pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
-    return normalize_pixels(pixels, method=normalization)
 
 
 def file_signature(path: Path) -> list[int]:

@@ -33,7 +33,7 @@ from lungdet.data_tools.metadata import METADATA_FEATURES
 from lungdet.detection.augment import build_augmentation
 from lungdet.detection.config import AugmentConfig, DataConfig
 from lungdet.detection.data import DetectionDataset, EpochSampler, collate, select_records
-from lungdet.detection.engine import Precision
+from lungdet.detection.runtime import Precision
 from lungdet.detection.image_head import IMAGE_CLASSES, NO_CLASS
 from lungdet.errors import ConfigError
 from lungdet.submission.score import roc_auc

@@ -33,12 +33,12 @@ from lungdet.data_tools.labels import format_labels_csv
 from lungdet.detection.config import apply_overrides, config_from_dict, load_config
 from lungdet.detection.data import ALL_FOLDS, ImageRecord, load_records
 from lungdet.detection.distributed import from_environment, start, stop
-from lungdet.detection.engine import resolve_precision
 from lungdet.detection.detector import ModelRunner, load_trained_model, probability_map_of
 from lungdet.detection.inference import LoadedImage
 from lungdet.detection.predict import predict_raw
 from lungdet.detection.tta import TTA_EXAMPLE, tta_argument
-from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device, save_checkpoint, train
+from lungdet.detection.runtime import load_checkpoint, resolve_precision, save_checkpoint
+from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, train, training_device
 from lungdet.submission.prediction_string import Prediction, keep_confident
 from lungdet.submission.raw_predictions import RawPrediction, write_raw_predictions
 from lungdet.submission.score import BOOTSTRAP_DRAWS, score_dataset
@@ -284,7 +284,7 @@ def main(args: argparse.Namespace) -> int:
         raise LungdetError(f"{args.data} has folds {available}; there is no fold {', '.join(map(str, missing))}")
     job = from_environment()
     base = load_config(args.config, list(args.overrides))  # a bad config or override fails before any training
-    device = resolve_device(base.device, job)
+    device = training_device(base.device, job)
     joined = start(job, device)
     try:
         train_folds(args.config, args.data, args.out, folds, list(args.overrides), progress=not args.no_progress)

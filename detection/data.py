@@ -32,6 +32,7 @@ from lungdet.detection.augment import augment_sample, build_augmentation
 from lungdet.detection.config import AugmentConfig, DataConfig, ModelConfig
 from lungdet.detection.image_head import IMAGE_CLASSES, class_index
 from lungdet.detection.masks import box_masks
+from lungdet.detection.runtime import to_model_input
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -155,12 +156,6 @@ def load_sample(record: ImageRecord, *, image_size: int) -> tuple[np.ndarray, np
         pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_AREA)
         boxes = scale_xywh(boxes, scale_x=image_size / width, scale_y=image_size / height)
     return pixels, xywh_to_xyxy(boxes)
-
-
-def to_model_input(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W] -> FloatTensor[3, H, W] in [0, 1]; grey is repeated because the backbones expect RGB."""
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(255.0)
-    return tensor.unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
 def sample_seed(seed: int, epoch: int, index: int, occurrence: int = 0) -> int:

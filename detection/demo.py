@@ -36,7 +36,7 @@ from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset, format_report
 from lungdet.show.visualize import worst_first, write_overlays
 from lungdet.detection.config import load_config
-from lungdet.detection.engine import resolve_precision
+from lungdet.detection.runtime import resolve_precision
 from lungdet.data_tools.image_io import find_images
 from lungdet.detection.detector import Detector, load_detector, load_trained_model
 from lungdet.detection.predict import predict_dicoms, predict_raw, read_any_input

@@ -21,14 +21,12 @@ import torch
 from torch import nn
 
 from lungdet.detection.config import TrainConfig, config_from_dict
-from lungdet.detection.data import to_model_input
-from lungdet.detection.engine import Precision, resolve_precision
 from lungdet.detection.exported import ExportedModel, export_format, load_exported
 from lungdet.data_tools.metadata import ImageTags
 from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head, image_metadata_weights
 from lungdet.detection.inference import ImageResult, PreparedInputRunner, ProbabilityMap, image_result, prepare_input
 from lungdet.detection.model import build_model, in_memory_layout
-from lungdet.detection.train import load_checkpoint, resolve_device
+from lungdet.detection.runtime import Precision, load_checkpoint, resolve_device, resolve_precision, to_model_input
 from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import Prediction, keep_confident
 

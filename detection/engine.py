@@ -23,6 +23,7 @@ from lungdet.errors import LungdetError
 from lungdet.detection.distributed import Distributed, gather_to_main, share_from_main
 from lungdet.detection.image_head import IMAGE_PROBABILITY, image_metadata_weights
 from lungdet.detection.inference import with_metadata_features
+from lungdet.detection.runtime import Precision
 from lungdet.submission.platt import apply_platt, fit_platt
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.score import roc_auc, score_dataset, youden_threshold
@@ -36,56 +37,6 @@ def move_to_device(images: list[torch.Tensor], targets: list[dict], device: torc
     return [image.to(device, non_blocking=True) for image in images], [
         {key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets
     ]
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How the forward pass runs: ``dtype`` None is float32; bf16/fp16 run under autocast, fp16 with a gradient scaler."""
-
-    device_type: str = "cpu"
-    dtype: torch.dtype | None = None
-
-    @property
-    def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX).
-
-    Elsewhere oneDNN emulates bfloat16, and autocast then costs more than it saves.
-    """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_precision(amp: str, device: torch.device) -> Precision:
-    """The precision ``amp`` ('auto', 'none', 'bf16', 'fp16') means on ``device``.
-
-    'auto' is bf16 on GPUs that have it (Ampere and later: no scaler needed, same range as fp32),
-    fp16 on older GPUs, bf16 on CPUs with bfloat16 instructions (a ResNet-50 step takes about half
-    the time of fp32's on an AMD EPYC with AVX512-BF16), and fp32 on other CPUs.
-    """
-    if device.type != "cuda":
-        if amp == "fp16":
-            choices = "amp=auto, amp=bf16 or amp=none" if cpu_has_native_bf16() else "amp=auto or amp=none"
-            raise LungdetError(f"amp=fp16 needs a CUDA GPU, but this run is on {device}; use {choices}")
-        if amp == "bf16" and not cpu_has_native_bf16():
-            raise LungdetError(f"amp=bf16 on {device}, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); use amp=auto or amp=none")
-        native = amp in ("bf16", "auto") and device.type == "cpu" and cpu_has_native_bf16()
-        return Precision(device.type, torch.bfloat16 if native else None)
-    if amp == "none":
-        return Precision("cuda", None)
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        if not torch.cuda.is_bf16_supported():
-            raise LungdetError(f"amp=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16; use amp=fp16 or amp=auto")
-        return Precision("cuda", torch.bfloat16)
-    return Precision("cuda", torch.float16)
 
 
 @dataclass

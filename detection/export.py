@@ -70,7 +70,7 @@ from lungdet.detection.exported import (
 from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head
 from lungdet.detection.inference import ImageResult, prepare_input
 from lungdet.detection.detector import ModelRunner, file_sha256, model_from_checkpoint, probability_map_of, read_trained_checkpoint
-from lungdet.detection.train import resolve_device
+from lungdet.detection.runtime import resolve_device
 
 ONNX_OPSET = 17
 INPUT_NAME = "images"

@@ -19,7 +19,7 @@ import numpy as np
 
 from lungdet.boxes import scale_xywh, xyxy_to_xywh
 from lungdet.data_tools.metadata import ImageTags, metadata_features
-from lungdet.data_tools.to_coco import prepare_pixels
+from lungdet.data_tools.pixels import prepare_pixels
 from lungdet.submission.platt import apply_platt, logit, sigmoid
 from lungdet.submission.prediction_string import Prediction
 

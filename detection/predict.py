@@ -34,7 +34,7 @@ from lungdet.data_tools.image_io import find_images, read_xray_file
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, dicom_tags, laid_over, read_metadata_csv
 from lungdet.detection.config import AMP_MODES
 from lungdet.detection.detector import Detector, ModelRunner, load_detector
-from lungdet.detection.engine import Precision
+from lungdet.detection.runtime import Precision
 from lungdet.detection.inference import ImageResult, LoadedImage, prepare_input
 from lungdet.detection.tta import PLAIN, TTA_EXAMPLE, TtaPass, hflip_back, input_size, parse_tta, tta_argument
 from lungdet.submission.postprocess import FAR_FROM_EXPECTED_FACTOR, PostprocessConfig, PostprocessResult, apply_postprocess, load_postprocess, mean_probability

@@ -56,9 +56,8 @@ from lungdet.errors import ImageReadError, LabelError, LungdetError
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.image_io import find_images, read_xray_file
 from lungdet.detection.config import MODEL_ARCHITECTURES, ModelConfig
-from lungdet.detection.engine import Precision, resolve_precision
 from lungdet.detection.model import PRETRAIN_MARKER, build_model, in_memory_layout
-from lungdet.detection.train import resolve_device
+from lungdet.detection.runtime import Precision, resolve_device, resolve_precision
 
 SIMSIAM = "simsiam"
 SUPERVISED = "supervised"

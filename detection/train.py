@@ -38,8 +38,9 @@ from lungdet.detection.augment import write_augmentation_samples
 from lungdet.detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
 from lungdet.detection.data import ALL_FOLDS, build_dataloaders, check_image_targets, load_preprocessing, load_records, load_sample, split_records
 from lungdet.detection.distributed import Distributed, choose_backend, cuda_device_for, from_environment, gather_to_main, share_from_main, start, stop, sum_over_ranks
-from lungdet.detection.engine import EpochProgress, evaluate, resolve_precision, train_one_epoch
+from lungdet.detection.engine import EpochProgress, evaluate, train_one_epoch
 from lungdet.detection.model import build_model, in_memory_layout, load_pretrained_state, needs_masks, uses_frozen_recipe
+from lungdet.detection.runtime import load_checkpoint, resolve_device, resolve_precision, save_checkpoint
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -49,24 +50,13 @@ TENSORBOARD_DIR = "tensorboard"
 AUGMENTATIONS_DIR = "augmentations"
 
 
-def resolve_device(name: str, job: Distributed | None = None) -> torch.device:
-    """``'auto'`` picks CUDA when present; an explicit CUDA device without CUDA is an error, not a silent CPU run.
-
-    Under torchrun, a CUDA run uses one GPU per process: ``cuda:LOCAL_RANK`` (see :func:`cuda_device_for`).
-    """
-    if job is not None and job.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
+def training_device(name: str, job: Distributed) -> torch.device:
+    """:func:`resolve_device`, except that under torchrun a CUDA run uses one GPU per process: ``cuda:LOCAL_RANK`` (see :func:`cuda_device_for`)."""
+    if job.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
         device = cuda_device_for(job, torch.cuda.device_count(), choose_backend("cuda"))
         torch.cuda.set_device(device)  # NCCL collectives and gather_object use the current device
         return device
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LungdetError(f"device={name!r} is not a device name; use device=auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LungdetError(f"device={name!r} but this machine has no CUDA GPU; use device=cpu or device=auto")
-    return device
+    return resolve_device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -170,22 +160,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, *, st
         gamma=config.optim.step_gamma,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary name, then rename: a kill mid-save keeps the previous file intact."""
-    with atomic_path(path) as temporary:
-        torch.save(state, temporary)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a lungdet checkpoint (plain tensors and dicts only: ``weights_only``, nothing executable)."""
-    if not Path(path).is_file():
-        raise LungdetError(f"{path}: checkpoint not found; was this run folder trained with 'lungdet train ... --out RUN'? (RUN/last.pt to resume, RUN/best.pt to predict)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise LungdetError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
@@ -347,7 +321,7 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
     and only rank 0 prints and writes.
     """
     job = from_environment()
-    device = resolve_device(config.device, job)
+    device = training_device(config.device, job)
     resolve_precision(config.amp, device)  # an amp this device cannot run is refused before any work
     joined = start(job, device)
     try:

@@ -173,6 +173,47 @@ def test_no_module_imports_itself_back_through_others() -> None:
     assert not cycles, "import circles (move what both sides need into one module both import):\n" + "\n".join(" <-> ".join(cycle) for cycle in cycles)
 
 
+# Inside the detection layer, inference stands apart from training: what predict, serve, pacs and
+# export load must reach none of these (tests/detection/test_runtime.py checks the same at run time).
+INFERENCE_ENTRY_POINTS = ("lungdet.detection.predict", "lungdet.detection.detector", "lungdet.detection.export", "lungdet.server.app", "lungdet.server.cli", "lungdet.pacs.cli", "lungdet.pacs.node")
+TRAINING_MODULES = ("lungdet.detection.train", "lungdet.detection.engine", "lungdet.detection.distributed", "lungdet.detection.data", "lungdet.detection.augment", "lungdet.data_tools.to_coco")
+
+
+def reachable(start: str, imports: list[Import]) -> dict[str, str]:
+    """``{module: the module that first imported it}`` for everything ``start`` loads, at any depth."""
+    graph: dict[str, list[str]] = {}
+    for item in imports:
+        graph.setdefault(item.source, []).append(item.target)
+    found = {start: ""}
+    queue = [start]
+    while queue:
+        module = queue.pop(0)
+        for target in sorted(graph.get(module, [])):
+            if target not in found:
+                found[target] = module
+                queue.append(target)
+    return found
+
+
+def test_inference_loads_nothing_of_training() -> None:
+    assert set(INFERENCE_ENTRY_POINTS + TRAINING_MODULES) <= set(MODULES)
+    problems = []
+    for entry in INFERENCE_ENTRY_POINTS:
+        loaded = reachable(entry, IMPORTS)
+        for module in TRAINING_MODULES:
+            if module in loaded:
+                chain = [module]
+                while loaded[chain[-1]]:
+                    chain.append(loaded[chain[-1]])
+                problems.append(" <- ".join(chain))
+    assert not problems, "inference reaches training (move what both need to detection/runtime.py):\n" + "\n".join(problems)
+
+
+def test_reachable_follows_imports_at_any_depth() -> None:
+    imports = [Import("a", "b", 1), Import("b", "c", 1), Import("x", "a", 1)]
+    assert reachable("a", imports) == {"a": "", "b": "a", "c": "b"}
+
+
 def test_nothing_imports_a_stage_by_its_folder_name() -> None:
     """``import detection`` works only in a checkout, and would collide with other packages; the installed name is lungdet.detection."""
     folders = {Path(folder).name for package, folder in SETUPTOOLS["package-dir"].items() if package != "lungdet"}

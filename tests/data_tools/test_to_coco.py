@@ -21,7 +21,8 @@ from pycocotools.cocoeval import COCOeval
 from lungdet.data_tools.dicom_io import read_dicom
 from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import PatientLabels, read_labels
-from lungdet.data_tools.to_coco import ConversionReport, assign_folds, box_stratum, convert_dataset, format_report, normalize_pixels
+from lungdet.data_tools.pixels import normalize_pixels
+from lungdet.data_tools.to_coco import ConversionReport, assign_folds, box_stratum, convert_dataset, format_report
 from lungdet.cli import main as cli_main
 
 POSITIVE_SAMPLE = "00436515-870c-4b36-a041-de91049b9ab4"

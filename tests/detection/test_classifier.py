@@ -11,7 +11,7 @@ from torch.nn import functional
 
 from lungdet.data_tools.metadata import METADATA_FEATURES
 from lungdet.detection.classifier import ClassifierSettings, ImageClassifier, classifier_loss, recompute_batch_norm, train_classifier
-from lungdet.detection.engine import Precision
+from lungdet.detection.runtime import Precision
 from lungdet.errors import ConfigError
 
 

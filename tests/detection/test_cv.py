@@ -13,7 +13,8 @@ import pytest
 from lungdet.data_tools.labels import read_labels
 from lungdet.detection.cv import FINAL_DIR, OOF_FILE, OOF_LABELS_FILE, STATE_FILE, SUMMARY_FILE, get_args_parser, main
 from lungdet.detection.data import load_records
-from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint
+from lungdet.detection.runtime import load_checkpoint
+from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT
 from lungdet.submission.raw_predictions import read_raw_predictions
 
 RUN = ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", "data.batch_size=2", "optim.epochs=1", "max_minutes=0", "device=cpu", "optim.warmup_iters=1"]

@@ -26,7 +26,6 @@ from lungdet.detection.data import (
     load_image,
     load_records,
     split_records,
-    to_model_input,
 )
 
 IMAGE_COUNT = 8
@@ -120,12 +119,6 @@ def test_an_unreadable_png_is_an_error_naming_it(tmp_path: Path) -> None:
 
 
 # --- one sample ---------------------------------------------------------------------------------
-
-
-def test_to_model_input_repeats_grey_into_three_channels_in_unit_range() -> None:
-    tensor = to_model_input(np.array([[0, 51, 255]], dtype=np.uint8))
-    assert tensor.dtype == torch.float32 and tensor.shape == (3, 1, 3)
-    torch.testing.assert_close(tensor, torch.tensor([[[0.0, 0.2, 1.0]]] * 3))
 
 
 def test_sample_is_a_unit_range_image_and_boxes_scaled_to_the_model_size(records: list[ImageRecord]) -> None:

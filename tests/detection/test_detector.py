@@ -85,8 +85,8 @@ def test_model_input_repeats_the_conversion_then_resizes_to_the_model(tmp_path: 
     import cv2
 
     from lungdet.data_tools.dicom_io import find_dicoms, read_dicom
-    from lungdet.data_tools.to_coco import prepare_pixels
-    from lungdet.detection.data import to_model_input
+    from lungdet.data_tools.pixels import prepare_pixels
+    from lungdet.detection.runtime import to_model_input
     from lungdet.detection.detector import model_input_for
 
     synth = write_synthetic_dataset(tmp_path / "synth", count=1, seed=4, positive_fraction=1.0, size=(200, 300))

@@ -27,7 +27,8 @@ from lungdet.detection.distributed import (
     sum_over_ranks,
 )
 from lungdet.detection.model import build_model
-from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE, load_checkpoint
+from lungdet.detection.runtime import load_checkpoint
+from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE
 
 # --- the environment ----------------------------------------------------------------------------
 

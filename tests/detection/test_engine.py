@@ -17,8 +17,7 @@ from lungdet.boxes import xyxy_to_xywh
 from lungdet.errors import LungdetError
 from lungdet.detection.config import AugmentConfig, DataConfig, load_config
 from lungdet.detection.data import build_dataloaders, collate
-from lungdet.detection import engine
-from lungdet.detection.engine import NonFiniteLossError, evaluate, predict_loader, resolve_precision, train_one_epoch
+from lungdet.detection.engine import NonFiniteLossError, evaluate, predict_loader, train_one_epoch
 from lungdet.detection.model import build_model
 
 IMAGE_SIZE = 64
@@ -179,30 +178,6 @@ def test_evaluate_reports_the_best_threshold_and_a_map_per_threshold(loaders: tu
     assert metrics["val_map"] == max(per_threshold)
     assert metrics["val_map"] == metrics[f"val_map@{metrics['val_score_threshold']:g}"]
     assert metrics["val_images"] == 4.0
-
-
-@pytest.mark.parametrize(("native", "amp", "expected"), [
-    (True, "auto", torch.bfloat16), (True, "bf16", torch.bfloat16), (True, "none", None),
-    (False, "auto", None), (False, "none", None),
-])
-def test_cpu_precision_is_bf16_only_where_the_cpu_has_bfloat16_instructions(monkeypatch, native: bool, amp: str, expected: torch.dtype | None) -> None:
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
-    precision = resolve_precision(amp, CPU)
-    assert (precision.device_type, precision.dtype) == ("cpu", expected)
-    with precision.autocast():
-        product = torch.ones(2, 2) @ torch.ones(2, 2)
-    assert product.dtype == (expected or torch.float32)
-
-
-@pytest.mark.parametrize(("native", "amp", "message"), [
-    (True, "fp16", "amp=fp16 needs a CUDA GPU, but this run is on cpu; use amp=auto, amp=bf16 or amp=none"),
-    (False, "fp16", "amp=fp16 needs a CUDA GPU, but this run is on cpu; use amp=auto or amp=none"),
-    (False, "bf16", "amp=bf16 on cpu, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); use amp=auto or amp=none"),
-])
-def test_cpu_precision_rejects_what_the_cpu_cannot_do(monkeypatch, native: bool, amp: str, message: str) -> None:
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
-    with pytest.raises(LungdetError, match=re.escape(message)):
-        resolve_precision(amp, CPU)
 
 
 class MixedPrecisionLossModel(nn.Module):

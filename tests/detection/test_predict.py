@@ -16,7 +16,7 @@ import torch
 from lungdet.errors import LungdetError
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.detection.detector import load_trained_model
-from lungdet.detection.engine import Precision, resolve_precision
+from lungdet.detection.runtime import Precision, resolve_precision
 from lungdet.detection.predict import get_args_parser, main, predict_dicoms, report_operating_point
 from lungdet.submission.postprocess import PostprocessConfig, PostprocessResult
 from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission

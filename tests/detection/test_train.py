@@ -23,6 +23,7 @@ from lungdet.detection.config import TrainConfig, config_to_dict, load_config
 from lungdet.detection.distributed import Distributed
 import lungdet.detection.train as train_module
 from lungdet.detection.model import build_model
+from lungdet.detection.runtime import load_checkpoint
 from lungdet.detection.train import (
     AUGMENTATIONS_DIR,
     BEST_CHECKPOINT,
@@ -36,9 +37,7 @@ from lungdet.detection.train import (
     compile_fixed_shape_parts,
     get_args_parser,
     lr_factor,
-    load_checkpoint,
     main,
-    resolve_device,
     train,
     warmup_warning,
     with_implementation_of,
@@ -455,17 +454,6 @@ def test_a_corrupt_checkpoint_is_a_lungdet_error(finished_run: dict[str, Any], d
         train(finished_run["config"], data_dir, run_dir, resume=True, progress=False)
 
 
-class Executable:
-    """Stands for an arbitrary pickled object: a checkpoint holding one must not be unpickled."""
-
-
-def test_a_checkpoint_with_pickled_objects_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "object.pt"
-    torch.save({"model": Executable()}, path)
-    with pytest.raises(LungdetError, match=re.escape(f"{path}: not a readable checkpoint (")):
-        load_checkpoint(path)
-
-
 # --- metrics file -------------------------------------------------------------------------------
 
 
@@ -473,33 +461,6 @@ def test_metrics_csv_has_the_union_of_columns_in_first_seen_order(tmp_path: Path
     path = tmp_path / METRICS_FILE
     write_metrics_csv(path, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25, "val_map": 1 / 3}])
     assert path.read_text(encoding="utf-8") == "epoch,loss,val_map\n1,0.5,\n2,0.25,0.333333\n"
-
-
-# --- devices ------------------------------------------------------------------------------------
-
-
-def test_resolve_device_auto_and_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == torch.device("cpu")
-    assert resolve_device("cpu") == torch.device("cpu")
-
-
-@pytest.mark.parametrize("name", ["cuda", "cuda:0"])
-def test_resolve_device_cuda_without_cuda_is_an_error(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(LungdetError, match=re.escape(f"device='{name}' but this machine has no CUDA GPU; use device=cpu or device=auto")):
-        resolve_device(name)
-
-
-def test_resolve_device_rejects_a_name_torch_does_not_know() -> None:
-    with pytest.raises(LungdetError, match=re.escape("device='gpu' is not a device name; use device=auto, cpu, cuda or cuda:N")):
-        resolve_device("gpu")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_resolve_device_picks_cuda_when_present() -> None:
-    assert resolve_device("auto") == torch.device("cuda")
-    assert resolve_device("cuda:0") == torch.device("cuda:0")
 
 
 # --- command line -------------------------------------------------------------------------------
