@@ -473,6 +473,33 @@ def decode_grey_jpeg(stream: bytes, shape: tuple[int, int]) -> np.ndarray | None
     return pixels if pixels is not None and pixels.shape == shape else None
 
 
+def read_dataset(path: Path, *, headers_only: bool = False) -> Dataset:
+    """One DICOM file as pydicom's Dataset, for what references or re-encodes it (a report's source, a result to send).
+
+    ``headers_only`` stops before the pixel data (the tags only); otherwise the whole file, its
+    pixel data as stored (not decoded). Raises :class:`DicomReadError` for a file that is missing,
+    empty, not DICOM, truncated or damaged, as :func:`read_dicom` does.
+    """
+    return _open_dataset(Path(path), stop_before_pixels=headers_only)
+
+
+def read_dataset_bytes(data: bytes, *, name: str, untrusted: bool = False) -> Dataset:
+    """:func:`read_dataset` for a DICOM held in memory (a C-STORE instance, an upload); ``name`` stands for the file in messages.
+
+    ``untrusted`` refuses a Deflated file before parsing it: pydicom inflates the whole dataset in
+    memory before any tag can be checked, so a small upload could inflate to gigabytes.
+    """
+    path = Path(name)
+    if untrusted and _file_meta_transfer_syntax(data) == DeflatedExplicitVRLittleEndian:
+        raise DicomReadError(
+            path,
+            f"uses transfer syntax {DeflatedExplicitVRLittleEndian.name}, which is refused here: it inflates in memory before its size "
+            "can be checked; export the image uncompressed or as JPEG Baseline",
+            kind="unsupported_compression",
+        )
+    return _open_dataset(path, stop_before_pixels=False, data=data)
+
+
 def read_dicom(path: Path, *, max_pixels: int | None = None) -> DicomImage:
     """Read one DICOM: pixels as uint8 ``[rows, columns]`` (see :func:`pixels_to_uint8`) and metadata.
 
@@ -486,7 +513,7 @@ def read_dicom(path: Path, *, max_pixels: int | None = None) -> DicomImage:
         installed decoder supports, cannot be decoded, is not a single-frame image, or is over ``max_pixels``.
     """
     path = Path(path)
-    return _image_from_dataset(path, _open_dataset(path, stop_before_pixels=False), max_pixels=max_pixels)
+    return image_from_dataset(_open_dataset(path, stop_before_pixels=False), name=path, max_pixels=max_pixels)
 
 
 def read_dicom_bytes(data: bytes, *, name: str, max_pixels: int | None = None) -> DicomImage:
@@ -495,15 +522,8 @@ def read_dicom_bytes(data: bytes, *, name: str, max_pixels: int | None = None) -
     With ``max_pixels`` (untrusted input), a Deflated file is refused too: pydicom inflates the
     whole dataset in memory before any tag can be checked, so a small upload could inflate to gigabytes.
     """
-    path = Path(name)
-    if max_pixels is not None and _file_meta_transfer_syntax(data) == DeflatedExplicitVRLittleEndian:
-        raise DicomReadError(
-            path,
-            f"uses transfer syntax {DeflatedExplicitVRLittleEndian.name}, which is refused here: it inflates in memory before its size "
-            "can be checked; export the image uncompressed or as JPEG Baseline",
-            kind="unsupported_compression",
-        )
-    return _image_from_dataset(path, _open_dataset(path, stop_before_pixels=False, data=data), max_pixels=max_pixels)
+    dataset = read_dataset_bytes(data, name=name, untrusted=max_pixels is not None)
+    return image_from_dataset(dataset, name=name, max_pixels=max_pixels)
 
 
 def _file_meta_transfer_syntax(data: bytes) -> str:
@@ -517,7 +537,12 @@ def _file_meta_transfer_syntax(data: bytes) -> str:
         return ""
 
 
-def _image_from_dataset(path: Path, dataset: Dataset, *, max_pixels: int | None) -> DicomImage:
+def image_from_dataset(dataset: Dataset, *, name: str | Path, max_pixels: int | None = None) -> DicomImage:
+    """The image of a Dataset already parsed (by :func:`read_dataset_bytes`), so that nothing parses an instance twice.
+
+    ``name`` stands for the file in messages and in ``meta.path``; ``max_pixels`` as in :func:`read_dicom`.
+    """
+    path = Path(name)
     meta = _metadata_from_dataset(path, dataset)
     if "PixelData" not in dataset:
         raise DicomReadError(path, "has no pixel data (7FE0,0010), so there is no image to read; remove it from the folder", kind="no_pixels")

@@ -53,28 +53,25 @@ in the inbox, is acknowledged when sent again but not processed again.
 from __future__ import annotations
 
 import heapq
-import io
 import json
 import logging
 import os
 import shutil
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from lungdet.atomic import write_bytes_durable, write_folder_durable
-from lungdet.data_tools.dicom_io import DicomImage, find_missing_decoder, read_dicom_bytes
+from lungdet.data_tools.dicom_io import DicomImage, find_missing_decoder, image_from_dataset, read_dataset, read_dataset_bytes
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
-from lungdet.errors import ImageReadError, LungdetError
+from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 from lungdet.pacs.addresses import AEAddress, AllowedCaller
 from lungdet.pacs.node import CHEST_MODALITIES, MAX_PAUSE_S, OWN_SERIES
 from lungdet.show.dicom_results import ModelIdentity, dicom_bytes, report_uid, result_datasets
@@ -101,7 +98,7 @@ IMAGE_STORAGE = (
     ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage,
 )
 # What the node could accept; :func:`accepted_transfer_syntaxes` keeps those with a decoder installed.
-# Deflate is left out: read_dicom_bytes refuses it from the network (it inflates before any size check).
+# Deflate is left out: read_dataset_bytes refuses it from the network (it inflates before any size check).
 CANDIDATE_TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2.1": "Explicit VR LE",
     "1.2.840.10008.1.2": "Implicit VR LE",  # every SCU can send it
@@ -169,22 +166,20 @@ class Arrival:
 def check_instance(data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Arrival | Refusal:
     """Decide on one C-STORE request: ``data`` is the instance as a DICOM file, ``sop_class`` the Affected SOP Class of the request.
 
-    Reads the tags, then decodes the pixels (:func:`~lungdet.data_tools.dicom_io.read_dicom_bytes`,
-    with its size limit against decompression bombs), so that whatever is acknowledged can be
-    analysed. Returns the :class:`Refusal` with its status for anything else.
+    Parses the instance once (:func:`~lungdet.data_tools.dicom_io.read_dataset_bytes`), reads the
+    tags, then decodes the pixels from the same Dataset (with the size limit against decompression
+    bombs), so that whatever is acknowledged can be analysed. Returns the :class:`Refusal` with its
+    status for anything else.
     """
     try:
-        with warnings.catch_warnings():
-            # On data that ends early pydicom only warns and returns what it read (often nothing), as dicom_io knows.
-            warnings.filterwarnings("error", message="(End of file reached|Unexpected end of file)", category=UserWarning)
-            header = pydicom.dcmread(io.BytesIO(data))  # in memory already: the pixel data is only a reference to bytes
+        header = read_dataset_bytes(data, name="instance", untrusted=True)
+    except DicomReadError as error:
+        # What is wrong only, in the sender's terms: the reader's advice ("copy it again") is for files.
+        return Refusal(CANNOT_UNDERSTAND, error.reason.split("; ")[0].replace("file is truncated", "the data set is truncated", 1))
+    try:
         sop, study, dataset_class = str(header.SOPInstanceUID), str(header.StudyInstanceUID), str(header.SOPClassUID)
-    except UserWarning as warning:
-        return Refusal(CANNOT_UNDERSTAND, f"the data set is truncated ({str(warning).split(' in file ')[0]})")
     except AttributeError as error:
         return Refusal(DATA_SET_MISMATCH, f"lacks {str(error).split(' ')[-1]} (SOP Class, SOP Instance and Study Instance UIDs are needed)")
-    except Exception as error:  # pydicom raises many types on damaged data; all mean the same to the sender
-        return Refusal(CANNOT_UNDERSTAND, f"cannot be parsed ({_first_line(error)})")
     if not UID(sop).is_valid or not UID(study).is_valid:
         return Refusal(CANNOT_UNDERSTAND, f"SOP Instance UID {sop[:64]!r} or Study Instance UID {study[:64]!r} is not a valid UID")
     if dataset_class != sop_class:
@@ -195,7 +190,7 @@ def check_instance(data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX
     if modality not in CHEST_MODALITIES:
         return Refusal(CANNOT_UNDERSTAND, f"modality {modality or '(none)'}, not a chest radiograph ({' or '.join(CHEST_MODALITIES)})")
     try:
-        read_dicom_bytes(data, name=f"instance {sop}", max_pixels=max_pixels)
+        image_from_dataset(header, name=f"instance {sop}", max_pixels=max_pixels)
     except ImageReadError as error:
         # What is wrong only: the reader's advice ("remove it from the folder") is for files, not a sender.
         reason = error.reason.split("; ")[0]
@@ -453,8 +448,8 @@ class Analysis:
 
 def analyse(data: bytes, *, name: str, detector: Any, model: ModelIdentity, cut_off: float, overlay: bool, gsps: bool) -> Analysis:
     """Decode one inbox file, run the detector, and build its results (report first). Raises ImageReadError for a file it cannot read."""
-    image: DicomImage = read_dicom_bytes(data, name=name, max_pixels=DEFAULT_MAX_PIXELS)
-    source = pydicom.dcmread(io.BytesIO(data))
+    source = read_dataset_bytes(data, name=name, untrusted=True)
+    image: DicomImage = image_from_dataset(source, name=name, max_pixels=DEFAULT_MAX_PIXELS)
     result = detector.predict(image.pixels, dicom_tags(image.meta))
     prediction = keep_confident(result.prediction, min_confidence=cut_off)
     # The one builder of every result kind; the GSPS reads the stored pixels from ``source`` itself.
@@ -492,7 +487,7 @@ class CStoreReceiver:
         contexts: dict[str, set[str]] = {}
         for result in results:
             for path in result.files:
-                meta = pydicom.dcmread(path, stop_before_pixels=True)
+                meta = read_dataset(path, headers_only=True)
                 syntaxes = contexts.setdefault(str(meta.SOPClassUID), {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"})
                 syntaxes.add(str(meta.file_meta.TransferSyntaxUID))
         ae = pynetdicom.AE(ae_title=self.ae_title)
@@ -550,7 +545,7 @@ class DicomwebReceiver:
         import requests
 
         for result in results:
-            datasets = [pydicom.dcmread(path) for path in result.files]
+            datasets = [read_dataset(path) for path in result.files]
             try:
                 response = self.client.store_instances(datasets, study_instance_uid=result.study)
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:

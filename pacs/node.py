@@ -32,7 +32,7 @@ import pydicom
 import requests
 
 from lungdet.atomic import write_bytes_atomic, write_text_atomic
-from lungdet.data_tools.dicom_io import read_dicom_bytes
+from lungdet.data_tools.dicom_io import read_dataset, read_dicom_bytes
 from lungdet.errors import ImageReadError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
@@ -197,7 +197,7 @@ class PacsNode:
 
     def store(self, study: str, files: list[Path]) -> bool:
         """STOW the files; True when the server took them, False (and one log line) when it refused."""
-        datasets = [pydicom.dcmread(path) for path in files]
+        datasets = [read_dataset(path) for path in files]
         try:
             self._ask(self.client.store_instances, datasets, study_instance_uid=study)
         except requests.exceptions.HTTPError as error:
@@ -281,7 +281,7 @@ class PacsNode:
         return "reported", len(prediction.scores)
 
     def _settle(self, image_sop: str, folder: Path, uid: str | None = None) -> None:
-        self.state.done[image_sop] = uid or pydicom.dcmread(sorted(folder.glob("*.dcm"))[0], stop_before_pixels=True).SOPInstanceUID
+        self.state.done[image_sop] = uid or read_dataset(sorted(folder.glob("*.dcm"))[0], headers_only=True).SOPInstanceUID
         self.state.save()
         for path in folder.iterdir():
             path.unlink()

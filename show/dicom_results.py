@@ -58,13 +58,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pydicom.errors
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from tqdm import tqdm
 
 from lungdet.atomic import write_bytes_atomic
-from lungdet.data_tools.dicom_io import display_window, read_dicom
+from lungdet.data_tools.dicom_io import display_window, read_dataset, read_dicom
 from lungdet.errors import DicomReadError
 from lungdet.show.visualize import draw_overlay
 from lungdet.submission.prediction_string import Prediction
@@ -540,10 +539,10 @@ def write_results_for_files(
     skipped: list[tuple[Path, str]] = []
     for path, prediction, probability in tqdm(results, desc="dicom out", unit="file", disable=None if progress else True):
         try:
-            source = pydicom.dcmread(path, stop_before_pixels=not gsps)
+            source = read_dataset(path, headers_only=not gsps)
             missing = [keyword for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if keyword not in source]
-        except (pydicom.errors.InvalidDicomError, OSError, ValueError) as error:
-            skipped.append((Path(path), f"not a DICOM image, so there is no study to file a report in ({str(error).splitlines()[0][:80]})"))
+        except DicomReadError as error:
+            skipped.append((Path(path), f"not a DICOM image, so there is no study to file a report in ({error.reason.split('; ')[0][:80]})"))
             continue
         if missing:
             skipped.append((Path(path), f"lacks {', '.join(missing)}, which a report must reference"))

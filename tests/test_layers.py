@@ -214,6 +214,35 @@ def test_reachable_follows_imports_at_any_depth() -> None:
     assert reachable("a", imports) == {"a": "", "b": "a", "c": "b"}
 
 
+def dcmread_uses(source: str) -> list[int]:
+    """Lines of ``source`` that reach pydicom's file parser: ``pydicom.dcmread(...)``, ``from pydicom import dcmread``, ``read_file``."""
+    parsers = {"dcmread", "read_file"}
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in parsers:
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pydicom") and parsers & {alias.name for alias in node.names}:
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_every_dicom_is_parsed_by_the_one_reader() -> None:
+    """data_tools/dicom_io.py alone calls pydicom's parser: its checks (truncation, empty files, decompression bombs) then hold everywhere."""
+    found = [
+        f"{path.relative_to(REPO_ROOT)}:{line}"
+        for module, path in MODULES.items()
+        if module != "lungdet.data_tools.dicom_io"
+        for line in dcmread_uses(path.read_text(encoding="utf-8"))
+    ]
+    assert not found, "pydicom parsing outside data_tools/dicom_io.py (use read_dataset, read_dataset_bytes or read_dicom there):\n" + "\n".join(found)
+    assert dcmread_uses(MODULES["lungdet.data_tools.dicom_io"].read_text(encoding="utf-8"))
+
+
+def test_dcmread_uses_finds_each_way_of_calling_the_parser() -> None:
+    source = "import pydicom\nfrom pydicom import dcmread\npydicom.dcmread(path)\npydicom.filereader.read_file(path)\nread_dataset(path)\n"
+    assert dcmread_uses(source) == [2, 3, 4]
+
+
 def test_nothing_imports_a_stage_by_its_folder_name() -> None:
     """``import detection`` works only in a checkout, and would collide with other packages; the installed name is lungdet.detection."""
     folders = {Path(folder).name for package, folder in SETUPTOOLS["package-dir"].items() if package != "lungdet"}

@@ -382,3 +382,26 @@ def test_deflated_dicom_is_refused_only_when_limits_are_on(make_dicom) -> None:
     with pytest.raises(DicomReadError, match="Deflated Explicit VR Little Endian, which is refused here: it inflates in memory") as caught:
         read_dicom_bytes(buffer.getvalue(), name="upload", max_pixels=10**6)
     assert caught.value.kind == "unsupported_compression"
+
+
+def test_datasets_for_what_references_or_re_encodes_a_dicom(rsna_sample_dir: Path, tmp_path: Path) -> None:
+    from lungdet.data_tools.dicom_io import image_from_dataset, read_dataset, read_dataset_bytes
+
+    path = rsna_files(rsna_sample_dir)[0]
+    headers, whole = read_dataset(path, headers_only=True), read_dataset(path)
+    assert "PixelData" not in headers and headers.SOPInstanceUID == whole.SOPInstanceUID
+    assert whole.PixelData == pydicom.dcmread(path).PixelData  # stored as it is, not decoded
+    # One parse serves both the tags and the pixels: the image is the one read_dicom gives.
+    parsed = read_dataset_bytes(path.read_bytes(), name="instance 1", untrusted=True)
+    image = image_from_dataset(parsed, name="instance 1", max_pixels=10**7)
+    assert np.array_equal(image.pixels, read_dicom(path).pixels) and image.meta.patient_id == "instance 1"
+    # The reader's checks hold for every caller: truncation, not-DICOM, a missing file.
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(DicomReadError, match=r"cut\.dcm: file is truncated") as caught:
+        read_dataset(cut)
+    assert caught.value.kind == "truncated"
+    with pytest.raises(DicomReadError, match="^instance 2: not a DICOM file"):
+        read_dataset_bytes(b"\0" * 200, name="instance 2")
+    with pytest.raises(DicomReadError, match=r"gone\.dcm: file not found"):
+        read_dataset(tmp_path / "gone.dcm", headers_only=True)
