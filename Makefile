@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo demo-real benchmark-real test serve install clean
+.PHONY: demo demo-real benchmark-real test lint format serve install clean
 
 # The checkpoint `make serve` serves; `make demo` writes it. SERVE_ARGS adds lungdet serve options (--port 8080).
 DEMO_CHECKPOINT := demo_output/run/best.pt
@@ -34,6 +34,16 @@ benchmark-real: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# What .ci/run checks before the tests: the code as ruff formats it, and no lint finding (rules in pyproject.toml).
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+# Fixes what `make lint` finds where ruff can (formatting, import order); the rest it names.
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 serve: install
 	test -f $(DEMO_CHECKPOINT) || $(BIN)/lungdet demo

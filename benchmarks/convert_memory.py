@@ -33,7 +33,9 @@ def peak_rss_mib_of_child(command: list[str]) -> tuple[float, float]:
         "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    output = subprocess.run([sys.executable, "-c", wrapper, *command], check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", wrapper, *command], check=True, capture_output=True, text=True
+    ).stdout
     return int(output.split()[-1]) / 1024, time.perf_counter() - start
 
 
@@ -47,13 +49,28 @@ def main() -> None:
     rows = []
 
     def convert(name: str, dicom_dir: Path, labels_csv: Path, files: int, label_rows: int) -> None:
-        command = [lungdet, "convert", "--dicom-dir", str(dicom_dir), "--labels", str(labels_csv), "--out", str(root / name), "--workers", "1"]
+        command = [
+            lungdet,
+            "convert",
+            "--dicom-dir",
+            str(dicom_dir),
+            "--labels",
+            str(labels_csv),
+            "--out",
+            str(root / name),
+            "--workers",
+            "1",
+        ]
         rows.append((files, label_rows, *peak_rss_mib_of_child(command)))
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        large = write_synthetic_dataset(root / "large", count=args.large, seed=0, size=(args.size, args.size), progress=True)
-        small = write_synthetic_dataset(root / "small", count=args.small, seed=0, size=(args.size, args.size), progress=True)
+        large = write_synthetic_dataset(
+            root / "large", count=args.large, seed=0, size=(args.size, args.size), progress=True
+        )
+        small = write_synthetic_dataset(
+            root / "small", count=args.small, seed=0, size=(args.size, args.size), progress=True
+        )
         # The first N of the large set's files, converted against the large labels file.
         subset = root / "subset"
         subset.mkdir()

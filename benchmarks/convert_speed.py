@@ -41,13 +41,15 @@ def fastest_convert(root: Path, name: str, repeats: int, *args, **kwargs) -> flo
 
 def decode_all(paths: list[Path]) -> None:
     for path in paths:
-        pydicom.dcmread(path).pixel_array
+        _ = pydicom.dcmread(path).pixel_array
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1000, help="synthetic DICOMs (default 1000)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the fastest counts (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each measurement; the fastest counts (default 3)"
+    )
     parser.add_argument("--image-size", type=int, default=None, help="convert to N x N (default: original 1024)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
@@ -59,12 +61,29 @@ def main() -> None:
         paths = find_dicoms(synth.images_dir)
         decode_all(paths[:10])  # warm the decoder and the page cache
         floor = min(seconds_of(decode_all, paths) for _ in range(args.repeats))
-        one = fastest_convert(root, "one", args.repeats, synth.images_dir, labels, image_size=args.image_size, workers=1, progress=False)
-        many = fastest_convert(root, "many", args.repeats, synth.images_dir, labels, image_size=args.image_size, workers=cores, progress=False)
+        one = fastest_convert(
+            root, "one", args.repeats, synth.images_dir, labels, image_size=args.image_size, workers=1, progress=False
+        )
+        many = fastest_convert(
+            root,
+            "many",
+            args.repeats,
+            synth.images_dir,
+            labels,
+            image_size=args.image_size,
+            workers=cores,
+            progress=False,
+        )
     size = f"{args.image_size} px" if args.image_size else "original size"
-    print(f"\n{datetime.date.today()} | {platform.machine()} | {cores} cores | {args.count} files, {size}, fastest of {args.repeats}\n")
+    print(
+        f"\n{datetime.date.today()} | {platform.machine()} | {cores} cores | {args.count} files, {size}, fastest of {args.repeats}\n"
+    )
     print("| run | seconds | files/s |\n| --- | --- | --- |")
-    for name, seconds in (("(a) floor: dcmread().pixel_array, 1 process", floor), ("(b) convert, 1 worker", one), (f"(c) convert, {cores} workers", many)):
+    for name, seconds in (
+        ("(a) floor: dcmread().pixel_array, 1 process", floor),
+        ("(b) convert, 1 worker", one),
+        (f"(c) convert, {cores} workers", many),
+    ):
         print(f"| {name} | {seconds:.2f} | {args.count / seconds:.1f} |")
     print(f"\n(b)/(a) = {one / floor:.2f} (target <= 1.25)   (b)/(c) = {one / many:.2f} (target >= {0.8 * cores:.1f})")
 

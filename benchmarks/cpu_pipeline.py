@@ -27,9 +27,9 @@ from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.detection.config import load_config
 from lungdet.detection.data import build_dataloaders
 from lungdet.detection.engine import train_one_epoch
-from lungdet.detection.runtime import resolve_precision
 from lungdet.detection.model import build_model, in_memory_layout
 from lungdet.detection.predict import predict_dicoms
+from lungdet.detection.runtime import resolve_precision
 from lungdet.detection.train import build_optimizer, build_scheduler, seed_everything
 
 CPU = torch.device("cpu")
@@ -48,7 +48,9 @@ def training_throughput(config_name: str, data_dir: Path, *, steps: int) -> tupl
     """
     config = load_config(config_name, ["model.pretrained=none", "data.max_train_images=0"])
     seed_everything(0)
-    train_loader, _ = build_dataloaders(data_dir, config.data, image_size=config.model.image_size, seed=0, augment=config.augment)
+    train_loader, _ = build_dataloaders(
+        data_dir, config.data, image_size=config.model.image_size, seed=0, augment=config.augment
+    )
     train_loader.sampler.set_epoch(1)
     precision = resolve_precision(config.amp, CPU)
     model = in_memory_layout(build_model(config.model), channels_last=config.channels_last)
@@ -57,7 +59,9 @@ def training_throughput(config_name: str, data_dir: Path, *, steps: int) -> tupl
     batches = [next(iter(train_loader)) for _ in range(steps + 1)]
     # One warm-up step so that allocator and kernel selection are not timed.
     train_one_epoch(model, optimizer, scheduler, batches[:1], CPU, epoch=0, progress=False, precision=precision)
-    metrics = train_one_epoch(model, optimizer, scheduler, batches[1:], CPU, epoch=1, progress=False, precision=precision).metrics()
+    metrics = train_one_epoch(
+        model, optimizer, scheduler, batches[1:], CPU, epoch=1, progress=False, precision=precision
+    ).metrics()
     model.eval()
     images = [image for batch_images, _ in batches[1:] for image in batch_images]
     with torch.no_grad(), precision.autocast():
@@ -72,13 +76,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200, help="synthetic DICOMs to generate (default 200)")
     parser.add_argument("--train-steps", type=int, default=20, help="timed training batches per config (default 20)")
-    parser.add_argument("--config", action="append", default=None, help="config name(s) to time (default: fasterrcnn_mobilenet_cpu)")
+    parser.add_argument(
+        "--config", action="append", default=None, help="config name(s) to time (default: fasterrcnn_mobilenet_cpu)"
+    )
     args = parser.parse_args()
     configs = args.config or ["fasterrcnn_mobilenet_cpu"]
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        synth, seconds = time_call(write_synthetic_dataset, root / "synth", count=args.count, seed=0, positive_fraction=0.5)
+        synth, seconds = time_call(
+            write_synthetic_dataset, root / "synth", count=args.count, seed=0, positive_fraction=0.5
+        )
         rows.append(("synth, 1024x1024 JPEG DICOMs", f"{args.count / seconds:.1f} files/s"))
         labels = read_labels(synth.labels_csv)
         _, seconds = time_call(convert_dataset, synth.images_dir, labels, root / "coco", image_size=256, progress=False)
@@ -91,13 +99,23 @@ def main() -> None:
         model = in_memory_layout(build_model(config.model).eval(), channels_last=config.channels_last)
         paths = find_dicoms(synth.images_dir)[:64]
         _, seconds = time_call(
-            predict_dicoms, model, paths, image_size=config.model.image_size, device=CPU, score_threshold=0.5, progress=False,
+            predict_dicoms,
+            model,
+            paths,
+            image_size=config.model.image_size,
+            device=CPU,
+            score_threshold=0.5,
+            progress=False,
             precision=resolve_precision("auto", CPU),
         )
-        rows.append((f"predict {configs[0]} from DICOM (decode + resize + model)", f"{len(paths) / seconds:.2f} DICOMs/s"))
+        rows.append(
+            (f"predict {configs[0]} from DICOM (decode + resize + model)", f"{len(paths) / seconds:.2f} DICOMs/s")
+        )
 
-    print(f"\n{datetime.date.today()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | "
-          f"torch {torch.__version__} | {torch.get_num_threads()} threads | {resolve_precision('auto', CPU).name} | no GPU used\n")
+    print(
+        f"\n{datetime.date.today()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | "
+        f"torch {torch.__version__} | {torch.get_num_threads()} threads | {resolve_precision('auto', CPU).name} | no GPU used\n"
+    )
     print("| stage | throughput |\n| --- | --- |")
     for stage, value in rows:
         print(f"| {stage} | {value} |")

@@ -21,12 +21,17 @@ from collections.abc import Callable
 
 import torch
 
-from lungdet.errors import LungdetError
 from lungdet.detection.config import load_config
-from lungdet.detection.runtime import cpu_has_native_bf16
 from lungdet.detection.model import build_model, in_memory_layout
+from lungdet.detection.runtime import cpu_has_native_bf16
+from lungdet.errors import LungdetError
 
-SETTINGS = (("fp32, NCHW", False, False), ("fp32, channels_last", False, True), ("bf16, NCHW", True, False), ("bf16, channels_last", True, True))
+SETTINGS = (
+    ("fp32, NCHW", False, False),
+    ("fp32, channels_last", False, True),
+    ("bf16, NCHW", True, False),
+    ("bf16, channels_last", True, True),
+)
 
 
 def mean_seconds(function: Callable[[], object], *, steps: int, warmup: int = 2) -> float:
@@ -63,7 +68,11 @@ def step_seconds(config, *, bf16: bool, channels_last: bool, steps: int) -> floa
 
 
 def update_seconds(config, *, optimizer_name: str, fused: bool, steps: int) -> float:
-    parameters = [parameter.detach().requires_grad_() for parameter in build_model(config.model).parameters() if parameter.requires_grad]
+    parameters = [
+        parameter.detach().requires_grad_()
+        for parameter in build_model(config.model).parameters()
+        if parameter.requires_grad
+    ]
     for parameter in parameters:
         parameter.grad = torch.randn_like(parameter)
     options = {"fused": True} if fused else {}
@@ -76,8 +85,14 @@ def update_seconds(config, *, optimizer_name: str, fused: bool, steps: int) -> f
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="fasterrcnn_mobilenet_cpu", help="config name or YAML file (default fasterrcnn_mobilenet_cpu)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per setting, after 2 untimed ones (default 3)")
+    parser.add_argument(
+        "--config",
+        default="fasterrcnn_mobilenet_cpu",
+        help="config name or YAML file (default fasterrcnn_mobilenet_cpu)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed steps per setting, after 2 untimed ones (default 3)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (image size, batch, ...)")
     return parser
 
@@ -97,9 +112,13 @@ def main(args: argparse.Namespace) -> None:
         seconds = step_seconds(config, bf16=bf16, channels_last=channels_last, steps=args.steps)
         baseline = baseline or seconds
         print(f"| {label} | {seconds * 1000:.0f} ms | {baseline / seconds:.2f}x |", flush=True)
-    print("\n| optimizer update, all trainable weights | per tensor (torch's CPU default) | fused |\n| --- | --- | --- |")
+    print(
+        "\n| optimizer update, all trainable weights | per tensor (torch's CPU default) | fused |\n| --- | --- | --- |"
+    )
     for optimizer_name in ("adamw", "sgd"):
-        per_tensor, fused = (update_seconds(config, optimizer_name=optimizer_name, fused=f, steps=args.steps) for f in (False, True))
+        per_tensor, fused = (
+            update_seconds(config, optimizer_name=optimizer_name, fused=f, steps=args.steps) for f in (False, True)
+        )
         print(f"| {optimizer_name} | {per_tensor * 1000:.1f} ms | {fused * 1000:.1f} ms |", flush=True)
 
 

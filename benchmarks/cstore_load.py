@@ -71,7 +71,11 @@ def write_instances(samples: list[Path], count: int, folder: Path) -> list[tuple
     written = []
     for index in range(count):
         dataset = pydicom.dcmread(samples[index % len(samples)])
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID = (
+            generate_uid(),
+            generate_uid(),
+            generate_uid(),
+        )
         dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
         path = folder / f"{index:04d}.dcm"
         dataset.save_as(path, enforce_file_format=True)
@@ -88,16 +92,28 @@ class OrthancReceiver:
             raise SystemExit("Orthanc is not installed (apt-get install orthanc); or pass --receiver storescp")
         self.http, self.port = free_port(), free_port()
         folder.mkdir(parents=True)
-        config = {"Name": "cstore-load", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
-                  "HttpPort": self.http, "DicomServerEnabled": True, "DicomAet": "ORTHANC", "DicomPort": self.port, "RemoteAccessAllowed": False}
+        config = {
+            "Name": "cstore-load",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"),
+            "HttpPort": self.http,
+            "DicomServerEnabled": True,
+            "DicomAet": "ORTHANC",
+            "DicomPort": self.port,
+            "RemoteAccessAllowed": False,
+        }
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.log = open(folder / "orthanc.log", "w")
-        self.process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT, cwd=folder)
+        self.process = subprocess.Popen(
+            [binary, str(folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT, cwd=folder
+        )
         wait_until(self._answers, "Orthanc to start", 60)
         self.ae_title = "ORTHANC"
 
     def _get(self, path: str, data: bytes | None = None):
-        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data), timeout=30) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data), timeout=30
+        ) as response:
             return json.loads(response.read())
 
     def _answers(self) -> bool:
@@ -134,8 +150,11 @@ class StoreScpReceiver:
         self.folder, self.port, self.ae_title = folder, free_port(), "STORESCP"
         folder.mkdir(parents=True)
         # --fork: one process per association, as a real archive takes several at once.
-        self.process = subprocess.Popen([binary, "--fork", "-aet", "STORESCP", "-od", str(folder), "+uf", str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [binary, "--fork", "-aet", "STORESCP", "-od", str(folder), "+uf", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(0.5)
 
     def count(self) -> int:
@@ -159,7 +178,9 @@ def send_with_pynetdicom(port: int, files: list[str]) -> list[tuple[float, float
     from pynetdicom import AE
 
     ae = AE("LOADSCU")
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.7", ["1.2.840.10008.1.2.4.50"])  # the samples: Secondary Capture, JPEG Baseline
+    ae.add_requested_context(
+        "1.2.840.10008.5.1.4.1.1.7", ["1.2.840.10008.1.2.4.50"]
+    )  # the samples: Secondary Capture, JPEG Baseline
     ae.dimse_timeout = ae.network_timeout = 120
     association = ae.associate("127.0.0.1", port, ae_title="LUNGDET")
     if not association.is_established:
@@ -176,7 +197,11 @@ def send_with_pynetdicom(port: int, files: list[str]) -> list[tuple[float, float
 
 def send_with_storescu(port: int, files: list[str]) -> tuple[float, float, int]:
     started = time.time()
-    done = subprocess.run(["storescu", "-xy", "-aet", "LOADSCU", "-aec", "LUNGDET", "127.0.0.1", str(port), *files], capture_output=True, text=True)
+    done = subprocess.run(
+        ["storescu", "-xy", "-aet", "LOADSCU", "-aec", "LUNGDET", "127.0.0.1", str(port), *files],
+        capture_output=True,
+        text=True,
+    )
     return started, time.time(), done.returncode
 
 
@@ -202,16 +227,39 @@ def node_latencies(log: str) -> list[float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint for the node (default: the tests' tiny serving checkpoint, written here)")
-    parser.add_argument("--samples", type=Path, default=DEFAULT_SAMPLES, help="folder of real DICOMs to copy (default ../shared/data/rsna_sample/...)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="checkpoint for the node (default: the tests' tiny serving checkpoint, written here)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=Path,
+        default=DEFAULT_SAMPLES,
+        help="folder of real DICOMs to copy (default ../shared/data/rsna_sample/...)",
+    )
     parser.add_argument("--instances", type=int, default=200, help="instances to send (default 200)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent sender processes (default 4)")
-    parser.add_argument("--client", choices=("pynetdicom", "storescu"), default="pynetdicom", help="the senders (default pynetdicom: per-instance latency)")
-    parser.add_argument("--receiver", choices=("orthanc", "storescp"), default="orthanc", help="where the node stores its results (default orthanc)")
+    parser.add_argument(
+        "--client",
+        choices=("pynetdicom", "storescu"),
+        default="pynetdicom",
+        help="the senders (default pynetdicom: per-instance latency)",
+    )
+    parser.add_argument(
+        "--receiver",
+        choices=("orthanc", "storescp"),
+        default="orthanc",
+        help="where the node stores its results (default orthanc)",
+    )
     parser.add_argument("--overlay", action="store_true", help="the node also stores an overlay per instance")
     parser.add_argument("--device", default="cpu", help="the node's --device (default cpu)")
-    parser.add_argument("--max-seconds", type=float, default=900, help="give up waiting for results after this long (default 900)")
+    parser.add_argument(
+        "--max-seconds", type=float, default=900, help="give up waiting for results after this long (default 900)"
+    )
     args = parser.parse_args()
 
     samples = sorted(args.samples.glob("*.dcm"))
@@ -227,18 +275,39 @@ def main() -> int:
     instances = write_instances(samples, args.instances, work / "instances")
     receiver = OrthancReceiver(work / "orthanc") if args.receiver == "orthanc" else StoreScpReceiver(work / "storescp")
     log_path = work / "node.log"
-    command = [sys.executable, "-m", "lungdet", "pacs", "--listen", "LUNGDET@127.0.0.1:0", "--allow", "LOADSCU",
-               "--send-to", f"{receiver.ae_title}@127.0.0.1:{receiver.port}", "--checkpoint", str(checkpoint), "--state-dir", str(work / "state"),
-               "--device", args.device, "--max-inbox", str(max(1000, args.instances))] + (["--overlay"] if args.overlay else [])
+    command = [
+        sys.executable,
+        "-m",
+        "lungdet",
+        "pacs",
+        "--listen",
+        "LUNGDET@127.0.0.1:0",
+        "--allow",
+        "LOADSCU",
+        "--send-to",
+        f"{receiver.ae_title}@127.0.0.1:{receiver.port}",
+        "--checkpoint",
+        str(checkpoint),
+        "--state-dir",
+        str(work / "state"),
+        "--device",
+        args.device,
+        "--max-inbox",
+        str(max(1000, args.instances)),
+    ] + (["--overlay"] if args.overlay else [])
     with open(log_path, "w") as log:
-        node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        node = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
     try:
         ports: list[int] = []
 
         def listening() -> bool:
             if node.poll() is not None:
                 raise SystemExit(f"lungdet pacs exited with {node.returncode}:\n{log_path.read_text()}")
-            ports[:] = [int(port) for port in re.findall(r"listening as LUNGDET on 127\.0\.0\.1:(\d+)", log_path.read_text())]
+            ports[:] = [
+                int(port) for port in re.findall(r"listening as LUNGDET on 127\.0\.0\.1:(\d+)", log_path.read_text())
+            ]
             return bool(ports)
 
         wait_until(listening, "lungdet pacs to listen", START_TIMEOUT_S)
@@ -246,9 +315,13 @@ def main() -> int:
         files = [str(path) for path, _, _ in instances]
         shares = [files[index :: args.clients] for index in range(args.clients)]
         per_set = 2 if args.overlay else 1
-        print(f"lungdet pacs --listen under load: {args.instances} instances from {args.clients} {args.client} processes, receiver {args.receiver}, "
-              f"checkpoint {checkpoint.name}, {platform.processor() or platform.machine()} x {os.cpu_count()} cores; work in {work}")
-        with concurrent.futures.ProcessPoolExecutor(args.clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+        print(
+            f"lungdet pacs --listen under load: {args.instances} instances from {args.clients} {args.client} processes, receiver {args.receiver}, "
+            f"checkpoint {checkpoint.name}, {platform.processor() or platform.machine()} x {os.cpu_count()} cores; work in {work}"
+        )
+        with concurrent.futures.ProcessPoolExecutor(
+            args.clients, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
             sender = send_with_pynetdicom if args.client == "pynetdicom" else send_with_storescu
             outcomes = list(pool.map(sender, [port] * args.clients, shares))
         if args.client == "pynetdicom":
@@ -260,7 +333,9 @@ def main() -> int:
             refused = [outcome for outcome in outcomes if outcome[2] != 0]
             first, last_ack = min(start for start, _, _ in outcomes), max(end for _, end, _ in outcomes)
             latencies = []
-        results_done = wait_until(lambda: receiver.count() >= args.instances * per_set, "every result at the receiver", args.max_seconds)
+        results_done = wait_until(
+            lambda: receiver.count() >= args.instances * per_set, "every result at the receiver", args.max_seconds
+        )
         time.sleep(1.0)  # a second copy of anything would arrive now
         by_study = receiver.reports_by_study()
         studies = [study for _, _, study in instances]
@@ -269,19 +344,33 @@ def main() -> int:
         extra = receiver.count() - args.instances * per_set
         node_times = node_latencies(log_path.read_text())
 
-        print(f"refused: {len(refused)}; results: {len(studies) - len(missing)} of {len(studies)} instances have one, "
-              f"{len(missing)} none, {len(doubled)} more than one, {extra} extra instance(s) at the receiver")
+        print(
+            f"refused: {len(refused)}; results: {len(studies) - len(missing)} of {len(studies)} instances have one, "
+            f"{len(missing)} none, {len(doubled)} more than one, {extra} extra instance(s) at the receiver"
+        )
         if latencies:
-            print(f"acknowledgement latency (C-STORE request to response): p50 {1000 * statistics.median(latencies):.1f} ms, "
-                  f"p95 {1000 * percentile(latencies, 0.95):.1f} ms, max {1000 * max(latencies):.1f} ms")
+            print(
+                f"acknowledgement latency (C-STORE request to response): p50 {1000 * statistics.median(latencies):.1f} ms, "
+                f"p95 {1000 * percentile(latencies, 0.95):.1f} ms, max {1000 * max(latencies):.1f} ms"
+            )
         print(f"acknowledged: {args.instances / (last_ack - first):.1f} instances/s ({last_ack - first:.1f} s for all)")
-        print(f"results stored: {args.instances / (results_done - first):.1f} result sets/s ({results_done - first:.1f} s from the first send to the last result)")
+        print(
+            f"results stored: {args.instances / (results_done - first):.1f} result sets/s ({results_done - first:.1f} s from the first send to the last result)"
+        )
         if node_times:
-            print(f"arrival to result stored, per instance (node's log): p50 {statistics.median(node_times):.1f} s, p95 {percentile(node_times, 0.95):.1f} s")
-        p50, p95 = (f"{1000 * statistics.median(latencies):.1f}", f"{1000 * percentile(latencies, 0.95):.1f}") if latencies else ("-", "-")
+            print(
+                f"arrival to result stored, per instance (node's log): p50 {statistics.median(node_times):.1f} s, p95 {percentile(node_times, 0.95):.1f} s"
+            )
+        p50, p95 = (
+            (f"{1000 * statistics.median(latencies):.1f}", f"{1000 * percentile(latencies, 0.95):.1f}")
+            if latencies
+            else ("-", "-")
+        )
         print("| date | client | receiver | instances | clients | ack p50 ms | ack p95 ms | acked/s | results/s |")
-        print(f"| {datetime.date.today()} | {args.client} | {args.receiver} | {args.instances} | {args.clients} | {p50} | {p95} | "
-              f"{args.instances / (last_ack - first):.1f} | {args.instances / (results_done - first):.1f} |")
+        print(
+            f"| {datetime.date.today()} | {args.client} | {args.receiver} | {args.instances} | {args.clients} | {p50} | {p95} | "
+            f"{args.instances / (last_ack - first):.1f} | {args.instances / (results_done - first):.1f} |"
+        )
         return 1 if refused or missing or doubled or extra else 0
     finally:
         node.terminate()

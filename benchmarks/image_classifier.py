@@ -27,8 +27,8 @@ import torch
 from lungdet.data_tools.labels import read_labels
 from lungdet.detection.classifier import CLASSIFIERS, ClassifierSettings, train_classifier
 from lungdet.detection.cv import OOF_LABELS_FILE, parse_folds
-from lungdet.detection.runtime import resolve_precision
 from lungdet.detection.real_data import REAL_DATA_DIR, RealSet, prepare
+from lungdet.detection.runtime import resolve_precision
 from lungdet.submission.platt import logit, sigmoid
 from lungdet.submission.raw_predictions import read_raw_predictions
 from lungdet.submission.score import roc_auc
@@ -42,8 +42,15 @@ def with_probabilities(rows: list, probabilities: dict[str, float]) -> list:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, required=True, help="the real-data work folder (the classifier's data is converted into it once)")
-    parser.add_argument("--detector-oof", type=Path, required=True, help="oof.csv of lungdet cv on the same 800 patients and folds")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        required=True,
+        help="the real-data work folder (the classifier's data is converted into it once)",
+    )
+    parser.add_argument(
+        "--detector-oof", type=Path, required=True, help="oof.csv of lungdet cv on the same 800 patients and folds"
+    )
     parser.add_argument("--real-dir", type=Path, default=REAL_DATA_DIR)
     parser.add_argument("--folds", type=parse_folds, default=[0, 1])
     parser.add_argument("--architecture", choices=sorted(CLASSIFIERS), default="resnet18")
@@ -55,14 +62,21 @@ def main() -> int:
     parser.add_argument("--no-class-info", action="store_true")
     args = parser.parse_args()
     settings = ClassifierSettings(
-        architecture=args.architecture, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        metadata=not args.no_metadata, class_info=not args.no_class_info,
+        architecture=args.architecture,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        metadata=not args.no_metadata,
+        class_info=not args.no_class_info,
     )
     # Full-size copies: the classifier reads them at its own input size.
     prepared = prepare(RealSet(args.real_dir), args.work, image_size=None, progress=False)
     precision = resolve_precision("auto", torch.device("cpu"))
     rows = [row for row in read_raw_predictions(args.detector_oof) if row.fold in args.folds]
-    truth = {patient: labels.boxes for patient, labels in read_labels(args.detector_oof.parent / OOF_LABELS_FILE).items()}
+    truth = {
+        patient: labels.boxes for patient, labels in read_labels(args.detector_oof.parent / OOF_LABELS_FILE).items()
+    }
     results, classifier_probability = {}, {}
     for fold in args.folds:
         result = train_classifier(settings, prepared.cv_data, fold=fold, precision=precision)
@@ -73,18 +87,27 @@ def main() -> int:
         if row.pass_name == "plain" and row.probability is not None:
             head[row.patient_id] = row.probability
     patients = sorted(set(head) & set(classifier_probability))
-    mean = {patient: float(sigmoid((logit(head[patient]) + logit(classifier_probability[patient])) / 2)) for patient in patients}
+    mean = {
+        patient: float(sigmoid((logit(head[patient]) + logit(classifier_probability[patient])) / 2))
+        for patient in patients
+    }
     labels = [len(truth[patient]) > 0 for patient in patients]
     kept = [row for row in rows if row.patient_id in set(patients)]
     report = {"settings": dataclasses.asdict(settings), "folds": results, "patients": len(patients)}
     for name, probability in (("head", head), ("classifier", classifier_probability), ("mean logit", mean)):
         tuned = tune_postprocess(with_probabilities(kept, probability), truth, bootstrap_draws=1000)
         report[name] = {
-            "auc": roc_auc(labels, [probability[patient] for patient in patients]), "tuned_honest": tuned.honest, "interval": tuned.honest_interval,
+            "auc": roc_auc(labels, [probability[patient] for patient in patients]),
+            "tuned_honest": tuned.honest,
+            "interval": tuned.honest_interval,
         }
-        print(f"{name:<12} AUC {report[name]['auc']:.3f}   tuned honest mAP {tuned.honest:.4f} [{tuned.honest_interval[0]:.4f}, {tuned.honest_interval[1]:.4f}]")
+        print(
+            f"{name:<12} AUC {report[name]['auc']:.3f}   tuned honest mAP {tuned.honest:.4f} [{tuned.honest_interval[0]:.4f}, {tuned.honest_interval[1]:.4f}]"
+        )
     minutes = np.mean([result["minutes"] for result in results.values()])
-    print(f"classifier {args.architecture} at {args.image_size}px: {minutes:.1f} min per fold on this CPU; {len(patients)} out-of-fold patients")
+    print(
+        f"classifier {args.architecture} at {args.image_size}px: {minutes:.1f} min per fold on this CPU; {len(patients)} out-of-fold patients"
+    )
     out = args.work / f"classifier_{args.architecture}_{args.image_size}.json"
     out.write_text(json.dumps(report, indent=1, default=float))
     print(f"wrote {out}")

@@ -60,9 +60,36 @@ def run_seed(seed: int, workdir: Path, *, count: int, test_count: int, epochs: i
     started = time.time()
     train_set = write_synthetic_dataset(workdir / "synth_train", count=count, seed=seed, progress=False)
     test_set = write_synthetic_dataset(workdir / "synth_test", count=test_count, seed=seed + 1000, progress=False)
-    convert_dataset(train_set.images_dir, read_labels(train_set.labels_csv), workdir / "coco", image_size=256, folds=FOLDS, seed=seed, progress=False)
-    overrides = ["model.pretrained=none", "model.image_head=true", f"optim.epochs={epochs}", f"seed={seed}", "max_minutes=0"]
-    cv_args = cv_parser().parse_args(["--config", CONFIG, "--data", str(workdir / "coco"), "--out", str(workdir / "cv"), "--tta", "hflip", "--no-progress", *overrides])
+    convert_dataset(
+        train_set.images_dir,
+        read_labels(train_set.labels_csv),
+        workdir / "coco",
+        image_size=256,
+        folds=FOLDS,
+        seed=seed,
+        progress=False,
+    )
+    overrides = [
+        "model.pretrained=none",
+        "model.image_head=true",
+        f"optim.epochs={epochs}",
+        f"seed={seed}",
+        "max_minutes=0",
+    ]
+    cv_args = cv_parser().parse_args(
+        [
+            "--config",
+            CONFIG,
+            "--data",
+            str(workdir / "coco"),
+            "--out",
+            str(workdir / "cv"),
+            "--tta",
+            "hflip",
+            "--no-progress",
+            *overrides,
+        ]
+    )
     cv_main(cv_args)
     oof = read_raw_predictions(workdir / "cv" / OOF_FILE)
     oof_truth = {patient: labels.boxes for patient, labels in read_labels(workdir / "cv" / OOF_LABELS_FILE).items()}
@@ -70,7 +97,9 @@ def run_seed(seed: int, workdir: Path, *, count: int, test_count: int, epochs: i
 
     detectors = [load_detector(fold_dir(workdir / "cv", fold) / BEST_CHECKPOINT, device="cpu") for fold in range(FOLDS)]
     names = [f"fold{fold}" for fold in range(FOLDS)]
-    rows, bad = predict_raw(detectors, names, find_dicoms(test_set.images_dir), read=read_dicom_input, tta="hflip", progress=False)
+    rows, bad = predict_raw(
+        detectors, names, find_dicoms(test_set.images_dir), read=read_dicom_input, tta="hflip", progress=False
+    )
     assert not bad, bad
     truth = {patient: labels.boxes for patient, labels in read_labels(test_set.labels_csv).items()}
     cut_offs = [detector.score_threshold for detector in detectors]
@@ -78,13 +107,21 @@ def run_seed(seed: int, workdir: Path, *, count: int, test_count: int, epochs: i
     fold0 = [row for row in rows if row.model == "fold0"]
     steps = {
         "1 single model (fold 0)": (
-            [row for row in fold0 if row.pass_name == "plain"], PostprocessConfig(score_threshold=cut_offs[0])),
+            [row for row in fold0 if row.pass_name == "plain"],
+            PostprocessConfig(score_threshold=cut_offs[0]),
+        ),
         "2 + hflip TTA": (fold0, PostprocessConfig(score_threshold=cut_offs[0])),
         "3 + 5-fold WBF": (rows, PostprocessConfig(score_threshold=float(np.mean(cut_offs)))),
-        "4 + gating": (rows, PostprocessConfig(score_threshold=float(np.mean(cut_offs)), gate_threshold=float(np.mean(image_cut_offs)))),
+        "4 + gating": (
+            rows,
+            PostprocessConfig(score_threshold=float(np.mean(cut_offs)), gate_threshold=float(np.mean(image_cut_offs))),
+        ),
         "5 + tuned post-processing": (rows, tuned.config),
         # A control, not a step: the tuned file on the single model alone, to tell tuning from ensembling.
-        "control: single model + tuned post-processing": ([row for row in fold0 if row.pass_name == "plain"], tuned.config),
+        "control: single model + tuned post-processing": (
+            [row for row in fold0 if row.pass_name == "plain"],
+            tuned.config,
+        ),
     }
     results = {}
     for name, (step_rows, config) in steps.items():
@@ -92,15 +129,20 @@ def run_seed(seed: int, workdir: Path, *, count: int, test_count: int, epochs: i
         results[name] = {"map": report.map, "interval": report.map_interval, "config": dataclasses.asdict(config)}
     summary = json.loads((workdir / "cv" / "summary.json").read_text())
     return {
-        "seed": seed, "minutes": (time.time() - started) / 60, "steps": results,
-        "cv_oof_map": summary["oof_map"], "tune": {"before": tuned.before, "after": tuned.after, "honest": tuned.honest, "effects": tuned.effects},
+        "seed": seed,
+        "minutes": (time.time() - started) / 60,
+        "steps": results,
+        "cv_oof_map": summary["oof_map"],
+        "tune": {"before": tuned.before, "after": tuned.after, "honest": tuned.honest, "effects": tuned.effects},
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--count", type=int, default=400, help="synthetic training DICOMs per seed (5-fold CV over them)")
+    parser.add_argument(
+        "--count", type=int, default=400, help="synthetic training DICOMs per seed (5-fold CV over them)"
+    )
     parser.add_argument("--test-count", type=int, default=200, help="held-out synthetic DICOMs per seed")
     parser.add_argument("--epochs", type=int, default=7, help="epochs per fold (the CPU config's, as make demo)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
@@ -112,17 +154,24 @@ def main() -> int:
             runs.append(run_seed(seed, Path(folder), count=args.count, test_count=args.test_count, epochs=args.epochs))
         print(json.dumps(runs[-1], indent=1), flush=True)
     names = list(runs[0]["steps"])
-    print(f"\n{datetime.date.today()}, {platform.machine()} CPU, torch {torch.__version__}; {args.count} training / {args.test_count} held-out synthetic DICOMs per seed, 5 folds x {args.epochs} epochs")
+    print(
+        f"\n{datetime.date.today()}, {platform.machine()} CPU, torch {torch.__version__}; {args.count} training / {args.test_count} held-out synthetic DICOMs per seed, 5 folds x {args.epochs} epochs"
+    )
     print("| step | " + " | ".join(f"seed {run['seed']} held-out mAP [95% interval]" for run in runs) + " | mean |")
     print("| --- | " + " | ".join("---" for _ in runs) + " | --- |")
     for name in names:
-        cells = [f"{run['steps'][name]['map']:.3f} [{run['steps'][name]['interval'][0]:.3f}, {run['steps'][name]['interval'][1]:.3f}]" for run in runs]
+        cells = [
+            f"{run['steps'][name]['map']:.3f} [{run['steps'][name]['interval'][0]:.3f}, {run['steps'][name]['interval'][1]:.3f}]"
+            for run in runs
+        ]
         mean = np.mean([run["steps"][name]["map"] for run in runs])
         print(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} |")
     for run in runs:
         tune = run["tune"]
-        print(f"seed {run['seed']}: OOF mAP at each fold's cut-off {run['cv_oof_map']:.3f}; tune before {tune['before']:.3f}, "
-              f"tuned {tune['after']:.3f}, honest {tune['honest']:.3f}; {run['minutes']:.0f} min")
+        print(
+            f"seed {run['seed']}: OOF mAP at each fold's cut-off {run['cv_oof_map']:.3f}; tune before {tune['before']:.3f}, "
+            f"tuned {tune['after']:.3f}, honest {tune['honest']:.3f}; {run['minutes']:.0f} min"
+        )
     if args.out is not None:
         args.out.write_text(json.dumps(runs, indent=1))
     return 0

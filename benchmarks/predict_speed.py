@@ -38,9 +38,9 @@ import torch
 from lungdet.data_tools.dicom_io import find_dicoms, read_dicom
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.detection.config import config_to_dict, load_config
+from lungdet.detection.detector import load_detector
 from lungdet.detection.inference import prepare_input
 from lungdet.detection.model import build_model
-from lungdet.detection.detector import load_detector
 from lungdet.detection.predict import default_workers, predict_raw, read_dicom_input
 
 TARGET_FRACTION = 0.9
@@ -52,8 +52,13 @@ def untrained_checkpoint(config_name: str, overrides: list[str], path: Path) -> 
     torch.manual_seed(0)
     model = build_model(config.model)
     torch.save(
-        {"model": model.state_dict(), "config": config_to_dict(config), "frozen_batch_norm": False,
-         "preprocessing": {"image_size": None, "normalization": "none"}, "score_threshold": 0.5},
+        {
+            "model": model.state_dict(),
+            "config": config_to_dict(config),
+            "frozen_batch_norm": False,
+            "preprocessing": {"image_size": None, "normalization": "none"},
+            "score_threshold": 0.5,
+        },
         path,
     )
     return path
@@ -74,9 +79,13 @@ def decode_rate(paths: list[Path], image_size: int) -> tuple[float, list[np.ndar
     return rate(len(paths), time.perf_counter() - start), inputs, shapes
 
 
-def forward_rate(predictor, inputs: list[np.ndarray], shapes: list[tuple[int, int]], batch_size: int, *, passes: int = 2) -> float:
+def forward_rate(
+    predictor, inputs: list[np.ndarray], shapes: list[tuple[int, int]], batch_size: int, *, passes: int = 2
+) -> float:
     """Images/s of ``predict_prepared`` over ``inputs`` in batches, after one warm-up batch; outputs are copied back, so GPU work is finished."""
-    batches = [(np.stack(inputs[i : i + batch_size]), shapes[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    batches = [
+        (np.stack(inputs[i : i + batch_size]), shapes[i : i + batch_size]) for i in range(0, len(inputs), batch_size)
+    ]
     predictor.predict_prepared(*batches[0])
     start = time.perf_counter()
     for _ in range(passes):
@@ -87,7 +96,9 @@ def forward_rate(predictor, inputs: list[np.ndarray], shapes: list[tuple[int, in
 
 def end_to_end_rate(detector, paths: list[Path], batch_size: int, workers: int) -> float:
     start = time.perf_counter()
-    rows, bad = predict_raw([detector], ["model"], paths, read=read_dicom_input, batch_size=batch_size, progress=False, workers=workers)
+    rows, bad = predict_raw(
+        [detector], ["model"], paths, read=read_dicom_input, batch_size=batch_size, progress=False, workers=workers
+    )
     seconds = time.perf_counter() - start
     assert not bad and len(rows) == len(paths), (len(rows), bad)
     return rate(len(paths), seconds)
@@ -108,9 +119,19 @@ def onnx_rows(checkpoint: Path, folder: Path, inputs, shapes, args, eager_fp32: 
     provider_device = "auto" if wants_cuda else "cpu"
     model = load_onnx(exported, device=provider_device)
     provider = "CUDA" if model.device == "cuda" else "CPU"
-    rows = [(f"onnxruntime forward ({provider} provider, fp32)", forward_rate(model, inputs, shapes, args.batch_size), "uint8 batch in, boxes out")]
+    rows = [
+        (
+            f"onnxruntime forward ({provider} provider, fp32)",
+            forward_rate(model, inputs, shapes, args.batch_size),
+            "uint8 batch in, boxes out",
+        )
+    ]
     if wants_cuda and provider == "CPU":
-        rows[0] = (rows[0][0], rows[0][1], f"no CUDA provider in this onnxruntime ({', '.join(onnxruntime.get_available_providers())})")
+        rows[0] = (
+            rows[0][0],
+            rows[0][1],
+            f"no CUDA provider in this onnxruntime ({', '.join(onnxruntime.get_available_providers())})",
+        )
     rows.append(("eager torch forward (fp32)", eager_fp32, "same batches, for the ONNX comparison"))
     return rows
 
@@ -118,14 +139,34 @@ def onnx_rows(checkpoint: Path, folder: Path, inputs, shapes, args, eager_fp32: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dicom-dir", type=Path, help="DICOMs to predict (default: --count synthetic ones)")
-    parser.add_argument("--count", type=int, default=256, help="synthetic DICOMs to write when no --dicom-dir (default 256)")
-    parser.add_argument("--checkpoint", type=Path, help="a lungdet checkpoint (default: --config with untrained weights)")
-    parser.add_argument("--config", default="fasterrcnn_mobilenet_cpu", help="config for the untrained model (default fasterrcnn_mobilenet_cpu)")
-    parser.add_argument("--override", action="append", default=[], help="config overrides for the untrained model, e.g. model.image_size=512")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=default_workers(), help=f"loader workers for the 'all workers' row (default: the cores, {default_workers()})")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--count", type=int, default=256, help="synthetic DICOMs to write when no --dicom-dir (default 256)"
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, help="a lungdet checkpoint (default: --config with untrained weights)"
+    )
+    parser.add_argument(
+        "--config",
+        default="fasterrcnn_mobilenet_cpu",
+        help="config for the untrained model (default fasterrcnn_mobilenet_cpu)",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="config overrides for the untrained model, e.g. model.image_size=512",
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help=f"loader workers for the 'all workers' row (default: the cores, {default_workers()})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
         help="torch threads of the main process (default: torch's, all cores). On a CPU, --threads 1 --workers 1 gives the "
         "forward pass and the decoding a core each, as a GPU and the host would have",
     )
@@ -142,7 +183,9 @@ def main() -> int:
         if args.dicom_dir is not None:
             paths = find_dicoms(args.dicom_dir)
         else:
-            paths = find_dicoms(write_synthetic_dataset(folder / "synth", count=args.count, seed=0, positive_fraction=0.5).images_dir)
+            paths = find_dicoms(
+                write_synthetic_dataset(folder / "synth", count=args.count, seed=0, positive_fraction=0.5).images_dir
+            )
         checkpoint = args.checkpoint or untrained_checkpoint(args.config, args.override, folder / "untrained.pt")
         detector = load_detector(checkpoint, device=args.device, amp=args.amp)
         decode, inputs, shapes = decode_rate(paths, detector.image_size)
@@ -150,7 +193,15 @@ def main() -> int:
         # The loader's fork server starts once per process (it imports lungdet and torch): a fixed
         # cost that a real run pays once, timed on its own so the rates below are per file.
         start = time.perf_counter()
-        predict_raw([detector], ["model"], paths[: args.batch_size], read=read_dicom_input, batch_size=args.batch_size, progress=False, workers=1)
+        predict_raw(
+            [detector],
+            ["model"],
+            paths[: args.batch_size],
+            read=read_dicom_input,
+            batch_size=args.batch_size,
+            progress=False,
+            workers=1,
+        )
         server_start = time.perf_counter() - start
         in_process = end_to_end_rate(detector, paths, args.batch_size, 0)
         one_worker = end_to_end_rate(detector, paths, args.batch_size, 1)
@@ -158,20 +209,41 @@ def main() -> int:
         bound = min(decode * args.workers, forward)
         rows: list[tuple[str, float, str]] = [
             ("decode + prepare, 1 process", decode, "pydicom + OpenCV JPEG decode, resize"),
-            (f"forward alone ({detector.precision_name})", forward, f"batch {args.batch_size}, inputs decoded beforehand"),
-            ("predict end to end, decoding in the main process (--workers 0)", in_process, "decode and forward one after the other"),
-            ("predict end to end, 1 worker", one_worker, f"after the workers' fork server started (once per process: {server_start:.1f} s)"),
-            (f"predict end to end, {args.workers} worker{'s' if args.workers != 1 else ''}", all_workers,
-             f"{all_workers / bound:.2f}x min(decode x {args.workers}, forward) = {bound:.1f}; target {TARGET_FRACTION}x: "
-             + ("met" if all_workers >= TARGET_FRACTION * bound else "missed")),
+            (
+                f"forward alone ({detector.precision_name})",
+                forward,
+                f"batch {args.batch_size}, inputs decoded beforehand",
+            ),
+            (
+                "predict end to end, decoding in the main process (--workers 0)",
+                in_process,
+                "decode and forward one after the other",
+            ),
+            (
+                "predict end to end, 1 worker",
+                one_worker,
+                f"after the workers' fork server started (once per process: {server_start:.1f} s)",
+            ),
+            (
+                f"predict end to end, {args.workers} worker{'s' if args.workers != 1 else ''}",
+                all_workers,
+                f"{all_workers / bound:.2f}x min(decode x {args.workers}, forward) = {bound:.1f}; target {TARGET_FRACTION}x: "
+                + ("met" if all_workers >= TARGET_FRACTION * bound else "missed"),
+            ),
         ]
         if not args.no_onnx:
             eager_fp32 = forward
             if detector.precision_name != "fp32":
-                eager_fp32 = forward_rate(load_detector(checkpoint, device=args.device, amp="none"), inputs, shapes, args.batch_size)
+                eager_fp32 = forward_rate(
+                    load_detector(checkpoint, device=args.device, amp="none"), inputs, shapes, args.batch_size
+                )
             rows += onnx_rows(checkpoint, folder, inputs, shapes, args, eager_fp32)
 
-    device_name = torch.cuda.get_device_name() if detector.device.startswith("cuda") else (platform.processor() or platform.machine())
+    device_name = (
+        torch.cuda.get_device_name()
+        if detector.device.startswith("cuda")
+        else (platform.processor() or platform.machine())
+    )
     print(
         f"\n{datetime.date.today()} | {device_name} | {os.cpu_count()} cores | torch {torch.__version__} | "
         f"{detector.architecture} at {detector.image_size} px | {len(paths)} DICOMs | batch {args.batch_size} | "
@@ -181,11 +253,21 @@ def main() -> int:
     for name, value, note in rows:
         print(f"| {name} | {value:.1f} | {note} |")
     if args.json is not None:
-        args.json.write_text(json.dumps({
-            "date": str(datetime.date.today()), "device": device_name, "cores": os.cpu_count(), "architecture": detector.architecture,
-            "image_size": detector.image_size, "files": len(paths), "batch_size": args.batch_size,
-            "rows": [{"measurement": name, "rate": value, "note": note} for name, value, note in rows],
-        }, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "date": str(datetime.date.today()),
+                    "device": device_name,
+                    "cores": os.cpu_count(),
+                    "architecture": detector.architecture,
+                    "image_size": detector.image_size,
+                    "files": len(paths),
+                    "batch_size": args.batch_size,
+                    "rows": [{"measurement": name, "rate": value, "note": note} for name, value, note in rows],
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from lungdet.errors import LungdetError
 from lungdet.detection.sparse_roi_align import sparse_multiscale_roi_align
+from lungdet.errors import LungdetError
 
 LEVELS = ["0", "1", "2", "3"]
 
@@ -36,8 +36,12 @@ LEVELS = ["0", "1", "2", "3"]
 def make_inputs(*, image_size: int, batch: int, rois: int, channels: int, dtype: torch.dtype, device: torch.device):
     generator = torch.Generator().manual_seed(0)
     maps = OrderedDict(
-        (name, torch.randn(batch, channels, image_size // 4 >> level, image_size // 4 >> level, generator=generator)
-         .to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last))
+        (
+            name,
+            torch.randn(batch, channels, image_size // 4 >> level, image_size // 4 >> level, generator=generator)
+            .to(device=device, dtype=dtype)
+            .contiguous(memory_format=torch.channels_last),
+        )
         for level, name in enumerate(LEVELS)
     )
     boxes = []
@@ -66,10 +70,15 @@ def timed(function: Callable[[], None], device: torch.device, repeats: int) -> f
 def measure(args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    maps, boxes = make_inputs(image_size=args.image_size, batch=args.batch, rois=args.rois, channels=args.channels, dtype=dtype, device=device)
+    maps, boxes = make_inputs(
+        image_size=args.image_size, batch=args.batch, rois=args.rois, channels=args.channels, dtype=dtype, device=device
+    )
     pooler = MultiScaleRoIAlign(LEVELS, 7, 2)
     image_shapes = [(args.image_size, args.image_size)] * args.batch
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=args.bf16):  # torchvision's kernel takes bf16 maps only under autocast
+    with (
+        torch.no_grad(),
+        torch.autocast(device.type, dtype=dtype, enabled=args.bf16),
+    ):  # torchvision's kernel takes bf16 maps only under autocast
         pooler(maps, boxes, image_shapes)  # sets up its scales and level mapper
     levels = pooler.map_levels(boxes)
 
@@ -77,20 +86,24 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         return pooler(inputs, boxes, image_shapes)
 
     def sparse_pool(inputs):
-        return sparse_multiscale_roi_align(list(inputs.values()), boxes, levels, scales=pooler.scales, output_size=(7, 7), sampling_ratio=2)
+        return sparse_multiscale_roi_align(
+            list(inputs.values()), boxes, levels, scales=pooler.scales, output_size=(7, 7), sampling_ratio=2
+        )
 
     result = {}
     outputs = {}
     for name, pool in (("torchvision", torchvision_pool), ("sparse", sparse_pool)):
         leaves = OrderedDict((key, value.detach().requires_grad_()) for key, value in maps.items())
 
-        def forward() -> None:
+        # Each closure runs within its own iteration; the defaults bind this iteration's values all the same.
+        def forward(name: str = name, pool=pool) -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=args.bf16):
                 outputs[name] = pool(maps)
 
-        def forward_backward() -> None:
+        def forward_backward(pool=pool, leaves=leaves) -> None:
             for leaf in leaves.values():
-                leaf.grad = None  # as a training step's zero_grad: otherwise each repeat also adds into the last one's gradient
+                # As a training step's zero_grad: otherwise each repeat also adds into the last one's gradient.
+                leaf.grad = None
             with torch.autocast(device.type, dtype=dtype, enabled=args.bf16):
                 pooled = pool(leaves)
             pooled.float().square().mean().backward()
@@ -106,7 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--image-size", type=int, default=512, help="input image side in pixels (default 512)")
     parser.add_argument("--batch", type=int, default=8, help="images (default 8)")
-    parser.add_argument("--rois", type=int, default=512, help="boxes per image (default 512, torchvision's box_batch_size_per_image)")
+    parser.add_argument(
+        "--rois", type=int, default=512, help="boxes per image (default 512, torchvision's box_batch_size_per_image)"
+    )
     parser.add_argument("--channels", type=int, default=256, help="feature channels (default 256, the FPN's)")
     parser.add_argument("--fp32", dest="bf16", action="store_false", help="float32 maps instead of bf16 under autocast")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs, the fastest reported (default 3)")
@@ -128,9 +143,13 @@ def main(args: argparse.Namespace) -> None:
     print("| pooling | forward ms | forward + backward ms |")
     print("| --- | --- | --- |")
     for kind in ("torchvision", "sparse"):
-        print(f"| {kind} | {result[f'{kind} forward'] * 1000:.1f} | {result[f'{kind} forward + backward'] * 1000:.1f} |")
+        print(
+            f"| {kind} | {result[f'{kind} forward'] * 1000:.1f} | {result[f'{kind} forward + backward'] * 1000:.1f} |"
+        )
     speedup = result["torchvision forward + backward"] / result["sparse forward + backward"]
-    print(f"\nsparse / torchvision, forward + backward: {speedup:.2f}x faster; largest difference in the pooled values: {result['largest difference']:.2e}")
+    print(
+        f"\nsparse / torchvision, forward + backward: {speedup:.2f}x faster; largest difference in the pooled values: {result['largest difference']:.2e}"
+    )
 
 
 if __name__ == "__main__":

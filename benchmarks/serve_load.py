@@ -57,9 +57,25 @@ def resident_mb(pid: int) -> float:
 def start_server(checkpoint: Path, device: str, max_batch: int, log_path: Path) -> tuple[subprocess.Popen, int]:
     log = open(log_path, "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "lungdet", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", "0", "--device", device,
-         "--max-batch", str(max_batch)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "lungdet",
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            device,
+            "--max-batch",
+            str(max_batch),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -81,7 +97,15 @@ def start_server(checkpoint: Path, device: str, max_batch: int, log_path: Path) 
     raise SystemExit(f"lungdet serve did not answer within {START_TIMEOUT_S} s:\n{log_path.read_text()}")
 
 
-def run_client(port: int, bodies: list[tuple[bytes, str]], count: int, offset: int, deadline: float, results: list, lock: threading.Lock) -> None:
+def run_client(
+    port: int,
+    bodies: list[tuple[bytes, str]],
+    count: int,
+    offset: int,
+    deadline: float,
+    results: list,
+    lock: threading.Lock,
+) -> None:
     """Send ``count`` uploads on one kept-alive connection; append (seconds, status or error text) per request."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     for index in range(count):
@@ -106,10 +130,21 @@ def run_client(port: int, bodies: list[tuple[bytes, str]], count: int, offset: i
 
 
 def run_clients(
-    port: int, bodies: list[tuple[bytes, str]], clients: int, count: int, deadline: float, results: list, lock: threading.Lock, *, wait: bool = True
+    port: int,
+    bodies: list[tuple[bytes, str]],
+    clients: int,
+    count: int,
+    deadline: float,
+    results: list,
+    lock: threading.Lock,
+    *,
+    wait: bool = True,
 ) -> list[threading.Thread]:
     """``clients`` threads of :func:`run_client`, each starting at another sample; joined unless ``wait`` is False."""
-    threads = [threading.Thread(target=run_client, args=(port, bodies, count, client, deadline, results, lock)) for client in range(clients)]
+    threads = [
+        threading.Thread(target=run_client, args=(port, bodies, count, client, deadline, results, lock))
+        for client in range(clients)
+    ]
     for thread in threads:
         thread.start()
     if wait:
@@ -124,14 +159,28 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=REPO / "demo_output" / "run" / "best.pt", help="checkpoint to serve (default: make demo's)")
-    parser.add_argument("--samples", type=Path, default=DEFAULT_SAMPLES, help="folder of DICOMs to upload (default: the 13 real RSNA samples)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=REPO / "demo_output" / "run" / "best.pt",
+        help="checkpoint to serve (default: make demo's)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=Path,
+        default=DEFAULT_SAMPLES,
+        help="folder of DICOMs to upload (default: the 13 real RSNA samples)",
+    )
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--requests", type=int, default=25, help="uploads per client (default 25)")
     parser.add_argument("--max-seconds", type=float, default=600, help="stop sending after this long (default 600)")
     parser.add_argument("--device", default="cpu", help="the server's --device (default cpu)")
-    parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch (default 8; 1 runs requests one at a time)")
+    parser.add_argument(
+        "--max-batch", type=int, default=8, help="the server's --max-batch (default 8; 1 runs requests one at a time)"
+    )
     args = parser.parse_args()
 
     if not args.checkpoint.is_file():
@@ -151,7 +200,9 @@ def main() -> int:
         # what batches of concurrent requests allocate; growth after that is what a leak would show.
         warm: list = []
         run_client(port, bodies, len(bodies), 0, time.monotonic() + START_TIMEOUT_S, warm, threading.Lock())
-        run_clients(port, bodies, args.clients, WARM_UP_ROUNDS, time.monotonic() + START_TIMEOUT_S, warm, threading.Lock())
+        run_clients(
+            port, bodies, args.clients, WARM_UP_ROUNDS, time.monotonic() + START_TIMEOUT_S, warm, threading.Lock()
+        )
         if any(outcome != 200 for _, outcome in warm):
             raise SystemExit(f"warm-up failed: {warm}\n{log_path.read_text()}")
         memory_start = resident_mb(process.pid)
@@ -174,15 +225,27 @@ def main() -> int:
     errors = [outcome for _, outcome in results if outcome != 200]
     growth = (memory_end - memory_start) / memory_start
     planned = args.clients * args.requests
-    print(f"lungdet serve under load: {args.clients} clients x {args.requests} requests, {len(samples)} sample DICOMs, {args.checkpoint}, --max-batch {args.max_batch}")
-    print(f"  requests    {len(results)} of {planned} sent, {len(errors)} errors{f' ({sorted(set(map(str, errors)))[:3]})' if errors else ''}")
-    print(f"  latency     p50 {percentile(latencies, 0.5) * 1000:.0f} ms   p95 {percentile(latencies, 0.95) * 1000:.0f} ms   max {max(latencies) * 1000:.0f} ms   mean {statistics.mean(latencies) * 1000:.0f} ms")
+    print(
+        f"lungdet serve under load: {args.clients} clients x {args.requests} requests, {len(samples)} sample DICOMs, {args.checkpoint}, --max-batch {args.max_batch}"
+    )
+    print(
+        f"  requests    {len(results)} of {planned} sent, {len(errors)} errors{f' ({sorted(set(map(str, errors)))[:3]})' if errors else ''}"
+    )
+    print(
+        f"  latency     p50 {percentile(latencies, 0.5) * 1000:.0f} ms   p95 {percentile(latencies, 0.95) * 1000:.0f} ms   max {max(latencies) * 1000:.0f} ms   mean {statistics.mean(latencies) * 1000:.0f} ms"
+    )
     print(f"  throughput  {len(results) / elapsed:.1f} requests/s over {elapsed:.1f} s")
-    print(f"  memory      {memory_start:.0f} MiB after warm-up, peak {memory_peak:.0f}, end {memory_end:.0f} ({growth:+.1%})")
+    print(
+        f"  memory      {memory_start:.0f} MiB after warm-up, peak {memory_peak:.0f}, end {memory_end:.0f} ({growth:+.1%})"
+    )
     met = not errors and len(results) == planned and growth < MEMORY_GROWTH_GOAL
-    print(f"  goals       {'met' if met else 'NOT met'}: zero errors, every request sent, memory growth under {MEMORY_GROWTH_GOAL:.0%}")
+    print(
+        f"  goals       {'met' if met else 'NOT met'}: zero errors, every request sent, memory growth under {MEMORY_GROWTH_GOAL:.0%}"
+    )
     print()
-    print("| date | machine | max batch | clients x requests | errors | p50 / p95 ms | requests/s | RSS start -> end MiB (growth) |")
+    print(
+        "| date | machine | max batch | clients x requests | errors | p50 / p95 ms | requests/s | RSS start -> end MiB (growth) |"
+    )
     print(
         f"| {datetime.date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores | {args.max_batch} | {args.clients} x {args.requests} | "
         f"{len(errors)} | {percentile(latencies, 0.5) * 1000:.0f} / {percentile(latencies, 0.95) * 1000:.0f} | {len(results) / elapsed:.1f} | "

@@ -36,15 +36,16 @@ from typing import Any
 
 import torch
 
-from lungdet.errors import LungdetError
+# The same synthetic set as the reference comparison (this folder is on sys.path when a script in it runs).
+from train_vs_reference import prepare_dataset
+
 from lungdet.detection.config import load_config
 from lungdet.detection.data import build_dataloaders
 from lungdet.detection.engine import move_to_device
 from lungdet.detection.model import build_model, in_memory_layout, needs_masks
 from lungdet.detection.runtime import resolve_device, resolve_precision
 from lungdet.detection.train import build_optimizer, compile_fixed_shape_parts, seed_everything
-# The same synthetic set as the reference comparison (this folder is on sys.path when a script in it runs).
-from train_vs_reference import prepare_dataset
+from lungdet.errors import LungdetError
 
 # (label, path from the model to the object, method): the parts worth telling apart. Missing ones
 # (RetinaNet has no RPN; only Mask R-CNN has a mask head) are skipped.
@@ -82,10 +83,21 @@ TOLIST_MARK = "host::tolist"
 # waits until every kernel queued before it has run, and the GPU then idles while the host queues
 # the next ones. A boolean index goes through nonzero; .item() through _local_scalar_dense;
 # torchvision's CUDA NMS copies its overlap mask to the host.
-HOST_WAIT_OPERATORS = frozenset({
-    "aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
-    "aten::unique_consecutive", "aten::repeat_interleave", "aten::is_nonzero", "aten::equal", "torchvision::nms", TOLIST_MARK,
-})
+HOST_WAIT_OPERATORS = frozenset(
+    {
+        "aten::nonzero",
+        "aten::_local_scalar_dense",
+        "aten::masked_select",
+        "aten::_unique2",
+        "aten::unique_dim",
+        "aten::unique_consecutive",
+        "aten::repeat_interleave",
+        "aten::is_nonzero",
+        "aten::equal",
+        "torchvision::nms",
+        TOLIST_MARK,
+    }
+)
 
 
 @contextlib.contextmanager
@@ -133,8 +145,10 @@ def count_operations(events: Any) -> dict[str, Any]:
 
     def walk(event: Any, parts: tuple[str, ...]) -> None:
         if event.name.startswith(PART_MARK):
-            parts = (*parts, event.name[len(PART_MARK):])
-        elif ("::" in event.name and not event.name.startswith(("autograd::", "Optimizer."))) or event.name.startswith("triton_"):
+            parts = (*parts, event.name[len(PART_MARK) :])
+        elif ("::" in event.name and not event.name.startswith(("autograd::", "Optimizer."))) or event.name.startswith(
+            "triton_"
+        ):
             add("operations", parts)
             count_waits(event, parts)
             return
@@ -214,7 +228,11 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
     compiled = compile_fixed_shape_parts(model) if config.compile else []
     optimizer = build_optimizer(model, config)
     loader, _ = build_dataloaders(
-        data_dir, config.data, image_size=config.model.image_size, seed=config.seed, pin_memory=config.data.pin_memory and device.type == "cuda",
+        data_dir,
+        config.data,
+        image_size=config.model.image_size,
+        seed=config.seed,
+        pin_memory=config.data.pin_memory and device.type == "cuda",
         mask_shape=config.model.mask_shape if needs_masks(config.model.architecture) else None,
     )
     # Batches held in host memory, so neither measurement waits for the loader; a small set is
@@ -223,7 +241,7 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
         raise LungdetError(f"{data_dir}: no training batches; raise --count")
     batches: list[Any] = []
     while len(batches) < warmup + steps:
-        batches.extend(batch for _, batch in zip(range(warmup + steps - len(batches)), loader))
+        batches.extend(batch for _, batch in zip(range(warmup + steps - len(batches)), loader, strict=False))
 
     timer = PartTimer(device)
     labels = []
@@ -244,7 +262,10 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
         optimizer.zero_grad(set_to_none=True)
         phase("backward", loss.backward)
         if config.optim.grad_clip_norm > 0:
-            phase("gradient clipping", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm))
+            phase(
+                "gradient clipping",
+                lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm),
+            )
         phase(OPTIMIZER_PART, optimizer.step)
 
     for images, targets in batches[:warmup]:
@@ -270,9 +291,13 @@ def breakdown(config, data_dir: Path, *, steps: int, warmup: int) -> dict[str, A
     per_batch = {label: seconds / steps for label, seconds in timer.seconds.items()}
     order = ["copy to device", *labels, "backward", "gradient clipping", OPTIMIZER_PART]
     return {
-        "device": device, "precision": precision.name, "plain": plain, "synced": synced,
+        "device": device,
+        "precision": precision.name,
+        "plain": plain,
+        "synced": synced,
         "parts": [(label, per_batch[label]) for label in order if label in per_batch],
-        "batch": config.data.batch_size, **counts,
+        "batch": config.data.batch_size,
+        **counts,
     }
 
 
@@ -283,13 +308,17 @@ def print_table(config, result: dict[str, Any], *, config_name: str) -> None:
         f"\n{datetime.date.today()} | {name} | torch {torch.__version__} | {config_name}: {config.model.architecture} at "
         f"{config.model.image_size} px, batch {result['batch']}, {result['precision']}\n"
     )
-    print(f"step without added synchronisation: {result['plain'] * 1000:.1f} ms/batch = {result['batch'] / result['plain']:.1f} images/s")
+    print(
+        f"step without added synchronisation: {result['plain'] * 1000:.1f} ms/batch = {result['batch'] / result['plain']:.1f} images/s"
+    )
     print(f"step with synchronisation around each part: {result['synced'] * 1000:.1f} ms/batch")
     print(
         f"operators dispatched by the host in one step: {result['operations']}, of which waiting for the device: "
         f"{result['waits']} (model.batched_heads={config.model.batched_heads}, compile={config.compile})\n"
     )
-    print("| part (indented: inside the one above) | ms per batch | share of the synchronised step | operators | host waits |")
+    print(
+        "| part (indented: inside the one above) | ms per batch | share of the synchronised step | operators | host waits |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for label, seconds in result["parts"]:
         shown = label.replace("  ", "&nbsp;&nbsp;", 1) if label.startswith("  ") else label
@@ -300,8 +329,14 @@ def print_table(config, result: dict[str, Any], *, config_name: str) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="fasterrcnn_mobilenet_cpu", help="config name or YAML file (default fasterrcnn_mobilenet_cpu)")
-    parser.add_argument("--data", type=Path, default=None, help="an existing 'lungdet convert' output instead of a synthetic one")
+    parser.add_argument(
+        "--config",
+        default="fasterrcnn_mobilenet_cpu",
+        help="config name or YAML file (default fasterrcnn_mobilenet_cpu)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="an existing 'lungdet convert' output instead of a synthetic one"
+    )
     parser.add_argument("--count", type=int, default=64, help="synthetic DICOMs to generate (default 64)")
     parser.add_argument("--steps", type=int, default=5, help="timed batches, after 2 untimed ones (default 5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")

@@ -60,8 +60,8 @@ import csv
 import datetime
 import math
 import os
-import sys
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -74,17 +74,17 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as F
 
 from lungdet.boxes import xywh_to_xyxy
-from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.detection.config import TrainConfig, load_config
 from lungdet.detection.data import ImageRecord, build_dataloaders, load_preprocessing, select_records
+from lungdet.detection.detector import load_trained_model
 from lungdet.detection.engine import evaluate, predict_loader
 from lungdet.detection.model import build_model, needs_masks
-from lungdet.detection.detector import load_trained_model
 from lungdet.detection.runtime import resolve_device, resolve_precision
 from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE, build_optimizer, seed_everything, train
+from lungdet.errors import LungdetError
 
 DEFAULT_CONFIG = "fasterrcnn_mobilenet_cpu"
 # The throughput target of issue 4 section 8: ours over the reference's training images/s.
@@ -95,12 +95,23 @@ POSITIVE_FRACTION = 0.5
 # ``--recipe reference``: our loop with the reference's training recipe (flips only, constant
 # learning rate after the warm-up, no clipping, no EMA), so the two mAPs compare loops, not recipes.
 REFERENCE_RECIPE = (
-    "augment.shift_scale_rotate=0", "augment.brightness_contrast=0", "augment.gamma=0", "augment.blur=0",
-    "augment.noise=0", "augment.clahe=0", "optim.grad_clip_norm=0", "optim.schedule=step",
-    "optim.step_milestones=[1000]", "optim.ema_decay=0",
+    "augment.shift_scale_rotate=0",
+    "augment.brightness_contrast=0",
+    "augment.gamma=0",
+    "augment.blur=0",
+    "augment.noise=0",
+    "augment.clahe=0",
+    "optim.grad_clip_norm=0",
+    "optim.schedule=step",
+    "optim.step_milestones=[1000]",
+    "optim.ema_decay=0",
 )
 # Keys this script sets itself; overriding them would break the comparison.
-RESERVED_KEYS = {"optim.epochs": "use --epochs", "model.pretrained": "both sides train from scratch", "device": "use --device"}
+RESERVED_KEYS = {
+    "optim.epochs": "use --epochs",
+    "model.pretrained": "both sides train from scratch",
+    "device": "use --device",
+}
 
 
 @dataclass
@@ -114,7 +125,9 @@ class EpochTiming:
 
 def summarize_epochs(epochs: list[EpochTiming]) -> tuple[float, float, str]:
     """(images/s, data-wait fraction, which epochs) over epochs 2..E, or epoch 1 alone when there is no other."""
-    timed, which = (epochs[1:], f"epochs 2-{len(epochs)}") if len(epochs) > 1 else (epochs, "epoch 1 only, warm-up included")
+    timed, which = (
+        (epochs[1:], f"epochs 2-{len(epochs)}") if len(epochs) > 1 else (epochs, "epoch 1 only, warm-up included")
+    )
     seconds = sum(epoch.seconds for epoch in timed)
     return sum(epoch.images for epoch in timed) / seconds, sum(epoch.data_seconds for epoch in timed) / seconds, which
 
@@ -151,20 +164,31 @@ class ReferenceDataset(Dataset):
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             boxes[:, [0, 2]] = width - boxes[:, [2, 0]]  # x1' = W - x2, x2' = W - x1
         pixels = F.convert_image_dtype(F.pil_to_tensor(image), torch.float32)  # uint8 -> [0, 1]
-        target = {"boxes": boxes, "labels": torch.ones(boxes.shape[0], dtype=torch.int64), "image_id": torch.tensor(record.image_id)}
+        target = {
+            "boxes": boxes,
+            "labels": torch.ones(boxes.shape[0], dtype=torch.int64),
+            "image_id": torch.tensor(record.image_id),
+        }
         return pixels, target
 
 
 def collate_as_tuples(batch: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, ...]:
-    return tuple(zip(*batch))
+    return tuple(zip(*batch, strict=True))
 
 
 def build_reference_loaders(data_dir: Path, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
     """The reference's loaders over exactly our training and validation images (fold, ``max_*_images``)."""
     train_records, val_records = select_records(data_dir, config.data)
-    common = {"batch_size": config.data.batch_size, "num_workers": config.data.num_workers, "collate_fn": collate_as_tuples}
+    common = {
+        "batch_size": config.data.batch_size,
+        "num_workers": config.data.num_workers,
+        "collate_fn": collate_as_tuples,
+    }
     train_loader = DataLoader(
-        ReferenceDataset(train_records, hflip=0.5), shuffle=True, generator=torch.Generator().manual_seed(config.seed), **common
+        ReferenceDataset(train_records, hflip=0.5),
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config.seed),
+        **common,
     )
     val_loader = DataLoader(ReferenceDataset(val_records, hflip=0.0), shuffle=False, **common)
     return train_loader, val_loader
@@ -183,7 +207,9 @@ def train_reference_epoch(
     model.train()
     warmup = None
     if epoch == 0 and len(loader) > 1:  # LinearLR with total_iters=0 would stay at the start factor for ever
-        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / 1000, total_iters=min(1000, len(loader) - 1))
+        warmup = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=1.0 / 1000, total_iters=min(1000, len(loader) - 1)
+        )
     images_done, data_seconds = 0, 0.0
     start = clock = time.perf_counter()
     for batch, (images, targets) in enumerate(loader, start=1):
@@ -253,18 +279,30 @@ def describe_device(device: torch.device) -> str:
 def prepare_dataset(root: Path, *, count: int, image_size: int) -> Path:
     """Synthetic DICOMs (seed 0) converted once at ``image_size``; returns the converted folder."""
     synth = write_synthetic_dataset(root / "synth", count=count, seed=0, positive_fraction=POSITIVE_FRACTION)
-    convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=image_size, seed=0, workers=os.cpu_count() or 1, progress=False)
+    convert_dataset(
+        synth.images_dir,
+        read_labels(synth.labels_csv),
+        root / "coco",
+        image_size=image_size,
+        seed=0,
+        workers=os.cpu_count() or 1,
+        progress=False,
+    )
     return root / "coco"
 
 
-def compare(config: TrainConfig, data_dir: Path, run_dir: Path, *, epochs: int, inference_repeats: int) -> dict[str, object]:
+def compare(
+    config: TrainConfig, data_dir: Path, run_dir: Path, *, epochs: int, inference_repeats: int
+) -> dict[str, object]:
     device = resolve_device(config.device)
     precision = resolve_precision(config.amp, device)
 
     # Ours: the real `lungdet train` (it seeds, builds the model and loaders, and validates each epoch untimed).
     train(config, data_dir, run_dir, progress=False)
     our_rows = read_our_epochs(run_dir)
-    ours = [EpochTiming(int(row["images"]), row["seconds"], row["data_wait_fraction"] * row["seconds"]) for row in our_rows]
+    ours = [
+        EpochTiming(int(row["images"]), row["seconds"], row["data_wait_fraction"] * row["seconds"]) for row in our_rows
+    ]
 
     # The reference: same seed, so build_model draws the same initial weights as train() did
     # (the batched heads draw no random numbers), with torchvision's own heads and optimizer update.
@@ -279,29 +317,45 @@ def compare(config: TrainConfig, data_dir: Path, run_dir: Path, *, epochs: int, 
 
     # Both scored by our evaluate() on our validation loader: identical pixels and truth boxes.
     _, our_val = build_dataloaders(
-        data_dir, config.data, image_size=config.model.image_size, seed=config.seed,
+        data_dir,
+        config.data,
+        image_size=config.model.image_size,
+        seed=config.seed,
         pin_memory=config.data.pin_memory and device.type == "cuda",
     )
     reference_map = evaluate(reference_model, our_val, device, score_thresholds=config.val_score_thresholds)["val_map"]
 
     our_model, _, _ = load_trained_model(run_dir / LAST_CHECKPOINT, device=device)  # in the layout it trained in
     val_images = len(our_val.dataset)
-    our_inference = fastest_pass(lambda: predict_loader(our_model, our_val, device, precision=precision), images=val_images, repeats=inference_repeats)
-    reference_inference = fastest_pass(lambda: forward_reference(reference_model, reference_val, device), images=val_images, repeats=inference_repeats)
+    our_inference = fastest_pass(
+        lambda: predict_loader(our_model, our_val, device, precision=precision),
+        images=val_images,
+        repeats=inference_repeats,
+    )
+    reference_inference = fastest_pass(
+        lambda: forward_reference(reference_model, reference_val, device), images=val_images, repeats=inference_repeats
+    )
 
     our_rate, our_wait, which = summarize_epochs(ours)
     reference_rate, reference_wait, _ = summarize_epochs(reference)
     return {
-        "device": device, "precision": precision.name, "which": which,
-        "train": (our_rate, reference_rate), "data_wait": (our_wait, reference_wait),
+        "device": device,
+        "precision": precision.name,
+        "which": which,
+        "train": (our_rate, reference_rate),
+        "data_wait": (our_wait, reference_wait),
         "inference": (our_inference, reference_inference),
-        "map": (our_rows[-1]["val_map"], reference_map), "best_map": max(row["val_map"] for row in our_rows),
+        "map": (our_rows[-1]["val_map"], reference_map),
+        "best_map": max(row["val_map"] for row in our_rows),
         "per_epoch": ([e.images / e.seconds for e in ours], [e.images / e.seconds for e in reference]),
-        "train_images": len(reference_train.dataset), "val_images": val_images,
+        "train_images": len(reference_train.dataset),
+        "val_images": val_images,
     }
 
 
-def print_table(config: TrainConfig, result: dict[str, object], *, config_name: str, epochs: int, recipe: str = "ours") -> None:
+def print_table(
+    config: TrainConfig, result: dict[str, object], *, config_name: str, epochs: int, recipe: str = "ours"
+) -> None:
     device = result["device"]
     our_train, reference_train = result["train"]
     ratio = our_train / reference_train
@@ -315,19 +369,31 @@ def print_table(config: TrainConfig, result: dict[str, object], *, config_name: 
         f"{result['train_images']} training / {result['val_images']} validation images, {epochs} epoch{'s' if epochs > 1 else ''} from scratch | "
         f"our side with {'the config' if recipe == 'ours' else 'the reference'}'s recipe\n"
     )
-    print(f"| measure | lungdet train ({result['precision']}{', channels_last' if config.channels_last else ''}) | reference recipe (fp32) | ours / reference |")
+    print(
+        f"| measure | lungdet train ({result['precision']}{', channels_last' if config.channels_last else ''}) | reference recipe (fp32) | ours / reference |"
+    )
     print("| --- | --- | --- | --- |")
     met = "met" if ratio >= TARGET_RATIO else "missed"
-    print(f"| training images/s ({result['which']}) | {our_train:.2f} | {reference_train:.2f} | **{ratio:.2f}x** (target >= {TARGET_RATIO}: {met}) |")
-    print(f"| inference images/s (eval, validation images, fastest pass) | {our_inference:.2f} | {reference_inference:.2f} | {our_inference / reference_inference:.2f}x |")
+    print(
+        f"| training images/s ({result['which']}) | {our_train:.2f} | {reference_train:.2f} | **{ratio:.2f}x** (target >= {TARGET_RATIO}: {met}) |"
+    )
+    print(
+        f"| inference images/s (eval, validation images, fastest pass) | {our_inference:.2f} | {reference_inference:.2f} | {our_inference / reference_inference:.2f}x |"
+    )
     map_verdict = "equal or better" if our_map >= reference_map else "worse"
-    print(f"| validation RSNA mAP after epoch {epochs} (tuned cut-off) | {our_map:.4f} | {reference_map:.4f} | {our_map - reference_map:+.4f} ({map_verdict}) |")
+    print(
+        f"| validation RSNA mAP after epoch {epochs} (tuned cut-off) | {our_map:.4f} | {reference_map:.4f} | {our_map - reference_map:+.4f} ({map_verdict}) |"
+    )
     print(f"| data-wait fraction of training time | {our_wait:.1%} | {reference_wait:.1%} | |")
     our_epochs, reference_epochs = result["per_epoch"]
-    print(f"\nper-epoch training images/s: ours {', '.join(f'{r:.2f}' for r in our_epochs)}; reference {', '.join(f'{r:.2f}' for r in reference_epochs)}")
+    print(
+        f"\nper-epoch training images/s: ours {', '.join(f'{r:.2f}' for r in our_epochs)}; reference {', '.join(f'{r:.2f}' for r in reference_epochs)}"
+    )
     print(f"ours, best epoch's validation mAP (selected on validation, so not the headline): {result['best_map']:.4f}")
     both = ratio >= TARGET_RATIO and our_map >= reference_map
-    print(f"issue 4 section 8 target (>= {TARGET_RATIO}x training images/s at equal or better mAP): {'met' if both else 'not met'}")
+    print(
+        f"issue 4 section 8 target (>= {TARGET_RATIO}x training images/s at equal or better mAP): {'met' if both else 'not met'}"
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -336,16 +402,37 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog="example: .venv/bin/python benchmarks/train_vs_reference.py --epochs 3 data.num_workers=2",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"config name or YAML file (default {DEFAULT_CONFIG})")
-    parser.add_argument("--data", type=Path, default=None, help="an existing 'lungdet convert' output to use instead of generating one")
-    parser.add_argument("--count", type=int, default=None, help="synthetic DICOMs to generate (default 300; not with --data)")
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs on each side; epoch 1 is not timed when there are more (default 6)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="an existing 'lungdet convert' output to use instead of generating one"
+    )
+    parser.add_argument(
+        "--count", type=int, default=None, help="synthetic DICOMs to generate (default 300; not with --data)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=6,
+        help="training epochs on each side; epoch 1 is not timed when there are more (default 6)",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
     parser.add_argument(
-        "--recipe", choices=("ours", "reference"), default="ours",
+        "--recipe",
+        choices=("ours", "reference"),
+        default="ours",
         help="ours: the config's own augmentation, schedule and clipping (default); reference: ours with the reference's recipe, to compare the loops alone",
     )
-    parser.add_argument("--inference-repeats", type=int, default=3, help="timed inference passes per model; the fastest counts (default 3)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of our config, which the reference follows too (batch, workers, lr, fold ...)")
+    parser.add_argument(
+        "--inference-repeats",
+        type=int,
+        default=3,
+        help="timed inference passes per model; the fastest counts (default 3)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides of our config, which the reference follows too (batch, workers, lr, fold ...)",
+    )
     return parser
 
 
@@ -353,13 +440,22 @@ def main(args: argparse.Namespace) -> None:
     if args.data is not None and args.count is not None:
         raise LungdetError("--count generates a synthetic set and --data uses an existing one; give one of them")
     if args.epochs < 1 or args.inference_repeats < 1:
-        raise LungdetError(f"--epochs and --inference-repeats must be >= 1, got {args.epochs} and {args.inference_repeats}")
+        raise LungdetError(
+            f"--epochs and --inference-repeats must be >= 1, got {args.epochs} and {args.inference_repeats}"
+        )
     for override in args.overrides:
         key = override.split("=", 1)[0].strip()
         if key in RESERVED_KEYS:
             raise LungdetError(f"override {override!r}: this script sets {key} itself ({RESERVED_KEYS[key]})")
     recipe = REFERENCE_RECIPE if args.recipe == "reference" else ()
-    fixed = ["model.pretrained=none", "tensorboard=false", f"device={args.device}", *recipe, *args.overrides, f"optim.epochs={args.epochs}"]
+    fixed = [
+        "model.pretrained=none",
+        "tensorboard=false",
+        f"device={args.device}",
+        *recipe,
+        *args.overrides,
+        f"optim.epochs={args.epochs}",
+    ]
     config = load_config(args.config, fixed)
     if needs_masks(config.model.architecture):
         raise LungdetError(
@@ -369,11 +465,17 @@ def main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="train_vs_reference_") as folder:
         root = Path(folder)
-        data_dir = args.data if args.data is not None else prepare_dataset(root, count=args.count or 300, image_size=config.model.image_size)
+        data_dir = (
+            args.data
+            if args.data is not None
+            else prepare_dataset(root, count=args.count or 300, image_size=config.model.image_size)
+        )
         converted_size = load_preprocessing(data_dir)["image_size"]
         if converted_size != config.model.image_size:
-            print(f"note: {data_dir} was converted at {converted_size} px, not {config.model.image_size}: "
-                  "our loader resizes on reading, the reference model's own transform resizes")
+            print(
+                f"note: {data_dir} was converted at {converted_size} px, not {config.model.image_size}: "
+                "our loader resizes on reading, the reference model's own transform resizes"
+            )
         # Both sides warm up over the same steps: the reference's one first epoch. A config's own
         # warm-up (500 steps in fasterrcnn_resnet50_fpn) would outlast a short benchmark run and
         # compare a smaller learning rate, not a faster loop.

@@ -28,8 +28,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder
 from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.pixels import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
 from lungdet.errors import DicomReadError, ImageReadError, LungdetError
@@ -111,7 +111,9 @@ def find_dicoms(folder: Path) -> list[Path]:
     """All ``*.dcm`` files under ``folder`` (recursive), sorted so that every run sees the same order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LungdetError(f"{folder}: not a folder; pass the folder that holds the .dcm files (e.g. stage_2_train_images/)")
+        raise LungdetError(
+            f"{folder}: not a folder; pass the folder that holds the .dcm files (e.g. stage_2_train_images/)"
+        )
     return sorted(path for path in folder.rglob("*") if path.suffix.lower() == ".dcm" and path.is_file())
 
 
@@ -147,14 +149,28 @@ def _open_dataset(path: Path, *, stop_before_pixels: bool, data: bytes | None = 
         with warnings.catch_warnings():
             # On a file that ends early pydicom only warns and returns a dataset with *no* elements,
             # which would later read as "no Rows/Columns"; make it an error while the cause is known.
-            warnings.filterwarnings("error", message="(End of file reached|Unexpected end of file)", category=UserWarning)
+            warnings.filterwarnings(
+                "error", message="(End of file reached|Unexpected end of file)", category=UserWarning
+            )
             dataset = pydicom.dcmread(path if data is None else io.BytesIO(data), stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
-        raise DicomReadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble); remove it from the folder", kind="not_dicom") from None
+        raise DicomReadError(
+            path,
+            "not a DICOM file (no 'DICM' marker after the 128-byte preamble); remove it from the folder",
+            kind="not_dicom",
+        ) from None
     except UserWarning as warning:
-        raise DicomReadError(path, f"file is truncated ({str(warning).split(' in file ')[0]}); copy or download it again", kind="truncated") from None
+        raise DicomReadError(
+            path,
+            f"file is truncated ({str(warning).split(' in file ')[0]}); copy or download it again",
+            kind="truncated",
+        ) from None
     except Exception as error:  # pydicom raises many types on damaged files; all mean the same to the user
-        raise DicomReadError(path, f"cannot be parsed ({type(error).__name__}: {error}); the file is probably truncated or damaged, copy it again", kind="damaged") from None
+        raise DicomReadError(
+            path,
+            f"cannot be parsed ({type(error).__name__}: {error}); the file is probably truncated or damaged, copy it again",
+            kind="damaged",
+        ) from None
     cut_element = find_cut_element(dataset)
     if cut_element is not None:
         raise DicomReadError(path, f"file is truncated ({cut_element}); copy or download it again", kind="truncated")
@@ -167,17 +183,29 @@ def _numeric_tag(path: Path, dataset: Dataset, keyword: str, convert: Callable[[
         value = dataset.get(keyword)
         return convert(value) if value else default
     except Exception as error:  # pydicom parses values when first read, so a malformed DS/IS string fails here
-        raise DicomReadError(path, f"tag {keyword} has an unreadable value ({type(error).__name__}: {error}); fix the tag or remove the file", kind="bad_tag") from None
+        raise DicomReadError(
+            path,
+            f"tag {keyword} has an unreadable value ({type(error).__name__}: {error}); fix the tag or remove the file",
+            kind="bad_tag",
+        ) from None
 
 
 def _spacing_pair(value: Any) -> tuple[float, float] | None:
-    return (float(value[0]), float(value[1])) if isinstance(value, pydicom.multival.MultiValue) and len(value) == 2 else None
+    return (
+        (float(value[0]), float(value[1]))
+        if isinstance(value, pydicom.multival.MultiValue) and len(value) == 2
+        else None
+    )
 
 
 def _metadata_from_dataset(path: Path, dataset: Dataset) -> DicomMeta:
     if "Rows" not in dataset or "Columns" not in dataset:
-        raise DicomReadError(path, "has no Rows/Columns tags, so it is not an image; remove it from the folder", kind="not_image")
-    pixel_spacing = _numeric_tag(path, dataset, "PixelSpacing", _spacing_pair, None) or _numeric_tag(path, dataset, "ImagerPixelSpacing", _spacing_pair, None)
+        raise DicomReadError(
+            path, "has no Rows/Columns tags, so it is not an image; remove it from the folder", kind="not_image"
+        )
+    pixel_spacing = _numeric_tag(path, dataset, "PixelSpacing", _spacing_pair, None) or _numeric_tag(
+        path, dataset, "ImagerPixelSpacing", _spacing_pair, None
+    )
     return DicomMeta(
         path=Path(path),
         patient_id=Path(path).stem,
@@ -205,14 +233,23 @@ def conversion_notes(meta: DicomMeta) -> list[dict[str, str]]:
     """
     notes = []
     if meta.samples_per_pixel == 3:
-        notes.append({"kind": "rgb_converted", "reason": f"colour image ({meta.photometric_interpretation}) converted to grey (luma)"})
+        notes.append(
+            {
+                "kind": "rgb_converted",
+                "reason": f"colour image ({meta.photometric_interpretation}) converted to grey (luma)",
+            }
+        )
     if meta.photometric_interpretation.upper() == "MONOCHROME1":
-        notes.append({"kind": "monochrome1_inverted", "reason": "MONOCHROME1 (bright = air) inverted so that bright = dense"})
+        notes.append(
+            {"kind": "monochrome1_inverted", "reason": "MONOCHROME1 (bright = air) inverted so that bright = dense"}
+        )
     if meta.bits_stored > 8:
-        notes.append({
-            "kind": "high_bit_depth_rescaled",
-            "reason": f"{meta.bits_stored}-bit pixels mapped to 8 bits (Window Center/Width if present, else the image's own min..max)",
-        })
+        notes.append(
+            {
+                "kind": "high_bit_depth_rescaled",
+                "reason": f"{meta.bits_stored}-bit pixels mapped to 8 bits (Window Center/Width if present, else the image's own min..max)",
+            }
+        )
     return notes
 
 
@@ -303,7 +340,9 @@ def display_window(pixels: np.ndarray, dataset: Dataset) -> DisplayWindow:
     if center is not None and width is not None:
         # DICOM PS3.3 C.11.2.1.2: the linear window maps c - 0.5 -/+ (w - 1) / 2 to the output's ends.
         center, width = _first_value(center), _first_value(width)
-        return DisplayWindow(slope, intercept, lower=center - 0.5 - (width - 1) / 2, upper=center - 0.5 + (width - 1) / 2)
+        return DisplayWindow(
+            slope, intercept, lower=center - 0.5 - (width - 1) / 2, upper=center - 0.5 + (width - 1) / 2
+        )
     values = pixels.astype(np.float64) * slope + intercept
     return DisplayWindow(slope, intercept, lower=float(values.min()), upper=float(values.max()))
 
@@ -314,10 +353,17 @@ def pixels_to_uint8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     MONOCHROME1 (bright = air) is inverted last, so every image reaches the model the same way up.
     """
     window = display_window(pixels, dataset)
-    if pixels.dtype == np.uint8 and (window.lower, window.upper, window.slope, window.intercept) == (0.0, 255.0, 1.0, 0.0):
+    if pixels.dtype == np.uint8 and (window.lower, window.upper, window.slope, window.intercept) == (
+        0.0,
+        255.0,
+        1.0,
+        0.0,
+    ):
         display = pixels  # the identity, without a float copy of every pixel
     else:
-        display = window_to_uint8(pixels.astype(np.float64) * window.slope + window.intercept, lower=window.lower, upper=window.upper)
+        display = window_to_uint8(
+            pixels.astype(np.float64) * window.slope + window.intercept, lower=window.lower, upper=window.upper
+        )
     if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         display = 255 - display
     return np.ascontiguousarray(display, dtype=np.uint8)
@@ -366,7 +412,9 @@ def encoded_frame_size(stream: bytes) -> tuple[int, int] | None:
     return None
 
 
-def over_pixel_limit(error: type[ImageReadError], source: object, declaration: str, pixels: int, max_pixels: int) -> ImageReadError:
+def over_pixel_limit(
+    error: type[ImageReadError], source: object, declaration: str, pixels: int, max_pixels: int
+) -> ImageReadError:
     """The error for an image whose header declares more than ``max_pixels``: ``declaration``, then the count and the limit in megapixels."""
     return error(
         source,
@@ -385,7 +433,9 @@ def check_declared_size(path: Path, dataset: Dataset, meta: DicomMeta, *, max_pi
     declared = meta.rows * meta.columns * max(1, meta.number_of_frames)
     if declared > max_pixels:
         frames = f" x {meta.number_of_frames} frames" if meta.number_of_frames > 1 else ""
-        raise over_pixel_limit(DicomReadError, path, f"declares {meta.rows} x {meta.columns} pixels{frames}", declared, max_pixels)
+        raise over_pixel_limit(
+            DicomReadError, path, f"declares {meta.rows} x {meta.columns} pixels{frames}", declared, max_pixels
+        )
     syntax = UID(meta.transfer_syntax) if meta.transfer_syntax else None
     if syntax is None or not syntax.is_compressed or syntax == RLELossless or "PixelData" not in dataset:
         return
@@ -395,12 +445,24 @@ def check_declared_size(path: Path, dataset: Dataset, meta: DicomMeta, *, max_pi
         return
     size = encoded_frame_size(frame)
     if size is None:
-        raise DicomReadError(path, f"the {syntax.name} frame has no readable header giving its size; the file is damaged, export it again", kind="undecodable")
+        raise DicomReadError(
+            path,
+            f"the {syntax.name} frame has no readable header giving its size; the file is damaged, export it again",
+            kind="undecodable",
+        )
     if size[0] * size[1] > max_pixels:
-        raise over_pixel_limit(DicomReadError, path, f"its compressed frame declares {size[0]} x {size[1]} pixels", size[0] * size[1], max_pixels)
+        raise over_pixel_limit(
+            DicomReadError,
+            path,
+            f"its compressed frame declares {size[0]} x {size[1]} pixels",
+            size[0] * size[1],
+            max_pixels,
+        )
     if size != (meta.rows, meta.columns):
         raise DicomReadError(
-            path, f"its compressed frame is {size[0]} x {size[1]} pixels but Rows/Columns say {meta.rows} x {meta.columns}; the file is inconsistent", kind="bad_shape"
+            path,
+            f"its compressed frame is {size[0]} x {size[1]} pixels but Rows/Columns say {meta.rows} x {meta.columns}; the file is inconsistent",
+            kind="bad_shape",
         )
 
 
@@ -421,13 +483,15 @@ def check_complete_frame(path: Path, dataset: Dataset, meta: DicomMeta) -> None:
         stream = next(generate_frames(dataset.PixelData, number_of_frames=1))
     except Exception as error:  # damaged encapsulation
         raise DicomReadError(
-            path, f"pixel data cannot be decoded (transfer syntax {syntax}: {type(error).__name__}: {' '.join(str(error).split())}); the file is damaged, export it again",
+            path,
+            f"pixel data cannot be decoded (transfer syntax {syntax}: {type(error).__name__}: {' '.join(str(error).split())}); the file is damaged, export it again",
             kind="undecodable",
         ) from None
     # Fragments are padded to an even length with a zero byte, which is not part of the stream.
     if not stream.rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise DicomReadError(
-            path, f"pixel data cannot be decoded (transfer syntax {syntax}: the frame has no end marker, it was cut short); the file is truncated, send or export it again",
+            path,
+            f"pixel data cannot be decoded (transfer syntax {syntax}: the frame has no end marker, it was cut short); the file is truncated, send or export it again",
             kind="undecodable",
         )
 
@@ -545,10 +609,16 @@ def image_from_dataset(dataset: Dataset, *, name: str | Path, max_pixels: int | 
     path = Path(name)
     meta = _metadata_from_dataset(path, dataset)
     if "PixelData" not in dataset:
-        raise DicomReadError(path, "has no pixel data (7FE0,0010), so there is no image to read; remove it from the folder", kind="no_pixels")
+        raise DicomReadError(
+            path,
+            "has no pixel data (7FE0,0010), so there is no image to read; remove it from the folder",
+            kind="no_pixels",
+        )
     if meta.number_of_frames > 1:
         raise DicomReadError(
-            path, f"is multi-frame ({meta.number_of_frames} frames); a chest radiograph has one frame, remove it or split it first", kind="multi_frame"
+            path,
+            f"is multi-frame ({meta.number_of_frames} frames); a chest radiograph has one frame, remove it or split it first",
+            kind="multi_frame",
         )
     missing_decoder = find_missing_decoder(meta.transfer_syntax)
     if missing_decoder is not None:
@@ -579,12 +649,18 @@ def image_from_dataset(dataset: Dataset, *, name: str | Path, max_pixels: int | 
     if pixels.ndim != 2:
         raise DicomReadError(path, f"pixel array has shape {pixels.shape}; expected a 2-D grey image", kind="bad_shape")
     if pixels.shape != (meta.rows, meta.columns):
-        raise DicomReadError(path, f"pixel array is {pixels.shape} but Rows/Columns say {(meta.rows, meta.columns)}; the file is inconsistent", kind="bad_shape")
+        raise DicomReadError(
+            path,
+            f"pixel array is {pixels.shape} but Rows/Columns say {(meta.rows, meta.columns)}; the file is inconsistent",
+            kind="bad_shape",
+        )
     try:
         display = pixels_to_uint8(pixels, dataset)
     except Exception as error:  # a malformed Rescale or Window value (DS strings) only fails when it is read here
         raise DicomReadError(
-            path, f"pixels cannot be mapped to 8 bits ({type(error).__name__}: {error}); check Rescale Slope/Intercept and Window Center/Width", kind="bad_tag"
+            path,
+            f"pixels cannot be mapped to 8 bits ({type(error).__name__}: {error}); check Rescale Slope/Intercept and Window Center/Width",
+            kind="bad_tag",
         ) from None
     # pixels_to_uint8 leaves 8-bit MONOCHROME2 untouched, so the stream still decodes to display.
     keeps_stream = stream is not None and meta.photometric_interpretation.upper() == "MONOCHROME2"

@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from lungdet.atomic import atomic_open
-from lungdet.errors import LabelError, LungdetError
 from lungdet.data_tools.labels import PatientLabels
 from lungdet.data_tools.to_coco import assign_folds
+from lungdet.errors import LabelError, LungdetError
 
 SPLITS = ("cv", "holdout")
 
@@ -35,7 +35,9 @@ def holdout_split(labels: Mapping[str, PatientLabels], *, holdout_fraction: floa
     """
     if not 0.0 < holdout_fraction <= 0.5:
         raise ValueError(f"holdout_fraction must be in (0, 0.5], got {holdout_fraction}")
-    folds = assign_folds({patient: labels[patient].target for patient in labels}, k=round(1.0 / holdout_fraction), seed=seed)
+    folds = assign_folds(
+        {patient: labels[patient].target for patient in labels}, k=round(1.0 / holdout_fraction), seed=seed
+    )
     return {patient: "holdout" if folds[patient] == 0 else "cv" for patient in sorted(labels)}
 
 
@@ -60,7 +62,9 @@ def read_split_csv(path: Path) -> dict[str, str]:
             raise LabelError(f"{path}: header {reader.fieldnames}; expected patientId,split")
         for row in reader:
             if row["split"] not in SPLITS:
-                raise LabelError(f"{path} line {reader.line_num}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
+                raise LabelError(
+                    f"{path} line {reader.line_num}: split {row['split']!r} is not one of {', '.join(SPLITS)}"
+                )
             split[row["patientId"]] = row["split"]
     return split
 
@@ -85,5 +89,7 @@ def link_images(image_paths: Iterable[Path], patients: set[str], out_dir: Path) 
             target.write_bytes(Path(path).read_bytes())
         count += 1
     if count != len(patients):
-        raise LungdetError(f"{out_dir}: found images for {count} of {len(patients)} patients; is the image folder complete?")
+        raise LungdetError(
+            f"{out_dir}: found images for {count} of {len(patients)} patients; is the image folder complete?"
+        )
     return count

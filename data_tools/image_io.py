@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import io
 import warnings
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from lungdet.data_tools.dicom_io import conversion_notes, over_pixel_limit, read_dicom, read_dicom_bytes, window_to_uint8
+from lungdet.data_tools.dicom_io import (
+    conversion_notes,
+    over_pixel_limit,
+    read_dicom,
+    read_dicom_bytes,
+    window_to_uint8,
+)
 from lungdet.data_tools.metadata import ImageTags
 from lungdet.errors import ImageReadError, LungdetError
 
@@ -188,7 +194,9 @@ def read_xray_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> XrayI
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise ImageReadError(path, f"cannot be read ({error.strerror or error}); check the path", kind="missing") from None
+        raise ImageReadError(
+            path, f"cannot be read ({error.strerror or error}); check the path", kind="missing"
+        ) from None
     return read_xray(data, name=str(path), max_pixels=max_pixels)
 
 
@@ -209,7 +217,9 @@ def read_picture_size(path: Path) -> tuple[int, int]:
             head = stream.read(len(_PNG_SIGNATURE))
             if not head:
                 raise ImageReadError(path, "the file is empty (0 bytes)", kind="empty")
-            image_format = "png" if head.startswith(_PNG_SIGNATURE) else "jpeg" if head.startswith(_JPEG_SIGNATURE) else None
+            image_format = (
+                "png" if head.startswith(_PNG_SIGNATURE) else "jpeg" if head.startswith(_JPEG_SIGNATURE) else None
+            )
             if image_format is None:
                 raise ImageReadError(path, f"is {_name_other_format(head)}, not a PNG or JPEG", kind="not_an_image")
             stream.seek(0)
@@ -220,7 +230,9 @@ def read_picture_size(path: Path) -> tuple[int, int]:
                     width, height = picture.size
                     orientation = picture.getexif().get(_EXIF_ORIENTATION, 1)
             except Exception as error:  # Pillow raises several types (OSError among them) for a header it cannot parse
-                raise ImageReadError(path, f"header cannot be read ({type(error).__name__}: {error})", kind="undecodable") from None
+                raise ImageReadError(
+                    path, f"header cannot be read ({type(error).__name__}: {error})", kind="undecodable"
+                ) from None
     except OSError as error:
         raise ImageReadError(path, f"cannot be read ({error.strerror or error})", kind="missing") from None
     # Orientations 5-8 turn the picture a quarter: its upright width is the stored height.
@@ -236,12 +248,22 @@ def _read_picture(data: bytes, *, name: str, image_format: str, max_pixels: int)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             picture = Image.open(io.BytesIO(data), formats=[label])
     except Image.DecompressionBombError as error:
-        raise ImageReadError(name, f"{label} declares an image too large to decode ({error}); send a smaller export", kind="too_many_pixels") from None
+        raise ImageReadError(
+            name,
+            f"{label} declares an image too large to decode ({error}); send a smaller export",
+            kind="too_many_pixels",
+        ) from None
     except Exception as error:  # Pillow raises several types for a header it cannot parse
-        raise ImageReadError(name, f"{label} header cannot be read ({type(error).__name__}: {error}); the file is damaged, export it again", kind="undecodable") from None
+        raise ImageReadError(
+            name,
+            f"{label} header cannot be read ({type(error).__name__}: {error}); the file is damaged, export it again",
+            kind="undecodable",
+        ) from None
     width, height = picture.size
     if width * height > max_pixels:
-        raise over_pixel_limit(ImageReadError, name, f"{label} declares {width} x {height} pixels", width * height, max_pixels)
+        raise over_pixel_limit(
+            ImageReadError, name, f"{label} declares {width} x {height} pixels", width * height, max_pixels
+        )
     notes: list[dict[str, str]] = []
     try:
         with warnings.catch_warnings():
@@ -252,13 +274,26 @@ def _read_picture(data: bytes, *, name: str, image_format: str, max_pixels: int)
             upright = ImageOps.exif_transpose(picture)
     except OSError as error:
         # Pillow says 'image file is truncated' or 'broken data stream' for a file cut short.
-        raise ImageReadError(name, f"{label} data cannot be decoded ({error}); the file is probably truncated, export it again", kind="truncated") from None
+        raise ImageReadError(
+            name,
+            f"{label} data cannot be decoded ({error}); the file is probably truncated, export it again",
+            kind="truncated",
+        ) from None
     except Exception as error:
-        raise ImageReadError(name, f"{label} data cannot be decoded ({type(error).__name__}: {error}); export it again", kind="undecodable") from None
+        raise ImageReadError(
+            name,
+            f"{label} data cannot be decoded ({type(error).__name__}: {error}); export it again",
+            kind="undecodable",
+        ) from None
     if orientation not in (0, 1):
         notes.append({"kind": "exif_rotated", "reason": "turned upright as its EXIF orientation says"})
     pixels = _grey_uint8(upright, notes)
-    return XrayImage(pixels=pixels, format=image_format, notes=tuple(notes), file_is_pixels=picture.mode == "L" and orientation in (0, 1))
+    return XrayImage(
+        pixels=pixels,
+        format=image_format,
+        notes=tuple(notes),
+        file_is_pixels=picture.mode == "L" and orientation in (0, 1),
+    )
 
 
 def _grey_uint8(picture: Image.Image, notes: list[dict[str, str]]) -> np.ndarray:
@@ -268,7 +303,9 @@ def _grey_uint8(picture: Image.Image, notes: list[dict[str, str]]) -> np.ndarray
         return np.asarray(picture, dtype=np.uint8).copy()
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(picture, dtype=np.float64)
-        notes.append({"kind": "high_bit_depth_rescaled", "reason": f"{mode} pixels mapped to 8 bits (the image's own min..max)"})
+        notes.append(
+            {"kind": "high_bit_depth_rescaled", "reason": f"{mode} pixels mapped to 8 bits (the image's own min..max)"}
+        )
         return window_to_uint8(values, lower=float(values.min()), upper=float(values.max()))
     if mode in ("1", "LA"):
         return np.asarray(picture.convert("L"), dtype=np.uint8).copy()

@@ -81,7 +81,9 @@ def _parse_target(text: str, *, path: Path, line: int) -> int:
 
 
 def _parse_box(row: dict[str, str], *, path: Path, line: int) -> list[float]:
-    box = [_parse_float(row[column] or "", path=path, line=line, column=column) for column in ("x", "y", "width", "height")]
+    box = [
+        _parse_float(row[column] or "", path=path, line=line, column=column) for column in ("x", "y", "width", "height")
+    ]
     if box[2] <= 0 or box[3] <= 0:
         raise LabelError(
             f"{path} line {line}: patient {row['patientId']} has width={row['width']} height={row['height']}; "
@@ -118,7 +120,9 @@ def read_labels(labels_csv: Path, class_info_csv: Path | None = None) -> dict[st
         if target == 1:
             patient_boxes.append(_parse_box(row, path=labels_csv, line=line))
         elif any((row[column] or "").strip() not in ("", "nan", "NaN") for column in ("x", "y", "width", "height")):
-            raise LabelError(f"{labels_csv} line {line}: patient {patient_id} has Target 0 but a box; a negative row has empty x,y,width,height")
+            raise LabelError(
+                f"{labels_csv} line {line}: patient {patient_id} has Target 0 but a box; a negative row has empty x,y,width,height"
+            )
 
     classes = _read_class_info(Path(class_info_csv), targets) if class_info_csv is not None else {}
     return {
@@ -145,7 +149,6 @@ def _read_class_info(path: Path, targets: dict[str, int]) -> dict[str, str]:
             )
         classes[patient_id] = class_name
     return classes
-
 
 
 def format_labels_csv(boxes_by_patient: Mapping[str, np.ndarray]) -> str:

@@ -81,7 +81,9 @@ def read_metadata_csv(path: Path) -> MetadataTable:
     """
     path = Path(path)
     if not path.is_file():
-        raise LabelError(f"{path}: file not found; --metadata takes a CSV of patientId plus any of {', '.join(TAG_COLUMNS)}")
+        raise LabelError(
+            f"{path}: file not found; --metadata takes a CSV of patientId plus any of {', '.join(TAG_COLUMNS)}"
+        )
     table = MetadataTable(path=path)
     with open(path, newline="", encoding="utf-8-sig") as stream:
         reader = csv.DictReader(stream)
@@ -97,10 +99,18 @@ def read_metadata_csv(path: Path) -> MetadataTable:
             where = f"{path} line {reader.line_num}"
             patient_id = (row.get(PATIENT_COLUMN) or "").strip()
             if not patient_id:
-                table.problems.append({"file": where, "kind": "metadata_no_patient", "reason": "empty patientId; row ignored"})
+                table.problems.append(
+                    {"file": where, "kind": "metadata_no_patient", "reason": "empty patientId; row ignored"}
+                )
                 continue
             if patient_id in table.tags:
-                table.problems.append({"file": where, "kind": "metadata_duplicate", "reason": f"patient {patient_id} has an earlier row; this one is ignored"})
+                table.problems.append(
+                    {
+                        "file": where,
+                        "kind": "metadata_duplicate",
+                        "reason": f"patient {patient_id} has an earlier row; this one is ignored",
+                    }
+                )
                 continue
             table.tags[patient_id] = _row_tags(row, patient_id, where, table.problems)
     return table
@@ -112,20 +122,32 @@ def _row_tags(row: dict[str, str | None], patient_id: str, where: str, problems:
 
     age = parse_age(text("PatientAge")) if text("PatientAge") else None
     if text("PatientAge") and age is None:
-        problems.append({
-            "file": where, "kind": "age_unreadable",
-            "reason": f"patient {patient_id}: PatientAge {text('PatientAge')!r} is not a number of years ('51', '051Y'); age left empty",
-        })
+        problems.append(
+            {
+                "file": where,
+                "kind": "age_unreadable",
+                "reason": f"patient {patient_id}: PatientAge {text('PatientAge')!r} is not a number of years ('51', '051Y'); age left empty",
+            }
+        )
     sex = text("PatientSex").upper()
     if sex and sex not in SEXES:
-        problems.append({"file": where, "kind": "sex_unreadable", "reason": f"patient {patient_id}: PatientSex {text('PatientSex')!r} is not one of {', '.join(SEXES)}; sex left empty"})
+        problems.append(
+            {
+                "file": where,
+                "kind": "sex_unreadable",
+                "reason": f"patient {patient_id}: PatientSex {text('PatientSex')!r} is not one of {', '.join(SEXES)}; sex left empty",
+            }
+        )
         sex = ""
     spacing = parse_spacing(text("PixelSpacing")) if text("PixelSpacing") else None
     if text("PixelSpacing") and spacing is None:
-        problems.append({
-            "file": where, "kind": "spacing_unreadable",
-            "reason": f"patient {patient_id}: PixelSpacing {text('PixelSpacing')!r} is not two positive numbers in mm ('0.139\\0.139'); left empty",
-        })
+        problems.append(
+            {
+                "file": where,
+                "kind": "spacing_unreadable",
+                "reason": f"patient {patient_id}: PixelSpacing {text('PixelSpacing')!r} is not two positive numbers in mm ('0.139\\0.139'); left empty",
+            }
+        )
     return ImageTags(age=age, sex=sex, view_position=text("ViewPosition").upper(), pixel_spacing=spacing)
 
 

@@ -31,14 +31,20 @@ import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    PYDICOM_ROOT_UID,
+    JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from tqdm import tqdm
 
 from lungdet.atomic import write_bytes_atomic, write_text_atomic
 from lungdet.boxes import as_box_array, iou_matrix_xywh
 from lungdet.cli_types import fraction, int_in_range
-from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, format_labels_csv
+from lungdet.errors import LungdetError
 
 # ---------------------------------------------------------------------------------------------
 # Statistics of the real data.
@@ -272,12 +278,15 @@ def _render_chest(rng: np.random.Generator, anatomy: Anatomy, *, rows: int, colu
     tissue = anatomy.tissue_level + 35.0 * _smoothstep(0.6, 1.0, v) - 15.0 * _smoothstep(0.5, 1.0, du_body / half_width)
     image = anatomy.background_level + body * (tissue - anatomy.background_level)
 
-    heart_r = np.hypot((u - anatomy.heart_center_u) / anatomy.heart_half_width, (v - anatomy.heart_center_v) / anatomy.heart_half_height)
+    heart_r = np.hypot(
+        (u - anatomy.heart_center_u) / anatomy.heart_half_width,
+        (v - anatomy.heart_center_v) / anatomy.heart_half_height,
+    )
     heart = 1.0 - _smoothstep(0.75, 1.0, heart_r)
 
     lung_field = np.zeros_like(u)
     ribs = np.zeros_like(u)
-    for side, lung in zip((-1.0, 1.0), anatomy.lungs):
+    for side, lung in zip((-1.0, 1.0), anatomy.lungs, strict=True):
         lateral = side * (u - lung.center_u) / lung.half_width
         # The dome of the diaphragm is higher medially, the costophrenic angle low laterally.
         dv = (v - lung.center_v + 0.045 * lateral) / lung.half_height
@@ -303,7 +312,11 @@ def _render_chest(rng: np.random.Generator, anatomy: Anatomy, *, rows: int, colu
     spine = np.exp(-((du_body / anatomy.spine_half_width) ** 2)) * body
     image = image + anatomy.spine_brightness * spine * (1.0 - 0.5 * _smoothstep(0.3, 0.9, v))
     clavicle_v = 0.2 - 0.08 * du_body / 0.3
-    clavicles = np.exp(-(((v - clavicle_v) / 0.016) ** 2)) * _smoothstep(0.03, 0.06, du_body) * (1.0 - _smoothstep(0.3, 0.36, du_body))
+    clavicles = (
+        np.exp(-(((v - clavicle_v) / 0.016) ** 2))
+        * _smoothstep(0.03, 0.06, du_body)
+        * (1.0 - _smoothstep(0.3, 0.36, du_body))
+    )
     image = image + 25.0 * clavicles * body
     image = cv2.resize(image.astype(np.float32), (columns, rows), interpolation=cv2.INTER_CUBIC)
 
@@ -318,7 +331,13 @@ def _render_chest(rng: np.random.Generator, anatomy: Anatomy, *, rows: int, colu
 
 
 def _plan_box(
-    rng: np.random.Generator, *, side: str, box_count: int, rows: int, columns: int, region: tuple[float, float, float, float]
+    rng: np.random.Generator,
+    *,
+    side: str,
+    box_count: int,
+    rows: int,
+    columns: int,
+    region: tuple[float, float, float, float],
 ) -> np.ndarray:
     """One planned opacity box ``[4]`` XYWH_ABS (pixels of a rows x columns image), inside ``region`` (XYXY_ABS)."""
     median_width, median_height = BOX_MEDIAN_WIDTH_HEIGHT_BY_COUNT_1024[box_count]
@@ -385,7 +404,12 @@ def _draw_opacities(
             continue
         strength[y1:y2, x1:x2] = np.maximum(strength[y1:y2, x1:x2], patch)
         measured.append(
-            [x1 + inside_columns[0], y1 + inside_rows[0], inside_columns[-1] - inside_columns[0] + 1, inside_rows[-1] - inside_rows[0] + 1]
+            [
+                x1 + inside_columns[0],
+                y1 + inside_rows[0],
+                inside_columns[-1] - inside_columns[0] + 1,
+                inside_rows[-1] - inside_rows[0] + 1,
+            ]
         )
     # Blend towards a bright level: strong over dark lung, less over already dense tissue, but
     # never less than a floor, so that a patch over the heart still shows (we lean to learnable).
@@ -438,7 +462,9 @@ def generate_case(
         class_name = CLASS_NORMAL if rng.random() < NORMAL_FRACTION_OF_NEGATIVES else CLASS_NOT_NORMAL
     sex = "M" if rng.random() < MALE_FRACTION else "F"
     age = int(np.clip(round(rng.normal(AGE_MEAN_YEARS, AGE_STD_YEARS)), *AGE_RANGE_YEARS))
-    base_spacing = float(rng.choice(PIXEL_SPACING_CHOICES_MM, p=np.divide(PIXEL_SPACING_WEIGHTS, sum(PIXEL_SPACING_WEIGHTS))))
+    base_spacing = float(
+        rng.choice(PIXEL_SPACING_CHOICES_MM, p=np.divide(PIXEL_SPACING_WEIGHTS, sum(PIXEL_SPACING_WEIGHTS)))
+    )
     # Keep the field of view of a real 1024^2 film whatever the pixel count.
     pixel_spacing = (round(base_spacing * 1024 / rows, 6), round(base_spacing * 1024 / columns, 6))
 
@@ -447,7 +473,9 @@ def generate_case(
 
     planned: list[np.ndarray] = []
     if positive:
-        box_count = int(rng.choice(list(BOXES_PER_POSITIVE_PROBABILITIES), p=list(BOXES_PER_POSITIVE_PROBABILITIES.values())))
+        box_count = int(
+            rng.choice(list(BOXES_PER_POSITIVE_PROBABILITIES), p=list(BOXES_PER_POSITIVE_PROBABILITIES.values()))
+        )
         for side in _plan_sides(rng, box_count):
             lung = anatomy.lungs[0 if side == "left" else 1]
             region = lung_region_xyxy(lung, rows=rows, columns=columns)
@@ -484,7 +512,9 @@ def _draw_side_marker(pixels: np.ndarray, rng: np.random.Generator) -> None:
     thickness = max(1, round(min(rows, columns) / 300))
     x = int(columns * rng.uniform(0.82, 0.9))
     y = int(rows * rng.uniform(0.05, 0.09))
-    cv2.putText(pixels, str(rng.choice(["L", "R"])), (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 235, thickness, cv2.LINE_AA)
+    cv2.putText(
+        pixels, str(rng.choice(["L", "R"])), (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 235, thickness, cv2.LINE_AA
+    )
 
 
 def _ap_fraction_of_negatives() -> float:
@@ -664,7 +694,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         numbers = [int(part) for part in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must look like 1024 or 800x1200 (rows x columns), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--size must look like 1024 or 800x1200 (rows x columns), got {text!r}"
+        ) from None
     if len(numbers) == 1:
         numbers = numbers * 2
     if len(numbers) != 2:
@@ -683,18 +715,39 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         epilog="example: lungdet synth --out /tmp/synth --count 200 --seed 0 --size 1024",
         add_help=add_help,
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder to write stage_2_train_images/ and the two labels CSVs into")
-    parser.add_argument("--count", type=int_in_range(1, 1_000_000), default=200, help="number of images, 1..1000000 (default: 200)")
-    parser.add_argument("--seed", type=int_in_range(0), default=0, help="random seed >= 0; the same seed writes byte-identical files (default: 0)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder to write stage_2_train_images/ and the two labels CSVs into"
+    )
+    parser.add_argument(
+        "--count", type=int_in_range(1, 1_000_000), default=200, help="number of images, 1..1000000 (default: 200)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int_in_range(0),
+        default=0,
+        help="random seed >= 0; the same seed writes byte-identical files (default: 0)",
+    )
     parser.add_argument(
         "--positive-fraction",
         type=fraction,
         default=REAL_POSITIVE_FRACTION,
         help=f"fraction of images with opacities, 0..1 (default: {REAL_POSITIVE_FRACTION}, as in the real training set)",
     )
-    parser.add_argument("--size", type=parse_size, default=(1024, 1024), help="image size as 1024 or ROWSxCOLUMNS like 800x1200 (default: 1024)")
-    parser.add_argument("--jpeg-quality", type=int_in_range(1, 100), default=_DEFAULT_JPEG_QUALITY, help=f"JPEG quality 1..100 (default: {_DEFAULT_JPEG_QUALITY})")
-    parser.add_argument("--overwrite", action="store_true", help="delete .dcm files already in OUT/stage_2_train_images before writing")
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default=(1024, 1024),
+        help="image size as 1024 or ROWSxCOLUMNS like 800x1200 (default: 1024)",
+    )
+    parser.add_argument(
+        "--jpeg-quality",
+        type=int_in_range(1, 100),
+        default=_DEFAULT_JPEG_QUALITY,
+        help=f"JPEG quality 1..100 (default: {_DEFAULT_JPEG_QUALITY})",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete .dcm files already in OUT/stage_2_train_images before writing"
+    )
     return parser
 
 

@@ -42,12 +42,12 @@ from tqdm import tqdm
 from lungdet.atomic import atomic_open, write_bytes_atomic, write_text_atomic
 from lungdet.boxes import clip_xywh, scale_xywh
 from lungdet.cli_types import image_dimensions, int_in_range
-from lungdet.data_tools.dicom_io import conversion_notes, DicomImage, DicomMeta, find_dicoms, read_dicom
-from lungdet.errors import DicomReadError, ImageReadError, LungdetError
+from lungdet.data_tools.dicom_io import DicomImage, DicomMeta, conversion_notes, find_dicoms, read_dicom
 from lungdet.data_tools.image_io import XrayImage, find_images, read_xray
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.metadata import TAG_COLUMNS, ImageTags, MetadataTable, read_metadata_csv
 from lungdet.data_tools.pixels import NORMALIZATIONS, check_normalization, prepare_pixels
+from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 
 CATEGORY = {"id": 1, "name": "lung_opacity", "supercategory": "lung"}
 ANNOTATIONS_FILE = "annotations.json"
@@ -93,7 +93,9 @@ class ConversionReport:
     duplicate_files: list[str] = field(default_factory=list)
     dropped_boxes: list[dict[str, object]] = field(default_factory=list)
     labelled_without_dicom: int = 0
-    labelled_without_dicom_ids: list[str] = field(default_factory=list)  # sorted patientIds (with --image-dir: no image file)
+    labelled_without_dicom_ids: list[str] = field(
+        default_factory=list
+    )  # sorted patientIds (with --image-dir: no image file)
     notes: list[dict[str, str]] = field(default_factory=list)
     reused: int = 0  # files whose image from an earlier run with the same settings was kept
     source: str = "dicom"  # one of SOURCES
@@ -101,7 +103,9 @@ class ConversionReport:
     boxes_past_edge: int = 0  # label boxes reaching past their image's edge (clipped or dropped)
     metadata: str | None = None  # the --metadata CSV, when one was given
     metadata_columns: list[str] = field(default_factory=list)  # the tag columns it had
-    metadata_problems: list[dict[str, str]] = field(default_factory=list)  # rows of --metadata that could not be used as given
+    metadata_problems: list[dict[str, str]] = field(
+        default_factory=list
+    )  # rows of --metadata that could not be used as given
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -164,9 +168,19 @@ def age_notes(age: int | None) -> list[dict[str, str]]:
     """Notes on an age (years) that reads but is suspect: 0 (a placeholder) or over ``MAX_PLAUSIBLE_AGE``."""
     if age == 0:
         # '000Y' is how some systems fill an unknown age; an infant's radiograph in this set would be a surprise too.
-        return [{"kind": "age_zero", "reason": "PatientAge reads as 0 years (often a placeholder for unknown); check it before using ages"}]
+        return [
+            {
+                "kind": "age_zero",
+                "reason": "PatientAge reads as 0 years (often a placeholder for unknown); check it before using ages",
+            }
+        ]
     if age is not None and age > MAX_PLAUSIBLE_AGE:
-        return [{"kind": "age_implausible", "reason": f"PatientAge reads as {age} years, over {MAX_PLAUSIBLE_AGE}; probably a typing error"}]
+        return [
+            {
+                "kind": "age_implausible",
+                "reason": f"PatientAge reads as {age} years, over {MAX_PLAUSIBLE_AGE}; probably a typing error",
+            }
+        ]
     return []
 
 
@@ -175,9 +189,19 @@ def size_notes(*, rows: int, columns: int) -> list[dict[str, str]]:
     notes = []
     size = f"{rows} rows x {columns} columns"
     if min(rows, columns) < TINY_IMAGE_SIDE:
-        notes.append({"kind": "tiny_image", "reason": f"{size}, under {TINY_IMAGE_SIDE} on a side: a thumbnail or localiser rather than a radiograph?"})
+        notes.append(
+            {
+                "kind": "tiny_image",
+                "reason": f"{size}, under {TINY_IMAGE_SIDE} on a side: a thumbnail or localiser rather than a radiograph?",
+            }
+        )
     if max(rows, columns) > HUGE_IMAGE_SIDE:
-        notes.append({"kind": "huge_image", "reason": f"{size}, over {HUGE_IMAGE_SIDE} on a side: check that its labels use the same pixels"})
+        notes.append(
+            {
+                "kind": "huge_image",
+                "reason": f"{size}, over {HUGE_IMAGE_SIDE} on a side: check that its labels use the same pixels",
+            }
+        )
     return notes
 
 
@@ -259,17 +283,27 @@ def convert_file(task: tuple[str, list[int], str, int | None, str, str]) -> dict
     }
 
 
-def _convert_picture(path: str, signature: list[int], out_dir: str, *, image_size: int | None, normalization: str) -> dict[str, Any]:
+def _convert_picture(
+    path: str, signature: list[int], out_dir: str, *, image_size: int | None, normalization: str
+) -> dict[str, Any]:
     """:func:`convert_file` for a PNG or JPEG; the patientId is the file stem, the tags are filled at assembly."""
     try:
         data = Path(path).read_bytes()
         image = read_xray(data, name=path)
-        if image.format == "dicom":  # content decides, but a DICOM in an image folder would carry tags the records would then lack
-            raise ImageReadError(path, "is a DICOM file with a picture's name; convert DICOMs with --dicom-dir", kind="not_an_image")
+        if (
+            image.format == "dicom"
+        ):  # content decides, but a DICOM in an image folder would carry tags the records would then lack
+            raise ImageReadError(
+                path, "is a DICOM file with a picture's name; convert DICOMs with --dicom-dir", kind="not_an_image"
+            )
     except ImageReadError as error:
         return {"file": path, "signature": signature, "bad": {"reason": error.reason, "kind": error.kind}}
     except OSError as error:
-        return {"file": path, "signature": signature, "bad": {"reason": f"cannot be read ({error.strerror or error}); check the file", "kind": "missing"}}
+        return {
+            "file": path,
+            "signature": signature,
+            "bad": {"reason": f"cannot be read ({error.strerror or error}); check the file", "kind": "missing"},
+        }
     patient_id = Path(path).stem
     extension, encoded = picture_bytes(image, data, image_size=image_size, normalization=normalization)
     file_name = _write_image(out_dir, patient_id, extension, encoded)
@@ -394,15 +428,27 @@ def convert_dataset(
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     if source == "dicom" and (metadata is not None or label_space is not None):
-        raise LungdetError("--metadata and --label-space are for PNG/JPEG folders (--image-dir); a DICOM carries its own tags and pixel space")
+        raise LungdetError(
+            "--metadata and --label-space are for PNG/JPEG folders (--image-dir); a DICOM carries its own tags and pixel space"
+        )
     # Workers start now, so that their start-up (about 0.3 s of imports each) overlaps the scan
     # of the folder. spawn, not fork: a forked child inherits OpenCV's thread pool mid-use and
     # can hang on its first resize.
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) if workers > 1 else None
     try:
         return _convert_dataset(
-            source_dir, labels, Path(out_dir), pool, source=source, metadata=metadata, label_space=label_space,
-            image_size=image_size, normalization=normalization, folds=folds, seed=seed, progress=progress,
+            source_dir,
+            labels,
+            Path(out_dir),
+            pool,
+            source=source,
+            metadata=metadata,
+            label_space=label_space,
+            image_size=image_size,
+            normalization=normalization,
+            folds=folds,
+            seed=seed,
+            progress=progress,
         )
     finally:
         if pool is not None:
@@ -430,19 +476,26 @@ def _convert_dataset(
     for stale in (out_dir / IMAGES_DIR).glob(".*.tmp"):
         stale.unlink()
     report = ConversionReport(
-        source=source, label_space="image" if label_space is None else f"{label_space[0]}x{label_space[1]}",
-        metadata=None if metadata is None else str(metadata.path), metadata_columns=[] if metadata is None else list(metadata.columns),
+        source=source,
+        label_space="image" if label_space is None else f"{label_space[0]}x{label_space[1]}",
+        metadata=None if metadata is None else str(metadata.path),
+        metadata_columns=[] if metadata is None else list(metadata.columns),
     )
     if metadata is not None:
         report.metadata_problems.extend(metadata.problems)
         report.metadata_problems.extend(
-            {"file": str(metadata.path), "kind": "metadata_unknown_patient", "reason": f"patient {patient} is not in the labels; row ignored"}
-            for patient in metadata.tags if patient not in labels
+            {
+                "file": str(metadata.path),
+                "kind": "metadata_unknown_patient",
+                "reason": f"patient {patient} is not in the labels; row ignored",
+            }
+            for patient in metadata.tags
+            if patient not in labels
         )
     # Plain strings, not Path objects: at 26k files the difference is megabytes.
     found: set[str] = set()
     candidates: list[str] = []
-    for path in (find_dicoms(source_dir) if source == "dicom" else find_images(source_dir)):
+    for path in find_dicoms(source_dir) if source == "dicom" else find_images(source_dir):
         if path.stem not in labels:
             report.unlabelled_files.append(str(path))
         elif path.stem in found:
@@ -454,14 +507,23 @@ def _convert_dataset(
     report.labelled_without_dicom = len(report.labelled_without_dicom_ids)
     del found
 
-    settings = {"image_size": image_size, "normalization": normalization, "source": source, "journal_version": JOURNAL_VERSION}
+    settings = {
+        "image_size": image_size,
+        "normalization": normalization,
+        "source": source,
+        "journal_version": JOURNAL_VERSION,
+    }
     journal_path = out_dir / JOURNAL_FILE
     previous = load_journal(journal_path, settings)
     reusable = {path: previous[path] for path in candidates if _still_valid(previous.get(path), Path(path), out_dir)}
     # Tasks are made as the workers ask for them, not held as a list; reusable entries are popped
     # as they are used, so the generator needs its own fixed set of what to skip.
     kept_paths = frozenset(reusable)
-    todo = ((path, file_signature(Path(path)), str(out_dir), image_size, normalization, source) for path in candidates if path not in kept_paths)
+    todo = (
+        (path, file_signature(Path(path)), str(out_dir), image_size, normalization, source)
+        for path in candidates
+        if path not in kept_paths
+    )
     todo_count = len(candidates) - len(kept_paths)
     fresh_journal = not previous
     del previous  # entries of files no longer here need not stay in memory
@@ -473,7 +535,11 @@ def _convert_dataset(
             journal.write(json.dumps({"settings": settings}) + "\n")
         elif not _ends_with_newline(journal_path):
             journal.write("\n")  # close the line a killed run cut short, so the next entry starts clean
-        results = pool.imap(convert_file, todo, chunksize=4) if pool is not None and todo_count > 1 else map(convert_file, todo)
+        results = (
+            pool.imap(convert_file, todo, chunksize=4)
+            if pool is not None and todo_count > 1
+            else map(convert_file, todo)
+        )
         # disable=None lets tqdm switch itself off when stderr is not a terminal (CI logs, pipes).
         fresh = iter(tqdm(results, total=todo_count, desc="convert", unit="file", disable=None if progress else True))
 
@@ -493,8 +559,13 @@ def _convert_dataset(
         image_spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)
         annotation_spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)
         boxes_per_patient = assemble_coco(
-            entries_in_file_order(), labels, report, image_spool=image_spool, annotation_spool=annotation_spool,
-            label_space=label_space, tags=None if metadata is None else metadata.tags,
+            entries_in_file_order(),
+            labels,
+            report,
+            image_spool=image_spool,
+            annotation_spool=annotation_spool,
+            label_space=label_space,
+            tags=None if metadata is None else metadata.tags,
         )
 
     # Stratify on the boxes actually written: a positive whose boxes all fell outside is a negative image here.
@@ -513,7 +584,9 @@ def _convert_dataset(
     }
     with image_spool, annotation_spool:
         write_folds_csv(out_dir / FOLDS_FILE, spooled_images_with_folds(image_spool, fold_of))
-        write_coco_json(out_dir / ANNOTATIONS_FILE, info, spooled_images_with_folds(image_spool, fold_of), annotation_spool)
+        write_coco_json(
+            out_dir / ANNOTATIONS_FILE, info, spooled_images_with_folds(image_spool, fold_of), annotation_spool
+        )
     write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
     return report
 
@@ -542,7 +615,9 @@ def assemble_coco(
     annotation_count = 0
     for entry in entries:
         if "bad" in entry:
-            report.bad_files.append({"file": entry["file"], "reason": entry["bad"]["reason"], "kind": entry["bad"]["kind"]})
+            report.bad_files.append(
+                {"file": entry["file"], "reason": entry["bad"]["reason"], "kind": entry["bad"]["kind"]}
+            )
             continue
         report.notes.extend({"file": entry["file"], **note} for note in entry["notes"])
         image = dict(entry["image"])
@@ -554,12 +629,19 @@ def assemble_coco(
         truth = labels[patient_id]
         if len(truth.boxes):
             ends = truth.boxes[:, :2] + truth.boxes[:, 2:]
-            report.boxes_past_edge += int(((ends[:, 0] > image["original_width"] + PAST_EDGE_TOLERANCE) | (ends[:, 1] > image["original_height"] + PAST_EDGE_TOLERANCE)).sum())
-        scaled = scale_xywh(truth.boxes, scale_x=width / image["original_width"], scale_y=height / image["original_height"])
+            report.boxes_past_edge += int(
+                (
+                    (ends[:, 0] > image["original_width"] + PAST_EDGE_TOLERANCE)
+                    | (ends[:, 1] > image["original_height"] + PAST_EDGE_TOLERANCE)
+                ).sum()
+            )
+        scaled = scale_xywh(
+            truth.boxes, scale_x=width / image["original_width"], scale_y=height / image["original_height"]
+        )
         clipped = clip_xywh(scaled, width=width, height=height)
         image_id = len(boxes_per_patient) + 1
         kept = 0
-        for original, box in zip(truth.boxes.tolist(), clipped.tolist()):
+        for original, box in zip(truth.boxes.tolist(), clipped.tolist(), strict=True):
             if box[2] < MIN_BOX_SIDE or box[3] < MIN_BOX_SIDE:
                 report.dropped_boxes.append({"patientId": patient_id, "box": original, "reason": "outside the image"})
                 continue
@@ -593,7 +675,13 @@ def assemble_coco(
 def _tag_fields(file: str, tags: ImageTags | None, report: ConversionReport) -> dict[str, Any]:
     """The image record's tag fields from a metadata row (empty, with a note, when the patient has none)."""
     if tags is None:
-        report.notes.append({"file": file, "kind": "no_metadata", "reason": "the metadata CSV has no row for this patient; age, sex and view left unknown"})
+        report.notes.append(
+            {
+                "file": file,
+                "kind": "no_metadata",
+                "reason": "the metadata CSV has no row for this patient; age, sex and view left unknown",
+            }
+        )
         tags = ImageTags()
     report.notes.extend({"file": file, **note} for note in age_notes(tags.age))
     return {
@@ -613,7 +701,9 @@ def spooled_images_with_folds(image_spool: IO[str], fold_of: Mapping[str, int]) 
         yield record
 
 
-def write_coco_json(path: Path, info: dict[str, Any], images: Iterable[dict[str, Any]], annotation_spool: IO[str]) -> None:
+def write_coco_json(
+    path: Path, info: dict[str, Any], images: Iterable[dict[str, Any]], annotation_spool: IO[str]
+) -> None:
     """Write the COCO file one record at a time (atomically), the same text ``json.dumps`` would give."""
     annotation_spool.seek(0)
     with atomic_open(path, "w", encoding="utf-8") as stream:
@@ -644,7 +734,9 @@ def _examples(items: list[str]) -> list[str]:
 
 
 def _count_kinds(records: list[dict[str, str]]) -> str:
-    return ", ".join(f"{kind}: {count}" for kind, count in sorted(Counter(record["kind"] for record in records).items()))
+    return ", ".join(
+        f"{kind}: {count}" for kind, count in sorted(Counter(record["kind"] for record in records).items())
+    )
 
 
 def format_report(report: ConversionReport, out_dir: Path) -> str:
@@ -660,19 +752,30 @@ def format_report(report: ConversionReport, out_dir: Path) -> str:
     ]
     if report.source == "picture":
         if report.label_space == "image":
-            lines.append("  boxes: the labels are taken to be in each image's own pixels (the default; --label-space WxH says otherwise)")
+            lines.append(
+                "  boxes: the labels are taken to be in each image's own pixels (the default; --label-space WxH says otherwise)"
+            )
         else:
-            lines.append(f"  boxes: the labels are in {report.label_space} pixels (--label-space), scaled to each image's own size")
+            lines.append(
+                f"  boxes: the labels are in {report.label_space} pixels (--label-space), scaled to each image's own size"
+            )
         if report.metadata is None:
-            lines.append("  no --metadata: age, sex and view position are unknown (EDA, score slices and the page say so)")
+            lines.append(
+                "  no --metadata: age, sex and view position are unknown (EDA, score slices and the page say so)"
+            )
         else:
             missing = [column for column in TAG_COLUMNS if column not in report.metadata_columns]
-            lines.append(f"  tags {', '.join(report.metadata_columns)} from {report.metadata}" + (f" (no {', '.join(missing)}: unknown)" if missing else ""))
+            lines.append(
+                f"  tags {', '.join(report.metadata_columns)} from {report.metadata}"
+                + (f" (no {', '.join(missing)}: unknown)" if missing else "")
+            )
     if report.boxes_past_edge:
         hint = ""
         if report.source == "picture" and report.label_space == "image":
             hint = "; are the labels in another pixel space than the images? RSNA's are 1024x1024: give --label-space 1024x1024"
-        lines.append(f"  {report.boxes_past_edge} label boxes reach past their image's edge (clipped to it, dropped when nothing was left){hint}")
+        lines.append(
+            f"  {report.boxes_past_edge} label boxes reach past their image's edge (clipped to it, dropped when nothing was left){hint}"
+        )
     if report.labelled_without_dicom:
         # Usual when converting a subset, so only counted here; the patientIds are in the JSON report.
         lines.append(
@@ -683,25 +786,45 @@ def format_report(report: ConversionReport, out_dir: Path) -> str:
         lines.append(f"  skipped {len(report.unlabelled_files)} {files} the labels do not name (truth unknown):")
         lines.extend(_examples(report.unlabelled_files))
     if report.duplicate_files:
-        lines.append(f"  skipped {len(report.duplicate_files)} {files} whose patientId (file name) was already found in another folder:")
+        lines.append(
+            f"  skipped {len(report.duplicate_files)} {files} whose patientId (file name) was already found in another folder:"
+        )
         lines.extend(_examples(report.duplicate_files))
     if report.metadata_problems:
-        lines.append(f"  {len(report.metadata_problems)} metadata rows not used as given ({_count_kinds(report.metadata_problems)}):")
+        lines.append(
+            f"  {len(report.metadata_problems)} metadata rows not used as given ({_count_kinds(report.metadata_problems)}):"
+        )
         for kind in sorted({problem["kind"] for problem in report.metadata_problems}):
-            lines.extend(_examples([f"{problem['file']}: {problem['reason']}" for problem in report.metadata_problems if problem["kind"] == kind]))
+            lines.extend(
+                _examples(
+                    [
+                        f"{problem['file']}: {problem['reason']}"
+                        for problem in report.metadata_problems
+                        if problem["kind"] == kind
+                    ]
+                )
+            )
     if report.dropped_boxes:
         lines.append(f"  dropped {len(report.dropped_boxes)} boxes outside the image:")
-        lines.extend(_examples([f"{dropped['patientId']} {dropped['box']}: {dropped['reason']}" for dropped in report.dropped_boxes]))
+        lines.extend(
+            _examples(
+                [f"{dropped['patientId']} {dropped['box']}: {dropped['reason']}" for dropped in report.dropped_boxes]
+            )
+        )
     if report.reused:
         lines.append(f"  {report.reused} images were already converted with these settings and kept")
     if report.bad_files:
         lines.append(f"  skipped {len(report.bad_files)} unreadable {files} ({_count_kinds(report.bad_files)}):")
         for kind in sorted({bad["kind"] for bad in report.bad_files}):
-            lines.extend(_examples([f"{bad['file']}: {bad['reason']}" for bad in report.bad_files if bad["kind"] == kind]))
+            lines.extend(
+                _examples([f"{bad['file']}: {bad['reason']}" for bad in report.bad_files if bad["kind"] == kind])
+            )
     if report.notes:
         lines.append(f"  converted with notes ({_count_kinds(report.notes)}):")
         for kind in sorted({note["kind"] for note in report.notes}):
-            lines.extend(_examples([f"{note['file']}: {note['reason']}" for note in report.notes if note["kind"] == kind]))
+            lines.extend(
+                _examples([f"{note['file']}: {note['reason']}" for note in report.notes if note["kind"] == kind])
+            )
     return "\n".join(lines)
 
 
@@ -721,49 +844,92 @@ def get_args_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dicom-dir", type=Path, help="folder with the .dcm files (searched recursively)")
     source.add_argument(
-        "--image-dir", type=Path,
+        "--image-dir",
+        type=Path,
         help="folder with PNG or JPEG files named {patientId}.png|.jpg (searched recursively), instead of DICOMs",
     )
-    parser.add_argument("--labels", type=Path, required=True, help="stage_2_train_labels.csv (patientId,x,y,width,height,Target)")
-    parser.add_argument("--class-info", type=Path, default=None, help="optional stage_2_detailed_class_info.csv (patientId,class)")
     parser.add_argument(
-        "--metadata", type=Path, default=None,
+        "--labels", type=Path, required=True, help="stage_2_train_labels.csv (patientId,x,y,width,height,Target)"
+    )
+    parser.add_argument(
+        "--class-info", type=Path, default=None, help="optional stage_2_detailed_class_info.csv (patientId,class)"
+    )
+    parser.add_argument(
+        "--metadata",
+        type=Path,
+        default=None,
         help="with --image-dir: CSV of patientId plus any of PatientAge, PatientSex, ViewPosition, PixelSpacing (the DICOM tags "
         "the images lost); without it those fields are unknown",
     )
     parser.add_argument(
-        "--label-space", type=image_dimensions, default=None, metavar="WxH",
+        "--label-space",
+        type=image_dimensions,
+        default=None,
+        metavar="WxH",
         help="with --image-dir: the pixel space of the labels' boxes, e.g. 1024x1024 for RSNA labels on resized copies "
         "(default: each image's own size)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder for annotations.json, images/, folds.csv")
-    parser.add_argument("--image-size", type=int_in_range(32, 4096), default=None, help="write square N x N PNGs (boxes scaled to match); default: the DICOM's own size, kept as its own JPEG stream where possible")
-    parser.add_argument("--folds", type=int_in_range(2), default=5, help="number of patient-level folds, stratified by box count (default 5)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder for annotations.json, images/, folds.csv"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int_in_range(32, 4096),
+        default=None,
+        help="write square N x N PNGs (boxes scaled to match); default: the DICOM's own size, kept as its own JPEG stream where possible",
+    )
+    parser.add_argument(
+        "--folds",
+        type=int_in_range(2),
+        default=5,
+        help="number of patient-level folds, stratified by box count (default 5)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="seed of the fold assignment (default 42)")
     parser.add_argument(
-        "--normalize", choices=NORMALIZATIONS, default="none",
+        "--normalize",
+        choices=NORMALIZATIONS,
+        default="none",
         help="contrast normalisation of the written images (recorded in annotations.json; predict applies the same): "
         "none, clahe (local contrast) or equalize (global histogram); default none",
     )
-    parser.add_argument("--workers", type=int_in_range(1), default=os.cpu_count() or 1, help="parallel processes (default: all cores); the output is the same for any number")
+    parser.add_argument(
+        "--workers",
+        type=int_in_range(1),
+        default=os.cpu_count() or 1,
+        help="parallel processes (default: all cores); the output is the same for any number",
+    )
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any DICOM could not be read")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     if args.dicom_dir is not None and (args.metadata is not None or args.label_space is not None):
-        raise LungdetError("--metadata and --label-space go with --image-dir; a DICOM carries its own tags and pixel space")
+        raise LungdetError(
+            "--metadata and --label-space go with --image-dir; a DICOM carries its own tags and pixel space"
+        )
     keep_freed_memory()  # this process converts too when --workers is 1
     labels = read_labels(args.labels, args.class_info)
     metadata = read_metadata_csv(args.metadata) if args.metadata is not None else None
     source_dir, source = (args.dicom_dir, "dicom") if args.dicom_dir is not None else (args.image_dir, "picture")
     report = convert_dataset(
-        source_dir, labels, args.out, source=source, metadata=metadata, label_space=args.label_space,
-        image_size=args.image_size, normalization=args.normalize, folds=args.folds, seed=args.seed, workers=args.workers,
+        source_dir,
+        labels,
+        args.out,
+        source=source,
+        metadata=metadata,
+        label_space=args.label_space,
+        image_size=args.image_size,
+        normalization=args.normalize,
+        folds=args.folds,
+        seed=args.seed,
+        workers=args.workers,
     )
     print(format_report(report, args.out))
     if report.converted == 0:
         kind = ".dcm files" if source == "dicom" else ".png or .jpg files"
-        print(f"lungdet convert: no image was converted; check that {source_dir} holds {kind} named by patientId", file=sys.stderr)
+        print(
+            f"lungdet convert: no image was converted; check that {source_dir} holds {kind} named by patientId",
+            file=sys.stderr,
+        )
         return 1
     return 1 if args.strict and report.bad_files else 0

@@ -24,9 +24,9 @@ import numpy as np
 
 from lungdet.atomic import write_bytes_atomic
 from lungdet.boxes import as_box_array, xyxy_to_xywh
+from lungdet.detection.config import AugmentConfig
 from lungdet.errors import LungdetError
 from lungdet.show.visualize import draw_overlay, encode_image
-from lungdet.detection.config import AugmentConfig
 
 # Dark grey column between the two panels of a sample PNG, so their edges do not run together.
 PANEL_GAP = 8
@@ -71,7 +71,10 @@ def build_augmentation(config: AugmentConfig, *, seed: int = 0) -> A.Compose:
             config.brightness_contrast,
             # brightness_by_max: the brightness shift is a fraction of 255, as the config says.
             lambda p: A.RandomBrightnessContrast(
-                brightness_limit=config.brightness_limit, contrast_limit=config.contrast_limit, brightness_by_max=True, p=p
+                brightness_limit=config.brightness_limit,
+                contrast_limit=config.contrast_limit,
+                brightness_by_max=True,
+                p=p,
             ),
         ),
         (config.gamma, lambda p: A.RandomGamma(gamma_limit=tuple(config.gamma_limit), p=p)),
@@ -79,7 +82,9 @@ def build_augmentation(config: AugmentConfig, *, seed: int = 0) -> A.Compose:
             config.blur,
             # albumentations 2.x draws sigma independently of the kernel size; capping it at the
             # sigma OpenCV uses for the largest kernel keeps the Gaussian from being cut off into a box filter.
-            lambda p: A.GaussianBlur(blur_limit=(3, config.blur_limit), sigma_limit=(0.5, _opencv_sigma(config.blur_limit)), p=p),
+            lambda p: A.GaussianBlur(
+                blur_limit=(3, config.blur_limit), sigma_limit=(0.5, _opencv_sigma(config.blur_limit)), p=p
+            ),
         ),
         (
             config.noise,
@@ -126,7 +131,9 @@ def _check_sample(pixels: np.ndarray, boxes: np.ndarray) -> None:
     inverted = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]) | ~np.isfinite(boxes).all(axis=1)
     if inverted.any():
         index = int(np.flatnonzero(inverted)[0])
-        raise ValueError(f"boxes must be XYXY_ABS [x1, y1, x2, y2] with x2 > x1 and y2 > y1; box {index} is {boxes[index].tolist()}")
+        raise ValueError(
+            f"boxes must be XYXY_ABS [x1, y1, x2, y2] with x2 > x1 and y2 > y1; box {index} is {boxes[index].tolist()}"
+        )
     # Boxes partly outside are clipped to the image; one wholly outside has nothing left to clip to.
     outside = (boxes[:, 0] >= columns) | (boxes[:, 1] >= rows) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
     if outside.any():

@@ -30,15 +30,15 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.models.detection._utils import BoxCoder, Matcher
-from torchvision.ops import boxes as box_ops
 from torchvision.ops import MultiScaleRoIAlign, sigmoid_focal_loss
+from torchvision.ops import boxes as box_ops
 
 from lungdet.detection.sparse_roi_align import SparseMultiScaleRoIAlign
 
@@ -100,7 +100,9 @@ def batched_match(quality: Tensor, gt_valid: Tensor, matcher: Matcher) -> Tensor
     return matches
 
 
-def balanced_sample(labels: Tensor, batch_size_per_image: int, positive_fraction: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def balanced_sample(
+    labels: Tensor, batch_size_per_image: int, positive_fraction: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per image, a uniformly random subset as torchvision's ``BalancedPositiveNegativeSampler`` draws it, for ``[B, N]`` labels.
 
     Positives are labels >= 1, negatives labels == 0, anything else is never drawn. Up to
@@ -113,12 +115,18 @@ def balanced_sample(labels: Tensor, batch_size_per_image: int, positive_fraction
     keys = torch.rand(labels.shape, device=labels.device)
     candidates = labels.shape[1]
     wanted_positives = min(int(batch_size_per_image * positive_fraction), candidates)
-    positive_keys, positive_index = torch.where(labels >= 1, keys, _NOT_A_CANDIDATE).topk(wanted_positives, dim=1, largest=False)
+    positive_keys, positive_index = torch.where(labels >= 1, keys, _NOT_A_CANDIDATE).topk(
+        wanted_positives, dim=1, largest=False
+    )
     positive_valid = positive_keys < _NOT_A_CANDIDATE
     wanted_negatives = min(batch_size_per_image, candidates)
-    negative_keys, negative_index = torch.where(labels == 0, keys, _NOT_A_CANDIDATE).topk(wanted_negatives, dim=1, largest=False)
+    negative_keys, negative_index = torch.where(labels == 0, keys, _NOT_A_CANDIDATE).topk(
+        wanted_negatives, dim=1, largest=False
+    )
     room = batch_size_per_image - positive_valid.sum(dim=1, keepdim=True)
-    rank = torch.arange(wanted_negatives, device=labels.device)  # topk sorts ascending: slot j holds the j-th smallest key
+    rank = torch.arange(
+        wanted_negatives, device=labels.device
+    )  # topk sorts ascending: slot j holds the j-th smallest key
     negative_valid = (negative_keys < _NOT_A_CANDIDATE) & (rank < room)
     return positive_index, positive_valid, negative_index, negative_valid
 
@@ -138,7 +146,9 @@ def sampled_mask(shape: torch.Size, *index_valid: tuple[Tensor, Tensor]) -> Tens
 ONE_CALL_NMS_MAX_BOXES = {"cpu": 1000, "cuda": 5000}
 
 
-def nms_within_levels(boxes: Tensor, scores: Tensor, levels: Tensor, level_counts: list[int], iou_threshold: float) -> Tensor:
+def nms_within_levels(
+    boxes: Tensor, scores: Tensor, levels: Tensor, level_counts: list[int], iou_threshold: float
+) -> Tensor:
     """torchvision's ``batched_nms`` with the FPN levels as classes, for boxes that come level by level in runs of ``level_counts``.
 
     Returns the kept indices, highest score first, as ``batched_nms`` does. Where it would run one
@@ -150,7 +160,9 @@ def nms_within_levels(boxes: Tensor, scores: Tensor, levels: Tensor, level_count
     kept, start = [], 0
     for count in level_counts:
         if count:
-            kept.append(torchvision.ops.nms(boxes[start : start + count], scores[start : start + count], iou_threshold) + start)
+            kept.append(
+                torchvision.ops.nms(boxes[start : start + count], scores[start : start + count], iou_threshold) + start
+            )
         start += count
     keep = torch.cat(kept).sort().values  # in index order, as batched_nms has them before its sort by score
     return keep[scores[keep].sort(descending=True)[1]]
@@ -186,8 +198,10 @@ class SharedAnchorGenerator(AnchorGenerator):
         cached = getattr(self, "_shared_anchors", None)
         if cached is None or cached[0] != key:
             strides = [
-                [torch.empty((), dtype=torch.int64, device=device).fill_(image_size[0] // g[0]),
-                 torch.empty((), dtype=torch.int64, device=device).fill_(image_size[1] // g[1])]
+                [
+                    torch.empty((), dtype=torch.int64, device=device).fill_(image_size[0] // g[0]),
+                    torch.empty((), dtype=torch.int64, device=device).fill_(image_size[1] // g[1]),
+                ]
                 for g in grid_sizes
             ]
             self.set_cell_anchors(dtype, device)
@@ -204,7 +218,9 @@ class BatchedTransform(GeneralizedRCNNTransform):
     resize is an identity (scale 1); anything else goes through torchvision's own code.
     """
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
         if not self._is_identity_resize(images, targets):
             return super().forward(images, targets)
         batch = torch.stack(images)
@@ -217,20 +233,29 @@ class BatchedTransform(GeneralizedRCNNTransform):
             batch = F.pad(batch, (0, padded_width - width, 0, padded_height - height))
         if targets is not None:
             # A shallow copy, as torchvision makes; its resize turns masks into uint8.
-            targets = [{key: (value.float().byte() if key == "masks" else value) for key, value in target.items()} for target in targets]
+            targets = [
+                {key: (value.float().byte() if key == "masks" else value) for key, value in target.items()}
+                for target in targets
+            ]
         return ImageList(batch, [(height, width)] * len(images)), targets
 
     def _is_identity_resize(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None) -> bool:
         if torchvision._is_tracing() or torch.jit.is_scripting() or self.fixed_size is not None or not images:
             return False
         shape = images[0].shape
-        if len(shape) != 3 or not images[0].is_floating_point() or any(image.shape != shape or image.dtype != images[0].dtype for image in images):
+        if (
+            len(shape) != 3
+            or not images[0].is_floating_point()
+            or any(image.shape != shape or image.dtype != images[0].dtype for image in images)
+        ):
             return False
         if targets is not None and any("keypoints" in target for target in targets):
             return False
         height, width = shape[-2:]
         sizes = self.min_size if self.training else self.min_size[-1:]
-        return all(min(float(size) / min(height, width), float(self.max_size) / max(height, width)) == 1.0 for size in sizes)
+        return all(
+            min(float(size) / min(height, width), float(self.max_size) / max(height, width)) == 1.0 for size in sizes
+        )
 
     def _mean_std(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (dtype, device)
@@ -247,7 +272,9 @@ class BatchedTransform(GeneralizedRCNNTransform):
 class BatchedRegionProposalNetwork(RegionProposalNetwork):
     """The RPN with batched anchor matching, sampling, loss and proposal filtering (NMS stays per image)."""
 
-    def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    def assign_targets_to_anchors(
+        self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor]]:
         batch_anchors = anchor_batch(anchors)
         gt_boxes, gt_valid = pad_boxes([target["boxes"] for target in targets], min_length=1)
         matches = batched_match(batched_box_iou(gt_boxes, batch_anchors), gt_valid, self.proposal_matcher)
@@ -256,11 +283,15 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
         labels = labels.masked_fill(matches == self.proposal_matcher.BETWEEN_THRESHOLDS, -1.0)
         return list(labels.unbind(0)), list(matched_gt_boxes.to(torch.float32).unbind(0))
 
-    def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
         labels_batch = torch.stack(labels)
         images = labels_batch.shape[0]
         sampler = self.fg_bg_sampler
-        positive_index, positive_valid, negative_index, negative_valid = balanced_sample(labels_batch, sampler.batch_size_per_image, sampler.positive_fraction)
+        positive_index, positive_valid, negative_index, negative_valid = balanced_sample(
+            labels_batch, sampler.batch_size_per_image, sampler.positive_fraction
+        )
         index = torch.cat([positive_index, negative_index], dim=1)
         valid = torch.cat([positive_valid, negative_valid], dim=1)
         sampled = valid.sum()  # torchvision divides by the number of sampled anchors
@@ -278,13 +309,19 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
         return objectness_loss, box_loss
 
     def filter_proposals(
-        self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]], num_anchors_per_level: list[int]
+        self,
+        proposals: Tensor,
+        objectness: Tensor,
+        image_shapes: list[tuple[int, int]],
+        num_anchors_per_level: list[int],
     ) -> tuple[list[Tensor], list[Tensor]]:
         if any(shape != image_shapes[0] for shape in image_shapes):
             return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
         images, device = proposals.shape[0], proposals.device
         objectness = objectness.detach().reshape(images, -1)
-        levels = torch.cat([torch.full((n,), level, dtype=torch.int64, device=device) for level, n in enumerate(num_anchors_per_level)])
+        levels = torch.cat(
+            [torch.full((n,), level, dtype=torch.int64, device=device) for level, n in enumerate(num_anchors_per_level)]
+        )
         top_n = self._get_top_n_idx(objectness, num_anchors_per_level)
         rows = torch.arange(images, device=device)[:, None]
         scores = torch.sigmoid(objectness[rows, top_n])
@@ -300,11 +337,17 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
         # The kept positions in order without another wait (a boolean index would wait for each
         # tensor it selects from): a stable sort puts the kept ones first, and their number is known.
         kept_positions = torch.argsort(keep.flatten().logical_not().to(torch.int8), stable=True)[: sum(counts)]
-        boxes, scores, levels = boxes.flatten(0, 1)[kept_positions], scores.flatten()[kept_positions], levels.flatten()[kept_positions]
-        per_image = zip(boxes.split(counts), scores.split(counts), levels.split(counts), level_counts)
+        boxes, scores, levels = (
+            boxes.flatten(0, 1)[kept_positions],
+            scores.flatten()[kept_positions],
+            levels.flatten()[kept_positions],
+        )
+        per_image = zip(boxes.split(counts), scores.split(counts), levels.split(counts), level_counts, strict=True)
         final_boxes, final_scores = [], []
         for image_boxes, image_scores, image_levels, image_level_counts in per_image:
-            kept = nms_within_levels(image_boxes, image_scores, image_levels, image_level_counts, self.nms_thresh)[: self.post_nms_top_n()]
+            kept = nms_within_levels(image_boxes, image_scores, image_levels, image_level_counts, self.nms_thresh)[
+                : self.post_nms_top_n()
+            ]
             final_boxes.append(image_boxes[kept])
             final_scores.append(image_scores[kept])
         return final_boxes, final_scores
@@ -343,7 +386,9 @@ class BatchedRoIHeads(RoIHeads):
         labels = labels.masked_fill(~candidate_valid, -2)  # padding: neither positive nor negative, never sampled
 
         sampler = self.fg_bg_sampler
-        positive_index, positive_valid, negative_index, negative_valid = balanced_sample(labels, sampler.batch_size_per_image, sampler.positive_fraction)
+        positive_index, positive_valid, negative_index, negative_valid = balanced_sample(
+            labels, sampler.batch_size_per_image, sampler.positive_fraction
+        )
         sampled = sampled_mask(labels.shape, (positive_index, positive_valid), (negative_index, negative_valid))
         # The one wait for the GPU: each image's sample count, to hand torchvision its per-image lists.
         counts = sampled.sum(dim=1).tolist()
@@ -376,7 +421,9 @@ class BatchedRetinaNetLoss(RetinaNet):
         as_float32 = {name: [level.float() for level in levels] for name, levels in head_outputs.items()}
         return super().postprocess_detections(as_float32, anchors, image_shapes)
 
-    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor]) -> dict[str, Tensor]:
+    def compute_loss(
+        self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor]
+    ) -> dict[str, Tensor]:
         loss_type = self.head.regression_head._loss_type
         if loss_type not in ("l1", "smooth_l1"):
             return super().compute_loss(targets, head_outputs, anchors)
@@ -398,14 +445,18 @@ class BatchedRetinaNetLoss(RetinaNet):
 
         regression = head_outputs["bbox_regression"]
         matched_boxes = gt_boxes.gather(1, matched[:, :, None].expand(-1, -1, 4))
-        encoded = self.head.regression_head.box_coder.encode_single(matched_boxes.reshape(-1, 4), batch_anchors.expand(images, -1, -1).reshape(-1, 4))
+        encoded = self.head.regression_head.box_coder.encode_single(
+            matched_boxes.reshape(-1, 4), batch_anchors.expand(images, -1, -1).reshape(-1, 4)
+        )
         # Anchors matched to nothing encode against a dummy box (infinite); zero them before the loss.
         encoded = torch.where(foreground[:, :, None], encoded.reshape(images, -1, 4), 0.0)
         if loss_type == "l1":
             box_loss = F.l1_loss(regression, encoded, reduction="none")
         else:
             box_loss = F.smooth_l1_loss(regression, encoded, reduction="none", beta=1.0)
-        box_regression = (torch.where(foreground[:, :, None], box_loss, 0.0).sum(dim=(1, 2)) / per_image_foreground).sum() / max(1, images)
+        box_regression = (
+            torch.where(foreground[:, :, None], box_loss, 0.0).sum(dim=(1, 2)) / per_image_foreground
+        ).sum() / max(1, images)
         return {"classification": classification, "bbox_regression": box_regression}
 
 

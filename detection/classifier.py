@@ -33,8 +33,8 @@ from lungdet.data_tools.metadata import METADATA_FEATURES
 from lungdet.detection.augment import build_augmentation
 from lungdet.detection.config import AugmentConfig, DataConfig
 from lungdet.detection.data import DetectionDataset, EpochSampler, collate, select_records
-from lungdet.detection.runtime import Precision
 from lungdet.detection.image_head import IMAGE_CLASSES, NO_CLASS
+from lungdet.detection.runtime import Precision
 from lungdet.errors import ConfigError
 from lungdet.submission.score import roc_auc
 
@@ -111,13 +111,22 @@ class ClassifierSettings:
     seed: int = 0
 
 
-def image_batch(images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def image_batch(
+    images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A detection batch as a classifier's: images ``[N, 3, S, S]``, has-a-box labels, metadata ``[N, F]``, class indices ``[N]``."""
     labels = torch.tensor([float(target["boxes"].shape[0] > 0) for target in targets])
-    return torch.stack(images), labels, torch.stack([target["metadata"] for target in targets]), torch.stack([target["class_index"] for target in targets]).reshape(-1)
+    return (
+        torch.stack(images),
+        labels,
+        torch.stack([target["metadata"] for target in targets]),
+        torch.stack([target["class_index"] for target in targets]).reshape(-1),
+    )
 
 
-def classifier_loss(outputs: dict[str, torch.Tensor], labels: torch.Tensor, classes: torch.Tensor, *, class_loss_weight: float) -> torch.Tensor:
+def classifier_loss(
+    outputs: dict[str, torch.Tensor], labels: torch.Tensor, classes: torch.Tensor, *, class_loss_weight: float
+) -> torch.Tensor:
     """Binary cross-entropy on the logit, plus the weighted three-class cross-entropy on the images that have a class."""
     loss = functional.binary_cross_entropy_with_logits(outputs["logits"], labels)
     if "class_logits" in outputs:
@@ -132,7 +141,9 @@ PRECISE_BN_IMAGES = 256
 
 
 @torch.no_grad()
-def recompute_batch_norm(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: Precision) -> None:
+def recompute_batch_norm(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: Precision
+) -> None:
     """Replace every batch norm's running statistics by the plain average over ``batches`` of (images, metadata), for the weights as they are now.
 
     Trained from scratch for a few hundred steps, the running averages lag behind activations
@@ -154,7 +165,9 @@ def recompute_batch_norm(model: nn.Module, batches: list[tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def predict_probabilities(model: ImageClassifier, loader: DataLoader, precision: Precision) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def predict_probabilities(
+    model: ImageClassifier, loader: DataLoader, precision: Precision
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """``(probabilities, has-a-box labels, image ids)`` over a validation loader."""
     model.eval()
     probabilities, labels, ids = [], [], []
@@ -168,7 +181,14 @@ def predict_probabilities(model: ImageClassifier, loader: DataLoader, precision:
     return np.concatenate(probabilities), np.concatenate(labels), ids
 
 
-def train_classifier(settings: ClassifierSettings, data_dir: Path, *, fold: int, precision: Precision | None = None, say: Callable[[str], None] = print) -> dict:
+def train_classifier(
+    settings: ClassifierSettings,
+    data_dir: Path,
+    *,
+    fold: int,
+    precision: Precision | None = None,
+    say: Callable[[str], None] = print,
+) -> dict:
     """Train on every fold but ``fold`` and validate on it each epoch; returns the best epoch's AUC and probabilities, and the minutes it took.
 
     The result: ``{"auc", "epoch", "probabilities": {image id: p}, "minutes", "history": [{"epoch", "loss", "auc"}]}``.
@@ -179,21 +199,41 @@ def train_classifier(settings: ClassifierSettings, data_dir: Path, *, fold: int,
     train_records, val_records = select_records(data_dir, data)
     augment = AugmentConfig(shift_scale_rotate=0.6, scale_limit=0.15, brightness_contrast=0.6, gamma=0.3, blur=0.1)
     sampler = EpochSampler(
-        len(train_records), seed=settings.seed, positives=[len(record.boxes) > 0 for record in train_records], positive_fraction=settings.positive_fraction
+        len(train_records),
+        seed=settings.seed,
+        positives=[len(record.boxes) > 0 for record in train_records],
+        positive_fraction=settings.positive_fraction,
     )
     train_loader = DataLoader(
-        DetectionDataset(train_records, image_size=settings.image_size, augmentation=build_augmentation(augment, seed=settings.seed)),
-        batch_size=settings.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+        DetectionDataset(
+            train_records, image_size=settings.image_size, augmentation=build_augmentation(augment, seed=settings.seed)
+        ),
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        drop_last=True,
     )
-    val_loader = DataLoader(DetectionDataset(val_records, image_size=settings.image_size, augmentation=None), batch_size=settings.batch_size, collate_fn=collate)
-    model = ImageClassifier(settings.architecture, metadata=settings.metadata, class_info=settings.class_info).to(memory_format=torch.channels_last)
+    val_loader = DataLoader(
+        DetectionDataset(val_records, image_size=settings.image_size, augmentation=None),
+        batch_size=settings.batch_size,
+        collate_fn=collate,
+    )
+    model = ImageClassifier(settings.architecture, metadata=settings.metadata, class_info=settings.class_info).to(
+        memory_format=torch.channels_last
+    )
     statistics_loader = DataLoader(
-        DetectionDataset(train_records[:PRECISE_BN_IMAGES], image_size=settings.image_size, augmentation=None), batch_size=settings.batch_size, collate_fn=collate,
+        DetectionDataset(train_records[:PRECISE_BN_IMAGES], image_size=settings.image_size, augmentation=None),
+        batch_size=settings.batch_size,
+        collate_fn=collate,
     )
-    statistics_batches = [image_batch(images, targets)[::2] for images, targets in statistics_loader]  # (images, metadata), read once
+    statistics_batches = [
+        image_batch(images, targets)[::2] for images, targets in statistics_loader
+    ]  # (images, metadata), read once
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0)))
+    )
     started = time.time()
     history: list[dict] = []
     best: dict = {"auc": -1.0}
@@ -216,8 +256,14 @@ def train_classifier(settings: ClassifierSettings, data_dir: Path, *, fold: int,
         auc = roc_auc(labels > 0.5, probabilities)
         auc = float("nan") if auc is None else auc  # None: one class only (an AUC of 0.0 is a value)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "auc": auc})
-        say(f"classifier {settings.architecture} at {settings.image_size}px, fold {fold}, epoch {epoch}/{settings.epochs}: loss {np.mean(losses):.3f}, val AUC {auc:.3f}")
+        say(
+            f"classifier {settings.architecture} at {settings.image_size}px, fold {fold}, epoch {epoch}/{settings.epochs}: loss {np.mean(losses):.3f}, val AUC {auc:.3f}"
+        )
         if auc > best["auc"]:
             patients = {record.image_id: record.patient_id for record in val_records}
-            best = {"auc": auc, "epoch": epoch, "probabilities": {patients[image_id]: float(p) for image_id, p in zip(ids, probabilities, strict=True)}}
+            best = {
+                "auc": auc,
+                "epoch": epoch,
+                "probabilities": {patients[image_id]: float(p) for image_id, p in zip(ids, probabilities, strict=True)},
+            }
     return {**best, "minutes": (time.time() - started) / 60, "history": history}

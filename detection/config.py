@@ -40,11 +40,18 @@ class ModelConfig:
     architecture: str = "fasterrcnn_resnet50_fpn"  # one of MODEL_ARCHITECTURES
     num_classes: int = 2  # background + lung_opacity
     image_size: int = 512  # images are resized to this square side for training and prediction (pixels)
-    multiscale_train: list[int] = field(default_factory=list)  # [low, high] pixels: the model resizes each training image to a random size in this range (steps of 32, image_size included); validation and prediction use image_size; [] = off
+    multiscale_train: list[int] = field(
+        default_factory=list
+    )  # [low, high] pixels: the model resizes each training image to a random size in this range (steps of 32, image_size included); validation and prediction use image_size; [] = off
     pretrained: str = "auto"  # 'auto': torchvision COCO weights if cached or downloadable, else from scratch; 'none'; or a path to a .pth state dict (a 'lungdet pretrain' backbone file trains every layer with ordinary batch norm)
-    trainable_backbone_layers: int = 3  # with pretrained weights: how many backbone stages train (0..5 resnet, 0..6 mobilenet)
-    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # anchor side lengths (pixels at image_size)
-    anchor_aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height/width; RSNA boxes are tall (median ~1.4)
+    # with pretrained weights: how many backbone stages train (0..5 resnet, 0..6 mobilenet)
+    trainable_backbone_layers: int = 3
+    anchor_sizes: list[int] = field(
+        default_factory=lambda: [32, 64, 128, 256, 512]
+    )  # anchor side lengths (pixels at image_size)
+    anchor_aspect_ratios: list[float] = field(
+        default_factory=lambda: [0.5, 1.0, 2.0]
+    )  # height/width; RSNA boxes are tall (median ~1.4)
     rpn_pre_nms_top_n_train: int = 2000  # proposals kept before NMS per FPN level, training
     rpn_post_nms_top_n_train: int = 2000  # proposals kept after NMS, training
     rpn_pre_nms_top_n_test: int = 1000  # same at inference
@@ -103,14 +110,20 @@ class OptimConfig:
     weight_decay: float = 1e-4  # L2 penalty
     epochs: int = 12  # passes over the training images
     warmup_iters: int = 200  # linear warm-up (optimizer steps) from lr/100 to lr, then the schedule
-    schedule: str = "cosine"  # 'cosine' (decay to 0 at the last step) or 'step' (multiply by step_gamma at each milestone)
-    step_milestones: list[int] = field(default_factory=lambda: [8, 11])  # 'step' schedule: epochs after which the lr drops
+    # 'cosine' (decay to 0 at the last step) or 'step' (multiply by step_gamma at each milestone)
+    schedule: str = "cosine"
+    step_milestones: list[int] = field(
+        default_factory=lambda: [8, 11]
+    )  # 'step' schedule: epochs after which the lr drops
     step_gamma: float = 0.1  # 'step' schedule: the factor at each milestone
     grad_clip_norm: float = 10.0  # clip the global gradient norm (0 = off); scratch training spikes early
-    accumulate_steps: int = 1  # batches whose gradients are summed per optimizer step (effective batch = batch_size x this x GPUs)
-    ema_decay: float = 0.0  # exponential moving average of the weights, validated and saved for predict (0 = off; 0.999 is usual)
+    # batches whose gradients are summed per optimizer step (effective batch = batch_size x this x GPUs)
+    accumulate_steps: int = 1
+    # exponential moving average of the weights, validated and saved for predict (0 = off; 0.999 is usual)
+    ema_decay: float = 0.0
     image_loss_weight: float = 1.0  # with model.image_head: the weight of its binary cross-entropy in the total loss
-    image_class_loss_weight: float = 0.1  # with model.image_class_info: the weight of the three-class cross-entropy (the 2018 2nd place used 0.1)
+    # with model.image_class_info: the weight of the three-class cross-entropy (the 2018 2nd place used 0.1)
+    image_class_loss_weight: float = 0.1
 
 
 @dataclass
@@ -124,10 +137,13 @@ class TrainConfig:
     amp: str = "auto"  # mixed precision: 'auto' (CUDA: bf16 where supported, else fp16; CPU: bf16 where it has bfloat16 instructions, else fp32), 'bf16', 'fp16' (CUDA only) or 'none'
     channels_last: bool = True  # NHWC memory layout for the convolutions: what tensor cores and oneDNN's CPU kernels want (1.1-1.25x faster fp32 steps on a CPU)
     compile: bool = False  # torch.compile the fixed-shape parts (backbone, RPN or RetinaNet head) of the trained model: fewer, fused kernels for a host-bound GPU step; compiling takes a minute or more at the start and at the first validation
-    checkpoint_every_steps: int = 0  # also write last.pt every N optimizer steps, so a kill loses at most N steps (0 = at epoch ends only)
+    # also write last.pt every N optimizer steps, so a kill loses at most N steps (0 = at epoch ends only)
+    checkpoint_every_steps: int = 0
     tensorboard: bool = True  # also log metrics to RUN/tensorboard (when the tensorboard package is installed)
     max_minutes: float = 0.0  # stop training after this wall time and validate (0 = no limit)
-    val_score_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])  # confidence cut-offs tried at validation; the best is stored for predict
+    val_score_thresholds: list[float] = field(
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    )  # confidence cut-offs tried at validation; the best is stored for predict
 
 
 # (dotted key, check, message) for every range rule; checked after loading and overrides.
@@ -135,10 +151,18 @@ _RANGE_RULES: list[RangeRule] = [
     ("model.architecture", lambda v: v in MODEL_ARCHITECTURES, f"one of {', '.join(MODEL_ARCHITECTURES)}"),
     ("model.num_classes", lambda v: v >= 2, ">= 2 (background + at least one class)"),
     ("model.image_size", lambda v: 64 <= v <= 2048, "between 64 and 2048"),
-    ("model.multiscale_train", lambda v: len(v) == 0 or (len(v) == 2 and 64 <= v[0] <= v[1] <= 2048), "[] (off) or [low, high] pixels with 64 <= low <= high <= 2048"),
+    (
+        "model.multiscale_train",
+        lambda v: len(v) == 0 or (len(v) == 2 and 64 <= v[0] <= v[1] <= 2048),
+        "[] (off) or [low, high] pixels with 64 <= low <= high <= 2048",
+    ),
     ("model.trainable_backbone_layers", lambda v: 0 <= v <= 6, "between 0 and 6"),
     ("model.anchor_sizes", lambda v: len(v) > 0 and all(s > 0 for s in v), "a non-empty list of positive sizes"),
-    ("model.anchor_aspect_ratios", lambda v: len(v) > 0 and all(r > 0 for r in v), "a non-empty list of positive ratios"),
+    (
+        "model.anchor_aspect_ratios",
+        lambda v: len(v) > 0 and all(r > 0 for r in v),
+        "a non-empty list of positive ratios",
+    ),
     ("model.rpn_pre_nms_top_n_train", lambda v: v >= 1, ">= 1"),
     ("model.rpn_post_nms_top_n_train", lambda v: v >= 1, ">= 1"),
     ("model.rpn_pre_nms_top_n_test", lambda v: v >= 1, ">= 1"),
@@ -152,8 +176,19 @@ _RANGE_RULES: list[RangeRule] = [
     ("data.fold", lambda v: v >= -1, ">= 0, or -1 for every image and no validation"),
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
-    *((f"augment.{name}", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]")
-      for name in ("hflip", "shift_scale_rotate", "brightness_contrast", "gamma", "blur", "noise", "clahe", "min_visibility")),
+    *(
+        (f"augment.{name}", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]")
+        for name in (
+            "hflip",
+            "shift_scale_rotate",
+            "brightness_contrast",
+            "gamma",
+            "blur",
+            "noise",
+            "clahe",
+            "min_visibility",
+        )
+    ),
     ("augment.shift_limit", lambda v: 0.0 <= v <= 0.5, "in [0, 0.5]"),
     ("augment.scale_limit", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("augment.rotate_limit", lambda v: 0.0 <= v <= 45.0, "in [0, 45] degrees"),
@@ -173,7 +208,11 @@ _RANGE_RULES: list[RangeRule] = [
     ("optim.epochs", lambda v: v >= 1, ">= 1"),
     ("optim.warmup_iters", lambda v: v >= 0, ">= 0"),
     ("optim.schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-    ("optim.step_milestones", lambda v: all(m >= 1 for m in v) and list(v) == sorted(set(v)), "increasing epoch numbers >= 1"),
+    (
+        "optim.step_milestones",
+        lambda v: all(m >= 1 for m in v) and list(v) == sorted(set(v)),
+        "increasing epoch numbers >= 1",
+    ),
     ("optim.step_gamma", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     ("optim.grad_clip_norm", lambda v: v >= 0.0, ">= 0 (0 = off)"),
     ("optim.accumulate_steps", lambda v: v >= 1, ">= 1"),
@@ -184,7 +223,11 @@ _RANGE_RULES: list[RangeRule] = [
     ("max_minutes", lambda v: v >= 0.0, ">= 0 (0 = no limit)"),
     ("amp", lambda v: v in AMP_MODES, f"one of {', '.join(AMP_MODES)}"),
     ("checkpoint_every_steps", lambda v: v >= 0, ">= 0 (0 = at epoch ends only)"),
-    ("val_score_thresholds", lambda v: len(v) > 0 and all(0.0 <= t <= 1.0 for t in v), "a non-empty list of values in [0, 1]"),
+    (
+        "val_score_thresholds",
+        lambda v: len(v) > 0 and all(0.0 <= t <= 1.0 for t in v),
+        "a non-empty list of values in [0, 1]",
+    ),
 ]
 
 
@@ -215,7 +258,9 @@ def validate_config(config: TrainConfig) -> None:
     check_ranges(config, _RANGE_RULES)
     for key in ("image_metadata", "image_class_info"):
         if getattr(config.model, key) and not config.model.image_head:
-            raise ConfigError(f"model.{key}=true feeds the image-level head, which is off; set model.image_head=true too, or model.{key}=false")
+            raise ConfigError(
+                f"model.{key}=true feeds the image-level head, which is off; set model.image_head=true too, or model.{key}=false"
+            )
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

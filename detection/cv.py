@@ -28,17 +28,17 @@ import torch
 
 from lungdet.atomic import write_text_atomic
 from lungdet.boxes import scale_xywh
-from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import format_labels_csv
 from lungdet.detection.config import apply_overrides, config_from_dict, load_config
 from lungdet.detection.data import ALL_FOLDS, ImageRecord, load_records
-from lungdet.detection.distributed import from_environment, start, stop
 from lungdet.detection.detector import ModelRunner, load_trained_model, probability_map_of
+from lungdet.detection.distributed import from_environment, start, stop
 from lungdet.detection.inference import LoadedImage
 from lungdet.detection.predict import predict_raw
-from lungdet.detection.tta import TTA_EXAMPLE, tta_argument
 from lungdet.detection.runtime import load_checkpoint, resolve_precision, save_checkpoint
 from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, train, training_device
+from lungdet.detection.tta import TTA_EXAMPLE, tta_argument
+from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import Prediction, keep_confident
 from lungdet.submission.raw_predictions import RawPrediction, write_raw_predictions
 from lungdet.submission.score import BOOTSTRAP_DRAWS, score_dataset
@@ -85,7 +85,13 @@ def parse_folds(text: str) -> list[int]:
 
 
 def train_folds(
-    config_name: str | None, data_dir: Path, out_dir: Path, folds: Sequence[int], overrides: Sequence[str], *, progress: bool = True
+    config_name: str | None,
+    data_dir: Path,
+    out_dir: Path,
+    folds: Sequence[int],
+    overrides: Sequence[str],
+    *,
+    progress: bool = True,
 ) -> None:
     """Train every fold not yet done, resuming one that has a ``last.pt``; mark each done when it finishes."""
     job = from_environment()
@@ -103,7 +109,9 @@ def train_folds(
             mark_done(out_dir, fold)
 
 
-def train_resumably(config_name: str | None, data_dir: Path, run_dir: Path, overrides: Sequence[str], *, progress: bool) -> None:
+def train_resumably(
+    config_name: str | None, data_dir: Path, run_dir: Path, overrides: Sequence[str], *, progress: bool
+) -> None:
     """Train one run into ``run_dir``, continuing from its ``last.pt`` (with the config stored there) when a kill left one."""
     resume = (run_dir / LAST_CHECKPOINT).is_file()
     if resume:
@@ -132,11 +140,15 @@ def carry_fold_cut_offs(final_checkpoint: Path, fold_checkpoints: Sequence[Path]
     chosen on images their models never trained on, at the same epoch count give or take.
     """
     folds = [load_checkpoint(path) for path in fold_checkpoints]
-    carried: dict[str, Any] = {"score_threshold": float(np.mean([checkpoint.get("score_threshold", 0.5) for checkpoint in folds]))}
+    carried: dict[str, Any] = {
+        "score_threshold": float(np.mean([checkpoint.get("score_threshold", 0.5) for checkpoint in folds]))
+    }
     if all("image_threshold" in checkpoint for checkpoint in folds):
         carried["image_threshold"] = float(np.mean([checkpoint["image_threshold"] for checkpoint in folds]))
     if all(checkpoint.get("image_calibration") for checkpoint in folds):
-        carried["image_calibration"] = [float(value) for value in np.mean([checkpoint["image_calibration"] for checkpoint in folds], axis=0)]
+        carried["image_calibration"] = [
+            float(value) for value in np.mean([checkpoint["image_calibration"] for checkpoint in folds], axis=0)
+        ]
     checkpoint = load_checkpoint(final_checkpoint)
     checkpoint.update(carried)
     checkpoint["cut_offs_from"] = [str(path) for path in fold_checkpoints]
@@ -144,7 +156,15 @@ def carry_fold_cut_offs(final_checkpoint: Path, fold_checkpoints: Sequence[Path]
     return carried
 
 
-def train_final(config_name: str | None, data_dir: Path, out_dir: Path, folds: Sequence[int], overrides: Sequence[str], *, progress: bool = True) -> None:
+def train_final(
+    config_name: str | None,
+    data_dir: Path,
+    out_dir: Path,
+    folds: Sequence[int],
+    overrides: Sequence[str],
+    *,
+    progress: bool = True,
+) -> None:
     """``--final``: one model on every image, for the folds' median best epoch count, with the folds' cut-offs (``OUT/fold_all/``)."""
     job = from_environment()
     run_dir = Path(out_dir) / FINAL_DIR
@@ -155,10 +175,20 @@ def train_final(config_name: str | None, data_dir: Path, out_dir: Path, folds: S
     epochs = final_epochs(out_dir, folds)
     if job.is_main:
         print(f"lungdet cv: the final model on every image, {epochs} epochs (the folds' median best) -> {run_dir}")
-    train_resumably(config_name, data_dir, run_dir, [*overrides, f"data.fold={ALL_FOLDS}", f"optim.epochs={epochs}"], progress=progress)
+    train_resumably(
+        config_name,
+        data_dir,
+        run_dir,
+        [*overrides, f"data.fold={ALL_FOLDS}", f"optim.epochs={epochs}"],
+        progress=progress,
+    )
     if job.is_main:
-        carried = carry_fold_cut_offs(run_dir / BEST_CHECKPOINT, [fold_dir(out_dir, fold) / BEST_CHECKPOINT for fold in folds])
-        print(f"lungdet cv: the final model takes the folds' mean cut-offs: {', '.join(f'{key} {value}' for key, value in carried.items())}")
+        carried = carry_fold_cut_offs(
+            run_dir / BEST_CHECKPOINT, [fold_dir(out_dir, fold) / BEST_CHECKPOINT for fold in folds]
+        )
+        print(
+            f"lungdet cv: the final model takes the folds' mean cut-offs: {', '.join(f'{key} {value}' for key, value in carried.items())}"
+        )
         mark_done(out_dir, final=True)
 
 
@@ -172,11 +202,20 @@ def read_converted(path: Path) -> LoadedImage:
 
 def to_original(record: ImageRecord, boxes: np.ndarray) -> np.ndarray:
     """XYWH_ABS boxes in a converted image's pixels -> the DICOM's original pixels, each axis by its own scale."""
-    return scale_xywh(boxes, scale_x=record.original_width / record.width, scale_y=record.original_height / record.height)
+    return scale_xywh(
+        boxes, scale_x=record.original_width / record.width, scale_y=record.original_height / record.height
+    )
 
 
 def predict_out_of_fold(
-    data_dir: Path, out_dir: Path, folds: Sequence[int], *, device: torch.device, tta: str = "none", batch_size: int = 4, progress: bool = True
+    data_dir: Path,
+    out_dir: Path,
+    folds: Sequence[int],
+    *,
+    device: torch.device,
+    tta: str = "none",
+    batch_size: int = 4,
+    progress: bool = True,
 ) -> tuple[list[RawPrediction], dict[str, np.ndarray], dict[int, float]]:
     """Each fold's best model on its own validation images: (raw rows in original pixels, truth in original pixels, cut-off per fold).
 
@@ -192,25 +231,48 @@ def predict_out_of_fold(
     for fold in folds:
         model, config, checkpoint = load_trained_model(fold_dir(out_dir, fold) / BEST_CHECKPOINT, device=device)
         thresholds[fold] = float(checkpoint.get("score_threshold", 0.5))
-        runner = ModelRunner(model, config.model.image_size, device, None, resolve_precision(config.amp, device), probability_map_of(model, checkpoint))
+        runner = ModelRunner(
+            model,
+            config.model.image_size,
+            device,
+            None,
+            resolve_precision(config.amp, device),
+            probability_map_of(model, checkpoint),
+        )
         # predict_raw names a row by its file's stem, which convert makes the patientId.
         by_stem = {record.path.stem: record for record in (record for record in records if record.fold == fold)}
         fold_rows, _ = predict_raw(
-            [runner], [f"fold{fold}"], [record.path for record in by_stem.values()], read=read_converted,
-            tags={stem: record.tags for stem, record in by_stem.items()}, tta=tta, batch_size=batch_size, progress=progress,
+            [runner],
+            [f"fold{fold}"],
+            [record.path for record in by_stem.values()],
+            read=read_converted,
+            tags={stem: record.tags for stem, record in by_stem.items()},
+            tta=tta,
+            batch_size=batch_size,
+            progress=progress,
         )
         for row in fold_rows:
             record = by_stem[row.patient_id]
-            rows.append(RawPrediction(
-                record.patient_id, row.model, row.pass_name, record.original_width, record.original_height,
-                Prediction(row.prediction.scores, to_original(record, row.prediction.boxes)), row.probability, fold,
-            ))
+            rows.append(
+                RawPrediction(
+                    record.patient_id,
+                    row.model,
+                    row.pass_name,
+                    record.original_width,
+                    record.original_height,
+                    Prediction(row.prediction.scores, to_original(record, row.prediction.boxes)),
+                    row.probability,
+                    fold,
+                )
+            )
         for record in by_stem.values():
             truth[record.patient_id] = to_original(record, record.boxes)
     return rows, truth, thresholds
 
 
-def summarize(rows: Sequence[RawPrediction], truth: dict[str, np.ndarray], thresholds: dict[int, float]) -> dict[str, Any]:
+def summarize(
+    rows: Sequence[RawPrediction], truth: dict[str, np.ndarray], thresholds: dict[int, float]
+) -> dict[str, Any]:
     """Each fold's mAP on its patients at its cut-off, their mean and sd, and the pooled OOF mAP with its interval.
 
     With TTA rows, the plain pass is scored: fusing needs the post-processing that ``lungdet tune`` chooses.
@@ -258,21 +320,38 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file or a name from configs/, as for lungdet train")
-    parser.add_argument("--data", type=Path, required=True, help="output folder of lungdet convert (its folds.csv decides the folds)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for fold{k}/ runs, oof.csv, oof_labels.csv and summary.json")
-    parser.add_argument("--folds", type=parse_folds, default=None, help="comma-separated folds to run (default: every fold in the dataset)")
     parser.add_argument(
-        "--tta", type=tta_argument, default="none", metavar="PASSES",
+        "--data", type=Path, required=True, help="output folder of lungdet convert (its folds.csv decides the folds)"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for fold{k}/ runs, oof.csv, oof_labels.csv and summary.json"
+    )
+    parser.add_argument(
+        "--folds",
+        type=parse_folds,
+        default=None,
+        help="comma-separated folds to run (default: every fold in the dataset)",
+    )
+    parser.add_argument(
+        "--tta",
+        type=tta_argument,
+        default="none",
+        metavar="PASSES",
         help=f"out-of-fold predictions also with these passes (as lungdet predict's --tta, e.g. {TTA_EXAMPLE}), for tuning the fusion (default none)",
     )
     parser.add_argument(
-        "--final", action="store_true",
+        "--final",
+        action="store_true",
         help=f"after the folds, also train one model on every image for the folds' median best epoch count, with their mean cut-offs, "
         f"into OUT/{FINAL_DIR}/ (so OUT/fold*/best.pt takes it in beside the folds)",
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass for the out-of-fold predictions (default 4)")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="images per forward pass for the out-of-fold predictions (default 4)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every fold, e.g. optim.epochs=6")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every fold, e.g. optim.epochs=6"
+    )
     return parser
 
 
@@ -296,13 +375,23 @@ def main(args: argparse.Namespace) -> int:
     if not job.is_main:
         return 0
     rows, truth, thresholds = predict_out_of_fold(
-        args.data, args.out, folds, device=device, tta=args.tta, batch_size=args.batch_size, progress=not args.no_progress
+        args.data,
+        args.out,
+        folds,
+        device=device,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
     write_raw_predictions(args.out / OOF_FILE, rows)
     write_text_atomic(args.out / OOF_LABELS_FILE, format_labels_csv(truth))
     summary = summarize(rows, truth, thresholds)
     write_text_atomic(args.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
-    print(f"wrote {args.out / OOF_FILE} ({len(rows)} raw rows), {args.out / OOF_LABELS_FILE}, {args.out / SUMMARY_FILE}")
-    print(f"next: lungdet tune --oof {args.out / OOF_FILE} --labels {args.out / OOF_LABELS_FILE} --out {args.out / 'postprocess.yaml'}")
+    print(
+        f"wrote {args.out / OOF_FILE} ({len(rows)} raw rows), {args.out / OOF_LABELS_FILE}, {args.out / SUMMARY_FILE}"
+    )
+    print(
+        f"next: lungdet tune --oof {args.out / OOF_FILE} --labels {args.out / OOF_LABELS_FILE} --out {args.out / 'postprocess.yaml'}"
+    )
     return 0

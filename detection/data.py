@@ -25,7 +25,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lungdet.boxes import scale_xywh, xywh_to_xyxy
-from lungdet.errors import LungdetError
 from lungdet.data_tools.metadata import ImageTags, has_any_tag, metadata_features
 from lungdet.data_tools.to_coco import ANNOTATIONS_FILE
 from lungdet.detection.augment import augment_sample, build_augmentation
@@ -33,6 +32,8 @@ from lungdet.detection.config import AugmentConfig, DataConfig, ModelConfig
 from lungdet.detection.image_head import IMAGE_CLASSES, class_index
 from lungdet.detection.masks import box_masks
 from lungdet.detection.runtime import to_model_input
+from lungdet.errors import LungdetError
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -70,20 +71,28 @@ def load_records(data_dir: Path) -> list[ImageRecord]:
     records = []
     for image in coco["images"]:
         if "fold" not in image:
-            raise LungdetError(f"{annotations_path}: image {image.get('file_name')} has no 'fold'; re-run lungdet convert")
-        records.append(ImageRecord(
-            image_id=int(image["id"]),
-            patient_id=str(image.get("patient_id", Path(image["file_name"]).stem)),
-            path=data_dir / image["file_name"],
-            width=int(image["width"]),
-            height=int(image["height"]),
-            original_width=int(image.get("original_width", image["width"])),
-            original_height=int(image.get("original_height", image["height"])),
-            fold=int(image["fold"]),
-            boxes=np.array(boxes.get(image["id"], []), dtype=np.float64).reshape(-1, 4),
-            tags=ImageTags(age=image.get("age"), sex=str(image.get("sex") or ""), view_position=str(image.get("view_position") or "")),
-            class_name=image.get("class_name") or None,
-        ))
+            raise LungdetError(
+                f"{annotations_path}: image {image.get('file_name')} has no 'fold'; re-run lungdet convert"
+            )
+        records.append(
+            ImageRecord(
+                image_id=int(image["id"]),
+                patient_id=str(image.get("patient_id", Path(image["file_name"]).stem)),
+                path=data_dir / image["file_name"],
+                width=int(image["width"]),
+                height=int(image["height"]),
+                original_width=int(image.get("original_width", image["width"])),
+                original_height=int(image.get("original_height", image["height"])),
+                fold=int(image["fold"]),
+                boxes=np.array(boxes.get(image["id"], []), dtype=np.float64).reshape(-1, 4),
+                tags=ImageTags(
+                    age=image.get("age"),
+                    sex=str(image.get("sex") or ""),
+                    view_position=str(image.get("view_position") or ""),
+                ),
+                class_name=image.get("class_name") or None,
+            )
+        )
     return records
 
 
@@ -188,7 +197,14 @@ class EpochSampler(torch.utils.data.Sampler):
     """
 
     def __init__(
-        self, size: int, *, seed: int, rank: int = 0, world_size: int = 1, positives: Sequence[bool] | None = None, positive_fraction: float = 0.0
+        self,
+        size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        positives: Sequence[bool] | None = None,
+        positive_fraction: float = 0.0,
     ) -> None:
         if size < 1:
             raise LungdetError("cannot sample from an empty training set")
@@ -251,7 +267,12 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(
-        self, records: list[ImageRecord], *, image_size: int, augmentation: A.Compose | None, mask_shape: str | None = None
+        self,
+        records: list[ImageRecord],
+        *,
+        image_size: int,
+        augmentation: A.Compose | None,
+        mask_shape: str | None = None,
     ) -> None:
         self.records = records
         self.image_size = image_size
@@ -276,13 +297,15 @@ class DetectionDataset(Dataset):
             "class_index": torch.tensor(class_index(record.class_name)),
         }
         if self.mask_shape is not None:
-            target["masks"] = box_masks(box_tensor, height=self.image_size, width=self.image_size, shape=self.mask_shape)
+            target["masks"] = box_masks(
+                box_tensor, height=self.image_size, width=self.image_size, shape=self.mask_shape
+            )
         return to_model_input(pixels), target
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
     """Detection batches are lists: images may differ in size and targets in box count."""
-    images, targets = zip(*batch)
+    images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
 
 
@@ -306,7 +329,9 @@ def build_dataloaders(
     """
     train_records, val_records = select_records(data_dir, config)
     if not train_records or (not val_records and config.fold != ALL_FOLDS):
-        raise LungdetError(f"{data_dir}: fold {config.fold} leaves {len(train_records)} training and {len(val_records)} validation images; need at least one of each")
+        raise LungdetError(
+            f"{data_dir}: fold {config.fold} leaves {len(train_records)} training and {len(val_records)} validation images; need at least one of each"
+        )
     augmentation = build_augmentation(augment or AugmentConfig(), seed=seed)
     workers = {
         "num_workers": config.num_workers,
@@ -319,17 +344,26 @@ def build_dataloaders(
         "generator": torch.Generator().manual_seed(seed),
     }
     sampler = EpochSampler(
-        len(train_records), seed=seed, rank=rank, world_size=world_size,
-        positives=[len(record.boxes) > 0 for record in train_records], positive_fraction=config.positive_fraction,
+        len(train_records),
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        positives=[len(record.boxes) > 0 for record in train_records],
+        positive_fraction=config.positive_fraction,
     )
     # Dropping the last incomplete batch avoids a tiny, noisy final step, except when one batch is all there is.
     drop_last = len(sampler) > config.batch_size
     train_loader = DataLoader(
         DetectionDataset(train_records, image_size=image_size, augmentation=augmentation, mask_shape=mask_shape),
-        batch_size=config.batch_size, sampler=sampler, drop_last=drop_last, **workers,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        **workers,
     )
     val_loader = DataLoader(
         DetectionDataset(val_records[rank::world_size], image_size=image_size, augmentation=None),
-        batch_size=config.batch_size, shuffle=False, **workers,
+        batch_size=config.batch_size,
+        shuffle=False,
+        **workers,
     )
     return train_loader, val_loader

@@ -31,24 +31,24 @@ import torch
 
 from lungdet.atomic import write_text_atomic
 from lungdet.data_tools.dicom_io import find_dicoms
+from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset, format_report
-from lungdet.show.visualize import worst_first, write_overlays
 from lungdet.detection.config import load_config
-from lungdet.detection.runtime import resolve_precision
-from lungdet.data_tools.image_io import find_images
 from lungdet.detection.detector import Detector, load_detector, load_trained_model
 from lungdet.detection.predict import predict_dicoms, predict_raw, read_any_input
 from lungdet.detection.real_data import REAL_DATA_DIR, RealSet, prepare
+from lungdet.detection.runtime import resolve_precision
 from lungdet.detection.train import BEST_CHECKPOINT, train
-from lungdet.submission.postprocess import PostprocessConfig, apply_postprocess
-from lungdet.submission.prediction_string import write_submission
-from lungdet.submission.detection_metrics import score_detection_metrics
-from lungdet.submission.score import BOOTSTRAP_DRAWS, ScoreReport, score_dataset, write_probabilities
 from lungdet.show.score_cli import format_detection_metrics
 from lungdet.show.score_cli import get_args_parser as score_parser
 from lungdet.show.score_cli import main as score_main
+from lungdet.show.visualize import worst_first, write_overlays
+from lungdet.submission.detection_metrics import score_detection_metrics
+from lungdet.submission.postprocess import PostprocessConfig, apply_postprocess
+from lungdet.submission.prediction_string import write_submission
+from lungdet.submission.score import BOOTSTRAP_DRAWS, ScoreReport, score_dataset, write_probabilities
 
 DEMO_CONFIG = "fasterrcnn_mobilenet_cpu"
 REAL_CONFIG = "fasterrcnn_mobilenet_real_cpu"
@@ -59,18 +59,35 @@ DEMO_POSITIVE_FRACTION = 0.5
 
 
 def predict_and_score(
-    model: torch.nn.Module, checkpoint: dict, dicom_dir: Path, labels_csv: Path, out_dir: Path, *, name: str, image_size: int
+    model: torch.nn.Module,
+    checkpoint: dict,
+    dicom_dir: Path,
+    labels_csv: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    image_size: int,
 ) -> ScoreReport:
     """Predict every DICOM in ``dicom_dir`` at the checkpoint's tuned cut-off, write ``submission_{name}.csv``, score it, draw overlays."""
     paths = find_dicoms(dicom_dir)
     predictions, _ = predict_dicoms(
-        model, paths, image_size=image_size, device=torch.device("cpu"), score_threshold=float(checkpoint["score_threshold"]),
-        preprocessing=checkpoint.get("preprocessing"), progress=False, precision=resolve_precision("auto", torch.device("cpu")),
+        model,
+        paths,
+        image_size=image_size,
+        device=torch.device("cpu"),
+        score_threshold=float(checkpoint["score_threshold"]),
+        preprocessing=checkpoint.get("preprocessing"),
+        progress=False,
+        precision=resolve_precision("auto", torch.device("cpu")),
     )
-    write_submission(out_dir / f"submission_{name}.csv", {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
+    write_submission(
+        out_dir / f"submission_{name}.csv", {patient_id: predictions[patient_id] for patient_id in sorted(predictions)}
+    )
     # Score only the patients whose DICOMs are here: the sample labels file lists 26,684 patients.
     labels = {patient_id: value for patient_id, value in read_labels(labels_csv).items() if patient_id in predictions}
-    report = score_dataset({patient_id: value.boxes for patient_id, value in labels.items()}, predictions, bootstrap_draws=BOOTSTRAP_DRAWS)
+    report = score_dataset(
+        {patient_id: value.boxes for patient_id, value in labels.items()}, predictions, bootstrap_draws=BOOTSTRAP_DRAWS
+    )
     write_text_atomic(out_dir / f"score_{name}.json", json.dumps(report.to_dict(), indent=2))
     write_overlays(paths, out_dir / f"overlays_{name}", labels=labels, predictions=predictions)
     return report
@@ -82,21 +99,39 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Run synth -> convert -> train -> predict -> score -> visualize on CPU in a few minutes.",
         epilog="example: lungdet demo --out demo_output --minutes 3",
     )
-    parser.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for everything the demo writes (default: ./demo_output)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo_output"),
+        help="folder for everything the demo writes (default: ./demo_output)",
+    )
     parser.add_argument("--count", type=int, default=300, help="synthetic training DICOMs to generate (default 300)")
     parser.add_argument(
-        "--minutes", type=float, default=0.0,
+        "--minutes",
+        type=float,
+        default=0.0,
         help="cap training at this many minutes (default 0: run the config's 7 epochs, about 3 minutes on 2 cores; "
         "a cap makes the score depend on machine speed)",
     )
-    parser.add_argument("--sample-dir", type=Path, default=REPO_SAMPLE_DIR, help="real RSNA sample folder (stage_2_train_images/ + stage_2_train_labels.csv)")
+    parser.add_argument(
+        "--sample-dir",
+        type=Path,
+        default=REPO_SAMPLE_DIR,
+        help="real RSNA sample folder (stage_2_train_images/ + stage_2_train_labels.csv)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for data, folds and training (default 0)")
     parser.add_argument(
-        "--real", action="store_true",
+        "--real",
+        action="store_true",
         help=f"instead: train {REAL_CONFIG} on the 800 cross-validation patients of 1,000 real RSNA radiographs and score the 200 held out "
         f"({REAL_DEMO_DURATION}; --out defaults to demo_real_output)",
     )
-    parser.add_argument("--real-dir", type=Path, default=None, help="the rsna_real folder (images/, labels.csv, class_info.csv, metadata.csv); default ../shared/data/rsna_real")
+    parser.add_argument(
+        "--real-dir",
+        type=Path,
+        default=None,
+        help="the rsna_real folder (images/, labels.csv, class_info.csv, metadata.csv); default ../shared/data/rsna_real",
+    )
     return parser
 
 
@@ -105,8 +140,12 @@ def real_main(args: argparse.Namespace) -> int:
     started = time.time()
     out: Path = args.out if args.out != Path("demo_output") else Path("demo_real_output")
     real = RealSet(args.real_dir or REAL_DATA_DIR)
-    print(f"lungdet demo --real: a research tool, not a diagnostic device. It takes {REAL_DEMO_DURATION} (measured 2026-12-02), most of it training.")
-    print(f"[1/5] convert the 800 cross-validation patients of {real.root} (the 200 held out are only predicted) -> {out}")
+    print(
+        f"lungdet demo --real: a research tool, not a diagnostic device. It takes {REAL_DEMO_DURATION} (measured 2026-12-02), most of it training."
+    )
+    print(
+        f"[1/5] convert the 800 cross-validation patients of {real.root} (the 200 held out are only predicted) -> {out}"
+    )
     prepared = prepare(real, out / "data", image_size=load_config(REAL_CONFIG).model.image_size)
     print(format_report(prepared.cv_report, prepared.cv_data))
     print(f"[2/5] train {REAL_CONFIG} on folds 1-4 (640 images), validating on fold 0 (160) -> {out / 'run'}")
@@ -119,18 +158,38 @@ def real_main(args: argparse.Namespace) -> int:
     result = apply_postprocess(rows, single_model_postprocess(detector))
     labels = read_labels(prepared.holdout_labels_csv)
     truth = {patient: labels[patient].boxes for patient in prepared.holdout_patients}
-    write_submission(out / "submission_holdout.csv", {patient: result.predictions[patient] for patient in sorted(truth)})
+    write_submission(
+        out / "submission_holdout.csv", {patient: result.predictions[patient] for patient in sorted(truth)}
+    )
     probabilities = {row.patient_id: row.probability for row in rows if row.probability is not None}
     if probabilities:
-        write_probabilities(out / "probabilities_holdout.csv", {patient: probabilities[patient] for patient in sorted(truth)})
+        write_probabilities(
+            out / "probabilities_holdout.csv", {patient: probabilities[patient] for patient in sorted(truth)}
+        )
 
     print("[4/5] score and draw (worst first)")
     report = score_dataset(truth, result.predictions, bootstrap_draws=BOOTSTRAP_DRAWS)
     write_text_atomic(out / "score_holdout.json", json.dumps(report.to_dict(), indent=2))
-    write_overlays(worst_first(paths, truth, result.predictions), out / "overlays_holdout", labels={patient: labels[patient] for patient in truth}, predictions=result.predictions, max_size=512)
+    write_overlays(
+        worst_first(paths, truth, result.predictions),
+        out / "overlays_holdout",
+        labels={patient: labels[patient] for patient in truth},
+        predictions=result.predictions,
+        max_size=512,
+    )
     score_args = [
-        "--submission", str(out / "submission_holdout.csv"), "--labels", str(prepared.holdout_labels_csv), "--html", str(out / "score_holdout.html"),
-        "--metadata", str(prepared.holdout_data / "annotations.json"), "--by", "view_position,sex,age_band", "--overlays", str(out / "overlays_holdout"),
+        "--submission",
+        str(out / "submission_holdout.csv"),
+        "--labels",
+        str(prepared.holdout_labels_csv),
+        "--html",
+        str(out / "score_holdout.html"),
+        "--metadata",
+        str(prepared.holdout_data / "annotations.json"),
+        "--by",
+        "view_position,sex,age_band",
+        "--overlays",
+        str(out / "overlays_holdout"),
     ]
     if probabilities:
         score_args += ["--probabilities", str(out / "probabilities_holdout.csv")]
@@ -138,17 +197,27 @@ def real_main(args: argparse.Namespace) -> int:
         score_main(score_parser().parse_args(score_args))
 
     minutes = (time.time() - started) / 60
-    metrics = score_detection_metrics(truth, result.predictions, probabilities=probabilities or None, bootstrap_draws=BOOTSTRAP_DRAWS)
+    metrics = score_detection_metrics(
+        truth, result.predictions, probabilities=probabilities or None, bootstrap_draws=BOOTSTRAP_DRAWS
+    )
     low, high = report.map_interval
     print(f"[5/5] done in {minutes:.0f} min\n")
-    print(f"Held-out real RSNA radiographs ({report.n_images} patients, {report.n_positive} with opacities; nothing was tuned on them):")
+    print(
+        f"Held-out real RSNA radiographs ({report.n_images} patients, {report.n_positive} with opacities; nothing was tuned on them):"
+    )
     print(f"  RSNA mAP {report.map:.4f} [{low:.4f}, {high:.4f}] (95% bootstrap interval over patients)")
-    print(f"  mean IoU {report.mean_iou if report.mean_iou is None else round(report.mean_iou, 3)}, sensitivity {report.sensitivity:.2f}, "
-          f"specificity {report.specificity:.2f}")
+    print(
+        f"  mean IoU {report.mean_iou if report.mean_iou is None else round(report.mean_iou, 3)}, sensitivity {report.sensitivity:.2f}, "
+        f"specificity {report.specificity:.2f}"
+    )
     print("\n".join(f"  {line}" for line in format_detection_metrics(metrics).splitlines()))
-    print("  (one MobileNet trained from scratch on 640 images on a CPU; the 2018 winners reached about 0.25 with pretrained weights on 26,684 images)")
+    print(
+        "  (one MobileNet trained from scratch on 640 images on a CPU; the 2018 winners reached about 0.25 with pretrained weights on 26,684 images)"
+    )
     print(f"\nWhere things are:\n  run:       {out / 'run'} (best.pt, metrics.csv, config.yaml)")
-    print(f"  report:    {out / 'score_holdout.html'}\n  overlays:  {out / 'overlays_holdout' / 'index.html'} (worst first)")
+    print(
+        f"  report:    {out / 'score_holdout.html'}\n  overlays:  {out / 'overlays_holdout' / 'index.html'} (worst first)"
+    )
     print(f"  submission {out / 'submission_holdout.csv'}")
     return 0
 
@@ -164,10 +233,22 @@ def main(args: argparse.Namespace) -> int:
     out: Path = args.out
     print("lungdet demo: a research tool, not a diagnostic device.")
     print(f"[1/5] synth: {args.count} synthetic DICOMs -> {out / 'synth_train'}")
-    synth = write_synthetic_dataset(out / "synth_train", count=args.count, seed=args.seed, positive_fraction=DEMO_POSITIVE_FRACTION, overwrite=True, progress=True)
+    synth = write_synthetic_dataset(
+        out / "synth_train",
+        count=args.count,
+        seed=args.seed,
+        positive_fraction=DEMO_POSITIVE_FRACTION,
+        overwrite=True,
+        progress=True,
+    )
     print(f"[2/5] convert -> {out / 'coco'}")
     conversion = convert_dataset(
-        synth.images_dir, read_labels(synth.labels_csv, synth.class_info_csv), out / "coco", image_size=256, seed=args.seed, workers=os.cpu_count() or 1
+        synth.images_dir,
+        read_labels(synth.labels_csv, synth.class_info_csv),
+        out / "coco",
+        image_size=256,
+        seed=args.seed,
+        workers=os.cpu_count() or 1,
     )
     print(format_report(conversion, out / "coco"))
     limit = f", at most {args.minutes:g} min" if args.minutes > 0 else ""
@@ -175,27 +256,55 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(DEMO_CONFIG, [f"max_minutes={args.minutes}", f"seed={args.seed}"])
     train(config, out / "coco", out / "run")
 
-    print("[4/5] predict + score on held-out synthetic DICOMs" + (" and the real RSNA sample" if args.sample_dir.is_dir() else ""))
+    print(
+        "[4/5] predict + score on held-out synthetic DICOMs"
+        + (" and the real RSNA sample" if args.sample_dir.is_dir() else "")
+    )
     model, config, checkpoint = load_trained_model(out / "run" / BEST_CHECKPOINT, device=torch.device("cpu"))
     threshold = float(checkpoint["score_threshold"])
-    held_out = write_synthetic_dataset(out / "synth_test", count=40, seed=args.seed + 1, positive_fraction=DEMO_POSITIVE_FRACTION, overwrite=True)
-    results = {"synthetic held-out": predict_and_score(model, checkpoint, held_out.images_dir, held_out.labels_csv, out, name="synth", image_size=config.model.image_size)}
-    sample_images, sample_labels = args.sample_dir / "stage_2_train_images", args.sample_dir / "stage_2_train_labels.csv"
+    held_out = write_synthetic_dataset(
+        out / "synth_test", count=40, seed=args.seed + 1, positive_fraction=DEMO_POSITIVE_FRACTION, overwrite=True
+    )
+    results = {
+        "synthetic held-out": predict_and_score(
+            model,
+            checkpoint,
+            held_out.images_dir,
+            held_out.labels_csv,
+            out,
+            name="synth",
+            image_size=config.model.image_size,
+        )
+    }
+    sample_images, sample_labels = (
+        args.sample_dir / "stage_2_train_images",
+        args.sample_dir / "stage_2_train_labels.csv",
+    )
     if sample_images.is_dir() and sample_labels.is_file():
-        results["real RSNA sample"] = predict_and_score(model, checkpoint, sample_images, sample_labels, out, name="real", image_size=config.model.image_size)
+        results["real RSNA sample"] = predict_and_score(
+            model, checkpoint, sample_images, sample_labels, out, name="real", image_size=config.model.image_size
+        )
     else:
         print(f"  (no real sample at {args.sample_dir}; pass --sample-dir to include one)")
 
     print("[5/5] overlays written")
-    print(f"\nResults (confidence >= {threshold:g}, tuned on validation; mAP with its 95% bootstrap interval over patients):")
+    print(
+        f"\nResults (confidence >= {threshold:g}, tuned on validation; mAP with its 95% bootstrap interval over patients):"
+    )
     for name, report in results.items():
         iou = f"{report.mean_iou:.3f}" if report.mean_iou is not None else "n/a"
         low, high = report.map_interval
-        print(f"  {name:<20} RSNA mAP {report.map:.4f} [{low:.4f}, {high:.4f}]  mean IoU {iou}  images {report.n_images}")
+        print(
+            f"  {name:<20} RSNA mAP {report.map:.4f} [{low:.4f}, {high:.4f}]  mean IoU {iou}  images {report.n_images}"
+        )
     if "real RSNA sample" in results:
-        print("  (a model trained minutes on synthetic images is not expected to find real opacities; train on the real set for that)")
+        print(
+            "  (a model trained minutes on synthetic images is not expected to find real opacities; train on the real set for that)"
+        )
     print(f"\nWhere things are:\n  run:         {out / 'run'} (best.pt, metrics.csv, config.yaml)")
     for name in ("synth", "real"):
         if (out / f"submission_{name}.csv").is_file():
-            print(f"  {name:<12} {out / f'submission_{name}.csv'}, {out / f'score_{name}.json'}, {out / f'overlays_{name}' / 'index.html'}")
+            print(
+                f"  {name:<12} {out / f'submission_{name}.csv'}, {out / f'score_{name}.json'}, {out / f'overlays_{name}' / 'index.html'}"
+            )
     return 0

@@ -21,12 +21,17 @@ from typing import Any
 
 import cv2
 
-from lungdet.errors import ImageReadError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
 from lungdet.data_tools.metadata import ImageTags, laid_over
-from lungdet.show.visualize import DEFAULT_MAX_SIZE, draw_overlay, encode_image, fit_for_display
 from lungdet.detection.detector import Detector
-from lungdet.submission.prediction_string import Prediction, format_prediction_string, keep_confident, parse_prediction_string
+from lungdet.errors import ImageReadError
+from lungdet.show.visualize import DEFAULT_MAX_SIZE, draw_overlay, encode_image, fit_for_display
+from lungdet.submission.prediction_string import (
+    Prediction,
+    format_prediction_string,
+    keep_confident,
+    parse_prediction_string,
+)
 
 LABEL_POSITIVE = "Lung Opacity"
 LABEL_NEGATIVE = "No Lung Opacity"
@@ -59,7 +64,12 @@ class Detection:
 
 
 def detect_bytes(
-    detector: Detector, data: bytes, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, tags: ImageTags | None = None
+    detector: Detector,
+    data: bytes,
+    *,
+    name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    tags: ImageTags | None = None,
 ) -> Detection:
     """Decode one X-ray held in memory and run the detector on it.
 
@@ -73,7 +83,11 @@ def detect_bytes(
     image = read_xray(data, name=name or f"upload {identifier}", max_pixels=max_pixels)
     result = detector.predict(image.pixels, laid_over(image.tags, tags))
     return Detection(
-        upload_id=identifier, image=image, prediction=result.prediction, elapsed_ms=(time.perf_counter() - started) * 1000, probability=result.probability
+        upload_id=identifier,
+        image=image,
+        prediction=result.prediction,
+        elapsed_ms=(time.perf_counter() - started) * 1000,
+        probability=result.probability,
     )
 
 
@@ -83,7 +97,11 @@ def error_json(error: ImageReadError) -> dict[str, Any]:
 
 
 def image_label(
-    prediction: Prediction, *, score_threshold: float, probability: float | None = None, image_threshold: float | None = None,
+    prediction: Prediction,
+    *,
+    score_threshold: float,
+    probability: float | None = None,
+    image_threshold: float | None = None,
     calibrated: bool = False,
 ) -> dict[str, Any]:
     """The image-level verdict, ``{"name", "confidence", "probability", "calibrated", "source"}``.
@@ -99,7 +117,13 @@ def image_label(
     """
     if probability is None:
         positive = bool(len(prediction.scores)) and float(prediction.scores.max()) >= score_threshold
-        return {"name": LABEL_POSITIVE if positive else LABEL_NEGATIVE, "confidence": None, "probability": None, "calibrated": False, "source": "max_box"}
+        return {
+            "name": LABEL_POSITIVE if positive else LABEL_NEGATIVE,
+            "confidence": None,
+            "probability": None,
+            "calibrated": False,
+            "source": "max_box",
+        }
     positive = probability >= (0.5 if image_threshold is None else image_threshold)
     return {
         "name": LABEL_POSITIVE if positive else LABEL_NEGATIVE,
@@ -110,7 +134,9 @@ def image_label(
     }
 
 
-def detection_json(detection: Detection, *, detector_info: dict[str, Any], min_confidence: float | None = None) -> dict[str, Any]:
+def detection_json(
+    detection: Detection, *, detector_info: dict[str, Any], min_confidence: float | None = None
+) -> dict[str, Any]:
     """The reply for one image (see the module docstring).
 
     ``min_confidence`` (a fraction; default: the checkpoint's ``score_threshold``) filters
@@ -148,7 +174,10 @@ def detection_json(detection: Detection, *, detector_info: dict[str, Any], min_c
     return {
         "id": detection.upload_id,
         "label": image_label(
-            detection.prediction, score_threshold=score_threshold, probability=detection.probability, image_threshold=detector_info.get("image_threshold"),
+            detection.prediction,
+            score_threshold=score_threshold,
+            probability=detection.probability,
+            image_threshold=detector_info.get("image_threshold"),
             calibrated=bool(detector_info.get("image_calibrated")),
         ),
         "custom_labels": custom_labels,
@@ -169,7 +198,12 @@ def preview_jpeg(image: XrayImage, *, max_size: int = DEFAULT_MAX_SIZE) -> dict[
     """
     pixels, _, _ = fit_for_display(image.pixels, None, None, max_size=max_size)
     data = encode_image(pixels, ".jpg", what="the preview", parameters=[cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY])
-    return {"media_type": "image/jpeg", "width": int(pixels.shape[1]), "height": int(pixels.shape[0]), "data": base64.b64encode(data).decode("ascii")}
+    return {
+        "media_type": "image/jpeg",
+        "width": int(pixels.shape[1]),
+        "height": int(pixels.shape[0]),
+        "data": base64.b64encode(data).decode("ascii"),
+    }
 
 
 def annotated_png(detection: Detection, *, min_confidence: float, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
@@ -179,5 +213,7 @@ def annotated_png(detection: Detection, *, min_confidence: float, max_size: int 
     """
     kept = keep_confident(detection.prediction, min_confidence=min_confidence)
     pixels, _, shown = fit_for_display(detection.image.pixels, None, kept, max_size=max_size)
-    rgb = draw_overlay(pixels, truth=None, prediction=shown, title=f"lungdet {detection.upload_id}", truth_in_legend=False)
+    rgb = draw_overlay(
+        pixels, truth=None, prediction=shown, title=f"lungdet {detection.upload_id}", truth_in_legend=False
+    )
     return encode_image(rgb, ".png", what=f"the annotated upload {detection.upload_id}")

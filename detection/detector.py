@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lungdet.data_tools.metadata import ImageTags
 from lungdet.detection.config import TrainConfig, config_from_dict
 from lungdet.detection.exported import ExportedModel, export_format, load_exported
-from lungdet.data_tools.metadata import ImageTags
 from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head, image_metadata_weights
 from lungdet.detection.inference import ImageResult, PreparedInputRunner, ProbabilityMap, image_result, prepare_input
 from lungdet.detection.model import build_model, in_memory_layout
@@ -40,7 +40,9 @@ def read_trained_checkpoint(checkpoint_path: Path) -> dict:
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint: Mapping[str, Any], *, batched_heads: bool | None = None) -> tuple[nn.Module, TrainConfig]:
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any], *, batched_heads: bool | None = None
+) -> tuple[nn.Module, TrainConfig]:
     """The model a checkpoint was saved from, with its weights, as built (NCHW, CPU, train mode), and its config.
 
     ``batched_heads`` overrides the config's choice (the heads hold no weights, so either loads).
@@ -56,7 +58,9 @@ def probability_map_of(model: nn.Module, checkpoint: Mapping[str, Any]) -> Proba
     """The model's metadata term and the checkpoint's Platt scaling (``image_calibration``; none in older checkpoints)."""
     weights = image_metadata_weights(model)
     platt = checkpoint.get("image_calibration")
-    return ProbabilityMap(tuple(weights) if weights is not None else None, tuple(float(value) for value in platt) if platt else None)
+    return ProbabilityMap(
+        tuple(weights) if weights is not None else None, tuple(float(value) for value in platt) if platt else None
+    )
 
 
 def load_trained_model(checkpoint_path: Path, *, device: torch.device) -> tuple[nn.Module, TrainConfig, dict]:
@@ -74,9 +78,14 @@ def model_input_for(pixels: np.ndarray, *, image_size: int, preprocessing: Mappi
     return to_model_input(prepare_input(pixels, image_size=image_size, preprocessing=preprocessing))
 
 
-def to_original_space(output: dict[str, torch.Tensor], *, image_size: int, rows: int, columns: int, score_threshold: float) -> Prediction:
+def to_original_space(
+    output: dict[str, torch.Tensor], *, image_size: int, rows: int, columns: int, score_threshold: float
+) -> Prediction:
     """torchvision output (XYXY_ABS at ``image_size``) -> Prediction (XYWH_ABS in the DICOM's original pixels)."""
-    return keep_confident(image_result(*_boxes_and_scores(output), None, image_size=image_size, rows=rows, columns=columns).prediction, min_confidence=score_threshold)
+    return keep_confident(
+        image_result(*_boxes_and_scores(output), None, image_size=image_size, rows=rows, columns=columns).prediction,
+        min_confidence=score_threshold,
+    )
 
 
 def _boxes_and_scores(output: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +113,10 @@ def predict_pixels(
     both come through here, so an image gets the same boxes from either.
     """
     results = ModelRunner(model, image_size, device, preprocessing, precision).predict_batch(list(images))
-    return [ImageResult(keep_confident(result.prediction, min_confidence=score_threshold), result.probability) for result in results]
+    return [
+        ImageResult(keep_confident(result.prediction, min_confidence=score_threshold), result.probability)
+        for result in results
+    ]
 
 
 @contextlib.contextmanager
@@ -148,13 +160,22 @@ class ModelRunner(PreparedInputRunner):
         return self.probability_map.metadata_weights
 
     @torch.no_grad()
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
+    def predict_prepared(
+        self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None
+    ) -> list[ImageResult]:
         """Inputs from :meth:`prepare` stacked (uint8 ``[N, S, S]``, numpy or a tensor, pinned for a fast copy) and each original ``(rows, columns)``.
 
         ``tags`` (one per image; None: all unknown) go into an image head with metadata.
         """
         # Scaled and given its three channels on the device: a quarter of the bytes cross the bus.
-        inputs = torch.as_tensor(batch).to(self.device, non_blocking=True).float().div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
+        inputs = (
+            torch.as_tensor(batch)
+            .to(self.device, non_blocking=True)
+            .float()
+            .div_(255.0)
+            .unsqueeze(1)
+            .expand(-1, 3, -1, -1)
+        )
         # A scaled TTA pass hands over another size than the model's own (lungdet.detection.tta).
         size = int(inputs.shape[-1])
         with (self.precision or Precision(self.device.type, None)).autocast(), input_size_of(self.model, size):
@@ -163,8 +184,12 @@ class ModelRunner(PreparedInputRunner):
         return [
             image_result(
                 *_boxes_and_scores(output),
-                self.probability_map.apply(float(output[IMAGE_PROBABILITY]), image_tags) if IMAGE_PROBABILITY in output else None,
-                image_size=size, rows=rows, columns=columns,
+                self.probability_map.apply(float(output[IMAGE_PROBABILITY]), image_tags)
+                if IMAGE_PROBABILITY in output
+                else None,
+                image_size=size,
+                rows=rows,
+                columns=columns,
             )
             for (rows, columns), output, image_tags in zip(shapes, outputs, tags, strict=True)
         ]
@@ -184,7 +209,8 @@ class Detector:
     architecture: str
     score_threshold: float
     checkpoint_sha256: str
-    image_threshold: float | None = None  # with an image head: its probability cut-off tuned on validation; None without one
+    # with an image head: its probability cut-off tuned on validation; None without one
+    image_threshold: float | None = None
     format: str = "checkpoint"  # or 'onnx', 'torchscript'
     # One forward pass at a time: the model is shared, and parallel passes on one device only contend.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -218,7 +244,8 @@ class Detector:
             "score_threshold": self.score_threshold,
             "image_threshold": self.image_threshold,
             "image_metadata": self.uses_metadata,
-            "image_calibrated": self.image_threshold is not None and getattr(self.runner.probability_map, "platt", None) is not None,
+            "image_calibrated": self.image_threshold is not None
+            and getattr(self.runner.probability_map, "platt", None) is not None,
         }
 
     @property
@@ -238,7 +265,9 @@ class Detector:
         with self.lock:
             return self.runner.predict_batch(images, tags)
 
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
+    def predict_prepared(
+        self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None
+    ) -> list[ImageResult]:
         """:meth:`predict_batch` for inputs already prepared (see :class:`BatchPredictor`)."""
         with self.lock:
             return self.runner.predict_prepared(batch, shapes, tags)
@@ -263,7 +292,9 @@ def load_detector(checkpoint_path: Path, *, device: str = "auto", amp: str = "au
     kind = export_format(Path(checkpoint_path))
     if kind is not None:
         if amp not in ("auto", "none"):
-            raise LungdetError(f"{checkpoint_path}: an {kind} export runs in float32 as it was exported; drop --amp {amp}")
+            raise LungdetError(
+                f"{checkpoint_path}: an {kind} export runs in float32 as it was exported; drop --amp {amp}"
+            )
         exported = load_exported(Path(checkpoint_path), device=device)
         metadata = exported.metadata
         return Detector(
@@ -277,7 +308,14 @@ def load_detector(checkpoint_path: Path, *, device: str = "auto", amp: str = "au
     torch_device = resolve_device(device)
     precision = resolve_precision(amp, torch_device)
     model, config, checkpoint = load_trained_model(Path(checkpoint_path), device=torch_device)
-    runner = ModelRunner(model, config.model.image_size, torch_device, dict(checkpoint.get("preprocessing") or {}), precision, probability_map_of(model, checkpoint))
+    runner = ModelRunner(
+        model,
+        config.model.image_size,
+        torch_device,
+        dict(checkpoint.get("preprocessing") or {}),
+        precision,
+        probability_map_of(model, checkpoint),
+    )
     return Detector(
         runner=runner,
         architecture=config.model.architecture,

@@ -54,11 +54,19 @@ def from_environment(environ: dict[str, str] | None = None) -> Distributed:
     if "WORLD_SIZE" not in environ:
         return Distributed()
     try:
-        job = Distributed(rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]), local_rank=int(environ.get("LOCAL_RANK", environ["RANK"])))
+        job = Distributed(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", environ["RANK"])),
+        )
     except (KeyError, ValueError) as error:
-        raise LungdetError(f"torchrun environment is incomplete or malformed ({error}); start multi-process training with torchrun --nproc_per_node=N") from None
+        raise LungdetError(
+            f"torchrun environment is incomplete or malformed ({error}); start multi-process training with torchrun --nproc_per_node=N"
+        ) from None
     if not 0 <= job.rank < job.world_size:
-        raise LungdetError(f"RANK={job.rank} is outside WORLD_SIZE={job.world_size}; start multi-process training with torchrun")
+        raise LungdetError(
+            f"RANK={job.rank} is outside WORLD_SIZE={job.world_size}; start multi-process training with torchrun"
+        )
     return job
 
 
@@ -69,9 +77,13 @@ def choose_backend(device_type: str, environ: dict[str, str] | None = None) -> s
     if not chosen:
         return "nccl" if device_type == "cuda" else "gloo"
     if chosen not in BACKENDS:
-        raise LungdetError(f"{BACKEND_VARIABLE}={environ[BACKEND_VARIABLE]!r} is not a backend; use one of {', '.join(BACKENDS)} or leave it unset")
+        raise LungdetError(
+            f"{BACKEND_VARIABLE}={environ[BACKEND_VARIABLE]!r} is not a backend; use one of {', '.join(BACKENDS)} or leave it unset"
+        )
     if chosen == "nccl" and device_type != "cuda":
-        raise LungdetError(f"{BACKEND_VARIABLE}=nccl needs CUDA GPUs but this run is on {device_type}; unset it or use gloo")
+        raise LungdetError(
+            f"{BACKEND_VARIABLE}=nccl needs CUDA GPUs but this run is on {device_type}; unset it or use gloo"
+        )
     return chosen
 
 

@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lungdet.boxes import xyxy_to_xywh
-from lungdet.errors import LungdetError
 from lungdet.detection.distributed import Distributed, gather_to_main, share_from_main
 from lungdet.detection.image_head import IMAGE_PROBABILITY, image_metadata_weights
 from lungdet.detection.inference import with_metadata_features
 from lungdet.detection.runtime import Precision
+from lungdet.errors import LungdetError
 from lungdet.submission.platt import apply_platt, fit_platt
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.score import roc_auc, score_dataset, youden_threshold
@@ -33,7 +33,9 @@ class NonFiniteLossError(LungdetError):
     """Training produced a NaN or infinite loss; continuing would only spread NaNs into the weights."""
 
 
-def move_to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+def move_to_device(
+    images: list[torch.Tensor], targets: list[dict], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict]]:
     return [image.to(device, non_blocking=True) for image in images], [
         {key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets
     ]
@@ -103,7 +105,9 @@ def train_one_epoch(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     remaining = len(loader) if hasattr(loader, "__len__") else None
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", total=remaining, disable=None if progress else True, leave=False)
+    bar = tqdm(
+        loader, desc=f"epoch {epoch}", unit="batch", total=remaining, disable=None if progress else True, leave=False
+    )
     clock = time.perf_counter()
     for position, (images, targets) in enumerate(bar, start=1):
         data_seconds = time.perf_counter() - clock
@@ -114,9 +118,11 @@ def train_one_epoch(
         loss = sum(losses.values())
         # One copy to the host per step, not one per loss: each copy waits for the GPU to catch up,
         # and the values must be checked before the weights are touched.
-        loss_value, *part_values = torch.stack([loss.detach(), *(value.detach() for value in losses.values())]).float().tolist()
+        loss_value, *part_values = (
+            torch.stack([loss.detach(), *(value.detach() for value in losses.values())]).float().tolist()
+        )
         if not math.isfinite(loss_value):
-            parts = ", ".join(f"{name}={value:.4g}" for name, value in zip(losses, part_values))
+            parts = ", ".join(f"{name}={value:.4g}" for name, value in zip(losses, part_values, strict=True))
             raise NonFiniteLossError(
                 f"epoch {epoch}, batch {batch} (optimizer step {scheduler.last_epoch + 1}): loss is {loss_value} ({parts}); "
                 "lower optim.lr or raise optim.warmup_iters, and check the boxes in the dataset"
@@ -144,7 +150,7 @@ def train_one_epoch(
         state.batches = batch
         state.images += len(images)
         state.totals["loss"] = state.totals.get("loss", 0.0) + loss_value
-        for name, value in zip(losses, part_values):
+        for name, value in zip(losses, part_values, strict=True):
             state.totals[name] = state.totals.get(name, 0.0) + value
         now = time.perf_counter()
         state.seconds += now - clock  # the whole step, its data wait included
@@ -166,7 +172,12 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_loader(
-    model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool = False, precision: Precision | None = None,
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    progress: bool = False,
+    precision: Precision | None = None,
     probabilities: dict[str, float] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Prediction]]:
     """Run ``model`` over a validation loader: ``(truth, predictions)`` keyed by image id.
@@ -183,11 +194,13 @@ def predict_loader(
     for images, targets in tqdm(loader, desc="validate", unit="batch", disable=None if progress else True, leave=False):
         with (precision or Precision(device.type, None)).autocast():
             outputs = model([image.to(device, non_blocking=True) for image in images])
-        for target, output in zip(targets, outputs):
+        for target, output in zip(targets, outputs, strict=True):
             key = str(int(target["image_id"]))
             truth[key] = xyxy_to_xywh(target["boxes"].numpy())
             # .float(): under bf16 autocast the heads may hand back half-precision scores.
-            predictions[key] = Prediction.from_arrays(output["scores"].float().cpu().numpy(), xyxy_to_xywh(output["boxes"].float().cpu().numpy()))
+            predictions[key] = Prediction.from_arrays(
+                output["scores"].float().cpu().numpy(), xyxy_to_xywh(output["boxes"].float().cpu().numpy())
+            )
             if probabilities is not None and IMAGE_PROBABILITY in output:
                 probability = float(output[IMAGE_PROBABILITY])
                 if metadata_weights is not None:
@@ -217,7 +230,9 @@ def evaluate(
     """
     job = job or Distributed()
     probabilities: dict[str, float] = {}
-    truth, predictions = predict_loader(model, loader, device, progress=progress and job.is_main, precision=precision, probabilities=probabilities)
+    truth, predictions = predict_loader(
+        model, loader, device, progress=progress and job.is_main, precision=precision, probabilities=probabilities
+    )
     shards = gather_to_main(job, (truth, predictions, probabilities))
     if not job.is_main:
         return share_from_main(job, {})
@@ -229,7 +244,11 @@ def evaluate(
 
 
 def score_predictions(
-    truth: dict[str, np.ndarray], predictions: dict[str, Prediction], score_thresholds: Sequence[float], *, probabilities: dict[str, float] | None = None
+    truth: dict[str, np.ndarray],
+    predictions: dict[str, Prediction],
+    score_thresholds: Sequence[float],
+    *,
+    probabilities: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """The validation metrics of ``predictions`` (and image ``probabilities``, if any) against ``truth`` (see :func:`evaluate`)."""
     reports = {threshold: score_dataset(truth, predictions, min_confidence=threshold) for threshold in score_thresholds}

@@ -49,14 +49,20 @@ import torch
 import torchvision
 from torch import nn
 
+from lungdet import lungdet_version
 from lungdet.atomic import atomic_path
 from lungdet.cli_types import int_in_range
-from lungdet.errors import ImageReadError, LungdetError
 from lungdet.data_tools.image_io import read_xray_file
 from lungdet.data_tools.metadata import METADATA_FEATURES
 from lungdet.data_tools.synth import generate_case
-from lungdet import lungdet_version
 from lungdet.detection.config import MODEL_ARCHITECTURES, config_from_dict
+from lungdet.detection.detector import (
+    ModelRunner,
+    file_sha256,
+    model_from_checkpoint,
+    probability_map_of,
+    read_trained_checkpoint,
+)
 from lungdet.detection.exported import (
     FORMATS,
     INSTALL_ONNX,
@@ -69,8 +75,8 @@ from lungdet.detection.exported import (
 )
 from lungdet.detection.image_head import IMAGE_PROBABILITY, has_image_head
 from lungdet.detection.inference import ImageResult, prepare_input
-from lungdet.detection.detector import ModelRunner, file_sha256, model_from_checkpoint, probability_map_of, read_trained_checkpoint
 from lungdet.detection.runtime import resolve_device
+from lungdet.errors import ImageReadError, LungdetError
 
 ONNX_OPSET = 17
 INPUT_NAME = "images"
@@ -114,10 +120,16 @@ def exportable_detector(checkpoint: dict[str, Any]) -> nn.Module:
 def example_batch(image_size: int, batch_size: int, preprocessing: dict[str, Any], *, seed: int = 0) -> np.ndarray:
     """Synthetic chest X-rays with opacities, prepared as the model's input: what the trace runs."""
     rng = np.random.default_rng(seed)
-    return np.stack([
-        prepare_input(generate_case(rng, size=SELF_CHECK_SIZE, positive=True).pixels, image_size=image_size, preprocessing=preprocessing)
-        for _ in range(batch_size)
-    ])
+    return np.stack(
+        [
+            prepare_input(
+                generate_case(rng, size=SELF_CHECK_SIZE, positive=True).pixels,
+                image_size=image_size,
+                preprocessing=preprocessing,
+            )
+            for _ in range(batch_size)
+        ]
+    )
 
 
 def metadata_weights_of(checkpoint: dict[str, Any]) -> list[float] | None:
@@ -127,7 +139,13 @@ def metadata_weights_of(checkpoint: dict[str, Any]) -> list[float] | None:
 
 
 def build_metadata(
-    checkpoint: dict[str, Any], *, checkpoint_path: Path, checkpoint_sha256: str, fmt: str, batch_size: int, outputs_per_image: Sequence[str],
+    checkpoint: dict[str, Any],
+    *,
+    checkpoint_path: Path,
+    checkpoint_sha256: str,
+    fmt: str,
+    batch_size: int,
+    outputs_per_image: Sequence[str],
     traced_on: str,
 ) -> dict[str, Any]:
     """The JSON document every export carries: enough to prepare an image, read the outputs and apply the tuned cut-offs."""
@@ -138,7 +156,7 @@ def build_metadata(
         "format": METADATA_FORMAT,
         "format_version": METADATA_VERSION,
         "lungdet_version": lungdet_version(),
-        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "exporter": f"torch {torch.__version__}, torchvision {torchvision.__version__}: "
         + (f"torch.onnx.export(dynamo=False), opset {ONNX_OPSET}" if fmt == "onnx" else "torch.jit.trace"),
         "architecture": config.model.architecture,
@@ -168,13 +186,17 @@ def build_metadata(
             f"resize to image_size ({image_size}) square with cv2.INTER_AREA if not already",
         ],
         "score_threshold": float(checkpoint.get("score_threshold", 0.5)),
-        "image_threshold": float(checkpoint.get("image_threshold", 0.5)) if IMAGE_PROBABILITY in outputs_per_image else None,
+        "image_threshold": float(checkpoint.get("image_threshold", 0.5))
+        if IMAGE_PROBABILITY in outputs_per_image
+        else None,
         # An image head trained with the view, sex and age: its term is added to the graph's probability
         # outside the graph, so the export keeps one image input (see lungdet.detection.inference.with_metadata).
         "image_metadata_weights": metadata_weights_of(checkpoint) if IMAGE_PROBABILITY in outputs_per_image else None,
         "image_metadata_features": list(METADATA_FEATURES),
         # Platt scaling fitted on validation, applied after the metadata term (see lungdet.submission.platt).
-        "image_calibration": list(checkpoint["image_calibration"]) if checkpoint.get("image_calibration") and IMAGE_PROBABILITY in outputs_per_image else None,
+        "image_calibration": list(checkpoint["image_calibration"])
+        if checkpoint.get("image_calibration") and IMAGE_PROBABILITY in outputs_per_image
+        else None,
         "box_score_floor": config.model.box_score_thresh,
         "source_checkpoint": {"file": checkpoint_path.name, "sha256": checkpoint_sha256},
         "notice": "research use only; not a diagnostic device",
@@ -202,8 +224,13 @@ def write_onnx(graph: ExportGraph, example: torch.Tensor, metadata: dict[str, An
     with atomic_path(out) as temporary:
         with trace_quietly():
             torch.onnx.export(
-                graph, (example,), str(temporary), dynamo=False, opset_version=ONNX_OPSET,
-                input_names=[INPUT_NAME], output_names=metadata["output_names"],
+                graph,
+                (example,),
+                str(temporary),
+                dynamo=False,
+                opset_version=ONNX_OPSET,
+                input_names=[INPUT_NAME],
+                output_names=metadata["output_names"],
             )
         model = onnx.load(str(temporary))
         entry = model.metadata_props.add()
@@ -233,7 +260,11 @@ class Parity:
 
     @property
     def ok(self) -> bool:
-        return self.count_mismatches == 0 and self.max_box_px <= MAX_BOX_DIFFERENCE_PX and self.max_score <= MAX_SCORE_DIFFERENCE
+        return (
+            self.count_mismatches == 0
+            and self.max_box_px <= MAX_BOX_DIFFERENCE_PX
+            and self.max_score <= MAX_SCORE_DIFFERENCE
+        )
 
     def describe(self) -> str:
         probability = "" if self.max_probability is None else f", image probability within {self.max_probability:.1e}"
@@ -283,7 +314,13 @@ def check_images(paths: Sequence[Path], *, seed: int = 1) -> list[np.ndarray]:
 
 
 def export_checkpoint(
-    checkpoint_path: Path, out: Path, *, fmt: str, batch_size: int = 1, device: str = "cpu", check: Sequence[Path] = (),
+    checkpoint_path: Path,
+    out: Path,
+    *,
+    fmt: str,
+    batch_size: int = 1,
+    device: str = "cpu",
+    check: Sequence[Path] = (),
     say: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], Parity]:
     """Export ``checkpoint_path`` to ``out`` as ``fmt`` ('onnx' or 'torchscript'), then check it against the checkpoint.
@@ -302,16 +339,27 @@ def export_checkpoint(
     checkpoint = read_trained_checkpoint(checkpoint_path)
     torch_device = resolve_device(device)
     if fmt == "onnx" and torch_device.type != "cpu":
-        raise LungdetError("--device: an ONNX graph does not depend on where it was traced; export it on the CPU (drop --device) and run it anywhere")
+        raise LungdetError(
+            "--device: an ONNX graph does not depend on where it was traced; export it on the CPU (drop --device) and run it anywhere"
+        )
     model = exportable_detector(checkpoint)
     outputs_per_image = ["boxes", "scores", "labels"] + ([IMAGE_PROBABILITY] if has_image_head(model) else [])
     metadata = build_metadata(
-        checkpoint, checkpoint_path=checkpoint_path, checkpoint_sha256=file_sha256(checkpoint_path), fmt=fmt, batch_size=batch_size,
-        outputs_per_image=outputs_per_image, traced_on=torch_device.type,
+        checkpoint,
+        checkpoint_path=checkpoint_path,
+        checkpoint_sha256=file_sha256(checkpoint_path),
+        fmt=fmt,
+        batch_size=batch_size,
+        outputs_per_image=outputs_per_image,
+        traced_on=torch_device.type,
     )
     graph = ExportGraph(model, outputs_per_image).to(torch_device).eval()
-    example = torch.from_numpy(example_batch(metadata["image_size"], batch_size, metadata["preprocessing"])).to(torch_device)
-    say(f"tracing {metadata['architecture']} at {metadata['image_size']} px, batch {batch_size}, on {torch_device.type} ...")
+    example = torch.from_numpy(example_batch(metadata["image_size"], batch_size, metadata["preprocessing"])).to(
+        torch_device
+    )
+    say(
+        f"tracing {metadata['architecture']} at {metadata['image_size']} px, batch {batch_size}, on {torch_device.type} ..."
+    )
     try:
         with torch.no_grad():
             (write_onnx if fmt == "onnx" else write_torchscript)(graph, example, metadata, out)
@@ -323,7 +371,9 @@ def export_checkpoint(
             f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
             f"lungdet's tests export every architecture it trains ({', '.join(MODEL_ARCHITECTURES)}), so this is a bug worth reporting"
         ) from None
-    say(f"checking {out.name} against {checkpoint_path.name} on {len(images)} {'given' if check else 'synthetic'} images ...")
+    say(
+        f"checking {out.name} against {checkpoint_path.name} on {len(images)} {'given' if check else 'synthetic'} images ..."
+    )
     parity = check_export(checkpoint, out, device=str(torch_device), images=images, cut_off=metadata["score_threshold"])
     if not parity.ok:
         out.unlink(missing_ok=True)
@@ -334,12 +384,18 @@ def export_checkpoint(
     return metadata, parity
 
 
-def check_export(checkpoint: dict[str, Any], out: Path, *, device: str, images: Sequence[np.ndarray], cut_off: float) -> Parity:
+def check_export(
+    checkpoint: dict[str, Any], out: Path, *, device: str, images: Sequence[np.ndarray], cut_off: float
+) -> Parity:
     """Run ``images`` through the checkpoint's model (fp32, as built, on the export's device) and through the export."""
     model, config = model_from_checkpoint(checkpoint)
     torch_device = torch.device(device)
     runner = ModelRunner(
-        model.to(torch_device).eval(), config.model.image_size, torch_device, dict(checkpoint.get("preprocessing") or {}), None,
+        model.to(torch_device).eval(),
+        config.model.image_size,
+        torch_device,
+        dict(checkpoint.get("preprocessing") or {}),
+        None,
         probability_map_of(model, checkpoint),
     )
     exported = load_exported(out, device=device)
@@ -360,18 +416,29 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint from lungdet train (RUN/best.pt)")
-    parser.add_argument("--format", choices=FORMATS, required=True, help="onnx (needs pip install 'lungdet[onnx]') or torchscript")
-    parser.add_argument("--out", type=Path, required=True, help="the file to write (model.onnx, model.ts); written whole or not at all")
     parser.add_argument(
-        "--batch-size", type=int_in_range(1), default=1,
+        "--format", choices=FORMATS, required=True, help="onnx (needs pip install 'lungdet[onnx]') or torchscript"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="the file to write (model.onnx, model.ts); written whole or not at all"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int_in_range(1),
+        default=1,
         help="images per forward pass, fixed in the graph by the tracing exporter (default 1); lungdet pads a short last batch",
     )
     parser.add_argument(
-        "--device", default="cpu",
+        "--device",
+        default="cpu",
         help="TorchScript only: the device the trace will run on ('cpu', 'cuda'); a trace records it. ONNX runs anywhere (default cpu)",
     )
     parser.add_argument(
-        "--check", type=Path, nargs="+", default=[], metavar="FILE",
+        "--check",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="FILE",
         help=f"X-rays (DICOM, PNG, JPEG) to compare the export and the checkpoint on (default: {SELF_CHECK_IMAGES} synthetic ones)",
     )
     return parser
@@ -379,7 +446,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     metadata, parity = export_checkpoint(
-        args.checkpoint, args.out, fmt=args.format, batch_size=args.batch_size, device=args.device, check=args.check,
+        args.checkpoint,
+        args.out,
+        fmt=args.format,
+        batch_size=args.batch_size,
+        device=args.device,
+        check=args.check,
         say=lambda line: print(f"lungdet export: {line}", file=sys.stderr, flush=True),
     )
     size_mb = args.out.stat().st_size / 2**20

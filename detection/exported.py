@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from lungdet.errors import LungdetError
 from lungdet.data_tools.metadata import ImageTags
 from lungdet.detection.inference import ImageResult, PreparedInputRunner, ProbabilityMap, image_result
+from lungdet.errors import LungdetError
 
 METADATA_KEY = "lungdet"
 TORCHSCRIPT_METADATA_FILE = "lungdet.json"
@@ -41,8 +41,18 @@ ONNX_FIRST_BYTE = b"\x08"
 INSTALL_ONNX = "pip install 'lungdet[onnx]' (or: pip install onnxruntime)"
 # What every export's metadata must hold for lungdet to run it.
 REQUIRED_METADATA = (
-    "format", "format_version", "architecture", "image_size", "batch_size", "input", "output_names",
-    "outputs_per_image", "preprocessing", "score_threshold", "image_threshold", "source_checkpoint",
+    "format",
+    "format_version",
+    "architecture",
+    "image_size",
+    "batch_size",
+    "input",
+    "output_names",
+    "outputs_per_image",
+    "preprocessing",
+    "score_threshold",
+    "image_threshold",
+    "source_checkpoint",
 )
 
 
@@ -53,7 +63,11 @@ def export_format(path: Path) -> str | None:
         if zipfile.is_zipfile(path):
             # torch.save checkpoints are zip archives too; a TorchScript export carries our extra file.
             with zipfile.ZipFile(path) as archive:
-                return "torchscript" if any(name.endswith(f"/extra/{TORCHSCRIPT_METADATA_FILE}") for name in archive.namelist()) else None
+                return (
+                    "torchscript"
+                    if any(name.endswith(f"/extra/{TORCHSCRIPT_METADATA_FILE}") for name in archive.namelist())
+                    else None
+                )
         with open(path, "rb") as stream:
             first = stream.read(1)
     except OSError:
@@ -64,14 +78,18 @@ def export_format(path: Path) -> str | None:
 def check_metadata(metadata: Any, *, source: Path) -> dict[str, Any]:
     """``metadata`` if it is a lungdet export's, else a LungdetError naming the file and what is missing."""
     if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
-        raise LungdetError(f"{source}: has no lungdet metadata, so lungdet cannot know how to prepare its input; export it with lungdet export")
+        raise LungdetError(
+            f"{source}: has no lungdet metadata, so lungdet cannot know how to prepare its input; export it with lungdet export"
+        )
     if metadata["format_version"] > METADATA_VERSION:
         raise LungdetError(
             f"{source}: export format version {metadata['format_version']} is newer than this lungdet reads ({METADATA_VERSION}); upgrade lungdet"
         )
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
-        raise LungdetError(f"{source}: lungdet metadata lacks {', '.join(missing)}; export it again with lungdet export")
+        raise LungdetError(
+            f"{source}: lungdet metadata lacks {', '.join(missing)}; export it again with lungdet export"
+        )
     return metadata
 
 
@@ -80,7 +98,9 @@ def read_torchscript_metadata(path: Path) -> dict[str, Any]:
     with zipfile.ZipFile(path) as archive:
         names = [name for name in archive.namelist() if name.endswith(f"/extra/{TORCHSCRIPT_METADATA_FILE}")]
         if not names:
-            raise LungdetError(f"{path}: a zip archive without extra/{TORCHSCRIPT_METADATA_FILE}; export it with lungdet export --format torchscript")
+            raise LungdetError(
+                f"{path}: a zip archive without extra/{TORCHSCRIPT_METADATA_FILE}; export it with lungdet export --format torchscript"
+            )
         return check_metadata(json.loads(archive.read(names[0])), source=path)
 
 
@@ -88,7 +108,9 @@ def _onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise LungdetError(f"running an ONNX export needs onnxruntime, which is not installed; {INSTALL_ONNX}") from None
+        raise LungdetError(
+            f"running an ONNX export needs onnxruntime, which is not installed; {INSTALL_ONNX}"
+        ) from None
     return onnxruntime
 
 
@@ -97,7 +119,11 @@ def onnx_providers(device: str, available: Sequence[str]) -> list[Any]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device == "auto":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+        return (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if "CUDAExecutionProvider" in available
+            else ["CPUExecutionProvider"]
+        )
     kind, _, index = device.partition(":")
     if kind != "cuda" or (index and not index.isdigit()):
         raise LungdetError(f"--device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -140,14 +166,17 @@ class ExportedModel(PreparedInputRunner):
         """The image head's metadata term and Platt scaling, applied to the graph's probability outside it (exports before them had neither)."""
         weights, platt = self.metadata.get("image_metadata_weights"), self.metadata.get("image_calibration")
         return ProbabilityMap(
-            tuple(float(value) for value in weights) if weights is not None else None, tuple(float(value) for value in platt) if platt else None
+            tuple(float(value) for value in weights) if weights is not None else None,
+            tuple(float(value) for value in platt) if platt else None,
         )
 
     @property
     def metadata_weights(self) -> tuple[float, ...] | None:
         return self.probability_map.metadata_weights
 
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
+    def predict_prepared(
+        self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None
+    ) -> list[ImageResult]:
         """Inputs from :meth:`prepare` stacked (uint8 ``[N, S, S]``, numpy or a CPU tensor) and each original ``(rows, columns)``.
 
         ``tags`` (one per image; None: all unknown) go into an image head with metadata, as for a checkpoint.
@@ -166,8 +195,21 @@ class ExportedModel(PreparedInputRunner):
             for index in range(real):
                 values = {name: np.asarray(outputs[f"{name}_{index}"]) for name in per_image}
                 rows, columns = shapes[start + index]
-                probability = probability_map.apply(float(values["image_probability"]), tags[start + index]) if "image_probability" in values else None
-                results.append(image_result(values["boxes"], values["scores"], probability, image_size=self.image_size, rows=rows, columns=columns))
+                probability = (
+                    probability_map.apply(float(values["image_probability"]), tags[start + index])
+                    if "image_probability" in values
+                    else None
+                )
+                results.append(
+                    image_result(
+                        values["boxes"],
+                        values["scores"],
+                        probability,
+                        image_size=self.image_size,
+                        rows=rows,
+                        columns=columns,
+                    )
+                )
         return results
 
 
@@ -181,7 +223,9 @@ def load_onnx(path: Path, *, device: str = "auto", threads: int | None = None) -
     try:
         session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
-        raise LungdetError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0][:200]}); export it again with lungdet export") from None
+        raise LungdetError(
+            f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0][:200]}); export it again with lungdet export"
+        ) from None
     raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     metadata = check_metadata(json.loads(raw) if raw else None, source=path)
     input_name = metadata["input"]["name"]

@@ -61,11 +61,19 @@ class ImageHead(nn.Module):
     """
 
     def __init__(
-        self, channels: int, *, hidden: int = HIDDEN_UNITS, loss_weight: float = 1.0, metadata_features: int = 0,
-        class_info: bool = False, class_loss_weight: float = 0.1,
+        self,
+        channels: int,
+        *,
+        hidden: int = HIDDEN_UNITS,
+        loss_weight: float = 1.0,
+        metadata_features: int = 0,
+        class_info: bool = False,
+        class_loss_weight: float = 0.1,
     ) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(hidden, 1)
+        )
         self.loss_weight = loss_weight
         self.class_loss_weight = class_loss_weight
         self.metadata = nn.Linear(metadata_features, 1, bias=False) if metadata_features else None
@@ -86,7 +94,11 @@ class ImageHead(nn.Module):
 
     def metadata_weights(self) -> list[float] | None:
         """The metadata term's weights (one per :data:`~lungdet.data_tools.metadata.METADATA_FEATURES`), None without metadata."""
-        return None if self.metadata is None else [float(value) for value in self.metadata.weight.detach().float().reshape(-1)]
+        return (
+            None
+            if self.metadata is None
+            else [float(value) for value in self.metadata.weight.detach().float().reshape(-1)]
+        )
 
 
 def _keep_top_level(backbone: nn.Module, inputs: Any, features: Any) -> None:
@@ -98,7 +110,9 @@ def _keep_top_level(backbone: nn.Module, inputs: Any, features: Any) -> None:
 def _stacked(targets: list[dict[str, torch.Tensor]], key: str, *, what: str) -> torch.Tensor:
     missing = [index for index, target in enumerate(targets) if key not in target]
     if missing:
-        raise ValueError(f"targets {missing} have no '{key}'; a head with {what} trains on targets that carry it (detection/data.py adds it)")
+        raise ValueError(
+            f"targets {missing} have no '{key}'; a head with {what} trains on targets that carry it (detection/data.py adds it)"
+        )
     return torch.stack([target[key] for target in targets])
 
 
@@ -119,11 +133,17 @@ def _add_image_outputs(detector: nn.Module, args: tuple, kwargs: dict, output: A
             loss = functional.binary_cross_entropy_with_logits(logits, labels)
             output = {**output, IMAGE_LOSS: loss * head.loss_weight}
             if head.classes is not None:
-                classes = _stacked(targets, "class_index", what="three classes").to(logits.device, torch.int64).reshape(-1)
+                classes = (
+                    _stacked(targets, "class_index", what="three classes").to(logits.device, torch.int64).reshape(-1)
+                )
                 known = classes != NO_CLASS
                 class_logits = head_outputs["class_logits"]
                 # An all-unknown batch adds a zero that keeps the graph (the loop sums every loss).
-                class_loss = functional.cross_entropy(class_logits[known], classes[known]) if bool(known.any()) else class_logits.sum() * 0.0
+                class_loss = (
+                    functional.cross_entropy(class_logits[known], classes[known])
+                    if bool(known.any())
+                    else class_logits.sum() * 0.0
+                )
                 output[IMAGE_CLASS_LOSS] = class_loss * head.class_loss_weight
         return output
     probabilities = torch.sigmoid(logits)
@@ -133,12 +153,20 @@ def _add_image_outputs(detector: nn.Module, args: tuple, kwargs: dict, output: A
 
 
 def attach_image_head(
-    detector: nn.Module, *, loss_weight: float = 1.0, metadata_features: int = 0, class_info: bool = False, class_loss_weight: float = 0.1
+    detector: nn.Module,
+    *,
+    loss_weight: float = 1.0,
+    metadata_features: int = 0,
+    class_info: bool = False,
+    class_loss_weight: float = 0.1,
 ) -> nn.Module:
     """Give ``detector`` (in place) an :class:`ImageHead` on its backbone's top level, and the hooks that use it."""
     detector.image_head = ImageHead(
-        detector.backbone.out_channels, loss_weight=loss_weight, metadata_features=metadata_features,
-        class_info=class_info, class_loss_weight=class_loss_weight,
+        detector.backbone.out_channels,
+        loss_weight=loss_weight,
+        metadata_features=metadata_features,
+        class_info=class_info,
+        class_loss_weight=class_loss_weight,
     )
     detector.backbone.register_forward_hook(_keep_top_level)
     detector.register_forward_hook(_add_image_outputs, with_kwargs=True)

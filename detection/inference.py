@@ -81,7 +81,9 @@ def prepare_input(pixels: np.ndarray, *, image_size: int, preprocessing: Mapping
     repeating the grey channel happen later, on the device (or inside an exported graph).
     """
     pixels = prepare_pixels(
-        pixels, image_size=preprocessing.get("image_size"), normalization=str(preprocessing.get("normalization", "none"))
+        pixels,
+        image_size=preprocessing.get("image_size"),
+        normalization=str(preprocessing.get("normalization", "none")),
     )
     if pixels.shape != (image_size, image_size):
         # INTER_AREA, as convert: it averages source pixels when shrinking, which keeps faint opacities.
@@ -93,7 +95,11 @@ def image_result(
     boxes_xyxy: np.ndarray, scores: np.ndarray, probability: float | None, *, image_size: int, rows: int, columns: int
 ) -> ImageResult:
     """A detector's output for one image (XYXY_ABS at ``image_size``) -> :class:`ImageResult` (XYWH_ABS in the ``rows x columns`` original)."""
-    boxes = scale_xywh(xyxy_to_xywh(np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)), scale_x=columns / image_size, scale_y=rows / image_size)
+    boxes = scale_xywh(
+        xyxy_to_xywh(np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)),
+        scale_x=columns / image_size,
+        scale_y=rows / image_size,
+    )
     return ImageResult(Prediction.from_arrays(np.asarray(scores, dtype=np.float64).reshape(-1), boxes), probability)
 
 
@@ -108,7 +114,9 @@ class PreparedInputRunner:
     image_size: int
     preprocessing: Mapping[str, Any] | None
 
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
+    def predict_prepared(
+        self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None
+    ) -> list[ImageResult]:
         raise NotImplementedError
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
@@ -117,4 +125,6 @@ class PreparedInputRunner:
 
     def predict_batch(self, images: list[np.ndarray], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]:
         """Every box for each decoded X-ray (uint8 ``[H, W]``, any sizes), XYWH_ABS in its own pixels, in order; ``tags`` as for ``predict_prepared``."""
-        return self.predict_prepared(np.stack([self.prepare(pixels) for pixels in images]), [pixels.shape[:2] for pixels in images], tags)
+        return self.predict_prepared(
+            np.stack([self.prepare(pixels) for pixels in images]), [pixels.shape[:2] for pixels in images], tags
+        )

@@ -18,11 +18,15 @@ _MIN_SEMI_AXIS = 1e-6
 
 def _check_boxes(boxes_xyxy: torch.Tensor) -> None:
     if boxes_xyxy.ndim != 2 or boxes_xyxy.shape[1] != 4:
-        raise ValueError(f"boxes_xyxy: expected shape [N, 4] (x1, y1, x2, y2), got {list(boxes_xyxy.shape)}; use torch.zeros(0, 4) for no boxes")
+        raise ValueError(
+            f"boxes_xyxy: expected shape [N, 4] (x1, y1, x2, y2), got {list(boxes_xyxy.shape)}; use torch.zeros(0, 4) for no boxes"
+        )
     inverted = (boxes_xyxy[:, 2] < boxes_xyxy[:, 0]) | (boxes_xyxy[:, 3] < boxes_xyxy[:, 1])
     if bool(inverted.any()):
         index = int(torch.nonzero(inverted)[0, 0])
-        raise ValueError(f"boxes_xyxy[{index}] = {boxes_xyxy[index].tolist()}: x2 < x1 or y2 < y1; boxes must be XYXY_ABS, not XYWH")
+        raise ValueError(
+            f"boxes_xyxy[{index}] = {boxes_xyxy[index].tolist()}: x2 < x1 or y2 < y1; boxes must be XYXY_ABS, not XYWH"
+        )
 
 
 def box_masks(boxes_xyxy: torch.Tensor, *, height: int, width: int, shape: str) -> torch.Tensor:

@@ -42,10 +42,10 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from lungdet.data_tools.metadata import METADATA_FEATURES
-from lungdet.errors import ConfigError
 from lungdet.detection.batched_heads import BatchedRetinaNetLoss, use_batched_heads
 from lungdet.detection.config import MODEL_ARCHITECTURES, ModelConfig
 from lungdet.detection.image_head import attach_image_head
+from lungdet.errors import ConfigError
 
 # RetinaNet puts three anchor scales an octave apart on each FPN level (the paper, and torchvision).
 RETINANET_ANCHOR_SCALES = (1.0, 2.0 ** (1.0 / 3.0), 2.0 ** (2.0 / 3.0))
@@ -60,13 +60,18 @@ def _resnet50_fpn(norm_layer: Callable[..., nn.Module], trainable_layers: int) -
 
 def _resnet50_fpn_v2(norm_layer: Callable[..., nn.Module], trainable_layers: int) -> nn.Module:
     # The v2 recipe normalises the FPN too, always with trainable batch norm.
-    return _resnet_fpn_extractor(resnet50(weights=None, norm_layer=norm_layer), trainable_layers, norm_layer=nn.BatchNorm2d)
+    return _resnet_fpn_extractor(
+        resnet50(weights=None, norm_layer=norm_layer), trainable_layers, norm_layer=nn.BatchNorm2d
+    )
 
 
 def _resnet50_fpn_p3_p7(norm_layer: Callable[..., nn.Module], trainable_layers: int) -> nn.Module:
     # RetinaNet skips P2 (too many anchors, says the paper) and adds P6, P7 computed from P5.
     return _resnet_fpn_extractor(
-        resnet50(weights=None, norm_layer=norm_layer), trainable_layers, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+        resnet50(weights=None, norm_layer=norm_layer),
+        trainable_layers,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),
     )
 
 
@@ -103,7 +108,9 @@ def _faster_rcnn(backbone: nn.Module, config: ModelConfig, anchors: AnchorGenera
 def _faster_rcnn_v2(backbone: nn.Module, config: ModelConfig, anchors: AnchorGenerator) -> nn.Module:
     # torchvision's fasterrcnn_resnet50_fpn_v2: a two-conv RPN head and a four-conv box head with batch norm.
     rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
-    box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d)
+    box_head = FastRCNNConvFCHead(
+        (backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d
+    )
     return FasterRCNN(backbone, rpn_head=rpn_head, box_head=box_head, **_rcnn_options(config, anchors))
 
 
@@ -124,7 +131,9 @@ class ForegroundRetinaNet(RetinaNet):
     model, labels mean the same for every architecture (1 = lung_opacity).
     """
 
-    def compute_loss(self, targets: list[dict[str, torch.Tensor]], head_outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def compute_loss(
+        self, targets: list[dict[str, torch.Tensor]], head_outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         num_classes = self.head.classification_head.num_classes
         every_label = torch.cat([target["labels"] for target in targets])
         # After the shift, a label outside 1..num_classes would index a wrong output, or wrap around
@@ -141,7 +150,10 @@ class ForegroundRetinaNet(RetinaNet):
         return super().compute_loss(shifted, head_outputs, anchors)
 
     def postprocess_detections(
-        self, head_outputs: dict[str, list[torch.Tensor]], anchors: list[list[torch.Tensor]], image_shapes: list[tuple[int, int]]
+        self,
+        head_outputs: dict[str, list[torch.Tensor]],
+        anchors: list[list[torch.Tensor]],
+        image_shapes: list[tuple[int, int]],
     ) -> list[dict[str, torch.Tensor]]:
         detections = super().postprocess_detections(head_outputs, anchors, image_shapes)
         return [{**detection, "labels": detection["labels"] + 1} for detection in detections]
@@ -174,12 +186,17 @@ def _retinanet(backbone: nn.Module, config: ModelConfig, anchors: AnchorGenerato
 class Architecture:
     """How to build one detector and where its COCO weights come from."""
 
-    build_backbone: Callable[[Callable[..., nn.Module], int], nn.Module]  # (norm layer, trainable stages) -> backbone with FPN
-    build_detector: Callable[[nn.Module, ModelConfig, AnchorGenerator], nn.Module]  # (backbone, config, anchors) -> detector with its heads
+    build_backbone: Callable[
+        [Callable[..., nn.Module], int], nn.Module
+    ]  # (norm layer, trainable stages) -> backbone with FPN
+    build_detector: Callable[
+        [nn.Module, ModelConfig, AnchorGenerator], nn.Module
+    ]  # (backbone, config, anchors) -> detector with its heads
     feature_maps: int  # FPN outputs the anchors go on; decides how anchor sizes are spread
     all_layers: int  # trainable-stage count meaning "train everything" (from scratch)
     coco_weights: WeightsEnum  # torchvision weights enum member
-    pretrained_norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d  # backbone norm with pretrained weights (torchvision's recipe)
+    # backbone norm with pretrained weights (torchvision's recipe)
+    pretrained_norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d
     anchor_scales: tuple[float, ...] = (1.0,)  # each anchor size is repeated at these multiples on its feature map
     masks: bool = False  # training targets need 'masks' (see detection.masks.box_masks)
 
@@ -190,18 +207,35 @@ MODELS: dict[str, Architecture] = {
     ),
     # torchvision trains v2 with ordinary batch norm even from pretrained weights; only the early stages freeze.
     "fasterrcnn_resnet50_fpn_v2": Architecture(
-        _resnet50_fpn_v2, _faster_rcnn_v2, feature_maps=5, all_layers=5, coco_weights=FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
+        _resnet50_fpn_v2,
+        _faster_rcnn_v2,
+        feature_maps=5,
+        all_layers=5,
+        coco_weights=FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
         pretrained_norm_layer=nn.BatchNorm2d,
     ),
     "fasterrcnn_mobilenet_v3_large_fpn": Architecture(
-        _mobilenet_v3_large_fpn, _faster_rcnn, feature_maps=3, all_layers=6, coco_weights=FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1
+        _mobilenet_v3_large_fpn,
+        _faster_rcnn,
+        feature_maps=3,
+        all_layers=6,
+        coco_weights=FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1,
     ),
     "retinanet_resnet50_fpn": Architecture(
-        _resnet50_fpn_p3_p7, _retinanet, feature_maps=5, all_layers=5, coco_weights=RetinaNet_ResNet50_FPN_Weights.COCO_V1,
+        _resnet50_fpn_p3_p7,
+        _retinanet,
+        feature_maps=5,
+        all_layers=5,
+        coco_weights=RetinaNet_ResNet50_FPN_Weights.COCO_V1,
         anchor_scales=RETINANET_ANCHOR_SCALES,
     ),
     "maskrcnn_resnet50_fpn": Architecture(
-        _resnet50_fpn, _mask_rcnn, feature_maps=5, all_layers=5, coco_weights=MaskRCNN_ResNet50_FPN_Weights.COCO_V1, masks=True
+        _resnet50_fpn,
+        _mask_rcnn,
+        feature_maps=5,
+        all_layers=5,
+        coco_weights=MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
+        masks=True,
     ),
 }
 
@@ -256,7 +290,9 @@ def load_pretrained_state(config: ModelConfig) -> tuple[dict[str, torch.Tensor] 
             return None, f"torchvision {weights} weights unavailable ({reason}); training from scratch"
     path = Path(config.pretrained)
     if not path.is_file():
-        raise ConfigError(f"model.pretrained={config.pretrained!r}: no such file; use 'auto', 'none' or the path of a .pth state dict")
+        raise ConfigError(
+            f"model.pretrained={config.pretrained!r}: no such file; use 'auto', 'none' or the path of a .pth state dict"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -286,7 +322,11 @@ def anchor_generator(config: ModelConfig, feature_maps: int, *, scales: tuple[fl
     """
     sizes = tuple(int(size) for size in config.anchor_sizes)
     scaled = [tuple(int(size * scale) for scale in scales) for size in sizes]
-    per_map = tuple(scaled) if len(sizes) == feature_maps else (tuple(size for group in scaled for size in group),) * feature_maps
+    per_map = (
+        tuple(scaled)
+        if len(sizes) == feature_maps
+        else (tuple(size for group in scaled for size in group),) * feature_maps
+    )
     ratios = (tuple(float(r) for r in config.anchor_aspect_ratios),) * feature_maps
     return AnchorGenerator(per_map, ratios)
 
@@ -321,7 +361,9 @@ def build_model(
     if frozen_batch_norm is None:
         frozen_batch_norm = uses_frozen_recipe(pretrained_state)
     if frozen_batch_norm:
-        backbone = architecture.build_backbone(architecture.pretrained_norm_layer, min(config.trainable_backbone_layers, architecture.all_layers))
+        backbone = architecture.build_backbone(
+            architecture.pretrained_norm_layer, min(config.trainable_backbone_layers, architecture.all_layers)
+        )
     else:
         backbone = architecture.build_backbone(nn.BatchNorm2d, architecture.all_layers)
     anchors = anchor_generator(config, architecture.feature_maps, scales=architecture.anchor_scales)
@@ -332,8 +374,11 @@ def build_model(
         use_batched_heads(model)
     if config.image_head:
         attach_image_head(
-            model, loss_weight=image_loss_weight, metadata_features=len(METADATA_FEATURES) if config.image_metadata else 0,
-            class_info=config.image_class_info, class_loss_weight=image_class_loss_weight,
+            model,
+            loss_weight=image_loss_weight,
+            metadata_features=len(METADATA_FEATURES) if config.image_metadata else 0,
+            class_info=config.image_class_info,
+            class_loss_weight=image_class_loss_weight,
         )
     if pretrained_state is not None:
         load_matching_weights(model, {key: value for key, value in pretrained_state.items() if key != PRETRAIN_MARKER})

@@ -26,18 +26,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from lungdet.boxes import scale_xywh
 from lungdet.cli_types import fraction, image_dimensions, int_in_range
 from lungdet.data_tools.dicom_io import find_dicoms, read_dicom
-from lungdet.errors import ImageReadError, LungdetError
-from lungdet.boxes import scale_xywh
 from lungdet.data_tools.image_io import find_images, read_xray_file
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, dicom_tags, laid_over, read_metadata_csv
 from lungdet.detection.config import AMP_MODES
 from lungdet.detection.detector import Detector, ModelRunner, load_detector
-from lungdet.detection.runtime import Precision
 from lungdet.detection.inference import ImageResult, LoadedImage, prepare_input
+from lungdet.detection.runtime import Precision
 from lungdet.detection.tta import PLAIN, TTA_EXAMPLE, TtaPass, hflip_back, input_size, parse_tta, tta_argument
-from lungdet.submission.postprocess import FAR_FROM_EXPECTED_FACTOR, PostprocessConfig, PostprocessResult, apply_postprocess, load_postprocess, mean_probability
+from lungdet.errors import ImageReadError, LungdetError
+from lungdet.submission.postprocess import (
+    FAR_FROM_EXPECTED_FACTOR,
+    PostprocessConfig,
+    PostprocessResult,
+    apply_postprocess,
+    load_postprocess,
+    mean_probability,
+)
 from lungdet.submission.prediction_string import Prediction, keep_confident, write_submission
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient, write_raw_predictions
 from lungdet.submission.score import write_probabilities
@@ -56,7 +63,9 @@ class BatchPredictor(Protocol):
     @property
     def preprocessing(self) -> Mapping[str, Any] | None: ...
 
-    def predict_prepared(self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None) -> list[ImageResult]: ...
+    def predict_prepared(
+        self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None
+    ) -> list[ImageResult]: ...
 
 
 def predict_dicoms(
@@ -108,7 +117,9 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-InputSpec = tuple[int, str]  # (model image size, the checkpoint's preprocessing as sorted JSON): what decides a prepared input
+InputSpec = tuple[
+    int, str
+]  # (model image size, the checkpoint's preprocessing as sorted JSON): what decides a prepared input
 
 
 def input_spec(predictor: BatchPredictor) -> InputSpec:
@@ -126,7 +137,12 @@ class PreparedImages(Dataset):
     """
 
     def __init__(
-        self, paths: Sequence[Path], *, read: Callable[[Path], LoadedImage], specs: Sequence[InputSpec], passes: Sequence[TtaPass] = (PLAIN,),
+        self,
+        paths: Sequence[Path],
+        *,
+        read: Callable[[Path], LoadedImage],
+        specs: Sequence[InputSpec],
+        passes: Sequence[TtaPass] = (PLAIN,),
         tags: Mapping[str, ImageTags] | None = None,
     ) -> None:
         self.paths, self.read, self.passes, self.tags = list(paths), read, tuple(passes), dict(tags or {})
@@ -137,7 +153,10 @@ class PreparedImages(Dataset):
         return len(self.paths)
 
     def _prepare(self, pixels: np.ndarray, tta_pass: TtaPass) -> list[np.ndarray]:
-        return [prepare_input(pixels, image_size=input_size(size, tta_pass), preprocessing=preprocessing) for size, preprocessing in self.specs]
+        return [
+            prepare_input(pixels, image_size=input_size(size, tta_pass), preprocessing=preprocessing)
+            for size, preprocessing in self.specs
+        ]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = Path(self.paths[index])
@@ -147,8 +166,13 @@ class PreparedImages(Dataset):
             return {"path": path, "error": error.reason}
         mirrored = np.ascontiguousarray(pixels[:, ::-1]) if any(tta_pass.mirror for tta_pass in self.passes) else None
         return {
-            "path": path, "shape": tuple(int(side) for side in pixels.shape[:2]), "tags": laid_over(file_tags, self.tags.get(path.stem)),
-            "inputs": {tta_pass.name: self._prepare(mirrored if tta_pass.mirror else pixels, tta_pass) for tta_pass in self.passes},
+            "path": path,
+            "shape": tuple(int(side) for side in pixels.shape[:2]),
+            "tags": laid_over(file_tags, self.tags.get(path.stem)),
+            "inputs": {
+                tta_pass.name: self._prepare(mirrored if tta_pass.mirror else pixels, tta_pass)
+                for tta_pass in self.passes
+            },
         }
 
 
@@ -164,7 +188,9 @@ class PreparedBatch:
 
     def pin_memory(self) -> PreparedBatch:
         # The DataLoader calls this in its pinning thread: page-locked inputs copy to a GPU asynchronously.
-        return replace(self, inputs={name: [tensor.pin_memory() for tensor in tensors] for name, tensors in self.inputs.items()})
+        return replace(
+            self, inputs={name: [tensor.pin_memory() for tensor in tensors] for name, tensors in self.inputs.items()}
+        )
 
 
 def collate_prepared(items: list[dict[str, Any]]) -> PreparedBatch:
@@ -175,7 +201,10 @@ def collate_prepared(items: list[dict[str, Any]]) -> PreparedBatch:
         shapes=[item["shape"] for item in readable],
         tags=[item["tags"] for item in readable],
         inputs={
-            name: [torch.from_numpy(np.stack([item["inputs"][name][spec] for item in readable])) for spec in range(len(readable[0]["inputs"][name]))]
+            name: [
+                torch.from_numpy(np.stack([item["inputs"][name][spec] for item in readable]))
+                for spec in range(len(readable[0]["inputs"][name]))
+            ]
             for name in names
         },
         unreadable=[(item["path"], item["error"]) for item in items if "error" in item],
@@ -244,8 +273,13 @@ def predict_raw(
     on_cuda = any("cuda" in str(getattr(detector, "device", "")) for detector in detectors)
     loader = DataLoader(
         PreparedImages(paths, read=read, specs=specs, passes=passes, tags=tags),
-        batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_prepared, pin_memory=on_cuda,
-        worker_init_fn=_one_thread_per_worker if workers > 0 else None, multiprocessing_context=worker_context() if workers > 0 else None,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_prepared,
+        pin_memory=on_cuda,
+        worker_init_fn=_one_thread_per_worker if workers > 0 else None,
+        multiprocessing_context=worker_context() if workers > 0 else None,
     )
     rows: list[RawPrediction] = []
     bad: list[tuple[Path, str]] = []
@@ -258,8 +292,12 @@ def predict_raw(
                 for tta_pass in passes:
                     results = detector.predict_prepared(batch.inputs[tta_pass.name][spec], batch.shapes, batch.tags)
                     for path, (height, width), result in zip(batch.paths, batch.shapes, results, strict=True):
-                        prediction = hflip_back(result.prediction, width=width) if tta_pass.mirror else result.prediction
-                        rows.append(RawPrediction(path.stem, name, tta_pass.name, width, height, prediction, result.probability))
+                        prediction = (
+                            hflip_back(result.prediction, width=width) if tta_pass.mirror else result.prediction
+                        )
+                        rows.append(
+                            RawPrediction(path.stem, name, tta_pass.name, width, height, prediction, result.probability)
+                        )
             bar.update(len(batch.paths) + len(batch.unreadable))
     return rows, bad
 
@@ -281,7 +319,9 @@ def read_file_bytes(path: Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as error:
-        raise ImageReadError(path, f"cannot be read ({error.strerror or error}); check the path", kind="missing") from None
+        raise ImageReadError(
+            path, f"cannot be read ({error.strerror or error}); check the path", kind="missing"
+        ) from None
 
 
 def read_any_input(path: Path) -> LoadedImage:
@@ -310,73 +350,102 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--checkpoint", type=Path, nargs="+", required=True,
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        required=True,
         help="one or more checkpoints from lungdet train (RUN/best.pt), or exports from lungdet export (model.onnx runs in onnxruntime, "
         "a TorchScript file in torch.jit); several are fused with weighted boxes fusion",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dicom-dir", type=Path, help="folder with .dcm files (searched recursively)")
-    source.add_argument("--image-dir", type=Path, help="folder with {patientId}.png|.jpg X-rays (searched recursively), instead of DICOMs")
     source.add_argument(
-        "--input", type=Path, nargs="+", metavar="FILE",
+        "--image-dir",
+        type=Path,
+        help="folder with {patientId}.png|.jpg X-rays (searched recursively), instead of DICOMs",
+    )
+    source.add_argument(
+        "--input",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
         help="X-ray files: DICOM (any extension or none), PNG or JPEG, told apart by content; patientId is the file stem",
     )
     parser.add_argument("--out", type=Path, help="submission CSV to write")
     parser.add_argument(
-        "--metadata", type=Path, metavar="CSV",
+        "--metadata",
+        type=Path,
+        metavar="CSV",
         help="patientId plus any of PatientAge,PatientSex,ViewPosition (as lungdet convert --metadata): the view, sex and age of PNG/JPEG "
         "X-rays, for a model whose image head uses them (over a DICOM's own tags where both say something)",
     )
     parser.add_argument(
-        "--label-space", type=image_dimensions, default=None, metavar="WxH",
+        "--label-space",
+        type=image_dimensions,
+        default=None,
+        metavar="WxH",
         help="write boxes in this pixel space instead of each image's own, e.g. 1024x1024 for RSNA-scored predictions on resized "
         "PNG/JPEG copies (as lungdet convert --label-space)",
     )
     parser.add_argument(
-        "--raw", type=Path,
+        "--raw",
+        type=Path,
         help="also (or only) write raw predictions: every box of every model and pass, for lungdet tune (see submission/raw_predictions.py)",
     )
     parser.add_argument(
-        "--json", action="store_true",
+        "--json",
+        action="store_true",
         help="print one JSON object per file on its own line, in input order: what lungdet serve's /api/v1/detect returns "
-        "(a file that cannot be read gets {\"error\": {\"kind\", \"message\"}} in its place, and the exit status is 2); "
+        '(a file that cannot be read gets {"error": {"kind", "message"}} in its place, and the exit status is 2); '
         "one checkpoint, no --tta",
     )
     parser.add_argument(
-        "--dicom-out", type=Path, metavar="DIR",
+        "--dicom-out",
+        type=Path,
+        metavar="DIR",
         help="also write, for every input DICOM, DIR/{stem}_sr.dcm: a DICOM Structured Report (TID 1500) of its boxes in the image's own "
         "study, for a PACS (needs pip install 'lungdet[dicom]'); see show/dicom_results.py for what goes in",
     )
     parser.add_argument(
-        "--dicom-out-overlay", action="store_true",
+        "--dicom-out-overlay",
+        action="store_true",
         help="with --dicom-out: also DIR/{stem}_overlay.dcm, a Secondary Capture of the X-ray with the boxes and the research-use notice burnt in",
     )
     parser.add_argument(
-        "--dicom-out-gsps", action="store_true",
+        "--dicom-out-gsps",
+        action="store_true",
         help="with --dicom-out: also DIR/{stem}_gsps.dcm, a Grayscale Softcopy Presentation State that GSPS-capable viewers draw over the "
         "untouched X-ray (boxes, confidences, the research-use notice, lungdet's window)",
     )
     parser.add_argument(
-        "--probabilities", type=Path,
+        "--probabilities",
+        type=Path,
         help="also write patientId,probability: the image-level probability of checkpoints trained with model.image_head: true (the mean over models and passes)",
     )
     parser.add_argument(
-        "--tta", type=tta_argument, default="none", metavar="PASSES",
+        "--tta",
+        type=tta_argument,
+        default="none",
+        metavar="PASSES",
         help=f"test-time augmentation: a comma-separated list of extra passes, fused with the plain one: 'hflip' (mirrored), 'scaleS' "
         f"(the input at S times the model's size, S in [0.5, 2]), e.g. {TTA_EXAMPLE} (default none)",
     )
     parser.add_argument(
-        "--postprocess", type=Path,
+        "--postprocess",
+        type=Path,
         help="postprocess.yaml from lungdet tune: fusion, gating, cut-off, shrink, box cap; default: the checkpoints' tuned cut-off "
         "(their mean for several) and nothing else",
     )
     parser.add_argument(
-        "--score-threshold", type=fraction, default=None,
+        "--score-threshold",
+        type=fraction,
+        default=None,
         help="keep boxes with at least this confidence, over --postprocess and the checkpoints' cut-off "
         "(with --json the image's verdict still uses the stored cut-off); never changed by lungdet, so not with --batch-calibration",
     )
     parser.add_argument(
-        "--batch-calibration", action="store_true",
+        "--batch-calibration",
+        action="store_true",
         help="re-derive --postprocess's gate and cut-off on these images so that they keep the share of gated images and the boxes per "
         "image that tuning saw. This ASSUMES the images have the training set's share of positives (an RSNA test set does; a hospital's "
         "batch, a screening population or a folder of normals does not: there it boxes a fixed share of images whatever they show). "
@@ -384,12 +453,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int_in_range(1), default=4, help="images per forward pass (default 4)")
     parser.add_argument(
-        "--workers", type=int_in_range(0), default=None,
+        "--workers",
+        type=int_in_range(0),
+        default=None,
         help=f"processes that read and prepare images while the model runs (default: the cores, here {default_workers()}; 0: in this process)",
     )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
     parser.add_argument(
-        "--amp", choices=AMP_MODES, default="auto",
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
         help="mixed precision, as train's amp key: 'auto' (default) is bf16 on GPUs and CPUs that have it, fp16 on older GPUs, else fp32",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -401,9 +474,13 @@ def check_outputs(args: argparse.Namespace) -> None:
     if args.json and (args.out or args.raw):
         raise LungdetError("--json prints to the screen; drop --out/--raw, or drop --json to write files")
     if not (args.json or args.out or args.raw or args.probabilities or args.dicom_out):
-        raise LungdetError("nothing to write: give --out submission.csv, --raw raw.csv, --probabilities probs.csv, --dicom-out DIR, or --json")
+        raise LungdetError(
+            "nothing to write: give --out submission.csv, --raw raw.csv, --probabilities probs.csv, --dicom-out DIR, or --json"
+        )
     if args.label_space is not None and (args.json or args.dicom_out):
-        raise LungdetError("--label-space rescales the boxes of a submission or raw predictions; --json and --dicom-out keep each image's own pixels")
+        raise LungdetError(
+            "--label-space rescales the boxes of a submission or raw predictions; --json and --dicom-out keep each image's own pixels"
+        )
     if args.dicom_out_overlay and args.dicom_out is None:
         raise LungdetError("--dicom-out-overlay adds overlays to --dicom-out DIR; give --dicom-out too")
     if args.dicom_out_gsps and args.dicom_out is None:
@@ -416,13 +493,21 @@ def check_outputs(args: argparse.Namespace) -> None:
         except ImportError as error:
             raise LungdetError(f"--dicom-out: {error}") from None
     if args.json and args.probabilities:
-        raise LungdetError("--json already gives each image's verdict; drop --probabilities, or drop --json to write files")
+        raise LungdetError(
+            "--json already gives each image's verdict; drop --probabilities, or drop --json to write files"
+        )
     if args.batch_calibration and args.score_threshold is not None:
-        raise LungdetError("--batch-calibration would replace your --score-threshold with a cut-off derived from the batch; drop one of them")
+        raise LungdetError(
+            "--batch-calibration would replace your --score-threshold with a cut-off derived from the batch; drop one of them"
+        )
     if args.batch_calibration and args.postprocess is None:
-        raise LungdetError("--batch-calibration re-derives the settings of a --postprocess file from lungdet tune (it needs the operating point tune wrote); give --postprocess")
+        raise LungdetError(
+            "--batch-calibration re-derives the settings of a --postprocess file from lungdet tune (it needs the operating point tune wrote); give --postprocess"
+        )
     if args.json and (len(args.checkpoint) > 1 or len(parse_tta(args.tta)) > 1):
-        raise LungdetError("--json answers as lungdet serve does, with one checkpoint and no --tta; write a submission (--out) to fuse several")
+        raise LungdetError(
+            "--json answers as lungdet serve does, with one checkpoint and no --tta; write a submission (--out) to fuse several"
+        )
 
 
 def predict_json(args: argparse.Namespace, paths: Sequence[Path]) -> int:
@@ -435,37 +520,65 @@ def predict_json(args: argparse.Namespace, paths: Sequence[Path]) -> int:
     failed: list[tuple[Path, str]] = []
     for path in tqdm(paths, desc="predict", unit="file", disable=None if not args.no_progress else True):
         try:
-            detection = detect_bytes(detector, read_file_bytes(path), name=str(path), tags=(given_tags or {}).get(Path(path).stem))
+            detection = detect_bytes(
+                detector, read_file_bytes(path), name=str(path), tags=(given_tags or {}).get(Path(path).stem)
+            )
         except ImageReadError as error:
             failed.append((path, error.reason))
             print(json.dumps(error_json(error)), flush=True)
             continue
-        print(json.dumps(detection_json(detection, detector_info=detector.info, min_confidence=args.score_threshold)), flush=True)
+        print(
+            json.dumps(detection_json(detection, detector_info=detector.info, min_confidence=args.score_threshold)),
+            flush=True,
+        )
     for path, reason in failed:
         print(f"  unreadable: {path}: {reason}", file=sys.stderr)
     return 2 if failed else 0
 
 
 def write_dicom_out(
-    args: argparse.Namespace, paths: Sequence[Path], bad: Sequence[tuple[Path, str]], predictions: Mapping[str, Prediction],
-    groups: Mapping[str, Sequence[RawPrediction]], detectors: Sequence[Detector], cut_off: float,
+    args: argparse.Namespace,
+    paths: Sequence[Path],
+    bad: Sequence[tuple[Path, str]],
+    predictions: Mapping[str, Prediction],
+    groups: Mapping[str, Sequence[RawPrediction]],
+    detectors: Sequence[Detector],
+    cut_off: float,
 ) -> None:
     """``--dicom-out``: a report (and overlay) per readable input DICOM, with the boxes the submission has."""
     from lungdet import lungdet_version
     from lungdet.show.dicom_results import model_identity, write_results_for_files
 
     unreadable = {Path(path) for path, _ in bad}
-    model = model_identity(lungdet_version(), [d.architecture for d in detectors], [d.checkpoint_sha256 for d in detectors], cut_off)
+    model = model_identity(
+        lungdet_version(), [d.architecture for d in detectors], [d.checkpoint_sha256 for d in detectors], cut_off
+    )
     results = [
-        (Path(path), predictions.get(Path(path).stem, Prediction.empty()), mean_probability(groups.get(Path(path).stem, [])))
-        for path in paths if Path(path) not in unreadable
+        (
+            Path(path),
+            predictions.get(Path(path).stem, Prediction.empty()),
+            mean_probability(groups.get(Path(path).stem, [])),
+        )
+        for path in paths
+        if Path(path) not in unreadable
     ]
     written, skipped = write_results_for_files(
-        args.dicom_out, results, model, overlay=args.dicom_out_overlay, gsps=args.dicom_out_gsps, progress=not args.no_progress,
+        args.dicom_out,
+        results,
+        model,
+        overlay=args.dicom_out_overlay,
+        gsps=args.dicom_out_gsps,
+        progress=not args.no_progress,
     )
-    counts = {suffix: sum(path.name.endswith(f"_{suffix}.dcm") for path in written) for suffix in ("sr", "overlay", "gsps")}
-    extras = [f"{counts['overlay']} overlay(s)"] * args.dicom_out_overlay + [f"{counts['gsps']} presentation state(s)"] * args.dicom_out_gsps
-    print(f"wrote {counts['sr']} DICOM report(s){''.join(f' and {extra}' for extra in extras)} to {args.dicom_out} (research use only)")
+    counts = {
+        suffix: sum(path.name.endswith(f"_{suffix}.dcm") for path in written) for suffix in ("sr", "overlay", "gsps")
+    }
+    extras = [f"{counts['overlay']} overlay(s)"] * args.dicom_out_overlay + [
+        f"{counts['gsps']} presentation state(s)"
+    ] * args.dicom_out_gsps
+    print(
+        f"wrote {counts['sr']} DICOM report(s){''.join(f' and {extra}' for extra in extras)} to {args.dicom_out} (research use only)"
+    )
     for path, reason in skipped:
         print(f"  no DICOM report for {path}: {reason}", file=sys.stderr)
 
@@ -477,7 +590,9 @@ def read_given_tags(path: Path | None, paths: Sequence[Path]) -> dict[str, Image
     table: MetadataTable = read_metadata_csv(path)
     uncovered = sum(Path(item).stem not in table.tags for item in paths)
     if uncovered:
-        print(f"note: {path} has no row for {uncovered} of {len(paths)} input(s); their view, sex and age are what the file says (unknown for PNG/JPEG)")
+        print(
+            f"note: {path} has no row for {uncovered} of {len(paths)} input(s); their view, sex and age are what the file says (unknown for PNG/JPEG)"
+        )
     for problem in table.problems[:5]:
         print(f"  {problem['file']}: {problem['reason']}", file=sys.stderr)
     return table.tags
@@ -515,7 +630,11 @@ def main(args: argparse.Namespace) -> int:
     check_unique_patient_ids(paths)
     # Read before the models load, so a bad file fails in a second.
     postprocess_config = load_postprocess(args.postprocess) if args.postprocess is not None else None
-    if postprocess_config is not None and postprocess_config.calibration == "batch" and args.score_threshold is not None:
+    if (
+        postprocess_config is not None
+        and postprocess_config.calibration == "batch"
+        and args.score_threshold is not None
+    ):
         raise LungdetError(
             f"{args.postprocess} says calibration: batch, which would replace your --score-threshold with a cut-off derived from the batch; "
             "drop --score-threshold, or set calibration: off in the file"
@@ -528,31 +647,45 @@ def main(args: argparse.Namespace) -> int:
             "to write; train with model.image_head=true, or drop --probabilities"
         )
     if postprocess_config is None:
-        postprocess_config = PostprocessConfig(score_threshold=float(np.mean([detector.score_threshold for detector in detectors])))
+        postprocess_config = PostprocessConfig(
+            score_threshold=float(np.mean([detector.score_threshold for detector in detectors]))
+        )
     if args.score_threshold is not None:
         postprocess_config.score_threshold = args.score_threshold
     if args.batch_calibration:
         postprocess_config.calibration = "batch"
     rows, bad = predict_raw(
-        detectors, model_names(args.checkpoint), paths, read=read_dicom_input if args.dicom_dir is not None else read_any_input, tags=given_tags,
-        tta=args.tta, batch_size=args.batch_size, progress=not args.no_progress,
+        detectors,
+        model_names(args.checkpoint),
+        paths,
+        read=read_dicom_input if args.dicom_dir is not None else read_any_input,
+        tags=given_tags,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
         workers=default_workers() if args.workers is None else args.workers,
     )
     if args.label_space is not None:
         rows = [to_label_space(row, args.label_space) for row in rows]
     if args.raw is not None:
         written = write_raw_predictions(args.raw, rows)
-        print(f"wrote {args.raw}: {written} raw rows ({len(detectors)} model(s) x {len(parse_tta(args.tta))} pass(es) per image)")
+        print(
+            f"wrote {args.raw}: {written} raw rows ({len(detectors)} model(s) x {len(parse_tta(args.tta))} pass(es) per image)"
+        )
     if args.probabilities is not None:
         groups = group_by_patient(rows)
-        write_probabilities(args.probabilities, {patient: mean_probability(groups[patient]) for patient in sorted(groups)})
+        write_probabilities(
+            args.probabilities, {patient: mean_probability(groups[patient]) for patient in sorted(groups)}
+        )
         print(f"wrote {args.probabilities}: {len(groups)} image probabilities")
     if args.out is not None or args.dicom_out is not None:
         result = apply_postprocess(rows, postprocess_config)
         predictions, postprocess_config = result.predictions, result.applied
         report_operating_point(result)
     if args.dicom_out is not None:
-        write_dicom_out(args, paths, bad, predictions, group_by_patient(rows), detectors, postprocess_config.score_threshold)
+        write_dicom_out(
+            args, paths, bad, predictions, group_by_patient(rows), detectors, postprocess_config.score_threshold
+        )
     if args.out is not None:
         for path, _ in bad:  # Kaggle wants a row per image
             predictions[Path(path).stem] = Prediction.empty()

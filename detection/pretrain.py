@@ -52,12 +52,12 @@ from tqdm import tqdm
 
 from lungdet.atomic import atomic_path
 from lungdet.cli_types import int_in_range
-from lungdet.errors import ImageReadError, LabelError, LungdetError
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.image_io import find_images, read_xray_file
 from lungdet.detection.config import MODEL_ARCHITECTURES, ModelConfig
 from lungdet.detection.model import PRETRAIN_MARKER, build_model, in_memory_layout
 from lungdet.detection.runtime import Precision, resolve_device, resolve_precision
+from lungdet.errors import ImageReadError, LabelError, LungdetError
 
 SIMSIAM = "simsiam"
 SUPERVISED = "supervised"
@@ -111,10 +111,14 @@ def read_finding_labels(csv_path: Path) -> FindingLabels:
             findings = {(row[IMAGE_COLUMN] or "").strip(): parse_findings(row[FINDINGS_COLUMN] or "") for row in reader}
             findings.pop("", None)
     except OSError as error:
-        raise LabelError(f"{csv_path}: cannot be read ({error.strerror or error}); check the path given to --labels") from None
+        raise LabelError(
+            f"{csv_path}: cannot be read ({error.strerror or error}); check the path given to --labels"
+        ) from None
     names = tuple(sorted({finding for found in findings.values() for finding in found}))
     if not names:
-        raise LabelError(f"{csv_path}: every row is '{NO_FINDING}', so there is nothing to learn; pretrain without --labels (self-supervised) instead")
+        raise LabelError(
+            f"{csv_path}: every row is '{NO_FINDING}', so there is nothing to learn; pretrain without --labels (self-supervised) instead"
+        )
     column = {name: index for index, name in enumerate(names)}
     by_file = {}
     for file_name, found in findings.items():
@@ -141,7 +145,11 @@ def pair_with_labels(paths: Sequence[Path], labels: FindingLabels) -> tuple[list
         by_name.setdefault(path.name, path)
     kept = [name for name in by_name if name in labels.by_file]
     missing_rows = sum(1 for name in labels.by_file if name not in by_name)
-    targets = np.stack([labels.by_file[name] for name in kept]) if kept else np.zeros((0, len(labels.names)), dtype=np.float32)
+    targets = (
+        np.stack([labels.by_file[name] for name in kept])
+        if kept
+        else np.zeros((0, len(labels.names)), dtype=np.float32)
+    )
     return [by_name[name] for name in kept], targets, missing_rows, len(by_name) - len(kept)
 
 
@@ -168,7 +176,9 @@ def shrink_to(pixels: np.ndarray, side: int) -> np.ndarray:
     scale = side / min(height, width)
     if scale >= 1.0:
         return pixels
-    return cv2.resize(pixels, (max(side, round(width * scale)), max(side, round(height * scale))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(
+        pixels, (max(side, round(width * scale)), max(side, round(height * scale))), interpolation=cv2.INTER_AREA
+    )
 
 
 class RadiographViews(Dataset):
@@ -181,7 +191,16 @@ class RadiographViews(Dataset):
     gives the same views.
     """
 
-    def __init__(self, paths: Sequence[Path], *, image_size: int, views: int, min_crop: float, targets: np.ndarray | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        image_size: int,
+        views: int,
+        min_crop: float,
+        targets: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> None:
         self.paths = list(paths)
         self.image_size = image_size
         self.views = views
@@ -228,7 +247,9 @@ class PooledBody(nn.Module):
     does, so the body learns on the inputs it will see in ``lungdet train``.
     """
 
-    def __init__(self, body: nn.Module, *, image_mean: Sequence[float], image_std: Sequence[float], channels_last: bool = False) -> None:
+    def __init__(
+        self, body: nn.Module, *, image_mean: Sequence[float], image_std: Sequence[float], channels_last: bool = False
+    ) -> None:
         super().__init__()
         self.body = body
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
@@ -257,27 +278,41 @@ class SimSiam(nn.Module):
     ``(f(b), f(a))`` detached, each float32 ``[N, projection_dim]``; :func:`simsiam_loss` compares them pairwise.
     """
 
-    def __init__(self, encoder: PooledBody, *, projection_dim: int = PROJECTION_DIM, predictor_dim: int = PREDICTOR_DIM) -> None:
+    def __init__(
+        self, encoder: PooledBody, *, projection_dim: int = PROJECTION_DIM, predictor_dim: int = PREDICTOR_DIM
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         channels = encoder.channels
         # The paper's projector: three layers, batch norm after each, the last without its affine part.
         self.projector = nn.Sequential(
-            nn.Linear(channels, projection_dim, bias=False), nn.BatchNorm1d(projection_dim), nn.ReLU(inplace=True),
-            nn.Linear(projection_dim, projection_dim, bias=False), nn.BatchNorm1d(projection_dim), nn.ReLU(inplace=True),
-            nn.Linear(projection_dim, projection_dim, bias=False), nn.BatchNorm1d(projection_dim, affine=False),
+            nn.Linear(channels, projection_dim, bias=False),
+            nn.BatchNorm1d(projection_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(projection_dim, projection_dim, bias=False),
+            nn.BatchNorm1d(projection_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(projection_dim, projection_dim, bias=False),
+            nn.BatchNorm1d(projection_dim, affine=False),
         )
         # A bottleneck: the paper found it needed, and batch norm on the predictor's output unstable.
         self.predictor = nn.Sequential(
-            nn.Linear(projection_dim, predictor_dim, bias=False), nn.BatchNorm1d(predictor_dim), nn.ReLU(inplace=True),
+            nn.Linear(projection_dim, predictor_dim, bias=False),
+            nn.BatchNorm1d(predictor_dim),
+            nn.ReLU(inplace=True),
             nn.Linear(predictor_dim, projection_dim),
         )
 
-    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, view_a: torch.Tensor, view_b: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         projection_a = self.projector(self.encoder(view_a))
         projection_b = self.projector(self.encoder(view_b))
         # The stop-gradient: each view's projection is a constant target for the other's prediction.
-        return (self.predictor(projection_a), self.predictor(projection_b)), (projection_b.detach(), projection_a.detach())
+        return (self.predictor(projection_a), self.predictor(projection_b)), (
+            projection_b.detach(),
+            projection_a.detach(),
+        )
 
     def loss(self, views: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Negative cosine similarity for uint8 ``views`` ``[N, 2, 1, H, W]``; ``targets`` (labels) are unused."""
@@ -287,7 +322,10 @@ class SimSiam(nn.Module):
 
 def simsiam_loss(predictions: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean negative cosine similarity of each ``[N, D]`` prediction with its target: -1 when all agree, in [-1, 1]."""
-    similarities = [functional.cosine_similarity(prediction.float(), target.float(), dim=1).mean() for prediction, target in zip(predictions, targets)]
+    similarities = [
+        functional.cosine_similarity(prediction.float(), target.float(), dim=1).mean()
+        for prediction, target in zip(predictions, targets, strict=True)
+    ]
     return -torch.stack(similarities).mean()
 
 
@@ -313,7 +351,12 @@ def build_encoder(architecture: str, image_size: int, *, channels_last: bool = F
     body = detector.backbone.body
     if channels_last:
         in_memory_layout(body, channels_last=True)
-    return PooledBody(body, image_mean=detector.transform.image_mean, image_std=detector.transform.image_std, channels_last=channels_last)
+    return PooledBody(
+        body,
+        image_mean=detector.transform.image_mean,
+        image_std=detector.transform.image_std,
+        channels_last=channels_last,
+    )
 
 
 def build_optimizer(model: nn.Module, *, lr: float, batch_size: int) -> torch.optim.SGD:
@@ -324,7 +367,9 @@ def build_optimizer(model: nn.Module, *, lr: float, batch_size: int) -> torch.op
     predictor = list(model.predictor.parameters()) if isinstance(model, SimSiam) else []
     kept = {id(parameter) for parameter in predictor}
     scheduled = [parameter for parameter in model.parameters() if id(parameter) not in kept]
-    groups = [{"params": scheduled, "scheduled": True}] + ([{"params": predictor, "scheduled": False}] if predictor else [])
+    groups = [{"params": scheduled, "scheduled": True}] + (
+        [{"params": predictor, "scheduled": False}] if predictor else []
+    )
     return torch.optim.SGD(groups, lr=lr * batch_size / 256, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
@@ -334,7 +379,9 @@ def build_scheduler(optimizer: torch.optim.SGD, *, total_steps: int) -> torch.op
     def cosine(step: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [cosine if group["scheduled"] else (lambda step: 1.0) for group in optimizer.param_groups])
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [cosine if group["scheduled"] else (lambda step: 1.0) for group in optimizer.param_groups]
+    )
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -376,7 +423,9 @@ def pretrain_one_epoch(
         with precision.autocast():
             loss = model.loss(views, targets)
         if not torch.isfinite(loss):
-            raise LungdetError(f"pretraining loss is {loss.item()} at epoch {epoch}, step {steps + 1}; lower --lr (or use --amp none)")
+            raise LungdetError(
+                f"pretraining loss is {loss.item()} at epoch {epoch}, step {steps + 1}; lower --lr (or use --amp none)"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -410,7 +459,12 @@ class PretrainOptions:
 
 
 def pretrain(
-    paths: Sequence[Path], options: PretrainOptions, *, labels: FindingLabels | None = None, targets: np.ndarray | None = None, progress: bool = True
+    paths: Sequence[Path],
+    options: PretrainOptions,
+    *,
+    labels: FindingLabels | None = None,
+    targets: np.ndarray | None = None,
+    progress: bool = True,
 ) -> dict[str, object]:
     """Pretrain ``options.architecture``'s backbone body on ``paths``; return the backbone file's contents.
 
@@ -420,7 +474,9 @@ def pretrain(
     Raises LungdetError when there are fewer images than one batch.
     """
     if len(paths) < options.batch_size:
-        raise LungdetError(f"{len(paths)} images, fewer than one batch (--batch-size {options.batch_size}); lower --batch-size (at least 2) or add images")
+        raise LungdetError(
+            f"{len(paths)} images, fewer than one batch (--batch-size {options.batch_size}); lower --batch-size (at least 2) or add images"
+        )
     torch.manual_seed(options.seed)
     device = resolve_device(options.device)
     precision = resolve_precision(options.amp, device)
@@ -429,12 +485,22 @@ def pretrain(
     model: nn.Module = MultiLabelClassifier(encoder, len(labels.names)) if supervised else SimSiam(encoder)
     model.to(device)
     dataset = RadiographViews(
-        paths, image_size=options.image_size, views=1 if supervised else 2,
-        min_crop=SUPERVISED_MIN_CROP if supervised else SIMSIAM_MIN_CROP, targets=targets, seed=options.seed,
+        paths,
+        image_size=options.image_size,
+        views=1 if supervised else 2,
+        min_crop=SUPERVISED_MIN_CROP if supervised else SIMSIAM_MIN_CROP,
+        targets=targets,
+        seed=options.seed,
     )
     loader = DataLoader(
-        dataset, batch_size=options.batch_size, shuffle=True, drop_last=True, num_workers=options.num_workers,
-        collate_fn=collate_views, generator=torch.Generator().manual_seed(options.seed), pin_memory=device.type == "cuda",
+        dataset,
+        batch_size=options.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=options.num_workers,
+        collate_fn=collate_views,
+        generator=torch.Generator().manual_seed(options.seed),
+        pin_memory=device.type == "cuda",
     )
     steps_per_epoch = min(len(loader), options.max_steps) if options.max_steps else len(loader)
     optimizer = build_optimizer(model, lr=options.lr, batch_size=options.batch_size)
@@ -444,11 +510,22 @@ def pretrain(
     for epoch in range(1, options.epochs + 1):
         dataset.set_epoch(epoch)
         result = pretrain_one_epoch(
-            model, optimizer, scheduler, loader, device, epoch, precision=precision, scaler=scaler, max_steps=options.max_steps, progress=progress
+            model,
+            optimizer,
+            scheduler,
+            loader,
+            device,
+            epoch,
+            precision=precision,
+            scaler=scaler,
+            max_steps=options.max_steps,
+            progress=progress,
         )
         images_seen, failures, loss = images_seen + result.images, failures + result.failures, result.loss
         if progress:
-            print(f"lungdet pretrain: epoch {epoch}/{options.epochs}: loss {loss:.4f}, {result.images / max(result.seconds, 1e-9):.1f} images/s")
+            print(
+                f"lungdet pretrain: epoch {epoch}/{options.epochs}: loss {loss:.4f}, {result.images / max(result.seconds, 1e-9):.1f} images/s"
+            )
     marker = {
         "architecture": options.architecture,
         "image_size": options.image_size,
@@ -460,9 +537,11 @@ def pretrain(
         "final_loss": loss,
         "unreadable": len(failures),
         "first_unreadable": failures[0] if failures else "",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    body = {BODY_PREFIX + name: tensor.detach().cpu().contiguous() for name, tensor in encoder.body.state_dict().items()}
+    body = {
+        BODY_PREFIX + name: tensor.detach().cpu().contiguous() for name, tensor in encoder.body.state_dict().items()
+    }
     return {**body, PRETRAIN_MARKER: marker}
 
 
@@ -484,35 +563,81 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog="example: lungdet pretrain --image-dir nih/images --labels nih/Data_Entry_2017.csv --out nih_backbone.pth "
         "--architecture fasterrcnn_mobilenet_v3_large_fpn --image-size 256 --epochs 2",
     )
-    parser.add_argument("--image-dir", type=Path, required=True, help="folder of radiographs (.png, .jpg, .jpeg, .dcm), searched recursively")
     parser.add_argument(
-        "--labels", type=Path, default=None,
+        "--image-dir",
+        type=Path,
+        required=True,
+        help="folder of radiographs (.png, .jpg, .jpeg, .dcm), searched recursively",
+    )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
         help="NIH Data_Entry_2017.csv ('Image Index', 'Finding Labels'): supervised multi-label pretraining; without it, self-supervised SimSiam",
     )
-    parser.add_argument("--out", type=Path, required=True, help="the backbone file to write (.pth), for model.pretrained")
     parser.add_argument(
-        "--architecture", default="fasterrcnn_mobilenet_v3_large_fpn", choices=MODEL_ARCHITECTURES,
+        "--out", type=Path, required=True, help="the backbone file to write (.pth), for model.pretrained"
+    )
+    parser.add_argument(
+        "--architecture",
+        default="fasterrcnn_mobilenet_v3_large_fpn",
+        choices=MODEL_ARCHITECTURES,
         help="the detector whose backbone is pretrained; train must use the same model.architecture (default: %(default)s)",
     )
-    parser.add_argument("--image-size", type=int_in_range(64, 2048), default=256, help="square side of the training views in pixels (default: %(default)s)")
-    parser.add_argument("--epochs", type=int_in_range(1), default=1, help="passes over the images (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int_in_range(2), default=16, help="images per step, at least 2 for batch norm (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate per 256 images; a step uses lr x batch-size / 256 (default: %(default)s, SimSiam's)")
-    parser.add_argument("--max-images", type=int_in_range(0), default=0, help="use only the first N images, in path order (0 = all); for a quick run")
-    parser.add_argument("--num-workers", type=int_in_range(0), default=0, help="DataLoader worker processes that read and augment (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
     parser.add_argument(
-        "--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
+        "--image-size",
+        type=int_in_range(64, 2048),
+        default=256,
+        help="square side of the training views in pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs", type=int_in_range(1), default=1, help="passes over the images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int_in_range(2),
+        default=16,
+        help="images per step, at least 2 for batch norm (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=0.05,
+        help="SGD learning rate per 256 images; a step uses lr x batch-size / 256 (default: %(default)s, SimSiam's)",
+    )
+    parser.add_argument(
+        "--max-images",
+        type=int_in_range(0),
+        default=0,
+        help="use only the first N images, in path order (0 = all); for a quick run",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int_in_range(0),
+        default=0,
+        help="DataLoader worker processes that read and augment (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "none", "bf16", "fp16"),
         help="mixed precision, as train's amp: 'auto' is bf16 on GPUs and CPUs that have it, else fp16 on GPUs, fp32 on CPUs (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, the order and the views (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the weights, the order and the views (default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines (for logs)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     if args.out.is_dir():
-        raise LungdetError(f"--out {args.out} is a folder; give the backbone file's path, e.g. {args.out / 'backbone.pth'}")
+        raise LungdetError(
+            f"--out {args.out} is a folder; give the backbone file's path, e.g. {args.out / 'backbone.pth'}"
+        )
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise LungdetError(f"--lr must be a positive number, got {args.lr}")
     labels = read_finding_labels(args.labels) if args.labels is not None else None
@@ -532,14 +657,23 @@ def main(args: argparse.Namespace) -> int:
         which, check = ("labelled ", "--image-dir and --labels") if labels else ("", "--image-dir")
         raise LungdetError(f"{args.image_dir}: no {which}radiographs (.png, .jpg, .jpeg, .dcm) found; check {check}")
     options = PretrainOptions(
-        architecture=args.architecture, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, num_workers=args.num_workers, device=args.device, amp=args.amp,
+        architecture=args.architecture,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        device=args.device,
+        amp=args.amp,
     )
     contents = pretrain(paths, options, labels=labels, targets=targets, progress=not args.no_progress)
     save_backbone(args.out, contents)
     made = contents[PRETRAIN_MARKER]
     if made["unreadable"]:
-        print(f"lungdet pretrain: {made['unreadable']} image reads failed and were skipped (first: {made['first_unreadable']})")
+        print(
+            f"lungdet pretrain: {made['unreadable']} image reads failed and were skipped (first: {made['first_unreadable']})"
+        )
     print(
         f"lungdet pretrain: wrote {args.out}: {made['method']} backbone of {args.architecture} at {args.image_size} px, "
         f"{made['images_seen']:,} images seen, final loss {made['final_loss']:.4f}; "

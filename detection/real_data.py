@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from lungdet.atomic import write_text_atomic
-from lungdet.errors import LungdetError
 from lungdet.data_tools.holdout import holdout_split, link_images, read_split_csv
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import PatientLabels, format_labels_csv, read_labels
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
 from lungdet.data_tools.to_coco import ConversionReport, convert_dataset
+from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import Prediction
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,11 @@ class RealSet:
 
     def check(self) -> None:
         """Raise LungdetError naming what is missing."""
-        missing = [path for path in (self.images_dir, self.labels_csv, self.class_info_csv, self.metadata_csv) if not path.exists()]
+        missing = [
+            path
+            for path in (self.images_dir, self.labels_csv, self.class_info_csv, self.metadata_csv)
+            if not path.exists()
+        ]
         if missing:
             raise LungdetError(
                 f"{self.root}: missing {', '.join(path.name for path in missing)}; point at the rsna_real folder "
@@ -96,15 +100,27 @@ class PreparedRealData:
     """What :func:`prepare` wrote under its work folder."""
 
     cv_data: Path  # lungdet convert output of the cross-validation side (with its folds)
-    holdout_data: Path  # lungdet convert output of the held-out side (its image records carry age, sex, view for the slices)
+    holdout_data: (
+        Path  # lungdet convert output of the held-out side (its image records carry age, sex, view for the slices)
+    )
     holdout_images: Path  # links to the held-out JPEGs, for lungdet predict --image-dir
     holdout_labels_csv: Path  # the held-out patients' labels alone
     cv_report: ConversionReport
     holdout_patients: list[str]
-    holdout_tags: dict[str, ImageTags]  # the held-out patients' view, sex and age (metadata.csv), which predict gives an image head with metadata
+    holdout_tags: dict[
+        str, ImageTags
+    ]  # the held-out patients' view, sex and age (metadata.csv), which predict gives an image head with metadata
 
 
-def prepare(real: RealSet, work: Path, *, image_size: int | None, normalization: str = "none", folds: int = 5, progress: bool = True) -> PreparedRealData:
+def prepare(
+    real: RealSet,
+    work: Path,
+    *,
+    image_size: int | None,
+    normalization: str = "none",
+    folds: int = 5,
+    progress: bool = True,
+) -> PreparedRealData:
     """Link each side of the split into ``work`` and convert it (atomically, resumably: a rerun converts nothing again)."""
     real.check()
     work = Path(work)
@@ -120,18 +136,35 @@ def prepare(real: RealSet, work: Path, *, image_size: int | None, normalization:
     for side in ("cv", "holdout"):
         patients = {patient for patient, value in split.items() if value == side}
         link_images(images, patients, work / f"images_{side}")
-        side_metadata = MetadataTable(path=metadata.path, tags={patient: tags for patient, tags in metadata.tags.items() if patient in patients}, columns=metadata.columns)
+        side_metadata = MetadataTable(
+            path=metadata.path,
+            tags={patient: tags for patient, tags in metadata.tags.items() if patient in patients},
+            columns=metadata.columns,
+        )
         size, method = settings[side]
         reports[side] = convert_dataset(
-            work / f"images_{side}", {patient: labels[patient] for patient in sorted(patients)}, outputs[side], source="picture",
-            metadata=side_metadata, image_size=size, normalization=method, folds=folds, progress=progress,
+            work / f"images_{side}",
+            {patient: labels[patient] for patient in sorted(patients)},
+            outputs[side],
+            source="picture",
+            metadata=side_metadata,
+            image_size=size,
+            normalization=method,
+            folds=folds,
+            progress=progress,
         )
     holdout_patients = sorted(patient for patient, value in split.items() if value == "holdout")
     holdout_labels_csv = work / "holdout_labels.csv"
-    write_text_atomic(holdout_labels_csv, format_labels_csv({patient: labels[patient].boxes for patient in holdout_patients}))
+    write_text_atomic(
+        holdout_labels_csv, format_labels_csv({patient: labels[patient].boxes for patient in holdout_patients})
+    )
     return PreparedRealData(
-        cv_data=outputs["cv"], holdout_data=outputs["holdout"], holdout_images=work / "images_holdout",
-        holdout_labels_csv=holdout_labels_csv, cv_report=reports["cv"], holdout_patients=holdout_patients,
+        cv_data=outputs["cv"],
+        holdout_data=outputs["holdout"],
+        holdout_images=work / "images_holdout",
+        holdout_labels_csv=holdout_labels_csv,
+        cv_report=reports["cv"],
+        holdout_patients=holdout_patients,
         holdout_tags={patient: metadata.tags[patient] for patient in holdout_patients if patient in metadata.tags},
     )
 
@@ -152,9 +185,13 @@ def lung_prior_boxes(labels: Mapping[str, PatientLabels], *, image_width: float 
     return np.stack([np.median(side, axis=0) for side in sides])
 
 
-def prior_predictions(patients: Iterable[str], prior: np.ndarray, *, only: set[str] | None = None) -> dict[str, Prediction]:
+def prior_predictions(
+    patients: Iterable[str], prior: np.ndarray, *, only: set[str] | None = None
+) -> dict[str, Prediction]:
     """``prior``'s boxes at confidence 1 on each patient (on those in ``only`` when given; none elsewhere)."""
     return {
-        patient: Prediction.from_arrays(np.ones(len(prior)), prior) if only is None or patient in only else Prediction.empty()
+        patient: Prediction.from_arrays(np.ones(len(prior)), prior)
+        if only is None or patient in only
+        else Prediction.empty()
         for patient in patients
     }

@@ -75,14 +75,18 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
             choices = "amp=auto, amp=bf16 or amp=none" if cpu_has_native_bf16() else "amp=auto or amp=none"
             raise LungdetError(f"amp=fp16 needs a CUDA GPU, but this run is on {device}; use {choices}")
         if amp == "bf16" and not cpu_has_native_bf16():
-            raise LungdetError(f"amp=bf16 on {device}, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); use amp=auto or amp=none")
+            raise LungdetError(
+                f"amp=bf16 on {device}, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); use amp=auto or amp=none"
+            )
         native = amp in ("bf16", "auto") and device.type == "cpu" and cpu_has_native_bf16()
         return Precision(device.type, torch.bfloat16 if native else None)
     if amp == "none":
         return Precision("cuda", None)
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
         if not torch.cuda.is_bf16_supported():
-            raise LungdetError(f"amp=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16; use amp=fp16 or amp=auto")
+            raise LungdetError(
+                f"amp=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16; use amp=fp16 or amp=auto"
+            )
         return Precision("cuda", torch.bfloat16)
     return Precision("cuda", torch.float16)
 
@@ -96,7 +100,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a lungdet checkpoint (plain tensors and dicts only: ``weights_only``, nothing executable)."""
     if not Path(path).is_file():
-        raise LungdetError(f"{path}: checkpoint not found; was this run folder trained with 'lungdet train ... --out RUN'? (RUN/last.pt to resume, RUN/best.pt to predict)")
+        raise LungdetError(
+            f"{path}: checkpoint not found; was this run folder trained with 'lungdet train ... --out RUN'? (RUN/last.pt to resume, RUN/best.pt to predict)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

@@ -106,12 +106,20 @@ def roi_align_matrix(
     height, width = heights[levels], widths[levels]
     scaled = boxes.to(torch.float32) * torch.tensor(scales, dtype=torch.float32, device=device)[levels][:, None]
     # torchvision stretches RoIs smaller than a feature pixel to one pixel.
-    rows_at, row_weights = _axis_taps(scaled[:, 1], (scaled[:, 3] - scaled[:, 1]).clamp_min(1.0), output_size[0], sampling_ratio, height)
-    cols_at, col_weights = _axis_taps(scaled[:, 0], (scaled[:, 2] - scaled[:, 0]).clamp_min(1.0), output_size[1], sampling_ratio, width)
+    rows_at, row_weights = _axis_taps(
+        scaled[:, 1], (scaled[:, 3] - scaled[:, 1]).clamp_min(1.0), output_size[0], sampling_ratio, height
+    )
+    cols_at, col_weights = _axis_taps(
+        scaled[:, 0], (scaled[:, 2] - scaled[:, 0]).clamp_min(1.0), output_size[1], sampling_ratio, width
+    )
     # [R, out_h, out_w, 2S, 2S]: every (row tap, column tap) pair of a bin, averaged over its S * S points.
     weights = row_weights[:, :, None, :, None] * col_weights[:, None, :, None, :] / sampling_ratio**2
     base = level_start[levels] + image_index * height * width
-    columns = base[:, None, None, None, None] + rows_at[:, :, None, :, None] * width[:, None, None, None, None] + cols_at[:, None, :, None, :]
+    columns = (
+        base[:, None, None, None, None]
+        + rows_at[:, :, None, :, None] * width[:, None, None, None, None]
+        + cols_at[:, None, :, None, :]
+    )
     taps = (2 * sampling_ratio) ** 2
     rows = boxes.shape[0] * output_size[0] * output_size[1]
     row_starts = torch.arange(0, rows * taps + 1, taps, device=device)
@@ -144,16 +152,27 @@ def sparse_multiscale_roi_align(
     if all_boxes.shape[0] == 0:
         return features[0].new_zeros((0, channels, *output_size))
     matrix = roi_align_matrix(
-        all_boxes, torch.repeat_interleave(torch.arange(images, device=levels.device), counts), levels,
-        level_shapes=[tuple(f.shape[-2:]) for f in features], scales=scales, images=images,
-        output_size=output_size, sampling_ratio=sampling_ratio,
+        all_boxes,
+        torch.repeat_interleave(torch.arange(images, device=levels.device), counts),
+        levels,
+        level_shapes=[tuple(f.shape[-2:]) for f in features],
+        scales=scales,
+        images=images,
+        output_size=output_size,
+        sampling_ratio=sampling_ratio,
     )
     # [pixels, channels]: a view of channels_last maps, a copy of contiguous ones.
     pixels = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in features]).to(torch.float32)
-    with torch.autocast(pixels.device.type, enabled=False):  # MKL's sparse product is float32 only; autocast would pick bf16
+    with torch.autocast(
+        pixels.device.type, enabled=False
+    ):  # MKL's sparse product is float32 only; autocast would pick bf16
         pooled = torch.sparse.mm(matrix, pixels)
     # Cast and reorder in one copy: the box head flattens each RoI's [channels, out_h, out_w].
-    return pooled.view(all_boxes.shape[0], *output_size, channels).permute(0, 3, 1, 2).to(dtype=dtype, memory_format=torch.contiguous_format)
+    return (
+        pooled.view(all_boxes.shape[0], *output_size, channels)
+        .permute(0, 3, 1, 2)
+        .to(dtype=dtype, memory_format=torch.contiguous_format)
+    )
 
 
 class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
@@ -168,11 +187,18 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
         if features[0].device.type not in SPARSE_DEVICE_TYPES or self.sampling_ratio <= 0 or torchvision._is_tracing():
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
+            self.scales, self.map_levels = _setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
         if len(features) == 1:
             levels = torch.zeros(sum(len(b) for b in boxes), dtype=torch.int64, device=features[0].device)
         else:
             levels = self.map_levels(boxes).clamp(0, len(features) - 1)  # a NaN box's level is garbage
         return sparse_multiscale_roi_align(
-            features, boxes, levels, scales=self.scales, output_size=tuple(self.output_size), sampling_ratio=self.sampling_ratio
+            features,
+            boxes,
+            levels,
+            scales=self.scales,
+            output_size=tuple(self.output_size),
+            sampling_ratio=self.sampling_ratio,
         )

@@ -33,14 +33,45 @@ import numpy as np
 import torch
 
 from lungdet.atomic import atomic_path, write_text_atomic
-from lungdet.errors import LungdetError
 from lungdet.detection.augment import write_augmentation_samples
-from lungdet.detection.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
-from lungdet.detection.data import ALL_FOLDS, build_dataloaders, check_image_targets, load_preprocessing, load_records, load_sample, split_records
-from lungdet.detection.distributed import Distributed, choose_backend, cuda_device_for, from_environment, gather_to_main, share_from_main, start, stop, sum_over_ranks
+from lungdet.detection.config import (
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from lungdet.detection.data import (
+    ALL_FOLDS,
+    build_dataloaders,
+    check_image_targets,
+    load_preprocessing,
+    load_records,
+    load_sample,
+    split_records,
+)
+from lungdet.detection.distributed import (
+    Distributed,
+    choose_backend,
+    cuda_device_for,
+    from_environment,
+    gather_to_main,
+    share_from_main,
+    start,
+    stop,
+    sum_over_ranks,
+)
 from lungdet.detection.engine import EpochProgress, evaluate, train_one_epoch
-from lungdet.detection.model import build_model, in_memory_layout, load_pretrained_state, needs_masks, uses_frozen_recipe
+from lungdet.detection.model import (
+    build_model,
+    in_memory_layout,
+    load_pretrained_state,
+    needs_masks,
+    uses_frozen_recipe,
+)
 from lungdet.detection.runtime import load_checkpoint, resolve_device, resolve_precision, save_checkpoint
+from lungdet.errors import LungdetError
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -79,11 +110,21 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, *, fused: bool 
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     if fused is None:
-        fused = bool(parameters) and len({p.device.type for p in parameters}) == 1 and parameters[0].device.type in FUSED_DEVICE_TYPES
+        fused = (
+            bool(parameters)
+            and len({p.device.type for p in parameters}) == 1
+            and parameters[0].device.type in FUSED_DEVICE_TYPES
+        )
     options = {"fused": True} if fused else {}
     if config.optim.optimizer == "adamw":
         return torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay, **options)
-    return torch.optim.SGD(parameters, lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay, **options)
+    return torch.optim.SGD(
+        parameters,
+        lr=config.optim.lr,
+        momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay,
+        **options,
+    )
 
 
 # torch.compile's backend; the tests swap in "eager", which traces the same way without generating code.
@@ -118,7 +159,9 @@ def with_implementation_of(optimizer: torch.optim.Optimizer, saved: dict[str, An
     return {**saved, "param_groups": [{**group, **implementation} for group in saved["param_groups"]]}
 
 
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, milestone_steps: list[int], gamma: float) -> float:
+def lr_factor(
+    step: int, *, warmup_steps: int, total_steps: int, schedule: str, milestone_steps: list[int], gamma: float
+) -> float:
     """The learning-rate multiplier at optimizer step ``step``.
 
     Linear warm-up from 1% over ``warmup_steps``, then either cosine decay to 0 at ``total_steps``
@@ -149,7 +192,9 @@ def warmup_warning(warmup_steps: int, *, total_steps: int) -> str | None:
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, *, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, *, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule of ``config.optim`` in optimizer steps (milestones are given in epochs)."""
     factor = functools.partial(
         lr_factor,
@@ -196,7 +241,9 @@ def open_tensorboard(out_dir: Path, enabled: bool) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        print("lungdet train: tensorboard is not installed, so metrics go to metrics.csv only (pip install tensorboard, or tensorboard=false)")
+        print(
+            "lungdet train: tensorboard is not installed, so metrics go to metrics.csv only (pip install tensorboard, or tensorboard=false)"
+        )
         return None
     return SummaryWriter(str(out_dir / TENSORBOARD_DIR))
 
@@ -211,13 +258,22 @@ class Run:
     """
 
     def __init__(
-        self, config: TrainConfig, *, job: Distributed, device: torch.device, steps_per_epoch: int, checkpoint: dict[str, Any] | None, source: Path | None = None
+        self,
+        config: TrainConfig,
+        *,
+        job: Distributed,
+        device: torch.device,
+        steps_per_epoch: int,
+        checkpoint: dict[str, Any] | None,
+        source: Path | None = None,
     ) -> None:
         self.config, self.job, self.device = config, job, device
         if checkpoint is not None:
             self.frozen = bool(checkpoint["frozen_batch_norm"])
             self.model = build_model(
-                config.model, frozen_batch_norm=self.frozen, image_loss_weight=config.optim.image_loss_weight,
+                config.model,
+                frozen_batch_norm=self.frozen,
+                image_loss_weight=config.optim.image_loss_weight,
                 image_class_loss_weight=config.optim.image_class_loss_weight,
             )
             self.model.load_state_dict(checkpoint.get("train_model") or checkpoint["model"])
@@ -230,7 +286,9 @@ class Run:
             pretrained_state, self.notice = load_pretrained_state(config.model)
             self.frozen = uses_frozen_recipe(pretrained_state)
             self.model = build_model(
-                config.model, pretrained_state=pretrained_state, image_loss_weight=config.optim.image_loss_weight,
+                config.model,
+                pretrained_state=pretrained_state,
+                image_loss_weight=config.optim.image_loss_weight,
                 image_class_loss_weight=config.optim.image_class_loss_weight,
             )
         self.precision = resolve_precision(config.amp, device)
@@ -239,7 +297,9 @@ class Run:
         self.ema = None
         if config.optim.ema_decay > 0:
             self.ema = torch.optim.swa_utils.AveragedModel(
-                self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True
+                self.model,
+                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay),
+                use_buffers=True,
             )
         if config.compile:
             # Only the trained model: the EMA copy just validates, and compiling it would cost another minute.
@@ -287,7 +347,9 @@ class Run:
         else:
             restore_rng_states(checkpoint["rng"], self.device)
 
-    def state(self, *, preprocessing: dict[str, Any], epoch_progress: list[dict[str, Any]] | None, rng: dict[str, Any]) -> dict[str, Any]:
+    def state(
+        self, *, preprocessing: dict[str, Any], epoch_progress: list[dict[str, Any]] | None, rng: dict[str, Any]
+    ) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         return {
             "model": self.evaluated.state_dict(),
@@ -306,14 +368,20 @@ class Run:
             # With an image head: the probability cut-off of best sensitivity + specificity on validation.
             **({"image_threshold": last["val_image_threshold"]} if "val_image_threshold" in last else {}),
             # With an image head: Platt scaling of its probability, fitted on validation (lungdet.submission.platt); the cut-off above is on the scaled one.
-            **({"image_calibration": [last["val_platt_slope"], last["val_platt_intercept"]]} if "val_platt_slope" in last else {}),
+            **(
+                {"image_calibration": [last["val_platt_slope"], last["val_platt_intercept"]]}
+                if "val_platt_slope" in last
+                else {}
+            ),
             "val_map": last.get("val_map", -1.0),
             "history": self.history,
             "rng": rng,
         }
 
 
-def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Train per ``config`` on ``data_dir`` (a ``lungdet convert`` output); write the run into ``out_dir``.
 
     Returns the best epoch's metrics row. With ``resume``, continues from ``out_dir/last.pt``,
@@ -331,13 +399,28 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, *, resume: bool = 
             stop(job)
 
 
-def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distributed, device: torch.device, resume: bool, progress: bool) -> dict[str, Any]:
+def _train(
+    config: TrainConfig,
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    job: Distributed,
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+) -> dict[str, Any]:
     say = print if job.is_main else (lambda *args, **kwargs: None)
     seed_everything(config.seed)
     train_loader, val_loader = build_dataloaders(
-        data_dir, config.data, image_size=config.model.image_size, seed=config.seed, augment=config.augment,
+        data_dir,
+        config.data,
+        image_size=config.model.image_size,
+        seed=config.seed,
+        augment=config.augment,
         mask_shape=config.model.mask_shape if needs_masks(config.model.architecture) else None,
-        rank=job.rank, world_size=job.world_size, pin_memory=config.data.pin_memory and device.type == "cuda",
+        rank=job.rank,
+        world_size=job.world_size,
+        pin_memory=config.data.pin_memory and device.type == "cuda",
     )
     check_image_targets(train_loader.dataset.records, config.model, data_dir=data_dir)
     preprocessing = load_preprocessing(data_dir)
@@ -355,7 +438,14 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
         for stale in out_dir.glob(".*.tmp"):
             stale.unlink()
     steps_per_epoch = -(-len(train_loader) // config.optim.accumulate_steps)
-    run = Run(config, job=job, device=device, steps_per_epoch=steps_per_epoch, checkpoint=checkpoint, source=out_dir / LAST_CHECKPOINT)
+    run = Run(
+        config,
+        job=job,
+        device=device,
+        steps_per_epoch=steps_per_epoch,
+        checkpoint=checkpoint,
+        source=out_dir / LAST_CHECKPOINT,
+    )
     del checkpoint
     say(f"lungdet train: {run.notice}")
     if job.is_main:
@@ -379,7 +469,9 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
         if epoch_progress is not None:
             per_rank = gather_to_main(job, {"progress": dataclasses.asdict(epoch_progress), "rng": rng})
         if job.is_main:
-            save_checkpoint(out_dir / LAST_CHECKPOINT, run.state(preprocessing=preprocessing, epoch_progress=per_rank, rng=rng))
+            save_checkpoint(
+                out_dir / LAST_CHECKPOINT, run.state(preprocessing=preprocessing, epoch_progress=per_rank, rng=rng)
+            )
 
     def after_optimizer_step(epoch_progress: EpochProgress) -> None:
         every = config.checkpoint_every_steps
@@ -400,15 +492,36 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
             sampler.resume_at(epoch_progress.batches * config.data.batch_size)
         epoch_lr = run.optimizer.param_groups[0]["lr"]
         epoch_progress = train_one_epoch(
-            run.trained, run.optimizer, run.scheduler, train_loader, device,
-            epoch=epoch, precision=run.precision, scaler=run.scaler, accumulate_steps=config.optim.accumulate_steps,
-            grad_clip_norm=config.optim.grad_clip_norm, ema=run.ema, state=epoch_progress,
-            on_optimizer_step=after_optimizer_step, should_stop=should_stop, progress=progress and job.is_main,
+            run.trained,
+            run.optimizer,
+            run.scheduler,
+            train_loader,
+            device,
+            epoch=epoch,
+            precision=run.precision,
+            scaler=run.scaler,
+            accumulate_steps=config.optim.accumulate_steps,
+            grad_clip_norm=config.optim.grad_clip_norm,
+            ema=run.ema,
+            state=epoch_progress,
+            on_optimizer_step=after_optimizer_step,
+            should_stop=should_stop,
+            progress=progress and job.is_main,
         )
         train_metrics = epoch_metrics(job, epoch_progress)
-        val_metrics = evaluate(
-            run.evaluated, val_loader, device, score_thresholds=config.val_score_thresholds, progress=progress, precision=run.precision, job=job
-        ) if validating else {}
+        val_metrics = (
+            evaluate(
+                run.evaluated,
+                val_loader,
+                device,
+                score_thresholds=config.val_score_thresholds,
+                progress=progress,
+                precision=run.precision,
+                job=job,
+            )
+            if validating
+            else {}
+        )
         row = {"epoch": epoch, "lr": epoch_lr, **train_metrics, **val_metrics}
         run.history.append(row)
         run.completed_epochs = epoch
@@ -424,8 +537,10 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
             write_metrics_csv(out_dir / METRICS_FILE, run.history)
             log_to_tensorboard(tensorboard, row)
         validation = (
-            f", val mAP {row['val_map']:.4f} at confidence >= {row['val_score_threshold']:g}" + (f", image AUC {row['val_auc']:.3f}" if "val_auc" in row else "")
-            if validating else ", no validation (every image trains)"
+            f", val mAP {row['val_map']:.4f} at confidence >= {row['val_score_threshold']:g}"
+            + (f", image AUC {row['val_auc']:.3f}" if "val_auc" in row else "")
+            if validating
+            else ", no validation (every image trains)"
         )
         say(
             f"epoch {epoch}/{config.optim.epochs}: loss {row['loss']:.3f}, {row['images_per_second']:.1f} img/s "
@@ -437,7 +552,9 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
     if tensorboard is not None:
         tensorboard.close()
     if not validating:
-        say(f"lungdet train: trained {run.completed_epochs} epochs on every image, no validation; best.pt is the last epoch, in {out_dir}")
+        say(
+            f"lungdet train: trained {run.completed_epochs} epochs on every image, no validation; best.pt is the last epoch, in {out_dir}"
+        )
         return run.history[-1]
     best = max(run.history, key=lambda row: row["val_map"])
     say(f"lungdet train: best val mAP {best['val_map']:.4f} (epoch {best['epoch']}); checkpoints in {out_dir}")
@@ -447,12 +564,20 @@ def _train(config: TrainConfig, data_dir: Path, out_dir: Path, *, job: Distribut
 def epoch_metrics(job: Distributed, progress: EpochProgress) -> dict[str, float]:
     """The epoch's training metrics over every process: losses averaged, images summed, time from the slowest."""
     names = sorted(progress.totals)
-    summed = sum_over_ranks(job, [progress.totals[name] for name in names] + [float(progress.batches), float(progress.images), progress.data_seconds])
-    totals, (batches, images, data_seconds) = dict(zip(names, summed[: len(names)])), summed[len(names) :]
+    summed = sum_over_ranks(
+        job,
+        [progress.totals[name] for name in names]
+        + [float(progress.batches), float(progress.images), progress.data_seconds],
+    )
+    totals, (batches, images, data_seconds) = dict(zip(names, summed[: len(names)], strict=True)), summed[len(names) :]
     # Every process trains for the same wall time; throughput is all images over that time.
     combined = EpochProgress(
-        batches=int(batches), images=int(images), seconds=progress.seconds, data_seconds=data_seconds / job.world_size,
-        stopped_early=progress.stopped_early, totals=totals,
+        batches=int(batches),
+        images=int(images),
+        seconds=progress.seconds,
+        data_seconds=data_seconds / job.world_size,
+        stopped_early=progress.stopped_early,
+        totals=totals,
     )
     return combined.metrics()
 
@@ -475,17 +600,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         "Validation uses the official RSNA metric; the best checkpoint and its tuned confidence cut-off are kept.",
         epilog="example: lungdet train --config fasterrcnn_mobilenet_cpu --data data/coco --out runs/mobilenet --fold 0 optim.epochs=4",
     )
-    parser.add_argument("--config", default=None, help="YAML file, or a name from configs/ (e.g. fasterrcnn_resnet50_fpn); default: built-in defaults")
-    parser.add_argument("--data", type=Path, required=True, help="output folder of lungdet convert (holds annotations.json)")
-    parser.add_argument("--out", type=Path, required=True, help="run folder for checkpoints, metrics.csv and config.yaml")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file, or a name from configs/ (e.g. fasterrcnn_resnet50_fpn); default: built-in defaults",
+    )
+    parser.add_argument(
+        "--data", type=Path, required=True, help="output folder of lungdet convert (holds annotations.json)"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="run folder for checkpoints, metrics.csv and config.yaml"
+    )
     parser.add_argument("--fold", type=int, default=None, help="validation fold (overrides data.fold)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the config stored in it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     parser.add_argument(
-        "--show-augmentations", type=int, default=0, metavar="N",
+        "--show-augmentations",
+        type=int,
+        default=0,
+        metavar="N",
         help="write N training images beside an augmentation of each, boxes drawn, to OUT/augmentations/ and stop (check them before a long run)",
     )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.005 model.image_size=384")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.005 model.image_size=384"
+    )
     return parser
 
 
@@ -493,14 +631,18 @@ def main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"data.fold={args.fold}"] if args.fold is not None else [])
     if args.resume:
         if args.config is not None:
-            raise LungdetError("--resume takes the config stored in OUT/last.pt; drop --config (KEY=VALUE overrides still apply, e.g. optim.epochs=20)")
+            raise LungdetError(
+                "--resume takes the config stored in OUT/last.pt; drop --config (KEY=VALUE overrides still apply, e.g. optim.epochs=20)"
+            )
         stored = load_checkpoint(args.out / LAST_CHECKPOINT)["config"]
         config = config_from_dict(apply_overrides(stored, overrides))
     else:
         config = load_config(args.config, overrides)
     if args.show_augmentations:
         paths = show_augmentations(config, args.data, args.out / AUGMENTATIONS_DIR, count=args.show_augmentations)
-        print(f"lungdet train: wrote {len(paths)} augmentation samples (original | augmented) to {args.out / AUGMENTATIONS_DIR}; nothing was trained")
+        print(
+            f"lungdet train: wrote {len(paths)} augmentation samples (original | augmented) to {args.out / AUGMENTATIONS_DIR}; nothing was trained"
+        )
         return 0
     train(config, args.data, args.out, resume=args.resume, progress=not args.no_progress)
     return 0

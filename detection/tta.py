@@ -54,10 +54,14 @@ def parse_tta(text: str) -> tuple[TtaPass, ...]:
             except ValueError:
                 raise ValueError(f"--tta {text!r}: {name!r} is not scaleS with a number S, e.g. scale0.8") from None
             if not SCALE_RANGE[0] <= factor <= SCALE_RANGE[1] or factor == 1.0:
-                raise ValueError(f"--tta {text!r}: {name!r}: the scale must be in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] and not 1 (the plain pass)")
+                raise ValueError(
+                    f"--tta {text!r}: {name!r}: the scale must be in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] and not 1 (the plain pass)"
+                )
             extra = TtaPass(format_scale_pass(factor), scale=factor)
         else:
-            raise ValueError(f"--tta {text!r}: unknown pass {name!r}; use 'none' or a comma-separated list of hflip and scaleS, e.g. {TTA_EXAMPLE}")
+            raise ValueError(
+                f"--tta {text!r}: unknown pass {name!r}; use 'none' or a comma-separated list of hflip and scaleS, e.g. {TTA_EXAMPLE}"
+            )
         if extra.name in {existing.name for existing in passes}:
             raise ValueError(f"--tta {text!r}: {extra.name} is listed twice")
         passes.append(extra)

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-
 # os.umask can only be read by setting it: two threads doing that at once could leave the
 # process with umask 0 (the C-STORE node writes from one thread per association).
 _UMASK_LOCK = threading.Lock()

@@ -20,16 +20,37 @@ SUBCOMMANDS = {
     "synth": ("lungdet.data_tools.synth", "write synthetic RSNA-shaped DICOMs and a labels CSV"),
     "eda": ("lungdet.show.eda", "one HTML page of figures about the labels and DICOM tags, to read before training"),
     "convert": ("lungdet.data_tools.to_coco", "DICOMs + RSNA labels -> COCO dataset with PNGs and patient-level folds"),
-    "pretrain": ("lungdet.detection.pretrain", "pretrain a detector's backbone on radiographs (NIH labels, or self-supervised) for model.pretrained"),
+    "pretrain": (
+        "lungdet.detection.pretrain",
+        "pretrain a detector's backbone on radiographs (NIH labels, or self-supervised) for model.pretrained",
+    ),
     "train": ("lungdet.detection.train", "train a torchvision detector on a converted dataset"),
-    "cv": ("lungdet.detection.cv", "train every fold, predict each fold's patients out of fold, summarize (for lungdet tune)"),
-    "predict": ("lungdet.detection.predict", "run a checkpoint (or an export) on DICOMs and write a Kaggle submission.csv"),
+    "cv": (
+        "lungdet.detection.cv",
+        "train every fold, predict each fold's patients out of fold, summarize (for lungdet tune)",
+    ),
+    "predict": (
+        "lungdet.detection.predict",
+        "run a checkpoint (or an export) on DICOMs and write a Kaggle submission.csv",
+    ),
     "score": ("lungdet.show.score_cli", "score a submission.csv against RSNA labels with the official metric"),
-    "tune": ("lungdet.submission.tune", "search the post-processing on out-of-fold raw predictions -> postprocess.yaml"),
+    "tune": (
+        "lungdet.submission.tune",
+        "search the post-processing on out-of-fold raw predictions -> postprocess.yaml",
+    ),
     "visualize": ("lungdet.show.visualize", "draw truth and predicted boxes over the X-rays as PNGs"),
-    "export": ("lungdet.detection.export", "a checkpoint as one self-describing ONNX or TorchScript file, checked against it"),
-    "pacs": ("lungdet.pacs.cli", "a DICOM node: new X-rays from a DICOMweb server (PACS) in, Structured Reports back into their studies"),
-    "serve": ("lungdet.server.cli", "a web page and a JSON API that find boxes on one uploaded X-ray (DICOM, PNG, JPEG)"),
+    "export": (
+        "lungdet.detection.export",
+        "a checkpoint as one self-describing ONNX or TorchScript file, checked against it",
+    ),
+    "pacs": (
+        "lungdet.pacs.cli",
+        "a DICOM node: new X-rays from a DICOMweb server (PACS) in, Structured Reports back into their studies",
+    ),
+    "serve": (
+        "lungdet.server.cli",
+        "a web page and a JSON API that find boxes on one uploaded X-ray (DICOM, PNG, JPEG)",
+    ),
 }
 
 
@@ -63,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lungdet {name}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lungdet {name}: interrupted; finished outputs are complete, nothing half-written was kept", file=sys.stderr)
+        print(
+            f"lungdet {name}: interrupted; finished outputs are complete, nothing half-written was kept",
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:
         # The reader went away (lungdet score | head -1): what it wanted was printed; no traceback.

@@ -54,7 +54,9 @@ class AllowedCaller:
             try:
                 found = {str(info[4][0]) for info in socket.getaddrinfo(self.host, None, proto=socket.IPPROTO_TCP)}
             except socket.gaierror as error:
-                raise ValueError(f"--allow {self}: host {self.host!r} cannot be resolved ({error.strerror}); give its IP address") from None
+                raise ValueError(
+                    f"--allow {self}: host {self.host!r} cannot be resolved ({error.strerror}); give its IP address"
+                ) from None
         # An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d; both spellings are allowed.
         return frozenset(found | {f"::ffff:{address}" for address in found if "." in address})
 
@@ -63,11 +65,17 @@ def ae_title(text: str) -> str:
     """An AE title: 1-16 characters, no backslash or control characters (surrounding spaces dropped)."""
     title = text.strip(" ")
     if not title:
-        raise argparse.ArgumentTypeError(f"expected an AE title of 1 to {AE_TITLE_MAX} characters, e.g. LUNGDET, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected an AE title of 1 to {AE_TITLE_MAX} characters, e.g. LUNGDET, got {text!r}"
+        )
     if len(title) > AE_TITLE_MAX:
-        raise argparse.ArgumentTypeError(f"AE title {title!r} has {len(title)} characters; DICOM allows at most {AE_TITLE_MAX}")
+        raise argparse.ArgumentTypeError(
+            f"AE title {title!r} has {len(title)} characters; DICOM allows at most {AE_TITLE_MAX}"
+        )
     if "\\" in title or any(ord(character) < 32 or ord(character) > 126 for character in title):
-        raise argparse.ArgumentTypeError(f"AE title {title!r} may hold only printable ASCII characters other than backslash")
+        raise argparse.ArgumentTypeError(
+            f"AE title {title!r} may hold only printable ASCII characters other than backslash"
+        )
     return title
 
 
@@ -82,9 +90,13 @@ def _host_and_port(text: str, whole: str, example: str) -> tuple[str, int]:
     try:
         port = int(port_text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"port {port_text!r} in {whole!r} is not a number; expected {example}") from None
+        raise argparse.ArgumentTypeError(
+            f"port {port_text!r} in {whole!r} is not a number; expected {example}"
+        ) from None
     if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} in {whole!r} is out of range; TCP ports are 1 to 65535 (104 and 11112 are DICOM's)")
+        raise argparse.ArgumentTypeError(
+            f"port {port} in {whole!r} is out of range; TCP ports are 1 to 65535 (104 and 11112 are DICOM's)"
+        )
     return host, port
 
 
@@ -96,7 +108,9 @@ def ae_address(text: str) -> AEAddress:
         raise argparse.ArgumentTypeError(f"expected {example}; {text!r} has no '@' between the AE title and the host")
     host, port = _host_and_port(rest, text, example)
     if port == 0:
-        raise argparse.ArgumentTypeError(f"port 0 in {text!r}: give the port the other node listens on (104 and 11112 are DICOM's)")
+        raise argparse.ArgumentTypeError(
+            f"port 0 in {text!r}: give the port the other node listens on (104 and 11112 are DICOM's)"
+        )
     return AEAddress(ae_title(title), host, port)
 
 

@@ -41,43 +41,95 @@ def get_args_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--url", help="poll this DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web (Orthanc)")
     mode.add_argument(
-        "--listen", type=listen_address, metavar="AE@HOST:PORT",
+        "--listen",
+        type=listen_address,
+        metavar="AE@HOST:PORT",
         help="listen for C-STORE as AE on HOST:PORT, e.g. LUNGDET@0.0.0.0:11112 (HOST:PORT alone answers as --ae-title; port 0 picks a free one)",
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint from lungdet train, or an export from lungdet export")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="a checkpoint from lungdet train, or an export from lungdet export",
+    )
     poll = parser.add_argument_group("with --url (DICOMweb polling)")
     poll.add_argument("--poll-seconds", type=positive_seconds, default=None, help="pause between polls (default 10)")
-    poll.add_argument("--once", action="store_true", help="one poll, then stop (exit status 1 if results are left waiting on disk)")
     poll.add_argument(
-        "--retry-seconds", type=positive_seconds, default=None,
+        "--once", action="store_true", help="one poll, then stop (exit status 1 if results are left waiting on disk)"
+    )
+    poll.add_argument(
+        "--retry-seconds",
+        type=positive_seconds,
+        default=None,
         help="with --once: how long to keep retrying a server that does not answer before giving up (default 60)",
     )
     listen = parser.add_argument_group("with --listen (C-STORE)")
-    listen.add_argument("--send-to", type=ae_address, metavar="AE@HOST:PORT", help="store results by C-STORE into this node, e.g. ORTHANC@127.0.0.1:4242")
-    listen.add_argument("--dicomweb-url", metavar="URL", help="or store them by STOW-RS into this DICOMweb root (--username/--token apply)")
     listen.add_argument(
-        "--allow", type=allowed_caller, action="append", metavar="AE[@HOST]",
+        "--send-to",
+        type=ae_address,
+        metavar="AE@HOST:PORT",
+        help="store results by C-STORE into this node, e.g. ORTHANC@127.0.0.1:4242",
+    )
+    listen.add_argument(
+        "--dicomweb-url",
+        metavar="URL",
+        help="or store them by STOW-RS into this DICOMweb root (--username/--token apply)",
+    )
+    listen.add_argument(
+        "--allow",
+        type=allowed_caller,
+        action="append",
+        metavar="AE[@HOST]",
         help="a calling AE title that may send, from any host or from HOST only (repeat for each sender); others are rejected at association",
     )
-    listen.add_argument("--allow-any", action="store_true", help="accept any calling AE title (a closed test network only)")
     listen.add_argument(
-        "--max-inbox", type=int_in_range(1), default=None,
+        "--allow-any", action="store_true", help="accept any calling AE title (a closed test network only)"
+    )
+    listen.add_argument(
+        "--max-inbox",
+        type=int_in_range(1),
+        default=None,
         help=f"images acknowledged and not yet processed, at most; beyond, senders get 0xA700 (out of resources) and send again later (default {DEFAULT_MAX_INBOX})",
     )
-    listen.add_argument("--ae-title", type=ae_title, default="LUNGDET", help="this node's AE title when it stores results, and to listen as when --listen has none (default LUNGDET)")
-    parser.add_argument("--overlay", action="store_true", help="also store a Secondary Capture of each X-ray with its boxes burnt in")
+    listen.add_argument(
+        "--ae-title",
+        type=ae_title,
+        default="LUNGDET",
+        help="this node's AE title when it stores results, and to listen as when --listen has none (default LUNGDET)",
+    )
     parser.add_argument(
-        "--gsps", action="store_true",
+        "--overlay", action="store_true", help="also store a Secondary Capture of each X-ray with its boxes burnt in"
+    )
+    parser.add_argument(
+        "--gsps",
+        action="store_true",
         help="also store a Grayscale Softcopy Presentation State, which GSPS-capable viewers draw over the original X-ray as a switchable layer",
     )
-    parser.add_argument("--state-dir", type=Path, default=Path("lungdet-pacs-state"), help="where the node remembers its work and keeps unsent results (default ./lungdet-pacs-state)")
-    parser.add_argument("--score-threshold", type=fraction, default=None, help="box cut-off (default: the checkpoint's tuned one)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("lungdet-pacs-state"),
+        help="where the node remembers its work and keeps unsent results (default ./lungdet-pacs-state)",
+    )
+    parser.add_argument(
+        "--score-threshold", type=fraction, default=None, help="box cut-off (default: the checkpoint's tuned one)"
+    )
     auth = parser.add_argument_group("authentication (basic or bearer)")
-    auth.add_argument("--username", help=f"basic authentication; the password comes from ${PASSWORD_VARIABLE} (not the command line, which others can read)")
+    auth.add_argument(
+        "--username",
+        help=f"basic authentication; the password comes from ${PASSWORD_VARIABLE} (not the command line, which others can read)",
+    )
     auth.add_argument("--token", help=f"a bearer token (or set ${TOKEN_VARIABLE})")
-    parser.add_argument("--timeout", type=positive_seconds, default=30.0, help="seconds to wait for each request (default 30)")
+    parser.add_argument(
+        "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for each request (default 30)"
+    )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
-    parser.add_argument("--amp", choices=AMP_MODES, default="auto", help="mixed precision for a checkpoint, as lungdet predict's --amp (default auto)")
+    parser.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
+        help="mixed precision for a checkpoint, as lungdet predict's --amp (default auto)",
+    )
     return parser
 
 
@@ -110,21 +162,30 @@ POLL_ONLY = ("poll_seconds", "once", "retry_seconds")
 
 def check_mode(args: argparse.Namespace) -> None:
     """Refuse, before any work, options that do not belong to the chosen mode or contradict each other (a one-line LungdetError)."""
+
     def given(names: tuple[str, ...]) -> list[str]:
         return ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) not in (None, False)]
 
     if args.url is not None:
         if given(LISTEN_ONLY):
-            raise LungdetError(f"{', '.join(given(LISTEN_ONLY))}: only with --listen (the C-STORE node); --url polls a DICOMweb server")
+            raise LungdetError(
+                f"{', '.join(given(LISTEN_ONLY))}: only with --listen (the C-STORE node); --url polls a DICOMweb server"
+            )
         return
     if given(POLL_ONLY):
-        raise LungdetError(f"{', '.join(given(POLL_ONLY))}: only with --url (DICOMweb polling); the --listen node runs until stopped")
+        raise LungdetError(
+            f"{', '.join(given(POLL_ONLY))}: only with --url (DICOMweb polling); the --listen node runs until stopped"
+        )
     if (args.send_to is None) == (args.dicomweb_url is None):
-        raise LungdetError("--listen needs one place for the results: --send-to AE@HOST:PORT (C-STORE) or --dicomweb-url URL (STOW-RS)")
+        raise LungdetError(
+            "--listen needs one place for the results: --send-to AE@HOST:PORT (C-STORE) or --dicomweb-url URL (STOW-RS)"
+        )
     if args.allow and args.allow_any:
         raise LungdetError("give --allow AE[@HOST] for each sender, or --allow-any, not both")
     if not args.allow and not args.allow_any:
-        raise LungdetError("--listen needs --allow AE[@HOST] for each sender (an archive's or router's AE title), or --allow-any on a closed test network")
+        raise LungdetError(
+            "--listen needs --allow AE[@HOST] for each sender (an archive's or router's AE title), or --allow-any on a closed test network"
+        )
 
 
 def setup_logging() -> logging.Logger:
@@ -141,8 +202,8 @@ def setup_logging() -> logging.Logger:
 def main(args: argparse.Namespace) -> int:
     check_mode(args)
     try:
-        from lungdet.show.dicom_results import model_identity
         from lungdet.pacs.node import NodeState, PacsNode
+        from lungdet.show.dicom_results import model_identity
     except ImportError as error:
         raise LungdetError(f"lungdet pacs needs the dicom extra ({error}); pip install 'lungdet[dicom]'") from None
     if args.listen is not None:
@@ -166,7 +227,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         return node.run(poll_seconds=poll_seconds, once=args.once, retry_seconds=retry_seconds)
     except KeyboardInterrupt:
-        node.say(f"stopped; {sum(1 for _ in state.pending())} result(s) waiting in {state.pending_folder} are stored by the next run")
+        node.say(
+            f"stopped; {sum(1 for _ in state.pending())} result(s) waiting in {state.pending_folder} are stored by the next run"
+        )
         return 130
 
 
@@ -177,7 +240,9 @@ def main_listen(args: argparse.Namespace) -> int:
     try:
         from lungdet.pacs.dimse import CStoreReceiver, DicomwebReceiver, DimseNode, DimseState
     except ImportError as error:
-        raise LungdetError(f"lungdet pacs --listen needs the dicom extra ({error}); pip install 'lungdet[dicom]'") from None
+        raise LungdetError(
+            f"lungdet pacs --listen needs the dicom extra ({error}); pip install 'lungdet[dicom]'"
+        ) from None
     from lungdet import lungdet_version
     from lungdet.detection.detector import load_detector
     from lungdet.show.dicom_results import model_identity
@@ -187,14 +252,27 @@ def main_listen(args: argparse.Namespace) -> int:
     if args.send_to is not None:
         receiver = CStoreReceiver(args.send_to, ae_title=args.ae_title, timeout=args.timeout)
     else:
-        receiver = DicomwebReceiver(make_client(argparse.Namespace(**{**vars(args), "url": args.dicomweb_url})), args.dicomweb_url)
+        receiver = DicomwebReceiver(
+            make_client(argparse.Namespace(**{**vars(args), "url": args.dicomweb_url})), args.dicomweb_url
+        )
     log = setup_logging()
     detector = load_detector(args.checkpoint, device=args.device, amp=args.amp)
     cut_off = detector.score_threshold if args.score_threshold is None else args.score_threshold
     model = model_identity(lungdet_version(), [detector.architecture], [detector.checkpoint_sha256], cut_off)
     state = DimseState.open(args.state_dir, max_inbox=args.max_inbox or DEFAULT_MAX_INBOX)
     try:
-        node = DimseNode(listen, state, detector, model, receiver, None if args.allow_any else args.allow, cut_off, overlay=args.overlay, gsps=args.gsps, say=log.info)
+        node = DimseNode(
+            listen,
+            state,
+            detector,
+            model,
+            receiver,
+            None if args.allow_any else args.allow,
+            cut_off,
+            overlay=args.overlay,
+            gsps=args.gsps,
+            say=log.info,
+        )
     except ValueError as error:  # an --allow host that does not resolve
         raise LungdetError(str(error)) from None
     # A service stop (SIGTERM) ends the node as Ctrl-C does; kill -9 is safe too (see lungdet.pacs.dimse).

@@ -68,7 +68,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from lungdet.atomic import write_bytes_durable, write_folder_durable
-from lungdet.data_tools.dicom_io import DicomImage, find_missing_decoder, image_from_dataset, read_dataset, read_dataset_bytes
+from lungdet.data_tools.dicom_io import (
+    DicomImage,
+    find_missing_decoder,
+    image_from_dataset,
+    read_dataset,
+    read_dataset_bytes,
+)
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
 from lungdet.errors import DicomReadError, ImageReadError, LungdetError
@@ -95,7 +101,10 @@ LOG = logging.getLogger("lungdet.pacs")
 
 # The storage SOP classes of chest radiographs; RSNA's files are Secondary Captures of CR images.
 IMAGE_STORAGE = (
-    ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
 )
 # What the node could accept; :func:`accepted_transfer_syntaxes` keeps those with a decoder installed.
 # Deflate is left out: read_dataset_bytes refuses it from the network (it inflates before any size check).
@@ -175,20 +184,30 @@ def check_instance(data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX
         header = read_dataset_bytes(data, name="instance", untrusted=True)
     except DicomReadError as error:
         # What is wrong only, in the sender's terms: the reader's advice ("copy it again") is for files.
-        return Refusal(CANNOT_UNDERSTAND, error.reason.split("; ")[0].replace("file is truncated", "the data set is truncated", 1))
+        return Refusal(
+            CANNOT_UNDERSTAND, error.reason.split("; ")[0].replace("file is truncated", "the data set is truncated", 1)
+        )
     try:
         sop, study, dataset_class = str(header.SOPInstanceUID), str(header.StudyInstanceUID), str(header.SOPClassUID)
     except AttributeError as error:
-        return Refusal(DATA_SET_MISMATCH, f"lacks {str(error).split(' ')[-1]} (SOP Class, SOP Instance and Study Instance UIDs are needed)")
+        return Refusal(
+            DATA_SET_MISMATCH,
+            f"lacks {str(error).split(' ')[-1]} (SOP Class, SOP Instance and Study Instance UIDs are needed)",
+        )
     if not UID(sop).is_valid or not UID(study).is_valid:
-        return Refusal(CANNOT_UNDERSTAND, f"SOP Instance UID {sop[:64]!r} or Study Instance UID {study[:64]!r} is not a valid UID")
+        return Refusal(
+            CANNOT_UNDERSTAND, f"SOP Instance UID {sop[:64]!r} or Study Instance UID {study[:64]!r} is not a valid UID"
+        )
     if dataset_class != sop_class:
         return Refusal(DATA_SET_MISMATCH, f"its SOP Class UID {dataset_class} is not the request's {sop_class}")
     if str(header.get("SeriesDescription", "") or "") in OWN_SERIES:
         return Arrival(sop, study, own_result=True)
     modality = str(header.get("Modality", "") or "")
     if modality not in CHEST_MODALITIES:
-        return Refusal(CANNOT_UNDERSTAND, f"modality {modality or '(none)'}, not a chest radiograph ({' or '.join(CHEST_MODALITIES)})")
+        return Refusal(
+            CANNOT_UNDERSTAND,
+            f"modality {modality or '(none)'}, not a chest radiograph ({' or '.join(CHEST_MODALITIES)})",
+        )
     try:
         image_from_dataset(header, name=f"instance {sop}", max_pixels=max_pixels)
     except ImageReadError as error:
@@ -257,9 +276,15 @@ class DimseState:
     journal makes a re-sent instance known.
     """
 
-    def __init__(self, folder: Path, *, max_inbox: int = DEFAULT_MAX_INBOX, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    def __init__(
+        self, folder: Path, *, max_inbox: int = DEFAULT_MAX_INBOX, min_free_bytes: int = MIN_FREE_BYTES
+    ) -> None:
         self.folder = Path(folder)
-        self.inbox_folder, self.pending_folder, self.failed_folder = self.folder / "inbox", self.folder / "pending", self.folder / "failed"
+        self.inbox_folder, self.pending_folder, self.failed_folder = (
+            self.folder / "inbox",
+            self.folder / "pending",
+            self.folder / "failed",
+        )
         self.journal = self.folder / "settled.jsonl"
         self.max_inbox, self.min_free_bytes = max_inbox, min_free_bytes
         self.lock = threading.Condition()
@@ -303,7 +328,9 @@ class DimseState:
                 recovery.inbox_already_settled += 1
                 continue
             if name in pending:  # crash between steps 2 and 3
-                self._append_journal({"name": name, "outcome": "reported", "image": pending[name].image, "report": pending[name].report})
+                self._append_journal(
+                    {"name": name, "outcome": "reported", "image": pending[name].image, "report": pending[name].report}
+                )
                 path.unlink()
                 recovery.settled_from_pending += 1
                 continue
@@ -352,10 +379,16 @@ class DimseState:
                 return Known("already waiting in the inbox")
             count = len(self.in_inbox)
             if count >= self.max_inbox:
-                return Refusal(OUT_OF_RESOURCES, f"the inbox is full ({count} instances, --max-inbox {self.max_inbox}); send it again later")
+                return Refusal(
+                    OUT_OF_RESOURCES,
+                    f"the inbox is full ({count} instances, --max-inbox {self.max_inbox}); send it again later",
+                )
             free = shutil.disk_usage(self.inbox_folder).free
             if free - size < self.min_free_bytes:
-                return Refusal(OUT_OF_RESOURCES, f"the disk of {self.folder} is nearly full ({free / 2**20:.0f} MiB free); send it again later")
+                return Refusal(
+                    OUT_OF_RESOURCES,
+                    f"the disk of {self.folder} is nearly full ({free / 2**20:.0f} MiB free); send it again later",
+                )
             name = f"{self.next_sequence:010d}-{image}"
             self.next_sequence += 1
             self.in_inbox[image] = name
@@ -397,12 +430,18 @@ class DimseState:
         files["result.json"] = json.dumps({"study": study, "image": image, "report": report}).encode()
         write_folder_durable(self.pending_folder / name, files)
         folder = self.pending_folder / name
-        return PendingResult(name, tuple(folder / file for file in files if file.endswith(".dcm")), study, image, report)
+        return PendingResult(
+            name, tuple(folder / file for file in files if file.endswith(".dcm")), study, image, report
+        )
 
-    def settle(self, name: str, *, outcome: str, image: str, report: str | None = None, reason: str | None = None) -> None:
+    def settle(
+        self, name: str, *, outcome: str, image: str, report: str | None = None, reason: str | None = None
+    ) -> None:
         """Steps 3 and 4: record ``name`` as reported (with its report UID) or skipped, then remove its inbox file."""
         entry = {"name": name, "outcome": outcome, "image": image, "report": report, "reason": reason}
-        with self.lock:  # with the journal and the inbox set changed together, a handler sees the image in one or the other
+        with (
+            self.lock
+        ):  # with the journal and the inbox set changed together, a handler sees the image in one or the other
             self._append_journal({key: value for key, value in entry.items() if value is not None})
             self.in_inbox.pop(image, None)
         # Not fsynced: a removal lost to a power cut is redone at start-up, which finds the name settled.
@@ -446,7 +485,9 @@ class Analysis:
     probability: float | None
 
 
-def analyse(data: bytes, *, name: str, detector: Any, model: ModelIdentity, cut_off: float, overlay: bool, gsps: bool) -> Analysis:
+def analyse(
+    data: bytes, *, name: str, detector: Any, model: ModelIdentity, cut_off: float, overlay: bool, gsps: bool
+) -> Analysis:
     """Decode one inbox file, run the detector, and build its results (report first). Raises ImageReadError for a file it cannot read."""
     source = read_dataset_bytes(data, name=name, untrusted=True)
     image: DicomImage = image_from_dataset(source, name=name, max_pixels=DEFAULT_MAX_PIXELS)
@@ -454,7 +495,9 @@ def analyse(data: bytes, *, name: str, detector: Any, model: ModelIdentity, cut_
     prediction = keep_confident(result.prediction, min_confidence=cut_off)
     # The one builder of every result kind; the GSPS reads the stored pixels from ``source`` itself.
     datasets = result_datasets(source, image.pixels, prediction, result.probability, model, overlay=overlay, gsps=gsps)
-    return Analysis(datasets, str(source.StudyInstanceUID), str(source.SOPInstanceUID), len(prediction.scores), result.probability)
+    return Analysis(
+        datasets, str(source.StudyInstanceUID), str(source.SOPInstanceUID), len(prediction.scores), result.probability
+    )
 
 
 # --- receivers: where results are stored -----------------------------------------------------------
@@ -524,8 +567,14 @@ class CStoreReceiver:
 def _association_failure(association: Any) -> str:
     if association.is_rejected:
         rejection = association.acceptor.primitive
-        reasons = {(1, 3): "our calling AE title is not recognised (register it there, or pass --ae-title)", (1, 7): "called AE title not recognised (check --send-to)"}
-        reason = reasons.get((rejection.result_source, rejection.diagnostic), f"source {rejection.result_source}, reason {rejection.diagnostic}")
+        reasons = {
+            (1, 3): "our calling AE title is not recognised (register it there, or pass --ae-title)",
+            (1, 7): "called AE title not recognised (check --send-to)",
+        }
+        reason = reasons.get(
+            (rejection.result_source, rejection.diagnostic),
+            f"source {rejection.result_source}, reason {rejection.diagnostic}",
+        )
         return f"association rejected: {reason}"
     if association.is_aborted:
         return "association aborted"
@@ -554,8 +603,19 @@ class DicomwebReceiver:
                 status = error.response.status_code if error.response is not None else "?"
                 yield result, f"HTTP {status}"
                 continue
-            failed = [item for item in (response or Dataset()).get("FailedSOPSequence", []) if not status_accepted(int(item.get("FailureReason", 0xC000)))]
-            yield result, (f"{len(failed)} instance(s) failed (reason 0x{int(failed[0].get('FailureReason', 0xC000)):04X})" if failed else None)
+            failed = [
+                item
+                for item in (response or Dataset()).get("FailedSOPSequence", [])
+                if not status_accepted(int(item.get("FailureReason", 0xC000)))
+            ]
+            yield (
+                result,
+                (
+                    f"{len(failed)} instance(s) failed (reason 0x{int(failed[0].get('FailureReason', 0xC000)):04X})"
+                    if failed
+                    else None
+                ),
+            )
 
 
 # --- the node: pynetdicom's server, the worker and the sender ---------------------------------------
@@ -588,7 +648,9 @@ class DimseNode:
         self.server: Any = None
         self.port = self.listen.port
         # --allow hosts are looked up once, here: a name that does not resolve is an error at start-up, not a silent reject.
-        self.allowed_addresses = None if self.allowed is None else [(caller, caller.addresses()) for caller in self.allowed]
+        self.allowed_addresses = (
+            None if self.allowed is None else [(caller, caller.addresses()) for caller in self.allowed]
+        )
         self.transfer_syntaxes = accepted_transfer_syntaxes()
 
     # --- life --------------------------------------------------------------------------------------
@@ -600,24 +662,36 @@ class DimseNode:
         for sop_class in IMAGE_STORAGE:
             ae.add_supported_context(sop_class, self.transfer_syntaxes)
         ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_ABORTED, self._on_aborted)]
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
         # The pending results of the last run go first: the sender starts before anything new can arrive.
-        self.threads = [threading.Thread(target=self._send_loop, name="lungdet-sender", daemon=True),
-                        threading.Thread(target=self._work_loop, name="lungdet-worker", daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._send_loop, name="lungdet-sender", daemon=True),
+            threading.Thread(target=self._work_loop, name="lungdet-worker", daemon=True),
+        ]
         for thread in self.threads:
             thread.start()
         try:
             self.server = ae.start_server((self.listen.host, self.listen.port), block=False, evt_handlers=handlers)
         except OSError as error:
             self.stop()
-            raise LungdetError(f"--listen {self.listen}: cannot listen there ({error.strerror}); is another node on that port?") from None
+            raise LungdetError(
+                f"--listen {self.listen}: cannot listen there ({error.strerror}); is another node on that port?"
+            ) from None
         self.port = int(self.server.server_address[1])
         recovered = self.state.recovery.line()
         if recovered:
             self.say(recovered)
         syntaxes = ", ".join(CANDIDATE_TRANSFER_SYNTAXES[syntax] for syntax in self.transfer_syntaxes)
-        callers = "any calling AE title" if self.allowed is None else "calling AE " + ", ".join(str(caller) for caller in self.allowed)
+        callers = (
+            "any calling AE title"
+            if self.allowed is None
+            else "calling AE " + ", ".join(str(caller) for caller in self.allowed)
+        )
         kinds = "report" + (", overlay" if self.overlay else "") + (", GSPS" if self.gsps else "")
         self.say(
             f"listening as {self.listen.ae_title} on {self.listen.host}:{self.port} for CR, DX and SC images ({syntaxes}) from {callers}; "
@@ -639,7 +713,12 @@ class DimseNode:
 
     def idle(self) -> bool:
         """Nothing in the inbox, nothing pending, no thread mid-work (for tests and benchmarks that wait for the node)."""
-        return self.state.inbox_count() == 0 and not self.busy.is_set() and not self.sending.is_set() and not self.state.pending()
+        return (
+            self.state.inbox_count() == 0
+            and not self.busy.is_set()
+            and not self.sending.is_set()
+            and not self.state.pending()
+        )
 
     # --- pynetdicom handlers (one thread per association) ------------------------------------------
 
@@ -648,7 +727,11 @@ class DimseNode:
 
     def _on_requested(self, event: Any) -> None:
         request = event.assoc.requestor.primitive
-        calling, called, host = str(request.calling_ae_title).strip(), str(request.called_ae_title).strip(), event.assoc.requestor.address
+        calling, called, host = (
+            str(request.calling_ae_title).strip(),
+            str(request.called_ae_title).strip(),
+            event.assoc.requestor.address,
+        )
         rejection = self.association_refusal(calling, called, host)
         if rejection is not None:
             diagnostic, reason = rejection
@@ -668,12 +751,20 @@ class DimseNode:
                 return None
         known = [caller for caller, _ in self.allowed_addresses if caller.ae_title == calling]
         if known:
-            return CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling!r} is allowed only from {', '.join(str(caller.host) for caller in known)}"
-        return CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling!r} is not in --allow (add --allow {calling}@{host}, or --allow-any)"
+            return (
+                CALLING_AE_NOT_RECOGNISED,
+                f"calling AE title {calling!r} is allowed only from {', '.join(str(caller.host) for caller in known)}",
+            )
+        return (
+            CALLING_AE_NOT_RECOGNISED,
+            f"calling AE title {calling!r} is not in --allow (add --allow {calling}@{host}, or --allow-any)",
+        )
 
     def _on_aborted(self, event: Any) -> None:
         # pynetdicom calls the C-STORE handler only with a whole dataset: a transfer cut short never reaches the inbox.
-        self.say(f"the association from {self._peer(event)} was aborted; an instance it was sending, if any, was not stored")
+        self.say(
+            f"the association from {self._peer(event)} was aborted; an instance it was sending, if any, was not stored"
+        )
 
     def _on_echo(self, event: Any) -> int:
         self.say(f"echo from {self._peer(event)}")
@@ -683,10 +774,17 @@ class DimseNode:
         peer = self._peer(event)
         sop = str(event.request.AffectedSOPInstanceUID)
         try:
-            return self.store(event.encoded_dataset(include_meta=True), sop_class=str(event.request.AffectedSOPClassUID), sop=sop, peer=peer)
+            return self.store(
+                event.encoded_dataset(include_meta=True),
+                sop_class=str(event.request.AffectedSOPClassUID),
+                sop=sop,
+                peer=peer,
+            )
         except Exception as error:  # a fault of ours must answer the sender, never kill its association thread
             LOG.exception("C-STORE handler failed")
-            return self._refuse(sop, peer, Refusal(OUT_OF_RESOURCES, f"the node failed to store it ({_first_line(error)})"))
+            return self._refuse(
+                sop, peer, Refusal(OUT_OF_RESOURCES, f"the node failed to store it ({_first_line(error)})")
+            )
 
     def store(self, data: bytes, *, sop_class: str, sop: str, peer: str) -> int | Dataset:
         """One C-STORE request (``data``: the instance as a DICOM file): the status to answer, after the inbox file is durable."""
@@ -694,7 +792,9 @@ class DimseNode:
         if isinstance(verdict, Refusal):
             return self._refuse(sop, peer, verdict)
         if verdict.own_result:
-            self.say(f"ignored {verdict.sop} from {peer}: a lungdet result (a routing rule sends results back to lungdet)")
+            self.say(
+                f"ignored {verdict.sop} from {peer}: a lungdet result (a routing rule sends results back to lungdet)"
+            )
             return SUCCESS
         name = self.state.reserve(verdict.sop, report_uid(_uids(verdict), self.model), len(data))
         if isinstance(name, Known):
@@ -705,7 +805,9 @@ class DimseNode:
         try:
             self.state.admit(name, data)
         except OSError as error:
-            return self._refuse(sop, peer, Refusal(OUT_OF_RESOURCES, f"cannot write to the inbox ({error.strerror or error})"))
+            return self._refuse(
+                sop, peer, Refusal(OUT_OF_RESOURCES, f"cannot write to the inbox ({error.strerror or error})")
+            )
         self.say(f"received {verdict.sop} from {peer} ({self.state.inbox_count()} in the inbox)")
         return SUCCESS
 
@@ -741,8 +843,15 @@ class DimseNode:
         image = name.split("-", 1)[1]
         path = self.state.inbox_path(name)
         try:
-            analysis = analyse(path.read_bytes(), name=f"instance {image}", detector=self.detector, model=self.model, cut_off=self.cut_off,
-                               overlay=self.overlay, gsps=self.gsps)
+            analysis = analyse(
+                path.read_bytes(),
+                name=f"instance {image}",
+                detector=self.detector,
+                model=self.model,
+                cut_off=self.cut_off,
+                overlay=self.overlay,
+                gsps=self.gsps,
+            )
         except ImageReadError as error:  # checked on arrival, so rare: a decoder that differs between the two reads
             reason = error.reason.split("; ")[0]
             self.state.settle(name, outcome="skipped", image=image, reason=reason)
@@ -750,15 +859,21 @@ class DimseNode:
             return True
         except Exception as error:
             if attempt < WORKER_ATTEMPTS:
-                self.say(f"could not process {image} ({_first_line(error)}); trying again ({attempt} of {WORKER_ATTEMPTS})")
+                self.say(
+                    f"could not process {image} ({_first_line(error)}); trying again ({attempt} of {WORKER_ATTEMPTS})"
+                )
                 return False
             target = self.state.set_aside(name, image)
-            self.say(f"could not process {image} after {WORKER_ATTEMPTS} tries ({_first_line(error)}); moved to {target} (move it back into {self.state.inbox_folder} to retry)")
+            self.say(
+                f"could not process {image} after {WORKER_ATTEMPTS} tries ({_first_line(error)}); moved to {target} (move it back into {self.state.inbox_folder} to retry)"
+            )
             return True
         result = self.state.keep_pending(name, analysis.study, image, analysis.datasets)
         self.state.settle(name, outcome="reported", image=image, report=result.report)
         probability = f", probability {analysis.probability:.2f}" if analysis.probability is not None else ""
-        self.say(f"reported {image}: {analysis.boxes} box(es){probability}; {len(result.files)} instance(s) waiting to be stored")
+        self.say(
+            f"reported {image}: {analysis.boxes} box(es){probability}; {len(result.files)} instance(s) waiting to be stored"
+        )
         self.results_ready.set()
         return True
 
@@ -784,14 +899,18 @@ class DimseNode:
                         refused += 1
                         if result.name not in told_refused:  # said once per result, not on every retry
                             told_refused.add(result.name)
-                            self.say(f"{self.receiver} refused {result.image}'s result ({refusal}); kept in {result.folder}, tried again")
+                            self.say(
+                                f"{self.receiver} refused {result.image}'s result ({refusal}); kept in {result.folder}, tried again"
+                            )
                     if self.stopping.is_set():
                         break
             except ReceiverDown as error:
                 if down_since is None:
                     down_since = time.monotonic()
                     waiting = len(self.state.pending())
-                    self.say(f"the receiver {self.receiver} does not answer ({error}); {waiting} result(s) wait in {self.state.pending_folder}, retrying with a growing pause, up to {MAX_PAUSE_S:g} s")
+                    self.say(
+                        f"the receiver {self.receiver} does not answer ({error}); {waiting} result(s) wait in {self.state.pending_folder}, retrying with a growing pause, up to {MAX_PAUSE_S:g} s"
+                    )
                 self.sending.clear()
                 self.stopping.wait(pause)
                 pause = min(pause * 2, MAX_PAUSE_S)

@@ -33,9 +33,9 @@ import requests
 
 from lungdet.atomic import write_bytes_atomic, write_text_atomic
 from lungdet.data_tools.dicom_io import read_dataset, read_dicom_bytes
-from lungdet.errors import ImageReadError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
+from lungdet.errors import ImageReadError
 from lungdet.show.dicom_results import (
     GSPS_SERIES_DESCRIPTION,
     OVERLAY_SERIES_DESCRIPTION,
@@ -82,8 +82,11 @@ class Candidate:
     @classmethod
     def from_qido(cls, instance: dict[str, Any]) -> Candidate:
         return cls(
-            study=str(_value(instance, "0020000D")), series=str(_value(instance, "0020000E")), sop=str(_value(instance, "00080018")),
-            modality=str(_value(instance, "00080060") or ""), frames=int(_value(instance, "00280008") or 1),
+            study=str(_value(instance, "0020000D")),
+            series=str(_value(instance, "0020000E")),
+            sop=str(_value(instance, "00080018")),
+            modality=str(_value(instance, "00080060") or ""),
+            frames=int(_value(instance, "00280008") or 1),
             series_description=str(_value(instance, "0008103E") or ""),
         )
 
@@ -117,7 +120,10 @@ class NodeState:
         return cls(Path(folder), dict(document.get("done", {})), dict(document.get("skipped", {})))
 
     def save(self) -> None:
-        write_text_atomic(self.folder / "state.json", json.dumps({"done": self.done, "skipped": self.skipped}, indent=1, sort_keys=True))
+        write_text_atomic(
+            self.folder / "state.json",
+            json.dumps({"done": self.done, "skipped": self.skipped}, indent=1, sort_keys=True),
+        )
 
     def settled(self, sop: str) -> bool:
         return sop in self.done or sop in self.skipped
@@ -164,7 +170,15 @@ class PacsNode:
     """The node's work on one server with one detector; :meth:`poll` is one round, :meth:`run` the loop."""
 
     def __init__(
-        self, client: Any, detector: Any, model: ModelIdentity, state: NodeState, *, cut_off: float, overlay: bool = False, gsps: bool = False,
+        self,
+        client: Any,
+        detector: Any,
+        model: ModelIdentity,
+        state: NodeState,
+        *,
+        cut_off: float,
+        overlay: bool = False,
+        gsps: bool = False,
         say: Callable[[str], None] = LOG.info,
     ) -> None:
         self.client, self.detector, self.model, self.state = client, detector, model, state
@@ -193,7 +207,13 @@ class PacsNode:
                 return found
 
     def has_report(self, candidate: Candidate, uid: str) -> bool:
-        return bool(self._ask(self.client.search_for_instances, study_instance_uid=candidate.study, search_filters={"SOPInstanceUID": uid}))
+        return bool(
+            self._ask(
+                self.client.search_for_instances,
+                study_instance_uid=candidate.study,
+                search_filters={"SOPInstanceUID": uid},
+            )
+        )
 
     def store(self, study: str, files: list[Path]) -> bool:
         """STOW the files; True when the server took them, False (and one log line) when it refused."""
@@ -202,7 +222,9 @@ class PacsNode:
             self._ask(self.client.store_instances, datasets, study_instance_uid=study)
         except requests.exceptions.HTTPError as error:
             status = error.response.status_code if error.response is not None else "?"
-            self.say(f"the server refused to store {files[0].parent.name}'s result (HTTP {status}); kept on disk, retried next poll")
+            self.say(
+                f"the server refused to store {files[0].parent.name}'s result (HTTP {status}); kept on disk, retried next poll"
+            )
             return False
         return True
 
@@ -217,7 +239,11 @@ class PacsNode:
                 summary.stored_from_disk += 1
         # An image whose result still waits on disk is not worked on again: its result only needs storing.
         waiting = {image for image, _, _ in self.state.pending()}
-        candidates = [candidate for candidate in self.list_instances() if not self.state.settled(candidate.sop) and candidate.sop not in waiting]
+        candidates = [
+            candidate
+            for candidate in self.list_instances()
+            if not self.state.settled(candidate.sop) and candidate.sop not in waiting
+        ]
         own = [candidate for candidate in candidates if candidate.series_description in OWN_SERIES]
         if own:  # the node's own reports and overlays: settled without a word, so they are not listed again
             self.state.skipped.update({candidate.sop: "a lungdet result" for candidate in own})
@@ -229,8 +255,12 @@ class PacsNode:
                 outcome, boxes = self.process(candidate)
             except Unreachable:
                 raise
-            except Exception as error:  # a fault of ours on one image must not stop the node; the image is tried again next poll
-                self.say(f"could not process instance {candidate.sop} ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}); tried again next poll")
+            except (
+                Exception
+            ) as error:  # a fault of ours on one image must not stop the node; the image is tried again next poll
+                self.say(
+                    f"could not process instance {candidate.sop} ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}); tried again next poll"
+                )
                 summary.failed += 1
                 continue
             if outcome == "reported":
@@ -253,14 +283,18 @@ class PacsNode:
         if reason is None:
             try:
                 dataset = self._ask(self.client.retrieve_instance, candidate.study, candidate.series, candidate.sop)
-                image = read_dicom_bytes(dicom_bytes(dataset), name=f"instance {candidate.sop}", max_pixels=DEFAULT_MAX_PIXELS)
+                image = read_dicom_bytes(
+                    dicom_bytes(dataset), name=f"instance {candidate.sop}", max_pixels=DEFAULT_MAX_PIXELS
+                )
             except Unreachable:
                 raise
             except ImageReadError as error:
                 # What is wrong only: the reader's advice ("remove it from the folder") is for files, not an archive.
                 reason = error.reason.split("; ")[0]
             except Exception as error:  # a body pydicom cannot parse: the server holds a damaged file
-                reason = f"cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
+                reason = (
+                    f"cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
+                )
         if reason is not None:
             self.say(f"skipped instance {candidate.sop}: {reason}")
             self.state.skipped[candidate.sop] = reason
@@ -273,7 +307,9 @@ class PacsNode:
             return "already", 0
         result = self.detector.predict(image.pixels, dicom_tags(image.meta))
         prediction = keep_confident(result.prediction, min_confidence=self.cut_off)
-        datasets = result_datasets(dataset, image.pixels, prediction, result.probability, self.model, overlay=self.overlay, gsps=self.gsps)
+        datasets = result_datasets(
+            dataset, image.pixels, prediction, result.probability, self.model, overlay=self.overlay, gsps=self.gsps
+        )
         folder = self.state.keep_pending(candidate.sop, candidate.study, datasets)
         if not self.store(candidate.study, sorted(folder.glob("*.dcm"))):
             return "pending", len(prediction.scores)
@@ -281,7 +317,9 @@ class PacsNode:
         return "reported", len(prediction.scores)
 
     def _settle(self, image_sop: str, folder: Path, uid: str | None = None) -> None:
-        self.state.done[image_sop] = uid or read_dataset(sorted(folder.glob("*.dcm"))[0], headers_only=True).SOPInstanceUID
+        self.state.done[image_sop] = (
+            uid or read_dataset(sorted(folder.glob("*.dcm"))[0], headers_only=True).SOPInstanceUID
+        )
         self.state.save()
         for path in folder.iterdir():
             path.unlink()
@@ -289,7 +327,9 @@ class PacsNode:
 
     # --- the loop --------------------------------------------------------------------------------
 
-    def run(self, *, poll_seconds: float, once: bool, retry_seconds: float, sleep: Callable[[float], None] = time.sleep) -> int:
+    def run(
+        self, *, poll_seconds: float, once: bool, retry_seconds: float, sleep: Callable[[float], None] = time.sleep
+    ) -> int:
         """Poll until stopped (or once). Returns 0, or 1 when ``once`` ends with results still waiting on disk or the server never answered."""
         number, pause, down_since = 0, 1.0, None
         while True:
@@ -298,10 +338,14 @@ class PacsNode:
             except Unreachable as error:
                 if down_since is None:
                     down_since = time.monotonic()
-                    self.say(f"the server does not answer ({error}); retrying with a growing pause, up to {MAX_PAUSE_S:g} s")
+                    self.say(
+                        f"the server does not answer ({error}); retrying with a growing pause, up to {MAX_PAUSE_S:g} s"
+                    )
                 if once and time.monotonic() - down_since >= retry_seconds:
                     waiting = sum(1 for _ in self.state.pending())
-                    self.say(f"giving up after {retry_seconds:g} s; {waiting} result(s) kept in {self.state.pending_folder}, stored by the next run")
+                    self.say(
+                        f"giving up after {retry_seconds:g} s; {waiting} result(s) kept in {self.state.pending_folder}, stored by the next run"
+                    )
                     return 1
                 sleep(pause)
                 pause = min(pause * 2, MAX_PAUSE_S)

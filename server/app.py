@@ -30,11 +30,19 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lungdet.errors import ImageReadError
-from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet import lungdet_version
-from lungdet.detection.detect import NOTICE, Detection, annotated_png, detect_bytes, detection_json, preview_jpeg, upload_id
+from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
+from lungdet.detection.detect import (
+    NOTICE,
+    Detection,
+    annotated_png,
+    detect_bytes,
+    detection_json,
+    preview_jpeg,
+    upload_id,
+)
 from lungdet.detection.detector import Detector
+from lungdet.errors import ImageReadError
 from lungdet.server.batcher import DEFAULT_MAX_BATCH, Batcher
 from lungdet.server.guard import RequestGuard, error_body
 from lungdet.server.schemas import DetectReply, ErrorReply, Health
@@ -74,7 +82,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # Module level, not inside create_app: with postponed annotations FastAPI resolves these names in the module's globals.
 MinConfidence = Annotated[
     float | None,
-    Form(ge=0, le=100, description="hide boxes below this confidence, percent (default: the checkpoint's tuned cut-off)"),
+    Form(
+        ge=0, le=100, description="hide boxes below this confidence, percent (default: the checkpoint's tuned cut-off)"
+    ),
 ]
 Upload = Annotated[UploadFile, File(description="one chest X-ray: DICOM (any extension or none), PNG or JPEG")]
 IncludePreview = Annotated[bool, Form(description="add the X-ray as a JPEG (base64) for drawing the boxes over it")]
@@ -92,9 +102,14 @@ def check_file_name(name: str | None) -> None:
     """Refuse a client file name carrying a path or control characters. The name is never used, but such a name means a confused or hostile client."""
     if not name:
         return
-    if any(separator in name for separator in ("/", "\\")) or name in (".", "..") or any(ord(character) < 32 for character in name):
+    if (
+        any(separator in name for separator in ("/", "\\"))
+        or name in (".", "..")
+        or any(ord(character) < 32 for character in name)
+    ):
         raise UploadRejected(
-            400, "bad_file_name",
+            400,
+            "bad_file_name",
             "the upload's file name contains a path separator, '..' or a control character; send the file under its plain name (e.g. xray.dcm)",
         )
 
@@ -108,7 +123,9 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     for error in errors:
         field = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "query"))
         if field == "file" and error.get("type") == "missing":
-            parts.append("the request has no multipart field 'file'; send the X-ray as form field 'file' (curl -F file=@xray.dcm URL)")
+            parts.append(
+                "the request has no multipart field 'file'; send the X-ray as form field 'file' (curl -F file=@xray.dcm URL)"
+            )
         elif field == "min_confidence":
             parts.append(f"min_confidence must be a number from 0 to 100 (percent), got {error.get('input')!r}")
         else:
@@ -170,7 +187,11 @@ def create_app(
     @app.exception_handler(Exception)
     async def on_crash(_: Request, error: Exception) -> Response:
         LOGGER.exception("internal error (%s); the server goes on serving", type(error).__name__)
-        return refusal(500, "internal_error", "lungdet hit an internal error on this request; the server goes on serving, and its log has the details")
+        return refusal(
+            500,
+            "internal_error",
+            "lungdet hit an internal error on this request; the server goes on serving, and its log has the details",
+        )
 
     async def run_detection(file: UploadFile) -> Detection:
         check_file_name(file.filename)
@@ -201,19 +222,33 @@ def create_app(
             "notice": NOTICE,
         }
 
-    @app.post("/api/v1/detect", response_model=DetectReply, response_model_exclude_unset=True, responses=ERROR_RESPONSES)
-    async def detect(file: Upload, min_confidence: MinConfidence = None, include_preview: IncludePreview = False) -> dict[str, Any]:
+    @app.post(
+        "/api/v1/detect", response_model=DetectReply, response_model_exclude_unset=True, responses=ERROR_RESPONSES
+    )
+    async def detect(
+        file: Upload, min_confidence: MinConfidence = None, include_preview: IncludePreview = False
+    ) -> dict[str, Any]:
         """Lung-opacity boxes for one X-ray, with an image-level verdict and the RSNA PredictionString."""
         detection = await run_detection(file)
-        reply = detection_json(detection, detector_info=detector.info, min_confidence=None if min_confidence is None else min_confidence / 100)
+        reply = detection_json(
+            detection,
+            detector_info=detector.info,
+            min_confidence=None if min_confidence is None else min_confidence / 100,
+        )
         if include_preview:
             # Encoding a 1024 px JPEG takes milliseconds: off the event loop, like the decoding.
             reply["preview"] = await run_in_threadpool(preview_jpeg, detection.image)
         probability = reply["label"]["probability"]
         LOGGER.info(
             "detect %s: %s %dx%d, %d boxes >= %g%%, %s (%s), %.0f ms",
-            detection.upload_id, detection.image.format, detection.image.width, detection.image.height, len(reply["boxes"]),
-            reply["min_confidence"], reply["label"]["name"], "no image-level probability" if probability is None else f"probability {probability:.2f}%",
+            detection.upload_id,
+            detection.image.format,
+            detection.image.width,
+            detection.image.height,
+            len(reply["boxes"]),
+            reply["min_confidence"],
+            reply["label"]["name"],
+            "no image-level probability" if probability is None else f"probability {probability:.2f}%",
             detection.elapsed_ms,
         )
         return reply
@@ -221,7 +256,10 @@ def create_app(
     @app.post(
         "/api/v1/annotate",
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}, "description": "the X-ray with its boxes and the notice drawn in"}, **ERROR_RESPONSES},
+        responses={
+            200: {"content": {"image/png": {}}, "description": "the X-ray with its boxes and the notice drawn in"},
+            **ERROR_RESPONSES,
+        },
     )
     async def annotate(file: Upload, min_confidence: MinConfidence = None) -> Response:
         """The X-ray with the boxes at or above ``min_confidence`` drawn over it, as a PNG to download."""
@@ -229,6 +267,10 @@ def create_app(
         cut_off = detector.score_threshold if min_confidence is None else min_confidence / 100
         png = await run_in_threadpool(annotated_png, detection, min_confidence=cut_off)
         LOGGER.info("annotate %s: %d bytes of PNG", detection.upload_id, len(png))
-        return Response(png, media_type="image/png", headers={"Content-Disposition": f'attachment; filename="lungdet-{detection.upload_id}.png"'})
+        return Response(
+            png,
+            media_type="image/png",
+            headers={"Content-Disposition": f'attachment; filename="lungdet-{detection.upload_id}.png"'},
+        )
 
     return app

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from lungdet.data_tools.metadata import ImageTags
-from lungdet.detection.inference import ImageResult
 from lungdet.detection.detector import Detector
+from lungdet.detection.inference import ImageResult
 
 DEFAULT_MAX_BATCH = 8
 _STOP = None
@@ -73,7 +73,9 @@ class Batcher:
                 batch.append(item)
             self.batch_sizes.append(len(batch))
             try:
-                results = self.detector.predict_batch([pixels for (pixels, _), _ in batch], [tags for (_, tags), _ in batch])
+                results = self.detector.predict_batch(
+                    [pixels for (pixels, _), _ in batch], [tags for (_, tags), _ in batch]
+                )
             except BaseException as error:  # every waiting request gets the error rather than hanging
                 for _, future in batch:
                     future.set_exception(error)

@@ -15,9 +15,9 @@ import warnings
 from pathlib import Path
 
 from lungdet.cli_types import int_in_range
-from lungdet.errors import LungdetError
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.detection.config import AMP_MODES
+from lungdet.errors import LungdetError
 from lungdet.server.batcher import DEFAULT_MAX_BATCH
 
 TOKEN_VARIABLE = "LUNGDET_API_TOKEN"
@@ -33,25 +33,45 @@ def get_args_parser() -> argparse.ArgumentParser:
         "         curl -F file=@xray.dcm http://127.0.0.1:8000/api/v1/detect",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint from lungdet train (RUN/best.pt), or an export from lungdet export (model.onnx, model.ts)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
-    parser.add_argument("--port", type=int_in_range(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
-    parser.add_argument("--amp", choices=AMP_MODES, default="auto", help="mixed precision, as lungdet predict's --amp (default auto)")
     parser.add_argument(
-        "--max-upload-mb", type=int_in_range(1, 4096), default=64,
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="a checkpoint from lungdet train (RUN/best.pt), or an export from lungdet export (model.onnx, model.ts)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)",
+    )
+    parser.add_argument(
+        "--port", type=int_in_range(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)"
+    )
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
+    parser.add_argument(
+        "--amp", choices=AMP_MODES, default="auto", help="mixed precision, as lungdet predict's --amp (default auto)"
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=int_in_range(1, 4096),
+        default=64,
         help="refuse a request body over this many MiB with 413, while it streams in (default 64)",
     )
     parser.add_argument(
-        "--max-megapixels", type=int_in_range(1, 1000), default=DEFAULT_MAX_PIXELS // 1_000_000,
+        "--max-megapixels",
+        type=int_in_range(1, 1000),
+        default=DEFAULT_MAX_PIXELS // 1_000_000,
         help=f"refuse an image declaring more pixels than this in its header, before decoding it (default {DEFAULT_MAX_PIXELS // 1_000_000})",
     )
     parser.add_argument(
-        "--max-batch", type=int_in_range(1, 256), default=DEFAULT_MAX_BATCH,
+        "--max-batch",
+        type=int_in_range(1, 256),
+        default=DEFAULT_MAX_BATCH,
         help=f"at most this many concurrent requests' images go through the model together (default {DEFAULT_MAX_BATCH}; 1 = one at a time)",
     )
     parser.add_argument(
-        "--api-token", default=None,
+        "--api-token",
+        default=None,
         help=f"require 'Authorization: Bearer TOKEN' on every API request; default: ${TOKEN_VARIABLE}, which stays out of the process list",
     )
     return parser
@@ -85,7 +105,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def page_url(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+    shown = (
+        "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+    )
     return f"http://{shown}:{port}/"
 
 
@@ -103,7 +125,11 @@ def main(args: argparse.Namespace) -> int:
 
     token = args.api_token or os.environ.get(TOKEN_VARIABLE) or None
     if not is_loopback(args.host) and token is None:
-        print(f"lungdet serve: warning: listening on {args.host} without --api-token: anyone on the network can use this server", file=sys.stderr, flush=True)
+        print(
+            f"lungdet serve: warning: listening on {args.host} without --api-token: anyone on the network can use this server",
+            file=sys.stderr,
+            flush=True,
+        )
     # Bound before the model loads, so a busy port fails in a second rather than after the load.
     sock = bind_socket(args.host, args.port)
     try:
@@ -112,7 +138,10 @@ def main(args: argparse.Namespace) -> int:
         sock.close()
         raise
     app = create_app(
-        detector, max_upload_bytes=args.max_upload_mb * 2**20, api_token=token, max_pixels=args.max_megapixels * 1_000_000,
+        detector,
+        max_upload_bytes=args.max_upload_mb * 2**20,
+        api_token=token,
+        max_pixels=args.max_megapixels * 1_000_000,
         max_batch=args.max_batch,
     )
     url = page_url(args.host, sock.getsockname()[1])

@@ -67,17 +67,32 @@ class RequestGuard:
             return
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
         # A client that asked to wait ('Expect: 100-continue') sends no body after a refusal: nothing to drain.
-        body_on_its_way = headers.get("expect", "").lower() != "100-continue" and (headers.get("content-length", "0") != "0" or "transfer-encoding" in headers)
-        if self.api_token is not None and scope["path"].startswith(PROTECTED_PREFIX) and not token_matches(headers.get("authorization"), self.api_token):
+        body_on_its_way = headers.get("expect", "").lower() != "100-continue" and (
+            headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+        )
+        if (
+            self.api_token is not None
+            and scope["path"].startswith(PROTECTED_PREFIX)
+            and not token_matches(headers.get("authorization"), self.api_token)
+        ):
             await self._refuse(
-                send, receive if body_on_its_way else None, 401, "unauthorized",
+                send,
+                receive if body_on_its_way else None,
+                401,
+                "unauthorized",
                 "this server needs an API token: send the header 'Authorization: Bearer TOKEN' (the token lungdet serve was started with)",
                 extra_headers=[(b"www-authenticate", b'Bearer realm="lungdet"')],
             )
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._refuse(send, receive if body_on_its_way else None, 413, "too_large", self._too_large_message(f"declares {int(declared):,} bytes"))
+            await self._refuse(
+                send,
+                receive if body_on_its_way else None,
+                413,
+                "too_large",
+                self._too_large_message(f"declares {int(declared):,} bytes"),
+            )
             return
         await self._guard_stream(scope, receive, send)
 
@@ -118,11 +133,22 @@ class RequestGuard:
             pass
         if exceeded and not response_started:
             await self._refuse(
-                send, None if body_complete else receive, 413, "too_large", self._too_large_message(f"passed {self.max_body_bytes:,} bytes while streaming in")
+                send,
+                None if body_complete else receive,
+                413,
+                "too_large",
+                self._too_large_message(f"passed {self.max_body_bytes:,} bytes while streaming in"),
             )
 
     async def _refuse(
-        self, send: Send, drain_from: Receive | None, status: int, kind: str, message: str, *, extra_headers: list[tuple[bytes, bytes]] | None = None
+        self,
+        send: Send,
+        drain_from: Receive | None,
+        status: int,
+        kind: str,
+        message: str,
+        *,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         """Send the refusal; with ``drain_from``, read and drop what the client is still sending before ending the reply.
 
@@ -133,7 +159,12 @@ class RequestGuard:
         ``max_body_bytes`` and until the client pauses for :data:`DRAIN_IDLE_SECONDS`.
         """
         body = error_body(status, kind, message)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close"), *(extra_headers or [])]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *(extra_headers or []),
+        ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": drain_from is not None})
         if drain_from is None:
@@ -142,7 +173,7 @@ class RequestGuard:
         while drained <= self.max_body_bytes:
             try:
                 piece = await asyncio.wait_for(drain_from(), DRAIN_IDLE_SECONDS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if piece["type"] != "http.request":
                 break

@@ -18,9 +18,19 @@ class _Strict(BaseModel):
 
 class Label(_Strict):
     name: Literal["Lung Opacity", "No Lung Opacity"]
-    confidence: float | None = Field(ge=0, le=100, description="with an image head: confidence in the named label, percent; null without one (no percentage is claimed)")
-    probability: float | None = Field(ge=0, le=100, description="with an image head: the probability that the image has an opacity, percent; null without one")
-    calibrated: bool = Field(description="whether that probability is Platt-scaled on validation images (checkpoints trained since lungdet computed it)")
+    confidence: float | None = Field(
+        ge=0,
+        le=100,
+        description="with an image head: confidence in the named label, percent; null without one (no percentage is claimed)",
+    )
+    probability: float | None = Field(
+        ge=0,
+        le=100,
+        description="with an image head: the probability that the image has an opacity, percent; null without one",
+    )
+    calibrated: bool = Field(
+        description="whether that probability is Platt-scaled on validation images (checkpoints trained since lungdet computed it)"
+    )
     source: Literal["image_head", "max_box"] = Field(
         description="'image_head': the model's image-level output; 'max_box': whether a box reached the cut-off (checkpoints without an image head)"
     )
@@ -52,7 +62,9 @@ class Box(_Strict):
 
 
 class Note(_Strict):
-    kind: str = Field(description="'rgb_converted', 'monochrome1_inverted', 'high_bit_depth_rescaled' or 'exif_rotated', as convert reports them")
+    kind: str = Field(
+        description="'rgb_converted', 'monochrome1_inverted', 'high_bit_depth_rescaled' or 'exif_rotated', as convert reports them"
+    )
     reason: str
 
 
@@ -63,18 +75,32 @@ class ImageInfo(_Strict):
     view_position: str | None = Field(description="DICOM ViewPosition ('AP'/'PA'); null for PNG/JPEG or when absent")
     sex: str | None = Field(description="DICOM PatientSex; null for PNG/JPEG or when absent")
     age: int | None = Field(description="DICOM PatientAge in years; null for PNG/JPEG or when absent")
-    notes: list[Note] = Field(description="what was done to the image on the way, e.g. a colour image converted to grey")
+    notes: list[Note] = Field(
+        description="what was done to the image on the way, e.g. a colour image converted to grey"
+    )
 
 
 class ModelInfo(_Strict):
     architecture: str
-    format: Literal["checkpoint", "onnx", "torchscript"] = Field(description="what was loaded: a lungdet checkpoint, or an export from lungdet export")
+    format: Literal["checkpoint", "onnx", "torchscript"] = Field(
+        description="what was loaded: a lungdet checkpoint, or an export from lungdet export"
+    )
     image_size: int = Field(description="the model's square input side, pixels")
     checkpoint_sha256: str
-    score_threshold: float = Field(ge=0, le=1, description="the box cut-off tuned on validation; without an image head the verdict uses it")
-    image_threshold: float | None = Field(ge=0, le=1, description="with an image head: its probability cut-off tuned on validation, which the verdict uses; null without one")
-    image_metadata: bool = Field(description="whether the image-level probability uses the file's view position, sex and age (model.image_metadata)")
-    image_calibrated: bool = Field(description="whether the image-level probability is Platt-scaled on validation images")
+    score_threshold: float = Field(
+        ge=0, le=1, description="the box cut-off tuned on validation; without an image head the verdict uses it"
+    )
+    image_threshold: float | None = Field(
+        ge=0,
+        le=1,
+        description="with an image head: its probability cut-off tuned on validation, which the verdict uses; null without one",
+    )
+    image_metadata: bool = Field(
+        description="whether the image-level probability uses the file's view position, sex and age (model.image_metadata)"
+    )
+    image_calibrated: bool = Field(
+        description="whether the image-level probability is Platt-scaled on validation images"
+    )
 
 
 class Preview(_Strict):
@@ -112,7 +138,9 @@ class Health(_Strict):
 
 class ErrorDetail(_Strict):
     status: int
-    kind: str = Field(description="a short category: 'empty', 'not_an_image', 'multi_frame', 'too_large', 'unauthorized', ...")
+    kind: str = Field(
+        description="a short category: 'empty', 'not_an_image', 'multi_frame', 'too_large', 'unauthorized', ..."
+    )
     message: str = Field(description="what is wrong and what to do")
 
 

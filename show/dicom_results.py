@@ -177,7 +177,15 @@ AGE_STRING = re.compile(r"^\d{3}[DWMY]$")
 # Type 2 (present, may be empty) in every image IOD, and copied into every result; some senders
 # and older files leave them out, and highdicom then fails on the missing attribute.
 PATIENT_AND_STUDY_TYPE2 = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
 )
 
 
@@ -225,12 +233,24 @@ def with_empty_laterality(derived: Dataset) -> Dataset:
 
 def qualitative_evaluations(probability: float | None) -> hd.sr.ContainerContentItem:
     """TID 1500's report-level Qualitative Evaluations: Opacity present, and the image head's probability."""
-    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    items = [hd.sr.CodeContentItem(
-        name=OPACITY, value=codes.SCT.Present, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )]
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    items = [
+        hd.sr.CodeContentItem(
+            name=OPACITY,
+            value=codes.SCT.Present,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    ]
     if probability is not None:
-        items.append(hd.sr.TextContentItem(name=IMAGE_PROBABILITY, value=f"{float(probability):.4f}", relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        items.append(
+            hd.sr.TextContentItem(
+                name=IMAGE_PROBABILITY,
+                value=f"{float(probability):.4f}",
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     container.ContentSequence = items
     return container
 
@@ -272,37 +292,64 @@ def no_findings_report(source: Dataset, probability: float | None, model: ModelI
     parameters = algorithm_parameters(model)
     if probability is not None:
         parameters.append(f"{PROBABILITY_PARAMETER}{float(probability):.4f}")
-    algorithm += [hd.sr.TextContentItem(name=codes.DCM.AlgorithmParameters, value=text, relationship_type=concept_mod) for text in parameters]
+    algorithm += [
+        hd.sr.TextContentItem(name=codes.DCM.AlgorithmParameters, value=text, relationship_type=concept_mod)
+        for text in parameters
+    ]
     detection = hd.sr.CodeContentItem(name=codes.DCM.DetectionPerformed, value=OPACITY, relationship_type=contains)
     detection.ContentSequence = algorithm
-    successful = hd.sr.ContainerContentItem(name=codes.DCM.SuccessfulDetections, relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM)
+    successful = hd.sr.ContainerContentItem(
+        name=codes.DCM.SuccessfulDetections, relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM
+    )
     successful.ContentSequence = [detection]
-    detections = hd.sr.CodeContentItem(name=codes.DCM.SummaryOfDetections, value=codes.DCM.Succeeded, relationship_type=contains)
+    detections = hd.sr.CodeContentItem(
+        name=codes.DCM.SummaryOfDetections, value=codes.DCM.Succeeded, relationship_type=contains
+    )
     detections.ContentSequence = [successful]
     root = _template(hd.sr.ContainerContentItem(name=codes.DCM.ChestCADReport), "4100")
     root.ContentSequence = [
         *hd.sr.LanguageOfContentItemAndDescendants(hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")),
-        hd.sr.CodeContentItem(name=codes.DCM.CADProcessingAndFindingsSummary, value=codes.DCM.AllAlgorithmsSucceededWithoutFindings, relationship_type=contains),
+        hd.sr.CodeContentItem(
+            name=codes.DCM.CADProcessingAndFindingsSummary,
+            value=codes.DCM.AllAlgorithmsSucceededWithoutFindings,
+            relationship_type=contains,
+        ),
         detections,
-        hd.sr.CodeContentItem(name=codes.DCM.SummaryOfAnalyses, value=codes.DCM.NotAttempted, relationship_type=contains),
+        hd.sr.CodeContentItem(
+            name=codes.DCM.SummaryOfAnalyses, value=codes.DCM.NotAttempted, relationship_type=contains
+        ),
     ]
     with quiet_highdicom():
         sr = hd.sr.ComprehensiveSR(
-            evidence=[source], content=root, series_instance_uid=_series_uid(source, model, "report"), series_number=REPORT_SERIES_NUMBER,
-            sop_instance_uid=report_uid(source, model), instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER,
-            is_complete=True, series_description=REPORT_SERIES_DESCRIPTION,
+            evidence=[source],
+            content=root,
+            series_instance_uid=_series_uid(source, model, "report"),
+            series_number=REPORT_SERIES_NUMBER,
+            sop_instance_uid=report_uid(source, model),
+            instance_number=int(source.get("InstanceNumber") or 1),
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            series_description=REPORT_SERIES_DESCRIPTION,
         )
     # The image the detection ran on goes in once highdicom is done: it wants every item named, and
     # TID 4017 names none. A plain Sequence, since highdicom's own would check for the name.
-    [performed] = [item for item in sr.ContentSequence if _code_is(item, codes.DCM.SummaryOfDetections)][0].ContentSequence[0].ContentSequence
-    Dataset.__setattr__(performed, "ContentSequence", pydicom.Sequence([*performed.ContentSequence, _image_item(source)]))
+    [performed] = (
+        [item for item in sr.ContentSequence if _code_is(item, codes.DCM.SummaryOfDetections)][0]
+        .ContentSequence[0]
+        .ContentSequence
+    )
+    Dataset.__setattr__(
+        performed, "ContentSequence", pydicom.Sequence([*performed.ContentSequence, _image_item(source)])
+    )
     # The Chest CAD SR IOD is the Comprehensive SR's modules under its own SOP class.
     sr.SOPClassUID = CHEST_CAD_SR
     sr.file_meta.MediaStorageSOPClassUID = CHEST_CAD_SR
     return repair_copied_values(sr)
 
 
-def structured_report(source: Dataset, prediction: Prediction, probability: float | None, model: ModelIdentity) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR:
+def structured_report(
+    source: Dataset, prediction: Prediction, probability: float | None, model: ModelIdentity
+) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR:
     """The report on ``source`` (its metadata; pixels not needed): a Measurement Report with one region per box of ``prediction`` (already cut off).
 
     ``prediction`` is XYWH_ABS in the source's pixels; ``probability`` is the image head's, or None.
@@ -316,28 +363,53 @@ def structured_report(source: Dataset, prediction: Prediction, probability: floa
     region_source = hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID)
     groups: list = []
     for index, (score, box) in enumerate(zip(prediction.scores, prediction.boxes, strict=True), start=1):
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(uid, "box", index), identifier=f"lung opacity {index}"),
-            referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box), source_image=region_source),
-            finding_type=OPACITY,
-            finding_sites=[hd.sr.FindingSite(LUNG)],
-            algorithm_id=algorithm,
-            measurements=[hd.sr.Measurement(name=BOX_CONFIDENCE, value=float(score), unit=NO_UNITS, algorithm_id=algorithm)],
-        ))
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derived_uid(uid, "box", index), identifier=f"lung opacity {index}"
+                ),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=box_polyline(box),
+                    source_image=region_source,
+                ),
+                finding_type=OPACITY,
+                finding_sites=[hd.sr.FindingSite(LUNG)],
+                algorithm_id=algorithm,
+                measurements=[
+                    hd.sr.Measurement(name=BOX_CONFIDENCE, value=float(score), unit=NO_UNITS, algorithm_id=algorithm)
+                ],
+            )
+        )
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid("lungdet device", model.key), name="lungdet", manufacturer_name=MANUFACTURER,
-        model_name=",".join(model.architectures)[:64], serial_number=model.checkpoint_sha256s[0][:16],
+        uid=derived_uid("lungdet device", model.key),
+        name="lungdet",
+        manufacturer_name=MANUFACTURER,
+        model_name=",".join(model.architectures)[:64],
+        serial_number=model.checkpoint_sha256s[0][:16],
     )
-    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
     # No image library: highdicom's descriptors for CR want ImagerPixelSpacing, which RSNA's files lack;
     # the X-ray is referenced by every box and by the evidence sequence.
-    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE, imaging_measurements=groups)
+    report = hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=PROCEDURE, imaging_measurements=groups
+    )
     # highdicom builds no report-level Qualitative Evaluations; it is the root container's last child (TID 1500 row 12).
     report[0].ContentSequence.append(qualitative_evaluations(probability))
     with quiet_highdicom():
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[source], content=report, series_instance_uid=_series_uid(source, model, "report"), series_number=REPORT_SERIES_NUMBER,
-            sop_instance_uid=uid, instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER, is_complete=True,
+            evidence=[source],
+            content=report,
+            series_instance_uid=_series_uid(source, model, "report"),
+            series_number=REPORT_SERIES_NUMBER,
+            sop_instance_uid=uid,
+            instance_number=int(source.get("InstanceNumber") or 1),
+            manufacturer=MANUFACTURER,
+            is_complete=True,
             series_description=REPORT_SERIES_DESCRIPTION,
         )
     return repair_copied_values(sr)
@@ -348,13 +420,27 @@ def overlay_image(source: Dataset, pixels: np.ndarray, prediction: Prediction, m
     source = with_type2_present(source)
     if pixels.shape[:2] != (int(source.Rows), int(source.Columns)):
         raise ValueError(f"pixels {pixels.shape[:2]} do not match the source's {source.Rows} x {source.Columns}")
-    rgb = draw_overlay(pixels, truth=None, prediction=prediction, title=f"lungdet {model.version}: {RESEARCH_NOTICE}", truth_in_legend=False)
+    rgb = draw_overlay(
+        pixels,
+        truth=None,
+        prediction=prediction,
+        title=f"lungdet {model.version}: {RESEARCH_NOTICE}",
+        truth_in_legend=False,
+    )
     orientation = tuple(source.get("PatientOrientation") or ())
     spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
     with quiet_highdicom():
         image = hd.sc.SCImage.from_ref_dataset(
-            source, rgb, "RGB", 8, "PATIENT", _series_uid(source, model, "overlay"), OVERLAY_SERIES_NUMBER, overlay_uid(source, model),
-            int(source.get("InstanceNumber") or 1), MANUFACTURER,
+            source,
+            rgb,
+            "RGB",
+            8,
+            "PATIENT",
+            _series_uid(source, model, "overlay"),
+            OVERLAY_SERIES_NUMBER,
+            overlay_uid(source, model),
+            int(source.get("InstanceNumber") or 1),
+            MANUFACTURER,
             pixel_spacing=tuple(float(value) for value in spacing) if spacing else None,
             # highdicom needs an orientation to build the image; the source's own value (often empty) is put back below.
             patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
@@ -364,7 +450,9 @@ def overlay_image(source: Dataset, pixels: np.ndarray, prediction: Prediction, m
     return repair_copied_values(with_empty_laterality(image))
 
 
-def presentation_state(source: Dataset, stored_pixels: np.ndarray, prediction: Prediction, model: ModelIdentity) -> hd.pr.GrayscaleSoftcopyPresentationState:
+def presentation_state(
+    source: Dataset, stored_pixels: np.ndarray, prediction: Prediction, model: ModelIdentity
+) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """A GSPS over ``source``: its boxes as polylines with their confidences, the notice, and lungdet's window.
 
     ``stored_pixels`` are the source's stored values (``source.pixel_array``), from which the window is
@@ -373,45 +461,79 @@ def presentation_state(source: Dataset, stored_pixels: np.ndarray, prediction: P
     source = with_type2_present(source)
     photometric = str(source.get("PhotometricInterpretation", "")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"a grayscale presentation state needs a MONOCHROME1/2 image; this one is {photometric or 'without PhotometricInterpretation'}")
+        raise ValueError(
+            f"a grayscale presentation state needs a MONOCHROME1/2 image; this one is {photometric or 'without PhotometricInterpretation'}"
+        )
     window = display_window(stored_pixels, source)
     layer = hd.pr.GraphicLayer(layer_name=GSPS_LAYER, order=1, description=f"lungdet boxes - {RESEARCH_NOTICE}")
     columns = int(source.Columns)
     graphics, texts = [], []
     for index, (score, box) in enumerate(zip(prediction.scores, prediction.boxes, strict=True), start=1):
         x, y, width, _ = (float(value) for value in box)
-        graphics.append(hd.pr.GraphicObject(
-            graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box), units=hd.pr.AnnotationUnitsValues.PIXEL,
-            tracking_id=f"lung opacity {index}", tracking_uid=derived_uid(gsps_uid(source, model), "box", index),
-        ))
+        graphics.append(
+            hd.pr.GraphicObject(
+                graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                graphic_data=box_polyline(box),
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+                tracking_id=f"lung opacity {index}",
+                tracking_uid=derived_uid(gsps_uid(source, model), "box", index),
+            )
+        )
         # The label sits on the box's top edge, inside it, so it stays on the image for a box at the top.
         label_height = max(12.0, min(40.0, 0.03 * int(source.Rows)))
-        texts.append(hd.pr.TextObject(
-            text_value=f"opacity {float(score):.2f}", units=hd.pr.AnnotationUnitsValues.PIXEL,
-            bounding_box=(x, y, min(x + max(width, 4 * label_height), float(columns)), y + label_height),
-            text_justification=hd.pr.TextJustificationValues.LEFT,
-        ))
+        texts.append(
+            hd.pr.TextObject(
+                text_value=f"opacity {float(score):.2f}",
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+                bounding_box=(x, y, min(x + max(width, 4 * label_height), float(columns)), y + label_height),
+                text_justification=hd.pr.TextJustificationValues.LEFT,
+            )
+        )
     notice_height = max(12.0, 0.03 * int(source.Rows))
-    texts.append(hd.pr.TextObject(
-        text_value=f"lungdet {model.version}: {RESEARCH_NOTICE}", units=hd.pr.AnnotationUnitsValues.PIXEL,
-        bounding_box=(0.0, 0.0, float(columns), notice_height), text_justification=hd.pr.TextJustificationValues.LEFT,
-    ))
-    annotation = hd.pr.GraphicAnnotation(referenced_images=[source], graphic_layer=layer, graphic_objects=graphics or None, text_objects=texts)
+    texts.append(
+        hd.pr.TextObject(
+            text_value=f"lungdet {model.version}: {RESEARCH_NOTICE}",
+            units=hd.pr.AnnotationUnitsValues.PIXEL,
+            bounding_box=(0.0, 0.0, float(columns), notice_height),
+            text_justification=hd.pr.TextJustificationValues.LEFT,
+        )
+    )
+    annotation = hd.pr.GraphicAnnotation(
+        referenced_images=[source], graphic_layer=layer, graphic_objects=graphics or None, text_objects=texts
+    )
     rescaled = "RescaleSlope" in source or "RescaleIntercept" in source
     with quiet_highdicom():
         state = hd.pr.GrayscaleSoftcopyPresentationState(
-            referenced_images=[source], series_instance_uid=_series_uid(source, model, "gsps"), series_number=GSPS_SERIES_NUMBER,
-            sop_instance_uid=gsps_uid(source, model), instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER,
-            manufacturer_model_name=",".join(model.architectures)[:64], software_versions=f"lungdet {model.version}",
-            device_serial_number=model.checkpoint_sha256s[0][:16], content_label="LUNGDET_BOXES",
-            content_description=f"lungdet boxes - {RESEARCH_NOTICE}"[:64], graphic_annotations=[annotation], graphic_layers=[layer],
+            referenced_images=[source],
+            series_instance_uid=_series_uid(source, model, "gsps"),
+            series_number=GSPS_SERIES_NUMBER,
+            sop_instance_uid=gsps_uid(source, model),
+            instance_number=int(source.get("InstanceNumber") or 1),
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=",".join(model.architectures)[:64],
+            software_versions=f"lungdet {model.version}",
+            device_serial_number=model.checkpoint_sha256s[0][:16],
+            content_label="LUNGDET_BOXES",
+            content_description=f"lungdet boxes - {RESEARCH_NOTICE}"[:64],
+            graphic_annotations=[annotation],
+            graphic_layers=[layer],
             # The rescale lungdet applied (none for 8-bit data), stated so a viewer does not apply the image's own on top.
-            modality_lut_transformation=hd.ModalityLUTTransformation(rescale_intercept=window.intercept, rescale_slope=window.slope, rescale_type="US") if rescaled else None,
-            voi_lut_transformations=[hd.pr.SoftcopyVOILUTTransformation(
-                window_center=[window.center], window_width=[window.width], window_explanation=["lungdet's window"],
-            )],
+            modality_lut_transformation=hd.ModalityLUTTransformation(
+                rescale_intercept=window.intercept, rescale_slope=window.slope, rescale_type="US"
+            )
+            if rescaled
+            else None,
+            voi_lut_transformations=[
+                hd.pr.SoftcopyVOILUTTransformation(
+                    window_center=[window.center],
+                    window_width=[window.width],
+                    window_explanation=["lungdet's window"],
+                )
+            ],
             # MONOCHROME1 shows low values bright: INVERSE, or a viewer shows the X-ray as a negative.
-            presentation_lut_transformation=hd.PresentationLUTTransformation(presentation_lut_shape="INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"),
+            presentation_lut_transformation=hd.PresentationLUTTransformation(
+                presentation_lut_shape="INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+            ),
             series_description=GSPS_SERIES_DESCRIPTION,
         )
     return repair_copied_values(with_empty_laterality(state))
@@ -437,7 +559,9 @@ def read_report(dataset: Dataset) -> ReportContents:
     for group in report.content.get_planar_roi_measurement_groups():
         region = group.roi
         boxes.append(polyline_box(region.value))
-        sources.add(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)  # its SELECTED FROM image
+        sources.add(
+            region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        )  # its SELECTED FROM image
         [measurement] = group.get_measurements(name=BOX_CONFIDENCE)
         scores.append(float(measurement.value))
     if len(sources) != 1:
@@ -449,7 +573,8 @@ def read_report(dataset: Dataset) -> ReportContents:
     return ReportContents(
         source_sop_instance_uid=sources.pop(),
         prediction=Prediction.from_arrays(scores, np.array(boxes).reshape(-1, 4)),
-        opacity_present=(present.CodeValue, present.CodingSchemeDesignator) == (codes.SCT.Present.value, codes.SCT.Present.scheme_designator),
+        opacity_present=(present.CodeValue, present.CodingSchemeDesignator)
+        == (codes.SCT.Present.value, codes.SCT.Present.scheme_designator),
         probability=probabilities[0] if probabilities else None,
     )
 
@@ -457,11 +582,19 @@ def read_report(dataset: Dataset) -> ReportContents:
 def _read_no_findings_report(dataset: Dataset) -> ReportContents:
     [summary] = [item for item in dataset.ContentSequence if _code_is(item, codes.DCM.CADProcessingAndFindingsSummary)]
     if summary.ConceptCodeSequence[0].CodeValue != codes.DCM.AllAlgorithmsSucceededWithoutFindings.value:
-        raise ValueError(f"a lungdet Chest CAD SR says 'without findings'; this one says {summary.ConceptCodeSequence[0].CodeMeaning!r}")
+        raise ValueError(
+            f"a lungdet Chest CAD SR says 'without findings'; this one says {summary.ConceptCodeSequence[0].CodeMeaning!r}"
+        )
     [detections] = [item for item in dataset.ContentSequence if _code_is(item, codes.DCM.SummaryOfDetections)]
     [performed] = detections.ContentSequence[0].ContentSequence
-    parameters = [item.TextValue for item in performed.ContentSequence if "ConceptNameCodeSequence" in item and _code_is(item, codes.DCM.AlgorithmParameters)]
-    probabilities = [float(text.removeprefix(PROBABILITY_PARAMETER)) for text in parameters if text.startswith(PROBABILITY_PARAMETER)]
+    parameters = [
+        item.TextValue
+        for item in performed.ContentSequence
+        if "ConceptNameCodeSequence" in item and _code_is(item, codes.DCM.AlgorithmParameters)
+    ]
+    probabilities = [
+        float(text.removeprefix(PROBABILITY_PARAMETER)) for text in parameters if text.startswith(PROBABILITY_PARAMETER)
+    ]
     [image] = [item for item in performed.ContentSequence if item.ValueType == "IMAGE"]
     return ReportContents(
         source_sop_instance_uid=image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
@@ -478,8 +611,14 @@ def dicom_bytes(dataset: Dataset) -> bytes:
 
 
 def result_datasets(
-    source: Dataset, pixels: np.ndarray | None, prediction: Prediction, probability: float | None, model: ModelIdentity,
-    *, overlay: bool = False, gsps: bool = False,
+    source: Dataset,
+    pixels: np.ndarray | None,
+    prediction: Prediction,
+    probability: float | None,
+    model: ModelIdentity,
+    *,
+    overlay: bool = False,
+    gsps: bool = False,
 ) -> list[Dataset]:
     """Every result lungdet files for one X-ray: the report, then the overlay and the GSPS when asked for.
 
@@ -505,8 +644,15 @@ def result_name(dataset: Dataset) -> str:
 
 
 def write_results(
-    out_dir: Path, name: str, source: Dataset, prediction: Prediction, probability: float | None, model: ModelIdentity,
-    *, pixels: np.ndarray | None = None, gsps: bool = False,
+    out_dir: Path,
+    name: str,
+    source: Dataset,
+    prediction: Prediction,
+    probability: float | None,
+    model: ModelIdentity,
+    *,
+    pixels: np.ndarray | None = None,
+    gsps: bool = False,
 ) -> list[Path]:
     """Write ``OUT/{name}_sr.dcm``, ``OUT/{name}_overlay.dcm`` when ``pixels`` are given and ``OUT/{name}_gsps.dcm`` with ``gsps``, each whole or not at all."""
     datasets = result_datasets(source, pixels, prediction, probability, model, overlay=pixels is not None, gsps=gsps)
@@ -516,7 +662,9 @@ def write_results(
     return paths
 
 
-def model_identity(version: str, architectures: Sequence[str], checkpoint_sha256s: Sequence[str], cut_off: float) -> ModelIdentity:
+def model_identity(
+    version: str, architectures: Sequence[str], checkpoint_sha256s: Sequence[str], cut_off: float
+) -> ModelIdentity:
     return ModelIdentity(version, tuple(dict.fromkeys(architectures)), tuple(checkpoint_sha256s), float(cut_off))
 
 
@@ -537,12 +685,30 @@ def write_results_for_files(
     """
     written: list[Path] = []
     skipped: list[tuple[Path, str]] = []
-    for path, prediction, probability in tqdm(results, desc="dicom out", unit="file", disable=None if progress else True):
+    for path, prediction, probability in tqdm(
+        results, desc="dicom out", unit="file", disable=None if progress else True
+    ):
         try:
             source = read_dataset(path, headers_only=not gsps)
-            missing = [keyword for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if keyword not in source]
+            missing = [
+                keyword
+                for keyword in (
+                    "SOPClassUID",
+                    "SOPInstanceUID",
+                    "StudyInstanceUID",
+                    "SeriesInstanceUID",
+                    "Rows",
+                    "Columns",
+                )
+                if keyword not in source
+            ]
         except DicomReadError as error:
-            skipped.append((Path(path), f"not a DICOM image, so there is no study to file a report in ({error.reason.split('; ')[0][:80]})"))
+            skipped.append(
+                (
+                    Path(path),
+                    f"not a DICOM image, so there is no study to file a report in ({error.reason.split('; ')[0][:80]})",
+                )
+            )
             continue
         if missing:
             skipped.append((Path(path), f"lacks {', '.join(missing)}, which a report must reference"))
@@ -554,7 +720,14 @@ def write_results_for_files(
             continue
         photometric = str(source.get("PhotometricInterpretation", "")).upper()
         if gsps and photometric not in ("MONOCHROME1", "MONOCHROME2"):
-            skipped.append((Path(path), f"is {photometric or 'without PhotometricInterpretation'}; a grayscale presentation state needs MONOCHROME1/2 (--dicom-out-gsps)"))
+            skipped.append(
+                (
+                    Path(path),
+                    f"is {photometric or 'without PhotometricInterpretation'}; a grayscale presentation state needs MONOCHROME1/2 (--dicom-out-gsps)",
+                )
+            )
             continue
-        written += write_results(out_dir, Path(path).stem, source, prediction, probability, model, pixels=pixels, gsps=gsps)
+        written += write_results(
+            out_dir, Path(path).stem, source, prediction, probability, model, pixels=pixels, gsps=gsps
+        )
     return written, skipped

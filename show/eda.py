@@ -37,10 +37,10 @@ from lungdet.atomic import write_bytes_atomic, write_text_atomic
 from lungdet.boxes import as_box_array
 from lungdet.cli_types import int_in_range
 from lungdet.data_tools.dicom_io import DicomMeta, find_dicoms, read_dicom_metadata
-from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 from lungdet.data_tools.image_io import find_images, read_picture_size, read_xray_file
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, PatientLabels, read_labels
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
+from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 from lungdet.show.visualize import draw_overlay, encode_image, fit_for_display
 
 INDEX_FILE = "index.html"
@@ -200,7 +200,10 @@ def compute_metadata_stats(labels: Mapping[str, PatientLabels], metadata: Sequen
         else:
             labelled[meta.patient_id] = meta
     records = [(meta, labels[patient_id].target) for patient_id, meta in labelled.items()]
-    ages = {target: np.array([meta.age for meta, t in records if t == target and meta.age is not None], dtype=np.float64) for target in (0, 1)}
+    ages = {
+        target: np.array([meta.age for meta, t in records if t == target and meta.age is not None], dtype=np.float64)
+        for target in (0, 1)
+    }
     spacings = [meta.pixel_spacing for meta, _ in records if meta.pixel_spacing is not None]
     return MetadataStats(
         file_count=len(metadata),
@@ -353,10 +356,21 @@ def scan_pictures(paths: Sequence[Path], metadata: MetadataTable | None, *, prog
             unreadable.append((Path(path), error.reason))
             continue
         tags = tags_of.get(Path(path).stem, ImageTags())
-        records.append(DicomMeta(
-            path=Path(path), patient_id=Path(path).stem, patient_id_tag="", age=tags.age, sex=tags.sex, view_position=tags.view_position,
-            rows=height, columns=width, pixel_spacing=tags.pixel_spacing, modality="", photometric_interpretation="",
-        ))
+        records.append(
+            DicomMeta(
+                path=Path(path),
+                patient_id=Path(path).stem,
+                patient_id_tag="",
+                age=tags.age,
+                sex=tags.sex,
+                view_position=tags.view_position,
+                rows=height,
+                columns=width,
+                pixel_spacing=tags.pixel_spacing,
+                modality="",
+                photometric_interpretation="",
+            )
+        )
     return MetadataScan(records=records, unreadable=unreadable)
 
 
@@ -392,7 +406,9 @@ class EdaReport:
 
     @property
     def png_names(self) -> list[str]:
-        return [section.png_name for section in self.sections] + [sample.png_name for group in self.samples.values() for sample in group]
+        return [section.png_name for section in self.sections] + [
+            sample.png_name for group in self.samples.values() for sample in group
+        ]
 
 
 def new_figure(width_inches: float, height_inches: float) -> Figure:
@@ -414,8 +430,16 @@ def _percent(part: int, whole: int) -> str:
 
 
 def _annotate_bars(axes, bars, labels: Sequence[str]) -> None:
-    for bar, text in zip(bars, labels):
-        axes.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+    for bar, text in zip(bars, labels, strict=True):
+        axes.annotate(
+            text,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
 
 
 def plot_class_balance(stats: EdaStats) -> bytes:
@@ -520,7 +544,15 @@ def plot_age_by_target(metadata: MetadataStats) -> bytes:
         ages = ages[ages <= MAX_PLAUSIBLE_AGE_YEARS]
         if len(ages):
             # Each group as a share of itself: positives are a quarter of the data and would look flat.
-            axes.hist(ages, bins=edges, weights=np.full(len(ages), 100 / len(ages)), histtype="step", linewidth=2, color=TARGET_COLORS[target], label=f"{name}, n={len(ages):,}")
+            axes.hist(
+                ages,
+                bins=edges,
+                weights=np.full(len(ages), 100 / len(ages)),
+                histtype="step",
+                linewidth=2,
+                color=TARGET_COLORS[target],
+                label=f"{name}, n={len(ages):,}",
+            )
     axes.set_xlabel("age (years, 5-year bins)")
     axes.set_ylabel("% of the group")
     axes.set_xlim(0, 100)
@@ -541,10 +573,18 @@ def plot_groups_by_target(groups: Mapping[str, GroupCounts], *, title: str, xlab
     axes.bar(positions - 0.2, negatives, width=0.4, color=TARGET_COLORS[0], label="Target 0")
     axes.bar(positions + 0.2, positives, width=0.4, color=TARGET_COLORS[1], label="Target 1")
     top = max([*negatives, *positives, 1])
-    for position, name in zip(positions, names):
+    for position, name in zip(positions, names, strict=True):
         rate = groups[name].positive_rate
         text = f"{100 * rate:.1f}% positive" if rate is not None else "–"
-        axes.annotate(text, (position, max(groups[name].negatives, groups[name].positives)), ha="center", va="bottom", xytext=(0, 3), textcoords="offset points", fontsize=9)
+        axes.annotate(
+            text,
+            (position, max(groups[name].negatives, groups[name].positives)),
+            ha="center",
+            va="bottom",
+            xytext=(0, 3),
+            textcoords="offset points",
+            fontsize=9,
+        )
     axes.set_xticks(positions, names)
     axes.set_ylim(0, top * 1.25)
     axes.set_xlabel(xlabel)
@@ -600,7 +640,11 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
         f"negative (Target 0): {stats.negative_count:,} ({_percent(stats.negative_count, total)})",
     ]
     if stats.class_counts is not None:
-        balance_numbers += [f"{name}: {count:,} ({_percent(count, total)})" for name, count in stats.class_counts.items() if count or name != NO_CLASS]
+        balance_numbers += [
+            f"{name}: {count:,} ({_percent(count, total)})"
+            for name, count in stats.class_counts.items()
+            if count or name != NO_CLASS
+        ]
     sections.append(
         (
             Section(
@@ -620,8 +664,15 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
                 "boxes_per_image.png",
                 "Boxes per positive image",
                 "How many opacity boxes each positive image has; the detector must find all of them.",
-                [f"{name} box{'es' if name != '1' else ''}: {count:,} ({_percent(count, stats.positive_count)})" for name, count in stats.boxes_per_positive.items()]
-                + [f"mean {stats.box_count / stats.positive_count:.2f} boxes per positive image" if stats.positive_count else "no positive images"],
+                [
+                    f"{name} box{'es' if name != '1' else ''}: {count:,} ({_percent(count, stats.positive_count)})"
+                    for name, count in stats.boxes_per_positive.items()
+                ]
+                + [
+                    f"mean {stats.box_count / stats.positive_count:.2f} boxes per positive image"
+                    if stats.positive_count
+                    else "no positive images"
+                ],
             ),
             plot_boxes_per_image(stats),
         )
@@ -647,11 +698,17 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
     rows, columns = stats.assumed_image_size
     heat_numbers = [f"grid {stats.heatmap.shape[0]} x {stats.heatmap.shape[1]} cells over each image"]
     if stats.heatmap_own_size_count:
-        heat_numbers.append(f"{stats.heatmap_own_size_count:,} positive images normalised by their own image size (DICOM Rows/Columns or the file's)")
+        heat_numbers.append(
+            f"{stats.heatmap_own_size_count:,} positive images normalised by their own image size (DICOM Rows/Columns or the file's)"
+        )
     if stats.heatmap_assumed_size_count:
-        heat_numbers.append(f"{stats.heatmap_assumed_size_count:,} positive images without a DICOM: assumed {columns}x{rows} px (the labels' pixel space)")
+        heat_numbers.append(
+            f"{stats.heatmap_assumed_size_count:,} positive images without a DICOM: assumed {columns}x{rows} px (the labels' pixel space)"
+        )
     if stats.positive_count:
-        heat_numbers.append(f"peak: {stats.heatmap.max() * 100 / stats.positive_count:.1f} boxes per 100 positive images")
+        heat_numbers.append(
+            f"peak: {stats.heatmap.max() * 100 / stats.positive_count:.1f} boxes per 100 positive images"
+        )
     sections.append(
         (
             Section(
@@ -687,13 +744,19 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
         ("view_position_by_target.png", "View position", "ViewPosition", metadata.view_by_target),
     ):
         numbers = [
-            f"{name}: {counts.total:,} patients, {counts.positives:,} positive ({_percent(counts.positives, counts.total)})" for name, counts in groups.items()
+            f"{name}: {counts.total:,} patients, {counts.positives:,} positive ({_percent(counts.positives, counts.total)})"
+            for name, counts in groups.items()
         ]
         caption = f"{tag} against Target, with the positive rate of each group."
         if tag == "ViewPosition":
             # Why this figure matters: a detector can pick up the view as a shortcut.
             caption = "ViewPosition against Target: AP films are often portable films of sicker patients, so a model may learn the view instead of the lung."
-        sections.append((Section(png_name, title, caption, numbers), plot_groups_by_target(groups, title=f"{title} by target", xlabel=tag)))
+        sections.append(
+            (
+                Section(png_name, title, caption, numbers),
+                plot_groups_by_target(groups, title=f"{title} by target", xlabel=tag),
+            )
+        )
     spacing = metadata.pixel_spacings_mm
     if not len(spacing):
         return sections  # an empty plot says nothing; the page says why it is missing
@@ -706,7 +769,12 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
         ]
     sections.append(
         (
-            Section("pixel_spacing.png", "Pixel spacing", "PixelSpacing (mm per pixel) of the labelled DICOMs: how many millimetres a box pixel is.", spacing_numbers),
+            Section(
+                "pixel_spacing.png",
+                "Pixel spacing",
+                "PixelSpacing (mm per pixel) of the labelled DICOMs: how many millimetres a box pixel is.",
+                spacing_numbers,
+            ),
             plot_pixel_spacing(metadata),
         )
     )
@@ -781,9 +849,13 @@ def render_index_html(
             "(or --metadata) and are not shown.</i></p>"
         )
     elif source_kind == "image" and metadata_csv is None:
-        blocks.append("<p><i>PNG/JPEG files carry no DICOM tags and no --metadata CSV was given: age, sex, view position and pixel spacing are unknown.</i></p>")
+        blocks.append(
+            "<p><i>PNG/JPEG files carry no DICOM tags and no --metadata CSV was given: age, sex, view position and pixel spacing are unknown.</i></p>"
+        )
     elif metadata.labelled_count and not len(metadata.pixel_spacings_mm):
-        blocks.append(f"<p><i>None of the {metadata.labelled_count:,} labelled images has a PixelSpacing, so there is no pixel-spacing figure.</i></p>")
+        blocks.append(
+            f"<p><i>None of the {metadata.labelled_count:,} labelled images has a PixelSpacing, so there is no pixel-spacing figure.</i></p>"
+        )
     if report.samples:
         sample_blocks = []
         for group, samples in report.samples.items():
@@ -792,7 +864,7 @@ def render_index_html(
                 f"<figcaption>{html.escape(sample.patient_id)}: {sample.box_count} truth box{'es' if sample.box_count != 1 else ''}</figcaption></figure>"
                 for sample in samples
             )
-            sample_blocks.append(f"<h3>{html.escape(group)} ({len(samples)})</h3><div class=\"samples\">{figures}</div>")
+            sample_blocks.append(f'<h3>{html.escape(group)} ({len(samples)})</h3><div class="samples">{figures}</div>')
         blocks.append(
             '<section><h2>Sample images</h2><p class="caption">'
             f"Up to {samples_per_class} images per class chosen at random (seed {seed}) among the {source_kind} files in the folder, "
@@ -800,10 +872,17 @@ def render_index_html(
         )
     elif dicom_dir is None and samples_per_class:
         blocks.append("<p><i>No --dicom-dir given, so there are no sample images.</i></p>")
-    files = _file_list(f"Unreadable {source_kind} files (skipped)", [f"{path}: {reason}" for path, reason in report.unreadable])
+    files = _file_list(
+        f"Unreadable {source_kind} files (skipped)", [f"{path}: {reason}" for path, reason in report.unreadable]
+    )
     if metadata is not None:
-        files += _file_list(f"{source_kind} files not in the labels (skipped)", [str(path) for path in metadata.unlabelled_paths])
-        files += _file_list(f"{source_kind} files repeating a patientId (skipped; the first one counts)", [str(path) for path in metadata.duplicate_paths])
+        files += _file_list(
+            f"{source_kind} files not in the labels (skipped)", [str(path) for path in metadata.unlabelled_paths]
+        )
+        files += _file_list(
+            f"{source_kind} files repeating a patientId (skipped; the first one counts)",
+            [str(path) for path in metadata.duplicate_paths],
+        )
     if files:
         blocks.append(f"<section><h2>Skipped files</h2>{files}</section>")
     sources = "".join(
@@ -893,13 +972,19 @@ def write_eda(
             if chosen:
                 samples[group] = chosen
 
-    report = EdaReport(index_html=out_dir / INDEX_FILE, stats=stats, sections=sections, samples=samples, unreadable=unreadable)
+    report = EdaReport(
+        index_html=out_dir / INDEX_FILE, stats=stats, sections=sections, samples=samples, unreadable=unreadable
+    )
     page = render_index_html(
         report,
         labels_csv=labels_csv,
         class_info_csv=class_info_csv,
         dicom_dir=dicom_dir if image_paths is None else image_dir,
-        dicom_count=len(dicom_paths) if dicom_paths is not None else len(image_paths) if image_paths is not None else None,
+        dicom_count=len(dicom_paths)
+        if dicom_paths is not None
+        else len(image_paths)
+        if image_paths is not None
+        else None,
         source_kind="DICOM" if image_paths is None else "image",
         metadata_csv=None if metadata is None else metadata.path,
         samples_per_class=samples_per_class,
@@ -923,18 +1008,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         ),
         add_help=add_help,
     )
-    parser.add_argument("--labels", type=Path, required=True, help="RSNA labels CSV (patientId,x,y,width,height,Target)")
-    parser.add_argument("--class-info", type=Path, help="RSNA class info CSV (patientId,class) to split the negatives into Normal and Not Normal")
+    parser.add_argument(
+        "--labels", type=Path, required=True, help="RSNA labels CSV (patientId,x,y,width,height,Target)"
+    )
+    parser.add_argument(
+        "--class-info",
+        type=Path,
+        help="RSNA class info CSV (patientId,class) to split the negatives into Normal and Not Normal",
+    )
     images = parser.add_mutually_exclusive_group()
     images.add_argument(
-        "--dicom-dir", type=Path, help="folder of .dcm files (searched recursively) for age/sex/view/spacing figures and sample images; tags only, except the samples"
+        "--dicom-dir",
+        type=Path,
+        help="folder of .dcm files (searched recursively) for age/sex/view/spacing figures and sample images; tags only, except the samples",
     )
     images.add_argument(
-        "--image-dir", type=Path,
+        "--image-dir",
+        type=Path,
         help="instead of DICOMs: folder of {patientId}.png|.jpg files (searched recursively) for the sample images, with their tags from --metadata",
     )
     parser.add_argument(
-        "--metadata", type=Path,
+        "--metadata",
+        type=Path,
         help="with --image-dir: CSV of patientId plus any of PatientAge, PatientSex, ViewPosition, PixelSpacing (see lungdet convert --metadata)",
     )
     parser.add_argument("--out", type=Path, required=True, help="folder to write index.html and the PNG figures into")
@@ -944,7 +1039,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=DEFAULT_SAMPLES_PER_CLASS,
         help=f"sample images per class with their truth boxes, 0..50; needs --dicom-dir or --image-dir (default: {DEFAULT_SAMPLES_PER_CLASS})",
     )
-    parser.add_argument("--seed", type=int_in_range(0), default=0, help="random seed >= 0 for choosing the sample images (default: 0)")
+    parser.add_argument(
+        "--seed", type=int_in_range(0), default=0, help="random seed >= 0 for choosing the sample images (default: 0)"
+    )
     return parser
 
 
@@ -955,13 +1052,19 @@ def main(args: argparse.Namespace) -> int:
         raise LungdetError(f"--out {args.out}: is a file; pass a folder to write index.html and the PNGs into")
     # Find the DICOMs and read the CSVs before drawing anything, so a bad input fails in a second.
     if args.metadata is not None and args.image_dir is None:
-        raise LungdetError("--metadata gives the tags of PNG/JPEG files; give their folder with --image-dir (DICOMs carry their own tags)")
+        raise LungdetError(
+            "--metadata gives the tags of PNG/JPEG files; give their folder with --image-dir (DICOMs carry their own tags)"
+        )
     dicom_paths = find_dicoms(args.dicom_dir) if args.dicom_dir is not None else None
     if dicom_paths is not None and not dicom_paths:
-        raise LungdetError(f"{args.dicom_dir}: no .dcm files found; pass the folder that holds the DICOMs (e.g. stage_2_train_images/) or leave out --dicom-dir")
+        raise LungdetError(
+            f"{args.dicom_dir}: no .dcm files found; pass the folder that holds the DICOMs (e.g. stage_2_train_images/) or leave out --dicom-dir"
+        )
     image_paths = find_images(args.image_dir) if args.image_dir is not None else None
     if image_paths is not None and not image_paths:
-        raise LungdetError(f"{args.image_dir}: no .png or .jpg files found; pass the folder that holds the images or leave out --image-dir")
+        raise LungdetError(
+            f"{args.image_dir}: no .png or .jpg files found; pass the folder that holds the images or leave out --image-dir"
+        )
     metadata = read_metadata_csv(args.metadata) if args.metadata is not None else None
     labels = read_labels(args.labels, args.class_info)
     report = write_eda(
@@ -981,15 +1084,21 @@ def main(args: argparse.Namespace) -> int:
     stats = report.stats
     elapsed = time.perf_counter() - started
     sample_count = sum(len(group) for group in report.samples.values())
-    print(f"wrote {report.index_html} with {len(report.sections)} figures and {sample_count} sample images in {elapsed:.1f} s")
+    print(
+        f"wrote {report.index_html} with {len(report.sections)} figures and {sample_count} sample images in {elapsed:.1f} s"
+    )
     print(f"  {stats.patient_count:,} patients, {stats.positive_count:,} positive, {stats.box_count:,} boxes")
     if stats.median_box_width is not None:
         print(f"  median box {stats.median_box_width:.0f} x {stats.median_box_height:.0f} px (width x height)")
     if stats.metadata is not None:
         kind = "DICOMs" if image_paths is None else "images"
-        print(f"  {len(stats.metadata.unlabelled_paths)} {kind} not in the labels, {len(report.unreadable)} unreadable (listed on the page)")
+        print(
+            f"  {len(stats.metadata.unlabelled_paths)} {kind} not in the labels, {len(report.unreadable)} unreadable (listed on the page)"
+        )
     if metadata is not None and metadata.problems:
-        print(f"  {len(metadata.problems)} rows of {args.metadata} not used as given, e.g. {metadata.problems[0]['file']}: {metadata.problems[0]['reason']}")
+        print(
+            f"  {len(metadata.problems)} rows of {args.metadata} not used as given, e.g. {metadata.problems[0]['file']}: {metadata.problems[0]['reason']}"
+        )
     return 0
 
 

@@ -59,28 +59,47 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="drop predicted boxes with a lower confidence before scoring, in [0, 1] (default: 0, keep all)",
     )
     parser.add_argument(
-        "--bootstrap", type=int_in_range(0), default=BOOTSTRAP_DRAWS, metavar="N",
+        "--bootstrap",
+        type=int_in_range(0),
+        default=BOOTSTRAP_DRAWS,
+        metavar="N",
         help=f"draws for the 95%% bootstrap intervals (mAP, COCO AP, FROC, AUC, ECE), resampling patients (default {BOOTSTRAP_DRAWS}; 0 = none)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument(
-        "--by", type=_slice_keys, default=[], metavar="KEYS",
+        "--by",
+        type=_slice_keys,
+        default=[],
+        metavar="KEYS",
         help=f"also score slices: a comma-separated list of {', '.join(SLICE_KEYS)} (needs --metadata)",
     )
-    parser.add_argument("--metadata", type=Path, metavar="PATH", help="annotations.json from lungdet convert: age, sex and view position per patient")
     parser.add_argument(
-        "--html", type=Path, metavar="PATH",
+        "--metadata",
+        type=Path,
+        metavar="PATH",
+        help="annotations.json from lungdet convert: age, sex and view position per patient",
+    )
+    parser.add_argument(
+        "--html",
+        type=Path,
+        metavar="PATH",
         help="also write one HTML page of figures: precision per IoU threshold, mAP against the cut-off, the metrics beside "
         "the RSNA mAP with the FROC curve, ROC and reliability (with --probabilities), the slices, the 20 worst images",
     )
     parser.add_argument(
-        "--probabilities", type=Path, metavar="PATH",
+        "--probabilities",
+        type=Path,
+        metavar="PATH",
         help="patientId,probability from lungdet predict --probabilities, for the image AUC and ECE and the ROC and reliability figures",
     )
-    parser.add_argument("--overlays", type=Path, metavar="DIR", help="the folder lungdet visualize wrote, to link the worst images to their pictures")
+    parser.add_argument(
+        "--overlays",
+        type=Path,
+        metavar="DIR",
+        help="the folder lungdet visualize wrote, to link the worst images to their pictures",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
-
 
 
 def _slice_keys(text: str) -> list[str]:
@@ -94,18 +113,33 @@ def _slice_keys(text: str) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     """Read the submission and labels, score, print the report; domain errors propagate to ``lungdet``."""
     if args.by and args.metadata is None:
-        raise SubmissionError("--by needs --metadata, the annotations.json lungdet convert wrote (it has each patient's age, sex and view position)")
+        raise SubmissionError(
+            "--by needs --metadata, the annotations.json lungdet convert wrote (it has each patient's age, sex and view position)"
+        )
     metadata = read_slice_metadata(args.metadata) if args.by else {}
     probabilities = read_probabilities(args.probabilities) if args.probabilities is not None else None
     predictions = read_submission(args.submission)
     labels = read_labels(args.labels)
     truth = {patient_id: patient.boxes for patient_id, patient in labels.items()}
-    report = score_dataset(truth, predictions, min_confidence=args.min_confidence, bootstrap_draws=args.bootstrap, seed=args.seed)
+    report = score_dataset(
+        truth, predictions, min_confidence=args.min_confidence, bootstrap_draws=args.bootstrap, seed=args.seed
+    )
     metrics = score_detection_metrics(
-        truth, predictions, probabilities=probabilities, min_confidence=args.min_confidence, bootstrap_draws=args.bootstrap, seed=args.seed
+        truth,
+        predictions,
+        probabilities=probabilities,
+        min_confidence=args.min_confidence,
+        bootstrap_draws=args.bootstrap,
+        seed=args.seed,
     )
     slices = score_slices(
-        truth, predictions, metadata, args.by, min_confidence=args.min_confidence, bootstrap_draws=args.bootstrap, seed=args.seed
+        truth,
+        predictions,
+        metadata,
+        args.by,
+        min_confidence=args.min_confidence,
+        bootstrap_draws=args.bootstrap,
+        seed=args.seed,
     )
     # Warnings go to stderr so that --json leaves exactly one JSON object on stdout.
     if report.n_unknown_predictions:
@@ -131,9 +165,17 @@ def main(args: argparse.Namespace) -> int:
         from lungdet.show.score_report import write_score_report  # matplotlib, only for the page
 
         write_score_report(
-            args.html, report=report, truth=truth, predictions=predictions, slices=slices, submission=args.submission, labels=args.labels,
-            min_confidence=args.min_confidence, probabilities=probabilities,
-            overlays=args.overlays, metrics=metrics,
+            args.html,
+            report=report,
+            truth=truth,
+            predictions=predictions,
+            slices=slices,
+            submission=args.submission,
+            labels=args.labels,
+            min_confidence=args.min_confidence,
+            probabilities=probabilities,
+            overlays=args.overlays,
+            metrics=metrics,
         )
         print(f"wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
@@ -172,6 +214,10 @@ def format_detection_metrics(metrics: DetectionMetrics) -> str:
         lines.append(f"{'  sensitivity':<18}" + "".join(f" {value:6.3f}" for value in froc.sensitivities))
     if metrics.probabilities is not None:
         report = metrics.probabilities
-        lines.append(f"image AUC          {show(report.auc, report.auc_interval, f'{report.n_images} images with a probability', report.auc_reason)}")
-        lines.append(f"ECE ({report.bins} bins)      {show(report.ece, report.ece_interval, 'probability against share positive')}")
+        lines.append(
+            f"image AUC          {show(report.auc, report.auc_interval, f'{report.n_images} images with a probability', report.auc_reason)}"
+        )
+        lines.append(
+            f"ECE ({report.bins} bins)      {show(report.ece, report.ece_interval, 'probability against share positive')}"
+        )
     return "\n".join(lines)

@@ -30,7 +30,12 @@ import numpy as np
 from lungdet.atomic import write_text_atomic
 from lungdet.show.eda import figure_to_png, new_figure
 from lungdet.show.visualize import DISCLAIMER, judge_image
-from lungdet.submission.detection_metrics import CALIBRATION_BINS, DetectionMetrics, calibration_bins, froc_sensitivities
+from lungdet.submission.detection_metrics import (
+    CALIBRATION_BINS,
+    DetectionMetrics,
+    calibration_bins,
+    froc_sensitivities,
+)
 from lungdet.submission.postprocess import PostprocessConfig
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.score import ScoreReport, SliceReport, roc_auc, roc_curve
@@ -53,15 +58,21 @@ class ImageRow:
     false_alarms: int
 
 
-def cut_off_curve(truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction], cut_offs: Sequence[float] = CUT_OFFS) -> list[tuple[float, float]]:
+def cut_off_curve(
+    truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction], cut_offs: Sequence[float] = CUT_OFFS
+) -> list[tuple[float, float]]:
     """``(cut-off, mAP)`` for each cut-off: the submission's boxes at or above it, scored (fast: see :mod:`lungdet.submission.tune`)."""
     patients = list(truth)
     merged = {patient: predictions.get(patient, Prediction.empty()) for patient in patients}
     table = build_table(merged, truth, dict.fromkeys(patients), patients, shrink=1.0)
-    return [(cut_off, mean_score(image_scores(table, PostprocessConfig(score_threshold=cut_off)))) for cut_off in cut_offs]
+    return [
+        (cut_off, mean_score(image_scores(table, PostprocessConfig(score_threshold=cut_off)))) for cut_off in cut_offs
+    ]
 
 
-def worst_images(truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction], *, count: int = WORST_COUNT) -> list[ImageRow]:
+def worst_images(
+    truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction], *, count: int = WORST_COUNT
+) -> list[ImageRow]:
     """The ``count`` scored images with the lowest RSNA score (ties: the most errors first, then patientId)."""
     rows = []
     for patient, boxes in truth.items():
@@ -69,7 +80,11 @@ def worst_images(truth: Mapping[str, np.ndarray], predictions: Mapping[str, Pred
         judged = judge_image(boxes, prediction)
         if judged["score"] is None:
             continue
-        rows.append(ImageRow(patient, judged["score"], len(boxes), len(prediction.scores), judged["missed"], judged["false_alarms"]))
+        rows.append(
+            ImageRow(
+                patient, judged["score"], len(boxes), len(prediction.scores), judged["missed"], judged["false_alarms"]
+            )
+        )
     rows.sort(key=lambda row: (row.score, -(row.missed + row.false_alarms), row.patient_id))
     return rows[:count]
 
@@ -95,11 +110,19 @@ def plot_precision_per_threshold(report: ScoreReport) -> bytes:
 def plot_cut_off_curve(curve: Sequence[tuple[float, float]], *, used: float) -> bytes:
     figure = new_figure(6.0, 3.2)
     axes = figure.add_subplot()
-    cut_offs, maps = zip(*curve)
+    cut_offs, maps = zip(*curve, strict=True)
     axes.plot(cut_offs, maps, marker="o", markersize=3, color="#4a7fb5")
     best = max(curve, key=lambda point: point[1])
     axes.axvline(used, color="#b35c00", linestyle="--", label=f"this submission: >= {used:g}")
-    axes.plot([best[0]], [best[1]], marker="*", markersize=12, color="#1d6b34", linestyle="none", label=f"best: {best[0]:g} (mAP {best[1]:.3f})")
+    axes.plot(
+        [best[0]],
+        [best[1]],
+        marker="*",
+        markersize=12,
+        color="#1d6b34",
+        linestyle="none",
+        label=f"best: {best[0]:g} (mAP {best[1]:.3f})",
+    )
     axes.set_xlabel("confidence cut-off")
     axes.set_ylabel("mAP")
     axes.legend(loc="best")
@@ -119,7 +142,9 @@ def plot_roc(labels: Sequence[bool], probabilities: Sequence[float]) -> bytes:
     return figure_to_png(figure)
 
 
-def reliability_bins(labels: Sequence[bool], probabilities: Sequence[float], *, bins: int = RELIABILITY_BINS) -> list[tuple[float, float, int]]:
+def reliability_bins(
+    labels: Sequence[bool], probabilities: Sequence[float], *, bins: int = RELIABILITY_BINS
+) -> list[tuple[float, float, int]]:
     """``(mean probability, share of positive images, images)`` per non-empty bin of width 1/``bins`` (the ECE's bins)."""
     return calibration_bins(labels, probabilities, bins=bins)
 
@@ -148,17 +173,29 @@ def plot_froc(metrics: DetectionMetrics) -> bytes:
     axes = figure.add_subplot()
     fp_per_image, sensitivity = froc.curve
     rates = np.geomspace(froc.fp_rates[0] / 2, froc.fp_rates[-1] * 2, 200)
-    axes.plot(rates, froc_sensitivities(fp_per_image, sensitivity, rates), color="#4a7fb5", label="interpolated as MONAI")
+    axes.plot(
+        rates, froc_sensitivities(fp_per_image, sensitivity, rates), color="#4a7fb5", label="interpolated as MONAI"
+    )
     points = np.asarray(froc.sensitivities)
     if froc.sensitivity_intervals is not None and all(interval is not None for interval in froc.sensitivity_intervals):
         low = points - np.array([interval[0] for interval in froc.sensitivity_intervals])
         high = np.array([interval[1] for interval in froc.sensitivity_intervals]) - points
-        axes.errorbar(froc.fp_rates, points, yerr=np.clip([low, high], 0, None), fmt="o", color="#b35c00", capsize=3, label=f"FROC points (score {froc.score:.3f})")
+        axes.errorbar(
+            froc.fp_rates,
+            points,
+            yerr=np.clip([low, high], 0, None),
+            fmt="o",
+            color="#b35c00",
+            capsize=3,
+            label=f"FROC points (score {froc.score:.3f})",
+        )
     else:
         axes.plot(froc.fp_rates, points, "o", color="#b35c00", label=f"FROC points (score {froc.score:.3f})")
     reached = float(fp_per_image[-1])
     if reached < rates[-1]:
-        axes.axvline(max(reached, rates[0]), color="#999999", linestyle=":", label=f"all boxes kept: {reached:.2f} FP per image")
+        axes.axvline(
+            max(reached, rates[0]), color="#999999", linestyle=":", label=f"all boxes kept: {reached:.2f} FP per image"
+        )
     axes.set_xscale("log", base=2)
     axes.set_xticks(froc.fp_rates, [f"{rate:g}" for rate in froc.fp_rates])
     axes.set_xlabel(f"false positives per image (IoU > {froc.iou_threshold:g} is a hit)")
@@ -180,23 +217,46 @@ def render_metrics_section(report: ScoreReport, metrics: DetectionMetrics) -> st
     coco, froc = metrics.coco, metrics.froc
     rsna_interval = f"[{report.map_interval[0]:.4f}, {report.map_interval[1]:.4f}]" if report.map_interval else ""
     rows = [
-        ("<b>RSNA mAP</b> (the competition's)", (f"<b>{report.map:.4f}</b>", rsna_interval), "mean over images of TP/(TP+FP+FN), IoU &gt; 0.40..0.75"),
-        ("COCO AP@[.50:.95]", _value(coco.ap, coco.ap_interval, coco.reason),
-         f"COCOeval, mean of AP at IoU &ge; 0.50, 0.55, ..., 0.95; 101 recall points; maxDets {coco.max_detections}"),
+        (
+            "<b>RSNA mAP</b> (the competition's)",
+            (f"<b>{report.map:.4f}</b>", rsna_interval),
+            "mean over images of TP/(TP+FP+FN), IoU &gt; 0.40..0.75",
+        ),
+        (
+            "COCO AP@[.50:.95]",
+            _value(coco.ap, coco.ap_interval, coco.reason),
+            f"COCOeval, mean of AP at IoU &ge; 0.50, 0.55, ..., 0.95; 101 recall points; maxDets {coco.max_detections}",
+        ),
         ("COCO AP50", _value(coco.ap50, coco.ap50_interval, coco.reason), "COCOeval AP at IoU &ge; 0.50"),
-        ("COCO AP40", _value(coco.ap40, coco.ap40_interval, coco.reason), "COCOeval AP at IoU &ge; 0.40 (VinDr-CXR's convention)"),
-        ("FROC score", _value(froc.score, froc.score_interval, froc.reason),
-         f"mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4, 8 false positives per image; a hit is IoU &gt; {froc.iou_threshold:g}, each truth box hit once"),
+        (
+            "COCO AP40",
+            _value(coco.ap40, coco.ap40_interval, coco.reason),
+            "COCOeval AP at IoU &ge; 0.40 (VinDr-CXR's convention)",
+        ),
+        (
+            "FROC score",
+            _value(froc.score, froc.score_interval, froc.reason),
+            f"mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4, 8 false positives per image; a hit is IoU &gt; {froc.iou_threshold:g}, each truth box hit once",
+        ),
     ]
     if metrics.probabilities is not None:
         probability = metrics.probabilities
         rows += [
-            ("image AUC", _value(probability.auc, probability.auc_interval, probability.auc_reason),
-             f"image probability against 'has a truth box', {probability.n_images:,} images"),
-            (f"ECE ({probability.bins} bins)", _value(probability.ece, probability.ece_interval),
-             "sum over equal-width bins of the bin's share of images &times; |share positive &minus; mean probability|"),
+            (
+                "image AUC",
+                _value(probability.auc, probability.auc_interval, probability.auc_reason),
+                f"image probability against 'has a truth box', {probability.n_images:,} images",
+            ),
+            (
+                f"ECE ({probability.bins} bins)",
+                _value(probability.ece, probability.ece_interval),
+                "sum over equal-width bins of the bin's share of images &times; |share positive &minus; mean probability|",
+            ),
         ]
-    table = "".join(f"<tr><td>{name}</td><td>{value}</td><td>{interval}</td><td class=\"note\">{note}</td></tr>" for name, (value, interval), note in rows)
+    table = "".join(
+        f'<tr><td>{name}</td><td>{value}</td><td>{interval}</td><td class="note">{note}</td></tr>'
+        for name, (value, interval), note in rows
+    )
     parts = [
         '<section class="figure"><h2>Beside the RSNA metric</h2>',
         f'<table class="metrics"><tr><th>metric</th><th>value</th><th>95% interval</th><th class="note">convention</th></tr>{table}</table>',
@@ -208,9 +268,14 @@ def render_metrics_section(report: ScoreReport, metrics: DetectionMetrics) -> st
         values = "".join(f"<td>{value:.3f}</td>" for value in froc.sensitivities)
         intervals = ""
         if froc.sensitivity_intervals is not None:
-            cells = "".join(f"<td>{interval[0]:.2f}&ndash;{interval[1]:.2f}</td>" if interval else "<td></td>" for interval in froc.sensitivity_intervals)
+            cells = "".join(
+                f"<td>{interval[0]:.2f}&ndash;{interval[1]:.2f}</td>" if interval else "<td></td>"
+                for interval in froc.sensitivity_intervals
+            )
             intervals = f"<tr><td>95% interval</td>{cells}</tr>"
-        parts.append(f"<h3>FROC points</h3><table><tr><th>false positives per image</th>{header}</tr><tr><td>sensitivity</td>{values}</tr>{intervals}</table>")
+        parts.append(
+            f"<h3>FROC points</h3><table><tr><th>false positives per image</th>{header}</tr><tr><td>sensitivity</td>{values}</tr>{intervals}</table>"
+        )
         parts.append(f"<h3>FROC curve</h3>{_embed(plot_froc(metrics), 'FROC curve')}")
         parts.append(
             '<p class="caption">Lesion-level sensitivity against false positives per image as the confidence cut-off falls. '
@@ -243,24 +308,38 @@ def render_score_report(
     metrics: DetectionMetrics | None = None,
 ) -> str:
     """The page; ``overlay_link`` is the overlays folder relative to the page (None: no links); ``metrics`` (None: no section) go beside the mAP."""
+
     def figure_block(title: str, png: bytes, caption: str) -> str:
         return f'<section class="figure"><h2>{html.escape(title)}</h2>{_embed(png, title)}<p class="caption">{html.escape(caption)}</p></section>'
 
     blocks = [
-        figure_block("Precision at each IoU threshold", plot_precision_per_threshold(report),
-                     "The metric averages these eight; a drop at the high thresholds means boxes in the right place but of the wrong size."),
-        figure_block("mAP against the confidence cut-off", plot_cut_off_curve(curve, used=used_cut_off),
-                     "Boxes below a cut-off are dropped before scoring; the metric scores any box on a clear image 0, so the cut-off matters as much as the model."),
+        figure_block(
+            "Precision at each IoU threshold",
+            plot_precision_per_threshold(report),
+            "The metric averages these eight; a drop at the high thresholds means boxes in the right place but of the wrong size.",
+        ),
+        figure_block(
+            "mAP against the confidence cut-off",
+            plot_cut_off_curve(curve, used=used_cut_off),
+            "Boxes below a cut-off are dropped before scoring; the metric scores any box on a clear image 0, so the cut-off matters as much as the model.",
+        ),
     ]
     if metrics is not None:
         blocks.append(render_metrics_section(report, metrics))
     if probabilities is not None:
         ece = metrics.probabilities.ece if metrics is not None and metrics.probabilities is not None else None
         blocks += [
-            figure_block("Image-level ROC", plot_roc(*probabilities), "How well the image-level probability separates images with an opacity from those without."),
-            figure_block("Reliability", plot_reliability(*probabilities, ece=ece),
-                         "Predicted probability against how often it came true, in ten bins (counts beside the points); the ECE sums each "
-                         "bin's gap to the diagonal, weighted by its share of images."),
+            figure_block(
+                "Image-level ROC",
+                plot_roc(*probabilities),
+                "How well the image-level probability separates images with an opacity from those without.",
+            ),
+            figure_block(
+                "Reliability",
+                plot_reliability(*probabilities, ece=ece),
+                "Predicted probability against how often it came true, in ten bins (counts beside the points); the ECE sums each "
+                "bin's gap to the diagonal, weighted by its share of images.",
+            ),
         ]
     if slices:
         rows = "".join(
@@ -271,7 +350,7 @@ def render_score_report(
         blocks.append(
             "<section><h2>By slice</h2><table><tr><th>by</th><th>value</th><th>mAP [95% interval]</th><th>sensitivity</th>"
             f"<th>specificity</th><th>images</th></tr>{rows}</table>"
-            "<p class=\"caption\">Each slice scored as a dataset of its own; overlapping intervals do not tell slices apart.</p></section>"
+            '<p class="caption">Each slice scored as a dataset of its own; overlapping intervals do not tell slices apart.</p></section>'
         )
     worst_rows = []
     for row in worst:
@@ -282,11 +361,15 @@ def render_score_report(
         worst_rows.append(
             f"<tr><td>{name}</td><td>{row.score:.3f}</td><td>{row.truth}</td><td>{row.predicted}</td><td>{row.missed}</td><td>{row.false_alarms}</td></tr>"
         )
-    link_note = "" if overlay_link is not None else " Pass --overlays with the folder lungdet visualize wrote to link each to its picture."
+    link_note = (
+        ""
+        if overlay_link is not None
+        else " Pass --overlays with the folder lungdet visualize wrote to link each to its picture."
+    )
     blocks.append(
         f"<section><h2>The {len(worst)} worst images</h2><table><tr><th>patientId</th><th>RSNA score</th><th>truth boxes</th>"
         f"<th>predicted</th><th>missed</th><th>false alarms</th></tr>{''.join(worst_rows)}</table>"
-        f"<p class=\"caption\">Misses and false alarms judged at IoU &gt; 0.5.{html.escape(link_note)}</p></section>"
+        f'<p class="caption">Misses and false alarms judged at IoU &gt; 0.5.{html.escape(link_note)}</p></section>'
     )
     summary = (
         f"mAP <b>{report.map:.4f}</b>{_interval(report)} over {report.n_scored:,} scored of {report.n_images:,} images · "
@@ -345,7 +428,15 @@ def write_score_report(
     if overlays is not None:
         overlay_link = Path(os.path.relpath(Path(overlays).resolve(), Path(path).resolve().parent)).as_posix()
     page = render_score_report(
-        report=report, curve=cut_off_curve(truth, predictions), used_cut_off=used, slices=slices, worst=worst_images(truth, predictions),
-        submission=submission, labels=labels, probabilities=pairs, overlay_link=overlay_link, metrics=metrics,
+        report=report,
+        curve=cut_off_curve(truth, predictions),
+        used_cut_off=used,
+        slices=slices,
+        worst=worst_images(truth, predictions),
+        submission=submission,
+        labels=labels,
+        probabilities=pairs,
+        overlay_link=overlay_link,
+        metrics=metrics,
     )
     write_text_atomic(Path(path), page)

@@ -29,9 +29,9 @@ from lungdet.atomic import write_bytes_atomic, write_text_atomic
 from lungdet.boxes import as_box_array, scale_xywh
 from lungdet.cli_types import fraction, int_in_range
 from lungdet.data_tools.dicom_io import find_dicoms
-from lungdet.errors import ImageReadError, LungdetError
 from lungdet.data_tools.image_io import find_images, read_file_pixels
 from lungdet.data_tools.labels import PatientLabels, read_labels
+from lungdet.errors import ImageReadError, LungdetError
 from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission
 from lungdet.submission.score import match_predictions, score_image
 
@@ -78,9 +78,13 @@ def encode_image(pixels: np.ndarray, extension: str, *, what: str, parameters: S
 
     ``what`` names the picture in the error, which only a broken OpenCV install would raise.
     """
-    ok, encoded = cv2.imencode(extension, cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR) if pixels.ndim == 3 else pixels, list(parameters))
+    ok, encoded = cv2.imencode(
+        extension, cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR) if pixels.ndim == 3 else pixels, list(parameters)
+    )
     if not ok:
-        raise LungdetError(f"{what}: OpenCV could not encode a {pixels.shape} image as {extension}; check the OpenCV install")
+        raise LungdetError(
+            f"{what}: OpenCV could not encode a {pixels.shape} image as {extension}; check the OpenCV install"
+        )
     return encoded.tobytes()
 
 
@@ -128,13 +132,21 @@ def _draw_text_block(
     has_swatch = any(color is not None for _, color in lines)
     text_height = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][1]
     swatch = round(text_height * 1.6) if has_swatch else 0
-    widest = max(cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] + (swatch if color else 0) for text, color in lines)
+    widest = max(
+        cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] + (swatch if color else 0)
+        for text, color in lines
+    )
     # Shrink the text rather than let the panel cover most of a small image.
     budget = 0.9 * columns
     needed = widest + text_height * 2
     if needed > budget:
         shrink = budget / needed
-        scale, widest, text_height, swatch = scale * shrink, widest * shrink, max(1, round(text_height * shrink)), round(swatch * shrink)
+        scale, widest, text_height, swatch = (
+            scale * shrink,
+            widest * shrink,
+            max(1, round(text_height * shrink)),
+            round(swatch * shrink),
+        )
         thickness = max(1, round(scale * 1.6))
     line_step = round(text_height * 1.7)
     pad = max(2, round(text_height * 0.5))
@@ -157,9 +169,13 @@ def _draw_text_block(
         if color is not None:
             half_line = max(1, round(text_height * 0.25))
             middle = baseline - text_height // 2
-            cv2.rectangle(image, (text_x, middle - half_line), (text_x + round(swatch * 0.75), middle + half_line), color, -1)
+            cv2.rectangle(
+                image, (text_x, middle - half_line), (text_x + round(swatch * 0.75), middle + half_line), color, -1
+            )
             text_x += swatch
-        cv2.putText(image, text, (text_x, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale, TEXT_COLOR, thickness, cv2.LINE_AA)
+        cv2.putText(
+            image, text, (text_x, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale, TEXT_COLOR, thickness, cv2.LINE_AA
+        )
     return corner
 
 
@@ -174,12 +190,20 @@ def _draw_box(image: np.ndarray, box: np.ndarray, color: tuple[int, int, int], t
         length = max(abs(end[0] - start[0]), abs(end[1] - start[1]))
         for offset in range(0, length + 1, 2 * dash):
             stop = min(offset + dash, length)
-            a = (start[0] + (end[0] - start[0]) * offset // max(length, 1), start[1] + (end[1] - start[1]) * offset // max(length, 1))
-            b = (start[0] + (end[0] - start[0]) * stop // max(length, 1), start[1] + (end[1] - start[1]) * stop // max(length, 1))
+            a = (
+                start[0] + (end[0] - start[0]) * offset // max(length, 1),
+                start[1] + (end[1] - start[1]) * offset // max(length, 1),
+            )
+            b = (
+                start[0] + (end[0] - start[0]) * stop // max(length, 1),
+                start[1] + (end[1] - start[1]) * stop // max(length, 1),
+            )
             cv2.line(image, a, b, color, thickness, cv2.LINE_8)
 
 
-def match_boxes(truth: np.ndarray, prediction: Prediction, *, iou_threshold: float = MATCH_IOU) -> tuple[np.ndarray, np.ndarray]:
+def match_boxes(
+    truth: np.ndarray, prediction: Prediction, *, iou_threshold: float = MATCH_IOU
+) -> tuple[np.ndarray, np.ndarray]:
     """``(found, correct)``: which truth boxes a prediction matched, and which predictions matched one, by the metric's greedy rule."""
     found = np.zeros(len(truth), dtype=bool)
     correct = np.zeros(len(prediction.scores), dtype=bool)
@@ -190,7 +214,12 @@ def match_boxes(truth: np.ndarray, prediction: Prediction, *, iou_threshold: flo
 
 
 def draw_overlay(
-    pixels: np.ndarray, *, truth: np.ndarray | None, prediction: Prediction | None, title: str, truth_in_legend: bool = True
+    pixels: np.ndarray,
+    *,
+    truth: np.ndarray | None,
+    prediction: Prediction | None,
+    title: str,
+    truth_in_legend: bool = True,
 ) -> np.ndarray:
     """The X-ray with truth and predicted boxes and a legend, as RGB.
 
@@ -237,13 +266,13 @@ def draw_overlay(
             color = PREDICTION_COLOR if correct[index] else FALSE_ALARM_COLOR
             _draw_box(image, as_box_array(prediction.boxes)[index], color, thickness, dashed=not correct[index])
     if truth_boxes is not None:
-        for box, was_found in zip(truth_boxes, found):
+        for box, was_found in zip(truth_boxes, found, strict=True):
             _draw_box(image, box, TRUTH_COLOR if was_found else MISSED_COLOR, thickness, dashed=not was_found)
     if prediction is not None:
         # Confidence tags last, so no outline crosses the digits.
         text_thickness = max(1, round(scale * 1.6))
         order = np.argsort(prediction.scores, kind="stable")
-        for score, box in zip(prediction.scores[order], as_box_array(prediction.boxes)[order]):
+        for score, box in zip(prediction.scores[order], as_box_array(prediction.boxes)[order], strict=True):
             text = f"{float(score):.2f}"
             (text_width, text_height), descent = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, text_thickness)
             (x1, y1), _ = _pixel_corners(box)
@@ -253,14 +282,31 @@ def draw_overlay(
             top = y1 - tag_height if y1 - tag_height >= 0 else y1 + thickness
             left = min(max(0, x1), max(0, columns - text_width - 2 * pad))
             cv2.rectangle(image, (left, top), (left + text_width + 2 * pad, top + tag_height), PREDICTION_COLOR, -1)
-            cv2.putText(image, text, (left + pad, top + pad + text_height), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), text_thickness, cv2.LINE_AA)
+            cv2.putText(
+                image,
+                text,
+                (left + pad, top + pad + text_height),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                scale,
+                (0, 0, 0),
+                text_thickness,
+                cv2.LINE_AA,
+            )
 
-    drawn = [boxes for boxes in (truth_boxes, None if prediction is None else as_box_array(prediction.boxes)) if boxes is not None]
+    drawn = [
+        boxes
+        for boxes in (truth_boxes, None if prediction is None else as_box_array(prediction.boxes))
+        if boxes is not None
+    ]
     avoid = np.concatenate(drawn) if drawn else as_box_array([])
     if judged:
         image_score = score_image(truth_boxes, prediction)
         legend_lines = [
-            (title + (f"   RSNA score {image_score.score:.2f}" if image_score is not None else "   not scored (no boxes)"), None),
+            (
+                title
+                + (f"   RSNA score {image_score.score:.2f}" if image_score is not None else "   not scored (no boxes)"),
+                None,
+            ),
             (f"truth found ({int(found.sum())})", TRUTH_COLOR),
             (f"truth missed, dashed ({int((~found).sum())})", MISSED_COLOR),
             (f"prediction correct ({int(correct.sum())})", PREDICTION_COLOR),
@@ -268,12 +314,16 @@ def draw_overlay(
         ]
     else:
         truth_line = f"truth ({len(truth_boxes)})" if truth_boxes is not None else "truth: not given"
-        prediction_line = f"prediction (confidence) ({len(prediction.scores)})" if prediction is not None else "prediction: not given"
+        prediction_line = (
+            f"prediction (confidence) ({len(prediction.scores)})" if prediction is not None else "prediction: not given"
+        )
         legend_lines = [(title, None), (truth_line, TRUTH_COLOR), (prediction_line, PREDICTION_COLOR)]
         if not truth_in_legend:
             legend_lines.pop(1)
     # The legend takes the corner that hides the fewest boxes; the notice the bottom corner left over.
-    legend_corner = _draw_text_block(image, legend_lines, corners=("top-left", "top-right", "bottom-left", "bottom-right"), avoid=avoid, scale=scale)
+    legend_corner = _draw_text_block(
+        image, legend_lines, corners=("top-left", "top-right", "bottom-left", "bottom-right"), avoid=avoid, scale=scale
+    )
     footer_corners = [corner for corner in ("bottom-left", "bottom-right") if corner != legend_corner]
     _draw_text_block(image, [(DISCLAIMER, None)], corners=footer_corners, avoid=avoid, scale=scale * 0.8)
     return image
@@ -286,7 +336,11 @@ def judge_image(truth: np.ndarray | None, prediction: Prediction | None) -> dict
     truth = as_box_array(truth)
     found, correct = match_boxes(truth, prediction)
     image_score = score_image(truth, prediction)
-    return {"score": None if image_score is None else image_score.score, "missed": int((~found).sum()), "false_alarms": int((~correct).sum())}
+    return {
+        "score": None if image_score is None else image_score.score,
+        "missed": int((~found).sum()),
+        "false_alarms": int((~correct).sum()),
+    }
 
 
 def fit_for_display(
@@ -337,10 +391,14 @@ def render_index_html(entries: Sequence[OverlayEntry], skipped: Sequence[tuple[P
         source = html.escape(entry.png_name, quote=True)
         # Unscored images (no truth, no box) sort after the worst, as 2: they cost nothing.
         data = f' data-order="{position}" data-score="{2 if entry.score is None else entry.score:.6f}" data-missed="{entry.missed}" data-false-alarms="{entry.false_alarms}"'
-        figures.append(f'<figure{data}><a href="{source}"><img src="{source}" loading="lazy" alt="{html.escape(entry.patient_id, quote=True)}"></a><figcaption>{caption}</figcaption></figure>')
+        figures.append(
+            f'<figure{data}><a href="{source}"><img src="{source}" loading="lazy" alt="{html.escape(entry.patient_id, quote=True)}"></a><figcaption>{caption}</figcaption></figure>'
+        )
     skipped_html = ""
     if skipped:
-        items = "".join(f"<li><code>{html.escape(str(path))}</code>: {html.escape(reason)}</li>" for path, reason in skipped)
+        items = "".join(
+            f"<li><code>{html.escape(str(path))}</code>: {html.escape(reason)}</li>" for path, reason in skipped
+        )
         skipped_html = f"<h2>Skipped ({len(skipped)})</h2><ul>{items}</ul>"
     controls = script = ""
     legend = f'<span style="background: rgb{TRUTH_COLOR}"></span>truth<span style="background: rgb{PREDICTION_COLOR}"></span>prediction (confidence)'
@@ -448,7 +506,9 @@ def write_overlays(
                 png_name=png_name,
                 truth_count=None if truth is None else len(truth),
                 prediction_count=None if prediction is None else len(prediction.scores),
-                max_confidence=float(prediction.scores.max()) if prediction is not None and len(prediction.scores) else None,
+                max_confidence=float(prediction.scores.max())
+                if prediction is not None and len(prediction.scores)
+                else None,
                 **judged,
             )
         )
@@ -457,12 +517,15 @@ def write_overlays(
     return VisualizeSummary(entries=entries, skipped=skipped, index_html=index_html)
 
 
-def worst_first(paths: Sequence[Path], truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction]) -> list[Path]:
+def worst_first(
+    paths: Sequence[Path], truth: Mapping[str, np.ndarray], predictions: Mapping[str, Prediction]
+) -> list[Path]:
     """``paths`` ordered by their image's RSNA score, worst first; images with no truth and no box (they cost nothing) last.
 
     The patientId is the file stem; ties keep patientId order. A gallery drawn in this order
     opens on the model's mistakes.
     """
+
     def key(path: Path) -> tuple[float, str]:
         patient = Path(path).stem
         prediction = predictions.get(patient, Prediction.empty())
@@ -490,7 +553,9 @@ def select_images(
 
         def has_box(patient_id: str) -> bool:
             in_truth = labels is not None and patient_id in labels and len(labels[patient_id].boxes) > 0
-            in_prediction = predictions is not None and patient_id in predictions and len(predictions[patient_id].scores) > 0
+            in_prediction = (
+                predictions is not None and patient_id in predictions and len(predictions[patient_id].scores) > 0
+            )
             return in_truth or in_prediction
 
         selected = [path for path in selected if has_box(Path(path).stem)]
@@ -510,37 +575,72 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dicom-dir", type=Path, help="folder of .dcm files (searched recursively)")
-    source.add_argument("--image-dir", type=Path, help="folder of {patientId}.png|.jpg X-rays (searched recursively), instead of DICOMs")
-    parser.add_argument("--labels", type=Path, help="RSNA labels CSV (patientId,x,y,width,height,Target) for the truth boxes")
-    parser.add_argument("--submission", type=Path, help="Kaggle submission CSV (patientId,PredictionString) for the predicted boxes")
-    parser.add_argument("--out", type=Path, required=True, help="folder to write {patientId}.png and index.html into")
-    parser.add_argument("--limit", type=int_in_range(1), help="draw at most this many images (after --only-positive); default: all")
-    parser.add_argument("--only-positive", action="store_true", help="only images with at least one truth or predicted box (needs --labels or --submission)")
-    parser.add_argument(
-        "--max-size", type=int_in_range(64), default=DEFAULT_MAX_SIZE, help=f"shrink images so the longer side is at most this many pixels (default: {DEFAULT_MAX_SIZE})"
+    source.add_argument(
+        "--image-dir", type=Path, help="folder of {patientId}.png|.jpg X-rays (searched recursively), instead of DICOMs"
     )
-    parser.add_argument("--min-confidence", type=fraction, default=0.0, help="hide predicted boxes below this confidence, 0..1 (default: 0, show all)")
+    parser.add_argument(
+        "--labels", type=Path, help="RSNA labels CSV (patientId,x,y,width,height,Target) for the truth boxes"
+    )
+    parser.add_argument(
+        "--submission", type=Path, help="Kaggle submission CSV (patientId,PredictionString) for the predicted boxes"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder to write {patientId}.png and index.html into")
+    parser.add_argument(
+        "--limit", type=int_in_range(1), help="draw at most this many images (after --only-positive); default: all"
+    )
+    parser.add_argument(
+        "--only-positive",
+        action="store_true",
+        help="only images with at least one truth or predicted box (needs --labels or --submission)",
+    )
+    parser.add_argument(
+        "--max-size",
+        type=int_in_range(64),
+        default=DEFAULT_MAX_SIZE,
+        help=f"shrink images so the longer side is at most this many pixels (default: {DEFAULT_MAX_SIZE})",
+    )
+    parser.add_argument(
+        "--min-confidence",
+        type=fraction,
+        default=0.0,
+        help="hide predicted boxes below this confidence, 0..1 (default: 0, show all)",
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``lungdet visualize``; returns the exit status."""
     if args.only_positive and args.labels is None and args.submission is None:
-        raise LungdetError("--only-positive needs --labels or --submission to know which images have boxes; add one or drop --only-positive")
+        raise LungdetError(
+            "--only-positive needs --labels or --submission to know which images have boxes; add one or drop --only-positive"
+        )
     # Read both CSVs before any drawing, so a bad file fails in a second, not after an hour.
     labels = read_labels(args.labels) if args.labels is not None else None
     predictions = read_submission(args.submission) if args.submission is not None else None
     all_paths = find_dicoms(args.dicom_dir) if args.dicom_dir is not None else find_images(args.image_dir)
     kind = "DICOMs" if args.dicom_dir is not None else "images"
     if not all_paths:
-        found = "no .dcm files found; pass the folder that holds the DICOMs (e.g. stage_2_train_images/)" if args.dicom_dir is not None \
+        found = (
+            "no .dcm files found; pass the folder that holds the DICOMs (e.g. stage_2_train_images/)"
+            if args.dicom_dir is not None
             else "no .png or .jpg files found; pass the folder that holds the X-ray images"
+        )
         raise LungdetError(f"{args.dicom_dir or args.image_dir}: {found}")
-    paths = select_images(all_paths, labels=labels, predictions=predictions, only_positive=args.only_positive, limit=args.limit)
-    summary = write_overlays(
-        paths, args.out, labels=labels, predictions=predictions, max_size=args.max_size, min_confidence=args.min_confidence, progress=True
+    paths = select_images(
+        all_paths, labels=labels, predictions=predictions, only_positive=args.only_positive, limit=args.limit
     )
-    print(f"wrote {len(summary.entries)} overlay PNGs to {args.out} (of {len(all_paths)} {kind} found, {len(paths)} selected)")
+    summary = write_overlays(
+        paths,
+        args.out,
+        labels=labels,
+        predictions=predictions,
+        max_size=args.max_size,
+        min_confidence=args.min_confidence,
+        progress=True,
+    )
+    print(
+        f"wrote {len(summary.entries)} overlay PNGs to {args.out} (of {len(all_paths)} {kind} found, {len(paths)} selected)"
+    )
     print(f"  index: {summary.index_html}")
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} unreadable file(s):")

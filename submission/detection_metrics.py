@@ -53,7 +53,9 @@ from lungdet.submission.score import match_predictions, roc_auc
 
 # COCOeval's own ten thresholds (0.50, 0.55, ..., 0.95, the same linspace as its defaults, so the
 # floats are identical) with VinDr-CXR's 0.40 in front. Each threshold is matched independently.
-COCO_IOU_THRESHOLDS = np.concatenate([[0.4], np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)])
+COCO_IOU_THRESHOLDS = np.concatenate(
+    [[0.4], np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)]
+)
 COCO_AP40_ROW = 0  # rows of COCOeval's precision array
 COCO_AP50_ROW = 1
 COCO_AP_ROWS = slice(1, None)  # 0.50 .. 0.95: AP@[.50:.95]
@@ -79,14 +81,16 @@ def build_coco(images: Sequence[tuple[np.ndarray, Prediction]]) -> tuple[COCO, C
     item becomes an image, those without truth boxes too, so their boxes count as false
     positives; an item listed twice is two images.
     """
-    coco_images = [{"id": index + 1, "width": COCO_IMAGE_SIZE, "height": COCO_IMAGE_SIZE} for index in range(len(images))]
+    coco_images = [
+        {"id": index + 1, "width": COCO_IMAGE_SIZE, "height": COCO_IMAGE_SIZE} for index in range(len(images))
+    ]
     truth_annotations: list[dict[str, object]] = []
     detections: list[dict[str, object]] = []
     for index, (truth_boxes, prediction) in enumerate(images):
         for box in as_box_array(truth_boxes).tolist():
             # Ids start at 1: COCOeval stores the matched id in dtMatches, where 0 means "unmatched".
             truth_annotations.append(_annotation(len(truth_annotations) + 1, index + 1, box))
-        for score, box in zip(prediction.scores.tolist(), prediction.boxes.tolist()):
+        for score, box in zip(prediction.scores.tolist(), prediction.boxes.tolist(), strict=True):
             detections.append({**_annotation(len(detections) + 1, index + 1, box), "score": score})
     categories = [{"id": COCO_CATEGORY_ID, "name": "lung opacity"}]
     truth, predicted = COCO(), COCO()
@@ -100,7 +104,14 @@ def build_coco(images: Sequence[tuple[np.ndarray, Prediction]]) -> tuple[COCO, C
 
 
 def _annotation(annotation_id: int, image_id: int, box: list[float]) -> dict[str, object]:
-    return {"id": annotation_id, "image_id": image_id, "category_id": COCO_CATEGORY_ID, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": COCO_CATEGORY_ID,
+        "bbox": box,
+        "area": box[2] * box[3],
+        "iscrowd": 0,
+    }
 
 
 def evaluate_coco(images: Sequence[tuple[np.ndarray, Prediction]]) -> COCOeval:
@@ -233,7 +244,9 @@ def accumulate_precision(matches: CocoMatches, images: np.ndarray) -> np.ndarray
 # --- FROC -----------------------------------------------------------------------------------------
 
 
-def froc_matches(truth_boxes: np.ndarray, prediction: Prediction, *, iou_threshold: float = FROC_IOU_THRESHOLD) -> np.ndarray:
+def froc_matches(
+    truth_boxes: np.ndarray, prediction: Prediction, *, iou_threshold: float = FROC_IOU_THRESHOLD
+) -> np.ndarray:
     """``[P]`` bool: which of ``prediction``'s boxes (as given) hit a truth box at IoU > ``iou_threshold``.
 
     Greedy by confidence with the RSNA rule, so each truth box (``[T, 4]`` XYWH_ABS, the
@@ -256,13 +269,19 @@ def froc_curve(scores: np.ndarray, hits: np.ndarray, *, truth_boxes: int, images
         raise ValueError(f"the FROC needs truth boxes and images, got {truth_boxes} truth boxes on {images} images")
     order = np.argsort(-scores, kind="stable")
     sorted_scores, sorted_hits = scores[order], hits[order]
-    last_of_each = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1] if len(sorted_scores) else np.zeros(0, dtype=int)
+    last_of_each = (
+        np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1]
+        if len(sorted_scores)
+        else np.zeros(0, dtype=int)
+    )
     true_positives = np.cumsum(sorted_hits)[last_of_each]
     false_positives = np.cumsum(~sorted_hits)[last_of_each]
     return np.r_[0.0, false_positives / images], np.r_[0.0, true_positives / truth_boxes]
 
 
-def froc_sensitivities(fp_per_image: np.ndarray, sensitivity: np.ndarray, fp_rates: Sequence[float] = FROC_FP_RATES) -> np.ndarray:
+def froc_sensitivities(
+    fp_per_image: np.ndarray, sensitivity: np.ndarray, fp_rates: Sequence[float] = FROC_FP_RATES
+) -> np.ndarray:
     """Sensitivity at each of ``fp_rates``: ``np.interp`` on the curve, as MONAI's ``compute_froc_score``.
 
     Linear between the curve's points; where several points share a FP rate, the last (highest
@@ -274,20 +293,33 @@ def froc_sensitivities(fp_per_image: np.ndarray, sensitivity: np.ndarray, fp_rat
 # --- image-level probabilities ----------------------------------------------------------------------
 
 
-def calibration_bins(labels: Sequence[bool], probabilities: Sequence[float], *, bins: int = CALIBRATION_BINS) -> list[tuple[float, float, int]]:
+def calibration_bins(
+    labels: Sequence[bool], probabilities: Sequence[float], *, bins: int = CALIBRATION_BINS
+) -> list[tuple[float, float, int]]:
     """``(mean probability, share of positive images, images)`` per non-empty bin; bin ``b`` is ``[b/bins, (b+1)/bins)``, 1.0 in the last."""
     truth = np.asarray(labels, dtype=np.float64)
     values = np.asarray(probabilities, dtype=np.float64)
     which = np.minimum((values * bins).astype(int), bins - 1)
-    return [(float(values[which == b].mean()), float(truth[which == b].mean()), int((which == b).sum())) for b in range(bins) if (which == b).any()]
+    return [
+        (float(values[which == b].mean()), float(truth[which == b].mean()), int((which == b).sum()))
+        for b in range(bins)
+        if (which == b).any()
+    ]
 
 
-def expected_calibration_error(labels: Sequence[bool], probabilities: Sequence[float], *, bins: int = CALIBRATION_BINS) -> float | None:
+def expected_calibration_error(
+    labels: Sequence[bool], probabilities: Sequence[float], *, bins: int = CALIBRATION_BINS
+) -> float | None:
     """Sum over :func:`calibration_bins` of (images in bin / images) * |share positive - mean probability|; None without images."""
     total = len(labels)
     if total == 0:
         return None
-    return float(sum(count / total * abs(observed - predicted) for predicted, observed, count in calibration_bins(labels, probabilities, bins=bins)))
+    return float(
+        sum(
+            count / total * abs(observed - predicted)
+            for predicted, observed, count in calibration_bins(labels, probabilities, bins=bins)
+        )
+    )
 
 
 # --- bootstrap --------------------------------------------------------------------------------------
@@ -375,13 +407,20 @@ class DetectionMetrics:
         """JSON keys: ``coco``, ``froc``, ``image_auc`` and ``ece`` (the last two None without probabilities)."""
         froc = self.froc
         result: dict[str, object] = {
-            "coco": {**asdict(self.coco), "n_images": self.n_images, "n_truth_boxes": self.n_truth_boxes, "n_predicted_boxes": self.n_predicted_boxes},
+            "coco": {
+                **asdict(self.coco),
+                "n_images": self.n_images,
+                "n_truth_boxes": self.n_truth_boxes,
+                "n_predicted_boxes": self.n_predicted_boxes,
+            },
             "froc": {
                 "score": froc.score,
                 "score_interval": froc.score_interval,
                 "fp_per_image": list(froc.fp_rates),
                 "sensitivities": None if froc.sensitivities is None else list(froc.sensitivities),
-                "sensitivity_intervals": None if froc.sensitivity_intervals is None else list(froc.sensitivity_intervals),
+                "sensitivity_intervals": None
+                if froc.sensitivity_intervals is None
+                else list(froc.sensitivity_intervals),
                 "iou_threshold": froc.iou_threshold,
                 "n_truth_boxes": froc.n_truth_boxes,
                 "reason": froc.reason,
@@ -392,12 +431,19 @@ class DetectionMetrics:
         if self.probabilities is not None:
             report = self.probabilities
             counts = {"n_images": report.n_images, "n_positive": report.n_positive}
-            result["image_auc"] = {"value": report.auc, "interval": report.auc_interval, "reason": report.auc_reason, **counts}
+            result["image_auc"] = {
+                "value": report.auc,
+                "interval": report.auc_interval,
+                "reason": report.auc_reason,
+                **counts,
+            }
             result["ece"] = {"value": report.ece, "interval": report.ece_interval, "bins": report.bins, **counts}
         return result
 
 
-def score_coco(images: Sequence[tuple[np.ndarray, Prediction]], *, bootstrap_draws: int = 0, seed: int = 0) -> CocoReport:
+def score_coco(
+    images: Sequence[tuple[np.ndarray, Prediction]], *, bootstrap_draws: int = 0, seed: int = 0
+) -> CocoReport:
     """COCO AP@[.50:.95], AP50 and AP40 of ``images`` (``(truth [T, 4], Prediction)`` per patient, XYWH_ABS), with intervals."""
     evaluation = evaluate_coco(images)
     max_detections = int(evaluation.params.maxDets[-1])
@@ -448,7 +494,9 @@ def score_froc(
             drawn_truth = int(truth_counts[drawn].sum())
             if drawn_truth:
                 positions = _gather(first, counts, drawn)
-                draw_curve = froc_curve(all_scores[positions], all_hits[positions], truth_boxes=drawn_truth, images=len(drawn))
+                draw_curve = froc_curve(
+                    all_scores[positions], all_hits[positions], truth_boxes=drawn_truth, images=len(drawn)
+                )
                 per_draw[row] = froc_sensitivities(*draw_curve, fp_rates)
         point_intervals = tuple(percentile_interval(per_draw[:, column]) for column in range(len(fp_rates)))
         score_interval = percentile_interval(per_draw.mean(axis=1))
@@ -465,7 +513,9 @@ def score_froc(
     )
 
 
-def score_probabilities(labels: Sequence[bool], probabilities: Sequence[float], *, bootstrap_draws: int = 0, seed: int = 0) -> ProbabilityReport:
+def score_probabilities(
+    labels: Sequence[bool], probabilities: Sequence[float], *, bootstrap_draws: int = 0, seed: int = 0
+) -> ProbabilityReport:
     """Image-level AUC and ECE of ``probabilities`` (one per image, in [0, 1]) against ``labels`` (image has a truth box)."""
     truth = np.asarray(labels, dtype=bool)
     values = np.asarray(probabilities, dtype=np.float64)
@@ -482,7 +532,9 @@ def score_probabilities(labels: Sequence[bool], probabilities: Sequence[float], 
             eces[row] = expected_calibration_error(truth[drawn], values[drawn])
         auc_interval = percentile_interval(aucs) if auc is not None else None
         ece_interval = percentile_interval(eces)
-    return ProbabilityReport(auc, auc_interval, auc_reason, ece, ece_interval, CALIBRATION_BINS, int(truth.size), int(truth.sum()))
+    return ProbabilityReport(
+        auc, auc_interval, auc_reason, ece, ece_interval, CALIBRATION_BINS, int(truth.size), int(truth.sum())
+    )
 
 
 def score_detection_metrics(
@@ -507,15 +559,20 @@ def score_detection_metrics(
     if not 0.0 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
     images = [
-        (as_box_array(boxes), keep_confident(predictions.get(patient_id, Prediction.empty()), min_confidence=min_confidence))
+        (
+            as_box_array(boxes),
+            keep_confident(predictions.get(patient_id, Prediction.empty()), min_confidence=min_confidence),
+        )
         for patient_id, boxes in truth.items()
     ]
     probability_report = None
     if probabilities is not None:
         known = [patient_id for patient_id in truth if patient_id in probabilities]
         probability_report = score_probabilities(
-            [len(truth[patient_id]) > 0 for patient_id in known], [probabilities[patient_id] for patient_id in known],
-            bootstrap_draws=bootstrap_draws, seed=seed,
+            [len(truth[patient_id]) > 0 for patient_id in known],
+            [probabilities[patient_id] for patient_id in known],
+            bootstrap_draws=bootstrap_draws,
+            seed=seed,
         )
     return DetectionMetrics(
         n_images=len(images),
@@ -525,4 +582,3 @@ def score_detection_metrics(
         froc=score_froc(images, bootstrap_draws=bootstrap_draws, seed=seed),
         probabilities=probability_report,
     )
-

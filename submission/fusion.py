@@ -50,7 +50,12 @@ def _iou_with(fused: np.ndarray, box: np.ndarray) -> np.ndarray:
 
 
 def fuse_boxes(
-    boxes: Sequence[np.ndarray], scores: Sequence[np.ndarray], *, weights: Sequence[float], iou_thr: float, skip_box_thr: float = 0.0,
+    boxes: Sequence[np.ndarray],
+    scores: Sequence[np.ndarray],
+    *,
+    weights: Sequence[float],
+    iou_thr: float,
+    skip_box_thr: float = 0.0,
     conf_type: str = "finders",
 ) -> FusedBoxes:
     """Fuse one image's passes: ``boxes[t]`` ``[n_t, 4]`` XYXY in fractions of the image (clipped to [0, 1]), ``scores[t]`` ``[n_t]``.
@@ -61,11 +66,17 @@ def fuse_boxes(
     if conf_type not in CONF_TYPES:
         raise ValueError(f"conf_type must be one of {', '.join(CONF_TYPES)}, got {conf_type!r}")
     if not (len(boxes) == len(scores) == len(weights)):
-        raise ValueError(f"got {len(boxes)} box arrays, {len(scores)} score arrays and {len(weights)} weights; one of each per pass")
+        raise ValueError(
+            f"got {len(boxes)} box arrays, {len(scores)} score arrays and {len(weights)} weights; one of each per pass"
+        )
     pass_weights = np.asarray(weights, dtype=np.float64)
     members: list[tuple[float, float, int, np.ndarray]] = []  # (weighted score, weight, pass, box)
     for index, (pass_boxes, pass_scores) in enumerate(zip(boxes, scores, strict=True)):
-        for box, score in zip(np.asarray(pass_boxes, dtype=np.float64).reshape(-1, 4), np.asarray(pass_scores, dtype=np.float64).reshape(-1), strict=True):
+        for box, score in zip(
+            np.asarray(pass_boxes, dtype=np.float64).reshape(-1, 4),
+            np.asarray(pass_scores, dtype=np.float64).reshape(-1),
+            strict=True,
+        ):
             if score < skip_box_thr:
                 continue
             x1, x2 = sorted((min(max(box[0], 0.0), 1.0), min(max(box[2], 0.0), 1.0)))
@@ -85,7 +96,9 @@ def fuse_boxes(
         if best >= 0 and overlaps[best] > iou_thr:
             clusters[best].append(member)
             weighted = np.array([item[0] for item in clusters[best]])
-            fused[best] = (weighted[:, None] * np.stack([item[3] for item in clusters[best]])).sum(axis=0) / weighted.sum()
+            fused[best] = (weighted[:, None] * np.stack([item[3] for item in clusters[best]])).sum(
+                axis=0
+            ) / weighted.sum()
         else:
             clusters.append([member])
             fused = np.vstack([fused, member[3]])

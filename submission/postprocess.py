@@ -52,11 +52,10 @@ import yaml
 from lungdet.atomic import write_text_atomic
 from lungdet.boxes import as_box_array, xywh_to_xyxy, xyxy_to_xywh
 from lungdet.errors import ConfigError
-from lungdet.typed_config import RangeRule, build_dataclass, check_ranges, read_yaml_mapping
 from lungdet.submission.fusion import CONF_TYPES, fuse_boxes
 from lungdet.submission.prediction_string import Prediction, keep_confident
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient
-
+from lungdet.typed_config import RangeRule, build_dataclass, check_ranges, read_yaml_mapping
 
 WBF_CONF_TYPES = CONF_TYPES
 # 'auto' is what files tuned before batch calibration became opt-in say: read as 'off', with a note.
@@ -74,17 +73,25 @@ class PostprocessConfig:
 
     score_threshold: float = 0.5  # keep boxes with at least this confidence, after fusion and gating
     gate_threshold: float = 0.0  # drop all boxes of an image whose image-level probability is below this (0 = no gating; ignored for models without an image head)
-    wbf_iou_thr: float = 0.55  # weighted boxes fusion: boxes of different passes or models overlapping more than this become one
+    # weighted boxes fusion: boxes of different passes or models overlapping more than this become one
+    wbf_iou_thr: float = 0.55
     wbf_skip_box_thr: float = 0.0  # weighted boxes fusion: boxes under this confidence are left out before fusing
-    model_weights: list[float] = field(default_factory=list)  # weight of each model in the fusion, in --checkpoint order (empty = equal)
-    shrink: float = 1.0  # scale each box's width and height about its centre (1 = unchanged; the 2018 winners used 0.875)
-    max_boxes: int = 0  # keep at most this many boxes per image, most confident first (0 = no limit; RSNA images have at most 4)
+    model_weights: list[float] = field(
+        default_factory=list
+    )  # weight of each model in the fusion, in --checkpoint order (empty = equal)
+    # scale each box's width and height about its centre (1 = unchanged; the 2018 winners used 0.875)
+    shrink: float = 1.0
+    # keep at most this many boxes per image, most confident first (0 = no limit; RSNA images have at most 4)
+    max_boxes: int = 0
     wbf_conf_type: str = "finders"  # fused confidence: 'finders' (the mean of the passes that found the box: one model's scale for any number of models), 'avg' (over every pass, a pass that missed counting 0) or 'max' (the most confident pass's)
-    min_support: float = 0.0  # drop fused boxes found by less than this share of the passes (0 = keep all; 1 = every pass must find it)
+    # drop fused boxes found by less than this share of the passes (0 = keep all; 1 = every pass must find it)
+    min_support: float = 0.0
     calibration: str = "off"  # 'off': apply as written, image by image; 'batch': re-derive gate and cut-off on each predicted batch to keep tuning's operating point, which ASSUMES the batch has the training set's share of positives (see the module docstring)
-    tuned_models_per_image: int = 0  # models per image in the predictions tuning saw (lungdet tune fills it; 0 = unknown, never calibrated)
+    # models per image in the predictions tuning saw (lungdet tune fills it; 0 = unknown, never calibrated)
+    tuned_models_per_image: int = 0
     tuned_passes_per_model: int = 0  # passes per model there (1 plain, 2 with hflip)
-    expected_gated_share: float = 1.0  # share of images the gate let through on the tuning predictions (lungdet tune fills it)
+    # share of images the gate let through on the tuning predictions (lungdet tune fills it)
+    expected_gated_share: float = 1.0
     expected_boxes_per_image: float = 0.0  # boxes per image these settings kept on the tuning predictions (lungdet tune fills it; predict compares; 0 = unknown)
 
 
@@ -93,7 +100,11 @@ _RANGE_RULES: list[RangeRule] = [
     ("gate_threshold", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     ("wbf_iou_thr", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     ("wbf_skip_box_thr", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    ("model_weights", lambda v: all(weight > 0 for weight in v), "a list of positive weights (or empty for equal weights)"),
+    (
+        "model_weights",
+        lambda v: all(weight > 0 for weight in v),
+        "a list of positive weights (or empty for equal weights)",
+    ),
     ("shrink", lambda v: 0.5 <= v <= 1.5, "in [0.5, 1.5]"),
     ("max_boxes", lambda v: v >= 0, ">= 0 (0 = no limit)"),
     ("wbf_conf_type", lambda v: v in WBF_CONF_TYPES, f"one of {', '.join(WBF_CONF_TYPES)}"),
@@ -118,7 +129,9 @@ def postprocess_from_dict(values: Mapping[str, object], *, where: str = "postpro
 
 def load_postprocess(path: Path) -> PostprocessConfig:
     """Read a ``postprocess.yaml`` (see :class:`PostprocessConfig`); raises ``ConfigError`` naming the file and the key."""
-    return postprocess_from_dict(read_yaml_mapping(Path(path), what="post-processing settings (score_threshold:, shrink:, ...)"), where=str(path))
+    return postprocess_from_dict(
+        read_yaml_mapping(Path(path), what="post-processing settings (score_threshold:, shrink:, ...)"), where=str(path)
+    )
 
 
 def save_postprocess(config: PostprocessConfig, path: Path, *, comment: str = "") -> None:
@@ -131,8 +144,15 @@ def save_postprocess(config: PostprocessConfig, path: Path, *, comment: str = ""
 
 
 def fuse_passes(
-    passes: Sequence[Prediction], *, width: int, height: int, weights: Sequence[float], iou_thr: float, skip_box_thr: float,
-    conf_type: str = "finders", min_support: float = 0.0,
+    passes: Sequence[Prediction],
+    *,
+    width: int,
+    height: int,
+    weights: Sequence[float],
+    iou_thr: float,
+    skip_box_thr: float,
+    conf_type: str = "finders",
+    min_support: float = 0.0,
 ) -> Prediction:
     """Weighted boxes fusion of several predictions of one ``width`` x ``height`` image (XYWH_ABS in its pixels).
 
@@ -144,12 +164,18 @@ def fuse_passes(
         raise ValueError(f"got {len(weights)} weights for {len(passes)} passes")
     scale = np.array([width, height, width, height], dtype=np.float64)
     fused = fuse_boxes(
-        [xywh_to_xyxy(prediction.boxes) / scale for prediction in passes], [prediction.scores for prediction in passes],
-        weights=weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type,
+        [xywh_to_xyxy(prediction.boxes) / scale for prediction in passes],
+        [prediction.scores for prediction in passes],
+        weights=weights,
+        iou_thr=iou_thr,
+        skip_box_thr=skip_box_thr,
+        conf_type=conf_type,
     )
     # A hair under the share, so that 'half of the passes' keeps a box two of four found despite float rounding.
     kept = fused.support >= min_support - 1e-9
-    return Prediction.from_arrays(fused.scores[kept].clip(0.0, 1.0), xyxy_to_xywh(as_box_array(fused.boxes[kept]) * scale))
+    return Prediction.from_arrays(
+        fused.scores[kept].clip(0.0, 1.0), xyxy_to_xywh(as_box_array(fused.boxes[kept]) * scale)
+    )
 
 
 def shrink_boxes(prediction: Prediction, *, factor: float) -> Prediction:
@@ -191,8 +217,14 @@ def merge_image(rows: Sequence[RawPrediction], config: PostprocessConfig, *, mod
         )
     weight_of = dict(zip(models, config.model_weights or [1.0] * len(models), strict=True))
     return fuse_passes(
-        [row.prediction for row in rows], width=rows[0].width, height=rows[0].height, weights=[weight_of[row.model] for row in rows],
-        iou_thr=config.wbf_iou_thr, skip_box_thr=config.wbf_skip_box_thr, conf_type=config.wbf_conf_type, min_support=config.min_support,
+        [row.prediction for row in rows],
+        width=rows[0].width,
+        height=rows[0].height,
+        weights=[weight_of[row.model] for row in rows],
+        iou_thr=config.wbf_iou_thr,
+        skip_box_thr=config.wbf_skip_box_thr,
+        conf_type=config.wbf_conf_type,
+        min_support=config.min_support,
     )
 
 
@@ -257,7 +289,9 @@ def kth_largest_or_beyond(values: np.ndarray, k: int) -> float:
     return float(ordered[k - 1])
 
 
-def calibrate(config: PostprocessConfig, merged: Mapping[str, Prediction], probabilities: Mapping[str, float | None]) -> PostprocessConfig:
+def calibrate(
+    config: PostprocessConfig, merged: Mapping[str, Prediction], probabilities: Mapping[str, float | None]
+) -> PostprocessConfig:
     """``config`` with its gate and cut-off re-derived on ``merged`` (fused, not yet cut) to keep tuning's operating point.
 
     The gate becomes the probability that lets ``expected_gated_share`` of the images with a
@@ -296,7 +330,9 @@ def apply_postprocess(rows: Sequence[RawPrediction], config: PostprocessConfig) 
         )
     elif config.calibration == "batch":
         applied, calibrated, note = calibrate_batch(config, merged, probabilities)
-    predictions = {patient_id: finish_image(merged[patient_id], probabilities[patient_id], applied) for patient_id in groups}
+    predictions = {
+        patient_id: finish_image(merged[patient_id], probabilities[patient_id], applied) for patient_id in groups
+    }
     boxes = sum(len(prediction.scores) for prediction in predictions.values())
     return PostprocessResult(predictions, applied, calibrated, note, boxes / len(predictions) if predictions else 0.0)
 
@@ -306,11 +342,19 @@ def calibrate_batch(
 ) -> tuple[PostprocessConfig, bool, str]:
     """``calibration: batch``: (settings as applied, whether they were re-derived, one line on what happened)."""
     if not config.expected_boxes_per_image:
-        return config, False, "calibration: batch needs the operating point lungdet tune writes (expected_boxes_per_image); this file has none, so it is applied as written"
+        return (
+            config,
+            False,
+            "calibration: batch needs the operating point lungdet tune writes (expected_boxes_per_image); this file has none, so it is applied as written",
+        )
     if len(merged) < MIN_CALIBRATION_IMAGES:
-        return config, False, (
-            f"calibration: batch, but only {len(merged)} images: too few to calibrate the cut-offs on (at least {MIN_CALIBRATION_IMAGES}); "
-            "they are applied as tuned"
+        return (
+            config,
+            False,
+            (
+                f"calibration: batch, but only {len(merged)} images: too few to calibrate the cut-offs on (at least {MIN_CALIBRATION_IMAGES}); "
+                "they are applied as tuned"
+            ),
         )
     applied = calibrate(config, merged, probabilities)
     gate = f", gate {config.gate_threshold:g} -> {applied.gate_threshold:.3f}" if config.gate_threshold > 0 else ""
@@ -318,7 +362,9 @@ def calibrate_batch(
         f"batch calibration (assumes this batch has the training set's share of positives): cut-off {config.score_threshold:g} -> "
         f"{applied.score_threshold:.3f}{gate}, to keep tuning's {config.expected_boxes_per_image:.3f} boxes per image"
     )
-    moved = max(abs(applied.score_threshold - config.score_threshold), abs(applied.gate_threshold - config.gate_threshold))
+    moved = max(
+        abs(applied.score_threshold - config.score_threshold), abs(applied.gate_threshold - config.gate_threshold)
+    )
     if moved > FAR_CALIBRATION_MOVE:
         note += (
             f"; warning: that moves a setting by {moved:.2f}, far from the tuned value: if this batch's share of positives differs from "

@@ -189,7 +189,9 @@ def read_submission(path: Path) -> dict[str, Prediction]:
     """
     path = Path(path)
     if not path.is_file():
-        raise SubmissionError(f"{path}: file not found; check the --submission path (lungdet predict writes submission.csv)")
+        raise SubmissionError(
+            f"{path}: file not found; check the --submission path (lungdet predict writes submission.csv)"
+        )
     predictions: dict[str, Prediction] = {}
     first_line: dict[str, int] = {}
     # utf-8-sig: a spreadsheet that saved the file may have put a byte-order mark before the header.
@@ -222,5 +224,7 @@ def read_submission(path: Path) -> dict[str, Prediction]:
                     "Kaggle allows one row per patient: put all of its boxes in one PredictionString"
                 )
             first_line[patient_id] = line
-            predictions[patient_id] = parse_prediction_string(text, where=f"{path} line {line} (patientId {patient_id})")
+            predictions[patient_id] = parse_prediction_string(
+                text, where=f"{path} line {line} (patientId {patient_id})"
+            )
     return predictions

@@ -51,6 +51,8 @@ def is_pass_name(name: str) -> bool:
     except ValueError:
         return False
     return math.isfinite(factor) and factor > 0 and format_scale_pass(factor) == name
+
+
 # Raw boxes keep 4 decimals of confidence like a submission, but 2 of position: tuning shrinks
 # and fuses them, and rounding twice should not move a box by a tenth of a pixel.
 RAW_COORDINATE_DECIMALS = 2
@@ -79,16 +81,18 @@ def write_raw_predictions(path: Path, rows: Iterable[RawPrediction]) -> int:
         writer.writerow(RAW_COLUMNS)
         for row in rows:
             where = f"patientId {row.patient_id} ({row.model}, {row.pass_name})"
-            writer.writerow([
-                row.patient_id,
-                row.model,
-                row.pass_name,
-                "" if row.fold is None else row.fold,
-                row.width,
-                row.height,
-                "" if row.probability is None else f"{row.probability:.{PROBABILITY_DECIMALS}f}",
-                format_prediction_string(row.prediction, decimals=RAW_COORDINATE_DECIMALS, where=where),
-            ])
+            writer.writerow(
+                [
+                    row.patient_id,
+                    row.model,
+                    row.pass_name,
+                    "" if row.fold is None else row.fold,
+                    row.width,
+                    row.height,
+                    "" if row.probability is None else f"{row.probability:.{PROBABILITY_DECIMALS}f}",
+                    format_prediction_string(row.prediction, decimals=RAW_COORDINATE_DECIMALS, where=where),
+                ]
+            )
             count += 1
     return count
 
@@ -97,7 +101,9 @@ def _positive_int(text: str, *, column: str, where: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise SubmissionError(f"{where}: {column} {text!r} is not a whole number; it is the image's original size in pixels") from None
+        raise SubmissionError(
+            f"{where}: {column} {text!r} is not a whole number; it is the image's original size in pixels"
+        ) from None
     if value <= 0:
         raise SubmissionError(f"{where}: {column} is {value}; an image's size in pixels must be positive")
     return value
@@ -131,13 +137,19 @@ def read_raw_predictions(path: Path) -> list[RawPrediction]:
                 continue
             where = f"{path} line {reader.line_num}"
             if len(fields) != len(RAW_COLUMNS):
-                raise SubmissionError(f"{where}: {len(fields)} fields, expected {len(RAW_COLUMNS)} ({','.join(RAW_COLUMNS)})")
+                raise SubmissionError(
+                    f"{where}: {len(fields)} fields, expected {len(RAW_COLUMNS)} ({','.join(RAW_COLUMNS)})"
+                )
             patient_id, model, pass_name, fold, width, height, probability, text = fields
             if not is_pass_name(pass_name):
-                raise SubmissionError(f"{where}: pass {pass_name!r} is not one of {', '.join(PASSES)} or scaleS (e.g. scale0.8)")
+                raise SubmissionError(
+                    f"{where}: pass {pass_name!r} is not one of {', '.join(PASSES)} or scaleS (e.g. scale0.8)"
+                )
             key = (patient_id, model, pass_name)
             if key in seen:
-                raise SubmissionError(f"{where}: patientId {patient_id}, model {model}, pass {pass_name} also appears on line {seen[key]}")
+                raise SubmissionError(
+                    f"{where}: patientId {patient_id}, model {model}, pass {pass_name} also appears on line {seen[key]}"
+                )
             seen[key] = reader.line_num
             rows.append(
                 RawPrediction(
@@ -160,7 +172,9 @@ def _probability(text: str, *, where: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise SubmissionError(f"{where}: probability {text!r} is not a number; leave it empty when the model has no image head") from None
+        raise SubmissionError(
+            f"{where}: probability {text!r} is not a number; leave it empty when the model has no image head"
+        ) from None
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise SubmissionError(f"{where}: probability {value} is outside [0, 1]")
     return value
@@ -170,7 +184,9 @@ def _fold(text: str, *, where: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise SubmissionError(f"{where}: fold {text!r} is not a whole number; leave it empty outside cross-validation") from None
+        raise SubmissionError(
+            f"{where}: fold {text!r} is not a whole number; leave it empty outside cross-validation"
+        ) from None
     if value < 0:
         raise SubmissionError(f"{where}: fold {value} is negative")
     return value

@@ -115,7 +115,8 @@ class ScoreReport:
     n_unknown_predictions: int  # submission patients not in the labels (not scored)
     min_confidence: float
     per_threshold: tuple[ThresholdSummary, ...]
-    map_interval: tuple[float, float] | None = None  # 95% bootstrap interval of map over patients; None when not computed
+    # 95% bootstrap interval of map over patients; None when not computed
+    map_interval: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict with the same keys as the fields; ``per_threshold`` becomes a list of dicts."""
@@ -257,7 +258,9 @@ def score_dataset(
     per_threshold = tuple(
         ThresholdSummary(
             iou_threshold=threshold,
-            mean_precision=float(np.mean([image.per_threshold[k].precision for image in image_scores])) if image_scores else 0.0,
+            mean_precision=float(np.mean([image.per_threshold[k].precision for image in image_scores]))
+            if image_scores
+            else 0.0,
             true_positives=sum(image.per_threshold[k].true_positives for image in image_scores),
             false_positives=sum(image.per_threshold[k].false_positives for image in image_scores),
             false_negatives=sum(image.per_threshold[k].false_negatives for image in image_scores),
@@ -344,7 +347,9 @@ def read_slice_metadata(path: Path) -> dict[str, dict[str, str]]:
             for image in images
         }
     except FileNotFoundError:
-        raise SubmissionError(f"{path}: file not found; --metadata takes the annotations.json that lungdet convert wrote") from None
+        raise SubmissionError(
+            f"{path}: file not found; --metadata takes the annotations.json that lungdet convert wrote"
+        ) from None
     except (ValueError, KeyError, TypeError) as error:
         raise SubmissionError(
             f"{path}: not a lungdet convert annotations.json ({type(error).__name__}: {error}); its 'images' need patient_id, age, sex, view_position"
@@ -385,7 +390,9 @@ def score_slices(
         for patient_id, boxes in truth.items():
             groups.setdefault(metadata.get(patient_id, {}).get(key, UNKNOWN), {})[patient_id] = boxes
         for value in sorted(groups):
-            report = score_dataset(groups[value], predictions, min_confidence=min_confidence, bootstrap_draws=bootstrap_draws, seed=seed)
+            report = score_dataset(
+                groups[value], predictions, min_confidence=min_confidence, bootstrap_draws=bootstrap_draws, seed=seed
+            )
             slices.append(SliceReport(key, value, report))
     return slices
 
@@ -435,7 +442,9 @@ PROBABILITY_DECIMALS = 6
 
 def write_probabilities(path: Path, probabilities: Mapping[str, float]) -> None:
     """Write ``patientId,probability`` rows atomically, in the mapping's order (what :func:`read_probabilities` reads)."""
-    lines = [",".join(PROBABILITY_COLUMNS)] + [f"{patient},{value:.{PROBABILITY_DECIMALS}f}" for patient, value in probabilities.items()]
+    lines = [",".join(PROBABILITY_COLUMNS)] + [
+        f"{patient},{value:.{PROBABILITY_DECIMALS}f}" for patient, value in probabilities.items()
+    ]
     write_text_atomic(Path(path), "\n".join(lines) + "\n")
 
 
@@ -455,7 +464,9 @@ def read_probabilities(path: Path) -> dict[str, float]:
             try:
                 value = float(fields[1])
             except (IndexError, ValueError):
-                raise SubmissionError(f"{path} line {reader.line_num}: expected 'patientId,probability' with a number, got {','.join(fields)!r}") from None
+                raise SubmissionError(
+                    f"{path} line {reader.line_num}: expected 'patientId,probability' with a number, got {','.join(fields)!r}"
+                ) from None
             if not 0.0 <= value <= 1.0:
                 raise SubmissionError(f"{path} line {reader.line_num}: probability {value} is outside [0, 1]")
             values[fields[0]] = value

@@ -34,9 +34,17 @@ import numpy as np
 from tqdm import tqdm
 
 from lungdet.boxes import as_box_array, iou_matrix_xywh
-from lungdet.errors import SubmissionError
 from lungdet.data_tools.labels import read_labels
-from lungdet.submission.postprocess import PostprocessConfig, mean_probability, merge_image, model_order, prediction_shape, save_postprocess, shrink_boxes
+from lungdet.errors import SubmissionError
+from lungdet.submission.postprocess import (
+    PostprocessConfig,
+    mean_probability,
+    merge_image,
+    model_order,
+    prediction_shape,
+    save_postprocess,
+    shrink_boxes,
+)
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient, read_raw_predictions
 from lungdet.submission.score import BOOTSTRAP_DRAWS, RSNA_IOU_THRESHOLDS, bootstrap_interval, match_by_iou
@@ -90,7 +98,12 @@ def prefix_scores(truth_boxes: np.ndarray, sorted_boxes: np.ndarray) -> np.ndarr
 
 
 def build_table(
-    merged: Mapping[str, Any], truth: Mapping[str, np.ndarray], probabilities: Mapping[str, float | None], patients: Sequence[str], *, shrink: float
+    merged: Mapping[str, Any],
+    truth: Mapping[str, np.ndarray],
+    probabilities: Mapping[str, float | None],
+    patients: Sequence[str],
+    *,
+    shrink: float,
 ) -> PrefixTable:
     """The :class:`PrefixTable` of ``patients``' merged predictions (``{patientId: Prediction}``), boxes shrunk by ``shrink``."""
     width = max([len(merged[patient].scores) for patient in patients] + [0])
@@ -105,7 +118,9 @@ def build_table(
         row = prefix_scores(truth[patient], sorted_prediction.boxes)
         table[index, : count + 1] = row
         table[index, count + 1 :] = row[-1]  # a cut-off can never keep more boxes than the image has
-    probability = np.array([np.nan if probabilities[patient] is None else probabilities[patient] for patient in patients])
+    probability = np.array(
+        [np.nan if probabilities[patient] is None else probabilities[patient] for patient in patients]
+    )
     return PrefixTable(scores=scores, table=table, probability=probability)
 
 
@@ -132,7 +147,9 @@ def mean_score(scores: np.ndarray) -> float:
 class Tuner:
     """Raw predictions and truth for one set of patients, with their prefix tables cached by (fusion, shrink)."""
 
-    def __init__(self, rows: Sequence[RawPrediction], truth: Mapping[str, np.ndarray], *, progress: bool = False) -> None:
+    def __init__(
+        self, rows: Sequence[RawPrediction], truth: Mapping[str, np.ndarray], *, progress: bool = False
+    ) -> None:
         groups = group_by_patient(rows)
         self.patients = [patient for patient in groups if patient in truth]
         self.groups = groups
@@ -141,18 +158,26 @@ class Tuner:
         self.multi_pass = any(len(groups[patient]) > 1 for patient in self.patients)
         self.probabilities = {patient: mean_probability(groups[patient]) for patient in self.patients}
         self.has_probabilities = any(value is not None for value in self.probabilities.values())
-        self.folds = np.array([-1 if groups[patient][0].fold is None else groups[patient][0].fold for patient in self.patients])
+        self.folds = np.array(
+            [-1 if groups[patient][0].fold is None else groups[patient][0].fold for patient in self.patients]
+        )
         self.progress = progress
         self._merged: dict[tuple[float, float, float], dict[str, Any]] = {}
         self._tables: dict[tuple[float, float, float, float], PrefixTable] = {}
 
     def table(self, config: PostprocessConfig) -> PrefixTable:
-        fusion = (config.wbf_iou_thr, config.wbf_skip_box_thr, config.min_support) if self.multi_pass else (0.0, 0.0, 0.0)
+        fusion = (
+            (config.wbf_iou_thr, config.wbf_skip_box_thr, config.min_support) if self.multi_pass else (0.0, 0.0, 0.0)
+        )
         key = (*fusion, config.shrink)
         if key not in self._tables:
             if fusion not in self._merged:
-                self._merged[fusion] = {patient: merge_image(self.groups[patient], config, models=self.models) for patient in self.patients}
-            self._tables[key] = build_table(self._merged[fusion], self.truth, self.probabilities, self.patients, shrink=config.shrink)
+                self._merged[fusion] = {
+                    patient: merge_image(self.groups[patient], config, models=self.models) for patient in self.patients
+                }
+            self._tables[key] = build_table(
+                self._merged[fusion], self.truth, self.probabilities, self.patients, shrink=config.shrink
+            )
         return self._tables[key]
 
     def score(self, config: PostprocessConfig, subset: np.ndarray | None = None) -> float:
@@ -180,7 +205,9 @@ class Tuner:
         best_score = self.score(best, subset)
         for _ in range(MAX_ROUNDS):
             improved = False
-            for name in tqdm(self.searched(), desc="tune", unit="parameter", disable=None if self.progress else True, leave=False):
+            for name in tqdm(
+                self.searched(), desc="tune", unit="parameter", disable=None if self.progress else True, leave=False
+            ):
                 scores = [self.score(dataclasses.replace(best, **{name: value}), subset) for value in GRIDS[name]]
                 top = max(scores)
                 tied = [value for value, score in zip(GRIDS[name], scores, strict=True) if score >= top - 1e-12]
@@ -208,9 +235,16 @@ def with_operating_point(config: PostprocessConfig, tuner: Tuner, rows: Sequence
     table = tuner.table(config)
     probability = table.probability
     with_probability = ~np.isnan(probability)
-    gated_share = float((probability[with_probability] >= config.gate_threshold).mean()) if config.gate_threshold > 0 and with_probability.any() else 1.0
+    gated_share = (
+        float((probability[with_probability] >= config.gate_threshold).mean())
+        if config.gate_threshold > 0 and with_probability.any()
+        else 1.0
+    )
     return dataclasses.replace(
-        config, tuned_models_per_image=models, tuned_passes_per_model=passes, expected_gated_share=round(gated_share, 6),
+        config,
+        tuned_models_per_image=models,
+        tuned_passes_per_model=passes,
+        expected_gated_share=round(gated_share, 6),
         expected_boxes_per_image=round(float(kept_counts(table, config).mean()), 6),
     )
 
@@ -232,11 +266,19 @@ class TuneReport:
         return {**dataclasses.asdict(self), "config": dataclasses.asdict(self.config)}
 
 
-def tune_postprocess(rows: Sequence[RawPrediction], truth: Mapping[str, np.ndarray], *, progress: bool = False, bootstrap_draws: int = BOOTSTRAP_DRAWS) -> TuneReport:
+def tune_postprocess(
+    rows: Sequence[RawPrediction],
+    truth: Mapping[str, np.ndarray],
+    *,
+    progress: bool = False,
+    bootstrap_draws: int = BOOTSTRAP_DRAWS,
+) -> TuneReport:
     """Tune on all of ``rows`` (patients also in ``truth``), and score honestly by rotating over their folds when they have them."""
     tuner = Tuner(rows, truth, progress=progress)
     if not tuner.patients:
-        raise SubmissionError("none of the raw predictions' patients is in the labels; are they predictions of these labels' images?")
+        raise SubmissionError(
+            "none of the raw predictions' patients is in the labels; are they predictions of these labels' images?"
+        )
     tuned = with_operating_point(tuner.tune(), tuner, rows)
     honest = interval = None
     per_fold: dict[int, float] = {}
@@ -251,10 +293,19 @@ def tune_postprocess(rows: Sequence[RawPrediction], truth: Mapping[str, np.ndarr
             per_fold[fold] = mean_score(scores[held_out])
         honest = mean_score(pooled)
         interval = bootstrap_interval(pooled, draws=bootstrap_draws) if bootstrap_draws else None
-    effects = {name: tuner.score(tuned) - tuner.score(dataclasses.replace(tuned, **{name: getattr(NEUTRAL, name)})) for name in tuner.searched()}
+    effects = {
+        name: tuner.score(tuned) - tuner.score(dataclasses.replace(tuned, **{name: getattr(NEUTRAL, name)}))
+        for name in tuner.searched()
+    }
     return TuneReport(
-        config=tuned, n_patients=len(tuner.patients), before=tuner.score(NEUTRAL), after=tuner.score(tuned),
-        honest=honest, honest_interval=interval, honest_per_fold=per_fold, effects=effects,
+        config=tuned,
+        n_patients=len(tuner.patients),
+        before=tuner.score(NEUTRAL),
+        after=tuner.score(tuned),
+        honest=honest,
+        honest_interval=interval,
+        honest_per_fold=per_fold,
+        effects=effects,
     )
 
 
@@ -265,11 +316,15 @@ def format_tune_report(report: TuneReport) -> str:
         f"mAP tuned              {report.after:.4f}   (tuned and scored on the same predictions: optimistic)",
     ]
     if report.honest is not None:
-        interval = f" [{report.honest_interval[0]:.4f}, {report.honest_interval[1]:.4f}]" if report.honest_interval else ""
+        interval = (
+            f" [{report.honest_interval[0]:.4f}, {report.honest_interval[1]:.4f}]" if report.honest_interval else ""
+        )
         folds = ", ".join(f"fold {fold} {value:.4f}" for fold, value in report.honest_per_fold.items())
         lines.append(f"mAP honest             {report.honest:.4f}{interval}   (each fold tuned on the others: {folds})")
     else:
-        lines.append("mAP honest             n/a   (no fold column: run lungdet cv for out-of-fold predictions with folds)")
+        lines.append(
+            "mAP honest             n/a   (no fold column: run lungdet cv for out-of-fold predictions with folds)"
+        )
     lines += ["", "tuned setting          value    mAP lost without it"]
     for name, effect in report.effects.items():
         lines.append(f"{name:<22} {getattr(report.config, name)!s:<8} {effect:+.4f}")
@@ -290,7 +345,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "write postprocess.yaml for lungdet predict --postprocess.",
         epilog="example: lungdet tune --oof runs/cv/oof.csv --labels stage_2_train_labels.csv --out runs/cv/postprocess.yaml",
     )
-    parser.add_argument("--oof", type=Path, required=True, help="raw predictions: lungdet cv's oof.csv, or lungdet predict --raw on labelled images")
+    parser.add_argument(
+        "--oof",
+        type=Path,
+        required=True,
+        help="raw predictions: lungdet cv's oof.csv, or lungdet predict --raw on labelled images",
+    )
     parser.add_argument("--labels", type=Path, required=True, help="RSNA labels CSV with the truth for those patients")
     parser.add_argument("--out", type=Path, required=True, help="postprocess.yaml to write")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -307,10 +367,16 @@ def main(args: argparse.Namespace) -> int:
     comment = (
         f"lungdet tune on {args.oof} ({report.n_patients} patients) against {args.labels}\n"
         f"mAP before {report.before:.4f}, tuned {report.after:.4f} (optimistic), "
-        + (f"honest {report.honest:.4f} (each fold tuned on the others)" if report.honest is not None else "no honest figure (no folds)")
+        + (
+            f"honest {report.honest:.4f} (each fold tuned on the others)"
+            if report.honest is not None
+            else "no honest figure (no folds)"
+        )
     )
     save_postprocess(report.config, args.out, comment=comment)
     if unknown:
-        print(f"warning: {unknown} patient(s) in {args.oof} are not in {args.labels}; they were left out", file=sys.stderr)
+        print(
+            f"warning: {unknown} patient(s) in {args.oof} are not in {args.labels}; they were left out", file=sys.stderr
+        )
     print(json.dumps(report.to_dict()) if args.json else f"{format_tune_report(report)}\n\nwrote {args.out}")
     return 0

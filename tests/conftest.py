@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from typing import Any, NoReturn
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -26,7 +26,9 @@ SHARED_DATA = Path(os.environ.get("LUNGDET_SHARED_DATA") or REPO_ROOT.parent / "
 def _shared_path(relative: str) -> Path:
     path = SHARED_DATA / relative
     if not path.exists():
-        skip_or_fail(f"real sample data not found at {path}; put shared/data beside the clone or set LUNGDET_SHARED_DATA")
+        skip_or_fail(
+            f"real sample data not found at {path}; put shared/data beside the clone or set LUNGDET_SHARED_DATA"
+        )
     return path
 
 
@@ -47,12 +49,21 @@ def require_program(name: str, package: str) -> str:
 
 # The flags that keep Chromium from reaching out to Google's services, which a closed network refuses.
 CHROMIUM_FLAGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-quic",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
 )
 
 
-def start_chromium(profile: Path, *, window_size: tuple[int, int], extra_flags: tuple[str, ...] = (), console: bool = False) -> Any:
+def start_chromium(
+    profile: Path, *, window_size: tuple[int, int], extra_flags: tuple[str, ...] = (), console: bool = False
+) -> Any:
     """Debian's headless Chromium under selenium (skips, or fails under CI, without chromium and chromium-driver); ``console`` keeps its log."""
     chromium = require_program("chromium", "chromium")
     chromedriver = require_program("chromedriver", "chromium-driver")
@@ -61,7 +72,12 @@ def start_chromium(profile: Path, *, window_size: tuple[int, int], extra_flags: 
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in (*CHROMIUM_FLAGS, *extra_flags, f"--window-size={window_size[0]},{window_size[1]}", f"--user-data-dir={profile}"):
+    for flag in (
+        *CHROMIUM_FLAGS,
+        *extra_flags,
+        f"--window-size={window_size[0]},{window_size[1]}",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     if console:
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -228,8 +244,8 @@ def write_serving_checkpoint(
     from lungdet.data_tools.image_io import read_xray
     from lungdet.data_tools.synth import write_synthetic_dataset
     from lungdet.detection.config import config_to_dict, load_config
-    from lungdet.detection.model import build_model
     from lungdet.detection.detector import model_input_for
+    from lungdet.detection.model import build_model
 
     preprocessing = preprocessing or {"image_size": None, "normalization": "none"}
     torch.manual_seed(0)
@@ -246,9 +262,13 @@ def write_serving_checkpoint(
         ],
     )
     model = build_model(config.model)
-    synth = write_synthetic_dataset(path.parent / f"{path.stem}_synth", count=8, seed=1, positive_fraction=0.5, size=(256, 256))
+    synth = write_synthetic_dataset(
+        path.parent / f"{path.stem}_synth", count=8, seed=1, positive_fraction=0.5, size=(256, 256)
+    )
     inputs = [
-        model_input_for(read_xray(dicom.read_bytes(), name=dicom.name).pixels, image_size=image_size, preprocessing=preprocessing)
+        model_input_for(
+            read_xray(dicom.read_bytes(), name=dicom.name).pixels, image_size=image_size, preprocessing=preprocessing
+        )
         for dicom in sorted(synth.images_dir.glob("*.dcm"))
     ]
     for module in model.modules():

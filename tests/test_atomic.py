@@ -43,14 +43,16 @@ def test_write_helpers_create_parent_folders(tmp_path: Path) -> None:
     write_bytes_atomic(tmp_path / "a" / "b" / "data.bin", b"\x00\xff")
     write_text_atomic(tmp_path / "a" / "note.txt", "é\n")
     assert (tmp_path / "a" / "b" / "data.bin").read_bytes() == b"\x00\xff"
-    assert (tmp_path / "a" / "note.txt").read_bytes() == "é\n".encode("utf-8")
+    assert (tmp_path / "a" / "note.txt").read_bytes() == "é\n".encode()
 
 
 def test_durable_writes_leave_the_file_or_folder_whole(tmp_path: Path) -> None:
     from lungdet.atomic import write_bytes_durable, write_folder_durable
 
     write_bytes_durable(tmp_path / "inbox" / "a.dcm", b"DICM")
-    assert (tmp_path / "inbox" / "a.dcm").read_bytes() == b"DICM" and [path.name for path in (tmp_path / "inbox").iterdir()] == ["a.dcm"]
+    assert (tmp_path / "inbox" / "a.dcm").read_bytes() == b"DICM" and [
+        path.name for path in (tmp_path / "inbox").iterdir()
+    ] == ["a.dcm"]
     write_folder_durable(tmp_path / "pending" / "a", {"0.dcm": b"report", "result.json": b"{}"})
     write_folder_durable(tmp_path / "pending" / "a", {"0.dcm": b"report again"})  # replaces the folder as a whole
     assert sorted(path.name for path in (tmp_path / "pending").iterdir()) == ["a"]

@@ -10,7 +10,22 @@ import pytest
 
 from lungdet.cli import main as cli_main
 
-SUBCOMMANDS = ("demo", "synth", "eda", "convert", "pretrain", "train", "cv", "predict", "score", "tune", "visualize", "export", "pacs", "serve")
+SUBCOMMANDS = (
+    "demo",
+    "synth",
+    "eda",
+    "convert",
+    "pretrain",
+    "train",
+    "cv",
+    "predict",
+    "score",
+    "tune",
+    "visualize",
+    "export",
+    "pacs",
+    "serve",
+)
 
 
 def test_no_arguments_prints_usage(capsys) -> None:
@@ -65,6 +80,7 @@ def test_installed_console_script() -> None:
 def test_overrides_may_follow_flags(monkeypatch):
     """KEY=VALUE overrides and flags intermix: `train optim.lr=0.1 --fold 2 seed=3` reaches main as one list."""
     import lungdet.detection.train as train_module
+
     seen = {}
     monkeypatch.setattr(train_module, "main", lambda args: seen.update(vars(args)) or 0)
     from lungdet.cli import main as cli_main
@@ -81,8 +97,18 @@ def test_a_closed_pipe_ends_quietly(tmp_path) -> None:
     (tmp_path / "labels.csv").write_text("patientId,x,y,width,height,Target\np1,,,,,0\n")
     (tmp_path / "s.csv").write_text("patientId,PredictionString\np1,\n")
     process = subprocess.Popen(
-        [sys.executable, "-m", "lungdet", "score", "--submission", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "labels.csv")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "lungdet",
+            "score",
+            "--submission",
+            str(tmp_path / "s.csv"),
+            "--labels",
+            str(tmp_path / "labels.csv"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     process.stdout.close()  # before the command has printed anything: its first write meets a closed pipe
     _, errors = process.communicate(timeout=120)
@@ -95,8 +121,12 @@ def test_score_tune_and_the_score_page_import_no_torch(tmp_path: Path) -> None:
     from lungdet.submission.prediction_string import Prediction
     from lungdet.submission.raw_predictions import RawPrediction, write_raw_predictions
 
-    (tmp_path / "labels.csv").write_text("patientId,x,y,width,height,Target\np1,100,100,200,300,1\np2,,,,,0\np3,500,200,150,250,1\np4,,,,,0\n")
-    (tmp_path / "s.csv").write_text("patientId,PredictionString\np1,0.9 110 100 200 300\np2,0.3 40 40 80 80\np3,\np4,\n")
+    (tmp_path / "labels.csv").write_text(
+        "patientId,x,y,width,height,Target\np1,100,100,200,300,1\np2,,,,,0\np3,500,200,150,250,1\np4,,,,,0\n"
+    )
+    (tmp_path / "s.csv").write_text(
+        "patientId,PredictionString\np1,0.9 110 100 200 300\np2,0.3 40 40 80 80\np3,\np4,\n"
+    )
     rows = [
         RawPrediction("p1", "m0", "plain", 1024, 1024, Prediction.from_arrays([0.9], [[110, 100, 200, 300]]), None, 0),
         RawPrediction("p2", "m0", "plain", 1024, 1024, Prediction.from_arrays([0.3], [[40, 40, 80, 80]]), None, 1),

@@ -10,7 +10,10 @@ def test_fraction_accepts_the_closed_unit_interval(text, value):
     assert fraction(text) == value
 
 
-@pytest.mark.parametrize("text, message", [("1.5", r"must be in \[0, 1\], got 1.5"), ("-0.1", "got -0.1"), ("nan", "got nan"), ("half", "expected a number")])
+@pytest.mark.parametrize(
+    "text, message",
+    [("1.5", r"must be in \[0, 1\], got 1.5"), ("-0.1", "got -0.1"), ("nan", "got nan"), ("half", "expected a number")],
+)
 def test_fraction_rejects_the_rest_with_the_range(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         fraction(text)
@@ -27,7 +30,16 @@ def test_int_in_range_checks_both_bounds_and_type():
         int_in_range(0)("-1")
 
 
-@pytest.mark.parametrize("text, message", [("0", "must be more than 0 seconds, got 0"), ("-2", "got -2"), ("inf", "got inf"), ("nan", "got nan"), ("soon", "expected a number of seconds")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("0", "must be more than 0 seconds, got 0"),
+        ("-2", "got -2"),
+        ("inf", "got inf"),
+        ("nan", "got nan"),
+        ("soon", "expected a number of seconds"),
+    ],
+)
 def test_positive_seconds_rejects_what_is_not_a_wait(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         positive_seconds(text)

@@ -250,7 +250,10 @@ def test_every_documented_command_parses() -> None:
         for name in sorted(names - shown.get(page, set()))
     ]
     # The README's pipeline screen shows every subcommand once, so a new one gets documented.
-    missing += [f"README.md: no fenced `lungdet {name} ...` example" for name in sorted(set(SUBCOMMANDS) - shown.get("README.md", set()))]
+    missing += [
+        f"README.md: no fenced `lungdet {name} ...` example"
+        for name in sorted(set(SUBCOMMANDS) - shown.get("README.md", set()))
+    ]
     assert not missing, "\n".join(missing)
 
 
@@ -266,7 +269,11 @@ def outside_fences(text: str) -> list[tuple[int, str]]:
     lines = text.splitlines()
     # The fence lines themselves belong to no block's lines; they are not prose either.
     fence_lines = {number for number, line in enumerate(lines, start=1) if FENCE.match(line)}
-    return [(number, line) for number, line in enumerate(lines, start=1) if number not in inside and number not in fence_lines]
+    return [
+        (number, line)
+        for number, line in enumerate(lines, start=1)
+        if number not in inside and number not in fence_lines
+    ]
 
 
 def github_anchors(page: Path) -> set[str]:
@@ -277,7 +284,9 @@ def github_anchors(page: Path) -> set[str]:
         if not heading:
             continue
         text = re.sub(r"<[^>]+>", "", heading.group(1)).replace("`", "").lower()
-        slug = "".join(char for char in text if char in " -_" or unicodedata.category(char)[0] in "LN").replace(" ", "-")
+        slug = "".join(char for char in text if char in " -_" or unicodedata.category(char)[0] in "LN").replace(
+            " ", "-"
+        )
         anchor, n = slug, 1
         while anchor in anchors:  # repeated headings get -1, -2, ...
             anchor, n = f"{slug}-{n}", n + 1
@@ -311,6 +320,7 @@ def test_every_page_that_shows_predictions_says_research_use_only() -> None:
     unmarked = [
         page.relative_to(REPO).as_posix()
         for page in PAGES
-        if shows_predictions.search(text := page.read_text(encoding="utf-8")) and "not a diagnostic device" not in text.lower()
+        if shows_predictions.search(text := page.read_text(encoding="utf-8"))
+        and "not a diagnostic device" not in text.lower()
     ]
     assert not unmarked, "pages that show predictions without the research-use notice: " + ", ".join(unmarked)

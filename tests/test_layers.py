@@ -44,7 +44,9 @@ class Import:
 
 def unit_of(module: str) -> str | None:
     """The unit of LAYERS ``module`` belongs to: the longest one it starts with; None for a module outside every layer."""
-    units = [unit for _, layer_units in LAYERS for unit in layer_units if module == unit or module.startswith(unit + ".")]
+    units = [
+        unit for _, layer_units in LAYERS for unit in layer_units if module == unit or module.startswith(unit + ".")
+    ]
     return max(units, key=len) if units else None
 
 
@@ -68,7 +70,9 @@ def read_imports(module: str, source: str, known: Mapping[str, object], *, is_pa
     package = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [Import(module, alias.name, node.lineno) for alias in node.names if alias.name.split(".")[0] == "lungdet"]
+            found += [
+                Import(module, alias.name, node.lineno) for alias in node.names if alias.name.split(".")[0] == "lungdet"
+            ]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
@@ -104,7 +108,9 @@ def layer_violations(imports: list[Import]) -> list[str]:
                 f"'{LAYERS[source_layer][0]}' to layer {target_layer} '{LAYERS[target_layer][0]}'"
             )
         elif target_layer == source_layer:
-            problems.append(f"{item.source} (line {item.line}) imports {item.target}: {source_unit} and {target_unit} are peers in one layer")
+            problems.append(
+                f"{item.source} (line {item.line}) imports {item.target}: {source_unit} and {target_unit} are peers in one layer"
+            )
     return problems
 
 
@@ -158,25 +164,55 @@ def test_every_module_has_a_layer() -> None:
     outside = [module for module in MODULES if unit_of(module) is None]
     assert not outside, f"modules in no layer of tests/test_layers.py's LAYERS (add their package there): {outside}"
     # The stages are all here, so an empty module list cannot pass the other tests.
-    assert {"lungdet.errors", "lungdet.data_tools.dicom_io", "lungdet.submission.score", "lungdet.show.score_report",
-            "lungdet.detection.predict", "lungdet.server.app", "lungdet.pacs.node", "lungdet.cli"} <= set(MODULES)
+    assert {
+        "lungdet.errors",
+        "lungdet.data_tools.dicom_io",
+        "lungdet.submission.score",
+        "lungdet.show.score_report",
+        "lungdet.detection.predict",
+        "lungdet.server.app",
+        "lungdet.pacs.node",
+        "lungdet.cli",
+    } <= set(MODULES)
     assert len(IMPORTS) > 200
 
 
 def test_imports_only_run_down_the_layers() -> None:
     problems = layer_violations(IMPORTS)
-    assert not problems, "imports against the layers (bottom to top: " + " < ".join(" | ".join(units) for _, units in LAYERS) + "):\n" + "\n".join(problems)
+    assert not problems, (
+        "imports against the layers (bottom to top: "
+        + " < ".join(" | ".join(units) for _, units in LAYERS)
+        + "):\n"
+        + "\n".join(problems)
+    )
 
 
 def test_no_module_imports_itself_back_through_others() -> None:
     cycles = import_cycles(IMPORTS)
-    assert not cycles, "import circles (move what both sides need into one module both import):\n" + "\n".join(" <-> ".join(cycle) for cycle in cycles)
+    assert not cycles, "import circles (move what both sides need into one module both import):\n" + "\n".join(
+        " <-> ".join(cycle) for cycle in cycles
+    )
 
 
 # Inside the detection layer, inference stands apart from training: what predict, serve, pacs and
 # export load must reach none of these (tests/detection/test_runtime.py checks the same at run time).
-INFERENCE_ENTRY_POINTS = ("lungdet.detection.predict", "lungdet.detection.detector", "lungdet.detection.export", "lungdet.server.app", "lungdet.server.cli", "lungdet.pacs.cli", "lungdet.pacs.node")
-TRAINING_MODULES = ("lungdet.detection.train", "lungdet.detection.engine", "lungdet.detection.distributed", "lungdet.detection.data", "lungdet.detection.augment", "lungdet.data_tools.to_coco")
+INFERENCE_ENTRY_POINTS = (
+    "lungdet.detection.predict",
+    "lungdet.detection.detector",
+    "lungdet.detection.export",
+    "lungdet.server.app",
+    "lungdet.server.cli",
+    "lungdet.pacs.cli",
+    "lungdet.pacs.node",
+)
+TRAINING_MODULES = (
+    "lungdet.detection.train",
+    "lungdet.detection.engine",
+    "lungdet.detection.distributed",
+    "lungdet.detection.data",
+    "lungdet.detection.augment",
+    "lungdet.data_tools.to_coco",
+)
 
 
 def reachable(start: str, imports: list[Import]) -> dict[str, str]:
@@ -206,7 +242,9 @@ def test_inference_loads_nothing_of_training() -> None:
                 while loaded[chain[-1]]:
                     chain.append(loaded[chain[-1]])
                 problems.append(" <- ".join(chain))
-    assert not problems, "inference reaches training (move what both need to detection/runtime.py):\n" + "\n".join(problems)
+    assert not problems, "inference reaches training (move what both need to detection/runtime.py):\n" + "\n".join(
+        problems
+    )
 
 
 def test_reachable_follows_imports_at_any_depth() -> None:
@@ -221,7 +259,11 @@ def dcmread_uses(source: str) -> list[int]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Attribute) and node.attr in parsers:
             lines.append(node.lineno)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pydicom") and parsers & {alias.name for alias in node.names}:
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("pydicom")
+            and parsers & {alias.name for alias in node.names}
+        ):
             lines.append(node.lineno)
     return sorted(lines)
 
@@ -234,7 +276,10 @@ def test_every_dicom_is_parsed_by_the_one_reader() -> None:
         if module != "lungdet.data_tools.dicom_io"
         for line in dcmread_uses(path.read_text(encoding="utf-8"))
     ]
-    assert not found, "pydicom parsing outside data_tools/dicom_io.py (use read_dataset, read_dataset_bytes or read_dicom there):\n" + "\n".join(found)
+    assert not found, (
+        "pydicom parsing outside data_tools/dicom_io.py (use read_dataset, read_dataset_bytes or read_dicom there):\n"
+        + "\n".join(found)
+    )
     assert dcmread_uses(MODULES["lungdet.data_tools.dicom_io"].read_text(encoding="utf-8"))
 
 
@@ -246,18 +291,34 @@ def test_dcmread_uses_finds_each_way_of_calling_the_parser() -> None:
 def test_nothing_imports_a_stage_by_its_folder_name() -> None:
     """``import detection`` works only in a checkout, and would collide with other packages; the installed name is lungdet.detection."""
     folders = {Path(folder).name for package, folder in SETUPTOOLS["package-dir"].items() if package != "lungdet"}
-    files = [*MODULES.values(), *sorted((REPO_ROOT / "tests").rglob("*.py")), *sorted((REPO_ROOT / "benchmarks").glob("*.py"))]
+    files = [
+        *MODULES.values(),
+        *sorted((REPO_ROOT / "tests").rglob("*.py")),
+        *sorted((REPO_ROOT / "benchmarks").glob("*.py")),
+    ]
     found = []
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            found += [f"{path.relative_to(REPO_ROOT)}:{node.lineno}: {name}" for name in names if name.split(".")[0] in folders]
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            found += [
+                f"{path.relative_to(REPO_ROOT)}:{node.lineno}: {name}"
+                for name in names
+                if name.split(".")[0] in folders
+            ]
     assert not found, "imports by folder name; use lungdet.<stage>:\n" + "\n".join(found)
 
 
 def test_tests_mirror_the_packages() -> None:
     """tests/<stage>/ for each stage package, tests/ itself for the root package, and no folder for a package that is not there."""
-    stages = {package.removeprefix("lungdet.") for package in SETUPTOOLS["packages"] if package != "lungdet"} - {"configs"}
+    stages = {package.removeprefix("lungdet.") for package in SETUPTOOLS["packages"] if package != "lungdet"} - {
+        "configs"
+    }
     folders = {path.name for path in (REPO_ROOT / "tests").iterdir() if path.is_dir() and path.name != "__pycache__"}
     assert folders == stages
 
@@ -265,16 +326,27 @@ def test_tests_mirror_the_packages() -> None:
 # --- the checker itself, on modules written here -------------------------------------------------
 
 
-KNOWN = {"lungdet.errors", "lungdet.submission.score", "lungdet.show.score_report", "lungdet.server.app", "lungdet.pacs.node", "lungdet.show"}
+KNOWN = {
+    "lungdet.errors",
+    "lungdet.submission.score",
+    "lungdet.show.score_report",
+    "lungdet.server.app",
+    "lungdet.pacs.node",
+    "lungdet.show",
+}
 
 
 def check(sources: Mapping[str, str]) -> tuple[list[str], list[list[str]]]:
-    imports = [item for module, source in sources.items() for item in read_imports(module, source, KNOWN | set(sources))]
+    imports = [
+        item for module, source in sources.items() for item in read_imports(module, source, KNOWN | set(sources))
+    ]
     return layer_violations(imports), import_cycles(imports)
 
 
 def test_an_upward_import_fails_with_both_names_and_layers() -> None:
-    problems, _ = check({"lungdet.submission.score": "def page():\n    from lungdet.show.score_report import write_score_report\n"})
+    problems, _ = check(
+        {"lungdet.submission.score": "def page():\n    from lungdet.show.score_report import write_score_report\n"}
+    )
     assert problems == [
         "lungdet.submission.score (line 2) imports lungdet.show.score_report: upward, from layer 2 "
         f"'{LAYERS[2][0]}' to layer 3 '{LAYERS[3][0]}'"
@@ -283,7 +355,11 @@ def test_an_upward_import_fails_with_both_names_and_layers() -> None:
 
 @pytest.mark.parametrize(
     "source",
-    ["from lungdet.show import score_report\n", "import lungdet.show.score_report as page\n", "from ..show.score_report import x\n"],
+    [
+        "from lungdet.show import score_report\n",
+        "import lungdet.show.score_report as page\n",
+        "from ..show.score_report import x\n",
+    ],
 )
 def test_every_spelling_of_an_import_is_read(source: str) -> None:
     problems, _ = check({"lungdet.submission.score": source})
@@ -291,19 +367,27 @@ def test_every_spelling_of_an_import_is_read(source: str) -> None:
 
 
 def test_a_downward_import_and_one_within_a_package_pass() -> None:
-    problems, cycles = check({"lungdet.show.score_report": "from lungdet.submission.score import score_dataset\nfrom lungdet.errors import LungdetError\n"})
+    problems, cycles = check(
+        {
+            "lungdet.show.score_report": "from lungdet.submission.score import score_dataset\nfrom lungdet.errors import LungdetError\n"
+        }
+    )
     assert (problems, cycles) == ([], [])
 
 
 def test_peers_in_one_layer_may_not_import_each_other() -> None:
     problems, _ = check({"lungdet.pacs.node": "from lungdet.server.app import create_app\n"})
-    assert problems == ["lungdet.pacs.node (line 1) imports lungdet.server.app: lungdet.pacs and lungdet.server are peers in one layer"]
+    assert problems == [
+        "lungdet.pacs.node (line 1) imports lungdet.server.app: lungdet.pacs and lungdet.server are peers in one layer"
+    ]
 
 
 def test_a_circle_inside_one_package_is_found() -> None:
-    _, cycles = check({
-        "lungdet.detection.predict": "def f():\n    from lungdet.detection.detect import g\n",
-        "lungdet.detection.detect": "from lungdet.detection.util import h\n",
-        "lungdet.detection.util": "from lungdet.detection.predict import Detector\n",
-    })
+    _, cycles = check(
+        {
+            "lungdet.detection.predict": "def f():\n    from lungdet.detection.detect import g\n",
+            "lungdet.detection.detect": "from lungdet.detection.util import h\n",
+            "lungdet.detection.util": "from lungdet.detection.predict import Detector\n",
+        }
+    )
     assert cycles == [["lungdet.detection.detect", "lungdet.detection.predict", "lungdet.detection.util"]]

@@ -24,7 +24,13 @@ PROBE = (
 
 def probe(*python: str, cwd: Path, site: Path | None = None) -> str:
     """Import every stage as lungdet.<stage>; the stages also importable top-level, or 'none'."""
-    done = subprocess.run([*python, "-c", PROBE, ",".join(STAGES), *([str(site)] if site else [])], cwd=cwd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*python, "-c", PROBE, ",".join(STAGES), *([str(site)] if site else [])],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -34,7 +40,9 @@ def test_the_editable_install_imports_every_stage_under_lungdet_only(tmp_path: P
 
 
 def test_python_m_lungdet_is_the_command(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "lungdet", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "lungdet", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and done.stdout.startswith("usage: lungdet SUBCOMMAND [options]")
 
 
@@ -51,8 +59,21 @@ def copy_package_sources(destination: Path) -> Path:
 def test_the_built_wheel_holds_one_top_level_package_with_every_stage(tmp_path: Path) -> None:
     source = copy_package_sources(tmp_path / "source")
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(tmp_path / "wheel"), str(source)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path / "wheel"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if built.returncode != 0:
         pytest.fail(f"pip wheel failed:\n{built.stderr[-2000:]}")
@@ -65,6 +86,8 @@ def test_the_built_wheel_holds_one_top_level_package_with_every_stage(tmp_path: 
     assert "lungdet/server/static/index.html" in names
     # The shipped configs, one level above detection/config.py as in the checkout (its CONFIGS_DIR).
     shipped = {Path(name).name for name in names if name.startswith("lungdet/configs/")}
-    assert shipped == {path.name for path in (REPO / "configs").glob("*.yaml")} and "lungdet/detection/config.py" in names
+    assert (
+        shipped == {path.name for path in (REPO / "configs").glob("*.yaml")} and "lungdet/detection/config.py" in names
+    )
     # -S: no site-packages, so neither the editable install nor anything else answers for the wheel's files.
     assert probe(sys.executable, "-S", cwd=tmp_path, site=tmp_path / "site") == "none"

@@ -24,9 +24,9 @@ from pycocotools.coco import COCO
 from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2KLossless
 
+from lungdet.cli import main as cli_main
 from lungdet.data_tools.dicom_io import DicomMeta, find_missing_decoder, read_dicom_metadata
 from lungdet.data_tools.to_coco import ConversionReport, format_report, input_notes
-from lungdet.cli import main as cli_main
 
 # A normal radiograph size for the synthetic files: above the tiny-image bound, so each file has only its intended oddity.
 SIDE = 300
@@ -94,7 +94,9 @@ def build_corpus(make_dicom, root: Path) -> tuple[Path, Path]:
 
     (dicoms / "empty.dcm").write_bytes(b"")
     whole = (dicoms / "normal-pos.dcm").read_bytes()
-    (dicoms / "truncated.dcm").write_bytes(whole[: len(whole) * 2 // 3])  # cut inside the pixel data, as a broken download is
+    (dicoms / "truncated.dcm").write_bytes(
+        whole[: len(whole) * 2 // 3]
+    )  # cut inside the pixel data, as a broken download is
     (dicoms / "not-dicom.dcm").write_text("patientId,x,y,width,height,Target\n" * 20)
     make_dicom("no-pixels", **normal, with_pixels=False)
     make_dicom("multi-frame", **normal, number_of_frames=3)
@@ -132,7 +134,18 @@ def corpus(make_dicom, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def convert_args(dicoms: Path, labels_csv: Path, out_dir: Path, *extra: str) -> list[str]:
-    return ["convert", "--dicom-dir", str(dicoms), "--labels", str(labels_csv), "--out", str(out_dir), "--image-size", str(IMAGE_SIZE), *extra]
+    return [
+        "convert",
+        "--dicom-dir",
+        str(dicoms),
+        "--labels",
+        str(labels_csv),
+        "--out",
+        str(out_dir),
+        "--image-size",
+        str(IMAGE_SIZE),
+        *extra,
+    ]
 
 
 def load_report(out_dir: Path) -> dict:
@@ -206,7 +219,11 @@ def test_summary_counts_each_kind_and_names_the_files(corpus, tmp_path: Path, ca
     # Every file of the corpus is named (each kind has fewer than SUMMARY_EXAMPLES).
     for stem in (*UNREADABLE, *NOTED):
         assert f"{dicoms / stem}.dcm: " in printed
-    for name in (str(dicoms / "unlabelled.dcm"), str(dicoms / "b" / "twin.dcm"), "boxes-outside [400.0, 10.0, 50.0, 50.0]"):
+    for name in (
+        str(dicoms / "unlabelled.dcm"),
+        str(dicoms / "b" / "twin.dcm"),
+        "boxes-outside [400.0, 10.0, 50.0, 50.0]",
+    ):
         assert name in printed
     # Labelled patients without a DICOM are usual for a subset: counted on screen, named in the JSON report.
     assert "their patientIds are in conversion_report.json" in printed
@@ -231,7 +248,9 @@ def test_output_is_complete_and_nothing_is_half_written(corpus, tmp_path: Path) 
     tiny_boxes = [annotation["bbox"] for annotation in coco.loadAnns(coco.getAnnIds(imgIds=image_of["tiny"]["id"]))]
     assert tiny_boxes == [[8.0, 8.0, 32.0, 32.0]]
     huge_boxes = [annotation["bbox"] for annotation in coco.loadAnns(coco.getAnnIds(imgIds=image_of["huge"]["id"]))]
-    np.testing.assert_allclose(huge_boxes, [[1000 * 64 / 4100, 1000 * 64 / 4100, 2000 * 64 / 4100, 1500 * 64 / 4100]], atol=1e-3)
+    np.testing.assert_allclose(
+        huge_boxes, [[1000 * 64 / 4100, 1000 * 64 / 4100, 2000 * 64 / 4100, 1500 * 64 / 4100]], atol=1e-3
+    )
     assert (image_of["huge"]["original_width"], image_of["huge"]["original_height"]) == (4100, 4100)
     assert image_of["no-age"]["age"] is None and image_of["age-zero"]["age"] == 0
     assert list(tmp_path.rglob("*.tmp")) == []
@@ -286,10 +305,16 @@ def test_summary_of_a_full_size_dataset_is_a_screenful(tmp_path: Path) -> None:
         bad_files=[{"file": name, "reason": "pixel data cannot be decoded", "kind": "undecodable"} for name in files],
         unlabelled_files=files,
         duplicate_files=files,
-        dropped_boxes=[{"patientId": name, "box": [0.0, 0.0, 1.0, 1.0], "reason": "outside the image"} for name in files],
+        dropped_boxes=[
+            {"patientId": name, "box": [0.0, 0.0, 1.0, 1.0], "reason": "outside the image"} for name in files
+        ],
         labelled_without_dicom=26_684,
         labelled_without_dicom_ids=files,
-        notes=[{"file": name, "kind": kind, "reason": "odd"} for name in files for kind in ("monochrome1_inverted", "missing_age")],
+        notes=[
+            {"file": name, "kind": kind, "reason": "odd"}
+            for name in files
+            for kind in ("monochrome1_inverted", "missing_age")
+        ],
     )
     lines = format_report(report, tmp_path).splitlines()
     assert len(lines) < 60
@@ -350,7 +375,10 @@ def test_a_plain_radiograph_has_no_notes() -> None:
         ({"rows": 4096, "columns": 4096}, []),
         ({"columns": 4097}, ["huge_image"]),
         ({"rows": 5000, "columns": 100}, ["tiny_image", "huge_image"]),
-        ({"rows": 16, "columns": 16, "age": None, "bits_stored": 16}, ["high_bit_depth_rescaled", "missing_age", "tiny_image"]),
+        (
+            {"rows": 16, "columns": 16, "age": None, "bits_stored": 16},
+            ["high_bit_depth_rescaled", "missing_age", "tiny_image"],
+        ),
     ],
 )
 def test_input_notes_flag_each_oddity(changes: dict, kinds: list[str]) -> None:
@@ -371,8 +399,16 @@ def test_input_notes_reasons_give_the_values() -> None:
 
 def test_metadata_records_depth_channels_frames_and_syntax(make_dicom, tmp_path: Path) -> None:
     deep = read_dicom_metadata(make_dicom("deep", bits=16))
-    assert (deep.bits_stored, deep.samples_per_pixel, deep.number_of_frames, deep.transfer_syntax) == (16, 1, 1, "1.2.840.10008.1.2.1")
+    assert (deep.bits_stored, deep.samples_per_pixel, deep.number_of_frames, deep.transfer_syntax) == (
+        16,
+        1,
+        1,
+        "1.2.840.10008.1.2.1",
+    )
     colour = read_dicom_metadata(make_dicom("colour", samples_per_pixel=3))
     assert (colour.bits_stored, colour.samples_per_pixel) == (8, 3)
     assert read_dicom_metadata(make_dicom("frames", number_of_frames=2)).number_of_frames == 2
-    assert read_dicom_metadata(make_dicom("frames", number_of_frames=2)).to_dict()["transfer_syntax"] == "1.2.840.10008.1.2.1"
+    assert (
+        read_dicom_metadata(make_dicom("frames", number_of_frames=2)).to_dict()["transfer_syntax"]
+        == "1.2.840.10008.1.2.1"
+    )

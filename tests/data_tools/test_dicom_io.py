@@ -15,7 +15,15 @@ from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian
 
-from lungdet.data_tools.dicom_io import decode_grey_jpeg, find_dicoms, grey_jpeg_baseline_stream, parse_age, read_dicom, read_dicom_bytes, read_dicom_metadata
+from lungdet.data_tools.dicom_io import (
+    decode_grey_jpeg,
+    find_dicoms,
+    grey_jpeg_baseline_stream,
+    parse_age,
+    read_dicom,
+    read_dicom_bytes,
+    read_dicom_metadata,
+)
 from lungdet.errors import DicomReadError, LungdetError
 
 RSNA_FILE_COUNT = 13
@@ -97,7 +105,10 @@ def test_a_jpeg_frame_cut_short_is_refused_not_decoded_half_grey(rsna_sample_dir
         dataset.PixelData = encapsulate([cut])
         buffer = io.BytesIO()
         dataset.save_as(buffer)
-        with pytest.raises(DicomReadError, match=r"JPEG Baseline \(Process 1\): the frame has no end marker, it was cut short\); the file is truncated") as caught:
+        with pytest.raises(
+            DicomReadError,
+            match=r"JPEG Baseline \(Process 1\): the frame has no end marker, it was cut short\); the file is truncated",
+        ) as caught:
             read_dicom_bytes(buffer.getvalue(), name="cut.dcm")
         assert caught.value.kind == "undecodable"
     dataset.PixelData = encapsulate([stream])  # the whole stream, padded to an even length, still reads
@@ -112,7 +123,9 @@ def test_only_monochrome2_keeps_its_jpeg_stream(siim_dicom: Path, siim_monochrom
     assert read_dicom(siim_monochrome1_dicom).source_jpeg is None
 
 
-def test_every_real_file_matches_an_independent_jpeg_decoder(rsna_sample_dir: Path, siim_dicom: Path, siim_monochrome1_dicom: Path) -> None:
+def test_every_real_file_matches_an_independent_jpeg_decoder(
+    rsna_sample_dir: Path, siim_dicom: Path, siim_monochrome1_dicom: Path
+) -> None:
     """All 13 RSNA files and both SIIM files: our pixels equal Pillow's decode of the JPEG stream."""
     paths = [*rsna_files(rsna_sample_dir), siim_dicom, siim_monochrome1_dicom]
     assert len(paths) == 15
@@ -145,8 +158,20 @@ def test_monochrome1_twin_is_inverted(siim_dicom: Path, siim_monochrome1_dicom: 
 
 @pytest.mark.parametrize(
     ("text", "years"),
-    [("51", 51), ("6", 6), ("051Y", 51), ("006M", 0), ("018M", 1), ("000Y", 0), ("104W", 1), ("400D", 1),
-     ("", None), (None, None), ("abc", None), ("51X", None)],
+    [
+        ("51", 51),
+        ("6", 6),
+        ("051Y", 51),
+        ("006M", 0),
+        ("018M", 1),
+        ("000Y", 0),
+        ("104W", 1),
+        ("400D", 1),
+        ("", None),
+        (None, None),
+        ("abc", None),
+        ("51X", None),
+    ],
 )
 def test_parse_age(text: str | None, years: int | None) -> None:
     assert parse_age(text) == years
@@ -192,8 +217,14 @@ def test_16_bit_without_window_uses_min_max(make_dicom) -> None:
 def test_16_bit_rescale_is_applied_before_the_window(make_dicom) -> None:
     stored = np.array([[500, 700, 1500]])
     path = make_dicom(
-        rows=1, columns=3, pixels=stored, bits=16,
-        rescale_slope=2, rescale_intercept=-1000, window_center=1000, window_width=2000,
+        rows=1,
+        columns=3,
+        pixels=stored,
+        bits=16,
+        rescale_slope=2,
+        rescale_intercept=-1000,
+        window_center=1000,
+        window_width=2000,
     )
     # 2*v - 1000 = 0, 400, 2000 over the window [0, 1999] -> 0, 51, 255 (without rescale the values would differ).
     np.testing.assert_array_equal(read_dicom(path).pixels, [[0, 51, 255]])
@@ -220,7 +251,13 @@ def test_rgb_becomes_luma(make_dicom) -> None:
 
 def test_synthetic_metadata(make_dicom) -> None:
     meta = read_dicom_metadata(make_dicom("patient-a", rows=4, columns=6, patient_age="051Y"))
-    assert (meta.patient_id, meta.patient_id_tag, meta.age, meta.sex, meta.view_position) == ("patient-a", "patient-a", 51, "F", "PA")
+    assert (meta.patient_id, meta.patient_id_tag, meta.age, meta.sex, meta.view_position) == (
+        "patient-a",
+        "patient-a",
+        51,
+        "F",
+        "PA",
+    )
     assert (meta.rows, meta.columns, meta.pixel_spacing, meta.modality) == (4, 6, (0.168, 0.168), "CR")
 
 
@@ -311,7 +348,12 @@ def test_find_dicoms_is_sorted_recursive_and_ignores_other_files(tmp_path: Path)
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "folder.dcm").mkdir()
     found = find_dicoms(tmp_path)
-    assert [path.relative_to(tmp_path).as_posix() for path in found] == ["a.dcm", "b.dcm", "sub/0.DCM", "sub/deeper/c.dcm"]
+    assert [path.relative_to(tmp_path).as_posix() for path in found] == [
+        "a.dcm",
+        "b.dcm",
+        "sub/0.DCM",
+        "sub/deeper/c.dcm",
+    ]
 
 
 def test_find_dicoms_on_the_sample(rsna_sample_dir: Path) -> None:
@@ -334,7 +376,9 @@ def test_encoded_frame_size_reads_jpeg_headers_without_decoding() -> None:
     baseline = cv2.imencode(".jpg", np.zeros((37, 53), dtype=np.uint8))[1].tobytes()
     assert encoded_frame_size(baseline) == (37, 53)
     # Progressive (SOF2) and a JPEG-LS frame (SOF55 = FFF7) after an APP segment, built by hand.
-    progressive = cv2.imencode(".jpg", np.zeros((20, 30), dtype=np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    progressive = cv2.imencode(".jpg", np.zeros((20, 30), dtype=np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[
+        1
+    ].tobytes()
     assert encoded_frame_size(progressive) == (20, 30)
     jpeg_ls = b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + b"\xff\xf7\x00\x0b\x08\x01\x00\x02\x00\x01\x01\x11\x00"
     assert encoded_frame_size(jpeg_ls) == (256, 512)
@@ -352,7 +396,12 @@ def test_encoded_frame_size_reads_jpeg_2000_codestreams_and_jp2_files() -> None:
     # SOC, SIZ marker, Lsiz, Rsiz, Xsiz=700, Ysiz=500, XOsiz=100, YOsiz=50
     codestream = b"\xff\x4f\xff\x51" + struct.pack(">HHIIII", 47, 0, 700, 500, 100, 50)
     assert encoded_frame_size(codestream) == (450, 600)
-    jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00\x00\x00\x2djp2h\x00\x00\x00\x16ihdr" + struct.pack(">II", 480, 640) + b"\x00" * 8
+    jp2 = (
+        b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+        + b"\x00\x00\x00\x2djp2h\x00\x00\x00\x16ihdr"
+        + struct.pack(">II", 480, 640)
+        + b"\x00" * 8
+    )
     assert encoded_frame_size(jp2) == (480, 640)
 
 
@@ -379,7 +428,9 @@ def test_deflated_dicom_is_refused_only_when_limits_are_on(make_dicom) -> None:
     buffer = io.BytesIO()
     dataset.save_as(buffer)
     assert read_dicom_bytes(buffer.getvalue(), name="trusted").pixels.shape == (40, 40)
-    with pytest.raises(DicomReadError, match="Deflated Explicit VR Little Endian, which is refused here: it inflates in memory") as caught:
+    with pytest.raises(
+        DicomReadError, match="Deflated Explicit VR Little Endian, which is refused here: it inflates in memory"
+    ) as caught:
         read_dicom_bytes(buffer.getvalue(), name="upload", max_pixels=10**6)
     assert caught.value.kind == "unsupported_compression"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.errors import LabelError, LungdetError
 from lungdet.data_tools.holdout import holdout_split, link_images, read_split_csv, write_split_csv
 from lungdet.data_tools.labels import PatientLabels, read_labels
+from lungdet.errors import LabelError, LungdetError
 from tests.conftest import REPO_ROOT
 
 REAL_SPLIT = REPO_ROOT / "benchmarks" / "rsna_real_split.csv"
@@ -18,8 +18,13 @@ REAL_SPLIT_SEED = 2026
 
 
 def toy_labels(positives: int, negatives: int) -> dict[str, PatientLabels]:
-    labels = {f"pos-{index:03d}": PatientLabels(f"pos-{index:03d}", np.array([[1.0, 2.0, 3.0, 4.0]]), 1) for index in range(positives)}
-    labels.update({f"neg-{index:03d}": PatientLabels(f"neg-{index:03d}", np.zeros((0, 4)), 0) for index in range(negatives)})
+    labels = {
+        f"pos-{index:03d}": PatientLabels(f"pos-{index:03d}", np.array([[1.0, 2.0, 3.0, 4.0]]), 1)
+        for index in range(positives)
+    }
+    labels.update(
+        {f"neg-{index:03d}": PatientLabels(f"neg-{index:03d}", np.zeros((0, 4)), 0) for index in range(negatives)}
+    )
     return labels
 
 

@@ -16,8 +16,8 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.errors import DicomReadError, ImageReadError
 from lungdet.data_tools.image_io import MIN_SIDE, find_images, read_picture_size, read_xray, sniff_format
+from lungdet.errors import DicomReadError, ImageReadError
 
 
 def png_bytes(pixels: np.ndarray, **save_options) -> bytes:
@@ -36,10 +36,20 @@ def png_declaring(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height pixels of 8-bit grey, with a tiny data chunk."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def gradient(rows: int = 64, columns: int = 96) -> np.ndarray:
@@ -170,7 +180,12 @@ def test_empty_upload() -> None:
 
 @pytest.mark.parametrize(
     ("data", "named"),
-    [(b"GIF89a" + b"\x00" * 300, "a GIF file"), (b"%PDF-1.7\n" * 40, "a PDF file"), (b'{"x": 1}', "text"), (b"hello world" * 30, "not a format lungdet knows")],
+    [
+        (b"GIF89a" + b"\x00" * 300, "a GIF file"),
+        (b"%PDF-1.7\n" * 40, "a PDF file"),
+        (b'{"x": 1}', "text"),
+        (b"hello world" * 30, "not a format lungdet knows"),
+    ],
 )
 def test_not_an_image_says_what_it_is(data: bytes, named: str) -> None:
     with pytest.raises(ImageReadError, match=f"is {named}.*lungdet reads DICOM.*PNG and JPEG") as caught:
@@ -201,7 +216,9 @@ def test_png_bomb_is_refused_from_its_header() -> None:
 
 def test_png_over_the_limit_is_refused_before_decoding() -> None:
     # 5000 x 5000 is under Pillow's own guard; the header alone must trip ours (the data could not even decode).
-    with pytest.raises(ImageReadError, match=r"declares 5000 x 5000 pixels \(25\.0 megapixels\), over the limit of 10") as caught:
+    with pytest.raises(
+        ImageReadError, match=r"declares 5000 x 5000 pixels \(25\.0 megapixels\), over the limit of 10"
+    ) as caught:
         read_xray(png_declaring(5000, 5000), name="big.png", max_pixels=10_000_000)
     assert caught.value.kind == "too_many_pixels"
 
@@ -212,7 +229,9 @@ def test_dicom_declaring_huge_rows_and_columns_is_refused(make_dicom: Callable[.
     dataset.Rows = dataset.Columns = 50_000  # the stored pixels stay 64 x 64 bytes
     buffer = io.BytesIO()
     dataset.save_as(buffer)
-    with pytest.raises(DicomReadError, match=r"declares 50000 x 50000 pixels \(2500\.0 megapixels\), over the limit") as caught:
+    with pytest.raises(
+        DicomReadError, match=r"declares 50000 x 50000 pixels \(2500\.0 megapixels\), over the limit"
+    ) as caught:
         read_xray(buffer.getvalue(), name="upload huge")
     assert caught.value.kind == "too_many_pixels"
 
@@ -232,14 +251,18 @@ def jpeg_dicom(tags_size: int, stream_size: int, template: Path) -> bytes:
 
 def test_dicom_whose_jpeg_declares_a_huge_frame_is_refused_before_decoding(rsna_sample_dir: Path) -> None:
     data = jpeg_dicom(64, 30_000, next(rsna_sample_dir.glob("*.dcm")))
-    with pytest.raises(DicomReadError, match=r"compressed frame declares 30000 x 30000 pixels \(900\.0 megapixels\)") as caught:
+    with pytest.raises(
+        DicomReadError, match=r"compressed frame declares 30000 x 30000 pixels \(900\.0 megapixels\)"
+    ) as caught:
         read_xray(data, name="upload bomb")
     assert caught.value.kind == "too_many_pixels"
 
 
 def test_dicom_whose_jpeg_disagrees_with_its_tags_is_refused(rsna_sample_dir: Path) -> None:
     data = jpeg_dicom(64, 96, next(rsna_sample_dir.glob("*.dcm")))
-    with pytest.raises(DicomReadError, match=r"compressed frame is 96 x 96 pixels but Rows/Columns say 64 x 64") as caught:
+    with pytest.raises(
+        DicomReadError, match=r"compressed frame is 96 x 96 pixels but Rows/Columns say 64 x 64"
+    ) as caught:
         read_xray(data, name="upload odd")
     assert caught.value.kind == "bad_shape"
 

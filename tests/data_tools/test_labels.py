@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.errors import LabelError
 from lungdet.data_tools.labels import PatientLabels, read_labels
+from lungdet.errors import LabelError
 
 HEADER = "patientId,x,y,width,height,Target\n"
 CLASS_HEADER = "patientId,class\n"
@@ -99,14 +99,18 @@ def test_byte_order_mark_and_float_target_are_accepted(tmp_path: Path) -> None:
 
 def test_class_info_is_attached(tmp_path: Path) -> None:
     labels_csv = write_csv(tmp_path, "labels.csv", HEADER + "a,,,,,0\nb,,,,,0\nc,1,2,3,4,1\n")
-    class_csv = write_csv(tmp_path, "classes.csv", CLASS_HEADER + "a,Normal\nb,No Lung Opacity / Not Normal\nc,Lung Opacity\n")
+    class_csv = write_csv(
+        tmp_path, "classes.csv", CLASS_HEADER + "a,Normal\nb,No Lung Opacity / Not Normal\nc,Lung Opacity\n"
+    )
     labels = read_labels(labels_csv, class_csv)
     assert [labels[name].class_name for name in "abc"] == ["Normal", "No Lung Opacity / Not Normal", "Lung Opacity"]
 
 
 def test_missing_column_lists_missing_and_found(tmp_path: Path) -> None:
     path = write_csv(tmp_path, "labels.csv", "patientId,x,y,width,height\nneg,,,,\n")
-    with pytest.raises(LabelError, match=re.escape(f"{path}: missing column(s) Target; found patientId, x, y, width, height")):
+    with pytest.raises(
+        LabelError, match=re.escape(f"{path}: missing column(s) Target; found patientId, x, y, width, height")
+    ):
         read_labels(path)
 
 
@@ -118,7 +122,11 @@ def test_missing_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("rows", "line", "problem"),
     [
-        ("neg,,,,,0\npos,10,20,-5,40,1\n", 3, r"patient pos has width=-5 height=40; box width and height must be positive"),
+        (
+            "neg,,,,,0\npos,10,20,-5,40,1\n",
+            3,
+            r"patient pos has width=-5 height=40; box width and height must be positive",
+        ),
         ("pos,10,20,30,0,1\n", 2, r"patient pos has width=30 height=0; box width and height must be positive"),
         ("pos,abc,20,30,40,1\n", 2, r"x='abc' is not a number"),
         ("pos,,20,30,40,1\n", 2, r"x='' is not a number"),
@@ -141,8 +149,16 @@ def test_bad_label_rows(tmp_path: Path, rows: str, line: int, problem: str) -> N
     ("rows", "line", "problem"),
     [
         ("neg,Normal\npos,Normal\n", 3, re.escape("patient pos has class 'Normal' but Target 1 in the labels")),
-        ("neg,Lung Opacity\npos,Lung Opacity\n", 2, re.escape("patient neg has class 'Lung Opacity' but Target 0 in the labels")),
-        ("neg,Pneumonia\n", 2, re.escape("class 'Pneumonia' is not one of Lung Opacity, No Lung Opacity / Not Normal, Normal")),
+        (
+            "neg,Lung Opacity\npos,Lung Opacity\n",
+            2,
+            re.escape("patient neg has class 'Lung Opacity' but Target 0 in the labels"),
+        ),
+        (
+            "neg,Pneumonia\n",
+            2,
+            re.escape("class 'Pneumonia' is not one of Lung Opacity, No Lung Opacity / Not Normal, Normal"),
+        ),
     ],
 )
 def test_bad_class_info(tmp_path: Path, rows: str, line: int, problem: str) -> None:
@@ -166,7 +182,12 @@ def test_format_labels_csv_reads_back_exactly(tmp_path) -> None:
 
     boxes = {"pos": np.array([[264.0, 152.0, 213.0, 379.0], [562.25, 152.5, 256.0, 453.0]]), "neg": np.zeros((0, 4))}
     text = format_labels_csv(boxes)
-    assert text.splitlines() == ["patientId,x,y,width,height,Target", "pos,264.0,152.0,213.0,379.0,1", "pos,562.25,152.5,256.0,453.0,1", "neg,,,,,0"]
+    assert text.splitlines() == [
+        "patientId,x,y,width,height,Target",
+        "pos,264.0,152.0,213.0,379.0,1",
+        "pos,562.25,152.5,256.0,453.0,1",
+        "neg,,,,,0",
+    ]
     (tmp_path / "labels.csv").write_text(text)
     read = read_labels(tmp_path / "labels.csv")
     assert np.array_equal(read["pos"].boxes, boxes["pos"]) and read["neg"].boxes.shape == (0, 4)

@@ -172,14 +172,18 @@ def test_opacity_brightens_inside_its_box_not_the_ring_around_it(monkeypatch: py
             inside[y : y + height, x : x + width] = True
             ring_width = max(3, int(0.1 * min(width, height)))
             ring = np.zeros(added.shape, dtype=bool)
-            ring[max(0, y - ring_width) : y + height + ring_width, max(0, x - ring_width) : x + width + ring_width] = True
+            ring[max(0, y - ring_width) : y + height + ring_width, max(0, x - ring_width) : x + width + ring_width] = (
+                True
+            )
             ring &= ~inside
             if len(with_patches.boxes) > 1:
                 # Another patch may sit in this box's ring; only look where no other box is.
                 for other in with_patches.boxes.astype(int):
                     ring[other[1] : other[1] + other[3], other[0] : other[0] + other[2]] = False
             assert added[inside].mean() > 20, f"case {index}: box {(x, y, width, height)} barely brightened"
-            assert added[ring].mean() < 0.25 * added[inside].mean(), f"case {index}: patch spills out of box {(x, y, width, height)}"
+            assert added[ring].mean() < 0.25 * added[inside].mean(), (
+                f"case {index}: patch spills out of box {(x, y, width, height)}"
+            )
             checked += 1
     assert checked >= 30
 
@@ -238,7 +242,9 @@ def test_cli_parses_and_checks_arguments(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_cli_main_writes_the_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = synth.get_args_parser().parse_args(["--out", str(tmp_path), "--count", "3", "--size", "96x128", "--seed", "2"])
+    args = synth.get_args_parser().parse_args(
+        ["--out", str(tmp_path), "--count", "3", "--size", "96x128", "--seed", "2"]
+    )
     assert synth.main(args) == 0
     printed = capsys.readouterr().out
     assert "wrote 3 synthetic DICOMs (96x128, seed 2)" in printed

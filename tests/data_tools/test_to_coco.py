@@ -18,12 +18,12 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from lungdet.cli import main as cli_main
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.pixels import normalize_pixels
 from lungdet.data_tools.to_coco import ConversionReport, assign_folds, box_stratum, convert_dataset, format_report
-from lungdet.cli import main as cli_main
+from lungdet.errors import LungdetError
 
 POSITIVE_SAMPLE = "00436515-870c-4b36-a041-de91049b9ab4"
 NEGATIVE_SAMPLE = "0004cfab-14fd-4e49-80ba-63a80b6bddd6"
@@ -194,13 +194,18 @@ def test_real_conversion_folds_csv(converted_sample) -> None:
     assert sum(int(row["target"]) for row in rows) == 4
     assert sum(int(row["n_boxes"]) for row in rows) == 8
     coco = json.loads((out_dir / "annotations.json").read_text())
-    assert {row["patientId"]: int(row["fold"]) for row in rows} == {image["patient_id"]: image["fold"] for image in coco["images"]}
+    assert {row["patientId"]: int(row["fold"]) for row in rows} == {
+        image["patient_id"]: image["fold"] for image in coco["images"]
+    }
 
 
 def test_cocoeval_truth_as_detections_scores_one(converted_sample) -> None:
     out_dir, _ = converted_sample
     coco = COCO(str(out_dir / "annotations.json"))
-    truth = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 1.0} for a in coco.dataset["annotations"]]
+    truth = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 1.0}
+        for a in coco.dataset["annotations"]
+    ]
     assert evaluate_bbox_ap(coco, truth)[0] == pytest.approx(1.0)
 
 
@@ -210,7 +215,14 @@ def test_cocoeval_shifted_detections_score_lower(converted_sample) -> None:
     shifted = []
     for annotation in coco.dataset["annotations"]:
         x, y, width, height = annotation["bbox"]
-        shifted.append({"image_id": annotation["image_id"], "category_id": 1, "bbox": [x + 0.2 * width, y, width, height], "score": 1.0})
+        shifted.append(
+            {
+                "image_id": annotation["image_id"],
+                "category_id": 1,
+                "bbox": [x + 0.2 * width, y, width, height],
+                "score": 1.0,
+            }
+        )
     # A shift of 0.2 widths leaves IoU 0.8 / 1.2 = 0.667: a match at thresholds .50 .55 .60 .65 only -> AP 4/10.
     stats = evaluate_bbox_ap(coco, shifted)
     assert stats[0] == pytest.approx(0.4)
@@ -259,7 +271,9 @@ def test_non_square_image_boxes_scale_per_axis(wide_dataset, tmp_path: Path) -> 
     images = {image["patient_id"]: image for image in json.loads((out_dir / "annotations.json").read_text())["images"]}
     assert (images["wide-pos"]["width"], images["wide-pos"]["height"]) == (400, 400)
     assert (images["wide-pos"]["original_width"], images["wide-pos"]["original_height"]) == (1200, 800)
-    assert report.dropped_boxes == [{"patientId": "wide-pos", "box": [1300.0, 100.0, 50.0, 50.0], "reason": "outside the image"}]
+    assert report.dropped_boxes == [
+        {"patientId": "wide-pos", "box": [1300.0, 100.0, 50.0, 50.0], "reason": "outside the image"}
+    ]
     assert (report.converted, report.positives, report.boxes) == (2, 1, 2)
 
 
@@ -273,10 +287,15 @@ def test_default_size_keeps_original_pixels(wide_dataset, tmp_path: Path) -> Non
     np.testing.assert_array_equal(written, read_dicom(dicom_dir / "wide-pos.dcm").pixels)
     assert written.shape == (800, 1200)
     assert [dropped["box"] for dropped in report.dropped_boxes] == [[1300.0, 100.0, 50.0, 50.0]]
-    assert {row["patientId"]: row["n_boxes"] for row in read_folds_csv(out_dir / "folds.csv")} == {"wide-neg": "0", "wide-pos": "2"}
+    assert {row["patientId"]: row["n_boxes"] for row in read_folds_csv(out_dir / "folds.csv")} == {
+        "wide-neg": "0",
+        "wide-pos": "2",
+    }
 
 
-def test_original_size_keeps_each_real_dicoms_own_jpeg_stream(rsna_sample_dir: Path, real_labels, tmp_path: Path) -> None:
+def test_original_size_keeps_each_real_dicoms_own_jpeg_stream(
+    rsna_sample_dir: Path, real_labels, tmp_path: Path
+) -> None:
     out_dir = tmp_path / "native"
     convert_dataset(rsna_sample_dir, real_labels, out_dir, progress=False)
     images = json.loads((out_dir / "annotations.json").read_text())["images"]
@@ -298,13 +317,18 @@ def test_changed_settings_leave_one_image_per_patient(rsna_sample_dir: Path, rea
     convert_dataset(rsna_sample_dir, real_labels, out_dir, normalization="clahe", progress=False)
     # CLAHE changes the pixels, so the stream cannot be kept: PNGs replace the JPEGs.
     assert sorted(path.suffix for path in (out_dir / "images").iterdir()) == [".png"] * 13
-    assert all(image["file_name"].endswith(".png") for image in json.loads((out_dir / "annotations.json").read_text())["images"])
+    assert all(
+        image["file_name"].endswith(".png")
+        for image in json.loads((out_dir / "annotations.json").read_text())["images"]
+    )
     report = convert_dataset(rsna_sample_dir, real_labels, out_dir, progress=False)
     assert report.reused == 0
     assert sorted(path.suffix for path in (out_dir / "images").iterdir()) == [".jpg"] * 13
 
 
-def test_uncompressed_or_monochrome1_dicoms_are_written_as_png(make_dicom, siim_monochrome1_dicom: Path, tmp_path: Path) -> None:
+def test_uncompressed_or_monochrome1_dicoms_are_written_as_png(
+    make_dicom, siim_monochrome1_dicom: Path, tmp_path: Path
+) -> None:
     dicom_dir = tmp_path / "dicoms"
     make_dicom("raw", folder=dicom_dir, rows=8, columns=8)
     shutil.copy(siim_monochrome1_dicom, dicom_dir / "inverted.dcm")
@@ -366,7 +390,18 @@ def test_bad_files_are_skipped_and_reported(messy_dir: Path, real_labels, tmp_pa
 
 
 def convert_args(dicom_dir: Path, labels_csv: Path, out_dir: Path, *extra: str) -> list[str]:
-    return ["convert", "--dicom-dir", str(dicom_dir), "--labels", str(labels_csv), "--out", str(out_dir), "--image-size", "64", *extra]
+    return [
+        "convert",
+        "--dicom-dir",
+        str(dicom_dir),
+        "--labels",
+        str(labels_csv),
+        "--out",
+        str(out_dir),
+        "--image-size",
+        "64",
+        *extra,
+    ]
 
 
 def test_cli_lists_bad_files_and_strict_fails(messy_dir: Path, rsna_labels_csv: Path, tmp_path: Path, capsys) -> None:
@@ -440,7 +475,9 @@ def test_cli_missing_dicom_folder(tmp_path: Path, capsys) -> None:
 def synth_set(tmp_path_factory: pytest.TempPathFactory):
     from lungdet.data_tools.synth import write_synthetic_dataset
 
-    synth = write_synthetic_dataset(tmp_path_factory.mktemp("scale") / "synth", count=12, seed=5, positive_fraction=0.5, size=(256, 256))
+    synth = write_synthetic_dataset(
+        tmp_path_factory.mktemp("scale") / "synth", count=12, seed=5, positive_fraction=0.5, size=(256, 256)
+    )
     return synth, read_labels(synth.labels_csv)
 
 
@@ -505,12 +542,19 @@ def test_a_killed_run_resumes_to_the_same_output(synth_set, tmp_path: Path) -> N
 def test_normalisation_is_applied_and_recorded(synth_set, tmp_path: Path) -> None:
     synth, labels = synth_set
     for method in ("none", "clahe", "equalize"):
-        convert_dataset(synth.images_dir, labels, tmp_path / method, image_size=128, normalization=method, progress=False)
-    coco = {method: json.loads((tmp_path / method / "annotations.json").read_text()) for method in ("none", "clahe", "equalize")}
+        convert_dataset(
+            synth.images_dir, labels, tmp_path / method, image_size=128, normalization=method, progress=False
+        )
+    coco = {
+        method: json.loads((tmp_path / method / "annotations.json").read_text())
+        for method in ("none", "clahe", "equalize")
+    }
     assert [coco[m]["info"]["normalization"] for m in coco] == ["none", "clahe", "equalize"]
     name = coco["none"]["images"][0]["file_name"]
     plain = cv2.imread(str(tmp_path / "none" / name), cv2.IMREAD_GRAYSCALE)
-    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "equalize" / name), cv2.IMREAD_GRAYSCALE), cv2.equalizeHist(plain))
+    np.testing.assert_array_equal(
+        cv2.imread(str(tmp_path / "equalize" / name), cv2.IMREAD_GRAYSCALE), cv2.equalizeHist(plain)
+    )
     clahe = cv2.imread(str(tmp_path / "clahe" / name), cv2.IMREAD_GRAYSCALE)
     assert not np.array_equal(clahe, plain)
     np.testing.assert_array_equal(clahe, normalize_pixels(plain, method="clahe"))

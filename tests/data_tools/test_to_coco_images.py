@@ -15,10 +15,10 @@ import cv2
 import numpy as np
 import pytest
 
+from lungdet.cli import main as cli_main
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.metadata import read_metadata_csv
 from lungdet.data_tools.to_coco import convert_dataset, format_report
-from lungdet.cli import main as cli_main
 
 # Two positives with two boxes, one with one, three negatives; AP and PA views.
 TWO_BOXES_AP = "01be392f-a46d-4aef-a57e-9cd1a80dd47e"  # 14 M AP, boxes (535,626,177,240) and (175,825,168,109)
@@ -69,12 +69,18 @@ def coco_boxes(out_dir: Path) -> dict[str, list[list[float]]]:
 # --- real JPEGs at their own size ------------------------------------------------------------
 
 
-def test_real_jpegs_convert_with_their_tags_boxes_and_bytes(real_image_dir: Path, rsna_real_dir: Path, real_labels, tmp_path: Path) -> None:
+def test_real_jpegs_convert_with_their_tags_boxes_and_bytes(
+    real_image_dir: Path, rsna_real_dir: Path, real_labels, tmp_path: Path
+) -> None:
     out_dir = tmp_path / "coco"
     metadata = read_metadata_csv(rsna_real_dir / "metadata.csv")
-    report = convert_dataset(real_image_dir, real_labels, out_dir, source="picture", metadata=metadata, folds=2, progress=False)
+    report = convert_dataset(
+        real_image_dir, real_labels, out_dir, source="picture", metadata=metadata, folds=2, progress=False
+    )
     assert (report.converted, report.positives, report.boxes) == (6, 3, 5)
-    assert report.bad_files == [] and report.notes == [] and report.boxes_past_edge == 0 and report.metadata_problems == []
+    assert (
+        report.bad_files == [] and report.notes == [] and report.boxes_past_edge == 0 and report.metadata_problems == []
+    )
     assert report.labelled_without_dicom == 994
     images = coco_images(out_dir)
     tags = read_metadata_rows(rsna_real_dir / "metadata.csv")
@@ -83,8 +89,17 @@ def test_real_jpegs_convert_with_their_tags_boxes_and_bytes(real_image_dir: Path
         # Nothing changes the pixels: the JPEG itself is the converted image, byte for byte.
         assert image["file_name"] == f"images/{patient}.jpg"
         assert (out_dir / image["file_name"]).read_bytes() == (rsna_real_dir / "images" / f"{patient}.jpg").read_bytes()
-        assert (image["width"], image["height"], image["original_width"], image["original_height"]) == (1024, 1024, 1024, 1024)
-        assert (image["age"], image["sex"], image["view_position"]) == (int(tags[patient]["PatientAge"]), tags[patient]["PatientSex"], tags[patient]["ViewPosition"])
+        assert (image["width"], image["height"], image["original_width"], image["original_height"]) == (
+            1024,
+            1024,
+            1024,
+            1024,
+        )
+        assert (image["age"], image["sex"], image["view_position"]) == (
+            int(tags[patient]["PatientAge"]),
+            tags[patient]["PatientSex"],
+            tags[patient]["ViewPosition"],
+        )
         assert image["pixel_spacing"] is None  # the CSV has no PixelSpacing column
     assert images[TWO_BOXES_AP]["class_name"] == "Lung Opacity" and images[NEGATIVE_PA]["target"] == 0
     assert sorted(coco_boxes(out_dir)[TWO_BOXES_AP]) == [[175.0, 825.0, 168.0, 109.0], [535.0, 626.0, 177.0, 240.0]]
@@ -95,7 +110,14 @@ def test_real_jpegs_convert_with_their_tags_boxes_and_bytes(real_image_dir: Path
 
 
 def test_without_metadata_the_tags_are_unknown_and_said_so(real_image_dir: Path, real_labels, tmp_path: Path) -> None:
-    report = convert_dataset(real_image_dir, subset_labels(real_labels, REAL_PATIENTS), tmp_path / "coco", source="picture", folds=2, progress=False)
+    report = convert_dataset(
+        real_image_dir,
+        subset_labels(real_labels, REAL_PATIENTS),
+        tmp_path / "coco",
+        source="picture",
+        folds=2,
+        progress=False,
+    )
     image = coco_images(tmp_path / "coco")[NEGATIVE_PA]
     assert (image["age"], image["sex"], image["view_position"]) == (None, "", "")
     assert report.notes == []  # one line in the summary, not a note per file
@@ -110,8 +132,13 @@ def test_resized_copies_scale_the_labels_from_their_space(rsna_real_dir: Path, r
         pixels = cv2.imread(str(rsna_real_dir / "images" / f"{patient}.jpg"), cv2.IMREAD_GRAYSCALE)
         cv2.imwrite(str(folder / f"{patient}.png"), cv2.resize(pixels, (256, 256), interpolation=cv2.INTER_AREA))
     labels = subset_labels(real_labels, (TWO_BOXES_AP, NEGATIVE_PA))
-    scaled = convert_dataset(folder, labels, tmp_path / "scaled", source="picture", label_space=(1024, 1024), folds=2, progress=False)
-    assert sorted(coco_boxes(tmp_path / "scaled")[TWO_BOXES_AP]) == [[43.75, 206.25, 42.0, 27.25], [133.75, 156.5, 44.25, 60.0]]
+    scaled = convert_dataset(
+        folder, labels, tmp_path / "scaled", source="picture", label_space=(1024, 1024), folds=2, progress=False
+    )
+    assert sorted(coco_boxes(tmp_path / "scaled")[TWO_BOXES_AP]) == [
+        [43.75, 206.25, 42.0, 27.25],
+        [133.75, 156.5, 44.25, 60.0],
+    ]
     image = coco_images(tmp_path / "scaled")[TWO_BOXES_AP]
     assert (image["width"], image["original_width"], image["file_name"]) == (256, 1024, f"images/{TWO_BOXES_AP}.png")
     # The PNG is 8-bit grey and unchanged: copied byte for byte too.
@@ -127,7 +154,15 @@ def test_resized_copies_scale_the_labels_from_their_space(rsna_real_dir: Path, r
 
 
 def test_a_resize_writes_a_png_of_the_prepared_pixels(real_image_dir: Path, real_labels, tmp_path: Path) -> None:
-    convert_dataset(real_image_dir, subset_labels(real_labels, REAL_PATIENTS), tmp_path / "coco", source="picture", image_size=256, folds=2, progress=False)
+    convert_dataset(
+        real_image_dir,
+        subset_labels(real_labels, REAL_PATIENTS),
+        tmp_path / "coco",
+        source="picture",
+        image_size=256,
+        folds=2,
+        progress=False,
+    )
     image = coco_images(tmp_path / "coco")[ONE_BOX_AP]
     assert image["file_name"] == f"images/{ONE_BOX_AP}.png" and (image["width"], image["original_width"]) == (256, 1024)
     assert coco_boxes(tmp_path / "coco")[ONE_BOX_AP] == [[161.25, 94.5, 49.75, 24.0]]
@@ -157,7 +192,15 @@ def messy_image_dir(real_image_dir: Path, rsna_real_dir: Path) -> Path:
 
 def messy_labels(real_labels) -> dict[str, PatientLabels]:
     labels = subset_labels(real_labels, REAL_PATIENTS)
-    for patient in ("truncated-0001", "empty-0002", "text-0003", "colour-0004", "small-0005", "speck-0006", "no-file-0008"):
+    for patient in (
+        "truncated-0001",
+        "empty-0002",
+        "text-0003",
+        "colour-0004",
+        "small-0005",
+        "speck-0006",
+        "no-file-0008",
+    ):
         labels[patient] = PatientLabels(patient, np.zeros((0, 4)), 0)
     return labels
 
@@ -168,29 +211,58 @@ def write_metadata(path: Path, rows: list[str]) -> Path:
 
 
 def test_every_bad_input_is_named_and_counted(messy_image_dir: Path, real_labels, tmp_path: Path) -> None:
-    metadata = write_metadata(tmp_path / "metadata.csv", [
-        f"{TWO_BOXES_AP},14,M,AP", f"{TWO_BOXES_AP_2},47,M,AP", f"{ONE_BOX_AP},15,M,AP", f"{NEGATIVE_PA},fifty,F,PA",
-        f"{NEGATIVE_PA_2},36,M,PA", f"{NEGATIVE_AP},68,M,AP", "colour-0004,40,F,PA", "small-0005,40,F,PA",
-        "stranger-0099,33,F,PA",  # not in the labels
-    ])
+    metadata = write_metadata(
+        tmp_path / "metadata.csv",
+        [
+            f"{TWO_BOXES_AP},14,M,AP",
+            f"{TWO_BOXES_AP_2},47,M,AP",
+            f"{ONE_BOX_AP},15,M,AP",
+            f"{NEGATIVE_PA},fifty,F,PA",
+            f"{NEGATIVE_PA_2},36,M,PA",
+            f"{NEGATIVE_AP},68,M,AP",
+            "colour-0004,40,F,PA",
+            "small-0005,40,F,PA",
+            "stranger-0099,33,F,PA",  # not in the labels
+        ],
+    )
     out_dir = tmp_path / "coco"
     report = convert_dataset(
-        messy_image_dir, messy_labels(real_labels), out_dir, source="picture", metadata=read_metadata_csv(metadata), folds=2, progress=False,
+        messy_image_dir,
+        messy_labels(real_labels),
+        out_dir,
+        source="picture",
+        metadata=read_metadata_csv(metadata),
+        folds=2,
+        progress=False,
     )
     bad = {Path(item["file"]).stem: item["kind"] for item in report.bad_files}
-    assert bad == {"truncated-0001": "truncated", "empty-0002": "empty", "text-0003": "not_an_image", "speck-0006": "too_small"}
-    notes = {(Path(item["file"]).stem if not item["file"].endswith(".csv") else "csv", item["kind"]) for item in report.notes}
+    assert bad == {
+        "truncated-0001": "truncated",
+        "empty-0002": "empty",
+        "text-0003": "not_an_image",
+        "speck-0006": "too_small",
+    }
+    notes = {
+        (Path(item["file"]).stem if not item["file"].endswith(".csv") else "csv", item["kind"]) for item in report.notes
+    }
     assert ("colour-0004", "rgb_converted") in notes and ("small-0005", "tiny_image") in notes
-    assert {Path(item["file"]).name for item in report.notes if item["kind"] == "no_metadata"} == set()  # every converted file had a row
+    assert {
+        Path(item["file"]).name for item in report.notes if item["kind"] == "no_metadata"
+    } == set()  # every converted file had a row
     problems = {item["kind"]: item for item in report.metadata_problems}
     assert set(problems) == {"age_unreadable", "metadata_unknown_patient"}
-    assert problems["age_unreadable"]["file"].endswith("metadata.csv line 5") and "'fifty'" in problems["age_unreadable"]["reason"]
+    assert (
+        problems["age_unreadable"]["file"].endswith("metadata.csv line 5")
+        and "'fifty'" in problems["age_unreadable"]["reason"]
+    )
     assert "stranger-0099" in problems["metadata_unknown_patient"]["reason"]
     assert [Path(path).name for path in report.unlabelled_files] == ["unlabelled-0007.png"]
     assert report.labelled_without_dicom_ids == ["no-file-0008"]
     assert report.converted == 8
     images = coco_images(out_dir)
-    assert images[NEGATIVE_PA]["age"] is None and images[NEGATIVE_PA]["sex"] == "F"  # the unreadable age alone is left out
+    assert (
+        images[NEGATIVE_PA]["age"] is None and images[NEGATIVE_PA]["sex"] == "F"
+    )  # the unreadable age alone is left out
     colour = cv2.imread(str(out_dir / images["colour-0004"]["file_name"]), cv2.IMREAD_UNCHANGED)
     assert colour.ndim == 2 and images["colour-0004"]["file_name"].endswith(".png")
     summary = format_report(report, out_dir)
@@ -207,18 +279,36 @@ def test_every_bad_input_is_named_and_counted(messy_image_dir: Path, real_labels
 def test_a_converted_image_without_a_metadata_row_is_noted(real_image_dir: Path, real_labels, tmp_path: Path) -> None:
     metadata = write_metadata(tmp_path / "metadata.csv", [f"{TWO_BOXES_AP},14,M,AP"])
     report = convert_dataset(
-        real_image_dir, subset_labels(real_labels, REAL_PATIENTS), tmp_path / "coco", source="picture",
-        metadata=read_metadata_csv(metadata), folds=2, progress=False,
+        real_image_dir,
+        subset_labels(real_labels, REAL_PATIENTS),
+        tmp_path / "coco",
+        source="picture",
+        metadata=read_metadata_csv(metadata),
+        folds=2,
+        progress=False,
     )
-    assert sorted(Path(note["file"]).stem for note in report.notes if note["kind"] == "no_metadata") == sorted(set(REAL_PATIENTS) - {TWO_BOXES_AP})
+    assert sorted(Path(note["file"]).stem for note in report.notes if note["kind"] == "no_metadata") == sorted(
+        set(REAL_PATIENTS) - {TWO_BOXES_AP}
+    )
     assert coco_images(tmp_path / "coco")[ONE_BOX_AP]["view_position"] == ""
 
 
-def test_a_dicom_in_an_image_folder_is_refused(real_image_dir: Path, rsna_sample_dir: Path, real_labels, tmp_path: Path) -> None:
+def test_a_dicom_in_an_image_folder_is_refused(
+    real_image_dir: Path, rsna_sample_dir: Path, real_labels, tmp_path: Path
+) -> None:
     (real_image_dir / f"{NEGATIVE_PA}.jpg").unlink()
     (real_image_dir / f"{NEGATIVE_PA}.png").write_bytes((rsna_sample_dir / f"{NEGATIVE_PA}.dcm").read_bytes())
-    report = convert_dataset(real_image_dir, subset_labels(real_labels, REAL_PATIENTS), tmp_path / "coco", source="picture", folds=2, progress=False)
-    assert [(Path(item["file"]).name, item["kind"]) for item in report.bad_files] == [(f"{NEGATIVE_PA}.png", "not_an_image")]
+    report = convert_dataset(
+        real_image_dir,
+        subset_labels(real_labels, REAL_PATIENTS),
+        tmp_path / "coco",
+        source="picture",
+        folds=2,
+        progress=False,
+    )
+    assert [(Path(item["file"]).name, item["kind"]) for item in report.bad_files] == [
+        (f"{NEGATIVE_PA}.png", "not_an_image")
+    ]
     assert "--dicom-dir" in report.bad_files[0]["reason"]
 
 
@@ -226,7 +316,15 @@ def test_a_rerun_after_new_metadata_keeps_the_images(real_image_dir: Path, real_
     labels = subset_labels(real_labels, REAL_PATIENTS)
     convert_dataset(real_image_dir, labels, tmp_path / "coco", source="picture", folds=2, progress=False)
     metadata = write_metadata(tmp_path / "metadata.csv", [f"{patient},40,F,PA" for patient in REAL_PATIENTS])
-    report = convert_dataset(real_image_dir, labels, tmp_path / "coco", source="picture", metadata=read_metadata_csv(metadata), folds=2, progress=False)
+    report = convert_dataset(
+        real_image_dir,
+        labels,
+        tmp_path / "coco",
+        source="picture",
+        metadata=read_metadata_csv(metadata),
+        folds=2,
+        progress=False,
+    )
     assert report.reused == 6
     assert {image["age"] for image in coco_images(tmp_path / "coco").values()} == {40}
 
@@ -235,11 +333,25 @@ def test_a_rerun_after_new_metadata_keeps_the_images(real_image_dir: Path, real_
 
 
 def test_cli_converts_an_image_folder(real_image_dir: Path, rsna_real_dir: Path, tmp_path: Path, capsys) -> None:
-    status = cli_main([
-        "convert", "--image-dir", str(real_image_dir), "--labels", str(rsna_real_dir / "labels.csv"),
-        "--class-info", str(rsna_real_dir / "class_info.csv"), "--metadata", str(rsna_real_dir / "metadata.csv"),
-        "--out", str(tmp_path / "coco"), "--image-size", "256", "--workers", "1",
-    ])
+    status = cli_main(
+        [
+            "convert",
+            "--image-dir",
+            str(real_image_dir),
+            "--labels",
+            str(rsna_real_dir / "labels.csv"),
+            "--class-info",
+            str(rsna_real_dir / "class_info.csv"),
+            "--metadata",
+            str(rsna_real_dir / "metadata.csv"),
+            "--out",
+            str(tmp_path / "coco"),
+            "--image-size",
+            "256",
+            "--workers",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert "converted 6 images (3 with opacities, 5 boxes)" in out
@@ -271,6 +383,8 @@ def test_cli_image_folder_without_images(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     labels = tmp_path / "labels.csv"
     labels.write_text("patientId,x,y,width,height,Target\na,,,,,0\n")
-    status = cli_main(["convert", "--image-dir", str(tmp_path / "empty"), "--labels", str(labels), "--out", str(tmp_path / "out")])
+    status = cli_main(
+        ["convert", "--image-dir", str(tmp_path / "empty"), "--labels", str(labels), "--out", str(tmp_path / "out")]
+    )
     assert status == 1
     assert "holds .png or .jpg files named by patientId" in capsys.readouterr().err

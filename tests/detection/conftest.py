@@ -66,7 +66,13 @@ def write_tiny_coco(root: Path) -> Path:
     """8 synthetic 128 px DICOMs (half positive, with their tags and RSNA classes) under ``root/synth``, converted at 64 px in two folds to ``root/coco``: 4 train, 4 validate."""
     synth = write_synthetic_dataset(root / "synth", count=8, seed=3, positive_fraction=0.5, size=(128, 128))
     convert_dataset(
-        synth.images_dir, read_labels(synth.labels_csv, synth.class_info_csv), root / "coco", image_size=TINY_IMAGE_SIZE, folds=2, seed=0, progress=False
+        synth.images_dir,
+        read_labels(synth.labels_csv, synth.class_info_csv),
+        root / "coco",
+        image_size=TINY_IMAGE_SIZE,
+        folds=2,
+        seed=0,
+        progress=False,
     )
     return root / "coco"
 
@@ -82,13 +88,19 @@ TRAINED_RUN_EXTRAS = ("data.batch_size=2", "optim.epochs=1", "max_minutes=0", "d
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable[[Path], Path], tiny_model_overrides: tuple[str, ...]) -> dict[str, Any]:
+def trained(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_tiny_dataset: Callable[[Path], Path],
+    tiny_model_overrides: tuple[str, ...],
+) -> dict[str, Any]:
     """A 1-epoch run on 8 synthetic images at 64 px: its config and best checkpoint (trained once per module that asks)."""
     from lungdet.detection.config import load_config
     from lungdet.detection.train import BEST_CHECKPOINT, train
 
     root = tmp_path_factory.mktemp("predict_run")
     coco = make_tiny_dataset(root)
-    config = load_config(None, ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *tiny_model_overrides, *TRAINED_RUN_EXTRAS])
+    config = load_config(
+        None, ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *tiny_model_overrides, *TRAINED_RUN_EXTRAS]
+    )
     train(config, coco, root / "run", progress=False)
     return {"config": config, "checkpoint": root / "run" / BEST_CHECKPOINT}

@@ -10,12 +10,26 @@ import cv2
 import numpy as np
 import pytest
 
-from lungdet.show.visualize import TRUTH_COLOR
-from lungdet.detection.augment import PANEL_GAP, augment_sample, build_augmentation, keep_valid_boxes, write_augmentation_samples
+from lungdet.detection.augment import (
+    PANEL_GAP,
+    augment_sample,
+    build_augmentation,
+    keep_valid_boxes,
+    write_augmentation_samples,
+)
 from lungdet.detection.config import AugmentConfig
+from lungdet.show.visualize import TRUTH_COLOR
 
 # Every transform off; tests switch on what they need.
-ALL_OFF = {"hflip": 0.0, "shift_scale_rotate": 0.0, "brightness_contrast": 0.0, "gamma": 0.0, "blur": 0.0, "noise": 0.0, "clahe": 0.0}
+ALL_OFF = {
+    "hflip": 0.0,
+    "shift_scale_rotate": 0.0,
+    "brightness_contrast": 0.0,
+    "gamma": 0.0,
+    "blur": 0.0,
+    "noise": 0.0,
+    "clahe": 0.0,
+}
 PIXEL_ONLY = ("brightness_contrast", "gamma", "blur", "noise", "clahe")
 # albumentations' float32 box round trip moves boxes by ~1e-5 px; far below a pixel.
 BOX_TOLERANCE = 1e-3
@@ -47,9 +61,17 @@ def assert_boxes_valid(boxes: np.ndarray, *, rows: int, columns: int) -> None:
 def test_a_transform_with_probability_zero_is_left_out() -> None:
     names = [type(t).__name__ for t in build_augmentation(config_with(hflip=0.5, gamma=0.2, clahe=1.0)).transforms]
     assert names == ["HorizontalFlip", "RandomGamma", "CLAHE"]
-    everything = config_with(hflip=0.1, shift_scale_rotate=0.1, brightness_contrast=0.1, gamma=0.1, blur=0.1, noise=0.1, clahe=0.1)
+    everything = config_with(
+        hflip=0.1, shift_scale_rotate=0.1, brightness_contrast=0.1, gamma=0.1, blur=0.1, noise=0.1, clahe=0.1
+    )
     assert [type(t).__name__ for t in build_augmentation(everything).transforms] == [
-        "HorizontalFlip", "Affine", "RandomBrightnessContrast", "RandomGamma", "GaussianBlur", "GaussNoise", "CLAHE",
+        "HorizontalFlip",
+        "Affine",
+        "RandomBrightnessContrast",
+        "RandomGamma",
+        "GaussianBlur",
+        "GaussNoise",
+        "CLAHE",
     ]
 
 
@@ -115,7 +137,9 @@ def test_a_negative_image_stays_negative() -> None:
 
 def test_zoom_keeps_the_aspect_ratio() -> None:
     # albumentations' Affine draws x and y scales independently unless keep_ratio is set; a zoom must not stretch.
-    pipeline = build_augmentation(config_with(shift_scale_rotate=1.0, shift_limit=0.0, scale_limit=0.3, rotate_limit=0.0))
+    pipeline = build_augmentation(
+        config_with(shift_scale_rotate=1.0, shift_limit=0.0, scale_limit=0.3, rotate_limit=0.0)
+    )
     box = np.array([[38.0, 22.0, 58.0, 42.0]])  # 20 x 20, near the centre of the 96 x 64 image
     for seed in range(5):
         _, out_boxes = augment_sample(pipeline, synthetic_image(), box, sample_seed=seed)
@@ -134,7 +158,9 @@ def test_boxes_shifted_mostly_outside_are_dropped_per_min_visibility() -> None:
     when pushed out; they must survive exactly when that is >= min_visibility, clipped to the image.
     """
     size, min_visibility = 400, 0.3
-    config = config_with(shift_scale_rotate=1.0, shift_limit=0.25, scale_limit=0.0, rotate_limit=0.0, min_visibility=min_visibility)
+    config = config_with(
+        shift_scale_rotate=1.0, shift_limit=0.25, scale_limit=0.0, rotate_limit=0.0, min_visibility=min_visibility
+    )
     pipeline = build_augmentation(config)
     pixels = np.zeros((size, size), dtype=np.uint8)
     left, tracker, right = [0.0, 150.0, 100.0, 250.0], [170.0, 160.0, 230.0, 240.0], [300.0, 150.0, 400.0, 250.0]
@@ -164,7 +190,9 @@ def test_a_box_thinner_than_min_box_side_is_dropped() -> None:
 
 
 def test_keep_valid_boxes_clips_to_the_image_and_drops_empty_boxes() -> None:
-    boxes = np.array([[-2.0, 3.0, 10.0, 8.0], [5.0, 5.0, 5.0, 9.0], [30.0, 1.0, 45.0, 20.0000001], [41.0, 2.0, 50.0, 6.0]])
+    boxes = np.array(
+        [[-2.0, 3.0, 10.0, 8.0], [5.0, 5.0, 5.0, 9.0], [30.0, 1.0, 45.0, 20.0000001], [41.0, 2.0, 50.0, 6.0]]
+    )
     kept = keep_valid_boxes(boxes, rows=20, columns=40)
     assert kept.dtype == np.float32
     np.testing.assert_array_equal(kept, [[0, 3, 10, 8], [30, 1, 40, 20]])
@@ -175,7 +203,9 @@ def test_keep_valid_boxes_clips_to_the_image_and_drops_empty_boxes() -> None:
 
 
 def test_the_output_depends_only_on_the_sample_seed() -> None:
-    config = AugmentConfig(hflip=0.5, shift_scale_rotate=0.7, brightness_contrast=0.7, gamma=0.5, blur=0.5, noise=0.5, clahe=0.3)
+    config = AugmentConfig(
+        hflip=0.5, shift_scale_rotate=0.7, brightness_contrast=0.7, gamma=0.5, blur=0.5, noise=0.5, clahe=0.3
+    )
     pipeline = build_augmentation(config, seed=1)
     pixels = synthetic_image()
     first = augment_sample(pipeline, pixels, BOXES, sample_seed=42)
@@ -183,7 +213,9 @@ def test_the_output_depends_only_on_the_sample_seed() -> None:
         augment_sample(pipeline, pixels, BOXES, sample_seed=other_seed)
     again = augment_sample(pipeline, pixels, BOXES, sample_seed=42)
     # A worker's copy (DataLoader pickles the dataset) built with another pipeline seed, called fresh.
-    elsewhere = augment_sample(pickle.loads(pickle.dumps(build_augmentation(config, seed=9))), pixels, BOXES, sample_seed=42)
+    elsewhere = augment_sample(
+        pickle.loads(pickle.dumps(build_augmentation(config, seed=9))), pixels, BOXES, sample_seed=42
+    )
     for result in (again, elsewhere):
         np.testing.assert_array_equal(result[0], first[0])
         np.testing.assert_array_equal(result[1], first[1])
@@ -193,7 +225,9 @@ def test_the_output_depends_only_on_the_sample_seed() -> None:
 
 def test_transforms_are_switched_on_independently() -> None:
     """albumentations 2.0's set_random_seed gives every transform the same seed, so p=0.3 fired only together with p=0.5."""
-    pipeline = build_augmentation(config_with(hflip=0.5, brightness_contrast=0.3, contrast_limit=0.0, brightness_limit=0.2))
+    pipeline = build_augmentation(
+        config_with(hflip=0.5, brightness_contrast=0.3, contrast_limit=0.0, brightness_limit=0.2)
+    )
     pixels = synthetic_image()
     counts = np.zeros((2, 2), dtype=int)  # [flipped, brightened]
     for seed in range(400):
@@ -212,10 +246,26 @@ def test_transforms_are_switched_on_independently() -> None:
 @pytest.mark.parametrize(
     ("pixels", "boxes", "message"),
     [
-        (np.zeros((8, 8), dtype=np.float32), np.zeros((0, 4)), "pixels must be a uint8 [H, W] grey image, got float32 (8, 8)"),
-        (np.zeros((8, 8, 3), dtype=np.uint8), np.zeros((0, 4)), "pixels must be a uint8 [H, W] grey image, got uint8 (8, 8, 3)"),
-        (np.zeros((8, 8), dtype=np.uint8), np.array([[4.0, 1.0, 2.0, 5.0]]), "x2 > x1 and y2 > y1; box 0 is [4.0, 1.0, 2.0, 5.0]"),
-        (np.zeros((8, 8), dtype=np.uint8), np.array([[1.0, 1.0, 2.0, 2.0], [9.0, 1.0, 12.0, 5.0]]), "box 1 [9.0, 1.0, 12.0, 5.0] (XYXY_ABS) lies wholly outside the 8x8 image"),
+        (
+            np.zeros((8, 8), dtype=np.float32),
+            np.zeros((0, 4)),
+            "pixels must be a uint8 [H, W] grey image, got float32 (8, 8)",
+        ),
+        (
+            np.zeros((8, 8, 3), dtype=np.uint8),
+            np.zeros((0, 4)),
+            "pixels must be a uint8 [H, W] grey image, got uint8 (8, 8, 3)",
+        ),
+        (
+            np.zeros((8, 8), dtype=np.uint8),
+            np.array([[4.0, 1.0, 2.0, 5.0]]),
+            "x2 > x1 and y2 > y1; box 0 is [4.0, 1.0, 2.0, 5.0]",
+        ),
+        (
+            np.zeros((8, 8), dtype=np.uint8),
+            np.array([[1.0, 1.0, 2.0, 2.0], [9.0, 1.0, 12.0, 5.0]]),
+            "box 1 [9.0, 1.0, 12.0, 5.0] (XYXY_ABS) lies wholly outside the 8x8 image",
+        ),
     ],
 )
 def test_bad_input_is_rejected_with_a_clear_message(pixels: np.ndarray, boxes: np.ndarray, message: str) -> None:
@@ -242,11 +292,14 @@ def test_write_augmentation_samples_writes_count_side_by_side_pngs(tmp_path: Pat
 
     # Cycled through the samples; a path separator in a name does not leave out_dir.
     assert [path.name for path in paths] == [
-        "augment_000_patient-a.png", "augment_001_patient_b.png", "augment_002_patient-a.png",
-        "augment_003_patient_b.png", "augment_004_patient-a.png",
+        "augment_000_patient-a.png",
+        "augment_001_patient_b.png",
+        "augment_002_patient-a.png",
+        "augment_003_patient_b.png",
+        "augment_004_patient-a.png",
     ]
     assert sorted(out_dir.iterdir()) == sorted(paths)  # nothing else, no temporary files
-    for path, (_, pixels, _) in zip(paths, [samples[i % 2] for i in range(5)]):
+    for path, (_, pixels, _) in zip(paths, [samples[i % 2] for i in range(5)], strict=True):
         rows, columns = pixels.shape
         assert read_rgb(path).shape == (rows, 2 * columns + PANEL_GAP, 3)
 

@@ -58,7 +58,13 @@ def targets(device: str = "cpu", *, masks: bool = False) -> list[dict[str, torch
 def model_for(architecture: str, *overrides: str) -> torch.nn.Module:
     config = load_config(
         "fasterrcnn_mobilenet_cpu",
-        [f"model.architecture={architecture}", "model.pretrained=none", f"model.image_size={SIZE}", "model.batched_heads=false", *overrides],
+        [
+            f"model.architecture={architecture}",
+            "model.pretrained=none",
+            f"model.image_size={SIZE}",
+            "model.batched_heads=false",
+            *overrides,
+        ],
     )
     torch.manual_seed(0)
     return build_model(config.model)
@@ -67,7 +73,11 @@ def model_for(architecture: str, *overrides: str) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def untouched_model() -> torch.nn.Module:
     # Every anchor and every proposal sampled, so the losses do not depend on the random draw.
-    return model_for("fasterrcnn_mobilenet_v3_large_fpn", "model.rpn_batch_size_per_image=1000000", "model.box_batch_size_per_image=1000000")
+    return model_for(
+        "fasterrcnn_mobilenet_v3_large_fpn",
+        "model.rpn_batch_size_per_image=1000000",
+        "model.box_batch_size_per_image=1000000",
+    )
 
 
 @pytest.fixture
@@ -90,7 +100,11 @@ def random_images(count: int = len(GT_BOXES), size: int = SIZE) -> list[torch.Te
 
 
 def test_pad_boxes_pads_with_zeros_and_marks_real_rows() -> None:
-    boxes = [torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.zeros((0, 4)), torch.tensor([[5.0, 6.0, 7.0, 8.0], [9.0, 9.0, 10.0, 10.0]])]
+    boxes = [
+        torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
+        torch.zeros((0, 4)),
+        torch.tensor([[5.0, 6.0, 7.0, 8.0], [9.0, 9.0, 10.0, 10.0]]),
+    ]
     padded, valid = pad_boxes(boxes)
     assert padded.shape == (3, 2, 4)
     assert padded[0].tolist() == [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]]
@@ -114,7 +128,9 @@ def test_batched_box_iou_equals_torchvision_box_iou_bit_for_bit() -> None:
     assert torch.equal(batched_box_iou(boxes1, boxes2[:1])[2], box_iou(boxes1[2], boxes2[0]))
 
 
-@pytest.mark.parametrize("matcher", [Matcher(0.7, 0.3, allow_low_quality_matches=True), Matcher(0.5, 0.5)], ids=["rpn", "roi"])
+@pytest.mark.parametrize(
+    "matcher", [Matcher(0.7, 0.3, allow_low_quality_matches=True), Matcher(0.5, 0.5)], ids=["rpn", "roi"]
+)
 def test_batched_match_equals_torchvision_matcher_per_image(matcher: Matcher) -> None:
     anchors = AnchorGenerator(((16, 32, 64),), ((0.5, 1.0, 2.0),))
     grid = anchors.grid_anchors([[8, 8]], [[torch.tensor(16), torch.tensor(16)]])[0]
@@ -122,7 +138,9 @@ def test_batched_match_equals_torchvision_matcher_per_image(matcher: Matcher) ->
     matches = batched_match(batched_box_iou(gt, grid[None]), valid, matcher)
     for image, target in enumerate(targets()):
         if len(target["boxes"]) == 0:
-            expected = torch.full((len(grid),), matcher.BELOW_LOW_THRESHOLD)  # how the RPN and box heads treat an empty image
+            expected = torch.full(
+                (len(grid),), matcher.BELOW_LOW_THRESHOLD
+            )  # how the RPN and box heads treat an empty image
         else:
             expected = matcher(box_iou(target["boxes"], grid))
         assert torch.equal(matches[image], expected), image
@@ -132,12 +150,16 @@ def test_batched_match_equals_torchvision_matcher_per_image(matcher: Matcher) ->
 def test_balanced_sample_draws_torchvision_counts_without_repeats() -> None:
     torch.manual_seed(0)
     # Image 0: plenty of both; image 1: 3 positives, few negatives; image 2: no positives; ignored (-1) and padding (-2) never drawn.
-    labels = torch.tensor([
-        [1] * 40 + [0] * 50 + [-1] * 10,
-        [1] * 3 + [0] * 5 + [-1] * 80 + [-2] * 12,
-        [0] * 100,
-    ])
-    pos_index, pos_valid, neg_index, neg_valid = balanced_sample(labels, batch_size_per_image=32, positive_fraction=0.25)
+    labels = torch.tensor(
+        [
+            [1] * 40 + [0] * 50 + [-1] * 10,
+            [1] * 3 + [0] * 5 + [-1] * 80 + [-2] * 12,
+            [0] * 100,
+        ]
+    )
+    pos_index, pos_valid, neg_index, neg_valid = balanced_sample(
+        labels, batch_size_per_image=32, positive_fraction=0.25
+    )
     assert pos_valid.sum(1).tolist() == [8, 3, 0]
     assert neg_valid.sum(1).tolist() == [24, 5, 32]
     for image in range(3):
@@ -156,7 +178,9 @@ def test_balanced_sample_is_uniform_over_the_candidates() -> None:
     hits = torch.zeros(20)
     draws = 2000
     for _ in range(draws):
-        pos_index, pos_valid, neg_index, neg_valid = balanced_sample(labels, batch_size_per_image=8, positive_fraction=0.25)
+        pos_index, pos_valid, neg_index, neg_valid = balanced_sample(
+            labels, batch_size_per_image=8, positive_fraction=0.25
+        )
         hits += sampled_mask(labels.shape, (pos_index, pos_valid), (neg_index, neg_valid))[0].float()
     # 2 of 10 positives and 6 of 10 negatives each time: 0.2 and 0.6 per candidate (3 sd is about 0.03).
     assert torch.allclose(hits[:10] / draws, torch.full((10,), 0.2), atol=0.04)
@@ -165,7 +189,11 @@ def test_balanced_sample_is_uniform_over_the_candidates() -> None:
 
 def test_sampled_mask_ignores_invalid_slots_pointing_at_sampled_candidates() -> None:
     index = torch.tensor([[0, 1]])
-    mask = sampled_mask(torch.Size([1, 3]), (index, torch.tensor([[True, False]])), (torch.tensor([[0, 2]]), torch.tensor([[False, True]])))
+    mask = sampled_mask(
+        torch.Size([1, 3]),
+        (index, torch.tensor([[True, False]])),
+        (torch.tensor([[0, 2]]), torch.tensor([[False, True]])),
+    )
     assert mask.tolist() == [[True, False, True]]
 
 
@@ -183,7 +211,9 @@ def boxes_in_level_runs(level_counts: list[int], seed: int = 0) -> tuple[torch.T
     return boxes, scores, levels
 
 
-@pytest.mark.parametrize("level_counts", [[300, 0, 200, 50], [900, 700, 0, 600, 12]])  # torchvision's one-call path, then its per-level one
+@pytest.mark.parametrize(
+    "level_counts", [[300, 0, 200, 50], [900, 700, 0, 600, 12]]
+)  # torchvision's one-call path, then its per-level one
 def test_nms_within_levels_equals_torchvision_batched_nms(level_counts: list[int]) -> None:
     boxes, scores, levels = boxes_in_level_runs(level_counts)
     kept = nms_within_levels(boxes, scores, levels, level_counts, 0.5)
@@ -197,11 +227,14 @@ def test_nms_within_levels_waits_only_in_the_nms_calls() -> None:
     level_counts = [900, 700, 0, 600, 12]
     boxes, scores, levels = boxes_in_level_runs(level_counts)
     calls: dict[str, int] = {}
-    for function in (nms_within_levels, lambda b, s, l, _counts, t: box_ops.batched_nms(b, s, l, t)):
+    for function in (nms_within_levels, lambda b, s, lv, _counts, t: box_ops.batched_nms(b, s, lv, t)):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             function(boxes, scores, levels, level_counts, 0.5)
         names = [event.name for event in profile.events()]
-        calls[function.__name__] = (names.count("torchvision::nms"), names.count("aten::nonzero") + names.count("aten::_unique2"))
+        calls[function.__name__] = (
+            names.count("torchvision::nms"),
+            names.count("aten::nonzero") + names.count("aten::_unique2"),
+        )
     # One NMS per non-empty level both ways; torchvision also finds each level with where() and unique().
     assert calls["nms_within_levels"] == (4, 0)
     assert calls["<lambda>"][0] == 4 and calls["<lambda>"][1] >= 5
@@ -213,11 +246,13 @@ def test_shared_anchors_equal_torchvision_anchors(stock_model: torch.nn.Module, 
     features = list(stock_model.backbone(images).values())
     expected = stock_model.rpn.anchor_generator(image_list, features)
     shared = batched_model.rpn.anchor_generator(image_list, features)
-    assert len(shared) == 4 and all(torch.equal(a, b) for a, b in zip(shared, expected))
+    assert len(shared) == 4 and all(torch.equal(a, b) for a, b in zip(shared, expected, strict=True))
     assert batched_model.rpn.anchor_generator(image_list, features)[0] is shared[0]  # computed once
 
 
-def test_transform_equals_torchvision_for_images_at_model_size(stock_model: torch.nn.Module, batched_model: torch.nn.Module) -> None:
+def test_transform_equals_torchvision_for_images_at_model_size(
+    stock_model: torch.nn.Module, batched_model: torch.nn.Module
+) -> None:
     for training in (True, False):
         stock_model.transform.train(training)
         batched_model.transform.train(training)
@@ -225,7 +260,7 @@ def test_transform_equals_torchvision_for_images_at_model_size(stock_model: torc
         image_list, batched_targets = batched_model.transform(random_images(), targets(masks=True))
         assert torch.equal(image_list.tensors, expected_list.tensors)
         assert image_list.image_sizes == expected_list.image_sizes
-        for got, expected in zip(batched_targets, expected_targets):
+        for got, expected in zip(batched_targets, expected_targets, strict=True):
             assert got.keys() == expected.keys()
             assert all(torch.equal(got[key], expected[key]) and got[key].dtype == expected[key].dtype for key in got)
 
@@ -261,9 +296,9 @@ def test_rpn_anchor_targets_equal_torchvision(batched_model: torch.nn.Module) ->
     anchors = rpn.anchor_generator(image_list, list(features.values()))
     labels, matched = rpn.assign_targets_to_anchors(anchors, targets())
     expected_labels, expected_matched = RegionProposalNetwork.assign_targets_to_anchors(rpn, anchors, targets())
-    for got, expected in zip(labels, expected_labels):
+    for got, expected in zip(labels, expected_labels, strict=True):
         assert torch.equal(got, expected) and got.dtype == expected.dtype
-    for got, expected in zip(matched, expected_matched):
+    for got, expected in zip(matched, expected_matched, strict=True):
         assert torch.equal(got, expected) and got.dtype == expected.dtype
     assert {-1.0, 0.0, 1.0} <= set(torch.cat(labels).unique().tolist())
 
@@ -271,8 +306,14 @@ def test_rpn_anchor_targets_equal_torchvision(batched_model: torch.nn.Module) ->
 @pytest.mark.parametrize(
     "overrides",
     [
-        ("model.architecture=fasterrcnn_mobilenet_v3_large_fpn",),  # ~340 candidates per image: torchvision's one-NMS path
-        ("model.architecture=fasterrcnn_resnet50_fpn", "model.rpn_pre_nms_top_n_test=2000", "model.rpn_post_nms_top_n_test=2000"),  # ~1,800 in 5 levels: its NMS per level
+        (
+            "model.architecture=fasterrcnn_mobilenet_v3_large_fpn",
+        ),  # ~340 candidates per image: torchvision's one-NMS path
+        (
+            "model.architecture=fasterrcnn_resnet50_fpn",
+            "model.rpn_pre_nms_top_n_test=2000",
+            "model.rpn_post_nms_top_n_test=2000",
+        ),  # ~1,800 in 5 levels: its NMS per level
     ],
 )
 def test_rpn_proposals_equal_torchvision(overrides: tuple[str, ...]) -> None:
@@ -288,10 +329,12 @@ def test_rpn_proposals_equal_torchvision(overrides: tuple[str, ...]) -> None:
     objectness, deltas = concat_box_prediction_layers(objectness, deltas)
     proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
     boxes, scores = rpn.filter_proposals(proposals, objectness, image_list.image_sizes, per_level)
-    expected_boxes, expected_scores = RegionProposalNetwork.filter_proposals(rpn, proposals, objectness, image_list.image_sizes, per_level)
+    expected_boxes, expected_scores = RegionProposalNetwork.filter_proposals(
+        rpn, proposals, objectness, image_list.image_sizes, per_level
+    )
     assert [len(b) for b in boxes] == [len(b) for b in expected_boxes] and all(len(b) for b in boxes)
-    assert all(torch.equal(a, b) for a, b in zip(boxes, expected_boxes))
-    assert all(torch.equal(a, b) for a, b in zip(scores, expected_scores))
+    assert all(torch.equal(a, b) for a, b in zip(boxes, expected_boxes, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(scores, expected_scores, strict=True))
 
 
 def test_rpn_losses_equal_torchvision_when_every_anchor_is_sampled(batched_model: torch.nn.Module) -> None:
@@ -316,11 +359,15 @@ def test_rpn_loss_is_finite_when_few_anchors_are_sampled(batched_model: torch.nn
     rpn.fg_bg_sampler.batch_size_per_image = 8
     image_list, features = rpn_inputs(batched_model)
     rpn.train()
-    _, losses = rpn(image_list, features, [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}] * 4)
+    _, losses = rpn(
+        image_list, features, [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}] * 4
+    )
     assert torch.isfinite(losses["loss_objectness"]) and losses["loss_rpn_box_reg"] == 0
 
 
-def test_box_head_training_samples_equal_torchvision_when_every_proposal_is_sampled(batched_model: torch.nn.Module) -> None:
+def test_box_head_training_samples_equal_torchvision_when_every_proposal_is_sampled(
+    batched_model: torch.nn.Module,
+) -> None:
     heads = batched_model.roi_heads
     generator = torch.Generator().manual_seed(3)
     proposals = []
@@ -329,8 +376,8 @@ def test_box_head_training_samples_equal_torchvision_when_every_proposal_is_samp
         proposals.append(torch.cat([corners, corners + 5 + torch.rand(count, 2, generator=generator) * 40], dim=1))
     got = heads.select_training_samples(proposals, targets())
     expected = RoIHeads.select_training_samples(heads, proposals, targets())
-    for got_part, expected_part in zip(got, expected):
-        for a, b in zip(got_part, expected_part):
+    for got_part, expected_part in zip(got, expected, strict=True):
+        for a, b in zip(got_part, expected_part, strict=True):
             assert torch.equal(a, b) and a.dtype == b.dtype
     assert (torch.cat(got[2]) == 1).any() and (torch.cat(got[2]) == 0).any()
 
@@ -338,7 +385,10 @@ def test_box_head_training_samples_equal_torchvision_when_every_proposal_is_samp
 def test_box_head_sampling_draws_torchvision_counts(batched_model: torch.nn.Module) -> None:
     heads = batched_model.roi_heads
     heads.fg_bg_sampler.batch_size_per_image = 16  # 4 positives at most
-    proposals = [t["boxes"].repeat(10, 1) if len(t["boxes"]) else torch.tensor([[1.0, 1.0, 20.0, 20.0]]).repeat(30, 1) for t in targets()]
+    proposals = [
+        t["boxes"].repeat(10, 1) if len(t["boxes"]) else torch.tensor([[1.0, 1.0, 20.0, 20.0]]).repeat(30, 1)
+        for t in targets()
+    ]
     proposals = [torch.cat([p, torch.tensor([[100.0, 0.0, 120.0, 10.0]]).repeat(20, 1)]) for p in proposals]
     _, _, labels, _ = heads.select_training_samples(proposals, targets())
     positives = [int((image_labels > 0).sum()) for image_labels in labels]
@@ -355,13 +405,15 @@ def test_detections_equal_torchvision(stock_model: torch.nn.Module, batched_mode
         expected = stock_model(random_images())
         got = batched_model(random_images())
     assert sum(len(d["boxes"]) for d in got) > 0
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
 @pytest.mark.parametrize("architecture", ["fasterrcnn_mobilenet_v3_large_fpn", "maskrcnn_resnet50_fpn"])
 def test_training_losses_equal_torchvision_when_everything_is_sampled(architecture: str) -> None:
-    stock = model_for(architecture, "model.rpn_batch_size_per_image=1000000", "model.box_batch_size_per_image=1000000").train()
+    stock = model_for(
+        architecture, "model.rpn_batch_size_per_image=1000000", "model.box_batch_size_per_image=1000000"
+    ).train()
     batched = use_batched_heads(copy.deepcopy(stock))
     masks = architecture.startswith("mask")
     expected = stock(random_images(), targets(masks=masks))
@@ -447,7 +499,9 @@ def test_box_coordinates_stay_float32_under_bf16_autocast(untouched_model: torch
     stock_boxes = torch.cat([d["boxes"] for d in stock_detections])
     batched_boxes = torch.cat([d["boxes"] for d in batched_detections])
     # Scores too: torchvision's come out in bf16, ours in float32 with more than bf16's 8 bits.
-    stock_scores, batched_scores = (torch.cat([d["scores"] for d in detections]) for detections in (stock_detections, batched_detections))
+    stock_scores, batched_scores = (
+        torch.cat([d["scores"] for d in detections]) for detections in (stock_detections, batched_detections)
+    )
     assert stock_scores.dtype == torch.bfloat16 and batched_scores.dtype == torch.float32
     assert bool((batched_scores != batched_scores.to(torch.bfloat16).float()).any())
     # torchvision rounds proposals and detections to bf16 (8 significant bits: a 1-pixel grid

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from lungdet.errors import ConfigError
 from lungdet.detection.config import (
     CONFIGS_DIR,
     MODEL_ARCHITECTURES,
@@ -19,6 +18,7 @@ from lungdet.detection.config import (
     save_config,
     validate_config,
 )
+from lungdet.errors import ConfigError
 
 SHIPPED_CONFIGS = ("fasterrcnn_mobilenet_cpu", "fasterrcnn_mobilenet_real_cpu", "fasterrcnn_resnet50_fpn")
 
@@ -56,7 +56,9 @@ def test_the_cpu_config_takes_its_values_from_the_file() -> None:
     assert config.model.anchor_sizes == [32, 64, 128]
     assert config.model.anchor_aspect_ratios == [1.0, 1.5, 2.0]
     assert config.optim.optimizer == "adamw"
-    assert config.optim.epochs == 7 and config.max_minutes == 0.0  # fixed steps, so results do not depend on machine load
+    assert (
+        config.optim.epochs == 7 and config.max_minutes == 0.0
+    )  # fixed steps, so results do not depend on machine load
     # Keys the file leaves out keep their defaults.
     assert config.augment.hflip == TrainConfig().augment.hflip
 
@@ -80,12 +82,19 @@ def test_unknown_section_suggests_the_closest_section() -> None:
 
 def test_unknown_key_in_a_file_names_the_file(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "data:\n  batchsize: 2\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: unknown config key 'data.batchsize'. Did you mean 'data.batch_size'?")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{path}: unknown config key 'data.batchsize'. Did you mean 'data.batch_size'?")
+    ):
         load_config(path)
 
 
 def test_unknown_key_without_a_close_match_lists_the_valid_keys() -> None:
-    with pytest.raises(ConfigError, match=re.escape("unknown config key 'optim.zzzzzz'. Valid keys here: optim.optimizer, optim.lr, optim.momentum")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "unknown config key 'optim.zzzzzz'. Valid keys here: optim.optimizer, optim.lr, optim.momentum"
+        ),
+    ):
         load_config(None, ["optim.zzzzzz=1"])
 
 
@@ -126,7 +135,10 @@ def test_an_int_is_accepted_where_a_float_is_expected() -> None:
         ("optim.lr=3", "config optim.lr=3.0 is out of range: must be in (0, 1]"),
         ("optim.lr=0", "config optim.lr=0.0 is out of range: must be in (0, 1]"),
         ("augment.hflip=1.5", "config augment.hflip=1.5 is out of range: must be a probability in [0, 1]"),
-        ("augment.shift_scale_rotate=-0.1", "config augment.shift_scale_rotate=-0.1 is out of range: must be a probability in [0, 1]"),
+        (
+            "augment.shift_scale_rotate=-0.1",
+            "config augment.shift_scale_rotate=-0.1 is out of range: must be a probability in [0, 1]",
+        ),
         (
             "model.architecture=fasterrcnn_resnet50",
             "config model.architecture='fasterrcnn_resnet50' is out of range: must be one of fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, "
@@ -134,10 +146,16 @@ def test_an_int_is_accepted_where_a_float_is_expected() -> None:
         ),
         ("model.image_size=32", "config model.image_size=32 is out of range: must be between 64 and 2048"),
         ("model.num_classes=1", "config model.num_classes=1 is out of range: must be >= 2"),
-        ("model.anchor_sizes=[]", "config model.anchor_sizes=[] is out of range: must be a non-empty list of positive sizes"),
+        (
+            "model.anchor_sizes=[]",
+            "config model.anchor_sizes=[] is out of range: must be a non-empty list of positive sizes",
+        ),
         ("optim.optimizer=adam", "config optim.optimizer='adam' is out of range: must be 'sgd' or 'adamw'"),
         ("optim.epochs=0", "config optim.epochs=0 is out of range: must be >= 1"),
-        ("val_score_thresholds=[0.5, 1.5]", "config val_score_thresholds=[0.5, 1.5] is out of range: must be a non-empty list of values in [0, 1]"),
+        (
+            "val_score_thresholds=[0.5, 1.5]",
+            "config val_score_thresholds=[0.5, 1.5] is out of range: must be a non-empty list of values in [0, 1]",
+        ),
     ],
 )
 def test_out_of_range_value_is_an_error_giving_the_valid_range(override: str, message: str) -> None:
@@ -157,7 +175,13 @@ def test_range_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
 def test_overrides_apply_on_top_of_the_file_including_lists_and_nested_keys() -> None:
     config = load_config(
         "fasterrcnn_mobilenet_cpu",
-        ["optim.lr=0.005", "model.anchor_sizes=[16, 32]", "val_score_thresholds=[0.3, 0.5]", "augment.hflip=0", "seed=7"],
+        [
+            "optim.lr=0.005",
+            "model.anchor_sizes=[16, 32]",
+            "val_score_thresholds=[0.3, 0.5]",
+            "augment.hflip=0",
+            "seed=7",
+        ],
     )
     assert config.optim.lr == 0.005
     assert config.model.anchor_sizes == [16, 32]
@@ -188,7 +212,9 @@ def test_override_without_equals_sign_is_an_error() -> None:
 
 
 def test_save_then_load_gives_the_same_config(tmp_path: Path) -> None:
-    config = load_config("fasterrcnn_mobilenet_cpu", ["optim.lr=0.005", "model.anchor_aspect_ratios=[0.5, 1.25]", "data.fold=3"])
+    config = load_config(
+        "fasterrcnn_mobilenet_cpu", ["optim.lr=0.005", "model.anchor_aspect_ratios=[0.5, 1.25]", "data.fold=3"]
+    )
     path = tmp_path / "run" / "config.yaml"
     save_config(config, path)
     assert load_config(path) == config
@@ -205,7 +231,12 @@ def test_resolve_config_path_finds_bare_names_and_keeps_real_paths(tmp_path: Pat
 
 
 def test_unknown_config_name_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=re.escape("config nosuch: no such file. Known configs: fasterrcnn_mobilenet_cpu, fasterrcnn_mobilenet_real_cpu, fasterrcnn_resnet50_fpn")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "config nosuch: no such file. Known configs: fasterrcnn_mobilenet_cpu, fasterrcnn_mobilenet_real_cpu, fasterrcnn_resnet50_fpn"
+        ),
+    ):
         resolve_config_path("nosuch")
 
 
@@ -231,4 +262,6 @@ def test_configs_stored_before_augment_had_its_own_section_still_load() -> None:
     stored = {"data": {"batch_size": 2, "hflip": 0.1, "shift_scale_rotate": 0.0}}
     config = config_from_dict(stored)
     assert (config.augment.hflip, config.augment.shift_scale_rotate, config.data.batch_size) == (0.1, 0.0, 2)
-    assert stored == {"data": {"batch_size": 2, "hflip": 0.1, "shift_scale_rotate": 0.0}}  # the caller's dict is untouched
+    assert stored == {
+        "data": {"batch_size": 2, "hflip": 0.1, "shift_scale_rotate": 0.0}
+    }  # the caller's dict is untouched

@@ -17,15 +17,28 @@ from lungdet.detection.runtime import load_checkpoint
 from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT
 from lungdet.submission.raw_predictions import read_raw_predictions
 
-RUN = ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", "data.batch_size=2", "optim.epochs=1", "max_minutes=0", "device=cpu", "optim.warmup_iters=1"]
+RUN = [
+    "model.architecture=fasterrcnn_mobilenet_v3_large_fpn",
+    "data.batch_size=2",
+    "optim.epochs=1",
+    "max_minutes=0",
+    "device=cpu",
+    "optim.warmup_iters=1",
+]
 
 
 def run_cv(data: Path, out: Path, overrides: list[str], *extra: str) -> int:
-    return main(get_args_parser().parse_args(["--data", str(data), "--out", str(out), "--no-progress", *extra, *overrides]))
+    return main(
+        get_args_parser().parse_args(["--data", str(data), "--out", str(out), "--no-progress", *extra, *overrides])
+    )
 
 
 @pytest.fixture(scope="module")
-def cv_run(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable[[Path], Path], tiny_model_overrides: tuple[str, ...]) -> dict[str, Any]:
+def cv_run(
+    tmp_path_factory: pytest.TempPathFactory,
+    make_tiny_dataset: Callable[[Path], Path],
+    tiny_model_overrides: tuple[str, ...],
+) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("cv")
     coco = make_tiny_dataset(root)
     overrides = [*tiny_model_overrides, *RUN]
@@ -54,11 +67,15 @@ def test_the_final_model_trains_on_every_image_with_the_folds_cut_offs(cv_run: d
     out = cv_run["out"]
     final = load_checkpoint(out / FINAL_DIR / BEST_CHECKPOINT)
     folds = [load_checkpoint(out / f"fold{fold}" / BEST_CHECKPOINT) for fold in (0, 1)]
-    assert final["config"]["data"]["fold"] == -1 and final["config"]["optim"]["epochs"] == 1 == final["epoch"]  # the folds' best epoch: 1 of 1
+    assert (
+        final["config"]["data"]["fold"] == -1 and final["config"]["optim"]["epochs"] == 1 == final["epoch"]
+    )  # the folds' best epoch: 1 of 1
     assert final["score_threshold"] == pytest.approx(np.mean([checkpoint["score_threshold"] for checkpoint in folds]))
     assert final["cut_offs_from"] == [str(out / f"fold{fold}" / BEST_CHECKPOINT) for fold in (0, 1)]
     header = (out / FINAL_DIR / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert "loss" in header and not any(column.startswith("val_") for column in header)  # no image was held back to validate on
+    assert "loss" in header and not any(
+        column.startswith("val_") for column in header
+    )  # no image was held back to validate on
 
 
 def test_the_final_epoch_count_is_the_folds_median_best_rounded_up(tmp_path: Path) -> None:
@@ -88,7 +105,9 @@ def test_summary_gives_each_fold_and_the_pooled_score(cv_run: dict[str, Any], ca
     summary = json.loads((cv_run["out"] / SUMMARY_FILE).read_text())
     assert sorted(summary["folds"]) == ["0", "1"]
     maps = [summary["folds"][fold]["map"] for fold in ("0", "1")]
-    assert summary["map_mean"] == pytest.approx(np.mean(maps)) and summary["map_sd"] == pytest.approx(np.std(maps, ddof=1))
+    assert summary["map_mean"] == pytest.approx(np.mean(maps)) and summary["map_sd"] == pytest.approx(
+        np.std(maps, ddof=1)
+    )
     assert summary["n_images"] == 8 and len(summary["oof_map_interval"]) == 2
 
 
@@ -128,7 +147,17 @@ def test_tune_runs_on_what_cv_wrote(cv_run: dict[str, Any], capsys) -> None:
     from lungdet.submission.tune import main as tune_main
 
     out = cv_run["out"]
-    args = tune_parser().parse_args(["--oof", str(out / OOF_FILE), "--labels", str(out / OOF_LABELS_FILE), "--out", str(out / "pp.yaml"), "--no-progress"])
+    args = tune_parser().parse_args(
+        [
+            "--oof",
+            str(out / OOF_FILE),
+            "--labels",
+            str(out / OOF_LABELS_FILE),
+            "--out",
+            str(out / "pp.yaml"),
+            "--no-progress",
+        ]
+    )
     assert tune_main(args) == 0
     printed = capsys.readouterr().out
     assert "mAP honest" in printed and "wbf_iou_thr" in printed  # two passes per image: fusion is searched

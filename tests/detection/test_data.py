@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset
@@ -27,6 +26,7 @@ from lungdet.detection.data import (
     load_records,
     split_records,
 )
+from lungdet.errors import LungdetError
 
 IMAGE_COUNT = 8
 PNG_SIZE = 64  # convert_dataset(image_size=...): the PNGs and the COCO boxes are in this space
@@ -36,8 +36,18 @@ NO_AUGMENTATION = dict(hflip=0.0, brightness_contrast=0.0, shift_scale_rotate=0.
 
 def write_tiny_dataset(root: Path, *, count: int = IMAGE_COUNT) -> Path:
     """Synthetic 128 px DICOMs (half positive) converted to 64 px PNGs in two patient-level folds."""
-    synth = write_synthetic_dataset(root / "synth", count=count, seed=3, positive_fraction=0.5, size=(DICOM_SIZE, DICOM_SIZE))
-    report = convert_dataset(synth.images_dir, read_labels(synth.labels_csv), root / "coco", image_size=PNG_SIZE, folds=2, seed=0, progress=False)
+    synth = write_synthetic_dataset(
+        root / "synth", count=count, seed=3, positive_fraction=0.5, size=(DICOM_SIZE, DICOM_SIZE)
+    )
+    report = convert_dataset(
+        synth.images_dir,
+        read_labels(synth.labels_csv),
+        root / "coco",
+        image_size=PNG_SIZE,
+        folds=2,
+        seed=0,
+        progress=False,
+    )
     assert report.converted == count and report.bad_files == []
     return root / "coco"
 
@@ -68,9 +78,11 @@ def first_negative(records: list[ImageRecord]) -> ImageRecord:
 # --- records and folds --------------------------------------------------------------------------
 
 
-def test_load_records_reads_every_image_in_file_order_with_its_coco_boxes(data_dir: Path, coco: dict, records: list[ImageRecord]) -> None:
+def test_load_records_reads_every_image_in_file_order_with_its_coco_boxes(
+    data_dir: Path, coco: dict, records: list[ImageRecord]
+) -> None:
     assert [record.image_id for record in records] == [image["id"] for image in coco["images"]]
-    for record, image in zip(records, coco["images"]):
+    for record, image in zip(records, coco["images"], strict=True):
         expected = [a["bbox"] for a in coco["annotations"] if a["image_id"] == image["id"]]
         np.testing.assert_array_equal(record.boxes, np.array(expected, dtype=np.float64).reshape(-1, 4))
         assert record.path == data_dir / image["file_name"] and record.path.is_file()
@@ -101,12 +113,19 @@ def test_a_missing_fold_is_an_error_listing_the_folds(records: list[ImageRecord]
 
 
 def test_missing_annotations_tells_to_run_convert(tmp_path: Path) -> None:
-    with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'annotations.json'}: not found; run 'lungdet convert ... --out {tmp_path}' first")):
+    with pytest.raises(
+        LungdetError,
+        match=re.escape(
+            f"{tmp_path / 'annotations.json'}: not found; run 'lungdet convert ... --out {tmp_path}' first"
+        ),
+    ):
         load_records(tmp_path)
 
 
 def test_an_image_without_fold_tells_to_rerun_convert(tmp_path: Path) -> None:
-    (tmp_path / "annotations.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "images/a.png", "width": 4, "height": 4}], "annotations": []}))
+    (tmp_path / "annotations.json").write_text(
+        json.dumps({"images": [{"id": 1, "file_name": "images/a.png", "width": 4, "height": 4}], "annotations": []})
+    )
     with pytest.raises(LungdetError, match=re.escape("image images/a.png has no 'fold'; re-run lungdet convert")):
         load_records(tmp_path)
 
@@ -139,7 +158,9 @@ def test_sample_is_a_unit_range_image_and_boxes_scaled_to_the_model_size(records
 def test_at_the_png_size_pixels_and_boxes_pass_through(records: list[ImageRecord]) -> None:
     record = first_positive(records)
     image, target = DetectionDataset([record], image_size=PNG_SIZE, augmentation=None)[0]
-    torch.testing.assert_close(image[0], torch.from_numpy(cv2.imread(str(record.path), cv2.IMREAD_GRAYSCALE)).float() / 255.0)
+    torch.testing.assert_close(
+        image[0], torch.from_numpy(cv2.imread(str(record.path), cv2.IMREAD_GRAYSCALE)).float() / 255.0
+    )
     xywh = torch.tensor(record.boxes, dtype=torch.float32)
     torch.testing.assert_close(target["boxes"], torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1))
 
@@ -162,7 +183,11 @@ def test_a_plain_index_is_never_augmented_and_a_seeded_one_always_the_same_way(r
     plain, _ = DetectionDataset([record], image_size=PNG_SIZE, augmentation=None)[0]
     torch.testing.assert_close(dataset[0][0], plain)  # validation indexes by plain int
     torch.testing.assert_close(dataset[(0, 11)][0], plain.flip(-1))
-    jitter = DetectionDataset([record] * 2, image_size=PNG_SIZE, augmentation=build_augmentation(AugmentConfig(brightness_contrast=1.0, shift_scale_rotate=1.0)))
+    jitter = DetectionDataset(
+        [record] * 2,
+        image_size=PNG_SIZE,
+        augmentation=build_augmentation(AugmentConfig(brightness_contrast=1.0, shift_scale_rotate=1.0)),
+    )
     first = jitter[(0, 11)]
     jitter[(1, 12)]  # other samples in between change nothing
     again = jitter[(0, 11)]
@@ -190,33 +215,50 @@ def test_collate_keeps_lists_of_images_and_targets() -> None:
     assert targets == [{"a": 1}, {"a": 2}]
 
 
-def test_build_dataloaders_splits_by_fold_and_respects_the_image_limits(data_dir: Path, records: list[ImageRecord]) -> None:
+def test_build_dataloaders_splits_by_fold_and_respects_the_image_limits(
+    data_dir: Path, records: list[ImageRecord]
+) -> None:
     config = DataConfig(fold=0, batch_size=2, max_train_images=3, max_val_images=2)
-    train_loader, val_loader = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0, augment=AugmentConfig(**NO_AUGMENTATION))
+    train_loader, val_loader = build_dataloaders(
+        data_dir, config, image_size=PNG_SIZE, seed=0, augment=AugmentConfig(**NO_AUGMENTATION)
+    )
     train_expected, val_expected = split_records(records, fold=0)
     assert [r.image_id for r in train_loader.dataset.records] == [r.image_id for r in train_expected[:3]]
     assert [r.image_id for r in val_loader.dataset.records] == [r.image_id for r in val_expected[:2]]
     assert val_loader.dataset.augmentation is None and train_loader.dataset.augmentation is not None
     # Validation keeps its order; training drops the incomplete last batch (3 images, batches of 2).
-    assert [int(target["image_id"]) for _, targets in val_loader for target in targets] == [r.image_id for r in val_expected[:2]]
+    assert [int(target["image_id"]) for _, targets in val_loader for target in targets] == [
+        r.image_id for r in val_expected[:2]
+    ]
     train_loader.sampler.set_epoch(1)
     assert [len(images) for images, _ in train_loader] == [2]
 
 
 def test_a_training_set_smaller_than_a_batch_still_gives_one_batch(data_dir: Path) -> None:
     config = DataConfig(fold=0, batch_size=8, max_train_images=3)
-    train_loader, _ = build_dataloaders(data_dir, config, image_size=PNG_SIZE, seed=0, augment=AugmentConfig(**NO_AUGMENTATION))
+    train_loader, _ = build_dataloaders(
+        data_dir, config, image_size=PNG_SIZE, seed=0, augment=AugmentConfig(**NO_AUGMENTATION)
+    )
     train_loader.sampler.set_epoch(1)
     assert [len(images) for images, _ in train_loader] == [3]
 
 
 def test_an_empty_split_is_a_clear_error(tmp_path: Path, data_dir: Path, coco: dict) -> None:
     # A one-image dataset has a single fold: validating on it leaves nothing to train on.
-    only = {**coco, "images": coco["images"][:1], "annotations": [a for a in coco["annotations"] if a["image_id"] == coco["images"][0]["id"]]}
+    only = {
+        **coco,
+        "images": coco["images"][:1],
+        "annotations": [a for a in coco["annotations"] if a["image_id"] == coco["images"][0]["id"]],
+    }
     (tmp_path / "annotations.json").write_text(json.dumps(only))
     shutil.copytree(data_dir / "images", tmp_path / "images")
     fold = coco["images"][0]["fold"]
-    with pytest.raises(LungdetError, match=re.escape(f"{tmp_path}: fold {fold} leaves 0 training and 1 validation images; need at least one of each")):
+    with pytest.raises(
+        LungdetError,
+        match=re.escape(
+            f"{tmp_path}: fold {fold} leaves 0 training and 1 validation images; need at least one of each"
+        ),
+    ):
         build_dataloaders(tmp_path, DataConfig(fold=fold), image_size=PNG_SIZE, seed=0)
 
 
@@ -236,10 +278,10 @@ def test_training_batches_are_the_same_with_any_number_of_workers(data_dir: Path
 
     in_process, with_workers = epochs(0), epochs(2)
     assert len(in_process[0]) == 4
-    for mine, theirs in zip(in_process, with_workers):
-        for a, b in zip(mine, theirs):
+    for mine, theirs in zip(in_process, with_workers, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
             torch.testing.assert_close(a, b)
-    assert not all(torch.equal(a, b) for a, b in zip(*in_process))
+    assert not all(torch.equal(a, b) for a, b in zip(*in_process, strict=True))
 
 
 # --- positive_fraction: more positives per epoch, same length -----------------------------------
@@ -256,7 +298,12 @@ def test_positive_fraction_repeats_positives_evenly_and_keeps_the_epoch_length()
     samples = list(sampler)
     assert len(samples) == len(sampler) == 20
     counts = Counter(index for index, _ in samples)
-    assert sorted(counts[index] for index in (0, 5, 10, 15)) == [2, 2, 3, 3]  # 10 positive samples, as evenly as they go
+    assert sorted(counts[index] for index in (0, 5, 10, 15)) == [
+        2,
+        2,
+        3,
+        3,
+    ]  # 10 positive samples, as evenly as they go
     negatives = [index for index in counts if not positives[index]]
     assert len(negatives) == 10 and all(counts[index] == 1 for index in negatives)
     # Every repeat of an image is augmented differently; the first keeps the seed it has without repeats.
@@ -285,8 +332,8 @@ def test_without_positive_fraction_the_order_is_the_plain_shuffle() -> None:
 
 
 def test_positive_fraction_is_range_checked() -> None:
-    from lungdet.errors import ConfigError
     from lungdet.detection.config import load_config
+    from lungdet.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"data.positive_fraction.*in \[0, 0.9\]"):
         load_config(None, ["data.positive_fraction=0.95"])

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lungdet.errors import LungdetError
 from lungdet.detection.config import load_config
 from lungdet.detection.data import EpochSampler, sample_seed
 from lungdet.detection.distributed import (
@@ -29,6 +28,7 @@ from lungdet.detection.distributed import (
 from lungdet.detection.model import build_model
 from lungdet.detection.runtime import load_checkpoint
 from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE
+from lungdet.errors import LungdetError
 
 # --- the environment ----------------------------------------------------------------------------
 
@@ -65,15 +65,26 @@ def test_collectives_are_identities_for_one_process() -> None:
 
 @pytest.mark.parametrize(
     ("device_type", "chosen", "backend"),
-    [("cuda", "", "nccl"), ("cpu", "", "gloo"), ("cuda", "gloo", "gloo"), ("cuda", " NCCL ", "nccl"), ("cpu", "gloo", "gloo")],
+    [
+        ("cuda", "", "nccl"),
+        ("cpu", "", "gloo"),
+        ("cuda", "gloo", "gloo"),
+        ("cuda", " NCCL ", "nccl"),
+        ("cpu", "gloo", "gloo"),
+    ],
 )
-def test_backend_is_nccl_on_gpus_gloo_on_cpu_unless_the_variable_says(device_type: str, chosen: str, backend: str) -> None:
+def test_backend_is_nccl_on_gpus_gloo_on_cpu_unless_the_variable_says(
+    device_type: str, chosen: str, backend: str
+) -> None:
     assert choose_backend(device_type, {BACKEND_VARIABLE: chosen}) == backend
 
 
 @pytest.mark.parametrize(
     ("device_type", "chosen", "message"),
-    [("cuda", "mpi", "LUNGDET_DIST_BACKEND='mpi' is not a backend; use one of nccl, gloo"), ("cpu", "nccl", "LUNGDET_DIST_BACKEND=nccl needs CUDA GPUs but this run is on cpu")],
+    [
+        ("cuda", "mpi", "LUNGDET_DIST_BACKEND='mpi' is not a backend; use one of nccl, gloo"),
+        ("cpu", "nccl", "LUNGDET_DIST_BACKEND=nccl needs CUDA GPUs but this run is on cpu"),
+    ],
 )
 def test_a_wrong_backend_variable_is_a_clear_error(device_type: str, chosen: str, message: str) -> None:
     with pytest.raises(LungdetError, match=re.escape(message)):
@@ -84,7 +95,12 @@ def test_each_rank_gets_its_own_gpu_and_gloo_ranks_share_when_there_are_too_few(
     ranks = [Distributed(rank=r, world_size=4, local_rank=r) for r in range(4)]
     assert [cuda_device_for(job, 4, "nccl").index for job in ranks] == [0, 1, 2, 3]
     assert [cuda_device_for(job, 2, "gloo").index for job in ranks] == [0, 1, 0, 1]
-    with pytest.raises(LungdetError, match=re.escape("LOCAL_RANK=2 but this machine has 2 CUDA GPUs: start torchrun with --nproc_per_node=2 or fewer")):
+    with pytest.raises(
+        LungdetError,
+        match=re.escape(
+            "LOCAL_RANK=2 but this machine has 2 CUDA GPUs: start torchrun with --nproc_per_node=2 or fewer"
+        ),
+    ):
         cuda_device_for(ranks[2], 2, "nccl")
 
 
@@ -135,21 +151,42 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callab
     return make_tiny_dataset(tmp_path_factory.mktemp("ddp_data"))
 
 
-def test_two_gloo_processes_keep_the_same_books_as_one(tiny_model_overrides: tuple[str, ...], data_dir: Path, tmp_path: Path) -> None:
+def test_two_gloo_processes_keep_the_same_books_as_one(
+    tiny_model_overrides: tuple[str, ...], data_dir: Path, tmp_path: Path
+) -> None:
     overrides = [
-        "model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *tiny_model_overrides, "device=cpu", "data.batch_size=1",
-        "optim.epochs=2", "optim.warmup_iters=1", "val_score_thresholds=[0.1, 0.5]", "tensorboard=false",
+        "model.architecture=fasterrcnn_mobilenet_v3_large_fpn",
+        *tiny_model_overrides,
+        "device=cpu",
+        "data.batch_size=1",
+        "optim.epochs=2",
+        "optim.warmup_iters=1",
+        "val_score_thresholds=[0.1, 0.5]",
+        "tensorboard=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def train(out: Path, *launcher: str) -> str:
-        command = [*launcher, "-m", "lungdet", "train", "--data", str(data_dir), "--out", str(out), "--no-progress", *overrides]
+        command = [
+            *launcher,
+            "-m",
+            "lungdet",
+            "train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--no-progress",
+            *overrides,
+        ]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
     single = train(tmp_path / "one", sys.executable)
-    double = train(tmp_path / "two", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    double = train(
+        tmp_path / "two", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"
+    )
 
     assert "x 2 processes" in double and "x 2 processes" not in single
     assert double.count("epoch 2/2:") == 1  # only rank 0 prints
@@ -166,4 +203,6 @@ def test_two_gloo_processes_keep_the_same_books_as_one(tiny_model_overrides: tup
     model = build_model(load_config(None, overrides).model)
     model.load_state_dict(checkpoint["model"])  # plain weights, no DDP 'module.' prefix
     assert torch.isfinite(torch.cat([value.flatten().float() for value in checkpoint["model"].values()])).all()
-    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == sorted(path.name for path in (tmp_path / "one").iterdir())
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == sorted(
+        path.name for path in (tmp_path / "one").iterdir()
+    )

@@ -22,8 +22,8 @@ from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.detection.config import load_config
-from lungdet.detection.model import build_model
 from lungdet.detection.detector import load_trained_model
+from lungdet.detection.model import build_model
 from lungdet.detection.predict import predict_dicoms
 from lungdet.detection.train import BEST_CHECKPOINT, seed_everything, train
 from lungdet.submission.score import score_dataset
@@ -36,10 +36,17 @@ TRAIN_OVERRIDES = [
 ]
 
 
-def held_out_map(model: torch.nn.Module, images_dir, labels_csv, *, image_size: int, score_threshold: float, preprocessing=None) -> float:
+def held_out_map(
+    model: torch.nn.Module, images_dir, labels_csv, *, image_size: int, score_threshold: float, preprocessing=None
+) -> float:
     predictions, bad = predict_dicoms(
-        model, find_dicoms(images_dir), image_size=image_size, device=torch.device("cpu"), score_threshold=score_threshold,
-        preprocessing=preprocessing, progress=False,
+        model,
+        find_dicoms(images_dir),
+        image_size=image_size,
+        device=torch.device("cpu"),
+        score_threshold=score_threshold,
+        preprocessing=preprocessing,
+        progress=False,
     )
     assert bad == []
     truth = {patient_id: labels.boxes for patient_id, labels in read_labels(labels_csv).items()}
@@ -51,19 +58,27 @@ def test_training_beats_an_untrained_model_on_held_out_dicoms(tmp_path):
     train_set = write_synthetic_dataset(tmp_path / "synth_train", count=200, seed=11, positive_fraction=0.5)
     held_out = write_synthetic_dataset(tmp_path / "synth_test", count=40, seed=12, positive_fraction=0.5)
     labels = read_labels(train_set.labels_csv)
-    report = convert_dataset(train_set.images_dir, labels, tmp_path / "coco", image_size=256, folds=5, seed=0, progress=False)
+    report = convert_dataset(
+        train_set.images_dir, labels, tmp_path / "coco", image_size=256, folds=5, seed=0, progress=False
+    )
     assert report.converted == 200 and report.bad_files == []
 
     config = load_config("fasterrcnn_mobilenet_cpu", TRAIN_OVERRIDES)
     seed_everything(0)
     untrained = build_model(config.model).eval()
-    untrained_map = held_out_map(untrained, held_out.images_dir, held_out.labels_csv, image_size=256, score_threshold=0.5)
+    untrained_map = held_out_map(
+        untrained, held_out.images_dir, held_out.labels_csv, image_size=256, score_threshold=0.5
+    )
 
     best = train(config, tmp_path / "coco", tmp_path / "run", progress=False)
     model, _, checkpoint = load_trained_model(tmp_path / "run" / BEST_CHECKPOINT, device=torch.device("cpu"))
     trained_map = held_out_map(
-        model, held_out.images_dir, held_out.labels_csv, image_size=256,
-        score_threshold=checkpoint["score_threshold"], preprocessing=checkpoint["preprocessing"],
+        model,
+        held_out.images_dir,
+        held_out.labels_csv,
+        image_size=256,
+        score_threshold=checkpoint["score_threshold"],
+        preprocessing=checkpoint["preprocessing"],
     )
     print(f"untrained mAP {untrained_map:.4f}, trained mAP {trained_map:.4f}, validation mAP {best['val_map']:.4f}")
 

@@ -14,11 +14,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lungdet.boxes import xyxy_to_xywh
-from lungdet.errors import LungdetError
 from lungdet.detection.config import AugmentConfig, DataConfig, load_config
 from lungdet.detection.data import build_dataloaders, collate
 from lungdet.detection.engine import NonFiniteLossError, evaluate, predict_loader, train_one_epoch
 from lungdet.detection.model import build_model
+from lungdet.errors import LungdetError
 
 IMAGE_SIZE = 64
 CPU = torch.device("cpu")
@@ -27,7 +27,9 @@ TORCHVISION_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "los
 
 
 @pytest.fixture(scope="module")
-def loaders(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable[[Path], Path]) -> tuple[DataLoader, DataLoader]:
+def loaders(
+    tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callable[[Path], Path]
+) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders of 4 + 4 synthetic 64 px images (half positive), batches of 2, no augmentation."""
     coco = make_tiny_dataset(tmp_path_factory.mktemp("engine"))
     config = DataConfig(fold=0, batch_size=2)
@@ -55,17 +57,29 @@ def constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_schedu
 # --- training -----------------------------------------------------------------------------------
 
 
-def test_train_one_epoch_returns_finite_mean_losses_and_counts(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]) -> None:
+def test_train_one_epoch_returns_finite_mean_losses_and_counts(
+    loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]
+) -> None:
     train_loader, _ = loaders
     model = tiny_model()
     before = model.roi_heads.box_predictor.cls_score.weight.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     scheduler = constant_schedule(optimizer)
 
-    progress = train_one_epoch(model, optimizer, scheduler, train_loader, CPU, epoch=1, grad_clip_norm=10.0, progress=False)
+    progress = train_one_epoch(
+        model, optimizer, scheduler, train_loader, CPU, epoch=1, grad_clip_norm=10.0, progress=False
+    )
     metrics = progress.metrics()
 
-    assert set(metrics) == {"loss", *TORCHVISION_LOSSES, "images", "seconds", "images_per_second", "data_wait_fraction", "stopped_early"}
+    assert set(metrics) == {
+        "loss",
+        *TORCHVISION_LOSSES,
+        "images",
+        "seconds",
+        "images_per_second",
+        "data_wait_fraction",
+        "stopped_early",
+    }
     assert progress.batches == 2
     assert 0.0 < metrics["data_wait_fraction"] < 1.0
     assert all(math.isfinite(value) for value in metrics.values())
@@ -78,11 +92,22 @@ def test_train_one_epoch_returns_finite_mean_losses_and_counts(loaders: tuple[Da
     assert not torch.equal(model.roi_heads.box_predictor.cls_score.weight, before)
 
 
-def test_train_one_epoch_stops_after_the_step_at_which_it_is_told_to(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]) -> None:
+def test_train_one_epoch_stops_after_the_step_at_which_it_is_told_to(
+    loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]
+) -> None:
     train_loader, _ = loaders
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
-    metrics = train_one_epoch(model, optimizer, constant_schedule(optimizer), train_loader, CPU, epoch=1, should_stop=lambda: True, progress=False).metrics()
+    metrics = train_one_epoch(
+        model,
+        optimizer,
+        constant_schedule(optimizer),
+        train_loader,
+        CPU,
+        epoch=1,
+        should_stop=lambda: True,
+        progress=False,
+    ).metrics()
     assert metrics["images"] == 2.0
     assert metrics["stopped_early"] == 1.0
 
@@ -96,7 +121,15 @@ def test_accumulation_steps_the_optimizer_once_per_group_and_calls_back_after_ea
     scheduler = constant_schedule(optimizer)
     seen: list[int] = []
     progress = train_one_epoch(
-        model, optimizer, scheduler, train_loader, CPU, epoch=1, accumulate_steps=2, on_optimizer_step=lambda state: seen.append(state.batches), progress=False
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        CPU,
+        epoch=1,
+        accumulate_steps=2,
+        on_optimizer_step=lambda state: seen.append(state.batches),
+        progress=False,
     )
     assert (progress.batches, scheduler.last_epoch, seen) == (2, 1, [2])
 
@@ -105,18 +138,24 @@ class RecordingSGD(torch.optim.SGD):
     """SGD that keeps a copy of the gradients it stepped with (train_one_epoch zeroes them afterwards)."""
 
     def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
-        self.stepped_with = [p.grad.clone() if p.grad is not None else None for group in self.param_groups for p in group["params"]]
+        self.stepped_with = [
+            p.grad.clone() if p.grad is not None else None for group in self.param_groups for p in group["params"]
+        ]
         return super().step(closure)
 
 
-def test_accumulated_gradients_are_the_mean_of_the_batches_gradients(tiny_model: Callable[..., nn.Module], loaders: tuple[DataLoader, DataLoader]) -> None:
+def test_accumulated_gradients_are_the_mean_of_the_batches_gradients(
+    tiny_model: Callable[..., nn.Module], loaders: tuple[DataLoader, DataLoader]
+) -> None:
     train_loader, _ = loaders
     images, targets = next(iter(train_loader))
     singles = [([images[index]], [targets[index]]) for index in range(2)]
     model = tiny_model(seed=1)
     optimizer = RecordingSGD(model.parameters(), lr=0.0)
     torch.manual_seed(5)  # the RPN and box heads sample proposals from torch's stream
-    train_one_epoch(model, optimizer, constant_schedule(optimizer), singles, CPU, epoch=1, accumulate_steps=2, progress=False)
+    train_one_epoch(
+        model, optimizer, constant_schedule(optimizer), singles, CPU, epoch=1, accumulate_steps=2, progress=False
+    )
 
     reference = tiny_model(seed=1)
     reference.train()
@@ -125,7 +164,7 @@ def test_accumulated_gradients_are_the_mean_of_the_batches_gradients(tiny_model:
         (sum(reference(batch_images, batch_targets).values()) / 2).backward()
     expected = [p.grad for p in reference.parameters()]
     assert sum(grad is not None for grad in expected) > 10
-    for got, want in zip(optimizer.stepped_with, expected):
+    for got, want in zip(optimizer.stepped_with, expected, strict=True):
         if want is None:
             assert got is None
         else:
@@ -133,14 +172,24 @@ def test_accumulated_gradients_are_the_mean_of_the_batches_gradients(tiny_model:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_non_finite_loss_stops_training_naming_epoch_and_step(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module], monkeypatch: pytest.MonkeyPatch, bad: float) -> None:
+def test_a_non_finite_loss_stops_training_naming_epoch_and_step(
+    loaders: tuple[DataLoader, DataLoader],
+    tiny_model: Callable[..., nn.Module],
+    monkeypatch: pytest.MonkeyPatch,
+    bad: float,
+) -> None:
     train_loader, _ = loaders
     model = tiny_model()
     before = {key: value.clone() for key, value in model.state_dict().items()}
     monkeypatch.setattr(model, "forward", lambda images, targets=None: {"loss": torch.tensor(bad)})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
 
-    with pytest.raises(NonFiniteLossError, match=re.escape(f"epoch 3, batch 1 (optimizer step 1): loss is {bad} (loss={bad}); lower optim.lr or raise optim.warmup_iters")):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=re.escape(
+            f"epoch 3, batch 1 (optimizer step 1): loss is {bad} (loss={bad}); lower optim.lr or raise optim.warmup_iters"
+        ),
+    ):
         train_one_epoch(model, optimizer, constant_schedule(optimizer), train_loader, CPU, epoch=3, progress=False)
 
     assert issubclass(NonFiniteLossError, LungdetError)
@@ -151,7 +200,9 @@ def test_a_non_finite_loss_stops_training_naming_epoch_and_step(loaders: tuple[D
 # --- prediction and validation ------------------------------------------------------------------
 
 
-def test_predict_loader_truth_is_the_dataset_boxes_in_xywh(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]) -> None:
+def test_predict_loader_truth_is_the_dataset_boxes_in_xywh(
+    loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]
+) -> None:
     _, val_loader = loaders
     model = tiny_model()
     truth, predictions = predict_loader(model, val_loader, CPU)
@@ -167,7 +218,9 @@ def test_predict_loader_truth_is_the_dataset_boxes_in_xywh(loaders: tuple[DataLo
         assert (prediction.boxes[:, 2:] >= 0).all()
 
 
-def test_evaluate_reports_the_best_threshold_and_a_map_per_threshold(loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]) -> None:
+def test_evaluate_reports_the_best_threshold_and_a_map_per_threshold(
+    loaders: tuple[DataLoader, DataLoader], tiny_model: Callable[..., nn.Module]
+) -> None:
     _, val_loader = loaders
     thresholds = [0.05, 0.5, 0.9]
     metrics = evaluate(tiny_model(), val_loader, CPU, score_thresholds=thresholds)
@@ -194,7 +247,16 @@ class MixedPrecisionLossModel(nn.Module):
 def test_losses_in_different_precisions_are_summed_and_recorded_exactly() -> None:
     model = MixedPrecisionLossModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: every batch gives the same losses
-    progress = train_one_epoch(model, optimizer, constant_schedule(optimizer), oracle_loader(), CPU, epoch=1, grad_clip_norm=0.0, progress=False)
+    progress = train_one_epoch(
+        model,
+        optimizer,
+        constant_schedule(optimizer),
+        oracle_loader(),
+        CPU,
+        epoch=1,
+        grad_clip_norm=0.0,
+        progress=False,
+    )
     metrics = progress.metrics()
     # 2.0 * 0.75 = 1.5 is exact in bfloat16; the total is float32's 1.0 plus it.
     assert (metrics["loss_half"], metrics["loss_full"], metrics["loss"]) == (1.5, 1.0, 2.5)
@@ -207,9 +269,21 @@ class OracleModel(nn.Module):
         outputs = []
         for image in images:
             if image[0, 0, 0] == 1.0:
-                outputs.append({"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])})
+                outputs.append(
+                    {
+                        "boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]),
+                        "scores": torch.tensor([0.9]),
+                        "labels": torch.tensor([1]),
+                    }
+                )
             else:
-                outputs.append({"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "scores": torch.tensor([0.2]), "labels": torch.tensor([1])})
+                outputs.append(
+                    {
+                        "boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]),
+                        "scores": torch.tensor([0.2]),
+                        "labels": torch.tensor([1]),
+                    }
+                )
         return outputs
 
 
@@ -217,8 +291,14 @@ def oracle_loader() -> DataLoader:
     positive = torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE)
     positive[:, 0, 0] = 1.0
     samples = [
-        (positive, {"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "labels": torch.tensor([1]), "image_id": torch.tensor(1)}),
-        (torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": torch.tensor(2)}),
+        (
+            positive,
+            {"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "labels": torch.tensor([1]), "image_id": torch.tensor(1)},
+        ),
+        (
+            torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE),
+            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": torch.tensor(2)},
+        ),
     ]
     return DataLoader(samples, batch_size=2, collate_fn=collate)
 

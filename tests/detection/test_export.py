@@ -15,14 +15,21 @@ import numpy as np
 import pytest
 import torch
 
-from lungdet.errors import LungdetError
 from lungdet.data_tools.image_io import read_xray
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.detection import export as export_module
-from lungdet.detection.export import MAX_BOX_DIFFERENCE_PX, MAX_SCORE_DIFFERENCE, compare_results, export_checkpoint, get_args_parser, main
+from lungdet.detection.detector import file_sha256, load_detector
+from lungdet.detection.export import (
+    MAX_BOX_DIFFERENCE_PX,
+    MAX_SCORE_DIFFERENCE,
+    compare_results,
+    export_checkpoint,
+    get_args_parser,
+    main,
+)
 from lungdet.detection.exported import load_exported
 from lungdet.detection.inference import ImageResult
-from lungdet.detection.detector import file_sha256, load_detector
+from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import Prediction, read_submission
 
 # Not convert's defaults, so a metadata writer that ignored the checkpoint would be caught.
@@ -32,7 +39,9 @@ PREPROCESSING = {"image_size": 200, "normalization": "clahe"}
 @pytest.fixture(scope="module")
 def head_checkpoint(serving_checkpoint_writer: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A MobileNet Faster R-CNN at 128 px with an image head (with a metadata term) and clahe preprocessing; boxes and probabilities vary by image."""
-    return serving_checkpoint_writer(tmp_path_factory.mktemp("export") / "best.pt", image_head=True, image_metadata=True, preprocessing=PREPROCESSING)
+    return serving_checkpoint_writer(
+        tmp_path_factory.mktemp("export") / "best.pt", image_head=True, image_metadata=True, preprocessing=PREPROCESSING
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +56,17 @@ def exports(head_checkpoint: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def parity_images(rsna_sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
     """The 13 real RSNA DICOMs (1024 x 1024) and 6 synthetic ones of another shape (320 x 256), decoded."""
-    synth = write_synthetic_dataset(tmp_path_factory.mktemp("parity"), count=6, seed=11, positive_fraction=0.5, size=(320, 256))
+    synth = write_synthetic_dataset(
+        tmp_path_factory.mktemp("parity"), count=6, seed=11, positive_fraction=0.5, size=(320, 256)
+    )
     paths = sorted(rsna_sample_dir.glob("*.dcm")) + sorted(synth.images_dir.glob("*.dcm"))
     return [read_xray(path.read_bytes(), name=path.name).pixels for path in paths]
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_metadata_carries_the_checkpoints_preprocessing_cut_offs_and_identity(head_checkpoint: Path, exports: dict[str, Path], fmt: str) -> None:
+def test_metadata_carries_the_checkpoints_preprocessing_cut_offs_and_identity(
+    head_checkpoint: Path, exports: dict[str, Path], fmt: str
+) -> None:
     checkpoint = torch.load(head_checkpoint, weights_only=True)
     metadata = load_exported(exports[fmt], device="cpu").metadata
     assert metadata["preprocessing"] == checkpoint["preprocessing"] == PREPROCESSING
@@ -64,24 +77,39 @@ def test_metadata_carries_the_checkpoints_preprocessing_cut_offs_and_identity(he
     assert metadata["box_score_floor"] == checkpoint["config"]["model"]["box_score_thresh"]
     assert metadata["source_checkpoint"] == {"file": "best.pt", "sha256": file_sha256(head_checkpoint)}
     assert metadata["lungdet_version"] not in ("", None)
-    assert metadata["batch_size"] == 1 and metadata["input"] == {**metadata["input"], "dtype": "uint8", "shape": [1, 128, 128]}
+    assert metadata["batch_size"] == 1 and metadata["input"] == {
+        **metadata["input"],
+        "dtype": "uint8",
+        "shape": [1, 128, 128],
+    }
     assert metadata["outputs_per_image"] == ["boxes", "scores", "labels", "image_probability"]
-    assert metadata["image_metadata_weights"] == pytest.approx(checkpoint["model"]["image_head.metadata.weight"][0].tolist())
+    assert metadata["image_metadata_weights"] == pytest.approx(
+        checkpoint["model"]["image_head.metadata.weight"][0].tolist()
+    )
     assert metadata["image_metadata_features"][:3] == ["view AP", "view PA", "view unknown"]
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_adds_the_metadata_term_as_the_checkpoint_does(head_checkpoint: Path, exports: dict[str, Path], parity_images: list[np.ndarray], fmt: str) -> None:
+def test_export_adds_the_metadata_term_as_the_checkpoint_does(
+    head_checkpoint: Path, exports: dict[str, Path], parity_images: list[np.ndarray], fmt: str
+) -> None:
     from lungdet.data_tools.metadata import ImageTags
 
     images = parity_images[:4]
-    tags = [ImageTags(view_position="AP", age=70), ImageTags(view_position="PA", sex="F"), ImageTags(sex="M"), ImageTags()]
+    tags = [
+        ImageTags(view_position="AP", age=70),
+        ImageTags(view_position="PA", sex="F"),
+        ImageTags(sex="M"),
+        ImageTags(),
+    ]
     eager = load_detector(head_checkpoint, device="cpu", amp="none").predict_batch(images, tags)
     exported = load_exported(exports[fmt], device="cpu")
     parity = compare_results(eager, exported.predict_batch(images, tags), cut_off=0.3)
     assert parity.max_probability is not None and parity.max_probability <= 1e-4
     untagged = exported.predict_batch(images)
-    assert abs(exported.predict_batch(images, tags)[0].probability - untagged[0].probability) > 0.05  # the AP term moved it
+    assert (
+        abs(exported.predict_batch(images, tags)[0].probability - untagged[0].probability) > 0.05
+    )  # the AP term moved it
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -99,7 +127,9 @@ def test_export_agrees_with_the_checkpoint_on_real_and_synthetic_dicoms(
     assert parity.max_probability is not None and parity.max_probability <= 1e-4
 
 
-def test_a_blank_image_gives_the_same_answer_with_or_without_boxes(exports: dict[str, Path], head_checkpoint: Path) -> None:
+def test_a_blank_image_gives_the_same_answer_with_or_without_boxes(
+    exports: dict[str, Path], head_checkpoint: Path
+) -> None:
     # The trace ran on images with boxes; a black and a white image take NMS's other branches.
     images = [np.zeros((300, 300), np.uint8), np.full((300, 300), 255, np.uint8)]
     eager = load_detector(head_checkpoint, device="cpu", amp="none").predict_batch(images)
@@ -132,7 +162,9 @@ def test_compare_results_pairs_swapped_ties_and_counts_mismatches() -> None:
     assert not compare_results([first], [fewer], cut_off=0.5).ok
 
 
-def test_an_export_that_disagrees_is_refused_and_removed(head_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_export_that_disagrees_is_refused_and_removed(
+    head_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     build = export_module.exportable_detector
 
     def drifted(checkpoint: dict) -> torch.nn.Module:
@@ -148,7 +180,9 @@ def test_an_export_that_disagrees_is_refused_and_removed(head_checkpoint: Path, 
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_an_exporter_failure_is_one_clear_error(head_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_exporter_failure_is_one_clear_error(
+    head_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise RuntimeError("Unsupported: prim::SomethingNew\nlong trace follows")
 
@@ -156,14 +190,21 @@ def test_an_exporter_failure_is_one_clear_error(head_checkpoint: Path, tmp_path:
     with pytest.raises(LungdetError) as caught:
         export_checkpoint(head_checkpoint, tmp_path / "model.onnx", fmt="onnx")
     message = str(caught.value)
-    assert "fasterrcnn_mobilenet_v3_large_fpn could not be exported to onnx (RuntimeError: Unsupported: prim::SomethingNew)" in message
+    assert (
+        "fasterrcnn_mobilenet_v3_large_fpn could not be exported to onnx (RuntimeError: Unsupported: prim::SomethingNew)"
+        in message
+    )
     assert "retinanet_resnet50_fpn" in message and "long trace" not in message
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
-def test_onnx_export_without_the_onnx_package_says_what_to_install(head_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_export_without_the_onnx_package_says_what_to_install(
+    head_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(__import__("sys").modules, "onnx", None)
-    with pytest.raises(LungdetError, match=r"needs the onnx package, which is not installed; pip install 'lungdet\[onnx\]'"):
+    with pytest.raises(
+        LungdetError, match=r"needs the onnx package, which is not installed; pip install 'lungdet\[onnx\]'"
+    ):
         export_checkpoint(head_checkpoint, tmp_path / "model.onnx", fmt="onnx")
 
 
@@ -175,9 +216,13 @@ def test_onnx_export_without_the_onnx_package_says_what_to_install(head_checkpoi
         (["--check", "missing.dcm"], "--check missing.dcm: cannot be read"),
     ],
 )
-def test_cli_refuses_bad_options(head_checkpoint: Path, tmp_path: Path, extra: list[str], message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_refuses_bad_options(
+    head_checkpoint: Path, tmp_path: Path, extra: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # so --device cuda reaches the format check on a CPU machine
+    monkeypatch.setattr(
+        torch.cuda, "is_available", lambda: True
+    )  # so --device cuda reaches the format check on a CPU machine
     argv = ["--checkpoint", str(head_checkpoint), "--format", "onnx", "--out", "model.onnx", *extra]
     argv = [str(head_checkpoint) if value == "SAME" else value for value in argv]
     with pytest.raises(LungdetError, match=message):
@@ -189,7 +234,12 @@ def test_cli_reports_the_export_and_predict_writes_the_same_submission(
     head_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "cli.onnx"
-    assert main(get_args_parser().parse_args(["--checkpoint", str(head_checkpoint), "--format", "onnx", "--out", str(out)])) == 0
+    assert (
+        main(
+            get_args_parser().parse_args(["--checkpoint", str(head_checkpoint), "--format", "onnx", "--out", str(out)])
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     printed = captured.out
     assert "lungdet export: tracing fasterrcnn_mobilenet_v3_large_fpn at 128 px, batch 1, on cpu ..." in captured.err
@@ -204,7 +254,17 @@ def test_cli_reports_the_export_and_predict_writes_the_same_submission(
     submissions = {}
     for name, model in (("checkpoint", head_checkpoint), ("onnx", out)):
         submissions[name] = tmp_path / f"{name}.csv"
-        argv = ["--checkpoint", str(model), "--dicom-dir", str(rsna_sample_dir), "--out", str(submissions[name]), "--amp", "none", "--no-progress"]
+        argv = [
+            "--checkpoint",
+            str(model),
+            "--dicom-dir",
+            str(rsna_sample_dir),
+            "--out",
+            str(submissions[name]),
+            "--amp",
+            "none",
+            "--no-progress",
+        ]
         assert predict_main(predict_parser().parse_args(argv)) == 0
     assert "cpu, fp32" in capsys.readouterr().out
     eager, exported = read_submission(submissions["checkpoint"]), read_submission(submissions["onnx"])
@@ -222,7 +282,9 @@ def test_metadata_json_is_readable_from_the_files_alone(exports: dict[str, Path]
 
     import onnx
 
-    props = {entry.key: entry.value for entry in onnx.load(str(exports["onnx"]), load_external_data=False).metadata_props}
+    props = {
+        entry.key: entry.value for entry in onnx.load(str(exports["onnx"]), load_external_data=False).metadata_props
+    }
     with zipfile.ZipFile(exports["torchscript"]) as archive:
         [name] = [name for name in archive.namelist() if name.endswith("extra/lungdet.json")]
         from_zip = json.loads(archive.read(name))
@@ -230,4 +292,6 @@ def test_metadata_json_is_readable_from_the_files_alone(exports: dict[str, Path]
     for document in (from_onnx, from_zip):
         assert document["format"] == "lungdet-export" and document["preprocessing"] == PREPROCESSING
         assert "research use only" in document["notice"]
-    assert from_onnx["exporter"].endswith("torch.onnx.export(dynamo=False), opset 17") and from_zip["exporter"].endswith("torch.jit.trace")
+    assert from_onnx["exporter"].endswith("torch.onnx.export(dynamo=False), opset 17") and from_zip[
+        "exporter"
+    ].endswith("torch.jit.trace")

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.errors import LungdetError
+from lungdet.detection.detector import load_detector
 from lungdet.detection.export import MAX_BOX_DIFFERENCE_PX, MAX_SCORE_DIFFERENCE, compare_results, export_checkpoint
 from lungdet.detection.exported import export_format, load_exported, load_torchscript, onnx_providers
-from lungdet.detection.detector import load_detector
+from lungdet.errors import LungdetError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,9 @@ def test_export_format_is_told_by_content(exports: dict[str, Path], serving_chec
     assert export_format(tmp_path / "missing.onnx") is None
 
 
-def test_the_onnx_runtime_imports_neither_torch_nor_training_code(exports: dict[str, Path], rsna_sample_dir: Path) -> None:
+def test_the_onnx_runtime_imports_neither_torch_nor_training_code(
+    exports: dict[str, Path], rsna_sample_dir: Path
+) -> None:
     dicom = sorted(rsna_sample_dir.glob("*.dcm"))[0]
     script = (
         "import sys\n"
@@ -53,7 +55,9 @@ def test_the_onnx_runtime_imports_neither_torch_nor_training_code(exports: dict[
     assert int(count) > 0 and loaded.strip() == "[]"
 
 
-def test_predict_batch_runs_any_number_of_images_on_a_fixed_batch_graph(exports: dict[str, Path], serving_checkpoint: Path) -> None:
+def test_predict_batch_runs_any_number_of_images_on_a_fixed_batch_graph(
+    exports: dict[str, Path], serving_checkpoint: Path
+) -> None:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (200 + 10 * index, 180), dtype=np.uint8) for index in range(5)]
     eager = load_detector(serving_checkpoint, device="cpu", amp="none").predict_batch(images)
@@ -75,9 +79,14 @@ def test_predict_batch_runs_any_number_of_images_on_a_fixed_batch_graph(exports:
         assert parity.max_score <= 2 * MAX_SCORE_DIFFERENCE, (fmt, parity)
 
 
-def test_without_onnxruntime_an_onnx_export_says_what_to_install(exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_onnxruntime_an_onnx_export_says_what_to_install(
+    exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(LungdetError, match=r"^running an ONNX export needs onnxruntime, which is not installed; pip install 'lungdet\[onnx\]'"):
+    with pytest.raises(
+        LungdetError,
+        match=r"^running an ONNX export needs onnxruntime, which is not installed; pip install 'lungdet\[onnx\]'",
+    ):
         load_detector(exports["onnx"], device="cpu")
 
 
@@ -86,8 +95,10 @@ def test_an_onnx_file_without_lungdet_metadata_is_refused(tmp_path: Path) -> Non
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "foreign",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "foreign",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     path = tmp_path / "foreign.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -133,13 +144,22 @@ def test_onnx_providers_follow_the_device() -> None:
 
 
 def test_a_torchscript_trace_refuses_another_device(exports: dict[str, Path]) -> None:
-    with pytest.raises(LungdetError, match=r"traced on cpu.*use --device cpu, or export again with lungdet export --device cuda"):
+    with pytest.raises(
+        LungdetError, match=r"traced on cpu.*use --device cpu, or export again with lungdet export --device cuda"
+    ):
         load_torchscript(exports["torchscript"], device="cuda")
     assert load_torchscript(exports["torchscript"], device="auto").device == "cpu"
 
 
 def test_an_export_runs_in_float32_only(exports: dict[str, Path]) -> None:
-    with pytest.raises(LungdetError, match=r"model.onnx: an onnx export runs in float32 as it was exported; drop --amp bf16"):
+    with pytest.raises(
+        LungdetError, match=r"model.onnx: an onnx export runs in float32 as it was exported; drop --amp bf16"
+    ):
         load_detector(exports["onnx"], device="cpu", amp="bf16")
     detector = load_detector(exports["onnx"], device="cpu", amp="none")
-    assert (detector.precision_name, detector.device, detector.format, detector.image_threshold) == ("fp32", "cpu", "onnx", None)
+    assert (detector.precision_name, detector.device, detector.format, detector.image_threshold) == (
+        "fp32",
+        "cpu",
+        "onnx",
+        None,
+    )

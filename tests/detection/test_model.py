@@ -17,7 +17,6 @@ from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_FPN_Weigh
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import FrozenBatchNorm2d
 
-from lungdet.errors import ConfigError
 from lungdet.detection.config import MODEL_ARCHITECTURES, ModelConfig, load_config
 from lungdet.detection.masks import box_masks
 from lungdet.detection.model import (
@@ -30,6 +29,7 @@ from lungdet.detection.model import (
     load_pretrained_state,
     needs_masks,
 )
+from lungdet.errors import ConfigError
 
 IMAGE_SIZE = 64
 MOBILENET = "fasterrcnn_mobilenet_v3_large_fpn"
@@ -46,13 +46,21 @@ EXPECTED_OUTPUTS = {architecture: {"boxes", "scores", "labels"} for architecture
 }
 # The class-specific tensors, whose shapes depend on num_classes: what COCO's 91-class weights cannot fill.
 CLASS_SPECIFIC = {
-    "fasterrcnn_resnet50_fpn": {"roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
-                                "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias"},
-    "retinanet_resnet50_fpn": {"head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"},
+    "fasterrcnn_resnet50_fpn": {
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.bbox_pred.bias",
+    },
+    "retinanet_resnet50_fpn": {
+        "head.classification_head.cls_logits.weight",
+        "head.classification_head.cls_logits.bias",
+    },
 }
 CLASS_SPECIFIC["fasterrcnn_resnet50_fpn_v2"] = CLASS_SPECIFIC[MOBILENET] = CLASS_SPECIFIC["fasterrcnn_resnet50_fpn"]
 CLASS_SPECIFIC["maskrcnn_resnet50_fpn"] = CLASS_SPECIFIC["fasterrcnn_resnet50_fpn"] | {
-    "roi_heads.mask_predictor.mask_fcn_logits.weight", "roi_heads.mask_predictor.mask_fcn_logits.bias"
+    "roi_heads.mask_predictor.mask_fcn_logits.weight",
+    "roi_heads.mask_predictor.mask_fcn_logits.bias",
 }
 # Small enough to run fast, low enough that even an untrained model reports boxes to check.
 RUN_OVERRIDES = ("model.box_detections_per_img=5", "model.box_score_thresh=0.001")
@@ -108,7 +116,9 @@ def test_every_configurable_architecture_has_a_builder() -> None:
     assert set(MODELS) == set(MODEL_ARCHITECTURES)
 
 
-def test_in_memory_layout_moves_the_convolutions_to_channels_last_only_when_asked(tiny_model: Callable[[str], nn.Module]) -> None:
+def test_in_memory_layout_moves_the_convolutions_to_channels_last_only_when_asked(
+    tiny_model: Callable[[str], nn.Module],
+) -> None:
     model = copy.deepcopy(tiny_model(MOBILENET))
     # Kernels wider than 1x1 over more than one input channel: the others are laid out alike either way.
     spatial_weights = lambda: [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # noqa: E731
@@ -116,22 +126,32 @@ def test_in_memory_layout_moves_the_convolutions_to_channels_last_only_when_aske
     assert in_memory_layout(model, channels_last=False) is model
     assert all(weight.is_contiguous() for weight in spatial_weights())
     assert in_memory_layout(model, channels_last=True) is model
-    assert all(weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous() for weight in spatial_weights())
+    assert all(
+        weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        for weight in spatial_weights()
+    )
 
 
 def test_only_mask_rcnn_needs_masks() -> None:
-    assert {architecture for architecture in MODEL_ARCHITECTURES if needs_masks(architecture)} == {"maskrcnn_resnet50_fpn"}
+    assert {architecture for architecture in MODEL_ARCHITECTURES if needs_masks(architecture)} == {
+        "maskrcnn_resnet50_fpn"
+    }
 
 
 def test_an_unknown_architecture_is_a_config_error_naming_the_choices() -> None:
-    with pytest.raises(ConfigError, match=r"model.architecture='yolo': unknown; use one of fasterrcnn_resnet50_fpn, .*maskrcnn_resnet50_fpn"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.architecture='yolo': unknown; use one of fasterrcnn_resnet50_fpn, .*maskrcnn_resnet50_fpn",
+    ):
         needs_masks("yolo")
     with pytest.raises(ConfigError, match=r"model.architecture='yolo': unknown"):
         build_model(ModelConfig(architecture="yolo"))
 
 
 @pytest.mark.parametrize("architecture", MODEL_ARCHITECTURES)
-def test_model_trains_and_predicts_at_a_tiny_size(tiny_config: Callable[..., ModelConfig], tiny_model: Callable[[str], nn.Module], architecture: str) -> None:
+def test_model_trains_and_predicts_at_a_tiny_size(
+    tiny_config: Callable[..., ModelConfig], tiny_model: Callable[[str], nn.Module], architecture: str
+) -> None:
     config = tiny_config(*RUN_OVERRIDES, architecture=architecture)
     model = tiny_model(architecture)
     images, targets = tiny_batch(mask_shape=config.mask_shape if needs_masks(architecture) else None)
@@ -154,7 +174,11 @@ def test_model_trains_and_predicts_at_a_tiny_size(tiny_config: Callable[..., Mod
         assert set(output) == EXPECTED_OUTPUTS[architecture]
         count = output["boxes"].shape[0]
         assert 1 <= count <= 5
-        assert output["boxes"].shape == (count, 4) and output["scores"].shape == (count,) and output["labels"].shape == (count,)
+        assert (
+            output["boxes"].shape == (count, 4)
+            and output["scores"].shape == (count,)
+            and output["labels"].shape == (count,)
+        )
         assert bool(((output["boxes"] >= 0) & (output["boxes"] <= IMAGE_SIZE)).all())
         assert bool((output["scores"] >= config.box_score_thresh).all())
         # Label 1 is lung_opacity for every architecture; a 0 would be a background box (see ForegroundRetinaNet).
@@ -188,10 +212,14 @@ def test_fasterrcnn_v2_follows_the_torchvision_recipe(tiny_model: Callable[[str]
 
 
 @pytest.mark.parametrize("architecture", MODEL_ARCHITECTURES)
-def test_state_dict_matches_torchvision_so_coco_weights_load_except_the_class_layers(tiny_model: Callable[[str], nn.Module], architecture: str) -> None:
+def test_state_dict_matches_torchvision_so_coco_weights_load_except_the_class_layers(
+    tiny_model: Callable[[str], nn.Module], architecture: str
+) -> None:
     # torchvision's own builder with COCO's 91 classes, random weights: the layout the COCO_V1 file has.
     torch.manual_seed(4)
-    reference = getattr(torchvision_detection, architecture)(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    reference = getattr(torchvision_detection, architecture)(
+        weights=None, weights_backbone=None, num_classes=91
+    ).state_dict()
     model = copy.deepcopy(tiny_model(architecture))
     own = model.state_dict()
     assert set(own) == set(reference)
@@ -214,7 +242,10 @@ def legacy_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         (r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.", r"backbone.fpn.\1_blocks.\2."),
         (r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv."),
         (r"^roi_heads\.mask_head\.(\d+)\.0\.", lambda match: f"roi_heads.mask_head.mask_fcn{int(match[1]) + 1}."),
-        (r"^head\.(classification|regression)_head\.conv\.(\d+)\.0\.", lambda match: f"head.{match[1]}_head.conv.{2 * int(match[2])}."),
+        (
+            r"^head\.(classification|regression)_head\.conv\.(\d+)\.0\.",
+            lambda match: f"head.{match[1]}_head.conv.{2 * int(match[2])}.",
+        ),
     ]
     renamed = {}
     for key, value in state.items():
@@ -224,26 +255,45 @@ def legacy_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return renamed
 
 
-@pytest.mark.parametrize("architecture", ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "maskrcnn_resnet50_fpn", MOBILENET])
-def test_coco_weights_with_legacy_layer_names_load_completely(tiny_model: Callable[[str], nn.Module], architecture: str) -> None:
+@pytest.mark.parametrize(
+    "architecture", ["fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "maskrcnn_resnet50_fpn", MOBILENET]
+)
+def test_coco_weights_with_legacy_layer_names_load_completely(
+    tiny_model: Callable[[str], nn.Module], architecture: str
+) -> None:
     torch.manual_seed(5)
-    reference = getattr(torchvision_detection, architecture)(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    reference = getattr(torchvision_detection, architecture)(
+        weights=None, weights_backbone=None, num_classes=91
+    ).state_dict()
     legacy = legacy_names(reference)
-    assert "rpn.head.conv.weight" in legacy or "head.regression_head.conv.6.weight" in legacy  # the renaming did something
+    assert (
+        "rpn.head.conv.weight" in legacy or "head.regression_head.conv.6.weight" in legacy
+    )  # the renaming did something
     model = copy.deepcopy(tiny_model(architecture))
 
     loaded, skipped = load_matching_weights(model, legacy)
 
-    assert (loaded, skipped) == (len(model.state_dict()) - len(CLASS_SPECIFIC[architecture]), len(CLASS_SPECIFIC[architecture]))
+    assert (loaded, skipped) == (
+        len(model.state_dict()) - len(CLASS_SPECIFIC[architecture]),
+        len(CLASS_SPECIFIC[architecture]),
+    )
     after = model.state_dict()
-    for key in ("backbone.fpn.inner_blocks.0.0.weight", "backbone.fpn.layer_blocks.2.0.bias", "rpn.head.conv.0.0.weight",
-                "roi_heads.mask_head.3.0.weight", "head.classification_head.conv.3.0.weight", "head.regression_head.conv.0.0.bias"):
+    for key in (
+        "backbone.fpn.inner_blocks.0.0.weight",
+        "backbone.fpn.layer_blocks.2.0.bias",
+        "rpn.head.conv.0.0.weight",
+        "roi_heads.mask_head.3.0.weight",
+        "head.classification_head.conv.3.0.weight",
+        "head.regression_head.conv.0.0.bias",
+    ):
         if key in reference:
             torch.testing.assert_close(after[key], reference[key])
 
 
 @pytest.mark.parametrize("architecture", MODEL_ARCHITECTURES)
-def test_from_scratch_every_layer_trains_with_ordinary_batch_norm(tiny_model: Callable[[str], nn.Module], architecture: str) -> None:
+def test_from_scratch_every_layer_trains_with_ordinary_batch_norm(
+    tiny_model: Callable[[str], nn.Module], architecture: str
+) -> None:
     model = tiny_model(architecture)
     assert not any(isinstance(module, FrozenBatchNorm2d) for module in model.modules())
     assert any(isinstance(module, nn.BatchNorm2d) for module in model.backbone.body.modules())
@@ -251,50 +301,83 @@ def test_from_scratch_every_layer_trains_with_ordinary_batch_norm(tiny_model: Ca
 
 
 @pytest.mark.parametrize("architecture", [a for a in MODEL_ARCHITECTURES if a != "fasterrcnn_resnet50_fpn_v2"])
-def test_with_pretrained_weights_batch_norm_is_frozen_and_early_stages_do_not_train(tiny_config: Callable[..., ModelConfig], architecture: str) -> None:
+def test_with_pretrained_weights_batch_norm_is_frozen_and_early_stages_do_not_train(
+    tiny_config: Callable[..., ModelConfig], architecture: str
+) -> None:
     config = tiny_config("model.trainable_backbone_layers=0", architecture=architecture)
     model = build_model(config, frozen_batch_norm=True)
     assert any(isinstance(module, FrozenBatchNorm2d) for module in model.modules())
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
     assert not any(parameter.requires_grad for parameter in model.backbone.body.parameters())
-    assert all(parameter.requires_grad for name, parameter in model.named_parameters() if not name.startswith("backbone.body."))
+    assert all(
+        parameter.requires_grad for name, parameter in model.named_parameters() if not name.startswith("backbone.body.")
+    )
 
 
-def test_fasterrcnn_v2_with_pretrained_weights_keeps_ordinary_batch_norm_like_torchvision(tiny_config: Callable[..., ModelConfig]) -> None:
+def test_fasterrcnn_v2_with_pretrained_weights_keeps_ordinary_batch_norm_like_torchvision(
+    tiny_config: Callable[..., ModelConfig],
+) -> None:
     config = tiny_config("model.trainable_backbone_layers=2", architecture="fasterrcnn_resnet50_fpn_v2")
     model = build_model(config, frozen_batch_norm=True)
     assert not any(isinstance(module, FrozenBatchNorm2d) for module in model.modules())
     assert isinstance(model.backbone.body.bn1, nn.BatchNorm2d)
-    trainable = {name.split(".")[0] for name, parameter in model.backbone.body.named_parameters() if parameter.requires_grad}
+    trainable = {
+        name.split(".")[0] for name, parameter in model.backbone.body.named_parameters() if parameter.requires_grad
+    }
     assert trainable == {"layer3", "layer4"}  # the last 2 stages
-    assert all(parameter.requires_grad for name, parameter in model.named_parameters() if not name.startswith("backbone.body."))
+    assert all(
+        parameter.requires_grad for name, parameter in model.named_parameters() if not name.startswith("backbone.body.")
+    )
 
 
 # --- anchors ------------------------------------------------------------------------------------
 
 
-def test_anchor_sizes_are_spread_one_per_feature_map_when_the_counts_match(tiny_config: Callable[..., ModelConfig]) -> None:
-    generator = anchor_generator(tiny_config("model.anchor_sizes=[16, 32, 64]", "model.anchor_aspect_ratios=[1.0, 1.5]"), 3)
+def test_anchor_sizes_are_spread_one_per_feature_map_when_the_counts_match(
+    tiny_config: Callable[..., ModelConfig],
+) -> None:
+    generator = anchor_generator(
+        tiny_config("model.anchor_sizes=[16, 32, 64]", "model.anchor_aspect_ratios=[1.0, 1.5]"), 3
+    )
     assert generator.sizes == ((16,), (32,), (64,))
     assert generator.aspect_ratios == ((1.0, 1.5),) * 3
     assert generator.num_anchors_per_location() == [2, 2, 2]
 
 
 def test_every_anchor_size_goes_on_every_map_when_the_counts_differ(tiny_config: Callable[..., ModelConfig]) -> None:
-    generator = anchor_generator(tiny_config("model.anchor_sizes=[16, 32, 64]", "model.anchor_aspect_ratios=[1.0, 1.5]"), 5)
+    generator = anchor_generator(
+        tiny_config("model.anchor_sizes=[16, 32, 64]", "model.anchor_aspect_ratios=[1.0, 1.5]"), 5
+    )
     assert generator.sizes == ((16, 32, 64),) * 5
     assert generator.aspect_ratios == ((1.0, 1.5),) * 5
     assert generator.num_anchors_per_location() == [6] * 5
 
 
-def test_build_model_uses_the_architecture_feature_map_count_for_anchors(tiny_config: Callable[..., ModelConfig]) -> None:
+def test_build_model_uses_the_architecture_feature_map_count_for_anchors(
+    tiny_config: Callable[..., ModelConfig],
+) -> None:
     sizes = "model.anchor_sizes=[32, 64, 128, 256, 512]"
-    assert build_model(tiny_config(sizes, architecture="fasterrcnn_resnet50_fpn")).rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
-    assert build_model(tiny_config(sizes, architecture=MOBILENET)).rpn.anchor_generator.sizes == ((32, 64, 128, 256, 512),) * 3
+    assert build_model(tiny_config(sizes, architecture="fasterrcnn_resnet50_fpn")).rpn.anchor_generator.sizes == (
+        (32,),
+        (64,),
+        (128,),
+        (256,),
+        (512,),
+    )
+    assert (
+        build_model(tiny_config(sizes, architecture=MOBILENET)).rpn.anchor_generator.sizes
+        == ((32, 64, 128, 256, 512),) * 3
+    )
 
 
-def test_retinanet_anchors_put_three_octave_scales_of_one_size_on_each_of_five_levels(tiny_config: Callable[..., ModelConfig], tiny_model: Callable[[str], nn.Module]) -> None:
-    config = tiny_config("model.anchor_sizes=[32, 64, 128, 256, 512]", "model.anchor_aspect_ratios=[0.5, 1.0, 2.0]", architecture="retinanet_resnet50_fpn")
+def test_retinanet_anchors_put_three_octave_scales_of_one_size_on_each_of_five_levels(
+    tiny_config: Callable[..., ModelConfig], tiny_model: Callable[[str], nn.Module]
+) -> None:
+    config = tiny_config(
+        "model.anchor_sizes=[32, 64, 128, 256, 512]",
+        "model.anchor_aspect_ratios=[0.5, 1.0, 2.0]",
+        architecture="retinanet_resnet50_fpn",
+    )
     generator = anchor_generator(config, 5, scales=RETINANET_ANCHOR_SCALES)
     # 32 x 2^(1/3) = 40.3 and 32 x 2^(2/3) = 50.8, truncated as torchvision does; and so on per level.
     assert generator.sizes == ((32, 40, 50), (64, 80, 101), (128, 161, 203), (256, 322, 406), (512, 645, 812))
@@ -305,8 +388,12 @@ def test_retinanet_anchors_put_three_octave_scales_of_one_size_on_each_of_five_l
         assert len(model.backbone(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))) == 5  # P3..P7
 
 
-def test_retinanet_anchors_spread_every_scaled_size_on_every_level_when_the_counts_differ(tiny_config: Callable[..., ModelConfig]) -> None:
-    config = tiny_config("model.anchor_sizes=[16, 64]", "model.anchor_aspect_ratios=[1.0, 1.5]", architecture="retinanet_resnet50_fpn")
+def test_retinanet_anchors_spread_every_scaled_size_on_every_level_when_the_counts_differ(
+    tiny_config: Callable[..., ModelConfig],
+) -> None:
+    config = tiny_config(
+        "model.anchor_sizes=[16, 64]", "model.anchor_aspect_ratios=[1.0, 1.5]", architecture="retinanet_resnet50_fpn"
+    )
     generator = anchor_generator(config, 5, scales=RETINANET_ANCHOR_SCALES)
     assert generator.sizes == ((16, 20, 25, 64, 80, 101),) * 5
     assert generator.num_anchors_per_location() == [12] * 5
@@ -332,7 +419,11 @@ COCO_WEIGHTS = {
 
 @pytest.mark.parametrize("architecture", MODEL_ARCHITECTURES)
 def test_pretrained_auto_offline_falls_back_to_scratch_quietly(
-    tiny_config: Callable[..., ModelConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, architecture: str
+    tiny_config: Callable[..., ModelConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    architecture: str,
 ) -> None:
     # An empty torch cache and no network, whatever the machine running the test has.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -344,12 +435,17 @@ def test_pretrained_auto_offline_falls_back_to_scratch_quietly(
     state, notice = load_pretrained_state(tiny_config("model.pretrained=auto", architecture=architecture))
     assert state is None
     assert "\n" not in notice
-    assert re.fullmatch(rf"torchvision {re.escape(COCO_WEIGHTS[architecture])} weights unavailable \(.*Name or service not known.*\); training from scratch", notice)
+    assert re.fullmatch(
+        rf"torchvision {re.escape(COCO_WEIGHTS[architecture])} weights unavailable \(.*Name or service not known.*\); training from scratch",
+        notice,
+    )
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", "")
 
 
-def test_pretrained_auto_uses_torchvision_weights_when_available(tiny_config: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pretrained_auto_uses_torchvision_weights_when_available(
+    tiny_config: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake_state = {"roi_heads.box_head.fc6.bias": torch.zeros(1024)}
     monkeypatch.setattr(FasterRCNN_MobileNet_V3_Large_FPN_Weights, "get_state_dict", lambda self, **kwargs: fake_state)
     state, notice = load_pretrained_state(tiny_config("model.pretrained=auto"))
@@ -358,7 +454,9 @@ def test_pretrained_auto_uses_torchvision_weights_when_available(tiny_config: Ca
 
 
 @pytest.mark.parametrize("as_checkpoint", [False, True], ids=["state_dict", "lungdet_checkpoint"])
-def test_pretrained_local_file_is_loaded_into_the_model(tiny_config: Callable[..., ModelConfig], tmp_path: Path, as_checkpoint: bool) -> None:
+def test_pretrained_local_file_is_loaded_into_the_model(
+    tiny_config: Callable[..., ModelConfig], tmp_path: Path, as_checkpoint: bool
+) -> None:
     torch.manual_seed(1)
     source = build_model(tiny_config())
     path = tmp_path / "weights.pth"
@@ -378,14 +476,23 @@ def test_pretrained_local_file_is_loaded_into_the_model(tiny_config: Callable[..
 
 def test_pretrained_missing_file_is_a_config_error(tiny_config: Callable[..., ModelConfig], tmp_path: Path) -> None:
     missing = tmp_path / "missing.pth"
-    with pytest.raises(ConfigError, match=re.escape(f"model.pretrained='{missing}': no such file; use 'auto', 'none' or the path of a .pth state dict")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            f"model.pretrained='{missing}': no such file; use 'auto', 'none' or the path of a .pth state dict"
+        ),
+    ):
         load_pretrained_state(tiny_config(f"model.pretrained={missing}"))
 
 
-def test_pretrained_file_that_is_not_a_state_dict_is_a_config_error(tiny_config: Callable[..., ModelConfig], tmp_path: Path) -> None:
+def test_pretrained_file_that_is_not_a_state_dict_is_a_config_error(
+    tiny_config: Callable[..., ModelConfig], tmp_path: Path
+) -> None:
     path = tmp_path / "notes.pth"
     path.write_text("not torch")
-    with pytest.raises(ConfigError, match=re.escape(f"model.pretrained={path}: cannot be loaded as a torch state dict")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"model.pretrained={path}: cannot be loaded as a torch state dict")
+    ):
         load_pretrained_state(tiny_config(f"model.pretrained={path}"))
 
 
@@ -403,4 +510,6 @@ def test_load_matching_weights_skips_shape_mismatches_and_counts_them(tiny_confi
     after = two_classes.state_dict()
     for key in ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.bbox_pred.bias"):
         torch.testing.assert_close(after[key], before[key])
-    torch.testing.assert_close(after["roi_heads.box_head.fc6.weight"], three_classes.state_dict()["roi_heads.box_head.fc6.weight"])
+    torch.testing.assert_close(
+        after["roi_heads.box_head.fc6.weight"], three_classes.state_dict()["roi_heads.box_head.fc6.weight"]
+    )

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from lungdet.errors import LungdetError
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.detection.detector import load_trained_model
-from lungdet.detection.runtime import Precision, resolve_precision
 from lungdet.detection.predict import get_args_parser, main, predict_dicoms, report_operating_point
+from lungdet.detection.runtime import Precision, resolve_precision
+from lungdet.errors import LungdetError
 from lungdet.submission.postprocess import PostprocessConfig, PostprocessResult
 from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission
 
@@ -28,7 +28,13 @@ DICOM_ROWS, DICOM_COLUMNS = 128, 256  # not square, so a swapped axis shows
 @pytest.fixture(scope="module")
 def dicom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 synthetic 128 x 256 DICOMs and one corrupt .dcm."""
-    synth = write_synthetic_dataset(tmp_path_factory.mktemp("predict_dicoms"), count=3, seed=5, positive_fraction=0.67, size=(DICOM_ROWS, DICOM_COLUMNS))
+    synth = write_synthetic_dataset(
+        tmp_path_factory.mktemp("predict_dicoms"),
+        count=3,
+        seed=5,
+        positive_fraction=0.67,
+        size=(DICOM_ROWS, DICOM_COLUMNS),
+    )
     (synth.images_dir / "corrupt-0000.dcm").write_bytes(b"this is not a DICOM file" * 10)
     return synth.images_dir
 
@@ -43,7 +49,9 @@ def good_stems(dicom_dir: Path) -> list[str]:
 def test_predict_dicoms_gives_every_file_a_row_and_lists_the_bad_one(trained: dict[str, Any], dicom_dir: Path) -> None:
     model, config, _ = load_trained_model(trained["checkpoint"], device=CPU)
     paths = sorted(dicom_dir.glob("*.dcm"))
-    predictions, bad = predict_dicoms(model, paths, image_size=config.model.image_size, device=CPU, score_threshold=0.0, batch_size=2, progress=False)
+    predictions, bad = predict_dicoms(
+        model, paths, image_size=config.model.image_size, device=CPU, score_threshold=0.0, batch_size=2, progress=False
+    )
 
     assert sorted(predictions) == sorted(["corrupt-0000", *good_stems(dicom_dir)])
     assert [path.name for path, _ in bad] == ["corrupt-0000.dcm"]
@@ -61,11 +69,20 @@ def test_predict_dicoms_runs_the_network_under_the_given_precision(trained: dict
     model, config, _ = load_trained_model(trained["checkpoint"], device=CPU)
     paths = [dicom_dir / f"{stem}.dcm" for stem in good_stems(dicom_dir)]
     seen: list[torch.dtype] = []
-    hook = model.backbone.register_forward_hook(lambda _module, _inputs, features: seen.append(next(iter(features.values())).dtype))
+    hook = model.backbone.register_forward_hook(
+        lambda _module, _inputs, features: seen.append(next(iter(features.values())).dtype)
+    )
     try:
         for precision in (None, Precision("cpu", torch.bfloat16)):
             predictions, _ = predict_dicoms(
-                model, paths, image_size=config.model.image_size, device=CPU, score_threshold=0.0, batch_size=3, progress=False, precision=precision
+                model,
+                paths,
+                image_size=config.model.image_size,
+                device=CPU,
+                score_threshold=0.0,
+                batch_size=3,
+                progress=False,
+                precision=precision,
             )
             assert sorted(predictions) == good_stems(dicom_dir)
     finally:
@@ -80,9 +97,23 @@ def run_cli(*argv: str) -> int:
     return main(get_args_parser().parse_args([*argv, "--no-progress"]))
 
 
-def test_cli_writes_a_sorted_submission_with_a_row_per_dicom(trained: dict[str, Any], dicom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_writes_a_sorted_submission_with_a_row_per_dicom(
+    trained: dict[str, Any], dicom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "submission.csv"
-    assert run_cli("--checkpoint", str(trained["checkpoint"]), "--dicom-dir", str(dicom_dir), "--out", str(out), "--batch-size", "3") == 0
+    assert (
+        run_cli(
+            "--checkpoint",
+            str(trained["checkpoint"]),
+            "--dicom-dir",
+            str(dicom_dir),
+            "--out",
+            str(out),
+            "--batch-size",
+            "3",
+        )
+        == 0
+    )
 
     lines = out.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "patientId,PredictionString"
@@ -113,7 +144,15 @@ def test_cli_writes_a_sorted_submission_with_a_row_per_dicom(trained: dict[str, 
 def test_cli_rejects_bad_options_before_any_work(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
     # The checkpoint and folder do not exist: the option check must come first.
     with pytest.raises(SystemExit):
-        run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(tmp_path / "none"), "--out", str(tmp_path / "s.csv"), *extra)
+        run_cli(
+            "--checkpoint",
+            str(tmp_path / "none.pt"),
+            "--dicom-dir",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "s.csv"),
+            *extra,
+        )
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists()
 
@@ -121,12 +160,30 @@ def test_cli_rejects_bad_options_before_any_work(tmp_path: Path, capsys, extra: 
 def test_cli_with_no_dicoms_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'empty'}: no .dcm files found")):
-        run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "s.csv"))
+        run_cli(
+            "--checkpoint",
+            str(tmp_path / "none.pt"),
+            "--dicom-dir",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "s.csv"),
+        )
 
 
 def test_cli_refuses_fp16_on_the_cpu_before_loading_anything(tmp_path: Path, dicom_dir: Path) -> None:
     with pytest.raises(LungdetError, match=re.escape("amp=fp16 needs a CUDA GPU, but this run is on cpu")):
-        run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(dicom_dir), "--out", str(tmp_path / "s.csv"), "--device", "cpu", "--amp", "fp16")
+        run_cli(
+            "--checkpoint",
+            str(tmp_path / "none.pt"),
+            "--dicom-dir",
+            str(dicom_dir),
+            "--out",
+            str(tmp_path / "s.csv"),
+            "--device",
+            "cpu",
+            "--amp",
+            "fp16",
+        )
     assert not (tmp_path / "s.csv").exists()
 
 
@@ -134,8 +191,17 @@ def test_cli_refuses_two_dicoms_with_one_patient_id(tmp_path: Path) -> None:
     for folder in ("a", "b"):
         (tmp_path / "dicoms" / folder).mkdir(parents=True)
         (tmp_path / "dicoms" / folder / "same-id.dcm").write_bytes(b"not read: the check comes first")
-    with pytest.raises(LungdetError, match=r"dicoms/a/same-id\.dcm and .*dicoms/b/same-id\.dcm have the same patientId 'same-id'"):
-        run_cli("--checkpoint", str(tmp_path / "none.pt"), "--dicom-dir", str(tmp_path / "dicoms"), "--out", str(tmp_path / "s.csv"))
+    with pytest.raises(
+        LungdetError, match=r"dicoms/a/same-id\.dcm and .*dicoms/b/same-id\.dcm have the same patientId 'same-id'"
+    ):
+        run_cli(
+            "--checkpoint",
+            str(tmp_path / "none.pt"),
+            "--dicom-dir",
+            str(tmp_path / "dicoms"),
+            "--out",
+            str(tmp_path / "s.csv"),
+        )
     assert not (tmp_path / "s.csv").exists()
 
 
@@ -163,12 +229,16 @@ def mirrored_pair(rsna_sample_dir: Path, tmp_path_factory: pytest.TempPathFactor
     return folder / "upright.png", folder / "mirrored.png"
 
 
-def test_tta_boxes_of_a_mirrored_image_map_back_to_the_original(serving_detector, mirrored_pair: tuple[Path, Path]) -> None:
+def test_tta_boxes_of_a_mirrored_image_map_back_to_the_original(
+    serving_detector, mirrored_pair: tuple[Path, Path]
+) -> None:
     """The hflip pass of an image is the plain pass of its mirror, mapped back; and the other way round."""
     from lungdet.detection.predict import predict_raw, read_any_input
     from lungdet.detection.tta import hflip_back
 
-    rows, bad = predict_raw([serving_detector], ["m"], list(mirrored_pair), read=read_any_input, tta="hflip", progress=False)
+    rows, bad = predict_raw(
+        [serving_detector], ["m"], list(mirrored_pair), read=read_any_input, tta="hflip", progress=False
+    )
     assert bad == []
     passes = {(row.patient_id, row.pass_name): row.prediction for row in rows}
     assert set(passes) == {("upright", "plain"), ("upright", "hflip"), ("mirrored", "plain"), ("mirrored", "hflip")}
@@ -179,7 +249,9 @@ def test_tta_boxes_of_a_mirrored_image_map_back_to_the_original(serving_detector
         np.testing.assert_allclose(passes[one, "hflip"].scores, expected.scores, atol=1e-6)
 
 
-def test_two_copies_of_a_checkpoint_fuse_to_the_single_model_submission(serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path) -> None:
+def test_two_copies_of_a_checkpoint_fuse_to_the_single_model_submission(
+    serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "dicoms"
     folder.mkdir()
     for path in sorted(rsna_sample_dir.glob("*.dcm"))[:3]:
@@ -191,7 +263,18 @@ def test_two_copies_of_a_checkpoint_fuse_to_the_single_model_submission(serving_
         copies[-1].write_bytes(serving_checkpoint.read_bytes())
     common = ["--dicom-dir", str(folder), "--device", "cpu", "--amp", "none"]
     assert run_cli("--checkpoint", str(copies[0]), *common, "--out", str(tmp_path / "one.csv")) == 0
-    assert run_cli("--checkpoint", *map(str, copies), *common, "--out", str(tmp_path / "two.csv"), "--raw", str(tmp_path / "raw.csv")) == 0
+    assert (
+        run_cli(
+            "--checkpoint",
+            *map(str, copies),
+            *common,
+            "--out",
+            str(tmp_path / "two.csv"),
+            "--raw",
+            str(tmp_path / "raw.csv"),
+        )
+        == 0
+    )
     single, fused = read_submission(tmp_path / "one.csv"), read_submission(tmp_path / "two.csv")
     assert list(single) == list(fused)
     assert sum(len(prediction.scores) for prediction in single.values()) > 0
@@ -224,12 +307,28 @@ def test_postprocess_file_is_applied(serving_checkpoint: Path, rsna_sample_dir: 
             np.testing.assert_allclose(prediction.boxes[0, 2:], best.boxes[0, 2:] * 0.5, atol=0.11)
 
 
-def test_tta_writes_both_passes_and_fuses_them(serving_checkpoint: Path, mirrored_pair: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+def test_tta_writes_both_passes_and_fuses_them(
+    serving_checkpoint: Path, mirrored_pair: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
     from lungdet.submission.postprocess import PostprocessConfig, postprocess
     from lungdet.submission.raw_predictions import read_raw_predictions
 
-    args = ["--checkpoint", str(serving_checkpoint), "--input", str(mirrored_pair[0]), "--device", "cpu", "--amp", "none", "--tta", "hflip"]
-    assert run_cli(*args, "--out", str(tmp_path / "s.csv"), "--raw", str(tmp_path / "raw.csv"), "--score-threshold", "0.2") == 0
+    args = [
+        "--checkpoint",
+        str(serving_checkpoint),
+        "--input",
+        str(mirrored_pair[0]),
+        "--device",
+        "cpu",
+        "--amp",
+        "none",
+        "--tta",
+        "hflip",
+    ]
+    assert (
+        run_cli(*args, "--out", str(tmp_path / "s.csv"), "--raw", str(tmp_path / "raw.csv"), "--score-threshold", "0.2")
+        == 0
+    )
     assert "(confidence >= 0.2, TTA hflip; cpu, fp32)" in capsys.readouterr().out
     raw = read_raw_predictions(tmp_path / "raw.csv")
     assert [row.pass_name for row in raw] == ["plain", "hflip"]
@@ -238,10 +337,14 @@ def test_tta_writes_both_passes_and_fuses_them(serving_checkpoint: Path, mirrore
     written = read_submission(tmp_path / "s.csv")["upright"]
     np.testing.assert_allclose(written.scores, expected.scores, atol=1e-4)
     plain_only = keep_confident(raw[0].prediction, min_confidence=0.2)
-    assert len(written.scores) != len(plain_only.scores) or not np.allclose(written.scores, plain_only.scores, atol=1e-4)  # fusion did something
+    assert len(written.scores) != len(plain_only.scores) or not np.allclose(
+        written.scores, plain_only.scores, atol=1e-4
+    )  # fusion did something
 
 
-def test_output_is_identical_for_any_number_of_workers(serving_checkpoint: Path, rsna_sample_dir: Path, dicom_dir: Path, tmp_path: Path) -> None:
+def test_output_is_identical_for_any_number_of_workers(
+    serving_checkpoint: Path, rsna_sample_dir: Path, dicom_dir: Path, tmp_path: Path
+) -> None:
     # Real 1024 px DICOMs, synthetic 128 x 256 ones and a corrupt file, through two models with
     # different input specs (the checkpoint and a copy whose convert step resized to 96 px) and hflip TTA.
     folder = tmp_path / "mixed"
@@ -255,7 +358,17 @@ def test_output_is_identical_for_any_number_of_workers(serving_checkpoint: Path,
     outputs = {}
     for workers in (0, 1, 2):
         out, raw = tmp_path / f"w{workers}.csv", tmp_path / f"w{workers}_raw.csv"
-        argv = ["--checkpoint", str(serving_checkpoint), str(resized), "--dicom-dir", str(folder), "--tta", "hflip", "--batch-size", "3"]
+        argv = [
+            "--checkpoint",
+            str(serving_checkpoint),
+            str(resized),
+            "--dicom-dir",
+            str(folder),
+            "--tta",
+            "hflip",
+            "--batch-size",
+            "3",
+        ]
         assert run_cli(*argv, "--amp", "none", "--workers", str(workers), "--out", str(out), "--raw", str(raw)) == 0
         outputs[workers] = (out.read_bytes(), raw.read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
@@ -265,7 +378,9 @@ def test_output_is_identical_for_any_number_of_workers(serving_checkpoint: Path,
     assert len(raw_lines) == 1 + 7 * 2 * 2  # readable images x models x passes
 
 
-def test_an_image_folder_predicts_as_its_files_do_and_label_space_scales_the_boxes(serving_checkpoint: Path, rsna_real_dir: Path, tmp_path: Path) -> None:
+def test_an_image_folder_predicts_as_its_files_do_and_label_space_scales_the_boxes(
+    serving_checkpoint: Path, rsna_real_dir: Path, tmp_path: Path
+) -> None:
     """--image-dir reads PNG/JPEG like --input; --label-space writes a 256 px copy's boxes in the labels' 1024 space."""
     import cv2
 
@@ -277,13 +392,27 @@ def test_an_image_folder_predicts_as_its_files_do_and_label_space_scales_the_box
         (jpegs / path.name).symlink_to(path)
         small = cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (256, 256), interpolation=cv2.INTER_AREA)
         cv2.imwrite(str(pngs / f"{path.stem}.png"), small)
-    common = ["--checkpoint", str(serving_checkpoint), "--device", "cpu", "--amp", "none", "--score-threshold", "0.05", "--workers", "0"]
+    common = [
+        "--checkpoint",
+        str(serving_checkpoint),
+        "--device",
+        "cpu",
+        "--amp",
+        "none",
+        "--score-threshold",
+        "0.05",
+        "--workers",
+        "0",
+    ]
     assert run_cli(*common, "--image-dir", str(jpegs), "--out", str(tmp_path / "folder.csv")) == 0
     assert run_cli(*common, "--input", *map(str, chosen), "--out", str(tmp_path / "files.csv")) == 0
     assert (tmp_path / "folder.csv").read_text() == (tmp_path / "files.csv").read_text()
 
     assert run_cli(*common, "--image-dir", str(pngs), "--out", str(tmp_path / "own.csv")) == 0
-    assert run_cli(*common, "--image-dir", str(pngs), "--label-space", "1024x1024", "--out", str(tmp_path / "labels.csv")) == 0
+    assert (
+        run_cli(*common, "--image-dir", str(pngs), "--label-space", "1024x1024", "--out", str(tmp_path / "labels.csv"))
+        == 0
+    )
     own, scaled = read_submission(tmp_path / "own.csv"), read_submission(tmp_path / "labels.csv")
     assert sum(len(prediction.scores) for prediction in own.values()) > 0
     assert max(prediction.boxes.max(initial=0) for prediction in own.values()) <= 256
@@ -293,15 +422,27 @@ def test_an_image_folder_predicts_as_its_files_do_and_label_space_scales_the_box
 
 
 def operating_point(boxes_per_image: float, expected: float) -> PostprocessResult:
-    config = PostprocessConfig(score_threshold=0.3, expected_boxes_per_image=expected, tuned_models_per_image=1, tuned_passes_per_model=2)
-    return PostprocessResult(predictions={"p1": Prediction.empty()}, applied=config, calibrated=False, note="", boxes_per_image=boxes_per_image)
+    config = PostprocessConfig(
+        score_threshold=0.3, expected_boxes_per_image=expected, tuned_models_per_image=1, tuned_passes_per_model=2
+    )
+    return PostprocessResult(
+        predictions={"p1": Prediction.empty()},
+        applied=config,
+        calibrated=False,
+        note="",
+        boxes_per_image=boxes_per_image,
+    )
 
 
-def test_predict_prints_the_boxes_per_image_beside_tuning_and_warns_only_beyond_2x(capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_prints_the_boxes_per_image_beside_tuning_and_warns_only_beyond_2x(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     report_operating_point(operating_point(0.5, 0.3))
     near = capsys.readouterr()
     assert near.out == "kept 0.500 boxes per image (tuning expected 0.300)\n" and near.err == ""
     report_operating_point(operating_point(0.1, 0.3))
     far = capsys.readouterr()
     assert far.out == "kept 0.100 boxes per image (tuning expected 0.300)\n"
-    assert far.err.count("\n") == 1 and far.err.startswith("warning: 0.100 boxes per image is more than 2x from tuning's 0.300")
+    assert far.err.count("\n") == 1 and far.err.startswith(
+        "warning: 0.100 boxes per image is more than 2x from tuning's 0.300"
+    )

@@ -25,16 +25,35 @@ def run_predict(*argv: str) -> int:
     return main(get_args_parser().parse_args([*argv, "--no-progress", "--device", "cpu", "--amp", "none"]))
 
 
-def test_predict_dicom_out_writes_the_submissions_boxes(serving_checkpoint: Path, sources: list[Path], tmp_path: Path, capsys) -> None:
+def test_predict_dicom_out_writes_the_submissions_boxes(
+    serving_checkpoint: Path, sources: list[Path], tmp_path: Path, capsys
+) -> None:
     png = tmp_path / "chest.png"
     import cv2
 
     cv2.imwrite(str(png), read_dicom(sources[0]).pixels)
     inputs = [str(path) for path in sources[:3]] + [str(png)]
     out, folder = tmp_path / "submission.csv", tmp_path / "dicom"
-    assert run_predict("--checkpoint", str(serving_checkpoint), "--input", *inputs, "--out", str(out), "--dicom-out", str(folder), "--dicom-out-overlay", "--dicom-out-gsps") == 0
+    assert (
+        run_predict(
+            "--checkpoint",
+            str(serving_checkpoint),
+            "--input",
+            *inputs,
+            "--out",
+            str(out),
+            "--dicom-out",
+            str(folder),
+            "--dicom-out-overlay",
+            "--dicom-out-gsps",
+        )
+        == 0
+    )
     captured = capsys.readouterr()
-    assert f"wrote 3 DICOM report(s) and 3 overlay(s) and 3 presentation state(s) to {folder} (research use only)" in captured.out
+    assert (
+        f"wrote 3 DICOM report(s) and 3 overlay(s) and 3 presentation state(s) to {folder} (research use only)"
+        in captured.out
+    )
     assert f"no DICOM report for {png}: not a DICOM image" in captured.err
     submission = read_submission(out)
     assert sum(len(prediction.scores) for prediction in submission.values()) > 0
@@ -55,23 +74,37 @@ def test_predict_dicom_out_writes_the_submissions_boxes(serving_checkpoint: Path
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--dicom-out-overlay", "--out", "x.csv"], "--dicom-out-overlay adds overlays to --dicom-out DIR; give --dicom-out too"),
-        (["--dicom-out-gsps", "--out", "x.csv"], "--dicom-out-gsps adds presentation states to --dicom-out DIR; give --dicom-out too"),
+        (
+            ["--dicom-out-overlay", "--out", "x.csv"],
+            "--dicom-out-overlay adds overlays to --dicom-out DIR; give --dicom-out too",
+        ),
+        (
+            ["--dicom-out-gsps", "--out", "x.csv"],
+            "--dicom-out-gsps adds presentation states to --dicom-out DIR; give --dicom-out too",
+        ),
         (["--dicom-out", "d", "--json"], "--json prints to the screen; drop --dicom-out"),
     ],
 )
-def test_predict_dicom_out_option_errors(serving_checkpoint: Path, sources: list[Path], extra: list[str], message: str) -> None:
+def test_predict_dicom_out_option_errors(
+    serving_checkpoint: Path, sources: list[Path], extra: list[str], message: str
+) -> None:
     from lungdet.errors import LungdetError
 
     with pytest.raises(LungdetError, match=message):
         run_predict("--checkpoint", str(serving_checkpoint), "--input", str(sources[0]), *extra)
 
 
-def test_without_highdicom_dicom_out_says_what_to_install(serving_checkpoint: Path, sources: list[Path], tmp_path: Path, monkeypatch) -> None:
+def test_without_highdicom_dicom_out_says_what_to_install(
+    serving_checkpoint: Path, sources: list[Path], tmp_path: Path, monkeypatch
+) -> None:
     from lungdet.errors import LungdetError
 
     monkeypatch.setitem(sys.modules, "highdicom", None)
     monkeypatch.delitem(sys.modules, "lungdet.show.dicom_results", raising=False)
-    with pytest.raises(LungdetError, match=r"--dicom-out: lungdet's DICOM results need highdicom .*pip install 'lungdet\[dicom\]'"):
-        run_predict("--checkpoint", str(serving_checkpoint), "--input", str(sources[0]), "--dicom-out", str(tmp_path / "d"))
+    with pytest.raises(
+        LungdetError, match=r"--dicom-out: lungdet's DICOM results need highdicom .*pip install 'lungdet\[dicom\]'"
+    ):
+        run_predict(
+            "--checkpoint", str(serving_checkpoint), "--input", str(sources[0]), "--dicom-out", str(tmp_path / "d")
+        )
     assert not (tmp_path / "d").exists()

@@ -15,7 +15,6 @@ from PIL import Image
 from torchvision.ops import FrozenBatchNorm2d
 
 from lungdet.cli import main as cli_main
-from lungdet.errors import ConfigError, LabelError, LungdetError
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.detection.config import ModelConfig, load_config
 from lungdet.detection.model import PRETRAIN_MARKER, build_model, load_pretrained_state, uses_frozen_recipe
@@ -33,6 +32,7 @@ from lungdet.detection.pretrain import (
     save_backbone,
     simsiam_loss,
 )
+from lungdet.errors import ConfigError, LabelError, LungdetError
 
 MOBILENET = "fasterrcnn_mobilenet_v3_large_fpn"
 RESNET50 = "fasterrcnn_resnet50_fpn"
@@ -72,7 +72,10 @@ def backbone_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         (images / "dicom").mkdir(exist_ok=True)
         dicom.rename(images / "dicom" / dicom.name)
     labels = root / "Data_Entry_2017.csv"
-    rows = [f"{index:08d}_000.png,{'Cardiomegaly|Emphysema' if index % 2 else 'No Finding'},0,{index},58,M,PA\n" for index in range(1, 7)]
+    rows = [
+        f"{index:08d}_000.png,{'Cardiomegaly|Emphysema' if index % 2 else 'No Finding'},0,{index},58,M,PA\n"
+        for index in range(1, 7)
+    ]
     labels.write_text(NIH_HEADER + "".join(rows) + "00000099_000.png,Effusion,0,99,40,F,AP\n")  # the last names no file
     outputs = {}
     common = ["--image-size", str(SIZE), "--batch-size", "3", "--architecture", MOBILENET, "--no-progress"]
@@ -80,7 +83,21 @@ def backbone_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     outputs["simsiam"] = root / "simsiam.pth"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert cli_main(["pretrain", "--image-dir", str(images), "--labels", str(labels), "--out", str(root / "supervised.pth"), *common]) == 0
+        assert (
+            cli_main(
+                [
+                    "pretrain",
+                    "--image-dir",
+                    str(images),
+                    "--labels",
+                    str(labels),
+                    "--out",
+                    str(root / "supervised.pth"),
+                    *common,
+                ]
+            )
+            == 0
+        )
     outputs["supervised"] = root / "supervised.pth"
     return {"files": outputs, "images": images, "labels": labels, "supervised_printed": printed.getvalue()}
 
@@ -92,7 +109,12 @@ def test_find_radiographs_takes_pictures_and_dicoms_at_any_depth(tmp_path: Path)
     for name in ("a.png", "deep/er/b.JPG", "c.jpeg", "d/e.dcm", "notes.txt", "f.dcm.bak"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    assert [path.relative_to(tmp_path).as_posix() for path in find_radiographs(tmp_path)] == ["a.png", "c.jpeg", "d/e.dcm", "deep/er/b.JPG"]
+    assert [path.relative_to(tmp_path).as_posix() for path in find_radiographs(tmp_path)] == [
+        "a.png",
+        "c.jpeg",
+        "d/e.dcm",
+        "deep/er/b.JPG",
+    ]
 
 
 def test_nih_findings_become_label_vectors(tmp_path: Path) -> None:
@@ -104,7 +126,11 @@ def test_nih_findings_become_label_vectors(tmp_path: Path) -> None:
         + "00000003_000.png,Effusion,1,3,74,F,AP\n"
     )
     labels = read_finding_labels(csv_path)
-    assert labels.names == ("Cardiomegaly", "Effusion", "Emphysema")  # the union of findings, sorted; No Finding is none of them
+    assert labels.names == (
+        "Cardiomegaly",
+        "Effusion",
+        "Emphysema",
+    )  # the union of findings, sorted; No Finding is none of them
     assert {name: vector.tolist() for name, vector in labels.by_file.items()} == {
         "00000001_000.png": [1.0, 0.0, 1.0],
         "00000002_000.png": [0.0, 0.0, 0.0],
@@ -115,14 +141,22 @@ def test_nih_findings_become_label_vectors(tmp_path: Path) -> None:
 def test_a_csv_without_the_findings_column_is_a_label_error_naming_the_fix(tmp_path: Path) -> None:
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("Image Index,Labels\n00000001_000.png,Effusion\n")
-    with pytest.raises(LabelError, match=re.escape(f"{csv_path}: no 'Finding Labels' column (it has: Image Index, Labels); pass NIH's Data_Entry_2017.csv")):
+    with pytest.raises(
+        LabelError,
+        match=re.escape(
+            f"{csv_path}: no 'Finding Labels' column (it has: Image Index, Labels); pass NIH's Data_Entry_2017.csv"
+        ),
+    ):
         read_finding_labels(csv_path)
 
 
 def test_rows_without_a_file_and_files_without_a_row_are_counted(tmp_path: Path) -> None:
     paths = write_pngs(tmp_path / "images", 3)
     csv_path = tmp_path / "Data_Entry_2017.csv"
-    csv_path.write_text(NIH_HEADER + "00000001_000.png,Mass,0,1,1,M,PA\n00000002_000.png,No Finding,0,2,1,M,PA\n00000077_000.png,Mass,0,7,1,M,PA\n")
+    csv_path.write_text(
+        NIH_HEADER
+        + "00000001_000.png,Mass,0,1,1,M,PA\n00000002_000.png,No Finding,0,2,1,M,PA\n00000077_000.png,Mass,0,7,1,M,PA\n"
+    )
     kept, targets, missing_rows, unlabelled = pair_with_labels(paths, read_finding_labels(csv_path))
     assert [path.name for path in kept] == ["00000001_000.png", "00000002_000.png"]
     assert targets.tolist() == [[1.0], [0.0]]
@@ -175,12 +209,17 @@ def test_the_pretrained_body_has_the_detector_backbone_names_and_shapes(architec
 
 
 @pytest.mark.parametrize("method", ["simsiam", "supervised"])
-def test_the_backbone_file_is_what_model_pretrained_loads(backbone_files: dict[str, Any], tiny_model_overrides: tuple[str, ...], method: str) -> None:
+def test_the_backbone_file_is_what_model_pretrained_loads(
+    backbone_files: dict[str, Any], tiny_model_overrides: tuple[str, ...], method: str
+) -> None:
     path = backbone_files["files"][method]
     contents = torch.load(path, map_location="cpu", weights_only=True)
     marker = contents[PRETRAIN_MARKER]
     assert {key: marker[key] for key in ("architecture", "image_size", "method", "images_seen")} == {
-        "architecture": MOBILENET, "image_size": SIZE, "method": method, "images_seen": 6,  # two steps of 3
+        "architecture": MOBILENET,
+        "image_size": SIZE,
+        "method": method,
+        "images_seen": 6,  # two steps of 3
     }
     # Every finding the CSV names, even Effusion, whose one row has no file.
     assert marker["labels"] == (["Cardiomegaly", "Effusion", "Emphysema"] if method == "supervised" else [])
@@ -211,11 +250,22 @@ def test_the_supervised_run_says_how_many_rows_had_no_file(backbone_files: dict[
     )
 
 
-def test_a_file_for_another_architecture_is_refused_naming_both(tmp_path: Path, tiny_model_overrides: tuple[str, ...]) -> None:
+def test_a_file_for_another_architecture_is_refused_naming_both(
+    tmp_path: Path, tiny_model_overrides: tuple[str, ...]
+) -> None:
     path = tmp_path / "r50_backbone.pth"
-    save_backbone(path, {"backbone.body.conv1.weight": torch.zeros(64, 3, 7, 7), PRETRAIN_MARKER: {"architecture": RESNET50, "method": "simsiam"}})
+    save_backbone(
+        path,
+        {
+            "backbone.body.conv1.weight": torch.zeros(64, 3, 7, 7),
+            PRETRAIN_MARKER: {"architecture": RESNET50, "method": "simsiam"},
+        },
+    )
     config = tiny_detector_config(tiny_model_overrides, f"model.pretrained={path}")
-    with pytest.raises(ConfigError, match=re.escape(f"a lungdet pretrain backbone for {RESNET50}, but model.architecture is {MOBILENET}")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(f"a lungdet pretrain backbone for {RESNET50}, but model.architecture is {MOBILENET}"),
+    ):
         load_pretrained_state(config)
 
 
@@ -226,7 +276,9 @@ def test_other_pretrained_files_keep_the_torchvision_recipe() -> None:
 
 def test_fewer_images_than_one_batch_is_refused_before_any_work(tmp_path: Path) -> None:
     paths = write_pngs(tmp_path, 3)
-    with pytest.raises(LungdetError, match=re.escape("3 images, fewer than one batch (--batch-size 4); lower --batch-size")):
+    with pytest.raises(
+        LungdetError, match=re.escape("3 images, fewer than one batch (--batch-size 4); lower --batch-size")
+    ):
         pretrain(paths, PretrainOptions(batch_size=4, image_size=SIZE))
 
 
@@ -238,7 +290,22 @@ def test_an_interrupted_run_writes_nothing(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr("lungdet.detection.pretrain.pretrain_one_epoch", interrupted)
     out = tmp_path / "out" / "backbone.pth"
-    assert cli_main(["pretrain", "--image-dir", str(tmp_path / "images"), "--out", str(out), "--image-size", str(SIZE), "--batch-size", "2"]) == 130
+    assert (
+        cli_main(
+            [
+                "pretrain",
+                "--image-dir",
+                str(tmp_path / "images"),
+                "--out",
+                str(out),
+                "--image-size",
+                str(SIZE),
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 130
+    )
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
@@ -246,4 +313,9 @@ def test_the_epilog_example_parses() -> None:
     parser = get_args_parser()
     example = parser.epilog.removeprefix("example: lungdet pretrain ").split()
     args = parser.parse_args(example)
-    assert (args.image_dir, args.labels, args.architecture, args.image_size) == (Path("nih/images"), Path("nih/Data_Entry_2017.csv"), MOBILENET, 256)
+    assert (args.image_dir, args.labels, args.architecture, args.image_size) == (
+        Path("nih/images"),
+        Path("nih/Data_Entry_2017.csv"),
+        MOBILENET,
+        256,
+    )

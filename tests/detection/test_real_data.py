@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.errors import LungdetError
 from lungdet.data_tools.holdout import write_split_csv
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.metadata import read_metadata_csv
 from lungdet.detection import demo
 from lungdet.detection.real_data import RealSet, load_split, lung_prior_boxes, prepare, prior_predictions
+from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.score import score_dataset
 
@@ -26,7 +26,9 @@ from lungdet.submission.score import score_dataset
 def subset_of_real(rsna_real_dir: Path, folder: Path, *, positives: int, negatives: int) -> RealSet:
     """A folder laid out as rsna_real/ with the first ``positives`` and ``negatives`` patients of its labels."""
     labels = read_labels(rsna_real_dir / "labels.csv")
-    chosen = [patient for patient in labels if labels[patient].target][:positives] + [patient for patient in labels if not labels[patient].target][:negatives]
+    chosen = [patient for patient in labels if labels[patient].target][:positives] + [
+        patient for patient in labels if not labels[patient].target
+    ][:negatives]
     (folder / "images").mkdir(parents=True)
     for patient in chosen:
         (folder / "images" / f"{patient}.jpg").symlink_to(rsna_real_dir / "images" / f"{patient}.jpg")
@@ -46,7 +48,10 @@ def test_the_real_split_is_800_and_200_and_matches_the_written_file(rsna_real_di
 def test_a_written_split_that_drifted_is_refused(rsna_real_dir: Path, tmp_path: Path) -> None:
     split = load_split(RealSet(rsna_real_dir))
     moved = dict(split)
-    first_cv, first_holdout = next(p for p, v in split.items() if v == "cv"), next(p for p, v in split.items() if v == "holdout")
+    first_cv, first_holdout = (
+        next(p for p, v in split.items() if v == "cv"),
+        next(p for p, v in split.items() if v == "holdout"),
+    )
     moved[first_cv], moved[first_holdout] = "holdout", "cv"
     write_split_csv(tmp_path / "split.csv", moved)
     with pytest.raises(LungdetError, match="the held-out patients must not change"):
@@ -58,7 +63,10 @@ def test_prepare_converts_each_side_and_writes_the_held_out_labels(rsna_real_dir
     prepared = prepare(real, tmp_path / "work", image_size=128, progress=False)
     assert len(prepared.holdout_patients) == 8
     holdout_labels = read_labels(prepared.holdout_labels_csv)
-    assert list(holdout_labels) == prepared.holdout_patients and sum(labels.target for labels in holdout_labels.values()) == 2
+    assert (
+        list(holdout_labels) == prepared.holdout_patients
+        and sum(labels.target for labels in holdout_labels.values()) == 2
+    )
     assert prepared.cv_report.converted == 32 and prepared.cv_report.positives == 8
     assert sorted(path.stem for path in prepared.holdout_images.iterdir()) == prepared.holdout_patients
     # The held-out patients' view, sex and age from metadata.csv, for an image head that reads them at predict.
@@ -88,7 +96,9 @@ def test_a_prior_needs_boxes_on_both_sides() -> None:
         lung_prior_boxes({"a": PatientLabels("a", np.array([[100.0, 300, 200, 300]]), 1)})
 
 
-def test_demo_real_runs_every_stage_on_a_subset(rsna_real_dir: Path, tmp_path: Path, tiny_model_overrides, monkeypatch, capsys) -> None:
+def test_demo_real_runs_every_stage_on_a_subset(
+    rsna_real_dir: Path, tmp_path: Path, tiny_model_overrides, monkeypatch, capsys
+) -> None:
     real = subset_of_real(rsna_real_dir, tmp_path / "real", positives=10, negatives=30)
     tiny = tmp_path / "tiny.yaml"
     overrides = dict(override.split("=", 1) for override in tiny_model_overrides)
@@ -108,7 +118,14 @@ def test_demo_real_runs_every_stage_on_a_subset(rsna_real_dir: Path, tmp_path: P
     assert printed.index("RSNA mAP ") < printed.index("COCO AP@[.50:.95]")
     assert "not a diagnostic device" in printed
     out = tmp_path / "out"
-    for name in ("run/best.pt", "submission_holdout.csv", "score_holdout.json", "score_holdout.html", "overlays_holdout/index.html", "probabilities_holdout.csv"):
+    for name in (
+        "run/best.pt",
+        "submission_holdout.csv",
+        "score_holdout.json",
+        "score_holdout.html",
+        "overlays_holdout/index.html",
+        "probabilities_holdout.csv",
+    ):
         assert (out / name).is_file(), name
     page = (out / "overlays_holdout" / "index.html").read_text(encoding="utf-8")
     assert page.count("<figure") == 8

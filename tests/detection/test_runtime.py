@@ -11,13 +11,26 @@ import numpy as np
 import pytest
 import torch
 
-from lungdet.errors import LungdetError
 from lungdet.detection import runtime
-from lungdet.detection.runtime import load_checkpoint, resolve_device, resolve_precision, save_checkpoint, to_model_input
+from lungdet.detection.runtime import (
+    load_checkpoint,
+    resolve_device,
+    resolve_precision,
+    save_checkpoint,
+    to_model_input,
+)
+from lungdet.errors import LungdetError
 
 CPU = torch.device("cpu")
 # What a Detector must not pull in: the training loop, its driver, DDP, and the augmentation library.
-TRAINING_MODULES = ("lungdet.detection.train", "lungdet.detection.engine", "lungdet.detection.distributed", "lungdet.detection.data", "lungdet.detection.augment", "albumentations")
+TRAINING_MODULES = (
+    "lungdet.detection.train",
+    "lungdet.detection.engine",
+    "lungdet.detection.distributed",
+    "lungdet.detection.data",
+    "lungdet.detection.augment",
+    "albumentations",
+)
 
 
 def test_loading_a_detector_imports_nothing_of_training(serving_checkpoint: Path) -> None:
@@ -41,7 +54,12 @@ def test_a_checkpoint_round_trips_and_a_missing_one_says_how_to_make_it(tmp_path
     loaded = load_checkpoint(path)
     assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["weight"], torch.arange(3.0))
     assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temporary left behind
-    with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'nothing.pt'}: checkpoint not found; was this run folder trained with 'lungdet train")):
+    with pytest.raises(
+        LungdetError,
+        match=re.escape(
+            f"{tmp_path / 'nothing.pt'}: checkpoint not found; was this run folder trained with 'lungdet train"
+        ),
+    ):
         load_checkpoint(tmp_path / "nothing.pt")
 
 
@@ -68,12 +86,17 @@ def test_resolve_device_auto_and_cpu_without_cuda(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("name", ["cuda", "cuda:0"])
 def test_resolve_device_cuda_without_cuda_is_an_error(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(LungdetError, match=re.escape(f"device='{name}' but this machine has no CUDA GPU; use device=cpu or device=auto")):
+    with pytest.raises(
+        LungdetError,
+        match=re.escape(f"device='{name}' but this machine has no CUDA GPU; use device=cpu or device=auto"),
+    ):
         resolve_device(name)
 
 
 def test_resolve_device_rejects_a_name_torch_does_not_know() -> None:
-    with pytest.raises(LungdetError, match=re.escape("device='gpu' is not a device name; use device=auto, cpu, cuda or cuda:N")):
+    with pytest.raises(
+        LungdetError, match=re.escape("device='gpu' is not a device name; use device=auto, cpu, cuda or cuda:N")
+    ):
         resolve_device("gpu")
 
 
@@ -83,11 +106,19 @@ def test_resolve_device_picks_cuda_when_present() -> None:
     assert resolve_device("cuda:0") == torch.device("cuda:0")
 
 
-@pytest.mark.parametrize(("native", "amp", "expected"), [
-    (True, "auto", torch.bfloat16), (True, "bf16", torch.bfloat16), (True, "none", None),
-    (False, "auto", None), (False, "none", None),
-])
-def test_cpu_precision_is_bf16_only_where_the_cpu_has_bfloat16_instructions(monkeypatch, native: bool, amp: str, expected: torch.dtype | None) -> None:
+@pytest.mark.parametrize(
+    ("native", "amp", "expected"),
+    [
+        (True, "auto", torch.bfloat16),
+        (True, "bf16", torch.bfloat16),
+        (True, "none", None),
+        (False, "auto", None),
+        (False, "none", None),
+    ],
+)
+def test_cpu_precision_is_bf16_only_where_the_cpu_has_bfloat16_instructions(
+    monkeypatch, native: bool, amp: str, expected: torch.dtype | None
+) -> None:
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     precision = resolve_precision(amp, CPU)
     assert (precision.device_type, precision.dtype) == ("cpu", expected)
@@ -96,11 +127,18 @@ def test_cpu_precision_is_bf16_only_where_the_cpu_has_bfloat16_instructions(monk
     assert product.dtype == (expected or torch.float32)
 
 
-@pytest.mark.parametrize(("native", "amp", "message"), [
-    (True, "fp16", "amp=fp16 needs a CUDA GPU, but this run is on cpu; use amp=auto, amp=bf16 or amp=none"),
-    (False, "fp16", "amp=fp16 needs a CUDA GPU, but this run is on cpu; use amp=auto or amp=none"),
-    (False, "bf16", "amp=bf16 on cpu, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); use amp=auto or amp=none"),
-])
+@pytest.mark.parametrize(
+    ("native", "amp", "message"),
+    [
+        (True, "fp16", "amp=fp16 needs a CUDA GPU, but this run is on cpu; use amp=auto, amp=bf16 or amp=none"),
+        (False, "fp16", "amp=fp16 needs a CUDA GPU, but this run is on cpu; use amp=auto or amp=none"),
+        (
+            False,
+            "bf16",
+            "amp=bf16 on cpu, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); use amp=auto or amp=none",
+        ),
+    ],
+)
 def test_cpu_precision_rejects_what_the_cpu_cannot_do(monkeypatch, native: bool, amp: str, message: str) -> None:
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     with pytest.raises(LungdetError, match=re.escape(message)):

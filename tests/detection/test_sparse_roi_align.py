@@ -32,14 +32,16 @@ def awkward_boxes() -> list[torch.Tensor]:
     corners = torch.rand(40, 2, generator=generator) * 400
     sizes = torch.rand(40, 2, generator=generator) ** 2 * 500 + 1  # 1..501 px: small boxes (level 0) to large (level 3)
     random_boxes = torch.cat([corners, corners + sizes], dim=1)
-    special = torch.tensor([
-        [0.0, 0.0, 512.0, 512.0],  # the whole image: level 3
-        [500.0, 100.0, 512.0, 512.0],  # on the far border: points on the last pixel
-        [-30.0, -30.0, -10.0, -5.0],  # wholly outside: points more than a pixel out weigh nothing
-        [-3.0, 10.0, 20.0, 40.0],  # partly outside: points just out are moved onto the border
-        [40.0, 40.0, 40.5, 40.2],  # smaller than a feature pixel: stretched to one
-        [100.0, 50.0, 100.0, 50.0],  # empty
-    ])
+    special = torch.tensor(
+        [
+            [0.0, 0.0, 512.0, 512.0],  # the whole image: level 3
+            [500.0, 100.0, 512.0, 512.0],  # on the far border: points on the last pixel
+            [-30.0, -30.0, -10.0, -5.0],  # wholly outside: points more than a pixel out weigh nothing
+            [-3.0, 10.0, 20.0, 40.0],  # partly outside: points just out are moved onto the border
+            [40.0, 40.0, 40.5, 40.2],  # smaller than a feature pixel: stretched to one
+            [100.0, 50.0, 100.0, 50.0],  # empty
+        ]
+    )
     return [torch.cat([special, random_boxes[:10]]), torch.zeros(0, 4), random_boxes[10:]]
 
 
@@ -107,9 +109,13 @@ def test_the_backward_pass_keeps_no_float32_copy_of_the_maps() -> None:
     """Only the sparse matrix is needed for the gradient; keeping the [pixels, channels] float32 operand would cost 700 MB a batch at 1024 px."""
     maps = OrderedDict((name, feature.to(torch.bfloat16).requires_grad_()) for name, feature in feature_maps().items())
     saved_shapes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved_shapes.append(tuple(tensor.shape)) or tensor, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda tensor: saved_shapes.append(tuple(tensor.shape)) or tensor, lambda tensor: tensor
+    ):
         result = SparseMultiScaleRoIAlign(NAMES, 7, 2)(maps, awkward_boxes(), [(IMAGE, IMAGE)] * 3)
-    pixels = sum(feature.shape[0] * feature.shape[2] * feature.shape[3] for name, feature in maps.items() if name != "pool")
+    pixels = sum(
+        feature.shape[0] * feature.shape[2] * feature.shape[3] for name, feature in maps.items() if name != "pool"
+    )
     assert (pixels, 8) not in saved_shapes
     result.float().sum().backward()
     assert maps["0"].grad.dtype == torch.bfloat16 and maps["0"].grad.abs().sum() > 0
@@ -121,7 +127,11 @@ def test_no_boxes_at_all_pool_to_an_empty_batch() -> None:
 
 
 def test_a_nan_box_pools_to_zeros_instead_of_reading_outside_the_maps() -> None:
-    boxes = [torch.tensor([[float("nan"), 10.0, 50.0, 60.0], [10.0, 10.0, 50.0, 60.0]]), torch.zeros(0, 4), torch.zeros(0, 4)]
+    boxes = [
+        torch.tensor([[float("nan"), 10.0, 50.0, 60.0], [10.0, 10.0, 50.0, 60.0]]),
+        torch.zeros(0, 4),
+        torch.zeros(0, 4),
+    ]
     result = SparseMultiScaleRoIAlign(NAMES, 7, 2)(feature_maps(), boxes, [(IMAGE, IMAGE)] * 3)
     assert torch.equal(result[0], torch.zeros_like(result[0])) and result[1].abs().sum() > 0
 
@@ -140,8 +150,14 @@ def test_matrix_rows_average_their_sample_points() -> None:
     """Inside the map each bin's weights sum to 1 (an average of bilinear samples); a box far outside has none."""
     boxes = torch.tensor([[8.0, 8.0, 40.0, 56.0], [-40.0, -40.0, -20.0, -20.0]])
     matrix = roi_align_matrix(
-        boxes, torch.tensor([1, 0]), torch.tensor([0, 0]), level_shapes=[(16, 16)], scales=[0.25], images=2,
-        output_size=(7, 7), sampling_ratio=2,
+        boxes,
+        torch.tensor([1, 0]),
+        torch.tensor([0, 0]),
+        level_shapes=[(16, 16)],
+        scales=[0.25],
+        images=2,
+        output_size=(7, 7),
+        sampling_ratio=2,
     )
     assert matrix.shape == (2 * 49, 2 * 16 * 16)
     row_sums = matrix.to_dense().sum(dim=1)

@@ -18,10 +18,9 @@ import cv2
 import pytest
 import torch
 
-from lungdet.errors import LungdetError
+import lungdet.detection.train as train_module
 from lungdet.detection.config import TrainConfig, config_to_dict, load_config
 from lungdet.detection.distributed import Distributed
-import lungdet.detection.train as train_module
 from lungdet.detection.model import build_model
 from lungdet.detection.runtime import load_checkpoint
 from lungdet.detection.train import (
@@ -43,13 +42,34 @@ from lungdet.detection.train import (
     with_implementation_of,
     write_metrics_csv,
 )
+from lungdet.errors import LungdetError
 
 IMAGE_SIZE = 64
 # Besides the tiny model: 4 training images in batches of 2, two optimizer steps per epoch; on the CPU even where a GPU is, so runs repeat exactly.
-RUN_EXTRAS = ["device=cpu", "data.batch_size=2", "optim.epochs=1", "optim.warmup_iters=1", "max_minutes=0", "val_score_thresholds=[0.1, 0.5]"]
+RUN_EXTRAS = [
+    "device=cpu",
+    "data.batch_size=2",
+    "optim.epochs=1",
+    "optim.warmup_iters=1",
+    "max_minutes=0",
+    "val_score_thresholds=[0.1, 0.5]",
+]
 CHECKPOINT_KEYS = {
-    "model", "train_model", "ema", "optimizer", "scheduler", "scaler", "epoch", "epoch_progress", "config", "frozen_batch_norm",
-    "score_threshold", "val_map", "history", "rng", "preprocessing",
+    "model",
+    "train_model",
+    "ema",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "epoch",
+    "epoch_progress",
+    "config",
+    "frozen_batch_norm",
+    "score_threshold",
+    "val_map",
+    "history",
+    "rng",
+    "preprocessing",
 }
 
 
@@ -81,7 +101,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, make_tiny_dataset: Callab
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, tiny_config: Callable[..., TrainConfig]) -> dict[str, Any]:
+def finished_run(
+    tmp_path_factory: pytest.TempPathFactory, data_dir: Path, tiny_config: Callable[..., TrainConfig]
+) -> dict[str, Any]:
     """One finished 1-epoch run; tests that change it work on a copy."""
     run_dir = tmp_path_factory.mktemp("run") / "run"
     config = tiny_config()
@@ -97,7 +119,14 @@ def copy_run(finished_run: dict[str, Any], tmp_path: Path) -> Path:
 
 
 def scheduled_factors(steps: list[int], **schedule: Any) -> list[float]:
-    settings = {"warmup_steps": 0, "total_steps": 100, "schedule": "cosine", "milestone_steps": [], "gamma": 0.1, **schedule}
+    settings = {
+        "warmup_steps": 0,
+        "total_steps": 100,
+        "schedule": "cosine",
+        "milestone_steps": [],
+        "gamma": 0.1,
+        **schedule,
+    }
     return [lr_factor(step, **settings) for step in steps]
 
 
@@ -127,15 +156,21 @@ def test_a_warm_up_over_a_quarter_of_the_run_is_pointed_out_with_a_shorter_one()
         "for a run this short try optim.warmup_iters=1"
     )
     # The benchmark's case: 500 warm-up steps in a 4-epoch run of 48 steps each.
-    assert warmup_warning(500, total_steps=192).startswith("optim.warmup_iters=500 is 100% of this run's 192 optimizer steps")
+    assert warmup_warning(500, total_steps=192).startswith(
+        "optim.warmup_iters=500 is 100% of this run's 192 optimizer steps"
+    )
 
 
 def test_step_schedule_drops_by_gamma_at_each_milestone_after_warm_up() -> None:
-    factors = scheduled_factors([0, 5, 79, 80, 109, 110, 500], warmup_steps=5, schedule="step", milestone_steps=[80, 110], gamma=0.1)
+    factors = scheduled_factors(
+        [0, 5, 79, 80, 109, 110, 500], warmup_steps=5, schedule="step", milestone_steps=[80, 110], gamma=0.1
+    )
     assert factors == pytest.approx([0.01, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01], abs=1e-12)
 
 
-def test_build_scheduler_counts_milestones_in_epochs_and_steps_in_optimizer_steps(tiny_config: Callable[..., TrainConfig]) -> None:
+def test_build_scheduler_counts_milestones_in_epochs_and_steps_in_optimizer_steps(
+    tiny_config: Callable[..., TrainConfig],
+) -> None:
     config = tiny_config("optim.schedule=step", "optim.step_milestones=[2]", "optim.warmup_iters=0", "optim.lr=0.1")
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=3)
@@ -148,7 +183,9 @@ def test_build_scheduler_counts_milestones_in_epochs_and_steps_in_optimizer_step
     assert lrs == pytest.approx([0.1] * 6 + [0.01] * 2)
 
 
-def test_build_optimizer_follows_the_config_and_skips_frozen_parameters(tiny_config: Callable[..., TrainConfig]) -> None:
+def test_build_optimizer_follows_the_config_and_skips_frozen_parameters(
+    tiny_config: Callable[..., TrainConfig],
+) -> None:
     config = tiny_config("optim.optimizer=adamw", "optim.lr=0.002", "model.trainable_backbone_layers=0")
     model = build_model(config.model, frozen_batch_norm=True)
     optimizer = build_optimizer(model, config)
@@ -164,7 +201,9 @@ def test_build_optimizer_follows_the_config_and_skips_frozen_parameters(tiny_con
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
-def test_the_fused_cpu_update_is_the_same_arithmetic(tiny_config: Callable[..., TrainConfig], optimizer_name: str) -> None:
+def test_the_fused_cpu_update_is_the_same_arithmetic(
+    tiny_config: Callable[..., TrainConfig], optimizer_name: str
+) -> None:
     config = tiny_config(f"optim.optimizer={optimizer_name}", "optim.lr=0.01", "optim.weight_decay=0.01")
     torch.manual_seed(0)
     models = [torch.nn.Linear(64, 32) for _ in range(2)]
@@ -174,23 +213,27 @@ def test_the_fused_cpu_update_is_the_same_arithmetic(tiny_config: Callable[..., 
     assert [bool(o.defaults["fused"]) for o in optimizers] == [True, False]
     inputs = torch.randn(5, 8, 64)
     for batch in inputs:
-        for model, optimizer in zip(models, optimizers):
+        for model, optimizer in zip(models, optimizers, strict=True):
             optimizer.zero_grad()
             model(batch).square().mean().backward()
             optimizer.step()
     assert (models[0].weight - initial).abs().max() > 1e-3  # the updates did move the weights
-    for fused_parameter, plain_parameter in zip(models[0].parameters(), models[1].parameters()):
+    for fused_parameter, plain_parameter in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(fused_parameter, plain_parameter, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
-def test_resume_takes_the_update_implementation_of_this_machine_not_the_checkpoint(tiny_config: Callable[..., TrainConfig], optimizer_name: str) -> None:
+def test_resume_takes_the_update_implementation_of_this_machine_not_the_checkpoint(
+    tiny_config: Callable[..., TrainConfig], optimizer_name: str
+) -> None:
     config = tiny_config(f"optim.optimizer={optimizer_name}")
     model = torch.nn.Linear(3, 2)
     fused = build_optimizer(model, config, fused=True)  # as saved on a GPU
     model(torch.ones(1, 3)).sum().backward()
     fused.step()
-    plain = build_optimizer(model, config, fused=False)  # resumed where there is no fused kernel (or by an older lungdet)
+    plain = build_optimizer(
+        model, config, fused=False
+    )  # resumed where there is no fused kernel (or by an older lungdet)
     plain.load_state_dict(with_implementation_of(plain, fused.state_dict()))
     assert not plain.param_groups[0]["fused"]
     assert plain.state_dict()["state"].keys() == fused.state_dict()["state"].keys()  # the moments come along
@@ -215,7 +258,10 @@ def is_compiled(module: torch.nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
 
 
-@pytest.mark.parametrize(("architecture", "parts"), [("fasterrcnn_mobilenet_v3_large_fpn", ["backbone", "rpn.head"]), ("retinanet_resnet50_fpn", ["backbone", "head"])])
+@pytest.mark.parametrize(
+    ("architecture", "parts"),
+    [("fasterrcnn_mobilenet_v3_large_fpn", ["backbone", "rpn.head"]), ("retinanet_resnet50_fpn", ["backbone", "head"])],
+)
 def test_compile_takes_the_fixed_shape_parts_and_keeps_names_and_outputs(
     tiny_config: Callable[..., TrainConfig], eager_compile: None, architecture: str, parts: list[str]
 ) -> None:
@@ -229,11 +275,13 @@ def test_compile_takes_the_fixed_shape_parts_and_keeps_names_and_outputs(
     assert compiled.state_dict().keys() == plain.state_dict().keys()  # checkpoints do not change
     images = [torch.rand(3, IMAGE_SIZE, IMAGE_SIZE) for _ in range(2)]
     with torch.no_grad():
-        for got, expected in zip(compiled(images), plain(images)):
+        for got, expected in zip(compiled(images), plain(images), strict=True):
             assert torch.equal(got["boxes"], expected["boxes"]) and torch.equal(got["scores"], expected["scores"])
 
 
-def test_compile_takes_the_trained_model_not_the_ema_copy(tiny_config: Callable[..., TrainConfig], eager_compile: None) -> None:
+def test_compile_takes_the_trained_model_not_the_ema_copy(
+    tiny_config: Callable[..., TrainConfig], eager_compile: None
+) -> None:
     config = tiny_config("compile=true", "optim.ema_decay=0.9")
     run = Run(config, job=Distributed(), device=torch.device("cpu"), steps_per_epoch=2, checkpoint=None)
     assert is_compiled(run.model.backbone) and is_compiled(run.model.rpn.head)
@@ -243,7 +291,11 @@ def test_compile_takes_the_trained_model_not_the_ema_copy(tiny_config: Callable[
 
 
 def test_training_with_compile_writes_an_ordinary_checkpoint(
-    tiny_config: Callable[..., TrainConfig], eager_compile: None, data_dir: Path, finished_run: dict[str, Any], tmp_path: Path
+    tiny_config: Callable[..., TrainConfig],
+    eager_compile: None,
+    data_dir: Path,
+    finished_run: dict[str, Any],
+    tmp_path: Path,
 ) -> None:
     run_dir = tmp_path / "compiled"
     train(tiny_config("compile=true"), data_dir, run_dir, progress=False)
@@ -267,14 +319,26 @@ def test_build_optimizer_fuses_the_update_of_gpu_parameters(tiny_config: Callabl
 
 def test_train_writes_config_metrics_and_both_checkpoints(finished_run: dict[str, Any]) -> None:
     run_dir = finished_run["run_dir"]
-    assert sorted(path.name for path in run_dir.iterdir()) == sorted([CONFIG_FILE, METRICS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT, TENSORBOARD_DIR])
+    assert sorted(path.name for path in run_dir.iterdir()) == sorted(
+        [CONFIG_FILE, METRICS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT, TENSORBOARD_DIR]
+    )
     assert list((run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     assert load_config(run_dir / CONFIG_FILE) == finished_run["config"]
 
     rows = read_metrics(run_dir)
     assert len(rows) == 1
     row = rows[0]
-    for column in ("epoch", "lr", "loss", "loss_classifier", "images", "val_map", "val_score_threshold", "val_map@0.1", "val_map@0.5"):
+    for column in (
+        "epoch",
+        "lr",
+        "loss",
+        "loss_classifier",
+        "images",
+        "val_map",
+        "val_score_threshold",
+        "val_map@0.1",
+        "val_map@0.5",
+    ):
         assert column in row
     assert row["epoch"] == "1"
     assert row["images"] == "4"
@@ -316,7 +380,13 @@ def test_the_same_seed_gives_the_same_run(finished_run: dict[str, Any], data_dir
 # --- resume -------------------------------------------------------------------------------------
 
 
-def test_resume_continues_at_the_next_epoch_and_keeps_the_first_row(tiny_config: Callable[..., TrainConfig], finished_run: dict[str, Any], data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_continues_at_the_next_epoch_and_keeps_the_first_row(
+    tiny_config: Callable[..., TrainConfig],
+    finished_run: dict[str, Any],
+    data_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     run_dir = copy_run(finished_run, tmp_path)
     first_lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
     capsys.readouterr()
@@ -334,20 +404,31 @@ def test_resume_continues_at_the_next_epoch_and_keeps_the_first_row(tiny_config:
     assert load_config(run_dir / CONFIG_FILE).optim.epochs == 2
 
 
-def test_resume_of_a_finished_run_is_an_error_and_changes_nothing(finished_run: dict[str, Any], data_dir: Path, tmp_path: Path) -> None:
+def test_resume_of_a_finished_run_is_an_error_and_changes_nothing(
+    finished_run: dict[str, Any], data_dir: Path, tmp_path: Path
+) -> None:
     run_dir = copy_run(finished_run, tmp_path)
     before = {path.relative_to(run_dir): path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
-    with pytest.raises(LungdetError, match=re.escape(f"{run_dir}: nothing to train: the run already finished 1 epochs of optim.epochs=1 (raise optim.epochs")):
+    with pytest.raises(
+        LungdetError,
+        match=re.escape(
+            f"{run_dir}: nothing to train: the run already finished 1 epochs of optim.epochs=1 (raise optim.epochs"
+        ),
+    ):
         train(finished_run["config"], data_dir, run_dir, resume=True, progress=False)
     assert {path.relative_to(run_dir): path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
 
 
-def test_resume_without_a_checkpoint_is_an_error(tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path) -> None:
+def test_resume_without_a_checkpoint_is_an_error(
+    tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path
+) -> None:
     with pytest.raises(LungdetError, match=re.escape(f"{tmp_path / 'empty' / LAST_CHECKPOINT}: checkpoint not found")):
         train(tiny_config(), data_dir, tmp_path / "empty", resume=True, progress=False)
 
 
-def test_a_run_refused_at_the_start_leaves_no_run_folder(tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path) -> None:
+def test_a_run_refused_at_the_start_leaves_no_run_folder(
+    tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path
+) -> None:
     with pytest.raises(LungdetError, match=re.escape("amp=fp16 needs a CUDA GPU, but this run is on cpu")):
         train(tiny_config("amp=fp16"), data_dir, tmp_path / "fp16", progress=False)
     with pytest.raises(LungdetError, match=re.escape(str(tmp_path / "no_data"))):
@@ -358,7 +439,11 @@ def test_a_run_refused_at_the_start_leaves_no_run_folder(tiny_config: Callable[.
 
 
 def test_resume_after_a_crash_mid_epoch_continues_exactly(
-    tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tiny_config: Callable[..., TrainConfig],
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     config = tiny_config("optim.epochs=2", "checkpoint_every_steps=1")
     train(config, data_dir, tmp_path / "whole", progress=False)
@@ -381,14 +466,21 @@ def test_resume_after_a_crash_mid_epoch_continues_exactly(
     train(config, data_dir, tmp_path / "crashed", resume=True, progress=False)
 
     assert f"resumed from {tmp_path / 'crashed' / LAST_CHECKPOINT} in epoch 2, after batch 1" in capsys.readouterr().out
-    whole, resumed = load_checkpoint(tmp_path / "whole" / LAST_CHECKPOINT), load_checkpoint(tmp_path / "crashed" / LAST_CHECKPOINT)
+    whole, resumed = (
+        load_checkpoint(tmp_path / "whole" / LAST_CHECKPOINT),
+        load_checkpoint(tmp_path / "crashed" / LAST_CHECKPOINT),
+    )
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     for column in ("loss", "loss_classifier", "loss_objectness", "images", "val_map"):
-        assert [row[column] for row in read_metrics(tmp_path / "whole")] == [row[column] for row in read_metrics(tmp_path / "crashed")], column
+        assert [row[column] for row in read_metrics(tmp_path / "whole")] == [
+            row[column] for row in read_metrics(tmp_path / "crashed")
+        ], column
 
 
-def test_ema_weights_are_validated_and_saved_for_predict_and_raw_weights_for_resume(tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path) -> None:
+def test_ema_weights_are_validated_and_saved_for_predict_and_raw_weights_for_resume(
+    tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path
+) -> None:
     train(tiny_config("optim.ema_decay=0.5", "optim.lr=0.05"), data_dir, tmp_path / "ema", progress=False)
     last = load_checkpoint(tmp_path / "ema" / LAST_CHECKPOINT)
     assert last["ema"] is not None and int(last["ema"]["n_averaged"]) == 2  # one update per optimizer step
@@ -397,8 +489,12 @@ def test_ema_weights_are_validated_and_saved_for_predict_and_raw_weights_for_res
     torch.testing.assert_close(last["model"][key], last["ema"][f"module.{key}"])
 
 
-def test_accumulation_counts_optimizer_steps_not_batches(tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path) -> None:
-    train(tiny_config("optim.accumulate_steps=2", "data.batch_size=1"), data_dir, tmp_path / "accumulate", progress=False)
+def test_accumulation_counts_optimizer_steps_not_batches(
+    tiny_config: Callable[..., TrainConfig], data_dir: Path, tmp_path: Path
+) -> None:
+    train(
+        tiny_config("optim.accumulate_steps=2", "data.batch_size=1"), data_dir, tmp_path / "accumulate", progress=False
+    )
     last = load_checkpoint(tmp_path / "accumulate" / LAST_CHECKPOINT)
     assert last["scheduler"]["last_epoch"] == 2  # 4 batches of 1, two per optimizer step
     assert read_metrics(tmp_path / "accumulate")[0]["images"] == "4"
@@ -407,11 +503,25 @@ def test_accumulation_counts_optimizer_steps_not_batches(tiny_config: Callable[.
 def run_cli_in_subprocess(*arguments: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     # One thread, as in the test process: the same arithmetic in the same order, so runs agree to the bit.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "lungdet", *arguments], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lungdet", *arguments],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
-def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_result(tiny_run: list[str], data_dir: Path, tmp_path: Path) -> None:
-    overrides = ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *tiny_run, "optim.epochs=3", "checkpoint_every_steps=1", "tensorboard=false"]
+def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_result(
+    tiny_run: list[str], data_dir: Path, tmp_path: Path
+) -> None:
+    overrides = [
+        "model.architecture=fasterrcnn_mobilenet_v3_large_fpn",
+        *tiny_run,
+        "optim.epochs=3",
+        "checkpoint_every_steps=1",
+        "tensorboard=false",
+    ]
 
     def command(out: Path, *extra: str) -> list[str]:
         return ["train", "--data", str(data_dir), "--out", str(out), "--no-progress", *extra, *overrides]
@@ -438,7 +548,9 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_result(tiny_r
     for key, value in expected["model"].items():
         assert torch.equal(value, got["model"][key]), key
     assert [row["val_map"] for row in expected["history"]] == [row["val_map"] for row in got["history"]]
-    assert not [path for path in (tmp_path / "killed").iterdir() if path.name.startswith(".")]  # no stray temporary files
+    assert not [
+        path for path in (tmp_path / "killed").iterdir() if path.name.startswith(".")
+    ]  # no stray temporary files
 
 
 # --- broken checkpoints -------------------------------------------------------------------------
@@ -480,7 +592,20 @@ def test_parser_requires_data_and_out(capsys: pytest.CaptureFixture) -> None:
 
 def test_cli_trains_with_a_named_config_overrides_and_fold(tiny_run: list[str], data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli_run"
-    args = get_args_parser().parse_args(["--config", "fasterrcnn_mobilenet_cpu", "--data", str(data_dir), "--out", str(out), "--fold", "1", "--no-progress", *tiny_run])
+    args = get_args_parser().parse_args(
+        [
+            "--config",
+            "fasterrcnn_mobilenet_cpu",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--fold",
+            "1",
+            "--no-progress",
+            *tiny_run,
+        ]
+    )
     assert main(args) == 0
     saved = load_config(out / CONFIG_FILE)
     assert saved.data.fold == 1
@@ -490,9 +615,13 @@ def test_cli_trains_with_a_named_config_overrides_and_fold(tiny_run: list[str], 
     assert len(read_metrics(out)) == 1
 
 
-def test_cli_resume_uses_the_config_stored_in_the_checkpoint(finished_run: dict[str, Any], data_dir: Path, tmp_path: Path) -> None:
+def test_cli_resume_uses_the_config_stored_in_the_checkpoint(
+    finished_run: dict[str, Any], data_dir: Path, tmp_path: Path
+) -> None:
     run_dir = copy_run(finished_run, tmp_path)
-    args = get_args_parser().parse_args(["--data", str(data_dir), "--out", str(run_dir), "--resume", "--no-progress", "optim.epochs=2"])
+    args = get_args_parser().parse_args(
+        ["--data", str(data_dir), "--out", str(run_dir), "--resume", "--no-progress", "optim.epochs=2"]
+    )
     assert main(args) == 0
     saved = load_config(run_dir / CONFIG_FILE)
     assert saved.model.image_size == IMAGE_SIZE and saved.optim.epochs == 2
@@ -501,19 +630,28 @@ def test_cli_resume_uses_the_config_stored_in_the_checkpoint(finished_run: dict[
 
 def test_cli_rejects_resume_with_config_before_any_work(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
-    args = get_args_parser().parse_args(["--config", "fasterrcnn_mobilenet_cpu", "--data", str(data_dir), "--out", str(out), "--resume"])
+    args = get_args_parser().parse_args(
+        ["--config", "fasterrcnn_mobilenet_cpu", "--data", str(data_dir), "--out", str(out), "--resume"]
+    )
     with pytest.raises(LungdetError, match=re.escape("--resume takes the config stored in OUT/last.pt; drop --config")):
         main(args)
     assert not out.exists()
 
 
-def test_cli_show_augmentations_writes_pairs_and_trains_nothing(tiny_run: list[str], data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_show_augmentations_writes_pairs_and_trains_nothing(
+    tiny_run: list[str], data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "look"
-    args = get_args_parser().parse_args(["--data", str(data_dir), "--out", str(out), "--show-augmentations", "3", *tiny_run, "augment.hflip=1.0"])
+    args = get_args_parser().parse_args(
+        ["--data", str(data_dir), "--out", str(out), "--show-augmentations", "3", *tiny_run, "augment.hflip=1.0"]
+    )
     assert main(args) == 0
     written = sorted((out / AUGMENTATIONS_DIR).glob("augment_*.png"))
     assert len(written) == 3
     pair = cv2.imread(str(written[0]))
     assert pair.shape[0] >= IMAGE_SIZE and pair.shape[1] > 2 * IMAGE_SIZE  # original beside augmented
     assert sorted(path.name for path in out.iterdir()) == [AUGMENTATIONS_DIR]  # no checkpoint, no metrics
-    assert f"wrote 3 augmentation samples (original | augmented) to {out / AUGMENTATIONS_DIR}; nothing was trained" in capsys.readouterr().out
+    assert (
+        f"wrote 3 augmentation samples (original | augmented) to {out / AUGMENTATIONS_DIR}; nothing was trained"
+        in capsys.readouterr().out
+    )

@@ -45,7 +45,13 @@ class Orthanc:
     """One Orthanc process: ``start()``, ``stop()`` (its storage stays, as on a real restart), REST and DICOMweb URLs."""
 
     def __init__(
-        self, binary: str, plugin: str, folder: Path, *, users: dict[str, str] | None = None, serve: dict[str, Path] | None = None,
+        self,
+        binary: str,
+        plugin: str,
+        folder: Path,
+        *,
+        users: dict[str, str] | None = None,
+        serve: dict[str, Path] | None = None,
     ) -> None:
         """``serve`` maps URIs to folders for Debian's ServeFolders plugin (``{"/ohif": build}``), loaded only when given."""
         self.binary, self.folder = binary, folder
@@ -54,10 +60,16 @@ class Orthanc:
         self.dicomweb = f"{self.url}/dicom-web"
         self.users = users or {}
         config = {
-            "Name": "lungdet-test", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
-            "HttpPort": self.port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": bool(self.users), "RegisteredUsers": self.users,
-            "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "Name": "lungdet-test",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"),
+            "HttpPort": self.port,
+            "DicomServerEnabled": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
+            "Plugins": [plugin],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
         if serve:
             config["Plugins"].append(str(Path(plugin).with_name(SERVE_FOLDERS)))
@@ -77,12 +89,16 @@ class Orthanc:
 
     def start(self) -> None:
         log = open(self.folder / "orthanc.log", "a")
-        self.process = subprocess.Popen([self.binary, str(self.config)], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
+        self.process = subprocess.Popen(
+            [self.binary, str(self.config)], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder
+        )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.process.returncode}:\n{(self.folder / 'orthanc.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"Orthanc exited with {self.process.returncode}:\n{(self.folder / 'orthanc.log').read_text()[-2000:]}"
+                )
             try:
                 self.get("/system")
                 return
@@ -123,17 +139,31 @@ class Orthanc:
         tags = []
         for instance in self.get("/instances?expand"):
             simplified = self.get(f"/instances/{instance['ID']}/simplified-tags")
-            tags.append({key: str(simplified.get(key, "")) for key in ("SOPInstanceUID", "StudyInstanceUID", "Modality", "SeriesDescription", "SOPClassUID")})
+            tags.append(
+                {
+                    key: str(simplified.get(key, ""))
+                    for key in ("SOPInstanceUID", "StudyInstanceUID", "Modality", "SeriesDescription", "SOPClassUID")
+                }
+            )
         return tags
 
     def file(self, sop_instance_uid: str) -> bytes:
-        [match] = [i for i in self.get("/instances?expand") if i["MainDicomTags"].get("SOPInstanceUID") == sop_instance_uid]
+        [match] = [
+            i for i in self.get("/instances?expand") if i["MainDicomTags"].get("SOPInstanceUID") == sop_instance_uid
+        ]
         return self._request(f"/instances/{match['ID']}/file")
 
 
 def _orthanc_parts() -> tuple[str, str]:
     binary = shutil.which("Orthanc")
-    plugin = next((str(Path(folder) / "libOrthancDicomWeb.so") for folder in PLUGIN_FOLDERS if (Path(folder) / "libOrthancDicomWeb.so").is_file()), None)
+    plugin = next(
+        (
+            str(Path(folder) / "libOrthancDicomWeb.so")
+            for folder in PLUGIN_FOLDERS
+            if (Path(folder) / "libOrthancDicomWeb.so").is_file()
+        ),
+        None,
+    )
     if binary is None or plugin is None:
         skip_or_fail(f"Orthanc with its DICOMweb plugin is not installed: {INSTALL}")
     return binary, plugin
@@ -210,10 +240,14 @@ class OrthancWithDicom(Orthanc):
         super().__init__(binary, plugin, folder)
         self.dicom_port = free_port()
         config = json.loads(self.config.read_text())
-        config.update({
-            "DicomServerEnabled": True, "DicomAet": self.AE_TITLE, "DicomPort": self.dicom_port,
-            "DicomModalities": {name: list(entry) for name, entry in modalities.items()},
-        })
+        config.update(
+            {
+                "DicomServerEnabled": True,
+                "DicomAet": self.AE_TITLE,
+                "DicomPort": self.dicom_port,
+                "DicomModalities": {name: list(entry) for name, entry in modalities.items()},
+            }
+        )
         self.config.write_text(json.dumps(config))
 
     def store_to_modality(self, modality: str, instance_ids: list[str]) -> dict:

@@ -39,6 +39,7 @@ RECIPE = 1
 
 # OHIF reads its data source from window.config. The DICOMweb roots are the page's own origin:
 # the Orthanc that serves the viewer also answers DICOMweb, whatever port the test gave it.
+# A %-template, not str.format: the JavaScript's braces would all need doubling.
 APP_CONFIG = """\
 // Written by lungdet's tests/pacs/ohif.py: one DICOMweb source, the Orthanc that serves this page.
 window.config = {
@@ -74,7 +75,7 @@ window.config = {
     },
   ],
 };
-""" % {"mount": MOUNT}
+""" % {"mount": MOUNT}  # noqa: UP031
 
 
 def ohif_tarball() -> Path:
@@ -85,7 +86,9 @@ def ohif_tarball() -> Path:
     """
     path = Path(os.environ.get("LUNGDET_OHIF_TGZ") or Path.home() / ".cache" / "lungdet" / TARBALL_NAME).expanduser()
     if not path.exists():
-        skip_or_fail(f"the OHIF viewer build is not at {path}: {NPM_PACK} (or set LUNGDET_OHIF_TGZ to the .tgz or its extracted dist/)")
+        skip_or_fail(
+            f"the OHIF viewer build is not at {path}: {NPM_PACK} (or set LUNGDET_OHIF_TGZ to the .tgz or its extracted dist/)"
+        )
     return path
 
 
@@ -129,7 +132,9 @@ def _rewrite(path: Path, change: Callable[[str], str], *, must_change: bool = Tr
     text = path.read_text(encoding="utf-8")
     changed = change(text)
     if must_change and changed == text:
-        raise ValueError(f"re-rooting OHIF {OHIF_VERSION}: nothing to change in {path.name}; is this build another version than {OHIF_VERSION}?")
+        raise ValueError(
+            f"re-rooting OHIF {OHIF_VERSION}: nothing to change in {path.name}; is this build another version than {OHIF_VERSION}?"
+        )
     temporary = path.with_name(path.name + ".rerooted")
     temporary.write_text(changed, encoding="utf-8")
     os.replace(temporary, path)
@@ -138,6 +143,7 @@ def _rewrite(path: Path, change: Callable[[str], str], *, must_change: bool = Tr
 def _reroot(dist: Path) -> None:
     """Move the build from ``/`` to ``MOUNT/``: every absolute URL it holds to its own files."""
     prefix = MOUNT + "/"
+
     # index.html: the public URL the app builds its own URLs from, and every src/href/content attribute.
     def reroot_page(text: str) -> str:
         text = text.replace('window.PUBLIC_URL="/"', f'window.PUBLIC_URL="{prefix}"')
@@ -145,12 +151,18 @@ def _reroot(dist: Path) -> None:
 
     _rewrite(dist / "index.html", reroot_page)
     if f'window.PUBLIC_URL="{prefix}"' not in (dist / "index.html").read_text(encoding="utf-8"):
-        raise ValueError(f"re-rooting OHIF {OHIF_VERSION}: index.html does not set window.PUBLIC_URL=\"/\"; is this build another version?")
+        raise ValueError(
+            f're-rooting OHIF {OHIF_VERSION}: index.html does not set window.PUBLIC_URL="/"; is this build another version?'
+        )
     # webpack loads its chunks, workers and wasm from its public path, fixed at build time.
     public_path = '__webpack_require__.p = "/";'
-    rerooted = [path for path in sorted(dist.glob("*.js")) if public_path in path.read_text(encoding="utf-8", errors="replace")]
+    rerooted = [
+        path for path in sorted(dist.glob("*.js")) if public_path in path.read_text(encoding="utf-8", errors="replace")
+    ]
     if not any(path.name.startswith("app.bundle.") for path in rerooted):
-        raise ValueError(f"re-rooting OHIF {OHIF_VERSION}: no app.bundle.*.js in {dist} sets {public_path}; is this build another version?")
+        raise ValueError(
+            f"re-rooting OHIF {OHIF_VERSION}: no app.bundle.*.js in {dist} sets {public_path}; is this build another version?"
+        )
     for path in rerooted:
         _rewrite(path, lambda text: text.replace(public_path, f'__webpack_require__.p = "{prefix}";'))
     # Fonts in the style sheets, and the icons in the web manifest.
@@ -347,7 +359,9 @@ class OhifViewer:
             if errors:
                 raise RuntimeError(f"OHIF logged an error before it could {what}: {errors[0]['message'][:2000]}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"OHIF did not {what} within {timeout_s:.0f} s; its console ended with {[entry['message'][:300] for entry in self._console[-5:]]}")
+                raise TimeoutError(
+                    f"OHIF did not {what} within {timeout_s:.0f} s; its console ended with {[entry['message'][:300] for entry in self._console[-5:]]}"
+                )
             time.sleep(0.1)
 
     def open_study(self, orthanc_url: str, study_uid: str) -> None:
@@ -367,24 +381,41 @@ class OhifViewer:
         from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.by import By
 
-        selector = "[data-cy=study-browser-thumbnail-no-image]" + (f"[data-series='{series_number}']" if series_number is not None else "")
-        thumbnails = self._wait(lambda: self.driver.find_elements(By.CSS_SELECTOR, selector), f"list the report ({selector}) in the study browser")
+        selector = "[data-cy=study-browser-thumbnail-no-image]" + (
+            f"[data-series='{series_number}']" if series_number is not None else ""
+        )
+        thumbnails = self._wait(
+            lambda: self.driver.find_elements(By.CSS_SELECTOR, selector),
+            f"list the report ({selector}) in the study browser",
+        )
         if len(thumbnails) != 1:
-            raise ValueError(f"expected one report thumbnail ({selector}) in OHIF's study browser, found {len(thumbnails)}; pass the report's series number")
+            raise ValueError(
+                f"expected one report thumbnail ({selector}) in OHIF's study browser, found {len(thumbnails)}; pass the report's series number"
+            )
         ActionChains(self.driver).double_click(thumbnails[0]).perform()
         self._wait(
-            lambda: any(entry["modality"] == "SR" and entry["loaded"] for entry in self.driver.execute_script(VIEWPORTS_JS))
-            and self.driver.execute_script(IMAGE_SHOWN_JS),
+            lambda: (
+                any(entry["modality"] == "SR" and entry["loaded"] for entry in self.driver.execute_script(VIEWPORTS_JS))
+                and self.driver.execute_script(IMAGE_SHOWN_JS)
+            ),
             "show the report in a viewport",
         )
 
     def drawn(self) -> tuple[list[list[float]], list[list[float]]]:
         """``(boxes, screen_boxes)`` as :class:`ShownReport` has them."""
         found = self.driver.execute_script(DRAWN_JS)
-        return sorted(_span(points) for points in found["held"] if points), sorted(_span(points) for points in found["drawn"] if points)
+        return sorted(_span(points) for points in found["held"] if points), sorted(
+            _span(points) for points in found["drawn"] if points
+        )
 
     def show_report(
-        self, orthanc_url: str, study_uid: str, *, series_number: int | None = None, expected_boxes: int | None = None, screenshot: Path | None = None,
+        self,
+        orthanc_url: str,
+        study_uid: str,
+        *,
+        series_number: int | None = None,
+        expected_boxes: int | None = None,
+        screenshot: Path | None = None,
     ) -> ShownReport:
         """Open the study, then its report, and read back what OHIF drew.
 
@@ -413,7 +444,9 @@ class OhifViewer:
                 rerendered = True
                 self.driver.execute_script(RENDER_JS)
                 try:
-                    boxes, screen_boxes = self._wait(settled, "draw the report's boxes after a render", timeout_s=SETTLE_S)
+                    boxes, screen_boxes = self._wait(
+                        settled, "draw the report's boxes after a render", timeout_s=SETTLE_S
+                    )
                 except TimeoutError:
                     boxes, screen_boxes = self.drawn()  # the caller's assertions say what is missing
         finally:
@@ -421,5 +454,9 @@ class OhifViewer:
                 Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
                 self.driver.save_screenshot(str(screenshot))
         return ShownReport(
-            boxes=boxes, screen_boxes=screen_boxes, viewports=self.driver.execute_script(VIEWPORTS_JS), console=self.console(), rerendered=rerendered,
+            boxes=boxes,
+            screen_boxes=screen_boxes,
+            viewports=self.driver.execute_script(VIEWPORTS_JS),
+            console=self.console(),
+            rerendered=rerendered,
         )

@@ -65,7 +65,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], object], *, what: str, timeout: float = 30.0, on_timeout: Callable[[], str] | None = None) -> None:
+def wait_for(
+    condition: Callable[[], object], *, what: str, timeout: float = 30.0, on_timeout: Callable[[], str] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -76,7 +78,11 @@ def wait_for(condition: Callable[[], object], *, what: str, timeout: float = 30.
 def fresh_copy(path: Path) -> Dataset:
     """A real sample under new Study/Series/SOP UIDs (its pixel data as it is): a new image to the node."""
     dataset = pydicom.dcmread(path)
-    dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID = (
+        generate_uid(),
+        generate_uid(),
+        generate_uid(),
+    )
     dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     return dataset
 
@@ -99,7 +105,9 @@ def synthetic(**changes: object) -> Dataset:
     for keyword, value in changes.items():
         setattr(dataset, keyword, value)
     frames = int(dataset.get("NumberOfFrames", 1))
-    dataset.PixelData = pixel_data if pixel_data is not None else (np.arange(24 * frames) % 256).astype(np.uint8).tobytes()
+    dataset.PixelData = (
+        pixel_data if pixel_data is not None else (np.arange(24 * frames) % 256).astype(np.uint8).tobytes()
+    )
     dataset["PixelData"].VR = "OB"
     return dataset
 
@@ -117,8 +125,11 @@ class StoreScp:
         return AEAddress("STORESCP", "127.0.0.1", self.port)
 
     def start(self) -> None:
-        self.process = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "-od", str(self.folder), "+uf", str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [dcmtk("storescp"), "-aet", "STORESCP", "-od", str(self.folder), "+uf", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
         def listening() -> bool:
             with socket.socket() as probe:
@@ -146,6 +157,10 @@ def storescp(tmp_path: Path) -> Iterator[StoreScp]:
         receiver.stop()
 
 
+# The node's callers when a test does not say: any calling AE titled SCU, from anywhere.
+ANY_SCU = (AllowedCaller("SCU"),)
+
+
 def nowhere() -> CStoreReceiver:
     """A receiver on a port nothing listens on: results stay pending."""
     return CStoreReceiver(AEAddress("NOWHERE", "127.0.0.1", free_port()), ae_title="LUNGDET", timeout=5)
@@ -156,14 +171,32 @@ def start_node(tmp_path: Path, serving_detector) -> Iterator[Callable[..., Dimse
     """``start(receiver, allowed=[...] | None, port=0, detector=..., max_inbox=..., overlay=..., gsps=...) -> DimseNode`` in this process, its lines in ``node.lines``."""
     nodes: list[DimseNode] = []
 
-    def start(receiver, *, allowed=(AllowedCaller("SCU"),), port: int = 0, detector=None, max_inbox: int = 100, overlay: bool = False,
-              gsps: bool = False) -> DimseNode:
+    def start(
+        receiver,
+        *,
+        allowed=ANY_SCU,
+        port: int = 0,
+        detector=None,
+        max_inbox: int = 100,
+        overlay: bool = False,
+        gsps: bool = False,
+    ) -> DimseNode:
         detector = detector or serving_detector
         model = model_identity(lungdet_version(), [detector.architecture], [detector.checkpoint_sha256], CUT_OFF)
         lines: list[str] = []
         state = DimseState.open(tmp_path / f"state{len(nodes)}", max_inbox=max_inbox)
-        node = DimseNode(AEAddress("LUNGDET", "127.0.0.1", port), state, detector, model, receiver, None if allowed is None else list(allowed), CUT_OFF,
-                         overlay=overlay, gsps=gsps, say=lines.append)
+        node = DimseNode(
+            AEAddress("LUNGDET", "127.0.0.1", port),
+            state,
+            detector,
+            model,
+            receiver,
+            None if allowed is None else list(allowed),
+            CUT_OFF,
+            overlay=overlay,
+            gsps=gsps,
+            say=lines.append,
+        )
         node.lines = lines  # type: ignore[attr-defined]
         nodes.append(node)
         node.start()
@@ -176,7 +209,9 @@ def start_node(tmp_path: Path, serving_detector) -> Iterator[Callable[..., Dimse
             node.stop(timeout=10)
 
 
-def associate(port: int, datasets: list[Dataset] = (), *, calling: str = "SCU", called: str = "LUNGDET", echo: bool = False):
+def associate(
+    port: int, datasets: list[Dataset] = (), *, calling: str = "SCU", called: str = "LUNGDET", echo: bool = False
+):
     ae = pynetdicom.AE(calling)
     for dataset in datasets:
         ae.add_requested_context(dataset.SOPClassUID, [str(dataset.file_meta.TransferSyntaxUID)])
@@ -211,9 +246,18 @@ def test_addresses_parse_and_explain_bad_input() -> None:
     import argparse
 
     assert ae_address("ORTHANC@127.0.0.1:4242") == AEAddress("ORTHANC", "127.0.0.1", 4242)
-    assert ae_address("PACS@[::1]:104") == AEAddress("PACS", "::1", 104) and str(ae_address("PACS@[::1]:104")) == "PACS@[::1]:104"
-    assert listen_address("0.0.0.0:11112") == (None, "0.0.0.0", 11112) and listen_address("LUNGDET@127.0.0.1:0") == ("LUNGDET", "127.0.0.1", 0)
-    assert allowed_caller("ORTHANC") == AllowedCaller("ORTHANC") and allowed_caller("ORTHANC@10.0.0.5") == AllowedCaller("ORTHANC", "10.0.0.5")
+    assert (
+        ae_address("PACS@[::1]:104") == AEAddress("PACS", "::1", 104)
+        and str(ae_address("PACS@[::1]:104")) == "PACS@[::1]:104"
+    )
+    assert listen_address("0.0.0.0:11112") == (None, "0.0.0.0", 11112) and listen_address("LUNGDET@127.0.0.1:0") == (
+        "LUNGDET",
+        "127.0.0.1",
+        0,
+    )
+    assert allowed_caller("ORTHANC") == AllowedCaller("ORTHANC") and allowed_caller(
+        "ORTHANC@10.0.0.5"
+    ) == AllowedCaller("ORTHANC", "10.0.0.5")
     assert AllowedCaller("ORTHANC", "127.0.0.1").addresses() == {"127.0.0.1", "::ffff:127.0.0.1"}
     for text, message in [
         ("127.0.0.1:4242", r"expected AE@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242; '127.0.0.1:4242' has no '@'"),
@@ -226,7 +270,9 @@ def test_addresses_parse_and_explain_bad_input() -> None:
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             ae_address(text)
-    with pytest.raises(ValueError, match=r"--allow X@no-such-host.invalid: host 'no-such-host.invalid' cannot be resolved"):
+    with pytest.raises(
+        ValueError, match=r"--allow X@no-such-host.invalid: host 'no-such-host.invalid' cannot be resolved"
+    ):
         AllowedCaller("X", "no-such-host.invalid").addresses()
 
 
@@ -236,20 +282,30 @@ def test_command_line_modes_are_exclusive_and_complete(capsys) -> None:
 
     assert DEFAULT_MAX_INBOX == NODE_DEFAULT  # the parser states the node's default without importing pynetdicom
     parser = get_args_parser()
-    for argv, message in [([], "one of the arguments --url --listen is required"),
-                          (["--url", "http://x/dicom-web", "--listen", "L@0.0.0.0:104"], "not allowed with argument")]:
+    for argv, message in [
+        ([], "one of the arguments --url --listen is required"),
+        (["--url", "http://x/dicom-web", "--listen", "L@0.0.0.0:104"], "not allowed with argument"),
+    ]:
         with pytest.raises(SystemExit):
             parser.parse_args([*argv, "--checkpoint", "c.pt"])
         assert message in capsys.readouterr().err
     listen = ["--listen", "LUNGDET@0.0.0.0:11112", "--checkpoint", "c.pt"]
     for argv, message in [
-        (listen + ["--allow", "ORTHANC"], r"--listen needs one place for the results: --send-to AE@HOST:PORT \(C-STORE\) or --dicomweb-url URL"),
-        (listen + ["--allow", "ORTHANC", "--send-to", "O@h:104", "--dicomweb-url", "http://h/dicom-web"], "--listen needs one place"),
+        (
+            listen + ["--allow", "ORTHANC"],
+            r"--listen needs one place for the results: --send-to AE@HOST:PORT \(C-STORE\) or --dicomweb-url URL",
+        ),
+        (
+            listen + ["--allow", "ORTHANC", "--send-to", "O@h:104", "--dicomweb-url", "http://h/dicom-web"],
+            "--listen needs one place",
+        ),
         (listen + ["--send-to", "O@h:104"], r"--listen needs --allow AE\[@HOST\] for each sender"),
         (listen + ["--send-to", "O@h:104", "--allow", "O", "--allow-any"], "not both"),
         (listen + ["--send-to", "O@h:104", "--allow", "O", "--once"], r"--once: only with --url"),
-        (["--url", "http://h/dicom-web", "--checkpoint", "c.pt", "--send-to", "O@h:104", "--max-inbox", "5"],
-         r"--send-to, --max-inbox: only with --listen"),
+        (
+            ["--url", "http://h/dicom-web", "--checkpoint", "c.pt", "--send-to", "O@h:104", "--max-inbox", "5"],
+            r"--send-to, --max-inbox: only with --listen",
+        ),
     ]:
         with pytest.raises(LungdetError, match=message):
             check_mode(parser.parse_args(argv))
@@ -264,14 +320,25 @@ def test_check_instance_decides_by_class_modality_and_pixels(rsna_sample_dir: Pa
     good = check_instance(dicom_bytes(sample), sop_class=sample.SOPClassUID)
     assert good == Arrival(sample.SOPInstanceUID, sample.StudyInstanceUID)
     assert check_instance(dicom_bytes(sample), sop_class="1.2.840.10008.5.1.4.1.1.1") == Refusal(
-        DATA_SET_MISMATCH, f"its SOP Class UID {sample.SOPClassUID} is not the request's 1.2.840.10008.5.1.4.1.1.1")
+        DATA_SET_MISMATCH, f"its SOP Class UID {sample.SOPClassUID} is not the request's 1.2.840.10008.5.1.4.1.1.1"
+    )
     ct = synthetic(Modality="CT")
-    assert check_instance(dicom_bytes(ct), sop_class=ct.SOPClassUID) == Refusal(CANNOT_UNDERSTAND, "modality CT, not a chest radiograph (CR or DX)")
+    assert check_instance(dicom_bytes(ct), sop_class=ct.SOPClassUID) == Refusal(
+        CANNOT_UNDERSTAND, "modality CT, not a chest radiograph (CR or DX)"
+    )
     own = synthetic(SeriesDescription="lungdet overlay - Research use only, not for diagnosis")
     assert check_instance(dicom_bytes(own), sop_class=own.SOPClassUID).own_result
-    cut = check_instance(dicom_bytes(sample)[:3000], sop_class=sample.SOPClassUID)  # a dataset cut short in its pixel data
-    assert cut == Refusal(CANNOT_UNDERSTAND, "the data set is truncated (End of file reached before delimiter (FFFE,E0DD) found)")
-    assert [code for code in (0x0000, 0xB000, 0xB007, 0x0107, 0x0111, 0xA700, 0xA900, 0xC000, 0x0122) if status_accepted(code)] == [0x0000, 0xB000, 0xB007, 0x0107, 0x0111]
+    cut = check_instance(
+        dicom_bytes(sample)[:3000], sop_class=sample.SOPClassUID
+    )  # a dataset cut short in its pixel data
+    assert cut == Refusal(
+        CANNOT_UNDERSTAND, "the data set is truncated (End of file reached before delimiter (FFFE,E0DD) found)"
+    )
+    assert [
+        code
+        for code in (0x0000, 0xB000, 0xB007, 0x0107, 0x0111, 0xA700, 0xA900, 0xC000, 0x0122)
+        if status_accepted(code)
+    ] == [0x0000, 0xB000, 0xB007, 0x0107, 0x0111]
 
 
 def result_for(image: str, study: str) -> list[Dataset]:
@@ -281,8 +348,14 @@ def result_for(image: str, study: str) -> list[Dataset]:
     return [report]
 
 
-CRASH_POINTS = ["mid-write of the inbox file", "acknowledged, not processed", "mid-write of the result", "result written, not recorded",
-                "recorded, inbox file not removed", "stored, pending not removed"]
+CRASH_POINTS = [
+    "mid-write of the inbox file",
+    "acknowledged, not processed",
+    "mid-write of the result",
+    "result written, not recorded",
+    "recorded, inbox file not removed",
+    "stored, pending not removed",
+]
 
 
 @pytest.mark.parametrize("crash", CRASH_POINTS)
@@ -293,7 +366,9 @@ def test_restart_after_each_crash_point_keeps_one_result(tmp_path: Path, crash: 
     name = state.reserve(image, "2.25.1", 100)
     data = dicom_bytes(synthetic(SOPInstanceUID=image, StudyInstanceUID=study))
     if crash == "mid-write of the inbox file":
-        (state.inbox_folder / f".{name}.dcm.x1y2.tmp").write_bytes(data[:50])  # atomic.py's temporary name, never acknowledged
+        (state.inbox_folder / f".{name}.dcm.x1y2.tmp").write_bytes(
+            data[:50]
+        )  # atomic.py's temporary name, never acknowledged
     else:
         state.admit(name, data)
         assert state.take(timeout=0) == name
@@ -310,13 +385,21 @@ def test_restart_after_each_crash_point_keeps_one_result(tmp_path: Path, crash: 
         journal.write('{"name": "00000')
 
     again = DimseState.open(tmp_path)
-    leftovers = [path.name for folder in (again.inbox_folder, again.pending_folder) for path in folder.iterdir() if path.name.startswith(".")]
+    leftovers = [
+        path.name
+        for folder in (again.inbox_folder, again.pending_folder)
+        for path in folder.iterdir()
+        if path.name.startswith(".")
+    ]
     assert leftovers == []
     waiting = [again.take(timeout=0)] if again.waiting else []
     pending = again.pending()
     if crash == "mid-write of the inbox file":  # never acknowledged: the sender still has it and sends again
         assert (waiting, pending, again.settled) == ([], [], set())
-    elif crash in ("acknowledged, not processed", "mid-write of the result"):  # processed from the inbox after the restart
+    elif crash in (
+        "acknowledged, not processed",
+        "mid-write of the result",
+    ):  # processed from the inbox after the restart
         assert (waiting, pending, again.settled) == ([name], [], set())
         assert again.reserve(image, "2.25.1", 100).reason == "already waiting in the inbox"
     else:  # the result waits to be stored (again, for the last one: the same UIDs, so the receiver keeps one)
@@ -330,11 +413,17 @@ def test_restart_after_each_crash_point_keeps_one_result(tmp_path: Path, crash: 
 # --- real senders and receivers ---------------------------------------------------------------------
 
 
-def test_orthanc_sends_to_the_node_and_takes_its_results(orthanc_dicom, start_node, rsna_sample_dir: Path, serving_detector) -> None:
+def test_orthanc_sends_to_the_node_and_takes_its_results(
+    orthanc_dicom, start_node, rsna_sample_dir: Path, serving_detector
+) -> None:
     port = free_port()  # the node's, known before Orthanc's DicomModalities is written
     orthanc = orthanc_dicom({"lungdet": ("LUNGDET", "127.0.0.1", port)})
-    node = start_node(CStoreReceiver(AEAddress("ORTHANC", "127.0.0.1", orthanc.dicom_port), ae_title="LUNGDET"),
-                      allowed=[AllowedCaller("ORTHANC", "127.0.0.1")], port=port, overlay=True)
+    node = start_node(
+        CStoreReceiver(AEAddress("ORTHANC", "127.0.0.1", orthanc.dicom_port), ae_title="LUNGDET"),
+        allowed=[AllowedCaller("ORTHANC", "127.0.0.1")],
+        port=port,
+        overlay=True,
+    )
     samples = sorted(rsna_sample_dir.glob("*.dcm"))[:3]
     ids = [orthanc.upload(path.read_bytes()) for path in samples]
     orthanc.store_to_modality("lungdet", ids)  # Orthanc's answer comes once the node acknowledged all three
@@ -360,15 +449,28 @@ def test_orthanc_sends_to_the_node_and_takes_its_results(orthanc_dicom, start_no
     assert node.idle() and len(results()) == 6 and len(lines_with(node, "reported 1.")) == 3
 
 
-def test_dcmtk_echoscu_and_storescu_get_a_result(start_node, storescp: StoreScp, rsna_sample_dir: Path, tmp_path: Path) -> None:
-    node = start_node(CStoreReceiver(storescp.address, ae_title="LUNGDET"), allowed=[AllowedCaller("STORESCU")], gsps=True)
-    echo = subprocess.run([dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "LUNGDET", "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=30)
+def test_dcmtk_echoscu_and_storescu_get_a_result(
+    start_node, storescp: StoreScp, rsna_sample_dir: Path, tmp_path: Path
+) -> None:
+    node = start_node(
+        CStoreReceiver(storescp.address, ae_title="LUNGDET"), allowed=[AllowedCaller("STORESCU")], gsps=True
+    )
+    echo = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "LUNGDET", "127.0.0.1", str(node.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert echo.returncode == 0, echo.stderr
     assert lines_with(node, "echo from STORESCU@127.0.0.1")
     sample = sorted(rsna_sample_dir.glob("*.dcm"))[1]
     # -xy proposes JPEG Baseline, the file's own syntax (storescu proposes only uncompressed ones otherwise, and cannot convert).
-    sent = subprocess.run([dcmtk("storescu"), "-xy", "-aet", "STORESCU", "-aec", "LUNGDET", "127.0.0.1", str(node.port), str(sample)],
-                          capture_output=True, text=True, timeout=30)
+    sent = subprocess.run(
+        [dcmtk("storescu"), "-xy", "-aet", "STORESCU", "-aec", "LUNGDET", "127.0.0.1", str(node.port), str(sample)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert sent.returncode == 0, sent.stderr
     wait_for(lambda: len(storescp.received()) == 2, what="the report and the GSPS at storescp")
     received = {dataset.SOPClassUID.name: dataset for dataset in storescp.received()}
@@ -376,9 +478,13 @@ def test_dcmtk_echoscu_and_storescu_get_a_result(start_node, storescp: StoreScp,
     report, gsps = received["Comprehensive 3D SR Storage"], received["Grayscale Softcopy Presentation State Storage"]
     source = pydicom.dcmread(sample, stop_before_pixels=True)
     assert report.StudyInstanceUID == gsps.StudyInstanceUID == source.StudyInstanceUID
-    assert read_report(report).source_sop_instance_uid == source.SOPInstanceUID and report.SOPInstanceUID == report_uid(source, node.model)
+    assert read_report(report).source_sop_instance_uid == source.SOPInstanceUID and report.SOPInstanceUID == report_uid(
+        source, node.model
+    )
     assert gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert lines_with(node, f"stored {source.SOPInstanceUID}'s result (2 instance(s)) in STORESCP@127.0.0.1:{storescp.port} (C-STORE)")
+    assert lines_with(
+        node, f"stored {source.SOPInstanceUID}'s result (2 instance(s)) in STORESCP@127.0.0.1:{storescp.port} (C-STORE)"
+    )
 
 
 def test_dicomweb_receiver_down_then_up(orthanc, start_node, rsna_sample_dir: Path) -> None:
@@ -395,7 +501,10 @@ def test_dicomweb_receiver_down_then_up(orthanc, start_node, rsna_sample_dir: Pa
     wait_for(lambda: node.idle() and lines_with(node, "answers again"), what="the result stored once Orthanc is back")
     [report] = [tags for tags in orthanc.instance_tags() if tags["Modality"] == "SR"]
     assert report["StudyInstanceUID"] == dataset.StudyInstanceUID
-    assert len(lines_with(node, "does not answer")) == 1 and f"stored {dataset.SOPInstanceUID}'s result (1 instance(s)) in {orthanc.dicomweb} (STOW-RS)" in node.lines
+    assert (
+        len(lines_with(node, "does not answer")) == 1
+        and f"stored {dataset.SOPInstanceUID}'s result (1 instance(s)) in {orthanc.dicomweb} (STOW-RS)" in node.lines
+    )
 
 
 # --- bad input: a failure status, and nothing written ---------------------------------------------
@@ -403,10 +512,24 @@ def test_dicomweb_receiver_down_then_up(orthanc, start_node, rsna_sample_dir: Pa
 
 def pdf() -> Dataset:
     dataset = synthetic()
-    for keyword in ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PixelData"):
+    for keyword in (
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "PixelData",
+    ):
         delattr(dataset, keyword)
     dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = EncapsulatedPDFStorage
-    dataset.Modality, dataset.MIMETypeOfEncapsulatedDocument, dataset.EncapsulatedDocument = "DOC", "application/pdf", b"%PDF-1.4\n%%EOF\n"
+    dataset.Modality, dataset.MIMETypeOfEncapsulatedDocument, dataset.EncapsulatedDocument = (
+        "DOC",
+        "application/pdf",
+        b"%PDF-1.4\n%%EOF\n",
+    )
     return dataset
 
 
@@ -438,7 +561,9 @@ def test_a_multi_frame_image_gets_a900_and_nothing_is_written(start_node) -> Non
     dataset = synthetic(NumberOfFrames=2)
     [status] = store(node.port, [dataset])
     assert status.Status == DATA_SET_MISMATCH and status.ErrorComment == "is multi-frame (2 frames)"
-    assert inbox_files(node) == [] and lines_with(node, f"refused {dataset.SOPInstanceUID} from SCU@127.0.0.1: is multi-frame (2 frames) (status 0xA900)")
+    assert inbox_files(node) == [] and lines_with(
+        node, f"refused {dataset.SOPInstanceUID} from SCU@127.0.0.1: is multi-frame (2 frames) (status 0xA900)"
+    )
 
 
 def test_an_undecodable_frame_gets_c000_and_nothing_is_written(start_node, rsna_sample_dir: Path) -> None:
@@ -458,7 +583,12 @@ def test_an_undecodable_frame_gets_c000_and_nothing_is_written(start_node, rsna_
 def test_an_unknown_calling_ae_is_rejected_unless_any_is_allowed(start_node) -> None:
     node = start_node(nowhere(), allowed=[AllowedCaller("SCU"), AllowedCaller("ROUTER", "10.9.9.9")])
     for calling, called, diagnostic, line in [
-        ("STRANGER", "LUNGDET", 3, "calling AE title 'STRANGER' is not in --allow (add --allow STRANGER@127.0.0.1, or --allow-any)"),
+        (
+            "STRANGER",
+            "LUNGDET",
+            3,
+            "calling AE title 'STRANGER' is not in --allow (add --allow STRANGER@127.0.0.1, or --allow-any)",
+        ),
         ("ROUTER", "LUNGDET", 3, "calling AE title 'ROUTER' is allowed only from 10.9.9.9"),
         ("SCU", "SOMEONE", 7, "it called AE title 'SOMEONE'; this node is 'LUNGDET'"),
     ]:
@@ -483,7 +613,9 @@ def test_an_association_aborted_mid_transfer_leaves_nothing(start_node, rsna_sam
     class Cut(Exception):
         pass
 
-    def send_until_cut(primitive) -> None:  # the command and the first piece of the dataset go out, then the sender aborts
+    def send_until_cut(
+        primitive,
+    ) -> None:  # the command and the first piece of the dataset go out, then the sender aborts
         if isinstance(primitive, P_DATA):
             fragments.append(primitive)
             if len(fragments) == 3:
@@ -521,10 +653,16 @@ def test_a_full_inbox_answers_a700(start_node, storescp: StoreScp, serving_detec
     assert [status.Status for status in store(node.port, [first])] == [0]
     wait_for(held.started.is_set, what="the worker to take the first image")
     [status] = store(node.port, [second])
-    assert status.Status == OUT_OF_RESOURCES and status.ErrorComment.startswith("the inbox is full (1 instances, --max-inbox 1)")
+    assert status.Status == OUT_OF_RESOURCES and status.ErrorComment.startswith(
+        "the inbox is full (1 instances, --max-inbox 1)"
+    )
     assert len(inbox_files(node)) == 1
     held.release.set()
-    wait_for(lambda: len(storescp.received()) == 1 and node.idle(), what="the first image's result", on_timeout=lambda: "\n" + "\n".join(node.lines))
+    wait_for(
+        lambda: len(storescp.received()) == 1 and node.idle(),
+        what="the first image's result",
+        on_timeout=lambda: "\n" + "\n".join(node.lines),
+    )
     assert [status.Status for status in store(node.port, [second])] == [0]  # room again
 
 
@@ -533,10 +671,32 @@ def test_a_full_inbox_answers_a700(start_node, storescp: StoreScp, serving_detec
 
 def start_command(checkpoint: Path, state: Path, receiver: StoreScp, log: Path) -> tuple[subprocess.Popen, int]:
     """``lungdet pacs --listen`` as a process of its own on a free port; (process, port) once it listens."""
-    command = [sys.executable, "-m", "lungdet", "pacs", "--listen", "LUNGDET@127.0.0.1:0", "--allow", "SCU", "--send-to", str(receiver.address),
-               "--checkpoint", str(checkpoint), "--state-dir", str(state), "--device", "cpu", "--amp", "none", "--timeout", "5"]
+    command = [
+        sys.executable,
+        "-m",
+        "lungdet",
+        "pacs",
+        "--listen",
+        "LUNGDET@127.0.0.1:0",
+        "--allow",
+        "SCU",
+        "--send-to",
+        str(receiver.address),
+        "--checkpoint",
+        str(checkpoint),
+        "--state-dir",
+        str(state),
+        "--device",
+        "cpu",
+        "--amp",
+        "none",
+        "--timeout",
+        "5",
+    ]
     with open(log, "w") as stream:
-        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(
+            command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
     found: list[int] = []
 
     def listening() -> bool:
@@ -549,7 +709,9 @@ def start_command(checkpoint: Path, state: Path, receiver: StoreScp, log: Path) 
     return process, found[0]
 
 
-def restart_in_process(checkpoint: Path, state: Path, receiver: StoreScp, *, done: Callable[[], bool], capsys) -> tuple[int, str]:
+def restart_in_process(
+    checkpoint: Path, state: Path, receiver: StoreScp, *, done: Callable[[], bool], capsys
+) -> tuple[int, str]:
     """``lungdet pacs --listen`` again through the command's own entry point, in this process (a second subprocess would spend
     seconds importing torch), stopped with SIGTERM, as a service stop would, once ``done()``; (exit status, log)."""
     from lungdet.cli import main
@@ -559,18 +721,41 @@ def restart_in_process(checkpoint: Path, state: Path, receiver: StoreScp, *, don
         while not done() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)  # anything sent twice would arrive now
-        while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the node's own handler, not the default that would end pytest
+        while (
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):  # the node's own handler, not the default that would end pytest
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
 
     capsys.readouterr()
     threading.Thread(target=stop_when_done, daemon=True).start()
-    status = main(["pacs", "--listen", "LUNGDET@127.0.0.1:0", "--allow", "SCU", "--send-to", str(receiver.address), "--checkpoint", str(checkpoint),
-                   "--state-dir", str(state), "--device", "cpu", "--amp", "none", "--timeout", "5"])
+    status = main(
+        [
+            "pacs",
+            "--listen",
+            "LUNGDET@127.0.0.1:0",
+            "--allow",
+            "SCU",
+            "--send-to",
+            str(receiver.address),
+            "--checkpoint",
+            str(checkpoint),
+            "--state-dir",
+            str(state),
+            "--device",
+            "cpu",
+            "--amp",
+            "none",
+            "--timeout",
+            "5",
+        ]
+    )
     return status, capsys.readouterr().err
 
 
-def test_kill_9_loses_nothing_and_repeats_nothing(serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path, capsys) -> None:
+def test_kill_9_loses_nothing_and_repeats_nothing(
+    serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path, capsys
+) -> None:
     receiver = StoreScp(tmp_path / "received")  # not started yet: every result has to wait on disk
     state, log = tmp_path / "state", tmp_path / "first.log"
     process, port = start_command(serving_checkpoint, state, receiver, log)
@@ -584,20 +769,35 @@ def test_kill_9_loses_nothing_and_repeats_nothing(serving_checkpoint: Path, rsna
     acknowledged = {dataset.SOPInstanceUID for dataset in datasets}
     inbox = {path.stem.split("-", 1)[1] for path in (state / "inbox").glob("*.dcm")}
     pending = {path.name.split("-", 1)[1] for path in (state / "pending").iterdir() if not path.name.startswith(".")}
-    assert pending and inbox | pending == acknowledged, (inbox, pending)  # killed with results pending: each image in one place or both
+    assert pending and inbox | pending == acknowledged, (
+        inbox,
+        pending,
+    )  # killed with results pending: each image in one place or both
 
     receiver.start()
     try:
         status, second = restart_in_process(
-            serving_checkpoint, state, receiver, capsys=capsys,
-            done=lambda: len(list(receiver.folder.iterdir())) >= len(datasets) and not any((state / "pending").iterdir()) and not any((state / "inbox").iterdir()),
+            serving_checkpoint,
+            state,
+            receiver,
+            capsys=capsys,
+            done=lambda: (
+                len(list(receiver.folder.iterdir())) >= len(datasets)
+                and not any((state / "pending").iterdir())
+                and not any((state / "inbox").iterdir())
+            ),
         )
     finally:
         receiver.stop()
     assert status == 0, second
     reports = receiver.received()
-    assert sorted(read_report(report).source_sop_instance_uid for report in reports) == sorted(acknowledged)  # exactly one each
+    assert sorted(read_report(report).source_sop_instance_uid for report in reports) == sorted(
+        acknowledged
+    )  # exactly one each
     by_study = {dataset.SOPInstanceUID: dataset.StudyInstanceUID for dataset in datasets}
     assert all(report.StudyInstanceUID == by_study[read_report(report).source_sop_instance_uid] for report in reports)
-    assert f"recovered from the last run: {len(inbox - pending)} instance(s) in the inbox, {len(pending)} result(s) waiting to be stored" in second
+    assert (
+        f"recovered from the last run: {len(inbox - pending)} instance(s) in the inbox, {len(pending)} result(s) waiting to be stored"
+        in second
+    )
     assert "stopped; 0 instance(s)" in second and "research use only, not a diagnostic device" in second

@@ -13,10 +13,10 @@ import pytest
 import requests
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from lungdet.data_tools.dicom_io import read_dicom
 from lungdet import lungdet_version
-from lungdet.show.dicom_results import read_report
+from lungdet.data_tools.dicom_io import read_dicom
 from lungdet.pacs.node import NodeState, PacsNode
+from lungdet.show.dicom_results import read_report
 from lungdet.submission.prediction_string import keep_confident
 
 
@@ -35,7 +35,11 @@ def bad_instances(sample: Path) -> dict[str, bytes]:
         dataset = pydicom.dcmread(sample)
         dataset.decompress()
         dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID = (
+            generate_uid(),
+            generate_uid(),
+            generate_uid(),
+        )
         dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
         for keyword, value in tags.items():
             setattr(dataset, keyword, value)
@@ -48,7 +52,12 @@ def bad_instances(sample: Path) -> dict[str, bytes]:
     del no_pixels.PixelData
     truncated = variant()
     truncated.PixelData = pixels.tobytes()[: pixels.size // 3]
-    return {"ct": dicom_bytes(ct), "frames": dicom_bytes(frames), "no_pixels": dicom_bytes(no_pixels), "truncated": dicom_bytes(truncated)}
+    return {
+        "ct": dicom_bytes(ct),
+        "frames": dicom_bytes(frames),
+        "no_pixels": dicom_bytes(no_pixels),
+        "truncated": dicom_bytes(truncated),
+    }
 
 
 def run_node(orthanc, checkpoint: Path, state: Path, *extra: str, capsys) -> tuple[int, str]:
@@ -56,7 +65,22 @@ def run_node(orthanc, checkpoint: Path, state: Path, *extra: str, capsys) -> tup
     from lungdet.cli import main
 
     capsys.readouterr()
-    status = main(["pacs", "--url", orthanc.dicomweb, "--checkpoint", str(checkpoint), "--state-dir", str(state), "--device", "cpu", "--amp", "none", *extra])
+    status = main(
+        [
+            "pacs",
+            "--url",
+            orthanc.dicomweb,
+            "--checkpoint",
+            str(checkpoint),
+            "--state-dir",
+            str(state),
+            "--device",
+            "cpu",
+            "--amp",
+            "none",
+            *extra,
+        ]
+    )
     return status, capsys.readouterr().err
 
 
@@ -68,7 +92,9 @@ def reports_by_study(orthanc) -> dict[str, list[dict[str, str]]]:
     return found
 
 
-def test_round_trip_through_orthanc(orthanc, serving_checkpoint: Path, serving_detector, rsna_sample_dir: Path, tmp_path: Path, capsys) -> None:
+def test_round_trip_through_orthanc(
+    orthanc, serving_checkpoint: Path, serving_detector, rsna_sample_dir: Path, tmp_path: Path, capsys
+) -> None:
     samples = sorted(rsna_sample_dir.glob("*.dcm"))
     for path in samples:
         orthanc.upload(path.read_bytes())
@@ -82,8 +108,12 @@ def test_round_trip_through_orthanc(orthanc, serving_checkpoint: Path, serving_d
     status, log = run_node(orthanc, serving_checkpoint, tmp_path / "state", "--once", "--gsps", capsys=capsys)
     assert status == 0, log
     assert "poll 1: 17 instance(s) listed, 13 reported" in log and "4 skipped" in log and "research use only" in log
-    for name, reason in (("ct", "modality CT, not a chest radiograph"), ("frames", "2 frames"), ("no_pixels", "has no pixel data (7FE0,0010), so there is no image to read"),
-                         ("truncated", "pixel data cannot be decoded")):
+    for name, reason in (
+        ("ct", "modality CT, not a chest radiograph"),
+        ("frames", "2 frames"),
+        ("no_pixels", "has no pixel data (7FE0,0010), so there is no image to read"),
+        ("truncated", "pixel data cannot be decoded"),
+    ):
         line = f"skipped instance {bad_uids[name].SOPInstanceUID}: {reason}"
         assert line in log, (name, log)
 
@@ -106,7 +136,10 @@ def test_round_trip_through_orthanc(orthanc, serving_checkpoint: Path, serving_d
     # Run again, in process (the command line was checked above): nothing new, nothing logged twice.
     node, lines = make_node(orthanc, serving_detector, tmp_path / "state", cut_off=0.3)
     second = node.poll()
-    assert (second.listed, second.reported) == (0, 0) and lines == []  # each bad instance was reported once, not every poll
+    assert (second.listed, second.reported) == (
+        0,
+        0,
+    ) and lines == []  # each bad instance was reported once, not every poll
     # A restarted node that lost its memory asks the server, which has the reports already.
     node, _ = make_node(orthanc, serving_detector, tmp_path / "other_state", cut_off=0.3)
     fresh = node.poll()
@@ -149,7 +182,9 @@ def test_amp_takes_the_modes_predict_and_serve_take(capsys: pytest.CaptureFixtur
     assert "argument --amp: invalid choice: 'bf32'" in capsys.readouterr().err
 
 
-def make_node(orthanc, detector, state: Path, *, client=None, overlay: bool = False, cut_off: float | None = None, **options) -> tuple[PacsNode, list[str]]:
+def make_node(
+    orthanc, detector, state: Path, *, client=None, overlay: bool = False, cut_off: float | None = None, **options
+) -> tuple[PacsNode, list[str]]:
     """A node as ``lungdet pacs`` builds it (same client setup), in this process, its log lines collected."""
     from lungdet.pacs.cli import make_client
     from lungdet.show.dicom_results import model_identity
@@ -162,7 +197,9 @@ def make_node(orthanc, detector, state: Path, *, client=None, overlay: bool = Fa
     return node, lines
 
 
-def test_a_server_stopped_mid_run_and_restarted_loses_nothing(orthanc, serving_detector, rsna_sample_dir: Path, tmp_path: Path) -> None:
+def test_a_server_stopped_mid_run_and_restarted_loses_nothing(
+    orthanc, serving_detector, rsna_sample_dir: Path, tmp_path: Path
+) -> None:
     from lungdet.pacs.cli import make_client
 
     samples = sorted(rsna_sample_dir.glob("*.dcm"))[:5]
@@ -179,14 +216,18 @@ def test_a_server_stopped_mid_run_and_restarted_loses_nothing(orthanc, serving_d
 
     assert node.run(poll_seconds=1, once=True, retry_seconds=30, sleep=sleep) == 0
     assert restarts, "the node should have waited for the server"
-    assert any("the server does not answer" in line for line in lines) and any("answers again" in line for line in lines)
+    assert any("the server does not answer" in line for line in lines) and any(
+        "answers again" in line for line in lines
+    )
     assert sum("does not answer" in line for line in lines) == 1  # said once, not on every retry
     reports = reports_by_study(orthanc)
     overlays = [tags for tags in orthanc.instance_tags() if tags["SeriesDescription"].startswith("lungdet overlay")]
     for path in samples:
         assert len(reports[pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID]) == 1
     assert len(overlays) == 5 and list(node.state.pending()) == []
-    assert "2 instance(s) listed, 2 reported" in lines[-1] and ", 1 stored from disk" in lines[-1]  # the result kept while the server was down, then the rest
+    assert (
+        "2 instance(s) listed, 2 reported" in lines[-1] and ", 1 stored from disk" in lines[-1]
+    )  # the result kept while the server was down, then the rest
 
 
 class RefusesFirstStores:
@@ -207,14 +248,21 @@ class RefusesFirstStores:
         return self.client.store_instances(*args, **kwargs)
 
 
-def test_a_refused_store_is_kept_on_disk_and_stored_next_poll(orthanc, serving_detector, rsna_sample_dir: Path, tmp_path: Path) -> None:
+def test_a_refused_store_is_kept_on_disk_and_stored_next_poll(
+    orthanc, serving_detector, rsna_sample_dir: Path, tmp_path: Path
+) -> None:
     from lungdet.pacs.cli import make_client
 
     sample = sorted(rsna_sample_dir.glob("*.dcm"))[0]
     orthanc.upload(sample.read_bytes())
     detector = FailsOnce(serving_detector)
     detector.calls = 1  # counts the passes only; never fails
-    node, lines = make_node(orthanc, detector, tmp_path / "state", client=RefusesFirstStores(make_client(node_args(orthanc.dicomweb, timeout=10.0))))
+    node, lines = make_node(
+        orthanc,
+        detector,
+        tmp_path / "state",
+        client=RefusesFirstStores(make_client(node_args(orthanc.dicomweb, timeout=10.0))),
+    )
     first = node.poll()
     assert (first.reported, first.pending) == (0, 1) and reports_by_study(orthanc) == {}
     assert any("refused to store" in line and "HTTP 409" in line for line in lines)
@@ -239,13 +287,23 @@ def test_once_against_a_server_that_never_answers_gives_up_cleanly(serving_detec
 
     node, lines = make_node(Nowhere, serving_detector, tmp_path / "state")
     pauses: list[float] = []
-    assert node.run(poll_seconds=1, once=True, retry_seconds=0.5, sleep=lambda seconds: pauses.append(seconds) or time.sleep(0.2)) == 1
+    assert (
+        node.run(
+            poll_seconds=1,
+            once=True,
+            retry_seconds=0.5,
+            sleep=lambda seconds: pauses.append(seconds) or time.sleep(0.2),
+        )
+        == 1
+    )
     assert sum("the server does not answer" in line for line in lines) == 1
     assert lines[-1].startswith("giving up after 0.5 s; 0 result(s) kept in")
     assert pauses and pauses == [2.0**index for index in range(len(pauses))]  # a pause doubling from 1 s
 
 
-def test_basic_authentication(orthanc_with_users, serving_detector, rsna_sample_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_basic_authentication(
+    orthanc_with_users, serving_detector, rsna_sample_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     orthanc_with_users.upload(sorted(rsna_sample_dir.glob("*.dcm"))[0].read_bytes())
     monkeypatch.setenv("LUNGDET_PACS_PASSWORD", "wrong")
     node, lines = make_node(orthanc_with_users, serving_detector, tmp_path / "state", username="lungdet")
@@ -287,7 +345,9 @@ class FailsOnce:
         return self.detector.predict(pixels, tags)
 
 
-def test_a_failure_on_one_image_does_not_stop_the_node(orthanc, serving_detector, rsna_sample_dir: Path, tmp_path: Path) -> None:
+def test_a_failure_on_one_image_does_not_stop_the_node(
+    orthanc, serving_detector, rsna_sample_dir: Path, tmp_path: Path
+) -> None:
     for path in sorted(rsna_sample_dir.glob("*.dcm"))[:2]:
         orthanc.upload(path.read_bytes())
     node, lines = make_node(orthanc, FailsOnce(serving_detector), tmp_path / "state")

@@ -70,25 +70,48 @@ def screenshot_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_ohif_draws_each_box_of_lungdet_reports_where_the_report_puts_it(orthanc_with_ohif, viewer: OhifViewer, rsna_sample_dir: Path, tmp_path: Path) -> None:
-    studies = {stem: store_with_report(orthanc_with_ohif, rsna_sample_dir / f"{stem}.dcm", boxes, 0.83).StudyInstanceUID for stem, boxes in POSITIVES.items()}
+def test_ohif_draws_each_box_of_lungdet_reports_where_the_report_puts_it(
+    orthanc_with_ohif, viewer: OhifViewer, rsna_sample_dir: Path, tmp_path: Path
+) -> None:
+    studies = {
+        stem: store_with_report(orthanc_with_ohif, rsna_sample_dir / f"{stem}.dcm", boxes, 0.83).StudyInstanceUID
+        for stem, boxes in POSITIVES.items()
+    }
     folder = screenshot_folder(tmp_path)
     for stem, boxes in POSITIVES.items():
         screenshot = folder / f"ohif_boxes_{stem[:8]}.png"
-        shown = viewer.show_report(orthanc_with_ohif.url, studies[stem], series_number=REPORT_SERIES_NUMBER, expected_boxes=len(boxes), screenshot=screenshot)
+        shown = viewer.show_report(
+            orthanc_with_ohif.url,
+            studies[stem],
+            series_number=REPORT_SERIES_NUMBER,
+            expected_boxes=len(boxes),
+            screenshot=screenshot,
+        )
         assert not shown.errors, f"{stem}: OHIF logged errors: {[entry['message'][:500] for entry in shown.errors]}"
         if shown.rerendered:  # OHIF's own race (OhifViewer.show_report), not lungdet's; kept visible in the summary
-            warnings.warn(f"{stem}: OHIF drew the report's boxes only after the viewport was rendered again", stacklevel=1)
-        assert [(viewport["modality"], viewport["measurements"]) for viewport in shown.viewports] == [("SR", len(boxes))], stem
+            warnings.warn(
+                f"{stem}: OHIF drew the report's boxes only after the viewport was rendered again", stacklevel=1
+            )
+        assert [(viewport["modality"], viewport["measurements"]) for viewport in shown.viewports] == [
+            ("SR", len(boxes))
+        ], stem
         # What OHIF holds (its annotations) and what it drew (the SVG on screen), each against the report.
-        assert len(shown.boxes) == len(boxes), f"{stem}: OHIF holds {len(shown.boxes)} boxes for the report's {len(boxes)}: {shown.boxes}"
+        assert len(shown.boxes) == len(boxes), (
+            f"{stem}: OHIF holds {len(shown.boxes)} boxes for the report's {len(boxes)}: {shown.boxes}"
+        )
         assert corner_errors(boxes, shown.boxes) <= TOLERANCE_PX, f"{stem}: annotations {shown.boxes}, report {boxes}"
-        assert len(shown.screen_boxes) == len(boxes), f"{stem}: {len(shown.screen_boxes)} polylines on screen for the report's {len(boxes)}"
-        assert corner_errors(boxes, shown.screen_boxes) <= TOLERANCE_PX, f"{stem}: on screen {shown.screen_boxes}, report {boxes}"
+        assert len(shown.screen_boxes) == len(boxes), (
+            f"{stem}: {len(shown.screen_boxes)} polylines on screen for the report's {len(boxes)}"
+        )
+        assert corner_errors(boxes, shown.screen_boxes) <= TOLERANCE_PX, (
+            f"{stem}: on screen {shown.screen_boxes}, report {boxes}"
+        )
         assert screenshot.stat().st_size > 10_000
 
 
-def test_ohif_opens_the_report_of_an_image_without_boxes_and_keeps_showing_the_xray(orthanc_with_ohif, viewer: OhifViewer, rsna_sample_dir: Path, tmp_path: Path) -> None:
+def test_ohif_opens_the_report_of_an_image_without_boxes_and_keeps_showing_the_xray(
+    orthanc_with_ohif, viewer: OhifViewer, rsna_sample_dir: Path, tmp_path: Path
+) -> None:
     """A negative's report (a Chest CAD SR without findings) is listed, and opening it leaves the X-ray on screen, without an error.
 
     (A TID 1500 report without measurement groups would blank the viewport: OHIF 3.13.2's SR
@@ -136,7 +159,11 @@ def test_prepare_ohif_reroots_the_build_once_and_leaves_the_source_alone(tmp_pat
 
     index = (served / "index.html").read_text()
     assert 'window.PUBLIC_URL="/ohif/"' in index
-    assert 'href="/ohif/manifest.json"' in index and 'content="/ohif/assets/tile.png"' in index and 'src="/ohif/app.bundle.abc.js"' in index
+    assert (
+        'href="/ohif/manifest.json"' in index
+        and 'content="/ohif/assets/tile.png"' in index
+        and 'src="/ohif/app.bundle.abc.js"' in index
+    )
     assert 'href="//example.org/x"' in index  # a protocol-relative URL is not the build's own
     assert (served / "viewer").read_text() == index
     assert '__webpack_require__.p = "/ohif/";' in (served / "app.bundle.abc.js").read_text()
@@ -144,7 +171,11 @@ def test_prepare_ohif_reroots_the_build_once_and_leaves_the_source_alone(tmp_pat
     assert (served / "app.bundle.css").read_text() == "@font-face{src:url(/ohif/font.woff2)}"
     assert '"src": "/ohif/assets/icon.png"' in (served / "manifest.json").read_text()
     config = (served / "app-config.js").read_text()
-    assert "routerBasename: '/ohif'" in config and "window.location.origin + '/dicom-web'" in config and "option: 'never'" in config
+    assert (
+        "routerBasename: '/ohif'" in config
+        and "window.location.origin + '/dicom-web'" in config
+        and "option: 'never'" in config
+    )
     # The copy is made of hard links where it can: a rewritten file must not write through to the source.
     assert {path.name: path.read_text() for path in source.iterdir()} == before
 
@@ -156,7 +187,9 @@ def test_prepare_ohif_reroots_the_build_once_and_leaves_the_source_alone(tmp_pat
 
 def test_prepare_ohif_rejects_a_build_it_cannot_reroot(tmp_path: Path) -> None:
     write_build(tmp_path / "dist", public_path='__webpack_require__.p = "auto";')
-    with pytest.raises(ValueError, match=r"no app\.bundle\.\*\.js .* sets __webpack_require__\.p = \"/\";.*another version"):
+    with pytest.raises(
+        ValueError, match=r"no app\.bundle\.\*\.js .* sets __webpack_require__\.p = \"/\";.*another version"
+    ):
         prepare_ohif(tmp_path / "dist", tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
     with pytest.raises(FileNotFoundError, match="holds no OHIF build"):
@@ -165,4 +198,6 @@ def test_prepare_ohif_rejects_a_build_it_cannot_reroot(tmp_path: Path) -> None:
 
 def test_orthanc_refuses_to_serve_a_folder_whose_path_has_a_dot(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"serve /ohif from .*a\.b, whose path has a dot.*folder without dots"):
-        Orthanc("Orthanc", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so", tmp_path, serve={"/ohif": tmp_path / "a.b"})
+        Orthanc(
+            "Orthanc", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so", tmp_path, serve={"/ohif": tmp_path / "a.b"}
+        )

@@ -82,9 +82,25 @@ def start_serve(checkpoint: Path, folder: Path, *extra: str, env: dict[str, str]
     """Start ``lungdet serve`` on a free loopback port (``--port 0``) and wait until its health check answers."""
     log_path = folder / "serve.log"
     log = open(log_path, "w", encoding="utf-8")
-    command = [sys.executable, "-m", "lungdet", "serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "lungdet",
+        "serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, cwd=folder, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=folder,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     log.close()
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -119,7 +135,9 @@ def stop_serve(server: ServeProcess) -> None:
 @pytest.fixture(scope="session")
 def serve_process(serving_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """One ``lungdet serve`` for the process and browser tests, uploads limited to 1 MiB (a real RSNA DICOM is about 150 KB)."""
-    server = start_serve(serving_checkpoint, tmp_path_factory.mktemp("serve"), "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--amp", "none")
+    server = start_serve(
+        serving_checkpoint, tmp_path_factory.mktemp("serve"), "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--amp", "none"
+    )
     try:
         yield server
     finally:

@@ -104,7 +104,10 @@ def test_min_confidence_is_a_percentage(client: TestClient, real_dicom: Path) ->
 def test_include_preview_adds_the_image(client: TestClient, real_dicom: Path) -> None:
     reply = detect(client, real_dicom.read_bytes(), include_preview="true").json()
     DetectReply.model_validate(reply)
-    assert reply["preview"]["media_type"] == "image/jpeg" and (reply["preview"]["width"], reply["preview"]["height"]) == (1024, 1024)
+    assert reply["preview"]["media_type"] == "image/jpeg" and (
+        reply["preview"]["width"],
+        reply["preview"]["height"],
+    ) == (1024, 1024)
 
 
 def test_annotate_returns_a_png_named_by_the_upload_id(client: TestClient, real_dicom: Path) -> None:
@@ -123,7 +126,9 @@ def test_colour_png_is_converted_and_noted(client: TestClient) -> None:
     assert response.status_code == 200
     reply = response.json()
     assert reply["image"]["format"] == "png" and (reply["image"]["width"], reply["image"]["height"]) == (200, 300)
-    assert reply["image"]["notes"] == [{"kind": "rgb_converted", "reason": "colour image (RGB) converted to grey (luma)"}]
+    assert reply["image"]["notes"] == [
+        {"kind": "rgb_converted", "reason": "colour image (RGB) converted to grey (luma)"}
+    ]
 
 
 def test_a_file_without_extension_is_read_by_its_content(client: TestClient, real_dicom: Path) -> None:
@@ -139,7 +144,13 @@ def test_empty_file(client: TestClient) -> None:
 
 
 def test_not_an_image(client: TestClient) -> None:
-    assert_refused(client, detect(client, b"patient notes\n" * 40, name="notes.dcm"), 415, "not_an_image", "lungdet reads DICOM.*PNG and JPEG")
+    assert_refused(
+        client,
+        detect(client, b"patient notes\n" * 40, name="notes.dcm"),
+        415,
+        "not_an_image",
+        "lungdet reads DICOM.*PNG and JPEG",
+    )
 
 
 def test_truncated_dicom(client: TestClient, real_dicom: Path) -> None:
@@ -163,13 +174,17 @@ def test_unsupported_transfer_syntax(client: TestClient, make_dicom: Callable[..
     dataset.PixelData = encapsulate([bytes(dataset.PixelData)])
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
-    assert_refused(client, detect(client, buffer.getvalue()), 415, "unsupported_compression", "no pydicom decoder supports")
+    assert_refused(
+        client, detect(client, buffer.getvalue()), 415, "unsupported_compression", "no pydicom decoder supports"
+    )
 
 
 def test_upload_over_the_limit(client: TestClient, upload_limit_bytes: int) -> None:
     # In process the body is sent at once; tests/server/test_serve_process.py checks it is refused while streaming.
     response = detect(client, b"\x00" * (upload_limit_bytes + 1))
-    assert_refused(client, response, 413, "too_large", r"over this server's limit of 1,048,576 bytes \(1 MB\).*--max-upload-mb")
+    assert_refused(
+        client, response, 413, "too_large", r"over this server's limit of 1,048,576 bytes \(1 MB\).*--max-upload-mb"
+    )
 
 
 def test_decompression_bomb_dicom(client: TestClient, make_dicom: Callable[..., Path]) -> None:
@@ -177,19 +192,47 @@ def test_decompression_bomb_dicom(client: TestClient, make_dicom: Callable[..., 
     dataset.Rows = dataset.Columns = 40_000
     buffer = io.BytesIO()
     dataset.save_as(buffer)
-    assert_refused(client, detect(client, buffer.getvalue()), 413, "too_many_pixels", r"declares 40000 x 40000 pixels \(1600\.0 megapixels\)")
+    assert_refused(
+        client,
+        detect(client, buffer.getvalue()),
+        413,
+        "too_many_pixels",
+        r"declares 40000 x 40000 pixels \(1600\.0 megapixels\)",
+    )
 
 
 def test_decompression_bomb_png(client: TestClient) -> None:
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+        )
 
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9000, 9000, 8, 0, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\x00" * 9001 * 8)) + chunk(b"IEND", b"")
-    assert_refused(client, detect(client, bomb, name="bomb.png"), 413, "too_many_pixels", r"declares 9000 x 9000 pixels \(81\.0 megapixels\), over the limit of 40")
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 9000, 9000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 9001 * 8))
+        + chunk(b"IEND", b"")
+    )
+    assert_refused(
+        client,
+        detect(client, bomb, name="bomb.png"),
+        413,
+        "too_many_pixels",
+        r"declares 9000 x 9000 pixels \(81\.0 megapixels\), over the limit of 40",
+    )
 
 
 def test_one_pixel_image(client: TestClient) -> None:
-    assert_refused(client, detect(client, png_bytes(np.zeros((1, 1), np.uint8)), name="dot.png"), 422, "too_small", "is 1 x 1 pixels, too small")
+    assert_refused(
+        client,
+        detect(client, png_bytes(np.zeros((1, 1), np.uint8)), name="dot.png"),
+        422,
+        "too_small",
+        "is 1 x 1 pixels, too small",
+    )
 
 
 # A Windows path ('C:\\x\\y.dcm') never reaches the app: python-multipart keeps only its last part, as browsers send it.
@@ -198,11 +241,15 @@ def test_file_name_with_a_path_or_nul(client: TestClient, real_dicom: Path, name
     # Built by hand: HTTP clients rewrite such names, a hostile one sends them as they are.
     boundary = "lungdetboundary"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\nContent-Type: application/dicom\r\n\r\n'.encode("latin-1")
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\nContent-Type: application/dicom\r\n\r\n'.encode(
+            "latin-1"
+        )
         + real_dicom.read_bytes()
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    response = client.post("/api/v1/detect", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = client.post(
+        "/api/v1/detect", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert_refused(client, response, 400, "bad_file_name", "contains a path separator, '..' or a control character")
 
 
@@ -219,7 +266,9 @@ def test_missing_file_field(client: TestClient) -> None:
 
 
 def test_body_that_is_not_multipart(client: TestClient) -> None:
-    response = client.post("/api/v1/detect", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data; boundary=x"})
+    response = client.post(
+        "/api/v1/detect", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
     assert response.status_code in (400, 422)
     assert response.json()["error"]["message"]
     assert client.get("/api/v1/health").status_code == 200
@@ -244,7 +293,12 @@ def test_missing_or_wrong_token(token_client: TestClient, real_dicom: Path, head
 def test_right_token(token_client: TestClient, real_dicom: Path) -> None:
     headers = {"Authorization": f"Bearer {TOKEN}"}
     assert token_client.get("/api/v1/health", headers=headers).json()["token_required"] is True
-    assert token_client.post("/api/v1/detect", files={"file": ("x.dcm", real_dicom.read_bytes())}, headers=headers).status_code == 200
+    assert (
+        token_client.post(
+            "/api/v1/detect", files={"file": ("x.dcm", real_dicom.read_bytes())}, headers=headers
+        ).status_code
+        == 200
+    )
 
 
 def test_page_and_static_files_need_no_token(token_client: TestClient) -> None:
@@ -268,12 +322,16 @@ def test_no_cors_headers(client: TestClient, real_dicom: Path) -> None:
 
 def test_reply_carries_no_identifying_tag(client: TestClient, phi_dicom: Path, phi_strings: list[str]) -> None:
     data = phi_dicom.read_bytes()
-    assert all(value.encode() in data for value in ("Doe^Janet^Phi", "PHI-PID-424242", "19520317"))  # the file does carry them
+    assert all(
+        value.encode() in data for value in ("Doe^Janet^Phi", "PHI-PID-424242", "19520317")
+    )  # the file does carry them
     files = {"file": (phi_dicom.name, data, "application/dicom")}
     replies = [
         client.post("/api/v1/detect", files=files, data={"min_confidence": "0", "include_preview": "true"}),
         client.post("/api/v1/annotate", files=files),
-        client.post("/api/v1/detect", files={"file": (phi_dicom.name, data[:3000], "application/dicom")}),  # an error reply too
+        client.post(
+            "/api/v1/detect", files={"file": (phi_dicom.name, data[:3000], "application/dicom")}
+        ),  # an error reply too
     ]
     assert [reply.status_code for reply in replies] == [200, 200, 422]
     for reply in replies:
@@ -317,18 +375,29 @@ def test_docs_page_is_served_from_local_files(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     detect_operation = schema["paths"]["/api/v1/detect"]["post"]
     assert "multipart/form-data" in detect_operation["requestBody"]["content"]
-    assert detect_operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/DetectReply")
+    assert detect_operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/DetectReply"
+    )
     assert set(detect_operation["responses"]) >= {"200", "400", "401", "413", "415", "422"}
 
 
-def test_an_onnx_export_serves_the_checkpoints_boxes(serving_checkpoint: Path, serving_detector, client: TestClient, real_dicom: Path, tmp_path: Path, upload_limit_bytes: int) -> None:
+def test_an_onnx_export_serves_the_checkpoints_boxes(
+    serving_checkpoint: Path,
+    serving_detector,
+    client: TestClient,
+    real_dicom: Path,
+    tmp_path: Path,
+    upload_limit_bytes: int,
+) -> None:
     # What lungdet serve --checkpoint model.onnx builds: the same app around an export.
-    from lungdet.detection.export import export_checkpoint
     from lungdet.detection.detector import load_detector
+    from lungdet.detection.export import export_checkpoint
 
     exported = tmp_path / "serving.onnx"
     export_checkpoint(serving_checkpoint, exported, fmt="onnx")
-    with TestClient(create_app(load_detector(exported, device="cpu"), max_upload_bytes=upload_limit_bytes)) as onnx_client:
+    with TestClient(
+        create_app(load_detector(exported, device="cpu"), max_upload_bytes=upload_limit_bytes)
+    ) as onnx_client:
         health = Health.model_validate(onnx_client.get("/api/v1/health").json())
         assert health.model.format == "onnx" and health.precision == "fp32"
         assert health.model.checkpoint_sha256 == serving_detector.checkpoint_sha256

@@ -31,7 +31,9 @@ class FakeDetector:
             assert self.gate.wait(timeout=30), "the test never opened the gate"
         if self.fail:
             raise RuntimeError("model exploded")
-        return [Prediction.from_arrays([image[0, 0] / 255], [[0, 0, image.shape[1], image.shape[0]]]) for image in images]
+        return [
+            Prediction.from_arrays([image[0, 0] / 255], [[0, 0, image.shape[1], image.shape[0]]]) for image in images
+        ]
 
 
 def image(value: int) -> np.ndarray:

@@ -41,7 +41,13 @@ class SwallowingApp(EchoApp):
             await send({"type": "http.response.body", "body": b"There was an error parsing the body"})
 
 
-def run(guard: RequestGuard, *, path: str = "/api/v1/detect", headers: dict[str, str] | None = None, chunks: list[bytes] | None = None):
+def run(
+    guard: RequestGuard,
+    *,
+    path: str = "/api/v1/detect",
+    headers: dict[str, str] | None = None,
+    chunks: list[bytes] | None = None,
+):
     """Drive ``guard`` with one request; returns (status, JSON or text body, timeline).
 
     The timeline lists, in order, ``("pull", bytes)`` for every body chunk taken from the client
@@ -63,7 +69,11 @@ def run(guard: RequestGuard, *, path: str = "/api/v1/detect", headers: dict[str,
         if message["type"] == "http.response.body":
             timeline.append(("reply", message.get("body", b"")))
 
-    scope = {"type": "http", "path": path, "headers": [(key.lower().encode(), value.encode()) for key, value in (headers or {}).items()]}
+    scope = {
+        "type": "http",
+        "path": path,
+        "headers": [(key.lower().encode(), value.encode()) for key, value in (headers or {}).items()],
+    }
     asyncio.run(guard(scope, receive, send))
     starts = [message for message in sent if message["type"] == "http.response.start"]
     assert len(starts) == 1, sent  # exactly one response, never the app's and the guard's both
@@ -81,7 +91,9 @@ def pulled(timeline: list[tuple[str, bytes]]) -> list[bytes]:
 
 def refusal_position(timeline: list[tuple[str, bytes]]) -> int:
     """Index in the timeline of the reply piece that carries the whole refusal."""
-    return next(index for index, (kind, data) in enumerate(timeline) if kind == "reply" and data.startswith(b'{"error"'))
+    return next(
+        index for index, (kind, data) in enumerate(timeline) if kind == "reply" and data.startswith(b'{"error"')
+    )
 
 
 def test_token_matches_only_the_exact_bearer_token() -> None:
@@ -93,7 +105,9 @@ def test_token_matches_only_the_exact_bearer_token() -> None:
 
 def test_missing_token_is_refused_before_the_app_runs() -> None:
     app = EchoApp()
-    status, body, timeline = run(RequestGuard(app, max_body_bytes=LIMIT, api_token="tok"), headers={"Content-Length": "10"}, chunks=[b"x" * 10])
+    status, body, timeline = run(
+        RequestGuard(app, max_body_bytes=LIMIT, api_token="tok"), headers={"Content-Length": "10"}, chunks=[b"x" * 10]
+    )
     assert status == 401 and body["error"]["kind"] == "unauthorized"
     assert not app.called
     # The whole refusal went out before the body the client was sending was read (and dropped).
@@ -102,7 +116,9 @@ def test_missing_token_is_refused_before_the_app_runs() -> None:
 
 def test_a_client_waiting_for_100_continue_is_not_drained() -> None:
     headers = {"Content-Length": "10", "Expect": "100-continue"}
-    status, _, timeline = run(RequestGuard(EchoApp(), max_body_bytes=LIMIT, api_token="tok"), headers=headers, chunks=[b"x" * 10])
+    status, _, timeline = run(
+        RequestGuard(EchoApp(), max_body_bytes=LIMIT, api_token="tok"), headers=headers, chunks=[b"x" * 10]
+    )
     assert status == 401 and pulled(timeline) == []
 
 
@@ -110,14 +126,18 @@ def test_token_guards_the_api_only() -> None:
     app = EchoApp()
     status, _, _ = run(RequestGuard(app, max_body_bytes=LIMIT, api_token="tok"), path="/static/app.js")
     assert status == 200 and app.called
-    status, _, _ = run(RequestGuard(EchoApp(), max_body_bytes=LIMIT, api_token="tok"), headers={"Authorization": "Bearer tok"})
+    status, _, _ = run(
+        RequestGuard(EchoApp(), max_body_bytes=LIMIT, api_token="tok"), headers={"Authorization": "Bearer tok"}
+    )
     assert status == 200
 
 
 def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
     app = EchoApp()
     chunks = [b"x" * 300] * 4
-    status, body, timeline = run(RequestGuard(app, max_body_bytes=LIMIT), headers={"Content-Length": str(LIMIT + 200)}, chunks=chunks)
+    status, body, timeline = run(
+        RequestGuard(app, max_body_bytes=LIMIT), headers={"Content-Length": str(LIMIT + 200)}, chunks=chunks
+    )
     assert status == 413 and body["error"]["kind"] == "too_large"
     assert "declares 1,200 bytes, over this server's limit of 1,000 bytes" in body["error"]["message"]
     assert not app.called
@@ -127,7 +147,9 @@ def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
 def test_streamed_body_is_cut_off_once_it_passes_the_limit() -> None:
     app = SwallowingApp()
     chunks = [b"x" * 400] * 10  # 4,000 bytes in all, without a Content-Length
-    status, body, timeline = run(RequestGuard(app, max_body_bytes=LIMIT), headers={"Transfer-Encoding": "chunked"}, chunks=chunks)
+    status, body, timeline = run(
+        RequestGuard(app, max_body_bytes=LIMIT), headers={"Transfer-Encoding": "chunked"}, chunks=chunks
+    )
     assert status == 413 and "passed 1,000 bytes while streaming in" in body["error"]["message"]
     # The app got 1,200 bytes; the refusal went out right then; at most another limit's worth was drained, the rest never read.
     assert refusal_position(timeline) == 3
@@ -135,7 +157,11 @@ def test_streamed_body_is_cut_off_once_it_passes_the_limit() -> None:
 
 
 def test_body_at_the_limit_passes() -> None:
-    status, body, _ = run(RequestGuard(EchoApp(), max_body_bytes=LIMIT), headers={"Content-Length": str(LIMIT)}, chunks=[b"x" * 600, b"x" * 400])
+    status, body, _ = run(
+        RequestGuard(EchoApp(), max_body_bytes=LIMIT),
+        headers={"Content-Length": str(LIMIT)},
+        chunks=[b"x" * 600, b"x" * 400],
+    )
     assert (status, body) == (200, LIMIT)
 
 

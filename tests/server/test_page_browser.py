@@ -42,7 +42,9 @@ def api_reply(url: str, path: Path) -> dict:
         + path.read_bytes()
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    request = urllib.request.Request(f"{url}api/v1/detect", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    request = urllib.request.Request(
+        f"{url}api/v1/detect", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -50,10 +52,16 @@ def api_reply(url: str, path: Path) -> dict:
 def shown_boxes(card) -> list[float]:
     from selenium.webdriver.common.by import By
 
-    return sorted(float(box.get_attribute("data-confidence")) for box in card.find_elements(By.CSS_SELECTOR, ".box") if box.is_displayed())
+    return sorted(
+        float(box.get_attribute("data-confidence"))
+        for box in card.find_elements(By.CSS_SELECTOR, ".box")
+        if box.is_displayed()
+    )
 
 
-def test_page_shows_the_api_result_and_the_slider_hides_boxes(browser, serve_process, rsna_sample_dir: Path, tmp_path: Path) -> None:
+def test_page_shows_the_api_result_and_the_slider_hides_boxes(
+    browser, serve_process, rsna_sample_dir: Path, tmp_path: Path
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -66,19 +74,30 @@ def test_page_shows_the_api_result_and_the_slider_hides_boxes(browser, serve_pro
     browser.get(serve_process.url)
     WebDriverWait(browser, WAIT_S).until(lambda driver: "Model " in driver.find_element(By.ID, "model-info").text)
     browser.find_element(By.ID, "upload").send_keys(str(sample))
-    card = WebDriverWait(browser, WAIT_S).until(lambda driver: driver.find_element(By.CSS_SELECTOR, ".result[aria-busy='false']"))
+    card = WebDriverWait(browser, WAIT_S).until(
+        lambda driver: driver.find_element(By.CSS_SELECTOR, ".result[aria-busy='false']")
+    )
 
     # The verdict and the boxes are the API's.
     verdict = card.find_element(By.CSS_SELECTOR, ".verdict").text
     if reply["label"]["probability"] is None:  # no image head: whether a box reached the cut-off, and no percentage
         reached = "a box reached" if reply["label"]["name"] == "Lung Opacity" else "no box reached"
-        assert verdict == f"{reply['label']['name']} ({reached} the cut-off; this model gives no image-level probability)", verdict
+        assert (
+            verdict == f"{reply['label']['name']} ({reached} the cut-off; this model gives no image-level probability)"
+        ), verdict
     else:
-        assert verdict.startswith(f"{reply['label']['name']} (probability of an opacity {reply['label']['probability']:.1f}%"), verdict
+        assert verdict.startswith(
+            f"{reply['label']['name']} (probability of an opacity {reply['label']['probability']:.1f}%"
+        ), verdict
     assert len(card.find_elements(By.CSS_SELECTOR, ".box")) == len(reply["boxes"])
-    assert "Not a diagnostic device" in card.text and "Not a diagnostic device" in browser.find_element(By.TAG_NAME, "body").text
+    assert (
+        "Not a diagnostic device" in card.text
+        and "Not a diagnostic device" in browser.find_element(By.TAG_NAME, "body").text
+    )
     threshold = reply["model"]["score_threshold"]
-    assert shown_boxes(card) == [value for value in confidences if value >= threshold]  # the slider starts at the tuned cut-off
+    assert shown_boxes(card) == [
+        value for value in confidences if value >= threshold
+    ]  # the slider starts at the tuned cut-off
     meta = card.find_element(By.CSS_SELECTOR, ".meta").text
     assert f"{reply['image']['view_position']}" in meta and f"{reply['image']['age']} years" in meta
 
@@ -121,12 +140,19 @@ def test_page_shows_a_bad_upload_as_an_error_card(browser, serve_process, tmp_pa
     text_file.write_text("not an x-ray\n" * 50)
     browser.get(serve_process.url)
     browser.find_element(By.ID, "upload").send_keys(str(text_file))
-    card = WebDriverWait(browser, WAIT_S).until(lambda driver: driver.find_element(By.CSS_SELECTOR, ".result.failed[aria-busy='false']"))
+    card = WebDriverWait(browser, WAIT_S).until(
+        lambda driver: driver.find_element(By.CSS_SELECTOR, ".result.failed[aria-busy='false']")
+    )
     assert "lungdet reads DICOM" in card.text
-    assert card.find_elements(By.CSS_SELECTOR, ".verdict") and not card.find_element(By.CSS_SELECTOR, ".verdict").is_displayed()
+    assert (
+        card.find_elements(By.CSS_SELECTOR, ".verdict")
+        and not card.find_element(By.CSS_SELECTOR, ".verdict").is_displayed()
+    )
 
 
-def test_page_asks_for_the_token_once(browser, serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path, serve_starter) -> None:
+def test_page_asks_for_the_token_once(
+    browser, serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path, serve_starter
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -142,7 +168,9 @@ def test_page_asks_for_the_token_once(browser, serving_checkpoint: Path, rsna_sa
     # Once given, the token goes with every upload, and a reload of the tab does not ask again.
     for _ in range(2):
         browser.find_element(By.ID, "upload").send_keys(str(sorted(rsna_sample_dir.glob("*.dcm"))[1]))
-        card = WebDriverWait(browser, WAIT_S).until(lambda driver: driver.find_element(By.CSS_SELECTOR, ".result[aria-busy='false']"))
+        card = WebDriverWait(browser, WAIT_S).until(
+            lambda driver: driver.find_element(By.CSS_SELECTOR, ".result[aria-busy='false']")
+        )
         assert card.find_element(By.CSS_SELECTOR, ".verdict").is_displayed()
         browser.refresh()
         WebDriverWait(browser, WAIT_S).until(lambda driver: "Model " in driver.find_element(By.ID, "model-info").text)
@@ -150,7 +178,9 @@ def test_page_asks_for_the_token_once(browser, serving_checkpoint: Path, rsna_sa
     assert "page-test-token" not in server.log()
 
 
-def test_page_shows_files_in_order_and_no_identifier(browser, serve_process, phi_dicom: Path, phi_strings: list[str], rsna_sample_dir: Path) -> None:
+def test_page_shows_files_in_order_and_no_identifier(
+    browser, serve_process, phi_dicom: Path, phi_strings: list[str], rsna_sample_dir: Path
+) -> None:
     """Two files chosen at once, one named after its patient and carrying fake identifying tags: neither its name nor a tag reaches the page."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -158,7 +188,9 @@ def test_page_shows_files_in_order_and_no_identifier(browser, serve_process, phi
     other = sorted(rsna_sample_dir.glob("*.dcm"))[2]
     browser.get(serve_process.url)
     browser.find_element(By.ID, "upload").send_keys(f"{phi_dicom}\n{other}")
-    WebDriverWait(browser, WAIT_S).until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".result[aria-busy='false']")) == 2)
+    WebDriverWait(browser, WAIT_S).until(
+        lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".result[aria-busy='false']")) == 2
+    )
     titles = [title.text for title in browser.find_elements(By.CSS_SELECTOR, ".result .card-title")]
     assert [title.split(" · ")[0] for title in titles] == ["File 1 of 2", "File 2 of 2"]
     page = browser.page_source

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lungdet.errors import LungdetError
 from lungdet.detection.detect import upload_id
+from lungdet.errors import LungdetError
 from lungdet.server.cli import get_args_parser, main
 
 CHUNK = 64 * 1024
@@ -24,14 +24,25 @@ CHUNK = 64 * 1024
 
 def multipart(data: bytes, *, name: str, fields: dict[str, str] | None = None) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode() for key, value in (fields or {}).items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\nContent-Type: application/dicom\r\n\r\n'.encode() + data + b"\r\n")
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+        for key, value in (fields or {}).items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\nContent-Type: application/dicom\r\n\r\n'.encode()
+        + data
+        + b"\r\n"
+    )
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def post(url: str, path: str, data: bytes, *, name: str = "x.dcm", fields: dict[str, str] | None = None) -> tuple[int, bytes]:
+def post(
+    url: str, path: str, data: bytes, *, name: str = "x.dcm", fields: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     body, content_type = multipart(data, name=name, fields=fields)
-    request = urllib.request.Request(f"{url}{path.lstrip('/')}", data=body, headers={"Content-Type": content_type}, method="POST")
+    request = urllib.request.Request(
+        f"{url}{path.lstrip('/')}", data=body, headers={"Content-Type": content_type}, method="POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read()
@@ -53,7 +64,9 @@ def read_response(connection: socket.socket) -> tuple[int, dict]:
         assert piece, f"connection closed before a full response head: {received!r}"
         received += piece
     head, _, body = received.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    )
     while len(body) < length:
         piece = connection.recv(65536)
         assert piece, "connection closed before the whole response body"
@@ -66,8 +79,14 @@ def read_response(connection: socket.socket) -> tuple[int, dict]:
 
 def test_startup_prints_the_url_the_model_and_the_notice(serve_process) -> None:
     log = serve_process.log()
-    assert f"lungdet serve: open {serve_process.url}   (API: POST {serve_process.url}api/v1/detect, docs: {serve_process.url}docs)" in log
-    assert "model fasterrcnn_mobilenet_v3_large_fpn at 128 px on cpu (fp32), cut-off 0.3; uploads up to 1 MiB; no token" in log
+    assert (
+        f"lungdet serve: open {serve_process.url}   (API: POST {serve_process.url}api/v1/detect, docs: {serve_process.url}docs)"
+        in log
+    )
+    assert (
+        "model fasterrcnn_mobilenet_v3_large_fpn at 128 px on cpu (fp32), cut-off 0.3; uploads up to 1 MiB; no token"
+        in log
+    )
     assert "not a diagnostic device" in log
     assert serve_process.url.startswith("http://127.0.0.1:")  # loopback unless asked otherwise
     assert "warning" not in log.split("Uvicorn")[0].lower()
@@ -75,11 +94,26 @@ def test_startup_prints_the_url_the_model_and_the_notice(serve_process) -> None:
 
 def test_open_host_without_token_warns(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "lungdet", "serve", "--checkpoint", str(tmp_path / "missing.pt"), "--host", "0.0.0.0", "--port", "0"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "lungdet",
+            "serve",
+            "--checkpoint",
+            str(tmp_path / "missing.pt"),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
-    assert "warning: listening on 0.0.0.0 without --api-token: anyone on the network can use this server" in result.stderr
+    assert (
+        "warning: listening on 0.0.0.0 without --api-token: anyone on the network can use this server" in result.stderr
+    )
     assert "missing.pt: checkpoint not found" in result.stderr
 
 
@@ -87,15 +121,23 @@ def test_busy_port_is_refused_before_loading_the_model(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        args = get_args_parser().parse_args(["--checkpoint", str(tmp_path / "never-read.pt"), "--port", str(taken.getsockname()[1])])
-        with pytest.raises(LungdetError, match=r"cannot listen on 127\.0\.0\.1:\d+ .*pick another port with --port \(0 for any free one\)"):
+        args = get_args_parser().parse_args(
+            ["--checkpoint", str(tmp_path / "never-read.pt"), "--port", str(taken.getsockname()[1])]
+        )
+        with pytest.raises(
+            LungdetError,
+            match=r"cannot listen on 127\.0\.0\.1:\d+ .*pick another port with --port \(0 for any free one\)",
+        ):
             main(args)
 
 
 def test_missing_server_packages_say_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     args = get_args_parser().parse_args(["--checkpoint", str(tmp_path / "c.pt")])
-    with pytest.raises(LungdetError, match=r"needs FastAPI and uvicorn, which are not installed \(uvicorn is missing\); .*pip install 'lungdet\[serve\]'"):
+    with pytest.raises(
+        LungdetError,
+        match=r"needs FastAPI and uvicorn, which are not installed \(uvicorn is missing\); .*pip install 'lungdet\[serve\]'",
+    ):
         main(args)
 
 
@@ -150,7 +192,10 @@ def test_server_goes_on_after_refusals(serve_process, rsna_sample_dir: Path) -> 
 
 def test_log_names_uploads_by_hash_and_holds_no_phi(serve_process, phi_dicom: Path, phi_strings: list[str]) -> None:
     data = phi_dicom.read_bytes()
-    assert post(serve_process.url, "/api/v1/detect", data, name=phi_dicom.name, fields={"include_preview": "true"})[0] == 200
+    assert (
+        post(serve_process.url, "/api/v1/detect", data, name=phi_dicom.name, fields={"include_preview": "true"})[0]
+        == 200
+    )
     assert post(serve_process.url, "/api/v1/annotate", data, name=phi_dicom.name)[0] == 200
     assert post(serve_process.url, "/api/v1/detect", data[:5000], name=phi_dicom.name)[0] == 422
     log = serve_process.log()
@@ -200,7 +245,9 @@ def test_health_answers_while_a_prediction_runs(serving_detector, rsna_sample_di
             uploading = threading.Thread(target=lambda: replies.append(post(url, "/api/v1/detect", data)))
             for _ in range(600):  # wait for uvicorn to start listening
                 try:
-                    http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=1).request("GET", "/static/style.css")
+                    http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=1).request(
+                        "GET", "/static/style.css"
+                    )
                     break
                 except OSError:
                     threading.Event().wait(0.05)

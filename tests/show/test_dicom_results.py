@@ -49,7 +49,10 @@ def test_report_reads_back_with_the_boxes_confidences_and_source(sources: list[P
     [path] = write_results(tmp_path, "one", source, BOXES, 0.93, MODEL)
     report = pydicom.dcmread(path)
     assert report.SOPClassUID.name == "Comprehensive 3D SR Storage" and report.Modality == "SR"
-    assert report.SeriesDescription == REPORT_SERIES_DESCRIPTION and "Research use only, not for diagnosis" in report.SeriesDescription
+    assert (
+        report.SeriesDescription == REPORT_SERIES_DESCRIPTION
+        and "Research use only, not for diagnosis" in report.SeriesDescription
+    )
     for keyword in ("PatientID", "PatientName", "PatientSex", "StudyInstanceUID", "StudyDate", "AccessionNumber"):
         assert report.get(keyword) == source.get(keyword), keyword
     assert report.SeriesInstanceUID != source.SeriesInstanceUID and report.PreliminaryFlag == "PRELIMINARY"
@@ -61,7 +64,10 @@ def test_report_reads_back_with_the_boxes_confidences_and_source(sources: list[P
 
 
 def content_names(items) -> list[tuple[str, str]]:
-    return [(item.ConceptNameCodeSequence[0].CodeValue, item.ConceptNameCodeSequence[0].CodingSchemeDesignator) for item in items]
+    return [
+        (item.ConceptNameCodeSequence[0].CodeValue, item.ConceptNameCodeSequence[0].CodingSchemeDesignator)
+        for item in items
+    ]
 
 
 def test_the_verdict_is_report_level_so_every_measurement_group_is_a_region(sources: list[Path]) -> None:
@@ -76,7 +82,9 @@ def test_the_verdict_is_report_level_so_every_measurement_group_is_a_region(sour
     assert content_names(evaluations.ContentSequence) == [("112001", "DCM"), ("122157", "DCM")]
     assert evaluations.ContentSequence[0].ConceptCodeSequence[0].CodeValue == "52101004"  # present
     assert evaluations.ContentSequence[1].TextValue == "0.9300"
-    assert ("C0034375", "UMLS") in content_names(structured_report(pydicom.dcmread(sources[0], stop_before_pixels=True), BOXES, None, MODEL).ContentSequence)
+    assert ("C0034375", "UMLS") in content_names(
+        structured_report(pydicom.dcmread(sources[0], stop_before_pixels=True), BOXES, None, MODEL).ContentSequence
+    )
     [procedure] = [item for item in root if content_names([item]) == [("121058", "DCM")]]
     assert procedure.ConceptCodeSequence[0].CodeValue == "363679005"  # Imaging procedure, in CID 100
 
@@ -84,18 +92,33 @@ def test_the_verdict_is_report_level_so_every_measurement_group_is_a_region(sour
 def test_a_report_without_boxes_is_a_chest_cad_report_without_findings(sources: list[Path]) -> None:
     source = pydicom.dcmread(sources[1], stop_before_pixels=True)
     report = structured_report(source, Prediction.empty(), 0.12, MODEL)
-    assert report.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.65" and report.file_meta.MediaStorageSOPClassUID == report.SOPClassUID  # Chest CAD SR
+    assert (
+        report.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.65"
+        and report.file_meta.MediaStorageSOPClassUID == report.SOPClassUID
+    )  # Chest CAD SR
     assert report.SOPInstanceUID == report_uid(source, MODEL) and report.SeriesDescription == REPORT_SERIES_DESCRIPTION
     assert report.ContentTemplateSequence[0].TemplateIdentifier == "4100"
-    assert content_names(report.ContentSequence) == [("121049", "DCM"), ("111017", "DCM"), ("111064", "DCM"), ("111065", "DCM")]
+    assert content_names(report.ContentSequence) == [
+        ("121049", "DCM"),
+        ("111017", "DCM"),
+        ("111064", "DCM"),
+        ("111065", "DCM"),
+    ]
     assert report.ContentSequence[1].ConceptCodeSequence[0].CodeMeaning == "All algorithms succeeded; without findings"
     contents = read_report(report)
-    assert (contents.opacity_present, contents.probability, contents.source_sop_instance_uid) == (False, 0.12, source.SOPInstanceUID)
+    assert (contents.opacity_present, contents.probability, contents.source_sop_instance_uid) == (
+        False,
+        0.12,
+        source.SOPInstanceUID,
+    )
     assert len(contents.prediction.scores) == 0
     assert read_report(structured_report(source, Prediction.empty(), None, MODEL)).probability is None
 
 
-@pytest.mark.parametrize(("age", "repaired"), [("51", "051Y"), ("6", "006Y"), ("051Y", "051Y"), ("030M", "030M"), ("51Y", "051Y"), ("old", None), ("", "")])
+@pytest.mark.parametrize(
+    ("age", "repaired"),
+    [("51", "051Y"), ("6", "006Y"), ("051Y", "051Y"), ("030M", "030M"), ("51Y", "051Y"), ("old", None), ("", "")],
+)
 def test_a_copied_age_is_repaired_only_where_the_source_broke_its_vr(age: str, repaired: str | None) -> None:
     dataset = pydicom.Dataset()
     with warnings.catch_warnings():  # pydicom warns that the broken ages are broken: that is the input
@@ -108,14 +131,23 @@ def test_a_copied_age_is_repaired_only_where_the_source_broke_its_vr(age: str, r
 def test_results_carry_the_repaired_age(sources: list[Path]) -> None:
     source = pydicom.dcmread(sources[0])
     assert source.PatientAge == "51"  # RSNA's form, which the AS value representation does not allow
-    for derived in (structured_report(source, BOXES, None, MODEL), presentation_state(source, source.pixel_array, BOXES, MODEL)):
+    for derived in (
+        structured_report(source, BOXES, None, MODEL),
+        presentation_state(source, source.pixel_array, BOXES, MODEL),
+    ):
         assert derived.PatientAge == "051Y"
 
 
 def test_the_algorithm_and_model_are_identified(sources: list[Path]) -> None:
     report = structured_report(pydicom.dcmread(sources[0], stop_before_pixels=True), BOXES, None, MODEL)
     texts = {element.value for element in report.iterall() if element.keyword == "TextValue"}
-    for expected in ("lungdet", "9.9.9", f"checkpoint sha256 {'ab' * 32}", "architecture fasterrcnn_mobilenet_v3_large_fpn", "box cut-off 0.4"):
+    for expected in (
+        "lungdet",
+        "9.9.9",
+        f"checkpoint sha256 {'ab' * 32}",
+        "architecture fasterrcnn_mobilenet_v3_large_fpn",
+        "box cut-off 0.4",
+    ):
         assert expected in texts, expected
 
 
@@ -131,7 +163,9 @@ def test_dcmtk_parses_every_report(sources: list[Path], tmp_path: Path) -> None:
     parser = dsrdump()
     for index, path in enumerate(sources[:4]):
         prediction = BOXES if index % 2 == 0 else Prediction.empty()
-        [written] = write_results(tmp_path, path.stem, pydicom.dcmread(path, stop_before_pixels=True), prediction, 0.5, MODEL)
+        [written] = write_results(
+            tmp_path, path.stem, pydicom.dcmread(path, stop_before_pixels=True), prediction, 0.5, MODEL
+        )
         done = subprocess.run([parser, str(written)], capture_output=True, text=True, timeout=60)
         # DCMTK checks TID 1500 itself; of TID 4100 (the Chest CAD SR) it says it cannot, and parses the rest.
         allowed = "" if index % 2 == 0 else "W: Check for template constraints not yet supported\n"
@@ -145,9 +179,14 @@ def test_overlay_keeps_the_sources_geometry_and_shows_the_boxes(sources: list[Pa
     pixels = read_dicom(sources[0]).pixels
     [_, path] = write_results(tmp_path, "one", source, BOXES, None, MODEL, pixels=pixels)
     overlay = pydicom.dcmread(path)
-    assert overlay.SOPClassUID.name == "Secondary Capture Image Storage" and overlay.SeriesDescription == OVERLAY_SERIES_DESCRIPTION
+    assert (
+        overlay.SOPClassUID.name == "Secondary Capture Image Storage"
+        and overlay.SeriesDescription == OVERLAY_SERIES_DESCRIPTION
+    )
     assert (overlay.Rows, overlay.Columns) == (source.Rows, source.Columns)
-    assert [float(value) for value in overlay.PixelSpacing] == pytest.approx([float(value) for value in source.PixelSpacing], rel=1e-9)
+    assert [float(value) for value in overlay.PixelSpacing] == pytest.approx(
+        [float(value) for value in source.PixelSpacing], rel=1e-9
+    )
     assert overlay.StudyInstanceUID == source.StudyInstanceUID and overlay.SeriesInstanceUID != source.SeriesInstanceUID
     assert overlay.PatientOrientation == source.PatientOrientation and overlay.Laterality == ""
     image = overlay.pixel_array
@@ -171,7 +210,13 @@ def uncompressed(path: Path, folder: Path) -> Path:
 def dcmtk_render(gsps: Path, image: Path, folder: Path) -> tuple[np.ndarray, str]:
     """DCMTK's rendering of ``image`` through ``gsps`` (a PGM) and its dump of the presentation state."""
     out = folder / f"{gsps.stem}.pgm"
-    done = subprocess.run([require_program("dcmp2pgm", "dcmtk"), "-v", "-p", str(gsps), str(image), str(out)], capture_output=True, text=True, timeout=60, cwd=folder)
+    done = subprocess.run(
+        [require_program("dcmp2pgm", "dcmtk"), "-v", "-p", str(gsps), str(image), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=folder,
+    )
     assert done.returncode == 0, done.stderr
     import cv2
 
@@ -180,19 +225,29 @@ def dcmtk_render(gsps: Path, image: Path, folder: Path) -> tuple[np.ndarray, str
 
 def dumped_polylines(dump: str) -> list[np.ndarray]:
     lines = [line.split("coordinates:")[1] for line in dump.splitlines() if "coordinates:" in line]
-    return [np.array([[float(value) for value in point.split("\\")] for point in line.strip(" ,").split(", ")]) for line in lines]
+    return [
+        np.array([[float(value) for value in point.split("\\")] for point in line.strip(" ,").split(", ")])
+        for line in lines
+    ]
 
 
 @pytest.mark.parametrize("which", ["rsna", "monochrome1"])
-def test_gsps_draws_the_boxes_over_the_xray_as_lungdet_saw_it(which: str, sources: list[Path], siim_monochrome1_dicom: Path, tmp_path: Path) -> None:
+def test_gsps_draws_the_boxes_over_the_xray_as_lungdet_saw_it(
+    which: str, sources: list[Path], siim_monochrome1_dicom: Path, tmp_path: Path
+) -> None:
     path = sources[0] if which == "rsna" else siim_monochrome1_dicom
     source = pydicom.dcmread(path)
     [_, gsps_path] = write_results(tmp_path, "one", source, BOXES, None, MODEL, gsps=True)
     gsps = pydicom.dcmread(gsps_path)
-    assert gsps.SOPClassUID.name == "Grayscale Softcopy Presentation State Storage" and gsps.SeriesDescription == GSPS_SERIES_DESCRIPTION
+    assert (
+        gsps.SOPClassUID.name == "Grayscale Softcopy Presentation State Storage"
+        and gsps.SeriesDescription == GSPS_SERIES_DESCRIPTION
+    )
     assert gsps.SOPInstanceUID == gsps_uid(source, MODEL) and gsps.StudyInstanceUID == source.StudyInstanceUID
     assert gsps.PresentationLUTShape == ("INVERSE" if which == "monochrome1" else "IDENTITY")
-    checked = subprocess.run([require_program("dcmpschk", "dcmtk"), str(gsps_path)], capture_output=True, text=True, timeout=60)
+    checked = subprocess.run(
+        [require_program("dcmpschk", "dcmtk"), str(gsps_path)], capture_output=True, text=True, timeout=60
+    )
     assert checked.returncode == 0 and "Test passed" in checked.stderr + checked.stdout, checked.stderr
 
     rendered, dump = dcmtk_render(gsps_path, uncompressed(path, tmp_path), tmp_path)
@@ -201,7 +256,9 @@ def test_gsps_draws_the_boxes_over_the_xray_as_lungdet_saw_it(which: str, source
     assert len(polylines) == 2 and "Graphic Layer #1 [LUNGDET]" in dump
     for polyline, box in zip(polylines, BOXES.boxes, strict=True):
         x, y, width, height = box
-        np.testing.assert_allclose(polyline, [[x, y], [x + width, y], [x + width, y + height], [x, y + height], [x, y]], atol=0.05)
+        np.testing.assert_allclose(
+            polyline, [[x, y], [x + width, y], [x + width, y + height], [x, y + height], [x, y]], atol=0.05
+        )
     assert '"opacity 0.82"' in dump and '"opacity 0.71"' in dump and "Research use only, not for diagnosis" in dump
     assert "displayed area TLHC=1\\1 BRHC=1024\\1024" in dump
     # ...and shows the X-ray the way lungdet read it: its window, and a MONOCHROME1 image the right way up.
@@ -223,8 +280,10 @@ def test_a_source_without_type_2_patient_and_study_attributes_still_gets_every_r
         del source[keyword]
     pixels = read_dicom(sources[0]).pixels
     results = [
-        structured_report(source, BOXES, None, MODEL), structured_report(source, Prediction.empty(), None, MODEL),
-        overlay_image(source, pixels, BOXES, MODEL), presentation_state(source, source.pixel_array, BOXES, MODEL),
+        structured_report(source, BOXES, None, MODEL),
+        structured_report(source, Prediction.empty(), None, MODEL),
+        overlay_image(source, pixels, BOXES, MODEL),
+        presentation_state(source, source.pixel_array, BOXES, MODEL),
     ]
     for result in results:
         for keyword in ("PatientSex", "StudyDate", "AccessionNumber"):  # present and empty

@@ -20,7 +20,6 @@ import pytest
 from lungdet.data_tools.dicom_io import read_dicom
 from lungdet.show.dicom_results import model_identity, write_results
 from lungdet.submission.prediction_string import Prediction
-
 from tests.conftest import require_program, skip_or_fail
 
 MODEL = model_identity("9.9.9", ["fasterrcnn_mobilenet_v3_large_fpn"], ["ab" * 32], 0.4)
@@ -55,15 +54,26 @@ JAVA_XPATH_LIMITS = ["-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathTotalOpLimi
 
 
 @pytest.fixture(scope="module")
-def written(rsna_sample_dir: Path, siim_monochrome1_dicom: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def written(
+    rsna_sample_dir: Path, siim_monochrome1_dicom: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """A report with boxes, a report without, an overlay and a GSPS, for a real RSNA file and a MONOCHROME1 one."""
     folder = tmp_path_factory.mktemp("validators")
     files: dict[str, Path] = {}
     for name, path in (("rsna", sorted(rsna_sample_dir.glob("*.dcm"))[0]), ("monochrome1", siim_monochrome1_dicom)):
         source = pydicom.dcmread(path)
-        sr, overlay, gsps = write_results(folder, f"{name}_boxes", source, BOXES, 0.91, MODEL, pixels=read_dicom(path).pixels, gsps=True)
+        sr, overlay, gsps = write_results(
+            folder, f"{name}_boxes", source, BOXES, 0.91, MODEL, pixels=read_dicom(path).pixels, gsps=True
+        )
         [empty] = write_results(folder, f"{name}_none", source, Prediction.empty(), 0.07, MODEL)
-        files.update({f"{name} report": sr, f"{name} overlay": overlay, f"{name} gsps": gsps, f"{name} report without boxes": empty})
+        files.update(
+            {
+                f"{name} report": sr,
+                f"{name} overlay": overlay,
+                f"{name} gsps": gsps,
+                f"{name} report without boxes": empty,
+            }
+        )
     return files
 
 
@@ -75,7 +85,9 @@ def test_dciodvfy_finds_no_error_in_anything_lungdet_writes(written: dict[str, P
         errors = [line for line in lines if line.startswith("Error")]
         assert errors == [], (kind, errors)
         warnings = [line.removeprefix("Warning - ") for line in lines if line.startswith("Warning")]
-        unexplained = [line for line in warnings if not any(re.search(pattern, line) for pattern in ACCEPTED_DCIODVFY_WARNINGS)]
+        unexplained = [
+            line for line in warnings if not any(re.search(pattern, line) for pattern in ACCEPTED_DCIODVFY_WARNINGS)
+        ]
         assert unexplained == [], (kind, unexplained)
 
 
@@ -89,7 +101,10 @@ def test_pixelmed_finds_no_error_in_the_reports(written: dict[str, Path], tmp_pa
     # interpretation (dciodvfy checks the MONOCHROME1 ones), and each report costs the validator seconds.
     reports = [path for kind, path in written.items() if kind.startswith("rsna report")]
     done = subprocess.run(
-        [java, *JAVA_XPATH_LIMITS, "-cp", str(PIXELMED_JAR), str(source), *map(str, reports)], capture_output=True, text=True, timeout=300,
+        [java, *JAVA_XPATH_LIMITS, "-cp", str(PIXELMED_JAR), str(source), *map(str, reports)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     per_file = done.stdout.split("==== ")[1:]

@@ -13,14 +13,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from lungdet.data_tools import dicom_io
-from lungdet.show import eda
 from lungdet.boxes import clip_xywh
+from lungdet.cli import main as cli_main
+from lungdet.data_tools import dicom_io
 from lungdet.data_tools.dicom_io import DicomMeta
-from lungdet.errors import LabelError
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, read_labels
 from lungdet.data_tools.metadata import read_metadata_csv
-from lungdet.cli import main as cli_main
+from lungdet.errors import LabelError
+from lungdet.show import eda
 
 # Five patients in the 1024 space: a has two boxes, c one, e one box that runs past the right edge.
 TINY_LABELS = """patientId,x,y,width,height,Target
@@ -54,7 +54,16 @@ def write_tiny_labels(folder: Path, *, with_class_info: bool) -> tuple[Path, Pat
     return labels_csv, class_info_csv
 
 
-def meta(patient_id: str, *, rows: int = 1024, columns: int = 1024, age: int | None = 40, sex: str = "F", view: str = "PA", spacing=(0.14, 0.14)) -> DicomMeta:
+def meta(
+    patient_id: str,
+    *,
+    rows: int = 1024,
+    columns: int = 1024,
+    age: int | None = 40,
+    sex: str = "F",
+    view: str = "PA",
+    spacing=(0.14, 0.14),
+) -> DicomMeta:
     return DicomMeta(
         path=Path(f"/data/{patient_id}.dcm"),
         patient_id=patient_id,
@@ -147,7 +156,11 @@ def test_metadata_stats_join_by_patient_id(tmp_path: Path) -> None:
     assert stats.unlabelled_paths == [Path("/data/zz-not-labelled.dcm")]
     assert stats.duplicate_paths == [Path("/elsewhere/a.dcm")]
     assert stats.labelled_without_dicom_count == 1  # e
-    assert stats.sex_by_target == {"F": eda.GroupCounts(negatives=2, positives=0), "M": eda.GroupCounts(0, 1), "unknown": eda.GroupCounts(0, 1)}
+    assert stats.sex_by_target == {
+        "F": eda.GroupCounts(negatives=2, positives=0),
+        "M": eda.GroupCounts(0, 1),
+        "unknown": eda.GroupCounts(0, 1),
+    }
     assert stats.view_by_target == {"AP": eda.GroupCounts(0, 2), "PA": eda.GroupCounts(2, 0)}
     assert stats.view_by_target["AP"].positive_rate == 1.0 and stats.view_by_target["PA"].positive_rate == 0.0
     np.testing.assert_array_equal(stats.ages_by_target[0], [30, 150])
@@ -196,11 +209,15 @@ def test_metadata_of_the_real_dicoms_matches_their_tags(rsna_sample_dir: Path, r
     assert {name: counts.total for name, counts in metadata.sex_by_target.items()} == dict(sexes)
     # The four positive samples are named in the data README.
     assert sum(counts.positives for counts in metadata.view_by_target.values()) == 4
-    assert sorted(np.concatenate(list(metadata.ages_by_target.values()))) == sorted(int(dataset.PatientAge) for dataset in datasets)
+    assert sorted(np.concatenate(list(metadata.ages_by_target.values()))) == sorted(
+        int(dataset.PatientAge) for dataset in datasets
+    )
     assert (stats.heatmap_own_size_count, stats.heatmap_assumed_size_count) == (4, 6_008)
 
 
-def test_only_the_sample_images_are_decoded(monkeypatch, tmp_path: Path, rsna_sample_dir: Path, rsna_labels_csv: Path, rsna_class_info_csv: Path) -> None:
+def test_only_the_sample_images_are_decoded(
+    monkeypatch, tmp_path: Path, rsna_sample_dir: Path, rsna_labels_csv: Path, rsna_class_info_csv: Path
+) -> None:
     opened: list[bool] = []
     decoded: list[Path] = []
     open_dataset, read_xray_file = dicom_io._open_dataset, eda.read_xray_file
@@ -217,7 +234,12 @@ def test_only_the_sample_images_are_decoded(monkeypatch, tmp_path: Path, rsna_sa
     monkeypatch.setattr(eda, "read_xray_file", counting_read)
     labels = read_labels(rsna_labels_csv, rsna_class_info_csv)
     report = eda.write_eda(
-        tmp_path / "out", labels, labels_csv=rsna_labels_csv, dicom_paths=dicom_io.find_dicoms(rsna_sample_dir), samples_per_class=1, seed=0
+        tmp_path / "out",
+        labels,
+        labels_csv=rsna_labels_csv,
+        dicom_paths=dicom_io.find_dicoms(rsna_sample_dir),
+        samples_per_class=1,
+        seed=0,
     )
 
     # One sample for each of the three classes, and no other file's pixels touched.
@@ -229,7 +251,9 @@ def test_only_the_sample_images_are_decoded(monkeypatch, tmp_path: Path, rsna_sa
 # --- the command line ----------------------------------------------------------------------------
 
 
-def test_cli_writes_a_page_that_shows_every_png(tmp_path: Path, rsna_sample_dir: Path, rsna_labels_csv: Path, rsna_class_info_csv: Path, siim_dicom: Path) -> None:
+def test_cli_writes_a_page_that_shows_every_png(
+    tmp_path: Path, rsna_sample_dir: Path, rsna_labels_csv: Path, rsna_class_info_csv: Path, siim_dicom: Path
+) -> None:
     dicom_dir = tmp_path / "dicoms"
     shutil.copytree(rsna_sample_dir, dicom_dir)
     shutil.copy(siim_dicom, dicom_dir / siim_dicom.name)  # a DICOM the labels do not name
@@ -237,7 +261,21 @@ def test_cli_writes_a_page_that_shows_every_png(tmp_path: Path, rsna_sample_dir:
     out = tmp_path / "eda"
 
     status = cli_main(
-        ["eda", "--labels", str(rsna_labels_csv), "--class-info", str(rsna_class_info_csv), "--dicom-dir", str(dicom_dir), "--out", str(out), "--samples-per-class", "2", "--seed", "1"]
+        [
+            "eda",
+            "--labels",
+            str(rsna_labels_csv),
+            "--class-info",
+            str(rsna_class_info_csv),
+            "--dicom-dir",
+            str(dicom_dir),
+            "--out",
+            str(out),
+            "--samples-per-class",
+            "2",
+            "--seed",
+            "1",
+        ]
     )
 
     assert status == 0
@@ -280,7 +318,12 @@ def test_labels_only_page_says_what_is_missing(tmp_path: Path) -> None:
     args = eda.get_args_parser().parse_args(["--labels", str(labels_csv), "--out", str(out)])
     assert eda.main(args) == 0
     page = (out / "index.html").read_text(encoding="utf-8")
-    assert sorted(png_names_in(out / "index.html")) == ["box_heatmap.png", "box_sizes.png", "boxes_per_image.png", "class_balance.png"]
+    assert sorted(png_names_in(out / "index.html")) == [
+        "box_heatmap.png",
+        "box_sizes.png",
+        "boxes_per_image.png",
+        "class_balance.png",
+    ]
     assert "assumed 1024x1024 px" in page
     assert "No --dicom-dir given" in page
     assert "Class info</td><td><i>not given" in page
@@ -318,10 +361,23 @@ def test_an_image_folder_with_its_metadata_csv_gives_the_tag_figures(tmp_path: P
         (image_dir / path.name).symlink_to(path)
     (image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk")
     out = tmp_path / "eda"
-    status = cli_main([
-        "eda", "--labels", str(rsna_real_dir / "labels.csv"), "--class-info", str(rsna_real_dir / "class_info.csv"),
-        "--image-dir", str(image_dir), "--metadata", str(rsna_real_dir / "metadata.csv"), "--out", str(out), "--samples-per-class", "1",
-    ])
+    status = cli_main(
+        [
+            "eda",
+            "--labels",
+            str(rsna_real_dir / "labels.csv"),
+            "--class-info",
+            str(rsna_real_dir / "class_info.csv"),
+            "--image-dir",
+            str(image_dir),
+            "--metadata",
+            str(rsna_real_dir / "metadata.csv"),
+            "--out",
+            str(out),
+            "--samples-per-class",
+            "1",
+        ]
+    )
     assert status == 0
     page = (out / "index.html").read_text(encoding="utf-8")
     referenced = png_names_in(out / "index.html")
@@ -347,13 +403,20 @@ def test_an_image_folder_without_metadata_says_the_tags_are_unknown(tmp_path: Pa
     for path in sorted((rsna_real_dir / "images").glob("*.jpg"))[:5]:
         (image_dir / path.name).symlink_to(path)
     out = tmp_path / "eda"
-    assert cli_main(["eda", "--labels", str(rsna_real_dir / "labels.csv"), "--image-dir", str(image_dir), "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            ["eda", "--labels", str(rsna_real_dir / "labels.csv"), "--image-dir", str(image_dir), "--out", str(out)]
+        )
+        == 0
+    )
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "no --metadata CSV was given: age, sex, view position and pixel spacing are unknown" in page
 
 
 def test_metadata_without_an_image_folder_is_refused(tmp_path: Path, capsys) -> None:
     labels_csv, _ = write_tiny_labels(tmp_path, with_class_info=False)
-    status = cli_main(["eda", "--labels", str(labels_csv), "--metadata", str(labels_csv), "--out", str(tmp_path / "eda")])
+    status = cli_main(
+        ["eda", "--labels", str(labels_csv), "--metadata", str(labels_csv), "--out", str(tmp_path / "eda")]
+    )
     assert status == 2
     assert "give their folder with --image-dir" in capsys.readouterr().err

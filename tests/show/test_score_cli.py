@@ -16,11 +16,7 @@ from lungdet.submission.score import RSNA_IOU_THRESHOLDS
 def cli_files(tmp_path: Path) -> tuple[Path, Path]:
     labels = tmp_path / "labels.csv"
     labels.write_text(
-        "patientId,x,y,width,height,Target\n"
-        "pos,0,0,10,10,1\n"
-        "pos,20,0,10,10,1\n"
-        "neg,,,,,0\n"
-        "quiet,,,,,0\n",
+        "patientId,x,y,width,height,Target\npos,0,0,10,10,1\npos,20,0,10,10,1\nneg,,,,,0\nquiet,,,,,0\n",
         encoding="utf-8",
     )
     submission = tmp_path / "submission.csv"
@@ -61,9 +57,13 @@ def test_cli_json(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[st
     assert "1 of 3 labelled patient(s) have no row" in captured.err
 
 
-def test_cli_json_puts_the_rsna_metric_first_and_the_other_metrics_beside_it(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_json_puts_the_rsna_metric_first_and_the_other_metrics_beside_it(
+    cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     labels, submission = cli_files
-    args = get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--min-confidence", "0.5", "--json"])
+    args = get_args_parser().parse_args(
+        ["--submission", str(submission), "--labels", str(labels), "--min-confidence", "0.5", "--json"]
+    )
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     keys = list(result)
@@ -75,7 +75,13 @@ def test_cli_json_puts_the_rsna_metric_first_and_the_other_metrics_beside_it(cli
         assert coco[key] == pytest.approx(51 / 101, abs=1e-12)
         low, high = coco[f"{key}_interval"]
         assert low <= coco[key] <= high
-    assert (coco["n_images"], coco["n_truth_boxes"], coco["n_predicted_boxes"], coco["max_detections"], coco["reason"]) == (3, 2, 2, 100, None)
+    assert (
+        coco["n_images"],
+        coco["n_truth_boxes"],
+        coco["n_predicted_boxes"],
+        coco["max_detections"],
+        coco["reason"],
+    ) == (3, 2, 2, 100, None)
     # FROC over 3 images: (0, 0), then 0.9 -> (0, 1/2), 0.8 -> (1/3, 1/2): 1/2 at every FP rate.
     froc = result["froc"]
     assert froc["fp_per_image"] == [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
@@ -85,7 +91,9 @@ def test_cli_json_puts_the_rsna_metric_first_and_the_other_metrics_beside_it(cli
     assert (result["image_auc"], result["ece"]) == (None, None)  # no --probabilities
 
 
-def test_cli_json_image_auc_and_ece_with_probabilities(cli_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_json_image_auc_and_ece_with_probabilities(
+    cli_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     labels, submission = cli_files
     (tmp_path / "p.csv").write_text("patientId,probability\npos,0.9\nneg,0.3\n")  # quiet has none
     common = ["--submission", str(submission), "--labels", str(labels), "--probabilities", str(tmp_path / "p.csv")]
@@ -94,9 +102,16 @@ def test_cli_json_image_auc_and_ece_with_probabilities(cli_files: tuple[Path, Pa
     result = json.loads(captured.out)
     # pos (positive) 0.9 ranks above neg 0.3: AUC 1. ECE: bin 9 gap |1 - 0.9|, bin 3 gap |0 - 0.3|, weight 1/2 each -> 0.2.
     assert result["image_auc"] == {"value": 1.0, "interval": None, "reason": None, "n_images": 2, "n_positive": 1}
-    assert result["ece"]["value"] == pytest.approx(0.2) and result["ece"]["bins"] == 10 and result["ece"]["interval"] is None
+    assert (
+        result["ece"]["value"] == pytest.approx(0.2)
+        and result["ece"]["bins"] == 10
+        and result["ece"]["interval"] is None
+    )
     assert result["coco"]["ap_interval"] is None  # --bootstrap 0: no intervals
-    assert "1 of 3 labelled patient(s) have no row in" in captured.err and "left out of the image AUC and ECE" in captured.err
+    assert (
+        "1 of 3 labelled patient(s) have no row in" in captured.err
+        and "left out of the image AUC and ECE" in captured.err
+    )
     assert main(get_args_parser().parse_args(common)) == 0
     table = capsys.readouterr().out
     assert "image AUC          1.0000" in table and "ECE (10 bins)      0.2000" in table
@@ -120,10 +135,14 @@ def test_cli_table(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[s
     assert "image AUC" not in out  # no --probabilities
 
 
-def test_cli_rejects_min_confidence_out_of_range(cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rejects_min_confidence_out_of_range(
+    cli_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     labels, submission = cli_files
     with pytest.raises(SystemExit):
-        get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--min-confidence", "1.5"])
+        get_args_parser().parse_args(
+            ["--submission", str(submission), "--labels", str(labels), "--min-confidence", "1.5"]
+        )
     assert "argument --min-confidence: must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
@@ -134,9 +153,20 @@ def test_cli_raises_domain_error_for_bad_submission(cli_files: tuple[Path, Path]
         main(args)
 
 
-def test_cli_slices_in_the_table_and_the_json(cli_files: tuple[Path, Path], annotations_json: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_slices_in_the_table_and_the_json(
+    cli_files: tuple[Path, Path], annotations_json: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     labels, submission = cli_files
-    common = ["--submission", str(submission), "--labels", str(labels), "--by", "sex,age_band", "--metadata", str(annotations_json)]
+    common = [
+        "--submission",
+        str(submission),
+        "--labels",
+        str(labels),
+        "--by",
+        "sex,age_band",
+        "--metadata",
+        str(annotations_json),
+    ]
     assert main(get_args_parser().parse_args(common)) == 0
     table = capsys.readouterr().out
     assert "sex F" in table and "age_band 60+" in table and "95% interval" in table
@@ -154,4 +184,6 @@ def test_cli_by_needs_metadata_and_known_keys(cli_files: tuple[Path, Path], caps
         main(args)
     with pytest.raises(SystemExit):
         get_args_parser().parse_args(["--submission", str(submission), "--labels", str(labels), "--by", "sex,height"])
-    assert "expected a comma-separated list of view_position, sex, age_band, got 'sex,height'" in capsys.readouterr().err
+    assert (
+        "expected a comma-separated list of view_position, sex, age_band, got 'sex,height'" in capsys.readouterr().err
+    )

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lungdet.show.score_cli import get_args_parser, main
 from lungdet.show.score_report import cut_off_curve, reliability_bins, worst_images
 from lungdet.submission.prediction_string import Prediction, write_submission
-from lungdet.show.score_cli import get_args_parser, main
 from lungdet.submission.score import score_dataset
 
 SQUARE = [0.0, 0.0, 10.0, 10.0]
@@ -44,7 +44,9 @@ def test_worst_images_come_worst_first_with_their_errors() -> None:
     rows = worst_images(truth, predictions, count=3)
     # miss and alarm both score 0; the tie goes to patientId order (one error each).
     assert [(row.patient_id, row.score, row.missed, row.false_alarms) for row in rows] == [
-        ("alarm", 0.0, 0, 1), ("miss", 0.0, 1, 0), ("half", pytest.approx(1 / 3), 1, 1)
+        ("alarm", 0.0, 0, 1),
+        ("miss", 0.0, 1, 0),
+        ("half", pytest.approx(1 / 3), 1, 1),
     ]
     assert "clear" not in [row.patient_id for row in worst_images(truth, predictions)]  # not scored: nothing to show
 
@@ -68,17 +70,40 @@ def write_case_files(folder: Path) -> None:
 def test_cli_writes_one_page_with_figures_and_links(tmp_path: Path, capsys) -> None:
     write_case_files(tmp_path)
     (tmp_path / "overlays").mkdir()
-    args = get_args_parser().parse_args([
-        "--submission", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "labels.csv"), "--html", str(tmp_path / "out" / "report.html"),
-        "--probabilities", str(tmp_path / "p.csv"), "--overlays", str(tmp_path / "overlays"),
-    ])
+    args = get_args_parser().parse_args(
+        [
+            "--submission",
+            str(tmp_path / "s.csv"),
+            "--labels",
+            str(tmp_path / "labels.csv"),
+            "--html",
+            str(tmp_path / "out" / "report.html"),
+            "--probabilities",
+            str(tmp_path / "p.csv"),
+            "--overlays",
+            str(tmp_path / "overlays"),
+        ]
+    )
     assert main(args) == 0
     page = (tmp_path / "out" / "report.html").read_text()
     assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 5  # precision, cut-off, FROC, ROC, reliability
-    titles = ("Precision at each IoU threshold", "mAP against the confidence cut-off", "Beside the RSNA metric", "FROC curve", "Image-level ROC", "Reliability", "The 4 worst images")  # 5 patients, one unscored
+    titles = (
+        "Precision at each IoU threshold",
+        "mAP against the confidence cut-off",
+        "Beside the RSNA metric",
+        "FROC curve",
+        "Image-level ROC",
+        "Reliability",
+        "The 4 worst images",
+    )  # 5 patients, one unscored
     assert [page.index(title) for title in titles] == sorted(page.index(title) for title in titles)
     # The RSNA mAP is the headline: the summary line, then first in the metrics table.
-    assert page.index("mAP <b>") < page.index("Beside the RSNA metric") < page.index("<b>RSNA mAP</b>") < page.index("COCO AP@[.50:.95]")
+    assert (
+        page.index("mAP <b>")
+        < page.index("Beside the RSNA metric")
+        < page.index("<b>RSNA mAP</b>")
+        < page.index("COCO AP@[.50:.95]")
+    )
     assert '<a href="../overlays/alarm.png">alarm</a>' in page
     assert "Not a diagnostic device" in page
     assert f"wrote {tmp_path / 'out' / 'report.html'}" in capsys.readouterr().out
@@ -86,7 +111,16 @@ def test_cli_writes_one_page_with_figures_and_links(tmp_path: Path, capsys) -> N
 
 def test_page_shows_the_metrics_the_json_reports(tmp_path: Path, capsys) -> None:
     write_case_files(tmp_path)
-    common = ["--submission", str(tmp_path / "s.csv"), "--labels", str(tmp_path / "labels.csv"), "--probabilities", str(tmp_path / "p.csv"), "--bootstrap", "200"]
+    common = [
+        "--submission",
+        str(tmp_path / "s.csv"),
+        "--labels",
+        str(tmp_path / "labels.csv"),
+        "--probabilities",
+        str(tmp_path / "p.csv"),
+        "--bootstrap",
+        "200",
+    ]
     assert main(get_args_parser().parse_args([*common, "--json"])) == 0
     result = json.loads(capsys.readouterr().out)
     assert main(get_args_parser().parse_args([*common, "--html", str(tmp_path / "report.html")])) == 0
@@ -108,6 +142,15 @@ def test_bad_probabilities_file_fails_before_scoring(tmp_path: Path) -> None:
     from lungdet.errors import SubmissionError
 
     (tmp_path / "p.csv").write_text("patientId,probability\nx,1.7\n")
-    args = get_args_parser().parse_args(["--submission", str(tmp_path / "none.csv"), "--labels", str(tmp_path / "none.csv"), "--probabilities", str(tmp_path / "p.csv")])
+    args = get_args_parser().parse_args(
+        [
+            "--submission",
+            str(tmp_path / "none.csv"),
+            "--labels",
+            str(tmp_path / "none.csv"),
+            "--probabilities",
+            str(tmp_path / "p.csv"),
+        ]
+    )
     with pytest.raises(SubmissionError, match=r"p.csv line 2: probability 1.7 is outside \[0, 1\]"):
         main(args)

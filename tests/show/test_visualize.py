@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from lungdet.data_tools import synth
-from lungdet.show import visualize
-from lungdet.errors import LungdetError
 from lungdet.data_tools.labels import read_labels
+from lungdet.errors import LungdetError
+from lungdet.show import visualize
 from lungdet.submission.prediction_string import Prediction, write_submission
 
 
@@ -19,7 +19,9 @@ def _outline_pixels(image: np.ndarray, box: tuple[int, int, int, int]) -> np.nda
     """The RGB values at the middle of each of the four edges of an XYWH box, ``[4, 3]``."""
     x, y, width, height = box
     x2, y2 = x + width - 1, y + height - 1
-    return np.array([image[y, x + width // 2], image[y2, x + width // 2], image[y + height // 2, x], image[y + height // 2, x2]])
+    return np.array(
+        [image[y, x + width // 2], image[y2, x + width // 2], image[y + height // 2, x], image[y + height // 2, x2]]
+    )
 
 
 def test_draw_overlay_draws_truth_green_and_prediction_orange() -> None:
@@ -30,7 +32,9 @@ def test_draw_overlay_draws_truth_green_and_prediction_orange() -> None:
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8
     assert (_outline_pixels(image, truth_box) == visualize.TRUTH_COLOR).all()
 
-    image = visualize.draw_overlay(pixels, truth=None, prediction=Prediction.from_arrays([0.87], [predicted_box]), title="patient-1")
+    image = visualize.draw_overlay(
+        pixels, truth=None, prediction=Prediction.from_arrays([0.87], [predicted_box]), title="patient-1"
+    )
     # The confidence tag sits on the top edge; the other three edges are plain outline.
     assert (_outline_pixels(image, predicted_box)[1:] == visualize.PREDICTION_COLOR).all()
     # The tag is a filled prediction-coloured patch right above the box.
@@ -124,7 +128,16 @@ def test_cli_writes_pngs_and_index_and_skips_the_corrupt_file(
     images_dir, labels_csv, submission = dataset_with_corrupt_file
     out = tmp_path / "overlays"
     args = visualize.get_args_parser().parse_args(
-        ["--dicom-dir", str(images_dir), "--labels", str(labels_csv), "--submission", str(submission), "--out", str(out)]
+        [
+            "--dicom-dir",
+            str(images_dir),
+            "--labels",
+            str(labels_csv),
+            "--submission",
+            str(submission),
+            "--out",
+            str(out),
+        ]
     )
     assert visualize.main(args) == 0
 
@@ -147,7 +160,9 @@ def test_cli_writes_pngs_and_index_and_skips_the_corrupt_file(
     assert "max confidence: 0.90" in page
     assert "corrupt.dcm" in page
     # Atomic writes leave no temporary files behind.
-    assert sorted(path.name for path in out.iterdir()) == sorted([f"{patient_id}.png" for patient_id in labels] + ["index.html"])
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        [f"{patient_id}.png" for patient_id in labels] + ["index.html"]
+    )
 
 
 def test_cli_only_positive_and_limit(dataset_with_corrupt_file: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -156,7 +171,19 @@ def test_cli_only_positive_and_limit(dataset_with_corrupt_file: tuple[Path, Path
     positives = [patient_id for patient_id, patient in labels.items() if patient.target == 1]
     out = tmp_path / "positives"
     args = visualize.get_args_parser().parse_args(
-        ["--dicom-dir", str(images_dir), "--labels", str(labels_csv), "--out", str(out), "--only-positive", "--limit", "5", "--max-size", "128"]
+        [
+            "--dicom-dir",
+            str(images_dir),
+            "--labels",
+            str(labels_csv),
+            "--out",
+            str(out),
+            "--only-positive",
+            "--limit",
+            "5",
+            "--max-size",
+            "128",
+        ]
     )
     assert visualize.main(args) == 0
     assert sorted(path.stem for path in out.glob("*.png")) == sorted(positives) and len(positives) == 1
@@ -174,7 +201,9 @@ def test_cli_rejects_only_positive_without_a_box_source(tmp_path: Path, capsys: 
     assert "argument --limit: must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_cli_draws_a_folder_of_real_jpegs(rsna_real_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_draws_a_folder_of_real_jpegs(
+    rsna_real_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
     positive = "01be392f-a46d-4aef-a57e-9cd1a80dd47e"  # two truth boxes
@@ -183,7 +212,16 @@ def test_cli_draws_a_folder_of_real_jpegs(rsna_real_dir: Path, tmp_path: Path, c
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     out = tmp_path / "overlays"
     args = visualize.get_args_parser().parse_args(
-        ["--image-dir", str(folder), "--labels", str(rsna_real_dir / "labels.csv"), "--out", str(out), "--max-size", "512"]
+        [
+            "--image-dir",
+            str(folder),
+            "--labels",
+            str(rsna_real_dir / "labels.csv"),
+            "--out",
+            str(out),
+            "--max-size",
+            "512",
+        ]
     )
     assert visualize.main(args) == 0
     assert "wrote 2 overlay PNGs to" in capsys.readouterr().out
@@ -219,15 +257,25 @@ def test_encode_image_keeps_grey_and_rgb_pixels() -> None:
     grey = np.arange(48, dtype=np.uint8).reshape(6, 8)
     rgb = np.zeros((6, 8, 3), dtype=np.uint8)
     rgb[..., 0] = 200  # red in RGB: encoded as BGR, it must decode back red
-    assert np.array_equal(cv2.imdecode(np.frombuffer(visualize.encode_image(grey, ".png", what="g"), np.uint8), cv2.IMREAD_UNCHANGED), grey)
+    assert np.array_equal(
+        cv2.imdecode(np.frombuffer(visualize.encode_image(grey, ".png", what="g"), np.uint8), cv2.IMREAD_UNCHANGED),
+        grey,
+    )
     decoded = cv2.imdecode(np.frombuffer(visualize.encode_image(rgb, ".png", what="c"), np.uint8), cv2.IMREAD_COLOR)
     assert (decoded[..., 2] == 200).all() and (decoded[..., :2] == 0).all()
 
 
 def test_worst_first_orders_by_image_score_and_puts_the_costless_last() -> None:
-    truth = {"hit": np.array([[0.0, 0, 100, 100]]), "miss": np.array([[0.0, 0, 100, 100]]), "quiet": np.zeros((0, 4)), "alarm": np.zeros((0, 4))}
+    truth = {
+        "hit": np.array([[0.0, 0, 100, 100]]),
+        "miss": np.array([[0.0, 0, 100, 100]]),
+        "quiet": np.zeros((0, 4)),
+        "alarm": np.zeros((0, 4)),
+    }
     predictions = {
-        "hit": Prediction.from_arrays([0.9], [[0, 0, 100, 100]]), "miss": Prediction.empty(), "quiet": Prediction.empty(),
+        "hit": Prediction.from_arrays([0.9], [[0, 0, 100, 100]]),
+        "miss": Prediction.empty(),
+        "quiet": Prediction.empty(),
         "alarm": Prediction.from_arrays([0.9], [[0, 0, 50, 50]]),
     }
     paths = [Path(f"/x/{name}.jpg") for name in ("quiet", "hit", "miss", "alarm")]

@@ -43,10 +43,14 @@ def jitter(boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return boxes + rng.normal(0, 6, boxes.shape)
 
 
-def passes_of(patient: str, model: str, boxes: np.ndarray, scores: list[float], probability: float, fold: int | None, rng) -> list[RawPrediction]:
+def passes_of(
+    patient: str, model: str, boxes: np.ndarray, scores: list[float], probability: float, fold: int | None, rng
+) -> list[RawPrediction]:
     """A model's plain and mirrored pass over one image: the same boxes, a little apart."""
     return [
-        RawPrediction(patient, model, pass_name, SIZE, SIZE, Prediction.from_arrays(scores, jitter(boxes, rng)), probability, fold)
+        RawPrediction(
+            patient, model, pass_name, SIZE, SIZE, Prediction.from_arrays(scores, jitter(boxes, rng)), probability, fold
+        )
         for pass_name in ("plain", "hflip")
     ]
 
@@ -63,7 +67,9 @@ def out_of_fold(rng: np.random.Generator, patients: int = 150) -> tuple[list[Raw
     return rows, truth
 
 
-def disagreeing_ensemble(rng: np.random.Generator, patients: int = 120) -> tuple[list[RawPrediction], dict[str, np.ndarray]]:
+def disagreeing_ensemble(
+    rng: np.random.Generator, patients: int = 120
+) -> tuple[list[RawPrediction], dict[str, np.ndarray]]:
     """Five models per image: each opacity is found by two of them only, each negative gets one false alarm per model, all apart."""
     rows, truth = [], {}
     for index in range(patients):
@@ -83,7 +89,9 @@ def disagreeing_ensemble(rng: np.random.Generator, patients: int = 120) -> tuple
     return rows, truth
 
 
-def agreeing_negatives(rng: np.random.Generator, patients: int, *, start: int = 0) -> tuple[list[RawPrediction], dict[str, np.ndarray]]:
+def agreeing_negatives(
+    rng: np.random.Generator, patients: int, *, start: int = 0
+) -> tuple[list[RawPrediction], dict[str, np.ndarray]]:
     """Negatives on which all five models agree: every third gets the same confident false alarm (0.6) from each, the rest a faint one (0.1-0.3)."""
     rows, truth = [], {}
     for index in range(start, start + patients):
@@ -106,7 +114,9 @@ def test_settings_tuned_out_of_fold_keep_their_meaning_on_a_fusion_of_disagreein
     oof, oof_truth = out_of_fold(rng)
     tuned = tune_postprocess(oof, oof_truth, bootstrap_draws=0).config
     assert (tuned.tuned_models_per_image, tuned.tuned_passes_per_model) == (1, 2)
-    assert tuned.expected_boxes_per_image == pytest.approx(38 / 150, abs=1e-6)  # the 38 positives' boxes, no false alarm
+    assert tuned.expected_boxes_per_image == pytest.approx(
+        38 / 150, abs=1e-6
+    )  # the 38 positives' boxes, no false alarm
     assert 0.35 < tuned.score_threshold <= 0.7
     assert tuned.calibration == "off" and tuned.wbf_conf_type == "finders"
 
@@ -138,9 +148,14 @@ def test_an_image_gets_the_same_boxes_whatever_else_is_in_its_batch() -> None:
     }
     results = {name: apply_postprocess(rows, tuned).predictions for name, rows in batches.items()}
     shared = {row.patient_id for row in negatives + scattered}
-    boxed = {name: sorted(patient for patient in shared if len(predictions[patient].scores)) for name, predictions in results.items()}
+    boxed = {
+        name: sorted(patient for patient in shared if len(predictions[patient].scores))
+        for name, predictions in results.items()
+    }
     assert boxed["all negative"] == boxed["5% positive"] == boxed["25% positive"]
-    assert len(boxed["all negative"]) == 20  # the negatives on which every model agreed on a confident false alarm, and only those
+    assert (
+        len(boxed["all negative"]) == 20
+    )  # the negatives on which every model agreed on a confident false alarm, and only those
     for patient in shared:
         np.testing.assert_array_equal(results["all negative"][patient].boxes, results["25% positive"][patient].boxes)
 
@@ -174,7 +189,9 @@ def test_batch_calibration_needs_enough_images_and_tunings_operating_point() -> 
     result = apply_postprocess(test, tuned)
     assert not result.calibrated and result.applied == tuned
     assert f"only {MIN_CALIBRATION_IMAGES - 1} images: too few to calibrate" in result.note
-    untuned = apply_postprocess(disagreeing_ensemble(np.random.default_rng(3))[0], PostprocessConfig(score_threshold=0.5, calibration="batch"))
+    untuned = apply_postprocess(
+        disagreeing_ensemble(np.random.default_rng(3))[0], PostprocessConfig(score_threshold=0.5, calibration="batch")
+    )
     assert not untuned.calibrated and "needs the operating point lungdet tune writes" in untuned.note
     assert untuned.expectation_line() == ""
 
@@ -189,9 +206,14 @@ def test_a_file_from_an_older_lungdet_is_applied_image_by_image_and_says_so() ->
 
 
 def test_calibrate_keeps_the_gate_share_and_the_boxes_per_image() -> None:
-    merged = {f"p{index}": Prediction.from_arrays([0.9 - index * 0.1, 0.05], [[0, 0, 10, 10], [50, 50, 10, 10]]) for index in range(8)}
+    merged = {
+        f"p{index}": Prediction.from_arrays([0.9 - index * 0.1, 0.05], [[0, 0, 10, 10], [50, 50, 10, 10]])
+        for index in range(8)
+    }
     probabilities = {f"p{index}": 0.1 * index for index in range(8)}  # p0 0.0 ... p7 0.7
-    config = PostprocessConfig(score_threshold=0.5, gate_threshold=0.5, max_boxes=1, expected_gated_share=0.5, expected_boxes_per_image=0.25)
+    config = PostprocessConfig(
+        score_threshold=0.5, gate_threshold=0.5, max_boxes=1, expected_gated_share=0.5, expected_boxes_per_image=0.25
+    )
     applied = calibrate(config, merged, probabilities)
     # Half of the 8 pass the gate: p4..p7 (0.4 and up); 2 boxes in all, one per image at most: p4 (0.5) and p5 (0.4).
     assert applied.gate_threshold == pytest.approx(0.4)

@@ -218,7 +218,10 @@ def test_froc_reads_the_highest_sensitivity_at_a_repeated_fp_rate() -> None:
 def test_froc_top_sensitivity_is_the_rsna_hits_at_040() -> None:
     images = random_images(50, seed=2)
     report = score_froc(images)
-    rsna = score_dataset({str(index): boxes for index, (boxes, _) in enumerate(images)}, {str(index): prediction for index, (_, prediction) in enumerate(images)})
+    rsna = score_dataset(
+        {str(index): boxes for index, (boxes, _) in enumerate(images)},
+        {str(index): prediction for index, (_, prediction) in enumerate(images)},
+    )
     assert report.curve[1][-1] == rsna.per_threshold[0].true_positives / report.n_truth_boxes
 
 
@@ -276,19 +279,29 @@ def test_intervals_are_seeded_and_contain_the_point_estimate() -> None:
     truth_map = {f"p{index}": boxes for index, (boxes, _) in enumerate(images)}
     predictions = {f"p{index}": prediction for index, (_, prediction) in enumerate(images)}
     rng = np.random.default_rng(5)
-    probabilities = {patient: float(np.clip(0.3 + 0.4 * (len(boxes) > 0) + rng.normal(0, 0.25), 0, 1)) for patient, boxes in truth_map.items()}
+    probabilities = {
+        patient: float(np.clip(0.3 + 0.4 * (len(boxes) > 0) + rng.normal(0, 0.25), 0, 1))
+        for patient, boxes in truth_map.items()
+    }
 
     metrics = score_detection_metrics(truth_map, predictions, probabilities=probabilities, bootstrap_draws=300, seed=0)
     coco, froc, probability = metrics.coco, metrics.froc, metrics.probabilities
     estimates = [
-        (coco.ap, coco.ap_interval), (coco.ap50, coco.ap50_interval), (coco.ap40, coco.ap40_interval),
-        (froc.score, froc.score_interval), *zip(froc.sensitivities, froc.sensitivity_intervals),
-        (probability.auc, probability.auc_interval), (probability.ece, probability.ece_interval),
+        (coco.ap, coco.ap_interval),
+        (coco.ap50, coco.ap50_interval),
+        (coco.ap40, coco.ap40_interval),
+        (froc.score, froc.score_interval),
+        *zip(froc.sensitivities, froc.sensitivity_intervals, strict=True),
+        (probability.auc, probability.auc_interval),
+        (probability.ece, probability.ece_interval),
     ]
     for value, (low, high) in estimates:
         assert low <= value <= high
     assert coco.ap_interval[0] < coco.ap < coco.ap_interval[1]  # a real spread, not a point
-    assert score_detection_metrics(truth_map, predictions, probabilities=probabilities, bootstrap_draws=300, seed=0) == metrics
+    assert (
+        score_detection_metrics(truth_map, predictions, probabilities=probabilities, bootstrap_draws=300, seed=0)
+        == metrics
+    )
     other = score_detection_metrics(truth_map, predictions, probabilities=probabilities, bootstrap_draws=300, seed=1)
     assert other.coco.ap == coco.ap and other.coco.ap_interval != coco.ap_interval
     assert other.froc.score_interval != froc.score_interval
@@ -313,7 +326,17 @@ def test_score_detection_metrics_filters_like_the_rsna_metric() -> None:
     assert list(result) == ["coco", "froc", "image_auc", "ece"]
     assert (result["image_auc"], result["ece"]) == (None, None)
     assert set(result["coco"]) == {
-        "ap", "ap50", "ap40", "ap_interval", "ap50_interval", "ap40_interval", "max_detections", "reason", "n_images", "n_truth_boxes", "n_predicted_boxes"
+        "ap",
+        "ap50",
+        "ap40",
+        "ap_interval",
+        "ap50_interval",
+        "ap40_interval",
+        "max_detections",
+        "reason",
+        "n_images",
+        "n_truth_boxes",
+        "n_predicted_boxes",
     }
     assert result["froc"]["fp_per_image"] == [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
     with pytest.raises(ValueError, match=r"min_confidence must be in \[0, 1\], got -0.1"):
@@ -321,10 +344,18 @@ def test_score_detection_metrics_filters_like_the_rsna_metric() -> None:
 
 
 def test_all_negative_truth_reports_why() -> None:
-    metrics = score_detection_metrics({"n1": NO_TRUTH, "n2": NO_TRUTH}, {"n1": predict((0.9, T1))}, probabilities={"n1": 0.7, "n2": 0.1}, bootstrap_draws=20)
+    metrics = score_detection_metrics(
+        {"n1": NO_TRUTH, "n2": NO_TRUTH},
+        {"n1": predict((0.9, T1))},
+        probabilities={"n1": 0.7, "n2": 0.1},
+        bootstrap_draws=20,
+    )
     result = metrics.to_dict()
     assert (result["coco"]["ap"], result["coco"]["ap_interval"]) == (None, None)
     assert "no truth box" in result["coco"]["reason"] and "no truth box" in result["froc"]["reason"]
-    assert result["image_auc"]["value"] is None and result["image_auc"]["reason"] == "the AUC needs images with and without an opacity"
+    assert (
+        result["image_auc"]["value"] is None
+        and result["image_auc"]["reason"] == "the AUC needs images with and without an opacity"
+    )
     # Both images are negative: ECE = 1/2 * |0 - 0.7| + 1/2 * |0 - 0.1| = 0.4.
     assert result["ece"]["value"] == pytest.approx(0.4)

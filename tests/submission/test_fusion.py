@@ -31,15 +31,25 @@ def test_avg_and_max_equal_ensemble_boxes(conf_type: str) -> None:
         boxes, scores, weights = random_passes(rng)
         iou_thr, skip = float(rng.choice([0.4, 0.55, 0.7])), float(rng.choice([0.0, 0.05]))
         theirs_boxes, theirs_scores, _ = weighted_boxes_fusion(
-            [b.tolist() for b in boxes], [s.tolist() for s in scores], [[0] * len(s) for s in scores],
-            weights=weights, iou_thr=iou_thr, skip_box_thr=skip, conf_type=conf_type,
+            [b.tolist() for b in boxes],
+            [s.tolist() for s in scores],
+            [[0] * len(s) for s in scores],
+            weights=weights,
+            iou_thr=iou_thr,
+            skip_box_thr=skip,
+            conf_type=conf_type,
         )
         ours = fuse_boxes(boxes, scores, weights=weights, iou_thr=iou_thr, skip_box_thr=skip, conf_type=conf_type)
         assert len(ours.scores) == len(theirs_scores)
         if len(theirs_scores):
             # Both most confident first; compared in one order so that equal scores cannot swap rows.
-            theirs, mine = np.lexsort((theirs_boxes[:, 0], -theirs_scores)), np.lexsort((ours.boxes[:, 0], -ours.scores))
-            np.testing.assert_allclose(ours.scores[mine], theirs_scores[theirs], atol=1e-6)  # ensemble-boxes works in float32
+            theirs, mine = (
+                np.lexsort((theirs_boxes[:, 0], -theirs_scores)),
+                np.lexsort((ours.boxes[:, 0], -ours.scores)),
+            )
+            np.testing.assert_allclose(
+                ours.scores[mine], theirs_scores[theirs], atol=1e-6
+            )  # ensemble-boxes works in float32
             np.testing.assert_allclose(ours.boxes[mine], theirs_boxes[theirs], atol=1e-6)
             compared += len(theirs_scores)
     assert compared > 300
@@ -60,14 +70,21 @@ def test_finders_confidence_and_support_by_hand() -> None:
 
 def test_weights_count_in_confidence_and_support() -> None:
     box = np.array([[0.1, 0.1, 0.3, 0.4]])
-    fused = fuse_boxes([box, box, np.zeros((0, 4))], [np.array([0.9]), np.array([0.3]), np.zeros(0)], weights=[3, 1, 2], iou_thr=0.5)
+    fused = fuse_boxes(
+        [box, box, np.zeros((0, 4))], [np.array([0.9]), np.array([0.3]), np.zeros(0)], weights=[3, 1, 2], iou_thr=0.5
+    )
     np.testing.assert_allclose(fused.scores, [(0.9 * 3 + 0.3 * 1) / 4])
     np.testing.assert_allclose(fused.support, [4 / 6])
 
 
 def test_two_boxes_of_one_pass_in_a_cluster_count_that_pass_once() -> None:
     box = np.array([[0.1, 0.1, 0.3, 0.4]])
-    fused = fuse_boxes([np.vstack([box, box + 0.005]), np.zeros((0, 4))], [np.array([0.8, 0.7]), np.zeros(0)], weights=[1, 1], iou_thr=0.5)
+    fused = fuse_boxes(
+        [np.vstack([box, box + 0.005]), np.zeros((0, 4))],
+        [np.array([0.8, 0.7]), np.zeros(0)],
+        weights=[1, 1],
+        iou_thr=0.5,
+    )
     np.testing.assert_allclose(fused.support, [0.5])
     np.testing.assert_allclose(fused.scores, [0.75])
 

@@ -33,7 +33,9 @@ def test_one_class_gives_no_map_and_no_map_changes_nothing() -> None:
     assert fit_platt([True, True], [0.2, 0.9]) is None
     assert fit_platt([], []) is None
     assert apply_platt(0.37, None) == 0.37 and apply_platt(None, (2.0, 1.0)) is None
-    assert apply_platt(0.5, (3.0, 0.0)) == pytest.approx(0.5) and apply_platt(0.5, (1.0, np.log(3))) == pytest.approx(0.75)
+    assert apply_platt(0.5, (3.0, 0.0)) == pytest.approx(0.5) and apply_platt(0.5, (1.0, np.log(3))) == pytest.approx(
+        0.75
+    )
 
 
 def test_separable_validation_keeps_the_map_finite_and_monotonic() -> None:

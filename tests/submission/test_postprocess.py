@@ -27,7 +27,15 @@ from lungdet.submission.raw_predictions import RawPrediction, read_raw_predictio
 TWO_BOXES = Prediction.from_arrays([0.9, 0.4], [[10, 20, 100, 200], [300, 300, 50, 60]])
 
 
-def raw(patient: str, prediction: Prediction, *, model: str = "m0", pass_name: str = "plain", probability: float | None = None, size: int = 512) -> RawPrediction:
+def raw(
+    patient: str,
+    prediction: Prediction,
+    *,
+    model: str = "m0",
+    pass_name: str = "plain",
+    probability: float | None = None,
+    size: int = 512,
+) -> RawPrediction:
     return RawPrediction(patient, model, pass_name, size, size, prediction, probability)
 
 
@@ -47,11 +55,27 @@ def test_a_box_one_model_missed_keeps_its_finders_confidence_or_its_share() -> N
     np.testing.assert_allclose(fused.scores, [0.9, 0.4], atol=1e-12)
     np.testing.assert_allclose(fused.boxes, TWO_BOXES.boxes, atol=1e-9)
     # 'avg': its weighted share of it, as ensemble-boxes computes it.
-    averaged = fuse_passes(missed, width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0, conf_type="avg")
+    averaged = fuse_passes(
+        missed, width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0, conf_type="avg"
+    )
     np.testing.assert_allclose(averaged.scores, [0.9 * 3 / 4, 0.4 * 3 / 4], atol=1e-12)
     # Found by 3 / 4 of the weight: kept at min_support 0.75, dropped above.
-    assert len(fuse_passes(missed, width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0, min_support=0.75).scores) == 2
-    assert len(fuse_passes(missed, width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0, min_support=0.8).scores) == 0
+    assert (
+        len(
+            fuse_passes(
+                missed, width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0, min_support=0.75
+            ).scores
+        )
+        == 2
+    )
+    assert (
+        len(
+            fuse_passes(
+                missed, width=512, height=512, weights=[3, 1], iou_thr=0.55, skip_box_thr=0.0, min_support=0.8
+            ).scores
+        )
+        == 0
+    )
 
 
 def test_overlapping_boxes_fuse_to_their_confidence_weighted_mean() -> None:
@@ -66,7 +90,9 @@ def test_overlapping_boxes_fuse_to_their_confidence_weighted_mean() -> None:
 
 
 def test_fusing_nothing_gives_nothing() -> None:
-    fused = fuse_passes([Prediction.empty(), Prediction.empty()], width=64, height=64, weights=[1, 1], iou_thr=0.5, skip_box_thr=0.0)
+    fused = fuse_passes(
+        [Prediction.empty(), Prediction.empty()], width=64, height=64, weights=[1, 1], iou_thr=0.5, skip_box_thr=0.0
+    )
     assert fused.boxes.shape == (0, 4)
 
 
@@ -77,7 +103,9 @@ def test_shrink_of_one_changes_nothing_and_keeps_the_centre_otherwise() -> None:
     assert np.array_equal(shrink_boxes(TWO_BOXES, factor=1.0).boxes, TWO_BOXES.boxes)
     shrunk = shrink_boxes(TWO_BOXES, factor=0.875)
     np.testing.assert_allclose(shrunk.boxes[0], [10 + 100 * 0.0625, 20 + 200 * 0.0625, 87.5, 175.0])
-    np.testing.assert_allclose(shrunk.boxes[:, :2] + shrunk.boxes[:, 2:] / 2, TWO_BOXES.boxes[:, :2] + TWO_BOXES.boxes[:, 2:] / 2)
+    np.testing.assert_allclose(
+        shrunk.boxes[:, :2] + shrunk.boxes[:, 2:] / 2, TWO_BOXES.boxes[:, :2] + TWO_BOXES.boxes[:, 2:] / 2
+    )
     assert np.array_equal(shrunk.scores, TWO_BOXES.scores)
 
 
@@ -92,7 +120,11 @@ def test_cut_off_then_cap_keep_the_most_confident() -> None:
     many = Prediction.from_arrays([0.3, 0.95, 0.6, 0.6], [[0, 0, 1, 1], [1, 1, 1, 1], [2, 2, 1, 1], [3, 3, 1, 1]])
     assert most_confident(many, max_boxes=2).scores.tolist() == [0.95, 0.6]
     assert most_confident(many, max_boxes=2).boxes[:, 0].tolist() == [1, 2]  # ties: the first given
-    assert finish_image(many, None, PostprocessConfig(score_threshold=0.5, max_boxes=0)).scores.tolist() == [0.95, 0.6, 0.6]
+    assert finish_image(many, None, PostprocessConfig(score_threshold=0.5, max_boxes=0)).scores.tolist() == [
+        0.95,
+        0.6,
+        0.6,
+    ]
 
 
 def test_postprocess_fuses_passes_per_image_and_averages_probabilities() -> None:
@@ -121,7 +153,9 @@ def test_model_weights_must_match_the_models() -> None:
 
 
 def test_postprocess_file_loads_back_equal(tmp_path: Path) -> None:
-    config = PostprocessConfig(score_threshold=0.35, gate_threshold=0.2, wbf_iou_thr=0.5, model_weights=[1.0, 2.0], shrink=0.875, max_boxes=3)
+    config = PostprocessConfig(
+        score_threshold=0.35, gate_threshold=0.2, wbf_iou_thr=0.5, model_weights=[1.0, 2.0], shrink=0.875, max_boxes=3
+    )
     save_postprocess(config, tmp_path / "postprocess.yaml", comment="tuned on runs/cv/oof.csv\nhonest mAP 0.2")
     text = (tmp_path / "postprocess.yaml").read_text()
     assert text.startswith("# tuned on runs/cv/oof.csv\n# honest mAP 0.2\n")
@@ -155,14 +189,25 @@ def test_postprocess_file_that_is_not_a_mapping(tmp_path: Path) -> None:
 
 def test_raw_predictions_round_trip(tmp_path: Path) -> None:
     rows = [
-        RawPrediction("p1", "fold0", "plain", 1024, 800, Prediction.from_arrays([0.91234], [[10.123, 20.456, 30.0, 40.0]]), 0.25, 0),
+        RawPrediction(
+            "p1",
+            "fold0",
+            "plain",
+            1024,
+            800,
+            Prediction.from_arrays([0.91234], [[10.123, 20.456, 30.0, 40.0]]),
+            0.25,
+            0,
+        ),
         RawPrediction("p1", "fold0", "hflip", 1024, 800, Prediction.empty(), None, 0),
         RawPrediction("p2", "fold3", "plain", 512, 512, Prediction.empty(), 0.0, 3),
     ]
     assert write_raw_predictions(tmp_path / "raw.csv", rows) == 3
     back = read_raw_predictions(tmp_path / "raw.csv")
     assert [(r.patient_id, r.model, r.pass_name, r.width, r.height, r.probability, r.fold) for r in back] == [
-        ("p1", "fold0", "plain", 1024, 800, 0.25, 0), ("p1", "fold0", "hflip", 1024, 800, None, 0), ("p2", "fold3", "plain", 512, 512, 0.0, 3)
+        ("p1", "fold0", "plain", 1024, 800, 0.25, 0),
+        ("p1", "fold0", "hflip", 1024, 800, None, 0),
+        ("p2", "fold3", "plain", 512, 512, 0.0, 3),
     ]
     assert back[0].prediction.scores.tolist() == [0.9123]
     assert back[0].prediction.boxes.tolist() == [[10.12, 20.46, 30.0, 40.0]]
@@ -194,11 +239,22 @@ def test_a_submission_is_not_taken_for_raw_predictions(tmp_path: Path) -> None:
 
 def test_one_image_seen_at_two_sizes_is_refused() -> None:
     rows = [raw("a", TWO_BOXES, model="fold0", size=512), raw("a", TWO_BOXES, model="fold1", size=1024)]
-    with pytest.raises(SubmissionError, match="patientId a: model fold1 saw a 1024 x 1024 image but model fold0 a 512 x 512 one"):
+    with pytest.raises(
+        SubmissionError, match="patientId a: model fold1 saw a 1024 x 1024 image but model fold0 a 512 x 512 one"
+    ):
         postprocess(rows, PostprocessConfig())
 
 
 def test_a_gate_at_one_empties_the_whole_submission() -> None:
     rows = [raw(f"p{index}", TWO_BOXES, probability=index / 10) for index in range(10)]
-    assert all(prediction.boxes.shape == (0, 4) for prediction in postprocess(rows, PostprocessConfig(score_threshold=0.0, gate_threshold=1.0)).values())
-    assert sum(len(p.scores) for p in postprocess(rows, PostprocessConfig(score_threshold=0.0, gate_threshold=0.0)).values()) == 20
+    assert all(
+        prediction.boxes.shape == (0, 4)
+        for prediction in postprocess(rows, PostprocessConfig(score_threshold=0.0, gate_threshold=1.0)).values()
+    )
+    assert (
+        sum(
+            len(p.scores)
+            for p in postprocess(rows, PostprocessConfig(score_threshold=0.0, gate_threshold=0.0)).values()
+        )
+        == 20
+    )

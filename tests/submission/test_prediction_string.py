@@ -49,7 +49,9 @@ def test_format_empty_is_empty_string() -> None:
 
 
 def test_format_refuses_what_parse_would_reject() -> None:
-    with pytest.raises(SubmissionError, match=r"patientId abc: PredictionString box 1 has confidence 2\.5, outside \[0, 1\]"):
+    with pytest.raises(
+        SubmissionError, match=r"patientId abc: PredictionString box 1 has confidence 2\.5, outside \[0, 1\]"
+    ):
         format_prediction_string(make_prediction((2.5, 0, 0, 1, 1)), where="patientId abc")
 
 
@@ -96,7 +98,10 @@ def test_zero_size_box_and_negative_corner_are_allowed() -> None:
         ("0.5 1 2 3", r"row 7 \(patientId abc\): PredictionString has 4 tokens, not a multiple of 5"),
         ("0.5 1 2 3 4 0.9 1 2 3", r"row 7 \(patientId abc\): PredictionString has 9 tokens"),
         ("0.5 1 2 3 4 0.9 1 2,5 3 4", r"token 8 \('2,5', in box 2\) is not a number"),
-        ("0.5 1 2 -3 4", r"row 7 \(patientId abc\): PredictionString box 1 has width -3\.0 and height 4\.0; they must be >= 0"),
+        (
+            "0.5 1 2 -3 4",
+            r"row 7 \(patientId abc\): PredictionString box 1 has width -3\.0 and height 4\.0; they must be >= 0",
+        ),
         ("0.5 1 2 3 -4", r"box 1 has width 3\.0 and height -4\.0"),
         ("nan 1 2 3 4", r"box 1 has a non-finite value \[nan, 1\.0, 2\.0, 3\.0, 4\.0\]"),
         ("0.5 1 2 3 4 0.5 inf 2 3 4", r"box 2 has a non-finite value"),
@@ -121,9 +126,7 @@ def test_write_then_read_submission(tmp_path: Path) -> None:
     write_submission(path, predictions)
 
     assert path.read_text(encoding="utf-8") == (
-        "patientId,PredictionString\n"
-        "b-patient,0.7500 5.0 6.0 7.0 8.0 0.2500 1.0 2.0 3.0 4.0\n"
-        "a-patient,\n"
+        "patientId,PredictionString\nb-patient,0.7500 5.0 6.0 7.0 8.0 0.2500 1.0 2.0 3.0 4.0\na-patient,\n"
     )
     read = read_submission(path)
     assert list(read) == ["b-patient", "a-patient"]
@@ -167,7 +170,9 @@ def test_read_rejects_bad_header(tmp_path: Path, header: str) -> None:
 
 def test_read_names_line_and_patient_of_malformed_string(tmp_path: Path) -> None:
     path = write_csv(tmp_path, "patientId,PredictionString\nabc,\ndef,0.5 1 2 3\n")
-    with pytest.raises(SubmissionError, match=r"submission\.csv line 3 \(patientId def\): PredictionString has 4 tokens"):
+    with pytest.raises(
+        SubmissionError, match=r"submission\.csv line 3 \(patientId def\): PredictionString has 4 tokens"
+    ):
         read_submission(path)
 
 

@@ -170,7 +170,9 @@ def test_patient_missing_from_submission_counts_as_no_predictions() -> None:
 
 
 def test_predictions_for_unknown_patients_are_counted_not_scored() -> None:
-    report = score_dataset({"known": truth(SQUARE)}, {"known": predict((0.9, SQUARE)), "stranger": predict((0.9, SQUARE))})
+    report = score_dataset(
+        {"known": truth(SQUARE)}, {"known": predict((0.9, SQUARE)), "stranger": predict((0.9, SQUARE))}
+    )
     assert (report.map, report.n_images, report.n_unknown_predictions, report.n_predicted_boxes) == (1.0, 1, 1, 1)
 
 
@@ -289,7 +291,12 @@ def test_slices_add_up_to_the_whole() -> None:
     whole = score_dataset(truths, predictions)
     slices = score_slices(truths, predictions, metadata, ["view_position", "sex"])
     assert [(item.by, item.value) for item in slices] == [
-        ("view_position", "AP"), ("view_position", "PA"), ("view_position", "unknown"), ("sex", "F"), ("sex", "M"), ("sex", "unknown")
+        ("view_position", "AP"),
+        ("view_position", "PA"),
+        ("view_position", "unknown"),
+        ("sex", "F"),
+        ("sex", "M"),
+        ("sex", "unknown"),
     ]
     for key in ("view_position", "sex"):
         parts = [item.report for item in slices if item.by == key]

@@ -34,8 +34,16 @@ def random_case(seed: int, *, patients: int = 60, passes: int = 1, probabilities
             predicted = np.vstack([near, alarms])
             scores = np.concatenate([rng.uniform(0.4, 1.0, len(near)), rng.uniform(0.0, 0.7, n_alarms)])
             rows.append(
-                RawPrediction(patient, f"m{pass_index // 2}", ("plain", "hflip")[pass_index % 2], SIZE, SIZE,
-                              Prediction.from_arrays(scores, predicted), probability, index % folds if folds else None)
+                RawPrediction(
+                    patient,
+                    f"m{pass_index // 2}",
+                    ("plain", "hflip")[pass_index % 2],
+                    SIZE,
+                    SIZE,
+                    Prediction.from_arrays(scores, predicted),
+                    probability,
+                    index % folds if folds else None,
+                )
             )
     return rows, truth
 
@@ -50,7 +58,7 @@ def test_prefix_scores_equal_scoring_each_prefix_alone() -> None:
         table = prefix_scores(truth, boxes)
         for kept in range(n_boxes + 1):
             alone = score_image(truth, Prediction.from_arrays(np.linspace(1, 0.5, kept) if kept else [], boxes[:kept]))
-            assert (np.isnan(table[kept]) if alone is None else table[kept] == pytest.approx(alone.score)), (kept, table)
+            assert np.isnan(table[kept]) if alone is None else table[kept] == pytest.approx(alone.score), (kept, table)
 
 
 @pytest.mark.parametrize(("passes", "probabilities"), [(1, False), (1, True), (4, True)])
@@ -60,9 +68,12 @@ def test_table_scores_equal_postprocessing_and_scoring(passes: int, probabilitie
     rng = np.random.default_rng(3)
     for _ in range(12):
         config = PostprocessConfig(
-            score_threshold=float(rng.choice([0.1, 0.35, 0.5, 0.8])), gate_threshold=float(rng.choice([0.0, 0.4, 0.6])),
-            shrink=float(rng.choice([0.8, 1.0, 1.05])), max_boxes=int(rng.choice([0, 1, 2])),
-            wbf_iou_thr=float(rng.choice([0.4, 0.55])), wbf_skip_box_thr=float(rng.choice([0.0, 0.05])),
+            score_threshold=float(rng.choice([0.1, 0.35, 0.5, 0.8])),
+            gate_threshold=float(rng.choice([0.0, 0.4, 0.6])),
+            shrink=float(rng.choice([0.8, 1.0, 1.05])),
+            max_boxes=int(rng.choice([0, 1, 2])),
+            wbf_iou_thr=float(rng.choice([0.4, 0.55])),
+            wbf_skip_box_thr=float(rng.choice([0.0, 0.05])),
         )
         expected = score_dataset(truth, postprocess(rows, config)).map
         assert tuner.score(config) == pytest.approx(expected, abs=1e-9), config
@@ -98,7 +109,11 @@ def test_tuning_finds_planted_settings_and_scores_honestly() -> None:
     assert sorted(report.honest_per_fold) == [0, 1, 2, 3, 4]
     assert report.honest == pytest.approx(1.0) and report.honest_interval == pytest.approx((1.0, 1.0))
     assert report.effects["score_threshold"] > 0.3 and report.effects["shrink"] > 0
-    assert set(report.effects) == {"score_threshold", "shrink", "max_boxes"}  # no probabilities, one pass: no gate, no fusion
+    assert set(report.effects) == {
+        "score_threshold",
+        "shrink",
+        "max_boxes",
+    }  # no probabilities, one pass: no gate, no fusion
 
 
 def test_honest_score_is_below_the_optimistic_one_on_noise() -> None:
@@ -121,7 +136,17 @@ def test_cli_writes_a_file_that_loads_back(tmp_path: Path, capsys) -> None:
     for patient, boxes in truth.items():
         lines += [f"{patient},{x},{y},{w},{h},1" for x, y, w, h in boxes] or [f"{patient},,,,,0"]
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
-    args = get_args_parser().parse_args(["--oof", str(tmp_path / "oof.csv"), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "pp.yaml"), "--no-progress"])
+    args = get_args_parser().parse_args(
+        [
+            "--oof",
+            str(tmp_path / "oof.csv"),
+            "--labels",
+            str(tmp_path / "labels.csv"),
+            "--out",
+            str(tmp_path / "pp.yaml"),
+            "--no-progress",
+        ]
+    )
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "mAP honest             1.0000" in out and f"wrote {tmp_path / 'pp.yaml'}" in out
@@ -133,7 +158,9 @@ def test_cli_writes_a_file_that_loads_back(tmp_path: Path, capsys) -> None:
 
 def test_parameters_the_predictions_say_nothing_about_stay_neutral() -> None:
     # No truth and no boxes anywhere: every setting scores the same, so none should move.
-    rows = [RawPrediction(f"p{index}", "m", "plain", SIZE, SIZE, Prediction.empty(), None, index % 2) for index in range(6)]
+    rows = [
+        RawPrediction(f"p{index}", "m", "plain", SIZE, SIZE, Prediction.empty(), None, index % 2) for index in range(6)
+    ]
     truth = {f"p{index}": np.zeros((0, 4)) for index in range(6)}
     tuned = tune_postprocess(rows, truth, bootstrap_draws=0).config
     # Only what tuning saw is written in: one model, one pass, no boxes kept.
