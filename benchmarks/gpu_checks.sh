@@ -55,15 +55,11 @@ if [ -n "${WHEELS:-}" ]; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# `lungdet` without installing the package: this checkout on PYTHONPATH, a two-line launcher, and
-# a sitecustomize.py that adds the stage folders to the `lungdet` package's search path, under the
-# names pyproject.toml's package-dir gives them (an installed checkout gets that from setuptools).
+# `lungdet` without installing the package: this checkout on PYTHONPATH (lungdet/<stage> link to the
+# stage folders) and a two-line launcher.
 repo=$(cd "$(dirname "$0")/.." && pwd)
 samples=${SAMPLES:-$repo/../shared/data/rsna_sample/stage_2_train_images}
-mkdir -p "$work/shim/stages"
-for stage in data_tools detection submission show server pacs configs; do ln -s "$repo/$stage" "$work/shim/stages/$stage"; done
-printf 'import lungdet\nlungdet.__path__.append("%s")\n' "$work/shim/stages" > "$work/shim/sitecustomize.py"
-export PYTHONPATH="$work/shim:$repo${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$work/bin"
 printf '#!/usr/bin/env bash\nexec %q -m lungdet "$@"\n' "$(command -v "$py")" > "$work/bin/lungdet"
 chmod +x "$work/bin/lungdet"

@@ -1,7 +1,8 @@
 """lungdet: lung opacities as bounding boxes in RSNA chest X-rays (a research tool, not a diagnostic device).
 
-The one import name lungdet installs. Its stages live in the repository's top-level folders and are
-mapped under it by ``pyproject.toml`` (``package-dir``), in layers that import only downward:
+The one import name lungdet installs. Its stages live in the repository's top-level folders, and
+``lungdet/<stage>`` are symbolic links to them (so that tools reading the checkout follow every
+import), in layers that import only downward:
 
 - ``lungdet/`` (this package): the shared base (``errors``, ``boxes``, ``atomic``, ``typed_config``,
   ``cli_types``) and, on top of everything, the command (``cli``, ``__main__``);
@@ -15,6 +16,16 @@ mapped under it by ``pyproject.toml`` (``package-dir``), in layers that import o
 """
 
 from importlib.metadata import PackageNotFoundError, version
+
+
+def refuse_folder_name(name: str) -> None:
+    """Called by each stage's ``__init__`` with its ``__name__``: a stage is ``lungdet.<stage>``, never its folder's name.
+
+    From the repository root ``import detection`` would find the folder itself and load every
+    module a second time, with classes that are not the ones ``lungdet.detection`` defines.
+    """
+    if not name.startswith("lungdet."):
+        raise ImportError(f"'{name}' is lungdet's {name}/ folder; import it as lungdet.{name}")
 
 
 def lungdet_version() -> str:

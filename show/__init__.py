@@ -3,3 +3,7 @@
 Drawn from boxes and labels, never from a model, so nothing here needs torch; the DICOM reports need
 the ``dicom`` extra (highdicom): ``pip install 'lungdet[dicom]'``.
 """
+
+from lungdet import refuse_folder_name
+
+refuse_folder_name(__name__)

@@ -55,10 +55,10 @@ def layer_of(unit: str) -> int:
 
 
 def package_modules() -> dict[str, Path]:
-    """``{module name: file}`` for every module the wheel installs, from pyproject.toml's package-dir mapping."""
+    """``{module name: file}`` for every module the wheel installs: pyproject.toml's packages, each in its folder (lungdet/<stage> links to <stage>/)."""
     modules: dict[str, Path] = {}
     for package in SETUPTOOLS["packages"]:
-        folder = REPO_ROOT / SETUPTOOLS["package-dir"][package]
+        folder = REPO_ROOT.joinpath(*package.split("."))
         for path in sorted(folder.glob("*.py")):
             modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
     return modules
@@ -290,7 +290,7 @@ def test_dcmread_uses_finds_each_way_of_calling_the_parser() -> None:
 
 def test_nothing_imports_a_stage_by_its_folder_name() -> None:
     """``import detection`` works only in a checkout, and would collide with other packages; the installed name is lungdet.detection."""
-    folders = {Path(folder).name for package, folder in SETUPTOOLS["package-dir"].items() if package != "lungdet"}
+    folders = {package.removeprefix("lungdet.") for package in SETUPTOOLS["packages"] if package != "lungdet"}
     files = [
         *MODULES.values(),
         *sorted((REPO_ROOT / "tests").rglob("*.py")),

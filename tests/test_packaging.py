@@ -52,7 +52,10 @@ def copy_package_sources(destination: Path) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, destination / name)
     for folder in ("lungdet", *STAGES, "configs"):
-        shutil.copytree(REPO / folder, destination / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        # symlinks=True: lungdet/<stage> stay links to the copied folders, as in the checkout.
+        shutil.copytree(
+            REPO / folder, destination / folder, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
     return destination
 
 
