@@ -27,7 +27,7 @@ import torch
 from lungdet.data_tools.labels import read_labels
 from lungdet.detection.classifier import CLASSIFIERS, ClassifierSettings, train_classifier
 from lungdet.detection.cv import OOF_LABELS_FILE, parse_folds
-from lungdet.detection.real_data import REAL_DATA_DIR, RealSet, prepare
+from lungdet.detection.real_data import RealSet, prepare, real_data_dir
 from lungdet.detection.runtime import resolve_precision
 from lungdet.submission.platt import logit, sigmoid
 from lungdet.submission.raw_predictions import read_raw_predictions
@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument(
         "--detector-oof", type=Path, required=True, help="oof.csv of lungdet cv on the same 800 patients and folds"
     )
-    parser.add_argument("--real-dir", type=Path, default=REAL_DATA_DIR)
+    parser.add_argument("--real-dir", type=Path, default=real_data_dir())
     parser.add_argument("--folds", type=parse_folds, default=[0, 1])
     parser.add_argument("--architecture", choices=sorted(CLASSIFIERS), default="resnet18")
     parser.add_argument("--image-size", type=int, default=384)

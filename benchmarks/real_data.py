@@ -59,7 +59,7 @@ from lungdet.detection.cv import get_args_parser as cv_parser
 from lungdet.detection.cv import main as cv_main
 from lungdet.detection.detector import load_detector
 from lungdet.detection.predict import predict_raw, read_any_input
-from lungdet.detection.real_data import REAL_DATA_DIR, RealSet, load_split, lung_prior_boxes, prepare, prior_predictions
+from lungdet.detection.real_data import RealSet, load_split, lung_prior_boxes, prepare, prior_predictions, real_data_dir
 from lungdet.detection.train import BEST_CHECKPOINT
 from lungdet.detection.tta import tta_argument
 from lungdet.show.eda import figure_to_png, new_figure
@@ -439,7 +439,7 @@ def main() -> int:
         "--work", type=Path, required=True, help="folder for the converted data, the cv runs and the report (resumable)"
     )
     parser.add_argument(
-        "--real-dir", type=Path, default=REAL_DATA_DIR, help=f"the rsna_real folder (default {REAL_DATA_DIR})"
+        "--real-dir", type=Path, default=real_data_dir(), help=f"the rsna_real folder (default {real_data_dir()})"
     )
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"training config for every fold (default {DEFAULT_CONFIG})"

@@ -38,7 +38,7 @@ from lungdet.data_tools.to_coco import convert_dataset, format_report
 from lungdet.detection.config import load_config
 from lungdet.detection.detector import Detector, load_detector, load_trained_model
 from lungdet.detection.predict import predict_dicoms, predict_raw, read_any_input
-from lungdet.detection.real_data import REAL_DATA_DIR, RealSet, prepare
+from lungdet.detection.real_data import RealSet, prepare, real_data_dir, shared_data_dir
 from lungdet.detection.runtime import resolve_precision
 from lungdet.detection.train import BEST_CHECKPOINT, train
 from lungdet.show.score_cli import format_detection_metrics
@@ -53,7 +53,6 @@ from lungdet.submission.score import BOOTSTRAP_DRAWS, ScoreReport, score_dataset
 DEMO_CONFIG = "fasterrcnn_mobilenet_cpu"
 REAL_CONFIG = "fasterrcnn_mobilenet_real_cpu"
 REAL_DEMO_DURATION = "about 13 minutes on 2 cores"
-REPO_SAMPLE_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "rsna_sample"
 # Half positives instead of the real 23%: a few CPU minutes need enough boxes to learn from.
 DEMO_POSITIVE_FRACTION = 0.5
 
@@ -116,8 +115,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sample-dir",
         type=Path,
-        default=REPO_SAMPLE_DIR,
-        help="real RSNA sample folder (stage_2_train_images/ + stage_2_train_labels.csv)",
+        default=shared_data_dir() / "rsna_sample",
+        help="real RSNA sample folder (stage_2_train_images/ + stage_2_train_labels.csv; default: rsna_sample in "
+        "$LUNGDET_SHARED_DATA, else ../shared/data from the current folder)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for data, folds and training (default 0)")
     parser.add_argument(
@@ -130,7 +130,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--real-dir",
         type=Path,
         default=None,
-        help="the rsna_real folder (images/, labels.csv, class_info.csv, metadata.csv); default ../shared/data/rsna_real",
+        help="the rsna_real folder (images/, labels.csv, class_info.csv, metadata.csv); default: rsna_real in "
+        "$LUNGDET_SHARED_DATA, else ../shared/data from the current folder",
     )
     return parser
 
@@ -139,7 +140,7 @@ def real_main(args: argparse.Namespace) -> int:
     """``lungdet demo --real``: convert, train one model, predict, score and draw the real held-out patients."""
     started = time.time()
     out: Path = args.out if args.out != Path("demo_output") else Path("demo_real_output")
-    real = RealSet(args.real_dir or REAL_DATA_DIR)
+    real = RealSet(args.real_dir or real_data_dir())
     print(
         f"lungdet demo --real: a research tool, not a diagnostic device. It takes {REAL_DEMO_DURATION} (measured 2026-12-02), most of it training."
     )

@@ -288,6 +288,26 @@ def test_dcmread_uses_finds_each_way_of_calling_the_parser() -> None:
     assert dcmread_uses(source) == [2, 3, 4]
 
 
+# The only modules that may locate files by their own path: package data that ships in the wheel.
+PACKAGE_DATA_FINDERS = {
+    "lungdet.detection.config": "configs/, the YAML configs (lungdet.configs in a wheel)",
+    "lungdet.server.app": "static/, the page's files",
+}
+
+
+def test_no_module_finds_the_repository_through_its_own_path() -> None:
+    """``Path(__file__)`` is the checkout in a clone but site-packages in a wheel: data beside the clone is found from the current folder."""
+    users = {
+        module
+        for module, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Name) and node.id == "__file__"
+    }
+    assert users == set(PACKAGE_DATA_FINDERS), (
+        f"__file__ outside the package-data finders: {sorted(users - set(PACKAGE_DATA_FINDERS))}"
+    )
+
+
 def test_nothing_imports_a_stage_by_its_folder_name() -> None:
     """``import detection`` works only in a checkout, and would collide with other packages; the installed name is lungdet.detection."""
     folders = {package.removeprefix("lungdet.") for package in SETUPTOOLS["packages"] if package != "lungdet"}
