@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from lungdet.atomic import write_bytes_atomic, write_text_atomic
 from lungdet.boxes import as_box_array, iou_matrix_xywh
-from lungdet.cli_types import fraction, int_in_range
+from lungdet.cli_types import fraction, image_dimensions, int_in_range
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, format_labels_csv
 from lungdet.errors import LungdetError
 
@@ -689,20 +689,10 @@ def write_synthetic_dataset(
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """``'1024'`` -> (1024, 1024); ``'800x1200'`` -> (800, 1200) as (rows, columns)."""
-    parts = text.lower().split("x")
+    """``--size`` as every size flag takes it, WIDTHxHEIGHT (:func:`~lungdet.cli_types.image_dimensions`): ``'800x1200'`` -> (1200, 800) as (rows, columns)."""
+    width, height = image_dimensions(text)
     try:
-        numbers = [int(part) for part in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--size must look like 1024 or 800x1200 (rows x columns), got {text!r}"
-        ) from None
-    if len(numbers) == 1:
-        numbers = numbers * 2
-    if len(numbers) != 2:
-        raise argparse.ArgumentTypeError(f"--size must look like 1024 or 800x1200 (rows x columns), got {text!r}")
-    try:
-        return validate_size(numbers)
+        return validate_size((height, width))
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"--size: {error}") from None
 
@@ -737,7 +727,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--size",
         type=parse_size,
         default=(1024, 1024),
-        help="image size as 1024 or ROWSxCOLUMNS like 800x1200 (default: 1024)",
+        help="image size as WIDTHxHEIGHT in pixels, like 800x1200 (800 wide, 1200 tall), or 1024 for a square (default: 1024)",
     )
     parser.add_argument(
         "--jpeg-quality",
@@ -766,7 +756,7 @@ def main(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - started
     rows, columns = args.size
-    print(f"wrote {summary.count} synthetic DICOMs ({rows}x{columns}, seed {args.seed}) in {elapsed:.1f} s")
+    print(f"wrote {summary.count} synthetic DICOMs ({columns}x{rows}, seed {args.seed}) in {elapsed:.1f} s")
     print(f"  images:     {summary.images_dir}")
     print(f"  labels:     {summary.labels_csv}")
     print(f"  class info: {summary.class_info_csv}")

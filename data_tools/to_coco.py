@@ -866,7 +866,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=image_dimensions,
         default=None,
         metavar="WxH",
-        help="with --image-dir: the pixel space of the labels' boxes, e.g. 1024x1024 for RSNA labels on resized copies "
+        help="with --image-dir: the pixel space of the labels' boxes as WIDTHxHEIGHT, e.g. 1024x1024 for RSNA labels on resized copies "
         "(default: each image's own size)",
     )
     parser.add_argument(

@@ -384,7 +384,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=image_dimensions,
         default=None,
         metavar="WxH",
-        help="write boxes in this pixel space instead of each image's own, e.g. 1024x1024 for RSNA-scored predictions on resized "
+        help="write boxes in this pixel space (WIDTHxHEIGHT) instead of each image's own, e.g. 1024x1024 for RSNA-scored predictions on resized "
         "PNG/JPEG copies (as lungdet convert --label-space)",
     )
     parser.add_argument(

@@ -50,7 +50,10 @@ def positive_seconds(text: str) -> float:
 
 
 def image_dimensions(text: str) -> tuple[int, int]:
-    """``'1024x1024'`` or ``'1024'`` -> ``(width, height)`` in pixels, each at least 1."""
+    """``'800x1200'`` or ``'1024'`` -> ``(width, height)`` in pixels, each at least 1: the one parser of every size flag.
+
+    Width first, as in image tools and DICOM viewers (columns x rows); each flag's help says so.
+    """
     parts = text.lower().replace(" ", "").split("x")
     try:
         values = [int(part) for part in parts]

@@ -227,11 +227,13 @@ def test_write_rejects_out_of_range_arguments(tmp_path: Path, keyword: str, valu
 def test_cli_parses_and_checks_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     parser = synth.get_args_parser()
     args = parser.parse_args(["--out", "x", "--size", "800x1200", "--count", "5", "--positive-fraction", "0.3"])
-    assert args.size == (800, 1200) and args.count == 5 and args.positive_fraction == 0.3 and args.seed == 0
+    assert (
+        args.size == (1200, 800) and args.count == 5
+    )  # WIDTHxHEIGHT in, (rows, columns) out and args.positive_fraction == 0.3 and args.seed == 0
     assert parser.parse_args(["--out", "x", "--size", "512"]).size == (512, 512)
     assert parser.parse_args(["--out", "x"]).count == 200
     for bad, message in [
-        (["--size", "800by1200"], "--size must look like 1024 or 800x1200"),
+        (["--size", "800by1200"], "argument --size: expected WIDTHxHEIGHT in pixels like 1024x1024, got '800by1200'"),
         (["--size", "10"], "--size: image rows must be between 64 and 8192"),
         (["--positive-fraction", "2"], "argument --positive-fraction: must be in [0, 1], got 2"),
         (["--count", "0"], "argument --count: must be between 1 and 1000000, got 0"),
@@ -247,6 +249,9 @@ def test_cli_main_writes_the_dataset(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     assert synth.main(args) == 0
     printed = capsys.readouterr().out
-    assert "wrote 3 synthetic DICOMs (96x128, seed 2)" in printed
+    assert "wrote 3 synthetic DICOMs (96x128, seed 2)" in printed  # 96 wide, 128 tall
+    assert {pydicom.dcmread(path).pixel_array.shape for path in (tmp_path / "stage_2_train_images").glob("*.dcm")} == {
+        (128, 96)
+    }
     assert str(tmp_path / "stage_2_train_labels.csv") in printed
     assert len(list((tmp_path / "stage_2_train_images").glob("*.dcm"))) == 3
