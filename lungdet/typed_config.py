@@ -19,8 +19,22 @@ import yaml
 
 from lungdet.errors import ConfigError
 
-# (dotted key, check, what is allowed) for one range rule.
-RangeRule = tuple[str, Callable[[Any], bool], str]
+# Where a field's range rule is kept, in its dataclass field's metadata: (check, what is allowed).
+RANGE = "lungdet_range"
+
+
+def ranged(
+    default: Any = dataclasses.MISSING,
+    *,
+    check: Callable[[Any], bool],
+    allowed: str,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field with its range rule beside it: ``check(value)`` must hold; ``allowed`` says what does, in the error.
+
+    ``image_size: int = ranged(512, check=lambda v: 64 <= v <= 2048, allowed="between 64 and 2048")``.
+    """
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={RANGE: (check, allowed)})
 
 
 def suggest_key(key: str, valid: Sequence[str], prefix: str) -> str:
@@ -71,12 +85,19 @@ def get_dotted(config: Any, key: str) -> Any:
     return config
 
 
-def check_ranges(config: Any, rules: Sequence[RangeRule], *, name: str = "config") -> None:
-    """Raise :class:`ConfigError` naming the first value that breaks its rule and what is allowed."""
-    for key, check, allowed in rules:
-        value = get_dotted(config, key)
-        if not check(value):
-            raise ConfigError(f"{name} {key}={value!r} is out of range: must be {allowed}")
+def check_ranges(config: Any, *, name: str = "config", prefix: str = "") -> None:
+    """Raise :class:`ConfigError` naming the first value that breaks its field's rule (:func:`ranged`) and what is allowed.
+
+    Nested dataclasses are checked in field order, their keys dotted (``model.image_size``).
+    """
+    for item in dataclasses.fields(config):
+        value, key = getattr(config, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, name=name, prefix=f"{key}.")
+        elif RANGE in item.metadata:
+            check, allowed = item.metadata[RANGE]
+            if not check(value):
+                raise ConfigError(f"{name} {key}={value!r} is out of range: must be {allowed}")
 
 
 def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

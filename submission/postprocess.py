@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ from lungdet.errors import ConfigError
 from lungdet.submission.fusion import CONF_TYPES, fuse_boxes
 from lungdet.submission.prediction_string import Prediction, keep_confident
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient
-from lungdet.typed_config import RangeRule, build_dataclass, check_ranges, read_yaml_mapping
+from lungdet.typed_config import build_dataclass, check_ranges, ranged, read_yaml_mapping
 
 WBF_CONF_TYPES = CONF_TYPES
 # 'auto' is what files tuned before batch calibration became opt-in say: read as 'off', with a note.
@@ -71,57 +71,47 @@ FAR_CALIBRATION_MOVE = 0.1
 class PostprocessConfig:
     """How raw predictions become a submission (see the module docstring for the order)."""
 
-    score_threshold: float = 0.5  # keep boxes with at least this confidence, after fusion and gating
-    gate_threshold: float = 0.0  # drop all boxes of an image whose image-level probability is below this (0 = no gating; ignored for models without an image head)
+    # keep boxes with at least this confidence, after fusion and gating
+    score_threshold: float = ranged(0.5, check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]")
+    # drop all boxes of an image whose image-level probability is below this (0 = no gating; ignored for models without an image head)
+    gate_threshold: float = ranged(0.0, check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]")
     # weighted boxes fusion: boxes of different passes or models overlapping more than this become one
-    wbf_iou_thr: float = 0.55
-    wbf_skip_box_thr: float = 0.0  # weighted boxes fusion: boxes under this confidence are left out before fusing
-    model_weights: list[float] = field(
-        default_factory=list
-    )  # weight of each model in the fusion, in --checkpoint order (empty = equal)
+    wbf_iou_thr: float = ranged(0.55, check=lambda v: 0.0 < v < 1.0, allowed="in (0, 1)")
+    # weighted boxes fusion: boxes under this confidence are left out before fusing
+    wbf_skip_box_thr: float = ranged(0.0, check=lambda v: 0.0 <= v < 1.0, allowed="in [0, 1)")
+    # weight of each model in the fusion, in --checkpoint order (empty = equal)
+    model_weights: list[float] = ranged(
+        default_factory=list,
+        check=lambda v: all(weight > 0 for weight in v),
+        allowed="a list of positive weights (or empty for equal weights)",
+    )
     # scale each box's width and height about its centre (1 = unchanged; the 2018 winners used 0.875)
-    shrink: float = 1.0
+    shrink: float = ranged(1.0, check=lambda v: 0.5 <= v <= 1.5, allowed="in [0.5, 1.5]")
     # keep at most this many boxes per image, most confident first (0 = no limit; RSNA images have at most 4)
-    max_boxes: int = 0
-    wbf_conf_type: str = "finders"  # fused confidence: 'finders' (the mean of the passes that found the box: one model's scale for any number of models), 'avg' (over every pass, a pass that missed counting 0) or 'max' (the most confident pass's)
+    max_boxes: int = ranged(0, check=lambda v: v >= 0, allowed=">= 0 (0 = no limit)")
+    # fused confidence: 'finders' (the mean of the passes that found the box: one model's scale for any number of models), 'avg' (over every pass, a pass that missed counting 0) or 'max' (the most confident pass's)
+    wbf_conf_type: str = ranged(
+        "finders", check=lambda v: v in WBF_CONF_TYPES, allowed=f"one of {', '.join(WBF_CONF_TYPES)}"
+    )
     # drop fused boxes found by less than this share of the passes (0 = keep all; 1 = every pass must find it)
-    min_support: float = 0.0
-    calibration: str = "off"  # 'off': apply as written, image by image; 'batch': re-derive gate and cut-off on each predicted batch to keep tuning's operating point, which ASSUMES the batch has the training set's share of positives (see the module docstring)
+    min_support: float = ranged(0.0, check=lambda v: 0.0 <= v <= 1.0, allowed="a share of the passes in [0, 1]")
+    # 'off': apply as written, image by image; 'batch': re-derive gate and cut-off on each predicted batch to keep tuning's operating point, which ASSUMES the batch has the training set's share of positives (see the module docstring)
+    calibration: str = ranged("off", check=lambda v: v in CALIBRATIONS, allowed="'off' or 'batch'")
     # models per image in the predictions tuning saw (lungdet tune fills it; 0 = unknown, never calibrated)
-    tuned_models_per_image: int = 0
-    tuned_passes_per_model: int = 0  # passes per model there (1 plain, 2 with hflip)
+    tuned_models_per_image: int = ranged(0, check=lambda v: v >= 0, allowed=">= 0 (0 = unknown)")
+    # passes per model there (1 plain, 2 with hflip)
+    tuned_passes_per_model: int = ranged(0, check=lambda v: v >= 0, allowed=">= 0 (0 = unknown)")
     # share of images the gate let through on the tuning predictions (lungdet tune fills it)
-    expected_gated_share: float = 1.0
-    expected_boxes_per_image: float = 0.0  # boxes per image these settings kept on the tuning predictions (lungdet tune fills it; predict compares; 0 = unknown)
-
-
-_RANGE_RULES: list[RangeRule] = [
-    ("score_threshold", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-    ("gate_threshold", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-    ("wbf_iou_thr", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
-    ("wbf_skip_box_thr", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    (
-        "model_weights",
-        lambda v: all(weight > 0 for weight in v),
-        "a list of positive weights (or empty for equal weights)",
-    ),
-    ("shrink", lambda v: 0.5 <= v <= 1.5, "in [0.5, 1.5]"),
-    ("max_boxes", lambda v: v >= 0, ">= 0 (0 = no limit)"),
-    ("wbf_conf_type", lambda v: v in WBF_CONF_TYPES, f"one of {', '.join(WBF_CONF_TYPES)}"),
-    ("min_support", lambda v: 0.0 <= v <= 1.0, "a share of the passes in [0, 1]"),
-    ("calibration", lambda v: v in CALIBRATIONS, "'off' or 'batch'"),
-    ("tuned_models_per_image", lambda v: v >= 0, ">= 0 (0 = unknown)"),
-    ("tuned_passes_per_model", lambda v: v >= 0, ">= 0 (0 = unknown)"),
-    ("expected_gated_share", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-    ("expected_boxes_per_image", lambda v: v >= 0.0, ">= 0 (0 = unknown)"),
-]
+    expected_gated_share: float = ranged(1.0, check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]")
+    # boxes per image these settings kept on the tuning predictions (lungdet tune fills it; predict compares; 0 = unknown)
+    expected_boxes_per_image: float = ranged(0.0, check=lambda v: v >= 0.0, allowed=">= 0 (0 = unknown)")
 
 
 def postprocess_from_dict(values: Mapping[str, object], *, where: str = "postprocess") -> PostprocessConfig:
     """Build and check a :class:`PostprocessConfig`; unknown keys get a suggestion, values a range."""
     try:
         config = build_dataclass(PostprocessConfig, dict(values))
-        check_ranges(config, _RANGE_RULES, name="postprocess")
+        check_ranges(config, name="postprocess")
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     return config
