@@ -26,7 +26,6 @@ Run: ``.venv/bin/python benchmarks/postprocess_ablation.py --seeds 0 1 [--count 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import platform
@@ -51,6 +50,7 @@ from lungdet.submission.postprocess import PostprocessConfig, postprocess
 from lungdet.submission.raw_predictions import read_raw_predictions
 from lungdet.submission.score import BOOTSTRAP_DRAWS, score_dataset
 from lungdet.submission.tune import tune_postprocess
+from lungdet.typed_config import flattened
 
 CONFIG = "fasterrcnn_mobilenet_cpu"
 FOLDS = 5
@@ -126,7 +126,7 @@ def run_seed(seed: int, workdir: Path, *, count: int, test_count: int, epochs: i
     results = {}
     for name, (step_rows, config) in steps.items():
         report = score_dataset(truth, postprocess(step_rows, config), bootstrap_draws=BOOTSTRAP_DRAWS, seed=seed)
-        results[name] = {"map": report.map, "interval": report.map_interval, "config": dataclasses.asdict(config)}
+        results[name] = {"map": report.map, "interval": report.map_interval, "config": flattened(config)}
     summary = json.loads((workdir / "cv" / "summary.json").read_text())
     return {
         "seed": seed,

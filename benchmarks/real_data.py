@@ -79,6 +79,7 @@ from lungdet.submission.score import (
     write_probabilities,
 )
 from lungdet.submission.tune import tune_postprocess
+from lungdet.typed_config import flattened
 
 DEFAULT_CONFIG = "fasterrcnn_mobilenet_real_cpu"
 DEFAULT_TTA = "hflip,scale0.8,scale1.2"
@@ -143,7 +144,7 @@ def run_cv(args: argparse.Namespace, cv_data: Path, work: Path) -> dict:
         "oof_auc": oof_auc(rows, truth),
         "tuned_honest": tuned.honest,
         "tuned_honest_interval": tuned.honest_interval,
-        "tuned": dataclasses.asdict(tuned.config),
+        "tuned": flattened(tuned.config),
         "fold_train_minutes": {fold: training_minutes(fold_dir(work / "cv", int(fold))) for fold in summary["folds"]},
         "fold_metrics": {fold: epoch_curve(fold_dir(work / "cv", int(fold))) for fold in summary["folds"]},
     }
@@ -330,7 +331,7 @@ def report_holdout(
         results[name] = {
             **score_step(truth, result.predictions, probabilities=probabilities),
             "calibration": result.note,
-            "expected_boxes_per_image": config.expected_boxes_per_image or None,
+            "expected_boxes_per_image": config.tuning.expected_boxes_per_image or None,
             "applied": {
                 "score_threshold": result.applied.score_threshold,
                 "gate_threshold": result.applied.gate_threshold,

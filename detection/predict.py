@@ -607,7 +607,7 @@ def report_operating_point(result: PostprocessResult) -> None:
         print(line)
     if result.far_from_expected():
         print(
-            f"warning: {result.boxes_per_image:.3f} boxes per image is more than {FAR_FROM_EXPECTED_FACTOR:g}x from tuning's {result.applied.expected_boxes_per_image:.3f}: "
+            f"warning: {result.boxes_per_image:.3f} boxes per image is more than {FAR_FROM_EXPECTED_FACTOR:g}x from tuning's {result.applied.tuning.expected_boxes_per_image:.3f}: "
             "these images or models are unlike the ones the post-processing was tuned on",
             file=sys.stderr,
         )

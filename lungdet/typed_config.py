@@ -21,6 +21,41 @@ from lungdet.errors import ConfigError
 
 # Where a field's range rule is kept, in its dataclass field's metadata: (check, what is allowed).
 RANGE = "lungdet_range"
+# Marks a nested dataclass whose keys sit at its parent's level in the file (see flat_section).
+FLAT = "lungdet_flat"
+
+
+def flat_section(cls: type) -> Any:
+    """A nested section that is its own type in code but whose keys sit beside its parent's in the file.
+
+    The file stays as it was (and older files load); :func:`nest_flat_keys` and :func:`flattened`
+    convert at the edge.
+    """
+    return dataclasses.field(default_factory=cls, metadata={FLAT: True})
+
+
+def nest_flat_keys(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """File values -> :func:`build_dataclass` values: the keys of ``cls``'s flat sections moved into them."""
+    values = dict(values)
+    for item in dataclasses.fields(cls):
+        if item.metadata.get(FLAT):
+            names = {inner.name for inner in dataclasses.fields(item.default_factory)}
+            section = {name: values.pop(name) for name in list(values) if name in names}
+            if section:
+                values[item.name] = {**values.get(item.name, {}), **section}
+    return values
+
+
+def flattened(config: Any) -> dict[str, Any]:
+    """``dataclasses.asdict`` with each flat section's keys in its place at the parent's level (the file's layout)."""
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if item.metadata.get(FLAT):
+            values.update(dataclasses.asdict(value))
+        else:
+            values[item.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return values
 
 
 def ranged(
@@ -93,7 +128,7 @@ def check_ranges(config: Any, *, name: str = "config", prefix: str = "") -> None
     for item in dataclasses.fields(config):
         value, key = getattr(config, item.name), f"{prefix}{item.name}"
         if dataclasses.is_dataclass(value):
-            check_ranges(value, name=name, prefix=f"{key}.")
+            check_ranges(value, name=name, prefix=prefix if item.metadata.get(FLAT) else f"{key}.")
         elif RANGE in item.metadata:
             check, allowed = item.metadata[RANGE]
             if not check(value):

@@ -55,7 +55,15 @@ from lungdet.errors import ConfigError
 from lungdet.submission.fusion import CONF_TYPES, fuse_boxes
 from lungdet.submission.prediction_string import Prediction, keep_confident
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient
-from lungdet.typed_config import build_dataclass, check_ranges, ranged, read_yaml_mapping
+from lungdet.typed_config import (
+    build_dataclass,
+    check_ranges,
+    flat_section,
+    flattened,
+    nest_flat_keys,
+    ranged,
+    read_yaml_mapping,
+)
 
 WBF_CONF_TYPES = CONF_TYPES
 # 'auto' is what files tuned before batch calibration became opt-in say: read as 'off', with a note.
@@ -68,8 +76,26 @@ FAR_CALIBRATION_MOVE = 0.1
 
 
 @dataclass
+class OperatingPoint:
+    """The tuning record: what ``lungdet tune`` saw where it chose the settings, never set by hand.
+
+    ``lungdet predict`` compares a run's boxes per image with it, and batch calibration keeps it.
+    In ``postprocess.yaml`` its keys sit beside the settings' (the file's layout since before).
+    """
+
+    # models per image in the predictions tuning saw (0 = unknown, never calibrated)
+    tuned_models_per_image: int = ranged(0, check=lambda v: v >= 0, allowed=">= 0 (0 = unknown)")
+    # passes per model there (1 plain, 2 with hflip)
+    tuned_passes_per_model: int = ranged(0, check=lambda v: v >= 0, allowed=">= 0 (0 = unknown)")
+    # share of images the gate let through on the tuning predictions
+    expected_gated_share: float = ranged(1.0, check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]")
+    # boxes per image these settings kept on the tuning predictions (predict compares; 0 = unknown)
+    expected_boxes_per_image: float = ranged(0.0, check=lambda v: v >= 0.0, allowed=">= 0 (0 = unknown)")
+
+
+@dataclass
 class PostprocessConfig:
-    """How raw predictions become a submission (see the module docstring for the order)."""
+    """How raw predictions become a submission (see the module docstring for the order): the user's settings, and ``tuning``, the record ``lungdet tune`` keeps."""
 
     # keep boxes with at least this confidence, after fusion and gating
     score_threshold: float = ranged(0.5, check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]")
@@ -97,20 +123,14 @@ class PostprocessConfig:
     min_support: float = ranged(0.0, check=lambda v: 0.0 <= v <= 1.0, allowed="a share of the passes in [0, 1]")
     # 'off': apply as written, image by image; 'batch': re-derive gate and cut-off on each predicted batch to keep tuning's operating point, which ASSUMES the batch has the training set's share of positives (see the module docstring)
     calibration: str = ranged("off", check=lambda v: v in CALIBRATIONS, allowed="'off' or 'batch'")
-    # models per image in the predictions tuning saw (lungdet tune fills it; 0 = unknown, never calibrated)
-    tuned_models_per_image: int = ranged(0, check=lambda v: v >= 0, allowed=">= 0 (0 = unknown)")
-    # passes per model there (1 plain, 2 with hflip)
-    tuned_passes_per_model: int = ranged(0, check=lambda v: v >= 0, allowed=">= 0 (0 = unknown)")
-    # share of images the gate let through on the tuning predictions (lungdet tune fills it)
-    expected_gated_share: float = ranged(1.0, check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]")
-    # boxes per image these settings kept on the tuning predictions (lungdet tune fills it; predict compares; 0 = unknown)
-    expected_boxes_per_image: float = ranged(0.0, check=lambda v: v >= 0.0, allowed=">= 0 (0 = unknown)")
+    # what lungdet tune saw (its keys sit at this level in postprocess.yaml)
+    tuning: OperatingPoint = flat_section(OperatingPoint)
 
 
 def postprocess_from_dict(values: Mapping[str, object], *, where: str = "postprocess") -> PostprocessConfig:
     """Build and check a :class:`PostprocessConfig`; unknown keys get a suggestion, values a range."""
     try:
-        config = build_dataclass(PostprocessConfig, dict(values))
+        config = build_dataclass(PostprocessConfig, nest_flat_keys(PostprocessConfig, dict(values)))
         check_ranges(config, name="postprocess")
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
@@ -127,7 +147,7 @@ def load_postprocess(path: Path) -> PostprocessConfig:
 def save_postprocess(config: PostprocessConfig, path: Path, *, comment: str = "") -> None:
     """Write ``config`` as YAML atomically, after ``comment`` lines (how it was tuned), so that it loads back equal."""
     header = "".join(f"# {line}\n" if line else "#\n" for line in comment.splitlines())
-    write_text_atomic(Path(path), header + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    write_text_atomic(Path(path), header + yaml.safe_dump(flattened(config), sort_keys=False))
 
 
 # --- the steps ----------------------------------------------------------------------------------
@@ -247,13 +267,13 @@ class PostprocessResult:
 
     def expectation_line(self) -> str:
         """'kept B boxes per image (tuning expected E)', '' when the file does not say what tuning expected."""
-        if not self.applied.expected_boxes_per_image:
+        if not self.applied.tuning.expected_boxes_per_image:
             return ""
-        return f"kept {self.boxes_per_image:.3f} boxes per image (tuning expected {self.applied.expected_boxes_per_image:.3f})"
+        return f"kept {self.boxes_per_image:.3f} boxes per image (tuning expected {self.applied.tuning.expected_boxes_per_image:.3f})"
 
     def far_from_expected(self, *, factor: float = FAR_FROM_EXPECTED_FACTOR) -> bool:
         """True when the boxes per image differ from what tuning expected by more than ``factor`` either way."""
-        expected = self.applied.expected_boxes_per_image
+        expected = self.applied.tuning.expected_boxes_per_image
         if not expected or not self.predictions:
             return False
         return not expected / factor <= self.boxes_per_image <= expected * factor
@@ -292,7 +312,7 @@ def calibrate(
     gate = config.gate_threshold
     known = np.array([value for value in probabilities.values() if value is not None], dtype=np.float64)
     if gate > 0 and len(known):
-        gate = min(1.0, kth_largest_or_beyond(known, round(config.expected_gated_share * len(known))))
+        gate = min(1.0, kth_largest_or_beyond(known, round(config.tuning.expected_gated_share * len(known))))
     candidates = []
     for patient, prediction in merged.items():
         probability = probabilities.get(patient)
@@ -301,7 +321,7 @@ def calibrate(
         scores = np.sort(prediction.scores)[::-1]
         candidates.append(scores[: config.max_boxes] if config.max_boxes else scores)
     scores = np.concatenate(candidates) if candidates else np.zeros(0)
-    cut_off = min(1.0, kth_largest_or_beyond(scores, round(config.expected_boxes_per_image * len(merged))))
+    cut_off = min(1.0, kth_largest_or_beyond(scores, round(config.tuning.expected_boxes_per_image * len(merged))))
     return dataclasses.replace(config, score_threshold=cut_off, gate_threshold=gate)
 
 
@@ -331,7 +351,7 @@ def calibrate_batch(
     config: PostprocessConfig, merged: Mapping[str, Prediction], probabilities: Mapping[str, float | None]
 ) -> tuple[PostprocessConfig, bool, str]:
     """``calibration: batch``: (settings as applied, whether they were re-derived, one line on what happened)."""
-    if not config.expected_boxes_per_image:
+    if not config.tuning.expected_boxes_per_image:
         return (
             config,
             False,
@@ -350,7 +370,7 @@ def calibrate_batch(
     gate = f", gate {config.gate_threshold:g} -> {applied.gate_threshold:.3f}" if config.gate_threshold > 0 else ""
     note = (
         f"batch calibration (assumes this batch has the training set's share of positives): cut-off {config.score_threshold:g} -> "
-        f"{applied.score_threshold:.3f}{gate}, to keep tuning's {config.expected_boxes_per_image:.3f} boxes per image"
+        f"{applied.score_threshold:.3f}{gate}, to keep tuning's {config.tuning.expected_boxes_per_image:.3f} boxes per image"
     )
     moved = max(
         abs(applied.score_threshold - config.score_threshold), abs(applied.gate_threshold - config.gate_threshold)

@@ -37,6 +37,7 @@ from lungdet.boxes import as_box_array, iou_matrix_xywh
 from lungdet.data_tools.labels import read_labels
 from lungdet.errors import SubmissionError
 from lungdet.submission.postprocess import (
+    OperatingPoint,
     PostprocessConfig,
     mean_probability,
     merge_image,
@@ -48,6 +49,7 @@ from lungdet.submission.postprocess import (
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient, read_raw_predictions
 from lungdet.submission.score import BOOTSTRAP_DRAWS, RSNA_IOU_THRESHOLDS, bootstrap_interval, match_by_iou
+from lungdet.typed_config import flattened
 
 NEUTRAL = PostprocessConfig()
 GRIDS: dict[str, tuple[Any, ...]] = {
@@ -240,13 +242,13 @@ def with_operating_point(config: PostprocessConfig, tuner: Tuner, rows: Sequence
         if config.gate_threshold > 0 and with_probability.any()
         else 1.0
     )
-    return dataclasses.replace(
-        config,
+    tuning = OperatingPoint(
         tuned_models_per_image=models,
         tuned_passes_per_model=passes,
         expected_gated_share=round(gated_share, 6),
         expected_boxes_per_image=round(float(kept_counts(table, config).mean()), 6),
     )
+    return dataclasses.replace(config, tuning=tuning)
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ class TuneReport:
     effects: dict[str, float]  # each searched parameter: mAP lost when it alone goes back to neutral
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "config": dataclasses.asdict(self.config)}
+        return {**dataclasses.asdict(self), "config": flattened(self.config)}
 
 
 def tune_postprocess(
@@ -331,8 +333,8 @@ def format_tune_report(report: TuneReport) -> str:
     config = report.config
     lines += [
         "",
-        f"operating point        {config.expected_boxes_per_image:.3f} boxes per image, gate lets {config.expected_gated_share:.0%} of images through "
-        f"({config.tuned_models_per_image} model(s) x {config.tuned_passes_per_model} pass(es) per image)",
+        f"operating point        {config.tuning.expected_boxes_per_image:.3f} boxes per image, gate lets {config.tuning.expected_gated_share:.0%} of images through "
+        f"({config.tuning.tuned_models_per_image} model(s) x {config.tuning.tuned_passes_per_model} pass(es) per image)",
         "                       lungdet predict applies these image by image; it warns when its boxes per image are far from this",
     ]
     return "\n".join(lines)

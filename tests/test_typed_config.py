@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lungdet.errors import ConfigError
-from lungdet.typed_config import build_dataclass, check_ranges, ranged
+from lungdet.typed_config import build_dataclass, check_ranges, flat_section, flattened, nest_flat_keys, ranged
 
 
 @dataclass
@@ -42,3 +42,22 @@ def test_defaults_pass_and_each_rule_names_its_dotted_key() -> None:
 def test_the_first_broken_field_in_field_order_is_named() -> None:
     with pytest.raises(ConfigError, match=r"inner\.size=1 "):
         check_ranges(build_dataclass(Outer, {"inner": {"size": 1}, "rate": 9.0}))
+
+
+@dataclass
+class Record:
+    count: int = ranged(0, check=lambda v: v >= 0, allowed=">= 0")
+
+
+@dataclass
+class WithRecord:
+    rate: float = 0.5
+    record: Record = flat_section(Record)
+
+
+def test_a_flat_section_is_nested_in_code_and_flat_in_the_file() -> None:
+    built = build_dataclass(WithRecord, nest_flat_keys(WithRecord, {"rate": 0.25, "count": 3}))
+    assert built == WithRecord(rate=0.25, record=Record(count=3))
+    assert list(flattened(built).items()) == [("rate", 0.25), ("count", 3)]
+    with pytest.raises(ConfigError, match=re.escape("config count=-1 is out of range: must be >= 0")):
+        check_ranges(WithRecord(record=Record(count=-1)))

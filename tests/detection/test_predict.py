@@ -18,7 +18,7 @@ from lungdet.detection.detector import load_trained_model
 from lungdet.detection.predict import get_args_parser, main, predict_dicoms, report_operating_point
 from lungdet.detection.runtime import Precision, resolve_precision
 from lungdet.errors import LungdetError
-from lungdet.submission.postprocess import PostprocessConfig, PostprocessResult
+from lungdet.submission.postprocess import OperatingPoint, PostprocessConfig, PostprocessResult
 from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission
 
 CPU = torch.device("cpu")
@@ -423,7 +423,8 @@ def test_an_image_folder_predicts_as_its_files_do_and_label_space_scales_the_box
 
 def operating_point(boxes_per_image: float, expected: float) -> PostprocessResult:
     config = PostprocessConfig(
-        score_threshold=0.3, expected_boxes_per_image=expected, tuned_models_per_image=1, tuned_passes_per_model=2
+        score_threshold=0.3,
+        tuning=OperatingPoint(expected_boxes_per_image=expected, tuned_models_per_image=1, tuned_passes_per_model=2),
     )
     return PostprocessResult(
         predictions={"p1": Prediction.empty()},

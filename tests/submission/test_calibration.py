@@ -16,6 +16,7 @@ import pytest
 from lungdet.submission.postprocess import (
     FAR_CALIBRATION_MOVE,
     MIN_CALIBRATION_IMAGES,
+    OperatingPoint,
     PostprocessConfig,
     apply_postprocess,
     calibrate,
@@ -113,8 +114,8 @@ def test_settings_tuned_out_of_fold_keep_their_meaning_on_a_fusion_of_disagreein
     rng = np.random.default_rng(0)
     oof, oof_truth = out_of_fold(rng)
     tuned = tune_postprocess(oof, oof_truth, bootstrap_draws=0).config
-    assert (tuned.tuned_models_per_image, tuned.tuned_passes_per_model) == (1, 2)
-    assert tuned.expected_boxes_per_image == pytest.approx(
+    assert (tuned.tuning.tuned_models_per_image, tuned.tuning.tuned_passes_per_model) == (1, 2)
+    assert tuned.tuning.expected_boxes_per_image == pytest.approx(
         38 / 150, abs=1e-6
     )  # the 38 positives' boxes, no false alarm
     assert 0.35 < tuned.score_threshold <= 0.7
@@ -167,7 +168,11 @@ def test_batch_calibration_keeps_the_operating_point_and_assumes_the_share_of_po
     averaged = dataclasses.replace(tuned, wbf_conf_type="avg", calibration="batch")
     result = apply_postprocess(test, averaged)
     assert result.calibrated and "assumes this batch has the training set's share of positives" in result.note
-    assert tuned.expected_boxes_per_image / 1.5 <= result.boxes_per_image <= tuned.expected_boxes_per_image * 1.5
+    assert (
+        tuned.tuning.expected_boxes_per_image / 1.5
+        <= result.boxes_per_image
+        <= tuned.tuning.expected_boxes_per_image * 1.5
+    )
     assert score_dataset(test_truth, result.predictions).map > 0.8
     # On a batch of negatives it still boxes its share of images, and says it moved the cut-off far.
     negatives, _ = agreeing_negatives(rng, 90)
@@ -175,7 +180,7 @@ def test_batch_calibration_keeps_the_operating_point_and_assumes_the_share_of_po
     only_negatives = negatives + [row for row in scattered if int(row.patient_id[4:]) % 4 != 0]
     alone = apply_postprocess(only_negatives, averaged)
     boxed = sum(len(prediction.scores) > 0 for prediction in alone.predictions.values()) / len(alone.predictions)
-    assert boxed == pytest.approx(tuned.expected_boxes_per_image, abs=0.05)
+    assert boxed == pytest.approx(tuned.tuning.expected_boxes_per_image, abs=0.05)
     assert "warning: that moves a setting by" in alone.note
     assert abs(alone.applied.score_threshold - tuned.score_threshold) > FAR_CALIBRATION_MOVE
     # Image by image (the default), the same negatives get a box only where every model agreed on a confident false alarm.
@@ -212,7 +217,10 @@ def test_calibrate_keeps_the_gate_share_and_the_boxes_per_image() -> None:
     }
     probabilities = {f"p{index}": 0.1 * index for index in range(8)}  # p0 0.0 ... p7 0.7
     config = PostprocessConfig(
-        score_threshold=0.5, gate_threshold=0.5, max_boxes=1, expected_gated_share=0.5, expected_boxes_per_image=0.25
+        score_threshold=0.5,
+        gate_threshold=0.5,
+        max_boxes=1,
+        tuning=OperatingPoint(expected_gated_share=0.5, expected_boxes_per_image=0.25),
     )
     applied = calibrate(config, merged, probabilities)
     # Half of the 8 pass the gate: p4..p7 (0.4 and up); 2 boxes in all, one per image at most: p4 (0.5) and p5 (0.4).

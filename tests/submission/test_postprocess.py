@@ -10,6 +10,7 @@ import pytest
 
 from lungdet.errors import ConfigError, SubmissionError
 from lungdet.submission.postprocess import (
+    OperatingPoint,
     PostprocessConfig,
     finish_image,
     fuse_passes,
@@ -160,6 +161,29 @@ def test_postprocess_file_loads_back_equal(tmp_path: Path) -> None:
     text = (tmp_path / "postprocess.yaml").read_text()
     assert text.startswith("# tuned on runs/cv/oof.csv\n# honest mAP 0.2\n")
     assert load_postprocess(tmp_path / "postprocess.yaml") == config
+
+
+def test_the_tuning_record_is_its_own_type_but_keeps_the_files_flat_layout(tmp_path: Path) -> None:
+    config = PostprocessConfig(
+        score_threshold=0.4, tuning=OperatingPoint(tuned_models_per_image=1, expected_boxes_per_image=0.3)
+    )
+    save_postprocess(config, tmp_path / "postprocess.yaml")
+    keys = [line.split(":")[0] for line in (tmp_path / "postprocess.yaml").read_text().splitlines()]
+    # Every key at the top, in the order files have always had: the settings, then tune's record.
+    assert keys[-5:] == [
+        "calibration",
+        "tuned_models_per_image",
+        "tuned_passes_per_model",
+        "expected_gated_share",
+        "expected_boxes_per_image",
+    ]
+    assert "tuning" not in keys and keys[0] == "score_threshold"
+    assert load_postprocess(tmp_path / "postprocess.yaml") == config
+    # A record value out of range is named by its key in the file, not by the section in code.
+    with pytest.raises(
+        ConfigError, match=re.escape("postprocess expected_gated_share=2.0 is out of range: must be in [0, 1]")
+    ):
+        postprocess_from_dict({"expected_gated_share": 2.0})
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungdet.submission.postprocess import PostprocessConfig, load_postprocess, postprocess
+from lungdet.submission.postprocess import OperatingPoint, PostprocessConfig, load_postprocess, postprocess
 from lungdet.submission.prediction_string import Prediction
 from lungdet.submission.raw_predictions import RawPrediction, write_raw_predictions
 from lungdet.submission.score import score_dataset, score_image
@@ -164,4 +164,6 @@ def test_parameters_the_predictions_say_nothing_about_stay_neutral() -> None:
     truth = {f"p{index}": np.zeros((0, 4)) for index in range(6)}
     tuned = tune_postprocess(rows, truth, bootstrap_draws=0).config
     # Only what tuning saw is written in: one model, one pass, no boxes kept.
-    assert tuned == dataclasses.replace(PostprocessConfig(), tuned_models_per_image=1, tuned_passes_per_model=1)
+    assert tuned == dataclasses.replace(
+        PostprocessConfig(), tuning=OperatingPoint(tuned_models_per_image=1, tuned_passes_per_model=1)
+    )
