@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pydicom
 
+from lungdet.data_tools.convert_worker import keep_freed_memory
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import convert_dataset, keep_freed_memory
+from lungdet.data_tools.to_coco import convert_dataset
 
 
 def seconds_of(function, *args, **kwargs) -> float:

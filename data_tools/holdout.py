@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from lungdet.atomic import atomic_open
+from lungdet.data_tools.folds import assign_folds
 from lungdet.data_tools.labels import PatientLabels
-from lungdet.data_tools.to_coco import assign_folds
 from lungdet.errors import LabelError, LungdetError
 
 SPLITS = ("cv", "holdout")

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lungdet.boxes import scale_xywh, xywh_to_xyxy
+from lungdet.data_tools.conversion_report import ANNOTATIONS_FILE
 from lungdet.data_tools.metadata import ImageTags, has_any_tag, metadata_features
-from lungdet.data_tools.to_coco import ANNOTATIONS_FILE
 from lungdet.detection.augment import augment_sample, build_augmentation
 from lungdet.detection.config import AugmentConfig, DataConfig, ModelConfig
 from lungdet.detection.image_head import IMAGE_CLASSES, class_index

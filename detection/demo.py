@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 from lungdet.atomic import write_text_atomic
+from lungdet.data_tools.conversion_report import format_report
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import convert_dataset, format_report
+from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.detection.config import load_config
 from lungdet.detection.detector import Detector, load_detector, load_trained_model
 from lungdet.detection.predict import predict_dicoms, predict_raw, read_any_input

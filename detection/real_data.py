@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from lungdet.atomic import write_text_atomic
+from lungdet.data_tools.conversion_report import ConversionReport
 from lungdet.data_tools.holdout import holdout_split, link_images, read_split_csv
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import PatientLabels, format_labels_csv, read_labels
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
-from lungdet.data_tools.to_coco import ConversionReport, convert_dataset
+from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import Prediction
 

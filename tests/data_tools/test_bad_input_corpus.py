@@ -25,8 +25,9 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2KLossless
 
 from lungdet.cli import main as cli_main
+from lungdet.data_tools.conversion_report import ConversionReport, format_report
+from lungdet.data_tools.convert_worker import input_notes
 from lungdet.data_tools.dicom_io import DicomMeta, find_missing_decoder, read_dicom_metadata
-from lungdet.data_tools.to_coco import ConversionReport, format_report, input_notes
 
 # A normal radiograph size for the synthetic files: above the tiny-image bound, so each file has only its intended oddity.
 SIDE = 300

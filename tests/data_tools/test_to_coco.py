@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -19,10 +18,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from lungdet.cli import main as cli_main
+from lungdet.data_tools.conversion_report import ConversionReport, format_report
 from lungdet.data_tools.dicom_io import read_dicom
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.pixels import normalize_pixels
-from lungdet.data_tools.to_coco import ConversionReport, assign_folds, box_stratum, convert_dataset, format_report
+from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.errors import LungdetError
 
 POSITIVE_SAMPLE = "00436515-870c-4b36-a041-de91049b9ab4"
@@ -58,63 +58,6 @@ def evaluate_bbox_ap(coco: COCO, detections: list[dict[str, object]]) -> np.ndar
 @pytest.fixture(scope="module")
 def real_labels(rsna_labels_csv: Path) -> dict[str, PatientLabels]:
     return read_labels(rsna_labels_csv)
-
-
-# --- assign_folds ----------------------------------------------------------------------------
-
-
-def example_strata() -> dict[str, int]:
-    # 13 negatives, 6 with one box, 4 with two: strata sizes that are not multiples of k=5.
-    strata = {f"neg-{index:02d}": 0 for index in range(13)}
-    strata.update({f"one-{index:02d}": 1 for index in range(6)})
-    strata.update({f"two-{index:02d}": 2 for index in range(4)})
-    return strata
-
-
-def fold_sizes(folds: dict[str, int], k: int, members: list[str] | None = None) -> list[int]:
-    counts = Counter(folds[patient] for patient in (members if members is not None else folds))
-    return [counts.get(fold, 0) for fold in range(k)]
-
-
-def test_assign_folds_is_deterministic_per_seed() -> None:
-    strata = example_strata()
-    first = assign_folds(strata, k=5, seed=42)
-    assert assign_folds(strata, k=5, seed=42) == first
-    assert assign_folds(strata, k=5, seed=7) != first
-
-
-def test_assign_folds_ignores_input_order() -> None:
-    strata = example_strata()
-    reversed_strata = dict(reversed(list(strata.items())))
-    assert assign_folds(reversed_strata, k=5, seed=3) == assign_folds(strata, k=5, seed=3)
-
-
-def test_assign_folds_is_patient_level_and_balanced() -> None:
-    strata = example_strata()
-    k = 5
-    folds = assign_folds(strata, k=k, seed=0)
-    assert set(folds) == set(strata)
-    assert set(folds.values()) <= set(range(k))
-    sizes = fold_sizes(folds, k)
-    assert sum(sizes) == 23 and max(sizes) - min(sizes) <= 1  # 23 = 4*5 + 3 -> sizes 5,5,5,4,4
-    for stratum in (0, 1, 2):
-        members = [patient for patient, value in strata.items() if value == stratum]
-        per_stratum = fold_sizes(folds, k, members)
-        assert max(per_stratum) - min(per_stratum) <= 1, f"stratum {stratum}: {per_stratum}"
-
-
-def test_assign_folds_two_patients_two_folds() -> None:
-    assert sorted(assign_folds({"a": 0, "b": 0}, k=2, seed=1).values()) == [0, 1]
-
-
-@pytest.mark.parametrize("k", [1, 0, -3])
-def test_assign_folds_needs_two_folds(k: int) -> None:
-    with pytest.raises(LungdetError, match=rf"--folds {k}: need at least 2 folds"):
-        assign_folds({"a": 0}, k=k, seed=0)
-
-
-def test_box_stratum_caps_at_two() -> None:
-    assert [box_stratum(n) for n in (0, 1, 2, 3)] == [0, 1, 2, 2]
 
 
 # --- the real sample at 256 x 256 ------------------------------------------------------------
@@ -579,7 +522,7 @@ def test_bad_files_are_counted_by_kind(synth_set, tmp_path: Path, capsys) -> Non
 def test_streamed_coco_json_is_the_text_json_dumps_gives(tmp_path: Path, n_images: int, n_annotations: int) -> None:
     import tempfile
 
-    from lungdet.data_tools.to_coco import CATEGORY, write_coco_json
+    from lungdet.data_tools.coco import CATEGORY, write_coco_json
 
     info = {"description": "x", "image_size": None, "folds": 5}
     images = [{"id": index + 1, "patient_id": f"p{index}", "fold": index % 2} for index in range(n_images)]

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from lungdet.cli import main as cli_main
+from lungdet.data_tools.conversion_report import format_report
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.metadata import read_metadata_csv
-from lungdet.data_tools.to_coco import convert_dataset, format_report
+from lungdet.data_tools.to_coco import convert_dataset
 
 # Two positives with two boxes, one with one, three negatives; AP and PA views.
 TWO_BOXES_AP = "01be392f-a46d-4aef-a57e-9cd1a80dd47e"  # 14 M AP, boxes (535,626,177,240) and (175,825,168,109)
