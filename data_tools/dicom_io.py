@@ -564,6 +564,13 @@ def read_dataset_bytes(data: bytes, *, name: str, untrusted: bool = False) -> Da
     return _open_dataset(path, stop_before_pixels=False, data=data)
 
 
+def dicom_bytes(dataset: Dataset) -> bytes:
+    """A Dataset encoded as a DICOM file (preamble and file meta included): what is stored, sent or checked again."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def read_dicom(path: Path, *, max_pixels: int | None = None) -> DicomImage:
     """Read one DICOM: pixels as uint8 ``[rows, columns]`` (see :func:`pixels_to_uint8`) and metadata.
 

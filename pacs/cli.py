@@ -16,12 +16,12 @@ from lungdet.cli_types import fraction, int_in_range, positive_seconds
 from lungdet.detection.config import AMP_MODES
 from lungdet.errors import LungdetError
 from lungdet.pacs.addresses import AEAddress, ae_address, ae_title, allowed_caller, listen_address
+from lungdet.pacs.inbox import DEFAULT_MAX_INBOX, DimseState
 
 TOKEN_VARIABLE = "LUNGDET_PACS_TOKEN"
 PASSWORD_VARIABLE = "LUNGDET_PACS_PASSWORD"
 # Defaults of the options that belong to one mode; given as None by the parser, so that main can tell "given" from "default".
 POLL_DEFAULTS = {"poll_seconds": 10.0, "retry_seconds": 60.0}
-DEFAULT_MAX_INBOX = 1000  # as lungdet.pacs.dimse.DEFAULT_MAX_INBOX, which needs pynetdicom to import
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -238,7 +238,8 @@ def main_listen(args: argparse.Namespace) -> int:
     import signal
 
     try:
-        from lungdet.pacs.dimse import CStoreReceiver, DicomwebReceiver, DimseNode, DimseState
+        from lungdet.pacs.dimse import DimseNode
+        from lungdet.pacs.receivers import CStoreReceiver, DicomwebReceiver
     except ImportError as error:
         raise LungdetError(
             f"lungdet pacs --listen needs the dicom extra ({error}); pip install 'lungdet[dicom]'"

@@ -53,34 +53,38 @@ in the inbox, is acknowledged when sent again but not processed again.
 from __future__ import annotations
 
 import heapq
-import json
 import logging
-import os
-import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from lungdet.atomic import write_bytes_durable, write_folder_durable
 from lungdet.data_tools.dicom_io import (
     DicomImage,
     find_missing_decoder,
     image_from_dataset,
-    read_dataset,
     read_dataset_bytes,
 )
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
 from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 from lungdet.pacs.addresses import AEAddress, AllowedCaller
+from lungdet.pacs.inbox import (
+    CANNOT_UNDERSTAND,
+    DATA_SET_MISMATCH,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    DimseState,
+    Known,
+    Refusal,
+)
 from lungdet.pacs.node import CHEST_MODALITIES, MAX_PAUSE_S, OWN_SERIES
-from lungdet.show.dicom_results import ModelIdentity, dicom_bytes, report_uid, result_datasets
+from lungdet.pacs.receivers import NETWORK_TIMEOUT_S, SEND_BATCH, Receiver, ReceiverDown, first_line
+from lungdet.show.dicom_results import ModelIdentity, report_uid, result_datasets
 from lungdet.submission.prediction_string import keep_confident
 
 try:
@@ -93,7 +97,6 @@ try:
         SecondaryCaptureImageStorage,
         Verification,
     )
-    from pynetdicom.status import code_to_category
 except ImportError as error:  # the dicom extra; the command turns this into a one-line message
     raise ImportError(f"lungdet pacs --listen needs pynetdicom ({error}); pip install 'lungdet[dicom]'") from error
 
@@ -122,19 +125,10 @@ CANDIDATE_TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2.5": "RLE Lossless",
     "1.2.840.10008.1.2.2": "Explicit VR BE",  # retired, still sent by old modalities
 }
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATA_SET_MISMATCH = 0xA900  # "Data Set does not match SOP Class": no pixels, several frames, another class
-CANNOT_UNDERSTAND = 0xC000  # a well-formed instance this node cannot read or does not analyse
-DUPLICATE_SOP_INSTANCE = 0x0111  # a receiver that already has a result: it has it, which is what was wanted
 # A-ASSOCIATE-RJ: rejected-permanent (1), by the service user (1), and the reason.
 REJECT_PERMANENT, REJECT_BY_USER, CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03, 0x07
 ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is an LO
-DEFAULT_MAX_INBOX = 1000
-MIN_FREE_BYTES = 256 * 1024 * 1024  # below this much free disk beside the inbox, new instances get 0xA700
 WORKER_ATTEMPTS = 3  # tries per image on a fault of ours (not of the image) before it goes to failed/
-SEND_BATCH = 100  # results stored per association before the pending folder is listed again
-NETWORK_TIMEOUT_S = 30.0
 
 
 def accepted_transfer_syntaxes() -> list[str]:
@@ -142,25 +136,7 @@ def accepted_transfer_syntaxes() -> list[str]:
     return [syntax for syntax in CANDIDATE_TRANSFER_SYNTAXES if find_missing_decoder(syntax) is None]
 
 
-def status_accepted(code: int) -> bool:
-    """True when a C-STORE status means the receiver holds the instance: success, any warning, or a duplicate."""
-    return code == DUPLICATE_SOP_INSTANCE or code_to_category(code) in ("Success", "Warning")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).splitlines()[0][:200] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 # --- what the C-STORE handler checks --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """An instance the node will not take: the status for its sender, and why (for the log and, cut to 64 characters, Error Comment)."""
-
-    status: int
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -218,261 +194,6 @@ def check_instance(data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX
     return Arrival(sop, study)
 
 
-# --- the state folder: inbox, pending results, the settled journal ---------------------------------
-
-
-@dataclass(frozen=True)
-class Known:
-    """An arriving image that needs no work, and why: it is acknowledged and not written again."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class PendingResult:
-    """A result waiting in ``pending/NAME/``: its files (report first), the image's study and SOP Instance UID, the report's UID."""
-
-    name: str
-    files: tuple[Path, ...]
-    study: str
-    image: str
-    report: str
-
-    @property
-    def folder(self) -> Path:
-        return self.files[0].parent
-
-
-@dataclass
-class Recovery:
-    """What start-up found: inputs waiting in the inbox, results waiting to be stored, and the crashes it tidied up after."""
-
-    inbox: int = 0
-    pending: int = 0
-    temporary_removed: int = 0
-    settled_from_pending: int = 0
-    inbox_already_settled: int = 0
-
-    def line(self) -> str | None:
-        if not any(vars(self).values()):
-            return None
-        tidied = self.temporary_removed + self.settled_from_pending + self.inbox_already_settled
-        return (
-            f"recovered from the last run: {self.inbox} instance(s) in the inbox, {self.pending} result(s) waiting to be stored"
-            + (f" ({tidied} half-done step(s) tidied up)" if tidied else "")
-        )
-
-
-def _sequence(name: str) -> int:
-    head = name.split("-", 1)[0]
-    return int(head) if head.isdigit() else -1
-
-
-class DimseState:
-    """The node's folder (see the module docstring). Thread-safe: handlers, the worker and the sender share one.
-
-    The inbox is bounded (``max_inbox`` files, counting those being written); :meth:`reserve`
-    hands out arrival-ordered names, :meth:`take` gives the worker the oldest, and the settled
-    journal makes a re-sent instance known.
-    """
-
-    def __init__(
-        self, folder: Path, *, max_inbox: int = DEFAULT_MAX_INBOX, min_free_bytes: int = MIN_FREE_BYTES
-    ) -> None:
-        self.folder = Path(folder)
-        self.inbox_folder, self.pending_folder, self.failed_folder = (
-            self.folder / "inbox",
-            self.folder / "pending",
-            self.folder / "failed",
-        )
-        self.journal = self.folder / "settled.jsonl"
-        self.max_inbox, self.min_free_bytes = max_inbox, min_free_bytes
-        self.lock = threading.Condition()
-        self.reported: dict[str, str] = {}  # report UID -> the name it was settled under
-        self.settled: set[str] = set()  # names reported or skipped
-        self.waiting: list[str] = []  # a heap of inbox names ready for the worker
-        self.in_inbox: dict[str, str] = {}  # image SOP -> name, for every file in the inbox or being written
-        self.next_sequence = 1
-        self.recovery = Recovery()
-
-    # --- start-up ----------------------------------------------------------------------------------
-
-    @classmethod
-    def open(cls, folder: Path, **options: Any) -> DimseState:
-        """Open (or create) the folder and recover from wherever the last run stopped, before anything else touches it."""
-        state = cls(folder, **options)
-        state._recover()
-        return state
-
-    def _recover(self) -> None:
-        for sub in (self.inbox_folder, self.pending_folder, self.failed_folder):
-            sub.mkdir(parents=True, exist_ok=True)
-        recovery = self.recovery
-        # Half-written files and folders of a killed run (atomic.py's temporary names): never acknowledged or never complete.
-        for leftover in [*self.inbox_folder.glob(".*.tmp"), *self.pending_folder.glob(".*.tmp")]:
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-            recovery.temporary_removed += 1
-        sequences = [0]
-        for entry in self._read_journal():
-            sequences.append(_sequence(entry["name"]))
-            if entry["outcome"] in ("reported", "skipped"):
-                self.settled.add(entry["name"])
-            if entry["outcome"] == "reported" and entry.get("report"):
-                self.reported[entry["report"]] = entry["name"]
-        pending = {result.name: result for result in self.pending()}
-        for path in sorted(self.inbox_folder.glob("*.dcm")):
-            name = path.stem
-            sequences.append(_sequence(name))
-            if name in self.settled:  # crash between steps 3 and 4
-                path.unlink()
-                recovery.inbox_already_settled += 1
-                continue
-            if name in pending:  # crash between steps 2 and 3
-                self._append_journal(
-                    {"name": name, "outcome": "reported", "image": pending[name].image, "report": pending[name].report}
-                )
-                path.unlink()
-                recovery.settled_from_pending += 1
-                continue
-            image = name.split("-", 1)[1] if "-" in name else name
-            self.in_inbox[image] = name
-            heapq.heappush(self.waiting, name)
-        sequences += [_sequence(name) for name in pending]
-        sequences += [_sequence(path.stem) for path in self.failed_folder.glob("*.dcm")]
-        self.next_sequence = max(sequences) + 1
-        recovery.inbox, recovery.pending = len(self.waiting), len(pending)
-
-    def _read_journal(self) -> Iterator[dict[str, Any]]:
-        if not self.journal.is_file():
-            return
-        for line in self.journal.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a run killed mid-append (power cut): that step is redone
-                continue
-            if isinstance(entry, dict) and "name" in entry and "outcome" in entry:
-                yield entry
-
-    def _append_journal(self, entry: dict[str, Any]) -> None:
-        with open(self.journal, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(entry, sort_keys=True) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        if entry["outcome"] in ("reported", "skipped"):
-            self.settled.add(entry["name"])
-        if entry["outcome"] == "reported" and entry.get("report"):
-            self.reported[entry["report"]] = entry["name"]
-
-    # --- the handler's side ------------------------------------------------------------------------
-
-    def reserve(self, image: str, report: str, size: int) -> str | Refusal | Known:
-        """A name in the inbox for an arriving image of ``size`` bytes whose report would be ``report``.
-
-        Or :class:`Known` when it needs no work (this model's report is settled, or it waits in the
-        inbox already), or the 0xA700 :class:`Refusal` when the inbox or the disk is full. One lock
-        for all three, so that two copies arriving at once become one inbox file.
-        """
-        with self.lock:
-            if report in self.reported:
-                return Known("already reported")
-            if image in self.in_inbox:
-                return Known("already waiting in the inbox")
-            count = len(self.in_inbox)
-            if count >= self.max_inbox:
-                return Refusal(
-                    OUT_OF_RESOURCES,
-                    f"the inbox is full ({count} instances, --max-inbox {self.max_inbox}); send it again later",
-                )
-            free = shutil.disk_usage(self.inbox_folder).free
-            if free - size < self.min_free_bytes:
-                return Refusal(
-                    OUT_OF_RESOURCES,
-                    f"the disk of {self.folder} is nearly full ({free / 2**20:.0f} MiB free); send it again later",
-                )
-            name = f"{self.next_sequence:010d}-{image}"
-            self.next_sequence += 1
-            self.in_inbox[image] = name
-            return name
-
-    def admit(self, name: str, data: bytes) -> None:
-        """Write the reserved ``name`` to the inbox durably (step 1), then hand it to the worker. Raises OSError (the name is released)."""
-        image = name.split("-", 1)[1]
-        try:
-            write_bytes_durable(self.inbox_folder / f"{name}.dcm", data)
-        except BaseException:
-            with self.lock:
-                self.in_inbox.pop(image, None)
-            raise
-        with self.lock:
-            heapq.heappush(self.waiting, name)
-            self.lock.notify_all()
-
-    def inbox_count(self) -> int:
-        with self.lock:
-            return len(self.in_inbox)
-
-    # --- the worker's side -------------------------------------------------------------------------
-
-    def take(self, timeout: float) -> str | None:
-        """The oldest inbox name, waiting up to ``timeout`` seconds for one; None if none came."""
-        with self.lock:
-            if not self.waiting:
-                self.lock.wait(timeout)
-            return heapq.heappop(self.waiting) if self.waiting else None
-
-    def inbox_path(self, name: str) -> Path:
-        return self.inbox_folder / f"{name}.dcm"
-
-    def keep_pending(self, name: str, study: str, image: str, datasets: Sequence[Dataset]) -> PendingResult:
-        """Step 2: the result as ``pending/NAME/`` (``0.dcm`` the report, then the others, and result.json), whole or not at all."""
-        files = {f"{index}.dcm": dicom_bytes(dataset) for index, dataset in enumerate(datasets)}
-        report = str(datasets[0].SOPInstanceUID)
-        files["result.json"] = json.dumps({"study": study, "image": image, "report": report}).encode()
-        write_folder_durable(self.pending_folder / name, files)
-        folder = self.pending_folder / name
-        return PendingResult(
-            name, tuple(folder / file for file in files if file.endswith(".dcm")), study, image, report
-        )
-
-    def settle(
-        self, name: str, *, outcome: str, image: str, report: str | None = None, reason: str | None = None
-    ) -> None:
-        """Steps 3 and 4: record ``name`` as reported (with its report UID) or skipped, then remove its inbox file."""
-        entry = {"name": name, "outcome": outcome, "image": image, "report": report, "reason": reason}
-        with (
-            self.lock
-        ):  # with the journal and the inbox set changed together, a handler sees the image in one or the other
-            self._append_journal({key: value for key, value in entry.items() if value is not None})
-            self.in_inbox.pop(image, None)
-        # Not fsynced: a removal lost to a power cut is redone at start-up, which finds the name settled.
-        self.inbox_path(name).unlink(missing_ok=True)
-
-    def set_aside(self, name: str, image: str) -> Path:
-        """Move an input the worker keeps failing on to ``failed/`` (not settled: sent again, it is tried again)."""
-        target = self.failed_folder / f"{name}.dcm"
-        self.inbox_path(name).replace(target)
-        with self.lock:
-            self.in_inbox.pop(image, None)
-        return target
-
-    # --- the sender's side -------------------------------------------------------------------------
-
-    def pending(self) -> list[PendingResult]:
-        """Every complete result not yet accepted by the receiver, oldest first."""
-        results = []
-        for folder in sorted(self.pending_folder.iterdir()):
-            if folder.name.startswith(".") or not (folder / "result.json").is_file():
-                continue
-            facts = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-            files = tuple(sorted(folder.glob("*.dcm"), key=lambda path: int(path.stem)))
-            results.append(PendingResult(folder.name, files, facts["study"], facts["image"], facts["report"]))
-        return results
-
-    def remove_pending(self, result: PendingResult) -> None:
-        """Step 5's end: the receiver holds every file. (Not fsynced: a folder back after a power cut is stored again, harmlessly.)"""
-        shutil.rmtree(result.folder, ignore_errors=True)
-
-
 # --- the worker: an inbox file -> its results ------------------------------------------------------
 
 
@@ -498,124 +219,6 @@ def analyse(
     return Analysis(
         datasets, str(source.StudyInstanceUID), str(source.SOPInstanceUID), len(prediction.scores), result.probability
     )
-
-
-# --- receivers: where results are stored -----------------------------------------------------------
-
-
-class ReceiverDown(Exception):
-    """The receiver could not be reached, rejected the association or went away; the round stops and is retried after a pause."""
-
-
-class Receiver(Protocol):
-    def __str__(self) -> str: ...
-
-    def send(self, results: Sequence[PendingResult]) -> Iterator[tuple[PendingResult, str | None]]:
-        """Store each result; yield it with None when the receiver holds all its files, or why it refused. Raises ReceiverDown."""
-        ...
-
-
-class CStoreReceiver:
-    """Results by C-STORE to ``address``, one association per round, calling as ``ae_title``."""
-
-    def __init__(self, address: AEAddress, *, ae_title: str, timeout: float = NETWORK_TIMEOUT_S) -> None:
-        self.address, self.ae_title, self.timeout = address, ae_title, timeout
-
-    def __str__(self) -> str:
-        return f"{self.address} (C-STORE)"
-
-    def send(self, results: Sequence[PendingResult]) -> Iterator[tuple[PendingResult, str | None]]:
-        # Propose exactly what is to be sent: each file's SOP class in its own transfer syntax, and both
-        # uncompressed ones, which pynetdicom converts between (every receiver takes Implicit VR).
-        contexts: dict[str, set[str]] = {}
-        for result in results:
-            for path in result.files:
-                meta = read_dataset(path, headers_only=True)
-                syntaxes = contexts.setdefault(str(meta.SOPClassUID), {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"})
-                syntaxes.add(str(meta.file_meta.TransferSyntaxUID))
-        ae = pynetdicom.AE(ae_title=self.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        for sop_class, syntaxes in contexts.items():
-            ae.add_requested_context(sop_class, sorted(syntaxes))
-        try:
-            association = ae.associate(self.address.host, self.address.port, ae_title=self.address.ae_title)
-        except Exception as error:  # a host name that does not resolve, for one
-            raise ReceiverDown(_first_line(error)) from None
-        if not association.is_established:
-            raise ReceiverDown(_association_failure(association))
-        try:
-            for result in results:
-                refusal = None
-                for path in result.files:
-                    try:
-                        status = association.send_c_store(path)
-                    except ValueError as error:  # no accepted presentation context for this SOP class
-                        refusal = f"it does not take {path.name} ({_first_line(error)})"
-                        break
-                    if "Status" not in status:
-                        raise ReceiverDown("no answer to C-STORE (timed out or aborted)")
-                    if not status_accepted(int(status.Status)):
-                        comment = f": {status.ErrorComment}" if status.get("ErrorComment") else ""
-                        refusal = f"status 0x{int(status.Status):04X}{comment}"
-                        break
-                yield result, refusal
-        finally:
-            if association.is_established:
-                association.release()
-
-
-def _association_failure(association: Any) -> str:
-    if association.is_rejected:
-        rejection = association.acceptor.primitive
-        reasons = {
-            (1, 3): "our calling AE title is not recognised (register it there, or pass --ae-title)",
-            (1, 7): "called AE title not recognised (check --send-to)",
-        }
-        reason = reasons.get(
-            (rejection.result_source, rejection.diagnostic),
-            f"source {rejection.result_source}, reason {rejection.diagnostic}",
-        )
-        return f"association rejected: {reason}"
-    if association.is_aborted:
-        return "association aborted"
-    return "no connection"
-
-
-class DicomwebReceiver:
-    """Results by STOW-RS into their studies, through a dicomweb-client (see :func:`lungdet.pacs.cli.make_client`)."""
-
-    def __init__(self, client: Any, url: str) -> None:
-        self.client, self.url = client, url
-
-    def __str__(self) -> str:
-        return f"{self.url} (STOW-RS)"
-
-    def send(self, results: Sequence[PendingResult]) -> Iterator[tuple[PendingResult, str | None]]:
-        import requests
-
-        for result in results:
-            datasets = [read_dataset(path) for path in result.files]
-            try:
-                response = self.client.store_instances(datasets, study_instance_uid=result.study)
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
-                raise ReceiverDown(str(error).splitlines()[0][:200]) from None
-            except requests.exceptions.HTTPError as error:
-                status = error.response.status_code if error.response is not None else "?"
-                yield result, f"HTTP {status}"
-                continue
-            failed = [
-                item
-                for item in (response or Dataset()).get("FailedSOPSequence", [])
-                if not status_accepted(int(item.get("FailureReason", 0xC000)))
-            ]
-            yield (
-                result,
-                (
-                    f"{len(failed)} instance(s) failed (reason 0x{int(failed[0].get('FailureReason', 0xC000)):04X})"
-                    if failed
-                    else None
-                ),
-            )
 
 
 # --- the node: pynetdicom's server, the worker and the sender ---------------------------------------
@@ -783,7 +386,7 @@ class DimseNode:
         except Exception as error:  # a fault of ours must answer the sender, never kill its association thread
             LOG.exception("C-STORE handler failed")
             return self._refuse(
-                sop, peer, Refusal(OUT_OF_RESOURCES, f"the node failed to store it ({_first_line(error)})")
+                sop, peer, Refusal(OUT_OF_RESOURCES, f"the node failed to store it ({first_line(error)})")
             )
 
     def store(self, data: bytes, *, sop_class: str, sop: str, peer: str) -> int | Dataset:
@@ -860,12 +463,12 @@ class DimseNode:
         except Exception as error:
             if attempt < WORKER_ATTEMPTS:
                 self.say(
-                    f"could not process {image} ({_first_line(error)}); trying again ({attempt} of {WORKER_ATTEMPTS})"
+                    f"could not process {image} ({first_line(error)}); trying again ({attempt} of {WORKER_ATTEMPTS})"
                 )
                 return False
             target = self.state.set_aside(name, image)
             self.say(
-                f"could not process {image} after {WORKER_ATTEMPTS} tries ({_first_line(error)}); moved to {target} (move it back into {self.state.inbox_folder} to retry)"
+                f"could not process {image} after {WORKER_ATTEMPTS} tries ({first_line(error)}); moved to {target} (move it back into {self.state.inbox_folder} to retry)"
             )
             return True
         result = self.state.keep_pending(name, analysis.study, image, analysis.datasets)

@@ -32,7 +32,7 @@ import pydicom
 import requests
 
 from lungdet.atomic import write_bytes_atomic, write_text_atomic
-from lungdet.data_tools.dicom_io import read_dataset, read_dicom_bytes
+from lungdet.data_tools.dicom_io import dicom_bytes, read_dataset, read_dicom_bytes
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
 from lungdet.errors import ImageReadError
@@ -41,7 +41,6 @@ from lungdet.show.dicom_results import (
     OVERLAY_SERIES_DESCRIPTION,
     REPORT_SERIES_DESCRIPTION,
     ModelIdentity,
-    dicom_bytes,
     report_uid,
     result_datasets,
 )

@@ -48,7 +48,6 @@ stored twice is one instance in the archive, and an archive can be asked whether
 from __future__ import annotations
 
 import contextlib
-import io
 import re
 import uuid
 import warnings
@@ -63,7 +62,7 @@ from pydicom.sr.codedict import codes
 from tqdm import tqdm
 
 from lungdet.atomic import write_bytes_atomic
-from lungdet.data_tools.dicom_io import display_window, read_dataset, read_dicom
+from lungdet.data_tools.dicom_io import dicom_bytes, display_window, read_dataset, read_dicom
 from lungdet.errors import DicomReadError
 from lungdet.show.visualize import draw_overlay
 from lungdet.submission.prediction_string import Prediction
@@ -602,12 +601,6 @@ def _read_no_findings_report(dataset: Dataset) -> ReportContents:
         opacity_present=False,
         probability=probabilities[0] if probabilities else None,
     )
-
-
-def dicom_bytes(dataset: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def result_datasets(

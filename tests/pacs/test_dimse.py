@@ -27,23 +27,13 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from lungdet import lungdet_version
-from lungdet.data_tools.dicom_io import read_dicom
+from lungdet.data_tools.dicom_io import dicom_bytes, read_dicom
 from lungdet.errors import LungdetError
 from lungdet.pacs.addresses import AEAddress, AllowedCaller, ae_address, allowed_caller, listen_address
-from lungdet.pacs.dimse import (
-    CANNOT_UNDERSTAND,
-    DATA_SET_MISMATCH,
-    OUT_OF_RESOURCES,
-    Arrival,
-    CStoreReceiver,
-    DicomwebReceiver,
-    DimseNode,
-    DimseState,
-    Refusal,
-    check_instance,
-    status_accepted,
-)
-from lungdet.show.dicom_results import dicom_bytes, model_identity, read_report, report_uid
+from lungdet.pacs.dimse import Arrival, DimseNode, check_instance
+from lungdet.pacs.inbox import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES, DimseState, Refusal
+from lungdet.pacs.receivers import CStoreReceiver, DicomwebReceiver, status_accepted
+from lungdet.show.dicom_results import model_identity, read_report, report_uid
 from lungdet.submission.prediction_string import keep_confident
 from tests.conftest import require_program
 
@@ -278,9 +268,16 @@ def test_addresses_parse_and_explain_bad_input() -> None:
 
 def test_command_line_modes_are_exclusive_and_complete(capsys) -> None:
     from lungdet.pacs.cli import DEFAULT_MAX_INBOX, check_mode, get_args_parser
-    from lungdet.pacs.dimse import DEFAULT_MAX_INBOX as NODE_DEFAULT
+    from lungdet.pacs.inbox import DEFAULT_MAX_INBOX as NODE_DEFAULT
 
-    assert DEFAULT_MAX_INBOX == NODE_DEFAULT  # the parser states the node's default without importing pynetdicom
+    assert DEFAULT_MAX_INBOX is NODE_DEFAULT  # one constant: the state folder's module, which needs no pynetdicom
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, lungdet.pacs.cli, lungdet.pacs.inbox; print('pynetdicom' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert loaded.stdout.strip() == "False", loaded.stderr
     parser = get_args_parser()
     for argv, message in [
         ([], "one of the arguments --url --listen is required"),
