@@ -62,7 +62,7 @@ from lungdet.detection.predict import predict_raw, read_any_input
 from lungdet.detection.real_data import RealSet, load_split, lung_prior_boxes, prepare, prior_predictions, real_data_dir
 from lungdet.detection.train import BEST_CHECKPOINT
 from lungdet.detection.tta import tta_argument
-from lungdet.show.eda import figure_to_png, new_figure
+from lungdet.show.figures import figure_to_png, new_figure
 from lungdet.show.score_cli import get_args_parser as score_parser
 from lungdet.show.score_cli import main as score_main
 from lungdet.show.visualize import worst_first, write_overlays

@@ -21,357 +21,46 @@ from __future__ import annotations
 
 import argparse
 import html
-import io
 import re
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from lungdet.atomic import write_bytes_atomic, write_text_atomic
-from lungdet.boxes import as_box_array
 from lungdet.cli_types import int_in_range
-from lungdet.data_tools.dicom_io import DicomMeta, find_dicoms, read_dicom_metadata
-from lungdet.data_tools.image_io import find_images, read_picture_size, read_xray_file
-from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, PatientLabels, read_labels
-from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
-from lungdet.errors import DicomReadError, ImageReadError, LungdetError
-from lungdet.show.visualize import draw_overlay, encode_image, fit_for_display
+from lungdet.data_tools.dicom_io import find_dicoms
+from lungdet.data_tools.image_io import find_images
+from lungdet.data_tools.labels import PatientLabels, read_labels
+from lungdet.data_tools.metadata import MetadataTable, read_metadata_csv
+from lungdet.errors import ImageReadError, LungdetError
+from lungdet.show.eda_figures import (
+    SAMPLE_MAX_SIZE,
+    encode_sample_png,
+    percent,
+    plot_age_by_target,
+    plot_box_heatmap,
+    plot_box_sizes,
+    plot_boxes_per_image,
+    plot_class_balance,
+    plot_groups_by_target,
+    plot_pixel_spacing,
+)
+from lungdet.show.eda_stats import (
+    MAX_PLAUSIBLE_AGE_YEARS,
+    NO_CLASS,
+    EdaStats,
+    compute_stats,
+    order_sample_candidates,
+    scan_metadata,
+    scan_pictures,
+)
 
 INDEX_FILE = "index.html"
 DISCLAIMER = "lungdet is a research tool, not a diagnostic device"
-# The RSNA labels give boxes in the pixels of 1024x1024 images. A box whose DICOM is not at hand
-# is normalised by this size (and the page says so); boxes with a DICOM use its Rows/Columns.
-LABELS_PIXEL_SPACE = (1024, 1024)  # (rows, columns)
-# Cells per side of the box-location heatmap: 64 gives 16 px cells in the 1024 space.
-DEFAULT_GRID_SIZE = 64
-# Longer side of the sample images on the page, in pixels: enough to see a box, small enough to load fast.
-SAMPLE_MAX_SIZE = 384
 DEFAULT_SAMPLES_PER_CLASS = 3
-# The last bar of "boxes per positive image" collects this many boxes and more (the real data has at most 4).
-BOXES_PER_IMAGE_CAP = 4
-# Older than this is a typo in the tag (the RSNA files hold a few ages above 140), not a patient.
-MAX_PLAUSIBLE_AGE_YEARS = 120
-# Display order of the classes: from "nothing there" to "opacity".
-CLASS_ORDER = (NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS)
-NO_CLASS = "no class info"
-# Negatives blue, positives orange (they stay apart for red-green colour blindness); the
-# "not normal" negatives purple, between the two.
-TARGET_COLORS = {0: "#4c72b0", 1: "#dd8452"}
-CLASS_COLORS = {NORMAL_CLASS: "#4c72b0", NOT_NORMAL_CLASS: "#8172b3", POSITIVE_CLASS: "#dd8452", NO_CLASS: "#999999"}
-FIGURE_DPI = 100
-
-
-# --- the numbers -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GroupCounts:
-    """Patients of one group (a sex, a view position) by target."""
-
-    negatives: int
-    positives: int
-
-    @property
-    def total(self) -> int:
-        return self.negatives + self.positives
-
-    @property
-    def positive_rate(self) -> float | None:
-        """Fraction of the group with Target 1; None for an empty group."""
-        return self.positives / self.total if self.total else None
-
-
-@dataclass(frozen=True)
-class MetadataStats:
-    """What the DICOM tags say, joined to the labels by patientId (the file stem).
-
-    Only files the labels name count in the by-target numbers; the first file of a duplicated
-    patientId wins. ``pixel_spacings_mm`` is float64 ``[K, 2]`` (row, column spacing in mm).
-    """
-
-    file_count: int
-    labelled_count: int
-    unlabelled_paths: list[Path]
-    duplicate_paths: list[Path]
-    labelled_without_dicom_count: int
-    ages_by_target: dict[int, np.ndarray]
-    missing_age_count: int
-    implausible_age_count: int
-    sex_by_target: dict[str, GroupCounts]
-    view_by_target: dict[str, GroupCounts]
-    pixel_spacings_mm: np.ndarray
-    missing_spacing_count: int
-
-
-@dataclass(frozen=True)
-class EdaStats:
-    """Everything the page shows, as numbers.
-
-    ``box_widths`` / ``box_heights`` are float64 ``[B]`` in each image's original pixels.
-    ``heatmap`` is float64 ``[grid, grid]`` (row = y): how many boxes cover each cell, counting a
-    partly covered cell by the covered fraction, with boxes normalised to their image's size (so
-    its sum is the total box area in cell units). ``class_counts`` counts patients per class and is
-    None when no class info was given; ``boxes_per_positive`` maps '1', '2', '3', '4+' to patients.
-    """
-
-    patient_count: int
-    positive_count: int
-    box_count: int
-    class_counts: dict[str, int] | None
-    boxes_per_positive: dict[str, int]
-    box_widths: np.ndarray
-    box_heights: np.ndarray
-    median_box_width: float | None
-    median_box_height: float | None
-    heatmap: np.ndarray
-    heatmap_own_size_count: int
-    heatmap_assumed_size_count: int
-    assumed_image_size: tuple[int, int]
-    metadata: MetadataStats | None = None
-
-    @property
-    def negative_count(self) -> int:
-        return self.patient_count - self.positive_count
-
-
-def box_coverage_grid(boxes_unit: np.ndarray, *, grid_size: int) -> np.ndarray:
-    """How much of each grid cell each box covers, summed over boxes.
-
-    Parameters
-    ----------
-    boxes_unit
-        ``[N, 4]`` XYWH in fractions of the image's width (x, w) and height (y, h). Parts outside
-        ``[0, 1]`` fall off the grid.
-    grid_size
-        Cells per side.
-
-    Returns
-    -------
-    np.ndarray
-        float64 ``[grid_size, grid_size]``, row = y. A cell fully inside one box gets 1.
-    """
-    boxes = as_box_array(boxes_unit) * grid_size
-    cells = np.arange(grid_size, dtype=np.float64)
-
-    def overlap(start: np.ndarray, length: np.ndarray) -> np.ndarray:
-        # [N, grid]: length of [start, start + length) inside each unit cell [i, i + 1).
-        return (np.minimum((start + length)[:, None], cells + 1) - np.maximum(start[:, None], cells)).clip(min=0)
-
-    # Each box covers the outer product of its x and y overlaps; a matrix product sums them all at once.
-    return overlap(boxes[:, 1], boxes[:, 3]).T @ overlap(boxes[:, 0], boxes[:, 2])
-
-
-def _boxes_per_image_bin(count: int) -> str:
-    return f"{BOXES_PER_IMAGE_CAP}+" if count >= BOXES_PER_IMAGE_CAP else str(count)
-
-
-def _group_name(value: str) -> str:
-    return value.strip().upper() or "unknown"
-
-
-def _count_groups(pairs: Sequence[tuple[str, int]]) -> dict[str, GroupCounts]:
-    """``(group, target)`` pairs -> counts per group, groups sorted with 'unknown' last."""
-    groups = sorted({group for group, _ in pairs}, key=lambda group: (group == "unknown", group))
-    return {
-        group: GroupCounts(
-            negatives=sum(1 for name, target in pairs if name == group and target == 0),
-            positives=sum(1 for name, target in pairs if name == group and target == 1),
-        )
-        for group in groups
-    }
-
-
-def compute_metadata_stats(labels: Mapping[str, PatientLabels], metadata: Sequence[DicomMeta]) -> MetadataStats:
-    """Join DICOM metadata to the labels and count ages, sexes, view positions and pixel spacings by target."""
-    labelled: dict[str, DicomMeta] = {}
-    unlabelled: list[Path] = []
-    duplicates: list[Path] = []
-    for meta in metadata:
-        if meta.patient_id not in labels:
-            unlabelled.append(meta.path)
-        elif meta.patient_id in labelled:
-            duplicates.append(meta.path)
-        else:
-            labelled[meta.patient_id] = meta
-    records = [(meta, labels[patient_id].target) for patient_id, meta in labelled.items()]
-    ages = {
-        target: np.array([meta.age for meta, t in records if t == target and meta.age is not None], dtype=np.float64)
-        for target in (0, 1)
-    }
-    spacings = [meta.pixel_spacing for meta, _ in records if meta.pixel_spacing is not None]
-    return MetadataStats(
-        file_count=len(metadata),
-        labelled_count=len(labelled),
-        unlabelled_paths=unlabelled,
-        duplicate_paths=duplicates,
-        labelled_without_dicom_count=len(set(labels) - set(labelled)),
-        ages_by_target=ages,
-        missing_age_count=sum(1 for meta, _ in records if meta.age is None),
-        implausible_age_count=sum(int((values > MAX_PLAUSIBLE_AGE_YEARS).sum()) for values in ages.values()),
-        sex_by_target=_count_groups([(_group_name(meta.sex), target) for meta, target in records]),
-        view_by_target=_count_groups([(_group_name(meta.view_position), target) for meta, target in records]),
-        pixel_spacings_mm=np.array(spacings, dtype=np.float64).reshape(-1, 2),
-        missing_spacing_count=len(records) - len(spacings),
-    )
-
-
-def compute_stats(
-    labels: Mapping[str, PatientLabels],
-    metadata: Sequence[DicomMeta] | None = None,
-    *,
-    grid_size: int = DEFAULT_GRID_SIZE,
-    assumed_image_size: tuple[int, int] = LABELS_PIXEL_SPACE,
-) -> EdaStats:
-    """The numbers of the EDA page, from the labels and (optionally) the DICOMs' metadata.
-
-    Parameters
-    ----------
-    labels
-        ``{patientId: PatientLabels}`` from :func:`~lungdet.data_tools.labels.read_labels`; boxes XYWH_ABS
-        in original pixels.
-    metadata
-        Tags of the DICOMs at hand, or None. A patient's Rows/Columns normalise its boxes for the
-        heatmap; patients without metadata use ``assumed_image_size``.
-    grid_size
-        Heatmap cells per side.
-    assumed_image_size
-        (rows, columns) in pixels of the images whose DICOM is not given.
-    """
-    if grid_size < 1:
-        raise ValueError(f"grid_size must be at least 1, got {grid_size}")
-    metadata_stats = compute_metadata_stats(labels, metadata) if metadata is not None else None
-    sizes: dict[str, tuple[int, int]] = {}
-    for meta in metadata or ():
-        sizes.setdefault(meta.patient_id, (meta.rows, meta.columns))
-
-    positives = [patient for patient in labels.values() if patient.target == 1]
-    all_boxes = [as_box_array(patient.boxes) for patient in positives]
-    boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), dtype=np.float64)
-    # Divide each box by its own image's (columns, rows, columns, rows).
-    image_sizes = [sizes.get(patient.patient_id, assumed_image_size) for patient in positives]
-    divisors = np.repeat(
-        np.array([[columns, rows, columns, rows] for rows, columns in image_sizes], dtype=np.float64).reshape(-1, 4),
-        [len(patient_boxes) for patient_boxes in all_boxes],
-        axis=0,
-    )
-    own_size_count = sum(1 for patient in positives if patient.patient_id in sizes)
-
-    bins = [_boxes_per_image_bin(count) for count in range(1, BOXES_PER_IMAGE_CAP + 1)]
-    boxes_per_positive = dict.fromkeys(bins, 0)
-    for patient_boxes in all_boxes:
-        if len(patient_boxes):
-            boxes_per_positive[_boxes_per_image_bin(len(patient_boxes))] += 1
-
-    class_counts = None
-    if any(patient.class_name is not None for patient in labels.values()):
-        class_counts = dict.fromkeys(CLASS_ORDER, 0)
-        for patient in labels.values():
-            name = patient.class_name or NO_CLASS
-            class_counts[name] = class_counts.get(name, 0) + 1
-
-    return EdaStats(
-        patient_count=len(labels),
-        positive_count=len(positives),
-        box_count=len(boxes),
-        class_counts=class_counts,
-        boxes_per_positive=boxes_per_positive,
-        box_widths=boxes[:, 2].copy(),
-        box_heights=boxes[:, 3].copy(),
-        median_box_width=float(np.median(boxes[:, 2])) if len(boxes) else None,
-        median_box_height=float(np.median(boxes[:, 3])) if len(boxes) else None,
-        heatmap=box_coverage_grid(boxes / divisors if len(boxes) else boxes, grid_size=grid_size),
-        heatmap_own_size_count=own_size_count,
-        heatmap_assumed_size_count=len(positives) - own_size_count,
-        assumed_image_size=tuple(assumed_image_size),
-        metadata=metadata_stats,
-    )
-
-
-def sample_group(patient: PatientLabels, *, use_classes: bool) -> str:
-    """The group a patient's sample image is shown under: its class, or 'Target 0/1' without class info."""
-    if use_classes and patient.class_name:
-        return patient.class_name
-    return f"Target {patient.target}"
-
-
-def order_sample_candidates(
-    labels: Mapping[str, PatientLabels], available: Collection[str], *, use_classes: bool, seed: int
-) -> dict[str, list[str]]:
-    """Per group, the ``available`` patientIds in a seeded random order (take the first few that decode).
-
-    Groups come in :data:`CLASS_ORDER` (or Target 0, Target 1); the order depends only on
-    ``seed`` and the set of patients, not on the order of ``available``.
-    """
-    groups: dict[str, list[str]] = {}
-    for patient_id in sorted(set(available) & set(labels)):
-        groups.setdefault(sample_group(labels[patient_id], use_classes=use_classes), []).append(patient_id)
-    order = [*CLASS_ORDER, "Target 0", "Target 1"]
-    ordered = sorted(groups, key=lambda name: (order.index(name) if name in order else len(order), name))
-    return {
-        # One stream per group, so a group's choice does not change when another group grows.
-        name: [groups[name][index] for index in np.random.default_rng([seed, position]).permutation(len(groups[name]))]
-        for position, name in enumerate(ordered)
-    }
-
-
-# --- reading DICOM metadata ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MetadataScan:
-    """Tags of every readable DICOM, and ``(path, reason)`` for each file that could not be read."""
-
-    records: list[DicomMeta]
-    unreadable: list[tuple[Path, str]]
-
-
-def scan_metadata(paths: Sequence[Path], *, progress: bool = False) -> MetadataScan:
-    """Read the tags (never the pixels) of each DICOM in ``paths``; unreadable files are listed, not fatal."""
-    records: list[DicomMeta] = []
-    unreadable: list[tuple[Path, str]] = []
-    # disable=None lets tqdm switch itself off when stderr is not a terminal (CI logs, pipes).
-    for path in tqdm(paths, desc="eda metadata", unit="file", disable=None if progress else True):
-        try:
-            records.append(read_dicom_metadata(path))
-        except DicomReadError as error:
-            unreadable.append((Path(path), error.reason))
-    return MetadataScan(records=records, unreadable=unreadable)
-
-
-def scan_pictures(paths: Sequence[Path], metadata: MetadataTable | None, *, progress: bool = False) -> MetadataScan:
-    """Each PNG/JPEG's size from its header (no decoding) and its tags from ``metadata`` (empty without a row); unreadable files listed."""
-    records: list[DicomMeta] = []
-    unreadable: list[tuple[Path, str]] = []
-    tags_of = metadata.tags if metadata is not None else {}
-    for path in tqdm(paths, desc="eda images", unit="file", disable=None if progress else True):
-        try:
-            width, height = read_picture_size(Path(path))
-        except ImageReadError as error:
-            unreadable.append((Path(path), error.reason))
-            continue
-        tags = tags_of.get(Path(path).stem, ImageTags())
-        records.append(
-            DicomMeta(
-                path=Path(path),
-                patient_id=Path(path).stem,
-                patient_id_tag="",
-                age=tags.age,
-                sex=tags.sex,
-                view_position=tags.view_position,
-                rows=height,
-                columns=width,
-                pixel_spacing=tags.pixel_spacing,
-                modality="",
-                photometric_interpretation="",
-            )
-        )
-    return MetadataScan(records=records, unreadable=unreadable)
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -411,214 +100,6 @@ class EdaReport:
         ]
 
 
-def new_figure(width_inches: float, height_inches: float) -> Figure:
-    figure = Figure(figsize=(width_inches, height_inches), layout="constrained")
-    # An explicit Agg canvas: no pyplot, so no global figure state and no display is ever needed.
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def figure_to_png(figure: Figure) -> bytes:
-    """The figure as PNG bytes."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
-    return buffer.getvalue()
-
-
-def _percent(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f}%" if whole else "–"
-
-
-def _annotate_bars(axes, bars, labels: Sequence[str]) -> None:
-    for bar, text in zip(bars, labels, strict=True):
-        axes.annotate(
-            text,
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=9,
-            xytext=(0, 2),
-            textcoords="offset points",
-        )
-
-
-def plot_class_balance(stats: EdaStats) -> bytes:
-    """Bars of patients per class (or per Target without class info)."""
-    if stats.class_counts is not None:
-        counts = {name: count for name, count in stats.class_counts.items() if count or name != NO_CLASS}
-        colors = [CLASS_COLORS.get(name, "#999999") for name in counts]
-    else:
-        counts = {"Target 0 (no box)": stats.negative_count, "Target 1 (box)": stats.positive_count}
-        colors = [TARGET_COLORS[0], TARGET_COLORS[1]]
-    figure = new_figure(6, 3.6)
-    axes = figure.add_subplot()
-    bars = axes.bar(range(len(counts)), list(counts.values()), color=colors)
-    axes.set_xticks(range(len(counts)), [name.replace(" / ", " /\n") for name in counts], fontsize=9)
-    _annotate_bars(axes, bars, [f"{count:,}\n({_percent(count, stats.patient_count)})" for count in counts.values()])
-    axes.set_ylabel("patients")
-    axes.set_ylim(0, max([*counts.values(), 1]) * 1.25)
-    axes.set_title("Patients per class" if stats.class_counts is not None else "Patients per Target")
-    return figure_to_png(figure)
-
-
-def plot_boxes_per_image(stats: EdaStats) -> bytes:
-    """Bars of positive patients by their number of boxes."""
-    figure = new_figure(5, 3.4)
-    axes = figure.add_subplot()
-    names, counts = list(stats.boxes_per_positive), list(stats.boxes_per_positive.values())
-    bars = axes.bar(names, counts, color=TARGET_COLORS[1])
-    _annotate_bars(axes, bars, [f"{count:,} ({_percent(count, stats.positive_count)})" for count in counts])
-    axes.set_xlabel("boxes in the image")
-    axes.set_ylabel("positive patients")
-    axes.set_ylim(0, max([*counts, 1]) * 1.2)
-    axes.set_title("Boxes per positive image")
-    return figure_to_png(figure)
-
-
-def plot_box_sizes(stats: EdaStats) -> bytes:
-    """2-D histogram of box width x height (original pixels) with marginal histograms and median lines."""
-    figure = new_figure(6, 6)
-    grid = figure.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))
-    main = figure.add_subplot(grid[1, 0])
-    top = figure.add_subplot(grid[0, 0], sharex=main)
-    right = figure.add_subplot(grid[1, 1], sharey=main)
-    widths, heights = stats.box_widths, stats.box_heights
-    # One range for both axes, so a square box sits on the diagonal and shapes compare by eye.
-    limit = float(max(widths.max(initial=0), heights.max(initial=0), 1)) * 1.02
-    edges = np.linspace(0, limit, 41)
-    counts, _, _ = np.histogram2d(widths, heights, bins=[edges, edges])
-    shown = np.ma.masked_equal(counts.T, 0)  # empty bins stay white instead of the colormap's lowest colour
-    image = main.pcolormesh(edges, edges, shown, cmap="viridis")
-    figure.colorbar(image, ax=right, label="boxes per bin", location="right")
-    top.hist(widths, bins=edges, color=TARGET_COLORS[1])
-    right.hist(heights, bins=edges, color=TARGET_COLORS[1], orientation="horizontal")
-    if stats.median_box_width is not None:
-        for axes in (main, top):
-            axes.axvline(stats.median_box_width, color="crimson", linestyle="--", linewidth=1)
-        for axes in (main, right):
-            axes.axhline(stats.median_box_height, color="crimson", linestyle="--", linewidth=1)
-        # In the empty corner, not at the crossing, where it would sit on the densest bins.
-        main.text(
-            0.97,
-            0.03,
-            f"dashed: medians\nwidth {stats.median_box_width:.0f} px, height {stats.median_box_height:.0f} px",
-            transform=main.transAxes,
-            ha="right",
-            va="bottom",
-            color="crimson",
-            fontsize=9,
-        )
-    main.set_xlim(0, limit)
-    main.set_ylim(0, limit)
-    main.set_xlabel("box width (px, original image pixels)")
-    main.set_ylabel("box height (px, original image pixels)")
-    top.set_ylabel("boxes")
-    right.set_xlabel("boxes")
-    top.tick_params(labelbottom=False)
-    right.tick_params(labelleft=False)
-    top.set_title(f"Box width and height ({stats.box_count:,} boxes)")
-    return figure_to_png(figure)
-
-
-def plot_box_heatmap(stats: EdaStats) -> bytes:
-    """Where boxes fall: boxes covering each grid cell per 100 positive images."""
-    figure = new_figure(5.6, 4.8)
-    axes = figure.add_subplot()
-    per_hundred = stats.heatmap * (100 / stats.positive_count) if stats.positive_count else stats.heatmap
-    image = axes.imshow(per_hundred, extent=(0, 1, 1, 0), cmap="magma", interpolation="nearest")
-    figure.colorbar(image, ax=axes, label="boxes over the cell per 100 positive images")
-    axes.set_xlabel("x / image width  (image left = patient's right)")
-    axes.set_ylabel("y / image height")
-    grid = stats.heatmap.shape[0]
-    axes.set_title(f"Box locations ({grid}x{grid} grid)")
-    return figure_to_png(figure)
-
-
-def plot_age_by_target(metadata: MetadataStats) -> bytes:
-    """Histograms of patient age (years) for Target 0 and 1, each scaled to its own total."""
-    figure = new_figure(6, 3.6)
-    axes = figure.add_subplot()
-    edges = np.arange(0, MAX_PLAUSIBLE_AGE_YEARS + 5, 5)
-    for target, name in ((0, "Target 0 (no box)"), (1, "Target 1 (box)")):
-        ages = metadata.ages_by_target[target]
-        ages = ages[ages <= MAX_PLAUSIBLE_AGE_YEARS]
-        if len(ages):
-            # Each group as a share of itself: positives are a quarter of the data and would look flat.
-            axes.hist(
-                ages,
-                bins=edges,
-                weights=np.full(len(ages), 100 / len(ages)),
-                histtype="step",
-                linewidth=2,
-                color=TARGET_COLORS[target],
-                label=f"{name}, n={len(ages):,}",
-            )
-    axes.set_xlabel("age (years, 5-year bins)")
-    axes.set_ylabel("% of the group")
-    axes.set_xlim(0, 100)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=9, loc="upper right")  # few patients are over 80, so that corner is empty
-    axes.set_title("Age by target")
-    return figure_to_png(figure)
-
-
-def plot_groups_by_target(groups: Mapping[str, GroupCounts], *, title: str, xlabel: str) -> bytes:
-    """Side-by-side bars of negatives and positives per group, with each group's positive rate above."""
-    figure = new_figure(5, 3.6)
-    axes = figure.add_subplot()
-    names = list(groups)
-    positions = np.arange(len(names))
-    negatives = [groups[name].negatives for name in names]
-    positives = [groups[name].positives for name in names]
-    axes.bar(positions - 0.2, negatives, width=0.4, color=TARGET_COLORS[0], label="Target 0")
-    axes.bar(positions + 0.2, positives, width=0.4, color=TARGET_COLORS[1], label="Target 1")
-    top = max([*negatives, *positives, 1])
-    for position, name in zip(positions, names, strict=True):
-        rate = groups[name].positive_rate
-        text = f"{100 * rate:.1f}% positive" if rate is not None else "–"
-        axes.annotate(
-            text,
-            (position, max(groups[name].negatives, groups[name].positives)),
-            ha="center",
-            va="bottom",
-            xytext=(0, 3),
-            textcoords="offset points",
-            fontsize=9,
-        )
-    axes.set_xticks(positions, names)
-    axes.set_ylim(0, top * 1.25)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel("patients")
-    axes.legend(fontsize=9, loc="upper left")
-    axes.set_title(title)
-    return figure_to_png(figure)
-
-
-def plot_pixel_spacing(metadata: MetadataStats) -> bytes:
-    """Histogram of the row pixel spacing (mm)."""
-    figure = new_figure(5, 3.4)
-    axes = figure.add_subplot()
-    spacing = metadata.pixel_spacings_mm[:, 0]
-    if len(spacing):
-        low, high = float(spacing.min()), float(spacing.max())
-        axes.hist(spacing, bins=np.linspace(low - 0.005, high + 0.005, 31), color="#55a868")
-    axes.set_xlabel("pixel spacing (mm per pixel, rows)")
-    axes.set_ylabel("DICOMs")
-    axes.set_title("Pixel spacing")
-    return figure_to_png(figure)
-
-
-def encode_sample_png(patient: PatientLabels, path: Path) -> tuple[bytes, int]:
-    """Read one image's pixels (DICOM, PNG or JPEG) and draw its truth boxes (XYWH_ABS, original pixels) at page size.
-
-    Returns the PNG bytes and the number of boxes drawn. Raises ImageReadError if it cannot be decoded.
-    """
-    image = read_xray_file(path)
-    pixels, truth, _ = fit_for_display(image.pixels, as_box_array(patient.boxes), None, max_size=SAMPLE_MAX_SIZE)
-    rgb = draw_overlay(pixels, truth=truth, prediction=None, title=patient.patient_id)
-    return encode_image(rgb, ".png", what=f"{path}: the sample image"), len(truth)
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -636,12 +117,12 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
     total = stats.patient_count
     balance_numbers = [
         f"{total:,} patients, {stats.box_count:,} boxes",
-        f"positive (Target 1): {stats.positive_count:,} ({_percent(stats.positive_count, total)})",
-        f"negative (Target 0): {stats.negative_count:,} ({_percent(stats.negative_count, total)})",
+        f"positive (Target 1): {stats.positive_count:,} ({percent(stats.positive_count, total)})",
+        f"negative (Target 0): {stats.negative_count:,} ({percent(stats.negative_count, total)})",
     ]
     if stats.class_counts is not None:
         balance_numbers += [
-            f"{name}: {count:,} ({_percent(count, total)})"
+            f"{name}: {count:,} ({percent(count, total)})"
             for name, count in stats.class_counts.items()
             if count or name != NO_CLASS
         ]
@@ -665,7 +146,7 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
                 "Boxes per positive image",
                 "How many opacity boxes each positive image has; the detector must find all of them.",
                 [
-                    f"{name} box{'es' if name != '1' else ''}: {count:,} ({_percent(count, stats.positive_count)})"
+                    f"{name} box{'es' if name != '1' else ''}: {count:,} ({percent(count, stats.positive_count)})"
                     for name, count in stats.boxes_per_positive.items()
                 ]
                 + [
@@ -744,7 +225,7 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
         ("view_position_by_target.png", "View position", "ViewPosition", metadata.view_by_target),
     ):
         numbers = [
-            f"{name}: {counts.total:,} patients, {counts.positives:,} positive ({_percent(counts.positives, counts.total)})"
+            f"{name}: {counts.total:,} patients, {counts.positives:,} positive ({percent(counts.positives, counts.total)})"
             for name, counts in groups.items()
         ]
         caption = f"{tag} against Target, with the positive rate of each group."

@@ -20,7 +20,7 @@ from lungdet.data_tools.dicom_io import DicomMeta
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, read_labels
 from lungdet.data_tools.metadata import read_metadata_csv
 from lungdet.errors import LabelError
-from lungdet.show import eda
+from lungdet.show import eda, eda_figures, eda_stats
 
 # Five patients in the 1024 space: a has two boxes, c one, e one box that runs past the right edge.
 TINY_LABELS = """patientId,x,y,width,height,Target
@@ -88,7 +88,7 @@ def png_names_in(index_html: Path) -> list[str]:
 
 def test_stats_of_a_hand_made_labels_file(tmp_path: Path) -> None:
     labels = read_labels(*write_tiny_labels(tmp_path, with_class_info=True))
-    stats = eda.compute_stats(labels)
+    stats = eda_stats.compute_stats(labels)
 
     assert (stats.patient_count, stats.positive_count, stats.negative_count, stats.box_count) == (5, 3, 2, 4)
     assert stats.class_counts == {NORMAL_CLASS: 1, NOT_NORMAL_CLASS: 1, POSITIVE_CLASS: 3}
@@ -112,7 +112,7 @@ def test_stats_of_a_hand_made_labels_file(tmp_path: Path) -> None:
 
 def test_stats_without_class_info_count_targets(tmp_path: Path) -> None:
     labels = read_labels(*write_tiny_labels(tmp_path, with_class_info=False))
-    stats = eda.compute_stats(labels)
+    stats = eda_stats.compute_stats(labels)
     assert stats.class_counts is None
     assert (stats.positive_count, stats.negative_count) == (3, 2)
 
@@ -120,7 +120,7 @@ def test_stats_without_class_info_count_targets(tmp_path: Path) -> None:
 def test_heatmap_normalises_each_box_by_its_own_image_size(tmp_path: Path) -> None:
     labels = read_labels(*write_tiny_labels(tmp_path, with_class_info=False))
     # a's image is 2048 rows x 1024 columns: its boxes keep their x extent but shrink to half in y.
-    stats = eda.compute_stats(labels, [meta("a", rows=2048, columns=1024)])
+    stats = eda_stats.compute_stats(labels, [meta("a", rows=2048, columns=1024)])
     a_area = 512 * 256 / 2 / 256 + 256 * 128 / 2 / 256
     assert stats.heatmap.sum() == pytest.approx(a_area + 234.375 + 1.5)
     assert (stats.heatmap_own_size_count, stats.heatmap_assumed_size_count) == (1, 2)
@@ -132,12 +132,12 @@ def test_heatmap_normalises_each_box_by_its_own_image_size(tmp_path: Path) -> No
 
 def test_box_coverage_grid_counts_fractions_of_cells() -> None:
     # A box over the middle half of a 4x4 grid in x, and the top quarter plus half a cell in y.
-    grid = eda.box_coverage_grid(np.array([[0.25, 0.0, 0.5, 0.375]]), grid_size=4)
+    grid = eda_stats.box_coverage_grid(np.array([[0.25, 0.0, 0.5, 0.375]]), grid_size=4)
     expected = np.zeros((4, 4))
     expected[0, 1:3] = 1.0
     expected[1, 1:3] = 0.5
     np.testing.assert_allclose(grid, expected)
-    assert eda.box_coverage_grid(np.zeros((0, 4)), grid_size=4).sum() == 0.0
+    assert eda_stats.box_coverage_grid(np.zeros((0, 4)), grid_size=4).sum() == 0.0
 
 
 def test_metadata_stats_join_by_patient_id(tmp_path: Path) -> None:
@@ -150,18 +150,18 @@ def test_metadata_stats_join_by_patient_id(tmp_path: Path) -> None:
         meta("zz-not-labelled"),
         dataclasses.replace(meta("a"), path=Path("/elsewhere/a.dcm")),
     ]
-    stats = eda.compute_metadata_stats(labels, metadata)
+    stats = eda_stats.compute_metadata_stats(labels, metadata)
 
     assert (stats.file_count, stats.labelled_count) == (6, 4)
     assert stats.unlabelled_paths == [Path("/data/zz-not-labelled.dcm")]
     assert stats.duplicate_paths == [Path("/elsewhere/a.dcm")]
     assert stats.labelled_without_dicom_count == 1  # e
     assert stats.sex_by_target == {
-        "F": eda.GroupCounts(negatives=2, positives=0),
-        "M": eda.GroupCounts(0, 1),
-        "unknown": eda.GroupCounts(0, 1),
+        "F": eda_stats.GroupCounts(negatives=2, positives=0),
+        "M": eda_stats.GroupCounts(0, 1),
+        "unknown": eda_stats.GroupCounts(0, 1),
     }
-    assert stats.view_by_target == {"AP": eda.GroupCounts(0, 2), "PA": eda.GroupCounts(2, 0)}
+    assert stats.view_by_target == {"AP": eda_stats.GroupCounts(0, 2), "PA": eda_stats.GroupCounts(2, 0)}
     assert stats.view_by_target["AP"].positive_rate == 1.0 and stats.view_by_target["PA"].positive_rate == 0.0
     np.testing.assert_array_equal(stats.ages_by_target[0], [30, 150])
     np.testing.assert_array_equal(stats.ages_by_target[1], [60])
@@ -172,7 +172,7 @@ def test_metadata_stats_join_by_patient_id(tmp_path: Path) -> None:
 
 def test_stats_of_the_real_labels_file(rsna_labels_csv: Path, rsna_class_info_csv: Path) -> None:
     labels = read_labels(rsna_labels_csv, rsna_class_info_csv)
-    stats = eda.compute_stats(labels)
+    stats = eda_stats.compute_stats(labels)
 
     assert (stats.patient_count, stats.positive_count, stats.box_count) == (26_684, 6_012, 9_555)
     assert stats.class_counts == {NORMAL_CLASS: 8_851, NOT_NORMAL_CLASS: 11_821, POSITIVE_CLASS: 6_012}
@@ -185,8 +185,10 @@ def test_stats_of_the_real_labels_file(rsna_labels_csv: Path, rsna_class_info_cs
 
 def test_sample_order_depends_on_seed_only(tmp_path: Path) -> None:
     labels = read_labels(*write_tiny_labels(tmp_path, with_class_info=False))
-    first = eda.order_sample_candidates(labels, ["a", "b", "c", "d", "e", "not-labelled"], use_classes=False, seed=3)
-    again = eda.order_sample_candidates(labels, ["e", "d", "c", "b", "a"], use_classes=False, seed=3)
+    first = eda_stats.order_sample_candidates(
+        labels, ["a", "b", "c", "d", "e", "not-labelled"], use_classes=False, seed=3
+    )
+    again = eda_stats.order_sample_candidates(labels, ["e", "d", "c", "b", "a"], use_classes=False, seed=3)
     assert first == again
     assert list(first) == ["Target 0", "Target 1"]
     assert sorted(first["Target 0"]) == ["b", "d"] and sorted(first["Target 1"]) == ["a", "c", "e"]
@@ -197,9 +199,9 @@ def test_sample_order_depends_on_seed_only(tmp_path: Path) -> None:
 
 def test_metadata_of_the_real_dicoms_matches_their_tags(rsna_sample_dir: Path, rsna_labels_csv: Path) -> None:
     paths = dicom_io.find_dicoms(rsna_sample_dir)
-    scan = eda.scan_metadata(paths)
+    scan = eda_stats.scan_metadata(paths)
     assert len(scan.records) == 13 and scan.unreadable == []
-    stats = eda.compute_stats(read_labels(rsna_labels_csv), scan.records)
+    stats = eda_stats.compute_stats(read_labels(rsna_labels_csv), scan.records)
 
     datasets = [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
     views = Counter(str(dataset.ViewPosition) for dataset in datasets)
@@ -220,7 +222,7 @@ def test_only_the_sample_images_are_decoded(
 ) -> None:
     opened: list[bool] = []
     decoded: list[Path] = []
-    open_dataset, read_xray_file = dicom_io._open_dataset, eda.read_xray_file
+    open_dataset, read_xray_file = dicom_io._open_dataset, eda_figures.read_xray_file
 
     def recording_open(path, *, stop_before_pixels, data=None):
         opened.append(stop_before_pixels)
@@ -231,7 +233,7 @@ def test_only_the_sample_images_are_decoded(
         return read_xray_file(path)
 
     monkeypatch.setattr(dicom_io, "_open_dataset", recording_open)
-    monkeypatch.setattr(eda, "read_xray_file", counting_read)
+    monkeypatch.setattr(eda_figures, "read_xray_file", counting_read)
     labels = read_labels(rsna_labels_csv, rsna_class_info_csv)
     report = eda.write_eda(
         tmp_path / "out",
@@ -300,7 +302,7 @@ def test_cli_writes_a_page_that_shows_every_png(
         image = cv2.imread(str(out / name))
         assert image is not None and image.shape[0] > 100 and image.shape[1] > 100
     samples = [cv2.imread(str(out / name)) for name in referenced if name.startswith("sample_")]
-    assert all(max(image.shape[:2]) == eda.SAMPLE_MAX_SIZE for image in samples)
+    assert all(max(image.shape[:2]) == eda_figures.SAMPLE_MAX_SIZE for image in samples)
     assert not list(out.glob(".*.tmp"))
     assert "lungdet is a research tool, not a diagnostic device" in page
     assert str(rsna_labels_csv) in page and str(dicom_dir) in page
@@ -389,8 +391,8 @@ def test_an_image_folder_with_its_metadata_csv_gives_the_tag_figures(tmp_path: P
 
     labels = read_labels(rsna_real_dir / "labels.csv")
     tags = read_metadata_csv(rsna_real_dir / "metadata.csv").tags
-    scan = eda.scan_pictures(chosen, read_metadata_csv(rsna_real_dir / "metadata.csv"))
-    stats = eda.compute_metadata_stats(labels, scan.records)
+    scan = eda_stats.scan_pictures(chosen, read_metadata_csv(rsna_real_dir / "metadata.csv"))
+    stats = eda_stats.compute_metadata_stats(labels, scan.records)
     expected_views = Counter(tags[path.stem].view_position for path in chosen)
     assert {view: counts.total for view, counts in stats.view_by_target.items()} == dict(expected_views)
     assert all((record.rows, record.columns) == (1024, 1024) for record in scan.records)
