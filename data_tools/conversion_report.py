@@ -47,6 +47,7 @@ class ConversionReport:
     )  # rows of --metadata that could not be used as given
 
     def to_dict(self) -> dict[str, object]:
+        """JSON-ready dict of every field (``dataclasses.asdict``), as ``conversion_report.json`` holds it."""
         return asdict(self)
 
 

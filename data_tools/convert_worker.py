@@ -207,6 +207,10 @@ class FileResult:
 
     @classmethod
     def from_journal(cls, entry: dict[str, Any]) -> FileResult:
+        """The result a journal line records (the inverse of :meth:`to_journal`).
+
+        A malformed entry raises ``KeyError`` or ``TypeError``.
+        """
         if "bad" in entry:
             return cls(entry["file"], entry["signature"], refusal=Refusal(**entry["bad"]))
         return cls(entry["file"], entry["signature"], image=ConvertedImage(**entry["image"]), notes=entry["notes"])

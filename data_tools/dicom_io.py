@@ -313,10 +313,12 @@ class DisplayWindow:
 
     @property
     def center(self) -> float:
+        """The window centre (DICOM Window Center) in stored pixel values after rescale."""
         return (self.lower + self.upper + 1) / 2
 
     @property
     def width(self) -> float:
+        """The window width (DICOM Window Width) in stored pixel values after rescale."""
         return self.upper - self.lower + 1
 
 

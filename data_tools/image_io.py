@@ -79,10 +79,12 @@ class XrayImage:
 
     @property
     def width(self) -> int:
+        """Width of the decoded image in pixels (the columns of ``pixels``)."""
         return int(self.pixels.shape[1])
 
     @property
     def height(self) -> int:
+        """Height of the decoded image in pixels (the rows of ``pixels``)."""
         return int(self.pixels.shape[0])
 
     @property

@@ -265,6 +265,7 @@ def _convert_dataset(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``lungdet convert``."""
     parser = argparse.ArgumentParser(
         prog="lungdet convert",
         description="Convert RSNA DICOMs (or their PNG/JPEG derivatives) and labels into a COCO dataset (8-bit images, negatives kept) "
@@ -339,6 +340,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``lungdet convert`` with parsed arguments and print the summary; returns the exit status (0 on success).
+
+    1 when no image was converted, or with ``--strict`` when any file could not be read. ``--metadata`` or
+    ``--label-space`` with ``--dicom-dir`` raises :class:`LungdetError`.
+    """
     if args.dicom_dir is not None and (args.metadata is not None or args.label_space is not None):
         raise LungdetError(
             "--metadata and --label-space go with --image-dir; a DICOM carries its own tags and pixel space"

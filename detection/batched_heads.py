@@ -178,6 +178,10 @@ class Float32BoxCoder(BoxCoder):
     """
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        """torchvision's ``decode_single`` on float32 copies of its inputs: boxes come out float32 under autocast.
+
+        ``rel_codes`` ``[N, 4 * K]`` offsets are applied to ``boxes`` XYXY ``[N, 4]``; returns XYXY ``[N, 4 * K]``.
+        """
         return super().decode_single(rel_codes.float(), boxes.float())
 
 
@@ -189,6 +193,11 @@ class SharedAnchorGenerator(AnchorGenerator):
     """
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        """The same anchors for every image: float32 XYXY ``[A, 4]`` in padded-input pixels, every level's in turn.
+
+        The list repeats one tensor object (which :func:`anchor_batch` recognises), cached while the padded input size,
+        the feature-map sizes and the device stay the same.
+        """
         grid_sizes = tuple(tuple(feature_map.shape[-2:]) for feature_map in feature_maps)
         image_size = tuple(image_list.tensors.shape[-2:])
         # float32 whatever the features' dtype: torchvision follows them, so under bf16 autocast
@@ -221,6 +230,13 @@ class BatchedTransform(GeneralizedRCNNTransform):
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
+        """Float ``[3, H, W]`` images of one size -> an ``ImageList`` of normalised ``[B, 3, H', W']`` and the targets.
+
+        The batch is stacked and normalised in one operation and zero-padded at the bottom and right to a multiple of
+        ``size_divisible``; the image sizes stay ``(H, W)`` and the targets are shallow copies (``masks`` as uint8), as
+        torchvision returns them. Images of several sizes or that need resizing, keypoints and tracing go through
+        torchvision's ``forward``.
+        """
         if not self._is_identity_resize(images, targets):
             return super().forward(images, targets)
         batch = torch.stack(images)
@@ -275,6 +291,12 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
     def assign_targets_to_anchors(
         self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's anchor labels and matched boxes, matched for the whole batch at once.
+
+        Returns per image float32 ``[A]`` labels (1 foreground, 0 background, -1 between the thresholds: ignored) and
+        the matched ground-truth boxes, float32 XYXY ``[A, 4]``. An image without ground truth gets all 0 and zero
+        boxes, as in torchvision.
+        """
         batch_anchors = anchor_batch(anchors)
         gt_boxes, gt_valid = pad_boxes([target["boxes"] for target in targets], min_length=1)
         matches = batched_match(batched_box_iou(gt_boxes, batch_anchors), gt_valid, self.proposal_matcher)
@@ -286,6 +308,13 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
     ) -> tuple[Tensor, Tensor]:
+        """torchvision's RPN losses, sampled and summed for the whole batch at once: ``(objectness loss, box loss)``.
+
+        ``objectness`` ``[B * A, 1]`` logits and ``pred_bbox_deltas`` ``[B * A, 4]``, image after image; ``labels``
+        ``[A]`` and ``regression_targets`` ``[A, 4]`` per image, from :meth:`assign_targets_to_anchors`. Binary
+        cross-entropy over the sampled anchors and smooth L1 (beta 1/9) over the sampled positives, both divided by the
+        number sampled. The sample comes from :func:`balanced_sample`: torchvision's distribution, other draws.
+        """
         labels_batch = torch.stack(labels)
         images = labels_batch.shape[0]
         sampler = self.fg_bg_sampler
@@ -315,6 +344,13 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
         image_shapes: list[tuple[int, int]],
         num_anchors_per_level: list[int],
     ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's proposal filtering, with top-n, clipping and the size and score filters for the batch at once.
+
+        ``proposals`` ``[B, A, 4]`` decoded XYXY, ``objectness`` logits ``[B * A, 1]``. Returns per image up to
+        ``post_nms_top_n`` boxes XYXY ``[K, 4]`` (clipped to the image) and their scores ``[K]`` (sigmoid, in [0, 1]),
+        highest first; the NMS within each FPN level still runs image by image. Images of different sizes go through
+        torchvision's code.
+        """
         if any(shape != image_shapes[0] for shape in image_shapes):
             return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
         images, device = proposals.shape[0], proposals.device
@@ -364,11 +400,24 @@ class BatchedRoIHeads(RoIHeads):
     def postprocess_detections(
         self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """torchvision's ``postprocess_detections`` on float32 inputs: boxes and scores stay float32 under autocast.
+
+        ``class_logits`` ``[N, classes]`` and ``box_regression`` ``[N, 4 * classes]`` for the proposals of all images;
+        returns per image boxes XYXY ``[D, 4]`` (model-input pixels), softmax scores ``[D]`` in [0, 1] and labels
+        ``[D]``.
+        """
         return super().postprocess_detections(class_logits.float(), box_regression.float(), proposals, image_shapes)
 
     def select_training_samples(
         self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """torchvision's ``select_training_samples``, with proposals matched and sampled for the whole batch at once.
+
+        ``proposals`` are per image XYXY ``[P_i, 4]``, to which the ground-truth boxes are added as torchvision does;
+        ``targets`` are required (ValueError without). Returns, per image, for its sampled proposals: the proposals
+        ``[S_i, 4]``, their matched ground-truth index ``[S_i]``, int64 labels ``[S_i]`` (0 = background) and regression
+        targets ``[S_i, 4]``. The sample comes from :func:`balanced_sample`: torchvision's distribution, other draws.
+        """
         self.check_targets(targets)
         if targets is None:
             raise ValueError("targets should not be None")
@@ -417,6 +466,12 @@ class BatchedRetinaNetLoss(RetinaNet):
     def postprocess_detections(
         self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
+        """torchvision's ``postprocess_detections`` on float32 head outputs: float32 boxes and scores under autocast.
+
+        ``head_outputs`` holds ``cls_logits`` and ``bbox_regression`` split by FPN level, ``anchors`` each image's split
+        likewise. Returns one dict per image: ``boxes`` XYXY ``[D, 4]`` (model-input pixels), ``scores`` ``[D]`` in
+        [0, 1] and ``labels`` ``[D]``.
+        """
         # float32 scores, as the box heads' (see above BatchedRoIHeads).
         as_float32 = {name: [level.float() for level in levels] for name, levels in head_outputs.items()}
         return super().postprocess_detections(as_float32, anchors, image_shapes)
@@ -424,6 +479,13 @@ class BatchedRetinaNetLoss(RetinaNet):
     def compute_loss(
         self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor]
     ) -> dict[str, Tensor]:
+        """torchvision's RetinaNet losses (``classification``, ``bbox_regression``) for the whole batch at once.
+
+        ``head_outputs`` holds ``cls_logits`` ``[B, A, classes]`` and ``bbox_regression`` ``[B, A, 4]``; ``anchors`` are
+        per image XYXY ``[A, 4]``. Sigmoid focal loss over every anchor not between the thresholds, and l1 or smooth l1
+        (beta 1) over the foreground ones; each image's sums are divided by its foreground count (at least 1), then
+        averaged over the images. Other box losses (ciou, diou, giou) go through torchvision's code.
+        """
         loss_type = self.head.regression_head._loss_type
         if loss_type not in ("l1", "smooth_l1"):
             return super().compute_loss(targets, head_outputs, anchors)

@@ -84,6 +84,12 @@ class ImageClassifier(nn.Module):
         self.classes = nn.Linear(features, len(IMAGE_CLASSES)) if class_info else None
 
     def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Logits for float32 ``images`` ``[N, 3, S, S]`` in [0, 1]: ``{"logits": [N]}`` (and ``"class_logits"``).
+
+        ``"class_logits"`` ``[N, 3]`` comes with ``class_info``. ``metadata`` ``[N, F]`` (one-hot ``METADATA_FEATURES``)
+        adds its learned term to the logit when the classifier was built with ``metadata``; otherwise, or when None, it
+        adds nothing.
+        """
         features = self.network(images).float()
         logits = self.logit(features).squeeze(1)
         if self.metadata is not None and metadata is not None:

@@ -37,6 +37,8 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass
 class ModelConfig:
+    """The ``model:`` section: architecture, input size, weights, anchors, RPN and box-head settings, image head."""
+
     # one of MODEL_ARCHITECTURES
     architecture: str = ranged(
         "fasterrcnn_resnet50_fpn",
@@ -95,6 +97,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The ``data:`` section: validation fold, batch size, loading, share of positives per epoch, quick-run caps."""
+
     # which fold of folds.csv validates; the others train (-1: every image trains and none validates, for a final model; the cut-offs then come from elsewhere, see lungdet cv --final)
     fold: int = ranged(0, check=lambda v: v >= -1, allowed=">= 0, or -1 for every image and no validation")
     # images per optimizer step
@@ -156,6 +160,8 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
+    """The ``optim:`` section: optimizer, learning-rate schedule, epochs, clipping, accumulation, EMA, loss weights."""
+
     # 'sgd' or 'adamw'
     optimizer: str = ranged("sgd", check=lambda v: v in ("sgd", "adamw"), allowed="'sgd' or 'adamw'")
     # peak learning rate
@@ -192,6 +198,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """A whole training config: the ``model``, ``data``, ``augment`` and ``optim`` sections and the run-wide settings.
+
+    The run-wide settings: seed, device, mixed precision, memory layout, compilation, checkpointing, TensorBoard, time
+    limit and the validation cut-offs tried.
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -276,6 +288,7 @@ def load_config(name_or_path: str | Path | None, overrides: list[str] | None = N
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as nested plain dicts and lists: what ``config.yaml`` and every checkpoint's ``config`` hold."""
     return dataclasses.asdict(config)
 
 

@@ -52,15 +52,21 @@ SUMMARY_FILE = "summary.json"
 
 
 def fold_dir(out_dir: Path, fold: int) -> Path:
+    """Fold ``fold``'s run folder: ``OUT/fold{fold}``."""
     return Path(out_dir) / f"fold{fold}"
 
 
 def read_state(out_dir: Path) -> dict[str, Any]:
+    """``OUT/cv_state.json``: ``done``, the finished folds, and ``final`` once the final model is trained.
+
+    ``{"done": []}`` when there is no such file yet.
+    """
     path = Path(out_dir) / STATE_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"done": []}
 
 
 def read_done(out_dir: Path) -> list[int]:
+    """The folds recorded as finished in ``OUT/cv_state.json`` (empty without the file)."""
     return read_state(out_dir)["done"]
 
 
@@ -75,6 +81,10 @@ def mark_done(out_dir: Path, fold: int | None = None, *, final: bool = False) ->
 
 
 def parse_folds(text: str) -> list[int]:
+    """``--folds``: ``'0,2,1'`` -> ``[0, 1, 2]`` (sorted, no repeats).
+
+    An ``ArgumentTypeError`` for anything but comma-separated fold numbers >= 0.
+    """
     try:
         folds = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
@@ -299,6 +309,10 @@ def summarize(
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    """:func:`summarize`'s result as ``lungdet cv`` prints it.
+
+    One line per fold (mAP, cut-off, images), their mean and sd, and the pooled out-of-fold mAP with its interval.
+    """
     lines = ["fold   mAP      cut-off  images"]
     for fold, values in summary["folds"].items():
         lines.append(f"{fold:<6} {values['map']:.4f}   {values['score_threshold']:<7g}  {values['n_images']}")
@@ -311,6 +325,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``lungdet cv``."""
     parser = argparse.ArgumentParser(
         prog="lungdet cv",
         description="Cross-validation: train one run per fold, predict each fold's validation patients with its model "
@@ -356,6 +371,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``lungdet cv`` with parsed arguments; returns the exit status (0 on success).
+
+    Every process trains the folds (and, with ``--final``, the final model); rank 0 alone then predicts out of fold and
+    writes ``oof.csv``, ``oof_labels.csv`` and ``summary.json``. A fold the dataset lacks is a LungdetError before any
+    training.
+    """
     available = sorted({record.fold for record in load_records(args.data)})
     folds = args.folds if args.folds is not None else available
     missing = [fold for fold in folds if fold not in available]

@@ -221,6 +221,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.negatives = [index for index in range(size) if positives is not None and not positives[index]]
 
     def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` (from 1; it seeds the order) at its first sample, undoing any :meth:`resume_at`."""
         self.epoch = epoch
         self.start = 0
 

@@ -94,6 +94,7 @@ def predict_and_score(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``lungdet demo``."""
     parser = argparse.ArgumentParser(
         prog="lungdet demo",
         description="Run synth -> convert -> train -> predict -> score -> visualize on CPU in a few minutes.",
@@ -230,6 +231,11 @@ def single_model_postprocess(detector: Detector) -> PostprocessConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``lungdet demo`` with parsed arguments; returns the exit status (0 on success).
+
+    With ``--real`` it is :func:`real_main`; otherwise the five stages run on CPU under ``--out``, and the real RSNA
+    sample is predicted and scored too when ``--sample-dir`` holds it.
+    """
     if args.real:
         return real_main(args)
     out: Path = args.out

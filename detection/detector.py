@@ -157,6 +157,7 @@ class ModelRunner(PreparedInputRunner):
 
     @property
     def metadata_weights(self) -> tuple[float, ...] | None:
+        """The image head's metadata weights (one per ``METADATA_FEATURES`` entry); None without them."""
         return self.probability_map.metadata_weights
 
     @torch.no_grad()
@@ -217,18 +218,22 @@ class Detector:
 
     @property
     def image_size(self) -> int:
+        """The square side, in pixels, images are resized to for the model."""
         return self.runner.image_size
 
     @property
     def preprocessing(self) -> Mapping[str, Any]:
+        """What ``lungdet convert`` did to the training images (``image_size``, ``normalization``); ``{}`` for none."""
         return self.runner.preprocessing or {}
 
     @property
     def device(self) -> str:
+        """The device the model runs on, as a string (e.g. ``'cpu'``, ``'cuda'``)."""
         return str(self.runner.device)
 
     @property
     def precision_name(self) -> str:
+        """The forward pass's precision: ``'fp32'``, ``'bf16'`` or ``'fp16'``; an export runs in ``'fp32'``."""
         # Exports are traced in float32 and run so.
         precision = getattr(self.runner, "precision", None)
         return precision.name if precision is not None else "fp32"

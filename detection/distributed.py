@@ -40,6 +40,7 @@ class Distributed:
 
     @property
     def enabled(self) -> bool:
+        """Whether the job has more than one process; with one, the collectives here do nothing."""
         return self.world_size > 1
 
     @property
@@ -117,6 +118,7 @@ def start(job: Distributed, device: torch.device) -> bool:
 
 
 def stop(job: Distributed) -> None:
+    """Leave the process group joined by :func:`start`; nothing for a single process or when no group is joined."""
     if job.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

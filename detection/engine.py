@@ -36,6 +36,10 @@ class NonFiniteLossError(LungdetError):
 def move_to_device(
     images: list[torch.Tensor], targets: list[dict], device: torch.device
 ) -> tuple[list[torch.Tensor], list[dict]]:
+    """A batch's images and every tensor of its targets on ``device`` (new lists and dicts), copied without blocking.
+
+    The copies overlap the computation only from pinned memory; every target value must be a tensor.
+    """
     return [image.to(device, non_blocking=True) for image in images], [
         {key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets
     ]

@@ -102,6 +102,11 @@ class ExportGraph(nn.Module):
         self.outputs_per_image = tuple(outputs_per_image)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """uint8 ``[batch, S, S]`` -> each image's ``outputs_per_image`` in turn, as one flat tuple.
+
+        Boxes are XYXY float32 ``[n, 4]`` at S pixels, scores ``[n]``, labels ``[n]`` and, with an image head, its
+        probability ``[]``.
+        """
         # The same arithmetic as ModelRunner.predict_prepared, so eager and exported runs see the same floats.
         inputs = images.float().div(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
         outputs = self.detector(list(inputs.unbind(0)))
@@ -217,6 +222,11 @@ def trace_quietly() -> contextlib.AbstractContextManager:
 
 
 def write_onnx(graph: ExportGraph, example: torch.Tensor, metadata: dict[str, Any], out: Path) -> None:
+    """Trace ``graph`` on ``example`` (uint8 ``[batch, S, S]``) into an ONNX file at ``out``, written atomically.
+
+    Opset 17, outputs named by ``metadata['output_names']``; ``metadata`` goes in as JSON under the ``lungdet`` key.
+    Without the onnx package, a LungdetError that says how to install it.
+    """
     try:
         import onnx
     except ImportError:
@@ -241,6 +251,11 @@ def write_onnx(graph: ExportGraph, example: torch.Tensor, metadata: dict[str, An
 
 
 def write_torchscript(graph: ExportGraph, example: torch.Tensor, metadata: dict[str, Any], out: Path) -> None:
+    """Trace ``graph`` on ``example`` (uint8 ``[batch, S, S]``) into a TorchScript file at ``out``, written atomically.
+
+    ``metadata`` goes in as the extra file ``lungdet.json``. The trace records the device of ``example``: the file runs
+    there only.
+    """
     with trace_quietly():
         traced = torch.jit.trace(graph, (example,), check_trace=False)
     with atomic_path(out) as temporary, without_torchscript_deprecation():
@@ -260,6 +275,10 @@ class Parity:
 
     @property
     def ok(self) -> bool:
+        """Whether the export agrees: the same box counts, boxes within 1 px, scores within 1e-3.
+
+        The image probability's difference is reported, not checked.
+        """
         return (
             self.count_mismatches == 0
             and self.max_box_px <= MAX_BOX_DIFFERENCE_PX
@@ -267,6 +286,7 @@ class Parity:
         )
 
     def describe(self) -> str:
+        """One line for the user: images and boxes compared, box-count mismatches, and the largest differences."""
         probability = "" if self.max_probability is None else f", image probability within {self.max_probability:.1e}"
         return (
             f"{self.images} images, {self.boxes} boxes above the cut-off: {self.count_mismatches} images with another box count, "
@@ -403,6 +423,7 @@ def check_export(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``lungdet export``."""
     parser = argparse.ArgumentParser(
         prog="lungdet export",
         description="Export a trained checkpoint to ONNX (for onnxruntime) or TorchScript, as one file that carries its preprocessing, "
@@ -445,6 +466,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``lungdet export`` with parsed arguments; returns the exit status (0 on success).
+
+    Progress goes to stderr, the written file and its measured parity to stdout; an export that disagrees with the
+    checkpoint is removed and raises LungdetError (see :func:`export_checkpoint`).
+    """
     metadata, parity = export_checkpoint(
         args.checkpoint,
         args.out,

@@ -147,18 +147,22 @@ class ExportedModel(PreparedInputRunner):
 
     @property
     def image_size(self) -> int:
+        """The square side, in pixels, of the graph's input (fixed at export)."""
         return int(self.metadata["image_size"])
 
     @property
     def batch_size(self) -> int:
+        """The images per forward pass, fixed at export; :meth:`predict_prepared` pads a short chunk to it."""
         return int(self.metadata["batch_size"])
 
     @property
     def preprocessing(self) -> dict[str, Any]:
+        """What ``lungdet convert`` did to the training images (``image_size``, ``normalization``): a copy."""
         return dict(self.metadata["preprocessing"])
 
     @property
     def has_image_head(self) -> bool:
+        """Whether the graph also outputs the image head's probability (``image_probability_i``)."""
         return "image_probability" in self.metadata["outputs_per_image"]
 
     @property
@@ -172,6 +176,7 @@ class ExportedModel(PreparedInputRunner):
 
     @property
     def metadata_weights(self) -> tuple[float, ...] | None:
+        """The image head's metadata weights (one per ``METADATA_FEATURES`` entry); None without them."""
         return self.probability_map.metadata_weights
 
     def predict_prepared(

@@ -69,6 +69,7 @@ class ProbabilityMap:
     platt: tuple[float, float] | None = None
 
     def apply(self, probability: float | None, tags: ImageTags | None) -> float | None:
+        """The reported probability: the metadata term for ``tags`` added, then Platt scaling; None stays None."""
         return apply_platt(with_metadata(probability, tags, self.metadata_weights), self.platt)
 
 
@@ -117,6 +118,11 @@ class PreparedInputRunner:
     def predict_prepared(
         self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None
     ) -> list[ImageResult]:
+        """Every box for stacked prepared inputs (uint8 ``[N, S, S]``), ``shapes`` their originals' ``(rows, columns)``.
+
+        Returns an :class:`ImageResult` per image, in order, boxes XYWH_ABS in its original pixels; subclasses implement
+        it.
+        """
         raise NotImplementedError
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:

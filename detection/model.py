@@ -134,6 +134,10 @@ class ForegroundRetinaNet(RetinaNet):
     def compute_loss(
         self, targets: list[dict[str, torch.Tensor]], head_outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        """torchvision's RetinaNet losses, each target label ``k`` shifted to train output ``k - 1``.
+
+        Raises ValueError, naming the target, for a label outside ``1..num_classes`` (0, the background, included).
+        """
         num_classes = self.head.classification_head.num_classes
         every_label = torch.cat([target["labels"] for target in targets])
         # After the shift, a label outside 1..num_classes would index a wrong output, or wrap around
@@ -155,6 +159,10 @@ class ForegroundRetinaNet(RetinaNet):
         anchors: list[list[torch.Tensor]],
         image_shapes: list[tuple[int, int]],
     ) -> list[dict[str, torch.Tensor]]:
+        """torchvision's detections with the labels shifted up by one: 1 = lung_opacity, as for the other detectors.
+
+        One dict per image: ``boxes`` XYXY in model-input pixels, ``scores`` in [0, 1], ``labels``.
+        """
         detections = super().postprocess_detections(head_outputs, anchors, image_shapes)
         return [{**detection, "labels": detection["labels"] + 1} for detection in detections]
 

@@ -58,14 +58,24 @@ class BatchPredictor(Protocol):
     """
 
     @property
-    def image_size(self) -> int: ...
+    def image_size(self) -> int:
+        """The square side, in pixels, images are resized to for the model."""
+        ...
 
     @property
-    def preprocessing(self) -> Mapping[str, Any] | None: ...
+    def preprocessing(self) -> Mapping[str, Any] | None:
+        """What ``lungdet convert`` did to the training images (``image_size``, ``normalization``); None for nothing."""
+        ...
 
     def predict_prepared(
         self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None
-    ) -> list[ImageResult]: ...
+    ) -> list[ImageResult]:
+        """Every box for stacked prepared inputs (uint8 ``[N, S, S]``), ``shapes`` their originals' ``(rows, columns)``.
+
+        An :class:`ImageResult` per image, in order, boxes XYWH_ABS in its original pixels; ``tags`` feed an image head
+        with metadata.
+        """
+        ...
 
 
 def predict_dicoms(
@@ -123,6 +133,10 @@ InputSpec = tuple[
 
 
 def input_spec(predictor: BatchPredictor) -> InputSpec:
+    """What decides ``predictor``'s inputs: its image size and its preprocessing as sorted JSON.
+
+    Predictors with equal specs share the prepared inputs.
+    """
     return int(predictor.image_size), json.dumps(dict(predictor.preprocessing or {}), sort_keys=True)
 
 
@@ -187,6 +201,7 @@ class PreparedBatch:
     unreadable: list[tuple[Path, str]]
 
     def pin_memory(self) -> PreparedBatch:
+        """A copy whose inputs are in page-locked memory; the other fields are shared."""
         # The DataLoader calls this in its pinning thread: page-locked inputs copy to a GPU asynchronously.
         return replace(
             self, inputs={name: [tensor.pin_memory() for tensor in tensors] for name, tensors in self.inputs.items()}
@@ -194,6 +209,10 @@ class PreparedBatch:
 
 
 def collate_prepared(items: list[dict[str, Any]]) -> PreparedBatch:
+    """:class:`PreparedImages` items -> a :class:`PreparedBatch`: the readable ones stacked per pass and spec, in order.
+
+    The unreadable ones are listed apart, with their reasons.
+    """
     readable = [item for item in items if "error" not in item]
     names = list(readable[0]["inputs"]) if readable else []
     return PreparedBatch(
@@ -338,6 +357,7 @@ def to_label_space(row: RawPrediction, label_space: tuple[int, int]) -> RawPredi
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``lungdet predict``."""
     parser = argparse.ArgumentParser(
         prog="lungdet predict",
         description="Predict lung-opacity boxes for every DICOM in a folder (or given files) and write a Kaggle submission.csv "
@@ -614,6 +634,11 @@ def report_operating_point(result: PostprocessResult) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``lungdet predict`` with parsed arguments; returns the exit status (0 on success).
+
+    With ``--json`` it returns :func:`predict_json`'s status, 2 when a file could not be read. Otherwise an unreadable
+    file is listed on stderr and, in the submission, gets a row with no boxes.
+    """
     check_outputs(args)
     if args.input is not None:
         paths = list(args.input)

@@ -210,6 +210,7 @@ class RadiographViews(Dataset):
         self.augmentation = build_view_augmentation(image_size, min_crop=min_crop)
 
     def set_epoch(self, epoch: int) -> None:
+        """Make ``epoch`` the current one: it seeds the views drawn from now on."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -263,6 +264,7 @@ class PooledBody(nn.Module):
         body.train(training)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, 1, H, W]`` grey pixels -> float32 ``[N, channels]``, the deepest stage averaged over space."""
         images = (pixels.float().div(255.0).expand(-1, 3, -1, -1) - self.image_mean) / self.image_std
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -306,6 +308,10 @@ class SimSiam(nn.Module):
     def forward(
         self, view_a: torch.Tensor, view_b: torch.Tensor
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``((h(f(a)), h(f(b))), (f(b), f(a)))`` for uint8 views ``[N, 1, H, W]``, each ``[N, projection_dim]``.
+
+        The targets ``f(b), f(a)`` are detached: the stop-gradient.
+        """
         projection_a = self.projector(self.encoder(view_a))
         projection_b = self.projector(self.encoder(view_b))
         # The stop-gradient: each view's projection is a constant target for the other's prediction.
@@ -338,6 +344,7 @@ class MultiLabelClassifier(nn.Module):
         self.head = nn.Linear(encoder.channels, labels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, 1, H, W]`` grey pixels -> one logit per finding, ``[N, labels]``."""
         return self.head(self.encoder(pixels))
 
     def loss(self, views: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -555,6 +562,7 @@ def save_backbone(path: Path, contents: dict[str, object]) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``lungdet pretrain``."""
     parser = argparse.ArgumentParser(
         prog="lungdet pretrain",
         description="Pretrain a detector's backbone on a folder of radiographs (PNG, JPEG, DICOM; searched recursively): "
@@ -634,6 +642,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``lungdet pretrain`` with parsed arguments; returns the exit status (0 on success).
+
+    With ``--labels`` only the images that have a row train (the rest are counted in one line); an ``--out`` that is a
+    folder, a non-positive ``--lr`` or no images is a LungdetError before any training.
+    """
     if args.out.is_dir():
         raise LungdetError(
             f"--out {args.out} is a folder; give the backbone file's path, e.g. {args.out / 'backbone.pth'}"

@@ -65,18 +65,25 @@ class RealSet:
 
     @property
     def images_dir(self) -> Path:
+        """``images/``: one ``{patientId}.jpg`` per patient, 1024 x 1024 pixels."""
         return self.root / "images"
 
     @property
     def labels_csv(self) -> Path:
+        """``labels.csv``: RSNA's ``patientId,x,y,width,height,Target``, one row per box.
+
+        Boxes are XYWH_ABS in the images' 1024 x 1024 pixels; a patient without any has one row with empty box fields.
+        """
         return self.root / "labels.csv"
 
     @property
     def class_info_csv(self) -> Path:
+        """``class_info.csv``: ``patientId,class``, one of RSNA's three classes per patient."""
         return self.root / "class_info.csv"
 
     @property
     def metadata_csv(self) -> Path:
+        """``metadata.csv``: ``patientId`` and DICOM tags (``PatientAge``, ``PatientSex``, ``ViewPosition``, ...)."""
         return self.root / "metadata.csv"
 
     def check(self) -> None:

@@ -46,9 +46,11 @@ class Precision:
 
     @property
     def name(self) -> str:
+        """``'fp32'``, ``'bf16'`` or ``'fp16'``."""
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the forward pass runs in: ``torch.autocast`` to ``dtype``, or nothing for float32."""
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)

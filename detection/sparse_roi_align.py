@@ -183,6 +183,12 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """Pooled features ``[R, channels, out_h, out_w]`` for every box of the batch, as one sparse product.
+
+        ``x`` are the FPN's maps by name (only ``featmap_names`` are used), ``boxes`` each image's XYXY ``[R_i, 4]`` in
+        input-image pixels, ``image_shapes`` the input sizes that set each level's scale. On CUDA, with an adaptive
+        ``sampling_ratio`` or while tracing, torchvision's ``forward`` runs.
+        """
         features = [feature for name, feature in x.items() if name in self.featmap_names]  # as torchvision filters them
         if features[0].device.type not in SPARSE_DEVICE_TYPES or self.sampling_ratio <= 0 or torchvision._is_tracing():
             return super().forward(x, boxes, image_shapes)

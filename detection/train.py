@@ -91,6 +91,7 @@ def training_device(name: str, job: Distributed) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's global generator and torch's (CPU and every CUDA device) with ``seed``."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -229,6 +230,7 @@ def rng_states(device: torch.device) -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    """Set torch's CPU random state, and ``device``'s CUDA one when saved, from a :func:`rng_states` dict."""
     torch.set_rng_state(states["torch"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
@@ -350,6 +352,14 @@ class Run:
     def state(
         self, *, preprocessing: dict[str, Any], epoch_progress: list[dict[str, Any]] | None, rng: dict[str, Any]
     ) -> dict[str, Any]:
+        """The checkpoint written as ``last.pt`` (and copied to ``best.pt``), everything needed to carry on.
+
+        ``model`` holds the weights to predict with (the EMA when there is one, the trained weights then in
+        ``train_model``); then the optimizer, scheduler and scaler states, completed epochs, the config,
+        ``preprocessing``, the latest epoch's tuned cut-offs (``score_threshold`` 0.5 before any validation) and
+        ``val_map``, the history and ``rng``. ``epoch_progress`` is each process's progress and random state mid-epoch,
+        None at an epoch's end.
+        """
         last = self.history[-1] if self.history else {}
         return {
             "model": self.evaluated.state_dict(),
@@ -583,6 +593,11 @@ def epoch_metrics(job: Distributed, progress: EpochProgress) -> dict[str, float]
 
 
 def log_to_tensorboard(writer: Any, row: dict[str, Any]) -> None:
+    """Log ``row``'s finite numbers (not ``epoch``) as scalars at step ``row['epoch']``; nothing if ``writer`` is None.
+
+    Each is grouped by the part before its first underscore (``val_map`` -> ``val/map``); the writer is flushed after
+    the row.
+    """
     if writer is None:
         return
     for key, value in row.items():
@@ -594,6 +609,7 @@ def log_to_tensorboard(writer: Any, row: dict[str, Any]) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``lungdet train``."""
     parser = argparse.ArgumentParser(
         prog="lungdet train",
         description="Train a torchvision Faster R-CNN on a dataset written by 'lungdet convert'. "
@@ -628,6 +644,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``lungdet train`` with parsed arguments; returns the exit status (0 on success).
+
+    ``--fold`` becomes a ``data.fold`` override; ``--resume`` takes the config stored in ``OUT/last.pt`` (with
+    ``--config`` too it is a LungdetError); ``--show-augmentations N`` writes samples and trains nothing.
+    """
     overrides = list(args.overrides) + ([f"data.fold={args.fold}"] if args.fold is not None else [])
     if args.resume:
         if args.config is not None:

@@ -55,6 +55,7 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
+    """The top-level usage text: the command line, each subcommand with its summary, and the research-use notice."""
     width = max(map(len, SUBCOMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in SUBCOMMANDS.items())
     return (
@@ -65,6 +66,12 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lungdet`` command: runs the subcommand ``argv`` names; returns the exit status (0: success).
+
+    ``argv`` defaults to ``sys.argv[1:]``. No subcommand or ``-h``/``--help`` prints :func:`usage` (0); an unknown one
+    prints the closest name and the usage (2). A :class:`LungdetError` prints one line (2); Ctrl-C gives 130 and a
+    closed pipe 141, without a traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

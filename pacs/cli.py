@@ -25,6 +25,7 @@ POLL_DEFAULTS = {"poll_seconds": 10.0, "retry_seconds": 60.0}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``lungdet pacs``."""
     parser = argparse.ArgumentParser(
         prog="lungdet pacs",
         description="A DICOM node, in one of two modes. With --url it polls a DICOMweb server: finds new chest X-rays (CR, DX; QIDO-RS), "
@@ -189,6 +190,7 @@ def check_mode(args: argparse.Namespace) -> None:
 
 
 def setup_logging() -> logging.Logger:
+    """Send the ``lungdet.pacs`` log, INFO and up, to stderr with a timestamp (one handler); returns that logger."""
     # The node's own lines only: dicomweb-client, highdicom and pynetdicom log every request, copied module and PDU.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s lungdet pacs: %(message)s"))
@@ -200,6 +202,11 @@ def setup_logging() -> logging.Logger:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``lungdet pacs`` with parsed arguments; returns the exit status (0 on success).
+
+    Options are checked against the mode before any work; ``--listen`` goes on in :func:`main_listen`. Polling returns 1
+    when ``--once`` leaves results waiting on disk or the server never answers, and 130 on Ctrl-C.
+    """
     check_mode(args)
     try:
         from lungdet.pacs.node import NodeState, PacsNode

@@ -199,6 +199,12 @@ def check_instance(data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX
 
 @dataclass(frozen=True)
 class Analysis:
+    """One inbox file's results, from :func:`analyse`.
+
+    ``datasets`` are the results to store (report first), ``study`` and ``image`` the image's Study and SOP Instance
+    UIDs, ``boxes`` the number of boxes kept, ``probability`` the image-level probability in [0, 1] (None without one).
+    """
+
     datasets: list[Dataset]
     study: str
     image: str
@@ -259,6 +265,11 @@ class DimseNode:
     # --- life --------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the sender and worker threads, then listen without blocking; returns once the node listens.
+
+        ``port`` becomes the port bound (0 picks a free one). Raises LungdetError, with the threads stopped, when the
+        address cannot be listened on.
+        """
         ae = pynetdicom.AE(ae_title=self.listen.ae_title)
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = NETWORK_TIMEOUT_S
         ae.maximum_associations = 16

@@ -59,6 +59,7 @@ class PendingResult:
 
     @property
     def folder(self) -> Path:
+        """``pending/NAME/``, the folder that holds the files."""
         return self.files[0].parent
 
 
@@ -73,6 +74,7 @@ class Recovery:
     inbox_already_settled: int = 0
 
     def line(self) -> str | None:
+        """The log line saying what start-up found; None when it found nothing."""
         if not any(vars(self).values()):
             return None
         tidied = self.temporary_removed + self.settled_from_pending + self.inbox_already_settled
@@ -227,6 +229,7 @@ class DimseState:
             self.lock.notify_all()
 
     def inbox_count(self) -> int:
+        """The images in the inbox or being written to it: what ``max_inbox`` bounds."""
         with self.lock:
             return len(self.in_inbox)
 
@@ -240,6 +243,7 @@ class DimseState:
             return heapq.heappop(self.waiting) if self.waiting else None
 
     def inbox_path(self, name: str) -> Path:
+        """``inbox/NAME.dcm``, the inbox file of ``name``."""
         return self.inbox_folder / f"{name}.dcm"
 
     def keep_pending(self, name: str, study: str, image: str, datasets: Sequence[Dataset]) -> PendingResult:

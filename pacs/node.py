@@ -80,6 +80,7 @@ class Candidate:
 
     @classmethod
     def from_qido(cls, instance: dict[str, Any]) -> Candidate:
+        """From one instance of a QIDO-RS reply (DICOM JSON, keyed by tag); no NumberOfFrames counts as one frame."""
         return cls(
             study=str(_value(instance, "0020000D")),
             series=str(_value(instance, "0020000E")),
@@ -108,10 +109,12 @@ class NodeState:
 
     @property
     def pending_folder(self) -> Path:
+        """``STATE/pending/``: one folder per result not yet accepted by the server."""
         return self.folder / "pending"
 
     @classmethod
     def load(cls, folder: Path) -> NodeState:
+        """The state saved in ``folder/state.json``; an empty one when there is no such file."""
         path = Path(folder) / "state.json"
         if not path.is_file():
             return cls(Path(folder))
@@ -119,12 +122,14 @@ class NodeState:
         return cls(Path(folder), dict(document.get("done", {})), dict(document.get("skipped", {})))
 
     def save(self) -> None:
+        """Write ``done`` and ``skipped`` to ``state.json`` atomically."""
         write_text_atomic(
             self.folder / "state.json",
             json.dumps({"done": self.done, "skipped": self.skipped}, indent=1, sort_keys=True),
         )
 
     def settled(self, sop: str) -> bool:
+        """Whether the image with SOP Instance UID ``sop`` is done or skipped."""
         return sop in self.done or sop in self.skipped
 
     def keep_pending(self, image_sop: str, study: str, datasets: list[pydicom.Dataset]) -> Path:
@@ -147,6 +152,8 @@ class NodeState:
 
 @dataclass
 class PollSummary:
+    """What one poll did: instances counted by outcome, and how long it took, in seconds."""
+
     listed: int = 0
     reported: int = 0
     with_boxes: int = 0
@@ -158,6 +165,7 @@ class PollSummary:
     seconds: float = 0.0
 
     def line(self, number: int) -> str:
+        """The log line for poll ``number``."""
         return (
             f"poll {number}: {self.listed} instance(s) listed, {self.reported} reported ({self.with_boxes} with boxes), "
             f"{self.already} already reported, {self.skipped} skipped, {self.stored_from_disk} stored from disk, "
@@ -198,6 +206,7 @@ class PacsNode:
             raise Unreachable(f"HTTP {status} from {getattr(call, '__name__', 'the server')}{hint}") from None
 
     def list_instances(self) -> list[Candidate]:
+        """Every instance on the server (QIDO-RS, in pages of :data:`PAGE`). Raises Unreachable."""
         found: list[Candidate] = []
         while True:
             page = self._ask(self.client.search_for_instances, fields=list(FIELDS), limit=PAGE, offset=len(found))
@@ -206,6 +215,7 @@ class PacsNode:
                 return found
 
     def has_report(self, candidate: Candidate, uid: str) -> bool:
+        """Whether the candidate's study on the server has instance ``uid``, this model's report. Raises Unreachable."""
         return bool(
             self._ask(
                 self.client.search_for_instances,
@@ -230,6 +240,11 @@ class PacsNode:
     # --- one poll --------------------------------------------------------------------------------
 
     def poll(self) -> PollSummary:
+        """One round: store the results waiting on disk, then settle every instance not settled yet.
+
+        An instance that fails is logged, counted in ``failed`` and tried again next poll. Raises Unreachable when the
+        server stops answering.
+        """
         started = time.monotonic()
         summary = PollSummary()
         for image, study, files in list(self.state.pending()):

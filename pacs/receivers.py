@@ -38,6 +38,8 @@ class ReceiverDown(Exception):
 
 
 class Receiver(Protocol):
+    """Where the node's results go: ``str()`` names it in the log, :meth:`send` stores a batch."""
+
     def __str__(self) -> str: ...
 
     def send(self, results: Sequence[PendingResult]) -> Iterator[tuple[PendingResult, str | None]]:
@@ -55,6 +57,11 @@ class CStoreReceiver:
         return f"{self.address} (C-STORE)"
 
     def send(self, results: Sequence[PendingResult]) -> Iterator[tuple[PendingResult, str | None]]:
+        """Store ``results`` over one association, file by file; yield each with None when the receiver holds them all.
+
+        Otherwise with why one file was refused (its status, or a SOP class the receiver does not take); that result's
+        later files are not sent. Raises ReceiverDown when the association fails or a C-STORE gets no answer.
+        """
         # Propose exactly what is to be sent: each file's SOP class in its own transfer syntax, and both
         # uncompressed ones, which pynetdicom converts between (every receiver takes Implicit VR).
         contexts: dict[str, set[str]] = {}
@@ -121,6 +128,11 @@ class DicomwebReceiver:
         return f"{self.url} (STOW-RS)"
 
     def send(self, results: Sequence[PendingResult]) -> Iterator[tuple[PendingResult, str | None]]:
+        """Store each result into its study by STOW-RS, one request each; yield it with None when stored, or why not.
+
+        Why not: the HTTP status, or how many instances failed and the first one's reason. Raises ReceiverDown when the
+        server does not answer.
+        """
         import requests
 
         for result in results:

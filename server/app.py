@@ -115,6 +115,7 @@ def check_file_name(name: str | None) -> None:
 
 
 def status_for(error: ImageReadError) -> int:
+    """The HTTP status for an upload that could not be read: 400, 413 or 415 by its ``kind``, else 422."""
     return STATUS_BY_KIND.get(error.kind, UNPROCESSABLE)
 
 

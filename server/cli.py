@@ -25,6 +25,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``lungdet serve``."""
     parser = argparse.ArgumentParser(
         prog="lungdet serve",
         description="Serve a web page and a JSON API (POST /api/v1/detect) that find lung-opacity boxes on one chest X-ray "
@@ -78,6 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a loopback IP address; any other host name counts as not."""
     if host == "localhost":
         return True
     try:
@@ -105,6 +107,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def page_url(host: str, port: int) -> str:
+    """The address to print for the page: a wildcard host (``0.0.0.0``, ``::``) shown as loopback, IPv6 in brackets."""
     shown = (
         "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
     )
@@ -112,6 +115,11 @@ def page_url(host: str, port: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``lungdet serve`` with parsed arguments until the server stops; returns the exit status (0 on success).
+
+    The port is bound before the model loads, so a busy port fails at once; listening beyond loopback without a
+    token (``--api-token`` or ``$LUNGDET_API_TOKEN``) prints a warning on stderr.
+    """
     try:
         import uvicorn
 

@@ -17,6 +17,8 @@ class _Strict(BaseModel):
 
 
 class Label(_Strict):
+    """The image-level verdict: whether the X-ray has a lung opacity, and how sure the model is."""
+
     name: Literal["Lung Opacity", "No Lung Opacity"]
     confidence: float | None = Field(
         ge=0,
@@ -37,6 +39,8 @@ class Label(_Strict):
 
 
 class BoundingBox(_Strict):
+    """A box as fractions of the image's width and height, measured from its top-left corner."""
+
     left: float = Field(description="fraction of the image width")
     top: float = Field(description="fraction of the image height")
     width: float = Field(description="fraction of the image width")
@@ -44,16 +48,22 @@ class BoundingBox(_Strict):
 
 
 class Geometry(_Strict):
+    """Where a custom label lies in the image."""
+
     bounding_box: BoundingBox
 
 
 class CustomLabel(_Strict):
+    """One box in the cloud custom-labels shape: confidence in percent, geometry in fractions of the image."""
+
     name: Literal["Lung Opacity"]
     confidence: float = Field(ge=0, le=100, description="percent")
     geometry: Geometry
 
 
 class Box(_Strict):
+    """One lung-opacity box in the original image's pixels, with its confidence in [0, 1]."""
+
     x: float = Field(description="left edge, original image pixels")
     y: float = Field(description="top edge, original image pixels")
     width: float = Field(ge=0, description="original image pixels")
@@ -62,6 +72,8 @@ class Box(_Strict):
 
 
 class Note(_Strict):
+    """One change made to the image before the model read it, and why."""
+
     kind: str = Field(
         description="'rgb_converted', 'monochrome1_inverted', 'high_bit_depth_rescaled' or 'exif_rotated', as convert reports them"
     )
@@ -69,6 +81,8 @@ class Note(_Strict):
 
 
 class ImageInfo(_Strict):
+    """The uploaded image: format, size in pixels, DICOM view position, sex and age, and what was done to it."""
+
     format: Literal["dicom", "png", "jpeg"]
     width: int
     height: int
@@ -81,6 +95,8 @@ class ImageInfo(_Strict):
 
 
 class ModelInfo(_Strict):
+    """The loaded model: its architecture, format, checkpoint SHA-256 and the cut-offs tuned on validation."""
+
     architecture: str
     format: Literal["checkpoint", "onnx", "torchscript"] = Field(
         description="what was loaded: a lungdet checkpoint, or an export from lungdet export"
@@ -104,6 +120,8 @@ class ModelInfo(_Strict):
 
 
 class Preview(_Strict):
+    """The X-ray as the model read it, as a base64 JPEG for drawing the boxes over."""
+
     media_type: Literal["image/jpeg"]
     width: int
     height: int
@@ -111,6 +129,8 @@ class Preview(_Strict):
 
 
 class DetectReply(_Strict):
+    """The reply to ``POST /api/v1/detect``: the boxes and the image-level verdict for one X-ray."""
+
     id: str = Field(description="first 16 hex digits of the upload's SHA-256")
     label: Label
     custom_labels: list[CustomLabel] = Field(description="one per box, in the cloud custom-labels shape")
@@ -125,6 +145,8 @@ class DetectReply(_Strict):
 
 
 class Health(_Strict):
+    """The reply to ``GET /api/v1/health``: the loaded model, its device and precision, and this server's limits."""
+
     status: Literal["ok"]
     model_loaded: bool
     device: str
@@ -137,6 +159,8 @@ class Health(_Strict):
 
 
 class ErrorDetail(_Strict):
+    """Why a request was refused: its HTTP status, a short kind and a message for a person."""
+
     status: int
     kind: str = Field(
         description="a short category: 'empty', 'not_an_image', 'multi_frame', 'too_large', 'unauthorized', ..."
@@ -145,4 +169,6 @@ class ErrorDetail(_Strict):
 
 
 class ErrorReply(_Strict):
+    """The reply to every refused request, whatever its status."""
+
     error: ErrorDetail

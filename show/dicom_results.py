@@ -105,6 +105,10 @@ class ModelIdentity:
 
     @property
     def key(self) -> str:
+        """The model's part of every derived UID: the checkpoint sha256s and the cut-off (``.6g``), joined by ``|``.
+
+        The version and architectures are not in it: the same checkpoints and cut-off give the same UIDs.
+        """
         return "|".join([*self.checkpoint_sha256s, f"{self.cut_off:.6g}"])
 
 
@@ -123,10 +127,12 @@ def report_uid(source: Dataset, model: ModelIdentity) -> str:
 
 
 def overlay_uid(source: Dataset, model: ModelIdentity) -> str:
+    """The SOP Instance UID of the overlay image on ``source`` by ``model``."""
     return derived_uid("lungdet overlay", source.SOPInstanceUID, model.key)
 
 
 def gsps_uid(source: Dataset, model: ModelIdentity) -> str:
+    """The SOP Instance UID of the presentation state on ``source`` by ``model``."""
     return derived_uid("lungdet gsps", source.SOPInstanceUID, model.key)
 
 
@@ -142,6 +148,7 @@ def algorithm_parameters(model: ModelIdentity) -> list[str]:
 
 
 def algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    """TID 4019's Algorithm Identification for ``model``: name lungdet, its version and :func:`algorithm_parameters`."""
     parameters = algorithm_parameters(model)
     # No manufacturer row: TID 4019 as PixelMed validates it has none (it is in the equipment module and the device observer).
     return hd.sr.AlgorithmIdentification(name="lungdet", version=model.version, parameters=parameters)
@@ -163,6 +170,7 @@ def polyline_box(points: np.ndarray) -> np.ndarray:
 
 @contextlib.contextmanager
 def quiet_highdicom() -> Iterator[None]:
+    """Context in which highdicom's warning about a PatientName without ``^`` is silenced; other warnings pass."""
     # highdicom warns that a PatientName without '^' may not be a person's name: RSNA's names are
     # patient IDs. The value is copied as it is; the warning says nothing a user can act on.
     with warnings.catch_warnings():
@@ -225,6 +233,7 @@ def _code_is(item: Dataset, concept: hd.sr.CodedConcept) -> bool:
 
 
 def with_empty_laterality(derived: Dataset) -> Dataset:
+    """``derived`` with an empty ``Laterality`` (General Series, Type 2C), set in place and returned."""
     # General Series' Laterality is Type 2C and dciodvfy asks for it: empty, since a chest is not a paired body part.
     derived.Laterality = ""
     return derived
@@ -658,6 +667,7 @@ def write_results(
 def model_identity(
     version: str, architectures: Sequence[str], checkpoint_sha256s: Sequence[str], cut_off: float
 ) -> ModelIdentity:
+    """A :class:`ModelIdentity` from plain values: architectures deduplicated in order, sha256s kept as given."""
     return ModelIdentity(version, tuple(dict.fromkeys(architectures)), tuple(checkpoint_sha256s), float(cut_off))
 
 

@@ -78,6 +78,8 @@ class Section:
 
 @dataclass(frozen=True)
 class SampleImage:
+    """One sample X-ray on the page: its PNG (truth boxes drawn), the patient it shows and how many boxes were drawn."""
+
     png_name: str
     patient_id: str
     box_count: int
@@ -95,6 +97,7 @@ class EdaReport:
 
     @property
     def png_names(self) -> list[str]:
+        """File names, in the output folder, of every PNG written: the figures, then the sample images."""
         return [section.png_name for section in self.sections] + [
             sample.png_name for group in self.samples.values() for sample in group
         ]

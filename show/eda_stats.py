@@ -42,6 +42,7 @@ class GroupCounts:
 
     @property
     def total(self) -> int:
+        """Patients in the group, negatives plus positives."""
         return self.negatives + self.positives
 
     @property
@@ -100,6 +101,7 @@ class EdaStats:
 
     @property
     def negative_count(self) -> int:
+        """Patients with Target 0 (all patients less the positives)."""
         return self.patient_count - self.positive_count
 
 

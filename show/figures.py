@@ -11,6 +11,7 @@ FIGURE_DPI = 100
 
 
 def new_figure(width_inches: float, height_inches: float) -> Figure:
+    """An empty figure of that size in inches (constrained layout) on its own Agg canvas, without pyplot."""
     figure = Figure(figsize=(width_inches, height_inches), layout="constrained")
     # An explicit Agg canvas: no pyplot, so no global figure state and no display is ever needed.
     FigureCanvasAgg(figure)

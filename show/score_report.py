@@ -94,6 +94,7 @@ def _embed(png: bytes, alt: str) -> str:
 
 
 def plot_precision_per_threshold(report: ScoreReport) -> bytes:
+    """PNG bar chart of the mean precision TP/(TP+FP+FN) at each IoU threshold of the metric, the mAP as a line."""
     figure = new_figure(6.0, 3.2)
     axes = figure.add_subplot()
     thresholds = [summary.iou_threshold for summary in report.per_threshold]
@@ -108,6 +109,7 @@ def plot_precision_per_threshold(report: ScoreReport) -> bytes:
 
 
 def plot_cut_off_curve(curve: Sequence[tuple[float, float]], *, used: float) -> bytes:
+    """PNG of mAP against cut-off from ``curve`` (:func:`cut_off_curve`), marking the cut-off ``used`` and the best."""
     figure = new_figure(6.0, 3.2)
     axes = figure.add_subplot()
     cut_offs, maps = zip(*curve, strict=True)
@@ -130,6 +132,7 @@ def plot_cut_off_curve(curve: Sequence[tuple[float, float]], *, used: float) -> 
 
 
 def plot_roc(labels: Sequence[bool], probabilities: Sequence[float]) -> bytes:
+    """PNG ROC curve of image probabilities in [0, 1] against ``labels`` (True: an opacity), its AUC in the legend."""
     figure = new_figure(4.2, 4.0)
     axes = figure.add_subplot()
     false_rates, true_rates, _ = roc_curve(labels, probabilities)
@@ -150,6 +153,10 @@ def reliability_bins(
 
 
 def plot_reliability(labels: Sequence[bool], probabilities: Sequence[float], *, ece: float | None = None) -> bytes:
+    """PNG reliability diagram: each :func:`reliability_bins` bin's mean probability against its share of positives.
+
+    Each point is labelled with its bin's image count; ``ece``, when given, goes in the legend.
+    """
     figure = new_figure(4.2, 4.0)
     axes = figure.add_subplot()
     points = reliability_bins(labels, probabilities)

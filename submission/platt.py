@@ -40,6 +40,7 @@ def logit(probability: np.ndarray | float) -> np.ndarray:
 
 
 def sigmoid(value: np.ndarray | float) -> np.ndarray:
+    """``1 / (1 + exp(-value))`` elementwise in float64, the inverse of :func:`logit`; values in (0, 1)."""
     # Clipped: exp of more than ~709 overflows float64, and sigmoid is 0 or 1 to the last bit long before.
     return 1.0 / (1.0 + np.exp(-np.clip(np.asarray(value, dtype=np.float64), -500.0, 500.0)))
 

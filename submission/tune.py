@@ -168,6 +168,10 @@ class Tuner:
         self._tables: dict[tuple[float, float, float, float], PrefixTable] = {}
 
     def table(self, config: PostprocessConfig) -> PrefixTable:
+        """The :class:`PrefixTable` for ``config``'s fusion and shrink, built once and cached.
+
+        The fusion settings count only when an image has several passes or models.
+        """
         fusion = (
             (config.wbf_iou_thr, config.wbf_skip_box_thr, config.min_support) if self.multi_pass else (0.0, 0.0, 0.0)
         )
@@ -183,6 +187,7 @@ class Tuner:
         return self._tables[key]
 
     def score(self, config: PostprocessConfig, subset: np.ndarray | None = None) -> float:
+        """The RSNA mean score under ``config`` of ``subset`` (a boolean mask over ``self.patients``; all when None)."""
         scores = image_scores(self.table(config), config)
         return mean_score(scores if subset is None else scores[subset])
 
@@ -265,6 +270,7 @@ class TuneReport:
     effects: dict[str, float]  # each searched parameter: mAP lost when it alone goes back to neutral
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (what ``--json`` prints), ``config`` laid out as in postprocess.yaml."""
         return {**dataclasses.asdict(self), "config": flattened(self.config)}
 
 
@@ -312,6 +318,7 @@ def tune_postprocess(
 
 
 def format_tune_report(report: TuneReport) -> str:
+    """The report as text: the mAPs before, tuned and honest, each tuned setting's effect, and the operating point."""
     lines = [
         f"out-of-fold patients   {report.n_patients}",
         f"mAP before             {report.before:.4f}   (cut-off 0.5, nothing else)",
@@ -341,6 +348,7 @@ def format_tune_report(report: TuneReport) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``lungdet tune``."""
     parser = argparse.ArgumentParser(
         prog="lungdet tune",
         description="Search the post-processing (cut-off, gating, shrink, box cap, fusion) on out-of-fold raw predictions and "
@@ -361,6 +369,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``lungdet tune`` with parsed arguments; returns the exit status (0 on success).
+
+    Writes ``--out`` and prints the report; patients of ``--oof`` not in ``--labels`` are left out, with a warning.
+    """
     rows = read_raw_predictions(args.oof)
     labels = read_labels(args.labels)
     truth = {patient_id: patient.boxes for patient_id, patient in labels.items()}

@@ -411,3 +411,37 @@ def test_a_circle_inside_one_package_is_found() -> None:
         }
     )
     assert cycles == [["lungdet.detection.detect", "lungdet.detection.predict", "lungdet.detection.util"]]
+
+
+def undocumented(source: str) -> list[str]:
+    """Public functions, classes and methods of ``source`` (names not starting with '_') that have no docstring."""
+    missing = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and not node.name.startswith("_"):
+            if not ast.get_docstring(node):
+                missing.append(node.name)
+            if isinstance(node, ast.ClassDef):
+                missing += [
+                    f"{node.name}.{item.name}"
+                    for item in node.body
+                    if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+                    and not item.name.startswith("_")
+                    and not ast.get_docstring(item)
+                ]
+    return missing
+
+
+def test_every_public_function_and_class_has_a_docstring() -> None:
+    found = [
+        f"{path.relative_to(REPO_ROOT)}: {name}"
+        for module, path in MODULES.items()
+        for name in undocumented(path.read_text(encoding="utf-8"))
+    ]
+    assert not found, (
+        "public names without a docstring (say what they take and give, with shapes and units):\n" + "\n".join(found)
+    )
+
+
+def test_undocumented_sees_functions_classes_and_methods() -> None:
+    source = 'def f():\n    pass\n\n\ndef _private():\n    pass\n\n\nclass C:\n    """Doc."""\n\n    def m(self):\n        pass\n\n    def _n(self):\n        pass\n'
+    assert undocumented(source) == ["f", "C.m"]
