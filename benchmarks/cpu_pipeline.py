@@ -26,7 +26,7 @@ from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.detection.config import load_config
 from lungdet.detection.data import build_dataloaders
-from lungdet.detection.engine import train_one_epoch
+from lungdet.detection.engine import OptimizerStep, train_one_epoch
 from lungdet.detection.model import build_model, in_memory_layout
 from lungdet.detection.predict import predict_dicoms
 from lungdet.detection.runtime import resolve_precision
@@ -58,10 +58,9 @@ def training_throughput(config_name: str, data_dir: Path, *, steps: int) -> tupl
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=10_000)
     batches = [next(iter(train_loader)) for _ in range(steps + 1)]
     # One warm-up step so that allocator and kernel selection are not timed.
-    train_one_epoch(model, optimizer, scheduler, batches[:1], CPU, epoch=0, progress=False, precision=precision)
-    metrics = train_one_epoch(
-        model, optimizer, scheduler, batches[1:], CPU, epoch=1, progress=False, precision=precision
-    ).metrics()
+    step = OptimizerStep(optimizer, scheduler)
+    train_one_epoch(model, step, batches[:1], CPU, epoch=0, progress=False, precision=precision)
+    metrics = train_one_epoch(model, step, batches[1:], CPU, epoch=1, progress=False, precision=precision).metrics()
     model.eval()
     images = [image for batch_images, _ in batches[1:] for image in batch_images]
     with torch.no_grad(), precision.autocast():

@@ -59,6 +59,16 @@ class EpochProgress:
     stopped_early: bool = False
     totals: dict[str, float] = field(default_factory=dict)
 
+    def add_batch(self, images: int, loss: float, parts: dict[str, float], seconds: float, data_seconds: float) -> None:
+        """Count one batch: its images, its summed loss and each part, its wall time and the time spent waiting for it."""
+        self.batches += 1
+        self.images += images
+        self.totals["loss"] = self.totals.get("loss", 0.0) + loss
+        for name, value in parts.items():
+            self.totals[name] = self.totals.get(name, 0.0) + value
+        self.seconds += seconds
+        self.data_seconds += data_seconds
+
     def metrics(self) -> dict[str, float]:
         """Mean losses, ``images``, ``seconds``, ``images_per_second``, ``data_wait_fraction`` and ``stopped_early`` (1.0/0.0)."""
         metrics = {name: total / max(self.batches, 1) for name, total in self.totals.items()}
@@ -72,32 +82,104 @@ class EpochProgress:
         return metrics
 
 
+@dataclass
+class OptimizerStep:
+    """What turns losses into new weights: the backward pass of each batch, and every ``accumulate_steps`` batches a step.
+
+    A step unscales the gradients (fp16), clips their global norm at ``grad_clip_norm`` (0 = off),
+    steps the optimizer, zeroes the gradients, advances the schedule and updates the weights'
+    moving average ``ema``. Each loss is divided by ``accumulate_steps``, so that a step equals one
+    of a batch that many times larger; under DistributedDataParallel the gradient all-reduce runs
+    only in the step's last backward pass.
+    """
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None
+    accumulate_steps: int = 1
+    grad_clip_norm: float = 0.0
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+
+    @property
+    def number(self) -> int:
+        """The optimizer step the next ``step()`` makes, counted from 1 over the whole run (for messages)."""
+        return self.scheduler.last_epoch + 1
+
+    def backward(self, model: nn.Module, loss: torch.Tensor, *, last_of_step: bool) -> None:
+        """Add ``loss``'s gradients (scaled for fp16, divided by ``accumulate_steps``) to the weights' ``.grad``."""
+        # Only the step's last backward needs DDP's all-reduce; the others just add to local gradients.
+        syncing = model.no_sync() if (not last_of_step and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with syncing:
+            scaled = loss / self.accumulate_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+
+    def step(self, model: nn.Module) -> None:
+        """One optimizer step on the summed gradients, then the schedule and the moving average."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        if self.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(model.module if hasattr(model, "module") else model)
+
+
+@dataclass
+class EpochHooks:
+    """What the caller runs at each optimizer step: ``on_optimizer_step(progress)`` (a checkpoint), then ``should_stop()``.
+
+    ``should_stop`` ends the epoch early at that step boundary (a time limit; under DDP every rank
+    must get the same answer).
+    """
+
+    on_optimizer_step: Callable[[EpochProgress], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+def finite_loss_values(
+    loss: torch.Tensor, losses: dict[str, torch.Tensor], *, epoch: int, batch: int, step: int
+) -> tuple[float, list[float]]:
+    """``loss`` (the sum of ``losses``) and each part as floats, read in one copy; NonFiniteLossError if the sum is not finite.
+
+    One copy per step, not one per loss: each copy waits for the GPU to catch up, and the values
+    must be checked before the weights are touched.
+    """
+    loss_value, *part_values = (
+        torch.stack([loss.detach(), *(value.detach() for value in losses.values())]).float().tolist()
+    )
+    if not math.isfinite(loss_value):
+        parts = ", ".join(f"{name}={value:.4g}" for name, value in zip(losses, part_values, strict=True))
+        raise NonFiniteLossError(
+            f"epoch {epoch}, batch {batch} (optimizer step {step}): loss is {loss_value} ({parts}); "
+            "lower optim.lr or raise optim.warmup_iters, and check the boxes in the dataset"
+        )
+    return loss_value, part_values
+
+
 def train_one_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer_step: OptimizerStep,
     loader: Iterable[tuple[list[torch.Tensor], list[dict]]],
     device: torch.device,
     *,
     epoch: int,
     precision: Precision | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    accumulate_steps: int = 1,
-    grad_clip_norm: float = 0.0,
-    ema: torch.optim.swa_utils.AveragedModel | None = None,
     state: EpochProgress | None = None,
-    on_optimizer_step: Callable[[EpochProgress], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    hooks: EpochHooks | None = None,
     progress: bool = True,
 ) -> EpochProgress:
     """Train one pass over ``loader`` (or what is left of it after a resume); returns the epoch's progress.
 
-    Gradients of ``accumulate_steps`` batches are summed per optimizer step (the loss is divided
-    so the step equals one of a batch that many times larger); under DistributedDataParallel the
-    gradient all-reduce runs only on the step's last batch. ``state`` continues an epoch that a
-    mid-epoch checkpoint recorded. ``on_optimizer_step`` is called after every optimizer step
-    (the caller writes checkpoints there). Training stops early, at a step boundary, when
-    ``should_stop()`` says so (a time limit; under DDP every rank must get the same answer).
+    Each batch is a list of float ``[3, H, W]`` images in [0, 1] and their targets (``boxes`` XYXY
+    in those pixels, ``labels``). ``optimizer_step`` does the backward passes and the steps (see
+    :class:`OptimizerStep`); ``state`` continues an epoch that a mid-epoch checkpoint recorded;
+    ``hooks`` run at each optimizer step (:class:`EpochHooks`).
 
     Raises
     ------
@@ -106,8 +188,9 @@ def train_one_epoch(
     """
     precision = precision or Precision(device.type, None)
     state = state if state is not None else EpochProgress()
+    hooks = hooks or EpochHooks()
     model.train()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step.optimizer.zero_grad(set_to_none=True)
     remaining = len(loader) if hasattr(loader, "__len__") else None
     bar = tqdm(
         loader, desc=f"epoch {epoch}", unit="batch", total=remaining, disable=None if progress else True, leave=False
@@ -120,55 +203,24 @@ def train_one_epoch(
         with precision.autocast():
             losses = model(images, targets)
         loss = sum(losses.values())
-        # One copy to the host per step, not one per loss: each copy waits for the GPU to catch up,
-        # and the values must be checked before the weights are touched.
-        loss_value, *part_values = (
-            torch.stack([loss.detach(), *(value.detach() for value in losses.values())]).float().tolist()
-        )
-        if not math.isfinite(loss_value):
-            parts = ", ".join(f"{name}={value:.4g}" for name, value in zip(losses, part_values, strict=True))
-            raise NonFiniteLossError(
-                f"epoch {epoch}, batch {batch} (optimizer step {scheduler.last_epoch + 1}): loss is {loss_value} ({parts}); "
-                "lower optim.lr or raise optim.warmup_iters, and check the boxes in the dataset"
-            )
-        steps_now = batch % accumulate_steps == 0 or position == remaining
-        # Only the step's last backward needs DDP's all-reduce; the others just add to local gradients.
-        syncing = model.no_sync() if (not steps_now and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with syncing:
-            scaled = loss / accumulate_steps
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if steps_now:
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            if grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model.module if hasattr(model, "module") else model)
-        state.batches = batch
-        state.images += len(images)
-        state.totals["loss"] = state.totals.get("loss", 0.0) + loss_value
-        for name, value in zip(losses, part_values, strict=True):
-            state.totals[name] = state.totals.get(name, 0.0) + value
+        loss_value, part_values = finite_loss_values(loss, losses, epoch=epoch, batch=batch, step=optimizer_step.number)
+        last_of_step = batch % optimizer_step.accumulate_steps == 0 or position == remaining
+        optimizer_step.backward(model, loss, last_of_step=last_of_step)
+        if last_of_step:
+            optimizer_step.step(model)
         now = time.perf_counter()
-        state.seconds += now - clock  # the whole step, its data wait included
-        state.data_seconds += data_seconds
+        # The whole step's time, its data wait included.
+        state.add_batch(len(images), loss_value, dict(zip(losses, part_values, strict=True)), now - clock, data_seconds)
         clock = now
         bar.set_postfix(
             loss=f"{state.totals['loss'] / state.batches:.3f}",
             img_s=f"{state.images / max(state.seconds, 1e-9):.1f}",
             data=f"{state.data_seconds / max(state.seconds, 1e-9):.0%}",
         )
-        if steps_now:
-            if on_optimizer_step is not None:
-                on_optimizer_step(state)
-            if should_stop is not None and should_stop():
+        if last_of_step:
+            if hooks.on_optimizer_step is not None:
+                hooks.on_optimizer_step(state)
+            if hooks.should_stop is not None and hooks.should_stop():
                 state.stopped_early = True
                 break
     return state

@@ -62,7 +62,7 @@ from lungdet.detection.distributed import (
     stop,
     sum_over_ranks,
 )
-from lungdet.detection.engine import EpochProgress, evaluate, train_one_epoch
+from lungdet.detection.engine import EpochHooks, EpochProgress, OptimizerStep, evaluate, train_one_epoch
 from lungdet.detection.model import (
     build_model,
     in_memory_layout,
@@ -501,21 +501,23 @@ def _train(
         if epoch_progress is not None:
             sampler.resume_at(epoch_progress.batches * config.data.batch_size)
         epoch_lr = run.optimizer.param_groups[0]["lr"]
-        epoch_progress = train_one_epoch(
-            run.trained,
+        optimizer_step = OptimizerStep(
             run.optimizer,
             run.scheduler,
-            train_loader,
-            device,
-            epoch=epoch,
-            precision=run.precision,
             scaler=run.scaler,
             accumulate_steps=config.optim.accumulate_steps,
             grad_clip_norm=config.optim.grad_clip_norm,
             ema=run.ema,
+        )
+        epoch_progress = train_one_epoch(
+            run.trained,
+            optimizer_step,
+            train_loader,
+            device,
+            epoch=epoch,
+            precision=run.precision,
             state=epoch_progress,
-            on_optimizer_step=after_optimizer_step,
-            should_stop=should_stop,
+            hooks=EpochHooks(on_optimizer_step=after_optimizer_step, should_stop=should_stop),
             progress=progress and job.is_main,
         )
         train_metrics = epoch_metrics(job, epoch_progress)

@@ -16,7 +16,14 @@ from torch.utils.data import DataLoader
 from lungdet.boxes import xyxy_to_xywh
 from lungdet.detection.config import AugmentConfig, DataConfig, load_config
 from lungdet.detection.data import build_dataloaders, collate
-from lungdet.detection.engine import NonFiniteLossError, evaluate, predict_loader, train_one_epoch
+from lungdet.detection.engine import (
+    EpochHooks,
+    NonFiniteLossError,
+    OptimizerStep,
+    evaluate,
+    predict_loader,
+    train_one_epoch,
+)
 from lungdet.detection.model import build_model
 from lungdet.errors import LungdetError
 
@@ -67,7 +74,7 @@ def test_train_one_epoch_returns_finite_mean_losses_and_counts(
     scheduler = constant_schedule(optimizer)
 
     progress = train_one_epoch(
-        model, optimizer, scheduler, train_loader, CPU, epoch=1, grad_clip_norm=10.0, progress=False
+        model, OptimizerStep(optimizer, scheduler, grad_clip_norm=10.0), train_loader, CPU, epoch=1, progress=False
     )
     metrics = progress.metrics()
 
@@ -100,12 +107,11 @@ def test_train_one_epoch_stops_after_the_step_at_which_it_is_told_to(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
     metrics = train_one_epoch(
         model,
-        optimizer,
-        constant_schedule(optimizer),
+        OptimizerStep(optimizer, constant_schedule(optimizer)),
         train_loader,
         CPU,
         epoch=1,
-        should_stop=lambda: True,
+        hooks=EpochHooks(should_stop=lambda: True),
         progress=False,
     ).metrics()
     assert metrics["images"] == 2.0
@@ -122,13 +128,11 @@ def test_accumulation_steps_the_optimizer_once_per_group_and_calls_back_after_ea
     seen: list[int] = []
     progress = train_one_epoch(
         model,
-        optimizer,
-        scheduler,
+        OptimizerStep(optimizer, scheduler, accumulate_steps=2),
         train_loader,
         CPU,
         epoch=1,
-        accumulate_steps=2,
-        on_optimizer_step=lambda state: seen.append(state.batches),
+        hooks=EpochHooks(on_optimizer_step=lambda state: seen.append(state.batches)),
         progress=False,
     )
     assert (progress.batches, scheduler.last_epoch, seen) == (2, 1, [2])
@@ -154,7 +158,12 @@ def test_accumulated_gradients_are_the_mean_of_the_batches_gradients(
     optimizer = RecordingSGD(model.parameters(), lr=0.0)
     torch.manual_seed(5)  # the RPN and box heads sample proposals from torch's stream
     train_one_epoch(
-        model, optimizer, constant_schedule(optimizer), singles, CPU, epoch=1, accumulate_steps=2, progress=False
+        model,
+        OptimizerStep(optimizer, constant_schedule(optimizer), accumulate_steps=2),
+        singles,
+        CPU,
+        epoch=1,
+        progress=False,
     )
 
     reference = tiny_model(seed=1)
@@ -190,7 +199,9 @@ def test_a_non_finite_loss_stops_training_naming_epoch_and_step(
             f"epoch 3, batch 1 (optimizer step 1): loss is {bad} (loss={bad}); lower optim.lr or raise optim.warmup_iters"
         ),
     ):
-        train_one_epoch(model, optimizer, constant_schedule(optimizer), train_loader, CPU, epoch=3, progress=False)
+        train_one_epoch(
+            model, OptimizerStep(optimizer, constant_schedule(optimizer)), train_loader, CPU, epoch=3, progress=False
+        )
 
     assert issubclass(NonFiniteLossError, LungdetError)
     for key, value in model.state_dict().items():
@@ -249,12 +260,10 @@ def test_losses_in_different_precisions_are_summed_and_recorded_exactly() -> Non
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: every batch gives the same losses
     progress = train_one_epoch(
         model,
-        optimizer,
-        constant_schedule(optimizer),
+        OptimizerStep(optimizer, constant_schedule(optimizer), grad_clip_norm=0.0),
         oracle_loader(),
         CPU,
         epoch=1,
-        grad_clip_norm=0.0,
         progress=False,
     )
     metrics = progress.metrics()
