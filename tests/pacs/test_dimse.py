@@ -666,13 +666,9 @@ def test_a_full_inbox_answers_a700(start_node, storescp: StoreScp, serving_detec
 # --- kill -9 ------------------------------------------------------------------------------------------
 
 
-def start_command(checkpoint: Path, state: Path, receiver: StoreScp, log: Path) -> tuple[subprocess.Popen, int]:
-    """``lungdet pacs --listen`` as a process of its own on a free port; (process, port) once it listens."""
-    command = [
-        sys.executable,
-        "-m",
-        "lungdet",
-        "pacs",
+def listen_arguments(checkpoint: Path, state: Path, receiver: StoreScp) -> list[str]:
+    """``lungdet pacs`` arguments for a node on a free loopback port that sends its results to ``receiver``."""
+    return [
         "--listen",
         "LUNGDET@127.0.0.1:0",
         "--allow",
@@ -690,6 +686,11 @@ def start_command(checkpoint: Path, state: Path, receiver: StoreScp, log: Path) 
         "--timeout",
         "5",
     ]
+
+
+def start_command(checkpoint: Path, state: Path, receiver: StoreScp, log: Path) -> tuple[subprocess.Popen, int]:
+    """``lungdet pacs --listen`` as a process of its own on a free port; (process, port) once it listens."""
+    command = [sys.executable, "-m", "lungdet", "pacs", *listen_arguments(checkpoint, state, receiver)]
     with open(log, "w") as stream:
         process = subprocess.Popen(
             command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -726,27 +727,7 @@ def restart_in_process(
 
     capsys.readouterr()
     threading.Thread(target=stop_when_done, daemon=True).start()
-    status = main(
-        [
-            "pacs",
-            "--listen",
-            "LUNGDET@127.0.0.1:0",
-            "--allow",
-            "SCU",
-            "--send-to",
-            str(receiver.address),
-            "--checkpoint",
-            str(checkpoint),
-            "--state-dir",
-            str(state),
-            "--device",
-            "cpu",
-            "--amp",
-            "none",
-            "--timeout",
-            "5",
-        ]
-    )
+    status = main(["pacs", *listen_arguments(checkpoint, state, receiver)])
     return status, capsys.readouterr().err
 
 
