@@ -114,16 +114,6 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def get_dotted(config: Any, key: str) -> Any:
-    """The value at the dotted ``key`` (``optim.lr``) of a tree of config dataclasses, read attribute by attribute.
-
-    The key follows the dataclasses' nesting (a flat section's name included); an unknown part is an ``AttributeError``.
-    """
-    for part in key.split("."):
-        config = getattr(config, part)
-    return config
-
-
 def check_ranges(config: Any, *, name: str = "config", prefix: str = "") -> None:
     """Raise :class:`ConfigError` naming the first value that breaks its field's rule (:func:`ranged`) and what is allowed.
 
