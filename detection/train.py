@@ -493,6 +493,16 @@ def _train(
         deadline = time.monotonic() + config.max_minutes * 60
         # Rank 0's clock decides for all: ranks that stopped at different steps would wait on each other for ever.
         should_stop = lambda: share_from_main(job, time.monotonic() >= deadline)  # noqa: E731
+    # The same optimizer, schedule, scaler and average every epoch; only the loader's position moves.
+    optimizer_step = OptimizerStep(
+        run.optimizer,
+        run.scheduler,
+        scaler=run.scaler,
+        accumulate_steps=config.optim.accumulate_steps,
+        grad_clip_norm=config.optim.grad_clip_norm,
+        ema=run.ema,
+    )
+    hooks = EpochHooks(on_optimizer_step=after_optimizer_step, should_stop=should_stop)
     best_map = max((row.get("val_map", -1.0) for row in run.history), default=-1.0)
     sampler = train_loader.sampler
     for epoch in range(run.completed_epochs + 1, config.optim.epochs + 1):
@@ -501,14 +511,6 @@ def _train(
         if epoch_progress is not None:
             sampler.resume_at(epoch_progress.batches * config.data.batch_size)
         epoch_lr = run.optimizer.param_groups[0]["lr"]
-        optimizer_step = OptimizerStep(
-            run.optimizer,
-            run.scheduler,
-            scaler=run.scaler,
-            accumulate_steps=config.optim.accumulate_steps,
-            grad_clip_norm=config.optim.grad_clip_norm,
-            ema=run.ema,
-        )
         epoch_progress = train_one_epoch(
             run.trained,
             optimizer_step,
@@ -517,7 +519,7 @@ def _train(
             epoch=epoch,
             precision=run.precision,
             state=epoch_progress,
-            hooks=EpochHooks(on_optimizer_step=after_optimizer_step, should_stop=should_stop),
+            hooks=hooks,
             progress=progress and job.is_main,
         )
         train_metrics = epoch_metrics(job, epoch_progress)
