@@ -20,17 +20,11 @@ from lungdet.detection.runtime import (
     to_model_input,
 )
 from lungdet.errors import LungdetError
+from tests.test_layers import TRAINING_MODULES as LAYER_TEST_TRAINING_MODULES
 
 CPU = torch.device("cpu")
-# What a Detector must not pull in: the training loop, its driver, DDP, and the augmentation library.
-TRAINING_MODULES = (
-    "lungdet.detection.train",
-    "lungdet.detection.engine",
-    "lungdet.detection.distributed",
-    "lungdet.detection.data",
-    "lungdet.detection.augment",
-    "albumentations",
-)
+# What a Detector must not pull in: the training modules the layer test follows statically, and the augmentation library.
+TRAINING_MODULES = (*LAYER_TEST_TRAINING_MODULES, "albumentations")
 
 
 def test_loading_a_detector_imports_nothing_of_training(serving_checkpoint: Path) -> None:
