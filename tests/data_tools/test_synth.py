@@ -154,7 +154,7 @@ def test_opacity_brightens_inside_its_box_not_the_ring_around_it(monkeypatch: py
     the patch alone: it must brighten the inside of each box and leave a ring around it nearly
     untouched (the soft edge may spill a little).
     """
-    draw_opacities = synth._draw_opacities
+    draw_opacities = synth.draw_opacities
 
     def draw_on_a_copy(rng: np.random.Generator, image: np.ndarray, planned: list, **kwargs: int) -> np.ndarray:
         return draw_opacities(rng, image.copy(), planned, **kwargs)
@@ -163,7 +163,7 @@ def test_opacity_brightens_inside_its_box_not_the_ring_around_it(monkeypatch: py
     for index in range(30):
         with_patches = synth.generate_case(np.random.default_rng([3, index]), size=(256, 256), positive=True)
         with monkeypatch.context() as patch:
-            patch.setattr(synth, "_draw_opacities", draw_on_a_copy)
+            patch.setattr(synth, "draw_opacities", draw_on_a_copy)
             without = synth.generate_case(np.random.default_rng([3, index]), size=(256, 256), positive=True)
         np.testing.assert_array_equal(with_patches.boxes, without.boxes)
         added = with_patches.pixels.astype(float) - without.pixels.astype(float)
