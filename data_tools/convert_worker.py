@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 
 from lungdet.atomic import write_bytes_atomic
-from lungdet.data_tools.dicom_io import DicomImage, DicomMeta, conversion_notes, read_dicom
+from lungdet.data_tools.dicom_io import DicomImage, read_dicom
+from lungdet.data_tools.dicom_meta import DicomMeta, conversion_notes
 from lungdet.data_tools.image_io import XrayImage, read_xray
 from lungdet.data_tools.pixels import prepare_pixels
 from lungdet.errors import DicomReadError, ImageReadError, LungdetError

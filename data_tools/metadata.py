@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungdet.data_tools.dicom_io import DicomMeta, parse_age
+from lungdet.data_tools.dicom_meta import DicomMeta, parse_age
 from lungdet.errors import LabelError
 
 PATIENT_COLUMN = "patientId"

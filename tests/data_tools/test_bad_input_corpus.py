@@ -27,7 +27,8 @@ from pydicom.uid import HTJ2KLossless
 from lungdet.cli import main as cli_main
 from lungdet.data_tools.conversion_report import ConversionReport, format_report
 from lungdet.data_tools.convert_worker import input_notes
-from lungdet.data_tools.dicom_io import DicomMeta, find_missing_decoder, read_dicom_metadata
+from lungdet.data_tools.dicom_io import find_missing_decoder, read_dicom_metadata
+from lungdet.data_tools.dicom_meta import DicomMeta
 
 # A normal radiograph size for the synthetic files: above the tiny-image bound, so each file has only its intended oddity.
 SIDE = 300

@@ -19,7 +19,6 @@ from lungdet.data_tools.dicom_io import (
     decode_grey_jpeg,
     find_dicoms,
     grey_jpeg_baseline_stream,
-    parse_age,
     read_dicom,
     read_dicom_bytes,
     read_dicom_metadata,
@@ -151,30 +150,6 @@ def test_monochrome1_twin_is_inverted(siim_dicom: Path, siim_monochrome1_dicom: 
     )
     np.testing.assert_array_equal(monochrome1.pixels, 255 - monochrome2.pixels)
     assert monochrome2.pixels.std() > 20
-
-
-# --- parse_age -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "years"),
-    [
-        ("51", 51),
-        ("6", 6),
-        ("051Y", 51),
-        ("006M", 0),
-        ("018M", 1),
-        ("000Y", 0),
-        ("104W", 1),
-        ("400D", 1),
-        ("", None),
-        (None, None),
-        ("abc", None),
-        ("51X", None),
-    ],
-)
-def test_parse_age(text: str | None, years: int | None) -> None:
-    assert parse_age(text) == years
 
 
 # --- synthetic 8-bit and 16-bit pixels -------------------------------------------------------
