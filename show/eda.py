@@ -20,7 +20,6 @@ from the CSV (see :mod:`lungdet.data_tools.metadata`), unknown without it.
 from __future__ import annotations
 
 import argparse
-import html
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -52,11 +51,13 @@ from lungdet.show.eda_stats import (
     MAX_PLAUSIBLE_AGE_YEARS,
     NO_CLASS,
     EdaStats,
+    MetadataScan,
     compute_stats,
     order_sample_candidates,
     scan_metadata,
     scan_pictures,
 )
+from lungdet.show.pages import render_page
 
 INDEX_FILE = "index.html"
 DISCLAIMER = "lungdet is a research tool, not a diagnostic device"
@@ -265,166 +266,159 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
     return sections
 
 
-_PAGE_STYLE = """
-body { font-family: sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
-.notice { background: #fbe9e7; border-left: 4px solid #c62828; padding: 0.5em 1em; }
-table.sources td { padding: 0.1em 1em 0.1em 0; }
-section.figure { display: flex; gap: 2em; align-items: flex-start; border-top: 1px solid #ddd; padding: 1em 0; }
-section.figure img { max-width: 620px; width: 100%; height: auto; }
-.caption { font-style: italic; color: #555; }
-.samples { display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 1em; }
-.samples figure { margin: 0; }
-.samples img { width: 100%; height: auto; }
-figcaption { font-size: 0.85em; word-break: break-all; }
-code { font-size: 0.9em; }
-"""
+@dataclass(frozen=True)
+class EdaSources:
+    """The files a page describes: the labels CSVs, and the X-rays beside them, if any.
 
-
-def _source_line(name: str, path: Path | None, note: str) -> str:
-    shown = f"<code>{html.escape(str(path))}</code>" if path is not None else f"<i>{html.escape(note)}</i>"
-    return f"<tr><td>{html.escape(name)}</td><td>{shown}</td></tr>"
-
-
-def _file_list(title: str, items: Sequence[str]) -> str:
-    if not items:
-        return ""
-    entries = "".join(f"<li><code>{html.escape(item)}</code></li>" for item in items)
-    # Collapsed: pointed at a folder with the test images too, this list runs to thousands.
-    return f"<details><summary>{html.escape(title)} ({len(items):,})</summary><ul>{entries}</ul></details>"
-
-
-def render_index_html(
-    report: EdaReport,
-    *,
-    labels_csv: Path,
-    class_info_csv: Path | None,
-    dicom_dir: Path | None,
-    dicom_count: int | None,
-    samples_per_class: int,
-    seed: int,
-    source_kind: str = "DICOM",
-    metadata_csv: Path | None = None,
-) -> str:
-    """The HTML page: header (files used, counts, notice), one block per figure, samples, file lists.
-
-    ``source_kind`` is 'DICOM' or 'image' (PNG/JPEG with ``metadata_csv``); ``dicom_dir`` is the folder of either.
+    ``image_paths`` are DICOMs (``kind`` 'DICOM': tags read from each, pixels only for the samples)
+    or PNG/JPEG files (``kind`` 'image': sizes from each header, tags from ``metadata``); None:
+    the labels alone. ``image_dir`` is the folder they were found in, named on the page.
     """
-    stats = report.stats
-    metadata = stats.metadata
+
+    labels_csv: Path
+    class_info_csv: Path | None = None
+    image_paths: Sequence[Path] | None = None
+    image_dir: Path | None = None
+    kind: str = "DICOM"
+    metadata: MetadataTable | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("DICOM", "image"):
+            raise ValueError(f"kind is 'DICOM' or 'image', not {self.kind!r}")
+
+
+def _counts_line(report: EdaReport, sources: EdaSources) -> str:
+    stats, metadata, kind = report.stats, report.stats.metadata, sources.kind
     counts = f"{stats.patient_count:,} patients ({stats.positive_count:,} positive, {stats.negative_count:,} negative), {stats.box_count:,} boxes"
-    if dicom_count is not None and metadata is not None:
+    if sources.image_paths is not None and metadata is not None:
         counts += (
-            f"; {dicom_count:,} {source_kind} files found: {metadata.labelled_count:,} in the labels, {len(metadata.unlabelled_paths):,} not in the labels, "
+            f"; {len(sources.image_paths):,} {kind} files found: {metadata.labelled_count:,} in the labels, {len(metadata.unlabelled_paths):,} not in the labels, "
             f"{len(metadata.duplicate_paths):,} duplicate patientIds, {len(report.unreadable):,} unreadable; "
-            f"{metadata.labelled_without_dicom_count:,} labelled patients have no {source_kind} file in the folder"
+            f"{metadata.labelled_without_dicom_count:,} labelled patients have no {kind} file in the folder"
         )
-    blocks = []
-    for section in report.sections:
-        numbers = "".join(f"<li>{html.escape(number)}</li>" for number in section.numbers)
-        source = html.escape(section.png_name, quote=True)
-        blocks.append(
-            f'<section class="figure"><div><img src="{source}" alt="{html.escape(section.title, quote=True)}">'
-            f'<p class="caption">{html.escape(section.caption)}</p></div>'
-            f"<div><h2>{html.escape(section.title)}</h2><ul>{numbers}</ul></div></section>"
-        )
+    return counts
+
+
+def _missing_figure_notes(report: EdaReport, sources: EdaSources, samples_per_class: int) -> list[str]:
+    """Why a figure a reader might look for is not on the page."""
+    metadata, notes = report.stats.metadata, []
     if metadata is None:
-        blocks.append(
-            "<p><i>No --dicom-dir (or --image-dir) given: age, sex, view position and pixel spacing come from DICOM tags "
-            "(or --metadata) and are not shown.</i></p>"
+        notes.append(
+            "No --dicom-dir (or --image-dir) given: age, sex, view position and pixel spacing come from DICOM tags "
+            "(or --metadata) and are not shown."
         )
-    elif source_kind == "image" and metadata_csv is None:
-        blocks.append(
-            "<p><i>PNG/JPEG files carry no DICOM tags and no --metadata CSV was given: age, sex, view position and pixel spacing are unknown.</i></p>"
+    elif sources.kind == "image" and sources.metadata is None:
+        notes.append(
+            "PNG/JPEG files carry no DICOM tags and no --metadata CSV was given: age, sex, view position and pixel spacing are unknown."
         )
     elif metadata.labelled_count and not len(metadata.pixel_spacings_mm):
-        blocks.append(
-            f"<p><i>None of the {metadata.labelled_count:,} labelled images has a PixelSpacing, so there is no pixel-spacing figure.</i></p>"
+        notes.append(
+            f"None of the {metadata.labelled_count:,} labelled images has a PixelSpacing, so there is no pixel-spacing figure."
         )
-    if report.samples:
-        sample_blocks = []
-        for group, samples in report.samples.items():
-            figures = "".join(
-                f'<figure><img src="{html.escape(sample.png_name, quote=True)}" alt="{html.escape(sample.patient_id, quote=True)}">'
-                f"<figcaption>{html.escape(sample.patient_id)}: {sample.box_count} truth box{'es' if sample.box_count != 1 else ''}</figcaption></figure>"
-                for sample in samples
-            )
-            sample_blocks.append(f'<h3>{html.escape(group)} ({len(samples)})</h3><div class="samples">{figures}</div>')
-        blocks.append(
-            '<section><h2>Sample images</h2><p class="caption">'
-            f"Up to {samples_per_class} images per class chosen at random (seed {seed}) among the {source_kind} files in the folder, "
-            f"truth boxes in green, shrunk to {SAMPLE_MAX_SIZE} px.</p>{''.join(sample_blocks)}</section>"
-        )
-    elif dicom_dir is None and samples_per_class:
-        blocks.append("<p><i>No --dicom-dir given, so there are no sample images.</i></p>")
-    files = _file_list(
-        f"Unreadable {source_kind} files (skipped)", [f"{path}: {reason}" for path, reason in report.unreadable]
-    )
+    if not report.samples and sources.image_dir is None and samples_per_class:
+        notes.append("No --dicom-dir given, so there are no sample images.")
+    return notes
+
+
+def _skipped_lists(report: EdaReport, kind: str) -> list[tuple[str, list[str]]]:
+    """``(title, items)`` for each non-empty list of files the page did not use."""
+    lists = [(f"Unreadable {kind} files (skipped)", [f"{path}: {reason}" for path, reason in report.unreadable])]
+    metadata = report.stats.metadata
     if metadata is not None:
-        files += _file_list(
-            f"{source_kind} files not in the labels (skipped)", [str(path) for path in metadata.unlabelled_paths]
-        )
-        files += _file_list(
-            f"{source_kind} files repeating a patientId (skipped; the first one counts)",
-            [str(path) for path in metadata.duplicate_paths],
-        )
-    if files:
-        blocks.append(f"<section><h2>Skipped files</h2>{files}</section>")
-    sources = "".join(
-        [
-            _source_line("Labels", labels_csv, ""),
-            _source_line("Class info", class_info_csv, "not given"),
-            _source_line("DICOM folder" if source_kind == "DICOM" else "Image folder", dicom_dir, "not given"),
-            *([_source_line("Metadata CSV", metadata_csv, "")] if metadata_csv is not None else []),
+        lists += [
+            (f"{kind} files not in the labels (skipped)", [str(path) for path in metadata.unlabelled_paths]),
+            (
+                f"{kind} files repeating a patientId (skipped; the first one counts)",
+                [str(path) for path in metadata.duplicate_paths],
+            ),
         ]
+    return [(title, items) for title, items in lists if items]
+
+
+def render_index_html(report: EdaReport, sources: EdaSources, *, samples_per_class: int, seed: int) -> str:
+    """The HTML page: header (files used, counts, notice), one block per figure, samples, file lists."""
+    kind = sources.kind
+    rows = [
+        {"name": "Labels", "path": sources.labels_csv, "note": ""},
+        {"name": "Class info", "path": sources.class_info_csv, "note": "not given"},
+        {"name": "DICOM folder" if kind == "DICOM" else "Image folder", "path": sources.image_dir, "note": "not given"},
+    ]
+    if sources.metadata is not None:
+        rows.append({"name": "Metadata CSV", "path": sources.metadata.path, "note": ""})
+    return render_page(
+        "eda.html.j2",
+        title="lungdet EDA",
+        heading="lungdet EDA: RSNA lung opacity labels",
+        disclaimer=DISCLAIMER,
+        notice="These figures describe a data set for research; they say nothing about any one patient.",
+        sources=rows,
+        counts=_counts_line(report, sources),
+        sections=report.sections,
+        notes=_missing_figure_notes(report, sources, samples_per_class),
+        samples=report.samples,
+        samples_caption=(
+            f"Up to {samples_per_class} images per class chosen at random (seed {seed}) among the {kind} files in the folder, "
+            f"truth boxes in green, shrunk to {SAMPLE_MAX_SIZE} px."
+        ),
+        skipped=_skipped_lists(report, kind),
     )
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>lungdet EDA</title>
-<style>{_PAGE_STYLE}</style>
-</head>
-<body>
-<h1>lungdet EDA: RSNA lung opacity labels</h1>
-<p class="notice"><b>{html.escape(DISCLAIMER)}.</b> These figures describe a data set for research; they say nothing about any one patient.</p>
-<table class="sources">{sources}</table>
-<p>{html.escape(counts)}.</p>
-{chr(10).join(blocks)}
-</body>
-</html>
-"""
+
+
+def _write_samples(
+    out_dir: Path,
+    labels: Mapping[str, PatientLabels],
+    scan: MetadataScan,
+    *,
+    use_classes: bool,
+    samples_per_class: int,
+    seed: int,
+    unreadable: list[tuple[Path, str]],
+) -> dict[str, list[SampleImage]]:
+    """Draw up to ``samples_per_class`` images per class with their truth boxes; files that fail to decode go to ``unreadable``."""
+    paths: dict[str, Path] = {}
+    for meta in scan.records:
+        paths.setdefault(meta.patient_id, meta.path)
+    samples: dict[str, list[SampleImage]] = {}
+    for group, patient_ids in order_sample_candidates(labels, paths, use_classes=use_classes, seed=seed).items():
+        chosen: list[SampleImage] = []
+        for patient_id in patient_ids:
+            if len(chosen) == samples_per_class:
+                break
+            try:
+                png, box_count = encode_sample_png(labels[patient_id], paths[patient_id])
+            except ImageReadError as error:
+                # Tags read fine but the pixels do not decode: list it and take the next candidate.
+                unreadable.append((paths[patient_id], error.reason))
+                continue
+            png_name = f"sample_{_slug(group)}_{len(chosen) + 1}.png"
+            write_bytes_atomic(out_dir / png_name, png)
+            chosen.append(SampleImage(png_name=png_name, patient_id=patient_id, box_count=box_count))
+        if chosen:
+            samples[group] = chosen
+    return samples
 
 
 def write_eda(
     out_dir: Path,
     labels: Mapping[str, PatientLabels],
+    sources: EdaSources,
     *,
-    labels_csv: Path,
-    class_info_csv: Path | None = None,
-    dicom_paths: Sequence[Path] | None = None,
-    dicom_dir: Path | None = None,
-    image_paths: Sequence[Path] | None = None,
-    image_dir: Path | None = None,
-    metadata: MetadataTable | None = None,
     samples_per_class: int = DEFAULT_SAMPLES_PER_CLASS,
     seed: int = 0,
     progress: bool = False,
 ) -> EdaReport:
     """Compute the statistics, write every figure PNG and ``out_dir/index.html`` (all atomically).
 
-    ``dicom_paths`` (None: no DICOMs) are read metadata-only; or ``image_paths`` (PNG/JPEG), their
-    sizes from the headers and their tags from ``metadata``. Only the chosen sample images are
-    decoded. Unreadable files are listed in the report and on the page, never fatal.
+    DICOMs are read metadata-only; PNG/JPEG files give their sizes from the headers and their
+    tags from ``sources.metadata``. Only the chosen sample images are decoded. Unreadable files
+    are listed in the report and on the page, never fatal.
     """
-    if dicom_paths is not None and image_paths is not None:
-        raise ValueError("give dicom_paths or image_paths, not both")
     out_dir = Path(out_dir)
-    if dicom_paths is not None:
-        scan = scan_metadata(dicom_paths, progress=progress)
-    elif image_paths is not None:
-        scan = scan_pictures(image_paths, metadata, progress=progress)
-    else:
-        scan = None
+    scan = None
+    if sources.image_paths is not None and sources.kind == "DICOM":
+        scan = scan_metadata(sources.image_paths, progress=progress)
+    elif sources.image_paths is not None:
+        scan = scan_pictures(sources.image_paths, sources.metadata, progress=progress)
     stats = compute_stats(labels, scan.records if scan is not None else None)
     unreadable = list(scan.unreadable) if scan is not None else []
 
@@ -432,49 +426,23 @@ def write_eda(
     for section, png in build_sections(stats):
         write_bytes_atomic(out_dir / section.png_name, png)
         sections.append(section)
-
     samples: dict[str, list[SampleImage]] = {}
     if scan is not None and samples_per_class > 0:
-        paths = {}
-        for meta in scan.records:
-            paths.setdefault(meta.patient_id, meta.path)
-        candidates = order_sample_candidates(labels, paths, use_classes=stats.class_counts is not None, seed=seed)
-        for group, patient_ids in candidates.items():
-            chosen: list[SampleImage] = []
-            for patient_id in patient_ids:
-                if len(chosen) == samples_per_class:
-                    break
-                try:
-                    png, box_count = encode_sample_png(labels[patient_id], paths[patient_id])
-                except ImageReadError as error:
-                    # Tags read fine but the pixels do not decode: list it and take the next candidate.
-                    unreadable.append((paths[patient_id], error.reason))
-                    continue
-                png_name = f"sample_{_slug(group)}_{len(chosen) + 1}.png"
-                write_bytes_atomic(out_dir / png_name, png)
-                chosen.append(SampleImage(png_name=png_name, patient_id=patient_id, box_count=box_count))
-            if chosen:
-                samples[group] = chosen
-
+        samples = _write_samples(
+            out_dir,
+            labels,
+            scan,
+            use_classes=stats.class_counts is not None,
+            samples_per_class=samples_per_class,
+            seed=seed,
+            unreadable=unreadable,
+        )
     report = EdaReport(
         index_html=out_dir / INDEX_FILE, stats=stats, sections=sections, samples=samples, unreadable=unreadable
     )
-    page = render_index_html(
-        report,
-        labels_csv=labels_csv,
-        class_info_csv=class_info_csv,
-        dicom_dir=dicom_dir if image_paths is None else image_dir,
-        dicom_count=len(dicom_paths)
-        if dicom_paths is not None
-        else len(image_paths)
-        if image_paths is not None
-        else None,
-        source_kind="DICOM" if image_paths is None else "image",
-        metadata_csv=None if metadata is None else metadata.path,
-        samples_per_class=samples_per_class,
-        seed=seed,
+    write_text_atomic(
+        report.index_html, render_index_html(report, sources, samples_per_class=samples_per_class, seed=seed)
     )
-    write_text_atomic(report.index_html, page)
     return report
 
 
@@ -551,19 +519,16 @@ def main(args: argparse.Namespace) -> int:
         )
     metadata = read_metadata_csv(args.metadata) if args.metadata is not None else None
     labels = read_labels(args.labels, args.class_info)
-    report = write_eda(
-        args.out,
-        labels,
+    sources = EdaSources(
         labels_csv=args.labels,
         class_info_csv=args.class_info,
-        dicom_paths=dicom_paths,
-        dicom_dir=args.dicom_dir,
-        image_paths=image_paths,
-        image_dir=args.image_dir,
+        image_paths=dicom_paths if image_paths is None else image_paths,
+        image_dir=args.dicom_dir if image_paths is None else args.image_dir,
+        kind="DICOM" if image_paths is None else "image",
         metadata=metadata,
-        samples_per_class=args.samples_per_class,
-        seed=args.seed,
-        progress=True,
+    )
+    report = write_eda(
+        args.out, labels, sources, samples_per_class=args.samples_per_class, seed=args.seed, progress=True
     )
     stats = report.stats
     elapsed = time.perf_counter() - started

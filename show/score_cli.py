@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.html is not None:
-        from lungdet.show.score_report import write_score_report  # matplotlib, only for the page
+        from lungdet.show.score_report import ReportFiles, write_score_report  # matplotlib, only for the page
 
         write_score_report(
             args.html,
@@ -170,11 +170,9 @@ def main(args: argparse.Namespace) -> int:
             truth=truth,
             predictions=predictions,
             slices=slices,
-            submission=args.submission,
-            labels=args.labels,
+            files=ReportFiles(args.submission, args.labels, args.overlays),
             min_confidence=args.min_confidence,
             probabilities=probabilities,
-            overlays=args.overlays,
             metrics=metrics,
         )
         print(f"wrote {args.html}", file=sys.stderr if args.json else sys.stdout)

@@ -19,7 +19,6 @@ visualize`` wrote.
 from __future__ import annotations
 
 import base64
-import html
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 
 from lungdet.atomic import write_text_atomic
 from lungdet.show.figures import figure_to_png, new_figure
+from lungdet.show.pages import render_page
 from lungdet.show.visualize import DISCLAIMER, judge_image
 from lungdet.submission.detection_metrics import (
     CALIBRATION_BINS,
@@ -89,8 +89,18 @@ def worst_images(
     return rows[:count]
 
 
-def _embed(png: bytes, alt: str) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{html.escape(alt, quote=True)}">'
+@dataclass(frozen=True)
+class EmbeddedFigure:
+    """A figure the page embeds as a base64 PNG, with its title (also the image's alt text) and caption."""
+
+    title: str
+    png: bytes
+    caption: str = ""
+
+    @property
+    def png_base64(self) -> str:
+        """The PNG as base64 ASCII, for a ``data:image/png`` address."""
+        return base64.b64encode(self.png).decode("ascii")
 
 
 def plot_precision_per_threshold(report: ScoreReport) -> bytes:
@@ -215,82 +225,64 @@ def plot_froc(metrics: DetectionMetrics) -> bytes:
 def _value(value: float | None, interval: tuple[float, float] | None, reason: str | None = None) -> tuple[str, str]:
     """(value, interval) cells: 'n/a' with the reason when undefined."""
     if value is None:
-        return f"n/a ({html.escape(reason)})" if reason else "n/a", ""
+        return f"n/a ({reason})" if reason else "n/a", ""
     return f"{value:.4f}", f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
 
 
-def render_metrics_section(report: ScoreReport, metrics: DetectionMetrics) -> str:
-    """The section "Beside the RSNA metric": a table of every figure with its interval and convention, the FROC points and curve."""
+def _metric_row(name: str, cells: tuple[str, str], note: str) -> dict[str, str]:
+    return {"name": name, "value": cells[0], "interval": cells[1], "note": note}
+
+
+def metrics_section(metrics: DetectionMetrics) -> dict[str, object]:
+    """What the section "Beside the RSNA metric" shows below the RSNA row: each figure with its interval and convention, the FROC points and curve."""
     coco, froc = metrics.coco, metrics.froc
-    rsna_interval = f"[{report.map_interval[0]:.4f}, {report.map_interval[1]:.4f}]" if report.map_interval else ""
     rows = [
-        (
-            "<b>RSNA mAP</b> (the competition's)",
-            (f"<b>{report.map:.4f}</b>", rsna_interval),
-            "mean over images of TP/(TP+FP+FN), IoU &gt; 0.40..0.75",
-        ),
-        (
+        _metric_row(
             "COCO AP@[.50:.95]",
             _value(coco.ap, coco.ap_interval, coco.reason),
-            f"COCOeval, mean of AP at IoU &ge; 0.50, 0.55, ..., 0.95; 101 recall points; maxDets {coco.max_detections}",
+            f"COCOeval, mean of AP at IoU ≥ 0.50, 0.55, ..., 0.95; 101 recall points; maxDets {coco.max_detections}",
         ),
-        ("COCO AP50", _value(coco.ap50, coco.ap50_interval, coco.reason), "COCOeval AP at IoU &ge; 0.50"),
-        (
+        _metric_row("COCO AP50", _value(coco.ap50, coco.ap50_interval, coco.reason), "COCOeval AP at IoU ≥ 0.50"),
+        _metric_row(
             "COCO AP40",
             _value(coco.ap40, coco.ap40_interval, coco.reason),
-            "COCOeval AP at IoU &ge; 0.40 (VinDr-CXR's convention)",
+            "COCOeval AP at IoU ≥ 0.40 (VinDr-CXR's convention)",
         ),
-        (
+        _metric_row(
             "FROC score",
             _value(froc.score, froc.score_interval, froc.reason),
-            f"mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4, 8 false positives per image; a hit is IoU &gt; {froc.iou_threshold:g}, each truth box hit once",
+            f"mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4, 8 false positives per image; a hit is IoU > {froc.iou_threshold:g}, each truth box hit once",
         ),
     ]
     if metrics.probabilities is not None:
         probability = metrics.probabilities
         rows += [
-            (
+            _metric_row(
                 "image AUC",
                 _value(probability.auc, probability.auc_interval, probability.auc_reason),
                 f"image probability against 'has a truth box', {probability.n_images:,} images",
             ),
-            (
+            _metric_row(
                 f"ECE ({probability.bins} bins)",
                 _value(probability.ece, probability.ece_interval),
-                "sum over equal-width bins of the bin's share of images &times; |share positive &minus; mean probability|",
+                "sum over equal-width bins of the bin's share of images × |share positive − mean probability|",
             ),
         ]
-    table = "".join(
-        f'<tr><td>{name}</td><td>{value}</td><td>{interval}</td><td class="note">{note}</td></tr>'
-        for name, (value, interval), note in rows
-    )
-    parts = [
-        '<section class="figure"><h2>Beside the RSNA metric</h2>',
-        f'<table class="metrics"><tr><th>metric</th><th>value</th><th>95% interval</th><th class="note">convention</th></tr>{table}</table>',
-        f'<p class="caption">{metrics.n_images:,} images ({metrics.n_truth_boxes:,} truth boxes, {metrics.n_predicted_boxes:,} predicted boxes), '
-        "negatives included, so their boxes count as false positives. Intervals: patients resampled with replacement, as the mAP's.</p>",
-    ]
+    froc_points = None
     if froc.sensitivities is not None:
-        header = "".join(f"<th>{rate:g}</th>" for rate in froc.fp_rates)
-        values = "".join(f"<td>{value:.3f}</td>" for value in froc.sensitivities)
-        intervals = ""
-        if froc.sensitivity_intervals is not None:
-            cells = "".join(
-                f"<td>{interval[0]:.2f}&ndash;{interval[1]:.2f}</td>" if interval else "<td></td>"
-                for interval in froc.sensitivity_intervals
-            )
-            intervals = f"<tr><td>95% interval</td>{cells}</tr>"
-        parts.append(
-            f"<h3>FROC points</h3><table><tr><th>false positives per image</th>{header}</tr><tr><td>sensitivity</td>{values}</tr>{intervals}</table>"
-        )
-        parts.append(f"<h3>FROC curve</h3>{_embed(plot_froc(metrics), 'FROC curve')}")
-        parts.append(
-            '<p class="caption">Lesion-level sensitivity against false positives per image as the confidence cut-off falls. '
-            "Between points the sensitivity is interpolated linearly (MONAI's compute_froc_score); beyond the last point, where every "
-            "box is kept, it stays at the last sensitivity.</p>"
-        )
-    parts.append("</section>")
-    return "".join(parts)
+        froc_points = {
+            "rates": froc.fp_rates,
+            "sensitivities": froc.sensitivities,
+            "intervals": froc.sensitivity_intervals,
+            "curve": EmbeddedFigure("FROC curve", plot_froc(metrics)),
+        }
+    return {
+        "rows": rows,
+        "counts": f"{metrics.n_images:,}",
+        "truth_boxes": f"{metrics.n_truth_boxes:,}",
+        "predicted_boxes": f"{metrics.n_predicted_boxes:,}",
+        "froc": froc_points,
+    }
 
 
 def _interval(report: ScoreReport) -> str:
@@ -301,6 +293,39 @@ def _fraction(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _probability_figures(
+    probabilities: tuple[list[bool], list[float]], metrics: DetectionMetrics | None
+) -> list[EmbeddedFigure]:
+    ece = metrics.probabilities.ece if metrics is not None and metrics.probabilities is not None else None
+    return [
+        EmbeddedFigure(
+            "Image-level ROC",
+            plot_roc(*probabilities),
+            "How well the image-level probability separates images with an opacity from those without.",
+        ),
+        EmbeddedFigure(
+            "Reliability",
+            plot_reliability(*probabilities, ece=ece),
+            "Predicted probability against how often it came true, in ten bins (counts beside the points); the ECE sums each "
+            "bin's gap to the diagonal, weighted by its share of images.",
+        ),
+    ]
+
+
+def _slice_rows(slices: Sequence[SliceReport]) -> list[dict[str, object]]:
+    return [
+        {
+            "by": item.by,
+            "value": item.value,
+            "map": f"{item.report.map:.3f}{_interval(item.report)}",
+            "sensitivity": _fraction(item.report.sensitivity),
+            "specificity": _fraction(item.report.specificity),
+            "images": item.report.n_images,
+        }
+        for item in slices
+    ]
+
+
 def render_score_report(
     *,
     report: ScoreReport,
@@ -308,106 +333,54 @@ def render_score_report(
     used_cut_off: float,
     slices: Sequence[SliceReport],
     worst: Sequence[ImageRow],
-    submission: Path,
-    labels: Path,
+    files: ReportFiles,
     probabilities: tuple[list[bool], list[float]] | None = None,
     overlay_link: str | None = None,
     metrics: DetectionMetrics | None = None,
 ) -> str:
     """The page; ``overlay_link`` is the overlays folder relative to the page (None: no links); ``metrics`` (None: no section) go beside the mAP."""
-
-    def figure_block(title: str, png: bytes, caption: str) -> str:
-        return f'<section class="figure"><h2>{html.escape(title)}</h2>{_embed(png, title)}<p class="caption">{html.escape(caption)}</p></section>'
-
-    blocks = [
-        figure_block(
+    figures = [
+        EmbeddedFigure(
             "Precision at each IoU threshold",
             plot_precision_per_threshold(report),
             "The metric averages these eight; a drop at the high thresholds means boxes in the right place but of the wrong size.",
         ),
-        figure_block(
+        EmbeddedFigure(
             "mAP against the confidence cut-off",
             plot_cut_off_curve(curve, used=used_cut_off),
             "Boxes below a cut-off are dropped before scoring; the metric scores any box on a clear image 0, so the cut-off matters as much as the model.",
         ),
     ]
-    if metrics is not None:
-        blocks.append(render_metrics_section(report, metrics))
-    if probabilities is not None:
-        ece = metrics.probabilities.ece if metrics is not None and metrics.probabilities is not None else None
-        blocks += [
-            figure_block(
-                "Image-level ROC",
-                plot_roc(*probabilities),
-                "How well the image-level probability separates images with an opacity from those without.",
-            ),
-            figure_block(
-                "Reliability",
-                plot_reliability(*probabilities, ece=ece),
-                "Predicted probability against how often it came true, in ten bins (counts beside the points); the ECE sums each "
-                "bin's gap to the diagonal, weighted by its share of images.",
-            ),
-        ]
-    if slices:
-        rows = "".join(
-            f"<tr><td>{html.escape(item.by)}</td><td>{html.escape(item.value)}</td><td>{item.report.map:.3f}{_interval(item.report)}</td>"
-            f"<td>{_fraction(item.report.sensitivity)}</td><td>{_fraction(item.report.specificity)}</td><td>{item.report.n_images}</td></tr>"
-            for item in slices
-        )
-        blocks.append(
-            "<section><h2>By slice</h2><table><tr><th>by</th><th>value</th><th>mAP [95% interval]</th><th>sensitivity</th>"
-            f"<th>specificity</th><th>images</th></tr>{rows}</table>"
-            '<p class="caption">Each slice scored as a dataset of its own; overlapping intervals do not tell slices apart.</p></section>'
-        )
-    worst_rows = []
-    for row in worst:
-        name = html.escape(row.patient_id)
-        if overlay_link is not None:
-            target = html.escape(f"{overlay_link}/{row.patient_id}.png", quote=True)
-            name = f'<a href="{target}">{name}</a>'
-        worst_rows.append(
-            f"<tr><td>{name}</td><td>{row.score:.3f}</td><td>{row.truth}</td><td>{row.predicted}</td><td>{row.missed}</td><td>{row.false_alarms}</td></tr>"
-        )
-    link_note = (
-        ""
-        if overlay_link is not None
-        else " Pass --overlays with the folder lungdet visualize wrote to link each to its picture."
+    return render_page(
+        "score_report.html.j2",
+        title="lungdet score report",
+        heading="lungdet score report",
+        disclaimer=DISCLAIMER,
+        notice="These figures describe a model on a data set, for research; they say nothing about any one patient.",
+        submission=files.submission,
+        labels=files.labels,
+        report=report,
+        interval=_interval(report),
+        rsna_interval=f"[{report.map_interval[0]:.4f}, {report.map_interval[1]:.4f}]" if report.map_interval else "",
+        mean_iou=_fraction(report.mean_iou),
+        sensitivity=_fraction(report.sensitivity),
+        specificity=_fraction(report.specificity),
+        figures=figures,
+        metrics=metrics_section(metrics) if metrics is not None else None,
+        probability_figures=_probability_figures(probabilities, metrics) if probabilities is not None else [],
+        slices=_slice_rows(slices),
+        worst=worst,
+        overlay_link=overlay_link,
     )
-    blocks.append(
-        f"<section><h2>The {len(worst)} worst images</h2><table><tr><th>patientId</th><th>RSNA score</th><th>truth boxes</th>"
-        f"<th>predicted</th><th>missed</th><th>false alarms</th></tr>{''.join(worst_rows)}</table>"
-        f'<p class="caption">Misses and false alarms judged at IoU &gt; 0.5.{html.escape(link_note)}</p></section>'
-    )
-    summary = (
-        f"mAP <b>{report.map:.4f}</b>{_interval(report)} over {report.n_scored:,} scored of {report.n_images:,} images · "
-        f"mean IoU {_fraction(report.mean_iou)} · sensitivity {_fraction(report.sensitivity)} · specificity {_fraction(report.specificity)}"
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>lungdet score report</title>
-<style>
-body {{ font-family: sans-serif; max-width: 1100px; margin: 1em auto; padding: 0 1em; color: #1b1f24; }}
-.notice {{ background: #fff4e5; border-left: 4px solid #b35c00; padding: 0.5em 1em; }}
-.figure img {{ max-width: 100%; height: auto; }}
-.caption {{ color: #57606a; font-size: 0.9em; }}
-.metrics td {{ white-space: nowrap; }}
-.metrics td.note, .metrics th.note {{ white-space: normal; color: #57606a; font-size: 0.85em; text-align: left; }}
-table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; }}
-th, td {{ border-bottom: 1px solid #d0d7de; padding: 0.2em 0.6em; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-</style>
-</head>
-<body>
-<h1>lungdet score report</h1>
-<p class="notice"><b>{html.escape(DISCLAIMER)}.</b> These figures describe a model on a data set, for research; they say nothing about any one patient.</p>
-<p>Submission <code>{html.escape(str(submission))}</code> against <code>{html.escape(str(labels))}</code>.</p>
-<p>{summary}</p>
-{chr(10).join(blocks)}
-</body>
-</html>
-"""
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """The files the page names: the submission and labels scored, and the folder ``lungdet visualize`` wrote (None: no links)."""
+
+    submission: Path
+    labels: Path
+    overlays: Path | None = None
 
 
 def write_score_report(
@@ -417,11 +390,9 @@ def write_score_report(
     truth: Mapping[str, np.ndarray],
     predictions: Mapping[str, Prediction],
     slices: Sequence[SliceReport],
-    submission: Path,
-    labels: Path,
+    files: ReportFiles,
     min_confidence: float = 0.0,
     probabilities: Mapping[str, float] | None = None,
-    overlays: Path | None = None,
     metrics: DetectionMetrics | None = None,
 ) -> None:
     """Compute the curve and the worst images and write the page atomically to ``path``; ``metrics`` (None: left out) go beside the mAP."""
@@ -432,16 +403,15 @@ def write_score_report(
         known = [patient for patient in truth if patient in probabilities]
         pairs = ([len(truth[patient]) > 0 for patient in known], [probabilities[patient] for patient in known])
     overlay_link = None
-    if overlays is not None:
-        overlay_link = Path(os.path.relpath(Path(overlays).resolve(), Path(path).resolve().parent)).as_posix()
+    if files.overlays is not None:
+        overlay_link = Path(os.path.relpath(Path(files.overlays).resolve(), Path(path).resolve().parent)).as_posix()
     page = render_score_report(
         report=report,
         curve=cut_off_curve(truth, predictions),
         used_cut_off=used,
         slices=slices,
         worst=worst_images(truth, predictions),
-        submission=submission,
-        labels=labels,
+        files=files,
         probabilities=pairs,
         overlay_link=overlay_link,
         metrics=metrics,

@@ -16,7 +16,6 @@ then open ``overlays/index.html``.
 from __future__ import annotations
 
 import argparse
-import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.image_io import find_images, read_file_pixels
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.errors import ImageReadError, LungdetError
+from lungdet.show.pages import render_page
 from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission
 from lungdet.submission.score import match_predictions, score_image
 
@@ -373,94 +373,28 @@ def render_index_html(entries: Sequence[OverlayEntry], skipped: Sequence[tuple[P
     filtered to images with misses or with false alarms (a few lines of inline script; the page
     stays one file that opens from disk).
     """
-
-    def count(value: int | None) -> str:
-        return "–" if value is None else str(value)
-
     judged = any(entry.score is not None or entry.missed or entry.false_alarms for entry in entries)
-    figures = []
-    for position, entry in enumerate(entries):
-        confidence = "–" if entry.max_confidence is None else f"{entry.max_confidence:.2f}"
-        caption = (
-            f"<b>{html.escape(entry.patient_id)}</b><br>"
-            f"truth: {count(entry.truth_count)} · predicted: {count(entry.prediction_count)} · max confidence: {confidence}"
-        )
-        if judged:
-            score = "not scored" if entry.score is None else f"{entry.score:.2f}"
-            caption += f"<br>RSNA score: {score} · missed: {entry.missed} · false alarms: {entry.false_alarms}"
-        source = html.escape(entry.png_name, quote=True)
-        # Unscored images (no truth, no box) sort after the worst, as 2: they cost nothing.
-        data = f' data-order="{position}" data-score="{2 if entry.score is None else entry.score:.6f}" data-missed="{entry.missed}" data-false-alarms="{entry.false_alarms}"'
-        figures.append(
-            f'<figure{data}><a href="{source}"><img src="{source}" loading="lazy" alt="{html.escape(entry.patient_id, quote=True)}"></a><figcaption>{caption}</figcaption></figure>'
-        )
-    skipped_html = ""
-    if skipped:
-        items = "".join(
-            f"<li><code>{html.escape(str(path))}</code>: {html.escape(reason)}</li>" for path, reason in skipped
-        )
-        skipped_html = f"<h2>Skipped ({len(skipped)})</h2><ul>{items}</ul>"
-    controls = script = ""
-    legend = f'<span style="background: rgb{TRUTH_COLOR}"></span>truth<span style="background: rgb{PREDICTION_COLOR}"></span>prediction (confidence)'
+    legend = [(TRUTH_COLOR, "truth"), (PREDICTION_COLOR, "prediction (confidence)")]
     if judged:
-        legend = (
-            f'<span style="background: rgb{TRUTH_COLOR}"></span>truth found<span style="background: rgb{MISSED_COLOR}"></span>truth missed (dashed)'
-            f'<span style="background: rgb{PREDICTION_COLOR}"></span>correct prediction<span style="background: rgb{FALSE_ALARM_COLOR}"></span>false alarm (dashed)'
-            f" · judged at IoU &gt; {MATCH_IOU:g}"
-        )
-        controls = """<p class="controls"><label>Order <select id="order"><option value="order">as listed</option><option value="score">worst RSNA score first</option></select></label>
-<label>Show <select id="show"><option value="all">all images</option><option value="missed">images with a missed box</option><option value="false-alarms">images with a false alarm</option></select></label>
-<span id="shown"></span></p>"""
-        script = """<script>
-const grid = document.querySelector(".grid");
-const figures = Array.from(grid.children);
-function update() {
-  const order = document.getElementById("order").value, show = document.getElementById("show").value;
-  const key = (figure) => Number(order === "score" ? figure.dataset.score : figure.dataset.order);
-  figures.sort((a, b) => key(a) - key(b) || Number(a.dataset.order) - Number(b.dataset.order)).forEach((figure) => grid.appendChild(figure));
-  let shown = 0;
-  for (const figure of figures) {
-    const visible = show === "all" || (show === "missed" && figure.dataset.missed !== "0") || (show === "false-alarms" && figure.dataset.falseAlarms !== "0");
-    figure.hidden = !visible;
-    shown += visible;
-  }
-  document.getElementById("shown").textContent = shown + " of " + figures.length + " images";
-}
-document.getElementById("order").addEventListener("change", update);
-document.getElementById("show").addEventListener("change", update);
-update();
-</script>"""
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>lungdet overlays</title>
-<style>
-body {{ font-family: sans-serif; background: #111; color: #eee; margin: 1em; }}
-.notice {{ background: #5a1a1a; padding: 0.5em 1em; border-radius: 4px; }}
-.legend span {{ display: inline-block; width: 1.5em; height: 0.4em; vertical-align: middle; margin: 0 0.3em 0 1em; }}
-.controls label {{ margin-right: 1.5em; }}
-.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 1em; }}
-figure {{ margin: 0; }}
-figure[hidden] {{ display: none; }}
-img {{ width: 100%; height: auto; display: block; }}
-figcaption {{ font-size: 0.85em; padding-top: 0.3em; word-break: break-all; }}
-a {{ color: #9cf; }}
-</style>
-</head>
-<body>
-<h1>lungdet overlays ({len(entries)} images)</h1>
-<p class="notice"><b>{DISCLAIMER}.</b> These pictures show a model's output for research and debugging only; they are not for diagnosis or treatment.</p>
-<p class="legend">{legend}</p>
-{controls}
-<div class="grid">
-{chr(10).join(figures)}
-</div>
-{script}
-{skipped_html}
-</body>
-</html>
-"""
+        legend = [
+            (TRUTH_COLOR, "truth found"),
+            (MISSED_COLOR, "truth missed (dashed)"),
+            (PREDICTION_COLOR, "correct prediction"),
+            (FALSE_ALARM_COLOR, "false alarm (dashed)"),
+        ]
+    return render_page(
+        "overlays.html.j2",
+        title="lungdet overlays",
+        heading=f"lungdet overlays ({len(entries)} images)",
+        disclaimer=DISCLAIMER,
+        notice="These pictures show a model's output for research and debugging only; they are not for diagnosis or treatment.",
+        dark=True,
+        entries=entries,
+        judged=judged,
+        legend=legend,
+        match_iou=MATCH_IOU,
+        skipped=skipped,
+    )
 
 
 def write_overlays(

@@ -87,6 +87,9 @@ def test_the_built_wheel_holds_one_top_level_package_with_every_stage(tmp_path: 
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"lungdet"}
     assert {f"lungdet/{stage}/__init__.py" for stage in STAGES} <= set(names)
     assert "lungdet/server/static/index.html" in names
+    # The pages' templates and their one stylesheet, which show/pages.py loads as package data.
+    templates = {f"lungdet/show/templates/{path.name}" for path in (REPO / "show" / "templates").iterdir()}
+    assert "lungdet/show/templates/lungdet.css" in templates and templates <= set(names)
     # The shipped configs, one level above detection/config.py as in the checkout (its CONFIGS_DIR).
     shipped = {Path(name).name for name in names if name.startswith("lungdet/configs/")}
     assert (

@@ -235,14 +235,8 @@ def test_only_the_sample_images_are_decoded(
     monkeypatch.setattr(dicom_io, "_open_dataset", recording_open)
     monkeypatch.setattr(eda_figures, "read_xray_file", counting_read)
     labels = read_labels(rsna_labels_csv, rsna_class_info_csv)
-    report = eda.write_eda(
-        tmp_path / "out",
-        labels,
-        labels_csv=rsna_labels_csv,
-        dicom_paths=dicom_io.find_dicoms(rsna_sample_dir),
-        samples_per_class=1,
-        seed=0,
-    )
+    sources = eda.EdaSources(labels_csv=rsna_labels_csv, image_paths=dicom_io.find_dicoms(rsna_sample_dir))
+    report = eda.write_eda(tmp_path / "out", labels, sources, samples_per_class=1, seed=0)
 
     # One sample for each of the three classes, and no other file's pixels touched.
     assert [len(samples) for samples in report.samples.values()] == [1, 1, 1]
