@@ -52,6 +52,7 @@ from lungdet.show.eda_stats import (
     NO_CLASS,
     EdaStats,
     MetadataScan,
+    MetadataStats,
     compute_stats,
     order_sample_candidates,
     scan_metadata,
@@ -115,115 +116,85 @@ def _format_median(values: np.ndarray) -> str:
     return f"{np.median(values):.0f}" if len(values) else "–"
 
 
-def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
-    """Every figure of the page with its caption and numbers, rendered to PNG bytes."""
-    sections: list[tuple[Section, bytes]] = []
+def _class_balance(stats: EdaStats) -> tuple[Section, bytes]:
     total = stats.patient_count
-    balance_numbers = [
+    numbers = [
         f"{total:,} patients, {stats.box_count:,} boxes",
         f"positive (Target 1): {stats.positive_count:,} ({percent(stats.positive_count, total)})",
         f"negative (Target 0): {stats.negative_count:,} ({percent(stats.negative_count, total)})",
     ]
     if stats.class_counts is not None:
-        balance_numbers += [
+        numbers += [
             f"{name}: {count:,} ({percent(count, total)})"
             for name, count in stats.class_counts.items()
             if count or name != NO_CLASS
         ]
-    sections.append(
-        (
-            Section(
-                "class_balance.png",
-                "Class balance",
-                "Patients per class (one image each); negatives are kept for training, the model must learn to say 'nothing here'."
-                if stats.class_counts is not None
-                else "Patients per Target (no --class-info given, so Normal and Not Normal are not told apart).",
-                balance_numbers,
-            ),
-            plot_class_balance(stats),
-        )
+    caption = (
+        "Patients per class (one image each); negatives are kept for training, the model must learn to say 'nothing here'."
+        if stats.class_counts is not None
+        else "Patients per Target (no --class-info given, so Normal and Not Normal are not told apart)."
     )
-    sections.append(
-        (
-            Section(
-                "boxes_per_image.png",
-                "Boxes per positive image",
-                "How many opacity boxes each positive image has; the detector must find all of them.",
-                [
-                    f"{name} box{'es' if name != '1' else ''}: {count:,} ({percent(count, stats.positive_count)})"
-                    for name, count in stats.boxes_per_positive.items()
-                ]
-                + [
-                    f"mean {stats.box_count / stats.positive_count:.2f} boxes per positive image"
-                    if stats.positive_count
-                    else "no positive images"
-                ],
-            ),
-            plot_boxes_per_image(stats),
-        )
+    return Section("class_balance.png", "Class balance", caption, numbers), plot_class_balance(stats)
+
+
+def _boxes_per_image(stats: EdaStats) -> tuple[Section, bytes]:
+    numbers = [
+        f"{name} box{'es' if name != '1' else ''}: {count:,} ({percent(count, stats.positive_count)})"
+        for name, count in stats.boxes_per_positive.items()
+    ]
+    numbers.append(
+        f"mean {stats.box_count / stats.positive_count:.2f} boxes per positive image"
+        if stats.positive_count
+        else "no positive images"
     )
-    size_numbers = ["no boxes"]
+    caption = "How many opacity boxes each positive image has; the detector must find all of them."
+    return Section("boxes_per_image.png", "Boxes per positive image", caption, numbers), plot_boxes_per_image(stats)
+
+
+def _box_sizes(stats: EdaStats) -> tuple[Section, bytes]:
+    numbers = ["no boxes"]
     if stats.box_count:
-        size_numbers = [
+        numbers = [
             f"median width {stats.median_box_width:.0f} px, median height {stats.median_box_height:.0f} px",
             f"width {stats.box_widths.min():.0f}..{stats.box_widths.max():.0f} px, height {stats.box_heights.min():.0f}..{stats.box_heights.max():.0f} px",
             f"median height / width {np.median(stats.box_heights / stats.box_widths):.2f}",
         ]
-    sections.append(
-        (
-            Section(
-                "box_sizes.png",
-                "Box size",
-                "Width against height of every box in original image pixels; dashed lines mark the medians.",
-                size_numbers,
-            ),
-            plot_box_sizes(stats),
-        )
-    )
+    caption = "Width against height of every box in original image pixels; dashed lines mark the medians."
+    return Section("box_sizes.png", "Box size", caption, numbers), plot_box_sizes(stats)
+
+
+def _box_heatmap(stats: EdaStats) -> tuple[Section, bytes]:
     rows, columns = stats.assumed_image_size
-    heat_numbers = [f"grid {stats.heatmap.shape[0]} x {stats.heatmap.shape[1]} cells over each image"]
+    numbers = [f"grid {stats.heatmap.shape[0]} x {stats.heatmap.shape[1]} cells over each image"]
     if stats.heatmap_own_size_count:
-        heat_numbers.append(
+        numbers.append(
             f"{stats.heatmap_own_size_count:,} positive images normalised by their own image size (DICOM Rows/Columns or the file's)"
         )
     if stats.heatmap_assumed_size_count:
-        heat_numbers.append(
+        numbers.append(
             f"{stats.heatmap_assumed_size_count:,} positive images without a DICOM: assumed {columns}x{rows} px (the labels' pixel space)"
         )
     if stats.positive_count:
-        heat_numbers.append(
-            f"peak: {stats.heatmap.max() * 100 / stats.positive_count:.1f} boxes per 100 positive images"
-        )
-    sections.append(
-        (
-            Section(
-                "box_heatmap.png",
-                "Box locations",
-                "How often a box covers each cell, per 100 positive images, with every box scaled to its own image's size.",
-                heat_numbers,
-            ),
-            plot_box_heatmap(stats),
-        )
+        numbers.append(f"peak: {stats.heatmap.max() * 100 / stats.positive_count:.1f} boxes per 100 positive images")
+    caption = (
+        "How often a box covers each cell, per 100 positive images, with every box scaled to its own image's size."
     )
-    metadata = stats.metadata
-    if metadata is None or metadata.labelled_count == 0:
-        return sections
+    return Section("box_heatmap.png", "Box locations", caption, numbers), plot_box_heatmap(stats)
+
+
+def _age(metadata: MetadataStats) -> tuple[Section, bytes]:
     ages = metadata.ages_by_target
-    sections.append(
-        (
-            Section(
-                "age_by_target.png",
-                "Age",
-                "Patient age (PatientAge tag) for negatives and positives, each as a share of its own group.",
-                [
-                    f"median age, Target 0: {_format_median(ages[0])} years (n={len(ages[0]):,})",
-                    f"median age, Target 1: {_format_median(ages[1])} years (n={len(ages[1]):,})",
-                    f"missing age: {metadata.missing_age_count:,}; above {MAX_PLAUSIBLE_AGE_YEARS} (tag typos, not plotted): {metadata.implausible_age_count:,}",
-                ],
-            ),
-            plot_age_by_target(metadata),
-        )
-    )
+    numbers = [
+        f"median age, Target 0: {_format_median(ages[0])} years (n={len(ages[0]):,})",
+        f"median age, Target 1: {_format_median(ages[1])} years (n={len(ages[1]):,})",
+        f"missing age: {metadata.missing_age_count:,}; above {MAX_PLAUSIBLE_AGE_YEARS} (tag typos, not plotted): {metadata.implausible_age_count:,}",
+    ]
+    caption = "Patient age (PatientAge tag) for negatives and positives, each as a share of its own group."
+    return Section("age_by_target.png", "Age", caption, numbers), plot_age_by_target(metadata)
+
+
+def _sex_and_view(metadata: MetadataStats) -> list[tuple[Section, bytes]]:
+    sections = []
     for png_name, title, tag, groups in (
         ("sex_by_target.png", "Sex", "PatientSex", metadata.sex_by_target),
         ("view_position_by_target.png", "View position", "ViewPosition", metadata.view_by_target),
@@ -236,33 +207,36 @@ def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
         if tag == "ViewPosition":
             # Why this figure matters: a detector can pick up the view as a shortcut.
             caption = "ViewPosition against Target: AP films are often portable films of sicker patients, so a model may learn the view instead of the lung."
-        sections.append(
-            (
-                Section(png_name, title, caption, numbers),
-                plot_groups_by_target(groups, title=f"{title} by target", xlabel=tag),
-            )
-        )
+        plot = plot_groups_by_target(groups, title=f"{title} by target", xlabel=tag)
+        sections.append((Section(png_name, title, caption, numbers), plot))
+    return sections
+
+
+def _pixel_spacing(metadata: MetadataStats) -> tuple[Section, bytes]:
     spacing = metadata.pixel_spacings_mm
-    if not len(spacing):
-        return sections  # an empty plot says nothing; the page says why it is missing
-    spacing_numbers = [f"missing PixelSpacing: {metadata.missing_spacing_count:,}"]
-    if len(spacing):
-        spacing_numbers = [
-            f"median {np.median(spacing[:, 0]):.3f} mm, range {spacing[:, 0].min():.3f}..{spacing[:, 0].max():.3f} mm",
-            f"non-square pixels: {int((spacing[:, 0] != spacing[:, 1]).sum()):,}",
-            *spacing_numbers,
-        ]
-    sections.append(
-        (
-            Section(
-                "pixel_spacing.png",
-                "Pixel spacing",
-                "PixelSpacing (mm per pixel) of the labelled DICOMs: how many millimetres a box pixel is.",
-                spacing_numbers,
-            ),
-            plot_pixel_spacing(metadata),
-        )
-    )
+    numbers = [
+        f"median {np.median(spacing[:, 0]):.3f} mm, range {spacing[:, 0].min():.3f}..{spacing[:, 0].max():.3f} mm",
+        f"non-square pixels: {int((spacing[:, 0] != spacing[:, 1]).sum()):,}",
+        f"missing PixelSpacing: {metadata.missing_spacing_count:,}",
+    ]
+    caption = "PixelSpacing (mm per pixel) of the labelled DICOMs: how many millimetres a box pixel is."
+    return Section("pixel_spacing.png", "Pixel spacing", caption, numbers), plot_pixel_spacing(metadata)
+
+
+def build_sections(stats: EdaStats) -> list[tuple[Section, bytes]]:
+    """Every figure of the page with its caption and numbers, rendered to PNG bytes.
+
+    The DICOM tags' figures (age, sex, view, spacing) only when there are labelled images with
+    tags; no pixel-spacing figure when none has a PixelSpacing (an empty plot says nothing; the
+    page says why it is missing).
+    """
+    sections = [_class_balance(stats), _boxes_per_image(stats), _box_sizes(stats), _box_heatmap(stats)]
+    metadata = stats.metadata
+    if metadata is None or metadata.labelled_count == 0:
+        return sections
+    sections += [_age(metadata), *_sex_and_view(metadata)]
+    if len(metadata.pixel_spacings_mm):
+        sections.append(_pixel_spacing(metadata))
     return sections
 
 
