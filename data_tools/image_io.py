@@ -19,12 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from lungdet.data_tools.dicom_io import (
-    over_pixel_limit,
-    read_dicom,
-    read_dicom_bytes,
-    window_to_uint8,
-)
+from lungdet.data_tools.dicom_frames import over_pixel_limit
+from lungdet.data_tools.dicom_io import read_dicom, read_dicom_bytes, window_to_uint8
 from lungdet.data_tools.dicom_meta import conversion_notes
 from lungdet.data_tools.metadata import ImageTags
 from lungdet.errors import ImageReadError, LungdetError
