@@ -213,6 +213,66 @@ def match_boxes(
     return found, correct
 
 
+def _draw_confidence_tags(image: np.ndarray, prediction: Prediction, *, scale: float, thickness: int) -> None:
+    """Each predicted box's confidence on an orange tag above it (inside its top edge when there is no room)."""
+    columns = image.shape[1]
+    text_thickness = max(1, round(scale * 1.6))
+    order = np.argsort(prediction.scores, kind="stable")
+    for score, box in zip(prediction.scores[order], as_box_array(prediction.boxes)[order], strict=True):
+        text = f"{float(score):.2f}"
+        (text_width, text_height), descent = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, text_thickness)
+        (x1, y1), _ = _pixel_corners(box)
+        pad = max(1, round(text_height * 0.3))
+        tag_height = text_height + descent + 2 * pad
+        # Above the box when there is room, else just inside its top edge.
+        top = y1 - tag_height if y1 - tag_height >= 0 else y1 + thickness
+        left = min(max(0, x1), max(0, columns - text_width - 2 * pad))
+        cv2.rectangle(image, (left, top), (left + text_width + 2 * pad, top + tag_height), PREDICTION_COLOR, -1)
+        cv2.putText(
+            image,
+            text,
+            (left + pad, top + pad + text_height),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (0, 0, 0),
+            text_thickness,
+            cv2.LINE_AA,
+        )
+
+
+def _legend_lines(
+    title: str,
+    truth_boxes: np.ndarray | None,
+    prediction: Prediction | None,
+    verdicts: tuple[np.ndarray, np.ndarray],
+    *,
+    truth_in_legend: bool,
+) -> list[tuple[str, tuple[int, int, int] | None]]:
+    """The legend's ``(text, colour swatch)`` lines: the title, then counts per colour (per verdict when judged).
+
+    ``verdicts`` is :func:`match_boxes`' ``(found, correct)``, used when both truth and prediction are given.
+    """
+    if truth_boxes is not None and prediction is not None:
+        found, correct = verdicts
+        image_score = score_image(truth_boxes, prediction)
+        verdict = f"   RSNA score {image_score.score:.2f}" if image_score is not None else "   not scored (no boxes)"
+        return [
+            (title + verdict, None),
+            (f"truth found ({int(found.sum())})", TRUTH_COLOR),
+            (f"truth missed, dashed ({int((~found).sum())})", MISSED_COLOR),
+            (f"prediction correct ({int(correct.sum())})", PREDICTION_COLOR),
+            (f"false alarm, dashed ({int((~correct).sum())})", FALSE_ALARM_COLOR),
+        ]
+    truth_line = f"truth ({len(truth_boxes)})" if truth_boxes is not None else "truth: not given"
+    prediction_line = (
+        f"prediction (confidence) ({len(prediction.scores)})" if prediction is not None else "prediction: not given"
+    )
+    lines = [(title, None), (truth_line, TRUTH_COLOR), (prediction_line, PREDICTION_COLOR)]
+    if not truth_in_legend:
+        lines.pop(1)
+    return lines
+
+
 def draw_overlay(
     pixels: np.ndarray,
     *,
@@ -269,29 +329,7 @@ def draw_overlay(
         for box, was_found in zip(truth_boxes, found, strict=True):
             _draw_box(image, box, TRUTH_COLOR if was_found else MISSED_COLOR, thickness, dashed=not was_found)
     if prediction is not None:
-        # Confidence tags last, so no outline crosses the digits.
-        text_thickness = max(1, round(scale * 1.6))
-        order = np.argsort(prediction.scores, kind="stable")
-        for score, box in zip(prediction.scores[order], as_box_array(prediction.boxes)[order], strict=True):
-            text = f"{float(score):.2f}"
-            (text_width, text_height), descent = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, text_thickness)
-            (x1, y1), _ = _pixel_corners(box)
-            pad = max(1, round(text_height * 0.3))
-            tag_height = text_height + descent + 2 * pad
-            # Above the box when there is room, else just inside its top edge.
-            top = y1 - tag_height if y1 - tag_height >= 0 else y1 + thickness
-            left = min(max(0, x1), max(0, columns - text_width - 2 * pad))
-            cv2.rectangle(image, (left, top), (left + text_width + 2 * pad, top + tag_height), PREDICTION_COLOR, -1)
-            cv2.putText(
-                image,
-                text,
-                (left + pad, top + pad + text_height),
-                cv2.FONT_HERSHEY_SIMPLEX,
-                scale,
-                (0, 0, 0),
-                text_thickness,
-                cv2.LINE_AA,
-            )
+        _draw_confidence_tags(image, prediction, scale=scale, thickness=thickness)
 
     drawn = [
         boxes
@@ -299,27 +337,7 @@ def draw_overlay(
         if boxes is not None
     ]
     avoid = np.concatenate(drawn) if drawn else as_box_array([])
-    if judged:
-        image_score = score_image(truth_boxes, prediction)
-        legend_lines = [
-            (
-                title
-                + (f"   RSNA score {image_score.score:.2f}" if image_score is not None else "   not scored (no boxes)"),
-                None,
-            ),
-            (f"truth found ({int(found.sum())})", TRUTH_COLOR),
-            (f"truth missed, dashed ({int((~found).sum())})", MISSED_COLOR),
-            (f"prediction correct ({int(correct.sum())})", PREDICTION_COLOR),
-            (f"false alarm, dashed ({int((~correct).sum())})", FALSE_ALARM_COLOR),
-        ]
-    else:
-        truth_line = f"truth ({len(truth_boxes)})" if truth_boxes is not None else "truth: not given"
-        prediction_line = (
-            f"prediction (confidence) ({len(prediction.scores)})" if prediction is not None else "prediction: not given"
-        )
-        legend_lines = [(title, None), (truth_line, TRUTH_COLOR), (prediction_line, PREDICTION_COLOR)]
-        if not truth_in_legend:
-            legend_lines.pop(1)
+    legend_lines = _legend_lines(title, truth_boxes, prediction, (found, correct), truth_in_legend=truth_in_legend)
     # The legend takes the corner that hides the fewest boxes; the notice the bottom corner left over.
     legend_corner = _draw_text_block(
         image, legend_lines, corners=("top-left", "top-right", "bottom-left", "bottom-right"), avoid=avoid, scale=scale
