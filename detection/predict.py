@@ -567,7 +567,8 @@ def write_dicom_out(
 ) -> None:
     """``--dicom-out``: a report (and overlay) per readable input DICOM, with the boxes the submission has."""
     from lungdet import lungdet_version
-    from lungdet.show.dicom_results import model_identity, write_results_for_files
+    from lungdet.show.dicom_derived import model_identity
+    from lungdet.show.dicom_results import write_results_for_files
 
     unreadable = {Path(path) for path, _ in bad}
     model = model_identity(

@@ -210,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     check_mode(args)
     try:
         from lungdet.pacs.node import NodeState, PacsNode
-        from lungdet.show.dicom_results import model_identity
+        from lungdet.show.dicom_derived import model_identity
     except ImportError as error:
         raise LungdetError(f"lungdet pacs needs the dicom extra ({error}); pip install 'lungdet[dicom]'") from None
     if args.listen is not None:
@@ -253,7 +253,7 @@ def main_listen(args: argparse.Namespace) -> int:
         ) from None
     from lungdet import lungdet_version
     from lungdet.detection.detector import load_detector
-    from lungdet.show.dicom_results import model_identity
+    from lungdet.show.dicom_derived import model_identity
 
     title, host, port = args.listen
     listen = AEAddress(title or args.ae_title, host, port)

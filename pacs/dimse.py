@@ -84,7 +84,8 @@ from lungdet.pacs.inbox import (
 )
 from lungdet.pacs.node import CHEST_MODALITIES, MAX_PAUSE_S, OWN_SERIES
 from lungdet.pacs.receivers import NETWORK_TIMEOUT_S, SEND_BATCH, Receiver, ReceiverDown, first_line
-from lungdet.show.dicom_results import ModelIdentity, report_uid, result_datasets
+from lungdet.show.dicom_derived import ModelIdentity, report_uid
+from lungdet.show.dicom_results import result_datasets
 from lungdet.submission.prediction_string import keep_confident
 
 try:

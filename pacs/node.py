@@ -36,14 +36,14 @@ from lungdet.data_tools.dicom_io import dicom_bytes, read_dataset, read_dicom_by
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
 from lungdet.errors import ImageReadError
-from lungdet.show.dicom_results import (
+from lungdet.show.dicom_derived import (
     GSPS_SERIES_DESCRIPTION,
     OVERLAY_SERIES_DESCRIPTION,
     REPORT_SERIES_DESCRIPTION,
     ModelIdentity,
     report_uid,
-    result_datasets,
 )
+from lungdet.show.dicom_results import result_datasets
 from lungdet.submission.prediction_string import keep_confident
 
 LOG = logging.getLogger("lungdet.pacs")

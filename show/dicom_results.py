@@ -37,21 +37,13 @@ box as a closed polyline in the source's pixels with its confidence as text, the
 notice, the window lungdet displayed (:func:`lungdet.data_tools.dicom_io.display_window`), the
 whole image as the displayed area, and an INVERSE presentation LUT for MONOCHROME1 sources.
 
-Values copied from the source are copied unchanged, except where the source breaks their value
-representation: RSNA's ``PatientAge`` ``51`` becomes ``051Y`` (an age string, PS3.5 6.2).
-
-UIDs are derived from the source instance and the model (checkpoint sha256s and cut-off), not
-drawn at random: the same image through the same model gets the same report UID, so a result
-stored twice is one instance in the archive, and an archive can be asked whether it has it.
+What every result shares (which model made it, the UIDs derived from that, the values copied from
+the X-ray and how they are repaired) is in :mod:`lungdet.show.dicom_derived`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
-import uuid
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +56,28 @@ from tqdm import tqdm
 from lungdet.atomic import write_bytes_atomic
 from lungdet.data_tools.dicom_io import dicom_bytes, display_window, read_dataset, read_dicom
 from lungdet.errors import DicomReadError
+from lungdet.show.dicom_derived import (
+    GSPS_SERIES_DESCRIPTION,
+    GSPS_SERIES_NUMBER,
+    MANUFACTURER,
+    OVERLAY_SERIES_DESCRIPTION,
+    OVERLAY_SERIES_NUMBER,
+    REPORT_SERIES_DESCRIPTION,
+    REPORT_SERIES_NUMBER,
+    RESEARCH_NOTICE,
+    ModelIdentity,
+    box_polyline,
+    derived_uid,
+    gsps_uid,
+    overlay_uid,
+    polyline_box,
+    quiet_highdicom,
+    repair_copied_values,
+    report_uid,
+    series_uid,
+    with_empty_laterality,
+    with_type2_present,
+)
 from lungdet.show.visualize import draw_overlay
 from lungdet.submission.prediction_string import Prediction
 
@@ -72,15 +86,6 @@ try:
 except ImportError as error:  # the dicom extra; cli callers turn this into a one-line message
     raise ImportError(f"lungdet's DICOM results need highdicom ({error}); pip install 'lungdet[dicom]'") from error
 
-MANUFACTURER = "lungdet"
-UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/lungdet/lungdet/dicom-results")
-RESEARCH_NOTICE = "Research use only, not for diagnosis"
-REPORT_SERIES_NUMBER = 9901
-REPORT_SERIES_DESCRIPTION = f"lungdet boxes - {RESEARCH_NOTICE}"
-OVERLAY_SERIES_NUMBER = 9902
-OVERLAY_SERIES_DESCRIPTION = f"lungdet overlay - {RESEARCH_NOTICE}"
-GSPS_SERIES_NUMBER = 9903
-GSPS_SERIES_DESCRIPTION = f"lungdet GSPS - {RESEARCH_NOTICE}"
 GSPS_LAYER = "LUNGDET"
 # lungdet's own coding scheme (DICOM reserves designators starting with 99 for private schemes).
 PRIVATE_SCHEME = "99LUNGDET"
@@ -92,53 +97,6 @@ IMAGE_PROBABILITY = codes.DCM.Probability
 PROCEDURE = codes.SCT.ImagingProcedure
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 NO_UNITS = codes.UCUM.NoUnits
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """Which model made a result: what goes into the algorithm identification, and into every derived UID."""
-
-    version: str
-    architectures: tuple[str, ...]
-    checkpoint_sha256s: tuple[str, ...]
-    cut_off: float
-
-    @property
-    def key(self) -> str:
-        """The model's part of every derived UID: the checkpoint sha256s and the cut-off (``.6g``), joined by ``|``.
-
-        The version and architectures are not in it: the same checkpoints and cut-off give the same UIDs.
-        """
-        return "|".join([*self.checkpoint_sha256s, f"{self.cut_off:.6g}"])
-
-
-def derived_uid(*parts: object) -> str:
-    """A UID that is a function of ``parts`` only: the same inputs give the same UID on any machine.
-
-    A name-based UUID (version 5) in the 2.25 form that DICOM defines for UUIDs (PS3.5 B.2).
-    (pydicom's ``generate_uid`` ignores its entropy sources in that form and draws a random one.)
-    """
-    return f"2.25.{uuid.uuid5(UID_NAMESPACE, '|'.join(str(part) for part in parts)).int}"
-
-
-def report_uid(source: Dataset, model: ModelIdentity) -> str:
-    """The SOP Instance UID of the report on ``source`` by ``model``."""
-    return derived_uid("lungdet report", source.SOPInstanceUID, model.key)
-
-
-def overlay_uid(source: Dataset, model: ModelIdentity) -> str:
-    """The SOP Instance UID of the overlay image on ``source`` by ``model``."""
-    return derived_uid("lungdet overlay", source.SOPInstanceUID, model.key)
-
-
-def gsps_uid(source: Dataset, model: ModelIdentity) -> str:
-    """The SOP Instance UID of the presentation state on ``source`` by ``model``."""
-    return derived_uid("lungdet gsps", source.SOPInstanceUID, model.key)
-
-
-def _series_uid(source: Dataset, model: ModelIdentity, kind: str) -> str:
-    # One series per study, model and kind: every report lungdet writes into a study files together.
-    return derived_uid(f"lungdet {kind} series", source.StudyInstanceUID, model.key)
 
 
 def algorithm_parameters(model: ModelIdentity) -> list[str]:
@@ -154,89 +112,9 @@ def algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentificat
     return hd.sr.AlgorithmIdentification(name="lungdet", version=model.version, parameters=parameters)
 
 
-def box_polyline(box: np.ndarray) -> np.ndarray:
-    """XYWH_ABS -> the closed polyline of its corners, ``[5, 2]`` (column, row), clockwise from the top left."""
-    x, y, width, height = (float(value) for value in box)
-    return np.array([[x, y], [x + width, y], [x + width, y + height], [x, y + height], [x, y]], dtype=np.float32)
-
-
-def polyline_box(points: np.ndarray) -> np.ndarray:
-    """The XYWH_ABS box a polyline spans (the inverse of :func:`box_polyline`)."""
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    x1, y1 = points.min(axis=0)
-    x2, y2 = points.max(axis=0)
-    return np.array([x1, y1, x2 - x1, y2 - y1])
-
-
-@contextlib.contextmanager
-def quiet_highdicom() -> Iterator[None]:
-    """Context in which highdicom's warning about a PatientName without ``^`` is silenced; other warnings pass."""
-    # highdicom warns that a PatientName without '^' may not be a person's name: RSNA's names are
-    # patient IDs. The value is copied as it is; the warning says nothing a user can act on.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*unlikely to represent the intended person name.*")
-        yield
-
-
-AGE_STRING = re.compile(r"^\d{3}[DWMY]$")
-
-
-# Type 2 (present, may be empty) in every image IOD, and copied into every result; some senders
-# and older files leave them out, and highdicom then fails on the missing attribute.
-PATIENT_AND_STUDY_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "ReferringPhysicianName",
-)
-
-
-def with_type2_present(source: Dataset) -> Dataset:
-    """``source``, or a shallow copy with its missing Type 2 patient and study attributes present and empty (the caller's is not touched)."""
-    missing = [keyword for keyword in PATIENT_AND_STUDY_TYPE2 if keyword not in source]
-    if not missing:
-        return source
-    # A new element table over the same elements (Dataset(source) would share the table): adding to it leaves ``source`` alone.
-    completed = Dataset({tag: source.get_item(tag) for tag in source.keys()})
-    if hasattr(source, "file_meta"):
-        completed.file_meta = source.file_meta  # the transfer syntax, which decoding the pixels needs
-    for keyword in missing:
-        setattr(completed, keyword, "")
-    return completed
-
-
-def repair_copied_values(derived: Dataset) -> Dataset:
-    """Repair, in place, values copied from the source whose value representation the source broke.
-
-    Only ``PatientAge`` today: RSNA writes ``51`` where an age string needs ``051Y``. A bare number
-    of years is repaired; an age that cannot be read as one is dropped (the attribute is optional),
-    not guessed. Everything else stays as the source had it.
-    """
-    age = str(derived.get("PatientAge", "") or "")
-    if age and not AGE_STRING.match(age):
-        years = age.strip().upper().removesuffix("Y")
-        if years.isdigit() and int(years) < 1000:
-            derived.PatientAge = f"{int(years):03d}Y"
-        else:
-            del derived.PatientAge
-    return derived
-
-
 def _code_is(item: Dataset, concept: hd.sr.CodedConcept) -> bool:
     name = item.ConceptNameCodeSequence[0]
     return (name.CodeValue, name.CodingSchemeDesignator) == (concept.value, concept.scheme_designator)
-
-
-def with_empty_laterality(derived: Dataset) -> Dataset:
-    """``derived`` with an empty ``Laterality`` (General Series, Type 2C), set in place and returned."""
-    # General Series' Laterality is Type 2C and dciodvfy asks for it: empty, since a chest is not a paired body part.
-    derived.Laterality = ""
-    return derived
 
 
 def qualitative_evaluations(probability: float | None) -> hd.sr.ContainerContentItem:
@@ -331,7 +209,7 @@ def no_findings_report(source: Dataset, probability: float | None, model: ModelI
         sr = hd.sr.ComprehensiveSR(
             evidence=[source],
             content=root,
-            series_instance_uid=_series_uid(source, model, "report"),
+            series_instance_uid=series_uid(source, model, "report"),
             series_number=REPORT_SERIES_NUMBER,
             sop_instance_uid=report_uid(source, model),
             instance_number=int(source.get("InstanceNumber") or 1),
@@ -412,7 +290,7 @@ def structured_report(
         sr = hd.sr.Comprehensive3DSR(
             evidence=[source],
             content=report,
-            series_instance_uid=_series_uid(source, model, "report"),
+            series_instance_uid=series_uid(source, model, "report"),
             series_number=REPORT_SERIES_NUMBER,
             sop_instance_uid=uid,
             instance_number=int(source.get("InstanceNumber") or 1),
@@ -444,7 +322,7 @@ def overlay_image(source: Dataset, pixels: np.ndarray, prediction: Prediction, m
             "RGB",
             8,
             "PATIENT",
-            _series_uid(source, model, "overlay"),
+            series_uid(source, model, "overlay"),
             OVERLAY_SERIES_NUMBER,
             overlay_uid(source, model),
             int(source.get("InstanceNumber") or 1),
@@ -513,7 +391,7 @@ def presentation_state(
     with quiet_highdicom():
         state = hd.pr.GrayscaleSoftcopyPresentationState(
             referenced_images=[source],
-            series_instance_uid=_series_uid(source, model, "gsps"),
+            series_instance_uid=series_uid(source, model, "gsps"),
             series_number=GSPS_SERIES_NUMBER,
             sop_instance_uid=gsps_uid(source, model),
             instance_number=int(source.get("InstanceNumber") or 1),
@@ -662,13 +540,6 @@ def write_results(
     for path, dataset in zip(paths, datasets, strict=True):
         write_bytes_atomic(path, dicom_bytes(dataset))
     return paths
-
-
-def model_identity(
-    version: str, architectures: Sequence[str], checkpoint_sha256s: Sequence[str], cut_off: float
-) -> ModelIdentity:
-    """A :class:`ModelIdentity` from plain values: architectures deduplicated in order, sha256s kept as given."""
-    return ModelIdentity(version, tuple(dict.fromkeys(architectures)), tuple(checkpoint_sha256s), float(cut_off))
 
 
 def write_results_for_files(

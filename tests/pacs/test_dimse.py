@@ -33,7 +33,8 @@ from lungdet.pacs.addresses import AEAddress, AllowedCaller, ae_address, allowed
 from lungdet.pacs.dimse import Arrival, DimseNode, check_instance
 from lungdet.pacs.inbox import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES, DimseState, Refusal
 from lungdet.pacs.receivers import CStoreReceiver, DicomwebReceiver, status_accepted
-from lungdet.show.dicom_results import model_identity, read_report, report_uid
+from lungdet.show.dicom_derived import model_identity, report_uid
+from lungdet.show.dicom_results import read_report
 from lungdet.submission.prediction_string import keep_confident
 from tests.conftest import require_program
 

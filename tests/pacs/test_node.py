@@ -187,7 +187,7 @@ def make_node(
 ) -> tuple[PacsNode, list[str]]:
     """A node as ``lungdet pacs`` builds it (same client setup), in this process, its log lines collected."""
     from lungdet.pacs.cli import make_client
-    from lungdet.show.dicom_results import model_identity
+    from lungdet.show.dicom_derived import model_identity
 
     lines: list[str] = []
     cut_off = detector.score_threshold if cut_off is None else cut_off

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import subprocess
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +13,18 @@ import pydicom
 import pytest
 
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.show.dicom_results import (
+from lungdet.show.dicom_derived import (
     GSPS_SERIES_DESCRIPTION,
     OVERLAY_SERIES_DESCRIPTION,
     REPORT_SERIES_DESCRIPTION,
     gsps_uid,
     model_identity,
+    report_uid,
+)
+from lungdet.show.dicom_results import (
     overlay_image,
     presentation_state,
     read_report,
-    repair_copied_values,
-    report_uid,
     structured_report,
     write_results,
 )
@@ -113,19 +113,6 @@ def test_a_report_without_boxes_is_a_chest_cad_report_without_findings(sources: 
     )
     assert len(contents.prediction.scores) == 0
     assert read_report(structured_report(source, Prediction.empty(), None, MODEL)).probability is None
-
-
-@pytest.mark.parametrize(
-    ("age", "repaired"),
-    [("51", "051Y"), ("6", "006Y"), ("051Y", "051Y"), ("030M", "030M"), ("51Y", "051Y"), ("old", None), ("", "")],
-)
-def test_a_copied_age_is_repaired_only_where_the_source_broke_its_vr(age: str, repaired: str | None) -> None:
-    dataset = pydicom.Dataset()
-    with warnings.catch_warnings():  # pydicom warns that the broken ages are broken: that is the input
-        warnings.simplefilter("ignore")
-        dataset.PatientAge, dataset.PatientName = age, "0004cfab"
-    repair_copied_values(dataset)
-    assert dataset.get("PatientAge") == repaired and dataset.PatientName == "0004cfab"
 
 
 def test_results_carry_the_repaired_age(sources: list[Path]) -> None:

@@ -18,7 +18,8 @@ import pydicom
 import pytest
 
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.show.dicom_results import model_identity, write_results
+from lungdet.show.dicom_derived import model_identity
+from lungdet.show.dicom_results import write_results
 from lungdet.submission.prediction_string import Prediction
 from tests.conftest import require_program, skip_or_fail
 
