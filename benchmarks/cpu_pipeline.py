@@ -27,8 +27,8 @@ from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.detection.config import load_config
 from lungdet.detection.data import build_dataloaders
 from lungdet.detection.engine import OptimizerStep, train_one_epoch
+from lungdet.detection.ensemble import predict_dicoms
 from lungdet.detection.model import build_model, in_memory_layout
-from lungdet.detection.predict import predict_dicoms
 from lungdet.detection.runtime import resolve_precision
 from lungdet.detection.train import build_optimizer, build_scheduler, seed_everything
 

@@ -44,7 +44,8 @@ from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, fold_dir
 from lungdet.detection.cv import get_args_parser as cv_parser
 from lungdet.detection.cv import main as cv_main
 from lungdet.detection.detector import load_detector
-from lungdet.detection.predict import predict_raw, read_dicom_input
+from lungdet.detection.ensemble import predict_raw
+from lungdet.detection.prepared_images import read_dicom_input
 from lungdet.detection.train import BEST_CHECKPOINT
 from lungdet.submission.postprocess import PostprocessConfig, postprocess
 from lungdet.submission.raw_predictions import read_raw_predictions

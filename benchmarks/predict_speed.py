@@ -39,9 +39,10 @@ from lungdet.data_tools.dicom_io import find_dicoms, read_dicom
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.detection.config import config_to_dict, load_config
 from lungdet.detection.detector import load_detector
+from lungdet.detection.ensemble import predict_raw
 from lungdet.detection.inference import prepare_input
 from lungdet.detection.model import build_model
-from lungdet.detection.predict import default_workers, predict_raw, read_dicom_input
+from lungdet.detection.prepared_images import default_workers, read_dicom_input
 
 TARGET_FRACTION = 0.9
 

@@ -58,7 +58,8 @@ from lungdet.detection.cv import FINAL_DIR, OOF_FILE, OOF_LABELS_FILE, SUMMARY_F
 from lungdet.detection.cv import get_args_parser as cv_parser
 from lungdet.detection.cv import main as cv_main
 from lungdet.detection.detector import load_detector
-from lungdet.detection.predict import predict_raw, read_any_input
+from lungdet.detection.ensemble import predict_raw
+from lungdet.detection.prepared_images import read_any_input
 from lungdet.detection.real_data import RealSet, load_split, lung_prior_boxes, prepare, prior_predictions, real_data_dir
 from lungdet.detection.train import BEST_CHECKPOINT
 from lungdet.detection.tta import tta_argument

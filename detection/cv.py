@@ -33,8 +33,8 @@ from lungdet.detection.config import apply_overrides, config_from_dict, load_con
 from lungdet.detection.data import ALL_FOLDS, ImageRecord, load_records
 from lungdet.detection.detector import ModelRunner, load_trained_model, probability_map_of
 from lungdet.detection.distributed import from_environment, start, stop
+from lungdet.detection.ensemble import predict_raw
 from lungdet.detection.inference import LoadedImage
-from lungdet.detection.predict import predict_raw
 from lungdet.detection.runtime import load_checkpoint, resolve_precision, save_checkpoint
 from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT, train, training_device
 from lungdet.detection.tta import TTA_EXAMPLE, tta_argument

@@ -38,7 +38,8 @@ from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.detection.config import load_config
 from lungdet.detection.detector import Detector, load_detector, load_trained_model
-from lungdet.detection.predict import predict_dicoms, predict_raw, read_any_input
+from lungdet.detection.ensemble import predict_dicoms, predict_raw
+from lungdet.detection.prepared_images import read_any_input
 from lungdet.detection.real_data import RealSet, prepare, real_data_dir, shared_data_dir
 from lungdet.detection.runtime import resolve_precision
 from lungdet.detection.train import BEST_CHECKPOINT, train

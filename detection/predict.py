@@ -10,32 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import multiprocessing.context
-import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
 
-import cv2
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lungdet.boxes import scale_xywh
 from lungdet.cli_types import fraction, image_dimensions, int_in_range
-from lungdet.data_tools.dicom_io import find_dicoms, read_dicom
-from lungdet.data_tools.image_io import find_images, read_xray_file
-from lungdet.data_tools.metadata import ImageTags, MetadataTable, dicom_tags, laid_over, read_metadata_csv
+from lungdet.data_tools.dicom_io import find_dicoms
+from lungdet.data_tools.image_io import find_images
+from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
 from lungdet.detection.config import AMP_MODES
-from lungdet.detection.detector import Detector, ModelRunner, load_detector
-from lungdet.detection.inference import ImageResult, LoadedImage, prepare_input
-from lungdet.detection.runtime import Precision
-from lungdet.detection.tta import PLAIN, TTA_EXAMPLE, TtaPass, hflip_back, input_size, parse_tta, tta_argument
+from lungdet.detection.detector import Detector, load_detector
+from lungdet.detection.ensemble import predict_raw
+from lungdet.detection.prepared_images import default_workers, read_any_input, read_dicom_input
+from lungdet.detection.tta import TTA_EXAMPLE, parse_tta, tta_argument
 from lungdet.errors import ImageReadError, LungdetError
 from lungdet.submission.postprocess import (
     FAR_FROM_EXPECTED_FACTOR,
@@ -45,63 +37,9 @@ from lungdet.submission.postprocess import (
     load_postprocess,
     mean_probability,
 )
-from lungdet.submission.prediction_string import Prediction, keep_confident, write_submission
+from lungdet.submission.prediction_string import Prediction, write_submission
 from lungdet.submission.raw_predictions import RawPrediction, group_by_patient, write_raw_predictions
 from lungdet.submission.score import write_probabilities
-
-
-class BatchPredictor(Protocol):
-    """What :func:`predict_raw` runs: a :class:`ModelRunner`, a :class:`Detector`, an export, or anything that answers the same way.
-
-    ``image_size`` and ``preprocessing`` say how an image is prepared (:func:`~lungdet.detection.inference.prepare_input`),
-    which :func:`predict_raw` does in its loader workers; models that share both share the prepared inputs.
-    """
-
-    @property
-    def image_size(self) -> int:
-        """The square side, in pixels, images are resized to for the model."""
-        ...
-
-    @property
-    def preprocessing(self) -> Mapping[str, Any] | None:
-        """What ``lungdet convert`` did to the training images (``image_size``, ``normalization``); None for nothing."""
-        ...
-
-    def predict_prepared(
-        self, batch: Any, shapes: Sequence[tuple[int, int]], tags: Sequence[ImageTags] | None = None
-    ) -> list[ImageResult]:
-        """Every box for stacked prepared inputs (uint8 ``[N, S, S]``), ``shapes`` their originals' ``(rows, columns)``.
-
-        An :class:`ImageResult` per image, in order, boxes XYWH_ABS in its original pixels; ``tags`` feed an image head
-        with metadata.
-        """
-        ...
-
-
-def predict_dicoms(
-    model: nn.Module,
-    paths: Sequence[Path],
-    *,
-    image_size: int,
-    device: torch.device,
-    score_threshold: float,
-    preprocessing: Mapping[str, Any] | None = None,
-    batch_size: int = 4,
-    progress: bool = True,
-    precision: Precision | None = None,
-) -> tuple[dict[str, Prediction], list[tuple[Path, str]]]:
-    """Predict every DICOM in ``paths`` with one model: ``({patientId: Prediction}, [(bad file, reason)])``.
-
-    Boxes at or above ``score_threshold``. An unreadable file gets an empty prediction (Kaggle
-    wants a row per image) and is listed. ``precision`` (default fp32) is the autocast the
-    forward pass runs under.
-    """
-    runner = ModelRunner(model, image_size, device, preprocessing, precision)
-    rows, bad = predict_raw([runner], ["model"], paths, read=read_dicom_input, batch_size=batch_size, progress=progress)
-    predictions = {row.patient_id: keep_confident(row.prediction, min_confidence=score_threshold) for row in rows}
-    for path, _ in bad:
-        predictions[path.stem] = Prediction.empty()
-    return predictions, bad
 
 
 def check_unique_patient_ids(paths: Sequence[Path]) -> None:
@@ -122,217 +60,6 @@ def model_names(paths: Sequence[Path]) -> list[str]:
     return folders if len(set(folders)) == len(folders) else [str(path) for path in paths]
 
 
-def default_workers() -> int:
-    """The cores this process may use: the loader's default worker count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-InputSpec = tuple[
-    int, str
-]  # (model image size, the checkpoint's preprocessing as sorted JSON): what decides a prepared input
-
-
-def input_spec(predictor: BatchPredictor) -> InputSpec:
-    """What decides ``predictor``'s inputs: its image size and its preprocessing as sorted JSON.
-
-    Predictors with equal specs share the prepared inputs.
-    """
-    return int(predictor.image_size), json.dumps(dict(predictor.preprocessing or {}), sort_keys=True)
-
-
-class PreparedImages(Dataset):
-    """Each file of ``paths`` read and prepared for every input spec and every TTA pass: what a loader worker does.
-
-    An item is a dict: ``path``, and either ``error`` (why the file cannot be read) or ``shape``
-    (original rows, columns), ``tags`` (the file's view, sex and age, with ``tags``' entry for its
-    patientId laid over them) and ``inputs``: for each pass's name, one uint8 ``[s, s]`` per spec,
-    ``s`` the spec's size times the pass's scale. Mirroring the decoded image before preparing it
-    keeps hflip TTA identical to predicting a mirrored file.
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[Path],
-        *,
-        read: Callable[[Path], LoadedImage],
-        specs: Sequence[InputSpec],
-        passes: Sequence[TtaPass] = (PLAIN,),
-        tags: Mapping[str, ImageTags] | None = None,
-    ) -> None:
-        self.paths, self.read, self.passes, self.tags = list(paths), read, tuple(passes), dict(tags or {})
-        # The specs' preprocessing parsed once, not once per image and pass.
-        self.specs = [(size, json.loads(preprocessing)) for size, preprocessing in specs]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _prepare(self, pixels: np.ndarray, tta_pass: TtaPass) -> list[np.ndarray]:
-        return [
-            prepare_input(pixels, image_size=input_size(size, tta_pass), preprocessing=preprocessing)
-            for size, preprocessing in self.specs
-        ]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path = Path(self.paths[index])
-        try:
-            pixels, file_tags = self.read(path)
-        except ImageReadError as error:
-            return {"path": path, "error": error.reason}
-        mirrored = np.ascontiguousarray(pixels[:, ::-1]) if any(tta_pass.mirror for tta_pass in self.passes) else None
-        return {
-            "path": path,
-            "shape": tuple(int(side) for side in pixels.shape[:2]),
-            "tags": laid_over(file_tags, self.tags.get(path.stem)),
-            "inputs": {
-                tta_pass.name: self._prepare(mirrored if tta_pass.mirror else pixels, tta_pass)
-                for tta_pass in self.passes
-            },
-        }
-
-
-@dataclass
-class PreparedBatch:
-    """A loader batch: the readable files' paths, original shapes, tags and stacked inputs (per pass, uint8 ``[n, s, s]`` per spec), and the unreadable ones."""
-
-    paths: list[Path]
-    shapes: list[tuple[int, int]]
-    tags: list[ImageTags]
-    inputs: dict[str, list[torch.Tensor]]
-    unreadable: list[tuple[Path, str]]
-
-    def pin_memory(self) -> PreparedBatch:
-        """A copy whose inputs are in page-locked memory; the other fields are shared."""
-        # The DataLoader calls this in its pinning thread: page-locked inputs copy to a GPU asynchronously.
-        return replace(
-            self, inputs={name: [tensor.pin_memory() for tensor in tensors] for name, tensors in self.inputs.items()}
-        )
-
-
-def collate_prepared(items: list[dict[str, Any]]) -> PreparedBatch:
-    """:class:`PreparedImages` items -> a :class:`PreparedBatch`: the readable ones stacked per pass and spec, in order.
-
-    The unreadable ones are listed apart, with their reasons.
-    """
-    readable = [item for item in items if "error" not in item]
-    names = list(readable[0]["inputs"]) if readable else []
-    return PreparedBatch(
-        paths=[item["path"] for item in readable],
-        shapes=[item["shape"] for item in readable],
-        tags=[item["tags"] for item in readable],
-        inputs={
-            name: [
-                torch.from_numpy(np.stack([item["inputs"][name][spec] for item in readable]))
-                for spec in range(len(readable[0]["inputs"][name]))
-            ]
-            for name in names
-        },
-        unreadable=[(item["path"], item["error"]) for item in items if "error" in item],
-    )
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Where loader workers come from: a fork server, started once, that has imported this module and nothing else.
-
-    A plain fork would copy this process mid-flight: its OpenCV and OpenMP thread pools, locks
-    held by other threads (a server's inference thread, onnxruntime's pool). A worker that
-    touched those hung (OpenCV's ``setNumThreads`` waited forever on a pool thread that was not
-    copied). The fork server is single-threaded and clean, and forks its workers in milliseconds.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows has spawn only: slower to start, as safe
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
-
-
-def _one_thread_per_worker(worker_id: int) -> None:
-    # Each worker decodes one image at a time; OpenCV's and torch's own thread pools in every
-    # worker would only fight the forward pass for the same cores.
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
-def predict_raw(
-    detectors: Sequence[BatchPredictor],
-    names: Sequence[str],
-    paths: Sequence[Path],
-    *,
-    read: Callable[[Path], LoadedImage],
-    tags: Mapping[str, ImageTags] | None = None,
-    tta: str | Sequence[TtaPass] = "none",
-    batch_size: int = 4,
-    progress: bool = True,
-    workers: int = 0,
-) -> tuple[list[RawPrediction], list[tuple[Path, str]]]:
-    """Every model's every pass over every image: ``(raw predictions, [(unreadable file, reason)])``, both in ``paths`` order.
-
-    ``read(path)`` gives an image's uint8 ``[H, W]`` pixels and its file's tags (a
-    :class:`~lungdet.detection.inference.LoadedImage`) or raises ``ImageReadError``; the patientId
-    is the file stem, and ``tags`` (patientId -> view, sex, age: a metadata CSV, a dataset's
-    records) fill in or replace what the file says, for an image head with metadata. Each image is read once, prepared once per distinct input spec
-    (image size and preprocessing: each model sees its input as it was trained), and with
-    run once per TTA pass (``tta``: a list as ``--tta`` takes it, e.g. 'hflip,scale0.8', or the
-    parsed passes; see :mod:`lungdet.detection.tta`), mirrored boxes mapped back. Boxes are kept
-    down to each model's own floor, in original pixels.
-
-    Reading and preparing run in ``workers`` DataLoader processes (0: in this process), so that
-    decoding overlaps the forward pass; batches are formed in file order whatever the worker
-    count, so the output does not depend on it. On CUDA the batches are pinned for a fast copy.
-    """
-    passes = parse_tta(tta) if isinstance(tta, str) else tuple(tta)
-    if any(tta_pass.scale != 1.0 for tta_pass in passes):
-        fixed = [getattr(detector, "format", "") for detector in detectors if not accepts_other_sizes(detector)]
-        if fixed:
-            raise LungdetError(
-                f"--tta {','.join(tta_pass.name for tta_pass in passes[1:])}: an {fixed[0]} export takes one input size, fixed when it was traced, "
-                "so it cannot run scaled passes; use the checkpoint (RUN/best.pt), or drop the scaleS passes"
-            )
-    specs = list(dict.fromkeys(input_spec(detector) for detector in detectors))
-    spec_of = [specs.index(input_spec(detector)) for detector in detectors]
-    on_cuda = any("cuda" in str(getattr(detector, "device", "")) for detector in detectors)
-    loader = DataLoader(
-        PreparedImages(paths, read=read, specs=specs, passes=passes, tags=tags),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_prepared,
-        pin_memory=on_cuda,
-        worker_init_fn=_one_thread_per_worker if workers > 0 else None,
-        multiprocessing_context=worker_context() if workers > 0 else None,
-    )
-    rows: list[RawPrediction] = []
-    bad: list[tuple[Path, str]] = []
-    with tqdm(total=len(paths), desc="predict", unit="file", disable=None if progress else True) as bar:
-        for batch in loader:
-            bad.extend(batch.unreadable)
-            for detector, name, spec in zip(detectors, names, spec_of, strict=True):
-                if not batch.paths:
-                    break
-                for tta_pass in passes:
-                    results = detector.predict_prepared(batch.inputs[tta_pass.name][spec], batch.shapes, batch.tags)
-                    for path, (height, width), result in zip(batch.paths, batch.shapes, results, strict=True):
-                        prediction = (
-                            hflip_back(result.prediction, width=width) if tta_pass.mirror else result.prediction
-                        )
-                        rows.append(
-                            RawPrediction(path.stem, name, tta_pass.name, width, height, prediction, result.probability)
-                        )
-            bar.update(len(batch.paths) + len(batch.unreadable))
-    return rows, bad
-
-
-def accepts_other_sizes(detector: BatchPredictor) -> bool:
-    """Whether ``detector`` can run inputs of other sizes than its own (a checkpoint can; a traced export cannot)."""
-    runner = getattr(detector, "runner", detector)
-    return isinstance(runner, ModelRunner)
-
-
-def read_dicom_input(path: Path) -> LoadedImage:
-    """A DICOM's pixels and its tags (view position, sex, age)."""
-    image = read_dicom(path)
-    return LoadedImage(image.pixels, dicom_tags(image.meta))
-
-
 def read_file_bytes(path: Path) -> bytes:
     """The bytes of an input file; a file that cannot be read is an ``ImageReadError`` (kind 'missing'), like an unreadable image."""
     try:
@@ -341,12 +68,6 @@ def read_file_bytes(path: Path) -> bytes:
         raise ImageReadError(
             path, f"cannot be read ({error.strerror or error}); check the path", kind="missing"
         ) from None
-
-
-def read_any_input(path: Path) -> LoadedImage:
-    """An input file's pixels and tags, told by content (``--input``, ``--image-dir``): a DICOM with any name, PNG or JPEG."""
-    image = read_xray_file(path)
-    return LoadedImage(image.pixels, image.tags)
 
 
 def to_label_space(row: RawPrediction, label_space: tuple[int, int]) -> RawPrediction:
@@ -369,6 +90,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         "  lungdet predict --checkpoint runs/mobilenet/best.pt --input patient.dcm chest.png --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_input_arguments(parser)
+    _add_output_arguments(parser)
+    _add_postprocess_arguments(parser)
+    _add_runtime_arguments(parser)
+    return parser
+
+
+def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The models (--checkpoint) and the X-rays: --dicom-dir, --image-dir or --input, one of them."""
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -391,6 +121,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="X-ray files: DICOM (any extension or none), PNG or JPEG, told apart by content; patientId is the file stem",
     )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is written: a submission, raw predictions, JSON, DICOM results, probabilities (and the tags and pixel space they use)."""
     parser.add_argument("--out", type=Path, help="submission CSV to write")
     parser.add_argument(
         "--metadata",
@@ -442,6 +176,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=Path,
         help="also write patientId,probability: the image-level probability of checkpoints trained with model.image_head: true (the mean over models and passes)",
     )
+
+
+def _add_postprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the boxes are made and kept: TTA passes, the tuned post-processing, the cut-off, batch calibration."""
     parser.add_argument(
         "--tta",
         type=tta_argument,
@@ -471,6 +209,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "batch, a screening population or a folder of normals does not: there it boxes a fixed share of images whatever they show). "
         "Needs 50 or more images. Default: off, every image on its own",
     )
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how fast it runs: batch size, loader workers, device, precision, progress bar."""
     parser.add_argument("--batch-size", type=int_in_range(1), default=4, help="images per forward pass (default 4)")
     parser.add_argument(
         "--workers",
@@ -486,7 +228,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="mixed precision, as train's amp key: 'auto' (default) is bf16 on GPUs and CPUs that have it, fp16 on older GPUs, else fp32",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -641,45 +382,15 @@ def main(args: argparse.Namespace) -> int:
     file is listed on stderr and, in the submission, gets a row with no boxes.
     """
     check_outputs(args)
-    if args.input is not None:
-        paths = list(args.input)
-    elif args.image_dir is not None:
-        paths = find_images(args.image_dir)
-        if not paths:
-            raise LungdetError(f"{args.image_dir}: no .png or .jpg files found")
-    else:
-        paths = find_dicoms(args.dicom_dir)
-        if not paths:
-            raise LungdetError(f"{args.dicom_dir}: no .dcm files found")
+    paths = _input_paths(args)
     if args.json:
         return predict_json(args, paths)
     check_unique_patient_ids(paths)
     # Read before the models load, so a bad file fails in a second.
-    postprocess_config = load_postprocess(args.postprocess) if args.postprocess is not None else None
-    if (
-        postprocess_config is not None
-        and postprocess_config.calibration == "batch"
-        and args.score_threshold is not None
-    ):
-        raise LungdetError(
-            f"{args.postprocess} says calibration: batch, which would replace your --score-threshold with a cut-off derived from the batch; "
-            "drop --score-threshold, or set calibration: off in the file"
-        )
+    postprocess_file = _read_postprocess_file(args)
     given_tags = read_given_tags(args.metadata, paths)
-    detectors = [load_detector(path, device=args.device, amp=args.amp) for path in args.checkpoint]
-    if args.probabilities is not None and all(detector.image_threshold is None for detector in detectors):
-        raise LungdetError(
-            f"{', '.join(map(str, args.checkpoint))}: no image-level head (trained without model.image_head: true), so there are no probabilities "
-            "to write; train with model.image_head=true, or drop --probabilities"
-        )
-    if postprocess_config is None:
-        postprocess_config = PostprocessConfig(
-            score_threshold=float(np.mean([detector.score_threshold for detector in detectors]))
-        )
-    if args.score_threshold is not None:
-        postprocess_config.score_threshold = args.score_threshold
-    if args.batch_calibration:
-        postprocess_config.calibration = "batch"
+    detectors = _load_detectors(args)
+    postprocess_config = _postprocess_config(args, postprocess_file, detectors)
     rows, bad = predict_raw(
         detectors,
         model_names(args.checkpoint),
@@ -693,6 +404,80 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.label_space is not None:
         rows = [to_label_space(row, args.label_space) for row in rows]
+    _write_raw_outputs(args, rows, detectors)
+    if args.out is not None or args.dicom_out is not None:
+        result = apply_postprocess(rows, postprocess_config)
+        predictions, postprocess_config = result.predictions, result.applied
+        report_operating_point(result)
+    if args.dicom_out is not None:
+        write_dicom_out(
+            args, paths, bad, predictions, group_by_patient(rows), detectors, postprocess_config.score_threshold
+        )
+    if args.out is not None:
+        _write_submission_file(args, predictions, bad, detectors, postprocess_config)
+    for path, reason in bad:
+        print(f"  unreadable{', written with no boxes' if args.out else ''}: {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _input_paths(args: argparse.Namespace) -> list[Path]:
+    """The files to predict: ``--input`` as given, else the images or DICOMs found under the folder (none is an error)."""
+    if args.input is not None:
+        return list(args.input)
+    if args.image_dir is not None:
+        paths = find_images(args.image_dir)
+        if not paths:
+            raise LungdetError(f"{args.image_dir}: no .png or .jpg files found")
+        return paths
+    paths = find_dicoms(args.dicom_dir)
+    if not paths:
+        raise LungdetError(f"{args.dicom_dir}: no .dcm files found")
+    return paths
+
+
+def _read_postprocess_file(args: argparse.Namespace) -> PostprocessConfig | None:
+    """``--postprocess``'s settings, or None; a file asking for batch calibration beside ``--score-threshold`` is refused."""
+    postprocess_config = load_postprocess(args.postprocess) if args.postprocess is not None else None
+    if (
+        postprocess_config is not None
+        and postprocess_config.calibration == "batch"
+        and args.score_threshold is not None
+    ):
+        raise LungdetError(
+            f"{args.postprocess} says calibration: batch, which would replace your --score-threshold with a cut-off derived from the batch; "
+            "drop --score-threshold, or set calibration: off in the file"
+        )
+    return postprocess_config
+
+
+def _load_detectors(args: argparse.Namespace) -> list[Detector]:
+    """Every ``--checkpoint``, loaded; ``--probabilities`` needs at least one with an image-level head."""
+    detectors = [load_detector(path, device=args.device, amp=args.amp) for path in args.checkpoint]
+    if args.probabilities is not None and all(detector.image_threshold is None for detector in detectors):
+        raise LungdetError(
+            f"{', '.join(map(str, args.checkpoint))}: no image-level head (trained without model.image_head: true), so there are no probabilities "
+            "to write; train with model.image_head=true, or drop --probabilities"
+        )
+    return detectors
+
+
+def _postprocess_config(
+    args: argparse.Namespace, postprocess_config: PostprocessConfig | None, detectors: Sequence[Detector]
+) -> PostprocessConfig:
+    """The post-processing to apply: the file's (else the checkpoints' mean cut-off), then the command line's overrides."""
+    if postprocess_config is None:
+        postprocess_config = PostprocessConfig(
+            score_threshold=float(np.mean([detector.score_threshold for detector in detectors]))
+        )
+    if args.score_threshold is not None:
+        postprocess_config.score_threshold = args.score_threshold
+    if args.batch_calibration:
+        postprocess_config.calibration = "batch"
+    return postprocess_config
+
+
+def _write_raw_outputs(args: argparse.Namespace, rows: Sequence[RawPrediction], detectors: Sequence[Detector]) -> None:
+    """``--raw`` (every box of every model and pass) and ``--probabilities`` (the mean per image), where asked for."""
     if args.raw is not None:
         written = write_raw_predictions(args.raw, rows)
         print(
@@ -704,26 +489,24 @@ def main(args: argparse.Namespace) -> int:
             args.probabilities, {patient: mean_probability(groups[patient]) for patient in sorted(groups)}
         )
         print(f"wrote {args.probabilities}: {len(groups)} image probabilities")
-    if args.out is not None or args.dicom_out is not None:
-        result = apply_postprocess(rows, postprocess_config)
-        predictions, postprocess_config = result.predictions, result.applied
-        report_operating_point(result)
-    if args.dicom_out is not None:
-        write_dicom_out(
-            args, paths, bad, predictions, group_by_patient(rows), detectors, postprocess_config.score_threshold
-        )
-    if args.out is not None:
-        for path, _ in bad:  # Kaggle wants a row per image
-            predictions[Path(path).stem] = Prediction.empty()
-        write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
-        with_boxes = sum(prediction.boxes.shape[0] > 0 for prediction in predictions.values())
-        fused = f", {len(detectors)} models fused" if len(detectors) > 1 else ""
-        extra = [tta_pass.name for tta_pass in parse_tta(args.tta)[1:]]
-        tta = f", TTA {'+'.join(extra)}" if extra else ""
-        print(
-            f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes "
-            f"(confidence >= {postprocess_config.score_threshold:g}{fused}{tta}; {detectors[0].device}, {detectors[0].precision_name})"
-        )
-    for path, reason in bad:
-        print(f"  unreadable{', written with no boxes' if args.out else ''}: {path}: {reason}", file=sys.stderr)
-    return 0
+
+
+def _write_submission_file(
+    args: argparse.Namespace,
+    predictions: dict[str, Prediction],
+    bad: Sequence[tuple[Path, str]],
+    detectors: Sequence[Detector],
+    postprocess_config: PostprocessConfig,
+) -> None:
+    """``--out``: the submission, a row per input (an unreadable one with no boxes), sorted, and a line saying what it holds."""
+    for path, _ in bad:  # Kaggle wants a row per image
+        predictions[Path(path).stem] = Prediction.empty()
+    write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
+    with_boxes = sum(prediction.boxes.shape[0] > 0 for prediction in predictions.values())
+    fused = f", {len(detectors)} models fused" if len(detectors) > 1 else ""
+    extra = [tta_pass.name for tta_pass in parse_tta(args.tta)[1:]]
+    tta = f", TTA {'+'.join(extra)}" if extra else ""
+    print(
+        f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes "
+        f"(confidence >= {postprocess_config.score_threshold:g}{fused}{tta}; {detectors[0].device}, {detectors[0].precision_name})"
+    )

@@ -1,4 +1,4 @@
-"""Shared scaffolding for the detection tests: one torch thread, a tiny Faster R-CNN, a tiny synthetic COCO folder.
+"""Shared scaffolding for the detection tests: one torch thread, a tiny Faster R-CNN, a tiny synthetic COCO folder, DICOMs to predict.
 
 Under ``--import-mode=importlib`` this file cannot be imported by name, so everything is handed
 out as fixtures; module-scoped fixtures in the test files request the session-scoped ones.
@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,47 @@ def trained(
     )
     train(config, coco, root / "run", progress=False)
     return {"config": config, "checkpoint": root / "run" / BEST_CHECKPOINT}
+
+
+# The predict tests' folder of DICOMs: not square, so a swapped axis shows.
+DICOM_ROWS, DICOM_COLUMNS = 128, 256
+
+
+@pytest.fixture(scope="module")
+def dicom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 synthetic 128 x 256 DICOMs and one corrupt .dcm (``corrupt-0000.dcm``)."""
+    synth = write_synthetic_dataset(
+        tmp_path_factory.mktemp("predict_dicoms"),
+        count=3,
+        seed=5,
+        positive_fraction=0.67,
+        size=(DICOM_ROWS, DICOM_COLUMNS),
+    )
+    (synth.images_dir / "corrupt-0000.dcm").write_bytes(b"this is not a DICOM file" * 10)
+    return synth.images_dir
+
+
+@pytest.fixture(scope="session")
+def dicom_shape() -> tuple[int, int]:
+    """``(rows, columns)`` of ``dicom_dir``'s readable DICOMs."""
+    return DICOM_ROWS, DICOM_COLUMNS
+
+
+@pytest.fixture(scope="module")
+def good_stems(dicom_dir: Path) -> list[str]:
+    """The patientIds of ``dicom_dir``'s readable DICOMs, sorted."""
+    return sorted(path.stem for path in dicom_dir.glob("*.dcm") if path.stem != "corrupt-0000")
+
+
+@pytest.fixture(scope="module")
+def mirrored_pair(rsna_sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A real RSNA image as a lossless PNG, and its mirror image."""
+    import cv2
+
+    from lungdet.data_tools.dicom_io import read_dicom
+
+    folder = tmp_path_factory.mktemp("mirror")
+    pixels = read_dicom(sorted(rsna_sample_dir.glob("*.dcm"))[0]).pixels
+    cv2.imwrite(str(folder / "upright.png"), pixels)
+    cv2.imwrite(str(folder / "mirrored.png"), np.ascontiguousarray(pixels[:, ::-1]))
+    return folder / "upright.png", folder / "mirrored.png"

@@ -23,8 +23,8 @@ from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import convert_dataset
 from lungdet.detection.config import load_config
 from lungdet.detection.detector import load_trained_model
+from lungdet.detection.ensemble import predict_dicoms
 from lungdet.detection.model import build_model
-from lungdet.detection.predict import predict_dicoms
 from lungdet.detection.train import BEST_CHECKPOINT, seed_everything, train
 from lungdet.submission.score import score_dataset
 

@@ -1,6 +1,7 @@
 """Tests for detection/predict.py: folders with bad files, TTA, several checkpoints, post-processing, the CLI.
 
-Rebuilding a trained model and mapping its boxes back to DICOM pixels (detection/detector.py) are in test_detector.py.
+Rebuilding a trained model and mapping its boxes back to DICOM pixels (detection/detector.py) are in test_detector.py;
+:func:`predict_raw` and :func:`predict_dicoms` on their own (detection/ensemble.py) in test_ensemble.py.
 """
 
 from __future__ import annotations
@@ -13,83 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.detection.detector import load_trained_model
-from lungdet.detection.predict import get_args_parser, main, predict_dicoms, report_operating_point
-from lungdet.detection.runtime import Precision, resolve_precision
+from lungdet.detection.predict import get_args_parser, main, report_operating_point
+from lungdet.detection.runtime import resolve_precision
 from lungdet.errors import LungdetError
 from lungdet.submission.postprocess import OperatingPoint, PostprocessConfig, PostprocessResult
 from lungdet.submission.prediction_string import Prediction, keep_confident, read_submission
 
 CPU = torch.device("cpu")
-DICOM_ROWS, DICOM_COLUMNS = 128, 256  # not square, so a swapped axis shows
-
-
-@pytest.fixture(scope="module")
-def dicom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 synthetic 128 x 256 DICOMs and one corrupt .dcm."""
-    synth = write_synthetic_dataset(
-        tmp_path_factory.mktemp("predict_dicoms"),
-        count=3,
-        seed=5,
-        positive_fraction=0.67,
-        size=(DICOM_ROWS, DICOM_COLUMNS),
-    )
-    (synth.images_dir / "corrupt-0000.dcm").write_bytes(b"this is not a DICOM file" * 10)
-    return synth.images_dir
-
-
-def good_stems(dicom_dir: Path) -> list[str]:
-    return sorted(path.stem for path in dicom_dir.glob("*.dcm") if path.stem != "corrupt-0000")
-
-
-# --- a folder of DICOMs -------------------------------------------------------------------------
-
-
-def test_predict_dicoms_gives_every_file_a_row_and_lists_the_bad_one(trained: dict[str, Any], dicom_dir: Path) -> None:
-    model, config, _ = load_trained_model(trained["checkpoint"], device=CPU)
-    paths = sorted(dicom_dir.glob("*.dcm"))
-    predictions, bad = predict_dicoms(
-        model, paths, image_size=config.model.image_size, device=CPU, score_threshold=0.0, batch_size=2, progress=False
-    )
-
-    assert sorted(predictions) == sorted(["corrupt-0000", *good_stems(dicom_dir)])
-    assert [path.name for path, _ in bad] == ["corrupt-0000.dcm"]
-    assert "not a DICOM file" in bad[0][1]
-    assert predictions["corrupt-0000"].boxes.shape == (0, 4)
-    for stem in good_stems(dicom_dir):
-        boxes = predictions[stem].boxes
-        # torchvision clips boxes to its 64 px input; scaled back, they must lie inside the DICOM.
-        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
-        assert (boxes[:, 0] + boxes[:, 2] <= DICOM_COLUMNS + 1e-3).all()
-        assert (boxes[:, 1] + boxes[:, 3] <= DICOM_ROWS + 1e-3).all()
-
-
-def test_predict_dicoms_runs_the_network_under_the_given_precision(trained: dict[str, Any], dicom_dir: Path) -> None:
-    model, config, _ = load_trained_model(trained["checkpoint"], device=CPU)
-    paths = [dicom_dir / f"{stem}.dcm" for stem in good_stems(dicom_dir)]
-    seen: list[torch.dtype] = []
-    hook = model.backbone.register_forward_hook(
-        lambda _module, _inputs, features: seen.append(next(iter(features.values())).dtype)
-    )
-    try:
-        for precision in (None, Precision("cpu", torch.bfloat16)):
-            predictions, _ = predict_dicoms(
-                model,
-                paths,
-                image_size=config.model.image_size,
-                device=CPU,
-                score_threshold=0.0,
-                batch_size=3,
-                progress=False,
-                precision=precision,
-            )
-            assert sorted(predictions) == good_stems(dicom_dir)
-    finally:
-        hook.remove()
-    assert seen == [torch.float32, torch.bfloat16]
-
-
 # --- command line -------------------------------------------------------------------------------
 
 
@@ -98,7 +29,7 @@ def run_cli(*argv: str) -> int:
 
 
 def test_cli_writes_a_sorted_submission_with_a_row_per_dicom(
-    trained: dict[str, Any], dicom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    trained: dict[str, Any], dicom_dir: Path, good_stems: list[str], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "submission.csv"
     assert (
@@ -117,7 +48,7 @@ def test_cli_writes_a_sorted_submission_with_a_row_per_dicom(
 
     lines = out.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "patientId,PredictionString"
-    expected_ids = sorted(["corrupt-0000", *good_stems(dicom_dir)])
+    expected_ids = sorted(["corrupt-0000", *good_stems])
     assert [line.split(",")[0] for line in lines[1:]] == expected_ids
     assert "corrupt-0000," in lines
     submission = read_submission(out)
@@ -206,47 +137,6 @@ def test_cli_refuses_two_dicoms_with_one_patient_id(tmp_path: Path) -> None:
 
 
 # --- TTA, several checkpoints, raw predictions, post-processing ---------------------------------
-
-
-def test_hflip_back_mirrors_x_only() -> None:
-    from lungdet.detection.predict import hflip_back
-
-    back = hflip_back(Prediction.from_arrays([0.7], [[10, 20, 30, 40]]), width=100)
-    assert back.boxes.tolist() == [[60, 20, 30, 40]] and back.scores.tolist() == [0.7]
-
-
-@pytest.fixture(scope="module")
-def mirrored_pair(rsna_sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A real RSNA image as a lossless PNG, and its mirror image."""
-    import cv2
-
-    from lungdet.data_tools.dicom_io import read_dicom
-
-    folder = tmp_path_factory.mktemp("mirror")
-    pixels = read_dicom(sorted(rsna_sample_dir.glob("*.dcm"))[0]).pixels
-    cv2.imwrite(str(folder / "upright.png"), pixels)
-    cv2.imwrite(str(folder / "mirrored.png"), np.ascontiguousarray(pixels[:, ::-1]))
-    return folder / "upright.png", folder / "mirrored.png"
-
-
-def test_tta_boxes_of_a_mirrored_image_map_back_to_the_original(
-    serving_detector, mirrored_pair: tuple[Path, Path]
-) -> None:
-    """The hflip pass of an image is the plain pass of its mirror, mapped back; and the other way round."""
-    from lungdet.detection.predict import predict_raw, read_any_input
-    from lungdet.detection.tta import hflip_back
-
-    rows, bad = predict_raw(
-        [serving_detector], ["m"], list(mirrored_pair), read=read_any_input, tta="hflip", progress=False
-    )
-    assert bad == []
-    passes = {(row.patient_id, row.pass_name): row.prediction for row in rows}
-    assert set(passes) == {("upright", "plain"), ("upright", "hflip"), ("mirrored", "plain"), ("mirrored", "hflip")}
-    assert len(passes["upright", "plain"].scores) >= 2
-    for one, other in (("upright", "mirrored"), ("mirrored", "upright")):
-        expected = hflip_back(passes[other, "plain"], width=1024)
-        np.testing.assert_allclose(passes[one, "hflip"].boxes, expected.boxes, atol=1e-3)
-        np.testing.assert_allclose(passes[one, "hflip"].scores, expected.scores, atol=1e-6)
 
 
 def test_two_copies_of_a_checkpoint_fuse_to_the_single_model_submission(

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lungdet.detection.tta import PLAIN, TtaPass, input_size, parse_tta
+from lungdet.detection.tta import PLAIN, TtaPass, hflip_back, input_size, parse_tta
+from lungdet.submission.prediction_string import Prediction
 
 
 @pytest.mark.parametrize(
@@ -56,12 +57,18 @@ def test_input_size_of_a_pass() -> None:
     assert input_size(256, TtaPass("scale1.2", scale=1.2)) == 307
 
 
+def test_hflip_back_mirrors_x_only() -> None:
+    back = hflip_back(Prediction.from_arrays([0.7], [[10, 20, 30, 40]]), width=100)
+    assert back.boxes.tolist() == [[60, 20, 30, 40]] and back.scores.tolist() == [0.7]
+
+
 def test_a_scaled_pass_is_the_model_run_at_that_size_with_boxes_in_the_images_pixels(
     serving_checkpoint: Path, rsna_sample_dir: Path
 ) -> None:
     """scale0.75 of a 128 px model equals the same weights run as a 96 px model, mapped back to the 1024 px image."""
     from lungdet.detection.detector import ModelRunner, load_detector
-    from lungdet.detection.predict import predict_raw, read_dicom_input
+    from lungdet.detection.ensemble import predict_raw
+    from lungdet.detection.prepared_images import read_dicom_input
 
     detector = load_detector(serving_checkpoint, device="cpu", amp="none")
     paths = sorted(rsna_sample_dir.glob("*.dcm"))[:3]
@@ -90,7 +97,8 @@ def test_a_scaled_pass_is_the_model_run_at_that_size_with_boxes_in_the_images_pi
 def test_an_export_refuses_scaled_passes_with_the_fix(serving_checkpoint: Path, rsna_sample_dir: Path) -> None:
     from types import SimpleNamespace
 
-    from lungdet.detection.predict import predict_raw, read_dicom_input
+    from lungdet.detection.ensemble import predict_raw
+    from lungdet.detection.prepared_images import read_dicom_input
     from lungdet.errors import LungdetError
 
     export_like = SimpleNamespace(format="onnx", image_size=128, preprocessing={}, runner=object())
