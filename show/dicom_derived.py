@@ -61,6 +61,11 @@ def model_identity(
     return ModelIdentity(version, tuple(dict.fromkeys(architectures)), tuple(checkpoint_sha256s), float(cut_off))
 
 
+def highdicom_missing(error: ImportError) -> ImportError:
+    """The error a result module raises when highdicom (the ``dicom`` extra) is not installed: what failed, and what to install."""
+    return ImportError(f"lungdet's DICOM results need highdicom ({error}); pip install 'lungdet[dicom]'")
+
+
 def derived_uid(*parts: object) -> str:
     """A UID that is a function of ``parts`` only: the same inputs give the same UID on any machine.
 

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.show.dicom_results import read_report
+from lungdet.show.dicom_sr import read_report
 from lungdet.submission.prediction_string import read_submission
 
 
@@ -100,7 +100,8 @@ def test_without_highdicom_dicom_out_says_what_to_install(
     from lungdet.errors import LungdetError
 
     monkeypatch.setitem(sys.modules, "highdicom", None)
-    monkeypatch.delitem(sys.modules, "lungdet.show.dicom_results", raising=False)
+    for module in ("lungdet.show.dicom_results", "lungdet.show.dicom_sr"):  # the modules that import highdicom
+        monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(
         LungdetError, match=r"--dicom-out: lungdet's DICOM results need highdicom .*pip install 'lungdet\[dicom\]'"
     ):

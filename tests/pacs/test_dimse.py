@@ -34,7 +34,7 @@ from lungdet.pacs.dimse import Arrival, DimseNode, check_instance
 from lungdet.pacs.inbox import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES, DimseState, Refusal
 from lungdet.pacs.receivers import CStoreReceiver, DicomwebReceiver, status_accepted
 from lungdet.show.dicom_derived import model_identity, report_uid
-from lungdet.show.dicom_results import read_report
+from lungdet.show.dicom_sr import read_report
 from lungdet.submission.prediction_string import keep_confident
 from tests.conftest import require_program
 

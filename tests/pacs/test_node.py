@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from lungdet import lungdet_version
 from lungdet.data_tools.dicom_io import read_dicom
 from lungdet.pacs.node import NodeState, PacsNode
-from lungdet.show.dicom_results import read_report
+from lungdet.show.dicom_sr import read_report
 from lungdet.submission.prediction_string import keep_confident
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from lungdet.data_tools.dicom_io import dicom_bytes
 from lungdet.show.dicom_derived import REPORT_SERIES_NUMBER, model_identity
-from lungdet.show.dicom_results import structured_report
+from lungdet.show.dicom_sr import structured_report
 from lungdet.submission.prediction_string import Prediction
 from tests.pacs.conftest import Orthanc
 from tests.pacs.ohif import IMAGE_SHOWN_JS, VIEWPORTS_JS, OhifViewer, console_errors, prepare_ohif
