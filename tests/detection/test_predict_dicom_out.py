@@ -100,7 +100,8 @@ def test_without_highdicom_dicom_out_says_what_to_install(
     from lungdet.errors import LungdetError
 
     monkeypatch.setitem(sys.modules, "highdicom", None)
-    for module in ("lungdet.show.dicom_results", "lungdet.show.dicom_sr"):  # the modules that import highdicom
+    # Every module that imports highdicom, so that importing them meets the missing highdicom again.
+    for module in ("lungdet.show.dicom_results", "lungdet.show.dicom_sr", "lungdet.show.dicom_gsps"):
         monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(
         LungdetError, match=r"--dicom-out: lungdet's DICOM results need highdicom .*pip install 'lungdet\[dicom\]'"
