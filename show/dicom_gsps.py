@@ -39,22 +39,10 @@ except ImportError as error:  # the dicom extra; cli callers turn this into a on
 GSPS_LAYER = "LUNGDET"
 
 
-def presentation_state(
-    source: Dataset, stored_pixels: np.ndarray, prediction: Prediction, model: ModelIdentity
-) -> hd.pr.GrayscaleSoftcopyPresentationState:
-    """A GSPS over ``source``: its boxes as polylines with their confidences, the notice, and lungdet's window.
-
-    ``stored_pixels`` are the source's stored values (``source.pixel_array``), from which the window is
-    worked out as lungdet reads the image; ``prediction`` is XYWH_ABS in the source's pixels.
-    """
-    source = with_type2_present(source)
-    photometric = str(source.get("PhotometricInterpretation", "")).upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(
-            f"a grayscale presentation state needs a MONOCHROME1/2 image; this one is {photometric or 'without PhotometricInterpretation'}"
-        )
-    window = display_window(stored_pixels, source)
-    layer = hd.pr.GraphicLayer(layer_name=GSPS_LAYER, order=1, description=f"lungdet boxes - {RESEARCH_NOTICE}")
+def box_annotations(
+    source: Dataset, prediction: Prediction, model: ModelIdentity
+) -> tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]:
+    """Each box of ``prediction`` (XYWH_ABS, ``source``'s pixels) as a closed polyline, and its confidence as a text label on its top edge."""
     columns = int(source.Columns)
     graphics, texts = [], []
     for index, (score, box) in enumerate(zip(prediction.scores, prediction.boxes, strict=True), start=1):
@@ -78,15 +66,39 @@ def presentation_state(
                 text_justification=hd.pr.TextJustificationValues.LEFT,
             )
         )
+    return graphics, texts
+
+
+def notice_text(source: Dataset, model: ModelIdentity) -> hd.pr.TextObject:
+    """The research-use notice, with lungdet's version, as a text object across the top of ``source``."""
+    columns = int(source.Columns)
     notice_height = max(12.0, 0.03 * int(source.Rows))
-    texts.append(
-        hd.pr.TextObject(
-            text_value=f"lungdet {model.version}: {RESEARCH_NOTICE}",
-            units=hd.pr.AnnotationUnitsValues.PIXEL,
-            bounding_box=(0.0, 0.0, float(columns), notice_height),
-            text_justification=hd.pr.TextJustificationValues.LEFT,
-        )
+    return hd.pr.TextObject(
+        text_value=f"lungdet {model.version}: {RESEARCH_NOTICE}",
+        units=hd.pr.AnnotationUnitsValues.PIXEL,
+        bounding_box=(0.0, 0.0, float(columns), notice_height),
+        text_justification=hd.pr.TextJustificationValues.LEFT,
     )
+
+
+def presentation_state(
+    source: Dataset, stored_pixels: np.ndarray, prediction: Prediction, model: ModelIdentity
+) -> hd.pr.GrayscaleSoftcopyPresentationState:
+    """A GSPS over ``source``: its boxes as polylines with their confidences, the notice, and lungdet's window.
+
+    ``stored_pixels`` are the source's stored values (``source.pixel_array``), from which the window is
+    worked out as lungdet reads the image; ``prediction`` is XYWH_ABS in the source's pixels.
+    """
+    source = with_type2_present(source)
+    photometric = str(source.get("PhotometricInterpretation", "")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(
+            f"a grayscale presentation state needs a MONOCHROME1/2 image; this one is {photometric or 'without PhotometricInterpretation'}"
+        )
+    window = display_window(stored_pixels, source)
+    layer = hd.pr.GraphicLayer(layer_name=GSPS_LAYER, order=1, description=f"lungdet boxes - {RESEARCH_NOTICE}")
+    graphics, texts = box_annotations(source, prediction, model)
+    texts.append(notice_text(source, model))
     annotation = hd.pr.GraphicAnnotation(
         referenced_images=[source], graphic_layer=layer, graphic_objects=graphics or None, text_objects=texts
     )
