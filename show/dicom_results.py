@@ -1,12 +1,10 @@
-"""lungdet's boxes for one X-ray as DICOM: a Structured Report, an overlay image and a presentation state, in the X-ray's own study.
+"""lungdet's boxes for one X-ray as DICOM: a Structured Report, an overlay image and a presentation state, in the X-ray's own study, and the files they go to.
 
 **The report** is a TID 1500 Measurement Report with one region per box, or, for an image
 without boxes, a Chest CAD SR without findings: :mod:`lungdet.show.dicom_sr` builds it and reads it back.
 
-**The overlay** (with ``--dicom-out-overlay``) is a Secondary Capture image in the same study,
-series 9902: the X-ray as lungdet reads it with the boxes and the not-a-diagnostic-device notice
-burnt in (the drawing of ``lungdet visualize``), with the source's rows, columns, pixel spacing
-and patient orientation.
+**The overlay** (with ``--dicom-out-overlay``) is a Secondary Capture image of the X-ray as lungdet
+reads it, with the boxes and the research-use notice burnt in: :mod:`lungdet.show.dicom_overlay`.
 
 **The presentation state** (with ``--dicom-out-gsps``) is a Grayscale Softcopy Presentation State
 that a GSPS-capable viewer draws over the untouched X-ray as a switchable layer: the boxes, their
@@ -14,6 +12,11 @@ confidences, the notice and lungdet's window; :mod:`lungdet.show.dicom_gsps` bui
 
 What every result shares (which model made it, the UIDs derived from that, the values copied from
 the X-ray and how they are repaired) is in :mod:`lungdet.show.dicom_derived`.
+
+This module puts them together: :func:`result_datasets` builds those asked for, :func:`write_results`
+writes them as ``{name}_sr.dcm``, ``{name}_overlay.dcm`` and ``{name}_gsps.dcm``, and
+:func:`write_results_for_files` does so for every file ``lungdet predict --dicom-out`` predicted,
+skipping, with the reason, those that are not DICOM images.
 """
 
 from __future__ import annotations
@@ -28,64 +31,11 @@ from tqdm import tqdm
 from lungdet.atomic import write_bytes_atomic
 from lungdet.data_tools.dicom_io import dicom_bytes, read_dataset, read_dicom
 from lungdet.errors import DicomReadError
-from lungdet.show.dicom_derived import (
-    MANUFACTURER,
-    OVERLAY_SERIES_DESCRIPTION,
-    OVERLAY_SERIES_NUMBER,
-    RESEARCH_NOTICE,
-    ModelIdentity,
-    highdicom_missing,
-    overlay_uid,
-    quiet_highdicom,
-    repair_copied_values,
-    series_uid,
-    with_empty_laterality,
-    with_type2_present,
-)
+from lungdet.show.dicom_derived import ModelIdentity
 from lungdet.show.dicom_gsps import presentation_state
+from lungdet.show.dicom_overlay import overlay_image
 from lungdet.show.dicom_sr import structured_report
-from lungdet.show.visualize import draw_overlay
 from lungdet.submission.prediction_string import Prediction
-
-try:
-    import highdicom as hd
-except ImportError as error:  # the dicom extra; cli callers turn this into a one-line message
-    raise highdicom_missing(error) from error
-
-
-def overlay_image(source: Dataset, pixels: np.ndarray, prediction: Prediction, model: ModelIdentity) -> hd.sc.SCImage:
-    """A Secondary Capture of ``pixels`` (the source as lungdet reads it, uint8 ``[rows, columns]``) with the boxes and notice burnt in."""
-    source = with_type2_present(source)
-    if pixels.shape[:2] != (int(source.Rows), int(source.Columns)):
-        raise ValueError(f"pixels {pixels.shape[:2]} do not match the source's {source.Rows} x {source.Columns}")
-    rgb = draw_overlay(
-        pixels,
-        truth=None,
-        prediction=prediction,
-        title=f"lungdet {model.version}: {RESEARCH_NOTICE}",
-        truth_in_legend=False,
-    )
-    orientation = tuple(source.get("PatientOrientation") or ())
-    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
-    with quiet_highdicom():
-        image = hd.sc.SCImage.from_ref_dataset(
-            source,
-            rgb,
-            "RGB",
-            8,
-            "PATIENT",
-            series_uid(source, model, "overlay"),
-            OVERLAY_SERIES_NUMBER,
-            overlay_uid(source, model),
-            int(source.get("InstanceNumber") or 1),
-            MANUFACTURER,
-            pixel_spacing=tuple(float(value) for value in spacing) if spacing else None,
-            # highdicom needs an orientation to build the image; the source's own value (often empty) is put back below.
-            patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
-            series_description=OVERLAY_SERIES_DESCRIPTION,
-        )
-    image.PatientOrientation = source.get("PatientOrientation", "")
-    return repair_copied_values(with_empty_laterality(image))
 
 
 def result_datasets(

@@ -100,8 +100,13 @@ def test_without_highdicom_dicom_out_says_what_to_install(
     from lungdet.errors import LungdetError
 
     monkeypatch.setitem(sys.modules, "highdicom", None)
-    # Every module that imports highdicom, so that importing them meets the missing highdicom again.
-    for module in ("lungdet.show.dicom_results", "lungdet.show.dicom_sr", "lungdet.show.dicom_gsps"):
+    # dicom_results and the modules under it that import highdicom, so that importing it meets the missing highdicom again.
+    for module in (
+        "lungdet.show.dicom_results",
+        "lungdet.show.dicom_sr",
+        "lungdet.show.dicom_gsps",
+        "lungdet.show.dicom_overlay",
+    ):
         monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(
         LungdetError, match=r"--dicom-out: lungdet's DICOM results need highdicom .*pip install 'lungdet\[dicom\]'"

@@ -1,6 +1,7 @@
-"""Tests for show/dicom_results.py: reports and overlays that say what was predicted, checked by highdicom and DCMTK.
+"""Tests for show/dicom_results.py: every result for one X-ray carries the source's values, repaired or completed where the source lacks them.
 
-``lungdet predict --dicom-out``, which writes them, is tested in tests/detection/test_predict_dicom_out.py.
+Each result has its own tests (test_dicom_sr.py, test_dicom_overlay.py, test_dicom_gsps.py); ``lungdet predict --dicom-out``,
+which writes them, is tested in tests/detection/test_predict_dicom_out.py.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import pydicom
 import pytest
 
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.show.dicom_derived import OVERLAY_SERIES_DESCRIPTION, model_identity
+from lungdet.show.dicom_derived import model_identity
 from lungdet.show.dicom_gsps import presentation_state
-from lungdet.show.dicom_results import overlay_image, write_results
+from lungdet.show.dicom_overlay import overlay_image
 from lungdet.show.dicom_sr import structured_report
 from lungdet.submission.prediction_string import Prediction
 
@@ -34,30 +35,6 @@ def test_results_carry_the_repaired_age(sources: list[Path]) -> None:
         presentation_state(source, source.pixel_array, BOXES, MODEL),
     ):
         assert derived.PatientAge == "051Y"
-
-
-def test_overlay_keeps_the_sources_geometry_and_shows_the_boxes(sources: list[Path], tmp_path: Path) -> None:
-    source = pydicom.dcmread(sources[0])
-    pixels = read_dicom(sources[0]).pixels
-    [_, path] = write_results(tmp_path, "one", source, BOXES, None, MODEL, pixels=pixels)
-    overlay = pydicom.dcmread(path)
-    assert (
-        overlay.SOPClassUID.name == "Secondary Capture Image Storage"
-        and overlay.SeriesDescription == OVERLAY_SERIES_DESCRIPTION
-    )
-    assert (overlay.Rows, overlay.Columns) == (source.Rows, source.Columns)
-    assert [float(value) for value in overlay.PixelSpacing] == pytest.approx(
-        [float(value) for value in source.PixelSpacing], rel=1e-9
-    )
-    assert overlay.StudyInstanceUID == source.StudyInstanceUID and overlay.SeriesInstanceUID != source.SeriesInstanceUID
-    assert overlay.PatientOrientation == source.PatientOrientation and overlay.Laterality == ""
-    image = overlay.pixel_array
-    assert image.shape == (1024, 1024, 3)
-    # The first box's top edge is orange (R > G > B); the X-ray is grey there otherwise.
-    edge = image[231, 100:300]
-    assert ((edge[:, 0] > 200) & (edge[:, 2] < 100)).mean() > 0.9
-    with pytest.raises(ValueError, match="do not match the source's 1024 x 1024"):
-        overlay_image(source, pixels[:512], BOXES, MODEL)
 
 
 def test_a_source_without_type_2_patient_and_study_attributes_still_gets_every_result(sources: list[Path]) -> None:
