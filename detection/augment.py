@@ -26,7 +26,7 @@ from lungdet.atomic import write_bytes_atomic
 from lungdet.boxes import as_box_array, xyxy_to_xywh
 from lungdet.detection.config import AugmentConfig
 from lungdet.errors import LungdetError
-from lungdet.show.visualize import draw_overlay, encode_image
+from lungdet.show.draw import draw_overlay, encode_image
 
 # Dark grey column between the two panels of a sample PNG, so their edges do not run together.
 PANEL_GAP = 8

@@ -25,7 +25,7 @@ from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
 from lungdet.data_tools.metadata import ImageTags, laid_over
 from lungdet.detection.detector import Detector
 from lungdet.errors import ImageReadError
-from lungdet.show.visualize import DEFAULT_MAX_SIZE, draw_overlay, encode_image, fit_for_display
+from lungdet.show.draw import DEFAULT_MAX_SIZE, draw_overlay, encode_image, fit_for_display
 from lungdet.submission.prediction_string import (
     Prediction,
     format_prediction_string,

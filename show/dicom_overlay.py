@@ -25,7 +25,7 @@ from lungdet.show.dicom_derived import (
     with_empty_laterality,
     with_type2_present,
 )
-from lungdet.show.visualize import draw_overlay
+from lungdet.show.draw import draw_overlay
 from lungdet.submission.prediction_string import Prediction
 
 try:

@@ -10,9 +10,9 @@ import numpy as np
 from lungdet.boxes import as_box_array
 from lungdet.data_tools.image_io import read_xray_file
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, PatientLabels
+from lungdet.show.draw import draw_overlay, encode_image, fit_for_display
 from lungdet.show.eda_stats import MAX_PLAUSIBLE_AGE_YEARS, NO_CLASS, EdaStats, GroupCounts, MetadataStats
 from lungdet.show.figures import figure_to_png, new_figure
-from lungdet.show.visualize import draw_overlay, encode_image, fit_for_display
 
 # Longer side of the sample images on the page, in pixels: enough to see a box, small enough to load fast.
 SAMPLE_MAX_SIZE = 384

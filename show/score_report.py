@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from lungdet.atomic import write_text_atomic
+from lungdet.show.draw import DISCLAIMER, judge_image
 from lungdet.show.figures import figure_to_png, new_figure
 from lungdet.show.pages import render_page
-from lungdet.show.visualize import DISCLAIMER, judge_image
 from lungdet.submission.detection_metrics import (
     CALIBRATION_BINS,
     DetectionMetrics,

@@ -18,7 +18,7 @@ from lungdet.detection.augment import (
     write_augmentation_samples,
 )
 from lungdet.detection.config import AugmentConfig
-from lungdet.show.visualize import TRUTH_COLOR
+from lungdet.show.draw import TRUTH_COLOR
 
 # Every transform off; tests switch on what they need.
 ALL_OFF = {
