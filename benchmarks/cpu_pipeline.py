@@ -29,8 +29,9 @@ from lungdet.detection.data import build_dataloaders
 from lungdet.detection.engine import OptimizerStep, train_one_epoch
 from lungdet.detection.ensemble import predict_dicoms
 from lungdet.detection.model import build_model, in_memory_layout
+from lungdet.detection.optim import build_optimizer, build_scheduler
 from lungdet.detection.runtime import resolve_precision
-from lungdet.detection.train import build_optimizer, build_scheduler, seed_everything
+from lungdet.detection.train import seed_everything
 
 CPU = torch.device("cpu")
 

@@ -43,8 +43,10 @@ from lungdet.detection.config import load_config
 from lungdet.detection.data import build_dataloaders
 from lungdet.detection.engine import move_to_device
 from lungdet.detection.model import build_model, in_memory_layout, needs_masks
+from lungdet.detection.optim import build_optimizer
+from lungdet.detection.run_state import compile_fixed_shape_parts
 from lungdet.detection.runtime import resolve_device, resolve_precision
-from lungdet.detection.train import build_optimizer, compile_fixed_shape_parts, seed_everything
+from lungdet.detection.train import seed_everything
 from lungdet.errors import LungdetError
 
 # (label, path from the model to the object, method): the parts worth telling apart. Missing ones

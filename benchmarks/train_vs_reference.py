@@ -82,8 +82,9 @@ from lungdet.detection.data import ImageRecord, build_dataloaders, load_preproce
 from lungdet.detection.detector import load_trained_model
 from lungdet.detection.engine import evaluate, predict_loader
 from lungdet.detection.model import build_model, needs_masks
+from lungdet.detection.optim import build_optimizer
 from lungdet.detection.runtime import resolve_device, resolve_precision
-from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE, build_optimizer, seed_everything, train
+from lungdet.detection.train import LAST_CHECKPOINT, METRICS_FILE, seed_everything, train
 from lungdet.errors import LungdetError
 
 DEFAULT_CONFIG = "fasterrcnn_mobilenet_cpu"

@@ -149,3 +149,39 @@ def mirrored_pair(rsna_sample_dir: Path, tmp_path_factory: pytest.TempPathFactor
     cv2.imwrite(str(folder / "upright.png"), pixels)
     cv2.imwrite(str(folder / "mirrored.png"), np.ascontiguousarray(pixels[:, ::-1]))
     return folder / "upright.png", folder / "mirrored.png"
+
+
+# Besides the tiny model: 4 training images in batches of 2, two optimizer steps per epoch; on the CPU even where a GPU is, so runs repeat exactly.
+TINY_RUN_EXTRAS = (
+    "device=cpu",
+    "data.batch_size=2",
+    "optim.epochs=1",
+    "optim.warmup_iters=1",
+    "max_minutes=0",
+    "val_score_thresholds=[0.1, 0.5]",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_overrides: tuple[str, ...]) -> list[str]:
+    """The overrides of a tiny 1-epoch run, architecture left to the config they go on top of."""
+    return [*tiny_model_overrides, *TINY_RUN_EXTRAS]
+
+
+@pytest.fixture(scope="module")
+def tiny_train_config(tiny_run: list[str]) -> Callable[..., Any]:
+    """Return ``build(*overrides)``: the tiny run's TrainConfig for MobileNetV3-FPN."""
+    from lungdet.detection.config import load_config
+
+    def build(*overrides: str) -> Any:
+        return load_config(None, ["model.architecture=fasterrcnn_mobilenet_v3_large_fpn", *tiny_run, *overrides])
+
+    return build
+
+
+@pytest.fixture
+def eager_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile traces as it would, without inductor's code generation (a minute per model on this CPU)."""
+    import lungdet.detection.run_state as run_state_module
+
+    monkeypatch.setattr(run_state_module, "COMPILE_BACKEND", "eager")
