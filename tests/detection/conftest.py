@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
@@ -185,3 +186,35 @@ def eager_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     import lungdet.detection.run_state as run_state_module
 
     monkeypatch.setattr(run_state_module, "COMPILE_BACKEND", "eager")
+
+
+# NIH ChestX-ray14's Data_Entry_2017.csv header, for the pretrain tests' label files.
+NIH_HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
+NIH_PNG_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def nih_header() -> str:
+    """The header line of NIH's Data_Entry_2017.csv (newline included), for label files a test writes."""
+    return NIH_HEADER
+
+
+def write_nih_pngs(folder: Path, count: int, *, seed: int = 0) -> list[Path]:
+    """``count`` 64 px grey PNGs named like NIH's (``00000001_000.png``), half of them one folder deeper."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = folder / ("nested" if index % 2 else "") / f"{index + 1:08d}_000.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A bright disc on noise: something for the views to share.
+        rows, columns = np.mgrid[:NIH_PNG_SIZE, :NIH_PNG_SIZE]
+        disc = ((rows - 20 - index) ** 2 + (columns - 32) ** 2 < 150) * 120
+        Image.fromarray((rng.integers(0, 100, (NIH_PNG_SIZE, NIH_PNG_SIZE)) + disc).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def make_nih_pngs() -> Callable[..., list[Path]]:
+    """Return ``write_nih_pngs(folder, count, *, seed=0) -> paths``, for tests and module-scoped fixtures to call."""
+    return write_nih_pngs
