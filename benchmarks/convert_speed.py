@@ -27,7 +27,7 @@ from lungdet.data_tools.convert_worker import keep_freed_memory
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 
 
 def seconds_of(function, *args, **kwargs) -> float:
@@ -63,7 +63,14 @@ def main() -> None:
         decode_all(paths[:10])  # warm the decoder and the page cache
         floor = min(seconds_of(decode_all, paths) for _ in range(args.repeats))
         one = fastest_convert(
-            root, "one", args.repeats, synth.images_dir, labels, image_size=args.image_size, workers=1, progress=False
+            root,
+            "one",
+            args.repeats,
+            synth.images_dir,
+            labels,
+            options=ConvertOptions(image_size=args.image_size),
+            workers=1,
+            progress=False,
         )
         many = fastest_convert(
             root,
@@ -71,7 +78,7 @@ def main() -> None:
             args.repeats,
             synth.images_dir,
             labels,
-            image_size=args.image_size,
+            options=ConvertOptions(image_size=args.image_size),
             workers=cores,
             progress=False,
         )

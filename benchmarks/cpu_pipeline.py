@@ -23,7 +23,7 @@ import torch
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 from lungdet.detection.config import load_config
 from lungdet.detection.data import build_dataloaders
 from lungdet.detection.engine import OptimizerStep, train_one_epoch
@@ -89,7 +89,9 @@ def main() -> None:
         )
         rows.append(("synth, 1024x1024 JPEG DICOMs", f"{args.count / seconds:.1f} files/s"))
         labels = read_labels(synth.labels_csv)
-        _, seconds = time_call(convert_dataset, synth.images_dir, labels, root / "coco", image_size=256, progress=False)
+        _, seconds = time_call(
+            convert_dataset, synth.images_dir, labels, root / "coco", ConvertOptions(image_size=256), progress=False
+        )
         rows.append(("convert to 256 px PNG (1 process)", f"{args.count / seconds:.1f} files/s"))
         for name in configs:
             train_rate, inference_rate = training_throughput(name, root / "coco", steps=args.train_steps)

@@ -39,7 +39,7 @@ import torch
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, fold_dir
 from lungdet.detection.cv import get_args_parser as cv_parser
 from lungdet.detection.cv import main as cv_main
@@ -65,9 +65,7 @@ def run_seed(seed: int, workdir: Path, *, count: int, test_count: int, epochs: i
         train_set.images_dir,
         read_labels(train_set.labels_csv),
         workdir / "coco",
-        image_size=256,
-        folds=FOLDS,
-        seed=seed,
+        ConvertOptions(image_size=256, folds=FOLDS, seed=seed),
         progress=False,
     )
     overrides = [

@@ -76,7 +76,7 @@ from torchvision.transforms import functional as F
 from lungdet.boxes import xywh_to_xyxy
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 from lungdet.detection.config import TrainConfig, load_config
 from lungdet.detection.data import ImageRecord, build_dataloaders, load_preprocessing, select_records
 from lungdet.detection.detector import load_trained_model
@@ -284,8 +284,7 @@ def prepare_dataset(root: Path, *, count: int, image_size: int) -> Path:
         synth.images_dir,
         read_labels(synth.labels_csv),
         root / "coco",
-        image_size=image_size,
-        seed=0,
+        ConvertOptions(image_size=image_size, seed=0),
         workers=os.cpu_count() or 1,
         progress=False,
     )

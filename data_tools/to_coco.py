@@ -28,8 +28,9 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
@@ -60,7 +61,7 @@ from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.folds import assign_folds, box_stratum, write_folds_csv
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import PatientLabels, read_labels
-from lungdet.data_tools.metadata import MetadataTable, read_metadata_csv
+from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
 from lungdet.data_tools.pixels import NORMALIZATIONS, check_normalization
 from lungdet.errors import LungdetError
 
@@ -68,22 +69,35 @@ from lungdet.errors import LungdetError
 SOURCES = ("dicom", "picture")
 
 
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How ``lungdet convert`` writes the dataset: the images' size and contrast, and the folds.
+
+    ``image_size`` writes square N x N PNGs with the boxes scaled to match (None: each image at its
+    own size, a DICOM's JPEG stream kept where possible); ``normalization`` is one of
+    :data:`~lungdet.data_tools.pixels.NORMALIZATIONS`; ``folds`` patient-level folds, stratified
+    by box count and assigned with ``seed``. annotations.json's ``info`` records all four.
+    """
+
+    image_size: int | None = None
+    normalization: str = "none"
+    folds: int = 5
+    seed: int = 42
+
+
 def convert_dataset(
     source_dir: Path,
     labels: Mapping[str, PatientLabels],
     out_dir: Path,
+    options: ConvertOptions = ConvertOptions(),
     *,
     source: str = "dicom",
     metadata: MetadataTable | None = None,
     label_space: tuple[int, int] | None = None,
-    image_size: int | None = None,
-    normalization: str = "none",
-    folds: int = 5,
-    seed: int = 42,
     workers: int = 1,
     progress: bool = True,
 ) -> ConversionReport:
-    """Convert every labelled image under ``source_dir`` into a COCO dataset in ``out_dir``.
+    """Convert every labelled image under ``source_dir`` into a COCO dataset in ``out_dir``, written as ``options`` say.
 
     ``source`` is ``'dicom'`` (``*.dcm``; tags from each file) or ``'picture'`` (``*.png``,
     ``*.jpg``, ``*.jpeg`` named by patientId; tags from ``metadata``, else empty). The labels'
@@ -97,7 +111,7 @@ def convert_dataset(
     for any number. A rerun converts only new or changed files, and a run killed at any moment
     and started again ends with the same output as an uninterrupted one.
     """
-    check_normalization(normalization)  # before any work, not in the first worker
+    check_normalization(options.normalization)  # before any work, not in the first worker
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     if source == "dicom" and (metadata is not None or label_space is not None):
@@ -114,13 +128,10 @@ def convert_dataset(
             labels,
             Path(out_dir),
             pool,
+            options,
             source=source,
             metadata=metadata,
             label_space=label_space,
-            image_size=image_size,
-            normalization=normalization,
-            folds=folds,
-            seed=seed,
             progress=progress,
         )
     finally:
@@ -133,14 +144,11 @@ def _convert_dataset(
     labels: Mapping[str, PatientLabels],
     out_dir: Path,
     pool: multiprocessing.pool.Pool | None,
+    options: ConvertOptions,
     *,
     source: str,
     metadata: MetadataTable | None,
     label_space: tuple[int, int] | None,
-    image_size: int | None,
-    normalization: str,
-    folds: int,
-    seed: int,
     progress: bool,
 ) -> ConversionReport:
     """:func:`convert_dataset`'s work, with its ``pool`` already started (None: convert in this process)."""
@@ -148,6 +156,52 @@ def _convert_dataset(
     # A SIGKILL during a write leaves its temporary file (never a half image under the real name).
     for stale in (out_dir / IMAGES_DIR).glob(".*.tmp"):
         stale.unlink()
+    report = _start_report(labels, source=source, metadata=metadata, label_space=label_space)
+    candidates = _find_labelled_files(source_dir, labels, report, source=source)
+    boxes_per_patient, image_spool, annotation_spool = _convert_files(
+        candidates,
+        labels,
+        out_dir,
+        pool,
+        report,
+        options,
+        source=source,
+        label_space=label_space,
+        tags=None if metadata is None else metadata.tags,
+        progress=progress,
+    )
+
+    # Stratify on the boxes actually written: a positive whose boxes all fell outside is a negative image here.
+    for patient, count in boxes_per_patient.items():
+        boxes_per_patient[patient] = box_stratum(count)  # in place: one dict of 26k entries, not two
+    fold_of = assign_folds(boxes_per_patient, k=options.folds, seed=options.seed)
+    del boxes_per_patient
+    info = {
+        "description": "RSNA lung opacity, written by lungdet convert",
+        "image_size": options.image_size,
+        "normalization": options.normalization,
+        "folds": options.folds,
+        "fold_seed": options.seed,
+        "source": source,
+        "label_space": report.label_space,
+    }
+    with image_spool, annotation_spool:
+        write_folds_csv(out_dir / FOLDS_FILE, spooled_images_with_folds(image_spool, fold_of))
+        write_coco_json(
+            out_dir / ANNOTATIONS_FILE, info, spooled_images_with_folds(image_spool, fold_of), annotation_spool
+        )
+    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def _start_report(
+    labels: Mapping[str, PatientLabels],
+    *,
+    source: str,
+    metadata: MetadataTable | None,
+    label_space: tuple[int, int] | None,
+) -> ConversionReport:
+    """The report before any file is read: the run's source and label space, and the metadata CSV's problems."""
     report = ConversionReport(
         source=source,
         label_space="image" if label_space is None else f"{label_space[0]}x{label_space[1]}",
@@ -165,6 +219,16 @@ def _convert_dataset(
             for patient in metadata.tags
             if patient not in labels
         )
+    return report
+
+
+def _find_labelled_files(
+    source_dir: Path, labels: Mapping[str, PatientLabels], report: ConversionReport, *, source: str
+) -> list[str]:
+    """The files to convert, in file order: the first file of each labelled patientId.
+
+    Unlabelled files, second files of a patientId and labelled patients without a file go to ``report``.
+    """
     # Plain strings, not Path objects: at 26k files the difference is megabytes.
     found: set[str] = set()
     candidates: list[str] = []
@@ -179,10 +243,31 @@ def _convert_dataset(
     report.labelled_without_dicom_ids = sorted(set(labels) - found)
     report.labelled_without_dicom = len(report.labelled_without_dicom_ids)
     del found
+    return candidates
 
+
+def _convert_files(
+    candidates: list[str],
+    labels: Mapping[str, PatientLabels],
+    out_dir: Path,
+    pool: multiprocessing.pool.Pool | None,
+    report: ConversionReport,
+    options: ConvertOptions,
+    *,
+    source: str,
+    label_space: tuple[int, int] | None,
+    tags: Mapping[str, ImageTags] | None,
+    progress: bool,
+) -> tuple[dict[str, int], IO[str], IO[str]]:
+    """Convert ``candidates`` (by ``pool`` when given) or reuse their journal entries, and assemble the COCO records.
+
+    Each new result goes to the journal as it comes, so that a killed run resumes where it
+    stopped. Returns ``{patientId: boxes kept}`` in file order, and the image and annotation
+    spools (temporary files, one JSON record a line) that :func:`~lungdet.data_tools.coco.assemble_coco` filled.
+    """
     settings = {
-        "image_size": image_size,
-        "normalization": normalization,
+        "image_size": options.image_size,
+        "normalization": options.normalization,
         "source": source,
         "journal_version": JOURNAL_VERSION,
     }
@@ -193,7 +278,7 @@ def _convert_dataset(
     # as they are used, so the generator needs its own fixed set of what to skip.
     kept_paths = frozenset(reusable)
     todo = (
-        ConvertTask(path, file_signature(Path(path)), str(out_dir), image_size, normalization, source)
+        ConvertTask(path, file_signature(Path(path)), str(out_dir), options.image_size, options.normalization, source)
         for path in candidates
         if path not in kept_paths
     )
@@ -238,30 +323,9 @@ def _convert_dataset(
             image_spool=image_spool,
             annotation_spool=annotation_spool,
             label_space=label_space,
-            tags=None if metadata is None else metadata.tags,
+            tags=tags,
         )
-
-    # Stratify on the boxes actually written: a positive whose boxes all fell outside is a negative image here.
-    for patient, count in boxes_per_patient.items():
-        boxes_per_patient[patient] = box_stratum(count)  # in place: one dict of 26k entries, not two
-    fold_of = assign_folds(boxes_per_patient, k=folds, seed=seed)
-    del boxes_per_patient
-    info = {
-        "description": "RSNA lung opacity, written by lungdet convert",
-        "image_size": image_size,
-        "normalization": normalization,
-        "folds": folds,
-        "fold_seed": seed,
-        "source": source,
-        "label_space": report.label_space,
-    }
-    with image_spool, annotation_spool:
-        write_folds_csv(out_dir / FOLDS_FILE, spooled_images_with_folds(image_spool, fold_of))
-        write_coco_json(
-            out_dir / ANNOTATIONS_FILE, info, spooled_images_with_folds(image_spool, fold_of), annotation_spool
-        )
-    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
-    return report
+    return boxes_per_patient, image_spool, annotation_spool
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -357,13 +421,10 @@ def main(args: argparse.Namespace) -> int:
         source_dir,
         labels,
         args.out,
+        ConvertOptions(image_size=args.image_size, normalization=args.normalize, folds=args.folds, seed=args.seed),
         source=source,
         metadata=metadata,
         label_space=args.label_space,
-        image_size=args.image_size,
-        normalization=args.normalize,
-        folds=args.folds,
-        seed=args.seed,
         workers=args.workers,
     )
     print(format_report(report, args.out))

@@ -35,7 +35,7 @@ from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 from lungdet.detection.config import load_config
 from lungdet.detection.detector import Detector, load_detector, load_trained_model
 from lungdet.detection.ensemble import predict_dicoms, predict_raw
@@ -255,8 +255,7 @@ def main(args: argparse.Namespace) -> int:
         synth.images_dir,
         read_labels(synth.labels_csv, synth.class_info_csv),
         out / "coco",
-        image_size=256,
-        seed=args.seed,
+        ConvertOptions(image_size=256, seed=args.seed),
         workers=os.cpu_count() or 1,
     )
     print(format_report(conversion, out / "coco"))

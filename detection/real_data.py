@@ -30,7 +30,7 @@ from lungdet.data_tools.holdout import holdout_split, link_images, read_split_cs
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import PatientLabels, format_labels_csv, read_labels
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import Prediction
 
@@ -169,11 +169,9 @@ def prepare(
             work / f"images_{side}",
             {patient: labels[patient] for patient in sorted(patients)},
             outputs[side],
+            ConvertOptions(image_size=size, normalization=method, folds=folds),
             source="picture",
             metadata=side_metadata,
-            image_size=size,
-            normalization=method,
-            folds=folds,
             progress=progress,
         )
     holdout_patients = sorted(patient for patient, value in split.items() if value == "holdout")

@@ -22,7 +22,7 @@ from lungdet.data_tools.conversion_report import ConversionReport, format_report
 from lungdet.data_tools.dicom_io import read_dicom
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.pixels import normalize_pixels
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 from lungdet.errors import LungdetError
 
 POSITIVE_SAMPLE = "00436515-870c-4b36-a041-de91049b9ab4"
@@ -66,7 +66,7 @@ def real_labels(rsna_labels_csv: Path) -> dict[str, PatientLabels]:
 @pytest.fixture(scope="module")
 def converted_sample(rsna_sample_dir: Path, real_labels, tmp_path_factory) -> tuple[Path, ConversionReport]:
     out_dir = tmp_path_factory.mktemp("coco256")
-    report = convert_dataset(rsna_sample_dir, real_labels, out_dir, image_size=256, progress=False)
+    report = convert_dataset(rsna_sample_dir, real_labels, out_dir, ConvertOptions(image_size=256), progress=False)
     return out_dir, report
 
 
@@ -204,7 +204,7 @@ def load_boxes(out_dir: Path) -> dict[str, list[list[float]]]:
 def test_non_square_image_boxes_scale_per_axis(wide_dataset, tmp_path: Path) -> None:
     dicom_dir, labels = wide_dataset
     out_dir = tmp_path / "out400"
-    report = convert_dataset(dicom_dir, labels, out_dir, image_size=400, progress=False)
+    report = convert_dataset(dicom_dir, labels, out_dir, ConvertOptions(image_size=400), progress=False)
     boxes = load_boxes(out_dir)
     # x, width * 400/1200 = 1/3; y, height * 400/800 = 1/2.
     # 600,400,300,200 -> 200,200,100,100.  1100,700,200,200 -> 366.667,350,66.667,100, clipped at 400 -> 33.333 x 50.
@@ -257,7 +257,7 @@ def test_original_size_keeps_each_real_dicoms_own_jpeg_stream(
 def test_changed_settings_leave_one_image_per_patient(rsna_sample_dir: Path, real_labels, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     convert_dataset(rsna_sample_dir, real_labels, out_dir, progress=False)
-    convert_dataset(rsna_sample_dir, real_labels, out_dir, normalization="clahe", progress=False)
+    convert_dataset(rsna_sample_dir, real_labels, out_dir, ConvertOptions(normalization="clahe"), progress=False)
     # CLAHE changes the pixels, so the stream cannot be kept: PNGs replace the JPEGs.
     assert sorted(path.suffix for path in (out_dir / "images").iterdir()) == [".png"] * 13
     assert all(
@@ -314,7 +314,7 @@ def messy_dir(rsna_sample_dir: Path, siim_dicom: Path, make_dicom, tmp_path: Pat
 
 def test_bad_files_are_skipped_and_reported(messy_dir: Path, real_labels, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
-    report = convert_dataset(messy_dir, real_labels, out_dir, image_size=64, progress=False)
+    report = convert_dataset(messy_dir, real_labels, out_dir, ConvertOptions(image_size=64), progress=False)
     assert report.converted == 2
     assert (report.positives, report.boxes) == (1, 2)
     empty, truncated, no_pixels = LABELLED_NOT_IN_SAMPLE
@@ -435,8 +435,12 @@ def dataset_bytes(out_dir: Path) -> dict[str, bytes]:
 
 def test_two_workers_write_exactly_what_one_writes(synth_set, tmp_path: Path) -> None:
     synth, labels = synth_set
-    convert_dataset(synth.images_dir, labels, tmp_path / "one", image_size=128, workers=1, progress=False)
-    convert_dataset(synth.images_dir, labels, tmp_path / "two", image_size=128, workers=2, progress=False)
+    convert_dataset(
+        synth.images_dir, labels, tmp_path / "one", ConvertOptions(image_size=128), workers=1, progress=False
+    )
+    convert_dataset(
+        synth.images_dir, labels, tmp_path / "two", ConvertOptions(image_size=128), workers=2, progress=False
+    )
     one, two = dataset_bytes(tmp_path / "one"), dataset_bytes(tmp_path / "two")
     assert len(one) == 12 + 2  # 12 PNGs, annotations.json, folds.csv
     assert one == two
@@ -446,24 +450,24 @@ def test_a_rerun_converts_only_new_or_changed_files(synth_set, tmp_path: Path) -
     synth, labels = synth_set
     dicoms = tmp_path / "dicoms"
     shutil.copytree(synth.images_dir, dicoms)
-    first = convert_dataset(dicoms, labels, tmp_path / "out", image_size=128, progress=False)
+    first = convert_dataset(dicoms, labels, tmp_path / "out", ConvertOptions(image_size=128), progress=False)
     assert (first.converted, first.reused) == (12, 0)
-    again = convert_dataset(dicoms, labels, tmp_path / "out", image_size=128, progress=False)
+    again = convert_dataset(dicoms, labels, tmp_path / "out", ConvertOptions(image_size=128), progress=False)
     assert (again.converted, again.reused) == (12, 12)
     changed = sorted(dicoms.glob("*.dcm"))[0]
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
-    after_touch = convert_dataset(dicoms, labels, tmp_path / "out", image_size=128, progress=False)
+    after_touch = convert_dataset(dicoms, labels, tmp_path / "out", ConvertOptions(image_size=128), progress=False)
     assert after_touch.reused == 11
-    resized = convert_dataset(dicoms, labels, tmp_path / "out", image_size=96, progress=False)
+    resized = convert_dataset(dicoms, labels, tmp_path / "out", ConvertOptions(image_size=96), progress=False)
     assert resized.reused == 0  # new settings: every image is converted again
     assert json.loads((tmp_path / "out" / "annotations.json").read_text())["images"][0]["width"] == 96
 
 
 def test_a_killed_run_resumes_to_the_same_output(synth_set, tmp_path: Path) -> None:
     synth, labels = synth_set
-    convert_dataset(synth.images_dir, labels, tmp_path / "clean", image_size=128, progress=False)
+    convert_dataset(synth.images_dir, labels, tmp_path / "clean", ConvertOptions(image_size=128), progress=False)
     killed = tmp_path / "killed"
-    convert_dataset(synth.images_dir, labels, killed, image_size=128, progress=False)
+    convert_dataset(synth.images_dir, labels, killed, ConvertOptions(image_size=128), progress=False)
     # Simulate a SIGKILL after 5 files: the journal ends in a cut-off line, later PNGs and the
     # final files were never written, and a temporary file was left mid-write.
     journal = killed / ".convert_journal.jsonl"
@@ -475,18 +479,24 @@ def test_a_killed_run_resumes_to_the_same_output(synth_set, tmp_path: Path) -> N
         (killed / name).unlink()
     (killed / "images" / ".half.png.abc.tmp").write_bytes(b"half")
 
-    report = convert_dataset(synth.images_dir, labels, killed, image_size=128, progress=False)
+    report = convert_dataset(synth.images_dir, labels, killed, ConvertOptions(image_size=128), progress=False)
     assert report.reused == 5
     assert dataset_bytes(killed) == dataset_bytes(tmp_path / "clean")
     # The cut-off line was closed before appending, so every file converted since is on record.
-    assert convert_dataset(synth.images_dir, labels, killed, image_size=128, progress=False).reused == 12
+    assert (
+        convert_dataset(synth.images_dir, labels, killed, ConvertOptions(image_size=128), progress=False).reused == 12
+    )
 
 
 def test_normalisation_is_applied_and_recorded(synth_set, tmp_path: Path) -> None:
     synth, labels = synth_set
     for method in ("none", "clahe", "equalize"):
         convert_dataset(
-            synth.images_dir, labels, tmp_path / method, image_size=128, normalization=method, progress=False
+            synth.images_dir,
+            labels,
+            tmp_path / method,
+            ConvertOptions(image_size=128, normalization=method),
+            progress=False,
         )
     coco = {
         method: json.loads((tmp_path / method / "annotations.json").read_text())
@@ -502,7 +512,9 @@ def test_normalisation_is_applied_and_recorded(synth_set, tmp_path: Path) -> Non
     assert not np.array_equal(clahe, plain)
     np.testing.assert_array_equal(clahe, normalize_pixels(plain, method="clahe"))
     with pytest.raises(LungdetError, match="normalization 'gamma': must be one of none, clahe, equalize"):
-        convert_dataset(synth.images_dir, labels, tmp_path / "bad", normalization="gamma", progress=False)
+        convert_dataset(
+            synth.images_dir, labels, tmp_path / "bad", ConvertOptions(normalization="gamma"), progress=False
+        )
 
 
 def test_bad_files_are_counted_by_kind(synth_set, tmp_path: Path, capsys) -> None:
@@ -513,7 +525,7 @@ def test_bad_files_are_counted_by_kind(synth_set, tmp_path: Path, capsys) -> Non
     victims[0].write_bytes(b"")
     victims[1].write_bytes(b"plain text, not DICOM" * 10)
     victims[2].write_bytes(victims[2].read_bytes()[:2000])
-    report = convert_dataset(dicoms, labels, tmp_path / "out", image_size=64, progress=False)
+    report = convert_dataset(dicoms, labels, tmp_path / "out", ConvertOptions(image_size=64), progress=False)
     assert sorted(bad["kind"] for bad in report.bad_files) == ["empty", "not_dicom", "truncated"]
     assert "(empty: 1, not_dicom: 1, truncated: 1)" in format_report(report, tmp_path / "out")
 

@@ -19,7 +19,7 @@ from lungdet.cli import main as cli_main
 from lungdet.data_tools.conversion_report import format_report
 from lungdet.data_tools.labels import PatientLabels, read_labels
 from lungdet.data_tools.metadata import read_metadata_csv
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 
 # Two positives with two boxes, one with one, three negatives; AP and PA views.
 TWO_BOXES_AP = "01be392f-a46d-4aef-a57e-9cd1a80dd47e"  # 14 M AP, boxes (535,626,177,240) and (175,825,168,109)
@@ -76,7 +76,13 @@ def test_real_jpegs_convert_with_their_tags_boxes_and_bytes(
     out_dir = tmp_path / "coco"
     metadata = read_metadata_csv(rsna_real_dir / "metadata.csv")
     report = convert_dataset(
-        real_image_dir, real_labels, out_dir, source="picture", metadata=metadata, folds=2, progress=False
+        real_image_dir,
+        real_labels,
+        out_dir,
+        ConvertOptions(folds=2),
+        source="picture",
+        metadata=metadata,
+        progress=False,
     )
     assert (report.converted, report.positives, report.boxes) == (6, 3, 5)
     assert (
@@ -115,8 +121,8 @@ def test_without_metadata_the_tags_are_unknown_and_said_so(real_image_dir: Path,
         real_image_dir,
         subset_labels(real_labels, REAL_PATIENTS),
         tmp_path / "coco",
+        ConvertOptions(folds=2),
         source="picture",
-        folds=2,
         progress=False,
     )
     image = coco_images(tmp_path / "coco")[NEGATIVE_PA]
@@ -134,7 +140,13 @@ def test_resized_copies_scale_the_labels_from_their_space(rsna_real_dir: Path, r
         cv2.imwrite(str(folder / f"{patient}.png"), cv2.resize(pixels, (256, 256), interpolation=cv2.INTER_AREA))
     labels = subset_labels(real_labels, (TWO_BOXES_AP, NEGATIVE_PA))
     scaled = convert_dataset(
-        folder, labels, tmp_path / "scaled", source="picture", label_space=(1024, 1024), folds=2, progress=False
+        folder,
+        labels,
+        tmp_path / "scaled",
+        ConvertOptions(folds=2),
+        source="picture",
+        label_space=(1024, 1024),
+        progress=False,
     )
     assert sorted(coco_boxes(tmp_path / "scaled")[TWO_BOXES_AP]) == [
         [43.75, 206.25, 42.0, 27.25],
@@ -149,7 +161,9 @@ def test_resized_copies_scale_the_labels_from_their_space(rsna_real_dir: Path, r
     assert json.loads((tmp_path / "scaled" / "annotations.json").read_text())["info"]["label_space"] == "1024x1024"
 
     # Without --label-space the 1024 px boxes land past the 256 px images, and the summary says what to do.
-    unscaled = convert_dataset(folder, labels, tmp_path / "unscaled", source="picture", folds=2, progress=False)
+    unscaled = convert_dataset(
+        folder, labels, tmp_path / "unscaled", ConvertOptions(folds=2), source="picture", progress=False
+    )
     assert unscaled.boxes_past_edge == 2 and len(unscaled.dropped_boxes) == 2
     assert "give --label-space 1024x1024" in format_report(unscaled, tmp_path / "unscaled")
 
@@ -159,9 +173,8 @@ def test_a_resize_writes_a_png_of_the_prepared_pixels(real_image_dir: Path, real
         real_image_dir,
         subset_labels(real_labels, REAL_PATIENTS),
         tmp_path / "coco",
+        ConvertOptions(image_size=256, folds=2),
         source="picture",
-        image_size=256,
-        folds=2,
         progress=False,
     )
     image = coco_images(tmp_path / "coco")[ONE_BOX_AP]
@@ -231,9 +244,9 @@ def test_every_bad_input_is_named_and_counted(messy_image_dir: Path, real_labels
         messy_image_dir,
         messy_labels(real_labels),
         out_dir,
+        ConvertOptions(folds=2),
         source="picture",
         metadata=read_metadata_csv(metadata),
-        folds=2,
         progress=False,
     )
     bad = {Path(item["file"]).stem: item["kind"] for item in report.bad_files}
@@ -283,9 +296,9 @@ def test_a_converted_image_without_a_metadata_row_is_noted(real_image_dir: Path,
         real_image_dir,
         subset_labels(real_labels, REAL_PATIENTS),
         tmp_path / "coco",
+        ConvertOptions(folds=2),
         source="picture",
         metadata=read_metadata_csv(metadata),
-        folds=2,
         progress=False,
     )
     assert sorted(Path(note["file"]).stem for note in report.notes if note["kind"] == "no_metadata") == sorted(
@@ -303,8 +316,8 @@ def test_a_dicom_in_an_image_folder_is_refused(
         real_image_dir,
         subset_labels(real_labels, REAL_PATIENTS),
         tmp_path / "coco",
+        ConvertOptions(folds=2),
         source="picture",
-        folds=2,
         progress=False,
     )
     assert [(Path(item["file"]).name, item["kind"]) for item in report.bad_files] == [
@@ -315,15 +328,17 @@ def test_a_dicom_in_an_image_folder_is_refused(
 
 def test_a_rerun_after_new_metadata_keeps_the_images(real_image_dir: Path, real_labels, tmp_path: Path) -> None:
     labels = subset_labels(real_labels, REAL_PATIENTS)
-    convert_dataset(real_image_dir, labels, tmp_path / "coco", source="picture", folds=2, progress=False)
+    convert_dataset(
+        real_image_dir, labels, tmp_path / "coco", ConvertOptions(folds=2), source="picture", progress=False
+    )
     metadata = write_metadata(tmp_path / "metadata.csv", [f"{patient},40,F,PA" for patient in REAL_PATIENTS])
     report = convert_dataset(
         real_image_dir,
         labels,
         tmp_path / "coco",
+        ConvertOptions(folds=2),
         source="picture",
         metadata=read_metadata_csv(metadata),
-        folds=2,
         progress=False,
     )
     assert report.reused == 6

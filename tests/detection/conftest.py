@@ -17,7 +17,7 @@ from PIL import Image
 
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 
 TINY_IMAGE_SIZE = 64
 # A small model that still trains: 64 px input, few RPN proposals, small sampling batches.
@@ -71,9 +71,7 @@ def write_tiny_coco(root: Path) -> Path:
         synth.images_dir,
         read_labels(synth.labels_csv, synth.class_info_csv),
         root / "coco",
-        image_size=TINY_IMAGE_SIZE,
-        folds=2,
-        seed=0,
+        ConvertOptions(image_size=TINY_IMAGE_SIZE, folds=2, seed=0),
         progress=False,
     )
     return root / "coco"

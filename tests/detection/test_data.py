@@ -14,7 +14,7 @@ import torch
 
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 from lungdet.detection.augment import build_augmentation
 from lungdet.detection.config import AugmentConfig, DataConfig
 from lungdet.detection.data import (
@@ -29,7 +29,7 @@ from lungdet.detection.data import (
 from lungdet.errors import LungdetError
 
 IMAGE_COUNT = 8
-PNG_SIZE = 64  # convert_dataset(image_size=...): the PNGs and the COCO boxes are in this space
+PNG_SIZE = 64  # ConvertOptions(image_size=...): the PNGs and the COCO boxes are in this space
 DICOM_SIZE = 128
 NO_AUGMENTATION = dict(hflip=0.0, brightness_contrast=0.0, shift_scale_rotate=0.0)
 
@@ -43,9 +43,7 @@ def write_tiny_dataset(root: Path, *, count: int = IMAGE_COUNT) -> Path:
         synth.images_dir,
         read_labels(synth.labels_csv),
         root / "coco",
-        image_size=PNG_SIZE,
-        folds=2,
-        seed=0,
+        ConvertOptions(image_size=PNG_SIZE, folds=2, seed=0),
         progress=False,
     )
     assert report.converted == count and report.bad_files == []

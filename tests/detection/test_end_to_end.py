@@ -20,7 +20,7 @@ import torch
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import convert_dataset
+from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 from lungdet.detection.config import load_config
 from lungdet.detection.detector import load_trained_model
 from lungdet.detection.ensemble import predict_dicoms
@@ -59,7 +59,7 @@ def test_training_beats_an_untrained_model_on_held_out_dicoms(tmp_path):
     held_out = write_synthetic_dataset(tmp_path / "synth_test", count=40, seed=12, positive_fraction=0.5)
     labels = read_labels(train_set.labels_csv)
     report = convert_dataset(
-        train_set.images_dir, labels, tmp_path / "coco", image_size=256, folds=5, seed=0, progress=False
+        train_set.images_dir, labels, tmp_path / "coco", ConvertOptions(image_size=256, folds=5, seed=0), progress=False
     )
     assert report.converted == 200 and report.bad_files == []
 
