@@ -77,45 +77,8 @@ def format_report(report: ConversionReport, out_dir: Path) -> str:
         f"  COCO: {out_dir / ANNOTATIONS_FILE}   folds: {out_dir / FOLDS_FILE}   report: {out_dir / REPORT_FILE}",
     ]
     if report.source == "picture":
-        if report.label_space == "image":
-            lines.append(
-                "  boxes: the labels are taken to be in each image's own pixels (the default; --label-space WxH says otherwise)"
-            )
-        else:
-            lines.append(
-                f"  boxes: the labels are in {report.label_space} pixels (--label-space), scaled to each image's own size"
-            )
-        if report.metadata is None:
-            lines.append(
-                "  no --metadata: age, sex and view position are unknown (EDA, score slices and the page say so)"
-            )
-        else:
-            missing = [column for column in TAG_COLUMNS if column not in report.metadata_columns]
-            lines.append(
-                f"  tags {', '.join(report.metadata_columns)} from {report.metadata}"
-                + (f" (no {', '.join(missing)}: unknown)" if missing else "")
-            )
-    if report.boxes_past_edge:
-        hint = ""
-        if report.source == "picture" and report.label_space == "image":
-            hint = "; are the labels in another pixel space than the images? RSNA's are 1024x1024: give --label-space 1024x1024"
-        lines.append(
-            f"  {report.boxes_past_edge} label boxes reach past their image's edge (clipped to it, dropped when nothing was left){hint}"
-        )
-    if report.labelled_without_dicom:
-        # Usual when converting a subset, so only counted here; the patientIds are in the JSON report.
-        lines.append(
-            f"  {report.labelled_without_dicom} labelled patients have no {'DICOM' if report.source == 'dicom' else 'image file'} in this folder "
-            f"(fine for a subset; their patientIds are in {REPORT_FILE})"
-        )
-    if report.unlabelled_files:
-        lines.append(f"  skipped {len(report.unlabelled_files)} {files} the labels do not name (truth unknown):")
-        lines.extend(_examples(report.unlabelled_files))
-    if report.duplicate_files:
-        lines.append(
-            f"  skipped {len(report.duplicate_files)} {files} whose patientId (file name) was already found in another folder:"
-        )
-        lines.extend(_examples(report.duplicate_files))
+        lines.extend(_picture_lines(report))
+    lines.extend(_matching_lines(report, files))
     if report.metadata_problems:
         lines.append(
             f"  {len(report.metadata_problems)} metadata rows not used as given ({_count_kinds(report.metadata_problems)}):"
@@ -152,3 +115,52 @@ def format_report(report: ConversionReport, out_dir: Path) -> str:
                 _examples([f"{note['file']}: {note['reason']}" for note in report.notes if note["kind"] == kind])
             )
     return "\n".join(lines)
+
+
+def _picture_lines(report: ConversionReport) -> list[str]:
+    """For PNG/JPEG input: the pixel space the labels' boxes were taken to be in, and where the tags came from."""
+    lines = []
+    if report.label_space == "image":
+        lines.append(
+            "  boxes: the labels are taken to be in each image's own pixels (the default; --label-space WxH says otherwise)"
+        )
+    else:
+        lines.append(
+            f"  boxes: the labels are in {report.label_space} pixels (--label-space), scaled to each image's own size"
+        )
+    if report.metadata is None:
+        lines.append("  no --metadata: age, sex and view position are unknown (EDA, score slices and the page say so)")
+    else:
+        missing = [column for column in TAG_COLUMNS if column not in report.metadata_columns]
+        lines.append(
+            f"  tags {', '.join(report.metadata_columns)} from {report.metadata}"
+            + (f" (no {', '.join(missing)}: unknown)" if missing else "")
+        )
+    return lines
+
+
+def _matching_lines(report: ConversionReport, files: str) -> list[str]:
+    """Where the labels and the files did not meet: boxes past an edge, patients without a file, files without labels or twice."""
+    lines = []
+    if report.boxes_past_edge:
+        hint = ""
+        if report.source == "picture" and report.label_space == "image":
+            hint = "; are the labels in another pixel space than the images? RSNA's are 1024x1024: give --label-space 1024x1024"
+        lines.append(
+            f"  {report.boxes_past_edge} label boxes reach past their image's edge (clipped to it, dropped when nothing was left){hint}"
+        )
+    if report.labelled_without_dicom:
+        # Usual when converting a subset, so only counted here; the patientIds are in the JSON report.
+        lines.append(
+            f"  {report.labelled_without_dicom} labelled patients have no {'DICOM' if report.source == 'dicom' else 'image file'} in this folder "
+            f"(fine for a subset; their patientIds are in {REPORT_FILE})"
+        )
+    if report.unlabelled_files:
+        lines.append(f"  skipped {len(report.unlabelled_files)} {files} the labels do not name (truth unknown):")
+        lines.extend(_examples(report.unlabelled_files))
+    if report.duplicate_files:
+        lines.append(
+            f"  skipped {len(report.duplicate_files)} {files} whose patientId (file name) was already found in another folder:"
+        )
+        lines.extend(_examples(report.duplicate_files))
+    return lines
