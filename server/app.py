@@ -165,17 +165,27 @@ def create_app(
     )
     app.add_middleware(RequestGuard, max_body_bytes=max_upload_bytes, api_token=api_token)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_error_handlers(app)
+    _add_page_and_health(app, detector, max_upload_bytes=max_upload_bytes, api_token=api_token)
+    _add_detection_routes(app, detector, batcher, max_pixels=max_pixels)
+    return app
 
-    def refusal(status: int, kind: str, message: str) -> Response:
-        return Response(error_body(status, kind, message), status_code=status, media_type="application/json")
+
+def _refusal(status: int, kind: str, message: str) -> Response:
+    """An error reply: ``{"error": {"status", "kind", "message"}}`` with ``status``."""
+    return Response(error_body(status, kind, message), status_code=status, media_type="application/json")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure as one JSON error reply: a refused upload, an invalid request, an HTTP error, a crash."""
 
     @app.exception_handler(UploadRejected)
     async def on_rejected(_: Request, error: UploadRejected) -> Response:
-        return refusal(error.status, error.kind, error.message)
+        return _refusal(error.status, error.kind, error.message)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, error: RequestValidationError) -> Response:
-        return refusal(UNPROCESSABLE, "invalid_request", _validation_message(list(error.errors())))
+        return _refusal(UNPROCESSABLE, "invalid_request", _validation_message(list(error.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, error: StarletteHTTPException) -> Response:
@@ -183,26 +193,20 @@ def create_app(
         if error.status_code == 400 and "parsing the body" in message:
             message = "the request body is not valid multipart/form-data; send the X-ray as form field 'file' (curl -F file=@xray.dcm URL)"
         kinds = {404: "not_found", 405: "method_not_allowed"}
-        return refusal(error.status_code, kinds.get(error.status_code, "bad_request"), message)
+        return _refusal(error.status_code, kinds.get(error.status_code, "bad_request"), message)
 
     @app.exception_handler(Exception)
     async def on_crash(_: Request, error: Exception) -> Response:
         LOGGER.exception("internal error (%s); the server goes on serving", type(error).__name__)
-        return refusal(
+        return _refusal(
             500,
             "internal_error",
             "lungdet hit an internal error on this request; the server goes on serving, and its log has the details",
         )
 
-    async def run_detection(file: UploadFile) -> Detection:
-        check_file_name(file.filename)
-        data = await file.read()
-        try:
-            # Decoding in a worker thread and the model in the batcher's: the event loop stays free for health checks.
-            return await run_in_threadpool(detect_bytes, batcher, data, max_pixels=max_pixels)
-        except ImageReadError as error:
-            LOGGER.info("rejected %s: %d %s", upload_id(data), status_for(error), error.kind)
-            raise UploadRejected(status_for(error), error.kind, str(error)) from None
+
+def _add_page_and_health(app: FastAPI, detector: Detector, *, max_upload_bytes: int, api_token: str | None) -> None:
+    """``GET /`` (the page) and ``GET /api/v1/health``."""
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -222,6 +226,20 @@ def create_app(
             "token_required": api_token is not None,
             "notice": NOTICE,
         }
+
+
+def _add_detection_routes(app: FastAPI, detector: Detector, batcher: Batcher, *, max_pixels: int) -> None:
+    """``POST /api/v1/detect`` (JSON) and ``POST /api/v1/annotate`` (PNG): one uploaded X-ray through ``batcher``."""
+
+    async def run_detection(file: UploadFile) -> Detection:
+        check_file_name(file.filename)
+        data = await file.read()
+        try:
+            # Decoding in a worker thread and the model in the batcher's: the event loop stays free for health checks.
+            return await run_in_threadpool(detect_bytes, batcher, data, max_pixels=max_pixels)
+        except ImageReadError as error:
+            LOGGER.info("rejected %s: %d %s", upload_id(data), status_for(error), error.kind)
+            raise UploadRejected(status_for(error), error.kind, str(error)) from None
 
     @app.post(
         "/api/v1/detect", response_model=DetectReply, response_model_exclude_unset=True, responses=ERROR_RESPONSES
@@ -273,5 +291,3 @@ def create_app(
             media_type="image/png",
             headers={"Content-Disposition": f'attachment; filename="lungdet-{detection.upload_id}.png"'},
         )
-
-    return app
