@@ -39,6 +39,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         "  lungdet pacs --listen LUNGDET@0.0.0.0:11112 --allow ORTHANC@10.0.0.5 --send-to ORTHANC@10.0.0.5:4242 --checkpoint runs/r50/best.pt --overlay",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_mode_arguments(parser)
+    _add_polling_arguments(parser)
+    _add_listening_arguments(parser)
+    _add_result_arguments(parser)
+    _add_connection_arguments(parser)
+    _add_device_arguments(parser)
+    return parser
+
+
+def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The mode, ``--url`` (polling DICOMweb) or ``--listen`` (C-STORE), and the model (``--checkpoint``)."""
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--url", help="poll this DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web (Orthanc)")
     mode.add_argument(
@@ -53,6 +64,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         required=True,
         help="a checkpoint from lungdet train, or an export from lungdet export",
     )
+
+
+def _add_polling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``--url``: how often to poll, once, and how long to retry."""
     poll = parser.add_argument_group("with --url (DICOMweb polling)")
     poll.add_argument("--poll-seconds", type=positive_seconds, default=None, help="pause between polls (default 10)")
     poll.add_argument(
@@ -64,6 +79,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --once: how long to keep retrying a server that does not answer before giving up (default 60)",
     )
+
+
+def _add_listening_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``--listen``: where results go, who may send, the inbox bound and the AE title."""
     listen = parser.add_argument_group("with --listen (C-STORE)")
     listen.add_argument(
         "--send-to",
@@ -98,6 +117,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="LUNGDET",
         help="this node's AE title when it stores results, and to listen as when --listen has none (default LUNGDET)",
     )
+
+
+def _add_result_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is stored besides the report, where the node keeps its state, and the box cut-off."""
     parser.add_argument(
         "--overlay", action="store_true", help="also store a Secondary Capture of each X-ray with its boxes burnt in"
     )
@@ -115,6 +138,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--score-threshold", type=fraction, default=None, help="box cut-off (default: the checkpoint's tuned one)"
     )
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Authentication and the timeout of each request."""
     auth = parser.add_argument_group("authentication (basic or bearer)")
     auth.add_argument(
         "--username",
@@ -124,6 +151,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for each request (default 30)"
     )
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and at which precision the model runs."""
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
     parser.add_argument(
         "--amp",
@@ -131,7 +162,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="auto",
         help="mixed precision for a checkpoint, as lungdet predict's --amp (default auto)",
     )
-    return parser
 
 
 def make_client(args: argparse.Namespace):
