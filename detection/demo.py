@@ -40,14 +40,14 @@ from lungdet.detection.config import load_config
 from lungdet.detection.detector import Detector, load_detector, load_trained_model
 from lungdet.detection.ensemble import predict_dicoms, predict_raw
 from lungdet.detection.prepared_images import read_any_input
-from lungdet.detection.real_data import RealSet, prepare, real_data_dir, shared_data_dir
+from lungdet.detection.real_data import PreparedRealData, RealSet, prepare, real_data_dir, shared_data_dir
 from lungdet.detection.runtime import resolve_precision
 from lungdet.detection.train import BEST_CHECKPOINT, train
 from lungdet.show.score_cli import format_detection_metrics
 from lungdet.show.score_cli import get_args_parser as score_parser
 from lungdet.show.score_cli import main as score_main
 from lungdet.show.visualize import worst_first, write_overlays
-from lungdet.submission.detection_metrics import score_detection_metrics
+from lungdet.submission.detection_metrics import DetectionMetrics, score_detection_metrics
 from lungdet.submission.postprocess import PostprocessConfig, apply_postprocess
 from lungdet.submission.prediction_string import write_submission
 from lungdet.submission.score import BOOTSTRAP_DRAWS, ScoreReport, score_dataset, write_probabilities
@@ -181,6 +181,19 @@ def real_main(args: argparse.Namespace) -> int:
         predictions=result.predictions,
         max_size=512,
     )
+    _write_real_score_report(out, prepared, with_probabilities=bool(probabilities))
+
+    minutes = (time.time() - started) / 60
+    metrics = score_detection_metrics(
+        truth, result.predictions, probabilities=probabilities or None, bootstrap_draws=BOOTSTRAP_DRAWS
+    )
+    print(f"[5/5] done in {minutes:.0f} min\n")
+    _print_real_summary(report, metrics, out)
+    return 0
+
+
+def _write_real_score_report(out: Path, prepared: PreparedRealData, *, with_probabilities: bool) -> None:
+    """``lungdet score --html`` on the held-out submission, by view, sex and age band, linked to the overlays."""
     score_args = [
         "--submission",
         str(out / "submission_holdout.csv"),
@@ -195,17 +208,15 @@ def real_main(args: argparse.Namespace) -> int:
         "--overlays",
         str(out / "overlays_holdout"),
     ]
-    if probabilities:
+    if with_probabilities:
         score_args += ["--probabilities", str(out / "probabilities_holdout.csv")]
     with contextlib.redirect_stdout(io.StringIO()):
         score_main(score_parser().parse_args(score_args))
 
-    minutes = (time.time() - started) / 60
-    metrics = score_detection_metrics(
-        truth, result.predictions, probabilities=probabilities or None, bootstrap_draws=BOOTSTRAP_DRAWS
-    )
+
+def _print_real_summary(report: ScoreReport, metrics: DetectionMetrics, out: Path) -> None:
+    """The held-out scores: RSNA mAP with its interval, IoU, sensitivity, specificity, the papers' figures; where the files are."""
     low, high = report.map_interval
-    print(f"[5/5] done in {minutes:.0f} min\n")
     print(
         f"Held-out real RSNA radiographs ({report.n_images} patients, {report.n_positive} with opacities; nothing was tuned on them):"
     )
@@ -223,7 +234,6 @@ def real_main(args: argparse.Namespace) -> int:
         f"  report:    {out / 'score_holdout.html'}\n  overlays:  {out / 'overlays_holdout' / 'index.html'} (worst first)"
     )
     print(f"  submission {out / 'submission_holdout.csv'}")
-    return 0
 
 
 def single_model_postprocess(detector: Detector) -> PostprocessConfig:
@@ -241,28 +251,7 @@ def main(args: argparse.Namespace) -> int:
         return real_main(args)
     out: Path = args.out
     print("lungdet demo: a research tool, not a diagnostic device.")
-    print(f"[1/5] synth: {args.count} synthetic DICOMs -> {out / 'synth_train'}")
-    synth = write_synthetic_dataset(
-        out / "synth_train",
-        count=args.count,
-        seed=args.seed,
-        positive_fraction=DEMO_POSITIVE_FRACTION,
-        overwrite=True,
-        progress=True,
-    )
-    print(f"[2/5] convert -> {out / 'coco'}")
-    conversion = convert_dataset(
-        synth.images_dir,
-        read_labels(synth.labels_csv, synth.class_info_csv),
-        out / "coco",
-        ConvertOptions(image_size=256, seed=args.seed),
-        workers=os.cpu_count() or 1,
-    )
-    print(format_report(conversion, out / "coco"))
-    limit = f", at most {args.minutes:g} min" if args.minutes > 0 else ""
-    print(f"[3/5] train ({DEMO_CONFIG}{limit}) -> {out / 'run'}")
-    config = load_config(DEMO_CONFIG, [f"max_minutes={args.minutes}", f"seed={args.seed}"])
-    train(config, out / "coco", out / "run")
+    _synthesize_convert_and_train(args, out)
 
     print(
         "[4/5] predict + score on held-out synthetic DICOMs"
@@ -295,6 +284,38 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(f"  (no real sample at {args.sample_dir}; pass --sample-dir to include one)")
 
+    _print_demo_summary(results, threshold, out)
+    return 0
+
+
+def _synthesize_convert_and_train(args: argparse.Namespace, out: Path) -> None:
+    """Steps 1-3 of the demo: synthetic DICOMs under ``out``, converted at 256 px, one MobileNet trained on them."""
+    print(f"[1/5] synth: {args.count} synthetic DICOMs -> {out / 'synth_train'}")
+    synth = write_synthetic_dataset(
+        out / "synth_train",
+        count=args.count,
+        seed=args.seed,
+        positive_fraction=DEMO_POSITIVE_FRACTION,
+        overwrite=True,
+        progress=True,
+    )
+    print(f"[2/5] convert -> {out / 'coco'}")
+    conversion = convert_dataset(
+        synth.images_dir,
+        read_labels(synth.labels_csv, synth.class_info_csv),
+        out / "coco",
+        ConvertOptions(image_size=256, seed=args.seed),
+        workers=os.cpu_count() or 1,
+    )
+    print(format_report(conversion, out / "coco"))
+    limit = f", at most {args.minutes:g} min" if args.minutes > 0 else ""
+    print(f"[3/5] train ({DEMO_CONFIG}{limit}) -> {out / 'run'}")
+    config = load_config(DEMO_CONFIG, [f"max_minutes={args.minutes}", f"seed={args.seed}"])
+    train(config, out / "coco", out / "run")
+
+
+def _print_demo_summary(results: dict[str, ScoreReport], threshold: float, out: Path) -> None:
+    """Each set's RSNA mAP with its interval, mean IoU and images, at the tuned cut-off; where the files are."""
     print("[5/5] overlays written")
     print(
         f"\nResults (confidence >= {threshold:g}, tuned on validation; mAP with its 95% bootstrap interval over patients):"
@@ -315,4 +336,3 @@ def main(args: argparse.Namespace) -> int:
             print(
                 f"  {name:<12} {out / f'submission_{name}.csv'}, {out / f'score_{name}.json'}, {out / f'overlays_{name}' / 'index.html'}"
             )
-    return 0
