@@ -32,7 +32,7 @@ from torchvision import models
 from lungdet.data_tools.metadata import METADATA_FEATURES
 from lungdet.detection.augment import build_augmentation
 from lungdet.detection.config import AugmentConfig, DataConfig
-from lungdet.detection.data import DetectionDataset, EpochSampler, collate, select_records
+from lungdet.detection.data import DetectionDataset, EpochSampler, ImageRecord, collate, select_records
 from lungdet.detection.image_head import IMAGE_CLASSES, NO_CLASS
 from lungdet.detection.runtime import Precision
 from lungdet.errors import ConfigError
@@ -203,6 +203,46 @@ def train_classifier(
     precision = precision or Precision("cpu", None)
     data = DataConfig(fold=fold, batch_size=settings.batch_size, positive_fraction=settings.positive_fraction)
     train_records, val_records = select_records(data_dir, data)
+    sampler, train_loader, val_loader = _classifier_loaders(settings, train_records, val_records)
+    model = ImageClassifier(settings.architecture, metadata=settings.metadata, class_info=settings.class_info).to(
+        memory_format=torch.channels_last
+    )
+    statistics_batches = _statistics_batches(settings, train_records)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0)))
+    )
+    started = time.time()
+    history: list[dict] = []
+    best: dict = {"auc": -1.0}
+    for epoch in range(1, settings.epochs + 1):
+        sampler.set_epoch(epoch)
+        losses = _train_one_epoch(
+            model, train_loader, optimizer, scheduler, precision, class_loss_weight=settings.class_loss_weight
+        )
+        recompute_batch_norm(model, statistics_batches, precision)
+        probabilities, labels, ids = predict_probabilities(model, val_loader, precision)
+        auc = roc_auc(labels > 0.5, probabilities)
+        auc = float("nan") if auc is None else auc  # None: one class only (an AUC of 0.0 is a value)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "auc": auc})
+        say(
+            f"classifier {settings.architecture} at {settings.image_size}px, fold {fold}, epoch {epoch}/{settings.epochs}: loss {np.mean(losses):.3f}, val AUC {auc:.3f}"
+        )
+        if auc > best["auc"]:
+            patients = {record.image_id: record.patient_id for record in val_records}
+            best = {
+                "auc": auc,
+                "epoch": epoch,
+                "probabilities": {patients[image_id]: float(p) for image_id, p in zip(ids, probabilities, strict=True)},
+            }
+    return {**best, "minutes": (time.time() - started) / 60, "history": history}
+
+
+def _classifier_loaders(
+    settings: ClassifierSettings, train_records: list[ImageRecord], val_records: list[ImageRecord]
+) -> tuple[EpochSampler, DataLoader, DataLoader]:
+    """The training sampler (half positives per epoch), the augmented training loader and the plain validation loader."""
     augment = AugmentConfig(shift_scale_rotate=0.6, scale_limit=0.15, brightness_contrast=0.6, gamma=0.3, blur=0.1)
     sampler = EpochSampler(
         len(train_records),
@@ -224,52 +264,41 @@ def train_classifier(
         batch_size=settings.batch_size,
         collate_fn=collate,
     )
-    model = ImageClassifier(settings.architecture, metadata=settings.metadata, class_info=settings.class_info).to(
-        memory_format=torch.channels_last
-    )
+    return sampler, train_loader, val_loader
+
+
+def _statistics_batches(
+    settings: ClassifierSettings, train_records: list[ImageRecord]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first :data:`PRECISE_BN_IMAGES` training images, unaugmented, as (images, metadata) batches, read once."""
     statistics_loader = DataLoader(
         DetectionDataset(train_records[:PRECISE_BN_IMAGES], image_size=settings.image_size, augmentation=None),
         batch_size=settings.batch_size,
         collate_fn=collate,
     )
-    statistics_batches = [
-        image_batch(images, targets)[::2] for images, targets in statistics_loader
-    ]  # (images, metadata), read once
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    steps = settings.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0)))
-    )
-    started = time.time()
-    history: list[dict] = []
-    best: dict = {"auc": -1.0}
-    for epoch in range(1, settings.epochs + 1):
-        sampler.set_epoch(epoch)
-        model.train()
-        losses = []
-        for images, targets in train_loader:
-            batch, labels, metadata, classes = image_batch(images, targets)
-            with precision.autocast():
-                outputs = model(batch.contiguous(memory_format=torch.channels_last), metadata)
-            loss = classifier_loss(outputs, labels, classes, class_loss_weight=settings.class_loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-        recompute_batch_norm(model, statistics_batches, precision)
-        probabilities, labels, ids = predict_probabilities(model, val_loader, precision)
-        auc = roc_auc(labels > 0.5, probabilities)
-        auc = float("nan") if auc is None else auc  # None: one class only (an AUC of 0.0 is a value)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "auc": auc})
-        say(
-            f"classifier {settings.architecture} at {settings.image_size}px, fold {fold}, epoch {epoch}/{settings.epochs}: loss {np.mean(losses):.3f}, val AUC {auc:.3f}"
-        )
-        if auc > best["auc"]:
-            patients = {record.image_id: record.patient_id for record in val_records}
-            best = {
-                "auc": auc,
-                "epoch": epoch,
-                "probabilities": {patients[image_id]: float(p) for image_id, p in zip(ids, probabilities, strict=True)},
-            }
-    return {**best, "minutes": (time.time() - started) / 60, "history": history}
+    return [image_batch(images, targets)[::2] for images, targets in statistics_loader]
+
+
+def _train_one_epoch(
+    model: ImageClassifier,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
+    *,
+    class_loss_weight: float,
+) -> list[float]:
+    """One pass over ``loader``, a step per batch; returns each batch's loss."""
+    model.train()
+    losses = []
+    for images, targets in loader:
+        batch, labels, metadata, classes = image_batch(images, targets)
+        with precision.autocast():
+            outputs = model(batch.contiguous(memory_format=torch.channels_last), metadata)
+        loss = classifier_loss(outputs, labels, classes, class_loss_weight=class_loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    return losses
