@@ -13,7 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lungdet.boxes import as_box_array
-from lungdet.data_tools.dicom_io import DicomMeta, read_dicom_metadata
+from lungdet.data_tools.dicom_io import read_dicom_metadata
+from lungdet.data_tools.dicom_meta import DicomMeta
 from lungdet.data_tools.image_io import read_picture_size
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, PatientLabels
 from lungdet.data_tools.metadata import ImageTags, MetadataTable

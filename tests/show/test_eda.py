@@ -16,7 +16,7 @@ import pytest
 from lungdet.boxes import clip_xywh
 from lungdet.cli import main as cli_main
 from lungdet.data_tools import dicom_io
-from lungdet.data_tools.dicom_io import DicomMeta
+from lungdet.data_tools.dicom_meta import DicomMeta
 from lungdet.data_tools.labels import NORMAL_CLASS, NOT_NORMAL_CLASS, POSITIVE_CLASS, read_labels
 from lungdet.data_tools.metadata import read_metadata_csv
 from lungdet.errors import LabelError
