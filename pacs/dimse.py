@@ -42,7 +42,7 @@ temporary name, fsynced, renamed, folder fsynced) before the next starts:
 5. The sender stores ``pending/NAME`` and removes it only once the receiver accepted every file
    (success, a warning, or "duplicate SOP instance"). Killed in between, it is stored again after
    the restart: the results' UIDs are derived from the image and the model
-   (:func:`~lungdet.show.dicom_results.report_uid`), so a second store is the same instance to the
+   (:func:`~lungdet.show.dicom_derived.report_uid`), so a second store is the same instance to the
    receiver and the study still holds one result set.
 
 Start-up does that recovery before it listens; pending results are then stored oldest first, ahead

@@ -7,7 +7,7 @@ Each poll:
    can read: another modality than CR or DX, several frames, no pixels, a file that cannot be
    decoded (the node's own reports, overlays and presentation states are passed over silently);
 3. asks the server whether the image already has this model's report (the report's UID is derived
-   from the image and the model, see :mod:`lungdet.show.dicom_results`), and if not fetches it (WADO-RS),
+   from the image and the model, see :mod:`lungdet.show.dicom_derived`), and if not fetches it (WADO-RS),
    runs the detector, and stores the report, and the overlay and GSPS if asked, into the image's study (STOW-RS).
 
 Nothing is lost: a result is written to ``STATE/pending/`` before it is stored and removed only
