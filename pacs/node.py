@@ -32,7 +32,7 @@ import pydicom
 import requests
 
 from lungdet.atomic import write_bytes_atomic, write_text_atomic
-from lungdet.data_tools.dicom_io import dicom_bytes, read_dataset, read_dicom_bytes
+from lungdet.data_tools.dicom_io import dicom_bytes, image_from_dataset, read_dataset
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
 from lungdet.errors import ImageReadError
@@ -297,9 +297,8 @@ class PacsNode:
         if reason is None:
             try:
                 dataset = self._ask(self.client.retrieve_instance, candidate.study, candidate.series, candidate.sop)
-                image = read_dicom_bytes(
-                    dicom_bytes(dataset), name=f"instance {candidate.sop}", max_pixels=DEFAULT_MAX_PIXELS
-                )
+                # The client has parsed the body already: read its image, not a re-encoded copy of it.
+                image = image_from_dataset(dataset, name=f"instance {candidate.sop}", max_pixels=DEFAULT_MAX_PIXELS)
             except Unreachable:
                 raise
             except ImageReadError as error:
