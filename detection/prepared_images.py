@@ -35,9 +35,8 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-InputSpec = tuple[
-    int, str
-]  # (model image size, the checkpoint's preprocessing as sorted JSON): what decides a prepared input
+# (model image size, the checkpoint's preprocessing as sorted JSON): what decides a prepared input.
+InputSpec = tuple[int, str]
 
 
 class PreparedImages(Dataset):
