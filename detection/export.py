@@ -51,7 +51,7 @@ from torch import nn
 
 from lungdet import lungdet_version
 from lungdet.atomic import atomic_path
-from lungdet.cli_types import int_in_range
+from lungdet.cli_types import device_name, int_in_range
 from lungdet.data_tools.image_io import read_xray_file
 from lungdet.data_tools.metadata import METADATA_FEATURES
 from lungdet.data_tools.synth import generate_case
@@ -452,6 +452,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device",
+        type=device_name,
         default="cpu",
         help="TorchScript only: the device the trace will run on ('cpu', 'cuda'); a trace records it. ONNX runs anywhere (default cpu)",
     )

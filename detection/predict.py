@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lungdet.boxes import scale_xywh
-from lungdet.cli_types import fraction, image_dimensions, int_in_range
+from lungdet.cli_types import device_name, fraction, image_dimensions, int_in_range
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
@@ -220,7 +220,9 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"processes that read and prepare images while the model runs (default: the cores, here {default_workers()}; 0: in this process)",
     )
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'"
+    )
     parser.add_argument(
         "--amp",
         choices=AMP_MODES,

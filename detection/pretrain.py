@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lungdet.atomic import atomic_path
-from lungdet.cli_types import int_in_range
+from lungdet.cli_types import device_name, int_in_range
 from lungdet.detection.config import MODEL_ARCHITECTURES
 from lungdet.detection.model import PRETRAIN_MARKER
 from lungdet.detection.pretrain_data import (
@@ -362,7 +362,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="DataLoader worker processes that read and augment (default: %(default)s)",
     )
     parser.add_argument(
-        "--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)"
+        "--device",
+        type=device_name,
+        default="auto",
+        help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)",
     )
     parser.add_argument(
         "--amp",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 
 
@@ -64,3 +65,17 @@ def image_dimensions(text: str) -> tuple[int, int]:
     if len(values) != 2 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels like 1024x1024, got {text!r}")
     return values[0], values[1]
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_name(text: str) -> str:
+    """A device flag's value: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.
+
+    Not a ``choices=`` list because cuda:N is open-ended; checked here so that a typo fails
+    when the command line is read, before a model loads.
+    """
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N (N a GPU index), got {text!r}")
+    return text

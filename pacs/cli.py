@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from lungdet.cli_types import fraction, int_in_range, positive_seconds
+from lungdet.cli_types import device_name, fraction, int_in_range, positive_seconds
 from lungdet.detection.config import AMP_MODES
 from lungdet.errors import LungdetError
 from lungdet.pacs.addresses import AEAddress, ae_address, ae_title, allowed_caller, listen_address
@@ -155,7 +155,9 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """Where and at which precision the model runs."""
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'"
+    )
     parser.add_argument(
         "--amp",
         choices=AMP_MODES,

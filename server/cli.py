@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from lungdet.cli_types import int_in_range
+from lungdet.cli_types import device_name, int_in_range
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.detection.config import AMP_MODES
 from lungdet.errors import LungdetError
@@ -48,7 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port", type=int_in_range(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)"
     )
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'")
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda:N'"
+    )
     parser.add_argument(
         "--amp", choices=AMP_MODES, default="auto", help="mixed precision, as lungdet predict's --amp (default auto)"
     )

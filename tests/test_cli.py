@@ -65,6 +65,14 @@ def test_subcommand_argument_errors_exit_2(capsys) -> None:
     assert "the following arguments are required: --labels, --out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("subcommand", ["predict", "serve", "pacs", "pretrain", "export"])
+def test_every_device_flag_refuses_a_typo_before_anything_loads(capsys, subcommand: str) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli_main([subcommand, "--device", "gpu"])
+    assert caught.value.code == 2
+    assert "argument --device: expected auto, cpu, cuda or cuda:N (N a GPU index), got 'gpu'" in capsys.readouterr().err
+
+
 def test_installed_console_script() -> None:
     script = Path(sys.executable).parent / "lungdet"
     if not script.exists():

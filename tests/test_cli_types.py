@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from lungdet.cli_types import fraction, int_in_range, positive_seconds
+from lungdet.cli_types import device_name, fraction, int_in_range, positive_seconds
 
 
 @pytest.mark.parametrize("text, value", [("0", 0.0), ("1", 1.0), ("0.25", 0.25)])
@@ -44,3 +44,14 @@ def test_positive_seconds_rejects_what_is_not_a_wait(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         positive_seconds(text)
     assert positive_seconds("0.5") == 0.5
+
+
+@pytest.mark.parametrize("text", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_name_accepts_what_resolve_device_knows(text):
+    assert device_name(text) == text
+
+
+@pytest.mark.parametrize("text", ["gpu", "CUDA", "cuda:", "cuda:x", "cpu ", "mps", ""])
+def test_device_name_rejects_the_rest_naming_the_forms(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected auto, cpu, cuda or cuda:N \(N a GPU index\), got"):
+        device_name(text)
