@@ -116,7 +116,6 @@ def test_an_export_refuses_scaled_passes_with_the_fix(serving_checkpoint: Path, 
 
 
 def test_raw_predictions_accept_scaled_pass_names(tmp_path: Path) -> None:
-    from lungdet.submission.prediction_string import Prediction
     from lungdet.submission.raw_predictions import (
         RawPrediction,
         is_pass_name,
