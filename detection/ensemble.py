@@ -20,7 +20,7 @@ from tqdm import tqdm
 from lungdet.data_tools.metadata import ImageTags
 from lungdet.detection.detector import ModelRunner
 from lungdet.detection.inference import ImageResult, LoadedImage
-from lungdet.detection.prepared_images import InputSpec, prepared_loader, read_dicom_input
+from lungdet.detection.prepared_images import InputSpec, PreparedBatch, prepared_loader, read_dicom_input
 from lungdet.detection.runtime import Precision
 from lungdet.detection.tta import TtaPass, hflip_back, parse_tta
 from lungdet.errors import LungdetError
@@ -125,8 +125,7 @@ def predict_raw(
                 f"--tta {','.join(tta_pass.name for tta_pass in passes[1:])}: an {fixed[0]} export takes one input size, fixed when it was traced, "
                 "so it cannot run scaled passes; use the checkpoint (RUN/best.pt), or drop the scaleS passes"
             )
-    specs = list(dict.fromkeys(input_spec(detector) for detector in detectors))
-    spec_of = [specs.index(input_spec(detector)) for detector in detectors]
+    specs, spec_of = input_specs(detectors)
     on_cuda = any("cuda" in str(getattr(detector, "device", "")) for detector in detectors)
     loader = prepared_loader(
         paths,
@@ -143,20 +142,42 @@ def predict_raw(
     with tqdm(total=len(paths), desc="predict", unit="file", disable=None if progress else True) as bar:
         for batch in loader:
             bad.extend(batch.unreadable)
-            for detector, name, spec in zip(detectors, names, spec_of, strict=True):
-                if not batch.paths:
-                    break
-                for tta_pass in passes:
-                    results = detector.predict_prepared(batch.inputs[tta_pass.name][spec], batch.shapes, batch.tags)
-                    for path, (height, width), result in zip(batch.paths, batch.shapes, results, strict=True):
-                        prediction = (
-                            hflip_back(result.prediction, width=width) if tta_pass.mirror else result.prediction
-                        )
-                        rows.append(
-                            RawPrediction(path.stem, name, tta_pass.name, width, height, prediction, result.probability)
-                        )
+            rows.extend(predict_batch(detectors, names, batch, spec_of=spec_of, passes=passes))
             bar.update(len(batch.paths) + len(batch.unreadable))
     return rows, bad
+
+
+def input_specs(detectors: Sequence[BatchPredictor]) -> tuple[list[InputSpec], list[int]]:
+    """The distinct input specs of ``detectors``, in first-seen order, and each detector's index into them."""
+    specs = list(dict.fromkeys(input_spec(detector) for detector in detectors))
+    return specs, [specs.index(input_spec(detector)) for detector in detectors]
+
+
+def predict_batch(
+    detectors: Sequence[BatchPredictor],
+    names: Sequence[str],
+    batch: PreparedBatch,
+    *,
+    spec_of: Sequence[int],
+    passes: Sequence[TtaPass],
+) -> list[RawPrediction]:
+    """Every model's every pass over one prepared batch: a :class:`RawPrediction` per readable file, model and pass.
+
+    ``spec_of[i]`` is the index of detector ``i``'s input spec in the batch's inputs (:func:`input_specs`);
+    mirrored passes' boxes are mapped back, so every box is in its image's original pixels.
+    """
+    rows: list[RawPrediction] = []
+    if not batch.paths:
+        return rows
+    for detector, name, spec in zip(detectors, names, spec_of, strict=True):
+        for tta_pass in passes:
+            results = detector.predict_prepared(batch.inputs[tta_pass.name][spec], batch.shapes, batch.tags)
+            for path, (height, width), result in zip(batch.paths, batch.shapes, results, strict=True):
+                prediction = hflip_back(result.prediction, width=width) if tta_pass.mirror else result.prediction
+                rows.append(
+                    RawPrediction(path.stem, name, tta_pass.name, width, height, prediction, result.probability)
+                )
+    return rows
 
 
 def accepts_other_sizes(detector: BatchPredictor) -> bool:
