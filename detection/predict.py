@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -120,6 +121,12 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="FILE",
         help="X-ray files: DICOM (any extension or none), PNG or JPEG, told apart by content; patientId is the file stem",
+    )
+    source.add_argument(
+        "--input-list",
+        type=Path,
+        metavar="LIST",
+        help="a text file naming one X-ray file per line (as --input takes them), for archives too big for a command line",
     )
 
 
@@ -230,6 +237,21 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         help="mixed precision, as train's amp key: 'auto' (default) is bf16 on GPUs and CPUs that have it, fp16 on older GPUs, else fp32",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="read the files in Ray tasks and run the models in Ray actors: alone, a Ray on this machine; 'auto' or HOST:PORT, "
+        "the cluster there (pip install 'lungdet[ray]'; see docs/scale.md)",
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=int_in_range(1),
+        default=None,
+        help="with --ray: model actors, each holding every model (default: one per GPU, else one per two CPUs of the cluster)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="with --ray: Ray's own progress bars and log lines too")
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -267,6 +289,12 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise LungdetError(
             "--batch-calibration re-derives the settings of a --postprocess file from lungdet tune (it needs the operating point tune wrote); give --postprocess"
         )
+    if args.ray is not None and args.json:
+        raise LungdetError(
+            "--json answers one file at a time, as lungdet serve does; drop --ray, or write files (--out)"
+        )
+    if (args.ray_actors is not None or args.verbose) and args.ray is None:
+        raise LungdetError("--ray-actors and --verbose set how --ray runs; give --ray too")
     if args.json and (len(args.checkpoint) > 1 or len(parse_tta(args.tta)) > 1):
         raise LungdetError(
             "--json answers as lungdet serve does, with one checkpoint and no --tta; write a submission (--out) to fuse several"
@@ -393,17 +421,21 @@ def main(args: argparse.Namespace) -> int:
     given_tags = read_given_tags(args.metadata, paths)
     detectors = _load_detectors(args)
     postprocess_config = _postprocess_config(args, postprocess_file, detectors)
-    rows, bad = predict_raw(
-        detectors,
-        model_names(args.checkpoint),
-        paths,
-        read=read_dicom_input if args.dicom_dir is not None else read_any_input,
-        tags=given_tags,
-        tta=args.tta,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        workers=default_workers() if args.workers is None else args.workers,
-    )
+    journal = None
+    if args.ray is not None:
+        rows, bad, journal = _predict_on_ray(args, detectors, paths, given_tags)
+    else:
+        rows, bad = predict_raw(
+            detectors,
+            model_names(args.checkpoint),
+            paths,
+            read=read_dicom_input if args.dicom_dir is not None else read_any_input,
+            tags=given_tags,
+            tta=args.tta,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            workers=default_workers() if args.workers is None else args.workers,
+        )
     if args.label_space is not None:
         rows = [to_label_space(row, args.label_space) for row in rows]
     _write_raw_outputs(args, rows, detectors)
@@ -419,13 +451,57 @@ def main(args: argparse.Namespace) -> int:
         _write_submission_file(args, predictions, bad, detectors, postprocess_config)
     for path, reason in bad:
         print(f"  unreadable{', written with no boxes' if args.out else ''}: {path}: {reason}", file=sys.stderr)
+    if journal is not None:
+        journal.remove()  # every output is written: the per-file results have served
     return 0
+
+
+def read_input_list(path: Path) -> list[Path]:
+    """``--input-list``: one file per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise LungdetError(
+            f"--input-list {path}: cannot be read ({error}); give a text file with one path per line"
+        ) from None
+    paths = [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not paths:
+        raise LungdetError(f"--input-list {path}: names no file; give one path per line")
+    return paths
+
+
+def _predict_on_ray(
+    args: argparse.Namespace,
+    detectors: Sequence[Detector],
+    paths: Sequence[Path],
+    given_tags: Mapping[str, ImageTags] | None,
+) -> tuple[list[RawPrediction], list[tuple[Path, str]], Any]:
+    """``--ray``: the raw predictions from a Ray cluster, with the journal that holds them until the outputs are written."""
+    from lungdet.detection.ray_predict import RayRun, predict_raw_on_ray, results_path  # Ray only when asked for
+
+    run = RayRun(
+        address=args.ray or None,
+        checkpoints=list(args.checkpoint),
+        names=model_names(args.checkpoint),
+        reader="dicom" if args.dicom_dir is not None else "any",
+        passes=parse_tta(args.tta),
+        device=args.device,
+        amp=args.amp,
+        batch_size=args.batch_size,
+        actors=args.ray_actors,
+        journal=results_path([args.out, args.raw, args.probabilities, args.dicom_out]),
+        verbose=args.verbose,
+        progress=not args.no_progress,
+    )
+    return predict_raw_on_ray(run, detectors, paths, tags=given_tags)
 
 
 def _input_paths(args: argparse.Namespace) -> list[Path]:
     """The files to predict: ``--input`` as given, else the images or DICOMs found under the folder (none is an error)."""
     if args.input is not None:
         return list(args.input)
+    if args.input_list is not None:
+        return read_input_list(args.input_list)
     if args.image_dir is not None:
         paths = find_images(args.image_dir)
         if not paths:

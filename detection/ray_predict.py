@@ -1,0 +1,410 @@
+"""``lungdet predict --ray``: the same predictions, with the files read in Ray tasks and the models run in Ray actors.
+
+Ray Data streams the files through two stages: CPU tasks read and prepare each file (what a loader
+worker does for plain predict, :class:`~lungdet.detection.prepared_images.PreparedImages`), and a
+pool of actors, each holding every model once, runs them (:func:`~lungdet.detection.ensemble.predict_batch`,
+the code plain predict runs). The driver keeps the global steps: fusion, calibration and the files.
+
+Each file's raw predictions are appended to a results journal beside the first output as they
+arrive, flushed and synced batch by batch; a driver started again with the same command reads it
+and sends only the files not in it. Ray retries a task or restarts an actor that dies; a file that
+comes back twice is kept once (the first), so the outputs hold exactly one row per input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import socket
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from tqdm import tqdm
+
+from lungdet.data_tools.metadata import ImageTags
+from lungdet.detection.ensemble import BatchPredictor, input_specs, predict_batch
+from lungdet.detection.prepared_images import PreparedImages, collate_prepared, read_any_input, read_dicom_input
+from lungdet.detection.tta import TtaPass
+from lungdet.errors import LungdetError
+from lungdet.submission.prediction_string import Prediction
+from lungdet.submission.raw_predictions import RawPrediction
+
+RESULTS_SUFFIX = ".ray-results.jsonl"
+JOURNAL_VERSION = 1
+INSTALL_HINT = "pip install 'lungdet[ray]'"
+READERS = {"dicom": read_dicom_input, "any": read_any_input}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a one-line error with the install command."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  Ray Data is the part --ray uses; without it the extra is half installed
+    except ImportError as error:
+        raise LungdetError(f"--ray needs Ray Data ({error}); install it with: {INSTALL_HINT}") from None
+    return ray
+
+
+def results_path(outputs: Sequence[Path | None]) -> Path:
+    """Where the per-file results live: beside the first output given (``--out``, ``--raw``, ``--probabilities``, ``--dicom-out``)."""
+    first = next(Path(path) for path in outputs if path is not None)
+    return first.with_name(first.name + RESULTS_SUFFIX)
+
+
+def _cluster_host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``HOST:PORT`` address, None for 'auto' or a ``ray://`` client address."""
+    if address == "auto" or "://" in address or ":" not in address:
+        return None
+    host, _, port = address.rpartition(":")
+    return (host, int(port)) if port.isdigit() else None
+
+
+def connect(address: str | None, *, verbose: bool) -> Any:
+    """Join the cluster at ``address`` ('auto', ``HOST:PORT``), or start a local Ray when None; returns ``ray``.
+
+    An address that nothing answers on is one line, not Ray's minute of retries. A cluster on
+    loopback is joined from loopback: left alone, Ray registers the machine's own interface address.
+    """
+    ray = import_ray()
+    host_port = _cluster_host_port(address) if address is not None else None
+    if host_port is not None:
+        try:
+            socket.create_connection(host_port, timeout=5).close()
+        except OSError as error:
+            raise LungdetError(
+                f"--ray {address}: no Ray cluster answers there ({error.strerror or error}); start one with "
+                "'ray start --head', or give --ray alone for a Ray on this machine"
+            ) from None
+    loopback = address is None or (host_port is not None and host_port[0] in LOOPBACK_HOSTS)
+    ray.init(
+        # 'local' starts a Ray of its own even where `ray start` left a cluster running (ray.init() would join that).
+        address=address if address is not None else "local",
+        _node_ip_address="127.0.0.1" if loopback else None,
+        include_dashboard=False if address is None else None,
+        log_to_driver=verbose,
+        logging_level="INFO" if verbose else "WARNING",
+        configure_logging=True,
+    )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    if not verbose:
+        # Ray Data logs each run's plan at INFO, and a warning that its progress bars are off, which is lungdet's choice.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    return ray
+
+
+@dataclass
+class ResultsJournal:
+    """The per-file results of one ``predict --ray`` command, on disk: a header line, then one JSON line per file.
+
+    A line is ``{"path", "error"}`` for an unreadable file or ``{"path", "rows"}`` with every model's
+    every pass (boxes as exact floats). A line cut short by a crash is ignored and the file sent again.
+    """
+
+    path: Path
+    header: dict[str, Any]
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def open(self) -> None:
+        """Read what an earlier run of the same command stored; refuse a journal another command wrote."""
+        if self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            try:
+                header = json.loads(lines[0]) if lines else None
+            except json.JSONDecodeError:
+                header = None
+            if header != self.header:
+                raise LungdetError(
+                    f"{self.path}: results of another predict command (other checkpoints, passes or inputs); "
+                    "delete it to start over, or run the command that wrote it"
+                )
+            for line in lines[1:]:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the line a killed driver was writing
+                self.done.setdefault(record["path"], record)
+            # Rewrite without a torn tail, so that new lines start on a line of their own.
+            self._write_all()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._write_all()
+
+    def _write_all(self) -> None:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with temporary.open("w", encoding="utf-8") as stream:
+            stream.write(json.dumps(self.header) + "\n")
+            for record in self.done.values():
+                stream.write(json.dumps(record) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, self.path)
+
+    def append(self, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store ``records`` durably (flushed and synced); returns those not already stored (a retried batch's repeats are dropped)."""
+        new = [record for record in records if record["path"] not in self.done]
+        if not new:
+            return new
+        with self.path.open("a", encoding="utf-8") as stream:
+            for record in new:
+                stream.write(json.dumps(record) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        for record in new:
+            self.done[record["path"]] = record
+        return new
+
+    def remove(self) -> None:
+        """Delete the journal once the final outputs are written."""
+        self.path.unlink(missing_ok=True)
+
+
+def _row_record(row: RawPrediction) -> dict[str, Any]:
+    return {
+        "model": row.model,
+        "pass": row.pass_name,
+        "width": row.width,
+        "height": row.height,
+        "scores": row.prediction.scores.tolist(),
+        "boxes": row.prediction.boxes.tolist(),
+        "probability": row.probability,
+    }
+
+
+def _row_from_record(patient_id: str, record: Mapping[str, Any]) -> RawPrediction:
+    prediction = Prediction.from_arrays(record["scores"], np.asarray(record["boxes"], dtype=np.float64).reshape(-1, 4))
+    return RawPrediction(
+        patient_id,
+        record["model"],
+        record["pass"],
+        record["width"],
+        record["height"],
+        prediction,
+        record["probability"],
+    )
+
+
+def prepare_files(
+    batch: dict[str, np.ndarray],
+    *,
+    reader: str,
+    specs: Sequence[Any],
+    passes: Sequence[TtaPass],
+    tags: Mapping[str, ImageTags] | None,
+) -> dict[str, np.ndarray]:
+    """A Ray task's share of the reading: each file read and prepared for every spec and pass, pickled for the actors."""
+    images = PreparedImages(
+        [Path(path) for path in batch["path"]], read=READERS[reader], specs=specs, passes=passes, tags=tags
+    )
+    items = [pickle.dumps(images[index], protocol=pickle.HIGHEST_PROTOCOL) for index in range(len(images))]
+    return {"path": batch["path"], "item": np.array(items, dtype=object)}
+
+
+class ModelWorker:
+    """A Ray actor holding every model once: prepared files in, each file's raw predictions out as a JSON record."""
+
+    def __init__(
+        self,
+        checkpoints: Sequence[str],
+        names: Sequence[str],
+        *,
+        device: str,
+        amp: str,
+        passes: Sequence[TtaPass],
+    ) -> None:
+        from lungdet.detection.detector import load_detector  # in the actor, where the models run
+
+        self.detectors: list[BatchPredictor] = [
+            load_detector(Path(path), device=device, amp=amp) for path in checkpoints
+        ]
+        self.names, self.passes = list(names), tuple(passes)
+        _, self.spec_of = input_specs(self.detectors)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One batch of prepared files through every model and pass."""
+        prepared = collate_prepared([pickle.loads(item) for item in batch["item"]])
+        rows = predict_batch(self.detectors, self.names, prepared, spec_of=self.spec_of, passes=self.passes)
+        # Stems are unique (predict checks), and predict_batch gives each file's rows in model, then pass order.
+        by_stem = {path.stem: {"path": str(path), "rows": []} for path in prepared.paths}
+        for row in rows:
+            by_stem[row.patient_id]["rows"].append(_row_record(row))
+        records = {record["path"]: record for record in by_stem.values()}
+        for path, reason in prepared.unreadable:
+            records[str(path)] = {"path": str(path), "error": reason}
+        return {"record": np.array([json.dumps(records[str(path)]) for path in batch["path"]], dtype=object)}
+
+
+@dataclass(frozen=True)
+class RayRun:
+    """How ``predict --ray`` runs: the cluster, the actors and what they load, and the journal's place."""
+
+    address: str | None
+    checkpoints: Sequence[Path]
+    names: Sequence[str]
+    reader: str
+    passes: Sequence[TtaPass]
+    device: str
+    amp: str
+    batch_size: int
+    actors: int | None
+    journal: Path
+    verbose: bool = False
+    progress: bool = True
+
+
+def predict_raw_on_ray(
+    run: RayRun,
+    detectors: Sequence[BatchPredictor],
+    paths: Sequence[Path],
+    *,
+    tags: Mapping[str, ImageTags] | None = None,
+) -> tuple[list[RawPrediction], list[tuple[Path, str]], ResultsJournal]:
+    """What :func:`~lungdet.detection.ensemble.predict_raw` returns, computed on a Ray cluster, and the journal it kept.
+
+    ``detectors`` are the driver's own copies, for the input specs; the actors load ``run.checkpoints`` themselves.
+    Files whose results ``run.journal`` already holds are not sent again.
+    """
+    header = {
+        "version": JOURNAL_VERSION,
+        "checkpoints": [str(Path(path).resolve()) for path in run.checkpoints],
+        "passes": [tta_pass.name for tta_pass in run.passes],
+        "amp": run.amp,
+        "inputs": len(paths),
+    }
+    journal = ResultsJournal(run.journal, header)
+    journal.open()
+    todo = [path for path in paths if str(path) not in journal.done]
+    if journal.done:
+        print(f"lungdet predict: {len(paths) - len(todo)} of {len(paths)} files already done in {run.journal}")
+    if todo:
+        _run_pipeline(run, detectors, todo, journal, tags=tags, total=len(paths), already=len(paths) - len(todo))
+    rows: list[RawPrediction] = []
+    bad: list[tuple[Path, str]] = []
+    for path in paths:
+        record = journal.done[str(path)]
+        if "error" in record:
+            bad.append((Path(path), record["error"]))
+        else:
+            rows.extend(_row_from_record(Path(path).stem, row) for row in record["rows"])
+    return rows, bad, journal
+
+
+def _run_pipeline(
+    run: RayRun,
+    detectors: Sequence[BatchPredictor],
+    todo: Sequence[Path],
+    journal: ResultsJournal,
+    *,
+    tags: Mapping[str, ImageTags] | None,
+    total: int,
+    already: int,
+) -> None:
+    with _ray_output_to(run.journal.with_name(run.journal.name + ".ray.log"), verbose=run.verbose) as terminal:
+        ray = connect(run.address, verbose=run.verbose)
+        try:
+            _stream(ray, run, detectors, todo, journal, tags=tags, total=total, already=already, terminal=terminal)
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _ray_output_to(log: Path, *, verbose: bool) -> Iterator[TextIO]:
+    """Ray's own output (its C++ core writes to this process's stderr) into ``log``, unless ``verbose``; yields the terminal.
+
+    lungdet's progress bar and lines go to the yielded stream, the real stderr. On success the log
+    is deleted; after a failure it stays, and the error names it.
+    """
+    if verbose:
+        yield sys.stderr
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    with log.open("ab") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield terminal
+        except BaseException:
+            os.dup2(saved, 2)
+            print(f"lungdet predict: Ray's own messages are in {log}", file=terminal)
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            terminal.close()
+    log.unlink(missing_ok=True)
+
+
+def _stream(
+    ray: Any,
+    run: RayRun,
+    detectors: Sequence[BatchPredictor],
+    todo: Sequence[Path],
+    journal: ResultsJournal,
+    *,
+    tags: Mapping[str, ImageTags] | None,
+    total: int,
+    already: int,
+    terminal: TextIO,
+) -> None:
+    """Build the two stages, run them, and store each batch of results as it comes back."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if run.device.startswith("cuda") and not gpus:
+        raise LungdetError(f"--device {run.device}: the Ray cluster has no GPU; use --device cpu or auto")
+    on_gpu = gpus > 0 and run.device != "cpu"
+    actors = run.actors or (gpus if on_gpu else max(1, int(resources.get("CPU", 1)) // 2))
+    specs, _ = input_specs(detectors)
+    dataset = ray.data.from_items([{"path": str(path)} for path in todo])
+    dataset = dataset.map_batches(
+        prepare_files,
+        batch_size=run.batch_size,
+        fn_kwargs={"reader": run.reader, "specs": specs, "passes": tuple(run.passes), "tags": dict(tags or {})},
+        num_cpus=1,
+    )
+    dataset = dataset.map_batches(
+        ModelWorker,
+        batch_size=run.batch_size,
+        fn_constructor_kwargs={
+            "checkpoints": [str(Path(path).resolve()) for path in run.checkpoints],
+            "names": list(run.names),
+            "device": run.device,
+            "amp": run.amp,
+            "passes": tuple(run.passes),
+        },
+        # Ray Data restarts an actor whose process dies and sends its batches again (max_restarts and
+        # max_task_retries are -1 for an actor pool unless set); tasks are retried as Ray retries any task.
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        num_gpus=1 if on_gpu else 0,
+    )
+    refused = 0
+    started = time.monotonic()
+    with tqdm(
+        total=total,
+        initial=already,
+        desc="predict",
+        unit="file",
+        file=terminal,
+        disable=None if run.progress else True,
+    ) as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            new = journal.append([json.loads(record) for record in batch["record"]])
+            refused += sum("error" in record for record in new)
+            bar.update(len(new))
+    seconds = time.monotonic() - started
+    rate = len(todo) / seconds if seconds else float("inf")
+    print(
+        f"lungdet predict: {len(todo)} files on Ray ({actors} model actor(s)) in {seconds:.1f} s, "
+        f"{rate:.1f} files/s, {refused} refused",
+        file=terminal,
+    )
