@@ -290,7 +290,7 @@ def test_predict_input_writes_a_submission_from_any_format(
 
 def test_predict_needs_one_source(capsys) -> None:
     for extra, message in (
-        (["--out", "s.csv"], "one of the arguments --dicom-dir --image-dir --input is required"),
+        (["--out", "s.csv"], "one of the arguments --dicom-dir --image-dir --input --input-list is required"),
         (["--input", "a.dcm", "--dicom-dir", "d", "--json"], "argument --dicom-dir: not allowed with argument --input"),
     ):
         with pytest.raises(SystemExit):
