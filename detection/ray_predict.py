@@ -286,7 +286,22 @@ def predict_raw_on_ray(
     if journal.done:
         print(f"lungdet predict: {len(paths) - len(todo)} of {len(paths)} files already done in {run.journal}")
     if todo:
-        _run_pipeline(run, detectors, todo, journal, tags=tags, total=len(paths), already=len(paths) - len(todo))
+        with _ray_output_to(run.journal.with_name(run.journal.name + ".ray.log"), verbose=run.verbose) as terminal:
+            ray = connect(run.address, verbose=run.verbose)
+            try:
+                _stream(
+                    ray,
+                    run,
+                    detectors,
+                    todo,
+                    journal,
+                    tags=tags,
+                    total=len(paths),
+                    already=len(paths) - len(todo),
+                    terminal=terminal,
+                )
+            finally:
+                ray.shutdown()
     rows: list[RawPrediction] = []
     bad: list[tuple[Path, str]] = []
     for path in paths:
@@ -296,24 +311,6 @@ def predict_raw_on_ray(
         else:
             rows.extend(_row_from_record(Path(path).stem, row) for row in record["rows"])
     return rows, bad, journal
-
-
-def _run_pipeline(
-    run: RayRun,
-    detectors: Sequence[BatchPredictor],
-    todo: Sequence[Path],
-    journal: ResultsJournal,
-    *,
-    tags: Mapping[str, ImageTags] | None,
-    total: int,
-    already: int,
-) -> None:
-    with _ray_output_to(run.journal.with_name(run.journal.name + ".ray.log"), verbose=run.verbose) as terminal:
-        ray = connect(run.address, verbose=run.verbose)
-        try:
-            _stream(ray, run, detectors, todo, journal, tags=tags, total=total, already=already, terminal=terminal)
-        finally:
-            ray.shutdown()
 
 
 @contextlib.contextmanager
