@@ -529,8 +529,15 @@ def _read_postprocess_file(args: argparse.Namespace) -> PostprocessConfig | None
 
 
 def _load_detectors(args: argparse.Namespace) -> list[Detector]:
-    """Every ``--checkpoint``, loaded; ``--probabilities`` needs at least one with an image-level head."""
-    detectors = [load_detector(path, device=args.device, amp=args.amp) for path in args.checkpoint]
+    """Every ``--checkpoint``, loaded; ``--probabilities`` needs at least one with an image-level head.
+
+    With ``--ray`` the actors run the models where ``--device`` says; the driver only reads what the
+    models say of themselves (input size, cut-offs, identity), so it loads them on its CPU in fp32 and
+    needs no GPU of its own (a CPU-only head node drives GPU workers).
+    """
+    on_driver_only = args.ray is not None
+    device, amp = ("cpu", "none") if on_driver_only else (args.device, args.amp)
+    detectors = [load_detector(path, device=device, amp=amp) for path in args.checkpoint]
     if args.probabilities is not None and all(detector.image_threshold is None for detector in detectors):
         raise LungdetError(
             f"{', '.join(map(str, args.checkpoint))}: no image-level head (trained without model.image_head: true), so there are no probabilities "
@@ -582,9 +589,15 @@ def _write_submission_file(
     write_submission(args.out, {patient_id: predictions[patient_id] for patient_id in sorted(predictions)})
     with_boxes = sum(prediction.boxes.shape[0] > 0 for prediction in predictions.values())
     fused = f", {len(detectors)} models fused" if len(detectors) > 1 else ""
+    # Under --ray the driver's copies ran nothing: say where the actors were told to run.
+    ran_on = (
+        f"Ray actors, --device {args.device} --amp {args.amp}"
+        if args.ray is not None
+        else f"{detectors[0].device}, {detectors[0].precision_name}"
+    )
     extra = [tta_pass.name for tta_pass in parse_tta(args.tta)[1:]]
     tta = f", TTA {'+'.join(extra)}" if extra else ""
     print(
         f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes "
-        f"(confidence >= {postprocess_config.score_threshold:g}{fused}{tta}; {detectors[0].device}, {detectors[0].precision_name})"
+        f"(confidence >= {postprocess_config.score_threshold:g}{fused}{tta}; {ran_on})"
     )

@@ -208,6 +208,19 @@ def test_on_ray_the_outputs_equal_plain_predict_and_a_killed_driver_resumes(
     assert f"files already done in {journal}" in done.stdout
     assert f"lungdet predict: {20 - stored} files on Ray" in done.stderr and "1 refused" in done.stderr
     assert "corrupt.dcm" in done.stderr and "INFO" not in done.stderr
+    assert "; Ray actors, --device cpu --amp none)" in done.stdout  # not the driver's own copies, which ran nothing
     assert not journal.exists()
     assert_same_predictions(plain, on_ray)
     assert len(read_submission(on_ray)) == 20  # one row per input, the corrupt file's with no boxes
+
+
+def test_cuda_on_a_cluster_without_a_gpu_is_one_line_even_from_a_driver_without_one(
+    serving_checkpoint: Path, archive: Path, tmp_path: Path
+) -> None:
+    """The driver loads the models on its CPU only to read them, so it gets as far as asking the cluster."""
+    require_ray()
+    out = tmp_path / "gpu.csv"
+    done = run_predict(predict_command(serving_checkpoint, archive, out, "--ray") + ["--device", "cuda"])
+    assert done.returncode == 2
+    assert "lungdet predict: error: --device cuda: the Ray cluster has no GPU; use --device cpu or auto" in done.stderr
+    assert not out.exists()
