@@ -440,7 +440,8 @@ def test_orthanc_sends_to_the_node_and_takes_its_results(
         assert contents.source_sop_instance_uid == source.SOPInstanceUID
         np.testing.assert_allclose(contents.prediction.scores, expected.scores, atol=1e-6)
     assert len(lines_with(node, "received ")) == 3 and len(lines_with(node, "from ORTHANC@127.0.0.1")) == 3
-    assert len(lines_with(node, "stored ")) == 3 and "research use only, not a diagnostic device" in node.lines[0]
+    wait_for(lambda: len(lines_with(node, "stored ")) == 3, what="three 'stored' lines (said after Orthanc answers)")
+    assert "research use only, not a diagnostic device" in node.lines[0]
 
     orthanc.store_to_modality("lungdet", ids)  # routed again: acknowledged, not processed or stored again
     wait_for(lambda: len(lines_with(node, "again: already reported")) == 3, what="three 'already reported' lines")
@@ -480,9 +481,9 @@ def test_dcmtk_echoscu_and_storescu_get_a_result(
         source, node.model
     )
     assert gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert lines_with(
-        node, f"stored {source.SOPInstanceUID}'s result (2 instance(s)) in STORESCP@127.0.0.1:{storescp.port} (C-STORE)"
-    )
+    # The node says "stored" after storescp has answered, so the line may trail the datasets by a moment.
+    stored = f"stored {source.SOPInstanceUID}'s result (2 instance(s)) in STORESCP@127.0.0.1:{storescp.port} (C-STORE)"
+    wait_for(lambda: lines_with(node, stored), what="the node's 'stored' line")
 
 
 def test_dicomweb_receiver_down_then_up(orthanc, start_node, rsna_sample_dir: Path) -> None:
