@@ -40,11 +40,12 @@ from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.labels import read_labels
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
-from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, fold_dir
+from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE
 from lungdet.detection.cv import get_args_parser as cv_parser
 from lungdet.detection.cv import main as cv_main
 from lungdet.detection.detector import load_detector
 from lungdet.detection.ensemble import predict_raw
+from lungdet.detection.folds import fold_dir
 from lungdet.detection.prepared_images import read_dicom_input
 from lungdet.detection.train import BEST_CHECKPOINT
 from lungdet.submission.postprocess import PostprocessConfig, postprocess

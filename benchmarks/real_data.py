@@ -54,11 +54,12 @@ from lungdet.atomic import write_bytes_atomic
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.labels import read_labels
 from lungdet.detection.config import load_config
-from lungdet.detection.cv import FINAL_DIR, OOF_FILE, OOF_LABELS_FILE, SUMMARY_FILE, fold_dir, parse_folds
+from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, SUMMARY_FILE, parse_folds
 from lungdet.detection.cv import get_args_parser as cv_parser
 from lungdet.detection.cv import main as cv_main
 from lungdet.detection.detector import load_detector
 from lungdet.detection.ensemble import predict_raw
+from lungdet.detection.folds import FINAL_DIR, fold_dir
 from lungdet.detection.prepared_images import read_any_input
 from lungdet.detection.real_data import RealSet, load_split, lung_prior_boxes, prepare, prior_predictions, real_data_dir
 from lungdet.detection.train import BEST_CHECKPOINT

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lungdet.detection.cv import fold_dir, predict_out_of_fold, summarize
+from lungdet.detection.cv import summarize
+from lungdet.detection.folds import fold_dir, predict_out_of_fold
 from lungdet.detection.runtime import load_checkpoint
 from lungdet.detection.train import BEST_CHECKPOINT
 from lungdet.submission.tune import tune_postprocess

@@ -13,15 +13,12 @@ comes back twice is kept once (the first), so the outputs hold exactly one row p
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
-import logging
 import os
 import pickle
-import socket
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,6 +29,7 @@ from tqdm import tqdm
 from lungdet.data_tools.metadata import ImageTags
 from lungdet.detection.ensemble import BatchPredictor, input_specs, predict_batch
 from lungdet.detection.prepared_images import PreparedImages, collate_prepared, read_any_input, read_dicom_input
+from lungdet.detection.ray_cluster import check_every_node_sees, connect, ray_output_to
 from lungdet.detection.tta import TtaPass
 from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import Prediction
@@ -39,67 +37,13 @@ from lungdet.submission.raw_predictions import RawPrediction
 
 RESULTS_SUFFIX = ".ray-results.jsonl"
 JOURNAL_VERSION = 1
-INSTALL_HINT = "pip install 'lungdet[ray]'"
 READERS = {"dicom": read_dicom_input, "any": read_any_input}
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
-
-
-def import_ray() -> Any:
-    """The ``ray`` module, or a one-line error with the install command."""
-    try:
-        import ray
-        import ray.data  # noqa: F401  Ray Data is the part --ray uses; without it the extra is half installed
-    except ImportError as error:
-        raise LungdetError(f"--ray needs Ray Data ({error}); install it with: {INSTALL_HINT}") from None
-    return ray
 
 
 def results_path(outputs: Sequence[Path | None]) -> Path:
     """Where the per-file results live: beside the first output given (``--out``, ``--raw``, ``--probabilities``, ``--dicom-out``)."""
     first = next(Path(path) for path in outputs if path is not None)
     return first.with_name(first.name + RESULTS_SUFFIX)
-
-
-def _cluster_host_port(address: str) -> tuple[str, int] | None:
-    """``(host, port)`` of a ``HOST:PORT`` address, None for 'auto' or a ``ray://`` client address."""
-    if address == "auto" or "://" in address or ":" not in address:
-        return None
-    host, _, port = address.rpartition(":")
-    return (host, int(port)) if port.isdigit() else None
-
-
-def connect(address: str | None, *, verbose: bool) -> Any:
-    """Join the cluster at ``address`` ('auto', ``HOST:PORT``), or start a local Ray when None; returns ``ray``.
-
-    An address that nothing answers on is one line, not Ray's minute of retries. A cluster on
-    loopback is joined from loopback: left alone, Ray registers the machine's own interface address.
-    """
-    ray = import_ray()
-    host_port = _cluster_host_port(address) if address is not None else None
-    if host_port is not None:
-        try:
-            socket.create_connection(host_port, timeout=5).close()
-        except OSError as error:
-            raise LungdetError(
-                f"--ray {address}: no Ray cluster answers there ({error.strerror or error}); start one with "
-                "'ray start --head', or give --ray alone for a Ray on this machine"
-            ) from None
-    loopback = address is None or (host_port is not None and host_port[0] in LOOPBACK_HOSTS)
-    ray.init(
-        # 'local' starts a Ray of its own even where `ray start` left a cluster running (ray.init() would join that).
-        address=address if address is not None else "local",
-        _node_ip_address="127.0.0.1" if loopback else None,
-        include_dashboard=False if address is None else None,
-        log_to_driver=verbose,
-        logging_level="INFO" if verbose else "WARNING",
-        configure_logging=True,
-    )
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = verbose
-    if not verbose:
-        # Ray Data logs each run's plan at INFO, and a warning that its progress bars are off, which is lungdet's choice.
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-    return ray
 
 
 @dataclass
@@ -115,29 +59,30 @@ class ResultsJournal:
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def open(self) -> None:
-        """Read what an earlier run of the same command stored; refuse a journal another command wrote."""
-        if self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+        """Read what an earlier run of the same command stored; refuse a journal another command wrote. Writes nothing."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            header = None
+        if header != self.header:
+            raise LungdetError(
+                f"{self.path}: results of another predict command (other checkpoints, passes, metadata or inputs); "
+                "delete it to start over, or run the command that wrote it"
+            )
+        for line in lines[1:]:
             try:
-                header = json.loads(lines[0]) if lines else None
+                record = json.loads(line)
             except json.JSONDecodeError:
-                header = None
-            if header != self.header:
-                raise LungdetError(
-                    f"{self.path}: results of another predict command (other checkpoints, passes or inputs); "
-                    "delete it to start over, or run the command that wrote it"
-                )
-            for line in lines[1:]:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the line a killed driver was writing
-                self.done.setdefault(record["path"], record)
-            # Rewrite without a torn tail, so that new lines start on a line of their own.
-            self._write_all()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_all()
+                continue  # the line a killed driver was writing
+            self.done.setdefault(record["path"], record)
+
+    def start(self) -> None:
+        """Write the header and what :meth:`open` read, without a torn tail, so that new lines start on a line of their own."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_all()
 
     def _write_all(self) -> None:
         temporary = self.path.with_name(self.path.name + ".tmp")
@@ -278,6 +223,7 @@ def predict_raw_on_ray(
         "checkpoints": [str(Path(path).resolve()) for path in run.checkpoints],
         "passes": [tta_pass.name for tta_pass in run.passes],
         "amp": run.amp,
+        "metadata": _tags_digest(tags),
         "inputs": len(paths),
     }
     journal = ResultsJournal(run.journal, header)
@@ -286,9 +232,14 @@ def predict_raw_on_ray(
     if journal.done:
         print(f"lungdet predict: {len(paths) - len(todo)} of {len(paths)} files already done in {run.journal}")
     if todo:
-        with _ray_output_to(run.journal.with_name(run.journal.name + ".ray.log"), verbose=run.verbose) as terminal:
+        log = run.journal.with_name(run.journal.name + ".ray.log")
+        with ray_output_to(log, command="predict", verbose=run.verbose) as terminal:
             ray = connect(run.address, verbose=run.verbose)
             try:
+                check_every_node_sees(ray, run.checkpoints, what="checkpoint")
+                # Every input's folder, not every file: an archive's million files would be a million stat calls per node.
+                check_every_node_sees(ray, sorted({Path(path).parent for path in todo}), what="input folder")
+                journal.start()  # only now: a command refused above leaves no journal behind
                 _stream(
                     ray,
                     run,
@@ -313,32 +264,12 @@ def predict_raw_on_ray(
     return rows, bad, journal
 
 
-@contextlib.contextmanager
-def _ray_output_to(log: Path, *, verbose: bool) -> Iterator[TextIO]:
-    """Ray's own output (its C++ core writes to this process's stderr) into ``log``, unless ``verbose``; yields the terminal.
-
-    lungdet's progress bar and lines go to the yielded stream, the real stderr. On success the log
-    is deleted; after a failure it stays, and the error names it.
-    """
-    if verbose:
-        yield sys.stderr
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
-    with log.open("ab") as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield terminal
-        except BaseException:
-            os.dup2(saved, 2)
-            print(f"lungdet predict: Ray's own messages are in {log}", file=terminal)
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            terminal.close()
-    log.unlink(missing_ok=True)
+def _tags_digest(tags: Mapping[str, ImageTags] | None) -> str | None:
+    """A short fingerprint of ``--metadata``'s tags, so that a journal is not resumed with other tags for the image head."""
+    if not tags:
+        return None
+    text = json.dumps({key: repr(value) for key, value in sorted(tags.items())})
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _stream(
@@ -359,7 +290,16 @@ def _stream(
     if run.device.startswith("cuda") and not gpus:
         raise LungdetError(f"--device {run.device}: the Ray cluster has no GPU; use --device cpu or auto")
     on_gpu = gpus > 0 and run.device != "cpu"
-    actors = run.actors or (gpus if on_gpu else max(1, int(resources.get("CPU", 1)) // 2))
+    cpus = int(resources.get("CPU", 0))
+    actors = run.actors or (gpus if on_gpu else max(1, cpus // 2))
+    if not on_gpu and actors >= cpus:
+        # Each actor holds a CPU for good; with none left, the reading tasks never start and Ray waits for ever.
+        raise LungdetError(
+            f"--ray-actors {actors}: the Ray cluster has {cpus} CPU(s), and the files are read on CPUs the model actors "
+            f"leave free; give --ray-actors {max(1, cpus - 1)} or fewer"
+            if cpus > 1
+            else f"the Ray cluster has {cpus} CPU(s); reading the files and running the models need 2 or more"
+        )
     specs, _ = input_specs(detectors)
     dataset = ray.data.from_items([{"path": str(path)} for path in todo])
     dataset = dataset.map_batches(

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from lungdet.data_tools.labels import read_labels
-from lungdet.detection.cv import FINAL_DIR, OOF_FILE, OOF_LABELS_FILE, STATE_FILE, SUMMARY_FILE, get_args_parser, main
+from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE, SUMMARY_FILE, get_args_parser, main
 from lungdet.detection.data import load_records
+from lungdet.detection.folds import FINAL_DIR, STATE_FILE
 from lungdet.detection.runtime import load_checkpoint
 from lungdet.detection.train import BEST_CHECKPOINT, LAST_CHECKPOINT
 from lungdet.submission.raw_predictions import read_raw_predictions
@@ -81,7 +82,7 @@ def test_the_final_model_trains_on_every_image_with_the_folds_cut_offs(cv_run: d
 def test_the_final_epoch_count_is_the_folds_median_best_rounded_up(tmp_path: Path) -> None:
     import torch
 
-    from lungdet.detection.cv import final_epochs
+    from lungdet.detection.folds import final_epochs
 
     for fold, epoch in enumerate((3, 8, 5, 9)):
         (tmp_path / f"fold{fold}").mkdir()
