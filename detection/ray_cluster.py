@@ -122,28 +122,46 @@ def check_every_node_sees(ray: Any, paths: Sequence[Path], *, what: str) -> None
 
 @contextlib.contextmanager
 def ray_output_to(log: Path, *, command: str, verbose: bool) -> Iterator[TextIO]:
-    """Ray's own output (its C++ core writes to this process's stderr) into ``log``, unless ``verbose``; yields the terminal.
+    """Ray's own output into ``log``, unless ``verbose``; yields the terminal (the real stderr) for lungdet's bar and lines.
 
-    lungdet's progress bar and lines go to the yielded stream, the real stderr. On success the log
-    is deleted; after a failure it stays, and a line names it.
+    Ray's C++ core writes to this process's stderr, and its driver prints the cluster's '(raylet)'
+    notices (a worker died, a task is retried) to stdout, so both descriptors point at ``log`` for
+    the while. On success, or after a LungdetError (lungdet's own one line), the log is deleted; after
+    any other failure it stays, and a line names it.
     """
     if verbose:
         yield sys.stderr
         return
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
-    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    saved = {descriptor: os.dup(descriptor) for descriptor in (1, 2)}
+    terminal = os.fdopen(os.dup(saved[2]), "w", buffering=1)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield terminal
-        except BaseException:
-            os.dup2(saved, 2)
-            print(f"lungdet {command}: Ray's own messages are in {log}", file=terminal)
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            terminal.close()
-    log.unlink(missing_ok=True)
+
+    def restore() -> None:
+        sys.stdout.flush()
+        for descriptor, original in saved.items():
+            os.dup2(original, descriptor)
+
+    keep_log = False
+    try:
+        with log.open("ab") as sink:
+            for descriptor in saved:
+                os.dup2(sink.fileno(), descriptor)
+            try:
+                yield terminal
+            except LungdetError:
+                raise  # lungdet's own one line says what is wrong; Ray's messages add nothing to it
+            except BaseException:
+                keep_log = True
+                restore()
+                print(f"lungdet {command}: Ray's own messages are in {log}", file=terminal)
+                raise
+            finally:
+                restore()
+                for original in saved.values():
+                    os.close(original)
+                terminal.close()
+    finally:
+        if not keep_log:
+            log.unlink(missing_ok=True)

@@ -38,6 +38,7 @@ from lungdet.submission.raw_predictions import RawPrediction
 RESULTS_SUFFIX = ".ray-results.jsonl"
 JOURNAL_VERSION = 1
 READERS = {"dicom": read_dicom_input, "any": read_any_input}
+READ_CPUS = 0.5
 
 
 def results_path(outputs: Sequence[Path | None]) -> Path:
@@ -239,10 +240,12 @@ def predict_raw_on_ray(
                 check_every_node_sees(ray, run.checkpoints, what="checkpoint")
                 # Every input's folder, not every file: an archive's million files would be a million stat calls per node.
                 check_every_node_sees(ray, sorted({Path(path).parent for path in todo}), what="input folder")
+                plan = _actor_plan(ray, run)
                 journal.start()  # only now: a command refused above leaves no journal behind
                 _stream(
                     ray,
                     run,
+                    plan,
                     detectors,
                     todo,
                     journal,
@@ -272,19 +275,8 @@ def _tags_digest(tags: Mapping[str, ImageTags] | None) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _stream(
-    ray: Any,
-    run: RayRun,
-    detectors: Sequence[BatchPredictor],
-    todo: Sequence[Path],
-    journal: ResultsJournal,
-    *,
-    tags: Mapping[str, ImageTags] | None,
-    total: int,
-    already: int,
-    terminal: TextIO,
-) -> None:
-    """Build the two stages, run them, and store each batch of results as it comes back."""
+def _actor_plan(ray: Any, run: RayRun) -> tuple[int, bool]:
+    """How many model actors, and whether each takes a GPU; a one-line error where the cluster cannot run them."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if run.device.startswith("cuda") and not gpus:
@@ -300,13 +292,33 @@ def _stream(
             if cpus > 1
             else f"the Ray cluster has {cpus} CPU(s); reading the files and running the models need 2 or more"
         )
+    return actors, on_gpu
+
+
+def _stream(
+    ray: Any,
+    run: RayRun,
+    plan: tuple[int, bool],
+    detectors: Sequence[BatchPredictor],
+    todo: Sequence[Path],
+    journal: ResultsJournal,
+    *,
+    tags: Mapping[str, ImageTags] | None,
+    total: int,
+    already: int,
+    terminal: TextIO,
+) -> None:
+    """Build the two stages, run them, and store each batch of results as it comes back."""
+    actors, on_gpu = plan
     specs, _ = input_specs(detectors)
     dataset = ray.data.from_items([{"path": str(path)} for path in todo])
     dataset = dataset.map_batches(
         prepare_files,
         batch_size=run.batch_size,
         fn_kwargs={"reader": run.reader, "specs": specs, "passes": tuple(run.passes), "tags": dict(tags or {})},
-        num_cpus=1,
+        # Half a CPU, not the actors' one: Ray Data fuses two stages that ask for the same resources, and
+        # the reading would then run inside the model actors instead of in tasks of its own.
+        num_cpus=READ_CPUS,
     )
     dataset = dataset.map_batches(
         ModelWorker,

@@ -39,6 +39,25 @@ def skip_or_fail(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def require_ray() -> None:
+    """Skip without Ray Data here; under CI (the test extra installs it) fail instead."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        skip_or_fail("Ray Data is not installed (pip install 'lungdet[ray]')")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A two-node Ray cluster on loopback (``ray start``, one CPU a node), once per test session; see tests/ray_cluster.py."""
+    require_ray()
+    from tests.ray_cluster import LoopbackCluster
+
+    cluster = LoopbackCluster.start()
+    yield cluster
+    cluster.stop()
+
+
 def require_program(name: str, package: str) -> str:
     """A program the test drives, from Debian's ``package``; missing, the test skips (or fails under CI) saying how to install it."""
     found = shutil.which(name)

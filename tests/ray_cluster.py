@@ -130,8 +130,8 @@ class LoopbackCluster:
     def alive_nodes(self) -> int:
         """Live nodes, asked of the cluster by a short driver in a child process (this process stays free of Ray)."""
         code = (
-            "import ray; ray.init(address=%r, _node_ip_address=%r, logging_level='error', log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()))" % (self.address, NODE_IP)
+            f"import ray; ray.init(address={self.address!r}, _node_ip_address={NODE_IP!r}, logging_level='error', "
+            "log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
         )
         done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
         return int(done.stdout.strip() or 0) if done.returncode == 0 else 0

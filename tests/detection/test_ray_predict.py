@@ -1,11 +1,10 @@
-"""Tests of detection/ray_predict.py: ``lungdet predict --ray`` gives plain predict's answer, resumes after a SIGKILL, and says what is wrong in one line."""
+"""Tests of detection/ray_predict.py: ``lungdet predict --ray`` on a two-node cluster gives plain predict's answer, loses and repeats no row when a driver or a worker is killed, and says what is wrong in one line."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +19,10 @@ from lungdet.detection.predict import read_input_list
 from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import read_submission
 from lungdet.submission.raw_predictions import read_raw_predictions
-from tests.conftest import skip_or_fail
+from tests.conftest import require_ray
+from tests.ray_cluster import LoopbackCluster
 
-
-def require_ray() -> None:
-    """Skip without Ray Data here; under CI (the test extra installs it) fail instead."""
-    try:
-        import ray.data  # noqa: F401
-    except ImportError:
-        skip_or_fail("Ray Data is not installed (pip install 'lungdet[ray]')")
-
-
-HEADER = {"version": 1, "checkpoints": ["/m.pt"], "passes": ["plain"], "amp": "auto", "inputs": 3}
+HEADER = {"version": 1, "checkpoints": ["/m.pt"], "passes": ["plain"], "amp": "auto", "metadata": None, "inputs": 3}
 
 
 # --- the results journal ----------------------------------------------------------------------------
@@ -40,6 +31,8 @@ HEADER = {"version": 1, "checkpoints": ["/m.pt"], "passes": ["plain"], "amp": "a
 def test_the_journal_keeps_each_file_once_and_survives_a_torn_last_line(tmp_path: Path) -> None:
     journal = ray_predict.ResultsJournal(tmp_path / "out.csv.ray-results.jsonl", HEADER)
     journal.open()
+    assert not journal.path.exists()  # opening only reads: a command refused before any work leaves nothing behind
+    journal.start()
     first = {"path": "a.dcm", "rows": []}
     assert journal.append([first, {"path": "b.dcm", "error": "not a DICOM"}]) == [
         first,
@@ -53,6 +46,7 @@ def test_the_journal_keeps_each_file_once_and_survives_a_torn_last_line(tmp_path
     again = ray_predict.ResultsJournal(journal.path, HEADER)
     again.open()
     assert list(again.done) == ["a.dcm", "b.dcm"] and again.done["a.dcm"] == first
+    again.start()  # rewritten without the torn line
     assert again.append([{"path": "c.dcm", "rows": []}]) == [{"path": "c.dcm", "rows": []}]
     lines = journal.path.read_text().splitlines()
     assert json.loads(lines[0]) == HEADER and [json.loads(line)["path"] for line in lines[1:]] == [
@@ -66,11 +60,12 @@ def test_the_journal_keeps_each_file_once_and_survives_a_torn_last_line(tmp_path
 
 def test_a_journal_of_another_command_is_refused_with_the_fix(tmp_path: Path) -> None:
     path = tmp_path / "out.csv.ray-results.jsonl"
-    ray_predict.ResultsJournal(path, HEADER).open()
-    with pytest.raises(
-        LungdetError, match=r"out.csv.ray-results.jsonl: results of another predict command .* delete it"
-    ):
-        ray_predict.ResultsJournal(path, {**HEADER, "passes": ["plain", "hflip"]}).open()
+    ray_predict.ResultsJournal(path, HEADER).start()
+    for other in ({**HEADER, "passes": ["plain", "hflip"]}, {**HEADER, "metadata": "0123456789abcdef"}):
+        with pytest.raises(
+            LungdetError, match=r"out.csv.ray-results.jsonl: results of another predict command .* delete it"
+        ):
+            ray_predict.ResultsJournal(path, other).open()
 
 
 def test_the_journal_lives_beside_the_first_output_given(tmp_path: Path) -> None:
@@ -89,23 +84,6 @@ def test_input_list_skips_blanks_and_comments_and_refuses_an_empty_one(tmp_path:
     listing.write_text("# nothing\n")
     with pytest.raises(LungdetError, match="names no file"):
         read_input_list(listing)
-
-
-def test_an_address_nothing_answers_on_is_one_line(tmp_path: Path) -> None:
-    require_ray()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # free, and closed again: nothing listens there
-    started = time.monotonic()
-    with pytest.raises(LungdetError, match=rf"--ray 127.0.0.1:{port}: no Ray cluster answers there"):
-        ray_predict.connect(f"127.0.0.1:{port}", verbose=False)
-    assert time.monotonic() - started < 10
-
-
-def test_without_ray_the_error_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
-    with pytest.raises(LungdetError, match=r"install it with: pip install 'lungdet\[ray\]'"):
-        ray_predict.import_ray()
 
 
 def test_plain_predict_does_not_import_ray(tmp_path: Path) -> None:
@@ -153,10 +131,15 @@ def predict_command(checkpoint: Path, listing: Path, out: Path, *extra: str) -> 
     ]
 
 
-def run_predict(command: list[str]) -> subprocess.CompletedProcess:
-    """Run ``command`` in its own process group (Ray's processes with it), with Ray's usage report off."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+def run_predict(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` with Ray's usage report off (and ``env``, a cluster's token, where given)."""
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})},
+    )
 
 
 def assert_same_predictions(plain: Path, on_ray: Path) -> None:
@@ -173,54 +156,111 @@ def assert_same_predictions(plain: Path, on_ray: Path) -> None:
     ]
 
 
-def test_on_ray_the_outputs_equal_plain_predict_and_a_killed_driver_resumes(
-    serving_checkpoint: Path, archive: Path, tmp_path: Path
+def stored(journal: Path) -> int:
+    """Files whose results the journal holds (its lines less the header; a torn last line counts, as it may be)."""
+    return len(journal.read_text().splitlines()) - 1 if journal.exists() else 0
+
+
+def test_on_a_cluster_the_outputs_equal_plain_predict_with_a_driver_and_a_worker_killed(
+    ray_cluster: LoopbackCluster, serving_checkpoint: Path, archive: Path, tmp_path: Path
 ) -> None:
-    require_ray()
     plain = tmp_path / "plain.csv"
     done = run_predict(predict_command(serving_checkpoint, archive, plain, "--workers", "0"))
     assert done.returncode == 0, done.stderr
 
-    # A driver killed with SIGKILL once some results are stored; Ray's processes go with its group.
+    # 1. The driver killed with SIGKILL once two files are stored.
     on_ray = tmp_path / "ray.csv"
     journal = tmp_path / ("ray.csv" + ray_predict.RESULTS_SUFFIX)
-    command = predict_command(serving_checkpoint, archive, on_ray, "--ray", "--batch-size", "2")
-    driver = subprocess.Popen(
+    command = predict_command(serving_checkpoint, archive, on_ray, "--ray", ray_cluster.address, "--batch-size", "1")
+    driver = start_driver(command, ray_cluster)
+    wait_until(lambda: stored(journal) >= 2, driver)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    before = stored(journal)
+    assert 2 <= before < 20 and not on_ray.exists()
+
+    # 2. The same command again; two files later, the model actor's process is killed with SIGKILL.
+    driver = start_driver(command, ray_cluster)
+    wait_until(lambda: stored(journal) >= before + 2, driver)
+    [actor] = ray_cluster.processes("MapBatches(ModelWorker)")
+    os.kill(actor, signal.SIGKILL)
+    at_kill = stored(journal)
+    assert driver.poll() is None and at_kill < 20  # killed mid-run
+    out, err = driver.communicate(timeout=180)
+    assert driver.returncode == 0, err
+    assert ray_cluster.processes("MapBatches(ModelWorker)") == []  # Ray's restarted actor is gone with the run
+
+    assert f"{before} of 20 files already done in {journal}" in out
+    assert f"lungdet predict: {20 - before} files on Ray" in err and "1 refused" in err and "corrupt.dcm" in err
+    assert "INFO" not in err and "(raylet)" not in out + err  # Ray's own lines went to its log, which is gone
+    assert "; Ray actors, --device cpu --amp none)" in out  # not the driver's own copies, which ran nothing
+    assert not journal.exists() and not journal.with_name(journal.name + ".ray.log").exists()
+    assert_same_predictions(plain, on_ray)
+    assert len(read_submission(on_ray)) == 20  # one row per input, the corrupt file's with no boxes
+    assert len(read_raw_predictions(on_ray.with_suffix(".raw.csv"))) == 19  # and no file twice
+
+
+def start_driver(command: list[str], cluster: LoopbackCluster) -> subprocess.Popen:
+    """``command`` as a driver of ``cluster``, in a process group of its own (so that a kill takes Ray's driver threads too)."""
+    return subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        text=True,
+        env={**cluster.env, "RAY_USAGE_STATS_ENABLED": "0"},
         start_new_session=True,
     )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and driver.poll() is None:
-        if journal.exists() and len(journal.read_text().splitlines()) >= 3:  # the header and two files
-            break
-        time.sleep(0.2)
-    assert driver.poll() is None, driver.communicate()
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
-    stored = len(journal.read_text().splitlines()) - 1
-    assert 2 <= stored < 20 and not on_ray.exists()
-
-    done = run_predict(command)
-    assert done.returncode == 0, done.stderr
-    assert f"files already done in {journal}" in done.stdout
-    assert f"lungdet predict: {20 - stored} files on Ray" in done.stderr and "1 refused" in done.stderr
-    assert "corrupt.dcm" in done.stderr and "INFO" not in done.stderr
-    assert "; Ray actors, --device cpu --amp none)" in done.stdout  # not the driver's own copies, which ran nothing
-    assert not journal.exists()
-    assert_same_predictions(plain, on_ray)
-    assert len(read_submission(on_ray)) == 20  # one row per input, the corrupt file's with no boxes
 
 
-def test_cuda_on_a_cluster_without_a_gpu_is_one_line_even_from_a_driver_without_one(
+def wait_until(condition, driver: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, "the driver stored too few files in time"
+        time.sleep(0.05)
+
+
+def test_a_node_that_cannot_see_a_checkpoint_is_named_before_any_work(
+    ray_cluster: LoopbackCluster, tmp_path: Path
+) -> None:
+    """Every node of this cluster shares the disk, so a path nobody has stands in for one a remote node lacks."""
+    here = tmp_path / "seen.pt"
+    here.write_bytes(b"")
+    code = (
+        "import sys; from pathlib import Path; "
+        "from lungdet.detection.ray_cluster import check_every_node_sees, connect; "
+        f"ray = connect({ray_cluster.address!r}, verbose=False); "
+        f"check_every_node_sees(ray, [Path({str(here)!r}), Path({str(tmp_path / 'gone.pt')!r})], what='checkpoint')"
+    )
+    done = run_predict([sys.executable, "-c", code], ray_cluster.env)
+    assert done.returncode == 1
+    assert (
+        f"LungdetError: checkpoint {tmp_path / 'gone.pt'}: not found on the Ray node at 127.0.0.2; put it on a "
+        "filesystem every node mounts at the same path (see docs/scale.md)"
+    ) in done.stderr
+
+
+def test_actors_that_leave_no_cpu_for_reading_are_one_line(
+    ray_cluster: LoopbackCluster, serving_checkpoint: Path, archive: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "busy.csv"
+    command = predict_command(serving_checkpoint, archive, out, "--ray", ray_cluster.address, "--ray-actors", "2")
+    done = run_predict(command, ray_cluster.env)
+    assert done.returncode == 2
+    assert (
+        "lungdet predict: error: --ray-actors 2: the Ray cluster has 2 CPU(s), and the files are read on CPUs the "
+        "model actors leave free; give --ray-actors 1 or fewer"
+    ) in done.stderr
+    assert not out.exists() and not (tmp_path / ("busy.csv" + ray_predict.RESULTS_SUFFIX)).exists()
+
+
+def test_cuda_on_a_local_ray_without_a_gpu_is_one_line_even_from_a_driver_without_one(
     serving_checkpoint: Path, archive: Path, tmp_path: Path
 ) -> None:
-    """The driver loads the models on its CPU only to read them, so it gets as far as asking the cluster."""
+    """``--ray`` alone starts a Ray of its own; the driver loads the models on its CPU only to read them."""
     require_ray()
     out = tmp_path / "gpu.csv"
     done = run_predict(predict_command(serving_checkpoint, archive, out, "--ray") + ["--device", "cuda"])
     assert done.returncode == 2
     assert "lungdet predict: error: --device cuda: the Ray cluster has no GPU; use --device cpu or auto" in done.stderr
-    assert not out.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == []  # no journal, no log left behind
