@@ -236,15 +236,17 @@ class LastCheckpoint:
     path: Path
     preprocessing: dict[str, Any]
 
-    def save(self, epoch_progress: EpochProgress | None) -> None:
-        """Write last.pt; mid-epoch, with every process's progress and random state (collected on rank 0)."""
+    def save(self, epoch_progress: EpochProgress | None, *, path: Path | None = None) -> None:
+        """Write last.pt (or ``path``); mid-epoch, with every process's progress and random state (collected on rank 0)."""
         run = self.run
         rng = rng_states(run.device)
         per_rank = None
         if epoch_progress is not None:
             per_rank = gather_to_main(run.job, {"progress": dataclasses.asdict(epoch_progress), "rng": rng})
         if run.job.is_main:
-            save_checkpoint(self.path, run.state(preprocessing=self.preprocessing, epoch_progress=per_rank, rng=rng))
+            save_checkpoint(
+                path or self.path, run.state(preprocessing=self.preprocessing, epoch_progress=per_rank, rng=rng)
+            )
 
     def after_optimizer_step(self, epoch_progress: EpochProgress) -> None:
         """The hook :func:`train_one_epoch` runs after each optimizer step: a mid-epoch save every ``checkpoint_every_steps``."""
@@ -325,14 +327,18 @@ def _record_epoch(
     """
     run.history.append(row)
     run.completed_epochs = row["epoch"]
-    last.save(None)
     # Without validation the last epoch is the model: the epoch count was chosen elsewhere (lungdet cv --final).
     improved = row["val_map"] > best_map if validating else True
     if improved:
         best_map = row.get("val_map", best_map)
+        # best.pt first, then last.pt as its copy: a kill between the two leaves the old last.pt, so a
+        # resumed run trains this epoch again. (The other order left a last.pt past the best epoch and no best.pt.)
+        last.save(None, path=out_dir / BEST_CHECKPOINT)
         if run.job.is_main:
-            with atomic_path(out_dir / BEST_CHECKPOINT) as temporary:
-                shutil.copyfile(out_dir / LAST_CHECKPOINT, temporary)
+            with atomic_path(out_dir / LAST_CHECKPOINT) as temporary:
+                shutil.copyfile(out_dir / BEST_CHECKPOINT, temporary)
+    else:
+        last.save(None)
     if run.job.is_main:
         write_metrics_csv(out_dir / METRICS_FILE, run.history)
         log_to_tensorboard(tensorboard, row)
