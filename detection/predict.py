@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lungdet.boxes import scale_xywh
-from lungdet.cli_types import device_name, fraction, image_dimensions, int_in_range
+from lungdet.cli_types import cpu_share, device_name, fraction, image_dimensions, int_in_range
 from lungdet.data_tools.dicom_io import find_dicoms
 from lungdet.data_tools.image_io import find_images
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
@@ -251,6 +251,13 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --ray: model actors, each holding every model (default: one per GPU, else one per two CPUs of the cluster)",
     )
+    parser.add_argument(
+        "--ray-actor-cpus",
+        type=cpu_share,
+        default=None,
+        help="with --ray: CPUs each model actor asks Ray for (default 1; fractions allowed); torch in it runs that many "
+        "threads, rounded up (e.g. 1.5 on a 2-CPU machine: two threads, half a CPU left for reading)",
+    )
     parser.add_argument("--verbose", action="store_true", help="with --ray: Ray's own progress bars and log lines too")
 
 
@@ -293,8 +300,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise LungdetError(
             "--json answers one file at a time, as lungdet serve does; drop --ray, or write files (--out)"
         )
-    if (args.ray_actors is not None or args.verbose) and args.ray is None:
-        raise LungdetError("--ray-actors and --verbose set how --ray runs; give --ray too")
+    if (args.ray_actors is not None or args.ray_actor_cpus is not None or args.verbose) and args.ray is None:
+        raise LungdetError("--ray-actors, --ray-actor-cpus and --verbose set how --ray runs; give --ray too")
     if args.json and (len(args.checkpoint) > 1 or len(parse_tta(args.tta)) > 1):
         raise LungdetError(
             "--json answers as lungdet serve does, with one checkpoint and no --tta; write a submission (--out) to fuse several"
@@ -489,6 +496,7 @@ def _predict_on_ray(
         amp=args.amp,
         batch_size=args.batch_size,
         actors=args.ray_actors,
+        actor_cpus=args.ray_actor_cpus or 1.0,
         journal=results_path([args.out, args.raw, args.probabilities, args.dicom_out]),
         verbose=args.verbose,
         progress=not args.no_progress,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import time
@@ -166,8 +167,15 @@ class ModelWorker:
         device: str,
         amp: str,
         passes: Sequence[TtaPass],
+        threads: int,
     ) -> None:
+        import torch
+
         from lungdet.detection.detector import load_detector  # in the actor, where the models run
+
+        # Ray sets OMP_NUM_THREADS to the actor's whole CPUs; a share like 1.5 rounds up here, as plain predict's
+        # forward pass shares its cores with the loader workers.
+        torch.set_num_threads(threads)
 
         self.detectors: list[BatchPredictor] = [
             load_detector(Path(path), device=device, amp=amp) for path in checkpoints
@@ -203,6 +211,7 @@ class RayRun:
     batch_size: int
     actors: int | None
     journal: Path
+    actor_cpus: float = 1.0
     verbose: bool = False
     progress: bool = True
 
@@ -282,15 +291,14 @@ def _actor_plan(ray: Any, run: RayRun) -> tuple[int, bool]:
     if run.device.startswith("cuda") and not gpus:
         raise LungdetError(f"--device {run.device}: the Ray cluster has no GPU; use --device cpu or auto")
     on_gpu = gpus > 0 and run.device != "cpu"
-    cpus = int(resources.get("CPU", 0))
-    actors = run.actors or (gpus if on_gpu else max(1, cpus // 2))
-    if not on_gpu and actors >= cpus:
-        # Each actor holds a CPU for good; with none left, the reading tasks never start and Ray waits for ever.
+    cpus = resources.get("CPU", 0)
+    actors = run.actors or (gpus if on_gpu else max(1, int(cpus) // 2))
+    if not on_gpu and actors * run.actor_cpus + READ_CPUS > cpus:
+        # Actors hold their CPUs for good; with less than a reading task's share left, the files are never
+        # read and Ray waits for ever.
         raise LungdetError(
-            f"--ray-actors {actors}: the Ray cluster has {cpus} CPU(s), and the files are read on CPUs the model actors "
-            f"leave free; give --ray-actors {max(1, cpus - 1)} or fewer"
-            if cpus > 1
-            else f"the Ray cluster has {cpus} CPU(s); reading the files and running the models need 2 or more"
+            f"--ray-actors {actors} x --ray-actor-cpus {run.actor_cpus:g}: the Ray cluster has {cpus:g} CPU(s), and the "
+            f"files are read on what the model actors leave free (at least {READ_CPUS:g}); give fewer actors or CPUs each"
         )
     return actors, on_gpu
 
@@ -329,11 +337,12 @@ def _stream(
             "device": run.device,
             "amp": run.amp,
             "passes": tuple(run.passes),
+            "threads": math.ceil(run.actor_cpus),
         },
         # Ray Data restarts an actor whose process dies and sends its batches again (max_restarts and
         # max_task_retries are -1 for an actor pool unless set); tasks are retried as Ray retries any task.
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1,
+        num_cpus=run.actor_cpus,
         num_gpus=1 if on_gpu else 0,
     )
     refused = 0

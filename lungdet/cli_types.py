@@ -39,6 +39,17 @@ def int_in_range(minimum: int, maximum: int | None = None) -> Callable[[str], in
     return parse
 
 
+def cpu_share(text: str) -> float:
+    """A number of CPUs for a Ray actor: 1 or more, fractions allowed (1.5: one and a half)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of CPUs like 1 or 1.5, got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     """A duration in seconds, more than 0 (NaN and infinity refused)."""
     try:

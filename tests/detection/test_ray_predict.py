@@ -86,8 +86,8 @@ def test_input_list_skips_blanks_and_comments_and_refuses_an_empty_one(tmp_path:
         read_input_list(listing)
 
 
-def test_plain_predict_does_not_import_ray(tmp_path: Path) -> None:
-    code = "import sys, lungdet.detection.predict; print('ray' in sys.modules)"
+def test_plain_predict_and_cv_do_not_import_ray(tmp_path: Path) -> None:
+    code = "import sys, lungdet.detection.predict, lungdet.detection.cv; print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "False"
 
@@ -220,7 +220,7 @@ def wait_until(condition, driver: subprocess.Popen, timeout: float = 180) -> Non
         time.sleep(0.05)
 
 
-def test_a_node_that_cannot_see_a_checkpoint_is_named_before_any_work(
+def test_a_node_that_cannot_see_a_checkpoint_is_named_and_the_driver_stays_on_loopback(
     ray_cluster: LoopbackCluster, tmp_path: Path
 ) -> None:
     """Every node of this cluster shares the disk, so a path nobody has stands in for one a remote node lacks."""
@@ -230,10 +230,12 @@ def test_a_node_that_cannot_see_a_checkpoint_is_named_before_any_work(
         "import sys; from pathlib import Path; "
         "from lungdet.detection.ray_cluster import check_every_node_sees, connect; "
         f"ray = connect({ray_cluster.address!r}, verbose=False); "
+        "print('driver at', ray.util.get_node_ip_address(), flush=True); "
         f"check_every_node_sees(ray, [Path({str(here)!r}), Path({str(tmp_path / 'gone.pt')!r})], what='checkpoint')"
     )
     done = run_predict([sys.executable, "-c", code], ray_cluster.env)
     assert done.returncode == 1
+    assert "driver at 127.0.0.2" in done.stdout  # joined from the cluster's loopback address, not the interface's
     assert (
         f"LungdetError: checkpoint {tmp_path / 'gone.pt'}: not found on the Ray node at 127.0.0.2; put it on a "
         "filesystem every node mounts at the same path (see docs/scale.md)"
@@ -248,8 +250,8 @@ def test_actors_that_leave_no_cpu_for_reading_are_one_line(
     done = run_predict(command, ray_cluster.env)
     assert done.returncode == 2
     assert (
-        "lungdet predict: error: --ray-actors 2: the Ray cluster has 2 CPU(s), and the files are read on CPUs the "
-        "model actors leave free; give --ray-actors 1 or fewer"
+        "lungdet predict: error: --ray-actors 2 x --ray-actor-cpus 1: the Ray cluster has 2 CPU(s), and the files "
+        "are read on what the model actors leave free (at least 0.5); give fewer actors or CPUs each"
     ) in done.stderr
     assert not out.exists() and not (tmp_path / ("busy.csv" + ray_predict.RESULTS_SUFFIX)).exists()
 
