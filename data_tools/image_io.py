@@ -311,3 +311,17 @@ def _grey_uint8(picture: Image.Image, notes: list[dict[str, str]]) -> np.ndarray
         notes.append({"kind": "rgb_converted", "reason": f"colour image ({mode}) converted to grey (luma)"})
         return np.asarray(picture.convert("RGB").convert("L"), dtype=np.uint8).copy()
     return np.asarray(picture.convert("L"), dtype=np.uint8).copy()
+
+
+def read_input_list(path: Path) -> list[Path]:
+    """``--input-list``: one file per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise LungdetError(
+            f"--input-list {path}: cannot be read ({error}); give a text file with one path per line"
+        ) from None
+    paths = [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not paths:
+        raise LungdetError(f"--input-list {path}: names no file; give one path per line")
+    return paths

@@ -32,6 +32,7 @@ from lungdet.detection.config import load_config
 from lungdet.detection.data import load_records
 from lungdet.detection.distributed import from_environment, start, stop
 from lungdet.detection.folds import FINAL_DIR, predict_out_of_fold, train_final, train_folds
+from lungdet.detection.ray_cluster import add_ray_arguments
 from lungdet.detection.train import training_device
 from lungdet.detection.tta import TTA_EXAMPLE, tta_argument
 from lungdet.errors import LungdetError
@@ -142,22 +143,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=4, help="images per forward pass for the out-of-fold predictions (default 4)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        metavar="ADDRESS",
-        help="train the folds in parallel, one Ray task each (one GPU each where the cluster has GPUs): alone, a Ray on "
-        "this machine; 'auto' or HOST:PORT, the cluster there (pip install 'lungdet[ray]'; see docs/scale.md)",
+    add_ray_arguments(
+        parser, runs="train the folds in parallel, one Ray task each (one GPU each where the cluster has GPUs)"
     )
     parser.add_argument(
         "--ray-fold-cpus",
         type=int_in_range(1),
         default=1,
         help="with --ray: CPUs each fold's task takes, and torch's threads in it (default 1)",
-    )
-    parser.add_argument(
-        "--verbose", action="store_true", help="with --ray: Ray's own log lines and the folds' output too"
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every fold, e.g. optim.epochs=6"

@@ -22,12 +22,13 @@ from tqdm import tqdm
 from lungdet.boxes import scale_xywh
 from lungdet.cli_types import cpu_share, device_name, fraction, image_dimensions, int_in_range
 from lungdet.data_tools.dicom_io import find_dicoms
-from lungdet.data_tools.image_io import find_images
+from lungdet.data_tools.image_io import find_images, read_input_list
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
 from lungdet.detection.config import AMP_MODES
 from lungdet.detection.detector import Detector, load_detector
 from lungdet.detection.ensemble import predict_raw
 from lungdet.detection.prepared_images import default_workers, read_any_input, read_dicom_input
+from lungdet.detection.ray_cluster import add_ray_arguments
 from lungdet.detection.tta import TTA_EXAMPLE, parse_tta, tta_argument
 from lungdet.errors import ImageReadError, LungdetError
 from lungdet.submission.postprocess import (
@@ -237,14 +238,7 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         help="mixed precision, as train's amp key: 'auto' (default) is bf16 on GPUs and CPUs that have it, fp16 on older GPUs, else fp32",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        metavar="ADDRESS",
-        help="read the files in Ray tasks and run the models in Ray actors: alone, a Ray on this machine; 'auto' or HOST:PORT, "
-        "the cluster there (pip install 'lungdet[ray]'; see docs/scale.md)",
-    )
+    add_ray_arguments(parser, runs="read the files in Ray tasks and run the models in Ray actors")
     parser.add_argument(
         "--ray-actors",
         type=int_in_range(1),
@@ -258,7 +252,6 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --ray: CPUs each model actor asks Ray for (default 1; fractions allowed); torch in it runs that many "
         "threads, rounded up (e.g. 1.5 on a 2-CPU machine: two threads, half a CPU left for reading)",
     )
-    parser.add_argument("--verbose", action="store_true", help="with --ray: Ray's own progress bars and log lines too")
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -461,20 +454,6 @@ def main(args: argparse.Namespace) -> int:
     if journal is not None:
         journal.remove()  # every output is written: the per-file results have served
     return 0
-
-
-def read_input_list(path: Path) -> list[Path]:
-    """``--input-list``: one file per line; blank lines and lines starting with '#' are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise LungdetError(
-            f"--input-list {path}: cannot be read ({error}); give a text file with one path per line"
-        ) from None
-    paths = [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not paths:
-        raise LungdetError(f"--input-list {path}: names no file; give one path per line")
-    return paths
 
 
 def _predict_on_ray(

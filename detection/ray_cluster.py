@@ -6,6 +6,7 @@ sees the files the work needs before any work starts, and keeps Ray's log lines 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ipaddress
 import logging
@@ -19,6 +20,19 @@ from typing import Any, TextIO
 from lungdet.errors import LungdetError
 
 INSTALL_HINT = "pip install 'lungdet[ray]'"
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, *, runs: str) -> None:
+    """``--ray [ADDRESS]`` and ``--verbose``, as predict and cv take them; ``runs`` says what goes onto Ray."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help=f"{runs}: alone, a Ray on this machine; 'auto' or HOST:PORT, the cluster there "
+        "(pip install 'lungdet[ray]'; see docs/scale.md)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="with --ray: Ray's own progress bars and log lines too")
 
 
 def import_ray() -> Any:

@@ -16,8 +16,15 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 
 from lungdet.data_tools.dicom_io import read_dicom
-from lungdet.data_tools.image_io import MIN_SIDE, find_images, read_picture_size, read_xray, sniff_format
-from lungdet.errors import DicomReadError, ImageReadError
+from lungdet.data_tools.image_io import (
+    MIN_SIDE,
+    find_images,
+    read_input_list,
+    read_picture_size,
+    read_xray,
+    sniff_format,
+)
+from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 
 
 def png_bytes(pixels: np.ndarray, **save_options) -> bytes:
@@ -273,3 +280,12 @@ def test_dicom_errors_keep_their_kind(make_dicom: Callable[..., Path]) -> None:
         read_xray(data, name="upload frames")
     assert caught.value.kind == "multi_frame"
     assert isinstance(caught.value, ImageReadError)
+
+
+def test_input_list_skips_blanks_and_comments_and_refuses_an_empty_one(tmp_path: Path) -> None:
+    listing = tmp_path / "files.txt"
+    listing.write_text("# the archive\n/data/a.dcm\n\n  /data/b.png  \n")
+    assert read_input_list(listing) == [Path("/data/a.dcm"), Path("/data/b.png")]
+    listing.write_text("# nothing\n")
+    with pytest.raises(LungdetError, match="names no file"):
+        read_input_list(listing)

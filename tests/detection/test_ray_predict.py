@@ -15,7 +15,6 @@ import pytest
 
 from lungdet.data_tools.synth import write_synthetic_dataset
 from lungdet.detection import ray_predict
-from lungdet.detection.predict import read_input_list
 from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import read_submission
 from lungdet.submission.raw_predictions import read_raw_predictions
@@ -75,15 +74,6 @@ def test_the_journal_lives_beside_the_first_output_given(tmp_path: Path) -> None
 
 
 # --- what goes wrong before any work -----------------------------------------------------------------
-
-
-def test_input_list_skips_blanks_and_comments_and_refuses_an_empty_one(tmp_path: Path) -> None:
-    listing = tmp_path / "files.txt"
-    listing.write_text("# the archive\n/data/a.dcm\n\n  /data/b.png  \n")
-    assert read_input_list(listing) == [Path("/data/a.dcm"), Path("/data/b.png")]
-    listing.write_text("# nothing\n")
-    with pytest.raises(LungdetError, match="names no file"):
-        read_input_list(listing)
 
 
 def test_plain_predict_and_cv_do_not_import_ray(tmp_path: Path) -> None:
