@@ -49,11 +49,16 @@ def require_ray() -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A two-node Ray cluster on loopback (``ray start``, one CPU a node), once per test session; see tests/ray_cluster.py."""
+    """A two-node Ray cluster on loopback alone (``ray start``, one CPU a node, in a network namespace), once per test session; see tests/ray_cluster.py."""
     require_ray()
-    from tests.ray_cluster import LoopbackCluster
+    from tests.ray_cluster import LoopbackCluster, NoNamespace
 
-    cluster = LoopbackCluster.start()
+    try:
+        cluster = LoopbackCluster.start()
+    except NoNamespace as error:
+        skip_or_fail(
+            f"the Ray cluster of the tests runs in a network namespace of its own, and this machine refused one ({error}); run as root"
+        )
     yield cluster
     cluster.stop()
 

@@ -1,36 +1,39 @@
-"""A real two-node Ray cluster on loopback for tests: a head and one more node, each started with ``ray start --num-cpus 1``.
+"""A real two-node Ray cluster for tests, on loopback alone: a head and one more node, each started with ``ray start --num-cpus 1``.
 
-Both nodes register as 127.0.0.2: Ray rewrites 127.0.0.1 to the machine's interface address, but
-keeps the other loopback addresses. Ray's GCS and raylet still bind every interface whatever the
-node address (Ray 2.60 has no setting for it), so the cluster takes a random token
-(``RAY_AUTH_MODE=token``) that every process must present; nothing without it gets in.
+Ray 2.60's GCS and raylet bind every interface of the machine, whatever node address they are
+given, and have no setting to bind one. So the cluster runs in a network namespace of its own
+(``unshare --net``) that holds nothing but a loopback interface: there is no other interface to
+listen on. Every process that talks to it (the nodes, and each driver a test starts) enters that
+namespace with ``nsenter``; :meth:`LoopbackCluster.command` prefixes a command line for it. The
+nodes register as 127.0.0.2 (Ray rewrites 127.0.0.1 to an interface address), and a random token
+(``RAY_AUTH_MODE=token``) is asked of every process as well.
 
-Stopped by killing the two ``ray start --block`` process groups by PID, never with ``ray stop``,
-which kills every Ray process of the user on the machine (another test session's too).
+Making a network namespace needs root (or CAP_SYS_ADMIN), which this machine and CI have; without
+it the tests that need the cluster skip (or fail under CI), rather than open Ray's ports to the
+network. Stopped by killing the process groups by PID, never with ``ray stop``, which kills every
+Ray process of the user on the machine (another test session's too).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 NODE_IP = "127.0.0.2"
+GCS_PORT = 6379  # the namespace is the cluster's alone: Ray's own default ports are free in it
 RAY = Path(sys.executable).parent / "ray"
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+class NoNamespace(RuntimeError):
+    """This machine does not let the tests make a network namespace."""
 
 
 def descendants(pid: int) -> list[int]:
@@ -61,19 +64,56 @@ def command_line(pid: int) -> str:
 
 
 @dataclass
+class LoopbackNetwork:
+    """A network namespace with only a loopback interface, kept alive by a sleeping process."""
+
+    holder: subprocess.Popen
+
+    @classmethod
+    def create(cls) -> LoopbackNetwork:
+        holder = subprocess.Popen(
+            ["unshare", "--net", "sleep", "infinity"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        network = cls(holder)
+        deadline = time.monotonic() + 10
+        # unshare forks nothing here: once the holder's namespace differs from ours, it is made.
+        while os.readlink(f"/proc/{holder.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            if holder.poll() is not None or time.monotonic() > deadline:
+                raise NoNamespace(f"unshare --net: {holder.stderr.read().decode(errors='replace').strip()}")
+            time.sleep(0.01)
+        up = subprocess.run(network.command(["ip", "link", "set", "lo", "up"]), capture_output=True, text=True)
+        if up.returncode != 0:
+            network.close()
+            raise NoNamespace(f"ip link set lo up: {up.stderr.strip()}")
+        return network
+
+    def command(self, command: Sequence[str]) -> list[str]:
+        """``command`` run inside the namespace (nsenter enters it and executes the command in its own place)."""
+        return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", *command]
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait(timeout=10)
+
+
+@dataclass
 class LoopbackCluster:
-    """The running cluster: its address, the environment a driver needs to join it, and the two node processes."""
+    """The running cluster: its address, its namespace, the environment a driver needs, and the two node processes."""
 
     address: str
+    network: LoopbackNetwork
     env: dict[str, str]
     temp_dir: Path
-    head: subprocess.Popen
-    worker: subprocess.Popen
+    head: subprocess.Popen | None = None
+    worker: subprocess.Popen | None = None
     logs: list[Path] = field(default_factory=list)
 
     @classmethod
     def start(cls, timeout: float = 60.0) -> LoopbackCluster:
-        port = free_port(NODE_IP)
+        network = LoopbackNetwork.create()
         temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's Unix sockets live under it
         env = {
             **os.environ,
@@ -81,6 +121,7 @@ class LoopbackCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": secrets.token_hex(32),
         }
+        cluster = cls(f"{NODE_IP}:{GCS_PORT}", network, env, temp_dir)
         common = [
             "--num-cpus=1",
             f"--node-ip-address={NODE_IP}",
@@ -88,40 +129,36 @@ class LoopbackCluster:
             "--object-store-memory=200000000",  # Ray's default is 30% of RAM per node
             "--block",
         ]
-        logs = [temp_dir / "head.out", temp_dir / "worker.out"]
-        head = subprocess.Popen(
-            [
-                str(RAY),
-                "start",
-                "--head",
-                f"--port={port}",
-                f"--ray-client-server-port={free_port(NODE_IP)}",
-                "--include-dashboard=false",
-                f"--temp-dir={temp_dir}",
-                *common,
-            ],
-            env=env,
-            stdout=logs[0].open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        address = f"{NODE_IP}:{port}"
-        cluster = cls(address, env, temp_dir, head, head, logs)
-        cluster._wait(lambda: _answers(NODE_IP, port), timeout, "the head's port")
-        cluster.worker = subprocess.Popen(
-            [str(RAY), "start", f"--address={address}", *common],
-            env=env,
-            stdout=logs[1].open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        head = [f"--port={GCS_PORT}", "--include-dashboard=false", f"--temp-dir={temp_dir}"]
+        cluster.head = cluster._node("head", ["--head", *head, *common])
+        cluster._wait(cluster._head_answers, timeout, "the head's port")
+        cluster.worker = cluster._node("worker", [f"--address={cluster.address}", *common])
         cluster._wait(lambda: cluster.alive_nodes() == 2, timeout, "two live nodes")
         return cluster
 
-    def _wait(self, condition, timeout: float, what: str) -> None:
+    def command(self, command: Sequence[str]) -> list[str]:
+        """``command`` as a process of the cluster's network: run it with :attr:`env`."""
+        return self.network.command(command)
+
+    def _node(self, name: str, arguments: list[str]) -> subprocess.Popen:
+        log = self.temp_dir / f"{name}.out"
+        self.logs.append(log)
+        return subprocess.Popen(
+            self.command([str(RAY), "start", *arguments]),
+            env=self.env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _head_answers(self) -> bool:
+        code = f"import socket; socket.create_connection(({NODE_IP!r}, {GCS_PORT}), timeout=0.5).close()"
+        return subprocess.run(self.command([sys.executable, "-c", code]), capture_output=True).returncode == 0
+
+    def _wait(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
-            if time.monotonic() > deadline or self.head.poll() is not None:
+            if time.monotonic() > deadline or (self.head is not None and self.head.poll() is not None):
                 output = "\n".join(log.read_text(errors="replace")[-2000:] for log in self.logs if log.exists())
                 self.stop()
                 raise RuntimeError(f"the loopback Ray cluster did not come up ({what}):\n{output}")
@@ -133,34 +170,30 @@ class LoopbackCluster:
             f"import ray; ray.init(address={self.address!r}, _node_ip_address={NODE_IP!r}, logging_level='error', "
             "log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
         )
-        done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            self.command([sys.executable, "-c", code]), env=self.env, capture_output=True, text=True, timeout=60
+        )
         return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
 
-    def worker_node_processes(self, name: str) -> list[int]:
-        """PIDs of the non-head node's processes whose command line holds ``name`` (Ray titles actors ``ray::Class``)."""
-        return [pid for pid in descendants(self.worker.pid) if name in command_line(pid)]
-
     def processes(self, name: str) -> list[int]:
-        """PIDs of either node's processes whose command line holds ``name``."""
-        return [pid for node in (self.head, self.worker) for pid in descendants(node.pid) if name in command_line(pid)]
+        """PIDs of either node's processes whose command line holds ``name`` (Ray titles actors ``ray::Class``)."""
+        nodes = [node for node in (self.head, self.worker) if node is not None]
+        return [pid for node in nodes for pid in descendants(node.pid) if name in command_line(pid)]
 
     def stop(self) -> None:
-        """Kill both nodes' process groups (worker first) and wait for the two ``ray start`` processes."""
+        """Kill both nodes' process groups (worker first), wait for the two ``ray start`` processes, close the namespace."""
         for node in (self.worker, self.head):
+            if node is None:
+                continue
             try:
                 os.killpg(node.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             node.wait(timeout=30)
+        self.network.close()
         subprocess.run(["rm", "-rf", str(self.temp_dir)], check=False)
 
-    def describe(self) -> str:
-        return json.dumps({"address": self.address, "head": self.head.pid, "worker": self.worker.pid})
 
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
+def isolated(command: Sequence[str]) -> list[str]:
+    """``command`` in a network namespace of its own with only loopback, for a ``--ray`` that starts a Ray of its own."""
+    return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]

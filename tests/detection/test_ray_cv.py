@@ -78,7 +78,7 @@ def test_three_folds_on_a_cluster_write_the_serial_run_s_out_of_fold_files_thoug
 
     # --verbose: the folds' own lines come to the driver, the retried fold's "resumed from" among them.
     driver = subprocess.Popen(
-        cv_command(three_folds, tmp_path / "ray", "--ray", ray_cluster.address, "--verbose"),
+        ray_cluster.command(cv_command(three_folds, tmp_path / "ray", "--ray", ray_cluster.address, "--verbose")),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,8 +19,8 @@ from lungdet.detection import ray_predict
 from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import read_submission
 from lungdet.submission.raw_predictions import read_raw_predictions
-from tests.conftest import require_ray
-from tests.ray_cluster import LoopbackCluster
+from tests.conftest import require_ray, skip_or_fail
+from tests.ray_cluster import LoopbackCluster, isolated
 
 HEADER = {"version": 1, "checkpoints": ["/m.pt"], "passes": ["plain"], "amp": "auto", "metadata": None, "inputs": 3}
 
@@ -161,7 +162,9 @@ def test_on_a_cluster_the_outputs_equal_plain_predict_with_a_driver_and_a_worker
     # 1. The driver killed with SIGKILL once two files are stored.
     on_ray = tmp_path / "ray.csv"
     journal = tmp_path / ("ray.csv" + ray_predict.RESULTS_SUFFIX)
-    command = predict_command(serving_checkpoint, archive, on_ray, "--ray", ray_cluster.address, "--batch-size", "1")
+    command = ray_cluster.command(
+        predict_command(serving_checkpoint, archive, on_ray, "--ray", ray_cluster.address, "--batch-size", "1")
+    )
     driver = start_driver(command, ray_cluster)
     wait_until(lambda: stored(journal) >= 2, driver)
     os.killpg(driver.pid, signal.SIGKILL)
@@ -223,9 +226,13 @@ def test_a_node_that_cannot_see_a_checkpoint_is_named_and_the_driver_stays_on_lo
         "print('driver at', ray.util.get_node_ip_address(), flush=True); "
         f"check_every_node_sees(ray, [Path({str(here)!r}), Path({str(tmp_path / 'gone.pt')!r})], what='checkpoint')"
     )
-    done = run_predict([sys.executable, "-c", code], ray_cluster.env)
+    done = run_predict(ray_cluster.command([sys.executable, "-c", code]), ray_cluster.env)
     assert done.returncode == 1
     assert "driver at 127.0.0.2" in done.stdout  # joined from the cluster's loopback address, not the interface's
+    # The cluster answered there, inside its namespace; from this machine's own network nothing answers on its port.
+    host, port = ray_cluster.address.split(":")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=2).close()
     assert (
         f"LungdetError: checkpoint {tmp_path / 'gone.pt'}: not found on the Ray node at 127.0.0.2; put it on a "
         "filesystem every node mounts at the same path (see docs/scale.md)"
@@ -237,7 +244,7 @@ def test_actors_that_leave_no_cpu_for_reading_are_one_line(
 ) -> None:
     out = tmp_path / "busy.csv"
     command = predict_command(serving_checkpoint, archive, out, "--ray", ray_cluster.address, "--ray-actors", "2")
-    done = run_predict(command, ray_cluster.env)
+    done = run_predict(ray_cluster.command(command), ray_cluster.env)
     assert done.returncode == 2
     assert (
         "lungdet predict: error: --ray-actors 2 x --ray-actor-cpus 1: the Ray cluster has 2 CPU(s), and the files "
@@ -251,8 +258,13 @@ def test_cuda_on_a_local_ray_without_a_gpu_is_one_line_even_from_a_driver_withou
 ) -> None:
     """``--ray`` alone starts a Ray of its own; the driver loads the models on its CPU only to read them."""
     require_ray()
+    if subprocess.run(isolated(["true"]), capture_output=True).returncode != 0:
+        skip_or_fail(
+            "a local Ray is tested in a network namespace of its own, and this machine refused one; run as root"
+        )
     out = tmp_path / "gpu.csv"
-    done = run_predict(predict_command(serving_checkpoint, archive, out, "--ray") + ["--device", "cuda"])
+    # In a network namespace with only loopback: a local Ray listens on every interface there is.
+    done = run_predict(isolated(predict_command(serving_checkpoint, archive, out, "--ray", "--device", "cuda")))
     assert done.returncode == 2
     assert "lungdet predict: error: --device cuda: the Ray cluster has no GPU; use --device cpu or auto" in done.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == []  # no journal, no log left behind
