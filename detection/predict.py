@@ -249,8 +249,8 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--ray-actor-cpus",
         type=cpu_share,
         default=None,
-        help="with --ray: CPUs each model actor asks Ray for (default 1; fractions allowed); torch in it runs that many "
-        "threads, rounded up (e.g. 1.5 on a 2-CPU machine: two threads, half a CPU left for reading)",
+        help="with --ray: CPUs each model actor asks Ray for, fractions allowed; torch in it runs that many threads, "
+        "rounded up (default: 1 with GPUs, else each actor's share of what the reading leaves: 1.5 on 2 CPUs)",
     )
 
 
@@ -475,7 +475,7 @@ def _predict_on_ray(
         amp=args.amp,
         batch_size=args.batch_size,
         actors=args.ray_actors,
-        actor_cpus=args.ray_actor_cpus or 1.0,
+        actor_cpus=args.ray_actor_cpus,
         journal=results_path([args.out, args.raw, args.probabilities, args.dicom_out]),
         verbose=args.verbose,
         progress=not args.no_progress,

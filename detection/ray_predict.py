@@ -211,7 +211,7 @@ class RayRun:
     batch_size: int
     actors: int | None
     journal: Path
-    actor_cpus: float = 1.0
+    actor_cpus: float | None = None
     verbose: bool = False
     progress: bool = True
 
@@ -284,29 +284,52 @@ def _tags_digest(tags: Mapping[str, ImageTags] | None) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _actor_plan(ray: Any, run: RayRun) -> tuple[int, bool]:
-    """How many model actors, and whether each takes a GPU; a one-line error where the cluster cannot run them."""
+@dataclass(frozen=True)
+class ActorPlan:
+    """The model actors: how many, the CPUs each asks Ray for, and whether each takes a GPU."""
+
+    actors: int
+    cpus: float
+    on_gpu: bool
+
+
+def _actor_plan(ray: Any, run: RayRun) -> ActorPlan:
+    """The model actors for this cluster; a one-line error where the cluster cannot run them.
+
+    Without ``--ray-actor-cpus`` an actor on a CPU-only cluster takes its share of the CPUs that the
+    reading leaves (up to what a node has): on two CPUs one actor of 1.5, so that torch runs two
+    threads as in plain predict, where Ray's one CPU would give it one.
+    """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if run.device.startswith("cuda") and not gpus:
         raise LungdetError(f"--device {run.device}: the Ray cluster has no GPU; use --device cpu or auto")
     on_gpu = gpus > 0 and run.device != "cpu"
     cpus = resources.get("CPU", 0)
+    widest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
     actors = run.actors or (gpus if on_gpu else max(1, int(cpus) // 2))
-    if not on_gpu and actors * run.actor_cpus + READ_CPUS > cpus:
+    actor_cpus = run.actor_cpus
+    if actor_cpus is None:
+        share = min(widest - READ_CPUS, (cpus - READ_CPUS) / actors)
+        actor_cpus = 1.0 if on_gpu else max(1.0, math.floor(share * 4) / 4)  # in quarters, a figure Ray keeps exactly
+    if actor_cpus > widest:
+        raise LungdetError(
+            f"--ray-actor-cpus {actor_cpus:g}: the largest node of the Ray cluster has {widest:g} CPU(s)"
+        )
+    if not on_gpu and actors * actor_cpus + READ_CPUS > cpus:
         # Actors hold their CPUs for good; with less than a reading task's share left, the files are never
         # read and Ray waits for ever.
         raise LungdetError(
-            f"--ray-actors {actors} x --ray-actor-cpus {run.actor_cpus:g}: the Ray cluster has {cpus:g} CPU(s), and the "
+            f"--ray-actors {actors} x --ray-actor-cpus {actor_cpus:g}: the Ray cluster has {cpus:g} CPU(s), and the "
             f"files are read on what the model actors leave free (at least {READ_CPUS:g}); give fewer actors or CPUs each"
         )
-    return actors, on_gpu
+    return ActorPlan(actors, actor_cpus, on_gpu)
 
 
 def _stream(
     ray: Any,
     run: RayRun,
-    plan: tuple[int, bool],
+    plan: ActorPlan,
     detectors: Sequence[BatchPredictor],
     todo: Sequence[Path],
     journal: ResultsJournal,
@@ -317,7 +340,6 @@ def _stream(
     terminal: TextIO,
 ) -> None:
     """Build the two stages, run them, and store each batch of results as it comes back."""
-    actors, on_gpu = plan
     specs, _ = input_specs(detectors)
     dataset = ray.data.from_items([{"path": str(path)} for path in todo])
     dataset = dataset.map_batches(
@@ -337,13 +359,13 @@ def _stream(
             "device": run.device,
             "amp": run.amp,
             "passes": tuple(run.passes),
-            "threads": math.ceil(run.actor_cpus),
+            "threads": math.ceil(plan.cpus),
         },
         # Ray Data restarts an actor whose process dies and sends its batches again (max_restarts and
         # max_task_retries are -1 for an actor pool unless set); tasks are retried as Ray retries any task.
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=run.actor_cpus,
-        num_gpus=1 if on_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.cpus,
+        num_gpus=1 if plan.on_gpu else 0,
     )
     refused = 0
     started = time.monotonic()
@@ -362,7 +384,7 @@ def _stream(
     seconds = time.monotonic() - started
     rate = len(todo) / seconds if seconds else float("inf")
     print(
-        f"lungdet predict: {len(todo)} files on Ray ({actors} model actor(s)) in {seconds:.1f} s, "
+        f"lungdet predict: {len(todo)} files on Ray ({plan.actors} model actor(s) of {plan.cpus:g} CPU(s) each) in {seconds:.1f} s, "
         f"{rate:.1f} files/s, {refused} refused",
         file=terminal,
     )

@@ -134,12 +134,16 @@ def run_predict(command: list[str], env: dict[str, str] | None = None) -> subpro
 
 
 def assert_same_predictions(plain: Path, on_ray: Path) -> None:
-    """The same rows; scores and boxes equal to float tolerance (the forward pass may batch files differently)."""
+    """The same rows; scores and boxes equal to float tolerance.
+
+    The forward pass batches files differently and runs another thread count, so a box edge may sit
+    a hair either side of a rounding point of the submission's one decimal: one step of it is allowed.
+    """
     expected, got = read_submission(plain), read_submission(on_ray)
     assert list(got) == list(expected)
     for patient_id, prediction in expected.items():
         np.testing.assert_allclose(got[patient_id].scores, prediction.scores, atol=1e-4)
-        np.testing.assert_allclose(got[patient_id].boxes, prediction.boxes, atol=0.05)
+        np.testing.assert_allclose(got[patient_id].boxes, prediction.boxes, atol=0.1 + 1e-6)
     raw_expected = sorted(read_raw_predictions(plain.with_suffix(".raw.csv")), key=lambda row: row.patient_id)
     raw_got = sorted(read_raw_predictions(on_ray.with_suffix(".raw.csv")), key=lambda row: row.patient_id)
     assert [(row.patient_id, row.width, row.height) for row in raw_got] == [
