@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predict_speed import untrained_checkpoint  # noqa: E402  the same untrained model as the predict benchmark
 
 
-def timed_predict(checkpoint: Path, listing: Path, out: Path, *extra: str) -> float:
-    """Wall seconds of one ``lungdet predict`` over ``listing``; a failure stops the benchmark with its output."""
-    command = [
+def predict_command(checkpoint: Path, listing: Path, out: Path, *extra: str) -> list[str]:
+    """``lungdet predict`` over the files ``listing`` names, writing the submission ``out``, without a progress bar."""
+    return [
         sys.executable,
         "-m",
         "lungdet",
@@ -53,6 +53,11 @@ def timed_predict(checkpoint: Path, listing: Path, out: Path, *extra: str) -> fl
         "--no-progress",
         *extra,
     ]
+
+
+def timed_predict(checkpoint: Path, listing: Path, out: Path, *extra: str) -> float:
+    """Wall seconds of one ``lungdet predict`` over ``listing``; a failure stops the benchmark with its output."""
+    command = predict_command(checkpoint, listing, out, *extra)
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     seconds = time.perf_counter() - started
@@ -72,8 +77,8 @@ def main() -> None:
     parser.add_argument(
         "--ray-actor-cpus",
         nargs="+",
-        default=["1", "1.5"],
-        help="the --ray-actor-cpus values to run (default: Ray's 1, and 1.5, which gives the actor two threads)",
+        default=["default", "1"],
+        help="the --ray-actor-cpus values to run; 'default' leaves the flag out (default: default and 1, Ray's own)",
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -92,7 +97,8 @@ def main() -> None:
             listings[name].write_text("".join(f"{path}\n" for path in chosen))
         walls: dict[str, dict[str, float]] = {}
         runs = [("plain", ())] + [
-            (f"ray, actor {cpus} CPU", ("--ray", "--ray-actor-cpus", cpus)) for cpus in args.ray_actor_cpus
+            (f"ray, actor CPUs {cpus}", ("--ray",) if cpus == "default" else ("--ray", "--ray-actor-cpus", cpus))
+            for cpus in args.ray_actor_cpus
         ]
         for label, extra in runs:
             walls[label] = {}

@@ -64,14 +64,14 @@ def tiny_model_overrides() -> tuple[str, ...]:
     return TINY_MODEL_OVERRIDES
 
 
-def write_tiny_coco(root: Path) -> Path:
-    """8 synthetic 128 px DICOMs (half positive, with their tags and RSNA classes) under ``root/synth``, converted at 64 px in two folds to ``root/coco``: 4 train, 4 validate."""
-    synth = write_synthetic_dataset(root / "synth", count=8, seed=3, positive_fraction=0.5, size=(128, 128))
+def write_tiny_coco(root: Path, *, count: int = 8, folds: int = 2) -> Path:
+    """``count`` synthetic 128 px DICOMs (half positive, with their tags and RSNA classes) under ``root/synth``, converted at 64 px in ``folds`` folds to ``root/coco`` (by default 8 in two folds: 4 train, 4 validate)."""
+    synth = write_synthetic_dataset(root / "synth", count=count, seed=3, positive_fraction=0.5, size=(128, 128))
     convert_dataset(
         synth.images_dir,
         read_labels(synth.labels_csv, synth.class_info_csv),
         root / "coco",
-        ConvertOptions(image_size=TINY_IMAGE_SIZE, folds=2, seed=0),
+        ConvertOptions(image_size=TINY_IMAGE_SIZE, folds=folds, seed=0),
         progress=False,
     )
     return root / "coco"

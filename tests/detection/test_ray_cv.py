@@ -12,13 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lungdet.data_tools.labels import read_labels
-from lungdet.data_tools.synth import write_synthetic_dataset
-from lungdet.data_tools.to_coco import ConvertOptions, convert_dataset
 from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE
 from lungdet.detection.folds import STATE_FILE
 from lungdet.detection.train import BEST_CHECKPOINT
-from tests.detection.conftest import TINY_IMAGE_SIZE, TINY_MODEL_OVERRIDES
+from tests.detection.conftest import TINY_MODEL_OVERRIDES, write_tiny_coco
 from tests.ray_cluster import LoopbackCluster
 
 RUN = [
@@ -35,16 +32,7 @@ RUN = [
 @pytest.fixture(scope="module")
 def three_folds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """9 synthetic 128 px DICOMs converted at 64 px in three folds of 3 patients."""
-    root = tmp_path_factory.mktemp("ray_cv")
-    synth = write_synthetic_dataset(root / "synth", count=9, seed=3, positive_fraction=0.5, size=(128, 128))
-    convert_dataset(
-        synth.images_dir,
-        read_labels(synth.labels_csv, synth.class_info_csv),
-        root / "coco",
-        ConvertOptions(image_size=TINY_IMAGE_SIZE, folds=3, seed=0),
-        progress=False,
-    )
-    return root / "coco"
+    return write_tiny_coco(tmp_path_factory.mktemp("ray_cv"), count=9, folds=3)
 
 
 def cv_command(data: Path, out: Path, *extra: str) -> list[str]:
