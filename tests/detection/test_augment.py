@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -317,3 +320,18 @@ def test_write_augmentation_samples_checks_its_arguments(tmp_path: Path) -> None
         write_augmentation_samples([], AugmentConfig(), tmp_path, count=2)
     with pytest.raises(ValueError, match="count must be >= 0, got -1"):
         write_augmentation_samples([("a", synthetic_image(), BOXES)], AugmentConfig(), tmp_path, count=-1)
+
+
+def test_importing_the_augmentations_asks_the_internet_nothing() -> None:
+    """albumentations looks its latest version up on PyPI at import unless NO_ALBUMENTATIONS_UPDATE is set."""
+    code = (
+        "import urllib.request\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise SystemExit('albumentations opened ' + str(args[1:2]))\n"
+        "urllib.request.OpenerDirector.open = refuse\n"
+        "import lungdet.detection.augment, lungdet.detection.data, lungdet.detection.pretrain_data\n"
+        "print('quiet')\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "NO_ALBUMENTATIONS_UPDATE"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=environment)
+    assert done.stdout.strip() == "quiet", done.stderr
