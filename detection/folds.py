@@ -146,20 +146,22 @@ def train_final(
     *,
     progress: bool = True,
     run: Callable[..., None] = train_resumably,
+    say: Callable[[str], None] = print,
 ) -> None:
     """``--final``: one model on every image, for the folds' median best epoch count, with the folds' cut-offs (``OUT/fold_all/``).
 
-    ``run`` trains it (:func:`train_resumably`'s parameters); ``cv --ray`` passes one that trains it on the cluster.
+    ``run`` trains it (:func:`train_resumably`'s parameters) and ``say`` prints a line; ``cv --ray``
+    passes a ``run`` that trains it on the cluster and a ``say`` that writes past Ray's log.
     """
     job = from_environment()
     run_dir = Path(out_dir) / FINAL_DIR
     if read_state(out_dir).get("final"):
         if job.is_main:
-            print(f"lungdet cv: the final model is done ({run_dir}); skipped")
+            say(f"lungdet cv: the final model is done ({run_dir}); skipped")
         return
     epochs = final_epochs(out_dir, folds)
     if job.is_main:
-        print(f"lungdet cv: the final model on every image, {epochs} epochs (the folds' median best) -> {run_dir}")
+        say(f"lungdet cv: the final model on every image, {epochs} epochs (the folds' median best) -> {run_dir}")
     run(
         config_name,
         data_dir,
@@ -171,7 +173,7 @@ def train_final(
         carried = carry_fold_cut_offs(
             run_dir / BEST_CHECKPOINT, [fold_dir(out_dir, fold) / BEST_CHECKPOINT for fold in folds]
         )
-        print(
+        say(
             f"lungdet cv: the final model takes the folds' mean cut-offs: {', '.join(f'{key} {value}' for key, value in carried.items())}"
         )
         mark_done(out_dir, final=True)

@@ -147,7 +147,15 @@ def train_folds_on_ray(
                 ray, run, options, config_name, Path(data_dir).resolve(), out_dir, folds, overrides, terminal
             )
             if final:
-                train_final(config_name, Path(data_dir), out_dir, folds, overrides, run=_final_on_ray(ray, options))
+                train_final(
+                    config_name,
+                    Path(data_dir),
+                    out_dir,
+                    folds,
+                    overrides,
+                    run=_final_on_ray(ray, options),
+                    say=lambda line: print(line, file=terminal),  # stdout goes to Ray's log for the while
+                )
         finally:
             ray.shutdown()
     rows = [row for fold in folds for row in results[fold].rows]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lungdet.detection.cv import OOF_FILE, OOF_LABELS_FILE
-from lungdet.detection.folds import STATE_FILE
+from lungdet.detection.folds import FINAL_DIR, STATE_FILE
 from lungdet.detection.train import BEST_CHECKPOINT
 from tests.detection.conftest import TINY_MODEL_OVERRIDES, write_tiny_coco
 from tests.ray_cluster import LoopbackCluster
@@ -36,6 +36,7 @@ def three_folds(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cv_command(data: Path, out: Path, *extra: str) -> list[str]:
+    """``lungdet cv`` with the final model too (``--final``), the tiny model for two epochs a fold."""
     return [
         sys.executable,
         "-m",
@@ -46,6 +47,7 @@ def cv_command(data: Path, out: Path, *extra: str) -> list[str]:
         "--out",
         str(out),
         "--no-progress",
+        "--final",
         *extra,
         *RUN,
     ]
@@ -87,11 +89,18 @@ def test_three_folds_on_a_cluster_write_the_serial_run_s_out_of_fold_files_thoug
 
     for fold in (0, 1, 2):
         assert f"lungdet cv: fold {fold} done on 127.0.0.2 in" in err
-        expected = torch.load(tmp_path / "serial" / f"fold{fold}" / BEST_CHECKPOINT, weights_only=True)["model"]
-        got = torch.load(tmp_path / "ray" / f"fold{fold}" / BEST_CHECKPOINT, weights_only=True)["model"]
-        assert all(torch.equal(got[name], tensor) for name, tensor in expected.items()), fold
+    for run in ("fold0", "fold1", "fold2", FINAL_DIR):
+        expected = torch.load(tmp_path / "serial" / run / BEST_CHECKPOINT, weights_only=True)["model"]
+        got = torch.load(tmp_path / "ray" / run / BEST_CHECKPOINT, weights_only=True)["model"]
+        assert all(torch.equal(got[name], tensor) for name, tensor in expected.items()), run
+    # The final model's lines reach the terminal past Ray's log, as in a serial run.
+    assert (
+        f"lungdet cv: the final model on every image, 1 epochs (the folds' median best) -> {tmp_path / 'ray' / FINAL_DIR}"
+        in err
+    )
+    assert "lungdet cv: the final model takes the folds' mean cut-offs: score_threshold" in err
     for name in (OOF_FILE, OOF_LABELS_FILE):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes(), name
-    assert (tmp_path / "ray" / STATE_FILE).read_text() == '{"done": [0, 1, 2]}\n'
+    assert (tmp_path / "ray" / STATE_FILE).read_text() == '{"done": [0, 1, 2], "final": true}\n'
     summary = serial.stdout[serial.stdout.index("fold   mAP") :]
     assert summary.replace("/serial/", "/ray/") in out  # cv's own summary, the serial run's bar the folders named
