@@ -101,22 +101,24 @@ def connect(address: str | None, *, verbose: bool) -> Any:
     return ray
 
 
-def _missing_here(paths: Sequence[str]) -> tuple[str, list[str]]:
-    """On the node this runs on: its address and which of ``paths`` it cannot see."""
+def _missing_here(groups: dict[str, list[str]]) -> tuple[str, dict[str, list[str]]]:
+    """On the node this runs on: its address and, for each group of paths, those it cannot see."""
     import ray
 
-    return ray.util.get_node_ip_address(), [path for path in paths if not os.path.exists(path)]
+    missing = {what: [path for path in paths if not os.path.exists(path)] for what, paths in groups.items()}
+    return ray.util.get_node_ip_address(), missing
 
 
-def check_every_node_sees(ray: Any, paths: Sequence[Path], *, what: str) -> None:
-    """Raise a one-line error naming the node and the path when a node of the cluster cannot see one of ``paths``.
+def check_every_node_sees(ray: Any, groups: dict[str, Sequence[Path]]) -> None:
+    """Raise a one-line error naming the node and the path when a node of the cluster cannot see a path.
 
-    One zero-CPU task pinned to each live node looks, so this waits for no busy CPU. ``what``
-    names the paths in the message ("checkpoint", "input folder", ...).
+    ``groups`` names the paths by what they are ("checkpoint": [...], "input folder": [...]), for
+    the message. One zero-CPU task pinned to each live node looks at them all, so this waits for
+    no busy CPU.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    names = [str(Path(path).resolve()) for path in paths]
+    names = {what: [str(Path(path).resolve()) for path in paths] for what, paths in groups.items()}
     probe = ray.remote(num_cpus=0)(_missing_here)
     nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     answers = ray.get(
@@ -125,13 +127,14 @@ def check_every_node_sees(ray: Any, paths: Sequence[Path], *, what: str) -> None
             for node in nodes
         ]
     )
-    for node_ip, missing in answers:
-        if missing:
-            raise LungdetError(
-                f"{what} {missing[0]}: not found on the Ray node at {node_ip}"
-                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; put it on a filesystem every node "
-                "mounts at the same path (see docs/scale.md)"
-            )
+    for node_ip, missing_by_group in answers:
+        for what, missing in missing_by_group.items():
+            if missing:
+                raise LungdetError(
+                    f"{what} {missing[0]}: not found on the Ray node at {node_ip}"
+                    f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; put it on a filesystem every "
+                    "node mounts at the same path (see docs/scale.md)"
+                )
 
 
 @contextlib.contextmanager

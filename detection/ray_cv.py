@@ -141,7 +141,8 @@ def train_folds_on_ray(
     with ray_output_to(out_dir / LOG_NAME, command="cv", verbose=run.verbose) as terminal:
         ray = connect(run.address, verbose=run.verbose)
         try:
-            check_every_node_sees(ray, [Path(data_dir), out_dir], what="folder")
+            if run.address is not None:  # a Ray started here for this command runs on this machine's files
+                check_every_node_sees(ray, {"folder": [Path(data_dir), out_dir]})
             options = _task_options(ray, config_name, overrides, run.cpus_per_fold)
             results = _run_folds(
                 ray, run, options, config_name, Path(data_dir).resolve(), out_dir, folds, overrides, terminal

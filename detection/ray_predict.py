@@ -246,9 +246,12 @@ def predict_raw_on_ray(
         with ray_output_to(log, command="predict", verbose=run.verbose) as terminal:
             ray = connect(run.address, verbose=run.verbose)
             try:
-                check_every_node_sees(ray, run.checkpoints, what="checkpoint")
-                # Every input's folder, not every file: an archive's million files would be a million stat calls per node.
-                check_every_node_sees(ray, sorted({Path(path).parent for path in todo}), what="input folder")
+                if run.address is not None:  # a Ray started here for this command runs on this machine's files
+                    check_every_node_sees(
+                        ray,
+                        # Every input's folder, not every file: an archive's million files would be a million lookups a node.
+                        {"checkpoint": run.checkpoints, "input folder": sorted({Path(path).parent for path in todo})},
+                    )
                 plan = _actor_plan(ray, run)
                 journal.start()  # only now: a command refused above leaves no journal behind
                 _stream(

@@ -228,7 +228,8 @@ def test_a_node_that_cannot_see_a_checkpoint_is_named_and_the_driver_stays_on_lo
         "from lungdet.detection.ray_cluster import check_every_node_sees, connect; "
         f"ray = connect({ray_cluster.address!r}, verbose=False); "
         "print('driver at', ray.util.get_node_ip_address(), flush=True); "
-        f"check_every_node_sees(ray, [Path({str(here)!r}), Path({str(tmp_path / 'gone.pt')!r})], what='checkpoint')"
+        f"check_every_node_sees(ray, {{'input folder': [Path({str(tmp_path)!r})], "
+        f"'checkpoint': [Path({str(here)!r}), Path({str(tmp_path / 'gone.pt')!r})]}})"
     )
     done = run_predict(ray_cluster.command([sys.executable, "-c", code]), ray_cluster.env)
     assert done.returncode == 1
