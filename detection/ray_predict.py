@@ -252,7 +252,7 @@ def predict_raw_on_ray(
                         # Every input's folder, not every file: an archive's million files would be a million lookups a node.
                         {"checkpoint": run.checkpoints, "input folder": sorted({Path(path).parent for path in todo})},
                     )
-                plan = _actor_plan(ray, run)
+                plan = plan_actors(ray, run)
                 journal.start()  # only now: a command refused above leaves no journal behind
                 _stream(
                     ray,
@@ -296,7 +296,7 @@ class ActorPlan:
     on_gpu: bool
 
 
-def _actor_plan(ray: Any, run: RayRun) -> ActorPlan:
+def plan_actors(ray: Any, run: RayRun) -> ActorPlan:
     """The model actors for this cluster; a one-line error where the cluster cannot run them.
 
     Without ``--ray-actor-cpus`` an actor on a CPU-only cluster takes its share of the CPUs that the
