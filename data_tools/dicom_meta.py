@@ -32,7 +32,8 @@ class DicomMeta:
     ``patient_id_tag`` is the PatientID tag as stored (equal to the stem in RSNA files).
     ``pixel_spacing`` is (row spacing, column spacing) in mm. ``bits_stored``, ``samples_per_pixel``
     and ``number_of_frames`` default to what the reader assumes when the tag is absent (8 bits, one
-    channel, one frame); ``transfer_syntax`` is the UID from the file meta ('' if absent).
+    channel, one frame); ``transfer_syntax`` is the UID from the file meta ('' if absent);
+    ``body_part_examined`` is the BodyPartExamined tag as stored ('' if absent).
     """
 
     path: Path
@@ -50,6 +51,7 @@ class DicomMeta:
     samples_per_pixel: int = 1
     number_of_frames: int = 1
     transfer_syntax: str = ""
+    body_part_examined: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (path as a string, spacing as a list)."""
@@ -122,6 +124,7 @@ def metadata_from_dataset(path: Path, dataset: Dataset) -> DicomMeta:
         samples_per_pixel=_numeric_tag(path, dataset, "SamplesPerPixel", int, 1),
         number_of_frames=_numeric_tag(path, dataset, "NumberOfFrames", int, 1),
         transfer_syntax=str((getattr(dataset, "file_meta", None) or {}).get("TransferSyntaxUID", "") or ""),
+        body_part_examined=str(dataset.get("BodyPartExamined", "") or ""),
     )
 
 

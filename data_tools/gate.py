@@ -1,0 +1,53 @@
+"""Is this a frontal chest radiograph? The check on an image's DICOM tags before lungdet predicts on it.
+
+lungdet's models were trained on frontal (AP or PA) chest radiographs only; on a CT slice, an
+abdomen film or a lateral view they would still draw boxes, and those boxes would mean nothing.
+:func:`not_frontal_chest` reads the tags that say what an image is and returns why it is not a
+frontal chest radiograph, or None when nothing says so:
+
+- **Modality**: CR, DX or DR (projection radiography); SC (secondary capture) only with a chest body
+  part, as the RSNA challenge's files are stored. An absent Modality passes: the other tags decide.
+- **BodyPartExamined**, when present: a chest (CHEST, THORAX, LUNG and the like).
+- **ViewPosition**, when present: AP or PA. A lateral (LL, RL, LAT, LATERAL), decubitus or oblique
+  view is refused.
+
+An empty tag never refuses an image on its own: many archives leave BodyPartExamined and
+ViewPosition empty on real chest films. PNG and JPEG files carry no tags, so this check cannot
+judge them (no image-level check is built: see docs/dicom_and_pacs.md).
+"""
+
+from __future__ import annotations
+
+from lungdet.data_tools.dicom_meta import DicomMeta
+
+PROJECTION_MODALITIES = ("CR", "DX", "DR")
+# Secondary Capture holds anything; the RSNA challenge stored its chest films so, with Modality CR or SC.
+CAPTURE_MODALITIES = ("SC", "OT")
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LUNG", "PORT CHEST", "TORAX", "THORAX_LUNG")
+FRONTAL_VIEWS = ("AP", "PA")
+REFUSAL_PREFIX = "not a frontal chest radiograph"
+
+
+def _normal(value: str) -> str:
+    return " ".join(value.upper().replace("-", " ").split())
+
+
+def not_frontal_chest(meta: DicomMeta) -> str | None:
+    """Why ``meta``'s image is not a frontal chest radiograph ("not a frontal chest radiograph: ..."), or None."""
+    modality, body_part, view = _normal(meta.modality), _normal(meta.body_part_examined), _normal(meta.view_position)
+    chest = body_part in CHEST_BODY_PARTS
+    if modality and modality not in PROJECTION_MODALITIES:
+        if modality not in CAPTURE_MODALITIES:
+            return (
+                f"{REFUSAL_PREFIX}: Modality {modality} (lungdet's models were made for CR, DX or DR chest radiographs)"
+            )
+        if not chest:
+            return (
+                f"{REFUSAL_PREFIX}: Modality {modality} (a secondary capture) without a chest BodyPartExamined "
+                f"({body_part or 'empty'})"
+            )
+    if body_part and not chest:
+        return f"{REFUSAL_PREFIX}: BodyPartExamined {body_part}"
+    if view and view not in FRONTAL_VIEWS:
+        return f"{REFUSAL_PREFIX}: ViewPosition {view} (only AP and PA views are frontal)"
+    return None
