@@ -101,6 +101,11 @@ def connect(address: str | None, *, verbose: bool) -> Any:
     return ray
 
 
+def largest_node_cpus(ray: Any) -> float:
+    """The CPUs of the cluster's largest live node: more than this, a task or actor could never be placed."""
+    return max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+
+
 def _missing_here(groups: dict[str, list[str]]) -> tuple[str, dict[str, list[str]]]:
     """On the node this runs on: its address and, for each group of paths, those it cannot see."""
     import ray

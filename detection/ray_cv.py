@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from lungdet.detection.config import load_config
 from lungdet.detection.folds import fold_dir, mark_done, predict_out_of_fold, read_done, train_final, train_resumably
-from lungdet.detection.ray_cluster import check_every_node_sees, connect, ray_output_to
+from lungdet.detection.ray_cluster import check_every_node_sees, connect, largest_node_cpus, ray_output_to
 from lungdet.detection.runtime import resolve_device
 from lungdet.errors import LungdetError
 from lungdet.submission.raw_predictions import RawPrediction
@@ -110,11 +110,10 @@ def _get(ray: Any, reference: Any) -> Any:
 
 def _task_options(ray: Any, config_name: str | None, overrides: Sequence[str], cpus: int) -> dict[str, Any]:
     """Each fold's resource request: ``cpus`` CPUs, and one GPU where the cluster has any and the config allows."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    widest = max((int(resources.get("CPU", 0)) for resources in nodes), default=0)
+    widest = largest_node_cpus(ray)
     if cpus > widest:
         # No node could ever take the task; Ray would wait for such a node for ever.
-        raise LungdetError(f"--ray-fold-cpus {cpus}: the largest node of the Ray cluster has {widest} CPU(s)")
+        raise LungdetError(f"--ray-fold-cpus {cpus}: the largest node of the Ray cluster has {widest:g} CPU(s)")
     gpus = int(ray.cluster_resources().get("GPU", 0))
     device = load_config(config_name, list(overrides)).device
     if device.startswith("cuda") and not gpus:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from lungdet.data_tools.metadata import ImageTags
 from lungdet.detection.ensemble import BatchPredictor, input_specs, predict_batch
 from lungdet.detection.prepared_images import PreparedImages, collate_prepared, read_any_input, read_dicom_input
-from lungdet.detection.ray_cluster import check_every_node_sees, connect, ray_output_to
+from lungdet.detection.ray_cluster import check_every_node_sees, connect, largest_node_cpus, ray_output_to
 from lungdet.detection.tta import TtaPass
 from lungdet.errors import LungdetError
 from lungdet.submission.prediction_string import Prediction
@@ -309,7 +309,7 @@ def plan_actors(ray: Any, run: RayRun) -> ActorPlan:
         raise LungdetError(f"--device {run.device}: the Ray cluster has no GPU; use --device cpu or auto")
     on_gpu = gpus > 0 and run.device != "cpu"
     cpus = resources.get("CPU", 0)
-    widest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+    widest = largest_node_cpus(ray)
     actors = run.actors or (gpus if on_gpu else max(1, int(cpus) // 2))
     actor_cpus = run.actor_cpus
     if actor_cpus is None:
