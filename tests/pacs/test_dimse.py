@@ -24,6 +24,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from lungdet import lungdet_version
@@ -103,6 +104,9 @@ def synthetic(**changes: object) -> Dataset:
     return dataset
 
 
+STILL_ARRIVING_SECONDS = 5.0
+
+
 class StoreScp:
     """DCMTK's storescp as the results' receiver: every instance it takes lands as its own file (+uf), so a second copy would show."""
 
@@ -134,7 +138,22 @@ class StoreScp:
             self.process.wait()
 
     def received(self) -> list[Dataset]:
-        return [pydicom.dcmread(path) for path in sorted(self.folder.iterdir()) if path.is_file()]
+        """Every instance storescp has written in full.
+
+        storescp writes each file under its final name as the data arrives, so a poll can meet one
+        half written: a file that does not parse yet and changed in the last few seconds is still
+        arriving and is left for the next poll. An older one that does not parse is an error.
+        """
+        datasets = []
+        for path in sorted(self.folder.iterdir()):
+            if not path.is_file():
+                continue
+            try:
+                datasets.append(pydicom.dcmread(path))
+            except (InvalidDicomError, EOFError):
+                if time.time() - path.stat().st_mtime > STILL_ARRIVING_SECONDS:
+                    raise
+        return datasets
 
 
 @pytest.fixture
