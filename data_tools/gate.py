@@ -18,7 +18,9 @@ judge them (no image-level check is built: see docs/dicom_and_pacs.md).
 
 from __future__ import annotations
 
-from lungdet.data_tools.dicom_meta import DicomMeta
+from typing import Protocol
+
+from lungdet.errors import ImageReadError
 
 PROJECTION_MODALITIES = ("CR", "DX", "DR")
 # Secondary Capture holds anything; the RSNA challenge stored its chest films so, with Modality CR or SC.
@@ -26,14 +28,36 @@ CAPTURE_MODALITIES = ("SC", "OT")
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LUNG", "PORT CHEST", "TORAX", "THORAX_LUNG")
 FRONTAL_VIEWS = ("AP", "PA")
 REFUSAL_PREFIX = "not a frontal chest radiograph"
+# The ImageReadError kind of a refused image: the server's 422 and predict's "refused" rows tell it from an unreadable file by it.
+REFUSAL_KIND = "not_frontal_chest"
+ALLOW_ANY_VIEW_WARNING = (
+    "warning: --allow-any-view: the frontal-chest check on DICOM tags is off; lungdet will draw boxes on whatever it is "
+    "sent (CT, lateral views, other body parts), and those boxes mean nothing"
+)
 
 
-def _normal(value: str) -> str:
-    return " ".join(value.upper().replace("-", " ").split())
+class ImageKindTags(Protocol):
+    """What says what an image is: a :class:`~lungdet.data_tools.dicom_meta.DicomMeta` or an :class:`~lungdet.data_tools.image_io.XrayImage`."""
+
+    modality: str | None
+    body_part_examined: str | None
+    view_position: str | None
 
 
-def not_frontal_chest(meta: DicomMeta) -> str | None:
-    """Why ``meta``'s image is not a frontal chest radiograph ("not a frontal chest radiograph: ..."), or None."""
+def _normal(value: str | None) -> str:
+    return " ".join((value or "").upper().replace("-", " ").split())
+
+
+def is_refusal(reason: str) -> bool:
+    """Whether a reader's reason is this gate's refusal rather than a file that cannot be read."""
+    return reason.startswith(REFUSAL_PREFIX)
+
+
+def not_frontal_chest(meta: ImageKindTags) -> str | None:
+    """Why ``meta``'s image is not a frontal chest radiograph ("not a frontal chest radiograph: ..."), or None.
+
+    A PNG or JPEG (an XrayImage with no tags) always passes: nothing in it says what it is.
+    """
     modality, body_part, view = _normal(meta.modality), _normal(meta.body_part_examined), _normal(meta.view_position)
     chest = body_part in CHEST_BODY_PARTS
     if modality and modality not in PROJECTION_MODALITIES:
@@ -51,3 +75,10 @@ def not_frontal_chest(meta: DicomMeta) -> str | None:
     if view and view not in FRONTAL_VIEWS:
         return f"{REFUSAL_PREFIX}: ViewPosition {view} (only AP and PA views are frontal)"
     return None
+
+
+def refuse_unless_frontal_chest(tags: ImageKindTags, *, name: object) -> None:
+    """Raise ImageReadError (kind :data:`REFUSAL_KIND`, the reason from :func:`not_frontal_chest`) for an image the gate refuses."""
+    reason = not_frontal_chest(tags)
+    if reason is not None:
+        raise ImageReadError(name, reason, kind=REFUSAL_KIND)

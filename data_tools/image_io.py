@@ -68,6 +68,9 @@ class XrayImage:
     view_position: str | None = None
     sex: str | None = None
     age: int | None = None
+    # What the DICOM says the image is, for the frontal-chest gate (lungdet.data_tools.gate); None for PNG/JPEG.
+    modality: str | None = None
+    body_part_examined: str | None = None
     notes: tuple[dict[str, str], ...] = field(default_factory=tuple)
     # True when the PNG/JPEG file itself decodes to exactly ``pixels`` (8-bit grey, upright):
     # convert may then keep the file's bytes instead of encoding the pixels again.
@@ -183,6 +186,8 @@ def _read_dicom(data: bytes, *, name: str, max_pixels: int) -> XrayImage:
         view_position=meta.view_position or None,
         sex=meta.sex or None,
         age=meta.age,
+        modality=meta.modality or None,
+        body_part_examined=meta.body_part_examined or None,
         notes=tuple(conversion_notes(meta)),
     )
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import cv2
 
+from lungdet.data_tools.gate import refuse_unless_frontal_chest
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS, XrayImage, read_xray
 from lungdet.data_tools.metadata import ImageTags, laid_over
 from lungdet.detection.detector import Detector
@@ -70,17 +71,21 @@ def detect_bytes(
     name: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     tags: ImageTags | None = None,
+    gate: bool = True,
 ) -> Detection:
     """Decode one X-ray held in memory and run the detector on it.
 
     ``name`` is what error messages call the file (default: ``upload <id>``); ``tags`` (view, sex,
     age: a metadata row) fill in or replace what the file says, for an image head with metadata. Raises
     :class:`~lungdet.errors.ImageReadError` for anything that is not a readable X-ray (see
-    :func:`~lungdet.data_tools.image_io.read_xray`), before the model runs.
+    :func:`~lungdet.data_tools.image_io.read_xray`), before the model runs, and with ``gate`` for a DICOM whose
+    tags say it is not a frontal chest radiograph (kind 'not_frontal_chest', :mod:`lungdet.data_tools.gate`).
     """
     started = time.perf_counter()
     identifier = upload_id(data)
     image = read_xray(data, name=name or f"upload {identifier}", max_pixels=max_pixels)
+    if gate:
+        refuse_unless_frontal_chest(image, name=name or f"upload {identifier}")
     result = detector.predict(image.pixels, laid_over(image.tags, tags))
     return Detection(
         upload_id=identifier,

@@ -22,12 +22,13 @@ from tqdm import tqdm
 from lungdet.boxes import scale_xywh
 from lungdet.cli_types import cpu_share, device_name, fraction, image_dimensions, int_in_range
 from lungdet.data_tools.dicom_io import find_dicoms
+from lungdet.data_tools.gate import ALLOW_ANY_VIEW_WARNING, is_refusal
 from lungdet.data_tools.image_io import find_images, read_input_list
 from lungdet.data_tools.metadata import ImageTags, MetadataTable, read_metadata_csv
 from lungdet.detection.config import AMP_MODES
 from lungdet.detection.detector import Detector, load_detector
 from lungdet.detection.ensemble import predict_raw
-from lungdet.detection.prepared_images import default_workers, read_any_input, read_dicom_input
+from lungdet.detection.prepared_images import default_workers, input_reader
 from lungdet.detection.ray_cluster import add_ray_arguments
 from lungdet.detection.tta import TTA_EXAMPLE, parse_tta, tta_argument
 from lungdet.errors import ImageReadError, LungdetError
@@ -128,6 +129,12 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="LIST",
         help="a text file naming one X-ray file per line (as --input takes them), for archives too big for a command line",
+    )
+    parser.add_argument(
+        "--allow-any-view",
+        action="store_true",
+        help="turn off the check that refuses DICOMs whose tags say they are not frontal chest radiographs (CT, MR, a lateral "
+        "view, another body part): for sites whose tags are wrong; the boxes on such images mean nothing",
     )
 
 
@@ -312,7 +319,11 @@ def predict_json(args: argparse.Namespace, paths: Sequence[Path]) -> int:
     for path in tqdm(paths, desc="predict", unit="file", disable=None if not args.no_progress else True):
         try:
             detection = detect_bytes(
-                detector, read_file_bytes(path), name=str(path), tags=(given_tags or {}).get(Path(path).stem)
+                detector,
+                read_file_bytes(path),
+                name=str(path),
+                tags=(given_tags or {}).get(Path(path).stem),
+                gate=not args.allow_any_view,
             )
         except ImageReadError as error:
             failed.append((path, error.reason))
@@ -322,8 +333,7 @@ def predict_json(args: argparse.Namespace, paths: Sequence[Path]) -> int:
             json.dumps(detection_json(detection, detector_info=detector.info, min_confidence=args.score_threshold)),
             flush=True,
         )
-    for path, reason in failed:
-        print(f"  unreadable: {path}: {reason}", file=sys.stderr)
+    say_bad_inputs(failed, written_empty=False)
     return 2 if failed else 0
 
 
@@ -413,6 +423,8 @@ def main(args: argparse.Namespace) -> int:
     """
     check_outputs(args)
     paths = _input_paths(args)
+    if args.allow_any_view:
+        print(ALLOW_ANY_VIEW_WARNING, file=sys.stderr)
     if args.json:
         return predict_json(args, paths)
     check_unique_patient_ids(paths)
@@ -429,7 +441,7 @@ def main(args: argparse.Namespace) -> int:
             detectors,
             model_names(args.checkpoint),
             paths,
-            read=read_dicom_input if args.dicom_dir is not None else read_any_input,
+            read=input_reader(_reader_kind(args), gate=not args.allow_any_view),
             tags=given_tags,
             tta=args.tta,
             batch_size=args.batch_size,
@@ -449,11 +461,31 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.out is not None:
         _write_submission_file(args, predictions, bad, detectors, postprocess_config)
-    for path, reason in bad:
-        print(f"  unreadable{', written with no boxes' if args.out else ''}: {path}: {reason}", file=sys.stderr)
+    say_bad_inputs(bad, written_empty=args.out is not None)
     if journal is not None:
         journal.remove()  # every output is written: the per-file results have served
     return 0
+
+
+def _reader_kind(args: argparse.Namespace) -> str:
+    """'dicom' for ``--dicom-dir``, else 'any' (DICOM, PNG or JPEG told apart by content)."""
+    return "dicom" if args.dicom_dir is not None else "any"
+
+
+def bad_input_counts(bad: Sequence[tuple[Path, str]]) -> str:
+    """'; N refused (not frontal chest radiographs), M unreadable' for the summary line; '' when every input was read."""
+    refused = sum(is_refusal(reason) for _, reason in bad)
+    parts = [f"{refused} refused (not frontal chest radiographs)"] * bool(refused) + [
+        f"{len(bad) - refused} unreadable"
+    ] * bool(len(bad) - refused)
+    return f"; {', '.join(parts)}" if parts else ""
+
+
+def say_bad_inputs(bad: Sequence[tuple[Path, str]], *, written_empty: bool) -> None:
+    """One stderr line per input that was refused by the frontal-chest gate or could not be read, with why."""
+    note = ", written with no boxes" if written_empty else ""
+    for path, reason in bad:
+        print(f"  {'refused' if is_refusal(reason) else 'unreadable'}{note}: {path}: {reason}", file=sys.stderr)
 
 
 def _predict_on_ray(
@@ -469,7 +501,8 @@ def _predict_on_ray(
         address=args.ray or None,
         checkpoints=list(args.checkpoint),
         names=model_names(args.checkpoint),
-        reader="dicom" if args.dicom_dir is not None else "any",
+        reader=_reader_kind(args),
+        gate=not args.allow_any_view,
         passes=parse_tta(args.tta),
         device=args.device,
         amp=args.amp,
@@ -586,5 +619,5 @@ def _write_submission_file(
     tta = f", TTA {'+'.join(extra)}" if extra else ""
     print(
         f"wrote {args.out}: {len(predictions)} rows, {with_boxes} with boxes "
-        f"(confidence >= {postprocess_config.score_threshold:g}{fused}{tta}; {ran_on})"
+        f"(confidence >= {postprocess_config.score_threshold:g}{fused}{tta}; {ran_on}){bad_input_counts(bad)}"
     )

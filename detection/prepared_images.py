@@ -14,6 +14,7 @@ import multiprocessing.context
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lungdet.data_tools.dicom_io import read_dicom
+from lungdet.data_tools.gate import refuse_unless_frontal_chest
 from lungdet.data_tools.image_io import read_xray_file
 from lungdet.data_tools.metadata import ImageTags, dicom_tags, laid_over
 from lungdet.detection.inference import LoadedImage, prepare_input
@@ -178,13 +180,28 @@ def prepared_loader(
     )
 
 
-def read_dicom_input(path: Path) -> LoadedImage:
-    """A DICOM's pixels and its tags (view position, sex, age)."""
+def read_dicom_input(path: Path, *, gate: bool = True) -> LoadedImage:
+    """A DICOM's pixels and its tags (view position, sex, age); with ``gate``, one whose tags say it is not a frontal chest radiograph is refused (ImageReadError)."""
     image = read_dicom(path)
+    if gate:
+        refuse_unless_frontal_chest(image.meta, name=path)
     return LoadedImage(image.pixels, dicom_tags(image.meta))
 
 
-def read_any_input(path: Path) -> LoadedImage:
-    """An input file's pixels and tags, told by content (``--input``, ``--image-dir``): a DICOM with any name, PNG or JPEG."""
+def read_any_input(path: Path, *, gate: bool = True) -> LoadedImage:
+    """An input file's pixels and tags, told by content (``--input``, ``--image-dir``): a DICOM with any name, PNG or JPEG.
+
+    With ``gate``, a DICOM whose tags say it is not a frontal chest radiograph is refused (ImageReadError); PNG and JPEG carry no such tags.
+    """
     image = read_xray_file(path)
+    if gate:
+        refuse_unless_frontal_chest(image, name=path)
     return LoadedImage(image.pixels, image.tags)
+
+
+INPUT_READERS = {"dicom": read_dicom_input, "any": read_any_input}
+
+
+def input_reader(kind: str, *, gate: bool = True) -> Callable[[Path], LoadedImage]:
+    """The reader for ``kind`` ('dicom': ``--dicom-dir``; 'any': told by content), with the frontal-chest gate on or off; picklable for loader workers."""
+    return partial(INPUT_READERS[kind], gate=gate)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from lungdet.data_tools.metadata import ImageTags
 from lungdet.detection.ensemble import BatchPredictor, input_specs, predict_batch
-from lungdet.detection.prepared_images import PreparedImages, collate_prepared, read_any_input, read_dicom_input
+from lungdet.detection.prepared_images import PreparedImages, collate_prepared, input_reader
 from lungdet.detection.ray_cluster import check_every_node_sees, connect, largest_node_cpus, ray_output_to
 from lungdet.detection.tta import TtaPass
 from lungdet.errors import LungdetError
@@ -38,7 +38,6 @@ from lungdet.submission.raw_predictions import RawPrediction
 
 RESULTS_SUFFIX = ".ray-results.jsonl"
 JOURNAL_VERSION = 1
-READERS = {"dicom": read_dicom_input, "any": read_any_input}
 READ_CPUS = 0.5
 
 
@@ -147,10 +146,15 @@ def prepare_files(
     specs: Sequence[Any],
     passes: Sequence[TtaPass],
     tags: Mapping[str, ImageTags] | None,
+    gate: bool = True,
 ) -> dict[str, np.ndarray]:
     """A Ray task's share of the reading: each file read and prepared for every spec and pass, pickled for the actors."""
     images = PreparedImages(
-        [Path(path) for path in batch["path"]], read=READERS[reader], specs=specs, passes=passes, tags=tags
+        [Path(path) for path in batch["path"]],
+        read=input_reader(reader, gate=gate),
+        specs=specs,
+        passes=passes,
+        tags=tags,
     )
     items = [pickle.dumps(images[index], protocol=pickle.HIGHEST_PROTOCOL) for index in range(len(images))]
     return {"path": batch["path"], "item": np.array(items, dtype=object)}
@@ -212,6 +216,7 @@ class RayRun:
     actors: int | None
     journal: Path
     actor_cpus: float | None = None
+    gate: bool = True  # the frontal-chest check on DICOM tags (off with --allow-any-view)
     verbose: bool = False
     progress: bool = True
 
@@ -235,6 +240,7 @@ def predict_raw_on_ray(
         "amp": run.amp,
         "metadata": _tags_digest(tags),
         "inputs": len(paths),
+        "gate": run.gate,
     }
     journal = ResultsJournal(run.journal, header)
     journal.open()
@@ -348,7 +354,13 @@ def _stream(
     dataset = dataset.map_batches(
         prepare_files,
         batch_size=run.batch_size,
-        fn_kwargs={"reader": run.reader, "specs": specs, "passes": tuple(run.passes), "tags": dict(tags or {})},
+        fn_kwargs={
+            "reader": run.reader,
+            "specs": specs,
+            "passes": tuple(run.passes),
+            "tags": dict(tags or {}),
+            "gate": run.gate,
+        },
         # Half a CPU, not the actors' one: Ray Data fuses two stages that ask for the same resources, and
         # the reading would then run inside the model actors instead of in tasks of its own.
         num_cpus=READ_CPUS,

@@ -122,6 +122,15 @@ def listen_address(text: str) -> tuple[str | None, str, int]:
     return (ae_title(title) if at else None), host, port
 
 
+def host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (a syslog collector, say) -> (host, port); port 0 is refused."""
+    example = "HOST:PORT, e.g. 127.0.0.1:6514"
+    host, port = _host_and_port(text, text, example)
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"port 0 in {text!r}: give the port the collector listens on")
+    return host.strip("[]"), port
+
+
 def allowed_caller(text: str) -> AllowedCaller:
     """``AE`` or ``AE@HOST`` -> :class:`AllowedCaller`."""
     title, at, host = text.rpartition("@")

@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 
 from lungdet.cli_types import device_name, fraction, int_in_range, positive_seconds
+from lungdet.data_tools.gate import ALLOW_ANY_VIEW_WARNING
 from lungdet.detection.config import AMP_MODES
 from lungdet.errors import LungdetError
-from lungdet.pacs.addresses import AEAddress, ae_address, ae_title, allowed_caller, listen_address
-from lungdet.pacs.inbox import DEFAULT_MAX_INBOX, DimseState
+from lungdet.pacs.addresses import AEAddress, ae_address, ae_title, allowed_caller, host_port, listen_address
+from lungdet.pacs.inbox import DEFAULT_KEEP_DAYS, DEFAULT_MAX_INBOX, DimseState
+from lungdet.tls import check_key_file, client_context, server_context
 
 TOKEN_VARIABLE = "LUNGDET_PACS_TOKEN"
 PASSWORD_VARIABLE = "LUNGDET_PACS_PASSWORD"
@@ -44,6 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_listening_arguments(parser)
     _add_result_arguments(parser)
     _add_connection_arguments(parser)
+    _add_security_arguments(parser)
     _add_device_arguments(parser)
     return parser
 
@@ -153,6 +156,58 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """DICOM TLS, the audit trail, how long the node remembers, and the frontal-chest gate (docs/dicom_and_pacs.md, Security)."""
+    tls = parser.add_argument_group("DICOM TLS (with --listen; with --url, the HTTPS of the DICOMweb server)")
+    tls.add_argument(
+        "--tls-cert", type=Path, metavar="CERT", help="this node's PEM certificate; --listen then accepts TLS only"
+    )
+    tls.add_argument("--tls-key", type=Path, metavar="KEY", help="its PEM private key, readable by this account only")
+    tls.add_argument(
+        "--tls-ca", type=Path, metavar="CA", help="the PEM CA bundle this node trusts for its peers, both ways"
+    )
+    tls.add_argument(
+        "--tls-require-client-cert",
+        action="store_true",
+        help="senders must show a client certificate that --tls-ca signed",
+    )
+    tls.add_argument(
+        "--send-tls",
+        action="store_true",
+        help="store results to --send-to over TLS: its certificate checked against --tls-ca (host name included), "
+        "this node's --tls-cert shown",
+    )
+    audit = parser.add_argument_group("audit trail (DICOM PS3.15 A.5 audit messages)")
+    audit.add_argument(
+        "--audit", type=Path, metavar="FILE", help="append one audit message per line to FILE (created 0600)"
+    )
+    audit.add_argument(
+        "--audit-syslog",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="send each audit message to this syslog collector (RFC 5424 over TCP)",
+    )
+    audit.add_argument(
+        "--audit-syslog-tls",
+        action="store_true",
+        help="speak TLS to --audit-syslog (RFC 5425), checking its certificate against --tls-ca",
+    )
+    parser.add_argument(
+        "--keep-days",
+        type=positive_seconds,
+        default=None,
+        metavar="DAYS",
+        help=f"with --listen: forget settled images after this many days (an image sent again later is analysed "
+        f"again, its result the same instances; default {DEFAULT_KEEP_DAYS:g})",
+    )
+    parser.add_argument(
+        "--allow-any-view",
+        action="store_true",
+        help="turn off the check that skips images whose tags say they are not frontal chest radiographs (a lateral view, "
+        "another body part): for sites whose tags are wrong; the boxes on such images mean nothing",
+    )
+
+
 def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """Where and at which precision the model runs."""
     parser.add_argument(
@@ -182,6 +237,11 @@ def make_client(args: argparse.Namespace):
         session.auth = (args.username, password)
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
+    if args.tls_ca is not None:  # an HTTPS server whose certificate the hospital's CA signed
+        session.verify = str(args.tls_ca)
+    if args.tls_cert is not None:  # and a client certificate, where the server asks for one
+        check_key_file(args.tls_key)
+        session.cert = (str(args.tls_cert), str(args.tls_key))
     client = DICOMwebClient(args.url.rstrip("/"), session=session, timeout=args.timeout)
     # dicomweb-client retries every failed request itself, for about 30 s (exponential waits); the
     # node has its own retry loop, which says once that the server is down, so each request is tried once.
@@ -189,7 +249,16 @@ def make_client(args: argparse.Namespace):
     return client
 
 
-LISTEN_ONLY = ("send_to", "dicomweb_url", "allow", "allow_any", "max_inbox")
+LISTEN_ONLY = (
+    "send_to",
+    "dicomweb_url",
+    "allow",
+    "allow_any",
+    "max_inbox",
+    "keep_days",
+    "tls_require_client_cert",
+    "send_tls",
+)
 POLL_ONLY = ("poll_seconds", "once", "retry_seconds")
 
 
@@ -199,6 +268,7 @@ def check_mode(args: argparse.Namespace) -> None:
     def given(names: tuple[str, ...]) -> list[str]:
         return ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) not in (None, False)]
 
+    check_tls(args)
     if args.url is not None:
         if given(LISTEN_ONLY):
             raise LungdetError(
@@ -218,6 +288,24 @@ def check_mode(args: argparse.Namespace) -> None:
     if not args.allow and not args.allow_any:
         raise LungdetError(
             "--listen needs --allow AE[@HOST] for each sender (an archive's or router's AE title), or --allow-any on a closed test network"
+        )
+
+
+def check_tls(args: argparse.Namespace) -> None:
+    """Refuse TLS and audit options that cannot work together (a one-line LungdetError); the files themselves are read later."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise LungdetError(
+            "give --tls-cert CERT and --tls-key KEY together: this node's certificate and its private key"
+        )
+    if args.tls_require_client_cert and (args.tls_cert is None or args.tls_ca is None):
+        raise LungdetError(
+            "--tls-require-client-cert needs --tls-cert/--tls-key (TLS on) and --tls-ca (the CA that signs the senders)"
+        )
+    if args.send_tls and (args.send_to is None or args.tls_ca is None):
+        raise LungdetError("--send-tls needs --send-to AE@HOST:PORT and --tls-ca (the CA that signed the receiver)")
+    if args.audit_syslog_tls and (args.audit_syslog is None or args.tls_ca is None):
+        raise LungdetError(
+            "--audit-syslog-tls needs --audit-syslog HOST:PORT and --tls-ca (the CA that signed the collector)"
         )
 
 
@@ -251,12 +339,23 @@ def main(args: argparse.Namespace) -> int:
     from lungdet.detection.detector import load_detector
 
     setup_logging()
+    if args.allow_any_view:
+        print(ALLOW_ANY_VIEW_WARNING, file=sys.stderr)
     client = make_client(args)
     detector = load_detector(args.checkpoint, device=args.device, amp=args.amp)
     cut_off = detector.score_threshold if args.score_threshold is None else args.score_threshold
     model = model_identity(lungdet_version(), [detector.architecture], [detector.checkpoint_sha256], cut_off)
     state = NodeState.load(args.state_dir)
-    node = PacsNode(client, detector, model, state, cut_off=cut_off, overlay=args.overlay, gsps=args.gsps)
+    node = PacsNode(
+        client,
+        detector,
+        model,
+        state,
+        cut_off=cut_off,
+        overlay=args.overlay,
+        gsps=args.gsps,
+        gate=not args.allow_any_view,
+    )
     node.say(
         f"{args.url}: {detector.architecture} ({detector.format}) on {detector.device}, cut-off {cut_off:g}; state in {args.state_dir}; "
         "research use only, not a diagnostic device"
@@ -289,17 +388,32 @@ def main_listen(args: argparse.Namespace) -> int:
 
     title, host, port = args.listen
     listen = AEAddress(title or args.ae_title, host, port)
+    # Every certificate and key is read before the model loads: a wrong file fails in a second.
+    listen_tls = (
+        None
+        if args.tls_cert is None
+        else server_context(
+            args.tls_cert, args.tls_key, ca=args.tls_ca, require_client_cert=args.tls_require_client_cert
+        )
+    )
+    send_tls = client_context(args.tls_ca, cert=args.tls_cert, key=args.tls_key) if args.send_tls else None
     if args.send_to is not None:
-        receiver = CStoreReceiver(args.send_to, ae_title=args.ae_title, timeout=args.timeout)
+        receiver = CStoreReceiver(args.send_to, ae_title=args.ae_title, timeout=args.timeout, tls=send_tls)
     else:
         receiver = DicomwebReceiver(
             make_client(argparse.Namespace(**{**vars(args), "url": args.dicomweb_url})), args.dicomweb_url
         )
     log = setup_logging()
+    if args.allow_any_view:
+        log.info(ALLOW_ANY_VIEW_WARNING)
     detector = load_detector(args.checkpoint, device=args.device, amp=args.amp)
     cut_off = detector.score_threshold if args.score_threshold is None else args.score_threshold
     model = model_identity(lungdet_version(), [detector.architecture], [detector.checkpoint_sha256], cut_off)
-    state = DimseState.open(args.state_dir, max_inbox=args.max_inbox or DEFAULT_MAX_INBOX)
+    state = DimseState.open(
+        args.state_dir,
+        max_inbox=args.max_inbox or DEFAULT_MAX_INBOX,
+        keep_days=args.keep_days or DEFAULT_KEEP_DAYS,
+    )
     try:
         node = DimseNode(
             listen,
@@ -311,6 +425,8 @@ def main_listen(args: argparse.Namespace) -> int:
             cut_off,
             overlay=args.overlay,
             gsps=args.gsps,
+            gate=not args.allow_any_view,
+            tls=listen_tls,
             say=log.info,
         )
     except ValueError as error:  # an --allow host that does not resolve

@@ -11,9 +11,11 @@ syntax this environment can decode (:func:`accepted_transfer_syntaxes`), and a V
 
 The C-STORE handler checks and decodes the instance (a few milliseconds for an RSNA JPEG), so
 that bad input is refused to its sender, who can alert someone, rather than acknowledged and then
-dropped: a multi-frame image or one without pixels gets 0xA900, a frame that does not decode or a
-modality other than CR/DX gets 0xC000, a full inbox or disk 0xA700; none of these writes
-anything. Instances of other SOP classes are refused at association (their presentation context
+dropped: a multi-frame image or one without pixels gets 0xA900, a frame that does not decode
+gets 0xC000, a full inbox or disk 0xA700; none of these writes anything. An image whose tags say
+it is not a frontal chest radiograph (:mod:`lungdet.data_tools.gate`: CT, a lateral view, an
+abdomen film) is acknowledged, so that the archive does not send it again, logged as skipped with
+the reason, and nothing is written or sent for it (``--allow-any-view`` turns that check off). Instances of other SOP classes are refused at association (their presentation context
 is rejected). The node's own results coming back (a routing loop) are acknowledged and dropped.
 Inference never runs in the handler: one worker thread takes the inbox in arrival order, and a
 sender thread stores the results; a file the worker still cannot read is logged and skipped, and
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +72,7 @@ from lungdet.data_tools.dicom_io import (
     image_from_dataset,
     read_dataset_bytes,
 )
+from lungdet.data_tools.gate import not_frontal_chest
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
 from lungdet.errors import DicomReadError, ImageReadError, LungdetError
@@ -82,8 +86,9 @@ from lungdet.pacs.inbox import (
     Known,
     Refusal,
 )
-from lungdet.pacs.node import CHEST_MODALITIES, MAX_PAUSE_S, OWN_SERIES
+from lungdet.pacs.node import MAX_PAUSE_S, OWN_SERIES
 from lungdet.pacs.receivers import NETWORK_TIMEOUT_S, SEND_BATCH, Receiver, ReceiverDown, first_line
+from lungdet.pacs.tls_server import start_listening
 from lungdet.show.dicom_derived import ModelIdentity, report_uid
 from lungdet.show.dicom_results import result_datasets
 from lungdet.submission.prediction_string import keep_confident
@@ -147,15 +152,19 @@ class Arrival:
     sop: str
     study: str
     own_result: bool = False
+    not_frontal_chest: str | None = None  # why the gate skips it: acknowledged, and no result
 
 
-def check_instance(data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Arrival | Refusal:
+def check_instance(
+    data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX_PIXELS, gate: bool = True
+) -> Arrival | Refusal:
     """Decide on one C-STORE request: ``data`` is the instance as a DICOM file, ``sop_class`` the Affected SOP Class of the request.
 
     Parses the instance once (:func:`~lungdet.data_tools.dicom_io.read_dataset_bytes`), reads the
     tags, then decodes the pixels from the same Dataset (with the size limit against decompression
     bombs), so that whatever is acknowledged can be analysed. Returns the :class:`Refusal` with its
-    status for anything else.
+    status for anything else. With ``gate``, an Arrival whose tags say it is not a frontal chest
+    radiograph carries why, in ``not_frontal_chest``.
     """
     try:
         header = read_dataset_bytes(data, name="instance", untrusted=True)
@@ -179,20 +188,14 @@ def check_instance(data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX
         return Refusal(DATA_SET_MISMATCH, f"its SOP Class UID {dataset_class} is not the request's {sop_class}")
     if str(header.get("SeriesDescription", "") or "") in OWN_SERIES:
         return Arrival(sop, study, own_result=True)
-    modality = str(header.get("Modality", "") or "")
-    if modality not in CHEST_MODALITIES:
-        return Refusal(
-            CANNOT_UNDERSTAND,
-            f"modality {modality or '(none)'}, not a chest radiograph ({' or '.join(CHEST_MODALITIES)})",
-        )
     try:
-        image_from_dataset(header, name=f"instance {sop}", max_pixels=max_pixels)
+        image = image_from_dataset(header, name=f"instance {sop}", max_pixels=max_pixels)
     except ImageReadError as error:
         # What is wrong only: the reader's advice ("remove it from the folder") is for files, not a sender.
         reason = error.reason.split("; ")[0]
         status = DATA_SET_MISMATCH if error.kind in ("multi_frame", "no_pixels", "not_image") else CANNOT_UNDERSTAND
         return Refusal(status, reason)
-    return Arrival(sop, study)
+    return Arrival(sop, study, not_frontal_chest=not_frontal_chest(image.meta) if gate else None)
 
 
 # --- the worker: an inbox file -> its results ------------------------------------------------------
@@ -247,6 +250,8 @@ class DimseNode:
     cut_off: float
     overlay: bool = False
     gsps: bool = False
+    gate: bool = True  # the frontal-chest check on each arrival's tags (off with --allow-any-view)
+    tls: ssl.SSLContext | None = None  # --tls-cert/--tls-key: TLS associations only
     say: Callable[[str], None] = LOG.info
 
     def __post_init__(self) -> None:
@@ -291,7 +296,13 @@ class DimseNode:
         for thread in self.threads:
             thread.start()
         try:
-            self.server = ae.start_server((self.listen.host, self.listen.port), block=False, evt_handlers=handlers)
+            self.server = start_listening(
+                ae,
+                (self.listen.host, self.listen.port),
+                evt_handlers=handlers,
+                tls=self.tls,
+                refused=self._on_handshake_refused,
+            )
         except OSError as error:
             self.stop()
             raise LungdetError(
@@ -309,7 +320,7 @@ class DimseNode:
         )
         kinds = "report" + (", overlay" if self.overlay else "") + (", GSPS" if self.gsps else "")
         self.say(
-            f"listening as {self.listen.ae_title} on {self.listen.host}:{self.port} for CR, DX and SC images ({syntaxes}) from {callers}; "
+            f"listening as {self.listen.ae_title} on {self.listen.host}:{self.port}{' (DICOM TLS only)' if self.tls else ''} for CR, DX and SC images ({syntaxes}) from {callers}; "
             f"results ({kinds}) to {self.receiver}; {self.detector.architecture} on {self.detector.device}, cut-off {self.cut_off:g}; "
             f"state in {self.state.folder}; research use only, not a diagnostic device"
         )
@@ -375,6 +386,9 @@ class DimseNode:
             f"calling AE title {calling!r} is not in --allow (add --allow {calling}@{host}, or --allow-any)",
         )
 
+    def _on_handshake_refused(self, host: str, reason: str) -> None:
+        self.say(f"refused a connection from {host}: {reason}")
+
     def _on_aborted(self, event: Any) -> None:
         # pynetdicom calls the C-STORE handler only with a whole dataset: a transfer cut short never reaches the inbox.
         self.say(
@@ -403,9 +417,13 @@ class DimseNode:
 
     def store(self, data: bytes, *, sop_class: str, sop: str, peer: str) -> int | Dataset:
         """One C-STORE request (``data``: the instance as a DICOM file): the status to answer, after the inbox file is durable."""
-        verdict = check_instance(data, sop_class=sop_class)
+        verdict = check_instance(data, sop_class=sop_class, gate=self.gate)
         if isinstance(verdict, Refusal):
             return self._refuse(sop, peer, verdict)
+        if verdict.not_frontal_chest is not None:
+            # Acknowledged: the archive would only send it again. Nothing is written, so nothing is sent back.
+            self.say(f"skipped {verdict.sop} from {peer}: {verdict.not_frontal_chest}; acknowledged, no result")
+            return SUCCESS
         if verdict.own_result:
             self.say(
                 f"ignored {verdict.sop} from {peer}: a lungdet result (a routing rule sends results back to lungdet)"
@@ -440,6 +458,11 @@ class DimseNode:
         while not self.stopping.is_set():
             name = self.state.take(timeout=0.5)
             if name is None:
+                dropped = self.state.maybe_compact()
+                if dropped:
+                    self.say(
+                        f"forgot {dropped} image(s) settled more than {self.state.keep_days:g} days ago (--keep-days)"
+                    )
                 continue
             self.busy.set()
             try:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ DATA_SET_MISMATCH = 0xA900  # "Data Set does not match SOP Class": no pixels, se
 CANNOT_UNDERSTAND = 0xC000  # a well-formed instance this node cannot read or does not analyse
 
 DEFAULT_MAX_INBOX = 1000
+DEFAULT_KEEP_DAYS = 30.0
+COMPACT_EVERY_S = 3600.0  # while running; and once at every start
+DAY_S = 86400.0
 MIN_FREE_BYTES = 256 * 1024 * 1024  # below this much free disk beside the inbox, new instances get 0xA700
 
 
@@ -72,6 +76,7 @@ class Recovery:
     temporary_removed: int = 0
     settled_from_pending: int = 0
     inbox_already_settled: int = 0
+    forgotten: int = 0  # journal entries older than --keep-days, dropped by the start-up compaction
 
     def line(self) -> str | None:
         """The log line saying what start-up found; None when it found nothing."""
@@ -81,6 +86,7 @@ class Recovery:
         return (
             f"recovered from the last run: {self.inbox} instance(s) in the inbox, {self.pending} result(s) waiting to be stored"
             + (f" ({tidied} half-done step(s) tidied up)" if tidied else "")
+            + (f"; forgot {self.forgotten} image(s) settled longer ago than --keep-days" if self.forgotten else "")
         )
 
 
@@ -98,7 +104,12 @@ class DimseState:
     """
 
     def __init__(
-        self, folder: Path, *, max_inbox: int = DEFAULT_MAX_INBOX, min_free_bytes: int = MIN_FREE_BYTES
+        self,
+        folder: Path,
+        *,
+        max_inbox: int = DEFAULT_MAX_INBOX,
+        min_free_bytes: int = MIN_FREE_BYTES,
+        keep_days: float = DEFAULT_KEEP_DAYS,
     ) -> None:
         self.folder = Path(folder)
         self.inbox_folder, self.pending_folder, self.failed_folder = (
@@ -107,7 +118,8 @@ class DimseState:
             self.folder / "failed",
         )
         self.journal = self.folder / "settled.jsonl"
-        self.max_inbox, self.min_free_bytes = max_inbox, min_free_bytes
+        self.max_inbox, self.min_free_bytes, self.keep_days = max_inbox, min_free_bytes, keep_days
+        self.last_compaction = 0.0  # time.monotonic() of the last compaction
         self.lock = threading.Condition()
         self.reported: dict[str, str] = {}  # report UID -> the name it was settled under
         self.settled: set[str] = set()  # names reported or skipped
@@ -123,6 +135,7 @@ class DimseState:
         """Open (or create) the folder and recover from wherever the last run stopped, before anything else touches it."""
         state = cls(folder, **options)
         state._recover()
+        state.recovery.forgotten = state.compact()
         return state
 
     def _recover(self) -> None:
@@ -130,9 +143,11 @@ class DimseState:
             sub.mkdir(parents=True, exist_ok=True)
         recovery = self.recovery
         # Half-written files and folders of a killed run (atomic.py's temporary names): never acknowledged or never complete.
-        for leftover in [*self.inbox_folder.glob(".*.tmp"), *self.pending_folder.glob(".*.tmp")]:
+        leftovers = [*self.inbox_folder.glob(".*.tmp"), *self.pending_folder.glob(".*.tmp")]
+        for leftover in [*leftovers, *self.folder.glob(f".{self.journal.name}.*.tmp")]:  # a compaction cut short
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             recovery.temporary_removed += 1
+        self._end_torn_line()
         sequences = [0]
         for entry in self._read_journal():
             sequences.append(_sequence(entry["name"]))
@@ -163,6 +178,16 @@ class DimseState:
         self.next_sequence = max(sequences) + 1
         recovery.inbox, recovery.pending = len(self.waiting), len(pending)
 
+    def _end_torn_line(self) -> None:
+        # A power cut mid-append leaves a line with no newline; the next append would join it and be lost with it.
+        if self.journal.is_file() and self.journal.stat().st_size:
+            with open(self.journal, "rb+") as stream:
+                stream.seek(-1, os.SEEK_END)
+                if stream.read(1) != b"\n":
+                    stream.write(b"\n")
+                    stream.flush()
+                    os.fsync(stream.fileno())
+
     def _read_journal(self) -> Iterator[dict[str, Any]]:
         if not self.journal.is_file():
             return
@@ -175,6 +200,7 @@ class DimseState:
                 yield entry
 
     def _append_journal(self, entry: dict[str, Any]) -> None:
+        entry = {**entry, "at": round(time.time())}  # seconds since the epoch: what compaction ages entries by
         with open(self.journal, "a", encoding="utf-8") as stream:
             stream.write(json.dumps(entry, sort_keys=True) + "\n")
             stream.flush()
@@ -183,6 +209,54 @@ class DimseState:
             self.settled.add(entry["name"])
         if entry["outcome"] == "reported" and entry.get("report"):
             self.reported[entry["report"]] = entry["name"]
+
+    # --- compaction: the journal keeps --keep-days of history -------------------------------------
+
+    def compact(self, now: float | None = None) -> int:
+        """Rewrite ``settled.jsonl`` without the entries older than ``keep_days``; returns how many were dropped.
+
+        Kept whatever its age: an entry whose name still has a file in ``inbox/``, ``pending/`` or
+        ``failed/`` (recovery needs it to tell a settled input from a new one), and a last line that
+        carries the highest sequence number, so that names are never handed out twice. An entry from
+        before entries carried a time is kept and given the time of this compaction. The new journal
+        is written to a temporary name, synced, and renamed over the old one, under the lock that
+        appends take: a kill -9 leaves the old journal or the new one, whole, and start-up removes the
+        temporary file. What is dropped costs only this: an image sent again after ``keep_days`` is
+        analysed again, and its result, with the same UIDs, stored again.
+        """
+        now = time.time() if now is None else now
+        with self.lock:
+            self.last_compaction = time.monotonic()
+            entries = list(self._read_journal())
+            on_disk = {path.stem for folder in (self.inbox_folder, self.failed_folder) for path in folder.glob("*.dcm")}
+            on_disk |= {path.name for path in self.pending_folder.iterdir() if not path.name.startswith(".")}
+            horizon = now - self.keep_days * DAY_S
+            kept = [
+                {**entry, "at": entry.get("at", round(now))}
+                for entry in entries
+                if entry.get("at", now) >= horizon or entry["name"] in on_disk
+            ]
+            dropped = len(entries) - len(kept)
+            if not dropped and all("at" in entry for entry in entries):
+                return 0
+            highest = max(entries, key=lambda entry: _sequence(entry["name"]))
+            if dropped and highest["name"] not in {entry["name"] for entry in kept}:
+                kept.append({"name": highest["name"], "outcome": "sequence", "at": round(now)})
+            text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in kept)
+            write_bytes_durable(self.journal, text.encode("utf-8"))
+            self.settled = {entry["name"] for entry in kept if entry["outcome"] in ("reported", "skipped")}
+            self.reported = {
+                entry["report"]: entry["name"]
+                for entry in kept
+                if entry["outcome"] == "reported" and entry.get("report")
+            }
+            return dropped
+
+    def maybe_compact(self) -> int:
+        """:meth:`compact` when the last one is :data:`COMPACT_EVERY_S` old (the worker calls this when idle); 0 otherwise."""
+        if time.monotonic() - self.last_compaction < COMPACT_EVERY_S:
+            return 0
+        return self.compact()
 
     # --- the handler's side ------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ import requests
 
 from lungdet.atomic import write_bytes_atomic, write_text_atomic
 from lungdet.data_tools.dicom_io import dicom_bytes, image_from_dataset, read_dataset
+from lungdet.data_tools.gate import not_frontal_chest
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
 from lungdet.errors import ImageReadError
@@ -186,10 +187,11 @@ class PacsNode:
         cut_off: float,
         overlay: bool = False,
         gsps: bool = False,
+        gate: bool = True,
         say: Callable[[str], None] = LOG.info,
     ) -> None:
         self.client, self.detector, self.model, self.state = client, detector, model, state
-        self.cut_off, self.overlay, self.gsps, self.say = cut_off, overlay, gsps, say
+        self.cut_off, self.overlay, self.gsps, self.gate, self.say = cut_off, overlay, gsps, gate, say
 
     # --- talking to the server: every failure to answer becomes Unreachable ---------------------
 
@@ -299,6 +301,7 @@ class PacsNode:
                 dataset = self._ask(self.client.retrieve_instance, candidate.study, candidate.series, candidate.sop)
                 # The client has parsed the body already: read its image, not a re-encoded copy of it.
                 image = image_from_dataset(dataset, name=f"instance {candidate.sop}", max_pixels=DEFAULT_MAX_PIXELS)
+                reason = not_frontal_chest(image.meta) if self.gate else None
             except Unreachable:
                 raise
             except ImageReadError as error:

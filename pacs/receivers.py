@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -50,11 +51,19 @@ class Receiver(Protocol):
 class CStoreReceiver:
     """Results by C-STORE to ``address``, one association per round, calling as ``ae_title``."""
 
-    def __init__(self, address: AEAddress, *, ae_title: str, timeout: float = NETWORK_TIMEOUT_S) -> None:
-        self.address, self.ae_title, self.timeout = address, ae_title, timeout
+    def __init__(
+        self,
+        address: AEAddress,
+        *,
+        ae_title: str,
+        timeout: float = NETWORK_TIMEOUT_S,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        # ``tls`` (--send-tls): the receiver's certificate is checked against --tls-ca, its host name included.
+        self.address, self.ae_title, self.timeout, self.tls = address, ae_title, timeout, tls
 
     def __str__(self) -> str:
-        return f"{self.address} (C-STORE)"
+        return f"{self.address} (C-STORE{' over TLS' if self.tls else ''})"
 
     def send(self, results: Sequence[PendingResult]) -> Iterator[tuple[PendingResult, str | None]]:
         """Store ``results`` over one association, file by file; yield each with None when the receiver holds them all.
@@ -75,11 +84,20 @@ class CStoreReceiver:
         for sop_class, syntaxes in contexts.items():
             ae.add_requested_context(sop_class, sorted(syntaxes))
         try:
-            association = ae.associate(self.address.host, self.address.port, ae_title=self.address.ae_title)
+            association = ae.associate(
+                self.address.host,
+                self.address.port,
+                ae_title=self.address.ae_title,
+                tls_args=None if self.tls is None else (self.tls, self.address.host),
+            )
         except Exception as error:  # a host name that does not resolve, for one
             raise ReceiverDown(first_line(error)) from None
         if not association.is_established:
-            raise ReceiverDown(_association_failure(association))
+            failure = _association_failure(association)
+            if self.tls is not None and failure == "no connection":
+                # pynetdicom logs the handshake's error and reports only that no connection was made.
+                failure += f" (over TLS: does {self.address.host} speak DICOM TLS on port {self.address.port}, with a certificate --tls-ca signed for that name?)"
+            raise ReceiverDown(failure)
         try:
             for result in results:
                 refusal = None

@@ -141,6 +141,7 @@ def create_app(
     api_token: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_batch: int = DEFAULT_MAX_BATCH,
+    gate: bool = True,
 ) -> FastAPI:
     """The app for one loaded ``detector``.
 
@@ -148,6 +149,8 @@ def create_app(
     given) is required as ``Authorization: Bearer`` on every ``/api/`` route,
     ``max_pixels`` bounds the image an upload may declare, and ``max_batch`` the images of
     concurrent requests that run through the model together (see :mod:`lungdet.server.batcher`).
+    ``gate`` refuses, with 422 and kind 'not_frontal_chest', a DICOM whose tags say it is not a frontal chest
+    radiograph (:mod:`lungdet.data_tools.gate`); False is ``--allow-any-view``.
     """
     batcher = Batcher(detector, max_batch=max_batch)
 
@@ -167,7 +170,7 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_error_handlers(app)
     _add_page_and_health(app, detector, max_upload_bytes=max_upload_bytes, api_token=api_token)
-    _add_detection_routes(app, detector, batcher, max_pixels=max_pixels)
+    _add_detection_routes(app, detector, batcher, max_pixels=max_pixels, gate=gate)
     return app
 
 
@@ -228,7 +231,9 @@ def _add_page_and_health(app: FastAPI, detector: Detector, *, max_upload_bytes: 
         }
 
 
-def _add_detection_routes(app: FastAPI, detector: Detector, batcher: Batcher, *, max_pixels: int) -> None:
+def _add_detection_routes(
+    app: FastAPI, detector: Detector, batcher: Batcher, *, max_pixels: int, gate: bool = True
+) -> None:
     """``POST /api/v1/detect`` (JSON) and ``POST /api/v1/annotate`` (PNG): one uploaded X-ray through ``batcher``."""
 
     async def run_detection(file: UploadFile) -> Detection:
@@ -236,7 +241,7 @@ def _add_detection_routes(app: FastAPI, detector: Detector, batcher: Batcher, *,
         data = await file.read()
         try:
             # Decoding in a worker thread and the model in the batcher's: the event loop stays free for health checks.
-            return await run_in_threadpool(detect_bytes, batcher, data, max_pixels=max_pixels)
+            return await run_in_threadpool(detect_bytes, batcher, data, max_pixels=max_pixels, gate=gate)
         except ImageReadError as error:
             LOGGER.info("rejected %s: %d %s", upload_id(data), status_for(error), error.kind)
             raise UploadRejected(status_for(error), error.kind, str(error)) from None

@@ -10,15 +10,18 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import sys
 import warnings
 from pathlib import Path
 
 from lungdet.cli_types import device_name, int_in_range
+from lungdet.data_tools.gate import ALLOW_ANY_VIEW_WARNING
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.detection.config import AMP_MODES
 from lungdet.errors import LungdetError
 from lungdet.server.batcher import DEFAULT_MAX_BATCH
+from lungdet.tls import server_context
 
 TOKEN_VARIABLE = "LUNGDET_API_TOKEN"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -77,6 +80,18 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"require 'Authorization: Bearer TOKEN' on every API request; default: ${TOKEN_VARIABLE}, which stays out of the process list",
     )
+    parser.add_argument(
+        "--tls-cert", type=Path, metavar="CERT", help="serve HTTPS with this PEM certificate (and --tls-key)"
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, metavar="KEY", help="the certificate's PEM private key, readable by this account only"
+    )
+    parser.add_argument(
+        "--allow-any-view",
+        action="store_true",
+        help="turn off the check that refuses DICOMs whose tags say they are not frontal chest radiographs (CT, MR, a lateral "
+        "view, another body part): for sites whose tags are wrong; the boxes on such images mean nothing",
+    )
     return parser
 
 
@@ -108,12 +123,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def page_url(host: str, port: int) -> str:
+def page_url(host: str, port: int, *, https: bool = False) -> str:
     """The address to print for the page: a wildcard host (``0.0.0.0``, ``::``) shown as loopback, IPv6 in brackets."""
     shown = (
         "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
     )
-    return f"http://{shown}:{port}/"
+    return f"{'https' if https else 'http'}://{shown}:{port}/"
+
+
+def https_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The HTTPS context of ``--tls-cert`` and ``--tls-key`` (TLS 1.2 at least), None for plain HTTP; one flag without the other is refused."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise LungdetError("HTTPS needs both --tls-cert CERT and --tls-key KEY")
+    if args.tls_cert is None:
+        return None
+    return server_context(args.tls_cert, args.tls_key)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -134,6 +158,9 @@ def main(args: argparse.Namespace) -> int:
     from lungdet.detection.detector import load_detector
 
     token = args.api_token or os.environ.get(TOKEN_VARIABLE) or None
+    tls = https_context(args)  # before the port and the model: a wrong key file fails in a second
+    if args.allow_any_view:
+        print(f"lungdet serve: {ALLOW_ANY_VIEW_WARNING}", file=sys.stderr, flush=True)
     if not is_loopback(args.host) and token is None:
         print(
             f"lungdet serve: warning: listening on {args.host} without --api-token: anyone on the network can use this server",
@@ -153,8 +180,9 @@ def main(args: argparse.Namespace) -> int:
         api_token=token,
         max_pixels=args.max_megapixels * 1_000_000,
         max_batch=args.max_batch,
+        gate=not args.allow_any_view,
     )
-    url = page_url(args.host, sock.getsockname()[1])
+    url = page_url(args.host, sock.getsockname()[1], https=tls is not None)
     print(f"lungdet serve: open {url}   (API: POST {url}api/v1/detect, docs: {url}docs)", flush=True)
     print(
         f"  model {detector.architecture}{'' if detector.format == 'checkpoint' else f' ({detector.format} export)'} at {detector.image_size} px on {detector.device} ({detector.precision_name}), "
@@ -164,7 +192,14 @@ def main(args: argparse.Namespace) -> int:
     print("  lungdet is a research tool, not a diagnostic device. Ctrl-C stops the server.", flush=True)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     quiet_value_warnings()
-    config = uvicorn.Config(app, log_config=None, access_log=True, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=True,
+        timeout_graceful_shutdown=5,
+        # uvicorn's own option for a ready context: lungdet's (TLS 1.2 at least, the key's permissions checked).
+        ssl_context_factory=None if tls is None else (lambda config, default: tls),
+    )
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

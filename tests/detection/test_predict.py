@@ -337,3 +337,41 @@ def test_predict_prints_the_boxes_per_image_beside_tuning_and_warns_only_beyond_
     assert far.err.count("\n") == 1 and far.err.startswith(
         "warning: 0.100 boxes per image is more than 2x from tuning's 0.300"
     )
+
+
+def test_the_gate_refuses_a_lateral_and_a_ct_unless_any_view_is_allowed(
+    serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Refused rows are written with no boxes, named on stderr with the tag, and counted; --allow-any-view predicts them, with a warning."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    frontal = sorted(rsna_sample_dir.glob("*.dcm"))[0]
+    lateral = tmp_path / "lateral.dcm"
+    dataset = pydicom.dcmread(frontal)
+    dataset.ViewPosition = "LL"
+    dataset.save_as(lateral)
+    ct = Path(get_testdata_file("CT_small.dcm", download=False))
+    common = ["--checkpoint", str(serving_checkpoint), "--device", "cpu", "--amp", "none", "--score-threshold", "0.05"]
+    common += ["--workers", "0"]
+    out = tmp_path / "gated.csv"
+    assert run_cli(*common, "--input", str(frontal), str(lateral), str(ct), "--out", str(out)) == 0
+    captured = capsys.readouterr()
+    submission = read_submission(out)
+    assert sorted(submission) == sorted([frontal.stem, "lateral", "CT_small"])
+    assert len(submission[frontal.stem].scores) > 0  # the frontal film gets its boxes, the others none
+    assert len(submission["lateral"].scores) == len(submission["CT_small"].scores) == 0
+    assert "; 2 refused (not frontal chest radiographs)" in captured.out
+    assert (
+        f"refused, written with no boxes: {lateral}: not a frontal chest radiograph: ViewPosition LL "
+        "(only AP and PA views are frontal)" in captured.err
+    )
+    assert f"refused, written with no boxes: {ct}: not a frontal chest radiograph: Modality CT" in captured.err
+
+    allowed = tmp_path / "allowed.csv"
+    assert run_cli(*common, "--input", str(frontal), str(lateral), "--out", str(allowed), "--allow-any-view") == 0
+    captured = capsys.readouterr()
+    assert "warning: --allow-any-view: the frontal-chest check on DICOM tags is off" in captured.err
+    assert "refused" not in captured.out + captured.err
+    both = read_submission(allowed)
+    np.testing.assert_allclose(both["lateral"].boxes, both[frontal.stem].boxes)  # the same pixels, now predicted

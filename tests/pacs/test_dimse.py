@@ -332,16 +332,25 @@ def test_command_line_modes_are_exclusive_and_complete(capsys) -> None:
 # --- the pure core: what the handler decides, and every crash point of the state folder ----------------
 
 
-def test_check_instance_decides_by_class_modality_and_pixels(rsna_sample_dir: Path) -> None:
+def test_check_instance_decides_by_class_tags_and_pixels(rsna_sample_dir: Path) -> None:
     sample = pydicom.dcmread(sorted(rsna_sample_dir.glob("*.dcm"))[0])
     good = check_instance(dicom_bytes(sample), sop_class=sample.SOPClassUID)
     assert good == Arrival(sample.SOPInstanceUID, sample.StudyInstanceUID)
     assert check_instance(dicom_bytes(sample), sop_class="1.2.840.10008.5.1.4.1.1.1") == Refusal(
         DATA_SET_MISMATCH, f"its SOP Class UID {sample.SOPClassUID} is not the request's 1.2.840.10008.5.1.4.1.1.1"
     )
-    ct = synthetic(Modality="CT")
-    assert check_instance(dicom_bytes(ct), sop_class=ct.SOPClassUID) == Refusal(
-        CANNOT_UNDERSTAND, "modality CT, not a chest radiograph (CR or DX)"
+    # The gate's verdicts: acknowledged (an Arrival), with why no result will come; off, the image is analysed.
+    ct, lateral = synthetic(Modality="CT"), synthetic(ViewPosition="LL")
+    assert check_instance(dicom_bytes(ct), sop_class=ct.SOPClassUID).not_frontal_chest == (
+        "not a frontal chest radiograph: Modality CT (lungdet's models were made for CR, DX or DR chest radiographs)"
+    )
+    assert check_instance(dicom_bytes(lateral), sop_class=lateral.SOPClassUID) == Arrival(
+        lateral.SOPInstanceUID,
+        lateral.StudyInstanceUID,
+        not_frontal_chest="not a frontal chest radiograph: ViewPosition LL (only AP and PA views are frontal)",
+    )
+    assert check_instance(dicom_bytes(lateral), sop_class=lateral.SOPClassUID, gate=False) == Arrival(
+        lateral.SOPInstanceUID, lateral.StudyInstanceUID
     )
     own = synthetic(SeriesDescription="lungdet overlay - Research use only, not for diagnosis")
     assert check_instance(dicom_bytes(own), sop_class=own.SOPClassUID).own_result
@@ -581,6 +590,24 @@ def test_a_multi_frame_image_gets_a900_and_nothing_is_written(start_node) -> Non
     assert status.Status == DATA_SET_MISMATCH and status.ErrorComment == "is multi-frame (2 frames)"
     assert inbox_files(node) == [] and lines_with(
         node, f"refused {dataset.SOPInstanceUID} from SCU@127.0.0.1: is multi-frame (2 frames) (status 0xA900)"
+    )
+
+
+def test_a_lateral_or_abdomen_film_is_acknowledged_skipped_and_gets_no_result(start_node) -> None:
+    node = start_node(nowhere())
+    lateral, abdomen = synthetic(ViewPosition="LL"), synthetic(BodyPartExamined="ABDOMEN")
+    statuses = store(node.port, [lateral, abdomen])
+    assert [status.Status for status in statuses] == [0x0000, 0x0000]  # the archive must not send them again
+    # Nothing written: no inbox file for the worker, no pending result for the sender.
+    assert inbox_files(node) == [] and node.state.pending() == [] and node.state.settled == set()
+    assert lines_with(
+        node,
+        f"skipped {lateral.SOPInstanceUID} from SCU@127.0.0.1: not a frontal chest radiograph: ViewPosition LL "
+        "(only AP and PA views are frontal); acknowledged, no result",
+    )
+    assert lines_with(
+        node,
+        f"skipped {abdomen.SOPInstanceUID} from SCU@127.0.0.1: not a frontal chest radiograph: BodyPartExamined ABDOMEN",
     )
 
 

@@ -27,7 +27,7 @@ def dicom_bytes(dataset: pydicom.Dataset) -> bytes:
 
 
 def bad_instances(sample: Path) -> dict[str, bytes]:
-    """Four instances the node must skip, each in a study of its own, built from a real RSNA file."""
+    """Five instances the node must skip, each in a study of its own, built from a real RSNA file."""
     source = pydicom.dcmread(sample)
     pixels = source.pixel_array
 
@@ -46,6 +46,7 @@ def bad_instances(sample: Path) -> dict[str, bytes]:
         return dataset
 
     ct = variant(Modality="CT")
+    lateral = variant(ViewPosition="LL")
     frames = variant(NumberOfFrames=2)
     frames.PixelData = np.stack([pixels, pixels]).tobytes()
     no_pixels = variant()
@@ -54,6 +55,7 @@ def bad_instances(sample: Path) -> dict[str, bytes]:
     truncated.PixelData = pixels.tobytes()[: pixels.size // 3]
     return {
         "ct": dicom_bytes(ct),
+        "lateral": dicom_bytes(lateral),
         "frames": dicom_bytes(frames),
         "no_pixels": dicom_bytes(no_pixels),
         "truncated": dicom_bytes(truncated),
@@ -107,9 +109,10 @@ def test_round_trip_through_orthanc(
 
     status, log = run_node(orthanc, serving_checkpoint, tmp_path / "state", "--once", "--gsps", capsys=capsys)
     assert status == 0, log
-    assert "poll 1: 17 instance(s) listed, 13 reported" in log and "4 skipped" in log and "research use only" in log
+    assert "poll 1: 18 instance(s) listed, 13 reported" in log and "5 skipped" in log and "research use only" in log
     for name, reason in (
         ("ct", "modality CT, not a chest radiograph"),
+        ("lateral", "not a frontal chest radiograph: ViewPosition LL (only AP and PA views are frontal)"),
         ("frames", "2 frames"),
         ("no_pixels", "has no pixel data (7FE0,0010), so there is no image to read"),
         ("truncated", "pixel data cannot be decoded"),
@@ -143,7 +146,7 @@ def test_round_trip_through_orthanc(
     # A restarted node that lost its memory asks the server, which has the reports already.
     node, _ = make_node(orthanc, serving_detector, tmp_path / "other_state", cut_off=0.3)
     fresh = node.poll()
-    assert (fresh.reported, fresh.already, fresh.skipped) == (0, 13, 4)
+    assert (fresh.reported, fresh.already, fresh.skipped) == (0, 13, 5)
     assert len(orthanc.instance_tags()) == before + 2 * 13
 
 
