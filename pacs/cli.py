@@ -17,6 +17,7 @@ from lungdet.data_tools.gate import ALLOW_ANY_VIEW_WARNING
 from lungdet.detection.config import AMP_MODES
 from lungdet.errors import LungdetError
 from lungdet.pacs.addresses import AEAddress, ae_address, ae_title, allowed_caller, host_port, listen_address
+from lungdet.pacs.audit import AuditTrail
 from lungdet.pacs.inbox import DEFAULT_KEEP_DAYS, DEFAULT_MAX_INBOX, DimseState
 from lungdet.tls import check_key_file, client_context, server_context
 
@@ -309,6 +310,19 @@ def check_tls(args: argparse.Namespace) -> None:
         )
 
 
+def audit_trail(args: argparse.Namespace, ae_title: str) -> AuditTrail | None:
+    """The trail of ``--audit`` and ``--audit-syslog`` (None with neither); the file is opened, and checked, here."""
+    if args.audit is None and args.audit_syslog is None:
+        return None
+    return AuditTrail(
+        file=args.audit,
+        syslog=args.audit_syslog,
+        syslog_tls=client_context(args.tls_ca) if args.audit_syslog_tls else None,
+        source_id=ae_title,
+        say=logging.getLogger("lungdet.pacs").info,
+    )
+
+
 def setup_logging() -> logging.Logger:
     """Send the ``lungdet.pacs`` log, INFO and up, to stderr with a timestamp (one handler); returns that logger."""
     # The node's own lines only: dicomweb-client, highdicom and pynetdicom log every request, copied module and PDU.
@@ -355,6 +369,7 @@ def main(args: argparse.Namespace) -> int:
         overlay=args.overlay,
         gsps=args.gsps,
         gate=not args.allow_any_view,
+        audit=audit_trail(args, "LUNGDET"),
     )
     node.say(
         f"{args.url}: {detector.architecture} ({detector.format}) on {detector.device}, cut-off {cut_off:g}; state in {args.state_dir}; "
@@ -369,6 +384,9 @@ def main(args: argparse.Namespace) -> int:
             f"stopped; {sum(1 for _ in state.pending())} result(s) waiting in {state.pending_folder} are stored by the next run"
         )
         return 130
+    finally:
+        if node.audited.trail is not None:
+            node.audited.trail.close()
 
 
 def main_listen(args: argparse.Namespace) -> int:
@@ -406,6 +424,7 @@ def main_listen(args: argparse.Namespace) -> int:
     log = setup_logging()
     if args.allow_any_view:
         log.info(ALLOW_ANY_VIEW_WARNING)
+    audit = audit_trail(args, listen.ae_title)
     detector = load_detector(args.checkpoint, device=args.device, amp=args.amp)
     cut_off = detector.score_threshold if args.score_threshold is None else args.score_threshold
     model = model_identity(lungdet_version(), [detector.architecture], [detector.checkpoint_sha256], cut_off)
@@ -427,6 +446,7 @@ def main_listen(args: argparse.Namespace) -> int:
             gsps=args.gsps,
             gate=not args.allow_any_view,
             tls=listen_tls,
+            audit=audit,
             say=log.info,
         )
     except ValueError as error:  # an --allow host that does not resolve
@@ -441,6 +461,8 @@ def main_listen(args: argparse.Namespace) -> int:
     finally:
         node.stop()
         signal.signal(signal.SIGTERM, previous)  # main may run inside a longer-lived process (the tests)
+        if audit is not None:
+            audit.close()
     node.say(
         f"stopped; {state.inbox_count()} instance(s) in {state.inbox_folder} and {len(state.pending())} result(s) in {state.pending_folder} "
         "are handled by the next run"

@@ -54,6 +54,7 @@ in the inbox, is acknowledged when sent again but not processed again.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import logging
 import ssl
@@ -64,31 +65,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 
 from lungdet.data_tools.dicom_io import (
     DicomImage,
-    find_missing_decoder,
     image_from_dataset,
+    read_dataset,
     read_dataset_bytes,
 )
-from lungdet.data_tools.gate import not_frontal_chest
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
 from lungdet.errors import DicomReadError, ImageReadError, LungdetError
 from lungdet.pacs.addresses import AEAddress, AllowedCaller
+from lungdet.pacs.arrivals import CANDIDATE_TRANSFER_SYNTAXES, Arrival, accepted_transfer_syntaxes, check_instance
+from lungdet.pacs.audit import AuditTrail, NodeAudit, Study
 from lungdet.pacs.inbox import (
-    CANNOT_UNDERSTAND,
-    DATA_SET_MISMATCH,
     OUT_OF_RESOURCES,
     SUCCESS,
     DimseState,
     Known,
+    PendingResult,
     Refusal,
 )
-from lungdet.pacs.node import MAX_PAUSE_S, OWN_SERIES
+from lungdet.pacs.node import MAX_PAUSE_S
 from lungdet.pacs.receivers import NETWORK_TIMEOUT_S, SEND_BATCH, Receiver, ReceiverDown, first_line
-from lungdet.pacs.tls_server import start_listening
+from lungdet.pacs.tls_server import peer_identity, start_listening
 from lungdet.show.dicom_derived import ModelIdentity, report_uid
 from lungdet.show.dicom_results import result_datasets
 from lungdet.submission.prediction_string import keep_confident
@@ -115,87 +115,10 @@ IMAGE_STORAGE = (
     DigitalXRayImageStorageForProcessing,
     SecondaryCaptureImageStorage,
 )
-# What the node could accept; :func:`accepted_transfer_syntaxes` keeps those with a decoder installed.
-# Deflate is left out: read_dataset_bytes refuses it from the network (it inflates before any size check).
-CANDIDATE_TRANSFER_SYNTAXES = {
-    "1.2.840.10008.1.2.1": "Explicit VR LE",
-    "1.2.840.10008.1.2": "Implicit VR LE",  # every SCU can send it
-    "1.2.840.10008.1.2.4.50": "JPEG Baseline",  # the RSNA files
-    "1.2.840.10008.1.2.4.51": "JPEG Extended",  # 12-bit
-    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
-    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",  # the usual lossless DX export
-    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
-    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
-    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
-    "1.2.840.10008.1.2.4.91": "JPEG 2000",
-    "1.2.840.10008.1.2.5": "RLE Lossless",
-    "1.2.840.10008.1.2.2": "Explicit VR BE",  # retired, still sent by old modalities
-}
 # A-ASSOCIATE-RJ: rejected-permanent (1), by the service user (1), and the reason.
 REJECT_PERMANENT, REJECT_BY_USER, CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03, 0x07
 ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is an LO
 WORKER_ATTEMPTS = 3  # tries per image on a fault of ours (not of the image) before it goes to failed/
-
-
-def accepted_transfer_syntaxes() -> list[str]:
-    """The transfer syntaxes of :data:`CANDIDATE_TRANSFER_SYNTAXES` whose pixels this environment decodes."""
-    return [syntax for syntax in CANDIDATE_TRANSFER_SYNTAXES if find_missing_decoder(syntax) is None]
-
-
-# --- what the C-STORE handler checks --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """An instance the node can analyse: its UIDs, and whether it is one of the node's own results coming back."""
-
-    sop: str
-    study: str
-    own_result: bool = False
-    not_frontal_chest: str | None = None  # why the gate skips it: acknowledged, and no result
-
-
-def check_instance(
-    data: bytes, *, sop_class: str, max_pixels: int = DEFAULT_MAX_PIXELS, gate: bool = True
-) -> Arrival | Refusal:
-    """Decide on one C-STORE request: ``data`` is the instance as a DICOM file, ``sop_class`` the Affected SOP Class of the request.
-
-    Parses the instance once (:func:`~lungdet.data_tools.dicom_io.read_dataset_bytes`), reads the
-    tags, then decodes the pixels from the same Dataset (with the size limit against decompression
-    bombs), so that whatever is acknowledged can be analysed. Returns the :class:`Refusal` with its
-    status for anything else. With ``gate``, an Arrival whose tags say it is not a frontal chest
-    radiograph carries why, in ``not_frontal_chest``.
-    """
-    try:
-        header = read_dataset_bytes(data, name="instance", untrusted=True)
-    except DicomReadError as error:
-        # What is wrong only, in the sender's terms: the reader's advice ("copy it again") is for files.
-        return Refusal(
-            CANNOT_UNDERSTAND, error.reason.split("; ")[0].replace("file is truncated", "the data set is truncated", 1)
-        )
-    try:
-        sop, study, dataset_class = str(header.SOPInstanceUID), str(header.StudyInstanceUID), str(header.SOPClassUID)
-    except AttributeError as error:
-        return Refusal(
-            DATA_SET_MISMATCH,
-            f"lacks {str(error).split(' ')[-1]} (SOP Class, SOP Instance and Study Instance UIDs are needed)",
-        )
-    if not UID(sop).is_valid or not UID(study).is_valid:
-        return Refusal(
-            CANNOT_UNDERSTAND, f"SOP Instance UID {sop[:64]!r} or Study Instance UID {study[:64]!r} is not a valid UID"
-        )
-    if dataset_class != sop_class:
-        return Refusal(DATA_SET_MISMATCH, f"its SOP Class UID {dataset_class} is not the request's {sop_class}")
-    if str(header.get("SeriesDescription", "") or "") in OWN_SERIES:
-        return Arrival(sop, study, own_result=True)
-    try:
-        image = image_from_dataset(header, name=f"instance {sop}", max_pixels=max_pixels)
-    except ImageReadError as error:
-        # What is wrong only: the reader's advice ("remove it from the folder") is for files, not a sender.
-        reason = error.reason.split("; ")[0]
-        status = DATA_SET_MISMATCH if error.kind in ("multi_frame", "no_pixels", "not_image") else CANNOT_UNDERSTAND
-        return Refusal(status, reason)
-    return Arrival(sop, study, not_frontal_chest=not_frontal_chest(image.meta) if gate else None)
 
 
 # --- the worker: an inbox file -> its results ------------------------------------------------------
@@ -252,6 +175,7 @@ class DimseNode:
     gsps: bool = False
     gate: bool = True  # the frontal-chest check on each arrival's tags (off with --allow-any-view)
     tls: ssl.SSLContext | None = None  # --tls-cert/--tls-key: TLS associations only
+    audit: AuditTrail | None = None  # --audit, --audit-syslog
     say: Callable[[str], None] = LOG.info
 
     def __post_init__(self) -> None:
@@ -267,6 +191,7 @@ class DimseNode:
             None if self.allowed is None else [(caller, caller.addresses()) for caller in self.allowed]
         )
         self.transfer_syntaxes = accepted_transfer_syntaxes()
+        self.audited = NodeAudit(self.audit, self.listen.ae_title)
 
     # --- life --------------------------------------------------------------------------------------
 
@@ -318,6 +243,7 @@ class DimseNode:
             if self.allowed is None
             else "calling AE " + ", ".join(str(caller) for caller in self.allowed)
         )
+        self.audited.application(start=True)
         kinds = "report" + (", overlay" if self.overlay else "") + (", GSPS" if self.gsps else "")
         self.say(
             f"listening as {self.listen.ae_title} on {self.listen.host}:{self.port}{' (DICOM TLS only)' if self.tls else ''} for CR, DX and SC images ({syntaxes}) from {callers}; "
@@ -330,6 +256,7 @@ class DimseNode:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+            self.audited.application(start=False)
         self.stopping.set()
         self.results_ready.set()
         with self.state.lock:
@@ -359,6 +286,8 @@ class DimseNode:
             event.assoc.requestor.address,
         )
         rejection = self.association_refusal(calling, called, host)
+        identity = peer_identity(event.assoc.dul.socket.socket) if self.tls is not None else None
+        self.audited.association(calling, host, refused=rejection and rejection[1], identity=identity)
         if rejection is not None:
             diagnostic, reason = rejection
             self.say(f"rejected an association from {calling}@{host}: {reason}")
@@ -388,6 +317,7 @@ class DimseNode:
 
     def _on_handshake_refused(self, host: str, reason: str) -> None:
         self.say(f"refused a connection from {host}: {reason}")
+        self.audited.handshake_refused(host, reason)
 
     def _on_aborted(self, event: Any) -> None:
         # pynetdicom calls the C-STORE handler only with a whole dataset: a transfer cut short never reaches the inbox.
@@ -400,52 +330,63 @@ class DimseNode:
         return SUCCESS
 
     def _on_store(self, event: Any) -> int | Dataset:
-        peer = self._peer(event)
+        calling, host = str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address)
         sop = str(event.request.AffectedSOPInstanceUID)
         try:
             return self.store(
                 event.encoded_dataset(include_meta=True),
                 sop_class=str(event.request.AffectedSOPClassUID),
                 sop=sop,
-                peer=peer,
+                peer=(calling, host),
             )
         except Exception as error:  # a fault of ours must answer the sender, never kill its association thread
             LOG.exception("C-STORE handler failed")
             return self._refuse(
-                sop, peer, Refusal(OUT_OF_RESOURCES, f"the node failed to store it ({first_line(error)})")
+                sop, (calling, host), Refusal(OUT_OF_RESOURCES, f"the node failed to store it ({first_line(error)})")
             )
 
-    def store(self, data: bytes, *, sop_class: str, sop: str, peer: str) -> int | Dataset:
-        """One C-STORE request (``data``: the instance as a DICOM file): the status to answer, after the inbox file is durable."""
+    def store(self, data: bytes, *, sop_class: str, sop: str, peer: tuple[str, str]) -> int | Dataset:
+        """One C-STORE request from ``peer`` (calling AE title, host), ``data`` the instance as a DICOM file: the status to answer, after the inbox file is durable."""
+        sender = f"{peer[0]}@{peer[1]}"
         verdict = check_instance(data, sop_class=sop_class, gate=self.gate)
         if isinstance(verdict, Refusal):
             return self._refuse(sop, peer, verdict)
-        if verdict.not_frontal_chest is not None:
-            # Acknowledged: the archive would only send it again. Nothing is written, so nothing is sent back.
-            self.say(f"skipped {verdict.sop} from {peer}: {verdict.not_frontal_chest}; acknowledged, no result")
-            return SUCCESS
         if verdict.own_result:
             self.say(
-                f"ignored {verdict.sop} from {peer}: a lungdet result (a routing rule sends results back to lungdet)"
+                f"ignored {verdict.sop} from {sender}: a lungdet result (a routing rule sends results back to lungdet)"
             )
+            self.audited.received(*peer, verdict.audit_study(), note="skipped: a lungdet result")
+            return SUCCESS
+        if verdict.not_frontal_chest is not None:
+            # Acknowledged: the archive would only send it again. Nothing is written, so nothing is sent back.
+            self.say(f"skipped {verdict.sop} from {sender}: {verdict.not_frontal_chest}; acknowledged, no result")
+            self.audited.received(*peer, verdict.audit_study(), note=f"skipped: {verdict.not_frontal_chest}")
             return SUCCESS
         name = self.state.reserve(verdict.sop, report_uid(_uids(verdict), self.model), len(data))
         if isinstance(name, Known):
-            self.say(f"received {verdict.sop} from {peer} again: {name.reason}, not processed again")
+            self.say(f"received {verdict.sop} from {sender} again: {name.reason}, not processed again")
+            self.audited.received(*peer, verdict.audit_study(), note=f"received again: {name.reason}")
             return SUCCESS
         if isinstance(name, Refusal):
-            return self._refuse(sop, peer, name)
+            return self._refuse(sop, peer, name, verdict)
         try:
             self.state.admit(name, data)
         except OSError as error:
             return self._refuse(
-                sop, peer, Refusal(OUT_OF_RESOURCES, f"cannot write to the inbox ({error.strerror or error})")
+                sop, peer, Refusal(OUT_OF_RESOURCES, f"cannot write to the inbox ({error.strerror or error})"), verdict
             )
-        self.say(f"received {verdict.sop} from {peer} ({self.state.inbox_count()} in the inbox)")
+        self.say(f"received {verdict.sop} from {sender} ({self.state.inbox_count()} in the inbox)")
+        self.audited.received(*peer, verdict.audit_study())
         return SUCCESS
 
-    def _refuse(self, sop: str, peer: str, refusal: Refusal) -> Dataset:
-        self.say(f"refused {sop} from {peer}: {refusal.reason} (status 0x{refusal.status:04X})")
+    def _refuse(self, sop: str, peer: tuple[str, str], refusal: Refusal, arrival: Arrival | None = None) -> Dataset:
+        self.say(f"refused {sop} from {peer[0]}@{peer[1]}: {refusal.reason} (status 0x{refusal.status:04X})")
+        self.audited.received(
+            *peer,
+            arrival.audit_study() if arrival is not None else None,
+            note=f"refused {sop}: {refusal.reason} (status 0x{refusal.status:04X})",
+            failed=True,
+        )
         status = Dataset()
         status.Status = refusal.status
         status.ErrorComment = refusal.reason[:ERROR_COMMENT_MAX]
@@ -528,11 +469,16 @@ class DimseNode:
                 continue
             self.sending.set()
             refused = 0
+            # Read before sending: a result's folder is gone once the receiver holds it.
+            studies = {result.name: self._audit_study(result) for result in batch}
+            for result in batch:
+                self.audited.sending(str(self.receiver), studies[result.name], done=False)
             try:
                 for result, refusal in self.receiver.send(batch):
                     if refusal is None:
                         self.state.remove_pending(result)
                         self.say(f"stored {result.image}'s result ({len(result.files)} instance(s)) in {self.receiver}")
+                        self.audited.sending(str(self.receiver), studies[result.name], done=True)
                     else:
                         refused += 1
                         if result.name not in told_refused:  # said once per result, not on every retry
@@ -540,6 +486,7 @@ class DimseNode:
                             self.say(
                                 f"{self.receiver} refused {result.image}'s result ({refusal}); kept in {result.folder}, tried again"
                             )
+                            self.audited.sending(str(self.receiver), studies[result.name], done=True, refused=refusal)
                     if self.stopping.is_set():
                         break
             except ReceiverDown as error:
@@ -563,6 +510,24 @@ class DimseNode:
                 pause = min(pause * 2, MAX_PAUSE_S)
             else:
                 pause = 1.0
+
+    def _audit_study(self, result: PendingResult) -> Study:
+        """A result's study and patient, from its report's header, for the audit trail."""
+        if not self.audited.enabled:
+            return Study(result.study)
+        try:
+            header = read_dataset(result.files[0], headers_only=True)
+            classes = collections.Counter(
+                str(read_dataset(path, headers_only=True).SOPClassUID) for path in result.files
+            )
+        except DicomReadError:  # the sender will say what is wrong with the files; the audit records the study alone
+            return Study(result.study)
+        return Study(
+            result.study,
+            str(header.get("PatientID", "") or ""),
+            str(header.get("PatientName", "") or ""),
+            tuple(classes.items()),
+        )
 
     def serve_forever(self) -> None:
         """Block until :meth:`stop` is called from another thread (or KeyboardInterrupt)."""

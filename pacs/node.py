@@ -37,6 +37,7 @@ from lungdet.data_tools.gate import not_frontal_chest
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.data_tools.metadata import dicom_tags
 from lungdet.errors import ImageReadError
+from lungdet.pacs.audit import AuditTrail, NodeAudit, study_of
 from lungdet.show.dicom_derived import (
     GSPS_SERIES_DESCRIPTION,
     OVERLAY_SERIES_DESCRIPTION,
@@ -188,10 +189,13 @@ class PacsNode:
         overlay: bool = False,
         gsps: bool = False,
         gate: bool = True,
+        audit: AuditTrail | None = None,
         say: Callable[[str], None] = LOG.info,
     ) -> None:
         self.client, self.detector, self.model, self.state = client, detector, model, state
         self.cut_off, self.overlay, self.gsps, self.gate, self.say = cut_off, overlay, gsps, gate, say
+        self.audited = NodeAudit(audit, "LUNGDET")
+        self.server = str(getattr(client, "base_url", "") or "the DICOMweb server")
 
     # --- talking to the server: every failure to answer becomes Unreachable ---------------------
 
@@ -211,7 +215,13 @@ class PacsNode:
         """Every instance on the server (QIDO-RS, in pages of :data:`PAGE`). Raises Unreachable."""
         found: list[Candidate] = []
         while True:
-            page = self._ask(self.client.search_for_instances, fields=list(FIELDS), limit=PAGE, offset=len(found))
+            query = f"includefield={','.join(FIELDS)}&limit={PAGE}&offset={len(found)}"
+            try:
+                page = self._ask(self.client.search_for_instances, fields=list(FIELDS), limit=PAGE, offset=len(found))
+            except Unreachable as error:
+                self.audited.query(self.server, f"{self.server}/instances", query, failed=str(error))
+                raise
+            self.audited.query(self.server, f"{self.server}/instances", query)
             found += [Candidate.from_qido(instance) for instance in page]
             if len(page) < PAGE:
                 return found
@@ -229,6 +239,8 @@ class PacsNode:
     def store(self, study: str, files: list[Path]) -> bool:
         """STOW the files; True when the server took them, False (and one log line) when it refused."""
         datasets = [read_dataset(path) for path in files]
+        audit_study = study_of(datasets[0])
+        self.audited.sending(self.server, audit_study, done=False)
         try:
             self._ask(self.client.store_instances, datasets, study_instance_uid=study)
         except requests.exceptions.HTTPError as error:
@@ -236,7 +248,9 @@ class PacsNode:
             self.say(
                 f"the server refused to store {files[0].parent.name}'s result (HTTP {status}); kept on disk, retried next poll"
             )
+            self.audited.sending(self.server, audit_study, done=True, refused=f"HTTP {status}")
             return False
+        self.audited.sending(self.server, audit_study, done=True)
         return True
 
     # --- one poll --------------------------------------------------------------------------------
@@ -316,6 +330,7 @@ class PacsNode:
             self.state.skipped[candidate.sop] = reason
             self.state.save()
             return "skipped", 0
+        self.audited.received(self.server, "", study_of(dataset), node_asked=True)
         uid = report_uid(dataset, self.model)
         if self.has_report(candidate, uid):
             self.state.done[candidate.sop] = uid
@@ -347,6 +362,13 @@ class PacsNode:
         self, *, poll_seconds: float, once: bool, retry_seconds: float, sleep: Callable[[float], None] = time.sleep
     ) -> int:
         """Poll until stopped (or once). Returns 0, or 1 when ``once`` ends with results still waiting on disk or the server never answered."""
+        self.audited.application(start=True)
+        try:
+            return self._loop(poll_seconds=poll_seconds, once=once, retry_seconds=retry_seconds, sleep=sleep)
+        finally:
+            self.audited.application(start=False)
+
+    def _loop(self, *, poll_seconds: float, once: bool, retry_seconds: float, sleep: Callable[[float], None]) -> int:
         number, pause, down_since = 0, 1.0, None
         while True:
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import ssl
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -84,19 +86,21 @@ class CStoreReceiver:
         for sop_class, syntaxes in contexts.items():
             ae.add_requested_context(sop_class, sorted(syntaxes))
         try:
-            association = ae.associate(
-                self.address.host,
-                self.address.port,
-                ae_title=self.address.ae_title,
-                tls_args=None if self.tls is None else (self.tls, self.address.host),
-            )
+            with transport_errors() as errors:
+                association = ae.associate(
+                    self.address.host,
+                    self.address.port,
+                    ae_title=self.address.ae_title,
+                    tls_args=None if self.tls is None else (self.tls, self.address.host),
+                )
         except Exception as error:  # a host name that does not resolve, for one
             raise ReceiverDown(first_line(error)) from None
         if not association.is_established:
             failure = _association_failure(association)
-            if self.tls is not None and failure == "no connection":
-                # pynetdicom logs the handshake's error and reports only that no connection was made.
-                failure += f" (over TLS: does {self.address.host} speak DICOM TLS on port {self.address.port}, with a certificate --tls-ca signed for that name?)"
+            tls_failure = errors[0] if errors else None
+            if self.tls is not None and tls_failure is not None:
+                # pynetdicom logs the handshake's error and reports only that the association went nowhere.
+                failure = f"TLS handshake failed ({tls_failure}); check that {self.address.host} speaks DICOM TLS on port {self.address.port} with a certificate --tls-ca signed for that name"
             raise ReceiverDown(failure)
         try:
             for result in results:
@@ -117,6 +121,29 @@ class CStoreReceiver:
         finally:
             if association.is_established:
                 association.release()
+
+
+@contextlib.contextmanager
+def transport_errors() -> Iterator[list[str]]:
+    """The TLS errors pynetdicom's transport logs meanwhile, from whichever of its threads, a line each.
+
+    The node has one sender, and its listener does its own handshakes (:mod:`lungdet.pacs.tls_server`),
+    so the TLS errors logged meanwhile are this association's.
+    """
+    caught: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR and "SSL" in record.getMessage():
+                caught.append(record.getMessage().splitlines()[0][:200])
+
+    handler = Catch()
+    transport_log = logging.getLogger("pynetdicom.transport")
+    transport_log.addHandler(handler)
+    try:
+        yield caught
+    finally:
+        transport_log.removeHandler(handler)
 
 
 def _association_failure(association: Any) -> str:

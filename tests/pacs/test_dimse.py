@@ -31,7 +31,8 @@ from lungdet import lungdet_version
 from lungdet.data_tools.dicom_io import dicom_bytes, read_dicom
 from lungdet.errors import LungdetError
 from lungdet.pacs.addresses import AEAddress, AllowedCaller, ae_address, allowed_caller, listen_address
-from lungdet.pacs.dimse import Arrival, DimseNode, check_instance
+from lungdet.pacs.arrivals import Arrival, check_instance
+from lungdet.pacs.dimse import DimseNode
 from lungdet.pacs.inbox import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES, DimseState, Refusal
 from lungdet.pacs.receivers import CStoreReceiver, DicomwebReceiver, status_accepted
 from lungdet.show.dicom_derived import model_identity, report_uid
@@ -336,6 +337,9 @@ def test_check_instance_decides_by_class_tags_and_pixels(rsna_sample_dir: Path) 
     sample = pydicom.dcmread(sorted(rsna_sample_dir.glob("*.dcm"))[0])
     good = check_instance(dicom_bytes(sample), sop_class=sample.SOPClassUID)
     assert good == Arrival(sample.SOPInstanceUID, sample.StudyInstanceUID)
+    # Who the image is of goes to the audit trail, and never into a repr that a log could show.
+    assert (good.patient_id, good.sop_class) == (sample.PatientID, sample.SOPClassUID)
+    assert sample.PatientID not in repr(good)
     assert check_instance(dicom_bytes(sample), sop_class="1.2.840.10008.5.1.4.1.1.1") == Refusal(
         DATA_SET_MISMATCH, f"its SOP Class UID {sample.SOPClassUID} is not the request's 1.2.840.10008.5.1.4.1.1.1"
     )
