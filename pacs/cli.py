@@ -269,12 +269,12 @@ def check_mode(args: argparse.Namespace) -> None:
     def given(names: tuple[str, ...]) -> list[str]:
         return ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) not in (None, False)]
 
-    check_tls(args)
     if args.url is not None:
         if given(LISTEN_ONLY):
             raise LungdetError(
                 f"{', '.join(given(LISTEN_ONLY))}: only with --listen (the C-STORE node); --url polls a DICOMweb server"
             )
+        check_tls(args)
         return
     if given(POLL_ONLY):
         raise LungdetError(
@@ -290,6 +290,7 @@ def check_mode(args: argparse.Namespace) -> None:
         raise LungdetError(
             "--listen needs --allow AE[@HOST] for each sender (an archive's or router's AE title), or --allow-any on a closed test network"
         )
+    check_tls(args)
 
 
 def check_tls(args: argparse.Namespace) -> None:

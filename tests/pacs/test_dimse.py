@@ -324,6 +324,37 @@ def test_command_line_modes_are_exclusive_and_complete(capsys) -> None:
             ["--url", "http://h/dicom-web", "--checkpoint", "c.pt", "--send-to", "O@h:104", "--max-inbox", "5"],
             r"--send-to, --max-inbox: only with --listen",
         ),
+        (
+            ["--url", "http://h/dicom-web", "--checkpoint", "c.pt", "--keep-days", "7", "--send-tls"],
+            r"--keep-days, --send-tls: only with --listen",
+        ),
+        (
+            listen + ["--send-to", "O@h:104", "--allow", "O", "--tls-cert", "c.pem"],
+            "give --tls-cert CERT and --tls-key KEY together",
+        ),
+        (
+            listen
+            + [
+                "--send-to",
+                "O@h:104",
+                "--allow",
+                "O",
+                "--tls-cert",
+                "c",
+                "--tls-key",
+                "k",
+                "--tls-require-client-cert",
+            ],
+            r"--tls-require-client-cert needs --tls-cert/--tls-key \(TLS on\) and --tls-ca",
+        ),
+        (
+            listen + ["--dicomweb-url", "http://h/", "--allow", "O", "--send-tls"],
+            "--send-tls needs --send-to AE@HOST:PORT and --tls-ca",
+        ),
+        (
+            listen + ["--send-to", "O@h:104", "--allow", "O", "--audit-syslog-tls"],
+            "--audit-syslog-tls needs --audit-syslog HOST:PORT and --tls-ca",
+        ),
     ]:
         with pytest.raises(LungdetError, match=message):
             check_mode(parser.parse_args(argv))

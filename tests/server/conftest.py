@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -78,8 +79,10 @@ class ServeProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
-def start_serve(checkpoint: Path, folder: Path, *extra: str, env: dict[str, str] | None = None) -> ServeProcess:
-    """Start ``lungdet serve`` on a free loopback port (``--port 0``) and wait until its health check answers."""
+def start_serve(
+    checkpoint: Path, folder: Path, *extra: str, env: dict[str, str] | None = None, trust: ssl.SSLContext | None = None
+) -> ServeProcess:
+    """Start ``lungdet serve`` on a free loopback port (``--port 0``) and wait until its health check answers (over HTTPS, trusting ``trust``)."""
     log_path = folder / "serve.log"
     log = open(log_path, "w", encoding="utf-8")
     command = [
@@ -113,7 +116,7 @@ def start_serve(checkpoint: Path, folder: Path, *extra: str, env: dict[str, str]
                 url = line.split()[3]
         if url is not None:
             try:
-                with urllib.request.urlopen(f"{url}static/style.css", timeout=5) as response:
+                with urllib.request.urlopen(f"{url}static/style.css", timeout=5, context=trust) as response:
                     if response.status == 200:
                         return ServeProcess(url=url, log_path=log_path, process=process)
             except (urllib.error.URLError, ConnectionError):
@@ -149,8 +152,14 @@ def serve_starter() -> Iterator[Callable[..., ServeProcess]]:
     """``start(checkpoint, folder, *options, env=...)`` for a test's own ``lungdet serve``; every one started is stopped afterwards."""
     started: list[ServeProcess] = []
 
-    def start(checkpoint: Path, folder: Path, *extra: str, env: dict[str, str] | None = None) -> ServeProcess:
-        started.append(start_serve(checkpoint, folder, *extra, env=env))
+    def start(
+        checkpoint: Path,
+        folder: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        trust: ssl.SSLContext | None = None,
+    ) -> ServeProcess:
+        started.append(start_serve(checkpoint, folder, *extra, env=env, trust=trust))
         return started[-1]
 
     yield start

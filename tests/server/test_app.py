@@ -139,6 +139,27 @@ def test_a_file_without_extension_is_read_by_its_content(client: TestClient, rea
 # --- bad uploads: one test per kind --------------------------------------------------------------
 
 
+def test_a_lateral_view_gets_the_gate_s_verdict_and_no_boxes(
+    client: TestClient, serving_detector, real_dicom: Path, upload_limit_bytes: int
+) -> None:
+    dataset = pydicom.dcmread(real_dicom)
+    dataset.ViewPosition = "LL"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    lateral = buffer.getvalue()
+    assert_refused(
+        client,
+        detect(client, lateral),
+        422,
+        "not_frontal_chest",
+        r"^upload [0-9a-f]{16}: not a frontal chest radiograph: ViewPosition LL \(only AP and PA views are frontal\)$",
+    )
+    # --allow-any-view: the same pixels get the same boxes as the frontal film.
+    with TestClient(create_app(serving_detector, max_upload_bytes=upload_limit_bytes, gate=False)) as open_client:
+        allowed, frontal = detect(open_client, lateral), detect(open_client, real_dicom.read_bytes())
+    assert allowed.status_code == 200 and allowed.json()["boxes"] == frontal.json()["boxes"]
+
+
 def test_empty_file(client: TestClient) -> None:
     assert_refused(client, detect(client, b""), 400, "empty", r"the file is empty \(0 bytes\)")
 

@@ -275,3 +275,56 @@ def test_listening_socket_says_tcp_so_replies_are_not_held_back() -> None:
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_https_serves_the_page_and_the_gate_over_tls(serving_checkpoint: Path, serve_starter, tmp_path: Path) -> None:
+    """--tls-cert/--tls-key: the page over HTTPS, checked against the test CA; plain HTTP gets no page; a CT slice its verdict."""
+    import ssl
+
+    from pydicom.data import get_testdata_file
+
+    from tests.tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki", ("serve",))
+    trust = ssl.create_default_context(cafile=str(pki.ca))
+    server = serve_starter(
+        serving_checkpoint,
+        tmp_path,
+        "--tls-cert",
+        str(pki.cert("serve")),
+        "--tls-key",
+        str(pki.key("serve")),
+        trust=trust,
+    )
+    assert server.url.startswith("https://127.0.0.1:")
+    with urllib.request.urlopen(server.url, timeout=30, context=trust) as response:
+        assert response.status == 200 and b"Not a diagnostic device" in response.read()
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):  # the machine's CAs did not sign it
+        urllib.request.urlopen(server.url, timeout=30, context=ssl.create_default_context())
+    host, port = server.url.removeprefix("https://").rstrip("/").rsplit(":", 1)
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        plain = http.client.HTTPConnection(host, int(port), timeout=10)
+        plain.request("GET", "/")
+        plain.getresponse().read()
+
+    ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+    body, content_type = multipart(ct, name="ct.dcm")
+    request = urllib.request.Request(f"{server.url}api/v1/detect", data=body, headers={"Content-Type": content_type})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60, context=trust)
+    error = json.loads(refused.value.read())["error"]
+    assert refused.value.code == 422 and error["kind"] == "not_frontal_chest"
+    assert error["message"].endswith(
+        "not a frontal chest radiograph: Modality CT (lungdet's models were made for CR, DX or DR chest radiographs)"
+    )
+
+
+def test_https_needs_both_files_and_a_private_key(tmp_path: Path) -> None:
+    parser = get_args_parser()
+    with pytest.raises(LungdetError, match="HTTPS needs both --tls-cert CERT and --tls-key KEY"):
+        main(parser.parse_args(["--checkpoint", "x.pt", "--tls-cert", "c.pem"]))
+    key = tmp_path / "k.pem"
+    key.write_text("secret")
+    key.chmod(0o640)
+    with pytest.raises(LungdetError, match=r"the private key can be read by other users \(mode 640\)"):
+        main(parser.parse_args(["--checkpoint", "x.pt", "--tls-cert", str(key), "--tls-key", str(key)]))
