@@ -16,7 +16,11 @@ acknowledged per second, results stored per second, and from the node's log the 
 instance's arrival to its result being stored (p50/p95). Exit status 1 if any instance was refused
 or has no result, or more than one.
 
-Run: ``.venv/bin/python benchmarks/cstore_load.py [--checkpoint runs/r50/best.pt] [--instances 200] [--clients 4] [--receiver orthanc|storescp] [--client pynetdicom|storescu]``
+Run: ``.venv/bin/python benchmarks/cstore_load.py [--checkpoint runs/r50/best.pt] [--instances 200] [--clients 4] [--receiver orthanc|storescp] [--client pynetdicom|storescu] [--security plain,tls,tls+audit]``
+
+``--security`` runs the same load once per variant, one after the other, each with a fresh receiver
+and node: plain TCP, DICOM TLS both ways (certificates made with openssl, client certificates
+required, results sent with --send-tls), and TLS with ``--audit FILE``.
 (without ``--checkpoint`` it writes the tests' tiny serving checkpoint, a from-scratch MobileNetV3-FPN at 128 px, and uses that).
 """
 
@@ -84,9 +88,9 @@ def write_instances(samples: list[Path], count: int, folder: Path) -> list[tuple
 
 
 class OrthancReceiver:
-    """Orthanc's DICOM server as the receiver (no plugins); its REST API counts what arrived."""
+    """Orthanc's DICOM server as the receiver (no plugins); its REST API counts what arrived. With ``pki``, DICOM TLS only."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, pki=None) -> None:
         binary = shutil.which("Orthanc")
         if binary is None:
             raise SystemExit("Orthanc is not installed (apt-get install orthanc); or pass --receiver storescp")
@@ -102,6 +106,16 @@ class OrthancReceiver:
             "DicomPort": self.port,
             "RemoteAccessAllowed": False,
         }
+        if pki is not None:  # the keys docs/dicom_and_pacs.md (Security) gives
+            config.update(
+                {
+                    "DicomTlsEnabled": True,
+                    "DicomTlsCertificate": str(pki.cert("orthanc")),
+                    "DicomTlsPrivateKey": str(pki.key("orthanc")),
+                    "DicomTlsTrustedCertificates": str(pki.ca),
+                    "DicomTlsRemoteCertificateRequired": True,
+                }
+            )
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.log = open(folder / "orthanc.log", "w")
         self.process = subprocess.Popen(
@@ -141,17 +155,18 @@ class OrthancReceiver:
 
 
 class StoreScpReceiver:
-    """DCMTK's storescp as the receiver: every instance it takes is a file of its own (+uf), a second copy included."""
+    """DCMTK's storescp as the receiver: every instance it takes is a file of its own (+uf), a second copy included. With ``pki``, TLS only."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, pki=None) -> None:
         binary = shutil.which("storescp")
         if binary is None:
             raise SystemExit("DCMTK is not installed (apt-get install dcmtk); or pass --receiver orthanc")
         self.folder, self.port, self.ae_title = folder, free_port(), "STORESCP"
         folder.mkdir(parents=True)
         # --fork: one process per association, as a real archive takes several at once.
+        tls = [] if pki is None else ["+tls", str(pki.key("orthanc")), str(pki.cert("orthanc")), "+cf", str(pki.ca)]
         self.process = subprocess.Popen(
-            [binary, "--fork", "-aet", "STORESCP", "-od", str(folder), "+uf", str(self.port)],
+            [binary, "--fork", *tls, "-aet", "STORESCP", "-od", str(folder), "+uf", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -173,16 +188,21 @@ class StoreScpReceiver:
         self.process.wait()
 
 
-def send_with_pynetdicom(port: int, files: list[str]) -> list[tuple[float, float, int]]:
-    """One client process: one association, every file by C-STORE; (start, end, status) per file, in time.time() seconds."""
+def send_with_pynetdicom(
+    port: int, files: list[str], tls: tuple[str, str, str] | None
+) -> list[tuple[float, float, int]]:
+    """One client process: one association (over TLS with ``tls``: CA, certificate, key), every file by C-STORE; (start, end, status) per file."""
     from pynetdicom import AE
+
+    from lungdet.tls import client_context
 
     ae = AE("LOADSCU")
     ae.add_requested_context(
         "1.2.840.10008.5.1.4.1.1.7", ["1.2.840.10008.1.2.4.50"]
     )  # the samples: Secondary Capture, JPEG Baseline
     ae.dimse_timeout = ae.network_timeout = 120
-    association = ae.associate("127.0.0.1", port, ae_title="LUNGDET")
+    tls_args = None if tls is None else (client_context(Path(tls[0]), cert=Path(tls[1]), key=Path(tls[2])), "127.0.0.1")
+    association = ae.associate("127.0.0.1", port, ae_title="LUNGDET", tls_args=tls_args)
     if not association.is_established:
         raise RuntimeError("lungdet pacs refused the association")
     timings = []
@@ -195,10 +215,11 @@ def send_with_pynetdicom(port: int, files: list[str]) -> list[tuple[float, float
     return timings
 
 
-def send_with_storescu(port: int, files: list[str]) -> tuple[float, float, int]:
+def send_with_storescu(port: int, files: list[str], tls: tuple[str, str, str] | None) -> tuple[float, float, int]:
     started = time.time()
+    options = [] if tls is None else ["+tls", tls[2], tls[1], "+cf", tls[0]]
     done = subprocess.run(
-        ["storescu", "-xy", "-aet", "LOADSCU", "-aec", "LUNGDET", "127.0.0.1", str(port), *files],
+        ["storescu", *options, "-xy", "-aet", "LOADSCU", "-aec", "LUNGDET", "127.0.0.1", str(port), *files],
         capture_output=True,
         text=True,
     )
@@ -260,45 +281,96 @@ def main() -> int:
     parser.add_argument(
         "--max-seconds", type=float, default=900, help="give up waiting for results after this long (default 900)"
     )
+    parser.add_argument(
+        "--security",
+        default="plain",
+        help="comma-separated variants run one after the other: plain, tls (DICOM TLS both ways, client certificates "
+        "required), tls+audit (and --audit FILE); default plain",
+    )
     args = parser.parse_args()
 
     samples = sorted(args.samples.glob("*.dcm"))
     if not samples:
         raise SystemExit(f"{args.samples}: no .dcm files; pass --samples FOLDER")
+    variants = [variant.strip() for variant in args.security.split(",")]
+    unknown = sorted(set(variants) - set(SECURITY))
+    if unknown:
+        raise SystemExit(f"--security {args.security}: unknown {', '.join(unknown)}; choose from {', '.join(SECURITY)}")
     work = Path(tempfile.mkdtemp(prefix="cstore_load_"))
     checkpoint = args.checkpoint
+    sys.path.insert(0, str(REPO))
     if checkpoint is None:
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import write_serving_checkpoint  # the tests' tiny model: the node's own costs, not a real model's
+        from tests.conftest import (
+            write_serving_checkpoint,
+        )  # the tests' tiny model: the node's own costs, not a real model's
 
         checkpoint = write_serving_checkpoint(work / "serving.pt")
     instances = write_instances(samples, args.instances, work / "instances")
-    receiver = OrthancReceiver(work / "orthanc") if args.receiver == "orthanc" else StoreScpReceiver(work / "storescp")
-    log_path = work / "node.log"
+    pki = None
+    if any(variant != "plain" for variant in variants):
+        from tests.tls_certs import make_pki  # certificates made here with openssl, as the tests make theirs
+
+        pki = make_pki(work / "pki", ("lungdet", "orthanc", "loadscu"))
+    print(
+        f"lungdet pacs --listen under load: {args.instances} instances from {args.clients} {args.client} processes, receiver {args.receiver}, "
+        f"checkpoint {checkpoint.name}, {platform.processor() or platform.machine()} x {os.cpu_count()} cores; work in {work}"
+    )
+    rows, status = [], 0
+    for variant in variants:
+        print(f"--- {variant} ---")
+        failed, row = run_load(args, checkpoint, instances, work / variant, variant, pki)
+        rows.append(row)
+        status |= failed
+    print(
+        "| date | security | client | receiver | instances | clients | ack p50 ms | ack p95 ms | acked/s | results/s |"
+    )
+    print("\n".join(rows))
+    return status
+
+
+SECURITY = ("plain", "tls", "tls+audit")
+
+
+def node_command(args: argparse.Namespace, checkpoint: Path, work: Path, receiver, variant: str, pki) -> list[str]:
+    """``lungdet pacs --listen`` as the variant runs it: plain TCP, or TLS both ways (client certificates required), and an audit file."""
     command = [
-        sys.executable,
-        "-m",
-        "lungdet",
-        "pacs",
-        "--listen",
-        "LUNGDET@127.0.0.1:0",
-        "--allow",
-        "LOADSCU",
-        "--send-to",
-        f"{receiver.ae_title}@127.0.0.1:{receiver.port}",
-        "--checkpoint",
-        str(checkpoint),
-        "--state-dir",
-        str(work / "state"),
-        "--device",
-        args.device,
-        "--max-inbox",
-        str(max(1000, args.instances)),
-    ] + (["--overlay"] if args.overlay else [])
+        sys.executable, "-m", "lungdet", "pacs", "--listen", "LUNGDET@127.0.0.1:0", "--allow", "LOADSCU",
+        "--send-to", f"{receiver.ae_title}@127.0.0.1:{receiver.port}", "--checkpoint", str(checkpoint),
+        "--state-dir", str(work / "state"), "--device", args.device, "--max-inbox", str(max(1000, args.instances)),
+    ]  # fmt: skip
+    if variant != "plain":
+        command += [
+            "--tls-cert",
+            str(pki.cert("lungdet")),
+            "--tls-key",
+            str(pki.key("lungdet")),
+            "--tls-ca",
+            str(pki.ca),
+        ]
+        command += ["--tls-require-client-cert", "--send-tls"]
+    if variant == "tls+audit":
+        command += ["--audit", str(work / "audit.log")]
+    return command + (["--overlay"] if args.overlay else [])
+
+
+def run_load(args: argparse.Namespace, checkpoint: Path, instances, work: Path, variant: str, pki) -> tuple[int, str]:
+    """One variant: a fresh receiver and node, every instance sent, the results counted; (1 if anything was wrong, its table row)."""
+    work.mkdir(parents=True)
+    receiver_pki = pki if variant != "plain" else None
+    receiver = (
+        OrthancReceiver(work / "orthanc", receiver_pki)
+        if args.receiver == "orthanc"
+        else StoreScpReceiver(work / "storescp", receiver_pki)
+    )
+    log_path = work / "node.log"
     with open(log_path, "w") as log:
         node = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            node_command(args, checkpoint, work, receiver, variant, pki),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+    tls = None if variant == "plain" else (str(pki.ca), str(pki.cert("loadscu")), str(pki.key("loadscu")))
     try:
         ports: list[int] = []
 
@@ -315,15 +387,11 @@ def main() -> int:
         files = [str(path) for path, _, _ in instances]
         shares = [files[index :: args.clients] for index in range(args.clients)]
         per_set = 2 if args.overlay else 1
-        print(
-            f"lungdet pacs --listen under load: {args.instances} instances from {args.clients} {args.client} processes, receiver {args.receiver}, "
-            f"checkpoint {checkpoint.name}, {platform.processor() or platform.machine()} x {os.cpu_count()} cores; work in {work}"
-        )
         with concurrent.futures.ProcessPoolExecutor(
             args.clients, mp_context=multiprocessing.get_context("spawn")
         ) as pool:
             sender = send_with_pynetdicom if args.client == "pynetdicom" else send_with_storescu
-            outcomes = list(pool.map(sender, [port] * args.clients, shares))
+            outcomes = list(pool.map(sender, [port] * args.clients, shares, [tls] * args.clients))
         if args.client == "pynetdicom":
             timings = [timing for client in outcomes for timing in client]
             refused = [timing for timing in timings if timing[2] != 0]
@@ -366,12 +434,11 @@ def main() -> int:
             if latencies
             else ("-", "-")
         )
-        print("| date | client | receiver | instances | clients | ack p50 ms | ack p95 ms | acked/s | results/s |")
-        print(
-            f"| {datetime.date.today()} | {args.client} | {args.receiver} | {args.instances} | {args.clients} | {p50} | {p95} | "
+        row = (
+            f"| {datetime.date.today()} | {variant} | {args.client} | {args.receiver} | {args.instances} | {args.clients} | {p50} | {p95} | "
             f"{args.instances / (last_ack - first):.1f} | {args.instances / (results_done - first):.1f} |"
         )
-        return 1 if refused or missing or doubled or extra else 0
+        return (1 if refused or missing or doubled or extra else 0), row
     finally:
         node.terminate()
         try:

@@ -18,6 +18,7 @@ judge them (no image-level check is built: see docs/dicom_and_pacs.md).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from lungdet.errors import ImageReadError
@@ -82,3 +83,17 @@ def refuse_unless_frontal_chest(tags: ImageKindTags, *, name: object) -> None:
     reason = not_frontal_chest(tags)
     if reason is not None:
         raise ImageReadError(name, reason, kind=REFUSAL_KIND)
+
+
+def bad_input_counts(bad: Sequence[tuple[object, str]]) -> str:
+    """'; N refused (not frontal chest radiographs), M unreadable' for a summary line; '' when every input was read."""
+    refused = sum(is_refusal(reason) for _, reason in bad)
+    parts = [f"{refused} refused (not frontal chest radiographs)"] * bool(refused)
+    parts += [f"{len(bad) - refused} unreadable"] * bool(len(bad) - refused)
+    return f"; {', '.join(parts)}" if parts else ""
+
+
+def bad_input_lines(bad: Sequence[tuple[object, str]], *, written_empty: bool) -> list[str]:
+    """A line per input refused here or unreadable: '  refused[, written with no boxes]: PATH: reason'."""
+    note = ", written with no boxes" if written_empty else ""
+    return [f"  {'refused' if is_refusal(reason) else 'unreadable'}{note}: {path}: {reason}" for path, reason in bad]

@@ -39,7 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  lungdet pacs --url http://127.0.0.1:8042/dicom-web --checkpoint runs/r50/best.pt --once\n"
         "  LUNGDET_PACS_PASSWORD=secret lungdet pacs --url https://pacs.example/dicom-web --username lungdet --checkpoint r50.onnx --overlay\n"
-        "  lungdet pacs --listen LUNGDET@0.0.0.0:11112 --allow ORTHANC@10.0.0.5 --send-to ORTHANC@10.0.0.5:4242 --checkpoint runs/r50/best.pt --overlay",
+        "  lungdet pacs --listen LUNGDET@0.0.0.0:11112 --allow ORTHANC@10.0.0.5 --send-to ORTHANC@10.0.0.5:4242 --checkpoint runs/r50/best.pt --overlay\n"
+        "  lungdet pacs --listen LUNGDET@0.0.0.0:2762 --allow ORTHANC --send-to ORTHANC@10.0.0.5:2762 --checkpoint r50.onnx --tls-cert lungdet.crt "
+        "--tls-key lungdet.key --tls-ca hospital-ca.pem --tls-require-client-cert --send-tls --audit audit.log",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_mode_arguments(parser)

@@ -26,7 +26,8 @@ The state folder (``--state-dir``)::
     inbox/{sequence}-{image SOP}.dcm     what was acknowledged and has no result yet
     pending/{sequence}-{image SOP}/      a result (report, overlay, GSPS) waiting to be stored, and result.json
     failed/                              inputs that made the worker fail three times (move back into inbox/ to retry)
-    settled.jsonl                        one line per settled input: reported (with its report UID) or skipped
+    settled.jsonl                        one line per settled input: reported (with its report UID) or skipped,
+                                         and when; compacted to --keep-days (DimseState.compact)
 
 **The order of writes, and why kill -9 loses nothing.** Every step below is durable (written to a
 temporary name, fsynced, renamed, folder fsynced) before the next starts:
