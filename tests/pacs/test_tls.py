@@ -242,3 +242,57 @@ def test_send_tls_checks_the_receivers_host_name(
     ):
         list(wrong.send([result]))
     assert time.monotonic() - started < 10
+
+
+def test_the_command_line_speaks_tls_both_ways_and_keeps_an_audit_file(
+    pki: Pki, tls_orthanc: OrthancWithDicom, serving_checkpoint: Path, rsna_sample_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """``lungdet pacs --listen`` with every TLS flag and --audit, in this process: storescu +tls in, the result to Orthanc over TLS."""
+    import os
+    import signal
+    import threading
+
+    from lungdet.cli import main
+
+    port, audit = free_port(), tmp_path / "audit.log"
+    path, source = fresh_sample(rsna_sample_dir, tmp_path, 5)
+    outcome: dict[str, object] = {}
+
+    def send_then_stop() -> None:
+        deadline = time.monotonic() + 60
+        while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and time.monotonic() < deadline:
+            time.sleep(0.05)  # the node's handler is set just before it listens
+        time.sleep(1.0)
+        outcome["sent"] = storescu(
+            pki, port, path, "+tls", str(pki.key("storescu")), str(pki.cert("storescu")), "+cf", str(pki.ca)
+        )
+        while time.monotonic() < deadline and not any(
+            tags["StudyInstanceUID"] == source.StudyInstanceUID and tags["Modality"] == "SR"
+            for tags in tls_orthanc.instance_tags()
+        ):
+            time.sleep(0.2)
+        time.sleep(0.5)  # the node says "stored" once Orthanc has answered
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_then_stop, daemon=True).start()
+    capsys.readouterr()
+    status = main(
+        ["pacs", "--listen", f"LUNGDET@127.0.0.1:{port}", "--allow", "STORESCU", "--checkpoint", str(serving_checkpoint),
+         "--send-to", f"ORTHANC@127.0.0.1:{tls_orthanc.dicom_port}", "--state-dir", str(tmp_path / "state"),
+         "--device", "cpu", "--amp", "none", "--tls-cert", str(pki.cert("lungdet")), "--tls-key", str(pki.key("lungdet")),
+         "--tls-ca", str(pki.ca), "--tls-require-client-cert", "--send-tls", "--audit", str(audit)]
+    )  # fmt: skip
+    log = capsys.readouterr().err
+    assert status == 0 and outcome["sent"].returncode == 0, (log, outcome["sent"].stderr)
+    assert f"listening as LUNGDET on 127.0.0.1:{port} (DICOM TLS only)" in log
+    assert (
+        f"stored {source.SOPInstanceUID}'s result (1 instance(s)) in ORTHANC@127.0.0.1:{tls_orthanc.dicom_port} (C-STORE over TLS)"
+        in log
+    )
+    assert audit.stat().st_mode & 0o777 == 0o600
+    events = [
+        ElementTree.fromstring(line).find("EventIdentification/EventID").get("originalText")
+        for line in audit.read_text().splitlines()
+    ]
+    assert events[0] == events[-1] == "Application Activity" and "DICOM Instances Transferred" in events
+    assert str(source.PatientID) not in log and str(source.PatientID) in audit.read_text()
