@@ -198,3 +198,28 @@ def test_page_shows_files_in_order_and_no_identifier(
         assert value.lower() not in page.lower(), value
     log = serve_process.log()
     assert phi_dicom.name not in log and other.stem not in log
+
+
+def test_a_lateral_view_shows_the_gate_s_verdict_and_nothing_else(
+    browser, serve_process, rsna_sample_dir: Path, tmp_path: Path
+) -> None:
+    import pydicom
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    dataset = pydicom.dcmread(rsna_sample_dir / POSITIVE_SAMPLE)
+    dataset.ViewPosition = "LL"
+    lateral = tmp_path / "lateral.dcm"
+    dataset.save_as(lateral)
+    browser.get(serve_process.url)
+    WebDriverWait(browser, WAIT_S).until(lambda driver: "Model " in driver.find_element(By.ID, "model-info").text)
+    browser.find_element(By.ID, "upload").send_keys(str(lateral))
+    card = WebDriverWait(browser, WAIT_S).until(
+        lambda driver: driver.find_element(By.CSS_SELECTOR, ".result[aria-busy='false']")
+    )
+    assert card.find_element(By.CSS_SELECTOR, ".card-state").text.endswith(
+        ": not a frontal chest radiograph: ViewPosition LL (only AP and PA views are frontal)"
+    )
+    # No empty X-ray, table or buttons under the verdict: the card's body stays hidden.
+    assert not card.find_element(By.CSS_SELECTOR, ".card-body").is_displayed()
+    assert card.find_elements(By.CSS_SELECTOR, ".box") == []
