@@ -462,6 +462,7 @@ class DimseNode:
     def _send_loop(self) -> None:
         pause, down_since = 1.0, None
         told_refused: set[str] = set()
+        announced: set[str] = set()  # Begin Transferring once per result, not on every retry while the receiver is down
         while not self.stopping.is_set():
             self.results_ready.clear()
             batch = self.state.pending()[:SEND_BATCH]
@@ -473,7 +474,9 @@ class DimseNode:
             # Read before sending: a result's folder is gone once the receiver holds it.
             studies = {result.name: self._audit_study(result) for result in batch}
             for result in batch:
-                self.audited.sending(str(self.receiver), studies[result.name], done=False)
+                if result.name not in announced:
+                    announced.add(result.name)
+                    self.audited.sending(str(self.receiver), studies[result.name], done=False)
             try:
                 for result, refusal in self.receiver.send(batch):
                     if refusal is None:
