@@ -6,6 +6,7 @@ import argparse
 import io
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pydicom
@@ -107,8 +108,23 @@ def test_round_trip_through_orthanc(
         bad_uids[name] = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     before = len(orthanc.instance_tags())
 
-    status, log = run_node(orthanc, serving_checkpoint, tmp_path / "state", "--once", "--gsps", capsys=capsys)
+    audit = tmp_path / "audit.log"
+    status, log = run_node(
+        orthanc, serving_checkpoint, tmp_path / "state", "--once", "--gsps", "--audit", str(audit), capsys=capsys
+    )
     assert status == 0, log
+    # The audit trail: the QIDO query, each image retrieved and each result set stored, naming the patient.
+    events = [
+        ElementTree.fromstring(line).find("EventIdentification/EventID").get("originalText")
+        for line in audit.read_text().splitlines()
+    ]
+    assert events[0] == events[-1] == "Application Activity" and events.count("Query") == 1
+    assert (
+        events.count("Begin Transferring DICOM Instances") == 13
+        and events.count("DICOM Instances Transferred") == 2 * 13
+    )
+    first = pydicom.dcmread(samples[0], stop_before_pixels=True)
+    assert f'ParticipantObjectID="{first.PatientID}"' in audit.read_text() and str(first.PatientID) not in log
     assert "poll 1: 18 instance(s) listed, 13 reported" in log and "5 skipped" in log and "research use only" in log
     for name, reason in (
         ("ct", "modality CT, not a chest radiograph"),
