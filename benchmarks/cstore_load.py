@@ -107,15 +107,9 @@ class OrthancReceiver:
             "RemoteAccessAllowed": False,
         }
         if pki is not None:  # the keys docs/dicom_and_pacs.md (Security) gives
-            config.update(
-                {
-                    "DicomTlsEnabled": True,
-                    "DicomTlsCertificate": str(pki.cert("orthanc")),
-                    "DicomTlsPrivateKey": str(pki.key("orthanc")),
-                    "DicomTlsTrustedCertificates": str(pki.ca),
-                    "DicomTlsRemoteCertificateRequired": True,
-                }
-            )
+            from tests.tls_certs import orthanc_tls_settings
+
+            config.update(orthanc_tls_settings(pki))
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.log = open(folder / "orthanc.log", "w")
         self.process = subprocess.Popen(

@@ -18,6 +18,7 @@ judge them (no image-level check is built: see docs/dicom_and_pacs.md).
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -97,3 +98,13 @@ def bad_input_lines(bad: Sequence[tuple[object, str]], *, written_empty: bool) -
     """A line per input refused here or unreadable: '  refused[, written with no boxes]: PATH: reason'."""
     note = ", written with no boxes" if written_empty else ""
     return [f"  {'refused' if is_refusal(reason) else 'unreadable'}{note}: {path}: {reason}" for path, reason in bad]
+
+
+def add_allow_any_view_argument(parser: argparse.ArgumentParser) -> None:
+    """``--allow-any-view``, the one switch that turns this check off, worded the same for every command."""
+    parser.add_argument(
+        "--allow-any-view",
+        action="store_true",
+        help="turn off the check that keeps DICOMs whose tags say they are not frontal chest radiographs (CT, MR, a lateral "
+        "view, another body part) away from the model: for sites whose tags are wrong; the boxes on such images mean nothing",
+    )

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lungdet.cli_types import cpu_share, device_name, fraction, image_dimensions, int_in_range
+from lungdet.data_tools.gate import add_allow_any_view_argument
 from lungdet.detection.config import AMP_MODES
 from lungdet.detection.prepared_images import default_workers
 from lungdet.detection.ray_cluster import add_ray_arguments
@@ -62,12 +63,7 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="a text file naming one X-ray file per line (as --input takes them), for archives too big for a command line",
     )
-    parser.add_argument(
-        "--allow-any-view",
-        action="store_true",
-        help="turn off the check that refuses DICOMs whose tags say they are not frontal chest radiographs (CT, MR, a lateral "
-        "view, another body part): for sites whose tags are wrong; the boxes on such images mean nothing",
-    )
+    add_allow_any_view_argument(parser)
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lungdet.cli_types import device_name, fraction, int_in_range, positive_seconds
-from lungdet.data_tools.gate import ALLOW_ANY_VIEW_WARNING
+from lungdet.data_tools.gate import ALLOW_ANY_VIEW_WARNING, add_allow_any_view_argument
 from lungdet.detection.config import AMP_MODES
 from lungdet.errors import LungdetError
 from lungdet.pacs.addresses import AEAddress, ae_address, ae_title, allowed_caller, host_port, listen_address
@@ -203,12 +203,7 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"with --listen: forget settled images after this many days (an image sent again later is analysed "
         f"again, its result the same instances; default {DEFAULT_KEEP_DAYS:g})",
     )
-    parser.add_argument(
-        "--allow-any-view",
-        action="store_true",
-        help="turn off the check that skips images whose tags say they are not frontal chest radiographs (a lateral view, "
-        "another body part): for sites whose tags are wrong; the boxes on such images mean nothing",
-    )
+    add_allow_any_view_argument(parser)
 
 
 def _add_device_arguments(parser: argparse.ArgumentParser) -> None:

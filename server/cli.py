@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from lungdet.cli_types import device_name, int_in_range
-from lungdet.data_tools.gate import ALLOW_ANY_VIEW_WARNING
+from lungdet.data_tools.gate import ALLOW_ANY_VIEW_WARNING, add_allow_any_view_argument
 from lungdet.data_tools.image_io import DEFAULT_MAX_PIXELS
 from lungdet.detection.config import AMP_MODES
 from lungdet.errors import LungdetError
@@ -86,12 +86,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tls-key", type=Path, metavar="KEY", help="the certificate's PEM private key, readable by this account only"
     )
-    parser.add_argument(
-        "--allow-any-view",
-        action="store_true",
-        help="turn off the check that refuses DICOMs whose tags say they are not frontal chest radiographs (CT, MR, a lateral "
-        "view, another body part): for sites whose tags are wrong; the boxes on such images mean nothing",
-    )
+    add_allow_any_view_argument(parser)
     return parser
 
 

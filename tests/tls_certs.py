@@ -63,3 +63,14 @@ def make_pki(folder: Path, names: tuple[str, ...], *, ca_name: str = "lungdet te
         os.chmod(folder / f"{name}.key", 0o600)
         pairs[name] = (folder / f"{name}.crt", folder / f"{name}.key")
     return Pki(folder / "ca.crt", pairs)
+
+
+def orthanc_tls_settings(pki: Pki, name: str = "orthanc") -> dict[str, object]:
+    """Orthanc's configuration keys for DICOM TLS both ways with ``name``'s certificate, peers' certificates required (as docs/dicom_and_pacs.md gives them)."""
+    return {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(pki.cert(name)),
+        "DicomTlsPrivateKey": str(pki.key(name)),
+        "DicomTlsTrustedCertificates": str(pki.ca),
+        "DicomTlsRemoteCertificateRequired": True,
+    }

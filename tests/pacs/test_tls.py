@@ -29,7 +29,7 @@ from lungdet.show.dicom_derived import model_identity
 from lungdet.tls import check_key_file, client_context, server_context
 from tests.pacs.conftest import OrthancWithDicom, _orthanc_parts
 from tests.pacs.test_dimse import CUT_OFF, dcmtk, free_port, lines_with, wait_for
-from tests.tls_certs import Pki, make_pki
+from tests.tls_certs import Pki, make_pki, orthanc_tls_settings
 
 pynetdicom = pytest.importorskip("pynetdicom")
 from lungdet.pacs.dimse import DimseNode  # noqa: E402
@@ -59,11 +59,7 @@ def tls_orthanc(tmp_path_factory: pytest.TempPathFactory, pki: Pki, node_port: i
     config = json.loads(server.config.read_text())
     config.update(
         {
-            "DicomTlsEnabled": True,
-            "DicomTlsCertificate": str(pki.cert("orthanc")),
-            "DicomTlsPrivateKey": str(pki.key("orthanc")),
-            "DicomTlsTrustedCertificates": str(pki.ca),
-            "DicomTlsRemoteCertificateRequired": True,
+            **orthanc_tls_settings(pki),
             "DicomModalities": {
                 "lungdet": {"AET": "LUNGDET", "Host": "127.0.0.1", "Port": node_port, "UseDicomTls": True}
             },
