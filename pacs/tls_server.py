@@ -22,6 +22,7 @@ from typing import Any
 from pynetdicom.transport import ThreadedAssociationServer
 
 HANDSHAKE_TIMEOUT_S = 10.0
+STOP_POLL_S = 0.05
 # OpenSSL's reasons, in words a PACS administrator acts on.
 HANDSHAKE_REASONS = {
     "WRONG_VERSION_NUMBER": "not a TLS connection (plain TCP to a TLS-only port: turn on TLS at the sender)",
@@ -86,13 +87,19 @@ def start_listening(
     tls: ssl.SSLContext | None,
     refused: Callable[[str, str], None],
 ) -> Any:
-    """Listen on ``address`` without blocking, as ``ae.start_server(block=False)`` does; with ``tls``, TLS only (see the module docstring)."""
+    """Listen on ``address`` without blocking, as ``ae.start_server(block=False)`` does; with ``tls``, TLS only (see the module docstring).
+
+    The accept loop polls for a stop every :data:`STOP_POLL_S` rather than socketserver's 0.5 s, so the node stops promptly.
+    """
     if tls is None:
-        return ae.start_server(address, block=False, evt_handlers=evt_handlers)
-    server = ae.make_server(
-        address, evt_handlers=evt_handlers, server_class=HandshakingServer, tls=tls, refused=refused
-    )
-    threading.Thread(target=server.serve_forever, name="lungdet-tls-acceptor", daemon=True).start()
+        server = ae.make_server(address, evt_handlers=evt_handlers, server_class=ThreadedAssociationServer)
+    else:
+        server = ae.make_server(
+            address, evt_handlers=evt_handlers, server_class=HandshakingServer, tls=tls, refused=refused
+        )
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": STOP_POLL_S}, name="lungdet-acceptor", daemon=True
+    ).start()
     # server.shutdown() removes the server from this list, as it does for start_server's servers.
     ae._servers.append(server)
     return server

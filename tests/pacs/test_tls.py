@@ -292,3 +292,21 @@ def test_the_command_line_speaks_tls_both_ways_and_keeps_an_audit_file(
     ]
     assert events[0] == events[-1] == "Application Activity" and "DICOM Instances Transferred" in events
     assert str(source.PatientID) not in log and str(source.PatientID) in audit.read_text()
+
+
+def test_with_url_the_tls_options_apply_to_the_dicomweb_server_s_https(pki: Pki, tmp_path: Path) -> None:
+    from lungdet.pacs.cli import check_mode, get_args_parser, make_client
+
+    parser = get_args_parser()
+    base = ["--url", "https://pacs.example/dicom-web", "--checkpoint", "c.pt", "--tls-ca", str(pki.ca)]
+    args = parser.parse_args([*base, "--tls-cert", str(pki.cert("lungdet")), "--tls-key", str(pki.key("lungdet"))])
+    check_mode(args)
+    session = make_client(args)._session
+    assert session.verify == str(pki.ca) and session.cert == (str(pki.cert("lungdet")), str(pki.key("lungdet")))
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(pki.key("lungdet").read_bytes())
+    loose.chmod(0o644)
+    with pytest.raises(LungdetError, match="chmod 600"):
+        make_client(parser.parse_args([*base, "--tls-cert", str(pki.cert("lungdet")), "--tls-key", str(loose)]))
+    with pytest.raises(LungdetError, match=r"--send-tls: only with --listen"):
+        check_mode(parser.parse_args([*base, "--send-tls"]))
