@@ -258,10 +258,13 @@ def test_the_command_line_speaks_tls_both_ways_and_keeps_an_audit_file(
         deadline = time.monotonic() + 60
         while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and time.monotonic() < deadline:
             time.sleep(0.05)  # the node's handler is set just before it listens
-        time.sleep(1.0)
-        outcome["sent"] = storescu(
-            pki, port, path, "+tls", str(pki.key("storescu")), str(pki.cert("storescu")), "+cf", str(pki.ca)
-        )
+        # Sent again until the node listens (a refused TCP connection never reaches it, so leaves no trace there).
+        tls = ("+tls", str(pki.key("storescu")), str(pki.cert("storescu")), "+cf", str(pki.ca))
+        while time.monotonic() < deadline:
+            outcome["sent"] = storescu(pki, port, path, *tls)
+            if outcome["sent"].returncode == 0 or "Connection refused" not in outcome["sent"].stderr:
+                break
+            time.sleep(0.2)
         while time.monotonic() < deadline and not any(
             tags["StudyInstanceUID"] == source.StudyInstanceUID and tags["Modality"] == "SR"
             for tags in tls_orthanc.instance_tags()
