@@ -83,9 +83,10 @@ def detect_bytes(
     """
     started = time.perf_counter()
     identifier = upload_id(data)
-    image = read_xray(data, name=name or f"upload {identifier}", max_pixels=max_pixels)
+    shown_name = name or f"upload {identifier}"
+    image = read_xray(data, name=shown_name, max_pixels=max_pixels)
     if gate:
-        refuse_unless_frontal_chest(image, name=name or f"upload {identifier}")
+        refuse_unless_frontal_chest(image, name=shown_name)
     result = detector.predict(image.pixels, laid_over(image.tags, tags))
     return Detection(
         upload_id=identifier,

@@ -30,11 +30,14 @@ thread that reconnects with a growing pause when the collector is down, keeping 
 
 from __future__ import annotations
 
+import base64
 import collections
+import ipaddress
 import logging
 import os
 import socket
 import ssl
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -135,8 +138,6 @@ def peer_participant(ae_title: str, address: str, *, requestor: bool, role: Code
 
 
 def _is_ip(text: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -223,8 +224,6 @@ def _study_objects(study: Study) -> list[ElementTree.Element]:
 
 def alert_subject(identifier: str, *, description: str, kind: Code = NODE_ID) -> ElementTree.Element:
     """A Security Alert's subject (a node's address, or a URI) with its required "Alert Description" detail."""
-    import base64
-
     element = ElementTree.Element(
         "ParticipantObjectIdentification",
         {"ParticipantObjectID": identifier, "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "13"},
@@ -241,8 +240,6 @@ def alert_subject(identifier: str, *, description: str, kind: Code = NODE_ID) ->
 
 def query_object(url: str, query: str) -> ElementTree.Element:
     """A Query's participant object: the QIDO-RS URL it asked, and the query string itself (base64, as A.5.3.10 wants)."""
-    import base64
-
     element = ElementTree.Element(
         "ParticipantObjectIdentification",
         {"ParticipantObjectID": url, "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "24"},
@@ -267,8 +264,6 @@ def syslog_frame(message: str, *, hostname: str, when: datetime | None = None) -
 
 def open_audit_file(path: Path) -> int:
     """Open (or create, 0600) ``--audit FILE`` for appending; a file others can read is refused, with the fix."""
-    import stat
-
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     except OSError as error:
@@ -358,10 +353,8 @@ class AuditTrail:
         file: Path | None = None,
         syslog: tuple[str, int] | None = None,
         syslog_tls: ssl.SSLContext | None = None,
-        source_id: str = "LUNGDET",
         say: Callable[[str], None] = LOG.info,
     ) -> None:
-        self.source_id = source_id
         self.hostname = socket.gethostname()
         self.lock = threading.Lock()
         self.descriptor = open_audit_file(file) if file is not None else None

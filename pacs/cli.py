@@ -308,7 +308,7 @@ def check_tls(args: argparse.Namespace) -> None:
         )
 
 
-def audit_trail(args: argparse.Namespace, ae_title: str) -> AuditTrail | None:
+def audit_trail(args: argparse.Namespace) -> AuditTrail | None:
     """The trail of ``--audit`` and ``--audit-syslog`` (None with neither); the file is opened, and checked, here."""
     if args.audit is None and args.audit_syslog is None:
         return None
@@ -316,7 +316,6 @@ def audit_trail(args: argparse.Namespace, ae_title: str) -> AuditTrail | None:
         file=args.audit,
         syslog=args.audit_syslog,
         syslog_tls=client_context(args.tls_ca) if args.audit_syslog_tls else None,
-        source_id=ae_title,
         say=logging.getLogger("lungdet.pacs").info,
     )
 
@@ -367,7 +366,7 @@ def main(args: argparse.Namespace) -> int:
         overlay=args.overlay,
         gsps=args.gsps,
         gate=not args.allow_any_view,
-        audit=audit_trail(args, "LUNGDET"),
+        audit=audit_trail(args),
     )
     node.say(
         f"{args.url}: {detector.architecture} ({detector.format}) on {detector.device}, cut-off {cut_off:g}; state in {args.state_dir}; "
@@ -422,7 +421,7 @@ def main_listen(args: argparse.Namespace) -> int:
     log = setup_logging()
     if args.allow_any_view:
         log.info(ALLOW_ANY_VIEW_WARNING)
-    audit = audit_trail(args, listen.ae_title)
+    audit = audit_trail(args)
     detector = load_detector(args.checkpoint, device=args.device, amp=args.amp)
     cut_off = detector.score_threshold if args.score_threshold is None else args.score_threshold
     model = model_identity(lungdet_version(), [detector.architecture], [detector.checkpoint_sha256], cut_off)

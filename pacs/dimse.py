@@ -462,7 +462,8 @@ class DimseNode:
     def _send_loop(self) -> None:
         pause, down_since = 1.0, None
         told_refused: set[str] = set()
-        announced: set[str] = set()  # Begin Transferring once per result, not on every retry while the receiver is down
+        # Each pending result's study, read from its files once, when its Begin Transferring is audited (once, not on every retry).
+        announced: dict[str, Study] = {}
         while not self.stopping.is_set():
             self.results_ready.clear()
             batch = self.state.pending()[:SEND_BATCH]
@@ -471,18 +472,17 @@ class DimseNode:
                 continue
             self.sending.set()
             refused = 0
-            # Read before sending: a result's folder is gone once the receiver holds it.
-            studies = {result.name: self._audit_study(result) for result in batch}
-            for result in batch:
+            for result in batch:  # before sending: a result's folder is gone once the receiver holds it
                 if result.name not in announced:
-                    announced.add(result.name)
-                    self.audited.sending(str(self.receiver), studies[result.name], done=False)
+                    announced[result.name] = self._audit_study(result)
+                    self.audited.sending(str(self.receiver), announced[result.name], done=False)
             try:
                 for result, refusal in self.receiver.send(batch):
                     if refusal is None:
                         self.state.remove_pending(result)
                         self.say(f"stored {result.image}'s result ({len(result.files)} instance(s)) in {self.receiver}")
-                        self.audited.sending(str(self.receiver), studies[result.name], done=True)
+                        # Popped once stored: the map holds only results still pending, however long the node runs.
+                        self.audited.sending(str(self.receiver), announced.pop(result.name), done=True)
                     else:
                         refused += 1
                         if result.name not in told_refused:  # said once per result, not on every retry
@@ -490,7 +490,7 @@ class DimseNode:
                             self.say(
                                 f"{self.receiver} refused {result.image}'s result ({refusal}); kept in {result.folder}, tried again"
                             )
-                            self.audited.sending(str(self.receiver), studies[result.name], done=True, refused=refusal)
+                            self.audited.sending(str(self.receiver), announced[result.name], done=True, refused=refusal)
                     if self.stopping.is_set():
                         break
             except ReceiverDown as error:
